@@ -1,0 +1,44 @@
+"""Every exception auditctl raises on purpose.
+
+The CLI maps each of these to one line on stderr and an exit code; the library
+raises them and never prints. Messages never contain a database password.
+"""
+
+
+class AuditctlError(Exception):
+    """Base class: an error meant for a human, with a message that says what to do."""
+
+
+class ConfigError(AuditctlError, ValueError):
+    """A setting is invalid: a bad duration, a threshold that contradicts another."""
+
+
+class DatabaseUnavailable(AuditctlError):
+    """The database cannot be reached or answered with an error (URL shown masked)."""
+
+
+class SchemaMissing(AuditctlError):
+    """The database exists but holds no auditctl schema, or an older one."""
+
+
+class AuditNotFound(AuditctlError, LookupError):
+    """No audit with that id."""
+
+
+class AuditNotClaimable(AuditctlError):
+    """An audit was asked to run but is not pending (already running, finished or failed)."""
+
+
+class LeaseLost(AuditctlError):
+    """This worker's claim on an audit is gone: the audit was recovered or reset meanwhile.
+
+    The write that raised it changed nothing. The worker must stop working on the audit.
+    """
+
+    def __init__(self, audit_id: int, message: str | None = None):
+        self.audit_id = audit_id
+        super().__init__(
+            message
+            or f"lease lost on audit {audit_id}: it was recovered or reset while this worker held it; "
+            "the write was rejected and changed nothing"
+        )

@@ -1,0 +1,123 @@
+"""The history table: who changed which audit from what to what, and why.
+
+Every recovery, requeue, reset and rejected late write adds one row here, inside the
+same transaction as the change it describes, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection, Engine
+
+from .db import read_connection
+from .schema import audit_events
+
+RECOVERED = "recovered"
+REQUEUED = "requeued"
+RESET = "reset"
+LEASE_LOST = "lease_lost"
+EVENTS = (RECOVERED, REQUEUED, RESET, LEASE_LOST)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acted: a command (``auditctl recover``) or a worker (``worker worker-1``), on which host and pid."""
+
+    name: str
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def command(cls, name: str) -> "Actor":
+        return cls(name=f"auditctl {name}")
+
+    @classmethod
+    def worker(cls, worker_id: str, instance_id: str) -> "Actor":
+        return cls(name=f"worker {worker_id} ({instance_id[:8]})")
+
+
+@dataclass
+class Event:
+    id: int
+    audit_id: int
+    at: datetime | None
+    event: str
+    from_status: str | None
+    to_status: str | None
+    reasons: list[str]
+    measurements: dict | None
+    actor: str
+    host: str | None
+    pid: int | None
+    details: dict | None
+
+
+def record(connection: Connection, rows: list[dict], actor: Actor, now) -> None:
+    """Insert history rows (each: audit_id, event, from_status, to_status, reasons, measurements, details)."""
+    if not rows:
+        return
+    connection.execute(
+        audit_events.insert(),
+        [
+            {
+                "audit_id": row["audit_id"],
+                "at": now,
+                "event": row["event"],
+                "from_status": row.get("from_status"),
+                "to_status": row.get("to_status"),
+                "reasons": ",".join(row.get("reasons") or []) or None,
+                "measurements": row.get("measurements"),
+                "actor": actor.name[:200],
+                "host": actor.host[:255],
+                "pid": actor.pid,
+                "details": row.get("details"),
+            }
+            for row in rows
+        ],
+    )
+
+
+def _event(row) -> Event:
+    m = row._mapping
+    return Event(
+        id=m["id"],
+        audit_id=m["audit_id"],
+        at=m["at"],
+        event=m["event"],
+        from_status=m["from_status"],
+        to_status=m["to_status"],
+        reasons=[r for r in (m["reasons"] or "").split(",") if r],
+        measurements=m["measurements"] if isinstance(m["measurements"], dict) else None,
+        actor=m["actor"],
+        host=m["host"],
+        pid=m["pid"],
+        details=m["details"] if isinstance(m["details"], dict) else None,
+    )
+
+
+def events_for(engine: Engine, audit_id: int) -> list[Event]:
+    """The whole history of one audit, oldest first."""
+    with read_connection(engine) as connection:
+        query = select(audit_events).where(audit_events.c.audit_id == audit_id).order_by(audit_events.c.id)
+        return [_event(row) for row in connection.execute(query)]
+
+
+def recent_events(engine: Engine, *, limit: int = 20, events: tuple[str, ...] | None = None) -> list[Event]:
+    """The newest history rows, newest first."""
+    with read_connection(engine) as connection:
+        query = select(audit_events).order_by(audit_events.c.id.desc()).limit(limit)
+        if events:
+            query = query.where(audit_events.c.event.in_(events))
+        return [_event(row) for row in connection.execute(query)]
+
+
+def count_events(engine: Engine) -> dict[str, int]:
+    """How many history rows of each kind (for metrics and reports)."""
+    with read_connection(engine) as connection:
+        query = select(audit_events.c.event, func.count()).group_by(audit_events.c.event)
+        return {event: count for event, count in connection.execute(query)}

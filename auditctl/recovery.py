@@ -1,0 +1,327 @@
+"""Every state change an operator or monitor makes: recover, requeue, reset.
+
+Each change is conditional: a row is changed only while it is still ``running``
+under the lease that was judged (or still ``failed``, for a reset), inside a short
+write transaction that also writes its history row. Two recoverers at once therefore
+recover each audit exactly once, and a recovery never overwrites a worker that has
+just finished. On PostgreSQL the stuck rows are locked with ``FOR UPDATE SKIP
+LOCKED`` so a recoverer never waits on a worker or another recoverer; on SQLite the
+transaction starts as the writer (``BEGIN IMMEDIATE``), which serialises them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from . import history
+from .db import fetch_now, is_postgres, read_connection, seconds_since, write_transaction
+from .errors import ConfigError
+from .history import Actor
+from .progress import isoformat_z
+from .rules import Verdict, select_stuck
+from .schema import FAILED, PENDING, RUNNING, audits, parse_timestamp
+from .thresholds import RULE_REASONS, WORKER_RESTARTED, Thresholds
+
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_BATCH = 500
+
+
+@dataclass
+class Recovery:
+    """One audit taken away from its worker (or, under dry run, that would be)."""
+
+    id: int
+    target: str
+    reasons: list[str]
+    explanation: list[str]
+    from_status: str
+    status: str
+    worker_id: str | None
+    attempts: int
+    measurements: dict
+    recovered_at: datetime | None
+
+
+@dataclass
+class Reset:
+    """One failed audit returned to pending (or, under dry run, that would be)."""
+
+    id: int
+    target: str
+    from_status: str
+    status: str
+    reasons: list[str]
+    error: str | None
+    finished_at: datetime | None
+
+
+def _snapshot(row) -> dict:
+    """The full prior state of an audit, as JSON, for ``recovery_info.original_status``."""
+    m = row._mapping
+    out = {}
+    for column in audits.columns:
+        value = m[column.name]
+        if isinstance(value, datetime):
+            value = isoformat_z(value)
+        out[column.name] = value
+    return out
+
+
+def _apply_recovery(
+    connection: Connection,
+    verdicts: list[Verdict],
+    explanations: dict[int, list[str]],
+    measurements: dict[int, dict],
+    *,
+    requeue: bool,
+    max_attempts: int,
+    actor: Actor,
+) -> list[Recovery]:
+    if not verdicts:
+        return []
+    now = fetch_now(connection)
+    ids = [v.id for v in verdicts]
+    current = {row.id: row for row in connection.execute(select(audits).where(audits.c.id.in_(ids)))}
+    done: list[Recovery] = []
+    events: list[dict] = []
+    for verdict in verdicts:
+        row = current.get(verdict.id)
+        if row is None:
+            continue
+        snapshot = _snapshot(row)
+        attempts = row.attempts or 0
+        give_up = requeue and attempts >= max_attempts
+        new_status = PENDING if requeue and not give_up else FAILED
+        reasons = list(verdict.reasons)
+        sentences = explanations.get(verdict.id, [])
+        if give_up:
+            sentences = sentences + [f"gave up after {attempts} attempts (max_attempts {max_attempts})"]
+        info = {
+            "recovered_at": isoformat_z(now),
+            "reason": ", ".join(reasons),
+            "reasons": reasons,
+            "explanation": sentences,
+            "measured": measurements.get(verdict.id, {}),
+            "recovered_by": {"actor": actor.name, "host": actor.host, "pid": actor.pid},
+            "requeued": new_status == PENDING,
+            "original_status": snapshot,
+        }
+        document = row.progress if isinstance(row.progress, dict) else None
+        if document is not None and isinstance(document.get("progress"), dict):
+            document = {**document, "progress": {**document["progress"], "is_running": False}}
+        values = {
+            "status": new_status,
+            "recovery_info": info,
+            "recovery_reasons": ",".join(reasons),
+            "error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:2000],
+            "lease": None,
+            "progress": document if document is not None else row.progress,
+        }
+        if new_status == PENDING:
+            values.update(worker_id=None, worker_instance=None, started_at=None, heartbeat_at=None,
+                          progress_changed_at=None, finished_at=None)
+        else:
+            values.update(finished_at=now)
+        # Conditional on the lease that was judged: if the worker finished or another
+        # recoverer got here first, this changes nothing and is not reported.
+        result = connection.execute(
+            update(audits)
+            .where(audits.c.id == verdict.id, audits.c.status == RUNNING, audits.c.lease.is_not_distinct_from(verdict.lease))
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            continue
+        done.append(
+            Recovery(
+                id=verdict.id, target=verdict.target, reasons=reasons, explanation=sentences, from_status=RUNNING,
+                status=new_status, worker_id=verdict.worker_id, attempts=attempts,
+                measurements=measurements.get(verdict.id, {}), recovered_at=now,
+            )
+        )
+        events.append({
+            "audit_id": verdict.id,
+            "event": history.REQUEUED if new_status == PENDING else history.RECOVERED,
+            "from_status": RUNNING,
+            "to_status": new_status,
+            "reasons": reasons,
+            "measurements": measurements.get(verdict.id),
+            "details": {"original_status": snapshot, "explanation": sentences},
+        })
+    history.record(connection, events, actor, now)
+    return done
+
+
+def recover_stuck(
+    engine: Engine,
+    thresholds: Thresholds,
+    *,
+    actor: Actor,
+    requeue: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    dry_run: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    **filters,
+) -> list[Recovery]:
+    """Recover every audit the stuck query finds (filters as for ``rules.stuck_query``).
+
+    Works in batches of short transactions. Under ``dry_run`` nothing is written and
+    the result says what would change.
+    """
+    if max_attempts < 1:
+        raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
+    if dry_run:
+        return [_would_recover(v, thresholds, requeue, max_attempts) for v in _find(engine, thresholds, **filters)]
+    recovered: list[Recovery] = []
+    while True:
+        with write_transaction(engine) as connection:
+            verdicts = select_stuck(connection, thresholds, limit=batch_size, lock=True, **filters)
+            recovered += _apply_recovery(
+                connection,
+                verdicts,
+                {v.id: v.explain(thresholds) for v in verdicts},
+                {v.id: v.measurements(thresholds) for v in verdicts},
+                requeue=requeue,
+                max_attempts=max_attempts,
+                actor=actor,
+            )
+        if len(verdicts) < batch_size:
+            return recovered
+
+
+def _find(engine, thresholds, **filters) -> list[Verdict]:
+    with read_connection(engine) as connection:
+        return select_stuck(connection, thresholds, **filters)
+
+
+def _would_recover(verdict: Verdict, thresholds: Thresholds, requeue: bool, max_attempts: int) -> Recovery:
+    return Recovery(
+        id=verdict.id, target=verdict.target, reasons=verdict.reasons, explanation=verdict.explain(thresholds),
+        from_status=RUNNING, status=PENDING if requeue else FAILED, worker_id=verdict.worker_id, attempts=0,
+        measurements=verdict.measurements(thresholds), recovered_at=None,
+    )
+
+
+def recover_audits(
+    engine: Engine,
+    condition,
+    *,
+    reason: str,
+    explanation: str,
+    actor: Actor,
+    requeue: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> list[Recovery]:
+    """Recover the running audits matching a SQL ``condition`` for a reason no rule gave.
+
+    Used by a worker's startup cleanup (``worker_restarted``) and by ``_recover_stuck_audit``.
+    """
+    with write_transaction(engine) as connection:
+        query = (
+            select(audits.c.id, audits.c.target, audits.c.worker_id, audits.c.lease, audits.c.started_at,
+                   audits.c.heartbeat_at, seconds_since(func.coalesce(audits.c.started_at, audits.c.created_at)).label("age"),
+                   seconds_since(audits.c.heartbeat_at).label("silence"))
+            .where(audits.c.status == RUNNING, condition)
+            .order_by(audits.c.id)
+        )
+        if is_postgres(connection):
+            query = query.with_for_update(skip_locked=True, of=audits)
+        rows = connection.execute(query).all()
+        verdicts = [
+            Verdict(id=r.id, target=r.target, status=RUNNING, reasons=[reason], worker_id=r.worker_id, worker_instance=None,
+                    lease=r.lease, started_at=parse_timestamp(r.started_at), last_heartbeat=parse_timestamp(r.heartbeat_at),
+                    age_seconds=r.age, silence_seconds=r.silence, stalled_seconds=None, max_age_seconds=0.0)
+            for r in rows
+        ]
+        measured = {
+            v.id: {"age_seconds": None if v.age_seconds is None else round(v.age_seconds, 3),
+                   "silence_seconds": None if v.silence_seconds is None else round(v.silence_seconds, 3)}
+            for v in verdicts
+        }
+        return _apply_recovery(
+            connection, verdicts, {v.id: [explanation] for v in verdicts}, measured,
+            requeue=requeue, max_attempts=max_attempts, actor=actor,
+        )
+
+
+def recover_worker_leftovers(engine: Engine, worker_id: str, live_instances: set[str], *, actor: Actor,
+                             requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Recovery]:
+    """Recover what earlier, dead instances of ``worker_id`` left running (reason ``worker_restarted``)."""
+    condition = audits.c.worker_id == worker_id
+    if live_instances:
+        condition = and_(condition, or_(audits.c.worker_instance.is_(None), audits.c.worker_instance.not_in(sorted(live_instances))))
+    return recover_audits(
+        engine, condition, reason=WORKER_RESTARTED,
+        explanation=f"worker {worker_id} restarted; the instance that held this audit is gone",
+        actor=actor, requeue=requeue, max_attempts=max_attempts,
+    )
+
+
+# --- reset-all ------------------------------------------------------------------------
+
+
+def _reset_query(*, since: float | None, reason: str | None, ids: list[int] | None):
+    if reason is not None and reason not in RULE_REASONS + (WORKER_RESTARTED,):
+        raise ConfigError(f"unknown reason {reason!r}: choose from {', '.join(RULE_REASONS + (WORKER_RESTARTED,))}")
+    query = select(audits).where(audits.c.status == FAILED)
+    if since is not None:
+        query = query.where(seconds_since(func.coalesce(audits.c.finished_at, audits.c.created_at)) <= since)
+    if reason is not None:
+        # The reason codes are a fixed vocabulary checked above; LIKE on the comma list is exact enough.
+        query = query.where(("," + audits.c.recovery_reasons + ",").like(f"%,{reason},%"))
+    if ids is not None:
+        query = query.where(audits.c.id.in_(ids))
+    return query.order_by(audits.c.id)
+
+
+def _reset_from_row(row, status: str) -> Reset:
+    return Reset(
+        id=row.id, target=row.target, from_status=row.status, status=status,
+        reasons=[r for r in (row.recovery_reasons or "").split(",") if r], error=row.error,
+        finished_at=parse_timestamp(row.finished_at),
+    )
+
+
+def reset_failed(
+    engine: Engine,
+    *,
+    actor: Actor,
+    since: float | None = None,
+    reason: str | None = None,
+    ids: list[int] | None = None,
+    dry_run: bool = False,
+) -> list[Reset]:
+    """Return failed audits to pending, all in one transaction, each reset written to the history."""
+    query = _reset_query(since=since, reason=reason, ids=ids)
+    if dry_run:
+        with read_connection(engine) as connection:
+            return [_reset_from_row(row, PENDING) for row in connection.execute(query)]
+    with write_transaction(engine) as connection:
+        if is_postgres(connection):
+            query = query.with_for_update(of=audits)
+        rows = connection.execute(query).all()
+        if not rows:
+            return []
+        now = fetch_now(connection)
+        done, events = [], []
+        for row in rows:
+            result = connection.execute(
+                update(audits)
+                .where(audits.c.id == row.id, audits.c.status == FAILED)
+                .values(status=PENDING, error=None, finished_at=None, started_at=None, lease=None,
+                        worker_id=None, worker_instance=None, heartbeat_at=None, progress_changed_at=None)
+            )
+            if result.rowcount != 1:
+                continue
+            done.append(_reset_from_row(row, PENDING))
+            events.append({
+                "audit_id": row.id, "event": history.RESET, "from_status": FAILED, "to_status": PENDING,
+                "reasons": [r for r in (row.recovery_reasons or "").split(",") if r],
+                "details": {"original_status": _snapshot(row)},
+            })
+        history.record(connection, events, actor, now)
+        return done
+

@@ -1,0 +1,134 @@
+"""The three stuck rules, each at its boundary, judged by the database's clock."""
+
+import pytest
+from sqlalchemy import update
+
+from auditctl.db import write_transaction
+from auditctl.errors import ConfigError
+from auditctl.rules import find_stuck
+from auditctl.schema import audits
+from auditctl.thresholds import Thresholds
+
+T = Thresholds(stale_after=600, max_age=1800, stall_after=300)
+
+
+def reasons_of(engine, thresholds=T, **filters):
+    return {v.id: v.reasons for v in find_stuck(engine, thresholds, **filters)}
+
+
+def test_fresh_running_audit_is_not_stuck(engine, start_audit):
+    start_audit()
+    assert reasons_of(engine) == {}
+
+
+@pytest.mark.parametrize("silence, stuck", [(590, False), (610, True)])
+def test_stale_heartbeat_fires_only_past_stale_after(engine, start_audit, backdate, silence, stuck):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=silence, heartbeat_at=silence, last_worker_update=silence, progress_changed_at=silence)
+    patient_about_progress = Thresholds(stale_after=600, max_age=1800, stall_after=1200)
+    assert reasons_of(engine, patient_about_progress) == ({audit_id: ["stale_heartbeat"]} if stuck else {})
+
+
+@pytest.mark.parametrize("age, stuck", [(1790, False), (1810, True)])
+def test_max_age_fires_only_past_max_age(engine, start_audit, backdate, age, stuck):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=age, heartbeat_at=1, last_worker_update=1, progress_changed_at=1)
+    assert reasons_of(engine) == ({audit_id: ["max_age_exceeded"]} if stuck else {})
+
+
+@pytest.mark.parametrize("unchanged, stuck", [(290, False), (310, True)])
+def test_progress_stalled_fires_only_past_stall_after_with_fresh_heartbeats(engine, start_audit, backdate, unchanged, stuck):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=unchanged, heartbeat_at=5, last_worker_update=5, progress_changed_at=unchanged)
+    assert reasons_of(engine) == ({audit_id: ["progress_stalled"]} if stuck else {})
+
+
+def test_stale_audit_is_never_also_called_stalled(engine, start_audit, backdate):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    assert reasons_of(engine) == {audit_id: ["stale_heartbeat"]}
+
+
+def test_several_reasons_at_once(engine, start_audit, backdate):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=4000, heartbeat_at=700, last_worker_update=700, progress_changed_at=4000)
+    assert reasons_of(engine) == {audit_id: ["stale_heartbeat", "max_age_exceeded"]}
+    alive_but_frozen, _ = start_audit()
+    backdate(alive_but_frozen, started_at=4000, heartbeat_at=5, last_worker_update=5, progress_changed_at=4000)
+    assert reasons_of(engine)[alive_but_frozen] == ["max_age_exceeded", "progress_stalled"]
+
+
+def test_per_audit_deadline_overrides_fleet_max_age(engine, start_audit, backdate):
+    deep_scan, _ = start_audit(max_age=7200)
+    quick_scan, _ = start_audit()
+    for audit_id in (deep_scan, quick_scan):
+        backdate(audit_id, started_at=3600, heartbeat_at=1, last_worker_update=1, progress_changed_at=1)
+    verdicts = {v.id: v for v in find_stuck(engine, T)}
+    assert list(verdicts) == [quick_scan]
+    backdate(deep_scan, started_at=7300)
+    verdicts = {v.id: v for v in find_stuck(engine, T)}
+    assert verdicts[deep_scan].reasons == ["max_age_exceeded"]
+    assert verdicts[deep_scan].max_age_seconds == 7200
+
+
+def test_verdict_says_which_rule_and_measured_age(engine, start_audit, backdate):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=720, heartbeat_at=720, last_worker_update=720, progress_changed_at=720)
+    (verdict,) = find_stuck(engine, T)
+    assert 719 < verdict.silence_seconds < 730
+    assert verdict.explain(T) == ["no heartbeat for 12m (stale_after 10m)"]
+
+
+def test_progress_means_step_counts_or_percentage_changed(engine, guards, backdate):
+    guard = guards(stale_after=600, max_age=1800, stall_after=300, heartbeat_interval=60)
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        run.update_progress(step="Crawling", completed_tasks=1, total_tasks=4)
+        backdate(audit_id, progress_changed_at=400)
+        run.update_progress(step="Crawling", completed_tasks=1, total_tasks=4)  # a heartbeat, not progress
+        assert reasons_of(guard.engine) == {audit_id: ["progress_stalled"]}
+        run.update_progress(completed_tasks=2)  # counts moved: progress
+        assert reasons_of(guard.engine) == {}
+        backdate(audit_id, progress_changed_at=400)
+        run.update_progress(step="Scanning")  # step moved: progress
+        assert reasons_of(guard.engine) == {}
+        assert run.document["progress"]["percentage"] == 50.0  # derived from the counts
+
+
+def test_future_heartbeat_is_not_trusted_and_is_flagged(engine, start_audit, backdate):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=900, heartbeat_at=-3600, last_worker_update=-3600, progress_changed_at=-3600)
+    (verdict,) = find_stuck(engine, T)
+    assert verdict.reasons == ["stale_heartbeat"]
+    assert "heartbeat_in_future" in verdict.problems
+
+
+def test_seen_since_keeps_an_outage_from_counting_as_silence(engine, start_audit, backdate):
+    from auditctl.db import fetch_now, read_connection
+
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    with read_connection(engine) as connection:
+        just_now = fetch_now(connection)
+    assert reasons_of(engine, seen_since=just_now) == {}
+    assert reasons_of(engine) == {audit_id: ["stale_heartbeat"]}
+
+
+def test_filters_by_worker_reason_and_age(engine, start_audit, backdate):
+    stale, _ = start_audit(worker_id="a")
+    backdate(stale, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    old, _ = start_audit(worker_id="b")
+    backdate(old, started_at=4000, heartbeat_at=1, last_worker_update=1, progress_changed_at=1)
+    assert list(reasons_of(engine, worker="a")) == [stale]
+    assert list(reasons_of(engine, reason="max_age_exceeded")) == [old]
+    assert list(reasons_of(engine, older_than=1000)) == [old]
+    with pytest.raises(ConfigError, match="unknown reason"):
+        reasons_of(engine, reason="nonsense' OR 1=1 --")
+
+
+def test_only_running_audits_are_judged(engine, start_audit, backdate):
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=4000, heartbeat_at=4000, last_worker_update=4000, progress_changed_at=4000)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(status="completed"))
+    assert reasons_of(engine) == {}
