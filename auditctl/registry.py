@@ -40,6 +40,7 @@ class Instance:
     heartbeat_age: float | None
     alive: bool = False
     running_audits: int = 0
+    duplicate: bool = False  # alive while another live instance uses the same worker_id
 
 
 def pid_alive(pid: int) -> bool:
@@ -112,6 +113,12 @@ def instances(engine: Engine, stale_after: float, *, worker_id: str | None = Non
             )
             instance.alive = _judge(instance, stale_after, here)
             found.append(instance)
+    live_count: dict[str, int] = {}
+    for instance in found:
+        if instance.alive:
+            live_count[instance.worker_id] = live_count.get(instance.worker_id, 0) + 1
+    for instance in found:
+        instance.duplicate = instance.alive and live_count[instance.worker_id] > 1
     return found
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterator
 
-from sqlalchemy import and_, case, func, literal, null, or_, select
+from sqlalchemy import Float, and_, case, cast, func, literal, null, or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Select
 
@@ -33,7 +33,7 @@ from .db import is_postgres, read_connection, seconds_since
 from .errors import ConfigError
 from .progress import read_progress
 from .schema import RUNNING, audits, parse_timestamp
-from .thresholds import MAX_AGE_EXCEEDED, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, Thresholds, format_duration
+from .thresholds import MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, Thresholds, format_duration
 
 #: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers).
 FUTURE_TOLERANCE = 60.0
@@ -124,8 +124,12 @@ def stuck_query(
         blind = seconds_since(literal(seen_since, type_=audits.c.heartbeat_at.type))
         silence = _least(silence, blind)
         unchanged = _least(unchanged, blind)
+    # Only a sane per-audit deadline is trusted. Other tools may leave text in the column on
+    # SQLite (where 'abc' > 0 is true; cast, it is 0) or NaN/Infinity on PostgreSQL (NaN sorts
+    # above every number): those get the fleet's max_age instead.
+    own_deadline = cast(audits.c.max_age_seconds, Float)
     limit = case(
-        (and_(audits.c.max_age_seconds.is_not(None), audits.c.max_age_seconds > 0), audits.c.max_age_seconds),
+        (and_(own_deadline.is_not(None), own_deadline > 0, own_deadline <= MAX_DURATION), own_deadline),
         else_=literal(thresholds.max_age),
     )
     is_stale = or_(silence.is_(None), silence > thresholds.stale_after)

@@ -94,6 +94,9 @@ class Document(types.TypeDecorator):
     def process_result_value(self, value, dialect):
         if value is None or dialect.name == "postgresql":
             return value
+        if isinstance(value, (bytes, bytearray)):
+            # SQLite lets another tool store a BLOB here; as text it can be shown and copied.
+            value = bytes(value).decode("utf-8", "replace")
         try:
             return json.loads(value)
         except (TypeError, ValueError):

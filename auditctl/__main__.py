@@ -1,0 +1,5 @@
+"""``python -m auditctl``."""
+
+from .cli import main
+
+main()

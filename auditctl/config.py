@@ -1,0 +1,100 @@
+"""Settings: the config file, and what each setting is, for the CLI's ``default_map``.
+
+Precedence is flag > environment > config file > default. Click does the first, second
+and fourth by itself (``envvar=`` on each option); this module reads the file and
+turns it into ``ctx.default_map``, validating every value so a typo in the file is
+reported with the file's name instead of as a confusing option error.
+
+The file is TOML, at ``$AUDITCTL_CONFIG``, or ``--config``, or
+``$XDG_CONFIG_HOME/auditctl/config.toml`` (``~/.config/auditctl/config.toml``)::
+
+    database_url = "postgresql://auditctl@db.internal/audits"
+    stale_after = "10m"
+    max_age = "30m"
+    stall_after = "10m"
+    interval = "5m"
+    max_attempts = 3
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .thresholds import parse_duration
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    envvar: str
+    help: str
+    kind: str  # "url", "duration", "count"
+
+
+SETTINGS = {
+    s.name: s
+    for s in (
+        Setting("database_url", "AUDITCTL_DATABASE_URL", "database URL (sqlite:///PATH or postgresql://...)", "url"),
+        Setting("stale_after", "AUDITCTL_STALE_AFTER", "no heartbeat for this long: stale_heartbeat", "duration"),
+        Setting("max_age", "AUDITCTL_MAX_AGE", "running longer than this: max_age_exceeded", "duration"),
+        Setting("stall_after", "AUDITCTL_STALL_AFTER", "no progress for this long: progress_stalled", "duration"),
+        Setting("interval", "AUDITCTL_INTERVAL", "time between watch passes", "duration"),
+        Setting("max_attempts", "AUDITCTL_MAX_ATTEMPTS", "claims before a requeued audit fails for good", "count"),
+    )
+}
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "auditctl" / "config.toml"
+
+
+def load_config_file(path: str | os.PathLike | None) -> tuple[dict, Path | None]:
+    """Read and validate the config file. ``path`` None means the default location, which may be absent."""
+    explicit = path is not None
+    target = Path(path) if explicit else default_config_path()
+    if not target.exists():
+        if explicit:
+            raise ConfigError(f"config file {target} does not exist")
+        return {}, None
+    try:
+        data = tomllib.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {target}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {target} is not valid TOML: {error}") from None
+    if isinstance(data.get("auditctl"), dict):
+        data = data["auditctl"]
+    values = {}
+    for key, value in data.items():
+        setting = SETTINGS.get(key)
+        if setting is None:
+            raise ConfigError(f"config file {target}: unknown setting {key!r}; known settings: {', '.join(SETTINGS)}")
+        values[key] = _validate(setting, value, target)
+    return values, target
+
+
+def _validate(setting: Setting, value, path: Path):
+    where = f"config file {path}: {setting.name}"
+    if setting.kind == "url":
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where} must be a non-empty string")
+        return value
+    if setting.kind == "duration":
+        parse_duration(value, where)
+        return str(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def build_default_map(values: dict, commands: dict[str, list[str]]) -> dict:
+    """``{command: {param: value}}`` for each command that has a parameter of that name."""
+    return {
+        name: {param: values[param] for param in params if param in values}
+        for name, params in commands.items()
+    }
