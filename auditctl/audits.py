@@ -18,7 +18,7 @@ from .db import read_connection, seconds_since
 from .errors import AuditNotFound
 from .history import Event, events_for
 from .progress import read_progress
-from .schema import RUNNING, audits
+from .schema import IS_RUNNING, RUNNING, audits
 
 
 @dataclass
@@ -56,7 +56,8 @@ def _columns():
     return (
         audits,
         seconds_since(audits.c.heartbeat_at).label("heartbeat_age"),
-        seconds_since(func.coalesce(audits.c.started_at, audits.c.created_at)).label("age"),
+        # Per column: a start time another tool left unreadable gives way to the creation time.
+        func.coalesce(seconds_since(audits.c.started_at), seconds_since(audits.c.created_at)).label("age"),
     )
 
 
@@ -81,7 +82,9 @@ def list_audits(engine: Engine, *, status: str | None = None, worker: str | None
 
 def iter_audits(engine: Engine, *, status: str | None = None, worker: str | None = None, limit: int | None = 50) -> Iterator[AuditSummary]:
     query = select(*_columns()).order_by(audits.c.id.desc())
-    if status is not None:
+    if status == RUNNING:
+        query = query.where(IS_RUNNING)
+    elif status is not None:
         query = query.where(audits.c.status == status)
     if worker is not None:
         query = query.where(audits.c.worker_id == worker)

@@ -19,9 +19,11 @@ The file is TOML, at ``$AUDITCTL_CONFIG``, or ``--config``, or
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 from .errors import ConfigError
 from .thresholds import parse_duration
@@ -48,13 +50,18 @@ SETTINGS = {
 }
 
 
-def default_config_path() -> Path:
+def default_config_path() -> "Path":
+    from pathlib import Path
+
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "auditctl" / "config.toml"
 
 
-def load_config_file(path: str | os.PathLike | None) -> tuple[dict, Path | None]:
+def load_config_file(path: str | os.PathLike | None) -> "tuple[dict, Path | None]":
     """Read and validate the config file. ``path`` None means the default location, which may be absent."""
+    import tomllib
+    from pathlib import Path
+
     explicit = path is not None
     target = Path(path) if explicit else default_config_path()
     if not target.exists():
@@ -78,7 +85,7 @@ def load_config_file(path: str | os.PathLike | None) -> tuple[dict, Path | None]
     return values, target
 
 
-def _validate(setting: Setting, value, path: Path):
+def _validate(setting: Setting, value, path):
     where = f"config file {path}: {setting.name}"
     if setting.kind == "url":
         if not isinstance(value, str) or not value.strip():

@@ -46,20 +46,25 @@ def normalize_url(database_url: str | URL) -> URL:
 
 
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
+#: libpq also takes the password as a query parameter: ``postgresql://bob@host/db?password=...``.
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
 
 
 def mask_url(database_url) -> str:
     """The URL with its password replaced by ``***``; safe for any output or log."""
     if isinstance(database_url, URL):
-        return database_url.render_as_string(hide_password=True)
-    return _PASSWORD_IN_URL.sub(r"\1***\3", str(database_url))
+        return _PASSWORD_IN_QUERY.sub(r"\1***", database_url.render_as_string(hide_password=True))
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", str(database_url)))
 
 
 def scrub(message: str, url: URL | None) -> str:
     """Remove a URL's password from a driver's error message, whatever shape it takes."""
-    if url is not None and url.password:
-        message = message.replace(str(url.password), "***")
-    return _PASSWORD_IN_URL.sub(r"\1***\3", message)
+    if url is not None:
+        query_password = url.query.get("password")
+        for secret in (url.password, *(query_password if isinstance(query_password, tuple) else (query_password,))):
+            if secret:
+                message = message.replace(str(secret), "***")
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", message))
 
 
 def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, **kwargs) -> Engine:

@@ -8,10 +8,11 @@ a few pending.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from . import leases
@@ -20,7 +21,7 @@ from .errors import AuditctlError
 from .history import Actor
 from .progress import derive_percentage, isoformat_z, signature
 from .recovery import recover_stuck
-from .schema import audits
+from .schema import audits, workers
 from .thresholds import Thresholds
 
 TARGETS = [
@@ -45,7 +46,7 @@ class DatabaseNotEmpty(AuditctlError):
 
 def _running(engine, target, worker, *, step, done, total, started_ago, heard_ago, changed_ago, max_age=None):
     audit_id = leases.create_audit(engine, target, max_age=max_age)
-    lease, _ = leases.claim(engine, audit_id, worker_id=worker, instance_id=f"demo-{worker}",
+    lease, _ = leases.claim(engine, audit_id, worker_id=worker, instance_id=_instance(worker),
                             worker_url=f"https://{worker}.workers.example.com")
     fields = {"step": step, "completed_tasks": done, "total_tasks": total,
               "percentage": derive_percentage(None, done, total)}
@@ -83,10 +84,13 @@ def seed_demo(engine: Engine, *, force: bool = False) -> DemoFleet:
                             changed_ago=(30 - index) * minutes * 10 - 900)
         lease = _lease(engine, audit_id)
         leases.finish(engine, lease, None, error=None, actor=actor)
-    for index, target in enumerate(TARGETS[6:8]):
+    abandoned = [
         _running(engine, target, "worker-4", step="Crawling", done=3, total=20, started_ago=(5 + index) * 3600,
                  heard_ago=(5 + index) * 3600 - 300, changed_ago=(5 + index) * 3600 - 300)
-    recover_stuck(engine, Thresholds(), actor=actor)
+        for index, target in enumerate(TARGETS[6:8])
+    ]
+    # Only the demo's own audits: under --force the database may hold real ones, which are not the demo's to recover.
+    recover_stuck(engine, Thresholds(), actor=actor, ids=abandoned)
     # The live fleet: healthy audits and one of each stuck kind.
     _running(engine, "https://shop.example.com/checkout", "worker-1", step="Crawling", done=12, total=40,
              started_ago=8 * minutes, heard_ago=20, changed_ago=20)
@@ -104,8 +108,31 @@ def seed_demo(engine: Engine, *, force: bool = False) -> DemoFleet:
              started_ago=95 * minutes, heard_ago=30, changed_ago=60, max_age=4 * 3600)       # own deadline: healthy
     for target in TARGETS[8:11]:
         leases.create_audit(engine, target)
+    _register_workers(engine, {"worker-1": 20, "worker-2": 45, "worker-3": 5, "worker-4": 5 * 3600, "worker-5": 17 * minutes})
     return DemoFleet(completed=6, failed=2, running_healthy=4,
                      stuck={"stale_heartbeat": 1, "max_age_exceeded": 1, "progress_stalled": 1}, pending=3)
+
+
+def _instance(worker: str) -> str:
+    return uuid.uuid5(uuid.NAMESPACE_DNS, f"{worker}.demo.auditctl").hex
+
+
+def _register_workers(engine, last_heard: dict[str, float]) -> None:
+    """Worker instances as the fleet's hosts would have registered them (worker-4 and worker-5 are gone).
+
+    A second fleet (``demo --force``) is held by the same instances: those already registered are kept."""
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        known = set(connection.execute(select(workers.c.instance_id)
+                                       .where(workers.c.instance_id.in_([_instance(w) for w in last_heard]))).scalars())
+        for number, (worker, ago) in enumerate(last_heard.items(), start=1):
+            if _instance(worker) in known:
+                continue
+            connection.execute(insert(workers).values(
+                instance_id=_instance(worker), worker_id=worker, worker_url=f"https://{worker}.workers.example.com",
+                host=f"scan-node-{number}.example.internal", pid=1000 + number,
+                started_at=now - timedelta(hours=6), last_heartbeat_at=now - timedelta(seconds=ago),
+            ))
 
 
 def _lease(engine, audit_id) -> leases.Lease:

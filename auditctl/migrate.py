@@ -56,9 +56,12 @@ def upgrade(engine: Engine) -> UpgradeResult:
     """Create or upgrade the schema to the newest revision. Safe to call any number of times."""
     from alembic import command
 
-    before = current_revision(engine)
+    from alembic.migration import MigrationContext
+
     with write_transaction(engine) as connection:
         if is_postgres(connection):
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        # Read under the lock: a process that waited for another's migration reports "no change".
+        before = MigrationContext.configure(connection).get_current_revision()
         command.upgrade(_alembic_config(connection), "head")
     return UpgradeResult(before=before, after=current_revision(engine))

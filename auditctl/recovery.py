@@ -11,23 +11,28 @@ transaction starts as the writer (``BEGIN IMMEDIATE``), which serialises them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from . import history
 from .db import fetch_now, is_postgres, read_connection, seconds_since, write_transaction
-from .errors import ConfigError
+from .errors import AuditctlError, ConfigError
 from .history import Actor
 from .progress import isoformat_z
-from .rules import Verdict, select_stuck
+from .rules import Verdict, select_stuck, stuck_ids
 from .schema import FAILED, PENDING, RUNNING, audits, parse_timestamp
 from .thresholds import RULE_REASONS, WORKER_RESTARTED, Thresholds
 
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_BATCH = 500
+
+
+class ConcurrentChange(AuditctlError):
+    """A locked row changed under a recovery: the batch was rolled back; the next pass retries."""
 
 
 @dataclass
@@ -61,14 +66,39 @@ class Reset:
 
 def _snapshot(row) -> dict:
     """The full prior state of an audit, as JSON, for ``recovery_info.original_status``."""
-    m = row._mapping
-    out = {}
-    for column in audits.columns:
-        value = m[column.name]
-        if isinstance(value, datetime):
-            value = isoformat_z(value)
-        out[column.name] = value
-    return out
+    mapping = row if isinstance(row, dict) else row._mapping
+    return {column.name: _json_safe(mapping[column.name]) for column in audits.columns}
+
+
+_ALREADY_JSON = frozenset({str, int, bool, type(None), dict, list})
+
+
+def _json_safe(value):
+    """A stored column value as strict JSON: rows written by other tools may hold bytes or NaN,
+    which would otherwise make the recovery's own write fail (and with it the whole batch).
+    Documents need no walk: ``schema.Document`` only ever returns strict JSON."""
+    if type(value) in _ALREADY_JSON:
+        return value
+    if isinstance(value, datetime):
+        return isoformat_z(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+#: What a recovery's history row keeps of the prior state; the whole row is in recovery_info.
+_FROM_COLUMNS = ("status", "worker_id", "worker_instance", "lease", "started_at", "heartbeat_at", "attempts", "error")
+
+
+def _recovery_details(row: dict, snapshot: dict, sentences: list[str]) -> dict:
+    details = {"from": {name: snapshot[name] for name in _FROM_COLUMNS}, "explanation": sentences}
+    if row["recovery_info"] is not None:
+        # This recovery overwrites an earlier one's record (the audit was requeued and ran
+        # again): keep that record here so it is never lost.
+        details["replaced_recovery_info"] = snapshot["recovery_info"]
+    return details
 
 
 def _apply_recovery(
@@ -84,16 +114,19 @@ def _apply_recovery(
     if not verdicts:
         return []
     now = fetch_now(connection)
-    ids = [v.id for v in verdicts]
-    current = {row.id: row for row in connection.execute(select(audits).where(audits.c.id.in_(ids)))}
+    missing = [v.id for v in verdicts if v.row is None]
+    current = {v.id: v.row for v in verdicts if v.row is not None}
+    if missing:
+        current.update({row.id: dict(row._mapping) for row in connection.execute(select(audits).where(audits.c.id.in_(missing)))})
     done: list[Recovery] = []
     events: list[dict] = []
+    groups: dict[tuple, list[dict]] = {}
     for verdict in verdicts:
         row = current.get(verdict.id)
         if row is None:
             continue
         snapshot = _snapshot(row)
-        attempts = row.attempts or 0
+        attempts = row["attempts"] or 0
         give_up = requeue and attempts >= max_attempts
         new_status = PENDING if requeue and not give_up else FAILED
         reasons = list(verdict.reasons)
@@ -110,7 +143,7 @@ def _apply_recovery(
             "requeued": new_status == PENDING,
             "original_status": snapshot,
         }
-        document = row.progress if isinstance(row.progress, dict) else None
+        document = row["progress"] if isinstance(row["progress"], dict) else None
         if document is not None and isinstance(document.get("progress"), dict):
             document = {**document, "progress": {**document["progress"], "is_running": False}}
         values = {
@@ -119,22 +152,18 @@ def _apply_recovery(
             "recovery_reasons": ",".join(reasons),
             "error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:2000],
             "lease": None,
-            "progress": document if document is not None else row.progress,
         }
+        if document is not None:
+            # Only a well-formed document is marked not running; anything else another tool
+            # stored is left exactly as it is (original_status has a copy either way).
+            values["progress"] = document
         if new_status == PENDING:
             values.update(worker_id=None, worker_instance=None, started_at=None, heartbeat_at=None,
                           progress_changed_at=None, finished_at=None)
         else:
             values.update(finished_at=now)
-        # Conditional on the lease that was judged: if the worker finished or another
-        # recoverer got here first, this changes nothing and is not reported.
-        result = connection.execute(
-            update(audits)
-            .where(audits.c.id == verdict.id, audits.c.status == RUNNING, audits.c.lease.is_not_distinct_from(verdict.lease))
-            .values(**values)
-        )
-        if result.rowcount != 1:
-            continue
+        groups.setdefault(tuple(sorted(values)), []).append({"b_id": verdict.id, "b_lease": verdict.lease,
+                                                             **{f"v_{k}": v for k, v in values.items()}})
         done.append(
             Recovery(
                 id=verdict.id, target=verdict.target, reasons=reasons, explanation=sentences, from_status=RUNNING,
@@ -149,8 +178,21 @@ def _apply_recovery(
             "to_status": new_status,
             "reasons": reasons,
             "measurements": measurements.get(verdict.id),
-            "details": {"original_status": snapshot, "explanation": sentences},
+            "details": _recovery_details(row, snapshot, sentences),
         })
+    for columns, params in groups.items():
+        # Conditional on the lease that was judged. The rows are locked by this transaction
+        # (FOR UPDATE on PostgreSQL, the write lock on SQLite), so every row still matches;
+        # if one did not, something bypassed the locks and the whole batch is rolled back.
+        statement = (
+            update(audits)
+            .where(audits.c.id == bindparam("b_id"), audits.c.status == RUNNING,
+                   audits.c.lease.is_not_distinct_from(bindparam("b_lease", type_=audits.c.lease.type)))
+            .values({name: bindparam(f"v_{name}", type_=audits.c[name].type) for name in columns})
+        )
+        changed = connection.execute(statement, params).rowcount
+        if changed != len(params):
+            raise ConcurrentChange(f"recovery expected to change {len(params)} audits but changed {changed}; rolled back")
     history.record(connection, events, actor, now)
     return done
 
@@ -175,10 +217,15 @@ def recover_stuck(
         raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
     if dry_run:
         return [_would_recover(v, thresholds, requeue, max_attempts) for v in _find(engine, thresholds, **filters)]
+    # Find the candidates once, then judge each batch again under its lock: the batch
+    # query is then an id lookup, so the whole run costs O(stuck), not O(running x batches).
+    with read_connection(engine) as connection:
+        candidates = stuck_ids(connection, thresholds, **filters)
+    filters.pop("ids", None)
     recovered: list[Recovery] = []
-    while True:
+    for start in range(0, len(candidates), batch_size):
         with write_transaction(engine) as connection:
-            verdicts = select_stuck(connection, thresholds, limit=batch_size, lock=True, **filters)
+            verdicts = select_stuck(connection, thresholds, lock=True, ids=candidates[start:start + batch_size], **filters)
             recovered += _apply_recovery(
                 connection,
                 verdicts,
@@ -188,8 +235,7 @@ def recover_stuck(
                 max_attempts=max_attempts,
                 actor=actor,
             )
-        if len(verdicts) < batch_size:
-            return recovered
+    return recovered
 
 
 def _find(engine, thresholds, **filters) -> list[Verdict]:

@@ -21,7 +21,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from .db import db_now, read_connection, seconds_since, write_transaction
-from .schema import RUNNING, audits, workers
+from .schema import IS_RUNNING, audits, workers
 
 #: Instance ids of the guards alive in this very process (a same-pid row may be one of them).
 _LIVE_HERE: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
@@ -87,7 +87,7 @@ def instances(engine: Engine, stale_after: float, *, worker_id: str | None = Non
     """Every known instance with ``alive`` judged and the count of running audits it holds."""
     held = (
         select(audits.c.worker_instance, func.count().label("n"))
-        .where(audits.c.status == RUNNING)
+        .where(IS_RUNNING)
         .group_by(audits.c.worker_instance)
         .subquery()
     )

@@ -12,7 +12,9 @@ A running audit is stuck when
 
 Times the database cannot trust are not used: a heartbeat more than
 ``FUTURE_TOLERANCE`` seconds in the future (another tool's clock) is ignored and the
-audit is judged from its start time instead, and flagged.
+audit is judged from its start time instead, and flagged. Likewise a start time that is
+unreadable or in the future gives way to the creation time; an audit with no
+trustworthy time at all counts as never heard from.
 
 A monitor that could not see the database for a while passes ``seen_since``: silence
 and stalls are then never measured from before that moment, so an outage is not
@@ -32,7 +34,7 @@ from sqlalchemy.sql import Select
 from .db import is_postgres, read_connection, seconds_since
 from .errors import ConfigError
 from .progress import read_progress
-from .schema import RUNNING, audits, parse_timestamp
+from .schema import IS_RUNNING, audits, parse_timestamp
 from .thresholds import MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, Thresholds, format_duration
 
 #: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers).
@@ -59,6 +61,8 @@ class Verdict:
     step: str | None = None
     percentage: float | None = None
     problems: list[str] = field(default_factory=list)
+    #: The audit's whole row as read by the stuck query (a recovery snapshots it).
+    row: dict | None = field(default=None, repr=False, compare=False)
 
     def explain(self, thresholds: Thresholds) -> list[str]:
         """One sentence per reason, e.g. ``no heartbeat for 12m (stale_after 10m)``."""
@@ -116,8 +120,9 @@ def stuck_query(
     """The SELECT of stuck running audits with their measured ages and one flag per rule."""
     if reason is not None and reason not in RULE_REASONS:
         raise ConfigError(f"unknown reason {reason!r}: choose from {', '.join(RULE_REASONS)}")
-    started = func.coalesce(audits.c.started_at, audits.c.created_at)
-    age = seconds_since(started)
+    # Age from the claim, or from creation when the start time is missing, unreadable text
+    # (another tool on SQLite) or in the future; NULL when neither can be trusted.
+    age = func.coalesce(_trusted_age(audits.c.started_at), _trusted_age(audits.c.created_at))
     silence = func.coalesce(_trusted_age(audits.c.heartbeat_at), _trusted_age(audits.c.last_worker_update), age)
     unchanged = func.coalesce(_trusted_age(audits.c.progress_changed_at), age)
     if seen_since is not None:
@@ -139,24 +144,16 @@ def stuck_query(
     rule = {STALE_HEARTBEAT: is_stale, MAX_AGE_EXCEEDED: is_over_age, PROGRESS_STALLED: is_stalled}
 
     query = select(
-        audits.c.id,
-        audits.c.target,
-        audits.c.status,
-        audits.c.worker_id,
-        audits.c.worker_instance,
-        audits.c.lease,
-        audits.c.started_at,
-        audits.c.heartbeat_at,
-        audits.c.progress,
+        audits,
         age.label("age_seconds"),
         silence.label("silence_seconds"),
         unchanged.label("stalled_seconds"),
-        limit.label("max_age_seconds"),
+        limit.label("max_age_limit"),
         heartbeat_age.label("heartbeat_age"),
         case((is_stale, 1), else_=0).label(STALE_HEARTBEAT),
         case((is_over_age, 1), else_=0).label(MAX_AGE_EXCEEDED),
         case((is_stalled, 1), else_=0).label(PROGRESS_STALLED),
-    ).where(audits.c.status == RUNNING)
+    ).where(IS_RUNNING)
     query = query.where(rule[reason] if reason else or_(*rule.values()))
     if worker is not None:
         query = query.where(audits.c.worker_id == worker)
@@ -189,10 +186,11 @@ def verdict_from_row(row) -> Verdict:
         age_seconds=_round(mapping["age_seconds"]),
         silence_seconds=_round(mapping["silence_seconds"]),
         stalled_seconds=_round(mapping["stalled_seconds"]),
-        max_age_seconds=float(mapping["max_age_seconds"]),
+        max_age_seconds=float(mapping["max_age_limit"]),
         step=view.step,
         percentage=view.percentage,
         problems=problems,
+        row={column.name: mapping[column.name] for column in audits.columns},
     )
 
 
@@ -206,6 +204,12 @@ def select_stuck(connection: Connection, thresholds: Thresholds, *, limit: int |
         # right now will be judged again on the next pass. Never wait on either.
         query = query.with_for_update(skip_locked=True, of=audits)
     return [verdict_from_row(row) for row in connection.execute(query)]
+
+
+def stuck_ids(connection: Connection, thresholds: Thresholds, **filters) -> list[int]:
+    """Only the ids of the stuck audits (the cheap first step of a recovery)."""
+    query = stuck_query(thresholds, **filters).with_only_columns(audits.c.id)
+    return list(connection.execute(query).scalars())
 
 
 def find_stuck(engine: Engine, thresholds: Thresholds, **filters) -> list[Verdict]:

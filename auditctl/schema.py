@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     BigInteger,
+    literal_column,
+    text,
     Column,
     Float,
     Index,
@@ -68,11 +70,16 @@ class Timestamp(types.TypeDecorator):
         if isinstance(value, datetime):
             if value.tzinfo is not None:
                 value = value.astimezone(timezone.utc).replace(tzinfo=None)
-            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+            return value.isoformat(" ", "microseconds")
         return value
 
     def process_result_value(self, value, dialect):
         return parse_timestamp(value)
+
+
+def _reject_constant(name):
+    # NaN and Infinity are not JSON; a document holding them is read back as text, like broken JSON.
+    raise ValueError(f"{name} is not JSON")
 
 
 class Document(types.TypeDecorator):
@@ -98,7 +105,7 @@ class Document(types.TypeDecorator):
             # SQLite lets another tool store a BLOB here; as text it can be shown and copied.
             value = bytes(value).decode("utf-8", "replace")
         try:
-            return json.loads(value)
+            return json.loads(value, parse_constant=_reject_constant)
         except (TypeError, ValueError):
             return value
 
@@ -132,7 +139,14 @@ audits = Table(
     Index("ix_audits_status_heartbeat", "status", "heartbeat_at"),
     Index("ix_audits_worker_status", "worker_id", "status"),
     Index("ix_audits_status_finished", "status", "finished_at"),
+    # The running set is small and every monitor pass reads it: a partial index keeps that
+    # read proportional to the running audits however many finished ones pile up.
+    Index("ix_audits_running", "id", sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),
 )
+
+#: ``status = 'running'`` with the literal in the SQL, so both engines can match the partial index
+#: (SQLite cannot use a partial index against a bound parameter).
+IS_RUNNING = audits.c.status == literal_column("'running'")
 
 audit_events = Table(
     "audit_events",

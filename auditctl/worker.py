@@ -13,6 +13,7 @@ because it means the work must stop: the audit now belongs to someone else.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import random
@@ -221,12 +222,20 @@ class StuckAuditPrevention:
         return leftovers + stuck
 
     def start_heartbeat_monitor(self, *, handle_sigterm: bool = True) -> None:
-        """Start the background thread; on the main thread, also stop cleanly on SIGTERM."""
+        """Start the background thread; on the main thread, also stop cleanly on SIGTERM.
+
+        SIGTERM raises ``SystemExit(143)`` in the main thread (so ``run`` blocks unwind and
+        record their end); ``stop()`` then runs as the process exits, which joins the thread
+        and marks the instance stopped, unless the application called it first.
+        """
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat_loop, name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
         self._thread.start()
+        # At exit, not inside the signal handler: the interrupted main thread may hold a
+        # write transaction (on SQLite, the write lock) that is only released as it unwinds.
+        atexit.register(self._stop_at_exit)
         if handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         log.info("💓 HEARTBEAT monitor started: every %s", format_duration(self.heartbeat_interval))
@@ -309,6 +318,7 @@ class StuckAuditPrevention:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the heartbeat thread (joins it) and mark this instance stopped."""
+        atexit.unregister(self._stop_at_exit)
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -321,6 +331,9 @@ class StuckAuditPrevention:
         except AuditctlError as error:
             log.warning("could not mark worker instance %s stopped: %s", self.instance_id[:8], error)
         log.info("💓 HEARTBEAT monitor stopped for worker %s", self.worker_id)
+
+    def _stop_at_exit(self) -> None:
+        self.stop(timeout=10.0)
 
     def close(self) -> None:
         self.stop()

@@ -30,7 +30,7 @@ def clean_environment(monkeypatch, tmp_path):
     for name in list(os.environ):
         if name.startswith("AUDITCTL_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("AUDITCTL_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.chdir(tmp_path)
 

@@ -7,7 +7,6 @@ import click
 from ..config import SETTINGS
 from .app import cli
 from .options import DURATION, common_options, echo_status, format_option, threshold_options
-from .render import Column, render
 
 
 @cli.command()
@@ -78,6 +77,7 @@ def config_command(state, thresholds, fmt, interval, max_attempts):
         source = ctx.get_parameter_source(name)
         records.append({"setting": name, "value": value, "source": names.get(source, lambda s: "default")(SETTINGS[name])})
     from ..thresholds import format_duration
+    from .render import Column, render
 
     columns = [
         Column("setting", "SETTING"),

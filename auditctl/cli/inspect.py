@@ -6,7 +6,6 @@ import click
 
 from .app import cli
 from .options import DURATION, common_options, echo_status, format_option
-from .render import iso, render, render_object, resolve_format
 
 STATUSES = ("pending", "running", "completed", "failed")
 
@@ -21,6 +20,7 @@ def list_command(state, fmt, status, worker, limit):
     """List audits, newest first."""
     from ..audits import iter_audits
     from .records import AUDIT_COLUMNS, audit_record
+    from .render import render, resolve_format
 
     records = (audit_record(a) for a in iter_audits(state.engine, status=status, worker=worker, limit=limit or None))
     shown = render(records, AUDIT_COLUMNS, fmt, title="Audits", empty="No audits match.")
@@ -37,6 +37,7 @@ def show(state, fmt, audit_id):
     """Show one audit: its progress document, recovery_info and full history."""
     from ..audits import get_audit
     from .records import audit_record, event_record
+    from .render import iso, render, render_object, resolve_format
 
     detail = get_audit(state.engine, audit_id)
     record = audit_record(detail.summary)
@@ -69,6 +70,7 @@ def _show_human(record: dict, detail, fmt: str) -> None:
     import json
 
     from .records import EVENT_COLUMNS, event_record
+    from .render import render
 
     fields = [(k, record[k]) for k in ("id", "target", "status", "worker_id", "worker_instance", "step", "percentage",
                                        "attempts", "created_at", "started_at", "finished_at", "last_heartbeat",
@@ -101,8 +103,11 @@ def _show_human(record: dict, detail, fmt: str) -> None:
         click.echo(f"{key}: {'-' if value in (None, [], '') else value}")
     for name, document in documents:
         click.echo(f"{name}: {json.dumps(document, default=str) if document is not None else '-'}")
+    if not detail.history:
+        click.echo("history: none")
+        return
     click.echo("history:")
-    render([event_record(e) for e in detail.history], EVENT_COLUMNS, fmt, empty="  (none)")
+    render([event_record(e) for e in detail.history], EVENT_COLUMNS, fmt)
 
 
 @cli.command()
@@ -115,6 +120,7 @@ def workers(state, fmt, show_all, stale_after):
     """Each worker instance: last heartbeat, alive or not, audits it holds."""
     from ..registry import instances
     from .records import INSTANCE_COLUMNS, instance_record
+    from .render import render
 
     found = instances(state.engine, stale_after, include_stopped=show_all)
     render((instance_record(i) for i in found), INSTANCE_COLUMNS, fmt, title="Workers", empty="No workers have registered.")

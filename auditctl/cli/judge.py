@@ -18,7 +18,6 @@ from .options import (
     format_option,
     threshold_options,
 )
-from .render import render, resolve_format
 
 
 def _summary(counts: dict[str, int]) -> str:
@@ -40,6 +39,7 @@ def scan(state, thresholds, worker, reason, older_than, fmt, exit_code):
     --stall-after (progress_stalled).
     """
     from ..rules import iter_stuck
+    from .render import render
     from .records import VERDICT_COLUMNS, verdict_record
 
     counts: dict[str, int] = {}
@@ -77,6 +77,7 @@ def recover(state, thresholds, worker, reason, older_than, fmt, dry_run, requeue
     """
     from ..history import Actor
     from ..recovery import recover_stuck
+    from .render import render, resolve_format
     from .records import RECOVERY_COLUMNS, recovery_record
 
     done = recover_stuck(state.engine, thresholds, actor=Actor.command("recover"), requeue=requeue,
@@ -112,12 +113,14 @@ def reset_all(state, thresholds, fmt, assume_yes, dry_run, since, reason, includ
     """
     from ..history import Actor
     from ..recovery import recover_stuck, reset_failed
+    from .render import render, resolve_format
     from ..rules import find_stuck
     from .records import RESET_COLUMNS, reset_record
 
     actor = Actor.command("reset-all")
     failed = reset_failed(state.engine, actor=actor, since=since, reason=reason, dry_run=True)
-    stuck = find_stuck(state.engine, thresholds) if include_stuck else []
+    # --reason narrows the stuck audits too: only those stuck for that reason are recovered and reset.
+    stuck = find_stuck(state.engine, thresholds, reason=reason) if include_stuck and reason != WORKER_RESTARTED else []
     planned = [reset_record(r, True) for r in failed] + [
         {"id": v.id, "target": v.target, "previous_status": "running", "status": "pending", "reasons": v.reasons,
          "error": None, "finished_at": None, "dry_run": True}

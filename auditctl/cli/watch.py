@@ -1,6 +1,7 @@
 """``auditctl watch``: the heartbeat monitor in the foreground.
 
-Every --interval it runs one monitor pass (judge, then recover unless --no-recover).
+Every --interval it runs one monitor pass (judge, then recover unless --no-recover);
+``--once`` runs one pass and exits 1 if the database could not be read.
 On a terminal it shows a live view, refreshed in place; otherwise it writes one log
 line per event. Ctrl-C and SIGTERM stop it after the pass in progress, within a
 second when it is between passes. A database outage is reported and retried; the
@@ -67,6 +68,11 @@ def watch(state, thresholds, interval, once, no_recover, requeue, max_attempts, 
             signal.signal(sig, handler)
     if not state.quiet:
         click.echo("watch stopped.", err=True)
+    if once and not result.ok:
+        # A single pass that could not run is a runtime error (exit 1), not a success for cron to trust.
+        from ..errors import DatabaseUnavailable
+
+        raise DatabaseUnavailable(result.error)
 
 
 def _stamp() -> str:

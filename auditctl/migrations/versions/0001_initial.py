@@ -41,6 +41,8 @@ def upgrade() -> None:
     op.create_index("ix_audits_status_heartbeat", "audits", ["status", "heartbeat_at"])
     op.create_index("ix_audits_worker_status", "audits", ["worker_id", "status"])
     op.create_index("ix_audits_status_finished", "audits", ["status", "finished_at"])
+    op.create_index("ix_audits_running", "audits", ["id"], sqlite_where=sa.text("status = 'running'"),
+                    postgresql_where=sa.text("status = 'running'"))
 
     op.create_table(
         "audit_events",
