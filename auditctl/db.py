@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
+import time
 from typing import Iterator
 
 from sqlalchemy import event, exc as sa_exc, types
@@ -45,7 +47,7 @@ def normalize_url(database_url: str | URL) -> URL:
     return url
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)(\S*)(@)")
 #: libpq also takes the password as a query parameter: ``postgresql://bob@host/db?password=...``.
 _PASSWORD_IN_QUERY = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
 
@@ -82,6 +84,28 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, **kwargs) -> E
     return engine
 
 
+def _enable_wal(cursor) -> None:
+    """Switch to WAL, waiting like any writer would.
+
+    Changing the journal mode needs an exclusive lock, and SQLite answers "database is
+    locked" at once instead of calling the busy handler while another process holds the
+    write lock (several workers starting against a fresh file). Retry up to the busy timeout.
+    """
+    import sqlite3
+
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.2)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -91,7 +115,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
         if engine.url.database not in (None, "", ":memory:"):
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 

@@ -17,14 +17,16 @@ from datetime import datetime
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
 
 from . import history
 from .db import fetch_now, is_postgres, read_connection, seconds_since, write_transaction
 from .errors import AuditctlError, ConfigError
 from .history import Actor
 from .progress import isoformat_z
-from .rules import Verdict, select_stuck, stuck_ids
-from .schema import FAILED, PENDING, RUNNING, audits, parse_timestamp
+from .rules import ROW_COLUMNS, Verdict, select_stuck, stuck_ids
+from .schema import FAILED, PENDING, RUNNING, Document, audits, parse_timestamp
 from .thresholds import RULE_REASONS, WORKER_RESTARTED, Thresholds
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -92,13 +94,65 @@ def _json_safe(value):
 _FROM_COLUMNS = ("status", "worker_id", "worker_instance", "lease", "started_at", "heartbeat_at", "attempts", "error")
 
 
-def _recovery_details(row: dict, snapshot: dict, sentences: list[str]) -> dict:
-    details = {"from": {name: snapshot[name] for name in _FROM_COLUMNS}, "explanation": sentences}
+def _recovery_details(row: dict, sentences: list[str]) -> dict:
+    details = {"from": {name: _json_safe(row[name]) for name in _FROM_COLUMNS}, "explanation": sentences}
     if row["recovery_info"] is not None:
         # This recovery overwrites an earlier one's record (the audit was requeued and ran
         # again): keep that record here so it is never lost.
-        details["replaced_recovery_info"] = snapshot["recovery_info"]
+        details["replaced_recovery_info"] = row["recovery_info"]
     return details
+
+
+class with_original_status(FunctionElement):
+    """``recovery_info`` = the given document plus ``original_status``: the whole row as it was
+    before this UPDATE, built by the database from the row itself."""
+
+    type = Document()
+    inherit_cache = True
+
+
+def _sqlite_json_value(column) -> str:
+    name = column.name
+    if isinstance(column.type, Document):
+        return (f"CASE WHEN typeof({name}) = 'blob' THEN hex({name}) "
+                f"WHEN json_valid({name}) THEN json({name}) ELSE {name} END")
+    return f"CASE WHEN typeof({name}) = 'blob' THEN hex({name}) ELSE {name} END"
+
+
+@compiles(with_original_status, "sqlite")
+def _with_original_status_sqlite(element, compiler, **kw):
+    (info,) = list(element.clauses)
+    pairs = ", ".join(f"'{column.name}', {_sqlite_json_value(column)}" for column in audits.columns)
+    return f"json_set({compiler.process(info, **kw)}, '$.original_status', json_object({pairs}))"
+
+
+@compiles(with_original_status, "postgresql")
+def _with_original_status_pg(element, compiler, **kw):
+    (info,) = list(element.clauses)
+    return f"jsonb_set({compiler.process(info, **kw)}, '{{original_status}}', to_jsonb(audits))"
+
+
+class not_running(FunctionElement):
+    """The progress document with ``progress.is_running`` set to false, when it has that shape."""
+
+    type = Document()
+    inherit_cache = True
+
+
+@compiles(not_running, "sqlite")
+def _not_running_sqlite(element, compiler, **kw):
+    (column,) = list(element.clauses)
+    name = compiler.process(column, **kw)
+    return (f"CASE WHEN typeof({name}) = 'text' AND json_valid({name}) AND json_type({name}, '$.progress') = 'object' "
+            f"THEN json_set({name}, '$.progress.is_running', json('false')) ELSE {name} END")
+
+
+@compiles(not_running, "postgresql")
+def _not_running_pg(element, compiler, **kw):
+    (column,) = list(element.clauses)
+    name = compiler.process(column, **kw)
+    return (f"CASE WHEN jsonb_typeof({name} -> 'progress') = 'object' "
+            f"THEN jsonb_set({name}, '{{progress,is_running}}', 'false'::jsonb) ELSE {name} END")
 
 
 def _apply_recovery(
@@ -117,15 +171,15 @@ def _apply_recovery(
     missing = [v.id for v in verdicts if v.row is None]
     current = {v.id: v.row for v in verdicts if v.row is not None}
     if missing:
-        current.update({row.id: dict(row._mapping) for row in connection.execute(select(audits).where(audits.c.id.in_(missing)))})
+        query = select(*[audits.c[name] for name in ROW_COLUMNS]).where(audits.c.id.in_(missing))
+        current.update({row.id: dict(row._mapping) for row in connection.execute(query)})
     done: list[Recovery] = []
     events: list[dict] = []
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[str, list[dict]] = {}
     for verdict in verdicts:
         row = current.get(verdict.id)
         if row is None:
             continue
-        snapshot = _snapshot(row)
         attempts = row["attempts"] or 0
         give_up = requeue and attempts >= max_attempts
         new_status = PENDING if requeue and not give_up else FAILED
@@ -133,6 +187,8 @@ def _apply_recovery(
         sentences = explanations.get(verdict.id, [])
         if give_up:
             sentences = sentences + [f"gave up after {attempts} attempts (max_attempts {max_attempts})"]
+        # original_status (the whole prior row) is added by the database in the UPDATE itself:
+        # see with_original_status. Building it here would cost more than the write.
         info = {
             "recovered_at": isoformat_z(now),
             "reason": ", ".join(reasons),
@@ -141,29 +197,15 @@ def _apply_recovery(
             "measured": measurements.get(verdict.id, {}),
             "recovered_by": {"actor": actor.name, "host": actor.host, "pid": actor.pid},
             "requeued": new_status == PENDING,
-            "original_status": snapshot,
         }
-        document = row["progress"] if isinstance(row["progress"], dict) else None
-        if document is not None and isinstance(document.get("progress"), dict):
-            document = {**document, "progress": {**document["progress"], "is_running": False}}
-        values = {
-            "status": new_status,
-            "recovery_info": info,
-            "recovery_reasons": ",".join(reasons),
-            "error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:2000],
-            "lease": None,
+        params = {
+            "b_id": verdict.id,
+            "b_lease": verdict.lease,
+            "v_recovery_info": info,
+            "v_recovery_reasons": ",".join(reasons),
+            "v_error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:2000],
         }
-        if document is not None:
-            # Only a well-formed document is marked not running; anything else another tool
-            # stored is left exactly as it is (original_status has a copy either way).
-            values["progress"] = document
-        if new_status == PENDING:
-            values.update(worker_id=None, worker_instance=None, started_at=None, heartbeat_at=None,
-                          progress_changed_at=None, finished_at=None)
-        else:
-            values.update(finished_at=now)
-        groups.setdefault(tuple(sorted(values)), []).append({"b_id": verdict.id, "b_lease": verdict.lease,
-                                                             **{f"v_{k}": v for k, v in values.items()}})
+        groups.setdefault(new_status, []).append(params)
         done.append(
             Recovery(
                 id=verdict.id, target=verdict.target, reasons=reasons, explanation=sentences, from_status=RUNNING,
@@ -178,9 +220,24 @@ def _apply_recovery(
             "to_status": new_status,
             "reasons": reasons,
             "measurements": measurements.get(verdict.id),
-            "details": _recovery_details(row, snapshot, sentences),
+            "details": _recovery_details(row, sentences),
         })
-    for columns, params in groups.items():
+    for new_status, params in groups.items():
+        values = {
+            "status": new_status,
+            "recovery_info": with_original_status(bindparam("v_recovery_info", type_=audits.c.recovery_info.type)),
+            "recovery_reasons": bindparam("v_recovery_reasons", type_=audits.c.recovery_reasons.type),
+            "error": bindparam("v_error", type_=audits.c.error.type),
+            "lease": None,
+            # Only a well-formed document is marked not running; anything else another tool
+            # stored is left exactly as it is (original_status has a copy either way).
+            "progress": not_running(audits.c.progress),
+        }
+        if new_status == PENDING:
+            values.update(worker_id=None, worker_instance=None, started_at=None, heartbeat_at=None,
+                          progress_changed_at=None, finished_at=None)
+        else:
+            values.update(finished_at=now)
         # Conditional on the lease that was judged. The rows are locked by this transaction
         # (FOR UPDATE on PostgreSQL, the write lock on SQLite), so every row still matches;
         # if one did not, something bypassed the locks and the whole batch is rolled back.
@@ -188,7 +245,7 @@ def _apply_recovery(
             update(audits)
             .where(audits.c.id == bindparam("b_id"), audits.c.status == RUNNING,
                    audits.c.lease.is_not_distinct_from(bindparam("b_lease", type_=audits.c.lease.type)))
-            .values({name: bindparam(f"v_{name}", type_=audits.c[name].type) for name in columns})
+            .values(values)
         )
         changed = connection.execute(statement, params).rowcount
         if changed != len(params):
@@ -339,13 +396,29 @@ def reset_failed(
     reason: str | None = None,
     ids: list[int] | None = None,
     dry_run: bool = False,
+    recover_first: list[int] | None = None,
+    thresholds: Thresholds | None = None,
 ) -> list[Reset]:
-    """Return failed audits to pending, all in one transaction, each reset written to the history."""
+    """Return failed audits to pending, all in one transaction, each reset written to the history.
+
+    ``recover_first`` (with ``thresholds``) names stuck running audits to recover in the same
+    transaction and reset with the rest (``reset-all --include-stuck``); each is judged again
+    under its lock, so one that recovered meanwhile is left running.
+    """
     query = _reset_query(since=since, reason=reason, ids=ids)
     if dry_run:
         with read_connection(engine) as connection:
             return [_reset_from_row(row, PENDING) for row in connection.execute(query)]
     with write_transaction(engine) as connection:
+        if recover_first:
+            if thresholds is None:
+                raise ConfigError("recover_first needs the thresholds to judge those audits by")
+            verdicts = select_stuck(connection, thresholds, lock=True, ids=recover_first)
+            recovered = _apply_recovery(connection, verdicts, {v.id: v.explain(thresholds) for v in verdicts},
+                                        {v.id: v.measurements(thresholds) for v in verdicts}, requeue=False,
+                                        max_attempts=DEFAULT_MAX_ATTEMPTS, actor=actor)
+            if recovered:
+                query = _reset_query(since=None, reason=None, ids=(ids or []) + [r.id for r in recovered])
         if is_postgres(connection):
             query = query.with_for_update(of=audits)
         rows = connection.execute(query).all()
@@ -370,4 +443,3 @@ def reset_failed(
             })
         history.record(connection, events, actor, now)
         return done
-

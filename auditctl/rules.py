@@ -37,6 +37,10 @@ from .progress import read_progress
 from .schema import IS_RUNNING, audits, parse_timestamp
 from .thresholds import MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, Thresholds, format_duration
 
+#: The columns the stuck query reads (what a verdict shows and a recovery's history records).
+ROW_COLUMNS = ("id", "target", "status", "worker_id", "worker_instance", "lease", "started_at", "heartbeat_at",
+               "progress", "attempts", "error", "recovery_info")
+
 #: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers).
 FUTURE_TOLERANCE = 60.0
 
@@ -61,7 +65,7 @@ class Verdict:
     step: str | None = None
     percentage: float | None = None
     problems: list[str] = field(default_factory=list)
-    #: The audit's whole row as read by the stuck query (a recovery snapshots it).
+    #: The audit's ROW_COLUMNS as read by the stuck query (a recovery's history records them).
     row: dict | None = field(default=None, repr=False, compare=False)
 
     def explain(self, thresholds: Thresholds) -> list[str]:
@@ -144,7 +148,7 @@ def stuck_query(
     rule = {STALE_HEARTBEAT: is_stale, MAX_AGE_EXCEEDED: is_over_age, PROGRESS_STALLED: is_stalled}
 
     query = select(
-        audits,
+        *[audits.c[name] for name in ROW_COLUMNS],
         age.label("age_seconds"),
         silence.label("silence_seconds"),
         unchanged.label("stalled_seconds"),
@@ -190,7 +194,7 @@ def verdict_from_row(row) -> Verdict:
         step=view.step,
         percentage=view.percentage,
         problems=problems,
-        row={column.name: mapping[column.name] for column in audits.columns},
+        row={name: mapping[name] for name in ROW_COLUMNS},
     )
 
 

@@ -16,7 +16,8 @@ import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, insert, select as sa_select, text
+from sqlalchemy import func, insert, text
+from sqlalchemy import select as sa_select
 
 from auditctl.db import fetch_now, read_connection, write_transaction
 from auditctl.schema import RUNNING, audit_events, audits, workers

@@ -72,8 +72,9 @@ def unavailable_reason() -> str | None:
 class PostgresServer:
     """A throwaway PostgreSQL cluster on loopback for the test suite."""
 
-    def __init__(self, base_dir: str | None = None):
+    def __init__(self, base_dir: str | None = None, settings: dict | None = None):
         self.base_dir = base_dir                 # parent for the temp dir (default: system tmp)
+        self.settings = {**_SETTINGS, **(settings or {})}  # postgres -c options
         self.bindir: str = find_bindir() or ""
         self.password: str = secrets.token_hex(16)
         self.port: int = 0
@@ -204,7 +205,7 @@ class PostgresServer:
 
     def _launch(self, timeout: float = 30) -> None:
         cmd = [os.path.join(self.bindir, "postgres"), "-D", self.data_dir, "-k", self.socket_dir,
-               "-h", "127.0.0.1", "-p", str(self.port)] + [f"-c{k}={v}" for k, v in _SETTINGS.items()]
+               "-h", "127.0.0.1", "-p", str(self.port)] + [f"-c{k}={v}" for k, v in self.settings.items()]
         with open(self.log_path, "a") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                                           cwd=self.tmp_dir, start_new_session=True, **_run_as())

@@ -103,8 +103,16 @@ def test_worker_killed_with_sigkill_is_recovered_within_stale_after_plus_one_int
                         failures.append(done.stderr)
                     stop.wait(interval)
             threading.Thread(target=cron, daemon=True).start()
-        event = wait_for(lambda: _recovered_at(engine, audit_id), timeout=stale_after + interval + 15,
-                         message=f"the killed worker's audit to be recovered (cron errors: {failures})")
+        try:
+            event = wait_for(lambda: _recovered_at(engine, audit_id), timeout=stale_after + interval + 15,
+                             message=f"the killed worker's audit to be recovered (cron errors: {failures})")
+        except AssertionError:
+            if monitor is not None:
+                monitor.kill()
+                print("WATCH OUTPUT", monitor.communicate())
+            from dbtools import row
+            print("ROW", row(engine, audit_id))
+            raise
         latency = time.monotonic() - killed
     finally:
         stop.set()

@@ -109,12 +109,13 @@ def reset_all(state, thresholds, fmt, assume_yes, dry_run, since, reason, includ
     """Reset failed audits to pending: the "Reset All Audits" button.
 
     Shows how many and which, then asks. Without a terminal it refuses unless --yes
-    is given, and changes nothing. Every reset is recorded in the audit's history.
+    is given, and changes nothing. All resets happen in one transaction (with
+    --include-stuck, the recoveries too), each recorded in the audit's history.
     """
     from ..history import Actor
-    from ..recovery import recover_stuck, reset_failed
-    from .render import render, resolve_format
+    from ..recovery import reset_failed
     from ..rules import find_stuck
+    from .render import render, resolve_format
     from .records import RESET_COLUMNS, reset_record
 
     actor = Actor.command("reset-all")
@@ -143,11 +144,9 @@ def reset_all(state, thresholds, fmt, assume_yes, dry_run, since, reason, includ
         if not click.confirm(f"Reset {total} audit{'s' if total != 1 else ''} to pending?", default=False, err=True):
             click.echo("Aborted: nothing changed.", err=True)
             click.get_current_context().exit(EXIT_REFUSED)
-    recovered_ids = []
-    if stuck:
-        recovered = recover_stuck(state.engine, thresholds, actor=actor, ids=[v.id for v in stuck])
-        recovered_ids = [r.id for r in recovered]
-    done = reset_failed(state.engine, actor=actor, ids=[r.id for r in failed] + recovered_ids)
+    # One transaction: the stuck audits are recovered and everything reset together, or nothing is.
+    done = reset_failed(state.engine, actor=actor, ids=[r.id for r in failed],
+                        recover_first=[v.id for v in stuck], thresholds=thresholds)
     render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
     echo_status(state, f"Reset {len(done)} audit{'s' if len(done) != 1 else ''} to pending.", force=True)
 

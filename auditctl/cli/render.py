@@ -73,7 +73,7 @@ def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, t
            empty: str | None = None) -> int:
     """Write records in the chosen format; returns how many were written."""
     fmt = resolve_format(fmt)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     if fmt == "json":
         return _render_json(records, out)
     if fmt == "csv":

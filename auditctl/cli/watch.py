@@ -46,7 +46,7 @@ def watch(state, thresholds, interval, once, no_recover, requeue, max_attempts, 
                       requeue=requeue, max_attempts=max_attempts)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    view = LiveView(state, thresholds, interval, monitor) if (live if live is not None else sys.stdout.isatty()) else LogView(state)
+    view = LiveView(state, thresholds, interval, monitor) if (live if live is not None else sys.stdout.isatty()) else LogView(state, once)
     try:
         view.start()
         retry = 1.0
@@ -82,8 +82,9 @@ def _stamp() -> str:
 class LogView:
     """One line per pass and per recovery: for journald, files and pipes."""
 
-    def __init__(self, state):
+    def __init__(self, state, once: bool = False):
         self.state = state
+        self.once = once
         self.outage_reported = False
 
     def start(self):
@@ -96,7 +97,7 @@ class LogView:
     def after_pass(self, result):
         if not result.ok:
             if not self.outage_reported:
-                self._line(f"database unavailable: {result.error}; retrying")
+                self._line(f"database unavailable: {result.error}" + ("" if self.once else "; retrying"))
             self.outage_reported = True
             return
         if result.resumed_after_outage or self.outage_reported:

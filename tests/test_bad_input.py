@@ -1,0 +1,414 @@
+"""Bad input gets a clear answer and nothing is lost.
+
+Rows here are written the way another tool would write them: raw SQL straight into the
+``audits`` table, bypassing the library's types and checks. Reading, judging and
+recovering them must never crash; what cannot be trusted is flagged. Bad settings and
+unreachable databases fail with one clear error that never shows a password.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from dbtools import all_rows, db_time, raw_column, row, worker_rows
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from auditctl import StuckAuditPrevention, history, leases
+from auditctl import audits as audit_views
+from auditctl.db import create_engine
+from auditctl.errors import AuditNotFound, ConfigError, DatabaseUnavailable, SchemaMissing
+from auditctl.history import Actor
+from auditctl.migrate import upgrade
+from auditctl.recovery import recover_stuck, reset_failed
+from auditctl.rules import find_stuck
+from auditctl.thresholds import Thresholds, parse_duration
+
+T = Thresholds(stale_after=600, max_age=1800, stall_after=600)
+OPERATOR = Actor.command("recover")
+TIME_COLUMNS = ("created_at", "started_at", "heartbeat_at", "last_worker_update", "progress_changed_at", "finished_at")
+PG_CASTS = {"progress": "jsonb", "recovery_info": "jsonb", "max_age_seconds": "double precision",
+            **{name: "timestamptz" for name in TIME_COLUMNS}}
+
+
+def insert_raw(engine, **values) -> int:
+    """INSERT one audit with raw SQL, as another tool would; returns its id."""
+    values = {"target": "https://other-tool.example", "status": "running", "attempts": 0, **values}
+    postgres = engine.dialect.name == "postgresql"
+    placeholders = [f"CAST(:{name} AS {PG_CASTS[name]})" if postgres and name in PG_CASTS else f":{name}" for name in values]
+    sql = f"INSERT INTO audits ({', '.join(values)}) VALUES ({', '.join(placeholders)})"
+    with engine.begin() as connection:
+        if postgres:
+            return connection.execute(text(sql + " RETURNING id"), values).scalar_one()
+        return connection.execute(text(sql), values).lastrowid
+
+
+def iso_ago(engine, seconds: float) -> str:
+    """The database's now minus ``seconds``, as the ISO text other tools write (``...Z``)."""
+    return (db_time(engine) - timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def running_since(engine, *, heard: float = 700, started: float | None = None, **values) -> int:
+    """A running audit from another tool, started ``started`` and last heard from ``heard`` seconds ago."""
+    started = heard if started is None else started
+    times = {"created_at": iso_ago(engine, started), "started_at": iso_ago(engine, started),
+             "heartbeat_at": iso_ago(engine, heard), "last_worker_update": iso_ago(engine, heard),
+             "progress_changed_at": iso_ago(engine, heard), "lease": "lease-from-other-tool", "worker_id": "other-tool"}
+    return insert_raw(engine, **{**times, **values})
+
+
+def never_crash_anywhere(engine, audit_id):
+    """Every reader and the recoverer handle the row; returns (verdict or None, summary, detail)."""
+    verdicts = {v.id: v for v in find_stuck(engine, T)}
+    summaries = {s.id: s for s in audit_views.list_audits(engine, limit=None)}
+    detail = audit_views.get_audit(engine, audit_id)
+    listed, shown = summaries[audit_id], detail.summary
+    assert (listed.status, listed.step, listed.percentage, listed.problems) == (shown.status, shown.step, shown.percentage,
+                                                                               shown.problems)
+    return verdicts.get(audit_id), summaries[audit_id], detail
+
+
+# --- the progress column ------------------------------------------------------------------
+
+# (name, value on SQLite, value on PostgreSQL (JSONB cannot hold broken JSON), problems, step, percentage)
+BAD_PROGRESS = [
+    ("truncated JSON", '{"progress": {"step": "Crawl', '"{\\"progress\\": {\\"step\\": \\"Crawl"',
+     ["progress_not_json"], None, None),
+    ("JSON array", "[1, 2, 3]", "[1, 2, 3]", ["progress_not_object"], None, None),
+    ("JSON number", "42", "42", ["progress_not_object"], None, None),
+    ("progress not an object", '{"progress": "half done"}', '{"progress": "half done"}', ["progress_not_object"], None, None),
+    ("SQL NULL", None, None, [], None, None),
+    ("JSON null", "null", "null", [], None, None),
+    ("wrong types", '{"progress": {"percentage": "abc", "step": 42}}', '{"progress": {"percentage": "abc", "step": 42}}',
+     ["step_not_text", "percentage_invalid"], "42", None),
+    ("percentage 250", '{"progress": {"step": "Crawling", "percentage": 250}}',
+     '{"progress": {"step": "Crawling", "percentage": 250}}', ["percentage_out_of_range"], "Crawling", 100.0),
+    ("percentage -3", '{"progress": {"percentage": -3}}', '{"progress": {"percentage": -3}}',
+     ["percentage_out_of_range"], None, 0.0),
+    ("percentage NaN", '{"progress": {"percentage": NaN}}', '{"progress": {"percentage": "NaN"}}',
+     ["percentage_invalid"], None, None),
+    ("bad task counts", '{"progress": {"completed_tasks": -1, "total_tasks": "ten"}}',
+     '{"progress": {"completed_tasks": -1, "total_tasks": "ten"}}', ["completed_tasks_invalid", "total_tasks_invalid"],
+     None, None),
+    ("counts only", '{"progress": {"completed_tasks": 3, "total_tasks": 4}}',
+     '{"progress": {"completed_tasks": 3, "total_tasks": 4}}', [], None, 75.0),
+    ("no wrapper", '{"step": "Crawling", "percentage": 40}', '{"step": "Crawling", "percentage": 40}', [], "Crawling", 40.0),
+]
+
+
+@pytest.mark.parametrize("name, sqlite_value, pg_value, problems, step, percentage", BAD_PROGRESS,
+                         ids=[case[0] for case in BAD_PROGRESS])
+def test_any_progress_value_is_read_judged_flagged_and_recovered_without_crashing(
+        engine, engine_name, name, sqlite_value, pg_value, problems, step, percentage):
+    audit_id = running_since(engine, progress=sqlite_value if engine_name == "sqlite" else pg_value)
+
+    verdict, summary, detail = never_crash_anywhere(engine, audit_id)
+
+    assert verdict is not None and verdict.reasons == ["stale_heartbeat"]  # judged by the columns it can trust
+    assert verdict.problems == problems
+    assert summary.problems == problems
+    assert (verdict.step, verdict.percentage) == (step, percentage)
+    assert (summary.step, summary.percentage) == (step, percentage)
+
+    raw_before = raw_column(engine, audit_id, "progress")
+    (recovery,) = recover_stuck(engine, T, actor=OPERATOR)
+    assert recovery.id == audit_id
+    after = row(engine, audit_id)
+    assert after["status"] == "failed"
+    if isinstance(after["progress"], dict) and isinstance(after["progress"].get("progress"), dict):
+        assert after["progress"]["progress"].pop("is_running") is False
+        assert after["progress"] == detail.progress  # everything else kept as it was
+    else:
+        assert raw_column(engine, audit_id, "progress") == raw_before  # another tool's value is left exactly as is
+    assert after["recovery_info"]["original_status"]["progress"] == detail.progress
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_binary_progress_on_sqlite_is_flagged_and_does_not_block_recovery(engine):
+    blob = insert_raw(engine, created_at=iso_ago(engine, 700), progress=b"\xff\xfe\x00garbage")
+    good = running_since(engine)
+
+    verdict, summary, detail = never_crash_anywhere(engine, blob)
+    assert verdict.problems == ["progress_not_json", "no_lease"]
+    assert summary.problems == ["progress_not_json"]
+    assert isinstance(detail.progress, str)  # shown as text (with replacement characters), not raw bytes
+
+    assert sorted(r.id for r in recover_stuck(engine, T, actor=OPERATOR)) == [blob, good]
+    assert raw_column(engine, blob, "progress") == b"\xff\xfe\x00garbage"
+    assert isinstance(row(engine, blob)["recovery_info"]["original_status"]["progress"], str)
+
+
+# --- times ----------------------------------------------------------------------------------
+
+
+def test_heartbeat_in_the_future_is_distrusted_flagged_and_judged_from_the_start(engine):
+    old = running_since(engine, started=700, heard=-86400)
+    young = running_since(engine, started=30, heard=-86400)
+
+    verdict, summary, _ = never_crash_anywhere(engine, old)
+    assert verdict.reasons == ["stale_heartbeat"]
+    assert 699 < verdict.silence_seconds < 720  # measured from the start, not from a day ahead
+    assert "heartbeat_in_future" in verdict.problems
+    assert summary.heartbeat_age_seconds < -86000
+    assert [v.id for v in find_stuck(engine, T)] == [old]  # the young one is judged fresh, not stale
+    assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR)] == [old]
+    assert row(engine, young)["status"] == "running"
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_naive_and_odd_timestamp_text_on_sqlite_is_read_as_utc(engine):
+    # PostgreSQL's timestamptz cannot hold a naive time; on SQLite other tools write any text.
+    naive = (db_time(engine) - timedelta(seconds=700)).strftime("%Y-%m-%dT%H:%M:%S")
+    stale = insert_raw(engine, created_at=naive, started_at=naive, heartbeat_at=naive, lease="l1")
+    fresh_text = (db_time(engine) - timedelta(seconds=100)).strftime("%Y-%m-%d %H:%M:%S")
+    fresh = insert_raw(engine, created_at=fresh_text, started_at=fresh_text, heartbeat_at=fresh_text, lease="l2")
+    new_year = insert_raw(engine, created_at="2026-01-01T00:00:00", started_at="2026-01-01T00:00:00",
+                          heartbeat_at="2026-01-01T00:00:00", lease="l3")
+    offset = insert_raw(engine, created_at=iso_ago(engine, 50), heartbeat_at=(db_time(engine) + timedelta(hours=2)).strftime(
+        "%Y-%m-%dT%H:%M:%S+02:00"), lease="l4")  # two hours ahead, written in UTC+2: really now
+    garbage = insert_raw(engine, created_at=iso_ago(engine, 50), started_at="yesterday", heartbeat_at="", lease="l5")
+
+    verdicts = {v.id: v for v in find_stuck(engine, T)}
+    assert 699 < verdicts[stale].silence_seconds < 720
+    assert verdicts[stale].reasons == ["stale_heartbeat"]
+    assert fresh not in verdicts and offset not in verdicts and garbage not in verdicts
+    assert verdicts[new_year].reasons == ["stale_heartbeat", "max_age_exceeded"]
+    assert verdicts[new_year].started_at == datetime(2026, 1, 1, tzinfo=UTC)
+    assert audit_views.get_audit(engine, new_year).summary.started_at == datetime(2026, 1, 1, tzinfo=UTC)
+    assert audit_views.get_audit(engine, garbage).summary.started_at is None  # unreadable: shown as unknown
+    assert audit_views.get_audit(engine, garbage).summary.age_seconds < 60  # aged from its creation instead
+
+    assert sorted(r.id for r in recover_stuck(engine, T, actor=OPERATOR)) == [stale, new_year]
+    assert {r["id"]: r["status"] for r in all_rows(engine)} == {stale: "failed", fresh: "running", new_year: "failed",
+                                                              offset: "running", garbage: "running"}
+
+
+def test_running_audit_without_start_time_is_aged_from_its_creation(engine):
+    audit_id = running_since(engine, heard=5, started=4000, started_at=None)
+    verdict, summary, _ = never_crash_anywhere(engine, audit_id)
+    assert verdict.reasons == ["max_age_exceeded"]
+    assert 3999 < verdict.age_seconds < 4020 and verdict.started_at is None
+    assert 3999 < summary.age_seconds < 4020
+
+
+def test_running_audit_with_nothing_but_a_creation_time_is_judged_stale(engine):
+    audit_id = insert_raw(engine, created_at=iso_ago(engine, 700))
+    verdict, summary, _ = never_crash_anywhere(engine, audit_id)
+    assert verdict.reasons == ["stale_heartbeat"]
+    assert "no_lease" in verdict.problems
+    assert summary.last_heartbeat is None and summary.heartbeat_age_seconds is None
+    assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR)] == [audit_id]
+
+
+def test_running_audit_without_lease_is_flagged_and_still_recovered_once(engine):
+    audit_id = running_since(engine, lease=None)
+    verdict, _, detail = never_crash_anywhere(engine, audit_id)
+    assert "no_lease" in verdict.problems and detail.has_lease is False
+    assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR)] == [audit_id]
+    assert recover_stuck(engine, T, actor=OPERATOR) == []
+    assert [e.event for e in history.events_for(engine, audit_id)] == ["recovered"]
+
+
+def test_unknown_status_is_listed_but_never_judged_or_recovered(engine):
+    zombie = running_since(engine, heard=90000, status="zombie")
+    before = row(engine, zombie)
+
+    verdict, summary, detail = never_crash_anywhere(engine, zombie)
+
+    assert verdict is None
+    assert summary.status == "zombie" and detail.summary.status == "zombie"
+    assert [s.id for s in audit_views.list_audits(engine, status="zombie")] == [zombie]
+    assert recover_stuck(engine, T, actor=OPERATOR) == []
+    assert reset_failed(engine, actor=OPERATOR) == []
+    assert row(engine, zombie) == before
+
+
+def test_unreadable_per_audit_deadline_falls_back_to_the_fleet_max_age(engine, engine_name):
+    # SQLite accepts any text in a REAL column; PostgreSQL accepts NaN and Infinity.
+    unreadable = ["abc", "-5", "0"] if engine_name == "sqlite" else ["NaN", "Infinity", "-5"]
+    ids = [running_since(engine, heard=5, started=2000, max_age_seconds=value) for value in unreadable]
+    deep = running_since(engine, heard=5, started=2000, max_age_seconds="7200")
+
+    verdicts = {v.id: v for v in find_stuck(engine, T)}
+    assert sorted(verdicts) == ids
+    assert all(verdicts[i].reasons == ["max_age_exceeded"] and verdicts[i].max_age_seconds == 1800 for i in ids)
+    for audit_id in ids:
+        audit_views.get_audit(engine, audit_id)
+    assert sorted(r.id for r in recover_stuck(engine, T, actor=OPERATOR)) == ids
+    assert row(engine, deep)["status"] == "running"
+
+
+def test_one_table_full_of_bad_rows_is_read_and_recovered_in_one_pass(engine, engine_name):
+    ids = [running_since(engine, progress=case[1] if engine_name == "sqlite" else case[2]) for case in BAD_PROGRESS]
+    ids.append(running_since(engine, heard=-86400, started=700))
+    ids.append(running_since(engine, started_at=None))
+    ids.append(running_since(engine, lease=None, worker_id=None))
+    zombie = running_since(engine, status="zombie")
+    healthy = leases.create_audit(engine, "https://example.com")
+
+    assert sorted(v.id for v in find_stuck(engine, T)) == ids
+    assert len(audit_views.list_audits(engine, limit=None)) == len(ids) + 2
+    for audit_id in ids + [zombie, healthy]:
+        audit_views.get_audit(engine, audit_id)
+    assert sorted(r.id for r in recover_stuck(engine, T, actor=OPERATOR, batch_size=4)) == ids
+    assert find_stuck(engine, T) == []
+    assert sorted(r.id for r in reset_failed(engine, actor=OPERATOR)) == ids
+
+
+# --- bad database URLs --------------------------------------------------------------------
+
+
+def _chain(error: BaseException) -> str:
+    """The text of an exception and everything chained to it (what a traceback could show)."""
+    parts = []
+    while error is not None and len(parts) < 10:
+        parts.append(f"{type(error).__name__}: {error!s} {error!r}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+UNREACHABLE = "postgresql://user:s3cret@127.0.0.1:1/x"
+
+
+@pytest.mark.parametrize("operation", ["find_stuck", "list_audits", "recover_stuck", "upgrade", "guard"])
+def test_unreachable_server_is_one_clear_error_naming_the_masked_url(operation, caplog):
+    caplog.set_level(logging.DEBUG)
+    engine = create_engine(UNREACHABLE)
+    calls = {
+        "find_stuck": lambda: find_stuck(engine, T),
+        "list_audits": lambda: audit_views.list_audits(engine),
+        "recover_stuck": lambda: recover_stuck(engine, T, actor=OPERATOR),
+        "upgrade": lambda: upgrade(engine),
+        "guard": lambda: StuckAuditPrevention(UNREACHABLE, worker_id="w"),
+    }
+    with pytest.raises(DatabaseUnavailable) as caught:
+        calls[operation]()
+    message = str(caught.value)
+    assert message.startswith("database unavailable at postgresql+psycopg://user:***@127.0.0.1:1/x")
+    assert "s3cret" not in _chain(caught.value)
+    assert "s3cret" not in caplog.text
+
+
+def test_wrong_credentials_or_missing_directory_is_database_unavailable(engine_name, database_url, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    if engine_name == "postgresql":
+        real_password = make_url(database_url).password
+        wrong = make_url(database_url).set(password="s3cret").render_as_string(hide_password=False)
+        expected = make_url(wrong).render_as_string(hide_password=True)
+    else:
+        real_password = None
+        wrong = f"sqlite:///{tmp_path}/no-such-directory/auditctl.db"
+        expected = f"{tmp_path}/no-such-directory/auditctl.db"
+    with pytest.raises(DatabaseUnavailable) as caught:
+        find_stuck(create_engine(wrong), T)
+    with pytest.raises(DatabaseUnavailable):
+        StuckAuditPrevention(wrong, worker_id="w")
+    assert expected in str(caught.value)
+    for secret in filter(None, ["s3cret", real_password]):
+        assert secret not in _chain(caught.value)
+        assert secret not in caplog.text
+
+
+@pytest.mark.parametrize("url", ["mysql://user:s3cret@db.example.com/audits", "oracle://user:s3cret@db/x",
+                                 "not a database url", "s3cret"])
+def test_unsupported_or_unreadable_url_is_a_config_error(url):
+    with pytest.raises(ConfigError) as caught:
+        create_engine(url)
+    with pytest.raises(ConfigError):
+        StuckAuditPrevention(url, worker_id="w")
+    if "://" in url:
+        assert "unsupported database" in str(caught.value) and "sqlite:///" in str(caught.value)
+        assert "s3cret" not in str(caught.value)
+    else:
+        assert "invalid database URL" in str(caught.value)
+
+
+# --- bad settings ---------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    ({"heartbeat_interval": -1}, "heartbeat_interval: must be greater than zero"),
+    ({"heartbeat_interval": timedelta(seconds=-5)}, "heartbeat_interval: must be greater than zero"),
+    ({"stale_after": 0}, "stale_after: must be greater than zero"),
+    ({"stale_after": "-5m"}, "stale_after: must be greater than zero"),
+    ({"max_age": "abc"}, "max_age: cannot read 'abc' as a duration"),
+    ({"stall_after": float("nan")}, "stall_after: nan is not a finite duration"),
+    ({"stale_after": True}, "stale_after: expected a duration"),
+    ({"max_age": [30]}, "max_age: expected a duration"),
+    ({"max_age": 10**9}, "max_age: 1000000000 is longer than a year"),
+    ({"stale_after": 700, "max_age": 600}, "stale_after (11m40s) is longer than max_age (10m)"),
+    ({"stall_after": 2000, "max_age": 1800}, "stall_after (33m20s) is longer than max_age (30m)"),
+    ({"heartbeat_interval": 600, "stale_after": 600}, "heartbeat_interval (10m) must be shorter than stale_after (10m)"),
+    ({"heartbeat_interval": 900}, "heartbeat_interval (15m) must be shorter than stale_after (10m)"),
+    ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1"),
+]
+
+
+@pytest.mark.parametrize("settings, message", BAD_SETTINGS, ids=[m.split(":")[0].split(" (")[0] + f"-{i}"
+                                                                 for i, (_, m) in enumerate(BAD_SETTINGS)])
+def test_invalid_durations_and_thresholds_are_a_clear_config_error_before_touching_the_database(engine, database_url,
+                                                                                                 settings, message):
+    with pytest.raises(ConfigError) as caught:
+        StuckAuditPrevention(database_url, worker_id="w", **settings)
+    assert message in str(caught.value)
+    assert worker_rows(engine) == []  # nothing registered, nothing written
+
+
+@pytest.mark.parametrize("text_value, seconds", [("45s", 45), ("10m", 600), ("1h30m", 5400), ("1.5", 1.5), (" 2d ", 172800),
+                                                  ("250ms", 0.25)])
+def test_duration_text_forms_are_understood(text_value, seconds):
+    assert parse_duration(text_value) == seconds
+
+
+@pytest.mark.parametrize("text_value", ["", "10x", "m10", "1h-5m", "ten minutes", "-0.5"])
+def test_unreadable_duration_text_is_a_config_error(text_value):
+    with pytest.raises(ConfigError, match="duration|greater than zero"):
+        Thresholds.parse(stale_after=text_value)
+
+
+def test_invalid_audit_arguments_are_config_errors_and_write_nothing(engine):
+    with pytest.raises(ConfigError, match="target"):
+        leases.create_audit(engine, "   ")
+    guard = StuckAuditPrevention(engine.url.render_as_string(hide_password=False), worker_id="w")
+    try:
+        with pytest.raises(ConfigError, match="max_age: must be greater than zero"):
+            guard.create_audit("https://example.com", max_age=-1)
+        with pytest.raises(ConfigError, match="max_age"):
+            guard.create_audit("https://example.com", max_age="soon")
+    finally:
+        guard.close()
+    assert all_rows(engine) == []
+
+
+# --- a database without the schema ------------------------------------------------------------------
+
+
+def test_missing_schema_says_run_auditctl_init(blank_database_url, engine_name):
+    engine = create_engine(blank_database_url)
+    try:
+        calls = [
+            lambda: find_stuck(engine, T),
+            lambda: audit_views.list_audits(engine),
+            lambda: audit_views.get_audit(engine, 1),
+            lambda: recover_stuck(engine, T, actor=OPERATOR),
+            lambda: reset_failed(engine, actor=OPERATOR),
+            lambda: history.recent_events(engine),
+            lambda: leases.create_audit(engine, "https://example.com"),
+            lambda: StuckAuditPrevention(blank_database_url, worker_id="w", create_schema=False),
+        ]
+        for call in calls:
+            with pytest.raises(SchemaMissing) as caught:
+                call()
+            assert "auditctl init" in str(caught.value)
+            password = make_url(blank_database_url).password
+            if password:
+                assert password not in str(caught.value)
+
+        guard = StuckAuditPrevention(blank_database_url, worker_id="w")  # the default creates the schema
+        guard.close()
+        assert audit_views.list_audits(engine) == []
+        with pytest.raises(AuditNotFound):
+            audit_views.get_audit(engine, 1)
+    finally:
+        engine.dispose()

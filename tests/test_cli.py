@@ -1,0 +1,1015 @@
+"""Every ``auditctl`` command driven through click's CliRunner, on SQLite and PostgreSQL.
+
+Each test is a scenario an operator lives through: the demo fleet then a scan, a
+recovery from cron, the "Reset All Audits" button off a terminal, a typo in a flag or
+in the config file, a database that is down. Every run on a database whose URL holds a
+password also checks that the password was printed nowhere (see ``on``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from auditctl import __version__, leases
+from auditctl.cli import cli
+from auditctl.db import read_connection
+from auditctl.schema import audit_events, audits
+
+STUCK_IN_DEMO = {
+    "https://blog.example.net": ["stale_heartbeat"],
+    "https://payments.example.com": ["max_age_exceeded"],
+    "https://status.example.io": ["progress_stalled"],
+}
+SCAN_KEYS = {"id", "target", "status", "reasons", "worker_id", "step", "percentage", "last_heartbeat", "started_at",
+             "age_seconds"}
+UNREACHABLE = "postgresql://bob:s3cret@127.0.0.1:1/x"
+ESC = "\x1b["
+WIDE = {"COLUMNS": "200"}  # rich draws a table to a pipe 80 columns wide; wide enough that no target folds
+
+
+def invoke(*args, env=None, input=None, color=False, secrets=()):
+    """Run ``auditctl ARGS`` in-process; any exception other than a clean exit fails the test."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], env=env, input=input, color=color,
+                                catch_exceptions=False, prog_name="auditctl")
+    for secret in secrets:
+        assert secret not in result.stdout and secret not in result.stderr, f"password printed by auditctl {args[0]}"
+    return result
+
+
+def on(url, command, *args, **kwargs):
+    """``auditctl COMMAND --database-url URL ARGS``, checking that the URL's password never shows."""
+    password = make_url(url).password
+    return invoke(command, "--database-url", url, *args, secrets=[password] if password else [], **kwargs)
+
+
+def as_json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def statuses(engine) -> dict[int, str]:
+    with read_connection(engine) as connection:
+        return dict(connection.execute(select(audits.c.id, audits.c.status)).all())
+
+
+def everything(engine):
+    """Every audit row and every history row: to prove a command changed nothing at all."""
+    with read_connection(engine) as connection:
+        rows = [tuple(r) for r in connection.execute(select(audits).order_by(audits.c.id))]
+        events = [tuple(r) for r in connection.execute(select(audit_events).order_by(audit_events.c.id))]
+    return rows, events
+
+
+def events_of(engine, audit_id) -> list[tuple]:
+    with read_connection(engine) as connection:
+        query = (select(audit_events.c.event, audit_events.c.from_status, audit_events.c.to_status, audit_events.c.actor)
+                 .where(audit_events.c.audit_id == audit_id).order_by(audit_events.c.id))
+        return [tuple(r) for r in connection.execute(query)]
+
+
+def count_audits(engine, **where) -> int:
+    with read_connection(engine) as connection:
+        query = select(func.count()).select_from(audits)
+        for column, value in where.items():
+            query = query.where(audits.c[column] == value)
+        return connection.execute(query).scalar_one()
+
+
+def stuck_ids(url) -> dict[str, int]:
+    return {r["target"]: r["id"] for r in as_json(on(url, "scan", "--format", "json"))}
+
+
+ENGINES = ["sqlite", "postgresql"]
+
+
+def new_postgres_database(request, template: str) -> str:
+    """A PostgreSQL database cloned from ``template`` on the session's server, dropped after its fixture."""
+    server = request.getfixturevalue("postgres_server")
+    name = f"cli_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name, template=template)
+    request.addfinalizer(lambda: server.drop_database(name))
+    return url
+
+
+def seed_demo(url) -> str:
+    result = on(url, "demo")
+    assert result.exit_code == 0, result.output
+    return url
+
+
+@pytest.fixture(scope="session")
+def demo_templates():
+    """Per engine, a database ``auditctl demo`` filled once per session (SQLite file or PostgreSQL template)."""
+    return {}
+
+
+@pytest.fixture
+def demo(request, engine_name, tmp_path, demo_templates):
+    """A fresh database after ``auditctl demo``: 18 audits, 3 of them stuck, one of each kind.
+
+    Seeded once per engine by the real command, then cloned for each test (a PostgreSQL
+    template, a SQLite file copy): the fleet's ages have minutes of margin either side.
+    Returns the URL; pair it with ``demo_engine``.
+    """
+    if engine_name == "postgresql":
+        if engine_name not in demo_templates:
+            server = request.getfixturevalue("postgres_server")
+            seed_demo(server.create_database("auditctl_cli_demo", template=request.getfixturevalue("postgres_template")))
+            demo_templates[engine_name] = "auditctl_cli_demo"
+        return new_postgres_database(request, demo_templates[engine_name])
+    if engine_name not in demo_templates:
+        seeded = request.getfixturevalue("tmp_path_factory").mktemp("demo") / "auditctl.db"
+        seed_demo(f"sqlite:///{seeded}")
+        demo_templates[engine_name] = seeded
+    seeded = demo_templates[engine_name]
+    for suffix in ("", "-wal"):
+        if Path(f"{seeded}{suffix}").exists():
+            shutil.copyfile(f"{seeded}{suffix}", tmp_path / f"demo.db{suffix}")
+    return f"sqlite:///{tmp_path / 'demo.db'}"
+
+
+@pytest.fixture
+def demo_engine(demo):
+    from auditctl.db import create_engine
+
+    engine = create_engine(demo)
+    yield engine
+    engine.dispose()
+
+
+def backdate_in(engine, audit_id, **seconds_ago):
+    """Move an audit's times into the past on the database's clock (as conftest's ``backdate``)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from auditctl.db import fetch_now, write_transaction
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        values = {column: now - timedelta(seconds=ago) for column, ago in seconds_ago.items()}
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(**values))
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def fleet(request, tmp_path_factory):
+    """One ``auditctl demo`` database per engine, shared by this module's read-only tests.
+
+    Only commands that must not write may run on it; its teardown proves that none did.
+    ``ids`` maps each stuck target to its audit id.
+    """
+    if request.param == "postgresql":
+        url = new_postgres_database(request, request.getfixturevalue("postgres_template"))
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('fleet') / 'auditctl.db'}"
+    result = on(url, "demo")
+    assert result.exit_code == 0, result.output
+    from auditctl.db import create_engine
+
+    engine = create_engine(url)
+    before = everything(engine)
+    yield SimpleNamespace(url=url, engine=engine, ids=stuck_ids(url))
+    try:
+        assert everything(engine) == before, "a read-only test changed the shared demo fleet"
+    finally:
+        engine.dispose()
+
+
+def make_stuck(engine, start_audit, backdate, target, worker_id="worker-1"):
+    """A running audit whose worker went silent 700 s ago (stale_heartbeat under the defaults)."""
+    audit_id, _ = start_audit(target=target, worker_id=worker_id)
+    backdate(audit_id, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    return audit_id
+
+
+def failed_ids(engine) -> set[int]:
+    return {i for i, s in statuses(engine).items() if s == "failed"}
+
+
+# --- the group ------------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"auditctl, version {__version__}"
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("init", "demo", "scan", "recover", "reset-all", "watch", "list", "show", "workers", "config",
+                    "completion"):
+        assert f"  {command} " in result.stdout, command
+
+
+def test_unknown_command_is_a_usage_error():
+    result = invoke("frobnicate")
+    assert result.exit_code == 2
+    assert "No such command 'frobnicate'" in result.stderr
+
+
+# --- init -----------------------------------------------------------------------------
+
+
+def test_init_on_blank_database_creates_schema_then_second_run_has_nothing_to_do(blank_database_url):
+    first = on(blank_database_url, "init")
+    assert first.exit_code == 0, first.output
+    assert "Schema created" in first.stdout
+    scan = on(blank_database_url, "scan")
+    assert scan.exit_code == 0, scan.output
+    assert "No stuck audits" in scan.stderr
+    second = on(blank_database_url, "init")
+    assert second.exit_code == 0, second.output
+    assert "nothing to do" in second.stdout
+    assert "created" not in second.stdout
+
+
+def test_init_quiet_on_current_schema_prints_nothing(database_url):
+    result = on(database_url, "init", "-q")
+    assert result.exit_code == 0
+    assert result.stdout == "" and result.stderr == ""
+
+
+# --- demo -----------------------------------------------------------------------------
+
+
+def test_demo_then_scan_shows_exactly_the_three_stuck_kinds(fleet):
+    result = on(fleet.url, "scan", "--format", "json")
+    assert {r["target"]: r["reasons"] for r in as_json(result)} == STUCK_IN_DEMO
+    assert "3 stuck audits (1 stale_heartbeat, 1 max_age_exceeded, 1 progress_stalled)" in result.stderr
+
+
+def test_demo_on_blank_database_creates_the_schema_first(blank_database_url):
+    result = on(blank_database_url, "demo")
+    assert result.exit_code == 0, result.output
+    assert "3 stuck (stale_heartbeat, max_age_exceeded, progress_stalled)" in result.stdout
+    assert "Next: auditctl scan" in result.stdout
+    assert {r["target"] for r in as_json(on(blank_database_url, "scan", "--format", "json"))} == set(STUCK_IN_DEMO)
+
+
+def test_demo_twice_refuses_without_force_and_adds_nothing(demo, demo_engine):
+    before = everything(demo_engine)
+    again = on(demo, "demo")
+    assert again.exit_code == 1
+    assert "already holds 18 audits" in again.stderr and "--force" in again.stderr
+    assert "Traceback" not in again.output
+    assert everything(demo_engine) == before
+
+
+def test_demo_force_adds_a_second_fleet_and_leaves_the_audits_already_there_alone(demo, demo_engine):
+    first_stuck = set(stuck_ids(demo).values())
+    forced = on(demo, "demo", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert count_audits(demo_engine) == 36
+    now = statuses(demo_engine)
+    assert all(now[i] == "running" for i in first_stuck), "demo --force must not recover audits it did not create"
+    assert len(as_json(on(demo, "scan", "--format", "json"))) == 6
+
+
+# --- scan -----------------------------------------------------------------------------
+
+
+def test_scan_json_is_one_array_of_objects_with_the_documented_keys(fleet):
+    records = as_json(on(fleet.url, "scan", "--format", "json"))
+    assert isinstance(records, list) and len(records) == 3
+    for record in records:
+        assert SCAN_KEYS <= set(record), SCAN_KEYS - set(record)
+        assert record["status"] == "running"
+        assert isinstance(record["id"], int)
+        assert isinstance(record["age_seconds"], float) and record["age_seconds"] > 0
+        assert record["last_heartbeat"].endswith("Z") and record["started_at"].endswith("Z")
+        assert record["worker_id"].startswith("worker-")
+        assert 0 <= record["percentage"] <= 100
+    blog = next(r for r in records if r["target"] == "https://blog.example.net")
+    assert (blog["worker_id"], blog["step"], blog["percentage"]) == ("worker-5", "Crawling", 30.0)
+    assert 21 * 60 < blog["age_seconds"] < 30 * 60
+
+
+@pytest.mark.parametrize("fmt", ["table", "plain", "markdown"])
+def test_scan_human_formats_show_each_stuck_audit_with_its_reason(fleet, fmt):
+    result = on(fleet.url, "scan", "--format", fmt, env=WIDE)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for target, reasons in STUCK_IN_DEMO.items():
+        line = next((line for line in lines if target in line), None)
+        assert line is not None, f"{target} missing from:\n{result.stdout}"
+        assert reasons[0] in line and str(fleet.ids[target]) in line
+    assert "REASONS" in result.stdout
+    assert "https://shop.example.com" not in result.stdout, "a healthy audit is not stuck"
+    if fmt == "markdown":
+        assert lines[0].startswith("| ID") and set(lines[1]) <= set("|-: ")
+    if fmt == "table":
+        assert "Stuck audits" in result.stdout and "┃" in result.stdout
+
+
+def test_scan_csv_has_a_header_and_one_row_per_stuck_audit(fleet):
+    result = on(fleet.url, "scan", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {r["target"]: r["reasons"] for r in rows} == {t: ",".join(r) for t, r in STUCK_IN_DEMO.items()}
+    assert {"id", "target", "reasons", "worker_id", "step", "percentage"} <= set(rows[0])
+
+
+def test_scan_piped_without_format_prints_plain_text(fleet):
+    result = on(fleet.url, "scan")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[0].split()[:3] == ["ID", "TARGET", "REASONS"]
+    assert "┃" not in result.stdout and "|" not in result.stdout
+    assert len(result.stdout.splitlines()) == 4
+
+
+def test_scan_summary_line_goes_to_stderr_so_stdout_stays_data(fleet):
+    result = on(fleet.url, "scan", "--format", "json")
+    json.loads(result.stdout)
+    assert "stuck audit" not in result.stdout
+    assert result.stderr.strip().startswith("3 stuck audits")
+    quiet = on(fleet.url, "scan", "--format", "json", "-q")
+    assert quiet.stderr == "" and len(json.loads(quiet.stdout)) == 3
+
+
+def test_scan_on_empty_database_says_none_and_json_is_an_empty_array(database_url):
+    result = on(database_url, "scan", "--format", "json")
+    assert as_json(result) == []
+    assert "No stuck audits" in result.stderr
+    assert on(database_url, "scan", "--format", "csv").stdout.splitlines() == [
+        "id,target,reasons,worker_id,step,percentage,silence_seconds,age_seconds"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--worker", "worker-5"], {"https://blog.example.net"}),
+    (["--worker", "worker-9"], set()),
+    (["--reason", "progress_stalled"], {"https://status.example.io"}),
+    (["--reason", "max_age_exceeded"], {"https://payments.example.com"}),
+    (["--older-than", "45m"], {"https://payments.example.com"}),
+    (["--older-than", "21m"], {"https://payments.example.com", "https://blog.example.net"}),
+    (["--worker", "worker-2", "--reason", "stale_heartbeat"], set()),
+])
+def test_scan_filters_narrow_the_stuck_audits(fleet, args, expected):
+    assert {r["target"] for r in as_json(on(fleet.url, "scan", "--format", "json", *args))} == expected
+
+
+def test_scan_thresholds_from_flags_change_the_verdict(fleet):
+    patient = as_json(on(fleet.url, "scan", "--stale-after", "20m", "--stall-after", "20m", "--max-age", "1h",
+                         "--format", "json"))
+    assert patient == [], "17m of silence, 16m without progress and 47m of age are all within these thresholds"
+    strict = {r["target"] for r in as_json(on(fleet.url, "scan", "--stale-after", "25s", "--format", "json"))}
+    assert {"https://api.example.com/v2", "https://docs.example.org/deep-scan"} <= strict, "heard 45s and 30s ago"
+    assert "https://intranet.example.org/login" not in strict, "heard 5s ago"
+
+
+def test_scan_exit_code_is_3_when_something_is_stuck_and_0_when_not(fleet):
+    stuck = on(fleet.url, "scan", "--exit-code", "--format", "json")
+    assert stuck.exit_code == 3
+    assert len(json.loads(stuck.stdout)) == 3, "stdout is still the full listing"
+    assert on(fleet.url, "scan").exit_code == 0, "without --exit-code, finding stuck audits is a success"
+    assert on(fleet.url, "scan", "--exit-code", "--worker", "nobody").exit_code == 0
+
+
+def test_scan_exit_code_is_0_once_everything_is_recovered(demo):
+    assert on(demo, "scan", "--exit-code", "-q").exit_code == 3
+    assert on(demo, "recover", "-q").exit_code == 0
+    assert on(demo, "scan", "--exit-code", "-q").exit_code == 0
+
+
+def test_scan_invalid_reason_is_a_usage_error():
+    result = invoke("scan", "--reason", "slow")
+    assert result.exit_code == 2
+    assert "'--reason'" in result.stderr
+
+
+# --- recover --------------------------------------------------------------------------
+
+
+def test_recover_dry_run_changes_nothing_and_json_lists_what_would_change(fleet):
+    before = everything(fleet.engine)
+    result = on(fleet.url, "recover", "--dry-run", "--format", "json")
+    records = as_json(result)
+    assert everything(fleet.engine) == before
+    assert {r["target"]: r["reasons"] for r in records} == STUCK_IN_DEMO
+    assert {r["id"] for r in records} == set(fleet.ids.values())
+    for record in records:
+        assert record["status"] == "failed" and record["previous_status"] == "running" and record["dry_run"] is True
+    assert "Would recover 3 audits -> failed (dry run: nothing changed)" in result.stderr
+    requeue = as_json(on(fleet.url, "recover", "--dry-run", "--requeue", "--format", "json"))
+    assert {r["status"] for r in requeue} == {"pending"}
+    assert everything(fleet.engine) == before
+
+
+@pytest.mark.parametrize("fmt", ["table", "plain", "markdown", "csv"])
+def test_recover_dry_run_shows_what_would_change_in_every_format(fleet, fmt):
+    result = on(fleet.url, "recover", "--dry-run", "--format", fmt, env=WIDE)
+    assert result.exit_code == 0, result.output
+    for target, reasons in STUCK_IN_DEMO.items():
+        line = next(line for line in result.stdout.splitlines() if target in line)
+        assert reasons[0] in line and "failed" in line
+
+
+def test_recover_fails_the_stuck_audits_and_records_each_in_the_history(demo, demo_engine):
+    ids = stuck_ids(demo)
+    result = on(demo, "recover", "--format", "json")
+    records = as_json(result)
+    assert {r["id"]: r["status"] for r in records} == {i: "failed" for i in ids.values()}
+    assert {r["target"]: r["reasons"] for r in records} == STUCK_IN_DEMO
+    assert all(r["dry_run"] is False and r["recovered_at"].endswith("Z") for r in records)
+    assert "Recovered 3 audits -> failed" in result.stderr
+    now = statuses(demo_engine)
+    assert all(now[i] == "failed" for i in ids.values())
+    for audit_id in ids.values():
+        assert events_of(demo_engine, audit_id) == [("recovered", "running", "failed", "auditctl recover")]
+    assert as_json(on(demo, "scan", "--format", "json")) == []
+
+
+def test_recover_plain_output_names_each_audit_and_its_new_status(demo):
+    result = on(demo, "recover")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "TARGET", "REASONS"]
+    assert len(lines) == 4 and all("failed" in line for line in lines[1:])
+
+
+def test_recover_requeue_returns_stuck_audits_to_pending(demo, demo_engine):
+    ids = stuck_ids(demo)
+    result = on(demo, "recover", "--requeue", "--format", "json")
+    assert {r["id"]: r["status"] for r in as_json(result)} == {i: "pending" for i in ids.values()}
+    assert "-> pending (requeued)" in result.stderr
+    now = statuses(demo_engine)
+    assert [now[i] for i in ids.values()] == ["pending"] * 3
+    assert events_of(demo_engine, ids["https://blog.example.net"]) == [("requeued", "running", "pending", "auditctl recover")]
+
+
+def test_recover_requeue_fails_an_audit_that_used_up_its_attempts(demo, demo_engine):
+    ids = stuck_ids(demo)
+    records = as_json(on(demo, "recover", "--requeue", "--max-attempts", "1", "--format", "json"))
+    assert {r["id"]: r["status"] for r in records} == {i: "failed" for i in ids.values()}, "each was claimed once already"
+
+
+def test_recover_quiet_prints_nothing_when_there_is_nothing_to_recover(database_url):
+    result = on(database_url, "recover", "-q")
+    assert result.exit_code == 0
+    assert result.stdout == "" and result.stderr == ""
+
+
+def test_recover_quiet_still_reports_what_it_recovered(demo):
+    result = on(demo, "recover", "-q")
+    assert result.exit_code == 0, result.output
+    for target in STUCK_IN_DEMO:
+        assert target in result.stdout
+    assert "Recovered 3 audits" in result.stderr
+    again = on(demo, "recover", "-q")
+    assert again.exit_code == 0 and again.stdout == "" and again.stderr == "", "a second cron run has nothing to say"
+
+
+def test_recover_with_nothing_to_do_prints_an_empty_json_array(database_url):
+    result = on(database_url, "recover", "--format", "json")
+    assert as_json(result) == []
+    assert "Nothing to recover" in result.stderr
+
+
+def test_recover_filters_leave_other_stuck_audits_alone(demo, demo_engine):
+    ids = stuck_ids(demo)
+    records = as_json(on(demo, "recover", "--reason", "stale_heartbeat", "--format", "json"))
+    assert [r["id"] for r in records] == [ids["https://blog.example.net"]]
+    now = statuses(demo_engine)
+    assert now[ids["https://payments.example.com"]] == "running"
+    assert now[ids["https://status.example.io"]] == "running"
+    by_worker = as_json(on(demo, "recover", "--worker", "worker-2", "--format", "json"))
+    assert [r["id"] for r in by_worker] == [ids["https://payments.example.com"]]
+    assert statuses(demo_engine)[ids["https://status.example.io"]] == "running"
+
+
+# --- reset-all ------------------------------------------------------------------------
+
+
+def test_reset_all_yes_resets_failed_audits_and_writes_history_rows(demo, demo_engine):
+    failed = failed_ids(demo_engine)
+    assert len(failed) == 2
+    result = on(demo, "reset-all", "--yes", "--format", "json")
+    records = as_json(result)
+    assert {r["id"] for r in records} == failed
+    assert all(r["status"] == "pending" and r["previous_status"] == "failed" and r["dry_run"] is False for r in records)
+    assert "Reset 2 audits to pending" in result.stderr
+    now = statuses(demo_engine)
+    assert [now[i] for i in sorted(failed)] == ["pending", "pending"]
+    for audit_id in failed:
+        assert events_of(demo_engine, audit_id)[-1] == ("reset", "failed", "pending", "auditctl reset-all")
+    again = on(demo, "reset-all", "--yes")
+    assert again.exit_code == 0 and "Nothing to reset" in again.stderr
+
+
+def test_reset_all_refuses_without_terminal_and_changes_nothing(fleet):
+    before = everything(fleet.engine)
+    result = on(fleet.url, "reset-all")
+    assert result.exit_code == 4
+    assert "refusing to reset 2 audits" in result.stderr and "--yes" in result.stderr
+    assert "Nothing was changed" in result.stderr
+    assert result.stdout == ""
+    assert everything(fleet.engine) == before
+
+
+def test_reset_all_refuses_a_piped_yes_because_stdin_is_not_a_terminal(fleet):
+    before = everything(fleet.engine)
+    result = on(fleet.url, "reset-all", "--include-stuck", input="y\n")
+    assert result.exit_code == 4
+    assert "refusing to reset 5 audits" in result.stderr
+    assert everything(fleet.engine) == before, "neither the failed nor the stuck audits may change"
+
+
+def test_reset_all_dry_run_lists_what_would_be_reset_and_changes_nothing(fleet):
+    before = everything(fleet.engine)
+    records = as_json(on(fleet.url, "reset-all", "--dry-run", "--format", "json"))
+    assert {r["id"] for r in records} == failed_ids(fleet.engine)
+    assert {r["target"] for r in records} == {"https://cdn.example.com", "https://auth.example.com"}
+    assert all(r["dry_run"] is True and r["status"] == "pending" for r in records)
+    plain = on(fleet.url, "reset-all", "--dry-run", "--include-stuck")
+    assert plain.exit_code == 0
+    assert "Would reset 5 audits to pending (dry run: nothing changed)" in plain.stderr
+    for target in STUCK_IN_DEMO:
+        assert target in plain.stdout
+    assert everything(fleet.engine) == before
+
+
+def test_reset_all_since_takes_only_audits_that_failed_recently(demo, demo_engine):
+    old, recent = sorted(failed_ids(demo_engine))
+    backdate_in(demo_engine, old, finished_at=3 * 3600)
+    records = as_json(on(demo, "reset-all", "--since", "1h", "--yes", "--format", "json"))
+    assert [r["id"] for r in records] == [recent]
+    assert statuses(demo_engine)[old] == "failed"
+
+
+def test_reset_all_reason_takes_only_audits_recovered_for_that_reason(demo, demo_engine):
+    ids = stuck_ids(demo)
+    assert on(demo, "recover", "-q").exit_code == 0
+    records = as_json(on(demo, "reset-all", "--reason", "progress_stalled", "--yes", "--format", "json"))
+    assert [r["id"] for r in records] == [ids["https://status.example.io"]]
+    assert records[0]["reasons"] == ["progress_stalled"]
+    now = statuses(demo_engine)
+    assert now[ids["https://blog.example.net"]] == "failed" and now[ids["https://payments.example.com"]] == "failed"
+
+
+def test_reset_all_include_stuck_recovers_running_stuck_audits_then_resets_them(demo, demo_engine):
+    ids = stuck_ids(demo)
+    failed = failed_ids(demo_engine)
+    records = as_json(on(demo, "reset-all", "--include-stuck", "--yes", "--format", "json"))
+    assert {r["id"] for r in records} == failed | set(ids.values())
+    now = statuses(demo_engine)
+    assert all(now[i] == "pending" for i in failed | set(ids.values()))
+    assert [e[0] for e in events_of(demo_engine, ids["https://blog.example.net"])] == ["recovered", "reset"]
+    assert as_json(on(demo, "scan", "--format", "json")) == []
+
+
+def test_reset_all_include_stuck_with_reason_leaves_stuck_audits_of_other_reasons_alone(demo, demo_engine):
+    ids = stuck_ids(demo)
+    records = as_json(on(demo, "reset-all", "--include-stuck", "--reason", "progress_stalled", "--yes", "--format", "json"))
+    assert [r["id"] for r in records] == [ids["https://status.example.io"]]
+    now = statuses(demo_engine)
+    assert now[ids["https://blog.example.net"]] == "running"
+    assert now[ids["https://payments.example.com"]] == "running"
+    assert events_of(demo_engine, ids["https://blog.example.net"]) == []
+
+
+def test_reset_all_with_nothing_failed_says_so_and_exits_0(database_url):
+    result = on(database_url, "reset-all")
+    assert result.exit_code == 0
+    assert "Nothing to reset" in result.stderr
+    assert as_json(on(database_url, "reset-all", "--format", "json")) == []
+
+
+# --- list -----------------------------------------------------------------------------
+
+
+def test_list_shows_every_audit_newest_first(fleet):
+    records = as_json(on(fleet.url, "list", "--format", "json"))
+    assert [r["id"] for r in records] == sorted(statuses(fleet.engine), reverse=True)
+    assert {"id", "target", "status", "worker_id", "attempts", "created_at", "last_heartbeat"} <= set(records[0])
+
+
+def test_list_status_filter_returns_exactly_the_audits_in_that_state(fleet):
+    for status, expected in (("pending", 3), ("running", 7), ("completed", 6), ("failed", 2)):
+        records = as_json(on(fleet.url, "list", "--status", status, "--format", "json"))
+        assert len(records) == expected == count_audits(fleet.engine, status=status), status
+        assert {r["status"] for r in records} == {status}
+
+
+def test_list_worker_filter_and_limit(fleet):
+    mine = as_json(on(fleet.url, "list", "--worker", "worker-1", "--format", "json"))
+    assert mine and {r["worker_id"] for r in mine} == {"worker-1"}
+    assert len(mine) == count_audits(fleet.engine, worker_id="worker-1")
+    newest = sorted(statuses(fleet.engine), reverse=True)
+    assert [r["id"] for r in as_json(on(fleet.url, "list", "--limit", "2", "--format", "json"))] == newest[:2]
+    assert len(as_json(on(fleet.url, "list", "--limit", "0", "--format", "json"))) == len(newest)
+    plain = on(fleet.url, "list", "--limit", "2")
+    assert plain.exit_code == 0 and len(plain.stdout.splitlines()) == 3
+    assert "2 audits (--limit reached)" in plain.stderr
+
+
+@pytest.mark.parametrize("fmt", ["table", "plain", "markdown", "csv"])
+def test_list_every_format_shows_the_targets_and_states(fleet, fmt):
+    result = on(fleet.url, "list", "--format", fmt, env=WIDE)
+    assert result.exit_code == 0, result.output
+    for target, status in (("https://shop.example.com/checkout", "running"), ("https://cdn.example.com", "failed"),
+                           ("https://mail.example.com", "pending")):
+        line = next(line for line in result.stdout.splitlines() if target in line)
+        assert status in line
+
+
+def test_list_on_empty_database_says_no_audits_match(database_url):
+    result = on(database_url, "list")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "No audits match" in result.stderr
+    assert as_json(on(database_url, "list", "--format", "json")) == []
+
+
+def test_list_invalid_status_or_negative_limit_is_a_usage_error():
+    assert invoke("list", "--status", "stuck").exit_code == 2
+    assert invoke("list", "--limit", "-1").exit_code == 2
+
+
+# --- show -----------------------------------------------------------------------------
+
+
+def test_show_json_is_one_object_with_progress_recovery_info_and_history(demo):
+    audit_id = stuck_ids(demo)["https://blog.example.net"]
+    assert on(demo, "recover", "-q").exit_code == 0
+    record = as_json(on(demo, "show", audit_id, "--format", "json"))
+    assert isinstance(record, dict)
+    assert record["id"] == audit_id and record["status"] == "failed"
+    assert record["progress"]["progress"]["step"] == "Crawling"
+    assert record["progress"]["progress"]["is_running"] is False
+    assert record["recovery_info"]["reasons"] == ["stale_heartbeat"]
+    assert record["recovery_info"]["original_status"]["status"] == "running"
+    assert [e["event"] for e in record["history"]] == ["recovered"]
+    assert record["history"][0]["actor"] == "auditctl recover"
+
+
+def test_show_running_audit_has_no_recovery_info_and_empty_history(fleet):
+    record = as_json(on(fleet.url, "show", fleet.ids["https://status.example.io"], "--format", "json"))
+    assert record["status"] == "running" and record["recovery_info"] is None and record["history"] == []
+    assert record["has_lease"] is True and record["progress"]["progress"]["step"] == "Waiting for rate limit"
+
+
+@pytest.mark.parametrize("fmt", ["table", "plain", "markdown", "csv"])
+def test_show_every_format_shows_target_progress_and_recovery(fleet, fmt):
+    (failed,) = [r["id"] for r in as_json(on(fleet.url, "list", "--status", "failed", "--format", "json"))
+                 if r["target"] == "https://cdn.example.com"]
+    result = on(fleet.url, "show", failed, "--format", fmt, env=WIDE)
+    assert result.exit_code == 0, result.output
+    for expected in ("https://cdn.example.com", "Crawling", "stale_heartbeat", "max_age_exceeded"):
+        assert expected in result.stdout, expected
+    if fmt != "csv":
+        assert "auditctl demo" in result.stdout and "recovered" in result.stdout, "the history is shown"
+
+
+def test_show_unknown_id_is_one_line_error_and_exit_1(database_url):
+    result = on(database_url, "show", "999999")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["Error: no audit with id 999999"]
+
+
+@pytest.mark.parametrize("bad_id", ["0", "abc", "-3"])
+def test_show_id_that_cannot_be_an_audit_is_a_usage_error(bad_id):
+    assert invoke("show", bad_id).exit_code == 2
+
+
+# --- workers --------------------------------------------------------------------------
+
+
+def test_workers_shows_a_registered_guard_alive(database_url, guards):
+    guard = guards(worker_id="scanner-7")
+    (record,) = as_json(on(database_url, "workers", "--format", "json"))
+    assert record["worker_id"] == "scanner-7" and record["instance_id"] == guard.instance_id
+    assert record["alive"] is True and record["stopped_at"] is None and record["running_audits"] == 0
+    plain = on(database_url, "workers")
+    assert plain.exit_code == 0
+    assert "scanner-7" in plain.stdout and plain.stdout.splitlines()[1].split()[6] == "yes"
+
+
+def test_workers_counts_the_audits_a_guard_holds_and_hides_stopped_instances(database_url, guards):
+    guard = guards(worker_id="scanner-8")
+    audit_id = guard.create_audit("https://example.com/held")
+    with guard.run(audit_id):
+        (record,) = as_json(on(database_url, "workers", "--format", "json"))
+        assert record["running_audits"] == 1
+    guard.close()
+    assert as_json(on(database_url, "workers", "--format", "json")) == []
+    (stopped,) = as_json(on(database_url, "workers", "--all", "--format", "json"))
+    assert stopped["alive"] is False and stopped["stopped_at"] is not None
+
+
+def test_workers_of_the_demo_fleet_tell_the_living_from_the_gone(fleet):
+    alive = {r["worker_id"]: r["alive"] for r in as_json(on(fleet.url, "workers", "--format", "json"))}
+    assert alive == {"worker-1": True, "worker-2": True, "worker-3": True, "worker-4": False, "worker-5": False}
+
+
+def test_workers_with_none_registered_says_so(database_url):
+    result = on(database_url, "workers")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "No workers have registered" in result.stderr
+
+
+# --- config ---------------------------------------------------------------------------
+
+
+def config_of(result) -> dict[str, tuple]:
+    return {r["setting"]: (r["value"], r["source"]) for r in as_json(result)}
+
+
+def test_config_with_nothing_set_shows_every_default():
+    settings = config_of(invoke("config", "--format", "json"))
+    assert settings == {
+        "database_url": ("sqlite:///auditctl.db", "default"),
+        "stale_after": (600.0, "default"),
+        "max_age": (1800.0, "default"),
+        "stall_after": (600.0, "default"),
+        "interval": (300.0, "default"),
+        "max_attempts": (3, "default"),
+    }
+
+
+def test_config_precedence_is_flag_over_env_over_file_over_default(tmp_path):
+    path = tmp_path / "auditctl.toml"
+    path.write_text('stale_after = "7m"\nmax_age = "40m"\n')
+    file_only = config_of(invoke("--config", path, "config", "--format", "json"))
+    assert file_only["stale_after"] == (420.0, f"file {path}")
+    assert file_only["max_age"] == (2400.0, f"file {path}")
+    assert file_only["stall_after"] == (600.0, "default")
+    env = {"AUDITCTL_STALE_AFTER": "8m"}
+    with_env = config_of(invoke("--config", path, "config", "--format", "json", env=env))
+    assert with_env["stale_after"] == (480.0, "env AUDITCTL_STALE_AFTER")
+    assert with_env["max_age"] == (2400.0, f"file {path}")
+    with_flag = config_of(invoke("--config", path, "config", "--stale-after", "9m", "--format", "json", env=env))
+    assert with_flag["stale_after"] == (540.0, "flag")
+    assert with_flag["max_age"] == (2400.0, f"file {path}")
+
+
+def test_config_precedence_decides_what_scan_finds(fleet, tmp_path):
+    """The blog audit has been silent 17m: stuck under 10m, not under 20m (stall_after raised to match)."""
+    path = tmp_path / "patient.toml"
+    path.write_text(f'database_url = "{fleet.url}"\nstale_after = "20m"\nstall_after = "20m"\n')
+
+    def blog_is_stuck(*flags, env=None):
+        found = as_json(invoke("--config", path, "scan", "--format", "json", *flags, env=env))
+        return "https://blog.example.net" in {r["target"] for r in found}
+
+    assert not blog_is_stuck(), "file over default"
+    assert blog_is_stuck(env={"AUDITCTL_STALE_AFTER": "10m"}), "env over file"
+    assert not blog_is_stuck("--stale-after", "20m", env={"AUDITCTL_STALE_AFTER": "10m"}), "flag over env"
+
+
+def test_config_file_is_found_through_auditctl_config_and_xdg_config_home(tmp_path, monkeypatch):
+    named = tmp_path / "named.toml"
+    named.write_text("max_attempts = 5\n")
+    by_env = invoke("config", "--format", "json", env={"AUDITCTL_CONFIG": str(named)})
+    assert config_of(by_env)["max_attempts"] == (5, f"file {named}")
+    xdg = tmp_path / "xdg"
+    (xdg / "auditctl").mkdir(parents=True)
+    (xdg / "auditctl" / "config.toml").write_text('[auditctl]\ninterval = "1m"\n')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    result = invoke("config", "--format", "json")
+    assert config_of(result)["interval"] == (60.0, f"file {xdg / 'auditctl' / 'config.toml'}")
+    assert f"Config file: {xdg / 'auditctl' / 'config.toml'}" in result.stderr
+
+
+def test_config_masks_the_password_from_flag_env_and_file(tmp_path):
+    url = "postgresql://bob:s3cret@db.internal:5432/audits"
+    by_flag = invoke("config", "--database-url", url, secrets=["s3cret"])
+    assert "postgresql://bob:***@db.internal:5432/audits" in by_flag.stdout
+    by_env = invoke("config", "--format", "json", env={"AUDITCTL_DATABASE_URL": url}, secrets=["s3cret"])
+    assert config_of(by_env)["database_url"] == ("postgresql://bob:***@db.internal:5432/audits", "env AUDITCTL_DATABASE_URL")
+    path = tmp_path / "secret.toml"
+    path.write_text(f'database_url = "{url}"\n')
+    by_file = invoke("--config", path, "config", "--format", "csv", secrets=["s3cret"])
+    assert f"postgresql://bob:***@db.internal:5432/audits,file {path}" in by_file.stdout
+
+
+def test_config_masks_a_password_given_as_a_query_parameter():
+    result = invoke("config", "--database-url", "postgresql://bob@db.internal/audits?sslmode=require&password=s3cret",
+                    secrets=["s3cret"])
+    assert result.exit_code == 0
+    assert "password=***" in result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["table", "plain", "markdown", "csv"])
+def test_config_every_format_names_each_setting_and_its_source(fmt):
+    result = invoke("config", "--format", fmt, env={"AUDITCTL_MAX_AGE": "1h", **WIDE})
+    assert result.exit_code == 0, result.output
+    for name in ("database_url", "stale_after", "stall_after", "interval", "max_attempts"):
+        line = next(line for line in result.stdout.splitlines() if name in line)
+        assert "default" in line
+    assert "env AUDITCTL_MAX_AGE" in next(line for line in result.stdout.splitlines() if "max_age" in line)
+
+
+# --- completion -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shell, marker", [("bash", "complete -o nosort -F _auditctl_completion auditctl"),
+                                           ("zsh", "compdef _auditctl_completion auditctl"),
+                                           ("fish", "complete --no-files --command auditctl")])
+def test_completion_prints_the_script_for_each_shell(shell, marker):
+    result = invoke("completion", shell)
+    assert result.exit_code == 0
+    assert marker in result.stdout and "_AUDITCTL_COMPLETE" in result.stdout
+
+
+def test_completion_for_an_unknown_shell_is_a_usage_error():
+    result = invoke("completion", "tcsh")
+    assert result.exit_code == 2
+    assert "'tcsh' is not one of" in result.stderr
+
+
+# --- usage errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["scan", "--bogus"], "No such option '--bogus'"),
+    (["recover", "--format", "yaml"], "'yaml' is not one of"),
+    (["reset-all", "--yes", "--since"], "Option '--since' requires an argument"),
+    (["list", "--limit", "many"], "'many' is not a valid integer"),
+    (["watch", "--interval"], "Option '--interval' requires an argument"),
+    (["show"], "Missing argument 'ID'"),
+])
+def test_bad_flag_is_a_usage_error_with_clicks_message(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("value", ["abc", "-5m", "999999d", "0", ""])
+@pytest.mark.parametrize("command, option", [("scan", "--stale-after"), ("scan", "--older-than"), ("recover", "--max-age"),
+                                             ("reset-all", "--since"), ("watch", "--interval"), ("workers", "--stale-after")])
+def test_bad_duration_is_a_usage_error_naming_the_option(command, option, value):
+    result = invoke(command, option, value)
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bad_duration_from_the_environment_names_the_option_and_the_variable():
+    result = invoke("scan", env={"AUDITCTL_STALE_AFTER": "soon"})
+    assert result.exit_code == 2
+    assert "'--stale-after'" in result.stderr and "AUDITCTL_STALE_AFTER" in result.stderr
+
+
+def test_stale_after_longer_than_max_age_is_a_usage_error():
+    result = invoke("scan", "--stale-after", "2h", "--max-age", "1h")
+    assert result.exit_code == 2
+    assert "stale_after (2h) is longer than max_age (1h)" in result.stderr
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('stale_after = \n', "is not valid TOML"),
+    ('stale_aftr = "10m"\n', "unknown setting 'stale_aftr'"),
+    ('stale_after = "soon"\n', "stale_after: cannot read 'soon' as a duration"),
+    ('max_age = "-5m"\n', "max_age: must be greater than zero"),
+    ('max_attempts = 0\n', "max_attempts must be a whole number"),
+    ('database_url = 5\n', "database_url must be a non-empty string"),
+])
+def test_bad_config_file_is_a_usage_error_naming_the_file(tmp_path, content, expected):
+    path = tmp_path / "broken.toml"
+    path.write_text(content)
+    for args, env in ((["--config", path, "scan"], None), (["scan"], {"AUDITCTL_CONFIG": str(path)})):
+        result = invoke(*args, env=env)
+        assert result.exit_code == 2
+        assert f"config file {path}" in result.stderr and expected in result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_missing_config_file_named_explicitly_is_a_usage_error(tmp_path):
+    result = invoke("--config", tmp_path / "nope.toml", "scan")
+    assert result.exit_code == 2
+    assert "nope.toml does not exist" in result.stderr
+
+
+def test_config_file_contradicting_the_defaults_is_a_usage_error(tmp_path):
+    path = tmp_path / "contradiction.toml"
+    path.write_text('stall_after = "2h"\n')
+    result = invoke("--config", path, "scan")
+    assert result.exit_code == 2
+    assert "stall_after (2h) is longer than max_age (30m)" in result.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql://bob:s3cret@127.0.0.1/x", "postgresql://bob:s3cret@[::1"])
+def test_unusable_database_url_is_a_usage_error_without_the_password(url):
+    result = invoke("scan", "--database-url", url, secrets=["s3cret"])
+    assert result.exit_code == 2
+    assert "bob:***@" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# --- runtime errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["scan"], ["recover"], ["reset-all", "--yes"], ["list"], ["show", "1"], ["workers"]])
+def test_missing_schema_is_one_line_telling_to_run_init(blank_database_url, command):
+    result = on(blank_database_url, *command)
+    assert result.exit_code == 1
+    assert "run `auditctl init`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["scan"], ["recover", "--dry-run"], ["reset-all", "--yes"], ["list"], ["show", "1"],
+                                     ["workers"], ["init"], ["demo"], ["watch", "--once"]])
+def test_unreachable_database_is_one_error_line_naming_the_host_without_the_password(command):
+    result = invoke(*command, env={"AUDITCTL_DATABASE_URL": UNREACHABLE}, secrets=["s3cret"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: database unavailable at postgresql+psycopg://bob:***@127.0.0.1:1/x: ")
+    if command[0] != "watch":  # watch also says it stopped
+        assert len(lines) == 1 and result.stdout == ""
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_database_with_verbose_shows_a_traceback_but_still_no_password():
+    result = invoke("scan", "-v", "--database-url", UNREACHABLE, secrets=["s3cret"])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: database unavailable at")
+
+
+def test_unreachable_database_with_password_in_query_string_does_not_print_it():
+    result = invoke("scan", "--database-url", "postgresql://bob@127.0.0.1:1/x?password=s3cret", secrets=["s3cret"])
+    assert result.exit_code == 1
+    assert "127.0.0.1" in result.stderr and "password=***" in result.stderr
+
+
+def test_errors_are_red_on_a_colour_terminal_and_plain_under_no_color():
+    coloured = invoke("show", "1", "--database-url", UNREACHABLE, color=True)
+    assert coloured.exit_code == 1
+    assert f"{ESC}31m" in coloured.stderr, "the control: with colour on, the error is red"
+    plain = invoke("show", "1", "--database-url", UNREACHABLE, color=True, env={"NO_COLOR": "1"})
+    assert plain.exit_code == 1
+    assert ESC not in plain.output
+    assert plain.stderr.startswith("Error: database unavailable")
+
+
+# --- hostile input --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("worker", ["x' OR 1=1 --", "worker-1'; DROP TABLE audits; --", "%", "worker-_"])
+def test_sql_in_the_worker_filter_finds_nothing_and_breaks_nothing(fleet, worker):
+    before = everything(fleet.engine)
+    assert as_json(on(fleet.url, "scan", "--worker", worker, "--format", "json")) == []
+    assert as_json(on(fleet.url, "list", "--worker", worker, "--format", "json")) == []
+    assert as_json(on(fleet.url, "recover", "--worker", worker, "--format", "json")) == []
+    assert everything(fleet.engine) == before
+    assert len(as_json(on(fleet.url, "scan", "--format", "json"))) == 3
+
+
+def test_unicode_target_and_worker_show_up_intact_in_every_format(database_url, engine, start_audit, backdate):
+    target = "https://例え.テスト/パス?q=ü&emoji=🔥 [bold]not markup[/bold]"
+    audit_id = make_stuck(engine, start_audit, backdate, target, worker_id="wörker-ñ")
+    (record,) = as_json(on(database_url, "scan", "--format", "json"))
+    assert (record["id"], record["target"], record["worker_id"]) == (audit_id, target, "wörker-ñ")
+    assert as_json(on(database_url, "scan", "--worker", "wörker-ñ", "--format", "json"))[0]["id"] == audit_id
+    rows = list(csv.DictReader(io.StringIO(on(database_url, "scan", "--format", "csv").stdout)))
+    assert rows[0]["target"] == target
+    shown = on(database_url, "show", audit_id, "--format", "table", env=WIDE)
+    assert shown.exit_code == 0
+    assert target in shown.stdout, "rich must not read brackets in a target as markup"
+    for fmt in ("plain", "markdown", "table"):
+        result = on(database_url, "list", "--format", fmt, env=WIDE)
+        assert result.exit_code == 0 and "https://例え.テスト/パス" in result.stdout, fmt
+
+
+def test_ten_megabyte_target_shows_up_in_scan_and_list_without_crashing(database_url, engine, start_audit, backdate):
+    target = "https://huge.example.com/" + "a" * (10 * 1024 * 1024)
+    audit_id = make_stuck(engine, start_audit, backdate, target)
+    (record,) = as_json(on(database_url, "scan", "--format", "json"))
+    assert record["id"] == audit_id and record["target"] == target
+    (listed,) = as_json(on(database_url, "list", "--format", "json"))
+    assert listed["target"] == target
+    for command in ("scan", "list"):
+        for fmt in ("plain", "table"):
+            result = on(database_url, command, "--format", fmt, env=WIDE)
+            assert result.exit_code == 0, result.output[:500]
+            assert "https://huge.example.com/aaaa" in result.stdout
+            assert len(result.stdout) < 10_000, "human formats cut a long target short"
+
+
+def test_target_with_newlines_quotes_and_commas_survives_csv(database_url, engine, start_audit, backdate):
+    target = 'https://x.example.com/a,b\n"quoted"\r\nnext'
+    make_stuck(engine, start_audit, backdate, target)
+    result = on(database_url, "scan", "--format", "csv")
+    # Result.stdout turns \r\n into \n; the raw bytes are what a pipe receives.
+    rows = list(csv.DictReader(io.StringIO(result.stdout_bytes.decode(), newline="")))
+    assert [r["target"] for r in rows] == [target]
+
+
+def test_audit_created_by_the_library_is_listed_by_the_cli(database_url, engine):
+    audit_id = leases.create_audit(engine, "https://pending.example.com")
+    (record,) = as_json(on(database_url, "list", "--format", "json"))
+    assert (record["id"], record["status"], record["worker_id"]) == (audit_id, "pending", None)

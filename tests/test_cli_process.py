@@ -1,0 +1,294 @@
+"""The installed ``auditctl`` as a real process: what an operator's shell, cron or a terminal sees.
+
+CliRunner (test_cli.py) fakes the streams; these tests do not: real stdin that is or is
+not a terminal, real pipes, real exit codes, real start-up imports.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func
+from sqlalchemy import select as sql_select
+
+from auditctl import __version__
+from auditctl.cli import cli
+from auditctl.db import create_engine, read_connection
+from auditctl.schema import audit_events, audits
+
+AUDITCTL = Path(sys.executable).parent / "auditctl"
+STUCK_IN_DEMO = {
+    "https://blog.example.net": "stale_heartbeat",
+    "https://payments.example.com": "max_age_exceeded",
+    "https://status.example.io": "progress_stalled",
+}
+UNREACHABLE = "postgresql://bob:s3cret@127.0.0.1:1/x"
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def clean_env(tmp_path: Path, **extra) -> dict:
+    """The caller's environment without any auditctl setting or colour override, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AUDITCTL_") and k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "TERM")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "xdg"), TERM="xterm-256color", **extra)
+    return env
+
+
+def auditctl(*args, cwd: Path, env: dict, input: str | None = None, stdin=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(AUDITCTL), *map(str, args)], cwd=cwd, env=env, input=input, stdin=stdin,
+                          check=False, capture_output=True, text=True, timeout=60)
+
+
+def on_terminal(args, *, cwd: Path, env: dict, answer: bytes | None = None, timeout: float = 30) -> tuple[int, str]:
+    """Run auditctl with stdin, stdout and stderr on a 200x50 pseudo-terminal; type ``answer`` at the [y/N] prompt."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns: no target folds
+    process = subprocess.Popen([str(AUDITCTL), *map(str, args)], stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
+                               env=env, close_fds=True)
+    os.close(slave)
+    output, answered, deadline = b"", False, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process is gone and the terminal drained
+                break
+            if not chunk:
+                break
+            output += chunk
+            if answer is not None and not answered and b"[y/N]" in output:
+                os.write(master, answer)
+                answered = True
+        else:
+            process.kill()
+            pytest.fail(f"auditctl {' '.join(map(str, args))} did not finish on the terminal:\n{output.decode(errors='replace')}")
+        return process.wait(timeout=10), output.decode(errors="replace")
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+
+
+def colour_codes(text: str) -> list[str]:
+    """The SGR sequences in ``text`` that set a foreground or background colour."""
+    found = []
+    for params in SGR.findall(text):
+        codes = [int(p) for p in params.split(";") if p]
+        if any(30 <= c <= 49 or 90 <= c <= 107 for c in codes):
+            found.append(params)
+    return found
+
+
+def count(url: str, table=audits, **where) -> int:
+    engine = create_engine(url)
+    try:
+        with read_connection(engine) as connection:
+            query = sql_select(func.count()).select_from(table)
+            for column, value in where.items():
+                query = query.where(table.c[column] == value)
+            return connection.execute(query).scalar_one()
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """A working directory whose embedded default database (./auditctl.db) holds the demo fleet.
+
+    Read-only tests share it; what they run must not write."""
+    path = tmp_path_factory.mktemp("demo")
+    env = clean_env(path)
+    result = auditctl("demo", cwd=path, env=env)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+# --- the README quick start -----------------------------------------------------------
+
+
+def test_readme_quick_start_demo_then_scan_shows_the_three_stuck_audits(tmp_path):
+    env = clean_env(tmp_path, PATH=f"{AUDITCTL.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run("auditctl demo && auditctl scan", shell=True, cwd=tmp_path, env=env, check=False, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "auditctl.db").is_file(), "the embedded SQLite default lives in the working directory"
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Demo fleet written to sqlite:///auditctl.db")
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["ID", "TARGET", "REASONS"])
+    rows = lines[header + 1:]
+    assert len(rows) == 3
+    for target, reason in STUCK_IN_DEMO.items():
+        assert any(target in row and reason in row for row in rows), f"{target} ({reason}) missing:\n{result.stdout}"
+    assert "3 stuck audits (1 stale_heartbeat, 1 max_age_exceeded, 1 progress_stalled) in sqlite:///auditctl.db" in result.stderr
+
+
+def test_scan_json_from_a_real_pipe_parses_as_one_array(demo_dir):
+    result = auditctl("scan", "--format", "json", cwd=demo_dir, env=clean_env(demo_dir))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert {r["target"]: r["reasons"] for r in records} == {t: [r] for t, r in STUCK_IN_DEMO.items()}
+
+
+def test_scan_exit_code_from_a_real_process_is_3_for_monitoring(demo_dir):
+    result = auditctl("scan", "--exit-code", "-q", cwd=demo_dir, env=clean_env(demo_dir))
+    assert result.returncode == 3
+    assert result.stderr == ""
+
+
+# --- reset-all: refuses off a terminal, asks on one -------------------------------------
+
+
+@pytest.mark.parametrize("stdin, typed", [(subprocess.DEVNULL, None), (None, "y\n")], ids=["no-stdin", "piped-yes"])
+def test_reset_all_refuses_when_stdin_is_not_a_terminal_and_changes_nothing(demo_dir, stdin, typed):
+    url = f"sqlite:///{demo_dir / 'auditctl.db'}"
+    failed, history = count(url, status="failed"), count(url, audit_events)
+    result = auditctl("reset-all", cwd=demo_dir, env=clean_env(demo_dir), stdin=stdin, input=typed)
+    assert result.returncode == 4
+    assert "refusing to reset 2 audits" in result.stderr and "Pass --yes" in result.stderr
+    assert (count(url, status="failed"), count(url, audit_events)) == (failed, history)
+
+
+def test_reset_all_on_a_terminal_asks_and_declining_changes_nothing(demo_dir):
+    url = f"sqlite:///{demo_dir / 'auditctl.db'}"
+    failed, history = count(url, status="failed"), count(url, audit_events)
+    code, screen = on_terminal(["reset-all"], cwd=demo_dir, env=clean_env(demo_dir), answer=b"n\n")
+    assert "https://cdn.example.com" in screen and "https://auth.example.com" in screen, "it shows which audits first"
+    assert "Reset 2 audits to pending? [y/N]" in screen
+    assert "Aborted: nothing changed." in screen
+    assert code == 4
+    assert (count(url, status="failed"), count(url, audit_events)) == (failed, history)
+
+
+def test_reset_all_on_a_terminal_asks_and_yes_resets(tmp_path):
+    env = clean_env(tmp_path)
+    assert auditctl("demo", cwd=tmp_path, env=env).returncode == 0
+    url = f"sqlite:///{tmp_path / 'auditctl.db'}"
+    code, screen = on_terminal(["reset-all"], cwd=tmp_path, env=env, answer=b"y\n")
+    assert code == 0, screen
+    assert "Reset 2 audits to pending." in screen
+    assert count(url, status="failed") == 0
+    assert count(url, audit_events, event="reset") == 2
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
+def test_unreachable_database_exits_1_naming_the_host_without_the_password(tmp_path, verbose):
+    args = ["scan", "--database-url", UNREACHABLE] + (["-v"] if verbose else [])
+    result = auditctl(*args, cwd=tmp_path, env=clean_env(tmp_path))
+    assert result.returncode == 1
+    assert "s3cret" not in result.stdout + result.stderr
+    assert "127.0.0.1" in result.stderr and result.stdout == ""
+    if verbose:
+        assert "Traceback" in result.stderr
+    else:
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_flag_from_a_real_process_exits_2(tmp_path):
+    result = auditctl("scan", "--stale-after", "abc", cwd=tmp_path, env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert "Invalid value for '--stale-after'" in result.stderr
+
+
+# --- colour ---------------------------------------------------------------------------
+
+
+def test_on_a_terminal_listings_are_coloured_tables_unless_no_color_is_set(demo_dir):
+    env = clean_env(demo_dir)
+    code, coloured = on_terminal(["list"], cwd=demo_dir, env=env)
+    assert code == 0
+    assert "┃ ID" in SGR.sub("", coloured), "without --format, a terminal gets a table"
+    assert colour_codes(coloured), "the control: on a terminal, statuses are coloured"
+    code, plain = on_terminal(["list"], cwd=demo_dir, env={**env, "NO_COLOR": "1"})
+    assert code == 0
+    assert "┃ ID" in SGR.sub("", plain) and "https://shop.example.com/checkout" in plain
+    assert colour_codes(plain) == []
+
+
+def test_error_on_a_terminal_is_red_unless_no_color_is_set(tmp_path):
+    env = clean_env(tmp_path)
+    code, red = on_terminal(["show", "1", "--database-url", UNREACHABLE], cwd=tmp_path, env=env)
+    assert code == 1 and colour_codes(red)
+    code, plain = on_terminal(["show", "1", "--database-url", UNREACHABLE], cwd=tmp_path, env={**env, "NO_COLOR": "1"})
+    assert code == 1 and "\x1b[" not in plain
+    assert "s3cret" not in red + plain
+
+
+# --- start-up -------------------------------------------------------------------------
+
+
+IMPORTS = """
+import sys
+from auditctl.cli import main
+sys.argv = ["auditctl", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sqlalchemy", "rich", "alembic", "psycopg", "tabulate"})
+print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def heavy_imports(tmp_path, *args, **env) -> set[str]:
+    result = subprocess.run([sys.executable, "-c", IMPORTS, *args], cwd=tmp_path, env=clean_env(tmp_path, **env),
+                            check=False, capture_output=True, text=True, timeout=60)
+    line = next(line for line in result.stderr.splitlines() if line.startswith("HEAVY="))
+    return set(filter(None, line[len("HEAVY="):].split(",")))
+
+
+@pytest.mark.parametrize("args, env", [
+    (["--help"], {}),
+    (["scan", "--help"], {}),
+    (["--version"], {}),
+    ([], {"_AUDITCTL_COMPLETE": "bash_complete", "COMP_WORDS": "auditctl sc", "COMP_CWORD": "1"}),
+], ids=["help", "scan-help", "version", "tab-completion"])
+def test_help_version_and_completion_do_not_import_sqlalchemy_rich_or_alembic(tmp_path, args, env):
+    assert heavy_imports(tmp_path, *args, **env) == set()
+
+
+def test_the_import_check_sees_sqlalchemy_when_a_command_really_runs(tmp_path):
+    """The control for the test above: a command that touches the database does import it."""
+    assert {"sqlalchemy", "alembic"} <= heavy_imports(tmp_path, "init", "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
+
+
+def test_python_dash_m_auditctl_version(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "auditctl", "--version"], cwd=tmp_path, env=clean_env(tmp_path),
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"auditctl, version {__version__}"
+
+
+# --- cron: overlapping recovers ---------------------------------------------------------
+
+
+def test_overlapping_recover_processes_recover_each_audit_exactly_once(database_url, tmp_path):
+    demo = CliRunner().invoke(cli, ["demo", "--database-url", database_url], catch_exceptions=False)
+    assert demo.exit_code == 0, demo.output
+    env = clean_env(tmp_path, AUDITCTL_DATABASE_URL=database_url)
+    processes = [subprocess.Popen([str(AUDITCTL), "recover", "--format", "json"], cwd=tmp_path, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=60) for p in processes]
+    assert [p.returncode for p in processes] == [0] * 3, [err for _, err in outputs]
+    recovered = [record["target"] for out, _ in outputs for record in json.loads(out)]
+    assert sorted(recovered) == sorted(STUCK_IN_DEMO), "each stuck audit recovered by exactly one of the processes"
+    assert count(database_url, audit_events, actor="auditctl recover") == 3

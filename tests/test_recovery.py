@@ -1,0 +1,518 @@
+"""Recovery, requeue and reset: conditional, exactly once, recorded, and never over a finished audit."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import pytest
+from dbtools import all_rows, events, finish, install_abort_trigger, kill_quietly, make_running, read_line, row, spawn
+from sqlalchemy import update
+
+from auditctl import LeaseLost, leases
+from auditctl import recovery as recovery_module
+from auditctl.db import read_connection, write_transaction
+from auditctl.errors import AuditctlError
+from auditctl.history import Actor
+from auditctl.progress import isoformat_z
+from auditctl.recovery import _apply_recovery, recover_stuck, recover_worker_leftovers, reset_failed
+from auditctl.rules import find_stuck, select_stuck
+from auditctl.schema import COMPLETED, FAILED, PENDING, RUNNING, audits, parse_timestamp
+from auditctl.thresholds import Thresholds
+
+T = Thresholds(stale_after=600, max_age=1800, stall_after=600)
+OPERATOR = Actor.command("recover")
+
+
+def make_stale(backdate, audit_id, seconds=700):
+    backdate(audit_id, started_at=seconds, heartbeat_at=seconds, last_worker_update=seconds, progress_changed_at=seconds)
+
+
+def same_moment(stored, original) -> bool:
+    """original_status keeps times as ISO text; read back, it must be the very same moment."""
+    if stored is None or original is None:
+        return stored is None and original is None
+    return parse_timestamp(original) == stored
+
+
+# --- recover ------------------------------------------------------------------------------
+
+
+def test_recover_marks_stuck_audit_failed_with_reason_time_and_full_prior_row(engine, start_audit, backdate):
+    audit_id, lease = start_audit()
+    leases.write_progress(engine, lease, {"step": "Crawling", "percentage": 40.0, "completed_tasks": 4, "total_tasks": 10},
+                          "sig", None, OPERATOR)
+    make_stale(backdate, audit_id)
+    before = row(engine, audit_id)
+
+    (recovery,) = recover_stuck(engine, T, actor=OPERATOR)
+
+    after = row(engine, audit_id)
+    assert (recovery.id, recovery.status, recovery.reasons) == (audit_id, FAILED, ["stale_heartbeat"])
+    assert after["status"] == FAILED
+    assert after["lease"] is None
+    assert after["finished_at"] is not None
+    assert "stale_heartbeat" in after["error"]
+    assert after["progress"]["progress"]["is_running"] is False
+    assert after["progress"]["progress"]["percentage"] == 40.0
+
+    info = after["recovery_info"]
+    assert info["reason"] == "stale_heartbeat"
+    assert info["recovered_at"] == isoformat_z(recovery.recovered_at) == isoformat_z(after["finished_at"])
+    original = info["original_status"]
+    assert set(original) == {column.name for column in audits.columns}
+    for name, value in before.items():
+        if name in ("created_at", "started_at", "finished_at", "heartbeat_at", "last_worker_update", "progress_changed_at"):
+            assert same_moment(value, original[name]), name
+        else:
+            assert original[name] == value, name
+    assert original["status"] == RUNNING and original["lease"] == lease.token
+
+
+def test_recovery_writes_exactly_one_history_row_with_actor_host_pid_reasons_and_measurements(engine, start_audit, backdate):
+    import os
+    import socket
+
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=4000, heartbeat_at=700, last_worker_update=700, progress_changed_at=4000)
+    recover_stuck(engine, T, actor=OPERATOR)
+    recover_stuck(engine, T, actor=OPERATOR)  # nothing left to do: no second row
+
+    (event,) = events(engine, audit_id)
+    assert event["event"] == "recovered"
+    assert (event["from_status"], event["to_status"]) == (RUNNING, FAILED)
+    assert (event["actor"], event["host"], event["pid"]) == ("auditctl recover", socket.gethostname(), os.getpid())
+    assert event["reasons"] == "stale_heartbeat,max_age_exceeded"
+    measured = event["measurements"]
+    assert 699 < measured["silence_seconds"] < 720
+    assert 3999 < measured["age_seconds"] < 4020
+    assert (measured["stale_after"], measured["max_age"], measured["stall_after"]) == (600, 1800, 600)
+    assert event["details"]["from"]["status"] == RUNNING  # what it changed from (the full row is in recovery_info)
+
+
+def test_recovery_leaves_pending_finished_and_healthy_running_audits_alone(engine, start_audit, backdate):
+    pending = leases.create_audit(engine, "https://example.com/pending")
+    healthy, _ = start_audit()
+    done, done_lease = start_audit()
+    leases.finish(engine, done_lease, None, error=None, actor=OPERATOR)
+    make_stale(backdate, done)
+    stuck, _ = start_audit()
+    make_stale(backdate, stuck)
+    before = {r["id"]: r for r in all_rows(engine)}
+
+    assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR)] == [stuck]
+
+    after = {r["id"]: r for r in all_rows(engine)}
+    for untouched in (pending, healthy, done):
+        assert after[untouched] == before[untouched]
+
+
+def test_recover_only_what_the_filters_select(engine, start_audit, backdate):
+    of_a, _ = start_audit(worker_id="a")
+    of_b, _ = start_audit(worker_id="b")
+    for audit_id in (of_a, of_b):
+        make_stale(backdate, audit_id)
+    assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR, worker="b")] == [of_b]
+    assert row(engine, of_a)["status"] == RUNNING
+    assert recover_stuck(engine, T, actor=OPERATOR, reason="progress_stalled") == []
+    assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR, ids=[of_a])] == [of_a]
+
+
+# --- requeue ----------------------------------------------------------------------------
+
+
+def test_requeue_returns_stuck_audit_to_pending_with_attempts_counted(engine, start_audit, backdate):
+    audit_id, _ = start_audit()
+    make_stale(backdate, audit_id)
+
+    (recovery,) = recover_stuck(engine, T, actor=OPERATOR, requeue=True, max_attempts=3)
+
+    after = row(engine, audit_id)
+    assert recovery.status == PENDING and recovery.attempts == 1
+    assert after["status"] == PENDING
+    assert after["attempts"] == 1
+    assert after["lease"] is None and after["worker_id"] is None and after["started_at"] is None
+    assert after["recovery_info"]["requeued"] is True
+    assert after["recovery_info"]["original_status"]["status"] == RUNNING
+    (event,) = events(engine, audit_id)
+    assert (event["event"], event["from_status"], event["to_status"]) == ("requeued", RUNNING, PENDING)
+
+    leases.claim(engine, audit_id, worker_id="worker-2", instance_id="instance-2", worker_url=None)
+    assert row(engine, audit_id)["attempts"] == 2
+
+
+def test_requeued_audit_fails_for_good_after_max_attempts(engine, backdate):
+    audit_id = leases.create_audit(engine, "https://example.com/flaky")
+    outcomes = []
+    for attempt in (1, 2):
+        leases.claim(engine, audit_id, worker_id="w", instance_id=f"i{attempt}", worker_url=None)
+        make_stale(backdate, audit_id)
+        (recovery,) = recover_stuck(engine, T, actor=OPERATOR, requeue=True, max_attempts=2)
+        outcomes.append((recovery.attempts, recovery.status))
+
+    assert outcomes == [(1, PENDING), (2, FAILED)]
+    final = row(engine, audit_id)
+    assert final["status"] == FAILED and final["attempts"] == 2
+    assert final["recovery_info"]["requeued"] is False
+    assert "gave up after 2 attempts (max_attempts 2)" in final["recovery_info"]["explanation"]
+    assert [e["event"] for e in events(engine, audit_id)] == ["requeued", "recovered"]
+    assert recover_stuck(engine, T, actor=OPERATOR, requeue=True, max_attempts=2) == []
+
+
+def test_old_worker_of_a_requeued_and_reclaimed_audit_gets_lease_lost(engine, start_audit, backdate):
+    audit_id, old_lease = start_audit(instance_id="old")
+    make_stale(backdate, audit_id)
+    recover_stuck(engine, T, actor=OPERATOR, requeue=True)
+    new_lease, _ = leases.claim(engine, audit_id, worker_id="worker-1", instance_id="new", worker_url=None)
+    before = row(engine, audit_id)
+
+    with pytest.raises(LeaseLost):
+        leases.finish(engine, old_lease, None, error=None, actor=OPERATOR)
+    with pytest.raises(LeaseLost):
+        leases.heartbeat(engine, old_lease, None, OPERATOR)
+
+    assert row(engine, audit_id) == before
+    assert leases.finish(engine, new_lease, None, error=None, actor=OPERATOR) == COMPLETED
+
+
+def test_recover_refuses_max_attempts_below_one(engine):
+    from auditctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_attempts"):
+        recover_stuck(engine, T, actor=OPERATOR, requeue=True, max_attempts=0)
+
+
+# --- dry run ------------------------------------------------------------------------------
+
+
+def test_dry_run_changes_nothing_and_says_what_would_change(engine, start_audit, backdate):
+    stuck, _ = start_audit()
+    make_stale(backdate, stuck)
+    start_audit()
+    before = all_rows(engine)
+
+    (would,) = recover_stuck(engine, T, actor=OPERATOR, dry_run=True)
+    (would_requeue,) = recover_stuck(engine, T, actor=OPERATOR, dry_run=True, requeue=True)
+
+    assert (would.id, would.status, would.reasons, would.recovered_at) == (stuck, FAILED, ["stale_heartbeat"], None)
+    assert would_requeue.status == PENDING
+    assert all_rows(engine) == before
+    assert events(engine) == []
+
+
+# --- exactly once -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recoverers", [2, 4])
+def test_recoverer_threads_recover_each_audit_exactly_once(engine, recoverers):
+    ids = make_running(engine, 200)
+    barrier = threading.Barrier(recoverers)
+    results: dict[str, list[int]] = {}
+    errors = []
+
+    def recoverer(name):
+        try:
+            barrier.wait(10)
+            results[name] = [r.id for r in recover_stuck(engine, T, actor=Actor(name=name), batch_size=10)]
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=recoverer, args=(f"thread-{i}",)) for i in range(recoverers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert errors == []
+    recovered = [audit_id for got in results.values() for audit_id in got]
+    assert sorted(recovered) == ids  # every stuck audit once, none twice
+    history = [e for e in events(engine) if e["event"] == "recovered"]
+    assert sorted(e["audit_id"] for e in history) == ids
+    by_actor = {e["audit_id"]: e["actor"] for e in history}
+    for name, got in results.items():
+        assert all(by_actor[audit_id] == name for audit_id in got)
+    assert {r["status"] for r in all_rows(engine)} == {FAILED}
+
+
+RECOVERER = r"""
+import json, sys
+from auditctl.db import create_engine
+from auditctl.history import Actor
+from auditctl.recovery import recover_stuck
+from auditctl.thresholds import Thresholds
+
+engine = create_engine(sys.argv[1])
+with engine.connect():
+    pass
+print("READY", flush=True)
+sys.stdin.readline()
+done = recover_stuck(engine, Thresholds(stale_after=600, max_age=1800, stall_after=600),
+                     actor=Actor(name=sys.argv[2]), batch_size=10)
+print("DONE " + json.dumps([r.id for r in done]), flush=True)
+"""
+
+
+def test_recoverer_processes_recover_each_audit_exactly_once(engine, database_url, tmp_path):
+    ids = make_running(engine, 200)
+    script = tmp_path / "recoverer.py"
+    script.write_text(RECOVERER)
+    import subprocess
+
+    procs = [spawn(script, database_url, f"process-{i}", stdin=subprocess.PIPE) for i in range(4)]
+    try:
+        for proc in procs:
+            read_line(proc, startswith="READY")
+        for proc in procs:  # release them together
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = {}
+        for i, proc in enumerate(procs):
+            code, out, err = finish(proc, timeout=60)
+            assert code == 0, err
+            (done_line,) = [line for line in out.splitlines() if line.startswith("DONE ")]
+            results[f"process-{i}"] = json.loads(done_line[5:])
+    finally:
+        for proc in procs:
+            kill_quietly(proc)
+
+    recovered = [audit_id for got in results.values() for audit_id in got]
+    assert len(recovered) == len(ids) == 200
+    assert sorted(recovered) == ids
+    history = [e for e in events(engine) if e["event"] == "recovered"]
+    assert Counter(e["audit_id"] for e in history) == Counter(ids)
+    by_actor = {e["audit_id"]: e["actor"] for e in history}
+    for name, got in results.items():
+        assert all(by_actor[audit_id] == name for audit_id in got)
+
+
+# --- the race between a worker finishing and a recoverer recovering ------------------------
+
+
+def test_finish_lands_first_then_recovery_skips_and_audit_stays_completed(engine, start_audit, backdate, monkeypatch):
+    audit_id, lease = start_audit()
+    make_stale(backdate, audit_id)
+    judge = recovery_module.stuck_ids
+    finished = {}
+
+    def judged_then_the_worker_finishes(*args, **kwargs):
+        stuck = judge(*args, **kwargs)  # the recoverer has judged it stuck...
+        assert stuck == [audit_id]
+        assert leases.finish(engine, lease, None, error=None, actor=OPERATOR) == COMPLETED  # ...then the finish lands
+        finished.update(row(engine, audit_id))
+        return stuck
+
+    monkeypatch.setattr(recovery_module, "stuck_ids", judged_then_the_worker_finishes)
+    assert recover_stuck(engine, T, actor=OPERATOR) == []  # ...and the recovery skips it
+    monkeypatch.undo()
+
+    assert finished["status"] == COMPLETED and finished["recovery_info"] is None
+    assert row(engine, audit_id) == finished
+    assert events(engine, audit_id) == []
+
+
+def test_recovery_written_from_a_stale_judgement_never_overwrites_a_finished_audit(engine, start_audit, backdate):
+    audit_id, lease = start_audit()
+    make_stale(backdate, audit_id)
+    with read_connection(engine) as connection:
+        judged = select_stuck(connection, T)
+    leases.finish(engine, lease, None, error=None, actor=OPERATOR)
+    finished = row(engine, audit_id)
+    try:  # skipping the row and refusing the whole batch are both safe; overwriting is not
+        with write_transaction(engine) as connection:
+            applied = _apply_recovery(connection, judged, {}, {}, requeue=False, max_attempts=3, actor=OPERATOR)
+    except AuditctlError:
+        applied = []
+    assert applied == []
+    assert row(engine, audit_id) == finished and finished["status"] == COMPLETED
+    assert events(engine, audit_id) == []
+
+
+def test_recovery_lands_first_then_finish_gets_lease_lost_and_audit_stays_failed(engine, guards, backdate):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with pytest.raises(LeaseLost), guard.run(audit_id) as run:
+        run.update_progress(step="Crawling", percentage=60)
+        make_stale(backdate, audit_id)
+        assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR)] == [audit_id]
+        recovered = row(engine, audit_id)
+        # leaving the block tries to record "completed": the lease is gone
+
+    assert row(engine, audit_id) == recovered
+    assert recovered["status"] == FAILED
+    kinds = [(e["event"], e["from_status"], e["to_status"]) for e in events(engine, audit_id)]
+    assert kinds == [("recovered", RUNNING, FAILED), ("lease_lost", FAILED, FAILED)]
+    assert events(engine, audit_id)[1]["details"]["write"] == "finish"
+
+
+def test_late_failure_report_after_recovery_gets_lease_lost_too(engine, start_audit, backdate):
+    audit_id, lease = start_audit()
+    make_stale(backdate, audit_id)
+    recover_stuck(engine, T, actor=OPERATOR)
+    recovered = row(engine, audit_id)
+    with pytest.raises(LeaseLost):
+        leases.finish(engine, lease, None, error="scanner crashed", actor=OPERATOR)
+    assert row(engine, audit_id) == recovered
+
+
+def test_racing_finisher_and_recoverer_never_mark_a_completed_audit_failed(engine):
+    ids = make_running(engine, 80)
+    with read_connection(engine) as connection:
+        tokens = dict(connection.execute(audits.select().with_only_columns(audits.c.id, audits.c.lease)).all())
+    finished_ok, lost, recovered, errors = set(), set(), set(), []
+    barrier = threading.Barrier(2)
+    finisher_done = threading.Event()
+
+    def finisher():
+        try:
+            barrier.wait(10)
+            for audit_id in reversed(ids):  # meets the recoverer, which goes in id order, half-way
+                lease = leases.Lease(audit_id, tokens[audit_id], "worker-1", "instance-1", None)
+                try:
+                    leases.finish(engine, lease, None, error=None, actor=Actor(name="finisher"))
+                    finished_ok.add(audit_id)
+                except LeaseLost:
+                    lost.add(audit_id)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+        finally:
+            finisher_done.set()
+
+    def recoverer():
+        try:
+            barrier.wait(10)
+            while True:
+                got = recover_stuck(engine, T, actor=OPERATOR, batch_size=4)
+                recovered.update(r.id for r in got)
+                if not got and finisher_done.is_set():
+                    return
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=finisher), threading.Thread(target=recoverer)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert errors == []
+    assert finished_ok | recovered == set(ids)
+    assert finished_ok & recovered == set()
+    assert lost == recovered
+    rows = {r["id"]: r for r in all_rows(engine)}
+    history = Counter((e["audit_id"], e["event"]) for e in events(engine))
+    for audit_id in finished_ok:
+        assert rows[audit_id]["status"] == COMPLETED and rows[audit_id]["recovery_info"] is None
+        assert history[(audit_id, "recovered")] == 0
+    for audit_id in recovered:
+        assert rows[audit_id]["status"] == FAILED
+        assert history[(audit_id, "recovered")] == 1 and history[(audit_id, "lease_lost")] == 1
+
+
+# --- reset ----------------------------------------------------------------------------------
+
+
+def failed_audits(engine, backdate, count):
+    """``count`` audits recovered as stale_heartbeat just now (status failed)."""
+    ids = make_running(engine, count)
+    recover_stuck(engine, T, actor=OPERATOR, ids=ids)
+    return ids
+
+
+def test_reset_failed_returns_failed_audits_to_pending_with_one_reset_row_each(engine, start_audit, backdate):
+    ids = failed_audits(engine, backdate, 3)
+    running, _ = start_audit()
+    completed = leases.create_audit(engine, "https://example.com/done")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == completed).values(status=COMPLETED))
+    before = {r["id"]: r for r in all_rows(engine)}
+
+    done = reset_failed(engine, actor=Actor.command("reset-all"))
+
+    assert [r.id for r in done] == ids
+    assert all((r.from_status, r.status, r.reasons) == (FAILED, PENDING, ["stale_heartbeat"]) for r in done)
+    after = {r["id"]: r for r in all_rows(engine)}
+    for audit_id in ids:
+        assert after[audit_id]["status"] == PENDING
+        assert after[audit_id]["error"] is None and after[audit_id]["finished_at"] is None
+        resets = [e for e in events(engine, audit_id) if e["event"] == "reset"]
+        assert len(resets) == 1
+        assert (resets[0]["from_status"], resets[0]["to_status"], resets[0]["actor"]) == (FAILED, PENDING, "auditctl reset-all")
+        assert resets[0]["details"]["original_status"]["status"] == FAILED
+        assert resets[0]["details"]["original_status"]["error"] == before[audit_id]["error"]
+    assert after[running] == before[running] and after[completed] == before[completed]
+    assert reset_failed(engine, actor=Actor.command("reset-all")) == []
+    leases.claim(engine, ids[0], worker_id="w", instance_id="i", worker_url=None)  # claimable again
+
+
+def test_reset_failed_filters_by_since_reason_and_ids(engine, backdate):
+    old, recent, other_reason, picked = failed_audits(engine, backdate, 4)
+    backdate(old, finished_at=7200)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == other_reason).values(recovery_reasons="worker_restarted"))
+    actor = Actor.command("reset-all")
+
+    assert [r.id for r in reset_failed(engine, actor=actor, since=3600, dry_run=True)] == [recent, other_reason, picked]
+    assert [r.id for r in reset_failed(engine, actor=actor, reason="worker_restarted", dry_run=True)] == [other_reason]
+    assert [r.id for r in reset_failed(engine, actor=actor, ids=[picked, old])] == [old, picked]
+    assert [r.id for r in reset_failed(engine, actor=actor, since=3600, reason="stale_heartbeat")] == [recent]
+    assert {r["id"]: r["status"] for r in all_rows(engine)} == {old: PENDING, recent: PENDING, other_reason: FAILED,
+                                                              picked: PENDING}
+    from auditctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown reason"):
+        reset_failed(engine, actor=actor, reason="x' OR '1'='1")
+
+
+def test_reset_failed_dry_run_changes_nothing(engine, backdate):
+    ids = failed_audits(engine, backdate, 2)
+    before, history = all_rows(engine), events(engine)
+    assert [r.id for r in reset_failed(engine, actor=OPERATOR, dry_run=True)] == ids
+    assert all_rows(engine) == before and events(engine) == history
+
+
+def test_reset_failed_is_one_transaction_all_or_nothing(engine, backdate):
+    ids = failed_audits(engine, backdate, 3)
+    before, history = all_rows(engine), events(engine)
+    # The database refuses the history row of the last audit: none of the resets may stay.
+    install_abort_trigger(engine, "refuse_reset_history", table="audit_events", event="INSERT",
+                          when_sqlite=f"NEW.audit_id = {ids[-1]} AND NEW.event = 'reset'",
+                          when_pg=f"NEW.audit_id = {ids[-1]} AND NEW.event = 'reset'")
+    from auditctl.errors import DatabaseUnavailable
+
+    with pytest.raises(DatabaseUnavailable, match="boom"):
+        reset_failed(engine, actor=OPERATOR)
+    assert all_rows(engine) == before and events(engine) == history
+
+
+# --- a worker's leftovers ---------------------------------------------------------------------
+
+
+def test_recover_worker_leftovers_takes_only_what_dead_instances_of_that_worker_left(engine, start_audit):
+    dead, _ = start_audit(worker_id="w", instance_id="dead")
+    live, _ = start_audit(worker_id="w", instance_id="live")
+    other, _ = start_audit(worker_id="other", instance_id="dead")
+    anonymous, _ = start_audit(worker_id="w")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == anonymous).values(worker_instance=None))
+
+    done = recover_worker_leftovers(engine, "w", {"live"}, actor=Actor.worker("w", "live-instance"))
+
+    assert [r.id for r in done] == [dead, anonymous]
+    assert all(r.reasons == ["worker_restarted"] for r in done)
+    for audit_id in (dead, anonymous):
+        after = row(engine, audit_id)
+        assert after["status"] == FAILED and after["recovery_info"]["reason"] == "worker_restarted"
+        (event,) = events(engine, audit_id)
+        assert (event["event"], event["reasons"]) == ("recovered", "worker_restarted")
+        assert event["measurements"]["age_seconds"] < 60  # at once, not after stale_after
+    assert row(engine, live)["status"] == RUNNING and row(engine, other)["status"] == RUNNING
+    assert find_stuck(engine, T) == []  # nothing was stuck by the rules: this was the restart
+
+
+def test_recover_worker_leftovers_can_requeue(engine, start_audit):
+    dead, _ = start_audit(worker_id="w", instance_id="dead")
+    (recovery,) = recover_worker_leftovers(engine, "w", {"live"}, actor=OPERATOR, requeue=True)
+    assert recovery.status == PENDING
+    assert row(engine, dead)["status"] == PENDING
+    assert [e["event"] for e in events(engine, dead)] == ["requeued"]

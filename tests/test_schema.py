@@ -1,0 +1,166 @@
+"""The shipped migrations: idempotent, safe to run from several processes at once, and exactly schema.metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import time
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from dbtools import finish, kill_quietly, read_line, spawn, wait_for
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
+
+from auditctl import leases
+from auditctl.db import create_engine
+from auditctl.migrate import _MIGRATION_LOCK_KEY, current_revision, head_revision, upgrade
+from auditctl.schema import metadata
+
+
+def schema_of(engine) -> dict:
+    """Everything the migrations decide: tables, columns, keys, indexes, and the recorded revision."""
+    inspector = inspect(engine)
+    shape = {}
+    for table in sorted(inspector.get_table_names()):
+        shape[table] = {
+            "columns": [(c["name"], str(c["type"]), c["nullable"], str(c.get("default"))) for c in inspector.get_columns(table)],
+            "primary_key": inspector.get_pk_constraint(table)["constrained_columns"],
+            "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(table)),
+        }
+    with engine.connect() as connection:
+        shape["revision"] = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    return shape
+
+
+def test_upgrade_creates_the_schema_once_and_a_second_call_changes_nothing(blank_database_url):
+    engine = create_engine(blank_database_url)
+    try:
+        assert current_revision(engine) is None
+
+        first = upgrade(engine)
+        assert (first.before, first.after, first.changed) == (None, head_revision(), True)
+        created = schema_of(engine)
+        assert {"audits", "audit_events", "workers", "alembic_version"} <= set(created)
+        audit_id = leases.create_audit(engine, "https://example.com")
+
+        second = upgrade(engine)
+        assert (second.before, second.after, second.changed) == (head_revision(), head_revision(), False)
+        assert schema_of(engine) == created
+        assert created["revision"] == [head_revision()]
+        with engine.connect() as connection:  # data survives a repeated init
+            assert connection.execute(text("SELECT target FROM audits WHERE id = :id"), {"id": audit_id}).scalar() == \
+                "https://example.com"
+    finally:
+        engine.dispose()
+
+
+def test_migrations_produce_exactly_the_schema_in_metadata(blank_database_url):
+    engine = create_engine(blank_database_url)
+    try:
+        upgrade(engine)
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
+            differences = compare_metadata(context, metadata)
+        assert differences == []
+        assert set(inspect(engine).get_table_names()) == set(metadata.tables) | {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+UPGRADER = r"""
+import json, sys
+from auditctl.db import create_engine
+from auditctl.migrate import upgrade
+
+import alembic.command
+from auditctl.migrate import head_revision
+
+head_revision()  # load alembic and the migration scripts now, so the upgrades really overlap
+engine = create_engine(sys.argv[1])
+print("READY", flush=True)
+sys.stdin.readline()
+print("GO", flush=True)
+result = upgrade(engine)
+print("DONE " + json.dumps([result.before, result.after]), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def migration_lock_held(database_url):
+    """Hold the lock upgrade() takes, so every upgrader is made to wait for the same moment.
+
+    Yields a function that returns once ``count`` upgraders are queued on it.
+    """
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        holder = sqlite3.connect(url.database, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            # SQLite shows no queue of waiting writers to poll; by now they are blocked on the lock.
+            yield lambda count: time.sleep(0.5)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    engine = create_engine(database_url)
+    waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    try:
+        with engine.connect() as connection, engine.connect() as observer:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            connection.commit()
+
+            def all_waiting(count):
+                def queued():
+                    found = observer.execute(waiting).scalar()
+                    observer.rollback()
+                    return found >= count
+                wait_for(queued, message="the upgraders to queue on the lock")
+
+            try:
+                yield all_waiting
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                connection.commit()
+    finally:
+        engine.dispose()
+
+
+def test_several_processes_upgrading_a_blank_database_at_once_all_succeed(blank_database_url, tmp_path):
+    script = tmp_path / "upgrader.py"
+    script.write_text(UPGRADER)
+    procs = [spawn(script, blank_database_url, stdin=subprocess.PIPE) for _ in range(4)]
+    try:
+        for proc in procs:
+            read_line(proc, startswith="READY")
+        with migration_lock_held(blank_database_url) as all_waiting:
+            for proc in procs:  # release them together, against a lock none of them has yet
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            for proc in procs:
+                read_line(proc, startswith="GO")
+            all_waiting(len(procs))
+        results = []
+        for proc in procs:
+            code, out, err = finish(proc, timeout=60)
+            assert code == 0, err
+            (done,) = [line for line in out.splitlines() if line.startswith("DONE ")]
+            results.append(tuple(json.loads(done[5:])))
+    finally:
+        for proc in procs:
+            kill_quietly(proc)
+
+    head = head_revision()
+    assert all(after == head for _, after in results)
+    assert sorted(results, key=str) == sorted([(None, head)] + [(head, head)] * 3, key=str)  # exactly one created it
+    engine = create_engine(blank_database_url)
+    try:
+        assert current_revision(engine) == head
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection)
+            assert compare_metadata(context, metadata) == []
+            assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+    finally:
+        engine.dispose()

@@ -1,0 +1,577 @@
+"""The worker-side guard: runs, fencing, heartbeats, the emergency path, identity and shutdown.
+
+Where the scenario is about a process (paused, killed, terminated, a second live process
+with the same worker_id) the worker is a real subprocess running a small script.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from dbtools import (
+    drop_trigger,
+    events,
+    fail_progress_writes,
+    finish,
+    install_abort_trigger,
+    kill_quietly,
+    read_line,
+    row,
+    spawn,
+    wait_for,
+    worker_rows,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from auditctl import LeaseLost, StuckAuditPrevention, registry
+from auditctl.history import Actor
+from auditctl.progress import MAX_DOCUMENT_BYTES
+from auditctl.recovery import recover_audits, recover_stuck
+from auditctl.rules import find_stuck
+from auditctl.schema import COMPLETED, FAILED, RUNNING, audits
+from auditctl.thresholds import Thresholds
+
+OPERATOR = Actor.command("recover")
+PATIENT = {"heartbeat_interval": 60, "stale_after": 600, "max_age": 1800, "stall_after": 600}
+
+
+def recover_now(engine, audit_id):
+    """An operator takes the audit away from its worker, whatever the rules say."""
+    (recovery,) = recover_audits(engine, audits.c.id == audit_id, reason="manual", explanation="taken away by the test",
+                                 actor=OPERATOR)
+    return recovery
+
+
+def distinct_values(read, count, *, timeout=10.0, message="values"):
+    """Poll ``read()`` until it has returned ``count`` different values; return them in order seen."""
+    seen = []
+
+    def enough():
+        value = read()
+        if not seen or seen[-1] != value:
+            seen.append(value)
+        return len(seen) >= count
+
+    wait_for(enough, timeout=timeout, message=message)
+    return seen
+
+
+# --- run ----------------------------------------------------------------------------------
+
+
+def test_run_marks_audit_completed_on_clean_exit(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        assert row(engine, audit_id)["status"] == RUNNING
+        assert guard.active_audits == [audit_id]
+        assert run.update_progress(step="Crawling", completed_tasks=20, total_tasks=20) is True
+
+    done = row(engine, audit_id)
+    assert done["status"] == COMPLETED
+    assert done["error"] is None and done["lease"] is None and done["finished_at"] is not None
+    assert done["progress"]["progress"]["is_running"] is False
+    assert done["progress"]["progress"]["percentage"] == 100.0
+    assert guard.active_audits == []
+    assert events(engine, audit_id) == []
+
+
+def test_run_marks_audit_failed_with_error_text_when_the_block_raises(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with pytest.raises(ValueError, match="scanner crashed"), guard.run(audit_id):
+        raise ValueError("scanner crashed")
+
+    failed = row(engine, audit_id)
+    assert failed["status"] == FAILED
+    assert failed["error"] == "ValueError: scanner crashed"
+    assert failed["recovery_info"] is None
+    assert guard.active_audits == []
+
+
+def test_run_refuses_an_audit_that_is_not_pending(engine, guards):
+    from auditctl.errors import AuditNotClaimable, AuditNotFound
+
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id):
+        pass
+    with pytest.raises(AuditNotClaimable, match="completed"), guard.run(audit_id):
+        pass  # pragma: no cover
+    with pytest.raises(AuditNotFound), guard.run(10**9):
+        pass  # pragma: no cover
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+# --- fencing ------------------------------------------------------------------------------
+
+
+def test_worker_gets_lease_lost_after_recovery_and_its_write_changes_nothing(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with pytest.raises(LeaseLost), guard.run(audit_id) as run:
+        run.update_progress(step="Crawling", percentage=30)
+        recover_now(engine, audit_id)
+        recovered = row(engine, audit_id)
+
+        with pytest.raises(LeaseLost) as lost:
+            run.update_progress(step="Reporting", percentage=90)
+        assert lost.value.audit_id == audit_id
+        assert row(engine, audit_id) == recovered
+        assert run.lost
+
+        (late,) = [e for e in events(engine, audit_id) if e["event"] == "lease_lost"]
+        assert (late["from_status"], late["to_status"]) == (FAILED, FAILED)
+        assert late["actor"].startswith("worker worker-1")
+        assert late["details"]["write"] == "progress"
+
+        with pytest.raises(LeaseLost):  # known lost: refused without touching the database
+            run.heartbeat()
+        assert [e["event"] for e in events(engine, audit_id)] == ["recovered", "lease_lost"]
+        raise lost.value
+
+    assert row(engine, audit_id) == recovered
+
+
+def test_leaving_the_run_block_after_lease_lost_writes_nothing(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with pytest.raises(LeaseLost, match="not written"), guard.run(audit_id) as run:
+        recover_now(engine, audit_id)
+        try:
+            run.update_progress(step="Crawling", percentage=50)
+        except LeaseLost:
+            pass  # a careless worker swallows it and carries on to the end of the block
+        recovered, history = row(engine, audit_id), events(engine, audit_id)
+
+    assert row(engine, audit_id) == recovered
+    assert events(engine, audit_id) == history
+    assert recovered["status"] == FAILED
+
+
+def test_worker_that_raises_after_lease_lost_does_not_record_its_failure(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with pytest.raises(RuntimeError), guard.run(audit_id) as run:
+        recover_now(engine, audit_id)
+        with pytest.raises(LeaseLost):
+            run.update_progress(percentage=10)
+        recovered, history = row(engine, audit_id), events(engine, audit_id)
+        raise RuntimeError("cleanup after the lost lease went wrong")
+    assert row(engine, audit_id) == recovered
+    assert events(engine, audit_id) == history
+
+
+# --- the heartbeat thread -------------------------------------------------------------------
+
+
+def test_heartbeat_thread_keeps_a_running_audit_fresh(engine, guards):
+    guard = guards(heartbeat_interval=0.2)
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        run.update_progress(step="Crawling", percentage=5)
+        guard.start_heartbeat_monitor(handle_sigterm=False)
+        beats = distinct_values(lambda: row(engine, audit_id)["heartbeat_at"], 4, message="heartbeats")
+        assert beats == sorted(beats)
+        current = row(engine, audit_id)
+        assert current["progress"]["progress"]["step"] == "Crawling"  # the beat keeps the document
+        assert current["progress"]["progress"]["heartbeat"] >= current["progress"]["progress"]["last_updated"]
+    guard.stop()
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+def test_heartbeat_thread_stops_beating_for_a_recovered_audit(engine, guards, database_url):
+    guard = guards(heartbeat_interval=0.2)
+    audit_id = guard.create_audit("https://example.com")
+    with pytest.raises(LeaseLost), guard.run(audit_id) as run:
+        guard.start_heartbeat_monitor(handle_sigterm=False)
+        distinct_values(lambda: row(engine, audit_id)["heartbeat_at"], 2, message="a first heartbeat")
+        recover_now(engine, audit_id)
+        wait_for(lambda: run.lost, message="the heartbeat thread to notice the lost lease")
+        frozen = row(engine, audit_id)
+        # The thread keeps looping (the instance keeps beating) but leaves the audit alone.
+        distinct_values(lambda: worker_rows(engine, "worker-1")[0]["last_heartbeat_at"], 3, message="instance beats")
+        assert row(engine, audit_id) == frozen
+        assert [e["event"] for e in events(engine, audit_id)] == ["recovered", "lease_lost"]
+        assert events(engine, audit_id)[1]["details"]["write"] == "heartbeat"
+        assert guard._thread.is_alive()
+        run.update_progress(percentage=99)
+    assert row(engine, audit_id) == frozen
+
+
+# --- the emergency path -----------------------------------------------------------------------
+
+
+def _assert_minimal_write_only(engine, backdate, run, audit_id, caplog, break_database=None, **report):
+    assert run.update_progress(step="Crawling", percentage=10) is True
+    backdate(audit_id, heartbeat_at=30, last_worker_update=30)
+    if break_database is not None:
+        break_database()
+    before = row(engine, audit_id)
+    with caplog.at_level(logging.WARNING, logger="auditctl"):
+        assert run.update_progress(**report) is False
+    after = row(engine, audit_id)
+    assert after["status"] == RUNNING and after["lease"] == before["lease"]
+    assert after["heartbeat_at"] > before["heartbeat_at"]
+    assert after["last_worker_update"] > before["last_worker_update"]
+    unchanged = ("progress", "progress_signature", "progress_changed_at", "recovery_info", "error")
+    assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
+    assert run.emergency_writes == 1
+    assert "🚨 Emergency progress recovery" in caplog.text
+    assert find_stuck(engine, Thresholds(stale_after=20, max_age=1800, stall_after=600)) == []
+
+
+def test_unserialisable_progress_falls_back_to_the_minimal_write(engine, guards, backdate, caplog):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        _assert_minimal_write_only(engine, backdate, run, audit_id, caplog, step="Scanning", percentage=20, handle=object())
+        assert run.update_progress(step="Scanning", percentage=20) is True  # the audit carries on
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+def test_oversized_progress_falls_back_to_the_minimal_write(engine, guards, backdate, caplog):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        _assert_minimal_write_only(engine, backdate, run, audit_id, caplog, step="Scanning",
+                                   findings="x" * (MAX_DOCUMENT_BYTES + 1))
+        assert "64" in caplog.text or str(MAX_DOCUMENT_BYTES) in caplog.text
+        assert run.update_progress(step="Scanning", findings="x" * 1000) is True
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+def test_database_error_on_the_progress_write_falls_back_to_the_minimal_write(engine, guards, backdate, caplog):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        _assert_minimal_write_only(engine, backdate, run, audit_id, caplog, break_database=lambda: fail_progress_writes(engine),
+                                   step="Scanning", percentage=20)
+        assert "boom" in caplog.text  # a real error from the database, not a simulated one
+        drop_trigger(engine, "refuse_progress")
+        assert run.update_progress(step="Scanning", percentage=20) is True
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+def test_database_refusing_every_write_does_not_kill_the_audit(engine, guards, caplog):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        before = row(engine, audit_id)
+        install_abort_trigger(engine, "refuse_all")
+        with caplog.at_level(logging.WARNING, logger="auditctl"):
+            assert run.update_progress(step="Scanning", percentage=20) is False  # no exception reaches the audit
+        assert row(engine, audit_id) == before
+        assert run.emergency_writes == 0
+        assert "failed 4 times" in caplog.text
+        drop_trigger(engine, "refuse_all")
+        assert run.update_progress(step="Scanning", percentage=30) is True
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+def test_finish_is_retried_until_the_database_takes_it(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com")
+    install_abort_trigger(engine, "refuse_finish", when_sqlite="NEW.status = 'completed'",
+                          when_pg="NEW.status = 'completed'")
+    with guard.run(audit_id):
+        back = threading.Timer(0.3, drop_trigger, args=(engine, "refuse_finish"))
+        back.start()
+    back.join()
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+# --- real worker processes ----------------------------------------------------------------------
+
+WORKER = r"""
+import sys, time
+from auditctl import LeaseLost, StuckAuditPrevention
+
+url, worker_id, mode, report = sys.argv[1:5]
+
+
+def note(line):
+    with open(report, "a") as f:
+        f.write(line + "\n")
+
+
+guard = StuckAuditPrevention(url, worker_id=worker_id, heartbeat_interval=0.2, stale_after=1, max_age=60,
+                             stall_after=30, create_schema=False)
+if mode == "monitor":
+    guard.start_heartbeat_monitor()
+audit_id = guard.create_audit("https://example.com/" + worker_id)
+try:
+    with guard.run(audit_id) as run:
+        print("READY", audit_id, guard.instance_id, flush=True)
+        tick = 0
+        while True:
+            tick += 1
+            try:
+                stored = run.update_progress(step="Crawling", completed_tasks=tick, total_tasks=1000000)
+            except LeaseLost:
+                note(f"lease_lost {tick}")
+                raise
+            note(f"wrote {tick} {stored}")
+            time.sleep(0.1)
+except LeaseLost:
+    note("left the run block with LeaseLost")
+    sys.exit(3)
+"""
+
+
+@pytest.fixture
+def worker_process(tmp_path, database_url):
+    """Start the worker script as a real process: returns (proc, audit_id, instance_id, report_path)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    started = []
+
+    def start(worker_id, mode="run"):
+        report = tmp_path / f"{worker_id}.log"
+        proc = spawn(script, database_url, worker_id, mode, report)
+        started.append(proc)
+        _, audit_id, instance_id = read_line(proc, startswith="READY").split()
+        wait_for(lambda: report.exists() and "wrote 2 True" in report.read_text(), message="the worker to write progress")
+        return proc, int(audit_id), instance_id, report
+
+    yield start
+    for proc in started:
+        kill_quietly(proc)
+
+
+def _is_stopped(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _writer_holds_a_lock(engine, audit_id) -> bool:
+    """Whether a (frozen) worker is inside a write transaction that would make recovery wait."""
+    if engine.dialect.name == "sqlite":
+        probe = sqlite3.connect(engine.url.database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            probe.close()
+    with engine.connect() as connection:
+        try:
+            connection.execute(text("SELECT id FROM audits WHERE id = :id FOR UPDATE NOWAIT"), {"id": audit_id})
+            return False
+        except sa_exc.OperationalError:
+            return True
+        finally:
+            connection.rollback()
+
+
+def _freeze_between_writes(proc, engine, audit_id):
+    """SIGSTOP the worker, retrying until it froze outside a transaction (SQLite would block on its lock)."""
+    for _ in range(100):
+        os.kill(proc.pid, signal.SIGSTOP)
+        wait_for(lambda: _is_stopped(proc.pid), timeout=5, message="SIGSTOP to take effect")
+        if not _writer_holds_a_lock(engine, audit_id):
+            return
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.013)  # let it leave the transaction, then try again at another moment
+    raise AssertionError("could not freeze the worker between two writes")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to see that SIGSTOP took effect")
+def test_paused_worker_gets_lease_lost_after_recovery_and_changes_nothing(engine, worker_process):
+    proc, audit_id, instance_id, report = worker_process("paused-worker")
+    _freeze_between_writes(proc, engine, audit_id)
+    try:
+        last_stored = row(engine, audit_id)["progress"]["progress"]["completed_tasks"]
+        short = Thresholds(stale_after=1, max_age=60, stall_after=30)
+        wait_for(lambda: find_stuck(engine, short, ids=[audit_id]), message="the frozen worker to go stale")
+        (recovery,) = recover_stuck(engine, short, actor=OPERATOR, ids=[audit_id])
+        assert recovery.reasons == ["stale_heartbeat"]
+        recovered = row(engine, audit_id)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+    code, _, err = finish(proc, timeout=20)
+    assert code == 3, err
+    assert row(engine, audit_id) == recovered
+    lines = report.read_text().splitlines()
+    assert lines[-2:] == [f"lease_lost {last_stored + 1}", "left the run block with LeaseLost"]  # the very next write
+    assert all(int(line.split()[1]) <= last_stored for line in lines if line.startswith("wrote"))
+    history = events(engine, audit_id)
+    assert [e["event"] for e in history] == ["recovered", "lease_lost"]
+    assert history[1]["details"]["instance_id"] == instance_id and history[1]["pid"] == proc.pid
+
+
+def _wait_until_unlocked(engine, audit_id):
+    # A killed process's transaction is rolled back by the server once it sees the socket close.
+    wait_for(lambda: not _writer_holds_a_lock(engine, audit_id), message="the dead worker's locks to go")
+
+
+def test_worker_killed_with_sigkill_is_recovered_by_the_next_startup_cleanup_at_once(engine, guards, worker_process):
+    proc, audit_id, instance_id, _ = worker_process("restarting-worker")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    _wait_until_unlocked(engine, audit_id)
+    left = row(engine, audit_id)
+    assert left["status"] == RUNNING and left["worker_instance"] == instance_id
+
+    restarted = guards(worker_id="restarting-worker", **PATIENT)  # stale_after 10 minutes: no rule would fire yet
+    assert find_stuck(engine, restarted.thresholds) == []
+    recovered = restarted.cleanup_stuck_audits_on_startup()
+
+    assert [(r.id, r.reasons) for r in recovered] == [(audit_id, ["worker_restarted"])]
+    after = row(engine, audit_id)
+    assert after["status"] == FAILED
+    assert after["recovery_info"]["reason"] == "worker_restarted"
+    assert after["recovery_info"]["original_status"]["worker_instance"] == instance_id
+    (event,) = events(engine, audit_id)
+    assert event["actor"] == f"worker restarting-worker ({restarted.instance_id[:8]})"
+    assert event["measurements"]["silence_seconds"] < 30
+    assert restarted.duplicates == []
+
+
+def test_second_live_process_with_the_same_worker_id_leaves_the_first_alone_and_reports_it(engine, guards, worker_process,
+                                                                                          caplog):
+    proc, audit_id, first_instance, report = worker_process("reused-pod-name")
+    held = row(engine, audit_id)
+
+    with caplog.at_level(logging.ERROR, logger="auditctl"):
+        second = guards(worker_id="reused-pod-name", **PATIENT)
+    assert [d.instance_id for d in second.duplicates] == [first_instance]
+    assert second.duplicates[0].pid == proc.pid
+    assert "also used by a live instance" in caplog.text
+    assert second.cleanup_stuck_audits_on_startup() == []
+
+    still = row(engine, audit_id)
+    assert (still["status"], still["lease"], still["worker_instance"]) == (RUNNING, held["lease"], first_instance)
+    writes = report.read_text().count("wrote")
+    wait_for(lambda: report.read_text().count("wrote") > writes + 1, message="the first worker to keep writing")
+    assert "lease_lost" not in report.read_text()
+    assert proc.poll() is None
+
+
+def test_two_guards_in_one_process_with_one_worker_id(engine, guards):
+    from auditctl import leases
+
+    first = guards(worker_id="shared", **PATIENT)
+    audit_id = first.create_audit("https://example.com")
+    leases.claim(engine, audit_id, worker_id="shared", instance_id=first.instance_id, worker_url=None)
+
+    second = guards(worker_id="shared", **PATIENT)
+    assert [d.instance_id for d in second.duplicates] == [first.instance_id]
+    assert second.cleanup_stuck_audits_on_startup() == []
+    assert row(engine, audit_id)["status"] == RUNNING
+
+    first.stop()  # gone for good: what it held is a leftover now
+    third = guards(worker_id="shared", **PATIENT)
+    assert [d.instance_id for d in third.duplicates] == [second.instance_id]
+    assert [(r.id, r.reasons) for r in third.cleanup_stuck_audits_on_startup()] == [(audit_id, ["worker_restarted"])]
+
+
+def test_sigterm_stops_a_worker_process_cleanly(engine, worker_process):
+    proc, audit_id, instance_id, _ = worker_process("terminated-worker", mode="monitor")
+    distinct_values(lambda: worker_rows(engine, "terminated-worker")[0]["last_heartbeat_at"], 3,
+                    message="the heartbeat thread to beat")
+
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc, timeout=20)
+
+    assert code in (0, 128 + signal.SIGTERM), err
+    assert "Traceback" not in err
+    (instance,) = worker_rows(engine, "terminated-worker")
+    assert instance["instance_id"] == instance_id
+    assert instance["stopped_at"] is not None
+    ended = row(engine, audit_id)
+    assert ended["status"] == FAILED and "SystemExit" in ended["error"]  # not left running for stale_after
+
+
+# --- lifecycle -------------------------------------------------------------------------------------
+
+
+def test_stop_joins_the_heartbeat_thread_and_marks_the_instance_stopped(engine, guards):
+    guard = guards(**PATIENT)  # beats only once a minute: stop must not wait for the next beat
+    previous = signal.getsignal(signal.SIGTERM)
+    guard.start_heartbeat_monitor()
+    thread = guard._thread
+    assert thread.is_alive()
+    assert signal.getsignal(signal.SIGTERM) == guard._on_sigterm
+
+    started = time.monotonic()
+    guard.stop()
+
+    assert time.monotonic() - started < 5
+    assert not thread.is_alive()
+    assert signal.getsignal(signal.SIGTERM) == previous
+    (instance,) = worker_rows(engine, "worker-1")
+    assert instance["stopped_at"] is not None
+    (judged,) = registry.instances(engine, 600, worker_id="worker-1")
+    assert judged.alive is False
+
+
+def test_durations_accept_seconds_as_int_or_float_and_timedelta(engine, guards):
+    guard = guards(heartbeat_interval=timedelta(milliseconds=500), stale_after=2.5, max_age=30,
+                   stall_after=timedelta(seconds=3))
+    assert guard.heartbeat_interval == 0.5
+    assert guard.thresholds == Thresholds(stale_after=2.5, max_age=30.0, stall_after=3.0)
+    assert isinstance(guard.thresholds.max_age, float)
+    deep = guard.create_audit("https://example.com/deep", max_age=timedelta(hours=2))
+    quick = guard.create_audit("https://example.com/quick", max_age=90.5)
+    plain = guard.create_audit("https://example.com/plain", max_age=600)
+    assert [row(engine, i)["max_age_seconds"] for i in (deep, quick, plain)] == [7200.0, 90.5, 600.0]
+
+
+def test_startup_cleanup_also_recovers_any_stuck_audit_of_the_fleet(engine, guards, start_audit, backdate):
+    stuck, _ = start_audit(worker_id="someone-else")
+    backdate(stuck, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    healthy, _ = start_audit(worker_id="someone-else")
+    guard = guards(**PATIENT)
+    assert [(r.id, r.reasons) for r in guard.cleanup_stuck_audits_on_startup()] == [(stuck, ["stale_heartbeat"])]
+    assert row(engine, healthy)["status"] == RUNNING
+
+
+def test_recover_stuck_audit_takes_one_running_audit_on_demand(engine, guards, start_audit):
+    audit_id, _ = start_audit(worker_id="someone-else")
+    guard = guards()
+    recovery = guard._recover_stuck_audit(audit_id, explanation="operator asked")
+    assert (recovery.id, recovery.reasons, recovery.status) == (audit_id, ["manual"], FAILED)
+    assert row(engine, audit_id)["recovery_info"]["explanation"] == ["operator asked"]
+    assert guard._recover_stuck_audit(audit_id) is None  # not running any more
+
+
+def test_guard_logs_its_markers_and_never_the_database_password(engine, guards, database_url, caplog, start_audit,
+                                                               backdate):
+    caplog.set_level(logging.DEBUG, logger="auditctl")
+    stuck, _ = start_audit(worker_id="someone-else")
+    backdate(stuck, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    guard = guards(heartbeat_interval=0.2)
+    guard.cleanup_stuck_audits_on_startup()
+    guard.start_heartbeat_monitor(handle_sigterm=False)
+    wait_for(lambda: "💓 HEARTBEAT: 0 audits beating" in caplog.text, message="a heartbeat pass to be logged")
+    guard.stop()
+
+    for marker in ("✅ Stuck audit prevention system initialized", "🧹 STARTUP CLEANUP", "💓 HEARTBEAT"):
+        assert marker in caplog.text
+    password = make_url(database_url).password
+    if password:
+        assert password not in caplog.text
+        assert "***" in caplog.text
+
+
+def test_package_exports_the_seed_api():
+    import auditctl
+
+    assert auditctl.StuckAuditPrevention is StuckAuditPrevention
+    assert auditctl.LeaseLost is LeaseLost
+    for name in ("cleanup_stuck_audits_on_startup", "start_heartbeat_monitor", "create_audit", "run", "stop",
+                 "_heartbeat_cleanup", "_recover_stuck_audit"):
+        assert callable(getattr(StuckAuditPrevention, name))
