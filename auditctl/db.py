@@ -28,6 +28,9 @@ from .errors import ConfigError, DatabaseUnavailable, SchemaMissing
 
 DEFAULT_DATABASE_URL = "sqlite:///auditctl.db"
 
+#: PostgreSQL ends a session idle inside a transaction for this long (seconds).
+IDLE_IN_TRANSACTION_TIMEOUT = 30.0
+
 #: How long a SQLite writer waits for the lock before giving up (seconds).
 SQLITE_BUSY_TIMEOUT = 30.0
 
@@ -79,7 +82,11 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, **kwargs) -> E
         engine = sa_create_engine(url, connect_args=connect_args, **kwargs)
         _configure_sqlite(engine)
     else:
-        connect_args = {"connect_timeout": 10, "application_name": "auditctl"}
+        # A process frozen inside a transaction (SIGSTOP, a debugger, a stalled VM) would hold
+        # its row locks forever and keep recovery off those rows; the server ends such a
+        # session instead. auditctl's own transactions are never idle for anything like this long.
+        connect_args = {"connect_timeout": 10, "application_name": "auditctl",
+                        "options": f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}"}
         engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
     return engine
 

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from .db import fetch_now, read_connection
 from .errors import AuditctlError
 from .history import Actor
-from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_stuck
+from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, recover_stuck
 from .rules import Verdict, find_stuck
 from .thresholds import Thresholds
 
@@ -64,6 +64,9 @@ class Monitor:
                 return PassResult(ok=True, recovered=recovered, resumed_after_outage=resumed, seen_since=self.seen_since)
             stuck = find_stuck(self.engine, self.thresholds, **filters)
             return PassResult(ok=True, stuck=stuck, resumed_after_outage=resumed, seen_since=self.seen_since)
+        except ConcurrentChange as exc:
+            # Not an outage: the database answered; a batch was rolled back and the next pass retries.
+            return PassResult(ok=False, error=str(exc))
         except AuditctlError as exc:
             if not self.in_outage:
                 self.outages += 1

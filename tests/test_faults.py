@@ -239,3 +239,29 @@ def test_connections_cut_mid_transaction_keep_the_audit_alive(own_postgres):
     emergencies = int(next(line for line in out.splitlines() if line.startswith("EMERGENCY")).split()[1])
     report("backends terminated under a working worker", terminated,
            f"connections cut; {emergencies} progress writes took the emergency path; audit completed")
+
+
+def test_worker_frozen_inside_a_transaction_does_not_keep_its_audit_from_recovery(engine, database_url, monkeypatch):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no row locks: a frozen writer holds the whole file for the busy timeout instead")
+    from sqlalchemy import update
+
+    from auditctl import db
+    from auditctl.history import Actor
+    from auditctl.recovery import recover_stuck
+    from auditctl.schema import audits
+    from auditctl.thresholds import Thresholds
+
+    (audit_id,) = make_running(engine, 1, silent_for=700)
+    monkeypatch.setattr(db, "IDLE_IN_TRANSACTION_TIMEOUT", 1.0)
+    frozen = db.create_engine(database_url)
+    connection = frozen.connect()
+    connection.begin()
+    connection.execute(update(audits).where(audits.c.id == audit_id).values(error="mid-write"))  # holds the row lock
+    thresholds = Thresholds(stale_after=600, max_age=1800, stall_after=600)
+    assert recover_stuck(engine, thresholds, actor=Actor.command("test")) == []  # skipped, not waited on
+    recovered = wait_for(lambda: recover_stuck(engine, thresholds, actor=Actor.command("test")), timeout=15,
+                         message="the server to end the frozen transaction")
+    assert [r.id for r in recovered] == [audit_id]
+    connection.invalidate()
+    frozen.dispose()
