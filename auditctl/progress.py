@@ -20,6 +20,10 @@ from typing import Any
 MAX_DOCUMENT_BYTES = 64 * 1024
 
 
+class NotJSON(str):
+    """A stored document that is not JSON at all (as opposed to a JSON string), kept as its text."""
+
+
 class DocumentError(ValueError):
     """The worker's progress report cannot be stored (unserialisable or oversized)."""
 
@@ -114,15 +118,12 @@ def read_progress(raw) -> ProgressView:
     if raw is None:
         return view
     document = raw
-    if isinstance(raw, (bytes, bytearray)):
-        raw = raw.decode("utf-8", "replace")
-    if isinstance(raw, str):
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            view.document = raw if len(raw) <= 200 else raw[:200] + "…"
-            view.problems.append("progress_not_json")
-            return view
+    if isinstance(raw, (NotJSON, bytes, bytearray)):
+        # Stored text that is not JSON at all (schema.NotJSON); a plain str is a JSON string.
+        text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+        view.document = text if len(text) <= 200 else text[:200] + "…"
+        view.problems.append("progress_not_json")
+        return view
     view.document = document
     if not isinstance(document, dict):
         view.problems.append("progress_not_object")
@@ -131,13 +132,31 @@ def read_progress(raw) -> ProgressView:
     if not isinstance(inner, dict):
         view.problems.append("progress_not_object")
         return view
-    step = inner.get("step")
+    _judge_fields(view, inner.get("step"), inner.get("percentage"), inner.get("completed_tasks"), inner.get("total_tasks"))
+    return view
+
+
+#: What the database says a stored document is (see rules.progress_shape): fields can be trusted
+#: only for an "object".
+SHAPE_PROBLEMS = {"not_json": "progress_not_json", "not_object": "progress_not_object"}
+
+
+def view_from_fields(shape: str | None, step, percentage, completed_tasks, total_tasks) -> ProgressView:
+    """The same judgement as ``read_progress``, from fields the database already extracted."""
+    view = ProgressView()
+    if shape in SHAPE_PROBLEMS:
+        view.problems.append(SHAPE_PROBLEMS[shape])
+    elif shape is not None:
+        _judge_fields(view, step, percentage, completed_tasks, total_tasks)
+    return view
+
+
+def _judge_fields(view: ProgressView, step, raw_percentage, completed_tasks, total_tasks) -> None:
     if step is not None and not isinstance(step, str):
         view.problems.append("step_not_text")
         step = str(step)
     view.step = step[:200] if isinstance(step, str) else None
-    for name in ("completed_tasks", "total_tasks"):
-        value = inner.get(name)
+    for name, value in (("completed_tasks", completed_tasks), ("total_tasks", total_tasks)):
         if value is None:
             continue
         number = _number(value)
@@ -145,7 +164,6 @@ def read_progress(raw) -> ProgressView:
             view.problems.append(f"{name}_invalid")
         else:
             setattr(view, name, int(number))
-    raw_percentage = inner.get("percentage")
     if raw_percentage is not None:
         number = _number(raw_percentage)
         if number is None:
@@ -157,4 +175,3 @@ def read_progress(raw) -> ProgressView:
             view.percentage = float(number)
     if view.percentage is None and "percentage_invalid" not in view.problems:
         view.percentage = derive_percentage(None, view.completed_tasks, view.total_tasks)
-    return view

@@ -23,23 +23,32 @@ mistaken for dead workers (see ``monitor``).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
+from typing import Iterator, Mapping
 
-from sqlalchemy import Float, and_, case, cast, func, literal, null, or_, select
+from sqlalchemy import bindparam, Float, and_, case, cast, func, null, or_, select
+from sqlalchemy import types
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.sql import Select
 
 from .db import is_postgres, read_connection, seconds_since
 from .errors import ConfigError
-from .progress import read_progress
-from .schema import IS_RUNNING, audits, parse_timestamp
+from .progress import view_from_fields
+from .schema import IS_RUNNING, audits
 from .thresholds import MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, Thresholds, format_duration
 
 #: The columns the stuck query reads (what a verdict shows and a recovery's history records).
 ROW_COLUMNS = ("id", "target", "status", "worker_id", "worker_instance", "lease", "started_at", "heartbeat_at",
-               "progress", "attempts", "error", "recovery_info")
+               "attempts", "error", "recovery_info")
+
+#: Fields of the progress document the stuck query extracts in SQL (parsing whole documents in
+#: Python would cost more than the query).
+PROGRESS_FIELDS = ("step", "percentage", "completed_tasks", "total_tasks")
 
 #: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers).
 FUTURE_TOLERANCE = 60.0
@@ -66,7 +75,7 @@ class Verdict:
     percentage: float | None = None
     problems: list[str] = field(default_factory=list)
     #: The audit's ROW_COLUMNS as read by the stuck query (a recovery's history records them).
-    row: dict | None = field(default=None, repr=False, compare=False)
+    row: Mapping | None = field(default=None, repr=False, compare=False)
 
     def explain(self, thresholds: Thresholds) -> list[str]:
         """One sentence per reason, e.g. ``no heartbeat for 12m (stale_after 10m)``."""
@@ -112,6 +121,63 @@ def _trusted_age(column):
     return case((age >= -FUTURE_TOLERANCE, age), else_=null())
 
 
+class progress_shape(FunctionElement):
+    """'object' when the progress document's fields can be read, 'not_json' or 'not_object' when not, NULL when absent."""
+
+    type = types.String()
+    inherit_cache = True
+
+
+@compiles(progress_shape, "sqlite")
+def _progress_shape_sqlite(element, compiler, **kw):
+    (column,) = list(element.clauses)
+    p = compiler.process(column, **kw)
+    return (f"CASE WHEN {p} IS NULL THEN NULL WHEN typeof({p}) != 'text' OR NOT json_valid({p}) THEN 'not_json' "
+            f"WHEN json_type({p}) = 'null' THEN NULL WHEN json_type({p}) != 'object' THEN 'not_object' "
+            f"WHEN json_type({p}, '$.progress') IS NOT NULL AND json_type({p}, '$.progress') != 'object' THEN 'not_object' "
+            "ELSE 'object' END")
+
+
+@compiles(progress_shape, "postgresql")
+def _progress_shape_pg(element, compiler, **kw):
+    (column,) = list(element.clauses)
+    p = compiler.process(column, **kw)
+    return (f"CASE WHEN {p} IS NULL OR jsonb_typeof({p}) = 'null' THEN NULL WHEN jsonb_typeof({p}) <> 'object' THEN 'not_object' "
+            f"WHEN {p} ? 'progress' AND jsonb_typeof({p} -> 'progress') <> 'object' THEN 'not_object' ELSE 'object' END")
+
+
+class progress_field(FunctionElement):
+    """One field of the progress document (``progress.<name>``, or ``<name>`` for a flat document), as a scalar.
+
+    Only meaningful where progress_shape is 'object'; the driver's own value type comes back
+    (text, number), so a wrong type is seen and flagged in Python.
+    """
+
+    type = types.NullType()
+    inherit_cache = True
+
+    def __init__(self, column, name):
+        self.field_name = name
+        super().__init__(column)
+
+
+@compiles(progress_field, "sqlite")
+def _progress_field_sqlite(element, compiler, **kw):
+    (column,) = list(element.clauses)
+    p, name = compiler.process(column, **kw), element.field_name
+    return (f"CASE WHEN typeof({p}) = 'text' AND json_valid({p}) AND json_type({p}) = 'object' THEN "
+            f"CASE WHEN json_type({p}, '$.progress') IS NULL THEN json_extract({p}, '$.{name}') "
+            f"ELSE json_extract({p}, '$.progress.{name}') END END")
+
+
+@compiles(progress_field, "postgresql")
+def _progress_field_pg(element, compiler, **kw):
+    (column,) = list(element.clauses)
+    p, name = compiler.process(column, **kw), element.field_name
+    return (f"CASE WHEN jsonb_typeof({p}) = 'object' THEN "
+            f"CASE WHEN {p} ? 'progress' THEN {p} #> '{{progress,{name}}}' ELSE {p} -> '{name}' END END")
+
+
 def stuck_query(
     thresholds: Thresholds,
     *,
@@ -120,17 +186,35 @@ def stuck_query(
     older_than: float | None = None,
     seen_since: datetime | None = None,
     ids: list[int] | None = None,
-) -> Select:
-    """The SELECT of stuck running audits with their measured ages and one flag per rule."""
+    ids_only: bool = False,
+) -> tuple[Select, dict]:
+    """The SELECT of stuck running audits (with measured ages and one flag per rule), and its parameters.
+
+    The statement's shape depends only on which filters are used, so it is built once per
+    shape and cached; thresholds and filter values travel as bound parameters.
+    """
     if reason is not None and reason not in RULE_REASONS:
         raise ConfigError(f"unknown reason {reason!r}: choose from {', '.join(RULE_REASONS)}")
+    statement = _stuck_statement(reason, worker is not None, older_than is not None, seen_since is not None,
+                                 ids is not None, ids_only)
+    params = {"stale_after": thresholds.stale_after, "max_age": thresholds.max_age, "stall_after": thresholds.stall_after}
+    for name, value in (("worker", worker), ("older_than", older_than), ("seen_since", seen_since)):
+        if value is not None:
+            params[name] = value
+    if ids is not None:
+        params["ids"] = list(ids)
+    return statement, params
+
+
+@functools.lru_cache(maxsize=64)
+def _stuck_statement(reason, by_worker: bool, by_age: bool, seen_since: bool, by_ids: bool, ids_only: bool) -> Select:
     # Age from the claim, or from creation when the start time is missing, unreadable text
     # (another tool on SQLite) or in the future; NULL when neither can be trusted.
     age = func.coalesce(_trusted_age(audits.c.started_at), _trusted_age(audits.c.created_at))
     silence = func.coalesce(_trusted_age(audits.c.heartbeat_at), _trusted_age(audits.c.last_worker_update), age)
     unchanged = func.coalesce(_trusted_age(audits.c.progress_changed_at), age)
-    if seen_since is not None:
-        blind = seconds_since(literal(seen_since, type_=audits.c.heartbeat_at.type))
+    if seen_since:
+        blind = seconds_since(bindparam("seen_since", type_=audits.c.heartbeat_at.type))
         silence = _least(silence, blind)
         unchanged = _least(unchanged, blind)
     # Only a sane per-audit deadline is trusted. Other tools may leave text in the column on
@@ -139,38 +223,41 @@ def stuck_query(
     own_deadline = cast(audits.c.max_age_seconds, Float)
     limit = case(
         (and_(own_deadline.is_not(None), own_deadline > 0, own_deadline <= MAX_DURATION), own_deadline),
-        else_=literal(thresholds.max_age),
+        else_=bindparam("max_age", type_=Float),
     )
-    is_stale = or_(silence.is_(None), silence > thresholds.stale_after)
+    is_stale = or_(silence.is_(None), silence > bindparam("stale_after", type_=Float))
     is_over_age = and_(age.is_not(None), age > limit)
-    is_stalled = and_(~is_stale, unchanged > thresholds.stall_after)
+    is_stalled = and_(~is_stale, unchanged > bindparam("stall_after", type_=Float))
     heartbeat_age = seconds_since(audits.c.heartbeat_at)
     rule = {STALE_HEARTBEAT: is_stale, MAX_AGE_EXCEEDED: is_over_age, PROGRESS_STALLED: is_stalled}
 
-    query = select(
+    columns = [audits.c.id] if ids_only else [
         *[audits.c[name] for name in ROW_COLUMNS],
         age.label("age_seconds"),
         silence.label("silence_seconds"),
         unchanged.label("stalled_seconds"),
         limit.label("max_age_limit"),
         heartbeat_age.label("heartbeat_age"),
+        progress_shape(audits.c.progress).label("progress_shape"),
+        *[progress_field(audits.c.progress, name).label(f"progress_{name}") for name in PROGRESS_FIELDS],
         case((is_stale, 1), else_=0).label(STALE_HEARTBEAT),
         case((is_over_age, 1), else_=0).label(MAX_AGE_EXCEEDED),
         case((is_stalled, 1), else_=0).label(PROGRESS_STALLED),
-    ).where(IS_RUNNING)
+    ]
+    query = select(*columns).where(IS_RUNNING)
     query = query.where(rule[reason] if reason else or_(*rule.values()))
-    if worker is not None:
-        query = query.where(audits.c.worker_id == worker)
-    if older_than is not None:
-        query = query.where(age > older_than)
-    if ids is not None:
-        query = query.where(audits.c.id.in_(ids))
+    if by_worker:
+        query = query.where(audits.c.worker_id == bindparam("worker", type_=audits.c.worker_id.type))
+    if by_age:
+        query = query.where(age > bindparam("older_than", type_=Float))
+    if by_ids:
+        query = query.where(audits.c.id.in_(bindparam("ids", expanding=True)))
     return query.order_by(audits.c.id)
 
 
 def verdict_from_row(row) -> Verdict:
     mapping = row._mapping
-    view = read_progress(mapping["progress"])
+    view = view_from_fields(mapping["progress_shape"], *[mapping[f"progress_{name}"] for name in PROGRESS_FIELDS])
     problems = list(view.problems)
     heartbeat_age = mapping["heartbeat_age"]
     if heartbeat_age is not None and heartbeat_age < -FUTURE_TOLERANCE:
@@ -185,8 +272,8 @@ def verdict_from_row(row) -> Verdict:
         worker_id=mapping["worker_id"],
         worker_instance=mapping["worker_instance"],
         lease=mapping["lease"],
-        started_at=parse_timestamp(mapping["started_at"]),
-        last_heartbeat=parse_timestamp(mapping["heartbeat_at"]),
+        started_at=mapping["started_at"],
+        last_heartbeat=mapping["heartbeat_at"],
         age_seconds=_round(mapping["age_seconds"]),
         silence_seconds=_round(mapping["silence_seconds"]),
         stalled_seconds=_round(mapping["stalled_seconds"]),
@@ -194,26 +281,26 @@ def verdict_from_row(row) -> Verdict:
         step=view.step,
         percentage=view.percentage,
         problems=problems,
-        row={name: mapping[name] for name in ROW_COLUMNS},
+        row=mapping,
     )
 
 
 def select_stuck(connection: Connection, thresholds: Thresholds, *, limit: int | None = None, lock: bool = False, **filters) -> list[Verdict]:
     """Run the stuck query on an open connection; ``lock`` takes row locks (PostgreSQL) skipping busy rows."""
-    query = stuck_query(thresholds, **filters)
+    query, params = stuck_query(thresholds, **filters)
     if limit is not None:
         query = query.limit(limit)
     if lock and is_postgres(connection):
         # SKIP LOCKED: a row another recoverer holds is theirs; a row a worker is writing
         # right now will be judged again on the next pass. Never wait on either.
         query = query.with_for_update(skip_locked=True, of=audits)
-    return [verdict_from_row(row) for row in connection.execute(query)]
+    return [verdict_from_row(row) for row in connection.execute(query, params)]
 
 
 def stuck_ids(connection: Connection, thresholds: Thresholds, **filters) -> list[int]:
     """Only the ids of the stuck audits (the cheap first step of a recovery)."""
-    query = stuck_query(thresholds, **filters).with_only_columns(audits.c.id)
-    return list(connection.execute(query).scalars())
+    query, params = stuck_query(thresholds, ids_only=True, **filters)
+    return list(connection.execute(query, params).scalars())
 
 
 def find_stuck(engine: Engine, thresholds: Thresholds, **filters) -> list[Verdict]:
@@ -224,7 +311,7 @@ def find_stuck(engine: Engine, thresholds: Thresholds, **filters) -> list[Verdic
 def iter_stuck(engine: Engine, thresholds: Thresholds, *, batch: int = 1000, **filters) -> Iterator[Verdict]:
     """Stream stuck audits without holding them all in memory (for large JSON output)."""
     with read_connection(engine) as connection:
-        query = stuck_query(thresholds, **filters)
-        result = connection.execution_options(stream_results=True, yield_per=batch).execute(query)
+        query, params = stuck_query(thresholds, **filters)
+        result = connection.execution_options(stream_results=True, yield_per=batch).execute(query, params)
         for row in result:
             yield verdict_from_row(row)

@@ -30,6 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 
+from .progress import NotJSON
+
 PENDING, RUNNING, COMPLETED, FAILED = "pending", "running", "completed", "failed"
 STATUSES = (PENDING, RUNNING, COMPLETED, FAILED)
 
@@ -103,11 +105,11 @@ class Document(types.TypeDecorator):
             return value
         if isinstance(value, (bytes, bytearray)):
             # SQLite lets another tool store a BLOB here; as text it can be shown and copied.
-            value = bytes(value).decode("utf-8", "replace")
+            return NotJSON(bytes(value).decode("utf-8", "replace"))
         try:
             return json.loads(value, parse_constant=_reject_constant)
         except (TypeError, ValueError):
-            return value
+            return NotJSON(value)
 
 
 Id = BigInteger().with_variant(Integer, "sqlite")

@@ -1,6 +1,6 @@
 """Building benchmark databases fast: bulk rows written straight through the drivers.
 
-About 1% of audits are running (a fifth of those stuck, split over the three rules),
+About 1% of audits are running (a twentieth of those stuck, split over the three rules),
 about 2% failed with recovery_info and a history row, the rest completed; every row
 carries a realistic progress document. Rows go in with sqlite3 ``executemany`` or
 PostgreSQL ``COPY`` because building a million rows through the library would make
@@ -39,7 +39,7 @@ def generate(size: int, *, stuck_running: int | None = None, seed: int = 7):
     rng = random.Random(seed)
     now = datetime.now(timezone.utc)
     running = max(1, size // 100)
-    stuck = running // 5 if stuck_running is None else stuck_running
+    stuck = max(1, running // 20) if stuck_running is None else stuck_running
     running = max(running, stuck)
     failed = size // 50
     for audit_id in range(1, size + 1):
