@@ -115,9 +115,8 @@ def _least(*values):
     return result
 
 
-def _trusted_age(column):
-    """Seconds since ``column``, or NULL when it is missing or too far in the future."""
-    age = seconds_since(column)
+def _trusted(age):
+    """An age in seconds, or NULL when its time is missing or too far in the future."""
     return case((age >= -FUTURE_TOLERANCE, age), else_=null())
 
 
@@ -208,11 +207,29 @@ def stuck_query(
 
 @functools.lru_cache(maxsize=64)
 def _stuck_statement(reason, by_worker: bool, by_age: bool, seen_since: bool, by_ids: bool, ids_only: bool) -> Select:
+    # Three levels, each computing its values once per running audit: the raw ages, then the
+    # trusted ones, then the rules. Written flat, the database would evaluate every age
+    # expression again inside every rule and output column.
+    raw_ages = select(
+        *[audits.c[name] for name in ROW_COLUMNS],
+        audits.c.progress,
+        audits.c.max_age_seconds,
+        seconds_since(audits.c.started_at).label("started_age"),
+        seconds_since(audits.c.created_at).label("created_age"),
+        seconds_since(audits.c.heartbeat_at).label("heartbeat_age"),
+        seconds_since(audits.c.last_worker_update).label("update_age"),
+        seconds_since(audits.c.progress_changed_at).label("changed_age"),
+    ).where(IS_RUNNING)
+    if by_worker:
+        raw_ages = raw_ages.where(audits.c.worker_id == bindparam("worker", type_=audits.c.worker_id.type))
+    if by_ids:
+        raw_ages = raw_ages.where(audits.c.id.in_(bindparam("ids", expanding=True)))
+    a = raw_ages.subquery("raw_ages")
     # Age from the claim, or from creation when the start time is missing, unreadable text
     # (another tool on SQLite) or in the future; NULL when neither can be trusted.
-    age = func.coalesce(_trusted_age(audits.c.started_at), _trusted_age(audits.c.created_at))
-    silence = func.coalesce(_trusted_age(audits.c.heartbeat_at), _trusted_age(audits.c.last_worker_update), age)
-    unchanged = func.coalesce(_trusted_age(audits.c.progress_changed_at), age)
+    age = func.coalesce(_trusted(a.c.started_age), _trusted(a.c.created_age))
+    silence = func.coalesce(_trusted(a.c.heartbeat_age), _trusted(a.c.update_age), age)
+    unchanged = func.coalesce(_trusted(a.c.changed_age), age)
     if seen_since:
         blind = seconds_since(bindparam("seen_since", type_=audits.c.heartbeat_at.type))
         silence = _least(silence, blind)
@@ -220,39 +237,43 @@ def _stuck_statement(reason, by_worker: bool, by_age: bool, seen_since: bool, by
     # Only a sane per-audit deadline is trusted. Other tools may leave text in the column on
     # SQLite (where 'abc' > 0 is true; cast, it is 0) or NaN/Infinity on PostgreSQL (NaN sorts
     # above every number): those get the fleet's max_age instead.
-    own_deadline = cast(audits.c.max_age_seconds, Float)
+    own_deadline = cast(a.c.max_age_seconds, Float)
     limit = case(
         (and_(own_deadline.is_not(None), own_deadline > 0, own_deadline <= MAX_DURATION), own_deadline),
         else_=bindparam("max_age", type_=Float),
     )
-    is_stale = or_(silence.is_(None), silence > bindparam("stale_after", type_=Float))
-    is_over_age = and_(age.is_not(None), age > limit)
-    is_stalled = and_(~is_stale, unchanged > bindparam("stall_after", type_=Float))
-    heartbeat_age = seconds_since(audits.c.heartbeat_at)
-    rule = {STALE_HEARTBEAT: is_stale, MAX_AGE_EXCEEDED: is_over_age, PROGRESS_STALLED: is_stalled}
-
-    columns = [audits.c.id] if ids_only else [
-        *[audits.c[name] for name in ROW_COLUMNS],
+    inner = select(
+        *[a.c[name] for name in ROW_COLUMNS],
+        a.c.progress,
         age.label("age_seconds"),
         silence.label("silence_seconds"),
         unchanged.label("stalled_seconds"),
         limit.label("max_age_limit"),
-        heartbeat_age.label("heartbeat_age"),
-        progress_shape(audits.c.progress).label("progress_shape"),
-        *[progress_field(audits.c.progress, name).label(f"progress_{name}") for name in PROGRESS_FIELDS],
+        a.c.heartbeat_age,
+    )
+    judged = inner.subquery("judged")
+    is_stale = or_(judged.c.silence_seconds.is_(None), judged.c.silence_seconds > bindparam("stale_after", type_=Float))
+    is_over_age = and_(judged.c.age_seconds.is_not(None), judged.c.age_seconds > judged.c.max_age_limit)
+    is_stalled = and_(~is_stale, judged.c.stalled_seconds > bindparam("stall_after", type_=Float))
+    rule = {STALE_HEARTBEAT: is_stale, MAX_AGE_EXCEEDED: is_over_age, PROGRESS_STALLED: is_stalled}
+
+    columns = [judged.c.id] if ids_only else [
+        *[judged.c[name] for name in ROW_COLUMNS],
+        judged.c.age_seconds,
+        judged.c.silence_seconds,
+        judged.c.stalled_seconds,
+        judged.c.max_age_limit,
+        judged.c.heartbeat_age,
+        progress_shape(judged.c.progress).label("progress_shape"),
+        *[progress_field(judged.c.progress, name).label(f"progress_{name}") for name in PROGRESS_FIELDS],
         case((is_stale, 1), else_=0).label(STALE_HEARTBEAT),
         case((is_over_age, 1), else_=0).label(MAX_AGE_EXCEEDED),
         case((is_stalled, 1), else_=0).label(PROGRESS_STALLED),
     ]
-    query = select(*columns).where(IS_RUNNING)
-    query = query.where(rule[reason] if reason else or_(*rule.values()))
-    if by_worker:
-        query = query.where(audits.c.worker_id == bindparam("worker", type_=audits.c.worker_id.type))
+    query = select(*columns).where(rule[reason] if reason else or_(*rule.values()))
     if by_age:
-        query = query.where(age > bindparam("older_than", type_=Float))
-    if by_ids:
-        query = query.where(audits.c.id.in_(bindparam("ids", expanding=True)))
-    return query.order_by(audits.c.id)
+        query = query.where(judged.c.age_seconds > bindparam("older_than", type_=Float))
+    return query.order_by(judged.c.id)
 
 
 def verdict_from_row(row) -> Verdict:
@@ -293,7 +314,7 @@ def select_stuck(connection: Connection, thresholds: Thresholds, *, limit: int |
     if lock and is_postgres(connection):
         # SKIP LOCKED: a row another recoverer holds is theirs; a row a worker is writing
         # right now will be judged again on the next pass. Never wait on either.
-        query = query.with_for_update(skip_locked=True, of=audits)
+        query = query.with_for_update(skip_locked=True, of=query.selected_columns.id.table)
     return [verdict_from_row(row) for row in connection.execute(query, params)]
 
 

@@ -130,6 +130,7 @@ class LiveView:
         self.next_pass_at: float | None = None
         self.status = "starting"
         self.recovered_total = 0
+        self.stuck: dict[int, list[str]] = {}  # from the last pass, under --no-recover
 
     def start(self):
         from rich.live import Live
@@ -144,6 +145,7 @@ class LiveView:
         if result.ok:
             self.status = "database reachable again" if result.resumed_after_outage else "ok"
             self.recovered_total += len(result.recovered)
+            self.stuck = {verdict.id: verdict.reasons for verdict in result.stuck}
         else:
             self.status = f"DATABASE UNAVAILABLE: {result.error} (retrying)"
         self._refresh()
@@ -189,12 +191,17 @@ class LiveView:
         try:
             from ..audits import list_audits
 
-            running = [audit_record(a) for a in list_audits(self.state.engine, status="running", limit=30)]
+            running = [{**audit_record(a), "stuck": self.stuck.get(a.id, [])}
+                       for a in list_audits(self.state.engine, status="running", limit=30)]
             events = [event_record(e) for e in recent_events(self.state.engine, limit=8, events=(RECOVERED, REQUEUED))]
         except AuditctlError as error:
             parts.append(Text(f"cannot read the database: {error}", style="red"))
             return Group(*parts)
-        columns = [c for c in AUDIT_COLUMNS if c.key not in ("attempts", "created_at")]
+        from .render import Column
+
+        columns = [c for c in AUDIT_COLUMNS if c.key not in ("attempts", "created_at", "status")]
+        columns.append(Column("stuck", "STUCK", human=lambda v: ",".join(v) if v else "",
+                              style=lambda r: "bold red" if r["stuck"] else None))
         parts.append(rich_table(running, columns, title=f"Running audits ({len(running)})") if running
                      else Text("No running audits."))
         parts.append(rich_table(events, EVENT_COLUMNS, title="Recent recoveries") if events else Text("No recoveries yet."))

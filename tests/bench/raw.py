@@ -70,17 +70,28 @@ def _sqlite(url: str):
     return connection
 
 
-def stuck(url: str, thresholds) -> list[tuple]:
-    if url.startswith("sqlite"):
-        connection = _sqlite(url)
-        try:
-            return connection.execute(SQLITE_STUCK, _params(thresholds)).fetchall()
-        finally:
-            connection.close()
-    import psycopg
+_OPEN: dict[str, object] = {}
 
-    with psycopg.connect(dsn(url)) as connection:
-        return connection.execute(PG_STUCK, _params(thresholds)).fetchall()
+
+def _kept(url: str):
+    """One open connection per database, as the library's pool keeps one: timing the query, not the connect."""
+    if url not in _OPEN:
+        if url.startswith("sqlite"):
+            _OPEN[url] = _sqlite(url)
+        else:
+            import psycopg
+
+            _OPEN[url] = psycopg.connect(dsn(url), autocommit=True)
+    return _OPEN[url]
+
+
+def close_all() -> None:
+    while _OPEN:
+        _OPEN.popitem()[1].close()
+
+
+def stuck(url: str, thresholds) -> list[tuple]:
+    return _kept(url).execute(SQLITE_STUCK if url.startswith("sqlite") else PG_STUCK, _params(thresholds)).fetchall()
 
 
 def _parse(value):
@@ -96,15 +107,7 @@ def naive(url: str, thresholds) -> list[int]:
     """Load every running audit into Python and judge it there."""
     query = ("SELECT id, created_at, started_at, heartbeat_at, last_worker_update, progress_changed_at, max_age_seconds, "
              "progress FROM audits WHERE status = 'running'")
-    if url.startswith("sqlite"):
-        connection = _sqlite(url)
-        rows = connection.execute(query).fetchall()
-        connection.close()
-    else:
-        import psycopg
-
-        with psycopg.connect(dsn(url)) as connection:
-            rows = connection.execute(query).fetchall()
+    rows = _kept(url).execute(query).fetchall()
     now = datetime.now(timezone.utc)
     found = []
     for audit_id, created, started, heartbeat, lwu, changed, max_age, progress in rows:

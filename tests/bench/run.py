@@ -79,12 +79,15 @@ class Database:
         if engine_name == "sqlite":
             self.path = workdir / f"bench_{tag}.db"
             self.url = f"sqlite:///{self.path}"
-            upgrade(create_engine(self.url))
-            fixtures.fill_sqlite(str(self.path), size, stuck_running=stuck_running)
         else:
             self.name = f"bench_{tag}"
             self.url = server.create_database(self.name)
-            upgrade(create_engine(self.url))
+        engine = create_engine(self.url)
+        upgrade(engine)
+        engine.dispose()
+        if engine_name == "sqlite":
+            fixtures.fill_sqlite(str(self.path), size, stuck_running=stuck_running)
+        else:
             fixtures.fill_postgres(raw.dsn(self.url), size, stuck_running=stuck_running)
 
     def fresh_copy(self, label: str) -> str:
@@ -107,6 +110,8 @@ def bench_scan(db: Database, repeat: int) -> list[Figure]:
     hand, rows = timed(lambda: raw.stuck(db.url, THRESHOLDS), repeat)
     naive, naive_ids = timed(lambda: raw.naive(db.url, THRESHOLDS), repeat)
     assert sorted(v.id for v in verdicts) == sorted(r[0] for r in rows) == sorted(naive_ids), "the three scans disagree"
+    engine.dispose()
+    raw.close_all()  # a PostgreSQL database with sessions open cannot serve as a template
     ratio = statistics.median(library) / statistics.median(hand)
     size = f"{db.size:,}"
     return [
@@ -132,6 +137,7 @@ def bench_recover(db: Database, repeat: int) -> list[Figure]:
         start = time.perf_counter()
         raw_count = raw.recover(url, THRESHOLDS)
         raw_samples.append(time.perf_counter() - start)
+        raw.close_all()
         assert raw_count == counts[-1], f"raw recovered {raw_count}, library {counts[-1]}"
     ratio = statistics.median(library_samples) / statistics.median(raw_samples)
     size = f"{counts[0]:,} stuck of {db.size:,}"
@@ -160,6 +166,8 @@ def bench_writes(db: Database, writes: int) -> list[Figure]:
         document = leases.write_progress(engine, lease, fields, signature("Crawling", fields["percentage"], i, writes), None, actor)
         progress.append(time.perf_counter() - start)
 
+    engine.dispose()
+
     def p99(samples):
         return sorted(samples)[int(len(samples) * 0.99) - 1]
 
@@ -176,6 +184,7 @@ def bench_monitor_capacity(db: Database, repeat: int) -> Figure:
     engine = create_engine(db.url)
     samples, running = timed(lambda: list_audits(engine, status="running", limit=None), repeat)
     pass_samples, _ = timed(lambda: find_stuck(engine, THRESHOLDS), repeat)
+    engine.dispose()
     per_audit = (statistics.median(samples) + statistics.median(pass_samples)) / max(1, len(running))
     capacity = int(5.0 / per_audit)
     return Figure("monitor pass (read running + judge)", db.engine_name, f"{len(running):,} running", [
