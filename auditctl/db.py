@@ -131,9 +131,9 @@ def _configure_sqlite(engine: Engine) -> None:
         # A deferred transaction that later writes can fail with "database is locked"
         # without waiting; an IMMEDIATE one takes the write lock up front and waits on the
         # busy timeout like everybody else.
-        if connection.get_execution_options().get("auditctl_read_only"):
-            connection.exec_driver_sql("BEGIN")
-        else:
+        # Reads take no transaction at all: each SELECT is its own consistent snapshot, and
+        # a monitor's read costs one statement instead of three.
+        if not connection.get_execution_options().get("auditctl_read_only"):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -147,11 +147,12 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 
 @contextlib.contextmanager
 def read_connection(engine: Engine) -> Iterator[Connection]:
-    """A connection for reads only (on SQLite it never takes the write lock)."""
+    """A connection for reads only. On SQLite it takes no transaction (each SELECT is its own
+    snapshot, and nothing holds a lock between statements); on PostgreSQL it stays in a
+    transaction, which server-side cursors (streamed listings) need."""
     with translate_errors(engine):
         with engine.connect() as connection:
-            connection = connection.execution_options(auditctl_read_only=True)
-            yield connection
+            yield connection.execution_options(auditctl_read_only=True)
 
 
 _MISSING_TABLE = re.compile(r"no such table|relation \"[^\"]*\" does not exist|no such column|column \"[^\"]*\" does not exist")

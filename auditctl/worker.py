@@ -31,7 +31,7 @@ from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
 from .migrate import upgrade
 from .monitor import Monitor
-from .progress import DocumentError, derive_percentage, signature
+from .progress import derive_percentage, signature
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_audits, recover_worker_leftovers
 from .schema import audits
 from .thresholds import MANUAL, Thresholds, format_duration, parse_duration, validate_heartbeat_interval
@@ -93,7 +93,7 @@ class AuditRun:
                 return True
             except LeaseLost as error:
                 raise self._mark_lost(error) from None
-            except (AuditctlError, DocumentError, Exception) as error:  # noqa: BLE001 - see module docstring
+            except Exception as error:  # noqa: BLE001 - a failed write must not kill the audit: see module docstring
                 self._emergency(error)
                 return False
 
