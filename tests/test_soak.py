@@ -43,6 +43,7 @@ def _start_process(url, index, seconds, log_path):
 
 @pytest.mark.slow
 @pytest.mark.postgres_only
+@pytest.mark.timeout(float(os.environ.get("SOAK_SECONDS", "180")) + 600)
 def test_soak_200_workers_with_faults_recovers_every_stuck_audit_and_no_healthy_one(tmp_path):
     reason = unavailable_reason()
     if reason:
