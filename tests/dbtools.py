@@ -8,9 +8,10 @@ subprocesses (wait for a line, wait for exit) with deadlines instead of sleeps.
 from __future__ import annotations
 
 import os
-import select
+import queue
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -163,35 +164,87 @@ def spawn(script: Path, *args, stdin=subprocess.DEVNULL, env: dict | None = None
     )
 
 
+def _pumps(proc: subprocess.Popen):
+    """Threads that drain the child's stdout (line by line, into a queue) and stderr.
+
+    select() on the pipe cannot be used with a buffered reader: two lines that arrive in
+    one chunk would leave the second in Python's buffer, invisible to select(), and the
+    test would wait for output that is already there. Draining stderr also keeps a chatty
+    child from blocking on a full pipe.
+    """
+    if not hasattr(proc, "_lines"):
+        proc._lines = queue.Queue()
+        proc._stdout_seen = []
+        proc._stderr_seen = []
+
+        def pump_stdout():
+            for line in proc.stdout:
+                proc._stdout_seen.append(line)
+                proc._lines.put(line)
+            proc._lines.put(None)
+
+        def pump_stderr():
+            for line in proc.stderr:
+                proc._stderr_seen.append(line)
+
+        proc._pump_threads = [threading.Thread(target=pump_stdout, daemon=True),
+                              threading.Thread(target=pump_stderr, daemon=True)]
+        for thread in proc._pump_threads:
+            thread.start()
+    return proc._lines
+
+
 def read_line(proc: subprocess.Popen, *, timeout: float = 30.0, startswith: str = "") -> str:
     """The next stdout line starting with ``startswith``; fails with the process's stderr on timeout or exit."""
+    lines = _pumps(proc)
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             proc.kill()
-            raise AssertionError(f"no {startswith!r} line from subprocess in {timeout}s; stderr:\n{proc.communicate()[1]}")
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if not ready:
+            proc.wait(10)
+            raise AssertionError(f"no {startswith!r} line from subprocess in {timeout}s; stderr:\n{''.join(proc._stderr_seen)}")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
             continue
-        line = proc.stdout.readline()
-        if not line:
+        if line is None:
             proc.wait(5)
+            for thread in proc._pump_threads:
+                thread.join(5)
             raise AssertionError(f"subprocess exited ({proc.returncode}) before printing {startswith!r}; "
-                                 f"stderr:\n{proc.stderr.read()}")
+                                 f"stderr:\n{''.join(proc._stderr_seen)}")
         if line.startswith(startswith):
             return line.strip()
 
 
 def finish(proc: subprocess.Popen, *, timeout: float = 30.0) -> tuple[int, str, str]:
-    """Wait for exit; returns (returncode, stdout, stderr)."""
+    """Wait for exit; returns (returncode, stdout, stderr), stdout being what no read_line consumed."""
+    if not hasattr(proc, "_lines"):
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"subprocess did not exit within {timeout}s; stderr:\n{err}")
+        return proc.returncode, out, err
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"subprocess did not exit within {timeout}s; stderr:\n{err}")
-    return proc.returncode, out, err
+        proc.wait(10)
+        raise AssertionError(f"subprocess did not exit within {timeout}s; stderr:\n{''.join(proc._stderr_seen)}")
+    for thread in proc._pump_threads:
+        thread.join(10)
+    unread = []
+    while True:
+        try:
+            line = proc._lines.get_nowait()
+        except queue.Empty:
+            break
+        if line is not None:
+            unread.append(line)
+    return proc.returncode, "".join(unread), "".join(proc._stderr_seen)
 
 
 def kill_quietly(proc: subprocess.Popen) -> None:
@@ -199,6 +252,9 @@ def kill_quietly(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     try:
-        proc.communicate(timeout=10)
+        if hasattr(proc, "_lines"):
+            proc.wait(10)
+        else:
+            proc.communicate(timeout=10)
     except (subprocess.TimeoutExpired, ValueError, OSError):
         pass
