@@ -62,6 +62,9 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
             .values(status=RUNNING, lease=lease.token, worker_id=worker_id, worker_instance=instance_id,
                     started_at=now, heartbeat_at=now, last_worker_update=now, progress_changed_at=now,
                     progress=document, progress_signature=None, finished_at=None, error=None,
+                    # A new run: the reasons of an earlier recovery (kept in history and
+                    # recovery_info) must not make reset-all --reason pick this run's failure.
+                    recovery_reasons=None,
                     attempts=audits.c.attempts + 1)
         )
         if result.rowcount == 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from .db import fetch_now, read_connection
 from .errors import AuditctlError
@@ -67,7 +68,9 @@ class Monitor:
         except ConcurrentChange as exc:
             # Not an outage: the database answered; a batch was rolled back and the next pass retries.
             return PassResult(ok=False, error=str(exc))
-        except AuditctlError as exc:
+        except (AuditctlError, SQLAlchemyError) as exc:
+            # SQLAlchemyError: a pool or driver failure that reached us untranslated is trouble
+            # reaching the database all the same; the monitor reports it and retries.
             if not self.in_outage:
                 self.outages += 1
             self.in_outage = True

@@ -301,10 +301,16 @@ def _find(engine, thresholds, **filters) -> list[Verdict]:
 
 
 def _would_recover(verdict: Verdict, thresholds: Thresholds, requeue: bool, max_attempts: int) -> Recovery:
+    """What ``_apply_recovery`` would do to this audit, decided the same way, without writing."""
+    attempts = (verdict.row["attempts"] if verdict.row is not None else 0) or 0
+    give_up = requeue and attempts >= max_attempts
+    explanation = verdict.explain(thresholds)
+    if give_up:
+        explanation = explanation + [f"gave up after {attempts} attempts (max_attempts {max_attempts})"]
     return Recovery(
-        id=verdict.id, target=verdict.target, reasons=verdict.reasons, explanation=verdict.explain(thresholds),
-        from_status=RUNNING, status=PENDING if requeue else FAILED, worker_id=verdict.worker_id, attempts=0,
-        measurements=verdict.measurements(thresholds), recovered_at=None,
+        id=verdict.id, target=verdict.target, reasons=verdict.reasons, explanation=explanation,
+        from_status=RUNNING, status=PENDING if requeue and not give_up else FAILED, worker_id=verdict.worker_id,
+        attempts=attempts, measurements=verdict.measurements(thresholds), recovered_at=None,
     )
 
 
@@ -417,8 +423,10 @@ def reset_failed(
             recovered = _apply_recovery(connection, verdicts, {v.id: v.explain(thresholds) for v in verdicts},
                                         {v.id: v.measurements(thresholds) for v in verdicts}, requeue=False,
                                         max_attempts=DEFAULT_MAX_ATTEMPTS, actor=actor)
-            if recovered:
-                query = _reset_query(since=None, reason=None, ids=(ids or []) + [r.id for r in recovered])
+            if recovered and ids is not None:
+                # Named audits plus the ones just recovered; with ids=None the filters already
+                # take in every failed audit, the just-recovered ones among them.
+                query = _reset_query(since=since, reason=reason, ids=ids + [r.id for r in recovered])
         if is_postgres(connection):
             query = query.with_for_update(of=audits)
         rows = connection.execute(query).all()

@@ -401,7 +401,7 @@ def test_recover_dry_run_changes_nothing_and_json_lists_what_would_change(fleet)
     assert {r["id"] for r in records} == set(fleet.ids.values())
     for record in records:
         assert record["status"] == "failed" and record["previous_status"] == "running" and record["dry_run"] is True
-    assert "Would recover 3 audits -> failed (dry run: nothing changed)" in result.stderr
+    assert "Would recover 3 audits -> 3 failed (dry run: nothing changed)" in result.stderr
     requeue = as_json(on(fleet.url, "recover", "--dry-run", "--requeue", "--format", "json"))
     assert {r["status"] for r in requeue} == {"pending"}
     assert everything(fleet.engine) == before
@@ -423,7 +423,7 @@ def test_recover_fails_the_stuck_audits_and_records_each_in_the_history(demo, de
     assert {r["id"]: r["status"] for r in records} == {i: "failed" for i in ids.values()}
     assert {r["target"]: r["reasons"] for r in records} == STUCK_IN_DEMO
     assert all(r["dry_run"] is False and r["recovered_at"].endswith("Z") for r in records)
-    assert "Recovered 3 audits -> failed" in result.stderr
+    assert "Recovered 3 audits -> 3 failed" in result.stderr
     now = statuses(demo_engine)
     assert all(now[i] == "failed" for i in ids.values())
     for audit_id in ids.values():
@@ -443,7 +443,7 @@ def test_recover_requeue_returns_stuck_audits_to_pending(demo, demo_engine):
     ids = stuck_ids(demo)
     result = on(demo, "recover", "--requeue", "--format", "json")
     assert {r["id"]: r["status"] for r in as_json(result)} == {i: "pending" for i in ids.values()}
-    assert "-> pending (requeued)" in result.stderr
+    assert "-> 3 pending (requeued)" in result.stderr
     now = statuses(demo_engine)
     assert [now[i] for i in ids.values()] == ["pending"] * 3
     assert events_of(demo_engine, ids["https://blog.example.net"]) == [("requeued", "running", "pending", "auditctl recover")]

@@ -516,3 +516,34 @@ def test_recover_worker_leftovers_can_requeue(engine, start_audit):
     assert recovery.status == PENDING
     assert row(engine, dead)["status"] == PENDING
     assert [e["event"] for e in events(engine, dead)] == ["requeued"]
+
+
+def test_dry_run_with_requeue_predicts_the_audits_that_would_fail_for_good(engine, backdate, start_audit):
+    from auditctl.history import Actor
+    from auditctl.recovery import recover_stuck
+    from auditctl.thresholds import Thresholds
+
+    audit_id, _ = start_audit()  # claimed once: attempts == 1
+    backdate(audit_id, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    thresholds = Thresholds(stale_after=600, max_age=1800, stall_after=600)
+    (predicted,) = recover_stuck(engine, thresholds, actor=Actor.command("test"), requeue=True, max_attempts=1, dry_run=True)
+    (done,) = recover_stuck(engine, thresholds, actor=Actor.command("test"), requeue=True, max_attempts=1)
+    assert predicted.status == done.status == "failed"
+    assert predicted.explanation == done.explanation
+
+
+def test_a_new_claim_forgets_the_reasons_of_an_earlier_recovery(engine, backdate, start_audit):
+    from auditctl import leases
+    from auditctl.history import Actor
+    from auditctl.recovery import recover_stuck, reset_failed
+    from auditctl.thresholds import Thresholds
+
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("test"))
+    reset_failed(engine, actor=Actor.command("test"), ids=[audit_id])
+    lease, _ = leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-2", worker_url=None)
+    leases.finish(engine, lease, None, error="crawler crashed", actor=Actor.command("test"))
+    # It failed on its own this time: reset-all --reason stale_heartbeat must not pick it.
+    assert reset_failed(engine, actor=Actor.command("test"), reason="stale_heartbeat", dry_run=True) == []
+    assert [r.id for r in reset_failed(engine, actor=Actor.command("test"), dry_run=True)] == [audit_id]

@@ -90,8 +90,9 @@ def recover(state, thresholds, worker, reason, older_than, fmt, dry_run, requeue
     render((recovery_record(r, dry_run) for r in done), RECOVERY_COLUMNS, fmt,
            title="Would recover" if dry_run else "Recovered")
     verb = "Would recover" if dry_run else "Recovered"
-    outcome = "pending (requeued)" if requeue else "failed"
-    echo_status(state, f"{verb} {len(done)} audit{'s' if len(done) != 1 else ''} -> {outcome}"
+    requeued = sum(1 for r in done if r.status == "pending")
+    outcomes = [f"{requeued} pending (requeued)" if requeued else "", f"{len(done) - requeued} failed" if len(done) - requeued else ""]
+    echo_status(state, f"{verb} {len(done)} audit{'s' if len(done) != 1 else ''} -> {', '.join(o for o in outcomes if o)}"
                 + (" (dry run: nothing changed)" if dry_run else ""), force=not dry_run)
 
 
