@@ -176,6 +176,7 @@ def _apply_recovery(
     done: list[Recovery] = []
     events: list[dict] = []
     groups: dict[str, list[dict]] = {}
+    recovered_at = isoformat_z(now)
     for verdict in verdicts:
         row = current.get(verdict.id)
         if row is None:
@@ -190,7 +191,7 @@ def _apply_recovery(
         # original_status (the whole prior row) is added by the database in the UPDATE itself:
         # see with_original_status. Building it here would cost more than the write.
         info = {
-            "recovered_at": isoformat_z(now),
+            "recovered_at": recovered_at,
             "reason": ", ".join(reasons),
             "reasons": reasons,
             "explanation": sentences,
