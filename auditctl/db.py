@@ -40,7 +40,7 @@ def normalize_url(database_url: str | URL) -> URL:
     try:
         url = make_url(database_url) if isinstance(database_url, str) else database_url
     except (sa_exc.ArgumentError, ValueError) as exc:
-        raise ConfigError(f"invalid database URL {mask_url(str(database_url))!r}: {exc}") from None
+        raise ConfigError(f"invalid database URL {mask_url(str(database_url))!r}: {mask_url(str(exc))}") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() not in ("sqlite", "postgresql"):
@@ -55,11 +55,16 @@ _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)(\S*)(@)")
 _PASSWORD_IN_QUERY = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
 
 
+#: A URL too broken to parse may still hold ``user:password@``; never echo that either.
+_PASSWORD_ANYWHERE = re.compile(r"(:)([^:@/\s]+)(@)")
+
+
 def mask_url(database_url) -> str:
     """The URL with its password replaced by ``***``; safe for any output or log."""
     if isinstance(database_url, URL):
         return _PASSWORD_IN_QUERY.sub(r"\1***", database_url.render_as_string(hide_password=True))
-    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", str(database_url)))
+    masked = _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", str(database_url)))
+    return _PASSWORD_ANYWHERE.sub(r"\1***\3", masked)
 
 
 def scrub(message: str, url: URL | None) -> str:
@@ -69,7 +74,8 @@ def scrub(message: str, url: URL | None) -> str:
         for secret in (url.password, *(query_password if isinstance(query_password, tuple) else (query_password,))):
             if secret:
                 message = message.replace(str(secret), "***")
-    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", message))
+    message = _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", message))
+    return _PASSWORD_ANYWHERE.sub(r"\1***\3", message)
 
 
 def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, **kwargs) -> Engine:

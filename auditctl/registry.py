@@ -2,9 +2,10 @@
 
 Every process start of a worker is its own instance (a random id) beside the
 configured ``worker_id``, so a restarted worker is told apart from its previous run.
-An earlier instance counts as gone when it stopped cleanly, when it ran on this host
-and its pid is no longer alive (or belongs to this process but not to a live guard),
-or when it ran elsewhere and has not beaten within ``stale_after``. Any other
+An earlier instance counts as gone when it stopped cleanly; when it ran in this boot
+and pid namespace and its process (pid and start time) no longer exists, or is this
+process but not a live guard; or when it ran anywhere else (another host or container,
+even one with the same hostname) and has not beaten within ``stale_after``. Any other
 instance with the same ``worker_id`` is a live duplicate (a reused pod name): it is
 reported, and what it holds is left alone.
 """
@@ -38,28 +39,49 @@ class Instance:
     last_heartbeat_at: datetime | None
     stopped_at: datetime | None
     heartbeat_age: float | None
+    process_key: str | None = None
     alive: bool = False
     running_audits: int = 0
     duplicate: bool = False  # alive while another live instance uses the same worker_id
 
 
-def pid_alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None when there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
 
 
-def _judge(instance: Instance, stale_after: float, here: str) -> bool:
+def _namespace() -> str | None:
+    """This boot and this pid namespace: where a pid means the same process as here."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return f"{boot.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def process_key(pid: int | None = None) -> str | None:
+    """``boot:pid-namespace:pid:start-time``: names one process, even across pid reuse and containers."""
+    pid = pid or os.getpid()
+    namespace, start = _namespace(), _process_start(pid)
+    return None if namespace is None or start is None else f"{namespace}:{pid}:{start}"
+
+
+def _judge(instance: Instance, stale_after: float) -> bool:
     if instance.stopped_at is not None:
         return False
-    if instance.host == here and instance.pid is not None:
-        if instance.pid == os.getpid():
+    namespace = _namespace()
+    if instance.process_key and namespace and instance.process_key.startswith(namespace + ":"):
+        # Same boot, same pid namespace: the process table is the truth, at once.
+        pid, start = instance.process_key[len(namespace) + 1:].split(":", 1)
+        if int(pid) == os.getpid():
             return instance.instance_id in _LIVE_HERE
-        return pid_alive(instance.pid)
+        return _process_start(int(pid)) == start
+    # Another host, container or boot (a reused pod name looks like this): only a fresh
+    # heartbeat says it is alive.
     return instance.heartbeat_age is not None and instance.heartbeat_age <= stale_after
 
 
@@ -68,7 +90,8 @@ def register(engine: Engine, *, instance_id: str, worker_id: str, worker_url: st
     with write_transaction(engine) as connection:
         connection.execute(
             insert(workers).values(instance_id=instance_id, worker_id=worker_id, worker_url=worker_url,
-                                   host=socket.gethostname(), pid=os.getpid(), started_at=db_now(), last_heartbeat_at=db_now())
+                                   host=socket.gethostname(), pid=os.getpid(), process_key=process_key(),
+                                   started_at=db_now(), last_heartbeat_at=db_now())
         )
 
 
@@ -100,7 +123,6 @@ def instances(engine: Engine, stale_after: float, *, worker_id: str | None = Non
         query = query.where(workers.c.worker_id == worker_id)
     if not include_stopped:
         query = query.where(workers.c.stopped_at.is_(None))
-    here = socket.gethostname()
     found = []
     with read_connection(engine) as connection:
         for row in connection.execute(query):
@@ -109,9 +131,10 @@ def instances(engine: Engine, stale_after: float, *, worker_id: str | None = Non
                 instance_id=m["instance_id"], worker_id=m["worker_id"], worker_url=m["worker_url"], host=m["host"], pid=m["pid"],
                 started_at=m["started_at"], last_heartbeat_at=m["last_heartbeat_at"], stopped_at=m["stopped_at"],
                 heartbeat_age=None if m["heartbeat_age"] is None else round(float(m["heartbeat_age"]), 3),
+                process_key=m["process_key"],
                 running_audits=int(m["held"]),
             )
-            instance.alive = _judge(instance, stale_after, here)
+            instance.alive = _judge(instance, stale_after)
             found.append(instance)
     live_count: dict[str, int] = {}
     for instance in found:
@@ -130,4 +153,4 @@ def live_peers(engine: Engine, worker_id: str, instance_id: str, stale_after: fl
     ]
 
 
-__all__ = ["Instance", "register", "beat", "mark_stopped", "instances", "live_peers", "pid_alive"]
+__all__ = ["Instance", "register", "beat", "mark_stopped", "instances", "live_peers", "process_key"]

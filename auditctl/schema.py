@@ -177,6 +177,7 @@ workers = Table(
     Column("worker_url", Text),
     Column("host", String(255)),
     Column("pid", Integer),
+    Column("process_key", String(200)),
     Column("started_at", Timestamp, nullable=False),
     Column("last_heartbeat_at", Timestamp),
     Column("stopped_at", Timestamp),

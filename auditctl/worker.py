@@ -52,6 +52,7 @@ class AuditRun:
         self.audit_id = lease.audit_id
         self.document = document
         self.lost = False
+        self.finished = False
         self.emergency_writes = 0
         self._fields = {"step": None, "percentage": 0.0, "completed_tasks": None, "total_tasks": None}
         self._lock = threading.Lock()
@@ -74,16 +75,16 @@ class AuditRun:
         """
         with self._lock:
             self._check()
-            fields = dict(self._fields)
-            for name, value in (("step", step), ("completed_tasks", completed_tasks), ("total_tasks", total_tasks)):
-                if value is not None:
-                    fields[name] = value
-            if percentage is not None:
-                fields["percentage"] = percentage
-            elif completed_tasks is not None or total_tasks is not None:
-                fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
-            fields = _sanitised(fields)
             try:
+                fields = dict(self._fields)
+                for name, value in (("step", step), ("completed_tasks", completed_tasks), ("total_tasks", total_tasks)):
+                    if value is not None:
+                        fields[name] = value
+                if percentage is not None:
+                    fields["percentage"] = percentage
+                fields = _sanitised(fields)
+                if percentage is None and (completed_tasks is not None or total_tasks is not None):
+                    fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
                 self.document = leases.write_progress(
                     self.guard.engine, self.lease, fields,
                     signature(fields["step"], fields["percentage"], fields["completed_tasks"], fields["total_tasks"]),
@@ -93,7 +94,7 @@ class AuditRun:
                 return True
             except LeaseLost as error:
                 raise self._mark_lost(error) from None
-            except Exception as error:  # noqa: BLE001 - a failed write must not kill the audit: see module docstring
+            except Exception as error:  # noqa: BLE001 - a bad report or failed write must not kill the audit
                 self._emergency(error)
                 return False
 
@@ -119,6 +120,8 @@ class AuditRun:
     def heartbeat(self) -> None:
         """Refresh the heartbeat now (the heartbeat thread does this on its own). Raises LeaseLost."""
         with self._lock:
+            if self.finished:
+                return  # the heartbeat thread raced the end of the run: nothing left to beat
             self._check()
             try:
                 self.document = leases.heartbeat(self.guard.engine, self.lease, self.document, self.guard.actor)
@@ -132,7 +135,7 @@ def _sanitised(fields: dict) -> dict:
     if percentage is not None:
         try:
             percentage = float(percentage)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             percentage = None
         else:
             if percentage != percentage:
@@ -236,7 +239,10 @@ class StuckAuditPrevention:
         # At exit, not inside the signal handler: the interrupted main thread may hold a
         # write transaction (on SQLite, the write lock) that is only released as it unwinds.
         atexit.register(self._stop_at_exit)
-        if handle_sigterm and threading.current_thread() is threading.main_thread():
+        if (handle_sigterm and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) != self._on_sigterm):
+            # Chain to whatever was there, never to ourselves (a restart after a stop() made
+            # off the main thread would otherwise make the handler call itself).
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         log.info("💓 HEARTBEAT monitor started: every %s", format_duration(self.heartbeat_interval))
 
@@ -282,8 +288,13 @@ class StuckAuditPrevention:
         try:
             try:
                 yield handle
-            except LeaseLost:
-                handle.lost = True
+            except LeaseLost as lost:
+                if lost.audit_id == audit_id:
+                    handle.lost = True
+                    raise
+                # Another audit's lease (a nested run): this one still ends as failed.
+                if not handle.lost:
+                    self._finish(handle, f"{type(lost).__name__}: {lost}"[:2000])
                 raise
             except BaseException as error:
                 if not handle.lost:
@@ -303,6 +314,7 @@ class StuckAuditPrevention:
             with handle._lock:
                 try:
                     leases.finish(self.engine, handle.lease, handle.document, error=error, actor=self.actor)
+                    handle.finished = True
                     return
                 except LeaseLost as lost:
                     raise handle._mark_lost(lost) from None
@@ -323,8 +335,10 @@ class StuckAuditPrevention:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == self._on_sigterm):
+            # Only put back what we replaced, and only if nobody (another guard) replaced us since.
+            signal.signal(signal.SIGTERM, self._previous_sigterm if self._previous_sigterm is not None else signal.SIG_DFL)
             self._previous_sigterm = None
         try:
             registry.mark_stopped(self.engine, self.instance_id)
@@ -349,7 +363,7 @@ class StuckAuditPrevention:
         log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor")
         self._stop.set()
         previous = self._previous_sigterm
-        if callable(previous):
+        if callable(previous) and previous != self._on_sigterm:
             previous(signum, frame)
         elif previous != signal.SIG_IGN:
             raise SystemExit(128 + signum)

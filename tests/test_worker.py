@@ -575,3 +575,91 @@ def test_package_exports_the_seed_api():
     for name in ("cleanup_stuck_audits_on_startup", "start_heartbeat_monitor", "create_audit", "run", "stop",
                  "_heartbeat_cleanup", "_recover_stuck_audit"):
         assert callable(getattr(StuckAuditPrevention, name))
+
+
+def test_live_instance_in_another_container_with_the_same_hostname_keeps_its_audit(engine, guards, start_audit):
+    """A reused pod name: same host name, another pid namespace (its pid means nothing here), fresh
+    heartbeats. Not ours to take."""
+    import socket
+
+    from sqlalchemy import insert
+
+    from auditctl.db import db_now, write_transaction
+    from auditctl.schema import workers
+
+    audit_id, _ = start_audit(worker_id="worker-1", instance_id="other-container")
+    with write_transaction(engine) as connection:
+        connection.execute(insert(workers).values(
+            instance_id="other-container", worker_id="worker-1", host=socket.gethostname(), pid=4194301,
+            process_key="another-boot:4026531836:4194301:12345", started_at=db_now(), last_heartbeat_at=db_now()))
+    guard = guards(worker_id="worker-1", stale_after=600, max_age=1800, stall_after=600, heartbeat_interval=60)
+    guard.cleanup_stuck_audits_on_startup()
+    assert row(engine, audit_id)["status"] == "running"
+    assert [peer.instance_id for peer in guard.duplicates] == ["other-container"]
+
+
+def test_dead_process_in_this_namespace_is_recognised_even_if_its_pid_was_reused(engine, guards, start_audit):
+    import os
+    import socket
+
+    from sqlalchemy import insert
+
+    from auditctl import registry
+    from auditctl.db import db_now, write_transaction
+    from auditctl.schema import workers
+
+    audit_id, _ = start_audit(worker_id="worker-1", instance_id="crashed")
+    namespace = registry.process_key().rsplit(":", 2)[0]
+    # pid 1 exists, but it is not the process that registered (its start time differs).
+    with write_transaction(engine) as connection:
+        connection.execute(insert(workers).values(
+            instance_id="crashed", worker_id="worker-1", host=socket.gethostname(), pid=1,
+            process_key=f"{namespace}:1:999999999", started_at=db_now(), last_heartbeat_at=db_now()))
+    assert os.path.exists("/proc/1/stat")
+    guard = guards(worker_id="worker-1", stale_after=600, max_age=1800, stall_after=600, heartbeat_interval=60)
+    recovered = guard.cleanup_stuck_audits_on_startup()
+    assert [(r.id, r.reasons) for r in recovered] == [(audit_id, ["worker_restarted"])]
+
+
+@pytest.mark.parametrize("report", [
+    {"completed_tasks": "3", "total_tasks": 20},
+    {"percentage": 10**400},
+    {"completed_tasks": 10**400, "total_tasks": 1},
+    {"step": object()},
+], ids=["counts as text", "huge percentage", "huge counts", "odd step"])
+def test_a_bad_progress_report_never_kills_the_audit(engine, guards, report):
+    guard = guards(heartbeat_interval=1)
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        run.update_progress(**report)  # stored as well as it can be, or the emergency write: never raises
+        assert row(engine, audit_id)["status"] == "running"
+    assert row(engine, audit_id)["status"] == "completed"
+
+
+def test_a_heartbeat_racing_the_end_of_the_run_records_no_lease_lost(engine, guards):
+    guard = guards(heartbeat_interval=1)
+    audit_id = guard.create_audit("https://example.com")
+    with guard.run(audit_id) as run:
+        pass
+    run.heartbeat()  # the heartbeat thread's snapshot of runs may still hold this one
+    assert [e["event"] for e in events(engine, audit_id)] == []
+
+
+def test_sigterm_handler_survives_a_stop_from_another_thread_and_a_restart(guards):
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    guard = guards(heartbeat_interval=1)
+    try:
+        guard.start_heartbeat_monitor()
+        stopper = threading.Thread(target=guard.stop)
+        stopper.start()
+        stopper.join()
+        guard.start_heartbeat_monitor()
+        with pytest.raises(SystemExit) as exited:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert exited.value.code == 143
+    finally:
+        guard.stop()
+        signal.signal(signal.SIGTERM, before)

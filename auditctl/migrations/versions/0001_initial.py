@@ -69,6 +69,7 @@ def upgrade() -> None:
         sa.Column("worker_url", sa.Text),
         sa.Column("host", sa.String(255)),
         sa.Column("pid", sa.Integer),
+        sa.Column("process_key", sa.String(200)),
         sa.Column("started_at", Timestamp, nullable=False),
         sa.Column("last_heartbeat_at", Timestamp),
         sa.Column("stopped_at", Timestamp),
