@@ -106,9 +106,3 @@ def get_audit(engine: Engine, audit_id: int) -> AuditDetail:
         last_worker_update=m["last_worker_update"], max_age_seconds=m["max_age_seconds"],
         worker_instance=m["worker_instance"], has_lease=m["lease"] is not None, history=events_for(engine, audit_id),
     )
-
-
-def count_by_status(engine: Engine) -> dict[str, int]:
-    with read_connection(engine) as connection:
-        query = select(audits.c.status, func.count()).group_by(audits.c.status)
-        return {status: count for status, count in connection.execute(query)}

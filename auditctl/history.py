@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
 from .db import read_connection
@@ -114,10 +114,3 @@ def recent_events(engine: Engine, *, limit: int = 20, events: tuple[str, ...] | 
         if events:
             query = query.where(audit_events.c.event.in_(events))
         return [_event(row) for row in connection.execute(query)]
-
-
-def count_events(engine: Engine) -> dict[str, int]:
-    """How many history rows of each kind (for metrics and reports)."""
-    with read_connection(engine) as connection:
-        query = select(audit_events.c.event, func.count()).group_by(audit_events.c.event)
-        return {event: count for event, count in connection.execute(query)}
