@@ -1,24 +1,46 @@
-"""Reading audits for people: listings, one audit in full, running audits with their ages.
+"""Reading audits for people: listings and one audit in full.
 
-Everything here is read-only and returns plain dataclasses; the CLI renders them.
-Malformed progress documents are read with ``progress.read_progress`` and flagged,
-never trusted and never fatal.
+Everything here is read-only and returns plain dataclasses; the faces render them.
+Listings stream page by page (each page one short read, fetched whole), so a slow reader
+never holds a transaction open. Every row is read on its own: a row another tool filled
+with something unreadable is listed as such, with what was wrong, and never stops the
+listing. Ages are measured on the database's clock, read once per listing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Iterator
 
-from sqlalchemy import func, select
+from sqlalchemy import or_, select
 from sqlalchemy.engine import Engine
 
-from .db import read_connection, seconds_since
-from .errors import AuditNotFound
+from .db import fetch_now, is_postgres, read_connection, stored_time
+from .errors import AuditNotFound, ConfigError
 from .history import Event, events_for
 from .progress import read_progress
-from .schema import IS_RUNNING, RUNNING, audits
+from .rules import FUTURE_TOLERANCE, isolate
+from .schema import IS_RUNNING, RUNNING, STATUSES, audits
+from .timestamps import Unreadable, as_datetime, parse, to_storage
+from .values import float_value, safe_int, text_value
+
+PAGE_SIZE = 2000
+SORTS = ("id", "created", "target", "status", "worker")
+
+
+@dataclass(frozen=True)
+class AuditFilters:
+    """Which audits a listing shows. Each tuple is a union; ``since``/``until`` bound the creation time
+    (seconds ago as a float, or a datetime)."""
+
+    statuses: tuple[str, ...] = ()
+    workers: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    since: float | datetime | None = None
+    until: float | datetime | None = None
+
 
 
 @dataclass
@@ -37,6 +59,9 @@ class AuditSummary:
     heartbeat_age_seconds: float | None
     age_seconds: float | None
     error: str | None
+    kind: str | None = None
+    resets: int = 0
+    created_age_seconds: float | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -50,59 +75,150 @@ class AuditDetail:
     worker_instance: str | None
     has_lease: bool
     history: list[Event]
+    declared: dict = field(default_factory=dict)
 
 
-def _columns():
-    return (
-        audits,
-        seconds_since(audits.c.heartbeat_at).label("heartbeat_age"),
-        # Per column: a start time another tool left unreadable gives way to the creation time.
-        func.coalesce(seconds_since(audits.c.started_at), seconds_since(audits.c.created_at)).label("age"),
-    )
+def _seconds(now: datetime | None, moment) -> float | None:
+    moment = as_datetime(moment)
+    if now is None or moment is None:
+        return None
+    return round((now - moment).total_seconds(), 3)
 
 
-def _summary(row) -> AuditSummary:
-    m = row._mapping
+def summarise(m, now: datetime | None) -> AuditSummary:
+    """One row as a summary; raises only for a row too broken to describe (see ``unreadable_summary``)."""
     view = read_progress(m["progress"])
-    running = m["status"] == RUNNING
+    status = text_value(m["status"]) or "?"
+    running = status == RUNNING
+    problems = list(view.problems)
+    for name in ("created_at", "started_at", "finished_at", "heartbeat_at"):
+        if isinstance(parse(m[name]), Unreadable):
+            problems.append(f"{name}_unreadable")
+    heartbeat_age = _seconds(now, m["heartbeat_at"]) if running else None
+    if heartbeat_age is not None and heartbeat_age < -FUTURE_TOLERANCE:
+        problems.append("heartbeat_in_future")
+    if status not in STATUSES:
+        problems.append("unknown_status")
+    age = None
+    if running:
+        age = _seconds(now, m["started_at"])
+        if age is None:
+            age = _seconds(now, m["created_at"])
+    attempts = safe_int(m["attempts"])
+    if attempts is None and m["attempts"] is not None:
+        problems.append("attempts_not_a_number")
     return AuditSummary(
-        id=m["id"], target=m["target"], status=m["status"], worker_id=m["worker_id"], step=view.step,
-        percentage=view.percentage, attempts=m["attempts"] or 0, created_at=m["created_at"], started_at=m["started_at"],
-        finished_at=m["finished_at"], last_heartbeat=m["heartbeat_at"],
-        heartbeat_age_seconds=None if m["heartbeat_age"] is None or not running else round(float(m["heartbeat_age"]), 3),
-        age_seconds=None if m["age"] is None or not running else round(float(m["age"]), 3),
-        error=m["error"], problems=view.problems,
+        id=m["id"], target=text_value(m["target"]) or "", status=status, worker_id=text_value(m["worker_id"]),
+        step=view.step if status not in ("pending",) else None, percentage=view.percentage if status != "pending" else None,
+        attempts=attempts or 0, created_at=as_datetime(m["created_at"]), started_at=as_datetime(m["started_at"]),
+        finished_at=as_datetime(m["finished_at"]), last_heartbeat=as_datetime(m["heartbeat_at"]),
+        heartbeat_age_seconds=heartbeat_age, age_seconds=age, error=text_value(m["error"]),
+        kind=text_value(m["kind"]), resets=safe_int(m["resets"]) or 0, created_age_seconds=_seconds(now, m["created_at"]),
+        problems=problems,
     )
 
 
-def list_audits(engine: Engine, *, status: str | None = None, worker: str | None = None, limit: int | None = 50) -> list[AuditSummary]:
+def unreadable_summary(m, problem: str) -> AuditSummary:
+    return AuditSummary(id=m["id"], target=text_value(m.get("target")) or "?", status=text_value(m.get("status")) or "?",
+                        worker_id=None, step=None, percentage=None, attempts=0, created_at=None, started_at=None,
+                        finished_at=None, last_heartbeat=None, heartbeat_age_seconds=None, age_seconds=None, error=None,
+                        problems=[f"row_unreadable: {problem}"])
+
+
+def _conditions(connection, filters: AuditFilters) -> list:
+    postgres = is_postgres(connection)
+    conditions = []
+    if filters.statuses == (RUNNING,):
+        conditions.append(IS_RUNNING)  # the partial index
+    elif filters.statuses:
+        conditions.append(audits.c.status.in_(filters.statuses))
+    if filters.workers:
+        conditions.append(audits.c.worker_id.in_(filters.workers))
+    if filters.kinds:
+        conditions.append(audits.c.kind.in_(filters.kinds))
+    if filters.targets:
+        if postgres:
+            from .rules import _glob_to_regex
+
+            conditions.append(or_(*[audits.c.target.regexp_match(_glob_to_regex(p)) for p in filters.targets]))
+        else:
+            conditions.append(or_(*[audits.c.target.op("GLOB")(p) for p in filters.targets]))
+    now = None
+    for name, compare in (("since", "__ge__"), ("until", "__le__")):
+        value = getattr(filters, name)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            now = now or fetch_now(connection)
+            value = now - timedelta(seconds=float(value))
+        bound = value if postgres else to_storage(value)
+        conditions.append(getattr(stored_time(audits.c.created_at), compare)(bound))
+    return conditions
+
+
+_ORDER = {"id": audits.c.id, "created": audits.c.created_at, "target": audits.c.target, "status": audits.c.status,
+          "worker": audits.c.worker_id}
+
+
+def list_audits(engine: Engine, filters: AuditFilters | None = None, **options) -> list[AuditSummary]:
     """Audits, newest first."""
-    return list(iter_audits(engine, status=status, worker=worker, limit=limit))
+    return list(iter_audits(engine, filters, **options))
 
 
-def iter_audits(engine: Engine, *, status: str | None = None, worker: str | None = None, limit: int | None = 50) -> Iterator[AuditSummary]:
-    query = select(*_columns()).order_by(audits.c.id.desc())
-    if status == RUNNING:
-        query = query.where(IS_RUNNING)
-    elif status is not None:
-        query = query.where(audits.c.status == status)
-    if worker is not None:
-        query = query.where(audits.c.worker_id == worker)
-    if limit is not None:
-        query = query.limit(limit)
+def iter_audits(engine: Engine, filters: AuditFilters | None = None, *, sort: str = "id", descending: bool = True,
+                limit: int | None = 50, page_size: int = PAGE_SIZE, status: str | None = None,
+                worker: str | None = None) -> Iterator[AuditSummary]:
+    """Stream audits (newest first by default), page by page."""
+    filters = filters or AuditFilters(statuses=(status,) if status else (), workers=(worker,) if worker else ())
+    if sort not in SORTS:
+        raise ConfigError(f"unknown sort {sort!r}: choose from {', '.join(SORTS)}")
+    order = _ORDER[sort]
     with read_connection(engine) as connection:
-        for row in connection.execution_options(stream_results=True, yield_per=1000).execute(query):
-            yield _summary(row)
+        now = fetch_now(connection)
+        conditions = _conditions(connection, filters)
+    base = select(audits).where(*conditions)
+    if sort != "id":
+        query = base.order_by(order.desc() if descending else order, audits.c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        with read_connection(engine) as connection:
+            rows = connection.execute(query).all()
+        for row in rows:
+            yield isolate(row._mapping, lambda m: summarise(m, now), unreadable_summary)
+        return
+    after, produced = None, 0
+    while True:
+        size = page_size if limit is None else min(page_size, limit - produced)
+        if size <= 0:
+            return
+        query = base.order_by(audits.c.id.desc() if descending else audits.c.id).limit(size)
+        if after is not None:
+            query = query.where(audits.c.id < after if descending else audits.c.id > after)
+        with read_connection(engine) as connection:
+            rows = connection.execute(query).all()
+        for row in rows:
+            yield isolate(row._mapping, lambda m: summarise(m, now), unreadable_summary)
+        produced += len(rows)
+        if len(rows) < size:
+            return
+        after = rows[-1]._mapping["id"]
 
 
 def get_audit(engine: Engine, audit_id: int) -> AuditDetail:
     with read_connection(engine) as connection:
-        row = connection.execute(select(*_columns()).where(audits.c.id == audit_id)).first()
+        now = fetch_now(connection)
+        row = connection.execute(select(audits).where(audits.c.id == audit_id)).first()
     if row is None:
         raise AuditNotFound(f"no audit with id {audit_id}")
     m = row._mapping
+    summary = isolate(m, lambda r: summarise(r, now), unreadable_summary)
+    declared = {name: float_value(m[f"declared_{name}"]) for name in ("heartbeat_interval", "stale_after", "stall_after", "max_age")}
     return AuditDetail(
-        summary=_summary(row), progress=m["progress"], recovery_info=m["recovery_info"],
-        last_worker_update=m["last_worker_update"], max_age_seconds=m["max_age_seconds"],
-        worker_instance=m["worker_instance"], has_lease=m["lease"] is not None, history=events_for(engine, audit_id),
+        summary=summary, progress=m["progress"], recovery_info=m["recovery_info"],
+        last_worker_update=as_datetime(m["last_worker_update"]), max_age_seconds=float_value(m["max_age_seconds"]),
+        worker_instance=text_value(m["worker_instance"]), has_lease=m["lease"] is not None,
+        history=events_for(engine, audit_id), declared={k: v for k, v in declared.items() if v is not None},
     )
+
+
+__all__ = ["AuditFilters", "AuditSummary", "AuditDetail", "SORTS", "list_audits", "iter_audits", "get_audit"]

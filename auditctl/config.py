@@ -5,7 +5,7 @@ and fourth by itself (``envvar=`` on each option); this module reads the file an
 turns it into ``ctx.default_map``, validating every value so a typo in the file is
 reported with the file's name instead of as a confusing option error.
 
-The file is TOML, at ``$AUDITCTL_CONFIG``, or ``--config``, or
+The file is TOML, at ``--config``, or ``$AUDITCTL_CONFIG``, or
 ``$XDG_CONFIG_HOME/auditctl/config.toml`` (``~/.config/auditctl/config.toml``)::
 
     database_url = "postgresql://auditctl@db.internal/audits"
@@ -14,6 +14,10 @@ The file is TOML, at ``$AUDITCTL_CONFIG``, or ``--config``, or
     stall_after = "10m"
     interval = "5m"
     max_attempts = 3
+
+    [kinds.full-scan]          # thresholds for audits created with kind="full-scan"
+    max_age = "4h"
+    stall_after = "30m"
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 from .errors import ConfigError
-from .thresholds import parse_duration
+from .thresholds import Overrides, parse_duration
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Setting:
     name: str
     envvar: str
     help: str
-    kind: str  # "url", "duration", "count"
+    kind: str  # "url", "duration", "count", "urls"
 
 
 SETTINGS = {
@@ -44,10 +48,18 @@ SETTINGS = {
         Setting("stale_after", "AUDITCTL_STALE_AFTER", "no heartbeat for this long: stale_heartbeat", "duration"),
         Setting("max_age", "AUDITCTL_MAX_AGE", "running longer than this: max_age_exceeded", "duration"),
         Setting("stall_after", "AUDITCTL_STALL_AFTER", "no progress for this long: progress_stalled", "duration"),
-        Setting("interval", "AUDITCTL_INTERVAL", "time between watch passes", "duration"),
+        Setting("interval", "AUDITCTL_INTERVAL", "time between watch's monitor passes", "duration"),
+        Setting("refresh", "AUDITCTL_REFRESH", "time between redraws of watch's screen", "duration"),
         Setting("max_attempts", "AUDITCTL_MAX_ATTEMPTS", "claims before a requeued audit fails for good", "count"),
+        Setting("max_resets", "AUDITCTL_MAX_RESETS", "resets of one audit before reset-all leaves it alone", "count0"),
+        Setting("slack_webhook", "AUDITCTL_SLACK_WEBHOOK", "Slack incoming-webhook URLs (comma-separated)", "urls"),
+        Setting("discord_webhook", "AUDITCTL_DISCORD_WEBHOOK", "Discord webhook URLs (comma-separated)", "urls"),
+        Setting("webhook", "AUDITCTL_WEBHOOK", "generic JSON webhook URLs (comma-separated)", "urls"),
     )
 }
+
+#: Keys of the config file that are not single settings.
+SECTIONS = ("kinds",)
 
 
 def default_config_path() -> "Path":
@@ -74,15 +86,39 @@ def load_config_file(path: str | os.PathLike | None) -> "tuple[dict, Path | None
         raise ConfigError(f"cannot read config file {target}: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {target} is not valid TOML: {error}") from None
+    return validate_config(data, target), target
+
+
+def validate_config(data: dict, target) -> dict:
+    """The settings of a parsed config file, each checked; raises ConfigError naming the file and key."""
     if isinstance(data.get("auditctl"), dict):
         data = data["auditctl"]
     values = {}
     for key, value in data.items():
+        if key == "kinds":
+            values["kinds"] = _validate_kinds(value, target)
+            continue
         setting = SETTINGS.get(key)
         if setting is None:
-            raise ConfigError(f"config file {target}: unknown setting {key!r}; known settings: {', '.join(SETTINGS)}")
+            raise ConfigError(f"config file {target}: unknown setting {key!r}; known settings: "
+                              f"{', '.join(list(SETTINGS) + list(SECTIONS))}")
         values[key] = _validate(setting, value, target)
-    return values, target
+    return values
+
+
+def _validate_kinds(value, path) -> dict[str, Overrides]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config file {path}: kinds must be a table of [kinds.NAME] sections")
+    kinds = {}
+    for name, section in value.items():
+        where = f"config file {path}: kinds.{name}"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where} must be a table with stale_after, max_age or stall_after")
+        unknown = set(section) - {"stale_after", "max_age", "stall_after"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}; a kind sets stale_after, max_age, stall_after")
+        kinds[str(name)] = Overrides.parse(**section, where=where)
+    return kinds
 
 
 def _validate(setting: Setting, value, path):
@@ -91,11 +127,17 @@ def _validate(setting: Setting, value, path):
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{where} must be a non-empty string")
         return value
+    if setting.kind == "urls":
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) and item.strip() for item in items):
+            raise ConfigError(f"{where} must be a URL or a list of URLs")
+        return [item.strip() for item in items]
     if setting.kind == "duration":
         parse_duration(value, where)
         return str(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where} must be a whole number of at least 1, got {value!r}")
+    minimum = 0 if setting.kind == "count0" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where} must be a whole number of at least {minimum}, got {value!r}")
     return value
 
 

@@ -1,10 +1,20 @@
 """Engines, transactions, the database clock, and database errors in human words.
 
-SQLite (the embedded default) runs in WAL mode with a busy timeout, and every
-transaction that writes starts as a writer (``BEGIN IMMEDIATE``): concurrent
-processes then queue on the lock instead of failing half-way with "database is
-locked". PostgreSQL goes through psycopg 3 with pre-ping, so a connection that died
-in an outage is replaced instead of failing the next heartbeat.
+Each engine has a role, which decides how long it may wait:
+
+* ``worker``: a worker's fenced writes. On SQLite a write waits at most
+  ``WORKER_LOCK_WAIT`` seconds for the lock; on PostgreSQL ``lock_timeout`` and
+  ``statement_timeout`` bound it the same way. A worker's caller is never blocked for long.
+* ``operator``: recover, reset-all, watch, init. They work in short batches; one batch
+  waits at most ``OPERATOR_LOCK_WAIT`` seconds for the SQLite write lock.
+* ``reader``: scan, list, show, workers. They never change the database: on SQLite they do
+  not switch it to WAL (nor create the file), on PostgreSQL their sessions are read-only.
+
+SQLite runs in WAL mode (switched on by the first writer), and every transaction that
+writes starts as the writer (``BEGIN IMMEDIATE``): concurrent processes then queue on
+the lock instead of failing half-way with "database is locked". PostgreSQL goes through
+psycopg 3; a server-side setting ends a session left idle inside a transaction, so a
+frozen process cannot hold row locks for long.
 
 The database's clock is the only clock. Worker and monitor hosts may disagree by
 minutes; the database is the one thing every party already agrees on.
@@ -24,80 +34,124 @@ from sqlalchemy.engine import Connection, Engine, make_url, URL
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
-from .errors import ConfigError, DatabaseUnavailable, SchemaMissing
+from . import documents, timestamps
+from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, SchemaMissing
+from .urls import mask_url, scrub
 
 DEFAULT_DATABASE_URL = "sqlite:///auditctl.db"
 
 #: PostgreSQL ends a session idle inside a transaction for this long (seconds).
 IDLE_IN_TRANSACTION_TIMEOUT = 30.0
+#: The longest a worker's write waits for a lock (SQLite busy timeout, PostgreSQL lock_timeout).
+WORKER_LOCK_WAIT = 2.0
+#: The longest a worker's statement may run on PostgreSQL (a stalled network, a frozen server).
+WORKER_STATEMENT_TIMEOUT = 10.0
+#: The longest one batch of recover, reset-all or watch waits for the SQLite write lock.
+OPERATOR_LOCK_WAIT = 30.0
+#: The longest a reader waits on SQLite (readers only wait while another process recovers a crashed WAL).
+READER_LOCK_WAIT = 5.0
 
-#: How long a SQLite writer waits for the lock before giving up (seconds).
-SQLITE_BUSY_TIMEOUT = 30.0
+ROLES = ("worker", "operator", "reader")
+_SQLITE_WAIT = {"worker": WORKER_LOCK_WAIT, "operator": OPERATOR_LOCK_WAIT, "reader": READER_LOCK_WAIT}
 
 
 def normalize_url(database_url: str | URL) -> URL:
     """Parse a URL; ``postgresql://`` and ``postgres://`` mean psycopg 3, the driver we ship."""
     try:
-        url = make_url(database_url) if isinstance(database_url, str) else database_url
-    except (sa_exc.ArgumentError, ValueError) as exc:
-        raise ConfigError(f"invalid database URL {mask_url(str(database_url))!r}: {mask_url(str(exc))}") from None
+        url = make_url(database_url.strip() if isinstance(database_url, str) else database_url)
+    except (sa_exc.ArgumentError, ValueError, TypeError):
+        raise ConfigError(f"cannot read the database URL {mask_url(database_url)!r}: "
+                          "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
-    if url.get_backend_name() not in ("sqlite", "postgresql"):
-        raise ConfigError(
-            f"unsupported database {url.get_backend_name()!r} in {mask_url(url)}: use sqlite:///PATH or postgresql://..."
-        )
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"unsupported database {backend!r} in {mask_url(database_url)}: use sqlite:///PATH or postgresql://...")
+    if backend == "sqlite" and url.database and url.host:
+        # sqlite://relative.db (two slashes) puts the file name where a host would be.
+        raise ConfigError(f"{mask_url(database_url)} names no file: a SQLite URL has three slashes, "
+                          f"as in sqlite:///{url.host}{'/' + url.database if url.database else ''}")
+    if backend == "sqlite" and not url.database and url.host:
+        raise ConfigError(f"{mask_url(database_url)} names no file: a SQLite URL has three slashes, "
+                          f"as in sqlite:///{url.host}")
     return url
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)(\S*)(@)")
-#: libpq also takes the password as a query parameter: ``postgresql://bob@host/db?password=...``.
-_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
+def sqlite_path(url: URL) -> str | None:
+    """The absolute path of a SQLite file URL (None for an in-memory database)."""
+    database = url.database
+    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+        return None
+    if database.startswith("file:"):
+        database = database[5:].split("?", 1)[0]
+    return os.path.abspath(database)
 
 
-#: A URL too broken to parse may still hold ``user:password@``; never echo that either.
-_PASSWORD_ANYWHERE = re.compile(r"(:)([^:@/\s]+)(@)")
+def _pg_options(url: URL, role: str) -> tuple[URL, str]:
+    """libpq ``options`` for the role, merged with the URL's own (which win over ours)."""
+    ours = [f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}"]
+    if role == "worker":
+        ours += [f"-c lock_timeout={int(WORKER_LOCK_WAIT * 1000)}",
+                 f"-c statement_timeout={int(WORKER_STATEMENT_TIMEOUT * 1000)}"]
+    elif role == "reader":
+        ours += ["-c default_transaction_read_only=on"]
+    theirs = url.query.get("options")
+    if isinstance(theirs, tuple):
+        theirs = " ".join(theirs)
+    # The URL's own settings (a search_path that separates two fleets, say) come last: libpq
+    # applies -c settings in order, so a user who sets one of ours on purpose keeps theirs.
+    options = " ".join(ours + ([theirs] if theirs else []))
+    return url.difference_update_query(["options"]), options
 
 
-def mask_url(database_url) -> str:
-    """The URL with its password replaced by ``***``; safe for any output or log."""
-    if isinstance(database_url, URL):
-        return _PASSWORD_IN_QUERY.sub(r"\1***", database_url.render_as_string(hide_password=True))
-    masked = _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", str(database_url)))
-    return _PASSWORD_ANYWHERE.sub(r"\1***\3", masked)
+def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str = "operator",
+                  pool_size: int | None = None, must_exist: bool | None = None, **kwargs) -> Engine:
+    """An engine for one role (``worker``, ``operator``, ``reader``); does not connect yet.
 
-
-def scrub(message: str, url: URL | None) -> str:
-    """Remove a URL's password from a driver's error message, whatever shape it takes."""
-    if url is not None:
-        query_password = url.query.get("password")
-        for secret in (url.password, *(query_password if isinstance(query_password, tuple) else (query_password,))):
-            if secret:
-                message = message.replace(str(secret), "***")
-    message = _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***\3", message))
-    return _PASSWORD_ANYWHERE.sub(r"\1***\3", message)
-
-
-def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, **kwargs) -> Engine:
-    """An engine configured for this tool; does not connect yet."""
+    On SQLite, ``must_exist`` (the default for a ``reader``) refuses a file that does not exist
+    (``DatabaseMissing``): looking, or recovering, must never create an empty database.
+    """
     from sqlalchemy import create_engine as sa_create_engine
 
+    if role not in ROLES:
+        raise ValueError(f"unknown engine role {role!r}")
     url = normalize_url(database_url)
     if url.get_backend_name() == "sqlite":
-        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}
+        path = sqlite_path(url)
+        read_only = role == "reader"
+        if (must_exist if must_exist is not None else read_only) and path is not None and not os.path.exists(path):
+            raise DatabaseMissing(f"no database at {path} (from {mask_url(database_url)}): run `auditctl init` "
+                                  "to create it there, or pass --database-url")
+        if read_only and path is not None and not os.access(path, os.W_OK) and url.query.get("mode") is None:
+            # A file this process may not write: open it read-only, through SQLite's URI form.
+            url = url.set(database=f"file:{path}?mode=ro").update_query_dict({"uri": "true"})
+        connect_args = {"timeout": _SQLITE_WAIT[role], "check_same_thread": False}
         engine = sa_create_engine(url, connect_args=connect_args, **kwargs)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, _SQLITE_WAIT[role], wal=not read_only)
     else:
-        # A process frozen inside a transaction (SIGSTOP, a debugger, a stalled VM) would hold
-        # its row locks forever and keep recovery off those rows; the server ends such a
-        # session instead. auditctl's own transactions are never idle for anything like this long.
-        connect_args = {"connect_timeout": 10, "application_name": "auditctl",
-                        "options": f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}"}
-        engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
+        url, options = _pg_options(url, role)
+        connect_args = {"connect_timeout": 10, "application_name": f"auditctl-{role}", "options": options}
+        if pool_size is not None:
+            kwargs.setdefault("pool_size", pool_size)
+            kwargs.setdefault("max_overflow", max(5, pool_size // 2))
+        engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=True,
+                                  json_serializer=documents.dumps_strict, json_deserializer=documents.loads_for_driver,
+                                  **kwargs)
+        _configure_postgresql(engine)
+    engine._auditctl_display_url = mask_url(database_url)  # the URL as the user typed it, masked
+    engine._auditctl_raw_url = database_url if isinstance(database_url, str) else None
     return engine
 
 
-def _enable_wal(cursor) -> None:
+def display_url(engine: Engine) -> str:
+    """The engine's URL as the user typed it, with the password masked."""
+    return getattr(engine, "_auditctl_display_url", None) or mask_url(engine.url)
+
+
+# --- SQLite -----------------------------------------------------------------------------
+
+
+def _enable_wal(cursor, wait: float) -> None:
     """Switch to WAL, waiting like any writer would.
 
     Changing the journal mode needs an exclusive lock, and SQLite answers "database is
@@ -106,7 +160,7 @@ def _enable_wal(cursor) -> None:
     """
     import sqlite3
 
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    deadline = time.monotonic() + wait
     delay = 0.005
     while True:
         try:
@@ -119,16 +173,19 @@ def _enable_wal(cursor) -> None:
         delay = min(delay * 2, 0.2)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin, so
         # writers can begin IMMEDIATE (see _on_begin).
         dbapi_connection.isolation_level = None
+        # The stuck query reads a time another tool wrote in an odd form through the same
+        # parser Python uses, so the two always agree (see auditctl.timestamps).
+        dbapi_connection.create_function("auditctl_utc", 1, timestamps.canonical, deterministic=True)
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
-        if engine.url.database not in (None, "", ":memory:"):
-            _enable_wal(cursor)
+        cursor.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+        if wal and engine.url.database not in (None, "", ":memory:"):
+            _enable_wal(cursor, wait)
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
@@ -143,6 +200,41 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# --- PostgreSQL -------------------------------------------------------------------------
+
+
+def _safe_time_loaders():
+    """psycopg loaders for timestamps that never raise: 'infinity' or a year psycopg cannot
+    represent comes back as ``timestamps.Unreadable`` instead of failing the whole result."""
+    from psycopg import DataError
+    from psycopg.types.datetime import TimestampLoader, TimestamptzLoader
+
+    def safe(base):
+        class Safe(base):
+            def load(self, data):
+                try:
+                    return super().load(data)
+                except (DataError, ValueError, OverflowError):
+                    return timestamps.Unreadable(bytes(data).decode("utf-8", "replace"))
+
+        Safe.__name__ = f"Safe{base.__name__}"
+        return Safe
+
+    return safe(TimestamptzLoader), safe(TimestampLoader)
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    tz_loader, naive_loader = _safe_time_loaders()
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.adapters.register_loader("timestamptz", tz_loader)
+        dbapi_connection.adapters.register_loader("timestamp", naive_loader)
+
+
+# --- transactions ---------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A short transaction that will write; commits on success."""
@@ -154,11 +246,17 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 @contextlib.contextmanager
 def read_connection(engine: Engine) -> Iterator[Connection]:
     """A connection for reads only. On SQLite it takes no transaction (each SELECT is its own
-    snapshot, and nothing holds a lock between statements); on PostgreSQL it stays in a
-    transaction, which server-side cursors (streamed listings) need."""
+    snapshot, and nothing holds a lock between statements). Callers that stream keep each
+    page's read short and do not hold the connection while writing out (see ``pages``)."""
     with translate_errors(engine):
         with engine.connect() as connection:
             yield connection.execution_options(auditctl_read_only=True)
+
+
+def run_read(engine: Engine, statement, params=None) -> list:
+    """One read statement, all rows fetched before the connection is given back."""
+    with read_connection(engine) as connection:
+        return connection.execute(statement, params or {}).all()
 
 
 _MISSING_TABLE = re.compile(r"no such table|relation \"[^\"]*\" does not exist|no such column|column \"[^\"]*\" does not exist")
@@ -170,24 +268,34 @@ def translate_errors(engine: Engine) -> Iterator[None]:
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        raise database_error(exc, engine.url) from None
+        raise database_error(exc, engine) from None
 
 
-def database_error(exc: sa_exc.DBAPIError, url: URL) -> Exception:
+def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url
+    raw = getattr(engine_or_url, "_auditctl_raw_url", None)
     original = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    detail = scrub(original[0] if original else type(exc).__name__, url)
+    detail = scrub(original[0] if original else type(exc).__name__, url, raw)
+    where = describe(engine_or_url)
     if _MISSING_TABLE.search(detail):
-        return SchemaMissing(f"the database at {mask_url(url)} has no auditctl schema (or an old one): run `auditctl init` ({detail})")
+        return SchemaMissing(f"the database at {where} has no auditctl schema, or an older one ({detail}); "
+                             "run `auditctl init`")
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(exc, "connection_invalidated", False):
-        return DatabaseUnavailable(f"database unavailable at {describe_url(url)}: {detail}")
-    return DatabaseUnavailable(f"database error at {describe_url(url)}: {detail}")
+        return DatabaseUnavailable(f"database unavailable at {where}: {detail}")
+    return DatabaseRefused(f"database error at {where}: {detail}")
 
 
-def describe_url(url: URL) -> str:
-    """Where the database is, for error messages: host and port, or the SQLite file."""
+def describe(engine_or_url) -> str:
+    """Where the database is, for messages: the URL as typed (masked), and for SQLite the absolute file."""
+    if isinstance(engine_or_url, Engine):
+        url, shown = engine_or_url.url, display_url(engine_or_url)
+    else:
+        url, shown = engine_or_url, mask_url(engine_or_url)
     if url.get_backend_name() == "sqlite":
-        return f"{mask_url(url)} ({os.path.abspath(url.database) if url.database else 'memory'})"
-    return mask_url(url)
+        path = sqlite_path(url)
+        if path is not None and os.path.abspath(path) != shown.split("///", 1)[-1]:
+            return f"{shown} ({path})"
+    return shown
 
 
 def is_postgres(bind) -> bool:
@@ -206,7 +314,8 @@ class db_now(FunctionElement):
 
 @compiles(db_now, "sqlite")
 def _db_now_sqlite(element, compiler, **kw):
-    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    # SQLite's clock has millisecond resolution; the padding keeps the canonical stored form.
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
 
 
 @compiles(db_now, "postgresql")
@@ -215,7 +324,7 @@ def _db_now_pg(element, compiler, **kw):
 
 
 class seconds_since(FunctionElement):
-    """``now - moment`` in seconds (float), computed by the database; NULL when moment is NULL."""
+    """``now - moment`` in seconds (float), computed by the database; NULL when moment is NULL or unreadable."""
 
     type = types.Float()
     inherit_cache = True
@@ -224,20 +333,39 @@ class seconds_since(FunctionElement):
 @compiles(seconds_since, "sqlite")
 def _seconds_since_sqlite(element, compiler, **kw):
     (moment,) = list(element.clauses)
-    return f"((julianday('now') - julianday({compiler.process(moment, **kw)})) * 86400.0)"
+    return f"((julianday('now') - julianday(auditctl_utc({compiler.process(moment, **kw)}))) * 86400.0)"
 
 
 @compiles(seconds_since, "postgresql")
 def _seconds_since_pg(element, compiler, **kw):
     (moment,) = list(element.clauses)
-    return f"EXTRACT(EPOCH FROM (statement_timestamp() - {compiler.process(moment, **kw)}))"
+    value = compiler.process(moment, **kw)
+    return f"(CASE WHEN isfinite({value}) THEN date_part('epoch', statement_timestamp() - {value}) END)"
+
+
+class stored_time(FunctionElement):
+    """A stored time column as the rules read it: on SQLite through ``auditctl_utc`` (any form
+    Python reads becomes canonical text, anything else NULL); on PostgreSQL the column itself."""
+
+    type = types.String()
+    inherit_cache = True
+
+
+@compiles(stored_time, "sqlite")
+def _stored_time_sqlite(element, compiler, **kw):
+    (moment,) = list(element.clauses)
+    return f"auditctl_utc({compiler.process(moment, **kw)})"
+
+
+@compiles(stored_time, "postgresql")
+def _stored_time_pg(element, compiler, **kw):
+    (moment,) = list(element.clauses)
+    return compiler.process(moment, **kw)
 
 
 def fetch_now(connection: Connection):
     """The database's time as a timezone-aware UTC datetime."""
     from sqlalchemy import select
 
-    from .schema import parse_timestamp
-
     value = connection.execute(select(db_now())).scalar_one()
-    return parse_timestamp(value)
+    return timestamps.as_datetime(value)

@@ -83,7 +83,7 @@ def seed_demo(engine: Engine, *, force: bool = False) -> DemoFleet:
                             started_ago=(30 - index) * minutes * 10, heard_ago=(30 - index) * minutes * 10 - 900,
                             changed_ago=(30 - index) * minutes * 10 - 900)
         lease = _lease(engine, audit_id)
-        leases.finish(engine, lease, None, error=None, actor=actor)
+        leases.finish(engine, lease, error=None, actor=actor)
     abandoned = [
         _running(engine, target, "worker-4", step="Crawling", done=3, total=20, started_ago=(5 + index) * 3600,
                  heard_ago=(5 + index) * 3600 - 300, changed_ago=(5 + index) * 3600 - 300)

@@ -17,8 +17,24 @@ class DatabaseUnavailable(AuditctlError):
     """The database cannot be reached or answered with an error (URL shown masked)."""
 
 
+class DatabaseRefused(DatabaseUnavailable):
+    """The database answered but refused a statement (a value it cannot store, a constraint): not an outage."""
+
+
+class DatabaseMissing(DatabaseUnavailable):
+    """A read-only command was pointed at a SQLite file that does not exist (it is never created)."""
+
+
 class SchemaMissing(AuditctlError):
     """The database exists but holds no auditctl schema, or an older one."""
+
+
+class NotOurDatabase(SchemaMissing):
+    """The database holds tables named like auditctl's that auditctl did not create."""
+
+
+class SchemaTooNew(SchemaMissing):
+    """The database was migrated by a newer auditctl than this one."""
 
 
 class AuditNotFound(AuditctlError, LookupError):

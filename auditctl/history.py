@@ -16,12 +16,16 @@ from sqlalchemy.engine import Connection, Engine
 
 from .db import read_connection
 from .schema import audit_events
+from .timestamps import as_datetime
+from .values import safe_int, text_value
 
 RECOVERED = "recovered"
 REQUEUED = "requeued"
 RESET = "reset"
 LEASE_LOST = "lease_lost"
-EVENTS = (RECOVERED, REQUEUED, RESET, LEASE_LOST)
+#: A recovery could not change this audit (the database refused its row): an operator must look.
+NEEDS_OPERATOR = "needs_operator"
+EVENTS = (RECOVERED, REQUEUED, RESET, LEASE_LOST, NEEDS_OPERATOR)
 
 
 @dataclass(frozen=True)
@@ -83,19 +87,21 @@ def record(connection: Connection, rows: list[dict], actor: Actor, now) -> None:
 
 
 def _event(row) -> Event:
+    """One history row, read whatever another tool stored in it."""
     m = row._mapping
+    reasons = text_value(m["reasons"]) or ""
     return Event(
-        id=m["id"],
-        audit_id=m["audit_id"],
-        at=m["at"],
-        event=m["event"],
-        from_status=m["from_status"],
-        to_status=m["to_status"],
-        reasons=[r for r in (m["reasons"] or "").split(",") if r],
+        id=safe_int(m["id"]) or 0,
+        audit_id=safe_int(m["audit_id"]) or 0,
+        at=as_datetime(m["at"]),
+        event=text_value(m["event"]) or "?",
+        from_status=text_value(m["from_status"]),
+        to_status=text_value(m["to_status"]),
+        reasons=[r for r in reasons.split(",") if r],
         measurements=m["measurements"] if isinstance(m["measurements"], dict) else None,
-        actor=m["actor"],
-        host=m["host"],
-        pid=m["pid"],
+        actor=text_value(m["actor"]) or "?",
+        host=text_value(m["host"]),
+        pid=safe_int(m["pid"]),
         details=m["details"] if isinstance(m["details"], dict) else None,
     )
 

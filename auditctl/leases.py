@@ -1,12 +1,15 @@
 """Claims and fenced writes: the only SQL a worker runs against an audit it is working on.
 
-Claiming a pending audit gives it a fresh lease token. Every later write by that
-worker names the token in its WHERE clause, so once the audit has been recovered
-or reset (which clears the token) the worker's write matches no row: it changes
-nothing and raises ``LeaseLost``. The rejected write is recorded in the history.
+Claiming a pending audit gives it a fresh lease token and records the thresholds the
+worker runs under, so every judge uses the audit's own values. Every later write by
+that worker names the token in its WHERE clause, so once the audit has been recovered
+or reset (which clears the token) the worker's write matches no row: it changes nothing
+and raises ``LeaseLost``. The rejected write is recorded in the history.
 
-Each write is one short transaction. The progress document carries the database's
-time, read in the same transaction as the write that stores it.
+Each write is one statement on the database's clock: the times, and the stamps inside
+the progress document, are set by the database in the UPDATE itself. The same write
+keeps the run's longest silence between writes and longest time without progress
+(what threshold suggestions learn from).
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import case, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import types
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
 
 from . import history
 from .db import db_now, fetch_now, write_transaction
 from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
-from .progress import build_document, isoformat_z
-from .schema import COMPLETED, FAILED, PENDING, RUNNING, audits
+from .progress import build_document
+from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audits
+
+#: Longest ``kind`` name (the column's width).
+MAX_KIND = 100
 
 
 @dataclass(frozen=True)
@@ -34,13 +43,16 @@ class Lease:
     worker_url: str | None
 
 
-def create_audit(engine: Engine, target: str, *, max_age: float | None = None) -> int:
-    """Insert a pending audit; ``max_age`` (seconds) is its own deadline, overriding the fleet's."""
+def create_audit(engine: Engine, target: str, *, max_age: float | None = None, kind: str | None = None) -> int:
+    """Insert a pending audit; ``max_age`` (seconds) is its own deadline; ``kind`` picks per-kind thresholds."""
     if not isinstance(target, str) or not target.strip():
         raise ConfigError("target must be a non-empty string")
+    if kind is not None and (not isinstance(kind, str) or not kind.strip() or len(kind) > MAX_KIND):
+        raise ConfigError(f"kind must be a non-empty string of at most {MAX_KIND} characters")
     with write_transaction(engine) as connection:
         result = connection.execute(
-            insert(audits).values(target=target, status=PENDING, created_at=db_now(), attempts=0, max_age_seconds=max_age)
+            insert(audits).values(target=target, status=PENDING, created_at=db_now(), attempts=0, max_age_seconds=max_age,
+                                  kind=kind)
         )
         return int(result.inserted_primary_key[0])
 
@@ -49,8 +61,122 @@ def _fenced(lease: Lease):
     return (audits.c.id == lease.audit_id, audits.c.lease == lease.token, audits.c.status == RUNNING)
 
 
-def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, worker_url: str | None) -> tuple[Lease, dict]:
-    """Move a pending audit to running under a new lease. Returns the lease and the first progress document."""
+class _now_iso(FunctionElement):
+    """The database's time in the progress document's form, ``2025-08-23T06:45:00.123Z``."""
+
+    type = types.String()
+    inherit_cache = True
+
+
+@compiles(_now_iso, "sqlite")
+def _now_iso_sqlite(element, compiler, **kw):
+    return "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+
+@compiles(_now_iso, "postgresql")
+def _now_iso_pg(element, compiler, **kw):
+    return "to_char(statement_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+
+class stamped(FunctionElement):
+    """A progress document with its heartbeat stamps set to the database's time by the database.
+
+    ``progress.heartbeat`` and ``last_worker_update`` always; ``progress.last_updated`` when
+    ``updated``; ``progress.is_running`` false when ``finished``. A document of another shape
+    (another tool's) is left as it is.
+    """
+
+    type = Document()
+    inherit_cache = True
+
+    def __init__(self, document, *, updated: bool = False, finished: bool = False):
+        self.updated = updated
+        self.finished = finished
+        super().__init__(document)
+
+
+@compiles(stamped, "sqlite")
+def _stamped_sqlite(element, compiler, **kw):
+    (document,) = list(element.clauses)
+    doc = compiler.process(document, **kw)
+    now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    pairs = [f"'$.progress.heartbeat', {now}", f"'$.last_worker_update', {now}"]
+    if element.updated:
+        pairs.append(f"'$.progress.last_updated', {now}")
+    if element.finished:
+        pairs.append("'$.progress.is_running', json('false')")
+    return (f"CASE WHEN typeof({doc}) = 'text' AND json_valid({doc}) AND json_type({doc}, '$.progress') = 'object' "
+            f"THEN json_set({doc}, {', '.join(pairs)}) ELSE {doc} END")
+
+
+@compiles(stamped, "postgresql")
+def _stamped_pg(element, compiler, **kw):
+    (document,) = list(element.clauses)
+    doc = compiler.process(document, **kw)
+    now = "to_jsonb(to_char(statement_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))"
+    value = f"jsonb_set(jsonb_set(CAST({doc} AS jsonb), '{{progress,heartbeat}}', {now}), '{{last_worker_update}}', {now})"
+    if element.updated:
+        value = f"jsonb_set({value}, '{{progress,last_updated}}', {now})"
+    if element.finished:
+        value = f"jsonb_set({value}, '{{progress,is_running}}', 'false'::jsonb)"
+    return f"CASE WHEN jsonb_typeof(CAST({doc} AS jsonb) -> 'progress') = 'object' THEN {value} ELSE CAST({doc} AS jsonb) END"
+
+
+class _seconds_since_column(FunctionElement):
+    """Seconds from a stored time to now, in an UPDATE (NULL when the time is missing or unreadable)."""
+
+    type = types.Float()
+    inherit_cache = True
+
+
+@compiles(_seconds_since_column, "sqlite")
+def _seconds_since_column_sqlite(element, compiler, **kw):
+    (moment,) = list(element.clauses)
+    return f"((julianday('now') - julianday({compiler.process(moment, **kw)})) * 86400.0)"
+
+
+@compiles(_seconds_since_column, "postgresql")
+def _seconds_since_column_pg(element, compiler, **kw):
+    (moment,) = list(element.clauses)
+    value = compiler.process(moment, **kw)
+    return f"(CASE WHEN isfinite({value}) THEN date_part('epoch', statement_timestamp() - {value}) END)"
+
+
+class _greatest(FunctionElement):
+    """The larger of two numbers, either of which may be NULL."""
+
+    type = types.Float()
+    inherit_cache = True
+
+
+@compiles(_greatest, "sqlite")
+def _greatest_sqlite(element, compiler, **kw):
+    a, b = [compiler.process(c, **kw) for c in element.clauses]
+    return f"max(coalesce({a}, 0.0), coalesce({b}, 0.0))"
+
+
+@compiles(_greatest, "postgresql")
+def _greatest_pg(element, compiler, **kw):
+    a, b = [compiler.process(c, **kw) for c in element.clauses]
+    return f"GREATEST(COALESCE({a}, 0.0), COALESCE({b}, 0.0))"
+
+
+def _gaps() -> dict:
+    """The run's longest silence and longest time without progress, extended by this write."""
+    return {
+        "longest_gap_seconds": _greatest(audits.c.longest_gap_seconds, _seconds_since_column(audits.c.heartbeat_at)),
+        "longest_stall_seconds": _greatest(audits.c.longest_stall_seconds, _seconds_since_column(audits.c.progress_changed_at)),
+    }
+
+
+def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, worker_url: str | None,
+          declared: dict | None = None) -> tuple[Lease, dict]:
+    """Move a pending audit to running under a new lease. Returns the lease and the first progress document.
+
+    ``declared`` holds the thresholds the worker runs under (``heartbeat_interval`` always;
+    ``stale_after``, ``stall_after``, ``max_age`` when the worker was given them).
+    """
+    declared = declared or {}
     lease = Lease(audit_id=audit_id, token=uuid.uuid4().hex, worker_id=worker_id, instance_id=instance_id, worker_url=worker_url)
     with write_transaction(engine) as connection:
         now = fetch_now(connection)
@@ -65,7 +191,12 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
                     # A new run: the reasons of an earlier recovery (kept in history and
                     # recovery_info) must not make reset-all --reason pick this run's failure.
                     recovery_reasons=None,
-                    attempts=audits.c.attempts + 1)
+                    declared_heartbeat_interval=declared.get("heartbeat_interval"),
+                    declared_stale_after=declared.get("stale_after"),
+                    declared_stall_after=declared.get("stall_after"),
+                    declared_max_age=declared.get("max_age"),
+                    longest_gap_seconds=0.0, longest_stall_seconds=0.0,
+                    attempts=func.coalesce(audits.c.attempts, 0) + 1)
         )
         if result.rowcount == 1:
             return lease, document
@@ -88,22 +219,25 @@ def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:
 
 
 def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, extra: dict | None, actor: Actor) -> dict:
-    """Store a full progress report. Raises DocumentError (nothing written) or LeaseLost."""
+    """Store a full progress report. Raises DocumentError (nothing written) or LeaseLost.
+
+    Returns the document as built (its stamps are the database's, set in the UPDATE)."""
+    from datetime import datetime, timezone
+
+    document, _ = build_document(**fields, is_running=True, now=datetime.now(timezone.utc), worker_id=lease.worker_id,
+                                 worker_url=lease.worker_url, extra=extra)
+    changed = audits.c.progress_signature.is_distinct_from(signature)
     with write_transaction(engine) as connection:
-        now = fetch_now(connection)
-        document, _ = build_document(**fields, is_running=True, now=now, worker_id=lease.worker_id,
-                                     worker_url=lease.worker_url, extra=extra)
         result = connection.execute(
             update(audits)
             .where(*_fenced(lease))
             .values(
-                progress=document,
-                heartbeat_at=now,
-                last_worker_update=now,
-                progress_changed_at=case(
-                    (audits.c.progress_signature.is_distinct_from(signature), now), else_=audits.c.progress_changed_at
-                ),
+                progress=stamped(bindparam("document", document, type_=Document()), updated=True),
+                heartbeat_at=db_now(),
+                last_worker_update=db_now(),
+                progress_changed_at=case((changed, db_now()), else_=audits.c.progress_changed_at),
                 progress_signature=signature,
+                **_gaps(),
             )
         )
         if result.rowcount == 1:
@@ -111,17 +245,15 @@ def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, e
     raise _lost(engine, lease, "progress", actor)
 
 
-def heartbeat(engine: Engine, lease: Lease, document: dict | None, actor: Actor) -> dict | None:
-    """Refresh the heartbeat (and the document's heartbeat field). Raises LeaseLost."""
+def heartbeat(engine: Engine, lease: Lease, actor: Actor) -> None:
+    """Refresh the heartbeat (and the document's heartbeat stamps), one statement. Raises LeaseLost."""
     with write_transaction(engine) as connection:
-        now = fetch_now(connection)
-        values = {"heartbeat_at": now, "last_worker_update": now}
-        if document is not None and isinstance(document.get("progress"), dict):
-            stamp = isoformat_z(now)
-            document = {**document, "progress": {**document["progress"], "heartbeat": stamp}, "last_worker_update": stamp}
-            values["progress"] = document
-        if connection.execute(update(audits).where(*_fenced(lease)).values(**values)).rowcount == 1:
-            return document
+        result = connection.execute(
+            update(audits).where(*_fenced(lease))
+            .values(heartbeat_at=db_now(), last_worker_update=db_now(), progress=stamped(audits.c.progress), **_gaps())
+        )
+        if result.rowcount == 1:
+            return
     raise _lost(engine, lease, "heartbeat", actor)
 
 
@@ -134,17 +266,15 @@ def minimal_write(engine: Engine, lease: Lease, actor: Actor) -> None:
     raise _lost(engine, lease, "emergency", actor)
 
 
-def finish(engine: Engine, lease: Lease, document: dict | None, *, error: str | None, actor: Actor) -> str:
+def finish(engine: Engine, lease: Lease, *, error: str | None, actor: Actor) -> str:
     """Mark the audit completed (no error) or failed. Raises LeaseLost when it was taken away."""
     status = COMPLETED if error is None else FAILED
     with write_transaction(engine) as connection:
-        now = fetch_now(connection)
-        values = {"status": status, "finished_at": now, "heartbeat_at": now, "last_worker_update": now,
-                  "lease": None, "error": error}
-        if document is not None and isinstance(document.get("progress"), dict):
-            stamp = isoformat_z(now)
-            values["progress"] = {**document, "progress": {**document["progress"], "is_running": False, "last_updated": stamp,
-                                                           "heartbeat": stamp}, "last_worker_update": stamp}
+        values = {"status": status, "finished_at": db_now(), "heartbeat_at": db_now(), "last_worker_update": db_now(),
+                  "lease": None, "error": error,
+                  "progress": stamped(audits.c.progress, updated=True, finished=True), **_gaps()}
         if connection.execute(update(audits).where(*_fenced(lease)).values(**values)).rowcount == 1:
             return status
     raise _lost(engine, lease, "finish", actor)
+
+

@@ -1,21 +1,30 @@
-"""Schema creation and upgrades: one idempotent call over the shipped Alembic migrations.
+"""Schema creation, upgrades and checks: one idempotent call over the shipped Alembic migrations.
 
 Several workers may boot at once against a fresh database. On PostgreSQL an advisory
 lock makes them take turns; on SQLite the migration runs inside ``BEGIN IMMEDIATE``,
 which does the same. The second one finds the schema current and does nothing.
+
+Before touching anything, ``upgrade`` checks that the database is auditctl's: tables
+named like ours without auditctl's revision table belong to another application, and a
+revision this version does not know means a newer auditctl migrated it. Both are
+refused with advice that works, never with a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
-from .db import is_postgres, translate_errors, write_transaction
+from .db import describe, is_postgres, translate_errors, write_transaction
+from .errors import NotOurDatabase, SchemaMissing, SchemaTooNew
 
 #: Arbitrary but fixed: the advisory lock key auditctl's migrations take on PostgreSQL.
 _MIGRATION_LOCK_KEY = 0x6175646974
+_OUR_TABLES = ("audits", "audit_events", "workers", "notifications", "notification_deliveries")
 
 
 @dataclass
@@ -37,10 +46,51 @@ def _alembic_config(connection):
     return config
 
 
+def known_revisions() -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    return [script.revision for script in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()]
+
+
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+
+
+@contextlib.contextmanager
+def _quiet_alembic():
+    """Alembic tells INFO about every step; a worker's log should hold its own events only."""
+    logger = logging.getLogger("alembic")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _state(connection) -> tuple[str | None, set[str]]:
+    """(recorded revision or None, which of auditctl's table names exist)."""
+    inspector = inspect(connection)
+    names = set(inspector.get_table_names())
+    revision = None
+    if "alembic_version" in names:
+        revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return revision, names & set(_OUR_TABLES)
+
+
+def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str], where: str) -> None:
+    if revision is None and present:
+        tables = ", ".join(sorted(present))
+        advice = ("give auditctl its own database, or its own schema with "
+                  "?options=-csearch_path%3Dauditctl in the URL") if is_postgres(engine_or_connection) \
+            else "point --database-url at a file of auditctl's own"
+        raise NotOurDatabase(f"the database at {where} has tables named like auditctl's ({tables}) that auditctl did not "
+                             f"create; {advice}")
+    if revision is not None and revision not in known_revisions():
+        raise SchemaTooNew(f"the database at {where} is at schema revision {revision}, which this auditctl "
+                           f"does not know (it knows up to {head_revision()}): a newer auditctl migrated it; upgrade auditctl")
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -52,16 +102,35 @@ def current_revision(engine: Engine) -> str | None:
         return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
+def diagnose(engine: Engine) -> SchemaMissing:
+    """Why a query found no schema, in words that say what to do (run after a SchemaMissing)."""
+    where = describe(engine)
+    try:
+        with translate_errors(engine), engine.connect() as connection:
+            revision, present = _state(connection.execution_options(auditctl_read_only=True))
+        _refuse_foreign(engine, revision, present, where)
+    except SchemaMissing as error:
+        return error
+    except Exception:  # noqa: BLE001 - the diagnosis is a courtesy; the original error stands
+        return SchemaMissing(f"the database at {where} has no auditctl schema, or an older one; run `auditctl init`")
+    if revision is not None and revision != head_revision():
+        return SchemaMissing(f"the database at {where} has an older auditctl schema (revision {revision}); "
+                             "run `auditctl init` to upgrade it")
+    return SchemaMissing(f"the database at {where} has no auditctl schema; run `auditctl init`")
+
+
 def upgrade(engine: Engine) -> UpgradeResult:
     """Create or upgrade the schema to the newest revision. Safe to call any number of times."""
     from alembic import command
-
     from alembic.migration import MigrationContext
 
-    with write_transaction(engine) as connection:
+    where = describe(engine)
+    with _quiet_alembic(), write_transaction(engine) as connection:
         if is_postgres(connection):
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         # Read under the lock: a process that waited for another's migration reports "no change".
+        revision, present = _state(connection)
+        _refuse_foreign(connection, revision, present, where)
         before = MigrationContext.configure(connection).get_current_revision()
         command.upgrade(_alembic_config(connection), "head")
     return UpgradeResult(before=before, after=current_revision(engine))

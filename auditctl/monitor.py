@@ -3,8 +3,13 @@
 The monitor also owns the outage rule. While it cannot reach the database it sees
 nothing, and workers cannot write either; so after an outage it measures silence and
 stalls only from the moment it could see again (``seen_since``). An audit whose worker
-really died is still caught, one ``stale_after`` after the database came back, and no
-healthy audit is recovered just because the database was down.
+really died is still caught, one ``stale_after`` after the database came back (at once
+when the registry proves the worker gone), and no healthy audit is recovered just
+because the database was down.
+
+A database that answers but holds no auditctl schema (or another application's tables)
+is not an outage: the pass reports it as ``fatal``, and ``watch`` exits instead of
+retrying forever.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .db import fetch_now, read_connection
-from .errors import AuditctlError
+from .errors import AuditctlError, SchemaMissing
 from .history import Actor
-from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, recover_stuck
-from .rules import Verdict, find_stuck
-from .thresholds import Thresholds
+from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, recover_stuck
+from .rules import Filters, Verdict, find_stuck, gone_instances
+from .thresholds import Policy, Thresholds
 
 log = logging.getLogger("auditctl.monitor")
 
@@ -30,24 +35,38 @@ log = logging.getLogger("auditctl.monitor")
 class PassResult:
     ok: bool
     error: str | None = None
+    #: The database answered but cannot be used (no schema, not ours): retrying will not help.
+    fatal: bool = False
     recovered: list[Recovery] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     stuck: list[Verdict] = field(default_factory=list)
+    gone: dict[str, str] = field(default_factory=dict)
     resumed_after_outage: bool = False
     seen_since: datetime | None = None
 
 
 class Monitor:
-    def __init__(self, engine: Engine, thresholds: Thresholds, *, actor: Actor, recover: bool = True,
-                 requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS):
+    def __init__(self, engine: Engine, thresholds: Policy | Thresholds, *, actor: Actor, recover: bool = True,
+                 requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS, filters: Filters | None = None):
         self.engine = engine
-        self.thresholds = thresholds
+        self.policy = as_policy(thresholds)
         self.actor = actor
         self.recover = recover
         self.requeue = requeue
         self.max_attempts = max_attempts
+        self.filters = filters or Filters()
         self.seen_since: datetime | None = None
         self.in_outage = False
         self.outages = 0
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.policy.fleet
+
+    def judge_now(self) -> tuple[list[Verdict], dict[str, str]]:
+        """The stuck audits as of now (no recovery), under the outage rule. Raises on database trouble."""
+        gone = gone_instances(self.engine)
+        return find_stuck(self.engine, self.policy, gone=gone, seen_since=self.seen_since, filters=self.filters), gone
 
     def run_pass(self) -> PassResult:
         """Judge and (unless told not to) recover. Never raises for database trouble: reports it."""
@@ -58,16 +77,20 @@ class Monitor:
                     self.seen_since = fetch_now(connection)
                 self.in_outage = False
                 resumed = True
-            filters = {"seen_since": self.seen_since} if self.seen_since is not None else {}
+            gone = gone_instances(self.engine)
             if self.recover:
-                recovered = recover_stuck(self.engine, self.thresholds, actor=self.actor, requeue=self.requeue,
-                                          max_attempts=self.max_attempts, **filters)
-                return PassResult(ok=True, recovered=recovered, resumed_after_outage=resumed, seen_since=self.seen_since)
-            stuck = find_stuck(self.engine, self.thresholds, **filters)
-            return PassResult(ok=True, stuck=stuck, resumed_after_outage=resumed, seen_since=self.seen_since)
+                result = recover_stuck(self.engine, self.policy, actor=self.actor, requeue=self.requeue,
+                                       max_attempts=self.max_attempts, gone=gone, seen_since=self.seen_since,
+                                       filters=self.filters)
+                return PassResult(ok=True, recovered=list(result), skipped=result.skipped, gone=gone,
+                                  resumed_after_outage=resumed, seen_since=self.seen_since)
+            stuck = find_stuck(self.engine, self.policy, gone=gone, seen_since=self.seen_since, filters=self.filters)
+            return PassResult(ok=True, stuck=stuck, gone=gone, resumed_after_outage=resumed, seen_since=self.seen_since)
         except ConcurrentChange as exc:
             # Not an outage: the database answered; a batch was rolled back and the next pass retries.
             return PassResult(ok=False, error=str(exc))
+        except SchemaMissing as exc:
+            return PassResult(ok=False, error=str(exc), fatal=True)
         except (AuditctlError, SQLAlchemyError) as exc:
             # SQLAlchemyError: a pool or driver failure that reached us untranslated is trouble
             # reaching the database all the same; the monitor reports it and retries.

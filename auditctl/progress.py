@@ -1,10 +1,14 @@
-"""The progress document: building it from a worker's report and reading it back safely.
+"""The progress document: what a worker may report, building it, and reading it back safely.
 
 The document is the platform's public shape (``{"progress": {...}, "last_worker_update": ...}``)
-and is kept for people and tools; the rules never read it. Rows are also written by
-other tools, so reading it must survive anything: broken JSON, wrong types, a
-percentage of 250. ``read_progress`` returns what can be trusted plus a list of the
-problems it found, and never raises.
+and is kept for people and tools; the rules never read it. The library stores only what it
+can read back: a percentage between 0 and 100, task counts that are whole numbers no
+larger than ``MAX_COUNT`` with completed never above total, a step of bounded length.
+``clean_report`` clamps a worker's report into that shape and says what it changed.
+
+Rows are also written by other tools, so reading must survive anything: broken JSON, wrong
+types, a percentage of 250, a 400-digit count. ``read_progress`` returns what can be
+trusted plus a list of the problems it found, and never raises.
 """
 
 from __future__ import annotations
@@ -12,39 +16,96 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
+
+from .documents import NotJSON
+from .timestamps import isoformat_z
+
+__all__ = ["MAX_DOCUMENT_BYTES", "MAX_COUNT", "MAX_STEP", "DocumentError", "NotJSON", "ProgressView", "build_document",
+           "clean_report", "derive_percentage", "isoformat_z", "read_progress", "signature", "view_from_fields"]
 
 #: A progress document bigger than this is refused (and the emergency minimal write used):
 #: it would bloat every row read by ``show`` and every heartbeat write.
 MAX_DOCUMENT_BYTES = 64 * 1024
-
-
-class NotJSON(str):
-    """A stored document that is not JSON at all (as opposed to a JSON string), kept as its text."""
+#: The largest task count stored: every count up to it is exact as a float, in JSON and in SQL.
+MAX_COUNT = 2**53
+#: The longest step text stored.
+MAX_STEP = 500
 
 
 class DocumentError(ValueError):
     """The worker's progress report cannot be stored (unserialisable or oversized)."""
 
 
-def isoformat_z(moment: datetime | None) -> str | None:
-    """``2025-08-23T06:45:00.123Z``: the document's timestamp form (always UTC)."""
-    if moment is None:
+def _count(value) -> int | None:
+    """A task count if it is a whole number in 0..MAX_COUNT, else None."""
+    if isinstance(value, bool):
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    moment = moment.astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or value < 0 or value > MAX_COUNT:
+        return None
+    return value
+
+
+def _fraction(value) -> float | None:
+    """A finite number as a float, else None (text, NaN, infinities, ints too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def derive_percentage(percentage, completed_tasks, total_tasks) -> float | None:
-    """The reported percentage, or one derived from task counts when only those were given."""
-    if percentage is not None:
-        return float(percentage)
-    if completed_tasks is not None and total_tasks:
-        return round(100.0 * completed_tasks / total_tasks, 1)
+    """The reported percentage, or one derived from task counts when only those were given; always 0..100."""
+    number = _fraction(percentage)
+    if number is not None:
+        return min(100.0, max(0.0, number))
+    completed, total = _count(completed_tasks), _count(total_tasks)
+    if completed is not None and total:
+        return round(100.0 * min(completed, total) / total, 1)
     return None
+
+
+def clean_report(step, percentage, completed_tasks, total_tasks) -> tuple[dict, list[str]]:
+    """A worker's report clamped into what the document promises; returns (fields, what was changed).
+
+    Values that are not given (None) stay None. A percentage outside 0..100 is clamped; NaN,
+    infinities and text are dropped; counts must be whole numbers in 0..MAX_COUNT; completed
+    is never above total; the step is text of at most MAX_STEP characters.
+    """
+    changed: list[str] = []
+    fields: dict[str, Any] = {"step": None, "percentage": None, "completed_tasks": None, "total_tasks": None}
+    if step is not None:
+        text = step if isinstance(step, str) else str(step)
+        if len(text) > MAX_STEP:
+            text = text[:MAX_STEP]
+            changed.append("step_truncated")
+        fields["step"] = text
+    if percentage is not None:
+        number = _fraction(percentage)
+        if number is None:
+            changed.append("percentage_invalid")
+        else:
+            if not 0.0 <= number <= 100.0:
+                changed.append("percentage_out_of_range")
+            fields["percentage"] = min(100.0, max(0.0, number))
+    for name, value in (("completed_tasks", completed_tasks), ("total_tasks", total_tasks)):
+        if value is None:
+            continue
+        count = _count(value)
+        if count is None:
+            changed.append(f"{name}_invalid")
+        fields[name] = count
+    completed, total = fields["completed_tasks"], fields["total_tasks"]
+    if completed is not None and total is not None and completed > total:
+        fields["completed_tasks"] = total
+        changed.append("completed_over_total")
+    return fields, changed
 
 
 def signature(step, percentage, completed_tasks, total_tasks) -> str:
@@ -83,12 +144,11 @@ def build_document(
     document = {"progress": progress, "last_worker_update": stamp}
     try:
         text = json.dumps(document, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise DocumentError(f"progress document is not JSON-serialisable: {exc}") from exc
-    if len(text.encode("utf-8")) > MAX_DOCUMENT_BYTES:
-        raise DocumentError(
-            f"progress document is {len(text.encode('utf-8'))} bytes, over the {MAX_DOCUMENT_BYTES}-byte limit"
-        )
+    size = len(text.encode("utf-8"))
+    if size > MAX_DOCUMENT_BYTES:
+        raise DocumentError(f"progress document is {size} bytes, over the {MAX_DOCUMENT_BYTES}-byte limit")
     return document, text
 
 
@@ -104,31 +164,22 @@ class ProgressView:
     problems: list[str] = field(default_factory=list)
 
 
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    return value
-
-
 def read_progress(raw) -> ProgressView:
     """Interpret a stored ``progress`` value of any shape. Never raises."""
     view = ProgressView()
     if raw is None:
         return view
-    document = raw
     if isinstance(raw, (NotJSON, bytes, bytearray)):
-        # Stored text that is not JSON at all (schema.NotJSON); a plain str is a JSON string.
+        # Stored text that is not JSON at all (documents.NotJSON); a plain str is a JSON string.
         text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
         view.document = text if len(text) <= 200 else text[:200] + "…"
-        view.problems.append("progress_not_json")
+        view.problems.append("progress_too_deep" if getattr(raw, "problem", "") == "too_deep" else "progress_not_json")
         return view
-    view.document = document
-    if not isinstance(document, dict):
+    view.document = raw
+    if not isinstance(raw, dict):
         view.problems.append("progress_not_object")
         return view
-    inner = document.get("progress", document)
+    inner = raw.get("progress", raw)
     if not isinstance(inner, dict):
         view.problems.append("progress_not_object")
         return view
@@ -154,24 +205,27 @@ def view_from_fields(shape: str | None, step, percentage, completed_tasks, total
 def _judge_fields(view: ProgressView, step, raw_percentage, completed_tasks, total_tasks) -> None:
     if step is not None and not isinstance(step, str):
         view.problems.append("step_not_text")
-        step = str(step)
+        try:
+            step = json.dumps(step)[:200]
+        except (TypeError, ValueError, RecursionError):
+            step = None
     view.step = step[:200] if isinstance(step, str) else None
     for name, value in (("completed_tasks", completed_tasks), ("total_tasks", total_tasks)):
         if value is None:
             continue
-        number = _number(value)
-        if number is None or number < 0:
+        count = _count(value)
+        if count is None:
             view.problems.append(f"{name}_invalid")
         else:
-            setattr(view, name, int(number))
+            setattr(view, name, count)
     if raw_percentage is not None:
-        number = _number(raw_percentage)
+        number = _fraction(raw_percentage)
         if number is None:
             view.problems.append("percentage_invalid")
         elif not 0 <= number <= 100:
             view.problems.append("percentage_out_of_range")
-            view.percentage = float(min(100.0, max(0.0, number)))
+            view.percentage = min(100.0, max(0.0, number))
         else:
-            view.percentage = float(number)
+            view.percentage = number
     if view.percentage is None and "percentage_invalid" not in view.problems:
         view.percentage = derive_percentage(None, view.completed_tasks, view.total_tasks)

@@ -1,36 +1,53 @@
 """Every state change an operator or monitor makes: recover, requeue, reset.
 
-Each change is conditional: a row is changed only while it is still ``running``
-under the lease that was judged (or still ``failed``, for a reset), inside a short
-write transaction that also writes its history row. Two recoverers at once therefore
-recover each audit exactly once, and a recovery never overwrites a worker that has
-just finished. On PostgreSQL the stuck rows are locked with ``FOR UPDATE SKIP
-LOCKED`` so a recoverer never waits on a worker or another recoverer; on SQLite the
-transaction starts as the writer (``BEGIN IMMEDIATE``), which serialises them.
+Each change is conditional: a row is changed only while it is still ``running`` under
+the lease that was judged (or still ``failed``, for a reset), inside a short write
+transaction that also writes its history row and its outbox event. Two recoverers at
+once therefore recover each audit exactly once, and a recovery never overwrites a
+worker that has just finished or an audit that was requeued and claimed again. On
+PostgreSQL the stuck rows are locked with ``FOR UPDATE SKIP LOCKED`` so a recoverer
+never waits on a worker or another recoverer; on SQLite the transaction starts as the
+writer (``BEGIN IMMEDIATE``), which serialises them.
+
+Big operations work in batches of ``DEFAULT_BATCH`` audits, each batch atomic: a crash or
+Ctrl-C between batches leaves every audit either fully changed (with its history row) or
+untouched, the bind-parameter count stays bounded, and the SQLite write lock is held for
+a few milliseconds at a time, so workers keep beating through a reset of 150,000 audits.
+A batch the database refuses is retried in halves, so one row another tool made
+unwritable cannot hold back the others; that row is reported as needing an operator.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Callable
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
-from . import history
-from .db import fetch_now, is_postgres, read_connection, seconds_since, write_transaction
-from .errors import AuditctlError, ConfigError
+from . import history, outbox
+from . import timestamps
+from .db import fetch_now, is_postgres, read_connection, stored_time, write_transaction
+from .errors import AuditctlError, ConfigError, DatabaseRefused
 from .history import Actor
-from .progress import isoformat_z
-from .rules import ROW_COLUMNS, Verdict, select_stuck, stuck_ids
-from .schema import FAILED, PENDING, RUNNING, Document, audits, parse_timestamp
-from .thresholds import RULE_REASONS, WORKER_RESTARTED, Thresholds
+from .rules import Filters, Verdict, find_stuck, gone_instances, isolate, make_filters, select_stuck, stuck_ids
+from .schema import FAILED, PENDING, RUNNING, Document, audits
+from .textsafe import printable
+from .thresholds import RECOVERY_REASONS, Policy, Thresholds
+from .timestamps import as_datetime, isoformat_z
+from .values import safe_int, text_value
+
+log = logging.getLogger("auditctl.recovery")
 
 DEFAULT_MAX_ATTEMPTS = 3
+#: Audits per batch: bounded parameters (PostgreSQL allows 65,535) and a short lock.
 DEFAULT_BATCH = 500
+#: How often an operator may reset one audit before reset-all leaves it alone (--max-resets).
+DEFAULT_MAX_RESETS = 5
 
 
 class ConcurrentChange(AuditctlError):
@@ -51,6 +68,24 @@ class Recovery:
     attempts: int
     measurements: dict
     recovered_at: datetime | None
+    thresholds: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Skipped:
+    """An audit the database would not let a batch change: an operator must look at it."""
+
+    id: int
+    error: str
+
+
+class RecoveryResult(list):
+    """The audits recovered (a list of ``Recovery``), plus those that need an operator (``skipped``)."""
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.skipped: list[Skipped] = []
 
 
 @dataclass
@@ -64,48 +99,29 @@ class Reset:
     reasons: list[str]
     error: str | None
     finished_at: datetime | None
+    origin: str = "error"  # "stuck": recovered by auditctl; "error": failed with its own error
+    resets: int = 0
 
 
-def _snapshot(row) -> dict:
-    """The full prior state of an audit, as JSON, for ``recovery_info.original_status``."""
-    mapping = row if isinstance(row, dict) else row._mapping
-    return {column.name: _json_safe(mapping[column.name]) for column in audits.columns}
+class ResetResult(list):
+    """The audits reset (a list of ``Reset``), plus those that need an operator (``skipped``)."""
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.skipped: list[Skipped] = []
 
 
-_ALREADY_JSON = frozenset({str, int, bool, type(None), dict, list})
+as_policy = Policy.coerce
 
 
-def _json_safe(value):
-    """A stored column value as strict JSON: rows written by other tools may hold bytes or NaN,
-    which would otherwise make the recovery's own write fail (and with it the whole batch).
-    Documents need no walk: ``schema.Document`` only ever returns strict JSON."""
-    if type(value) in _ALREADY_JSON:
-        return value
-    if isinstance(value, datetime):
-        return isoformat_z(value)
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace")
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-#: What a recovery's history row keeps of the prior state; the whole row is in recovery_info.
-_FROM_COLUMNS = ("status", "worker_id", "worker_instance", "lease", "started_at", "heartbeat_at", "attempts", "error")
-
-
-def _recovery_details(row: dict, sentences: list[str]) -> dict:
-    details = {"from": {name: _json_safe(row[name]) for name in _FROM_COLUMNS}, "explanation": sentences}
-    if row["recovery_info"] is not None:
-        # This recovery overwrites an earlier one's record (the audit was requeued and ran
-        # again): keep that record here so it is never lost.
-        details["replaced_recovery_info"] = row["recovery_info"]
-    return details
+# --- the database builds the records ----------------------------------------------------
 
 
 class with_original_status(FunctionElement):
-    """``recovery_info`` = the given document plus ``original_status``: the whole row as it was
-    before this UPDATE, built by the database from the row itself."""
+    """``recovery_info`` = the given document plus ``original_status``: the row as it was before
+    this UPDATE, built by the database from the row itself, without the row's own earlier
+    ``recovery_info`` (the chain lives in the history, one row per event, so the record keeps
+    a fixed size however often an audit is recovered and reset)."""
 
     type = Document()
     inherit_cache = True
@@ -119,17 +135,151 @@ def _sqlite_json_value(column) -> str:
     return f"CASE WHEN typeof({name}) = 'blob' THEN hex({name}) ELSE {name} END"
 
 
+_NOT_IN_ORIGINAL = ("recovery_info", "odd_times")
+
+
 @compiles(with_original_status, "sqlite")
 def _with_original_status_sqlite(element, compiler, **kw):
     (info,) = list(element.clauses)
-    pairs = ", ".join(f"'{column.name}', {_sqlite_json_value(column)}" for column in audits.columns)
+    pairs = ", ".join(f"'{column.name}', {_sqlite_json_value(column)}" for column in audits.columns
+                      if column.name not in _NOT_IN_ORIGINAL)
     return f"json_set({compiler.process(info, **kw)}, '$.original_status', json_object({pairs}))"
 
 
 @compiles(with_original_status, "postgresql")
 def _with_original_status_pg(element, compiler, **kw):
     (info,) = list(element.clauses)
-    return f"jsonb_set({compiler.process(info, **kw)}, '{{original_status}}', to_jsonb(audits))"
+    dropped = " - ".join(f"'{name}'" for name in _NOT_IN_ORIGINAL)
+    return f"jsonb_set({compiler.process(info, **kw)}, '{{original_status}}', to_jsonb(audits) - {dropped})"
+
+
+# --- recover --------------------------------------------------------------------------
+
+
+def _recovery_params(verdict: Verdict, *, requeue: bool, max_attempts: int, actor: Actor, recovered_at: str):
+    """What one recovery writes, and what it reports. Raises for a row too broken to describe."""
+    attempts = verdict.attempts
+    give_up = requeue and attempts >= max_attempts
+    new_status = PENDING if requeue and not give_up else FAILED
+    reasons = list(verdict.reasons)
+    sentences = verdict.explain()
+    if give_up:
+        sentences = sentences + [f"gave up after {attempts} attempts (max_attempts {max_attempts})"]
+    measured = verdict.measurements()
+    thresholds = verdict.thresholds()
+    info = {
+        "recovered_at": recovered_at,
+        "reason": ", ".join(reasons),
+        "reasons": reasons,
+        "explanation": sentences,
+        "measured": measured,
+        "thresholds": thresholds,
+        "recovered_by": {"actor": actor.name, "host": actor.host, "pid": actor.pid},
+        "requeued": new_status == PENDING,
+    }
+    params = {
+        "b_id": verdict.id,
+        "b_lease": verdict.lease,
+        "v_recovery_info": info,
+        "v_recovery_reasons": ",".join(reasons),
+        "v_error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:2000],
+    }
+    event = {
+        "audit_id": verdict.id,
+        "event": history.REQUEUED if new_status == PENDING else history.RECOVERED,
+        "from_status": RUNNING,
+        "to_status": new_status,
+        "reasons": reasons,
+        "measurements": measured,
+        "details": {"from": {"status": RUNNING, "worker_id": verdict.worker_id, "worker_instance": verdict.worker_instance,
+                             "lease": verdict.lease, "attempts": attempts,
+                             "started_at": isoformat_z(verdict.started_at),
+                             "heartbeat_at": isoformat_z(verdict.last_heartbeat)},
+                    "explanation": sentences, "thresholds": thresholds},
+    }
+    recovery = Recovery(
+        id=verdict.id, target=verdict.target, reasons=reasons, explanation=sentences, from_status=RUNNING,
+        status=new_status, worker_id=verdict.worker_id, attempts=attempts, measurements=measured,
+        recovered_at=None, thresholds=thresholds, problems=verdict.problems,
+    )
+    return new_status, params, event, recovery
+
+
+def _minimal_params(verdict: Verdict, problem: str, *, actor: Actor, recovered_at: str):
+    """A recovery for a row that cannot be described: the database's verdict, and what was wrong."""
+    reasons = [r for r in verdict.reasons] or ["unreadable"]
+    sentence = f"the row could not be read ({problem}); recovered on the database's verdict"
+    info = {"recovered_at": recovered_at, "reason": ", ".join(reasons), "reasons": reasons, "explanation": [sentence],
+            "recovered_by": {"actor": actor.name, "host": actor.host, "pid": actor.pid}, "requeued": False}
+    params = {"b_id": verdict.id, "b_lease": verdict.lease, "v_recovery_info": info,
+              "v_recovery_reasons": ",".join(reasons), "v_error": f"recovered ({', '.join(reasons)}): {sentence}"[:2000]}
+    event = {"audit_id": verdict.id, "event": history.RECOVERED, "from_status": RUNNING, "to_status": FAILED,
+             "reasons": reasons, "details": {"explanation": [sentence], "unreadable": problem}}
+    recovery = Recovery(id=verdict.id, target=text_value(verdict.row[1]) or "?", reasons=reasons, explanation=[sentence],
+                        from_status=RUNNING, status=FAILED, worker_id=None, attempts=0, measurements={},
+                        recovered_at=None, problems=[f"row_unreadable: {problem}"])
+    return FAILED, params, event, recovery
+
+
+def _apply_recovery(connection: Connection, verdicts: list[Verdict], *, requeue: bool, max_attempts: int,
+                    actor: Actor) -> list[Recovery]:
+    if not verdicts:
+        return []
+    now = fetch_now(connection)
+    recovered_at = isoformat_z(now)
+    groups: dict[str, list[dict]] = {}
+    events, done = [], []
+    for verdict in verdicts:
+        new_status, params, event, recovery = isolate(
+            verdict,
+            lambda v: _recovery_params(v, requeue=requeue, max_attempts=max_attempts, actor=actor, recovered_at=recovered_at),
+            lambda v, problem: _minimal_params(v, problem, actor=actor, recovered_at=recovered_at),
+        )
+        recovery.recovered_at = now
+        groups.setdefault(new_status, []).append(params)
+        events.append(event)
+        done.append(recovery)
+    for new_status, params in groups.items():
+        values = {
+            "status": new_status,
+            "recovery_info": with_original_status(bindparam("v_recovery_info", type_=audits.c.recovery_info.type)),
+            "recovery_reasons": bindparam("v_recovery_reasons", type_=audits.c.recovery_reasons.type),
+            "error": bindparam("v_error", type_=audits.c.error.type),
+            "lease": None,
+            # Only a well-formed document is marked not running; anything else another tool
+            # stored is left exactly as it is (original_status has a copy either way).
+            "progress": not_running(audits.c.progress),
+        }
+        if new_status == PENDING:
+            # Back in the queue: nothing of the old run may look current (its step, its worker).
+            values.update(worker_id=None, worker_instance=None, started_at=None, heartbeat_at=None,
+                          progress_changed_at=None, finished_at=None, progress=None, progress_signature=None)
+        else:
+            values.update(finished_at=now)
+        # Conditional on the lease that was judged: the audit is changed only while it is still
+        # running under that lease. The rows are locked by this transaction (FOR UPDATE on
+        # PostgreSQL, the write lock on SQLite), so every row still matches; if one did not,
+        # something bypassed the locks and the whole batch is rolled back.
+        statement = (
+            update(audits)
+            .where(audits.c.id == bindparam("b_id"), audits.c.status == RUNNING,
+                   audits.c.lease.is_not_distinct_from(bindparam("b_lease", type_=audits.c.lease.type)))
+            .values(values)
+        )
+        changed = connection.execute(statement, params).rowcount
+        if changed != len(params):
+            raise ConcurrentChange(f"recovery expected to change {len(params)} audits but changed {changed}; rolled back")
+    history.record(connection, events, actor, now)
+    outbox.enqueue(connection, outbox.RECOVERED, _recovery_payload(done, actor), now=now)
+    return done
+
+
+def _recovery_payload(done: list[Recovery], actor: Actor) -> dict:
+    return {
+        "actor": actor.name, "host": actor.host,
+        "audits": [{"id": r.id, "target": r.target, "reasons": r.reasons, "status": r.status, "worker_id": r.worker_id,
+                    "explanation": r.explanation, "measured": r.measurements} for r in done],
+    }
 
 
 class not_running(FunctionElement):
@@ -155,164 +305,104 @@ def _not_running_pg(element, compiler, **kw):
             f"THEN jsonb_set({name}, '{{progress,is_running}}', 'false'::jsonb) ELSE {name} END")
 
 
-def _apply_recovery(
-    connection: Connection,
-    verdicts: list[Verdict],
-    explanations: dict[int, list[str]],
-    measurements: dict[int, dict],
-    *,
-    requeue: bool,
-    max_attempts: int,
-    actor: Actor,
-) -> list[Recovery]:
-    if not verdicts:
-        return []
-    now = fetch_now(connection)
-    missing = [v.id for v in verdicts if v.row is None]
-    current = {v.id: v.row for v in verdicts if v.row is not None}
-    if missing:
-        query = select(*[audits.c[name] for name in ROW_COLUMNS]).where(audits.c.id.in_(missing))
-        current.update({row.id: dict(row._mapping) for row in connection.execute(query)})
-    done: list[Recovery] = []
-    events: list[dict] = []
-    groups: dict[str, list[dict]] = {}
-    recovered_at = isoformat_z(now)
-    for verdict in verdicts:
-        row = current.get(verdict.id)
-        if row is None:
-            continue
-        attempts = row["attempts"] or 0
-        give_up = requeue and attempts >= max_attempts
-        new_status = PENDING if requeue and not give_up else FAILED
-        reasons = list(verdict.reasons)
-        sentences = explanations.get(verdict.id, [])
-        if give_up:
-            sentences = sentences + [f"gave up after {attempts} attempts (max_attempts {max_attempts})"]
-        # original_status (the whole prior row) is added by the database in the UPDATE itself:
-        # see with_original_status. Building it here would cost more than the write.
-        info = {
-            "recovered_at": recovered_at,
-            "reason": ", ".join(reasons),
-            "reasons": reasons,
-            "explanation": sentences,
-            "measured": measurements.get(verdict.id, {}),
-            "recovered_by": {"actor": actor.name, "host": actor.host, "pid": actor.pid},
-            "requeued": new_status == PENDING,
-        }
-        params = {
-            "b_id": verdict.id,
-            "b_lease": verdict.lease,
-            "v_recovery_info": info,
-            "v_recovery_reasons": ",".join(reasons),
-            "v_error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:2000],
-        }
-        groups.setdefault(new_status, []).append(params)
-        done.append(
-            Recovery(
-                id=verdict.id, target=verdict.target, reasons=reasons, explanation=sentences, from_status=RUNNING,
-                status=new_status, worker_id=verdict.worker_id, attempts=attempts,
-                measurements=measurements.get(verdict.id, {}), recovered_at=now,
-            )
-        )
-        events.append({
-            "audit_id": verdict.id,
-            "event": history.REQUEUED if new_status == PENDING else history.RECOVERED,
-            "from_status": RUNNING,
-            "to_status": new_status,
-            "reasons": reasons,
-            "measurements": measurements.get(verdict.id),
-            "details": _recovery_details(row, sentences),
-        })
-    for new_status, params in groups.items():
-        values = {
-            "status": new_status,
-            "recovery_info": with_original_status(bindparam("v_recovery_info", type_=audits.c.recovery_info.type)),
-            "recovery_reasons": bindparam("v_recovery_reasons", type_=audits.c.recovery_reasons.type),
-            "error": bindparam("v_error", type_=audits.c.error.type),
-            "lease": None,
-            # Only a well-formed document is marked not running; anything else another tool
-            # stored is left exactly as it is (original_status has a copy either way).
-            "progress": not_running(audits.c.progress),
-        }
-        if new_status == PENDING:
-            values.update(worker_id=None, worker_instance=None, started_at=None, heartbeat_at=None,
-                          progress_changed_at=None, finished_at=None)
-        else:
-            values.update(finished_at=now)
-        # Conditional on the lease that was judged. The rows are locked by this transaction
-        # (FOR UPDATE on PostgreSQL, the write lock on SQLite), so every row still matches;
-        # if one did not, something bypassed the locks and the whole batch is rolled back.
-        statement = (
-            update(audits)
-            .where(audits.c.id == bindparam("b_id"), audits.c.status == RUNNING,
-                   audits.c.lease.is_not_distinct_from(bindparam("b_lease", type_=audits.c.lease.type)))
-            .values(values)
-        )
-        changed = connection.execute(statement, params).rowcount
-        if changed != len(params):
-            raise ConcurrentChange(f"recovery expected to change {len(params)} audits but changed {changed}; rolled back")
-    history.record(connection, events, actor, now)
-    return done
+def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[[Connection, list[int]], list],
+                result: list, *, on_batch: Callable[[int, int], None] | None = None, describe: str) -> None:
+    """Run ``apply`` over ``ids`` batch by batch, each in its own transaction.
+
+    A batch the database refuses (not an outage: it answered, and said no) is split in two
+    and both halves retried, down to single audits; a single audit it still refuses is
+    reported in ``result.skipped`` and recorded in its history as needing an operator.
+    """
+    queue = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    handled = 0
+    while queue:
+        batch = queue.pop(0)
+        try:
+            with write_transaction(engine) as connection:
+                result.extend(apply(connection, batch))
+        except (DatabaseRefused, ConcurrentChange, ValueError, TypeError, OverflowError, RecursionError) as error:
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                queue[:0] = [batch[:middle], batch[middle:]]
+                continue
+            problem = f"{type(error).__name__}: {error}"[:300] if not isinstance(error, AuditctlError) else str(error)[:300]
+            log.error("%s of audit %s failed: %s; it needs an operator", describe, batch[0], printable(problem))
+            result.skipped.append(Skipped(id=batch[0], error=problem))
+            _record_needs_operator(engine, batch[0], describe, problem)
+        handled += len(batch)
+        if on_batch is not None:
+            on_batch(handled, len(ids))
+
+
+def _record_needs_operator(engine: Engine, audit_id: int, what: str, problem: str) -> None:
+    """One history row saying an operator must look (not repeated while the last row says the same)."""
+    try:
+        with write_transaction(engine) as connection:
+            last = connection.execute(
+                select(history.audit_events.c.event, history.audit_events.c.details)
+                .where(history.audit_events.c.audit_id == audit_id)
+                .order_by(history.audit_events.c.id.desc()).limit(1)
+            ).first()
+            if last is not None and last[0] == history.NEEDS_OPERATOR:
+                return
+            history.record(connection, [{"audit_id": audit_id, "event": history.NEEDS_OPERATOR,
+                                         "details": {"operation": what, "error": problem}}],
+                           Actor.command(what), fetch_now(connection))
+    except AuditctlError as error:
+        log.error("could not record that audit %s needs an operator: %s", audit_id, error)
 
 
 def recover_stuck(
     engine: Engine,
-    thresholds: Thresholds,
+    thresholds: Policy | Thresholds,
     *,
     actor: Actor,
     requeue: bool = False,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     dry_run: bool = False,
     batch_size: int = DEFAULT_BATCH,
-    **filters,
-) -> list[Recovery]:
-    """Recover every audit the stuck query finds (filters as for ``rules.stuck_query``).
+    gone: dict[str, str] | None = None,
+    seen_since: datetime | None = None,
+    filters: Filters | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    **legacy_filters,
+) -> RecoveryResult:
+    """Recover every audit the stuck query finds, in batches of short transactions.
 
-    Works in batches of short transactions. Under ``dry_run`` nothing is written and
-    the result says what would change.
+    Under ``dry_run`` nothing is written and the result says what would change. ``gone``
+    None asks the registry which worker instances are provably gone.
     """
-    if max_attempts < 1:
+    if not isinstance(max_attempts, int) or max_attempts < 1:
         raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
+    policy = as_policy(thresholds)
+    filters = make_filters(filters, **legacy_filters)
+    if gone is None:
+        gone = gone_instances(engine)
+    result = RecoveryResult()
     if dry_run:
-        return [_would_recover(v, thresholds, requeue, max_attempts) for v in _find(engine, thresholds, **filters)]
+        for verdict in find_stuck(engine, policy, gone=gone, seen_since=seen_since, filters=filters):
+            result.append(isolate(verdict, lambda v: _would_recover(v, requeue, max_attempts),
+                                  lambda v, problem: _minimal_params(v, problem, actor=actor, recovered_at="")[3]))
+        return result
     # Find the candidates once, then judge each batch again under its lock: the batch
     # query is then an id lookup, so the whole run costs O(stuck), not O(running x batches).
     with read_connection(engine) as connection:
-        candidates = stuck_ids(connection, thresholds, **filters)
-    filters.pop("ids", None)
-    recovered: list[Recovery] = []
-    for start in range(0, len(candidates), batch_size):
-        with write_transaction(engine) as connection:
-            verdicts = select_stuck(connection, thresholds, lock=True, ids=candidates[start:start + batch_size], **filters)
-            recovered += _apply_recovery(
-                connection,
-                verdicts,
-                {v.id: v.explain(thresholds) for v in verdicts},
-                {v.id: v.measurements(thresholds) for v in verdicts},
-                requeue=requeue,
-                max_attempts=max_attempts,
-                actor=actor,
-            )
-    return recovered
+        candidates = stuck_ids(connection, policy, gone=gone, seen_since=seen_since, filters=filters)
+
+    def apply(connection: Connection, batch: list[int]) -> list[Recovery]:
+        verdicts = select_stuck(connection, policy, gone=gone, seen_since=seen_since, lock=True,
+                                filters=replace(filters, ids=tuple(batch)))
+        return _apply_recovery(connection, verdicts, requeue=requeue, max_attempts=max_attempts, actor=actor)
+
+    _in_batches(engine, candidates, batch_size, apply, result, on_batch=on_batch, describe="recover")
+    return result
 
 
-def _find(engine, thresholds, **filters) -> list[Verdict]:
-    with read_connection(engine) as connection:
-        return select_stuck(connection, thresholds, **filters)
-
-
-def _would_recover(verdict: Verdict, thresholds: Thresholds, requeue: bool, max_attempts: int) -> Recovery:
+def _would_recover(verdict: Verdict, requeue: bool, max_attempts: int) -> Recovery:
     """What ``_apply_recovery`` would do to this audit, decided the same way, without writing."""
-    attempts = (verdict.row["attempts"] if verdict.row is not None else 0) or 0
-    give_up = requeue and attempts >= max_attempts
-    explanation = verdict.explain(thresholds)
-    if give_up:
-        explanation = explanation + [f"gave up after {attempts} attempts (max_attempts {max_attempts})"]
-    return Recovery(
-        id=verdict.id, target=verdict.target, reasons=verdict.reasons, explanation=explanation,
-        from_status=RUNNING, status=PENDING if requeue and not give_up else FAILED, worker_id=verdict.worker_id,
-        attempts=attempts, measurements=verdict.measurements(thresholds), recovered_at=None,
-    )
+    _status, _params, _event, recovery = _recovery_params(verdict, requeue=requeue, max_attempts=max_attempts,
+                                                         actor=Actor("dry run"), recovered_at="")
+    return recovery
 
 
 def recover_audits(
@@ -324,42 +414,72 @@ def recover_audits(
     actor: Actor,
     requeue: bool = False,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-) -> list[Recovery]:
+) -> RecoveryResult:
     """Recover the running audits matching a SQL ``condition`` for a reason no rule gave.
 
     Used by a worker's startup cleanup (``worker_restarted``) and by ``_recover_stuck_audit``.
     """
-    with write_transaction(engine) as connection:
-        query = (
-            select(audits.c.id, audits.c.target, audits.c.worker_id, audits.c.lease, audits.c.started_at,
-                   audits.c.heartbeat_at, seconds_since(func.coalesce(audits.c.started_at, audits.c.created_at)).label("age"),
-                   seconds_since(audits.c.heartbeat_at).label("silence"))
-            .where(audits.c.status == RUNNING, condition)
-            .order_by(audits.c.id)
-        )
+    if reason not in RECOVERY_REASONS:
+        raise ConfigError(f"unknown reason {reason!r}")
+    with read_connection(engine) as connection:
+        ids = list(connection.execute(select(audits.c.id).where(audits.c.status == RUNNING, condition)
+                                      .order_by(audits.c.id)).scalars())
+    result = RecoveryResult()
+
+    def apply(connection: Connection, batch: list[int]) -> list[Recovery]:
+        query = (select(audits.c.id, audits.c.target, audits.c.worker_id, audits.c.worker_instance, audits.c.lease,
+                        audits.c.attempts, audits.c.started_at, audits.c.heartbeat_at)
+                 .where(audits.c.id.in_(batch), audits.c.status == RUNNING, condition).order_by(audits.c.id))
         if is_postgres(connection):
             query = query.with_for_update(skip_locked=True, of=audits)
         rows = connection.execute(query).all()
-        verdicts = [
-            Verdict(id=r.id, target=r.target, status=RUNNING, reasons=[reason], worker_id=r.worker_id, worker_instance=None,
-                    lease=r.lease, started_at=parse_timestamp(r.started_at), last_heartbeat=parse_timestamp(r.heartbeat_at),
-                    age_seconds=r.age, silence_seconds=r.silence, stalled_seconds=None, max_age_seconds=0.0)
-            for r in rows
-        ]
-        measured = {
-            v.id: {"age_seconds": None if v.age_seconds is None else round(v.age_seconds, 3),
-                   "silence_seconds": None if v.silence_seconds is None else round(v.silence_seconds, 3)}
-            for v in verdicts
-        }
-        return _apply_recovery(
-            connection, verdicts, {v.id: [explanation] for v in verdicts}, measured,
-            requeue=requeue, max_attempts=max_attempts, actor=actor,
-        )
+        return _apply_manual(connection, rows, reason=reason, explanation=explanation, actor=actor,
+                             requeue=requeue, max_attempts=max_attempts)
+
+    _in_batches(engine, ids, DEFAULT_BATCH, apply, result, describe="recover")
+    return result
+
+
+class _ManualVerdict:
+    """A verdict for a recovery no rule decided (startup cleanup, an explicit request)."""
+
+    def __init__(self, row, reason: str, explanation: str, now: datetime):
+        self.row = (row.id, row.target)
+        self.now = now
+        self.id, self.lease = row.id, row.lease
+        self.target = text_value(row.target) or ""
+        self.worker_id, self.worker_instance = text_value(row.worker_id), text_value(row.worker_instance)
+        self.attempts = safe_int(row.attempts) or 0
+        self.started_at, self.last_heartbeat = as_datetime(row.started_at), as_datetime(row.heartbeat_at)
+        self.reasons, self._explanation = [reason], explanation
+        self.problems: list[str] = []
+
+    def explain(self) -> list[str]:
+        return [self._explanation]
+
+    def measurements(self) -> dict:
+        def since(moment):
+            return None if moment is None else round((self.now - moment).total_seconds(), 3)
+
+        return {"age_seconds": since(self.started_at), "silence_seconds": since(self.last_heartbeat)}
+
+    def thresholds(self) -> dict:
+        return {}
+
+
+def _apply_manual(connection, rows, *, reason, explanation, actor, requeue, max_attempts) -> list[Recovery]:
+    now = fetch_now(connection)
+    verdicts = [_ManualVerdict(row, reason, explanation, now) for row in rows]
+    return _apply_recovery(connection, verdicts, requeue=requeue, max_attempts=max_attempts, actor=actor)
 
 
 def recover_worker_leftovers(engine: Engine, worker_id: str, live_instances: set[str], *, actor: Actor,
-                             requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Recovery]:
+                             requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> RecoveryResult:
     """Recover what earlier, dead instances of ``worker_id`` left running (reason ``worker_restarted``)."""
+    from sqlalchemy import and_
+
+    from .thresholds import WORKER_RESTARTED
+
     condition = audits.c.worker_id == worker_id
     if live_instances:
         condition = and_(condition, or_(audits.c.worker_instance.is_(None), audits.c.worker_instance.not_in(sorted(live_instances))))
@@ -372,83 +492,170 @@ def recover_worker_leftovers(engine: Engine, worker_id: str, live_instances: set
 
 # --- reset-all ------------------------------------------------------------------------
 
+ORIGINS = ("stuck", "error")
 
-def _reset_query(*, since: float | None, reason: str | None, ids: list[int] | None):
-    if reason is not None and reason not in RULE_REASONS + (WORKER_RESTARTED,):
-        raise ConfigError(f"unknown reason {reason!r}: choose from {', '.join(RULE_REASONS + (WORKER_RESTARTED,))}")
-    query = select(audits).where(audits.c.status == FAILED)
-    if since is not None:
-        query = query.where(seconds_since(func.coalesce(audits.c.finished_at, audits.c.created_at)) <= since)
-    if reason is not None:
+
+@dataclass
+class ResetFilters:
+    """Which failed audits a reset takes. ``since`` is seconds; ``reasons`` and ``origins`` are unions."""
+
+    since: float | None = None
+    reasons: tuple[str, ...] = ()
+    origins: tuple[str, ...] = ()
+    ids: tuple[int, ...] | None = None
+    max_resets: int | None = DEFAULT_MAX_RESETS
+
+    def __post_init__(self):
+        for reason in self.reasons:
+            if reason not in RECOVERY_REASONS:
+                raise ConfigError(f"unknown reason {reason!r}: choose from {', '.join(RECOVERY_REASONS)}")
+        for origin in self.origins:
+            if origin not in ORIGINS:
+                raise ConfigError(f"unknown origin {origin!r}: choose from {', '.join(ORIGINS)}")
+        if self.max_resets is not None and self.max_resets < 0:
+            raise ConfigError(f"max_resets must be 0 or more, got {self.max_resets}")
+
+
+def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_resets: bool = True):
+    conditions = [audits.c.status == FAILED]
+    if filters.since is not None:
+        from datetime import timedelta
+
+        moment = fetch_now(connection) - timedelta(seconds=filters.since)
+        bound = moment if is_postgres(connection) else timestamps.to_storage(moment)
+        conditions.append(stored_time(audits.c.finished_at) >= bound)
+    if filters.reasons:
         # The reason codes are a fixed vocabulary checked above; LIKE on the comma list is exact enough.
-        query = query.where(("," + audits.c.recovery_reasons + ",").like(f"%,{reason},%"))
-    if ids is not None:
-        query = query.where(audits.c.id.in_(ids))
-    return query.order_by(audits.c.id)
+        conditions.append(or_(*[("," + audits.c.recovery_reasons + ",").like(f"%,{reason},%") for reason in filters.reasons]))
+    if filters.origins and set(filters.origins) != set(ORIGINS):
+        stuck = audits.c.recovery_reasons.is_not(None) & (audits.c.recovery_reasons != "")
+        conditions.append(stuck if "stuck" in filters.origins else ~stuck | audits.c.recovery_reasons.is_(None))
+    if filters.ids is not None:
+        conditions.append(audits.c.id.in_(bindparam("ids", expanding=True)))
+    if limit_resets and filters.max_resets is not None:
+        conditions.append(func.coalesce(audits.c.resets, 0) < filters.max_resets)
+    return conditions
 
 
 def _reset_from_row(row, status: str) -> Reset:
+    reasons = [r for r in (text_value(row.recovery_reasons) or "").split(",") if r]
     return Reset(
-        id=row.id, target=row.target, from_status=row.status, status=status,
-        reasons=[r for r in (row.recovery_reasons or "").split(",") if r], error=row.error,
-        finished_at=parse_timestamp(row.finished_at),
+        id=row.id, target=text_value(row.target) or "", from_status=text_value(row.status) or "?", status=status,
+        reasons=reasons, error=text_value(row.error), finished_at=as_datetime(row.finished_at),
+        origin="stuck" if reasons else "error", resets=safe_int(row.resets) or 0,
     )
+
+
+@dataclass
+class ResetPlan:
+    """What a reset would take, before it asks: counts by origin and reason, and who is held back."""
+
+    ids: list[int]
+    by_origin: dict[str, int]
+    by_reason: dict[str, int]
+    held_back: int  # failed audits matching the filters that reached the reset limit
+    max_resets: int | None
+
+
+def plan_reset(engine: Engine, filters: ResetFilters) -> ResetPlan:
+    """Count what ``reset_failed`` would take (ids in order), and what the reset limit holds back."""
+    with read_connection(engine) as connection:
+        params = {"ids": list(filters.ids)} if filters.ids is not None else {}
+        rows = connection.execute(select(audits.c.id, audits.c.recovery_reasons)
+                                  .where(*_reset_condition(connection, filters)).order_by(audits.c.id), params).all()
+        held_back = 0
+        if filters.max_resets is not None:
+            held_back = connection.execute(
+                select(func.count()).select_from(audits)
+                .where(*_reset_condition(connection, filters, limit_resets=False),
+                       func.coalesce(audits.c.resets, 0) >= filters.max_resets), params).scalar_one()
+    by_origin = {"stuck": 0, "error": 0}
+    by_reason: dict[str, int] = {}
+    for _id, reasons_text in rows:
+        reasons = [r for r in (text_value(reasons_text) or "").split(",") if r]
+        by_origin["stuck" if reasons else "error"] += 1
+        for reason in reasons:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    return ResetPlan(ids=[row[0] for row in rows], by_origin=by_origin, by_reason=by_reason, held_back=held_back,
+                     max_resets=filters.max_resets)
 
 
 def reset_failed(
     engine: Engine,
     *,
     actor: Actor,
+    filters: ResetFilters | None = None,
     since: float | None = None,
     reason: str | None = None,
     ids: list[int] | None = None,
     dry_run: bool = False,
-    recover_first: list[int] | None = None,
-    thresholds: Thresholds | None = None,
-) -> list[Reset]:
-    """Return failed audits to pending, all in one transaction, each reset written to the history.
+    batch_size: int = DEFAULT_BATCH,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> ResetResult:
+    """Return failed audits to pending in batches, each reset written to the history.
 
-    ``recover_first`` (with ``thresholds``) names stuck running audits to recover in the same
-    transaction and reset with the rest (``reset-all --include-stuck``); each is judged again
-    under its lock, so one that recovered meanwhile is left running.
+    Each batch is one transaction; a reset clears the run (worker, lease, times, progress)
+    and counts the reset on the audit (``resets``), so ``max_resets`` can stop an audit from
+    being requeued forever. The rows are read under the batch's lock, so an audit claimed or
+    reset meanwhile by someone else is left as it is.
     """
-    query = _reset_query(since=since, reason=reason, ids=ids)
+    if filters is None:
+        filters = ResetFilters(since=since, reasons=(reason,) if reason else (), ids=tuple(ids) if ids is not None else None)
+    result = ResetResult()
     if dry_run:
         with read_connection(engine) as connection:
-            return [_reset_from_row(row, PENDING) for row in connection.execute(query)]
-    with write_transaction(engine) as connection:
-        if recover_first:
-            if thresholds is None:
-                raise ConfigError("recover_first needs the thresholds to judge those audits by")
-            verdicts = select_stuck(connection, thresholds, lock=True, ids=recover_first)
-            recovered = _apply_recovery(connection, verdicts, {v.id: v.explain(thresholds) for v in verdicts},
-                                        {v.id: v.measurements(thresholds) for v in verdicts}, requeue=False,
-                                        max_attempts=DEFAULT_MAX_ATTEMPTS, actor=actor)
-            if recovered and ids is not None:
-                # Named audits plus the ones just recovered; with ids=None the filters already
-                # take in every failed audit, the just-recovered ones among them.
-                query = _reset_query(since=since, reason=reason, ids=ids + [r.id for r in recovered])
+            params = {"ids": list(filters.ids)} if filters.ids is not None else {}
+            rows = connection.execute(select(audits).where(*_reset_condition(connection, filters))
+                                      .order_by(audits.c.id), params).all()
+        for row in rows:
+            result.append(isolate(row, lambda r: _reset_from_row(r, PENDING),
+                                  lambda r, problem: Reset(id=r.id, target="?", from_status=FAILED, status=PENDING,
+                                                           reasons=[], error=problem, finished_at=None)))
+        return result
+    # Named audits are taken as named (each batch checks them again under its lock); otherwise
+    # the filters decide, once, which audits this reset covers.
+    candidates = sorted(set(filters.ids)) if filters.ids is not None else plan_reset(engine, filters).ids
+
+    def apply(connection: Connection, batch: list[int]) -> list[Reset]:
+        query = select(audits).where(*_reset_condition(connection, replace(filters, ids=tuple(batch)))).order_by(audits.c.id)
         if is_postgres(connection):
             query = query.with_for_update(of=audits)
-        rows = connection.execute(query).all()
+        rows = connection.execute(query, {"ids": batch}).all()
         if not rows:
             return []
         now = fetch_now(connection)
+        chosen = [row.id for row in rows]
+        changed = connection.execute(
+            update(audits)
+            .where(audits.c.id.in_(chosen), audits.c.status == FAILED)
+            .values(status=PENDING, error=None, finished_at=None, started_at=None, lease=None, worker_id=None,
+                    worker_instance=None, heartbeat_at=None, progress_changed_at=None, progress=None,
+                    progress_signature=None, resets=func.coalesce(audits.c.resets, 0) + 1)
+        ).rowcount
+        if changed != len(chosen):
+            raise ConcurrentChange(f"reset expected to change {len(chosen)} audits but changed {changed}; rolled back")
         done, events = [], []
         for row in rows:
-            result = connection.execute(
-                update(audits)
-                .where(audits.c.id == row.id, audits.c.status == FAILED)
-                .values(status=PENDING, error=None, finished_at=None, started_at=None, lease=None,
-                        worker_id=None, worker_instance=None, heartbeat_at=None, progress_changed_at=None)
-            )
-            if result.rowcount != 1:
-                continue
-            done.append(_reset_from_row(row, PENDING))
-            events.append({
-                "audit_id": row.id, "event": history.RESET, "from_status": FAILED, "to_status": PENDING,
-                "reasons": [r for r in (row.recovery_reasons or "").split(",") if r],
-                "details": {"original_status": _snapshot(row)},
-            })
+            reset = isolate(row, lambda r: _reset_from_row(r, PENDING),
+                            lambda r, problem: Reset(id=r.id, target="?", from_status=FAILED, status=PENDING, reasons=[],
+                                                     error=None, finished_at=None))
+            done.append(reset)
+            events.append({"audit_id": row.id, "event": history.RESET, "from_status": FAILED, "to_status": PENDING,
+                           "reasons": reset.reasons, "details": {"original_status": _snapshot(row), "origin": reset.origin}})
         history.record(connection, events, actor, now)
+        outbox.enqueue(connection, outbox.RESET, {"actor": actor.name, "host": actor.host, "count": len(done),
+                                                  "ids": [r.id for r in done],
+                                                  "by_origin": {o: sum(1 for r in done if r.origin == o) for o in ORIGINS}},
+                       now=now)
         return done
+
+    _in_batches(engine, candidates, batch_size, apply, result, on_batch=on_batch, describe="reset")
+    return result
+
+
+def _snapshot(row) -> dict:
+    """The prior state of an audit as JSON, for the reset's history row (its own recovery_info included)."""
+    from .documents import strict_value
+
+    mapping = row._mapping
+    return {column.name: strict_value(mapping[column.name]) for column in audits.columns if column.name != "odd_times"}

@@ -1,13 +1,17 @@
-"""Worker instances: who is alive, and who shares a ``worker_id`` with whom.
+"""Worker instances: who is alive, who is provably gone, and who shares a ``worker_id`` with whom.
 
 Every process start of a worker is its own instance (a random id) beside the
 configured ``worker_id``, so a restarted worker is told apart from its previous run.
-An earlier instance counts as gone when it stopped cleanly; when it ran in this boot
-and pid namespace and its process (pid and start time) no longer exists, or is this
-process but not a live guard; or when it ran anywhere else (another host or container,
-even one with the same hostname) and has not beaten within ``stale_after``. Any other
-instance with the same ``worker_id`` is a live duplicate (a reused pod name): it is
-reported, and what it holds is left alone.
+
+An instance is **provably gone** when it stopped cleanly (``stop()`` marks it), or when it
+ran in this boot and pid namespace and its process (pid and start time) no longer
+exists, or is this very process but no live guard here carries it. Proof is never a
+guess: an instance on another host, container or boot is judged only by its silence,
+against the ``stale_after`` it declared (or the judge's). The stuck rules recover the
+audits of a provably gone instance at once (``worker_gone``).
+
+Any other live instance with the same ``worker_id`` is a duplicate (a reused pod name):
+it is reported, and what it holds is left alone.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from datetime import datetime
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
-from .db import db_now, read_connection, seconds_since, write_transaction
+from .db import db_now, fetch_now, read_connection, write_transaction
+from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
+from .timestamps import as_datetime
 
 #: Instance ids of the guards alive in this very process (a same-pid row may be one of them).
 _LIVE_HERE: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
+
+#: Stopped or dead instances older than this are left out of ``auditctl workers`` unless --all.
+GONE_RETENTION = 24 * 3600.0
 
 
 @dataclass
@@ -40,9 +49,16 @@ class Instance:
     stopped_at: datetime | None
     heartbeat_age: float | None
     process_key: str | None = None
+    heartbeat_interval: float | None = None
+    stale_after: float | None = None
     alive: bool = False
+    #: How the instance was proven gone (None: alive, or only silent).
+    gone_proof: str | None = None
+    #: Seconds since it was last seen alive (stopped, or last heartbeat) when it is not alive.
+    gone_for: float | None = None
     running_audits: int = 0
     duplicate: bool = False  # alive while another live instance uses the same worker_id
+    unreadable: str | None = None
 
 
 def _process_start(pid: int) -> str | None:
@@ -50,7 +66,7 @@ def _process_start(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             return stat.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):
         return None
 
 
@@ -70,28 +86,53 @@ def process_key(pid: int | None = None) -> str | None:
     return None if namespace is None or start is None else f"{namespace}:{pid}:{start}"
 
 
-def _judge(instance: Instance, stale_after: float) -> bool:
+def prove_gone(instance: Instance) -> str | None:
+    """How this instance is proven gone, in words; None when it cannot be proven (it may be alive)."""
     if instance.stopped_at is not None:
-        return False
+        return f"worker instance {instance.instance_id[:8]} of {instance.worker_id} stopped cleanly without finishing it"
     namespace = _namespace()
-    if instance.process_key and namespace and instance.process_key.startswith(namespace + ":"):
-        # Same boot, same pid namespace: the process table is the truth, at once.
-        pid, start = instance.process_key[len(namespace) + 1:].split(":", 1)
-        if int(pid) == os.getpid():
-            return instance.instance_id in _LIVE_HERE
-        return _process_start(int(pid)) == start
+    key = instance.process_key
+    if not (isinstance(key, str) and namespace and key.startswith(namespace + ":")):
+        return None  # another host, container or boot: only silence can tell
+    try:
+        pid_text, start = key[len(namespace) + 1:].split(":", 1)
+        pid = int(pid_text)
+    except ValueError:
+        return None
+    where = f"on {instance.host or 'this host'}"
+    if pid == os.getpid():
+        if instance.instance_id in _LIVE_HERE:
+            return None
+        return f"worker instance {instance.instance_id[:8]} of {instance.worker_id} belonged to this process, which no longer runs it"
+    if _process_start(pid) == start:
+        return None
+    return (f"worker process {pid} {where} ({instance.worker_id}, instance {instance.instance_id[:8]}) "
+            "no longer exists")
+
+
+def _judge(instance: Instance, stale_after: float) -> None:
+    instance.gone_proof = prove_gone(instance)
+    if instance.gone_proof is not None:
+        instance.alive = False
+        return
+    if instance.process_key and _namespace() and instance.process_key.startswith(_namespace() + ":"):
+        instance.alive = True  # same boot and namespace, and the process is there
+        return
     # Another host, container or boot (a reused pod name looks like this): only a fresh
-    # heartbeat says it is alive.
-    return instance.heartbeat_age is not None and instance.heartbeat_age <= stale_after
+    # heartbeat says it is alive, by the silence it declared it may keep.
+    limit = instance.stale_after or stale_after
+    instance.alive = instance.heartbeat_age is not None and instance.heartbeat_age <= limit
 
 
-def register(engine: Engine, *, instance_id: str, worker_id: str, worker_url: str | None, guard: object) -> None:
+def register(engine: Engine, *, instance_id: str, worker_id: str, worker_url: str | None, guard: object,
+             heartbeat_interval: float | None = None, stale_after: float | None = None) -> None:
     _LIVE_HERE[instance_id] = guard
     with write_transaction(engine) as connection:
         connection.execute(
             insert(workers).values(instance_id=instance_id, worker_id=worker_id, worker_url=worker_url,
                                    host=socket.gethostname(), pid=os.getpid(), process_key=process_key(),
-                                   started_at=db_now(), last_heartbeat_at=db_now())
+                                   started_at=db_now(), last_heartbeat_at=db_now(),
+                                   heartbeat_interval=heartbeat_interval, stale_after=stale_after)
         )
 
 
@@ -100,14 +141,34 @@ def beat(engine: Engine, instance_id: str) -> None:
         connection.execute(update(workers).where(workers.c.instance_id == instance_id).values(last_heartbeat_at=db_now()))
 
 
-def mark_stopped(engine: Engine, instance_id: str) -> None:
+def forget_here(instance_id: str) -> None:
+    """This process no longer runs the instance (its guard stopped)."""
     _LIVE_HERE.pop(instance_id, None)
+
+
+def mark_stopped(engine: Engine, instance_id: str) -> None:
+    forget_here(instance_id)
     with write_transaction(engine) as connection:
         connection.execute(update(workers).where(workers.c.instance_id == instance_id).values(stopped_at=db_now()))
 
 
-def instances(engine: Engine, stale_after: float, *, worker_id: str | None = None, include_stopped: bool = True) -> list[Instance]:
-    """Every known instance with ``alive`` judged and the count of running audits it holds."""
+def _instance(m) -> Instance:
+    return Instance(
+        instance_id=text_value(m["instance_id"]) or "?", worker_id=text_value(m["worker_id"]) or "?",
+        worker_url=text_value(m["worker_url"]), host=text_value(m["host"]), pid=safe_int(m["pid"]),
+        started_at=as_datetime(m["started_at"]), last_heartbeat_at=as_datetime(m["last_heartbeat_at"]),
+        stopped_at=as_datetime(m["stopped_at"]), heartbeat_age=None, process_key=text_value(m["process_key"]),
+        heartbeat_interval=sane_duration(m["heartbeat_interval"]), stale_after=sane_duration(m["stale_after"]),
+    )
+
+
+def instances(engine: Engine, stale_after: float, *, worker_id: str | None = None, include_gone: bool = True,
+              retention: float | None = None) -> list[Instance]:
+    """Every known instance with ``alive`` judged and the count of running audits it holds.
+
+    ``include_gone=False`` leaves out every instance that is not alive; ``retention`` (seconds)
+    leaves out instances not alive for longer than that which hold no running audit.
+    """
     held = (
         select(audits.c.worker_instance, func.count().label("n"))
         .where(IS_RUNNING)
@@ -115,42 +176,70 @@ def instances(engine: Engine, stale_after: float, *, worker_id: str | None = Non
         .subquery()
     )
     query = (
-        select(workers, seconds_since(workers.c.last_heartbeat_at).label("heartbeat_age"), func.coalesce(held.c.n, 0).label("held"))
+        select(workers, func.coalesce(held.c.n, 0).label("held"))
         .select_from(workers.outerjoin(held, held.c.worker_instance == workers.c.instance_id))
         .order_by(workers.c.worker_id, workers.c.started_at)
     )
     if worker_id is not None:
         query = query.where(workers.c.worker_id == worker_id)
-    if not include_stopped:
-        query = query.where(workers.c.stopped_at.is_(None))
-    found = []
     with read_connection(engine) as connection:
-        for row in connection.execute(query):
-            m = row._mapping
-            instance = Instance(
-                instance_id=m["instance_id"], worker_id=m["worker_id"], worker_url=m["worker_url"], host=m["host"], pid=m["pid"],
-                started_at=m["started_at"], last_heartbeat_at=m["last_heartbeat_at"], stopped_at=m["stopped_at"],
-                heartbeat_age=None if m["heartbeat_age"] is None else round(float(m["heartbeat_age"]), 3),
-                process_key=m["process_key"],
-                running_audits=int(m["held"]),
-            )
-            instance.alive = _judge(instance, stale_after)
-            found.append(instance)
+        now = fetch_now(connection)
+        rows = connection.execute(query).all()
+    found = []
+    for row in rows:
+        m = row._mapping
+        try:
+            instance = _instance(m)
+            instance.running_audits = safe_int(m["held"]) or 0
+            if instance.last_heartbeat_at is not None:
+                instance.heartbeat_age = round((now - instance.last_heartbeat_at).total_seconds(), 3)
+            _judge(instance, stale_after)
+        except Exception as error:  # noqa: BLE001 - another tool's row must not hide the others
+            instance = Instance(instance_id=text_value(m.get("instance_id")) or "?", worker_id=text_value(m.get("worker_id")) or "?",
+                                worker_url=None, host=None, pid=None, started_at=None, last_heartbeat_at=None,
+                                stopped_at=None, heartbeat_age=None, unreadable=f"{type(error).__name__}: {error}"[:200])
+        if not instance.alive:
+            last = instance.stopped_at or instance.last_heartbeat_at
+            instance.gone_for = None if last is None else round((now - last).total_seconds(), 3)
+        found.append(instance)
     live_count: dict[str, int] = {}
     for instance in found:
         if instance.alive:
             live_count[instance.worker_id] = live_count.get(instance.worker_id, 0) + 1
     for instance in found:
         instance.duplicate = instance.alive and live_count[instance.worker_id] > 1
+    if not include_gone:
+        found = [i for i in found if i.alive]
+    elif retention is not None:
+        found = [i for i in found if i.alive or i.running_audits or i.gone_for is None or i.gone_for <= retention]
     return found
+
+
+def gone_instances(engine: Engine) -> dict[str, str]:
+    """The instances that hold running audits and are provably gone: instance id -> proof in words."""
+    holding = select(audits.c.worker_instance).where(IS_RUNNING, audits.c.worker_instance.is_not(None)).distinct().subquery()
+    query = select(workers).where(workers.c.instance_id.in_(select(holding.c.worker_instance)))
+    with read_connection(engine) as connection:
+        rows = connection.execute(query).all()
+    gone = {}
+    for row in rows:
+        try:
+            instance = _instance(row._mapping)
+            proof = prove_gone(instance)
+        except Exception:  # noqa: BLE001 - an unreadable registry row proves nothing
+            continue
+        if proof is not None:
+            gone[instance.instance_id] = proof
+    return gone
 
 
 def live_peers(engine: Engine, worker_id: str, instance_id: str, stale_after: float) -> list[Instance]:
     """Other live instances using the same ``worker_id``: duplicates to report."""
     return [
-        i for i in instances(engine, stale_after, worker_id=worker_id, include_stopped=False)
+        i for i in instances(engine, stale_after, worker_id=worker_id, include_gone=False)
         if i.instance_id != instance_id and i.alive
     ]
 
 
-__all__ = ["Instance", "register", "beat", "mark_stopped", "instances", "live_peers", "process_key"]
+__all__ = ["Instance", "GONE_RETENTION", "register", "beat", "mark_stopped", "forget_here", "instances",
+           "gone_instances", "live_peers", "process_key", "prove_gone"]

@@ -1,338 +1,603 @@
-"""The one stuck query: three rules, evaluated by the database, on the database's clock.
+"""The one stuck query: four rules, evaluated by the database, on the database's clock.
 
 A running audit is stuck when
 
+* ``worker_gone``: the registry proves the worker instance that holds it is gone (it
+  stopped cleanly without finishing it, or its process no longer exists on this host);
 * ``stale_heartbeat``: nothing was heard from its worker (heartbeat, progress write)
-  for longer than ``stale_after``;
-* ``max_age_exceeded``: it has run (since it was claimed) longer than its own
-  ``max_age_seconds`` or, when it declares none, the fleet's ``max_age``;
+  for longer than its ``stale_after``;
+* ``max_age_exceeded``: it has run (since it was claimed) longer than its ``max_age``;
 * ``progress_stalled``: heartbeats are fresh but step, task counts and percentage have
-  not changed for longer than ``stall_after`` (alive but frozen). A stale audit is
-  never also called stalled.
+  not changed for longer than its ``stall_after`` (alive but frozen). A stale audit, or
+  one whose worker is gone, is never also called stalled.
 
-Times the database cannot trust are not used: a heartbeat more than
-``FUTURE_TOLERANCE`` seconds in the future (another tool's clock) is ignored and the
-audit is judged from its start time instead, and flagged. Likewise a start time that is
-unreadable or in the future gives way to the creation time; an audit with no
+Each audit is judged by its own thresholds where it has them (see ``thresholds.Policy``:
+a flag, then the audit's own, then its kind's, then the fleet's).
+
+The query compares stored times with cutoffs computed once per statement, so it costs a
+few comparisons per running audit and uses the partial index of running audits; ages are
+computed only in the select list, for the audits that are stuck. On SQLite the stored
+times are canonical text that sorts in time order; a row another tool wrote in another
+form is read through the same parser Python uses (see ``auditctl.timestamps``).
+
+Times the database cannot trust are not used: a time more than ``FUTURE_TOLERANCE``
+seconds in the future (another tool's clock) is ignored and the audit is judged from the
+next one (heartbeat, last worker update, start, creation), and flagged. An audit with no
 trustworthy time at all counts as never heard from.
 
-A monitor that could not see the database for a while passes ``seen_since``: silence
-and stalls are then never measured from before that moment, so an outage is not
-mistaken for dead workers (see ``monitor``).
+A monitor that could not see the database for a while passes ``seen_since``: silence and
+stalls are then never measured from before that moment, so an outage is not mistaken
+for dead workers (see ``monitor``).
+
+A row the reader cannot turn into a verdict (whatever another tool stored) becomes a
+verdict marked ``unreadable`` with what was wrong; it never stops the others. The
+reasons themselves come from the database, so such an audit is still recovered.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Iterator
 
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Iterator, Mapping
-
-from sqlalchemy import bindparam, Float, and_, case, cast, func, null, or_, select
-from sqlalchemy import types
+from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import FunctionElement
-from sqlalchemy.sql import Select
 
-from .db import is_postgres, read_connection, seconds_since
+from . import documents, timestamps
+from .db import fetch_now, is_postgres, read_connection
 from .errors import ConfigError
-from .progress import view_from_fields
-from .schema import IS_RUNNING, audits
-from .thresholds import MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, Thresholds, format_duration
-
-#: The columns the stuck query reads (what a verdict shows and a recovery's history records).
-ROW_COLUMNS = ("id", "target", "status", "worker_id", "worker_instance", "lease", "started_at", "heartbeat_at",
-               "attempts", "error", "recovery_info")
-
-#: Fields of the progress document the stuck query extracts in SQL (parsing whole documents in
-#: Python would cost more than the query).
-PROGRESS_FIELDS = ("step", "percentage", "completed_tasks", "total_tasks")
+from .progress import read_progress
+from .values import float_value, rounded, safe_int, sane_duration, text_value
+from .thresholds import (
+    MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
+    format_duration,
+)
 
 #: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers).
 FUTURE_TOLERANCE = 60.0
+#: Rows per page when streaming (each page is its own short read; nothing is held open between pages).
+PAGE_SIZE = 2000
+SORTS = ("id", "age", "silence", "target", "worker")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Filters:
+    """Which stuck audits to look at. Each tuple is a union (any of its values); empty means all.
+
+    ``since`` and ``until`` bound the creation time: seconds ago (a float) or a moment (datetime).
+    """
+
+    workers: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    older_than: float | None = None
+    since: float | datetime | None = None
+    until: float | datetime | None = None
+    ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        unknown = [r for r in self.reasons if r not in RULE_REASONS]
+        if unknown:
+            raise ConfigError(f"unknown reason {unknown[0]!r}: choose from {', '.join(RULE_REASONS)}")
+
+
+def make_filters(filters: Filters | None = None, *, worker: str | None = None, reason: str | None = None,
+                 older_than: float | None = None, ids=None) -> Filters:
+    """Filters from a Filters object and/or the single-value keywords of earlier versions."""
+    filters = filters or Filters()
+    changes = {}
+    if worker is not None:
+        changes["workers"] = (worker,)
+    if reason is not None:
+        changes["reasons"] = (reason,)
+    if older_than is not None:
+        changes["older_than"] = older_than
+    if ids is not None:
+        changes["ids"] = tuple(ids)
+    return replace(filters, **changes) if changes else filters
+
+
+# --- verdicts ----------------------------------------------------------------------------
+
+#: The columns of the stuck query, in order (a verdict reads its row by position).
+_COLUMNS = ("id", "target", "status", "worker_id", "worker_instance", "lease", "attempts", "kind", "started_at",
+            "heartbeat_at", "progress", "max_age_seconds", "declared_stale_after", "declared_stall_after",
+            "declared_max_age", "gone", "stale", "over_age", "stalled", "age_seconds", "silence_seconds",
+            "stalled_seconds", "stale_limit", "max_age_limit", "stall_limit", "heartbeat_in_future", "odd_times")
+_AT = {name: index for index, name in enumerate(_COLUMNS)}
+
+
 class Verdict:
-    """A stuck audit and why: each rule that fired, with what was measured."""
+    """A stuck audit and why: each rule that fired, with what was measured and the thresholds used.
 
-    id: int
-    target: str
-    status: str
-    reasons: list[str]
-    worker_id: str | None
-    worker_instance: str | None
-    lease: str | None
-    started_at: datetime | None
-    last_heartbeat: datetime | None
-    age_seconds: float | None
-    silence_seconds: float | None
-    stalled_seconds: float | None
-    max_age_seconds: float
-    step: str | None = None
-    percentage: float | None = None
-    problems: list[str] = field(default_factory=list)
-    #: The audit's ROW_COLUMNS as read by the stuck query (a recovery's history records them).
-    row: Mapping | None = field(default=None, repr=False, compare=False)
+    Built from the query's row tuple; what is only needed for display (progress fields,
+    explanations, threshold sources) is worked out when asked for.
+    """
 
-    def explain(self, thresholds: Thresholds) -> list[str]:
-        """One sentence per reason, e.g. ``no heartbeat for 12m (stale_after 10m)``."""
+    __slots__ = ("row", "policy", "gone_proof", "unreadable", "_progress", "_reasons")
+
+    def __init__(self, row, policy: Policy, gone: dict[str, str] | None = None):
+        self.row = row
+        self.policy = policy
+        self.unreadable: str | None = None
+        self._progress = None
+        self._reasons = None
+        instance = row[_AT["worker_instance"]]
+        self.gone_proof = gone.get(instance) if gone and isinstance(instance, str) else None
+
+    # The row, by name.
+    id = property(lambda self: self.row[0])
+    lease = property(lambda self: self.row[_AT["lease"]])
+    worker_instance = property(lambda self: text_value(self.row[_AT["worker_instance"]]))
+    worker_id = property(lambda self: text_value(self.row[_AT["worker_id"]]))
+    kind = property(lambda self: text_value(self.row[_AT["kind"]]))
+    status = property(lambda self: text_value(self.row[_AT["status"]]))
+    age_seconds = property(lambda self: rounded(self.row[_AT["age_seconds"]]))
+    silence_seconds = property(lambda self: rounded(self.row[_AT["silence_seconds"]]))
+    stalled_seconds = property(lambda self: rounded(self.row[_AT["stalled_seconds"]]))
+    max_age_seconds = property(lambda self: float_value(self.row[_AT["max_age_limit"]]))
+
+    @property
+    def target(self) -> str:
+        value = self.row[_AT["target"]]
+        return value if isinstance(value, str) else text_value(value) or ""
+
+    @property
+    def attempts(self) -> int:
+        return safe_int(self.row[_AT["attempts"]]) or 0
+
+    @property
+    def reasons(self) -> list[str]:
+        if self._reasons is None:
+            flags = (self.row[_AT["gone"]], self.row[_AT["stale"]], self.row[_AT["over_age"]], self.row[_AT["stalled"]])
+            self._reasons = [reason for reason, flag in zip(RULE_REASONS, flags) if flag]
+        return self._reasons
+
+    @property
+    def started_at(self) -> datetime | None:
+        return timestamps.as_datetime(self.row[_AT["started_at"]])
+
+    @property
+    def last_heartbeat(self) -> datetime | None:
+        return timestamps.as_datetime(self.row[_AT["heartbeat_at"]])
+
+    @property
+    def progress(self):
+        if self._progress is None:
+            self._progress = read_progress(documents.load(self.row[_AT["progress"]]))
+        return self._progress
+
+    @property
+    def step(self) -> str | None:
+        return self.progress.step
+
+    @property
+    def percentage(self) -> float | None:
+        return self.progress.percentage
+
+    @property
+    def problems(self) -> list[str]:
+        problems = list(self.progress.problems)
+        row = self.row
+        if row[_AT["heartbeat_in_future"]]:
+            problems.append("heartbeat_in_future")
+        for name in ("started_at", "heartbeat_at"):
+            if isinstance(timestamps.parse(row[_AT[name]]), timestamps.Unreadable):
+                problems.append(f"{name}_unreadable")
+        if row[_AT["lease"]] is None:
+            problems.append("no_lease")
+        if self.unreadable:
+            problems.append(f"row_unreadable: {self.unreadable}")
+        return problems
+
+    def threshold(self, name: str) -> tuple[float | None, str]:
+        """The threshold this audit was judged by, and where it came from (flag, audit, worker, kind, fleet)."""
+        row = self.row
+        own = sane_duration(row[_AT["max_age_seconds"]]) if name == "max_age" else None
+        worker = sane_duration(row[_AT[f"declared_{name}"]])
+        value, source = self.policy.resolve(name, audit=own, worker=worker, kind=self.kind)
+        used = float_value(row[_AT[{"stale_after": "stale_limit", "max_age": "max_age_limit", "stall_after": "stall_limit"}[name]]])
+        return (used if used is not None else value), source
+
+    def thresholds(self) -> dict:
+        """``{"stale_after": {"seconds": 600.0, "source": "fleet"}, ...}``."""
+        result = {}
+        for name in ("stale_after", "max_age", "stall_after"):
+            value, source = self.threshold(name)
+            result[name] = {"seconds": value, "source": source}
+        return result
+
+    def explain(self) -> list[str]:
+        """One sentence per reason, e.g. ``no heartbeat for 12m (stale_after 10m, fleet)``."""
         sentences = []
         for reason in self.reasons:
-            if reason == STALE_HEARTBEAT:
-                heard = "never heard from" if self.silence_seconds is None else f"no heartbeat for {format_duration(self.silence_seconds)}"
-                sentences.append(f"{heard} (stale_after {format_duration(thresholds.stale_after)})")
+            if reason == WORKER_GONE:
+                sentences.append(self.gone_proof or f"worker instance {(self.worker_instance or '?')[:8]} is gone")
+            elif reason == STALE_HEARTBEAT:
+                value, source = self.threshold("stale_after")
+                silence = self.silence_seconds
+                heard = "never heard from" if silence is None else f"no heartbeat for {format_duration(silence)}"
+                sentences.append(f"{heard} (stale_after {format_duration(value)}, {source})")
             elif reason == MAX_AGE_EXCEEDED:
-                sentences.append(f"running for {format_duration(self.age_seconds)} (max_age {format_duration(self.max_age_seconds)})")
+                value, source = self.threshold("max_age")
+                sentences.append(f"running for {format_duration(self.age_seconds)} (max_age {format_duration(value)}, {source})")
             elif reason == PROGRESS_STALLED:
-                sentences.append(
-                    f"no progress for {format_duration(self.stalled_seconds)} (stall_after {format_duration(thresholds.stall_after)})"
-                )
+                value, source = self.threshold("stall_after")
+                sentences.append(f"no progress for {format_duration(self.stalled_seconds)} "
+                                 f"(stall_after {format_duration(value)}, {source})")
         return sentences
 
-    def measurements(self, thresholds: Thresholds) -> dict:
+    def measurements(self) -> dict:
+        used = {name: self.threshold(name)[0] for name in ("stale_after", "max_age", "stall_after")}
         return {
-            "silence_seconds": _round(self.silence_seconds),
-            "age_seconds": _round(self.age_seconds),
-            "stalled_seconds": _round(self.stalled_seconds),
-            "stale_after": thresholds.stale_after,
-            "max_age": self.max_age_seconds,
-            "stall_after": thresholds.stall_after,
+            "silence_seconds": self.silence_seconds,
+            "age_seconds": self.age_seconds,
+            "stalled_seconds": self.stalled_seconds,
+            **used,
+            **({"worker_gone": self.gone_proof} if self.gone_proof else {}),
         }
 
-
-def _round(value):
-    return None if value is None else round(float(value), 3)
-
-
-def _least(*values):
-    """The smallest non-NULL value (SQLite's scalar MIN returns NULL if any argument is)."""
-    result = values[0]
-    for value in values[1:]:
-        result = case((result.is_(None), value), (value.is_(None), result), (value < result, value), else_=result)
-    return result
+    def __repr__(self) -> str:
+        return f"Verdict(id={self.id}, reasons={self.reasons})"
 
 
-def _trusted(age):
-    """An age in seconds, or NULL when its time is missing or too far in the future."""
-    return case((age >= -FUTURE_TOLERANCE, age), else_=null())
+def verdict_from_row(row, policy: Policy, gone: dict[str, str] | None = None) -> Verdict:
+    """A verdict for one row. Every property of a verdict is total (whatever the row holds, it
+    answers); consumers that render or record one still guard each row (see ``isolate``)."""
+    return Verdict(row, policy, gone)
 
 
-class progress_shape(FunctionElement):
-    """'object' when the progress document's fields can be read, 'not_json' or 'not_object' when not, NULL when absent."""
-
-    type = types.String()
-    inherit_cache = True
-
-
-@compiles(progress_shape, "sqlite")
-def _progress_shape_sqlite(element, compiler, **kw):
-    (column,) = list(element.clauses)
-    p = compiler.process(column, **kw)
-    return (f"CASE WHEN {p} IS NULL THEN NULL WHEN typeof({p}) != 'text' OR NOT json_valid({p}) THEN 'not_json' "
-            f"WHEN json_type({p}) = 'null' THEN NULL WHEN json_type({p}) != 'object' THEN 'not_object' "
-            f"WHEN json_type({p}, '$.progress') IS NOT NULL AND json_type({p}, '$.progress') != 'object' THEN 'not_object' "
-            "ELSE 'object' END")
+def isolate(item, convert, on_error):
+    """``convert(item)``, or ``on_error(item, description)`` when that raises: one row never stops the others."""
+    try:
+        return convert(item)
+    except Exception as error:  # noqa: BLE001 - whatever another tool stored, the next row still runs
+        return on_error(item, f"{type(error).__name__}: {error}"[:200])
 
 
-@compiles(progress_shape, "postgresql")
-def _progress_shape_pg(element, compiler, **kw):
-    (column,) = list(element.clauses)
-    p = compiler.process(column, **kw)
-    return (f"CASE WHEN {p} IS NULL OR jsonb_typeof({p}) = 'null' THEN NULL WHEN jsonb_typeof({p}) <> 'object' THEN 'not_object' "
-            f"WHEN {p} ? 'progress' AND jsonb_typeof({p} -> 'progress') <> 'object' THEN 'not_object' ELSE 'object' END")
+# --- the query ---------------------------------------------------------------------------
 
 
-class progress_field(FunctionElement):
-    """One field of the progress document (``progress.<name>``, or ``<name>`` for a flat document), as a scalar.
+@dataclass(frozen=True)
+class _Shape:
+    """What decides the text of the statement (values travel as parameters)."""
 
-    Only meaningful where progress_shape is 'object'; the driver's own value type comes back
-    (text, number), so a wrong type is seen and flagged in Python.
-    """
-
-    type = types.NullType()
-    inherit_cache = True
-
-    def __init__(self, column, name):
-        self.field_name = name
-        super().__init__(column)
-
-
-@compiles(progress_field, "sqlite")
-def _progress_field_sqlite(element, compiler, **kw):
-    (column,) = list(element.clauses)
-    p, name = compiler.process(column, **kw), element.field_name
-    return (f"CASE WHEN typeof({p}) = 'text' AND json_valid({p}) AND json_type({p}) = 'object' THEN "
-            f"CASE WHEN json_type({p}, '$.progress') IS NULL THEN json_extract({p}, '$.{name}') "
-            f"ELSE json_extract({p}, '$.progress.{name}') END END")
-
-
-@compiles(progress_field, "postgresql")
-def _progress_field_pg(element, compiler, **kw):
-    (column,) = list(element.clauses)
-    p, name = compiler.process(column, **kw), element.field_name
-    return (f"CASE WHEN jsonb_typeof({p}) = 'object' THEN "
-            f"CASE WHEN {p} ? 'progress' THEN {p} #> '{{progress,{name}}}' ELSE {p} -> '{name}' END END")
+    postgres: bool
+    flags: tuple[bool, bool, bool]  # a flag overrides stale_after, max_age, stall_after
+    kinds: tuple[tuple[str, bool, bool, bool], ...]  # per kind: which thresholds it sets
+    gone: bool
+    seen_since: bool
+    workers: bool
+    kind_filter: bool
+    targets: int
+    reasons: tuple[str, ...]
+    older_than: bool
+    since: bool
+    until: bool
+    ids: bool
+    after: bool
+    ids_only: bool
+    sort: str
+    descending: bool
+    limit: bool
+    lock: bool
 
 
-def stuck_query(
-    thresholds: Thresholds,
-    *,
-    worker: str | None = None,
-    reason: str | None = None,
-    older_than: float | None = None,
-    seen_since: datetime | None = None,
-    ids: list[int] | None = None,
-    ids_only: bool = False,
-) -> tuple[Select, dict]:
-    """The SELECT of stuck running audits (with measured ages and one flag per rule), and its parameters.
-
-    The statement's shape depends only on which filters are used, so it is built once per
-    shape and cached; thresholds and filter values travel as bound parameters.
-    """
-    if reason is not None and reason not in RULE_REASONS:
-        raise ConfigError(f"unknown reason {reason!r}: choose from {', '.join(RULE_REASONS)}")
-    statement = _stuck_statement(reason, worker is not None, older_than is not None, seen_since is not None,
-                                 ids is not None, ids_only)
-    params = {"stale_after": thresholds.stale_after, "max_age": thresholds.max_age, "stall_after": thresholds.stall_after}
-    for name, value in (("worker", worker), ("older_than", older_than), ("seen_since", seen_since)):
-        if value is not None:
-            params[name] = value
-    if ids is not None:
-        params["ids"] = list(ids)
-    return statement, params
+_NAMES = ("stale_after", "max_age", "stall_after")
 
 
-@functools.lru_cache(maxsize=64)
-def _stuck_statement(reason, by_worker: bool, by_age: bool, seen_since: bool, by_ids: bool, ids_only: bool) -> Select:
-    # Three levels, each computing its values once per running audit: the raw ages, then the
-    # trusted ones, then the rules. Written flat, the database would evaluate every age
-    # expression again inside every rule and output column.
-    raw_ages = select(
-        *[audits.c[name] for name in ROW_COLUMNS],
-        audits.c.progress,
-        audits.c.max_age_seconds,
-        seconds_since(audits.c.started_at).label("started_age"),
-        seconds_since(audits.c.created_at).label("created_age"),
-        seconds_since(audits.c.heartbeat_at).label("heartbeat_age"),
-        seconds_since(audits.c.last_worker_update).label("update_age"),
-        seconds_since(audits.c.progress_changed_at).label("changed_age"),
-    ).where(IS_RUNNING)
-    if by_worker:
-        raw_ages = raw_ages.where(audits.c.worker_id == bindparam("worker", type_=audits.c.worker_id.type))
-    if by_ids:
-        raw_ages = raw_ages.where(audits.c.id.in_(bindparam("ids", expanding=True)))
-    a = raw_ages.subquery("raw_ages")
-    # Age from the claim, or from creation when the start time is missing, unreadable text
-    # (another tool on SQLite) or in the future; NULL when neither can be trusted.
-    age = func.coalesce(_trusted(a.c.started_age), _trusted(a.c.created_age))
-    silence = func.coalesce(_trusted(a.c.heartbeat_age), _trusted(a.c.update_age), age)
-    unchanged = func.coalesce(_trusted(a.c.changed_age), age)
-    if seen_since:
-        blind = seconds_since(bindparam("seen_since", type_=audits.c.heartbeat_at.type))
-        silence = _least(silence, blind)
-        unchanged = _least(unchanged, blind)
-    # Only a sane per-audit deadline is trusted. Other tools may leave text in the column on
-    # SQLite (where 'abc' > 0 is true; cast, it is 0) or NaN/Infinity on PostgreSQL (NaN sorts
-    # above every number): those get the fleet's max_age instead.
-    own_deadline = cast(a.c.max_age_seconds, Float)
-    limit = case(
-        (and_(own_deadline.is_not(None), own_deadline > 0, own_deadline <= MAX_DURATION), own_deadline),
-        else_=bindparam("max_age", type_=Float),
-    )
-    inner = select(
-        *[a.c[name] for name in ROW_COLUMNS],
-        a.c.progress,
-        age.label("age_seconds"),
-        silence.label("silence_seconds"),
-        unchanged.label("stalled_seconds"),
-        limit.label("max_age_limit"),
-        a.c.heartbeat_age,
-    )
-    judged = inner.subquery("judged")
-    is_stale = or_(judged.c.silence_seconds.is_(None), judged.c.silence_seconds > bindparam("stale_after", type_=Float))
-    is_over_age = and_(judged.c.age_seconds.is_not(None), judged.c.age_seconds > judged.c.max_age_limit)
-    is_stalled = and_(~is_stale, judged.c.stalled_seconds > bindparam("stall_after", type_=Float))
-    rule = {STALE_HEARTBEAT: is_stale, MAX_AGE_EXCEEDED: is_over_age, PROGRESS_STALLED: is_stalled}
+class _Dialect:
+    """The few pieces of SQL that differ between the engines."""
 
-    columns = [judged.c.id] if ids_only else [
-        *[judged.c[name] for name in ROW_COLUMNS],
-        judged.c.age_seconds,
-        judged.c.silence_seconds,
-        judged.c.stalled_seconds,
-        judged.c.max_age_limit,
-        judged.c.heartbeat_age,
-        progress_shape(judged.c.progress).label("progress_shape"),
-        *[progress_field(judged.c.progress, name).label(f"progress_{name}") for name in PROGRESS_FIELDS],
-        case((is_stale, 1), else_=0).label(STALE_HEARTBEAT),
-        case((is_over_age, 1), else_=0).label(MAX_AGE_EXCEEDED),
-        case((is_stalled, 1), else_=0).label(PROGRESS_STALLED),
-    ]
-    query = select(*columns).where(rule[reason] if reason else or_(*rule.values()))
-    if by_age:
-        query = query.where(judged.c.age_seconds > bindparam("older_than", type_=Float))
-    return query.order_by(judged.c.id)
+    def __init__(self, postgres: bool):
+        self.postgres = postgres
+
+    def time(self, column: str) -> str:
+        if self.postgres:
+            return f"a.{column}"
+        return f"(CASE WHEN a.odd_times THEN auditctl_utc(a.{column}) ELSE a.{column} END)"
+
+    def cut(self, param: str) -> str:
+        """The moment ``:param`` seconds ago, computed once per statement (an uncorrelated subquery)."""
+        if self.postgres:
+            return f"(SELECT statement_timestamp() - make_interval(secs => CAST(:{param} AS double precision)))"
+        return f"(SELECT strftime('%Y-%m-%d %H:%M:%f', 'now', :{param}))"
+
+    def cut_value(self, seconds: float) -> object:
+        return float(seconds) if self.postgres else f"{-float(seconds):+.6f} seconds"
+
+    def row_cut(self, expression: str) -> str:
+        """The moment ``expression`` seconds ago, for a per-row threshold."""
+        if self.postgres:
+            return f"(statement_timestamp() - make_interval(secs => {expression}))"
+        return f"strftime('%Y-%m-%d %H:%M:%f', (SELECT julianday('now')) - ({expression}) / 86400.0)"
+
+    def sane(self, column: str) -> str:
+        """A per-audit threshold if it is a number in (0, MAX_DURATION], else NULL (text, NaN, negative)."""
+        return f"(CASE WHEN a.{column} > 0 AND a.{column} <= :max_duration THEN a.{column} END)"
+
+    def seconds_to(self, moment: str) -> str:
+        """Seconds from ``moment`` to now, as a float (NULL when moment is NULL or infinite)."""
+        if self.postgres:
+            return (f"(CASE WHEN isfinite({moment}) THEN date_part('epoch', statement_timestamp() - {moment}) END)")
+        return f"(((SELECT julianday('now')) - julianday({moment})) * 86400.0)"
+
+    def glob(self, index: int) -> str:
+        return f"a.target ~ :target_{index}" if self.postgres else f"a.target GLOB :target_{index}"
+
+    def progress(self) -> str:
+        return "CAST(a.progress AS text)" if self.postgres else "a.progress"
 
 
-def verdict_from_row(row) -> Verdict:
-    mapping = row._mapping
-    view = view_from_fields(mapping["progress_shape"], *[mapping[f"progress_{name}"] for name in PROGRESS_FIELDS])
-    problems = list(view.problems)
-    heartbeat_age = mapping["heartbeat_age"]
-    if heartbeat_age is not None and heartbeat_age < -FUTURE_TOLERANCE:
-        problems.append("heartbeat_in_future")
-    if mapping["lease"] is None:
-        problems.append("no_lease")
-    return Verdict(
-        id=mapping["id"],
-        target=mapping["target"],
-        status=mapping["status"],
-        reasons=[name for name in RULE_REASONS if mapping[name]],
-        worker_id=mapping["worker_id"],
-        worker_instance=mapping["worker_instance"],
-        lease=mapping["lease"],
-        started_at=mapping["started_at"],
-        last_heartbeat=mapping["heartbeat_at"],
-        age_seconds=_round(mapping["age_seconds"]),
-        silence_seconds=_round(mapping["silence_seconds"]),
-        stalled_seconds=_round(mapping["stalled_seconds"]),
-        max_age_seconds=float(mapping["max_age_limit"]),
-        step=view.step,
-        percentage=view.percentage,
-        problems=problems,
-        row=mapping,
-    )
+@functools.lru_cache(maxsize=256)
+def _statement(shape: _Shape):
+    d = _Dialect(shape.postgres)
+    trusted = {c: f"(CASE WHEN {d.time(c)} <= :future_cut_ts THEN {d.time(c)} END)"
+               for c in ("heartbeat_at", "last_worker_update", "started_at", "created_at", "progress_changed_at")}
+    future = d.cut("future")
+    trusted = {c: expression.replace(":future_cut_ts", future) for c, expression in trusted.items()}
+    basis = f"COALESCE({trusted['started_at']}, {trusted['created_at']})"
+    heard = f"COALESCE({trusted['heartbeat_at']}, {trusted['last_worker_update']}, {trusted['started_at']}, {trusted['created_at']})"
+    changed = f"COALESCE({trusted['progress_changed_at']}, {trusted['started_at']}, {trusted['created_at']})"
+    if shape.seen_since:
+        seen = ":seen_since"
+        heard = f"(CASE WHEN {heard} IS NULL OR {heard} < {seen} THEN {seen} ELSE {heard} END)"
+        changed = f"(CASE WHEN {changed} IS NULL OR {changed} < {seen} THEN {seen} ELSE {changed} END)"
 
+    def limit(name: str, index: int) -> tuple[str, str]:
+        """(threshold in force in seconds, the cutoff moment) for one threshold, per row."""
+        if shape.flags[index]:
+            return f":flag_{name}", d.cut(f"flag_{name}_cut")
+        own = []
+        if name == "max_age":
+            own.append(d.sane("max_age_seconds"))
+        own.append(d.sane(f"declared_{name}"))
+        value_cases, cut_cases = [], []
+        for position, (kind, *sets) in enumerate(shape.kinds):
+            if sets[index]:
+                value_cases.append(f"WHEN a.kind = :kind_{position} THEN :kind_{position}_{name}")
+                cut_cases.append(f"WHEN a.kind = :kind_{position} THEN {d.cut(f'kind_{position}_{name}_cut')}")
+        own_value = f"COALESCE({', '.join(own)})" if len(own) > 1 else own[0]
+        value = f"(CASE WHEN {own_value} IS NOT NULL THEN {own_value} {' '.join(value_cases)} ELSE :fleet_{name} END)"
+        cut = (f"(CASE WHEN {own_value} IS NOT NULL THEN {d.row_cut(own_value)} {' '.join(cut_cases)} "
+               f"ELSE {d.cut(f'fleet_{name}_cut')} END)")
+        return value, cut
 
-def select_stuck(connection: Connection, thresholds: Thresholds, *, limit: int | None = None, lock: bool = False, **filters) -> list[Verdict]:
-    """Run the stuck query on an open connection; ``lock`` takes row locks (PostgreSQL) skipping busy rows."""
-    query, params = stuck_query(thresholds, **filters)
-    if limit is not None:
-        query = query.limit(limit)
-    if lock and is_postgres(connection):
+    stale_value, stale_cut = limit("stale_after", 0)
+    age_value, age_cut = limit("max_age", 1)
+    stall_value, stall_cut = limit("stall_after", 2)
+
+    gone = "a.worker_instance IN :gone" if shape.gone else "0 = 1"
+    stale = f"({heard} IS NULL OR {heard} < {stale_cut})"
+    if shape.seen_since:
+        stale = f"({heard} < {stale_cut})"  # heard is never NULL: at worst it is seen_since
+    over_age = f"({basis} < {age_cut})"
+    stalled = f"(NOT ({gone}) AND NOT {stale} AND {changed} < {stall_cut})"
+    rules = {WORKER_GONE: gone, STALE_HEARTBEAT: stale, MAX_AGE_EXCEEDED: over_age, PROGRESS_STALLED: stalled}
+
+    def flag(condition: str) -> str:
+        return f"(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+    where = ["a.status = 'running'"]
+    chosen = shape.reasons or RULE_REASONS
+    where.append("(" + " OR ".join(rules[r] for r in chosen) + ")")
+    if shape.workers:
+        where.append("a.worker_id IN :workers")
+    if shape.kind_filter:
+        where.append("a.kind IN :kinds")
+    if shape.targets:
+        where.append("(" + " OR ".join(d.glob(i) for i in range(shape.targets)) + ")")
+    if shape.older_than:
+        where.append(f"{basis} < {d.cut('older_than_cut')}")
+    if shape.since:
+        where.append(f"{trusted['created_at']} >= :since")
+    if shape.until:
+        where.append(f"{trusted['created_at']} <= :until")
+    if shape.ids:
+        where.append("a.id IN :ids")
+    if shape.after:
+        where.append("a.id > :after")
+
+    if shape.ids_only:
+        columns = "a.id"
+    else:
+        columns = ", ".join([
+            "a.id", "a.target", "a.status", "a.worker_id", "a.worker_instance", "a.lease", "a.attempts", "a.kind",
+            "a.started_at", "a.heartbeat_at", d.progress(), "a.max_age_seconds", "a.declared_stale_after",
+            "a.declared_stall_after", "a.declared_max_age",
+            flag(gone), flag(stale), flag(over_age), flag(stalled),
+            d.seconds_to(basis), d.seconds_to(heard), d.seconds_to(changed),
+            stale_value, age_value, stall_value,
+            flag(f"a.heartbeat_at IS NOT NULL AND NOT (a.heartbeat_at <= {future})"
+                 if shape.postgres else f"{d.time('heartbeat_at')} > {future}"),
+            "0" if shape.postgres else "a.odd_times",
+        ])
+    order = {"id": "a.id", "age": basis, "silence": heard, "target": "a.target", "worker": "a.worker_id"}[shape.sort]
+    direction = " DESC" if shape.descending else ""
+    # Older first for age and silence means the earliest moment first.
+    sql = f"SELECT {columns} FROM audits a WHERE {' AND '.join(where)} ORDER BY {order}{direction}, a.id"
+    if shape.limit:
+        sql += " LIMIT :limit"
+    if shape.lock and shape.postgres:
         # SKIP LOCKED: a row another recoverer holds is theirs; a row a worker is writing
         # right now will be judged again on the next pass. Never wait on either.
-        query = query.with_for_update(skip_locked=True, of=query.selected_columns.id.table)
-    return [verdict_from_row(row) for row in connection.execute(query, params)]
+        sql += " FOR UPDATE OF a SKIP LOCKED"
+    statement = text(sql)
+    expanding = [name for name, used in (("gone", shape.gone), ("workers", shape.workers), ("kinds", shape.kind_filter),
+                                         ("ids", shape.ids)) if used]
+    if expanding:
+        statement = statement.bindparams(*[bindparam(name, expanding=True) for name in expanding])
+    return statement
 
 
-def stuck_ids(connection: Connection, thresholds: Thresholds, **filters) -> list[int]:
+def _glob_to_regex(pattern: str) -> str:
+    """A shell glob (``*``, ``?``, ``[...]``) as an anchored POSIX regular expression, for PostgreSQL."""
+    out, i = ["^"], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            if end < 0:
+                out.append(re.escape(char))
+            else:
+                body = pattern[i + 1:end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out) + "$"
+
+
+def stuck_query(connection: Connection, policy: Policy, *, gone: dict[str, str] | None = None,
+                seen_since: datetime | None = None, filters: Filters | None = None, sort: str = "id",
+                descending: bool = False, limit: int | None = None, after: int | None = None,
+                ids_only: bool = False, lock: bool = False, **legacy_filters):
+    """The statement and its parameters for one reading of the stuck audits."""
+    policy = Policy.coerce(policy)
+    filters = make_filters(filters, **legacy_filters)
+    if sort not in SORTS:
+        raise ConfigError(f"unknown sort {sort!r}: choose from {', '.join(SORTS)}")
+    postgres = is_postgres(connection)
+    d = _Dialect(postgres)
+    flags = tuple(getattr(policy.override, name) is not None for name in _NAMES)
+    kinds = tuple((kind, *(getattr(values, name) is not None for name in _NAMES)) for kind, values in policy.kinds
+                  if values.any())
+    gone_ids = sorted(gone) if gone else []
+    shape = _Shape(
+        postgres=postgres, flags=flags, kinds=kinds, gone=bool(gone_ids), seen_since=seen_since is not None,
+        workers=bool(filters.workers), kind_filter=bool(filters.kinds), targets=len(filters.targets),
+        reasons=tuple(r for r in RULE_REASONS if r in filters.reasons), older_than=filters.older_than is not None,
+        since=filters.since is not None, until=filters.until is not None, ids=filters.ids is not None,
+        after=after is not None, ids_only=ids_only, sort=sort, descending=descending, limit=limit is not None, lock=lock,
+    )
+    params: dict = {"max_duration": MAX_DURATION, "future": d.cut_value(-FUTURE_TOLERANCE)}
+    for index, name in enumerate(_NAMES):
+        fleet = getattr(policy.fleet, name)
+        params[f"fleet_{name}"] = fleet
+        params[f"fleet_{name}_cut"] = d.cut_value(fleet)
+        if flags[index]:
+            value = getattr(policy.override, name)
+            params[f"flag_{name}"] = value
+            params[f"flag_{name}_cut"] = d.cut_value(value)
+    for position, (kind, *sets) in enumerate(kinds):
+        params[f"kind_{position}"] = kind
+        values = policy.kind(kind)
+        for index, name in enumerate(_NAMES):
+            if sets[index]:
+                params[f"kind_{position}_{name}"] = getattr(values, name)
+                params[f"kind_{position}_{name}_cut"] = d.cut_value(getattr(values, name))
+    if gone_ids:
+        params["gone"] = gone_ids
+    if seen_since is not None:
+        params["seen_since"] = seen_since if postgres else timestamps.to_storage(seen_since)
+    if filters.workers:
+        params["workers"] = list(filters.workers)
+    if filters.kinds:
+        params["kinds"] = list(filters.kinds)
+    for index, pattern in enumerate(filters.targets):
+        params[f"target_{index}"] = _glob_to_regex(pattern) if postgres else pattern
+    if filters.older_than is not None:
+        params["older_than_cut"] = d.cut_value(filters.older_than)
+    for name in ("since", "until"):
+        value = getattr(filters, name)
+        if value is not None:
+            params[name] = _moment(connection, value, postgres)
+    if filters.ids is not None:
+        params["ids"] = list(filters.ids) or [-1]
+    if after is not None:
+        params["after"] = after
+    if limit is not None:
+        params["limit"] = limit
+    return _statement(shape), params
+
+
+def _moment(connection: Connection, value, postgres: bool):
+    """A filter bound as stored times compare: a datetime, or (seconds ago) the database's now minus that."""
+    if isinstance(value, (int, float)):
+        value = fetch_now(connection) - timedelta(seconds=float(value))
+    return value if postgres else timestamps.to_storage(value)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def select_stuck(connection: Connection, policy: Policy, *, gone: dict[str, str] | None = None, **options) -> list[Verdict]:
+    """Run the stuck query on an open connection (``lock`` takes row locks on PostgreSQL, skipping busy rows)."""
+    policy = Policy.coerce(policy)
+    statement, params = stuck_query(connection, policy, gone=gone, **options)
+    return [verdict_from_row(row, policy, gone) for row in connection.execute(statement, params)]
+
+
+def stuck_ids(connection: Connection, policy: Policy, *, gone: dict[str, str] | None = None, **options) -> list[int]:
     """Only the ids of the stuck audits (the cheap first step of a recovery)."""
-    query, params = stuck_query(thresholds, ids_only=True, **filters)
-    return list(connection.execute(query, params).scalars())
+    statement, params = stuck_query(connection, policy, gone=gone, ids_only=True, **options)
+    return [row[0] for row in connection.execute(statement, params)]
 
 
-def find_stuck(engine: Engine, thresholds: Thresholds, **filters) -> list[Verdict]:
-    """Every stuck audit, oldest id first."""
-    return list(iter_stuck(engine, thresholds, **filters))
+def gone_instances(engine: Engine) -> dict[str, str]:
+    """The worker instances the registry proves gone (instance id -> how it was proven)."""
+    from .registry import gone_instances as registry_gone
+
+    return registry_gone(engine)
 
 
-def iter_stuck(engine: Engine, thresholds: Thresholds, *, batch: int = 1000, **filters) -> Iterator[Verdict]:
-    """Stream stuck audits without holding them all in memory (for large JSON output)."""
+def find_stuck(engine: Engine, policy: Policy, **options) -> list[Verdict]:
+    """Every stuck audit (oldest id first unless sorted otherwise)."""
+    return list(iter_stuck(engine, policy, **options))
+
+
+def iter_stuck(engine: Engine, policy: Policy, *, gone: dict[str, str] | None = None, sort: str = "id",
+               descending: bool = False, limit: int | None = None, page_size: int = PAGE_SIZE, **options) -> Iterator[Verdict]:
+    """Stream the stuck audits page by page. Each page is one short read, fetched whole before
+    it is handed out, so a slow consumer (a pipe, a terminal) never holds a transaction open.
+
+    ``gone`` None asks the registry which worker instances are provably gone.
+    """
+    policy = Policy.coerce(policy)
+    if gone is None:
+        gone = gone_instances(engine)
+    if sort != "id" or descending:
+        # Another order cannot be paged by id: one read, bounded by --limit.
+        with read_connection(engine) as connection:
+            verdicts = select_stuck(connection, policy, gone=gone, sort=sort, descending=descending, limit=limit, **options)
+        yield from verdicts
+        return
+    after, produced = None, 0
+    while True:
+        size = page_size if limit is None else min(page_size, limit - produced)
+        if size <= 0:
+            return
+        with read_connection(engine) as connection:
+            page = select_stuck(connection, policy, gone=gone, limit=size, after=after, **options)
+        yield from page
+        produced += len(page)
+        if len(page) < size:
+            return
+        after = page[-1].id
+
+
+def declared_intervals(engine: Engine) -> list[tuple[str | None, bool, float]]:
+    """Per kind of running audit: (kind, declares its own stale_after, longest declared heartbeat interval).
+
+    What ``Policy.check_bounds`` needs to refuse a stale threshold shorter than two beats.
+    """
+    sql = text("SELECT kind, CASE WHEN declared_stale_after > 0 THEN 1 ELSE 0 END, MAX(declared_heartbeat_interval) "
+               "FROM audits WHERE status = 'running' AND declared_heartbeat_interval > 0 "
+               "AND declared_heartbeat_interval <= :max_duration GROUP BY 1, 2")
     with read_connection(engine) as connection:
-        query, params = stuck_query(thresholds, **filters)
-        result = connection.execution_options(stream_results=True, yield_per=batch).execute(query, params)
-        for row in result:
-            yield verdict_from_row(row)
+        rows = connection.execute(sql, {"max_duration": MAX_DURATION}).all()
+    return [(text_value(kind), bool(own), float_value(interval)) for kind, own, interval in rows]
+
+
+__all__ = ["Filters", "Verdict", "FUTURE_TOLERANCE", "SORTS", "declared_intervals", "find_stuck", "isolate", "iter_stuck",
+           "select_stuck", "stuck_ids", "stuck_query", "safe_int", "verdict_from_row"]

@@ -11,9 +11,6 @@ queries and what a test compares the migrations against.
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
-
 from sqlalchemy import (
     BigInteger,
     literal_column,
@@ -30,33 +27,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 
-from .progress import NotJSON
+from . import documents, timestamps
 
-PENDING, RUNNING, COMPLETED, FAILED = "pending", "running", "completed", "failed"
-STATUSES = (PENDING, RUNNING, COMPLETED, FAILED)
+from .statuses import COMPLETED, FAILED, PENDING, RUNNING, STATUSES  # noqa: F401 - re-exported
 
 
-def parse_timestamp(value) -> datetime | None:
-    """Any stored time (aware, naive, ISO text with T/Z/offset) as aware UTC; None if unreadable."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    if moment.tzinfo is None:
-        # Naive times written by other tools are taken as UTC, the only zone auditctl writes.
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+def parse_timestamp(value):
+    """Any stored time as an aware UTC datetime; None when absent or unreadable (see ``timestamps.parse``)."""
+    return timestamps.as_datetime(value)
 
 
 class Timestamp(types.TypeDecorator):
-    """timestamptz on PostgreSQL; sortable UTC text on SQLite, read back leniently."""
+    """timestamptz on PostgreSQL; canonical UTC text on SQLite (see ``timestamps``).
+
+    Reading never fails: a value that cannot be read comes back as ``timestamps.Unreadable``.
+    """
 
     impl = types.String
     cache_ok = True
@@ -69,23 +54,14 @@ class Timestamp(types.TypeDecorator):
     def process_bind_param(self, value, dialect):
         if value is None or dialect.name == "postgresql":
             return value
-        if isinstance(value, datetime):
-            if value.tzinfo is not None:
-                value = value.astimezone(timezone.utc).replace(tzinfo=None)
-            return value.isoformat(" ", "microseconds")
-        return value
+        return timestamps.to_storage(value)
 
     def process_result_value(self, value, dialect):
-        return parse_timestamp(value)
-
-
-def _reject_constant(name):
-    # NaN and Infinity are not JSON; a document holding them is read back as text, like broken JSON.
-    raise ValueError(f"{name} is not JSON")
+        return timestamps.parse(value)
 
 
 class Document(types.TypeDecorator):
-    """JSONB on PostgreSQL; JSON text on SQLite. Reading never fails: bad JSON comes back as text."""
+    """JSONB on PostgreSQL; JSON text on SQLite. Reading never fails (see ``documents.load``)."""
 
     impl = types.Text
     cache_ok = True
@@ -97,19 +73,13 @@ class Document(types.TypeDecorator):
 
     def process_bind_param(self, value, dialect):
         if value is None or dialect.name == "postgresql":
-            return value
-        return json.dumps(value, allow_nan=False)
+            return value  # psycopg serialises with documents.dumps_strict (see db.create_engine)
+        return documents.dumps_strict(value)
 
     def process_result_value(self, value, dialect):
-        if value is None or dialect.name == "postgresql":
-            return value
-        if isinstance(value, (bytes, bytearray)):
-            # SQLite lets another tool store a BLOB here; as text it can be shown and copied.
-            return NotJSON(bytes(value).decode("utf-8", "replace"))
-        try:
-            return json.loads(value, parse_constant=_reject_constant)
-        except (TypeError, ValueError):
-            return NotJSON(value)
+        if dialect.name == "postgresql":
+            return value  # decoded once, safely, by psycopg's loader (documents.loads_for_driver)
+        return documents.load(value)
 
 
 Id = BigInteger().with_variant(Integer, "sqlite")
@@ -130,6 +100,7 @@ audits = Table(
     Column("started_at", Timestamp),
     Column("finished_at", Timestamp),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    #: The audit's own deadline, from ``create_audit(max_age=...)``.
     Column("max_age_seconds", Float),
     Column("worker_id", String(200)),
     Column("worker_instance", String(64)),
@@ -138,6 +109,22 @@ audits = Table(
     Column("progress_changed_at", Timestamp),
     Column("progress_signature", Text),
     Column("recovery_reasons", Text),
+    #: What kind of audit (``full-scan``, ``quick-scan``): thresholds can be configured per kind.
+    Column("kind", String(100)),
+    #: The thresholds the worker that claimed it runs under (NULL: it declared none).
+    Column("declared_heartbeat_interval", Float),
+    Column("declared_stale_after", Float),
+    Column("declared_stall_after", Float),
+    Column("declared_max_age", Float),
+    #: How often an operator has reset this audit (reset-all's per-audit limit).
+    Column("resets", Integer, nullable=False, server_default="0"),
+    #: The longest silence between two writes and the longest time without progress of the
+    #: current or last run, kept by the worker's own writes (what threshold suggestions learn from).
+    Column("longest_gap_seconds", Float),
+    Column("longest_stall_seconds", Float),
+    #: SQLite only, kept by triggers: 1 when a time column holds text not in the canonical
+    #: form (another tool wrote it), so the stuck query reads those rows through ``auditctl_utc``.
+    Column("odd_times", Integer, nullable=False, server_default="0"),
     Index("ix_audits_status_heartbeat", "status", "heartbeat_at"),
     Index("ix_audits_worker_status", "worker_id", "status"),
     Index("ix_audits_status_finished", "status", "finished_at"),
@@ -145,6 +132,9 @@ audits = Table(
     # read proportional to the running audits however many finished ones pile up.
     Index("ix_audits_running", "id", sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),
 )
+
+#: The time columns the stuck rules read (the SQLite triggers watch these for odd text).
+RULE_TIME_COLUMNS = ("heartbeat_at", "last_worker_update", "started_at", "created_at", "progress_changed_at")
 
 #: ``status = 'running'`` with the literal in the SQL, so both engines can match the partial index
 #: (SQLite cannot use a partial index against a bound parameter).
@@ -181,5 +171,38 @@ workers = Table(
     Column("started_at", Timestamp, nullable=False),
     Column("last_heartbeat_at", Timestamp),
     Column("stopped_at", Timestamp),
+    #: What the instance declared: how often it beats, and after how much silence it counts as gone.
+    Column("heartbeat_interval", Float),
+    Column("stale_after", Float),
     Index("ix_workers_worker_id", "worker_id"),
+)
+
+#: The outbox: one row per event to announce, written in the same transaction as the change.
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("payload", Document, nullable=False),
+    #: Makes an event that several processes may notice (the fleet back to healthy) be written once.
+    Column("dedupe_key", String(200)),
+    Column("expires_at", Timestamp, nullable=False),
+    Index("ix_notifications_created", "created_at"),
+    Index("ux_notifications_dedupe_key", "dedupe_key", unique=True),
+)
+
+#: Delivery of each event to each destination (a webhook, named by a hash of its URL).
+notification_deliveries = Table(
+    "notification_deliveries",
+    metadata,
+    Column("notification_id", Id, primary_key=True),
+    Column("destination", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),  # pending, sending, sent, expired
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Timestamp),
+    Column("claimed_until", Timestamp),
+    Column("sent_at", Timestamp),
+    Column("last_error", Text),
+    Index("ix_notification_deliveries_status", "status", "next_attempt_at"),
 )

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from .errors import ConfigError
 
+WORKER_GONE = "worker_gone"
 STALE_HEARTBEAT = "stale_heartbeat"
 MAX_AGE_EXCEEDED = "max_age_exceeded"
 PROGRESS_STALLED = "progress_stalled"
@@ -20,7 +21,19 @@ WORKER_RESTARTED = "worker_restarted"
 MANUAL = "manual"
 
 #: The reasons the stuck query can give, in the order they are reported.
-RULE_REASONS = (STALE_HEARTBEAT, MAX_AGE_EXCEEDED, PROGRESS_STALLED)
+RULE_REASONS = (WORKER_GONE, STALE_HEARTBEAT, MAX_AGE_EXCEEDED, PROGRESS_STALLED)
+#: Every reason a recovery can record (the rules', and those of a worker's startup cleanup and of an operator).
+RECOVERY_REASONS = RULE_REASONS + (WORKER_RESTARTED, MANUAL)
+
+#: The shortest stale threshold a judge accepts without --unsafe-thresholds.
+MIN_STALE_AFTER = 1.0
+#: A stale threshold must be at least this many heartbeat intervals (of the audits it judges).
+STALE_INTERVALS = 2.0
+#: The shortest watch interval accepted without --unsafe-thresholds.
+MIN_WATCH_INTERVAL = 0.1
+
+#: Where a threshold in force came from, most specific last in precedence order (see ``Policy``).
+FLAG, AUDIT, WORKER, KIND, FLEET = "flag", "audit", "worker", "kind", "fleet"
 
 DEFAULT_STALE_AFTER = 600.0
 DEFAULT_MAX_AGE = 1800.0
@@ -102,7 +115,8 @@ def format_duration(seconds: float | None) -> str:
     if hours:
         return f"{hours}h{minutes}m" if minutes else f"{hours}h"
     if minutes:
-        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+        # Past ten minutes the seconds are noise to a person (json carries the exact figure).
+        return f"{minutes}m{secs}s" if secs and minutes < 10 else f"{minutes}m"
     return f"{secs}s"
 
 
@@ -142,12 +156,142 @@ class Thresholds:
             )
 
 
-def validate_heartbeat_interval(interval: float, thresholds: Thresholds) -> float:
-    """A worker that beats less often than ``stale_after`` would be judged dead between beats."""
+def validate_heartbeat_interval(interval: float, stale_after: float) -> float:
+    """A worker must beat at least twice within ``stale_after``, or a healthy audit looks dead between beats."""
     interval = parse_duration(interval, "heartbeat_interval")
-    if interval >= thresholds.stale_after:
+    if stale_after < STALE_INTERVALS * interval:
         raise ConfigError(
-            f"heartbeat_interval ({format_duration(interval)}) must be shorter than stale_after "
-            f"({format_duration(thresholds.stale_after)}), or every healthy audit would look stale between beats"
+            f"stale_after ({format_duration(stale_after)}) must be at least twice heartbeat_interval "
+            f"({format_duration(interval)}), or a healthy audit would look stale between two beats; "
+            f"raise stale_after to {format_duration(STALE_INTERVALS * interval)} or beat more often"
         )
     return interval
+
+
+class UnsafeThreshold(ConfigError):
+    """A threshold so short it would fail healthy audits; refused unless the operator insists."""
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Some thresholds, each optional (seconds): what a flag, a kind or an audit sets."""
+
+    stale_after: float | None = None
+    max_age: float | None = None
+    stall_after: float | None = None
+
+    @classmethod
+    def parse(cls, stale_after=None, max_age=None, stall_after=None, where: str = "") -> "Overrides":
+        prefix = f"{where} " if where else ""
+        return cls(
+            stale_after=None if stale_after is None else parse_duration(stale_after, f"{prefix}stale_after"),
+            max_age=None if max_age is None else parse_duration(max_age, f"{prefix}max_age"),
+            stall_after=None if stall_after is None else parse_duration(stall_after, f"{prefix}stall_after"),
+        )
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.stale_after, self.max_age, self.stall_after))
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("stale_after", self.stale_after), ("max_age", self.max_age),
+                                  ("stall_after", self.stall_after)) if v is not None}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a judge picks each audit's thresholds. For each threshold, the first that is set wins:
+
+    1. a flag on the command line (``override``);
+    2. the audit's own: ``max_age`` given to ``create_audit``, then what the worker that
+       claimed it declared (its ``stale_after``, ``stall_after``, ``max_age``);
+    3. the audit's kind, from the config file (``kinds``);
+    4. the fleet's: config file, environment, or the built-in default (``fleet``).
+    """
+
+    fleet: Thresholds = Thresholds()
+    override: Overrides = Overrides()
+    kinds: tuple[tuple[str, Overrides], ...] = ()
+
+    @classmethod
+    def of(cls, fleet: Thresholds | None = None, override: Overrides | None = None,
+           kinds: dict[str, Overrides] | None = None) -> "Policy":
+        return cls(fleet=fleet or Thresholds(), override=override or Overrides(),
+                   kinds=tuple(sorted((kinds or {}).items())))
+
+    @classmethod
+    def coerce(cls, value) -> "Policy":
+        """A Policy from a Policy, or from plain Thresholds (the fleet's values), or None (the defaults)."""
+        if isinstance(value, Policy):
+            return value
+        if isinstance(value, Thresholds):
+            return cls(fleet=value)
+        if value is None:
+            return cls()
+        raise TypeError(f"expected Policy or Thresholds, got {type(value).__name__}")
+
+    def kind(self, name: str | None) -> Overrides | None:
+        for kind, values in self.kinds:
+            if kind == name:
+                return values
+        return None
+
+    def resolve(self, name: str, *, audit: float | None = None, worker: float | None = None,
+                kind: str | None = None) -> tuple[float, str]:
+        """The value of one threshold for one audit, and where it came from (flag, audit, worker, kind, fleet)."""
+        flag = getattr(self.override, name)
+        if flag is not None:
+            return flag, FLAG
+        if audit is not None:
+            return audit, AUDIT
+        if worker is not None:
+            return worker, WORKER
+        values = self.kind(kind)
+        if values is not None and getattr(values, name) is not None:
+            return getattr(values, name), f"{KIND} {kind}"
+        return getattr(self.fleet, name), FLEET
+
+    def describe(self) -> str:
+        """The thresholds in force, in human form, for summaries and dry runs."""
+        parts = []
+        for name in ("stale_after", "max_age", "stall_after"):
+            flag = getattr(self.override, name)
+            if flag is not None:
+                parts.append(f"{name} {format_duration(flag)} (flag: overrides every audit's own)")
+            else:
+                parts.append(f"{name} {format_duration(getattr(self.fleet, name))}")
+        text = ", ".join(parts)
+        if not all(getattr(self.override, name) is not None for name in ("stale_after", "max_age", "stall_after")):
+            text += "; an audit's own thresholds win where it declares them"
+        for kind, values in self.kinds:
+            if values.any():
+                text += f"; kind {kind}: " + ", ".join(f"{k} {format_duration(v)}" for k, v in values.as_dict().items())
+        return text
+
+    def check_bounds(self, declared_intervals: list[tuple[str | None, bool, float]], *, allow_unsafe: bool = False) -> None:
+        """Refuse a stale threshold below ``MIN_STALE_AFTER`` or below twice the heartbeat interval
+        declared by the running audits it would judge. ``declared_intervals`` holds, per group of
+        running audits, (kind, declares its own stale_after, longest declared heartbeat interval)."""
+        if allow_unsafe:
+            return
+        hint = "; pass --unsafe-thresholds to use it anyway"
+        candidates = [("--stale-after", self.override.stale_after), ("stale_after", self.fleet.stale_after)]
+        candidates += [(f"stale_after of kind {kind!r}", values.stale_after) for kind, values in self.kinds]
+        for label, value in candidates:
+            if value is not None and value < MIN_STALE_AFTER:
+                raise UnsafeThreshold(f"{label} {format_duration(value)} is below the floor of "
+                                      f"{format_duration(MIN_STALE_AFTER)}: it would fail healthy audits between beats{hint}")
+        for kind, declares_own, interval in declared_intervals:
+            if interval is None or interval <= 0:
+                continue
+            value, source = self.override.stale_after, "--stale-after"
+            if value is None and not declares_own:
+                kind_values = self.kind(kind)
+                if kind_values is not None and kind_values.stale_after is not None:
+                    value, source = kind_values.stale_after, f"stale_after of kind {kind!r}"
+                else:
+                    value, source = self.fleet.stale_after, "stale_after"
+            if value is not None and value < STALE_INTERVALS * interval:
+                raise UnsafeThreshold(
+                    f"{source} {format_duration(value)} is below twice the heartbeat interval "
+                    f"({format_duration(interval)}) that running audits declare: it would fail them between "
+                    f"two beats; use at least {format_duration(STALE_INTERVALS * interval)}{hint}")

@@ -5,10 +5,19 @@ heartbeat thread (beats for this worker's audits, then a monitor pass over the w
 fleet), claiming audits and fencing every write with the claim's lease, and the
 emergency path that keeps an audit alive when a progress write fails.
 
-A monitoring failure never kills the audit it watches: progress writes that fail fall
-back to a minimal heartbeat write, retried with backoff and jitter, and the heartbeat
-thread keeps trying through a database outage. Only ``LeaseLost`` reaches the caller,
-because it means the work must stop: the audit now belongs to someone else.
+A monitoring failure never kills the audit it watches: a progress write that fails falls
+back to a minimal heartbeat write, and the heartbeat thread keeps trying through a
+database outage. ``update_progress`` never blocks its caller for more than
+``PROGRESS_CALL_BUDGET`` seconds and never holds the run's lock while it waits to retry.
+Only ``LeaseLost`` reaches the caller, because it means the work must stop: the audit
+now belongs to someone else.
+
+Runs are kept by lease, not by audit id: an audit requeued and claimed again (even by
+another thread of the same guard) is a new run with a new lease, and the old run's
+handle can never stop the new one's heartbeats.
+
+A SIGTERM never interrupts a write in flight: the signal is held while the main thread
+is inside one (a claim, a progress write, the final write), and acted on right after.
 """
 
 from __future__ import annotations
@@ -26,21 +35,26 @@ from datetime import timedelta
 from typing import Iterator
 
 from . import leases, registry
-from .db import DEFAULT_DATABASE_URL, create_engine, mask_url
+from .db import DEFAULT_DATABASE_URL, create_engine, display_url
 from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
 from .migrate import upgrade
 from .monitor import Monitor
-from .progress import derive_percentage, signature
+from .progress import clean_report, derive_percentage, signature
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_audits, recover_worker_leftovers
 from .schema import audits
-from .thresholds import MANUAL, Thresholds, format_duration, parse_duration, validate_heartbeat_interval
+from .textsafe import printable
+from .thresholds import (
+    DEFAULT_HEARTBEAT_INTERVAL, MANUAL, Overrides, Policy, Thresholds, format_duration, parse_duration,
+    validate_heartbeat_interval,
+)
 
 log = logging.getLogger("auditctl")
 
-#: Emergency minimal writes: how many tries, and the first backoff (doubled each try, with jitter).
-EMERGENCY_TRIES = 4
+#: Emergency minimal writes: the first backoff (doubled each try, with jitter).
 EMERGENCY_BACKOFF = 0.05
+#: The longest ``update_progress`` blocks its caller, whatever the database does (seconds).
+PROGRESS_CALL_BUDGET = 5.0
 
 
 class AuditRun:
@@ -54,6 +68,7 @@ class AuditRun:
         self.lost = False
         self.finished = False
         self.emergency_writes = 0
+        self.clamped: set[str] = set()
         self._fields = {"step": None, "percentage": 0.0, "completed_tasks": None, "total_tasks": None}
         self._lock = threading.Lock()
 
@@ -70,21 +85,31 @@ class AuditRun:
                         completed_tasks: int | None = None, total_tasks: int | None = None, **extra) -> bool:
         """Report progress; fields left out keep their last value.
 
-        Returns True when the full document was stored, False when only the emergency
-        minimal write (or nothing, with the database down) got through. Raises LeaseLost.
+        Values are clamped into what the document promises (percentage 0..100, whole task
+        counts, completed never above total); a value that cannot be stored (NaN, text) is
+        dropped, with a warning the first time. Returns True when the full document was
+        stored, False when only the emergency minimal write (or nothing, with the database
+        down) got through. Raises LeaseLost. Never blocks longer than PROGRESS_CALL_BUDGET.
         """
-        with self._lock:
-            self._check()
-            try:
-                fields = dict(self._fields)
-                for name, value in (("step", step), ("completed_tasks", completed_tasks), ("total_tasks", total_tasks)):
-                    if value is not None:
-                        fields[name] = value
-                if percentage is not None:
-                    fields["percentage"] = percentage
-                fields = _sanitised(fields)
-                if percentage is None and (completed_tasks is not None or total_tasks is not None):
-                    fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
+        deadline = time.monotonic() + PROGRESS_CALL_BUDGET
+        self._check()
+        merged = dict(self._fields)
+        for name, value in (("step", step), ("percentage", percentage), ("completed_tasks", completed_tasks),
+                            ("total_tasks", total_tasks)):
+            if value is not None:
+                merged[name] = value
+        fields, changed = clean_report(merged["step"], merged["percentage"], merged["completed_tasks"], merged["total_tasks"])
+        if percentage is None and (completed_tasks is not None or total_tasks is not None):
+            # Counts given without a percentage: the percentage follows the counts.
+            fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
+        for problem in changed:
+            if problem not in self.clamped:
+                self.clamped.add(problem)
+                log.warning("audit %s: progress report adjusted (%s); the stored document holds what can be read back",
+                            self.audit_id, problem)
+        try:
+            with self.guard._holding_signals(), self._lock:
+                self._check()
                 self.document = leases.write_progress(
                     self.guard.engine, self.lease, fields,
                     signature(fields["step"], fields["percentage"], fields["completed_tasks"], fields["total_tasks"]),
@@ -92,29 +117,35 @@ class AuditRun:
                 )
                 self._fields = fields
                 return True
-            except LeaseLost as error:
-                raise self._mark_lost(error) from None
-            except Exception as error:  # noqa: BLE001 - a bad report or failed write must not kill the audit
-                self._emergency(error)
-                return False
+        except LeaseLost as error:
+            raise self._mark_lost(error) from None
+        except Exception as error:  # noqa: BLE001 - a bad report or failed write must not kill the audit
+            self._emergency(error, deadline)
+            return False
 
-    def _emergency(self, error: BaseException) -> None:
+    def _emergency(self, error: BaseException, deadline: float) -> None:
         log.warning("🚨 Emergency progress recovery for audit %s: progress write failed (%s); writing heartbeat only",
-                    self.audit_id, error)
+                    self.audit_id, printable(error))
         delay = EMERGENCY_BACKOFF
-        for attempt in range(1, EMERGENCY_TRIES + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                leases.minimal_write(self.guard.engine, self.lease, self.guard.actor)
+                with self.guard._holding_signals(), self._lock:
+                    self._check()
+                    leases.minimal_write(self.guard.engine, self.lease, self.guard.actor)
                 self.emergency_writes += 1
                 return
             except LeaseLost as lost:
                 raise self._mark_lost(lost) from None
             except Exception as again:  # noqa: BLE001
-                if attempt == EMERGENCY_TRIES:
-                    log.error("🚨 Emergency progress recovery for audit %s failed %d times (%s); the heartbeat thread keeps trying",
-                              self.audit_id, attempt, again)
+                pause = delay * (0.5 + random.random())
+                if time.monotonic() + pause >= deadline:
+                    log.error("🚨 Emergency progress recovery for audit %s failed %d times (%s); "
+                              "the heartbeat thread keeps trying", self.audit_id, attempt, printable(again))
                     return
-                time.sleep(delay * (0.5 + random.random()))
+                # Outside the run's lock: the heartbeat thread may beat meanwhile.
+                time.sleep(pause)
                 delay *= 2
 
     def heartbeat(self) -> None:
@@ -124,32 +155,9 @@ class AuditRun:
                 return  # the heartbeat thread raced the end of the run: nothing left to beat
             self._check()
             try:
-                self.document = leases.heartbeat(self.guard.engine, self.lease, self.document, self.guard.actor)
+                leases.heartbeat(self.guard.engine, self.lease, self.guard.actor)
             except LeaseLost as error:
                 raise self._mark_lost(error) from None
-
-
-def _sanitised(fields: dict) -> dict:
-    """Clamp what a worker reports into what the document promises (0..100, counts >= 0)."""
-    percentage = fields.get("percentage")
-    if percentage is not None:
-        try:
-            percentage = float(percentage)
-        except (TypeError, ValueError, OverflowError):
-            percentage = None
-        else:
-            if percentage != percentage:
-                percentage = None
-            else:
-                percentage = min(100.0, max(0.0, percentage))
-    out = dict(fields, percentage=percentage)
-    for name in ("completed_tasks", "total_tasks"):
-        value = out.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            out[name] = None
-    if out.get("step") is not None:
-        out["step"] = str(out["step"])[:500]
-    return out
 
 
 class StuckAuditPrevention:
@@ -163,6 +171,11 @@ class StuckAuditPrevention:
         with guard.run(audit_id) as run:
             run.update_progress(step="Crawling", completed_tasks=3, total_tasks=20)
         guard.stop()
+
+    ``stale_after``, ``max_age`` and ``stall_after`` given here are recorded on every audit
+    this worker claims, and every judge (``auditctl scan``, another worker's monitor) uses
+    them for those audits. Left out, the audits declare none and the judges' own settings
+    apply (the defaults are 10m, 30m, 10m). The heartbeat interval is always recorded.
     """
 
     def __init__(
@@ -171,68 +184,85 @@ class StuckAuditPrevention:
         *,
         worker_id: str | None = None,
         worker_url: str | None = None,
-        heartbeat_interval: float | timedelta = 300,
-        stale_after: float | timedelta = 600,
-        max_age: float | timedelta = 1800,
-        stall_after: float | timedelta = 600,
+        heartbeat_interval: float | timedelta = DEFAULT_HEARTBEAT_INTERVAL,
+        stale_after: float | timedelta | None = None,
+        max_age: float | timedelta | None = None,
+        stall_after: float | timedelta | None = None,
         requeue: bool = False,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         create_schema: bool = True,
+        kinds: dict | None = None,
     ):
+        self.declared = Overrides.parse(stale_after, max_age, stall_after)
         self.thresholds = Thresholds.parse(stale_after, max_age, stall_after)
-        self.heartbeat_interval = validate_heartbeat_interval(heartbeat_interval, self.thresholds)
-        if not isinstance(max_attempts, int) or max_attempts < 1:
+        self.heartbeat_interval = validate_heartbeat_interval(heartbeat_interval, self.thresholds.stale_after)
+        kind_overrides = {str(name): (values if isinstance(values, Overrides) else Overrides.parse(**values, where=f"kind {name}"))
+                          for name, values in (kinds or {}).items()}
+        self.policy = Policy.of(self.thresholds, kinds=kind_overrides)
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise ConfigError(f"max_attempts must be a whole number of at least 1, got {max_attempts!r}")
         self.worker_id = worker_id or socket.gethostname()
-        if len(self.worker_id) > 200:
-            raise ConfigError("worker_id is longer than 200 characters")
+        if not isinstance(self.worker_id, str) or len(self.worker_id) > 200:
+            raise ConfigError("worker_id must be text of at most 200 characters")
         self.worker_url = worker_url
         self.instance_id = uuid.uuid4().hex
         self.requeue = requeue
         self.max_attempts = max_attempts
-        self.engine = create_engine(database_url)
-        self.database = mask_url(self.engine.url)
+        # Writes for this worker's own audits wait briefly for locks; fleet-wide recovery
+        # (the monitor pass, startup cleanup) is an operator's work with an operator's patience.
+        self.engine = create_engine(database_url, role="worker", pool_size=8)
+        self.operator_engine = create_engine(database_url, role="operator", pool_size=2)
+        self.database = display_url(self.engine)
         self.actor = Actor.worker(self.worker_id, self.instance_id)
-        self.monitor = Monitor(self.engine, self.thresholds, actor=self.actor, requeue=requeue, max_attempts=max_attempts)
+        self.monitor = Monitor(self.operator_engine, self.policy, actor=self.actor, requeue=requeue, max_attempts=max_attempts)
         self.duplicates: list[registry.Instance] = []
-        self._runs: dict[int, AuditRun] = {}
+        self._runs: dict[str, AuditRun] = {}
         self._runs_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._previous_sigterm = None
+        self._held = 0  # main-thread writes in flight (SIGTERM waits for them)
+        self._pending_signal: int | None = None
         if create_schema:
-            upgrade(self.engine)
-        registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id,
-                          worker_url=worker_url, guard=self)
+            upgrade(self.operator_engine)
+        registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id, worker_url=worker_url,
+                          guard=self, heartbeat_interval=self.heartbeat_interval, stale_after=self.thresholds.stale_after)
         self._check_duplicates()
         log.info("✅ Stuck audit prevention system initialized: worker %s (instance %s) on %s; heartbeat every %s, "
-                 "stale after %s, max age %s, stall after %s", self.worker_id, self.instance_id[:8], self.database,
+                 "stale after %s, max age %s, stall after %s", printable(self.worker_id), self.instance_id[:8], self.database,
                  format_duration(self.heartbeat_interval), format_duration(self.thresholds.stale_after),
                  format_duration(self.thresholds.max_age), format_duration(self.thresholds.stall_after))
+
+    def _declared(self) -> dict:
+        """What each claim records: the heartbeat interval, and the thresholds this worker was given."""
+        return {"heartbeat_interval": self.heartbeat_interval, **self.declared.as_dict()}
 
     # --- the seed's API -------------------------------------------------------------
 
     def cleanup_stuck_audits_on_startup(self) -> list[Recovery]:
         """Recover what earlier instances of this worker left running, then every stuck audit."""
         live = {self.instance_id} | {peer.instance_id for peer in self._check_duplicates()}
-        leftovers = recover_worker_leftovers(self.engine, self.worker_id, live, actor=self.actor,
+        leftovers = recover_worker_leftovers(self.operator_engine, self.worker_id, live, actor=self.actor,
                                              requeue=self.requeue, max_attempts=self.max_attempts)
         for recovery in leftovers:
             log.warning("🧹 STARTUP CLEANUP: audit %s (%s) was left running by an earlier instance of %s; now %s",
-                        recovery.id, recovery.target, self.worker_id, recovery.status)
+                        recovery.id, printable(recovery.target), printable(self.worker_id), recovery.status)
         stuck = self._heartbeat_cleanup(marker="🧹 STARTUP CLEANUP")
         log.info("🧹 STARTUP CLEANUP: %d left by earlier instances, %d stuck audits recovered", len(leftovers), len(stuck))
-        return leftovers + stuck
+        return list(leftovers) + list(stuck)
 
     def start_heartbeat_monitor(self, *, handle_sigterm: bool = True) -> None:
         """Start the background thread; on the main thread, also stop cleanly on SIGTERM.
 
         SIGTERM raises ``SystemExit(143)`` in the main thread (so ``run`` blocks unwind and
-        record their end); ``stop()`` then runs as the process exits, which joins the thread
-        and marks the instance stopped, unless the application called it first.
+        record their end), but never in the middle of a write: a write in flight finishes
+        first. ``stop()`` then runs as the process exits, which joins the thread and marks
+        the instance stopped, unless the application called it first.
         """
         if self._thread is not None and self._thread.is_alive():
-            return
+            if not self._stop.is_set():
+                return
+            self._thread.join(5.0)
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat_loop, name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
         self._thread.start()
@@ -250,28 +280,31 @@ class StuckAuditPrevention:
         """One monitor pass over the whole fleet: recover every stuck audit."""
         result = self.monitor.run_pass()
         if not result.ok:
-            log.error("%s: cannot reach the database (%s); will retry", marker, result.error)
+            log.error("%s: cannot reach the database (%s); will retry", marker, printable(result.error))
             return []
         if result.resumed_after_outage:
             log.warning("%s: database reachable again; silence is measured from now on, not across the outage", marker)
         for recovery in result.recovered:
-            log.warning("%s: recovered audit %s (%s): %s -> %s; %s", marker, recovery.id, recovery.target,
-                        ", ".join(recovery.reasons), recovery.status, "; ".join(recovery.explanation))
+            log.warning("%s: recovered audit %s (%s): %s -> %s; %s", marker, recovery.id, printable(recovery.target),
+                        ", ".join(recovery.reasons), recovery.status, printable("; ".join(recovery.explanation)))
+        for skipped in result.skipped:
+            log.error("%s: audit %s could not be recovered (%s); it needs an operator", marker, skipped.id,
+                      printable(skipped.error))
         return result.recovered
 
     def _recover_stuck_audit(self, audit_id: int, reason: str = MANUAL, explanation: str | None = None) -> Recovery | None:
         """Recover one running audit now, whatever the rules say. Returns None when it was not running."""
-        done = recover_audits(self.engine, audits.c.id == audit_id, reason=reason,
+        done = recover_audits(self.operator_engine, audits.c.id == audit_id, reason=reason,
                               explanation=explanation or f"recovered by {self.actor.name}", actor=self.actor,
                               requeue=self.requeue, max_attempts=self.max_attempts)
         return done[0] if done else None
 
     # --- audits -----------------------------------------------------------------------
 
-    def create_audit(self, target: str, max_age: float | timedelta | None = None) -> int:
-        """A new pending audit; ``max_age`` gives it its own deadline."""
+    def create_audit(self, target: str, max_age: float | timedelta | None = None, kind: str | None = None) -> int:
+        """A new pending audit; ``max_age`` gives it its own deadline, ``kind`` its kind's thresholds."""
         deadline = parse_duration(max_age, "max_age") if max_age is not None else None
-        return leases.create_audit(self.engine, target, max_age=deadline)
+        return leases.create_audit(self.engine, target, max_age=deadline, kind=kind)
 
     @contextlib.contextmanager
     def run(self, audit_id: int) -> Iterator[AuditRun]:
@@ -280,11 +313,12 @@ class StuckAuditPrevention:
         After ``LeaseLost`` nothing more is written: the exception leaves the block and the
         audit stays as its recoverer left it.
         """
-        lease, document = leases.claim(self.engine, audit_id, worker_id=self.worker_id, instance_id=self.instance_id,
-                                       worker_url=self.worker_url)
-        handle = AuditRun(self, lease, document)
-        with self._runs_lock:
-            self._runs[audit_id] = handle
+        with self._holding_signals():
+            lease, document = leases.claim(self.engine, audit_id, worker_id=self.worker_id, instance_id=self.instance_id,
+                                           worker_url=self.worker_url, declared=self._declared())
+            handle = AuditRun(self, lease, document)
+            with self._runs_lock:
+                self._runs[lease.token] = handle
         try:
             try:
                 yield handle
@@ -305,26 +339,62 @@ class StuckAuditPrevention:
             self._finish(handle, None)
         finally:
             with self._runs_lock:
-                self._runs.pop(audit_id, None)
+                self._runs.pop(lease.token, None)
 
     def _finish(self, handle: AuditRun, error: str | None) -> None:
+        """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
         delay = EMERGENCY_BACKOFF
         deadline = time.monotonic() + min(60.0, self.thresholds.stale_after / 2)
-        while True:
-            with handle._lock:
-                try:
-                    leases.finish(self.engine, handle.lease, handle.document, error=error, actor=self.actor)
-                    handle.finished = True
-                    return
-                except LeaseLost as lost:
-                    raise handle._mark_lost(lost) from None
-                except AuditctlError as trouble:
-                    if time.monotonic() >= deadline:
-                        raise
-                    log.warning("🚨 Emergency progress recovery: cannot record the end of audit %s yet (%s); retrying",
-                                handle.audit_id, trouble)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+        with self._holding_signals():
+            while True:
+                with handle._lock:
+                    try:
+                        leases.finish(self.engine, handle.lease, error=error, actor=self.actor)
+                        handle.finished = True
+                        return
+                    except LeaseLost as lost:
+                        raise handle._mark_lost(lost) from None
+                    except AuditctlError as trouble:
+                        if time.monotonic() >= deadline:
+                            raise
+                        log.warning("🚨 Emergency progress recovery: cannot record the end of audit %s yet (%s); retrying",
+                                    handle.audit_id, printable(trouble))
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+
+    # --- signals ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _holding_signals(self) -> Iterator[None]:
+        """Inside, a SIGTERM on the main thread is held; it takes effect when the outermost write ends."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if self._held == 0 and self._pending_signal is not None:
+                signum, self._pending_signal = self._pending_signal, None
+                self._deliver(signum, None)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor")
+        self._stop.set()
+        if self._held:
+            # A write is in flight on the main thread: interrupting it could leave finished
+            # work "running" under a lease nobody holds. Act as soon as it is done.
+            self._pending_signal = signum
+            return
+        self._deliver(signum, frame)
+
+    def _deliver(self, signum, frame) -> None:
+        previous = self._previous_sigterm
+        if callable(previous) and previous != self._on_sigterm:
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -343,8 +413,9 @@ class StuckAuditPrevention:
         try:
             registry.mark_stopped(self.engine, self.instance_id)
         except AuditctlError as error:
-            log.warning("could not mark worker instance %s stopped: %s", self.instance_id[:8], error)
-        log.info("💓 HEARTBEAT monitor stopped for worker %s", self.worker_id)
+            registry.forget_here(self.instance_id)
+            log.warning("could not mark worker instance %s stopped: %s", self.instance_id[:8], printable(error))
+        log.info("💓 HEARTBEAT monitor stopped for worker %s", printable(self.worker_id))
 
     def _stop_at_exit(self) -> None:
         self.stop(timeout=10.0)
@@ -352,21 +423,13 @@ class StuckAuditPrevention:
     def close(self) -> None:
         self.stop()
         self.engine.dispose()
+        self.operator_engine.dispose()
 
     def __enter__(self) -> "StuckAuditPrevention":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _on_sigterm(self, signum, frame) -> None:
-        log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor")
-        self._stop.set()
-        previous = self._previous_sigterm
-        if callable(previous) and previous != self._on_sigterm:
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            raise SystemExit(128 + signum)
 
     # --- the heartbeat thread -----------------------------------------------------------
 
@@ -377,7 +440,7 @@ class StuckAuditPrevention:
             if peer.instance_id in fresh:
                 log.error("⚠️ worker_id %r is also used by a live instance %s on host %s (pid %s); "
                           "its audits are left alone, but give each worker its own worker_id",
-                          self.worker_id, peer.instance_id[:8], peer.host, peer.pid)
+                          printable(self.worker_id), peer.instance_id[:8], printable(peer.host), peer.pid)
         self.duplicates = peers
         return peers
 
@@ -386,7 +449,7 @@ class StuckAuditPrevention:
         try:
             registry.beat(self.engine, self.instance_id)
         except AuditctlError as error:
-            log.error("💓 HEARTBEAT: database unavailable (%s); retrying", error)
+            log.error("💓 HEARTBEAT: database unavailable (%s); retrying", printable(error))
             self.monitor.in_outage = True
             return False
         with self._runs_lock:
@@ -401,7 +464,7 @@ class StuckAuditPrevention:
                 continue
             except Exception as error:  # noqa: BLE001 - the thread must outlive any single failure
                 healthy = False
-                log.error("💓 HEARTBEAT: could not beat for audit %s (%s); retrying", handle.audit_id, error)
+                log.error("💓 HEARTBEAT: could not beat for audit %s (%s); retrying", handle.audit_id, printable(error))
         try:
             self._check_duplicates()
         except AuditctlError:
@@ -415,8 +478,9 @@ class StuckAuditPrevention:
         while not self._stop.is_set():
             try:
                 healthy = self._beat_once()
-            except Exception:  # noqa: BLE001
-                log.exception("💓 HEARTBEAT: unexpected error; the monitor keeps running")
+            except Exception as error:  # noqa: BLE001
+                log.error("💓 HEARTBEAT: unexpected error (%s); the monitor keeps running", printable(error))
+                log.debug("💓 HEARTBEAT: traceback", exc_info=True)
                 healthy = False
             if healthy:
                 retry = 1.0
@@ -430,4 +494,4 @@ class StuckAuditPrevention:
     @property
     def active_audits(self) -> list[int]:
         with self._runs_lock:
-            return sorted(self._runs)
+            return sorted({run.audit_id for run in self._runs.values()})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, text
 from sqlalchemy import select as sa_select
 
@@ -144,6 +147,49 @@ def wait_for(predicate, *, timeout: float = 10.0, interval: float = 0.02, messag
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+# --- freezing a worker -----------------------------------------------------------------
+
+
+def is_stopped(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def writer_holds_a_lock(engine, audit_id) -> bool:
+    """Whether a (frozen) worker is inside a write transaction that would make recovery wait."""
+    if engine.dialect.name == "sqlite":
+        probe = sqlite3.connect(engine.url.database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            probe.close()
+    with engine.connect() as connection:
+        try:
+            connection.execute(text("SELECT id FROM audits WHERE id = :id FOR UPDATE NOWAIT"), {"id": audit_id})
+            return False
+        except sa_exc.OperationalError:
+            return True
+        finally:
+            connection.rollback()
+
+
+def freeze_between_writes(proc, engine, audit_id):
+    """SIGSTOP the worker, retrying until it froze outside a transaction (SQLite would block on its lock)."""
+    for _ in range(100):
+        os.kill(proc.pid, signal.SIGSTOP)
+        wait_for(lambda: is_stopped(proc.pid), timeout=5, message="SIGSTOP to take effect")
+        if not writer_holds_a_lock(engine, audit_id):
+            return
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.013)  # let it leave the transaction, then try again at another moment
+    raise AssertionError("could not freeze the worker between two writes")
+
 
 
 # --- subprocesses ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import all_rows, events, finish, kill_quietly, make_running, python_env, read_line, spawn, wait_for
+from dbtools import freeze_between_writes, all_rows, events, finish, kill_quietly, make_running, python_env, read_line, spawn, wait_for
 from pgserver import PostgresServer
 
 WORKER = Path(__file__).parent / "workerproc.py"
@@ -80,51 +80,78 @@ def _recovered_at(engine, audit_id):
     return found[0] if found else None
 
 
-@pytest.mark.parametrize("recoverer", ["watch", "recover-cron"])
-def test_worker_killed_with_sigkill_is_recovered_within_stale_after_plus_one_interval(engine, database_url, recoverer):
-    stale_after, interval = 2.0, 0.5
-    proc, audit_id = _start_worker(database_url, "--stale-after", str(stale_after), "--heartbeat", "0.4")
+def _latency_until_recovered(engine, database_url, audit_id, recoverer, interval, fault, *, flags=(), timeout=30.0):
+    """Apply ``fault`` (kill or stop the worker), run the recoverer with no threshold flags but ``flags``,
+    and return (seconds until the audit was recovered, its history row)."""
     monitor, stop = None, threading.Event()
     failures = []
     try:
         if recoverer == "watch":
-            monitor = auditctl("watch", "--interval", f"{interval}s", "--stale-after", f"{stale_after}s", "--no-live",
-                               url=database_url)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        killed = time.monotonic()
+            monitor = auditctl("watch", "--interval", f"{interval}s", "--no-live", *flags, url=database_url)
+        fault()
+        struck = time.monotonic()
         if recoverer == "recover-cron":
             def cron():
                 while not stop.is_set():
-                    done = subprocess.run([str(AUDITCTL), "recover", "-q", "--stale-after", f"{stale_after}s"],
+                    done = subprocess.run([str(AUDITCTL), "recover", "-q", *flags],
                                           env={**python_env(), "AUDITCTL_DATABASE_URL": database_url},
                                           capture_output=True, text=True)
                     if done.returncode != 0:
                         failures.append(done.stderr)
                     stop.wait(interval)
             threading.Thread(target=cron, daemon=True).start()
-        try:
-            event = wait_for(lambda: _recovered_at(engine, audit_id), timeout=stale_after + interval + 15,
-                             message=f"the killed worker's audit to be recovered (cron errors: {failures})")
-        except AssertionError:
-            if monitor is not None:
-                monitor.kill()
-                print("WATCH OUTPUT", monitor.communicate())
-            from dbtools import row
-            print("ROW", row(engine, audit_id))
-            raise
-        latency = time.monotonic() - killed
+        event = wait_for(lambda: _recovered_at(engine, audit_id), timeout=timeout,
+                         message=f"the audit to be recovered (cron errors: {failures})")
+        return time.monotonic() - struck, event
     finally:
         stop.set()
-        kill_quietly(proc)
         if monitor is not None:
             monitor.send_signal(signal.SIGTERM)
             finish(monitor)
-    assert event["reasons"] == "stale_heartbeat"
-    bound = stale_after + interval
+
+
+@pytest.mark.parametrize("recoverer", ["watch", "recover-cron"])
+def test_worker_killed_with_sigkill_on_this_host_is_recovered_as_worker_gone_within_one_interval(engine, database_url,
+                                                                                                 recoverer):
+    interval = 0.5
+    # stale_after 10 minutes: silence alone would take that long; the process table proves the worker gone at once.
+    proc, audit_id = _start_worker(database_url, "--stale-after", "600", "--heartbeat", "1", "--max-age", "3600")
+    try:
+        def kill():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+        latency, event = _latency_until_recovered(engine, database_url, audit_id, recoverer, interval, kill)
+    finally:
+        kill_quietly(proc)
+    assert event["reasons"] == "worker_gone"
+    assert "no longer exists" in event["measurements"]["worker_gone"]
     report(f"SIGKILL detection latency via {recoverer} ({engine.dialect.name})", round(latency, 2),
-           f"s (bound {bound:.1f} s: stale_after {stale_after} s + interval {interval} s)")
+           f"s (worker_gone; stale_after 600 s; bound: one interval of {interval} s plus the pass)")
     # A generous margin for a loaded 2-core CI machine; the figure above is the measurement.
+    assert latency <= interval + 3.0
+    assert_history_consistent(engine)
+
+
+@pytest.mark.parametrize("recoverer", ["watch", "recover-cron"])
+def test_frozen_worker_is_recovered_by_the_stale_after_it_declared_with_no_threshold_flags(engine, database_url, recoverer):
+    stale_after, interval = 2.0, 0.5
+    proc, audit_id = _start_worker(database_url, "--stale-after", str(stale_after), "--heartbeat", "0.4")
+    try:
+        def freeze():
+            # Alive to the process table, silent to the database; frozen between two writes, since a
+            # SQLite writer frozen inside its transaction holds the whole file (see the test of that).
+            freeze_between_writes(proc, engine, audit_id)
+
+        latency, event = _latency_until_recovered(engine, database_url, audit_id, recoverer, interval, freeze)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        kill_quietly(proc)
+    assert event["reasons"] == "stale_heartbeat"
+    assert event["details"]["thresholds"]["stale_after"] == {"seconds": stale_after, "source": "worker"}
+    bound = stale_after + interval
+    report(f"SIGSTOP detection latency via {recoverer} ({engine.dialect.name})", round(latency, 2),
+           f"s (bound {bound:.1f} s: the worker's own stale_after {stale_after} s + interval {interval} s, no flags)")
     assert latency <= bound + 3.0
     assert_history_consistent(engine)
 
@@ -208,7 +235,7 @@ def test_database_outage_kills_nobody_and_recovers_nothing(own_postgres):
         watch.send_signal(signal.SIGTERM)
         code, watch_out, watch_err = finish(watch)
     assert code == 0
-    assert "database unavailable" in watch_out and "reachable again" in watch_out
+    assert "database lost" in watch_out and "database back" in watch_out
     report("database outage survived (worker + watch)", f"{outage:.1f} s outage",
            f"heartbeats resumed {resumed:.1f} s after restart; 0 false recoveries")
 

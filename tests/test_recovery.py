@@ -61,10 +61,15 @@ def test_recover_marks_stuck_audit_failed_with_reason_time_and_full_prior_row(en
     assert info["reason"] == "stale_heartbeat"
     assert info["recovered_at"] == isoformat_z(recovery.recovered_at) == isoformat_z(after["finished_at"])
     original = info["original_status"]
-    assert set(original) == {column.name for column in audits.columns}
+    # The whole prior row, but not its own earlier recovery_info: that chain lives in the history.
+    assert set(original) == {column.name for column in audits.columns} - {"recovery_info", "odd_times"}
     for name, value in before.items():
+        if name in ("recovery_info", "odd_times"):
+            continue
         if name in ("created_at", "started_at", "finished_at", "heartbeat_at", "last_worker_update", "progress_changed_at"):
             assert same_moment(value, original[name]), name
+        elif isinstance(value, float):
+            assert original[name] == pytest.approx(value), name
         else:
             assert original[name] == value, name
     assert original["status"] == RUNNING and original["lease"] == lease.token
@@ -95,7 +100,7 @@ def test_recovery_leaves_pending_finished_and_healthy_running_audits_alone(engin
     pending = leases.create_audit(engine, "https://example.com/pending")
     healthy, _ = start_audit()
     done, done_lease = start_audit()
-    leases.finish(engine, done_lease, None, error=None, actor=OPERATOR)
+    leases.finish(engine, done_lease, error=None, actor=OPERATOR)
     make_stale(backdate, done)
     stuck, _ = start_audit()
     make_stale(backdate, stuck)
@@ -168,12 +173,12 @@ def test_old_worker_of_a_requeued_and_reclaimed_audit_gets_lease_lost(engine, st
     before = row(engine, audit_id)
 
     with pytest.raises(LeaseLost):
-        leases.finish(engine, old_lease, None, error=None, actor=OPERATOR)
+        leases.finish(engine, old_lease, error=None, actor=OPERATOR)
     with pytest.raises(LeaseLost):
-        leases.heartbeat(engine, old_lease, None, OPERATOR)
+        leases.heartbeat(engine, old_lease, OPERATOR)
 
     assert row(engine, audit_id) == before
-    assert leases.finish(engine, new_lease, None, error=None, actor=OPERATOR) == COMPLETED
+    assert leases.finish(engine, new_lease, error=None, actor=OPERATOR) == COMPLETED
 
 
 def test_recover_refuses_max_attempts_below_one(engine):
@@ -298,7 +303,7 @@ def test_finish_lands_first_then_recovery_skips_and_audit_stays_completed(engine
     def judged_then_the_worker_finishes(*args, **kwargs):
         stuck = judge(*args, **kwargs)  # the recoverer has judged it stuck...
         assert stuck == [audit_id]
-        assert leases.finish(engine, lease, None, error=None, actor=OPERATOR) == COMPLETED  # ...then the finish lands
+        assert leases.finish(engine, lease, error=None, actor=OPERATOR) == COMPLETED  # ...then the finish lands
         finished.update(row(engine, audit_id))
         return stuck
 
@@ -316,11 +321,11 @@ def test_recovery_written_from_a_stale_judgement_never_overwrites_a_finished_aud
     make_stale(backdate, audit_id)
     with read_connection(engine) as connection:
         judged = select_stuck(connection, T)
-    leases.finish(engine, lease, None, error=None, actor=OPERATOR)
+    leases.finish(engine, lease, error=None, actor=OPERATOR)
     finished = row(engine, audit_id)
     try:  # skipping the row and refusing the whole batch are both safe; overwriting is not
         with write_transaction(engine) as connection:
-            applied = _apply_recovery(connection, judged, {}, {}, requeue=False, max_attempts=3, actor=OPERATOR)
+            applied = _apply_recovery(connection, judged, requeue=False, max_attempts=3, actor=OPERATOR)
     except AuditctlError:
         applied = []
     assert applied == []
@@ -351,7 +356,7 @@ def test_late_failure_report_after_recovery_gets_lease_lost_too(engine, start_au
     recover_stuck(engine, T, actor=OPERATOR)
     recovered = row(engine, audit_id)
     with pytest.raises(LeaseLost):
-        leases.finish(engine, lease, None, error="scanner crashed", actor=OPERATOR)
+        leases.finish(engine, lease, error="scanner crashed", actor=OPERATOR)
     assert row(engine, audit_id) == recovered
 
 
@@ -369,7 +374,7 @@ def test_racing_finisher_and_recoverer_never_mark_a_completed_audit_failed(engin
             for audit_id in reversed(ids):  # meets the recoverer, which goes in id order, half-way
                 lease = leases.Lease(audit_id, tokens[audit_id], "worker-1", "instance-1", None)
                 try:
-                    leases.finish(engine, lease, None, error=None, actor=Actor(name="finisher"))
+                    leases.finish(engine, lease, error=None, actor=Actor(name="finisher"))
                     finished_ok.add(audit_id)
                 except LeaseLost:
                     lost.add(audit_id)
@@ -471,18 +476,37 @@ def test_reset_failed_dry_run_changes_nothing(engine, backdate):
     assert all_rows(engine) == before and events(engine) == history
 
 
-def test_reset_failed_is_one_transaction_all_or_nothing(engine, backdate):
+def test_reset_that_the_database_refuses_for_one_audit_resets_the_others_and_reports_that_one(engine, backdate):
     ids = failed_audits(engine, backdate, 3)
-    before, history = all_rows(engine), events(engine)
-    # The database refuses the history row of the last audit: none of the resets may stay.
+    refused = ids[-1]
+    before = row(engine, refused)
+    # The database refuses the history row of one audit: its reset cannot be recorded, so it must not happen.
     install_abort_trigger(engine, "refuse_reset_history", table="audit_events", event="INSERT",
-                          when_sqlite=f"NEW.audit_id = {ids[-1]} AND NEW.event = 'reset'",
-                          when_pg=f"NEW.audit_id = {ids[-1]} AND NEW.event = 'reset'")
-    from auditctl.errors import DatabaseUnavailable
+                          when_sqlite=f"NEW.audit_id = {refused} AND NEW.event = 'reset'",
+                          when_pg=f"NEW.audit_id = {refused} AND NEW.event = 'reset'")
 
-    with pytest.raises(DatabaseUnavailable, match="boom"):
-        reset_failed(engine, actor=OPERATOR)
-    assert all_rows(engine) == before and events(engine) == history
+    done = reset_failed(engine, actor=OPERATOR)
+
+    assert [r.id for r in done] == ids[:-1]
+    assert [s.id for s in done.skipped] == [refused] and "boom" in done.skipped[0].error
+    for audit_id in ids[:-1]:  # each reset whole: the row and its history row
+        assert row(engine, audit_id)["status"] == PENDING
+        assert [e["event"] for e in events(engine, audit_id)][-1] == "reset"
+    assert row(engine, refused) == before  # untouched, and marked for an operator in its history
+    assert events(engine, refused)[-1]["event"] == "needs_operator"
+
+
+def test_reset_batches_are_each_atomic(engine, backdate):
+    ids = failed_audits(engine, backdate, 6)
+    install_abort_trigger(engine, "refuse_third", table="audit_events", event="INSERT",
+                          when_sqlite=f"NEW.audit_id = {ids[2]} AND NEW.event = 'reset'",
+                          when_pg=f"NEW.audit_id = {ids[2]} AND NEW.event = 'reset'")
+    done = reset_failed(engine, actor=OPERATOR, batch_size=2)
+    assert sorted(r.id for r in done) == [i for i in ids if i != ids[2]]
+    states = {r["id"]: r["status"] for r in all_rows(engine)}
+    history = {e["audit_id"] for e in events(engine) if e["event"] == "reset"}
+    # Every audit is either fully reset (state and history) or untouched.
+    assert {i for i in ids if states[i] == PENDING} == history == set(ids) - {ids[2]}
 
 
 # --- a worker's leftovers ---------------------------------------------------------------------
@@ -543,7 +567,7 @@ def test_a_new_claim_forgets_the_reasons_of_an_earlier_recovery(engine, backdate
     recover_stuck(engine, Thresholds(), actor=Actor.command("test"))
     reset_failed(engine, actor=Actor.command("test"), ids=[audit_id])
     lease, _ = leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-2", worker_url=None)
-    leases.finish(engine, lease, None, error="crawler crashed", actor=Actor.command("test"))
+    leases.finish(engine, lease, error="crawler crashed", actor=Actor.command("test"))
     # It failed on its own this time: reset-all --reason stale_heartbeat must not pick it.
     assert reset_failed(engine, actor=Actor.command("test"), reason="stale_heartbeat", dry_run=True) == []
     assert [r.id for r in reset_failed(engine, actor=Actor.command("test"), dry_run=True)] == [audit_id]

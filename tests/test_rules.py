@@ -76,7 +76,7 @@ def test_verdict_says_which_rule_and_measured_age(engine, start_audit, backdate)
     backdate(audit_id, started_at=720, heartbeat_at=720, last_worker_update=720, progress_changed_at=720)
     (verdict,) = find_stuck(engine, T)
     assert 719 < verdict.silence_seconds < 730
-    assert verdict.explain(T) == ["no heartbeat for 12m (stale_after 10m)"]
+    assert verdict.explain() == ["no heartbeat for 12m (stale_after 10m, fleet)"]
 
 
 def test_progress_means_step_counts_or_percentage_changed(engine, guards, backdate):

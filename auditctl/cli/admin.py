@@ -6,7 +6,7 @@ import click
 
 from ..config import SETTINGS
 from .app import cli
-from .options import DURATION, common_options, echo_status, format_option, threshold_options
+from .options import DURATION, common_options, echo_status, output_options, threshold_options
 
 
 @cli.command()
@@ -15,7 +15,7 @@ def init(state):
     """Create or upgrade the database schema. Safe to run any number of times."""
     from ..migrate import upgrade
 
-    result = upgrade(state.engine)
+    result = upgrade(state.engine_for("creator"))
     if result.changed:
         click.echo(f"Schema {'created' if result.before is None else 'upgraded'} at revision {result.after} "
                    f"in {state.masked_url}.")
@@ -34,8 +34,9 @@ def demo(state, force):
     from ..demo import seed_demo
     from ..migrate import upgrade
 
-    upgrade(state.engine)
-    fleet = seed_demo(state.engine, force=force)
+    engine = state.engine_for("creator")
+    upgrade(engine)
+    fleet = seed_demo(engine, force=force)
     stuck = sum(fleet.stuck.values())
     click.echo(
         f"Demo fleet written to {state.masked_url}: {fleet.completed} completed, {fleet.failed} failed, "
@@ -47,43 +48,58 @@ def demo(state, force):
 @cli.command("config")
 @common_options
 @threshold_options
-@format_option
+@output_options
 @click.option("--interval", type=DURATION, default="5m", envvar=SETTINGS["interval"].envvar, show_envvar=True,
               help=SETTINGS["interval"].help)
+@click.option("--refresh", type=DURATION, default="1s", envvar=SETTINGS["refresh"].envvar, show_envvar=True,
+              help=SETTINGS["refresh"].help)
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, envvar=SETTINGS["max_attempts"].envvar,
               show_envvar=True, help=SETTINGS["max_attempts"].help)
-def config_command(state, thresholds, fmt, interval, max_attempts):
-    """Print the settings in force and where each came from (flag, env, file, default)."""
+@click.option("--max-resets", type=click.IntRange(min=0), default=5, envvar=SETTINGS["max_resets"].envvar,
+              show_envvar=True, help=SETTINGS["max_resets"].help)
+def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_attempts, max_resets):
+    """Print the settings in force and where each came from (flag, env, file, default).
+
+    Durations are shown the same way in every format (10m, 1h30m); json adds the seconds.
+    """
     from click.core import ParameterSource
+
+    from ..thresholds import format_duration
+    from .render import Column, render
 
     ctx = click.get_current_context()
     path = ctx.find_root().meta.get("auditctl.config_path")
-    values = {
-        "database_url": state.masked_url,
-        "stale_after": thresholds.stale_after,
-        "max_age": thresholds.max_age,
-        "stall_after": thresholds.stall_after,
+    durations = {
+        "stale_after": policy.override.stale_after or policy.fleet.stale_after,
+        "max_age": policy.override.max_age or policy.fleet.max_age,
+        "stall_after": policy.override.stall_after or policy.fleet.stall_after,
         "interval": interval,
-        "max_attempts": max_attempts,
+        "refresh": refresh,
     }
+    values = {"database_url": state.masked_url, **durations, "max_attempts": max_attempts, "max_resets": max_resets}
     names = {
         ParameterSource.COMMANDLINE: lambda s: "flag",
         ParameterSource.ENVIRONMENT: lambda s: f"env {s.envvar}",
         ParameterSource.DEFAULT_MAP: lambda s: f"file {path}",
         ParameterSource.DEFAULT: lambda s: "default",
     }
+    root = ctx.find_root()
     records = []
     for name, value in values.items():
         source = ctx.get_parameter_source(name)
-        records.append({"setting": name, "value": value, "source": names.get(source, lambda s: "default")(SETTINGS[name])})
-    from ..thresholds import format_duration
-    from .render import Column, render
-
-    columns = [
-        Column("setting", "SETTING"),
-        Column("value", "VALUE", human=lambda v: format_duration(v) if isinstance(v, float) else str(v)),
-        Column("source", "SOURCE"),
-    ]
+        if name == "database_url" and root.meta.get("auditctl.database_url") and source != ParameterSource.COMMANDLINE:
+            source = ParameterSource.COMMANDLINE
+        record = {"setting": name, "value": format_duration(value) if name in durations else value,
+                  "source": names.get(source, lambda s: "default")(SETTINGS[name])}
+        if name in durations:
+            record["seconds"] = value
+        records.append(record)
+    for kind, overrides in policy.kinds:
+        for name, value in overrides.as_dict().items():
+            records.append({"setting": f"kinds.{kind}.{name}", "value": format_duration(value), "source": f"file {path}",
+                            "seconds": value})
+    columns = [Column("setting", "SETTING", fit="whole"), Column("value", "VALUE", fit="whole"),
+               Column("source", "SOURCE", fit="wrap", min_width=10, shrink=1)]
     render(records, columns, fmt, title="Settings in force")
     echo_status(state, f"Config file: {path or 'none (looked at $AUDITCTL_CONFIG, then $XDG_CONFIG_HOME/auditctl/config.toml)'}")
 

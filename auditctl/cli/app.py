@@ -1,4 +1,4 @@
-"""The click group: global options and the config file loaded into ``default_map``."""
+"""The click group: global options (before or after the command) and the config file in ``default_map``."""
 
 from __future__ import annotations
 
@@ -12,13 +12,34 @@ from .options import AuditctlGroup
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def apply_config(ctx: click.Context, path: str | None) -> None:
+    """Load the config file into the root's meta and every command's ``default_map``."""
+    root = ctx.find_root()
+    try:
+        values, found = load_config_file(path)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+    group = root.command
+    params = {name: [p.name for p in command.params] for name, command in group.commands.items()}
+    root.default_map = build_default_map(values, params)
+    root.meta["auditctl.config_path"] = str(found) if found else None
+    root.meta["auditctl.config_values"] = values
+    if ctx is not root:
+        # --config after the command: this command's context already took its default_map.
+        ctx.default_map = root.default_map.get(ctx.info_name, {})
+
+
 @click.group(cls=AuditctlGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="auditctl")
 @click.option("--config", "config_path", envvar="AUDITCTL_CONFIG", show_envvar=True, metavar="PATH",
               type=click.Path(dir_okay=False), default=None,
               help="Config file (TOML). Default: $XDG_CONFIG_HOME/auditctl/config.toml.")
+@click.option("--database-url", "database_url", default=None, metavar="URL",
+              help="Database URL for the command (also accepted after it; env AUDITCTL_DATABASE_URL).")
+@click.option("-v", "--verbose", count=True, help="More detail; with -v errors show a traceback.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing unless something changed or went wrong.")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
+def cli(ctx: click.Context, config_path: str | None, database_url: str | None, verbose: int, quiet: bool) -> None:
     """Detect, recover and reset stuck security audits.
 
     \b
@@ -27,11 +48,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
       auditctl scan        see what is stuck, and why
       auditctl recover     recover it (cron-safe; --dry-run to look first)
     """
-    try:
-        values, path = load_config_file(config_path)
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
-    params = {name: [p.name for p in command.params] for name, command in ctx.command.commands.items()}
-    ctx.default_map = build_default_map(values, params)
-    ctx.meta["auditctl.config_path"] = str(path) if path else None
-    ctx.meta["auditctl.config_values"] = values
+    ctx.meta["auditctl.database_url"] = database_url
+    ctx.meta["auditctl.verbose_global"] = verbose
+    ctx.meta["auditctl.quiet_global"] = quiet
+    apply_config(ctx, config_path)

@@ -6,53 +6,96 @@ import sys
 
 import click
 
-from ..thresholds import RULE_REASONS, WORKER_RESTARTED
+from ..thresholds import RECOVERY_REASONS, RULE_REASONS
 from .app import cli
 from .options import (
-    DURATION,
+    EXIT_ERROR,
     EXIT_REFUSED,
     EXIT_STUCK,
+    MAX_INT,
+    MOMENT,
+    ListType,
+    check_bounds,
     common_options,
     echo_status,
-    filter_options,
-    format_option,
+    flatten,
+    judge_filter_options,
+    output_options,
     threshold_options,
 )
 
+SCAN_SORTS = ("id", "age", "silence", "target", "worker")
 
-def _summary(counts: dict[str, int]) -> str:
-    return ", ".join(f"{counts[r]} {r}" for r in RULE_REASONS if counts.get(r))
+
+def _counts(counts: dict[str, int], order=RULE_REASONS) -> str:
+    return ", ".join(f"{counts[r]} {r}" for r in order if counts.get(r))
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def progress_reporter(label: str):
+    """A progress bar on stderr for long operations on a terminal; a no-op otherwise."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .render import console
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console(stderr=True), transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if total < 1000:
+            return  # quick enough: no bar
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total)
+        bar.update(task, completed=done)
+
+    return update, bar.stop
 
 
 @cli.command()
 @common_options
 @threshold_options
-@filter_options
-@format_option
+@judge_filter_options
+@output_options
+@click.option("--sort", type=click.Choice(SCAN_SORTS), default="id", show_default=True,
+              help="Order: id, age (longest running first), silence (longest silent first), target, worker.")
+@click.option("--reverse", is_flag=True, help="Reverse the order.")
+@click.option("--limit", type=click.IntRange(0, MAX_INT), default=0, help="At most this many (0: all).")
 @click.option("--exit-code", is_flag=True, help=f"Exit with {EXIT_STUCK} when anything is stuck (for monitoring and cron).")
-def scan(state, thresholds, worker, reason, older_than, fmt, exit_code):
-    """Show the stuck audits and why each is stuck.
+def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_code):
+    """Show the stuck audits, why each is stuck, and by which thresholds.
 
-    An audit is stuck when its worker has been silent longer than --stale-after
-    (stale_heartbeat), it has run longer than --max-age or its own deadline
-    (max_age_exceeded), or heartbeats arrive but progress has not moved for
-    --stall-after (progress_stalled).
+    An audit is stuck when the registry proves its worker gone (worker_gone), its worker
+    has been silent longer than its stale_after (stale_heartbeat), it has run longer than
+    its max_age (max_age_exceeded), or heartbeats arrive but progress has not moved for
+    its stall_after (progress_stalled). Each audit is judged by its own thresholds where
+    its worker declared them; flags given here override them. Changes nothing.
     """
-    from ..rules import iter_stuck
+    from ..rules import isolate, iter_stuck
+    from .records import VERDICT_COLUMNS, unreadable_verdict_record, verdict_record
     from .render import render
-    from .records import VERDICT_COLUMNS, verdict_record
 
+    check_bounds(state, policy, allow_unsafe)
     counts: dict[str, int] = {}
 
     def records():
-        for verdict in iter_stuck(state.engine, thresholds, worker=worker, reason=reason, older_than=older_than):
-            for r in verdict.reasons:
-                counts[r] = counts.get(r, 0) + 1
-            yield verdict_record(verdict, thresholds)
+        for verdict in iter_stuck(state.reader, policy, filters=filters, sort=sort, descending=reverse,
+                                  limit=limit or None):
+            record = isolate(verdict, verdict_record, unreadable_verdict_record)
+            for reason in record["reasons"]:
+                counts[reason] = counts.get(reason, 0) + 1
+            yield record
 
     found = render(records(), VERDICT_COLUMNS, fmt, title="Stuck audits")
     if found:
-        echo_status(state, f"{found} stuck audit{'s' if found != 1 else ''} ({_summary(counts)}) in {state.masked_url}")
+        echo_status(state, f"{_plural(found, 'stuck audit')} ({_counts(counts)}) in {state.masked_url}")
     else:
         echo_status(state, f"No stuck audits in {state.masked_url}.")
     if exit_code and found:
@@ -62,100 +105,180 @@ def scan(state, thresholds, worker, reason, older_than, fmt, exit_code):
 @cli.command()
 @common_options
 @threshold_options
-@filter_options
-@format_option
+@judge_filter_options
+@output_options
 @click.option("--dry-run", is_flag=True, help="Show exactly what would change; change nothing.")
 @click.option("--requeue", is_flag=True, help="Return stuck audits to pending (attempts counted) instead of failing them.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
               show_envvar=True, help="With --requeue: after this many claims an audit fails for good.")
-def recover(state, thresholds, worker, reason, older_than, fmt, dry_run, requeue, max_attempts):
+def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_attempts):
     """Recover stuck audits: mark them failed (or --requeue them) with the reason recorded.
 
     Safe to run from cron and to overlap: each audit is recovered exactly once, and an
-    audit whose worker finished meanwhile is left alone. Silent with -q unless
-    something was recovered.
+    audit whose worker finished meanwhile is left alone. Works in batches; Ctrl-C between
+    batches leaves each audit either recovered or untouched. Silent with -q unless
+    something was recovered. Exits 1 when an audit could not be recovered (it is listed).
     """
     from ..history import Actor
     from ..recovery import recover_stuck
-    from .render import render, resolve_format
     from .records import RECOVERY_COLUMNS, recovery_record
+    from .render import render, resolve_format
 
-    done = recover_stuck(state.engine, thresholds, actor=Actor.command("recover"), requeue=requeue,
-                         max_attempts=max_attempts, dry_run=dry_run, worker=worker, reason=reason, older_than=older_than)
-    if not done:
+    check_bounds(state, policy, allow_unsafe)
+    update, finish = progress_reporter("Recovering")
+    try:
+        done = recover_stuck(state.engine, policy, actor=Actor.command("recover"), requeue=requeue,
+                             max_attempts=max_attempts, dry_run=dry_run, filters=filters, on_batch=update)
+    finally:
+        finish()
+    thresholds = f"Thresholds: {policy.describe()}."
+    if not done and not done.skipped:
         if resolve_format(fmt) == "json":
             render([], RECOVERY_COLUMNS, fmt)
         echo_status(state, "Nothing to recover.")
+        echo_status(state, thresholds)
         return
     render((recovery_record(r, dry_run) for r in done), RECOVERY_COLUMNS, fmt,
            title="Would recover" if dry_run else "Recovered")
     verb = "Would recover" if dry_run else "Recovered"
     requeued = sum(1 for r in done if r.status == "pending")
     outcomes = [f"{requeued} pending (requeued)" if requeued else "", f"{len(done) - requeued} failed" if len(done) - requeued else ""]
-    echo_status(state, f"{verb} {len(done)} audit{'s' if len(done) != 1 else ''} -> {', '.join(o for o in outcomes if o)}"
-                + (" (dry run: nothing changed)" if dry_run else ""), force=not dry_run)
+    if done:
+        echo_status(state, f"{verb} {_plural(len(done), 'audit')} -> {', '.join(o for o in outcomes if o)}"
+                    + (" (dry run: nothing changed)." if dry_run else "."), force=not dry_run)
+        echo_status(state, thresholds, force=not dry_run)
+    if done.skipped:
+        listing = "; ".join(f"{s.id} ({s.error})" for s in done.skipped[:10])
+        from ..textsafe import printable
+
+        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be recovered and need an operator: "
+                   f"{printable(listing)}", err=True)
+        click.get_current_context().exit(EXIT_ERROR)
 
 
 @cli.command("reset-all")
 @common_options
 @threshold_options
-@format_option
+@output_options
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--dry-run", is_flag=True, help="Show which audits would be reset; change nothing.")
-@click.option("--since", type=DURATION, default=None, help="Only audits that failed within this long (e.g. 2h).")
-@click.option("--reason", type=click.Choice(RULE_REASONS + (WORKER_RESTARTED,)), default=None,
-              help="Only audits recovered for this reason.")
+@click.option("--since", type=MOMENT, default=None, help="Only audits that failed after this (2h = two hours ago, or ISO time).")
+@click.option("--reason", "reasons", type=ListType(RECOVERY_REASONS), multiple=True,
+              help="Only audits recovered for this reason; repeatable, comma-separated.")
+@click.option("--origin", "origins", type=ListType(("stuck", "error")), multiple=True,
+              help="stuck: recovered by auditctl; error: failed with their own error. Default: both.")
+@click.option("--max-resets", type=click.IntRange(min=0), default=5, show_default=True, envvar="AUDITCTL_MAX_RESETS",
+              show_envvar=True, help="Leave alone an audit already reset this many times (0: no limit).")
 @click.option("--include-stuck", is_flag=True, help="First recover stuck running audits, then reset them too.")
-def reset_all(state, thresholds, fmt, assume_yes, dry_run, since, reason, include_stuck):
+def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reasons, origins, max_resets, include_stuck):
     """Reset failed audits to pending: the "Reset All Audits" button.
 
-    Shows how many and which, then asks. Without a terminal it refuses unless --yes
-    is given, and changes nothing. All resets happen in one transaction (with
-    --include-stuck, the recoveries too), each recorded in the audit's history.
+    Shows what it will take, by origin (recovered as stuck, by reason, or failed with
+    their own error), then asks. Without a terminal it refuses unless --yes is given, and
+    changes nothing. Works in batches, each atomic and each reset recorded in the audit's
+    history; an audit reset --max-resets times already is left failed.
     """
-    from ..history import Actor
-    from ..recovery import reset_failed
-    from ..rules import find_stuck
-    from .render import render, resolve_format
-    from .records import RESET_COLUMNS, reset_record
+    from datetime import datetime
 
+    from ..history import Actor
+    from ..recovery import ResetFilters, plan_reset, recover_stuck, reset_failed
+    from ..rules import Filters, find_stuck
+    from .records import RESET_COLUMNS, reset_record
+    from .render import render, resolve_format
+
+    reasons, origins = flatten(reasons), flatten(origins)
+    if since is not None and isinstance(since, datetime):
+        from ..db import fetch_now, read_connection
+
+        with read_connection(state.reader) as connection:
+            since = max(0.0, (fetch_now(connection) - since).total_seconds())
+    filters = ResetFilters(since=since, reasons=reasons, origins=origins, max_resets=max_resets or None)
     actor = Actor.command("reset-all")
-    failed = reset_failed(state.engine, actor=actor, since=since, reason=reason, dry_run=True)
-    # --reason narrows the stuck audits too: only those stuck for that reason are recovered and reset.
-    stuck = find_stuck(state.engine, thresholds, reason=reason) if include_stuck and reason != WORKER_RESTARTED else []
-    planned = [reset_record(r, True) for r in failed] + [
-        {"id": v.id, "target": v.target, "previous_status": "running", "status": "pending", "reasons": v.reasons,
-         "error": None, "finished_at": None, "dry_run": True}
-        for v in stuck
-    ]
-    total = len(planned)
+    plan = plan_reset(state.reader, filters)
+    stuck = []
+    if include_stuck and (not origins or "stuck" in origins):
+        check_bounds(state, policy, allow_unsafe)
+        rule_reasons = tuple(r for r in reasons if r in RULE_REASONS)
+        if not reasons or rule_reasons:
+            stuck = find_stuck(state.reader, policy, filters=Filters(reasons=rule_reasons))
+    total = len(plan.ids) + len(stuck)
+    summary = _reset_summary(plan, len(stuck), policy if include_stuck else None)
     if total == 0:
         if resolve_format(fmt) == "json":
             render([], RESET_COLUMNS, fmt)
-        echo_status(state, "Nothing to reset.")
+        echo_status(state, "Nothing to reset." + (f"\n{summary}" if plan.held_back else ""))
         return
     if dry_run:
-        render(planned, RESET_COLUMNS, fmt, title="Would reset")
-        echo_status(state, f"Would reset {total} audit{'s' if total != 1 else ''} to pending (dry run: nothing changed).")
+        planned = reset_failed(state.reader, actor=actor, filters=filters, dry_run=True)
+        records = [reset_record(r, True) for r in planned] + [_stuck_record(v) for v in stuck]
+        render(records, RESET_COLUMNS, fmt, title="Would reset")
+        echo_status(state, f"Would reset {_plural(total, 'audit')} to pending (dry run: nothing changed).\n{summary}")
         return
     if not assume_yes:
         if not sys.stdin.isatty():
-            raise_refusal(total)
-        render(planned, RESET_COLUMNS, "table", title="Will reset")
-        if not click.confirm(f"Reset {total} audit{'s' if total != 1 else ''} to pending?", default=False, err=True):
+            raise_refusal(total, summary)
+        if total <= 20:
+            planned = reset_failed(state.reader, actor=actor, filters=filters, dry_run=True)
+            render([reset_record(r, True) for r in planned] + [_stuck_record(v) for v in stuck], RESET_COLUMNS, "table",
+                   title="Will reset")
+        click.echo(summary, err=True)
+        try:
+            confirmed = click.confirm(f"Reset {_plural(total, 'audit')} to pending?", default=False, err=True)
+        except click.Abort:
+            confirmed = False
+            click.echo("", err=True)
+        if not confirmed:
             click.echo("Aborted: nothing changed.", err=True)
             click.get_current_context().exit(EXIT_REFUSED)
-    # One transaction: the stuck audits are recovered and everything reset together, or nothing is.
-    done = reset_failed(state.engine, actor=actor, ids=[r.id for r in failed],
-                        recover_first=[v.id for v in stuck], thresholds=thresholds)
-    render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
-    echo_status(state, f"Reset {len(done)} audit{'s' if len(done) != 1 else ''} to pending.", force=True)
+    update, finish = progress_reporter("Resetting")
+    try:
+        recovered_ids = []
+        if stuck:
+            recovered = recover_stuck(state.engine, policy, actor=actor, filters=Filters(ids=tuple(v.id for v in stuck)))
+            recovered_ids = [r.id for r in recovered]
+        ids = sorted(set(plan.ids) | set(recovered_ids))
+        done = reset_failed(state.engine, actor=actor, filters=ResetFilters(ids=tuple(ids), max_resets=filters.max_resets),
+                            on_batch=update)
+    finally:
+        finish()
+    if fmt in ("json", "csv") or len(done) <= 20:
+        render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
+    echo_status(state, f"Reset {_plural(len(done), 'audit')} to pending"
+                + (f"; {len(ids) - len(done)} changed meanwhile and were left alone" if len(done) < len(ids) else "")
+                + ".", force=True)
+    if done.skipped:
+        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be reset and need an operator: "
+                   + ", ".join(str(s.id) for s in done.skipped[:20]), err=True)
+        click.get_current_context().exit(EXIT_ERROR)
 
 
-def raise_refusal(total: int) -> None:
+def _stuck_record(verdict) -> dict:
+    return {"id": verdict.id, "target": verdict.target, "previous_status": "running", "status": "pending",
+            "origin": "stuck", "reasons": verdict.reasons, "resets": 0, "error": None, "finished_at": None, "dry_run": True}
+
+
+def _reset_summary(plan, stuck: int, policy) -> str:
+    parts = []
+    if plan.by_origin.get("stuck"):
+        reasons = _counts(plan.by_reason, RECOVERY_REASONS)
+        parts.append(f"{plan.by_origin['stuck']} recovered as stuck ({reasons})")
+    if plan.by_origin.get("error"):
+        parts.append(f"{plan.by_origin['error']} failed with their own error")
+    lines = [("Failed audits to reset: " + "; ".join(parts) + ".") if parts else "No failed audits to reset."]
+    if stuck:
+        lines.append(f"Stuck running audits to recover first: {stuck}.")
+    if plan.held_back:
+        lines.append(f"{_plural(plan.held_back, 'audit')} already reset {plan.max_resets} times "
+                     f"{'stays' if plan.held_back == 1 else 'stay'} failed (--max-resets to change).")
+    if policy is not None:
+        lines.append(f"Thresholds: {policy.describe()}.")
+    return "\n".join(lines)
+
+
+def raise_refusal(total: int, summary: str = "") -> None:
     click.echo(
-        f"Error: refusing to reset {total} audit{'s' if total != 1 else ''} without confirmation: "
-        "there is no terminal to ask on. Pass --yes to confirm, or --dry-run to look first. Nothing was changed.",
+        f"Error: refusing to reset {_plural(total, 'audit')} without confirmation: there is no terminal to ask on. "
+        f"Pass --yes to confirm, or --dry-run to look first. Nothing was changed.",
         err=True,
     )
     click.get_current_context().exit(EXIT_REFUSED)

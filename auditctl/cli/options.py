@@ -1,13 +1,14 @@
-"""Options shared by commands, the lazily built engine, and errors mapped to exit codes.
+"""Options shared by commands, the lazily built engines, and errors mapped to exit codes.
 
-Exit codes (README carries the same table):
+Exit codes (README and ``auditctl --help`` carry the same table):
 
 ====  ===========================================================
 0     success, including "nothing to do"
-1     runtime error: database unreachable, schema missing, no such audit
-2     usage error: bad flag, bad duration, bad config file
+1     runtime error: database unreachable or missing, schema missing, no such audit
+2     usage error: bad flag, bad duration, unsafe threshold, bad config file
 3     ``scan --exit-code`` found stuck audits
-4     ``reset-all`` refused or declined: nothing was changed
+4     ``reset-all`` refused or declined (including Ctrl-C or Ctrl-D at its prompt): nothing was changed
+130   interrupted (Ctrl-C) during a long operation; batches already done stay done
 ====  ===========================================================
 """
 
@@ -17,13 +18,25 @@ import functools
 import sys
 
 import click
+from click.core import ParameterSource
 
 from ..config import SETTINGS
 from ..errors import AuditctlError, ConfigError
-from ..thresholds import RULE_REASONS, parse_duration
+from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration
+from .render import FORMATS
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK, EXIT_REFUSED = 0, 1, 2, 3, 4
-FORMATS = ("table", "json", "csv", "markdown", "plain")
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    success, including "nothing to do"
+  1    runtime error: database unreachable or missing, schema missing, no such audit
+  2    usage error: bad flag, bad duration, unsafe threshold, bad config file
+  3    scan --exit-code found stuck audits
+  4    reset-all refused or declined (also Ctrl-C or Ctrl-D at its prompt)
+  130  interrupted during a long operation (batches already done stay done)"""
+
+#: Largest id or limit a database integer holds.
+MAX_INT = 2**63 - 1
 
 
 class DurationType(click.ParamType):
@@ -43,32 +56,111 @@ class DurationType(click.ParamType):
 DURATION = DurationType()
 
 
+class MomentType(click.ParamType):
+    """A point in time: a duration ago (``2h``) or an ISO 8601 time (``2026-11-29T08:00Z``)."""
+
+    name = "time"
+
+    def convert(self, value, param, ctx):
+        from datetime import datetime
+
+        if isinstance(value, (float, datetime)):
+            return value
+        try:
+            return parse_duration(value, param.name if param else "time")
+        except ConfigError:
+            pass
+        from ..timestamps import as_datetime
+
+        moment = as_datetime(str(value).strip().replace("Z", "+00:00") if str(value).strip().endswith("Z") else value)
+        if moment is None:
+            self.fail(f"cannot read {value!r} as a time: use a duration ago (2h, 30m) or an ISO 8601 time "
+                      "(2026-11-29T08:00Z)", param, ctx)
+        return moment
+
+
+MOMENT = MomentType()
+
+
+class ListType(click.ParamType):
+    """Values given several times or comma-separated; checked against ``choices`` when given."""
+
+    name = "list"
+
+    def __init__(self, choices: tuple[str, ...] | None = None, metavar: str = "VALUE"):
+        self.choices = choices
+        self.metavar = metavar
+
+    def get_metavar(self, param, ctx=None):
+        return "[" + "|".join(self.choices) + "]" if self.choices else self.metavar
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(c) for c in (self.choices or ()) if c.startswith(incomplete)]
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = tuple(part.strip() for part in str(value).split(",") if part.strip())
+        if not items:
+            self.fail("needs a value", param, ctx)
+        if self.choices:
+            for item in items:
+                if item not in self.choices:
+                    self.fail(f"{item!r} is not one of {', '.join(self.choices)}", param, ctx)
+        return items
+
+
+def flatten(values) -> tuple:
+    """A multiple ListType option's values as one tuple, order kept, duplicates dropped."""
+    seen: dict = {}
+    for group in values or ():
+        for item in (group if isinstance(group, tuple) else (group,)):
+            seen.setdefault(item, None)
+    return tuple(seen)
+
+
 class CliState:
-    """What every command shares: settings from options, and the engine built on first use."""
+    """What every command shares: settings from options, and engines built on first use."""
 
     def __init__(self, database_url: str, verbose: int = 0, quiet: bool = False):
         self.database_url = database_url
         self.verbose = verbose
         self.quiet = quiet
-        self._engine = None
+        self._engines: dict[str, object] = {}
+
+    def engine_for(self, role: str):
+        """The engine for a role: ``reader`` never creates or changes the database; only ``creator``
+        (init, demo) may create a SQLite file that does not exist yet."""
+        if role not in self._engines:
+            from ..db import create_engine
+
+            if role == "creator":
+                self._engines[role] = create_engine(self.database_url, role="operator", must_exist=False)
+            else:
+                self._engines[role] = create_engine(self.database_url, role=role, must_exist=True)
+        return self._engines[role]
 
     @property
     def engine(self):
-        if self._engine is None:
-            from ..db import create_engine
+        """The operator's engine (commands that change audits)."""
+        return self.engine_for("operator")
 
-            self._engine = create_engine(self.database_url)
-        return self._engine
+    @property
+    def reader(self):
+        """The read-only engine (scan, list, show, workers)."""
+        return self.engine_for("reader")
 
     @property
     def masked_url(self) -> str:
-        from ..db import mask_url
+        from ..urls import mask_url
 
         return mask_url(self.database_url)
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
+        for engine in self._engines.values():
+            engine.dispose()
 
 
 def _setting_option(name: str, *decls: str, **kwargs):
@@ -76,18 +168,39 @@ def _setting_option(name: str, *decls: str, **kwargs):
     return click.option(*decls, envvar=setting.envvar, show_envvar=True, help=kwargs.pop("help", setting.help), **kwargs)
 
 
+def _load_config_here(ctx: click.Context, _param, value):
+    """``--config`` after the command: read the file now, before the other options take their defaults."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    from .app import apply_config
+
+    apply_config(ctx, value)
+    return value
+
+
 def common_options(command):
-    """``--database-url``, ``-v`` and ``-q`` on every command; injects ``state: CliState``."""
+    """``--database-url``, ``--config``, ``-v`` and ``-q`` on every command (also accepted before
+    the command name); injects ``state: CliState``."""
 
     @_setting_option("database_url", "--database-url", default="sqlite:///auditctl.db", show_default=True, metavar="URL",
                      help="Database URL: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB.")
+    @click.option("--config", "config_path", metavar="PATH", default=None, is_eager=True, expose_value=False,
+                  callback=_load_config_here, help="Config file (TOML), as with `auditctl --config`.")
     @click.option("-v", "--verbose", count=True, help="More detail; with -v errors show a traceback.")
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing unless something changed or went wrong.")
     @functools.wraps(command)
     def wrapper(*args, database_url, verbose, quiet, **kwargs):
-        state = CliState(database_url, verbose=verbose, quiet=quiet)
         ctx = click.get_current_context()
+        root = ctx.find_root()
+        # Given before the command name, a global option counts as given on the command line,
+        # unless it is given again after it.
+        if root.meta.get("auditctl.database_url") and ctx.get_parameter_source("database_url") != ParameterSource.COMMANDLINE:
+            database_url = root.meta["auditctl.database_url"]
+        verbose += root.meta.get("auditctl.verbose_global", 0)
+        quiet = quiet or root.meta.get("auditctl.quiet_global", False)
+        state = CliState(database_url, verbose=verbose, quiet=quiet)
         ctx.meta["auditctl.verbose"] = verbose
+        ctx.meta["auditctl.state"] = state
         ctx.call_on_close(state.close)
         return command(*args, state=state, **kwargs)
 
@@ -95,38 +208,133 @@ def common_options(command):
 
 
 def threshold_options(command):
-    """``--stale-after``, ``--max-age``, ``--stall-after`` for every command that judges audits; injects ``thresholds``."""
+    """``--stale-after``, ``--max-age``, ``--stall-after`` and ``--unsafe-thresholds`` for the commands
+    that judge audits; injects ``policy`` (a ``thresholds.Policy``) and ``allow_unsafe``.
+
+    Given on the command line, a threshold overrides every audit's own; from the environment,
+    the config file or the default, it is the fleet's value, for audits that declare none.
+    """
 
     @_setting_option("stale_after", "--stale-after", type=DURATION, default="10m", show_default=True)
     @_setting_option("max_age", "--max-age", type=DURATION, default="30m", show_default=True)
     @_setting_option("stall_after", "--stall-after", type=DURATION, default="10m", show_default=True)
+    @click.option("--unsafe-thresholds", "allow_unsafe", is_flag=True,
+                  help="Accept a stale threshold below 1s or below twice the audits' heartbeat interval.")
     @functools.wraps(command)
-    def wrapper(*args, stale_after, max_age, stall_after, **kwargs):
-        from ..thresholds import Thresholds
+    def wrapper(*args, stale_after, max_age, stall_after, allow_unsafe, **kwargs):
+        from ..thresholds import Overrides, Policy, Thresholds
 
-        thresholds = Thresholds(stale_after=stale_after, max_age=max_age, stall_after=stall_after)
+        ctx = click.get_current_context()
+        given = {name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+                 for name in ("stale_after", "max_age", "stall_after")}
+        values = {"stale_after": stale_after, "max_age": max_age, "stall_after": stall_after}
+        fleet_values = {name: (value if not given[name] else _fleet_value(ctx, name)) for name, value in values.items()}
         try:
-            thresholds.validate()
+            fleet = Thresholds(**fleet_values)
+            fleet.validate()
+            override = Overrides(**{name: value for name, value in values.items() if given[name]})
+            if given["stale_after"] or given["max_age"]:
+                effective = Thresholds(stale_after=stale_after, max_age=max_age if given["max_age"] else fleet.max_age,
+                                       stall_after=stall_after if given["stall_after"] else fleet.stall_after)
+                effective.validate()
         except ConfigError as error:
             raise click.UsageError(str(error)) from None
-        return command(*args, thresholds=thresholds, **kwargs)
+        kinds = ctx.find_root().meta.get("auditctl.config_values", {}).get("kinds", {})
+        policy = Policy.of(fleet, override, kinds)
+        return command(*args, policy=policy, allow_unsafe=allow_unsafe, **kwargs)
 
     return wrapper
 
 
-def format_option(command):
-    return click.option(
-        "--format", "fmt", type=click.Choice(FORMATS), default=None,
-        help="Output format. Default: table on a terminal, plain when piped.",
-    )(command)
+def _fleet_value(ctx: click.Context, name: str) -> float:
+    """The value a threshold would have without the flag: env, then config file, then default."""
+    import os
+
+    from ..thresholds import DEFAULT_MAX_AGE, DEFAULT_STALE_AFTER, DEFAULT_STALL_AFTER
+
+    env = os.environ.get(SETTINGS[name].envvar)
+    if env:
+        try:
+            return parse_duration(env, name)
+        except ConfigError:
+            pass
+    from_file = (ctx.default_map or {}).get(name)
+    if from_file is not None:
+        return parse_duration(from_file, name)
+    return {"stale_after": DEFAULT_STALE_AFTER, "max_age": DEFAULT_MAX_AGE, "stall_after": DEFAULT_STALL_AFTER}[name]
 
 
-def filter_options(command):
-    """``--worker``, ``--reason``, ``--older-than``: which stuck audits a command looks at."""
-    command = click.option("--older-than", type=DURATION, default=None, help="Only audits running longer than this.")(command)
-    command = click.option("--reason", type=click.Choice(RULE_REASONS), default=None, help="Only audits stuck for this reason.")(command)
-    command = click.option("--worker", default=None, metavar="WORKER_ID", help="Only audits held by this worker.")(command)
-    return command
+def check_bounds(state: CliState, policy, allow_unsafe: bool) -> None:
+    """Refuse thresholds that would fail healthy audits (usage error, exit 2)."""
+    from ..rules import declared_intervals
+    from ..thresholds import UnsafeThreshold
+
+    try:
+        policy.check_bounds([], allow_unsafe=allow_unsafe)
+        if not allow_unsafe:
+            policy.check_bounds(declared_intervals(state.reader))
+    except UnsafeThreshold as error:
+        raise click.UsageError(str(error)) from None
+
+
+def check_interval(interval: float, allow_unsafe: bool, option: str = "--interval") -> None:
+    if interval < MIN_WATCH_INTERVAL and not allow_unsafe:
+        from ..thresholds import format_duration
+
+        raise click.UsageError(f"{option} {format_duration(interval)} is below the floor of "
+                               f"{format_duration(MIN_WATCH_INTERVAL)}; pass --unsafe-thresholds to use it anyway")
+
+
+def output_options(command):
+    """``-o/--format`` and ``--wide`` for every listing; injects ``fmt``."""
+
+    @click.option("-o", "--format", "fmt", type=click.Choice(FORMATS), default=None,
+                  help="Output format. Default: table on a terminal, plain when piped.")
+    @click.option("--wide", is_flag=True, help="Every column on one line, nothing cut (same as -o wide).")
+    @functools.wraps(command)
+    def wrapper(*args, fmt, wide, **kwargs):
+        if wide:
+            if fmt not in (None, "table", "wide", "plain"):
+                raise click.UsageError(f"--wide goes with the table and plain formats, not --format {fmt}")
+            fmt = "wide"
+        return command(*args, fmt=fmt, **kwargs)
+
+    return wrapper
+
+
+format_option = output_options
+
+
+def judge_filter_options(command):
+    """``--worker``, ``--reason``, ``--kind``, ``--target``, ``--older-than``, ``--since``, ``--until``:
+    which stuck audits a command looks at. Repeated and comma-separated values are unions."""
+    options = [
+        click.option("--until", type=MOMENT, default=None, help="Only audits created before this (2h = two hours ago, or ISO time)."),
+        click.option("--since", type=MOMENT, default=None, help="Only audits created after this (2h = two hours ago, or ISO time)."),
+        click.option("--older-than", type=DURATION, default=None, help="Only audits running longer than this."),
+        click.option("--target", "targets", type=ListType(metavar="GLOB"), multiple=True,
+                     help="Only targets matching this glob (*, ?, [..]); repeatable."),
+        click.option("--kind", "kinds", type=ListType(metavar="KIND"), multiple=True, help="Only audits of this kind; repeatable."),
+        click.option("--reason", "reasons", type=ListType(RULE_REASONS), multiple=True,
+                     help="Only audits stuck for this reason; repeatable, comma-separated."),
+        click.option("--worker", "workers", type=ListType(metavar="WORKER_ID"), multiple=True,
+                     help="Only audits held by this worker; repeatable, comma-separated."),
+    ]
+    for option in options:
+        command = option(command)
+
+    @functools.wraps(command)
+    def wrapper(*args, workers, reasons, kinds, targets, older_than, since, until, **kwargs):
+        from ..rules import Filters
+
+        filters = Filters(workers=flatten(workers), reasons=flatten(reasons), kinds=flatten(kinds),
+                          targets=flatten(targets), older_than=older_than, since=since, until=until)
+        return command(*args, filters=filters, **kwargs)
+
+    return wrapper
+
+
+filter_options = judge_filter_options
 
 
 def echo_status(state: CliState, message: str, *, err: bool = True, force: bool = False) -> None:
@@ -137,10 +345,10 @@ def echo_status(state: CliState, message: str, *, err: bool = True, force: bool 
 
 
 def paint(text: str, colour: str) -> str:
-    """Colour for a terminal; plain when NO_COLOR is set (click already strips it off a terminal)."""
-    import os
+    """Colour for a terminal; plain when NO_COLOR or TERM=dumb (click already strips it off a terminal)."""
+    from .render import ascii_only
 
-    return text if os.environ.get("NO_COLOR") else click.style(text, fg=colour)
+    return text if ascii_only() else click.style(text, fg=colour)
 
 
 class AuditctlGroup(click.Group):
@@ -152,19 +360,44 @@ class AuditctlGroup(click.Group):
         except ConfigError as error:
             _fail(ctx, error, EXIT_USAGE)
         except AuditctlError as error:
-            _fail(ctx, error, EXIT_ERROR)
+            _explain_and_fail(ctx, error)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: batches already done stay done; nothing else was changed.", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+    def format_epilog(self, ctx, formatter):
+        super().format_epilog(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text(EXIT_CODES_HELP)
+
+
+def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:
+    from ..errors import NotOurDatabase, SchemaMissing, SchemaTooNew
+
+    if isinstance(error, SchemaMissing) and not isinstance(error, (NotOurDatabase, SchemaTooNew)):
+        state = ctx.meta.get("auditctl.state")
+        if state is not None:
+            # Say precisely why: no schema, an old one, or tables that are not ours.
+            try:
+                from ..migrate import diagnose
+
+                error = diagnose(state.engine_for("reader"))
+            except AuditctlError:
+                pass
+    _fail(ctx, error, EXIT_ERROR)
 
 
 def _fail(ctx: click.Context, error: Exception, code: int) -> None:
-    verbose = _verbosity(ctx)
-    if verbose:
+    from ..textsafe import printable
+
+    if _verbosity(ctx):
         import traceback
 
         traceback.print_exception(error, file=sys.stderr)
-    click.echo(paint(f"Error: {error}", "red"), err=True)
+    click.echo(paint(f"Error: {printable(error)}", "red"), err=True)
     ctx.exit(code)
 
 
 def _verbosity(ctx: click.Context) -> int:
     # The sub-command's context (where -v was parsed) is gone by now; its meta is shared.
-    return int(ctx.meta.get("auditctl.verbose", 0))
+    return int(ctx.meta.get("auditctl.verbose", 0)) + int(ctx.meta.get("auditctl.verbose_global", 0))

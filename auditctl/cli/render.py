@@ -1,10 +1,20 @@
-"""The one renderer for every listing: rich table, plain, markdown, csv or json.
+"""The one renderer for every listing: table, wide, plain, markdown, csv or json.
 
-Commands hand over records (dicts of JSON-ready values, the stable JSON contract) and
-column specs (how a human sees each value). ``json`` writes one array, streamed record
-by record so a listing of 100,000 audits never sits in memory twice; it goes through
-``json.dumps``, never through rich. The default format is a table on a terminal and
-plain text when stdout is piped.
+Commands hand over records (dicts of JSON-ready values: the stable JSON contract) and
+column specs (how a person sees each value). The formats:
+
+* ``table``: aligned columns fitted to the terminal, with colour; the default on a terminal.
+* ``plain``: the same layout without colour, fitted to 80 columns (or ``$COLUMNS``); the
+  default when stdout is piped. ``TERM=dumb`` and ``NO_COLOR`` make ``table`` plain ASCII.
+* ``wide`` (or ``--wide``): every column on one line, nothing cut.
+* ``markdown``: a GitHub table; ``csv``: the same columns, exact values; ``json``: one
+  array, streamed record by record, through ``json.dumps`` only.
+
+Fitting: columns marked ``whole`` (ids, reason codes, ages) are never cut; ``truncate``
+columns (targets, workers) lose their end to an ellipsis; ``detail`` columns (the
+explanation, the problems) move to an indented line under their row when the row would
+not fit. Every cell from the database goes through ``textsafe``: an escape sequence in a
+target is shown, never sent to the terminal.
 """
 
 from __future__ import annotations
@@ -13,21 +23,36 @@ import csv
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable, Iterable
 
 import click
+
+from ..textsafe import csv_cell, json_safe_text, markdown_cell, printable
+from ..timestamps import iso
+
+FORMATS = ("table", "wide", "plain", "json", "csv", "markdown")
+#: Width of plain output when nothing says otherwise.
+PLAIN_WIDTH = 80
+GAP = 2
 
 
 @dataclass(frozen=True)
 class Column:
     key: str
     header: str
-    human: Callable | None = None  # value -> text for table/plain/markdown
+    human: Callable | None = None  # value (or record, with from_record) -> text
     justify: str = "left"
     style: Callable | None = None  # record -> rich style (table only)
-    max_width: int | None = None
+    fit: str = "truncate"  # "whole": never cut; "truncate": end cut with an ellipsis; "wrap": word-wrapped
+    min_width: int = 8
+    detail: bool = False  # on a narrow screen, shown on a line under the row
+    label: str | None = None  # the detail line's label (default: the header in lower case)
+    from_record: bool = False  # human() takes the whole record
+    shrink: int = 0  # when the row is too wide, columns with a higher value give up their width first
+    csv_keys: tuple[str, ...] | None = None  # the record keys this column stands for in csv (default: key)
 
 
 def resolve_format(fmt: str | None) -> str:
@@ -36,37 +61,179 @@ def resolve_format(fmt: str | None) -> str:
     return "table" if sys.stdout.isatty() else "plain"
 
 
+def ascii_only() -> bool:
+    """TERM=dumb or NO_COLOR: no colour, no characters beyond ASCII in the decorations."""
+    return os.environ.get("TERM") == "dumb" or bool(os.environ.get("NO_COLOR"))
+
+
 def json_default(value):
     if isinstance(value, datetime):
         return iso(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return str(value)
 
 
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
+    plain = ascii_only()
+    return Console(stderr=stderr, no_color=plain or None, highlight=False, emoji=False,
+                   color_system=None if plain else "auto", legacy_windows=False)
 
 
-def _human(column: Column, record: dict) -> str:
-    value = record.get(column.key)
+def terminal_width(fmt: str) -> int | None:
+    """How wide the output may be: None for no limit (wide, csv, json, markdown)."""
+    columns = os.environ.get("COLUMNS")
+    if columns and columns.isdigit() and int(columns) >= 20:
+        explicit = int(columns)
+    else:
+        explicit = None
+    if fmt == "plain":
+        return explicit or PLAIN_WIDTH
+    if fmt == "table":
+        if explicit:
+            return explicit
+        import shutil
+
+        return shutil.get_terminal_size((PLAIN_WIDTH, 24)).columns
+    return None
+
+
+def human_text(column: Column, record: dict) -> str:
+    value = record if column.from_record else record.get(column.key)
     if column.human is not None:
-        return column.human(value)
-    if value is None:
-        return "-"
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value) or "-"
-    if isinstance(value, datetime):
-        return iso(value)
-    return str(value)
+        text = column.human(value)
+    elif value is None:
+        text = "-"
+    elif isinstance(value, (list, tuple)):
+        text = "\n".join(str(v) for v in value) if column.fit == "whole" else ", ".join(str(v) for v in value)
+        text = text or "-"
+    elif isinstance(value, datetime):
+        text = iso(value)
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    else:
+        text = str(value)
+    if text is None or text == "":
+        text = "-"
+    # Each line of the cell on its own: control characters shown, never executed.
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
+#: Longest cell text laid out in a fitted table (a 10 MB target would otherwise be measured in full).
+MAX_CELL = 2000
+
+
+def _cell_len(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def _truncate(text: str, width: int, ellipsis: str) -> str:
+    if len(text) <= width and _cell_len(text) <= width:
+        return text
+    from rich.cells import set_cell_size
+
+    return set_cell_size(text, max(0, width - len(ellipsis))).rstrip() + ellipsis if width > len(ellipsis) else text[:width]
+
+
+@dataclass
+class Layout:
+    columns: list[Column]
+    widths: list[int]
+    details: list[Column]
+    width: int | None
+
+
+def plan_layout(rows: list[dict], columns: list[Column], width: int | None) -> tuple[Layout, list[list[str]]]:
+    """Decide which columns go inline, and how wide each is, to fit ``width`` (None: no limit)."""
+    texts = [[human_text(c, r) for c in columns] for r in rows]
+    if width is not None:
+        texts = [[t if len(t) <= MAX_CELL else t[:MAX_CELL] + "…" for t in row] for row in texts]
+
+    def natural(index: int) -> int:
+        longest = max((max(_cell_len(line) for line in row[index].split("\n")) for row in texts), default=0)
+        return max(_cell_len(columns[index].header), longest)
+
+    naturals = [natural(i) for i in range(len(columns))]
+    everything = sum(naturals) + GAP * (len(columns) - 1)
+    if width is None or everything <= width:
+        return Layout(columns, naturals, [], width), texts
+    inline = [i for i, c in enumerate(columns) if not c.detail]
+    widths = {i: naturals[i] for i in inline}
+    budget = width - GAP * (len(inline) - 1)
+    flexible = [i for i in inline if columns[i].fit != "whole"]
+    # Take from the least important flexible columns first (highest ``shrink``), widest first,
+    # down to each one's minimum.
+    while sum(widths.values()) > budget:
+        candidates = [i for i in flexible if widths[i] > max(columns[i].min_width, _cell_len(columns[i].header))]
+        if not candidates:
+            break
+        rank = max(columns[i].shrink for i in candidates)
+        widest = max((i for i in candidates if columns[i].shrink == rank), key=lambda i: widths[i])
+        widths[widest] -= 1
+    layout = Layout([columns[i] for i in inline], [widths[i] for i in inline],
+                    [c for c in columns if c.detail], width)
+    keep = inline + [i for i, c in enumerate(columns) if c.detail]
+    return layout, [[row[i] for i in keep] for row in texts]
+
+
+def layout_lines(layout: Layout, texts: list[list[str]], records: list[dict], *, ellipsis: str = "…"):
+    """Yield (segments, is_header) for each output line; a segment is (text, style or None)."""
+    inline = len(layout.columns)
+    header = []
+    for index, (column, width) in enumerate(zip(layout.columns, layout.widths)):
+        text = _truncate(column.header, width, ellipsis)
+        padded = text.rjust(width) if column.justify == "right" else text.ljust(width)
+        header.append((padded if index < inline - 1 else padded.rstrip(), "bold"))
+    yield _join(header), True
+    indent = layout.widths[0] + GAP if layout.columns else 0
+    for row, record in zip(texts, records):
+        cells = []
+        for index, (column, width) in enumerate(zip(layout.columns, layout.widths)):
+            lines = row[index].split("\n")
+            if column.fit == "wrap":
+                lines = [part for line in lines for part in (textwrap.wrap(line, width) or [""])]
+            elif column.fit == "truncate":
+                lines = [_truncate(line, width, ellipsis) for line in lines]
+            style = column.style(record) if column.style is not None else None
+            cells.append((lines, style))
+        height = max((len(lines) for lines, _ in cells), default=1)
+        for line_number in range(height):
+            segments = []
+            for index, ((lines, style), column, width) in enumerate(zip(cells, layout.columns, layout.widths)):
+                text = lines[line_number] if line_number < len(lines) else ""
+                text = _pad(text, width, column.justify)
+                segments.append((text if index < inline - 1 else text.rstrip(), style))
+            yield _join(segments), False
+        for offset, column in enumerate(layout.details):
+            text = row[inline + offset]
+            if text in ("-", ""):
+                continue
+            label = (column.label or column.header.lower()) + ": "
+            available = (layout.width or 10_000) - indent
+            for line in text.split("\n"):
+                wrapped = textwrap.wrap(label + line, max(20, available), subsequent_indent=" " * len(label)) or [label]
+                for piece in wrapped:
+                    style = column.style(record) if column.style is not None else "dim"
+                    yield [(" " * indent, None), (piece, style)], False
+                label = " " * len(label)
+
+
+def _pad(text: str, width: int, justify: str) -> str:
+    gap = max(0, width - _cell_len(text))
+    return " " * gap + text if justify == "right" else text + " " * gap
+
+
+def _join(segments):
+    joined = []
+    for index, segment in enumerate(segments):
+        if index:
+            joined.append((" " * GAP, None))
+        joined.append(segment)
+    return joined
 
 
 def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, title: str | None = None,
@@ -77,39 +244,71 @@ def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, t
     if fmt == "json":
         return _render_json(records, out)
     if fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow([c.key for c in columns])
-        count = 0
-        for record in records:
-            writer.writerow([_csv_value(record.get(c.key)) for c in columns])
-            count += 1
-        return count
+        return _render_csv(records, columns, out)
     rows = list(records)
-    if not rows and empty:
-        click.echo(empty, err=True)
+    if not rows:
+        if empty:
+            click.echo(empty, err=True)
         return 0
-    if fmt == "table":
-        _render_rich(rows, columns, title)
-    else:
-        from tabulate import tabulate
+    if fmt == "markdown":
+        _render_markdown(rows, columns)
+        return len(rows)
+    width = None if fmt == "wide" else terminal_width(fmt)
+    layout, texts = plan_layout(rows, columns, width)
+    styled = fmt in ("table", "wide") and not ascii_only() and sys.stdout.isatty()
+    ellipsis = "..." if ascii_only() else "…"
+    if styled:
+        from rich.text import Text
 
-        table = [[_human(c, r) for c in columns] for r in rows]
-        tablefmt = "github" if fmt == "markdown" else "plain"
-        if rows:
-            click.echo(tabulate(table, headers=[c.header for c in columns], tablefmt=tablefmt, disable_numparse=True))
+        term = console()
+        if title:
+            term.print(Text(title, style="bold"), soft_wrap=True)
+        for segments, _header in layout_lines(layout, texts, rows, ellipsis=ellipsis):
+            line = Text()
+            for text, style in segments:
+                line.append(text, style=style)
+            term.print(line, soft_wrap=True, no_wrap=True, crop=False)
+    else:
+        if title and fmt in ("table", "wide"):
+            click.echo(title)
+        for segments, _header in layout_lines(layout, texts, rows, ellipsis=ellipsis):
+            click.echo("".join(text for text, _style in segments).rstrip())
     return len(rows)
 
 
 def _csv_value(value):
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return value
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
+        return csv_cell(",".join(str(v) for v in value))
     if isinstance(value, dict):
-        return json.dumps(value, default=json_default)
+        return csv_cell(json.dumps(value, default=json_default, ensure_ascii=False))
     if isinstance(value, datetime):
         return iso(value)
-    return value
+    return csv_cell(value)
+
+
+def _render_csv(records: Iterable[dict], columns: list[Column], out) -> int:
+    writer = csv.writer(out, lineterminator="\n")
+    keys = [key for c in columns for key in (c.csv_keys or (c.key,))]
+    writer.writerow(keys)
+    count = 0
+    for record in records:
+        writer.writerow([_csv_value(record.get(key)) for key in keys])
+        count += 1
+    return count
+
+
+def _render_markdown(rows: list[dict], columns: list[Column]) -> None:
+    click.echo("| " + " | ".join(markdown_cell(c.header) for c in columns) + " |")
+    click.echo("|" + "|".join("---:" if c.justify == "right" else "---" for c in columns) + "|")
+    for record in rows:
+        cells = [markdown_cell(human_text(c, record).replace("\n", ", ")) for c in columns]
+        click.echo("| " + " | ".join(cells) + " |")
 
 
 def _render_json(records: Iterable[dict], out) -> int:
@@ -117,7 +316,7 @@ def _render_json(records: Iterable[dict], out) -> int:
     out.write("[")
     for record in records:
         out.write(",\n  " if count else "\n  ")
-        out.write(json.dumps(record, default=json_default, ensure_ascii=False))
+        out.write(json_safe_text(json.dumps(record, default=json_default, ensure_ascii=False)))
         count += 1
     out.write("\n]\n" if count else "]\n")
     out.flush()
@@ -126,28 +325,9 @@ def _render_json(records: Iterable[dict], out) -> int:
 
 def render_object(record: dict) -> None:
     """One JSON object (``show``)."""
-    click.echo(json.dumps(record, default=json_default, indent=2, ensure_ascii=False))
+    from ..documents import dumps
 
-
-def rich_table(rows: list[dict], columns: list[Column], title: str | None = None):
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        table.add_column(column.header, justify=column.justify, max_width=column.max_width, overflow="fold")
-    for row in rows:
-        style = None
-        for column in columns:
-            if column.style is not None:
-                style = column.style(row) or style
-        # Text, not str: a target like "https://x/[admin]" must not be read as rich markup.
-        table.add_row(*[Text(_human(c, row)) for c in columns], style=style)
-    return table
-
-
-def _render_rich(rows: list[dict], columns: list[Column], title: str | None) -> None:
-    console().print(rich_table(rows, columns, title))
+    click.echo(json_safe_text(dumps(record, indent=2, ensure_ascii=False)))
 
 
 STATUS_STYLES = {"running": "cyan", "completed": "green", "failed": "red", "pending": "yellow"}

@@ -1,53 +1,81 @@
-"""``list``, ``show`` and ``workers``: read-only views for an operator."""
+"""``list``, ``show`` and ``workers``: read-only views for an operator. None of them changes the database."""
 
 from __future__ import annotations
 
 import click
 
+from ..statuses import STATUSES
 from .app import cli
-from .options import DURATION, common_options, echo_status, format_option
+from .options import DURATION, MAX_INT, MOMENT, ListType, common_options, echo_status, flatten, output_options
 
-STATUSES = ("pending", "running", "completed", "failed")
+
+class AuditIdType(click.ParamType):
+    """An audit id: a whole number from 1 to the largest a database integer holds."""
+
+    name = "id"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1 or int(text) > MAX_INT:
+            self.fail(f"{value!r} is not an audit id (a whole number from 1 to {MAX_INT})", param, ctx)
+        return int(text)
 
 
 @cli.command("list")
 @common_options
-@format_option
-@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only audits in this state.")
-@click.option("--worker", default=None, metavar="WORKER_ID", help="Only audits of this worker.")
-@click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True, help="At most this many (0: no limit).")
-def list_command(state, fmt, status, worker, limit):
+@output_options
+@click.option("--status", "statuses", type=ListType(STATUSES), multiple=True,
+              help="Only audits in this state; repeatable, comma-separated.")
+@click.option("--worker", "workers", type=ListType(metavar="WORKER_ID"), multiple=True, help="Only audits of this worker; repeatable.")
+@click.option("--kind", "kinds", type=ListType(metavar="KIND"), multiple=True, help="Only audits of this kind; repeatable.")
+@click.option("--target", "targets", type=ListType(metavar="GLOB"), multiple=True, help="Only targets matching this glob; repeatable.")
+@click.option("--since", type=MOMENT, default=None, help="Only audits created after this (2h = two hours ago, or ISO time).")
+@click.option("--until", type=MOMENT, default=None, help="Only audits created before this.")
+@click.option("--sort", type=click.Choice(("id", "created", "target", "status", "worker")), default="id", show_default=True,
+              help="Order (newest first for id and created).")
+@click.option("--reverse", is_flag=True, help="Reverse the order.")
+@click.option("--limit", type=click.IntRange(0, MAX_INT), default=50, show_default=True, help="At most this many (0: no limit).")
+def list_command(state, fmt, statuses, workers, kinds, targets, since, until, sort, reverse, limit):
     """List audits, newest first."""
-    from ..audits import iter_audits
+    from ..audits import AuditFilters, iter_audits
     from .records import AUDIT_COLUMNS, audit_record
     from .render import render, resolve_format
 
-    records = (audit_record(a) for a in iter_audits(state.engine, status=status, worker=worker, limit=limit or None))
+    filters = AuditFilters(statuses=flatten(statuses), workers=flatten(workers), kinds=flatten(kinds),
+                           targets=flatten(targets), since=since, until=until)
+    descending = (sort in ("id", "created")) != reverse
+    records = (audit_record(a) for a in iter_audits(state.reader, filters, sort=sort, descending=descending,
+                                                    limit=limit or None))
     shown = render(records, AUDIT_COLUMNS, fmt, title="Audits", empty="No audits match.")
-    if shown and resolve_format(fmt) in ("table", "plain", "markdown"):
+    if shown and resolve_format(fmt) in ("table", "wide", "plain", "markdown"):
         more = " (--limit reached)" if limit and shown >= limit else ""
         echo_status(state, f"{shown} audit{'s' if shown != 1 else ''}{more}")
 
 
 @cli.command()
 @common_options
-@format_option
-@click.argument("audit_id", type=click.IntRange(min=1), metavar="ID")
+@output_options
+@click.argument("audit_id", type=AuditIdType(), metavar="ID")
 def show(state, fmt, audit_id):
     """Show one audit: its progress document, recovery_info and full history."""
     from ..audits import get_audit
+    from ..documents import strict_value
+    from ..timestamps import iso
     from .records import audit_record, event_record
-    from .render import iso, render, render_object, resolve_format
+    from .render import render, render_object, resolve_format
 
-    detail = get_audit(state.engine, audit_id)
+    detail = get_audit(state.reader, audit_id)
     record = audit_record(detail.summary)
     record.update(
         max_age_seconds=detail.max_age_seconds,
+        declared_thresholds=detail.declared,
         worker_instance=detail.worker_instance,
         has_lease=detail.has_lease,
         last_worker_update=iso(detail.last_worker_update),
-        progress=detail.progress,
-        recovery_info=detail.recovery_info,
+        progress=strict_value(detail.progress),
+        recovery_info=strict_value(detail.recovery_info),
         history=[event_record(e) for e in detail.history],
     )
     fmt = resolve_format(fmt)
@@ -55,72 +83,105 @@ def show(state, fmt, audit_id):
         render_object(record)
         return
     if fmt == "csv":
-        render([{k: v for k, v in record.items() if k != "history"}], _csv_columns(record), "csv")
+        from .render import Column
+
+        render([{k: v for k, v in record.items() if k != "history"}], [Column(k, k) for k in record if k != "history"], "csv")
         return
-    _show_human(record, detail, fmt)
-
-
-def _csv_columns(record):
-    from .render import Column
-
-    return [Column(k, k) for k in record if k != "history"]
-
-
-def _show_human(record: dict, detail, fmt: str) -> None:
-    import json
-
-    from .records import EVENT_COLUMNS, event_record
-    from .render import render
-
-    fields = [(k, record[k]) for k in ("id", "target", "status", "worker_id", "worker_instance", "step", "percentage",
-                                       "attempts", "created_at", "started_at", "finished_at", "last_heartbeat",
-                                       "last_worker_update", "max_age_seconds", "has_lease", "error", "problems")]
-    documents = [("progress", record["progress"]), ("recovery_info", record["recovery_info"])]
-    if fmt == "table":
-        from rich.console import Group
-        from rich.panel import Panel
-        from rich.syntax import Syntax
-        from rich.table import Table
-        from rich.text import Text
-
-        from .render import console, rich_table
-
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold")
-        grid.add_column()
-        for key, value in fields:
-            grid.add_row(key, Text("-" if value in (None, [], "") else str(value)))
-        out = console()
-        out.print(Panel(grid, title=f"audit {record['id']}", title_align="left"))
-        for name, document in documents:
-            if document is not None:
-                text = json.dumps(document, indent=2, default=str) if not isinstance(document, str) else document
-                out.print(Panel(Group(Syntax(text, "json", word_wrap=True)), title=name, title_align="left"))
-        out.print(rich_table([event_record(e) for e in detail.history], EVENT_COLUMNS, title="History")
-                  if detail.history else Text("History: none"))
+    if fmt == "markdown":
+        _show_markdown(record)
         return
-    for key, value in fields:
-        click.echo(f"{key}: {'-' if value in (None, [], '') else value}")
-    for name, document in documents:
-        click.echo(f"{name}: {json.dumps(document, default=str) if document is not None else '-'}")
-    if not detail.history:
+    _show_human(record, fmt)
+
+
+_FIELDS = ("id", "target", "status", "kind", "worker_id", "worker_instance", "step", "percentage", "attempts", "resets",
+           "created_at", "started_at", "finished_at", "last_heartbeat", "last_worker_update", "max_age_seconds",
+           "declared_thresholds", "has_lease", "error", "problems")
+
+
+def _field_text(value) -> str:
+    from ..documents import dumps
+
+    if value in (None, [], "", {}):
+        return "-"
+    if isinstance(value, (dict, list)):
+        return dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _show_human(record: dict, fmt: str) -> None:
+    from ..documents import dumps
+    from ..textsafe import printable
+    from .records import EVENT_COLUMNS
+    from .render import ascii_only, console, render
+
+    styled = fmt in ("table", "wide") and not ascii_only()
+    out = console() if styled else None
+    for key in _FIELDS:
+        text = printable(_field_text(record[key]))
+        if out is not None:
+            from rich.text import Text
+
+            line = Text(f"{key}: ", style="bold")
+            line.append(text)
+            out.print(line, soft_wrap=True)
+        else:
+            click.echo(f"{key}: {text}")
+    for name in ("progress", "recovery_info"):
+        document = record[name]
+        text = "-" if document is None else printable(dumps(document, indent=2, ensure_ascii=False), keep_newlines=True)
+        click.echo(f"{name}: {text}")
+    if not record["history"]:
         click.echo("history: none")
         return
     click.echo("history:")
-    render([event_record(e) for e in detail.history], EVENT_COLUMNS, fmt)
+    render(record["history"], EVENT_COLUMNS, fmt)
+
+
+def _show_markdown(record: dict) -> None:
+    import re
+
+    from ..documents import dumps
+    from ..textsafe import markdown_cell, printable
+    from .records import EVENT_COLUMNS
+    from .render import render
+
+    click.echo(f"## Audit {record['id']}\n")
+    click.echo("| field | value |\n|---|---|")
+    for key in _FIELDS:
+        click.echo(f"| {key} | {markdown_cell(_field_text(record[key]))} |")
+    for name in ("progress", "recovery_info"):
+        click.echo(f"\n### {name}\n")
+        if record[name] is None:
+            click.echo("none")
+        else:
+            # A fence longer than any run of backticks in the text, so the text cannot close it.
+            text = printable(dumps(record[name], indent=2, ensure_ascii=False), keep_newlines=True)
+            fence = "`" * max(3, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+            click.echo(f"{fence}json\n{text}\n{fence}")
+    click.echo("\n### History\n")
+    if not record["history"]:
+        click.echo("none")
+    else:
+        render(record["history"], EVENT_COLUMNS, "markdown")
 
 
 @cli.command()
 @common_options
-@format_option
-@click.option("--all", "show_all", is_flag=True, help="Include instances that stopped cleanly.")
+@output_options
+@click.option("--all", "show_all", is_flag=True, help="Also instances gone for longer than the retention (24h).")
 @click.option("--stale-after", "stale_after", default="10m", show_default=True, envvar="AUDITCTL_STALE_AFTER",
-              type=DURATION, help="An instance on another host is alive if it beat within this.")
+              type=DURATION, help="An instance on another host that declared no threshold is alive if it beat within this.")
 def workers(state, fmt, show_all, stale_after):
-    """Each worker instance: last heartbeat, alive or not, audits it holds."""
-    from ..registry import instances
+    """Each worker instance: last heartbeat, alive, silent or provably gone, and the audits it holds.
+
+    Instances gone (stopped, or dead, or silent) for longer than 24 hours are left out
+    unless they still hold running audits, or --all is given.
+    """
+    from ..registry import GONE_RETENTION, instances
     from .records import INSTANCE_COLUMNS, instance_record
     from .render import render
 
-    found = instances(state.engine, stale_after, include_stopped=show_all)
+    found = instances(state.reader, stale_after, retention=None if show_all else GONE_RETENTION)
     render((instance_record(i) for i in found), INSTANCE_COLUMNS, fmt, title="Workers", empty="No workers have registered.")

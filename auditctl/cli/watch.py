@@ -1,16 +1,25 @@
-"""``auditctl watch``: the heartbeat monitor in the foreground.
+"""``auditctl watch``: the heartbeat monitor in the foreground, and the incident screen.
 
-Every --interval it runs one monitor pass (judge, then recover unless --no-recover);
-``--once`` runs one pass and exits 1 if the database could not be read.
-On a terminal it shows a live view, refreshed in place; otherwise it writes one log
-line per event. Ctrl-C and SIGTERM stop it after the pass in progress, within a
-second when it is between passes. A database outage is reported and retried; the
-monitor's outage rule (see ``auditctl.monitor``) keeps the outage from being counted
-as silence from the workers.
+Two cadences. Every ``--interval`` it runs one monitor pass (judge, then recover unless
+``--no-recover``). Every ``--refresh`` (1s by default) it reads the fleet again, read
+only, so a newly stuck audit shows within seconds whatever the interval.
+
+On a terminal it draws the incident screen: a header that counts running audits, stuck
+ones by reason, recoveries since it started and workers alive and gone; then every
+stuck audit (paged when they do not fit: n/p or space to turn, and pages turn by
+themselves); healthy running audits fill what space is left, with "and N more". Piped,
+it writes one log line per change: an audit found stuck, recovered, a worker gone, the
+database lost or back.
+
+Ctrl-C and SIGTERM stop it after the pass in progress, within a second between passes.
+A database outage is reported and retried (the monitor's outage rule keeps it from being
+counted as silence); a database without auditctl's schema is not an outage: watch says
+so and exits 1.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -20,58 +29,82 @@ from datetime import datetime, timezone
 import click
 
 from .app import cli
-from .options import DURATION, common_options, threshold_options
+from .options import DURATION, check_bounds, check_interval, common_options, judge_filter_options, threshold_options
 
-#: How often the live view re-reads running audits between passes (seconds).
-REFRESH = 1.0
+#: Seconds between turns of the stuck-audit pages on the screen.
+PAGE_TURN = 5.0
 
 
 @cli.command()
 @common_options
 @threshold_options
+@judge_filter_options
 @click.option("--interval", type=DURATION, default="5m", show_default=True, envvar="AUDITCTL_INTERVAL", show_envvar=True,
-              help="Time between monitor passes.")
+              help="Time between monitor passes (judge and recover).")
+@click.option("--refresh", type=DURATION, default="1s", show_default=True, envvar="AUDITCTL_REFRESH", show_envvar=True,
+              help="Time between reads of the fleet for the screen and the log (read only).")
 @click.option("--once", is_flag=True, help="Run a single pass and exit.")
 @click.option("--no-recover", is_flag=True, help="Only watch and report; recover nothing.")
 @click.option("--requeue", is_flag=True, help="Requeue stuck audits (pending) instead of failing them.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
               show_envvar=True, help="With --requeue: after this many claims an audit fails for good.")
-@click.option("--live/--no-live", default=None, help="Force the live view on or off. Default: live on a terminal.")
-def watch(state, thresholds, interval, once, no_recover, requeue, max_attempts, live):
-    """Run the heartbeat monitor in the foreground, with a live view on a terminal."""
+@click.option("--live/--no-live", default=None, help="Force the screen on or off. Default: the screen on a terminal.")
+def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_recover, requeue, max_attempts, live):
+    """Run the heartbeat monitor in the foreground: the incident screen on a terminal, log lines when piped."""
+    from ..errors import DatabaseUnavailable
     from ..history import Actor
     from ..monitor import Monitor
 
-    monitor = Monitor(state.engine, thresholds, actor=Actor.command("watch"), recover=not no_recover,
-                      requeue=requeue, max_attempts=max_attempts)
+    check_interval(interval, allow_unsafe)
+    check_interval(refresh, allow_unsafe, "--refresh")
+    try:
+        check_bounds(state, policy, allow_unsafe)
+    except DatabaseUnavailable:
+        pass  # the database may come back; the first pass reports it
+    monitor = Monitor(state.engine, policy, actor=Actor.command("watch"), recover=not no_recover, requeue=requeue,
+                      max_attempts=max_attempts, filters=filters)
+    use_screen = live if live is not None else (sys.stdout.isatty() and os.environ.get("TERM") != "dumb")
+    if use_screen:
+        view = Screen(state, policy, interval, one_shot=once)
+    else:
+        view = LogView(state, once)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    view = LiveView(state, thresholds, interval, monitor) if (live if live is not None else sys.stdout.isatty()) else LogView(state, once)
+    result = None
     try:
         view.start()
+        next_pass = time.monotonic()
         retry = 1.0
-        while True:
-            result = monitor.run_pass()
-            view.after_pass(result)
-            if once or stop.is_set():
-                break
-            if result.ok:
-                retry, wait = 1.0, interval
-            else:
-                wait, retry = min(interval, retry), min(retry * 2, 30.0)
-            view.wait(stop, wait)
-            if stop.is_set():
-                break
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_pass:
+                result = monitor.run_pass()
+                view.after_pass(result)
+                if result.fatal:
+                    break
+                if once:
+                    if result.ok and isinstance(view, Screen):
+                        view.observe(monitor, stop)  # the screen, drawn once after the pass
+                    break
+                if result.ok:
+                    retry, next_pass = 1.0, time.monotonic() + interval
+                else:
+                    next_pass, retry = time.monotonic() + min(interval, retry), min(retry * 2, 30.0)
+                view.next_pass_at = next_pass
+            view.observe(monitor, stop)
+            view.wait(stop, max(0.0, min(refresh, next_pass - time.monotonic())))
     finally:
         view.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if result is not None and result.fatal:
+        from ..errors import SchemaMissing
+
+        raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see options._explain_and_fail)
     if not state.quiet:
         click.echo("watch stopped.", err=True)
-    if once and not result.ok:
+    if once and result is not None and not result.ok:
         # A single pass that could not run is a runtime error (exit 1), not a success for cron to trust.
-        from ..errors import DatabaseUnavailable
-
         raise DatabaseUnavailable(result.error)
 
 
@@ -79,13 +112,23 @@ def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _safe(text) -> str:
+    from ..textsafe import printable
+
+    return printable(text)
+
+
 class LogView:
-    """One line per pass and per recovery: for journald, files and pipes."""
+    """One line per change: for journald, files and pipes."""
 
     def __init__(self, state, once: bool = False):
         self.state = state
         self.once = once
         self.outage_reported = False
+        self.next_pass_at: float | None = None
+        self.known_stuck: dict[int, tuple[str, ...]] = {}
+        self.known_gone: set[str] = set()
+        self.first = True
 
     def start(self):
         self._line(f"watching {self.state.masked_url}")
@@ -94,21 +137,68 @@ class LogView:
         click.echo(f"{_stamp()} {text}")
         sys.stdout.flush()
 
+    def _lost(self, error: str):
+        if not self.outage_reported:
+            self._line(f"database lost: {_safe(error)}" + ("" if self.once else "; retrying"))
+        self.outage_reported = True
+
+    def _back(self):
+        if self.outage_reported:
+            self._line("database back; silence is measured from now, not across the outage")
+            self.outage_reported = False
+
     def after_pass(self, result):
         if not result.ok:
-            if not self.outage_reported:
-                self._line(f"database unavailable: {result.error}" + ("" if self.once else "; retrying"))
-            self.outage_reported = True
+            if result.fatal:
+                self._line(f"cannot watch: {_safe(result.error)}")
+                return
+            self._lost(result.error)
             return
-        if result.resumed_after_outage or self.outage_reported:
-            self._line("database reachable again; silence is measured from now, not across the outage")
-            self.outage_reported = False
+        if result.resumed_after_outage:
+            self.outage_reported = True
+        self._back()
+        self._gone(result.gone)
         for r in result.recovered:
-            self._line(f"recovered audit {r.id} ({r.target}): {', '.join(r.reasons)} -> {r.status}; {'; '.join(r.explanation)}")
+            self.known_stuck.pop(r.id, None)
+            self._line(f"recovered audit {r.id} ({_safe(r.target)}): {', '.join(r.reasons)} -> {r.status}; "
+                       f"{_safe('; '.join(r.explanation))}")
+        for s in result.skipped:
+            self._line(f"audit {s.id} could not be recovered and needs an operator: {_safe(s.error)}")
         for v in result.stuck:
-            self._line(f"stuck audit {v.id} ({v.target}): {', '.join(v.reasons)} (not recovering: --no-recover)")
-        if not self.state.quiet:
+            if self.known_stuck.get(v.id) != tuple(v.reasons):
+                self.known_stuck[v.id] = tuple(v.reasons)
+                self._line(f"stuck audit {v.id} ({_safe(v.target)}): {', '.join(v.reasons)}; {_safe('; '.join(v.explain()))} "
+                           "(not recovering: --no-recover)")
+        if (self.once or self.state.verbose) and not self.state.quiet:
             self._line(f"pass done: {len(result.recovered)} recovered, {len(result.stuck)} stuck left alone")
+
+    def _gone(self, gone: dict[str, str]):
+        for instance, proof in gone.items():
+            if instance not in self.known_gone:
+                self.known_gone.add(instance)
+                self._line(f"worker gone: {_safe(proof)}")
+
+    def observe(self, monitor, stop):
+        """Between passes: report audits newly found stuck (read only)."""
+        from ..errors import AuditctlError, SchemaMissing
+
+        try:
+            stuck, gone = monitor.judge_now()
+        except SchemaMissing:
+            return
+        except AuditctlError as error:
+            self._lost(str(error))
+            return
+        self._back()
+        self._gone(gone)
+        current = {}
+        for verdict in stuck:
+            reasons = tuple(verdict.reasons)
+            current[verdict.id] = reasons
+            if self.known_stuck.get(verdict.id) != reasons:
+                self._line(f"stuck audit {verdict.id} ({_safe(verdict.target)}): {', '.join(reasons)}; "
+                           f"{_safe('; '.join(verdict.explain()))}")
+        self.known_stuck = current
 
     def wait(self, stop, seconds):
         stop.wait(seconds)
@@ -117,92 +207,263 @@ class LogView:
         pass
 
 
-class LiveView:
-    """A rich Live screen: running audits with heartbeat ages, recent recoveries, the monitor's state."""
+class Screen:
+    """The incident screen (rich Live, alternate screen): stuck audits first, always all of them."""
 
-    def __init__(self, state, thresholds, interval, monitor):
+    def __init__(self, state, policy, interval, one_shot: bool = False):
         self.state = state
-        self.thresholds = thresholds
+        self.policy = policy
         self.interval = interval
-        self.monitor = monitor
-        self.live = None
-        self.last_pass: str = "not yet"
+        self.one_shot = one_shot  # --once: draw the screen once, in the scrollback, and leave
         self.next_pass_at: float | None = None
+        self.live = None
         self.status = "starting"
+        self.status_ok = True
+        self.last_pass: str = "not yet"
         self.recovered_total = 0
-        self.stuck: dict[int, list[str]] = {}  # from the last pass, under --no-recover
+        self.recent: list = []
+        self.overview = None
+        self.page = 0
+        self.page_turned = time.monotonic()
+        self.keys = None
 
     def start(self):
         from rich.live import Live
 
         from .render import console
 
-        self.live = Live(self._render(), console=console(), auto_refresh=False, screen=False, transient=False)
+        self.console = console()
+        if self.one_shot:
+            return
+        self.live = Live(console=self.console, auto_refresh=False, screen=True, transient=False, redirect_stderr=False)
         self.live.start()
+        self.keys = _KeyReader(self)
+        self.keys.start()
+        self._refresh()
 
     def after_pass(self, result):
         self.last_pass = datetime.now().strftime("%H:%M:%S")
         if result.ok:
-            self.status = "database reachable again" if result.resumed_after_outage else "ok"
+            self.status_ok = True
+            self.status = "database back" if result.resumed_after_outage else "ok"
             self.recovered_total += len(result.recovered)
-            self.stuck = {verdict.id: verdict.reasons for verdict in result.stuck}
+            self.recent = (list(result.recovered) + self.recent)[:20]
         else:
-            self.status = f"DATABASE UNAVAILABLE: {result.error} (retrying)"
+            self.status_ok = False
+            self.status = ("CANNOT WATCH: " if result.fatal else "DATABASE LOST (retrying): ") + str(result.error)
+        self._refresh()
+
+    def observe(self, monitor, stop):
+        from ..errors import AuditctlError
+        from ..overview import fleet_overview
+
+        try:
+            self.overview = fleet_overview(self.state.engine, self.policy, seen_since=monitor.seen_since,
+                                           filters=monitor.filters, sample=200)
+            if not self.status_ok and not self.status.startswith("CANNOT"):
+                self.status_ok, self.status = True, "database back"
+        except AuditctlError as error:
+            self.status_ok = False
+            self.status = f"DATABASE LOST (retrying): {error}"
+        self._refresh()
+
+    def turn(self, step: int):
+        self.page += step
+        self.page_turned = time.monotonic()
         self._refresh()
 
     def wait(self, stop, seconds):
-        self.next_pass_at = time.monotonic() + seconds
+        deadline = time.monotonic() + seconds
         while not stop.is_set():
-            left = self.next_pass_at - time.monotonic()
+            left = deadline - time.monotonic()
             if left <= 0:
                 break
-            stop.wait(min(REFRESH, left))
-            self._refresh()
-        self.next_pass_at = None
+            stop.wait(min(0.25, left))
+            if time.monotonic() - self.page_turned >= PAGE_TURN:
+                self.turn(1)
 
     def stop(self):
+        if self.keys is not None:
+            self.keys.stop()
         if self.live is not None:
             self.live.stop()
+        elif self.one_shot:
+            width, height = self.console.size
+            self.console.print(self.render(height=10_000), soft_wrap=True)
 
     def _refresh(self):
         if self.live is not None:
-            self.live.update(self._render(), refresh=True)
+            self.live.update(self.render(), refresh=True)
 
-    def _render(self):
+    def render(self, height: int | None = None):
         from rich.console import Group
         from rich.text import Text
 
-        from ..errors import AuditctlError
-        from ..history import RECOVERED, REQUEUED, recent_events
-        from ..thresholds import format_duration
-        from .records import AUDIT_COLUMNS, EVENT_COLUMNS, audit_record, event_record
-        from .render import rich_table
+        width, screen_height = self.console.size
+        lines = self.screen_lines(width, height or screen_height)
+        text = Text()
+        for index, segments in enumerate(lines):
+            if index:
+                text.append("\n")
+            for piece, style in segments:
+                text.append(piece, style=style)
+        return Group(text)
 
-        header = Text()
-        header.append("auditctl watch ", style="bold")
-        header.append(f"{self.state.masked_url}  ")
-        header.append(f"status: {self.status}", style="green" if self.status == "ok" else "bold red")
-        header.append(f"  last pass: {self.last_pass}")
+    def screen_lines(self, width: int, height: int) -> list:
+        """The whole screen as lines of (text, style) segments, fitted to width x height."""
+        from ..thresholds import RULE_REASONS
+        from .records import AUDIT_COLUMNS, VERDICT_COLUMNS, audit_record, verdict_record
+        from .render import layout_lines, plan_layout
+
+        o = self.overview
+        header = [[("auditctl watch ", "bold"), (_safe(self.state.masked_url), None)]]
+        state_style = "green" if self.status_ok else "bold red"
+        upcoming = ""
         if self.next_pass_at is not None:
-            header.append(f"  next in {format_duration(max(0.0, self.next_pass_at - time.monotonic()))}")
-        header.append(f"  recovered: {self.recovered_total}")
-        header.append("  (Ctrl-C to stop)", style="dim")
-        parts = [header]
+            upcoming = f", next in {_duration(max(0.0, self.next_pass_at - time.monotonic()))}"
+        header.append([("database: ", None), (_safe(self.status)[: max(10, width - 50)], state_style),
+                       (f"  last pass {self.last_pass}{upcoming} (every {_duration(self.interval)})", "dim")])
+        if o is None:
+            header.append([("reading the fleet…", "dim")])
+            return header
+        stuck_counts = ", ".join(f"{o.stuck_by_reason[r]} {r}" for r in RULE_REASONS if o.stuck_by_reason.get(r))
+        header.append([(f"running {o.running}", "bold"), ("  stuck ", None), (str(len(o.stuck)), "bold red" if o.stuck else "green"),
+                       (f" ({stuck_counts})" if stuck_counts else "", None),
+                       (f"  recovered {self.recovered_total}", None)])
+        header.append([(f"workers {o.workers_alive} alive, {o.workers_gone} gone", None)])
+        lines = list(header)
+        room = height - len(lines) - 1  # the last line says how to leave
+        verdict_columns = [c for c in VERDICT_COLUMNS if c.key not in ("problems",)]
+        if o.stuck:
+            records = [verdict_record(v) for v in o.stuck]
+            layout, texts = plan_layout(records, verdict_columns, width)
+            rendered = list(layout_lines(layout, texts, records))
+            head, rows = rendered[0], _group_rows(rendered[1:])
+            pages = _paginate(rows, max(1, room - 3))
+            self.page %= len(pages)
+            shown = pages[self.page]
+            first = sum(len(p) for p in pages[:self.page]) + 1
+            title = f"STUCK {first}-{first + len(shown) - 1} of {len(o.stuck)}"
+            if len(pages) > 1:
+                title += f"  page {self.page + 1}/{len(pages)} (n/p or space to turn; turns every {int(PAGE_TURN)}s)"
+            lines.append([(title, "bold red")])
+            lines.append(head[0])
+            for row in shown:
+                lines.extend(segments for segments, _ in row)
+            room = height - len(lines) - 1
+        else:
+            lines.append([("No stuck audits.", "green")])
+            room -= 1
+        if room >= 3 and o.healthy_sample:
+            records = [audit_record(a) for a in o.healthy_sample]
+            columns = [c for c in AUDIT_COLUMNS if c.key not in ("attempts", "created_at", "status", "error", "problems")]
+            layout, texts = plan_layout(records, columns, width)
+            rendered = list(layout_lines(layout, texts, records))
+            visible = max(0, min(len(rendered) - 1, room - 2))
+            if o.healthy_more or visible < len(rendered) - 1:
+                visible = max(0, min(len(rendered) - 1, room - 3))  # keep a line to say how many more
+            more = o.healthy_more + (len(rendered) - 1 - visible)
+            lines.append([("healthy running", "bold cyan")])
+            lines.append(rendered[0][0])
+            lines.extend(segments for segments, _ in rendered[1:1 + visible])
+            if more > 0:
+                lines.append([(f"and {more} more running", "dim")])
+        elif o.healthy_sample or o.healthy_more:
+            lines.append([(f"and {o.healthy_more + len(o.healthy_sample)} healthy running audits", "dim")])
+        lines = lines[: max(1, height - 1)]
+        lines.append([("Ctrl-C to stop", "dim")])
+        return [_crop(line, width) for line in lines]
+
+
+def _crop(segments: list, width: int) -> list:
+    """A line of segments cut to ``width`` characters (a screen line never wraps)."""
+    out, used = [], 0
+    for piece, style in segments:
+        if used + len(piece) > width:
+            piece = piece[: max(0, width - used - 1)] + "…"
+            out.append((piece, style))
+            break
+        out.append((piece, style))
+        used += len(piece)
+    return out
+
+
+def _duration(seconds: float) -> str:
+    from ..thresholds import format_duration
+
+    return format_duration(seconds)
+
+
+def _group_rows(lines: list) -> list[list]:
+    """Lines of a layout grouped per record (a record's detail lines stay with it)."""
+    rows: list[list] = []
+    for segments, header in lines:
+        first = segments[0][0] if segments else ""
+        if rows and first.strip() == "" and first:
+            rows[-1].append((segments, header))
+        else:
+            rows.append([(segments, header)])
+    return rows
+
+
+def _paginate(rows: list[list], room: int) -> list[list[list]]:
+    pages, current, used = [], [], 0
+    for row in rows:
+        if current and used + len(row) > room:
+            pages.append(current)
+            current, used = [], 0
+        current.append(row)
+        used += len(row)
+    pages.append(current)
+    return pages
+
+
+class _KeyReader:
+    """Reads single keys from the terminal (n, p, space) to turn pages; leaves Ctrl-C alone."""
+
+    def __init__(self, screen: Screen):
+        self.screen = screen
+        self.thread = None
+        self.saved = None
+        self.running = False
+
+    def start(self):
+        if not sys.stdin.isatty():
+            return
         try:
-            from ..audits import list_audits
+            import termios
+            import tty
 
-            running = [{**audit_record(a), "stuck": self.stuck.get(a.id, [])}
-                       for a in list_audits(self.state.engine, status="running", limit=30)]
-            events = [event_record(e) for e in recent_events(self.state.engine, limit=8, events=(RECOVERED, REQUEUED))]
-        except AuditctlError as error:
-            parts.append(Text(f"cannot read the database: {error}", style="red"))
-            return Group(*parts)
-        from .render import Column
+            fd = sys.stdin.fileno()
+            self.saved = termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+        except Exception:  # noqa: BLE001 - paging by key is a convenience; pages still turn by themselves
+            self.saved = None
+            return
+        self.running = True
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
 
-        columns = [c for c in AUDIT_COLUMNS if c.key not in ("attempts", "created_at", "status")]
-        columns.append(Column("stuck", "STUCK", human=lambda v: ",".join(v) if v else "",
-                              style=lambda r: "bold red" if r["stuck"] else None))
-        parts.append(rich_table(running, columns, title=f"Running audits ({len(running)})") if running
-                     else Text("No running audits."))
-        parts.append(rich_table(events, EVENT_COLUMNS, title="Recent recoveries") if events else Text("No recoveries yet."))
-        return Group(*parts)
+    def _read(self):
+        import select
+
+        fd = sys.stdin.fileno()
+        while self.running:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                key = os.read(fd, 1)
+            except OSError:
+                return
+            if key in (b"n", b" ", b"j"):
+                self.screen.turn(1)
+            elif key in (b"p", b"k"):
+                self.screen.turn(-1)
+
+    def stop(self):
+        self.running = False
+        if self.saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved)

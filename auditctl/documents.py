@@ -1,0 +1,135 @@
+"""Stored JSON documents (progress, recovery_info, history details), read so that reading never fails.
+
+Another tool may store anything in a document column: broken JSON, a BLOB, NaN, a
+document nested thousands of levels deep, a number with 400 digits. ``load`` turns each
+into either a plain JSON value auditctl can walk safely, or a ``NotJSON`` text that says
+what was wrong; ``dumps`` shows any of them without raising.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+#: Deeper documents are not walked (a recursive reader would fail on them); auditctl writes depth 3.
+MAX_DEPTH = 64
+#: Text kept of a document that cannot be read, for people to look at.
+KEPT_TEXT = 200
+
+
+class NotJSON(str):
+    """A stored document that cannot be used as JSON, kept as (the start of) its text.
+
+    ``problem`` says why: ``not_json``, ``too_deep``.
+    """
+
+    problem = "not_json"
+
+    def __new__(cls, text, problem: str = "not_json"):
+        text = str(text)
+        value = super().__new__(cls, text if len(text) <= KEPT_TEXT else text[:KEPT_TEXT] + "…")
+        value.problem = problem
+        return value
+
+
+def _reject_constant(name):
+    # NaN and Infinity are not JSON; a document holding them is treated like broken JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+def depth_exceeds(value, limit: int = MAX_DEPTH) -> bool:
+    """True when a JSON value nests deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def load(raw):
+    """A stored document as a JSON value, or NotJSON. Never raises."""
+    if raw is None or isinstance(raw, NotJSON):
+        return raw
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        text = bytes(raw).decode("utf-8", "replace")
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        # Already decoded by a driver (PostgreSQL jsonb through our loader).
+        return NotJSON(repr(raw)[:KEPT_TEXT], "too_deep") if depth_exceeds(raw) else raw
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        return NotJSON(text, "too_deep")
+    except (TypeError, ValueError):
+        return NotJSON(text)
+    if depth_exceeds(value):
+        return NotJSON(text, "too_deep")
+    return value
+
+
+def loads_for_driver(text):
+    """psycopg's JSON loader for PostgreSQL: like ``load``, for the driver's bytes or text."""
+    return load(text)
+
+
+def dumps(value, **kwargs) -> str:
+    """JSON text of a document for display; never raises (a value it cannot show says so)."""
+    if isinstance(value, NotJSON):
+        return json.dumps(str(value), ensure_ascii=kwargs.get("ensure_ascii", False))
+    try:
+        return json.dumps(value, allow_nan=False, default=str, **kwargs)
+    except (RecursionError, ValueError, TypeError, OverflowError):
+        return json.dumps("<document that cannot be shown>")
+
+
+def dumps_strict(value) -> str:
+    """JSON text to store: strict JSON, never NaN. A value that is not (NaN, a set, a datetime)
+    is stored with those leaves as text rather than failing the write that carries it."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, OverflowError):
+        return json.dumps(_strict(value), allow_nan=False)
+
+
+def _strict(value, depth: int = 0):
+    if depth > MAX_DEPTH:
+        return "<nested too deeply>"
+    if isinstance(value, dict):
+        return {str(key): _strict(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item, depth + 1) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def strict_value(value):
+    """A column value as strict JSON for a record: times as ISO text, bytes decoded, NaN as text."""
+    from datetime import datetime
+
+    from .timestamps import Unreadable, iso
+
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Unreadable):
+        return value.raw
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, (dict, list)):
+        return json.loads(dumps_strict(value))
+    return str(value)

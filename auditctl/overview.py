@@ -1,0 +1,84 @@
+"""The fleet at a glance: what ``watch``'s screen, the dashboard and the metrics all show.
+
+One call reads, on one clock: the stuck audits with their verdicts (all of them), the
+running count, a sample of the healthy running audits, the workers alive and gone, and
+(optionally) the count of audits in every state. Faces render it; none of them queries
+the database on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from .audits import AuditFilters, AuditSummary, iter_audits
+from .db import fetch_now, read_connection
+from .registry import Instance, instances
+from .rules import Filters, Verdict, find_stuck, gone_instances
+from .schema import IS_RUNNING, RUNNING, STATUSES, audits
+from .thresholds import RULE_REASONS, Policy
+from .values import safe_int, text_value
+
+
+@dataclass
+class Overview:
+    at: datetime | None
+    running: int
+    stuck: list[Verdict]
+    stuck_by_reason: dict[str, int]
+    healthy_sample: list[AuditSummary]
+    healthy_more: int
+    workers: list[Instance]
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def workers_alive(self) -> int:
+        return sum(1 for w in self.workers if w.alive)
+
+    @property
+    def workers_gone(self) -> int:
+        return sum(1 for w in self.workers if not w.alive)
+
+    @property
+    def oldest_heartbeat_age(self) -> float | None:
+        """Seconds since the least recent heartbeat of a running audit (None when nothing runs)."""
+        ages = [v.silence_seconds for v in self.stuck if v.silence_seconds is not None]
+        ages += [a.heartbeat_age_seconds for a in self.healthy_sample if a.heartbeat_age_seconds is not None]
+        return max(ages) if ages else None
+
+
+def count_by_status(engine: Engine) -> dict[str, int]:
+    """Audits in each state (unknown states, another tool's, are counted under their own name)."""
+    with read_connection(engine) as connection:
+        rows = connection.execute(select(audits.c.status, func.count()).group_by(audits.c.status)).all()
+    counts = {status: 0 for status in STATUSES}
+    for status, count in rows:
+        counts[text_value(status) or "?"] = safe_int(count) or 0
+    return counts
+
+
+def fleet_overview(engine: Engine, policy: Policy, *, seen_since: datetime | None = None, filters: Filters | None = None,
+                   sample: int = 50, with_status_counts: bool = False, stale_after: float | None = None) -> Overview:
+    """Read the overview. ``sample`` bounds how many healthy running audits are listed (the rest are counted)."""
+    gone = gone_instances(engine)
+    stuck = find_stuck(engine, policy, gone=gone, seen_since=seen_since, filters=filters or Filters())
+    by_reason = {reason: 0 for reason in RULE_REASONS}
+    for verdict in stuck:
+        for reason in verdict.reasons:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+        running = connection.execute(select(func.count()).select_from(audits).where(IS_RUNNING)).scalar_one()
+    stuck_ids = {v.id for v in stuck}
+    healthy: list[AuditSummary] = []
+    for summary in iter_audits(engine, AuditFilters(statuses=(RUNNING,)), limit=sample + len(stuck_ids)):
+        if summary.id not in stuck_ids and len(healthy) < sample:
+            healthy.append(summary)
+    healthy_total = max(0, running - len(stuck))
+    workers = instances(engine, stale_after or policy.fleet.stale_after, include_gone=True, retention=3600.0)
+    return Overview(at=now, running=running, stuck=stuck, stuck_by_reason=by_reason, healthy_sample=healthy,
+                    healthy_more=max(0, healthy_total - len(healthy)), workers=workers,
+                    by_status=count_by_status(engine) if with_status_counts else {})

@@ -1,0 +1,68 @@
+"""Text from the database, made safe for a terminal, a spreadsheet or a Markdown page.
+
+Anything another tool wrote (a target, a worker id, a step, an error, a host name) may
+hold escape sequences: a window-title change, a hyperlink, a clear-screen. Every human
+format shows such characters as visible escapes (``\\x1b``) instead of sending them to
+the terminal; JSON keeps the exact text (``json.dumps`` escapes control characters
+itself). CSV cells that a spreadsheet would run as a formula get a leading quote.
+"""
+
+from __future__ import annotations
+
+import re
+
+# C0 controls (but tab and newline are handled by the caller's choice), DEL, C1 controls,
+# and the Unicode controls that reorder or hide text (bidi overrides, isolates, zero-width).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+_CONTROL_AND_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group(0)
+    code = ord(char)
+    if char == "\n":
+        return "\\n"
+    if char == "\t":
+        return "\\t"
+    if char == "\r":
+        return "\\r"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(value, *, keep_newlines: bool = False) -> str:
+    """``value`` as text whose control and escape characters are shown, not executed."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    pattern = _CONTROL if keep_newlines else _CONTROL_AND_LINES
+    return pattern.sub(_escape, text)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csv_cell(value) -> str:
+    """A text cell for CSV: control characters shown, and a leading quote before anything a
+    spreadsheet would evaluate as a formula (``=``, ``+``, ``-``, ``@``)."""
+    text = printable(value, keep_newlines=True)
+    if text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|&])")
+
+
+def markdown_cell(value) -> str:
+    """Text for a Markdown table cell: shown as text, never as markup, links, HTML or a new cell."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(value))
+
+
+# In JSON text these can only sit inside strings, where \uXXXX is the same character: escaping
+# them keeps the JSON exact and keeps a terminal that prints it from acting on them.
+_JSON_RISKY = re.compile("[\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def json_safe_text(text: str) -> str:
+    """JSON text with the invisible and terminal-active characters escaped (still the same JSON value)."""
+    return _JSON_RISKY.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)

@@ -1,0 +1,125 @@
+"""One reading of stored times, shared by the SQL rules and by Python.
+
+On SQLite a time is text. auditctl writes one canonical form, ``YYYY-MM-DD HH:MM:SS.ffffff``
+in UTC, which sorts as text in time order: the stuck query compares stored times with
+cutoffs as plain text, without date arithmetic on every row. Rows written by other tools
+may hold any ISO 8601 form Python reads (``T`` and ``Z``, ``+0000``, ``+00``, the basic
+format, comma decimals) or something unreadable. For those the SQL calls back into
+``canonical`` below (registered on every SQLite connection as ``auditctl_utc``), so the
+rules and Python always agree on what a stored time means. What neither can read is
+unreadable for both, and flagged.
+
+Pure Python, no SQLAlchemy: the command line and the property tests use it directly.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+
+#: A GLOB pattern matching exactly the canonical form (GLOB matches the whole text).
+CANONICAL_GLOB = ("[0-9][0-9][0-9][0-9]-[0-1][0-9]-[0-3][0-9] [0-2][0-9]:[0-5][0-9]:[0-5][0-9]."
+                  "[0-9][0-9][0-9][0-9][0-9][0-9]")
+
+#: Text longer than this is not a time (and is not worth parsing).
+_MAX_TEXT = 64
+
+
+class Unreadable:
+    """A stored time that cannot be read (another tool's text, a PostgreSQL infinity, a year out of range)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw):
+        self.raw = str(raw)[:_MAX_TEXT]
+
+    def __repr__(self) -> str:
+        return f"Unreadable({self.raw!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Unreadable) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+
+def parse(value) -> datetime | Unreadable | None:
+    """Any stored time as an aware UTC datetime; None when absent; ``Unreadable`` when it cannot be read.
+
+    Never raises. Naive times are taken as UTC, the only zone auditctl writes.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Unreadable):
+        return value
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, (str, bytes, bytearray)):
+        text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+        text = text.strip()
+        if not text or len(text) > _MAX_TEXT:
+            return Unreadable(text)
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return Unreadable(text)
+    else:
+        return Unreadable(repr(value))
+    try:
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        # Year 1 with a positive offset, or 9999 with a negative one: not a time in UTC.
+        return Unreadable(moment.isoformat() if hasattr(moment, "isoformat") else repr(moment))
+
+
+def as_datetime(value) -> datetime | None:
+    """A readable time, or None (absent or unreadable)."""
+    moment = parse(value)
+    return moment if isinstance(moment, datetime) else None
+
+
+def _format(moment: datetime, separator: str = " ", digits: int = 6, suffix: str = "") -> str:
+    # Not strftime: it does not zero-pad years below 1000 on every platform, and the text must sort.
+    fraction = f"{moment.microsecond:06d}"[:digits]
+    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}{separator}"
+            f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{fraction}{suffix}")
+
+
+def canonical(value) -> str | None:
+    """The canonical stored text of a time, or None when it cannot be read. Never raises.
+
+    Registered on SQLite connections as ``auditctl_utc(text)``.
+    """
+    moment = parse(value)
+    if not isinstance(moment, datetime):
+        return None
+    return _format(moment)
+
+
+def to_storage(value):
+    """What the library writes for a time on SQLite: canonical text (datetimes and readable text)."""
+    if value is None or isinstance(value, Unreadable):
+        return None
+    if isinstance(value, datetime):
+        text = canonical(value)
+        return text if text is not None else None
+    text = canonical(value)
+    return text if text is not None else value
+
+
+def isoformat_z(moment) -> str | None:
+    """``2025-08-23T06:45:00.123Z``: the progress document's form (always UTC, milliseconds)."""
+    moment = as_datetime(moment)
+    if moment is None:
+        return None
+    return _format(moment, "T", 3, "Z")
+
+
+def iso(moment) -> str | None:
+    """Exact ISO 8601 in UTC for json and csv: ``2025-08-23T06:45:00.123456Z``; None when absent or unreadable."""
+    moment = as_datetime(moment)
+    if moment is None:
+        return None
+    return _format(moment, "T", 6, "Z")

@@ -1,0 +1,118 @@
+"""The one URL masker: every database and webhook URL auditctl shows or logs goes through here.
+
+Pure Python (no SQLAlchemy), so the command line can mask a URL it has not parsed yet,
+and so a URL too broken to parse is still masked. Users type URLs in every form:
+an unencoded space or ``@`` in the password, ``%``-encoding, the password as a
+``password=`` or ``sslpassword=`` query parameter. Masking errs on the side of hiding
+too much: when it cannot tell where a password ends, it hides more of the URL rather
+than leak a character of it.
+
+Webhook URLs (Slack, Discord, generic) carry their secret in the path, so they are
+shown as scheme and host only.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, unquote_plus
+
+MASK = "***"
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+#: What may follow the ``@`` that ends the user information: a host, a port, an IPv6 literal.
+_HOST_LIKE = re.compile(r"[\w.\-\[\]:%]*")
+_HOST_PART = re.compile(r"[^/?#]*")
+#: Query parameters that hold secrets (libpq: password, sslpassword; common API forms too).
+_SECRET_PARAM = re.compile(
+    r"(?i)(?:^|[?&;\s])(?:[\w.\-]*pass(?:word|wd|phrase)?|[\w.\-]*secret|[\w.\-]*token|api[_-]?key|pwd)=([^&#]*)"
+)
+
+
+def _userinfo_secret(text: str, start: int) -> tuple[int, int] | None:
+    """The span of the password of the URL whose ``scheme://`` ends at ``start``, if it has one."""
+    # A host never contains '@'; a password may hold '@', '/', '?' or spaces. The user
+    # information ends at the last '@' followed by something host-like. If that '@' sits in
+    # the query instead, more than the password is hidden, never less.
+    for match in reversed(list(re.finditer("@", text[start:]))):
+        at = start + match.start()
+        if _HOST_LIKE.fullmatch(_HOST_PART.match(text, at + 1).group(0)):
+            colon = text.find(":", start, at)
+            if colon < 0:
+                return None
+            return colon + 1, at
+    return None
+
+
+def secret_spans(text: str) -> list[tuple[int, int]]:
+    """Where the secrets are in a text holding URLs: passwords in user information and secret parameters."""
+    spans = []
+    for scheme in _SCHEME.finditer(text):
+        span = _userinfo_secret(text, scheme.end())
+        if span is not None and span[1] > span[0]:
+            spans.append(span)
+    for param in _SECRET_PARAM.finditer(text):
+        if param.end(1) > param.start(1):
+            spans.append((param.start(1), param.end(1)))
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _as_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    render = getattr(value, "render_as_string", None)
+    return render(hide_password=False) if render is not None else str(value)
+
+
+def mask_url(value) -> str:
+    """The URL (text, or a SQLAlchemy URL) with every password replaced by ``***``; safe to show or log."""
+    text = _as_text(value)
+    out, position = [], 0
+    for start, end in secret_spans(text):
+        out.append(text[position:start])
+        out.append(MASK)
+        position = end
+    out.append(text[position:])
+    return "".join(out)
+
+
+def secrets_of(value) -> list[str]:
+    """The secret strings a URL holds, as typed and decoded, longest first (to scrub messages)."""
+    text = _as_text(value)
+    found = set()
+    for start, end in secret_spans(text):
+        secret = text[start:end]
+        found.update({secret, unquote(secret), unquote_plus(secret)})
+    password = getattr(value, "password", None)
+    if password:
+        found.add(str(password))
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def scrub(message, *urls) -> str:
+    """A message (a driver's error, say) with the secrets of the given URLs, and of any URL inside it, masked."""
+    text = str(message)
+    for url in urls:
+        for secret in secrets_of(url):
+            text = text.replace(secret, MASK)
+    return mask_url(text)
+
+
+def mask_webhook(url: str | None) -> str:
+    """A webhook URL as scheme and host only: its path and query are the secret."""
+    if not url:
+        return ""
+    match = re.match(r"\s*([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)", url)
+    if match is None:
+        return MASK
+    scheme, authority = match.groups()
+    host = authority.rsplit("@", 1)[-1]
+    return f"{scheme}{host}/{MASK}"

@@ -1,0 +1,55 @@
+"""Single stored values read safely: whatever another tool stored in a column, these answer.
+
+SQLite lets any column hold any type (text in ``attempts``, a float in ``pid``, a BLOB in
+``worker_id``); PostgreSQL can hold NaN in a float column. Readers go through these so a
+value they cannot use becomes None, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .thresholds import MAX_DURATION
+
+
+def float_value(value) -> float | None:
+    """A finite number as a float, else None."""
+    if value is None or isinstance(value, (bool, str, bytes, bytearray)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def sane_duration(value) -> float | None:
+    """A stored threshold as the stuck query trusts it: a number in (0, MAX_DURATION], else None."""
+    number = float_value(value)
+    return number if number is not None and 0 < number <= MAX_DURATION else None
+
+
+def safe_int(value) -> int | None:
+    """An integer column as an int, else None (text, fractions, NaN)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    number = float_value(value)
+    if number is None or not number.is_integer():
+        return None
+    return int(number)
+
+
+def text_value(value) -> str | None:
+    """A text column as str (a BLOB decoded, a number as its digits), None stays None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def rounded(value, digits: int = 3) -> float | None:
+    number = float_value(value)
+    return None if number is None else round(number, digits)
