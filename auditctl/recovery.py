@@ -555,6 +555,12 @@ class ResetPlan:
     by_reason: dict[str, int]
     held_back: int  # failed audits matching the filters that reached the reset limit
     max_resets: int | None
+    #: With ``include_stuck``: the stuck running audits to recover first and reset with the rest.
+    stuck: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.ids) + len(self.stuck)
 
 
 def plan_reset(engine: Engine, filters: ResetFilters) -> ResetPlan:
@@ -578,6 +584,34 @@ def plan_reset(engine: Engine, filters: ResetFilters) -> ResetPlan:
             by_reason[reason] = by_reason.get(reason, 0) + 1
     return ResetPlan(ids=[row[0] for row in rows], by_origin=by_origin, by_reason=by_reason, held_back=held_back,
                      max_resets=filters.max_resets)
+
+
+def plan_reset_all(engine: Engine, filters: ResetFilters, *, include_stuck: bool = False,
+                   policy: Policy | None = None) -> ResetPlan:
+    """The "Reset All Audits" plan: the failed audits to reset and, with ``include_stuck``, the stuck
+    running ones to recover first (only those stuck for the chosen reasons, when reasons are given)."""
+    plan = plan_reset(engine, filters)
+    if include_stuck and (not filters.origins or "stuck" in filters.origins):
+        from .thresholds import RULE_REASONS
+
+        rule_reasons = tuple(r for r in filters.reasons if r in RULE_REASONS)
+        if not filters.reasons or rule_reasons:
+            plan.stuck = find_stuck(engine, Policy.coerce(policy), filters=Filters(reasons=rule_reasons))
+    return plan
+
+
+def reset_all(engine: Engine, plan: ResetPlan, *, actor: Actor, policy: Policy | None = None,
+              on_batch: Callable[[int, int], None] | None = None) -> ResetResult:
+    """Carry out a plan from ``plan_reset_all``: recover its stuck audits, then reset everything it
+    named, batch by batch. Audits that changed since the plan was made are left alone."""
+    recovered_ids: list[int] = []
+    if plan.stuck:
+        recovered = recover_stuck(engine, Policy.coerce(policy), actor=actor,
+                                  filters=Filters(ids=tuple(v.id for v in plan.stuck)))
+        recovered_ids = [r.id for r in recovered]
+    ids = sorted(set(plan.ids) | set(recovered_ids))
+    return reset_failed(engine, actor=actor, filters=ResetFilters(ids=tuple(ids), max_resets=plan.max_resets),
+                        on_batch=on_batch)
 
 
 def reset_failed(

@@ -181,8 +181,8 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     from datetime import datetime
 
     from ..history import Actor
-    from ..recovery import ResetFilters, plan_reset, recover_stuck, reset_failed
-    from ..rules import Filters, find_stuck
+    from ..records import planned_stuck_reset_record
+    from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed
     from .records import RESET_COLUMNS, reset_record
     from .render import render, resolve_format
 
@@ -194,33 +194,30 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
             since = max(0.0, (fetch_now(connection) - since).total_seconds())
     filters = ResetFilters(since=since, reasons=reasons, origins=origins, max_resets=max_resets or None)
     actor = Actor.command("reset-all")
-    plan = plan_reset(state.reader, filters)
-    stuck = []
-    if include_stuck and (not origins or "stuck" in origins):
+    if include_stuck:
         check_bounds(state, policy, allow_unsafe)
-        rule_reasons = tuple(r for r in reasons if r in RULE_REASONS)
-        if not reasons or rule_reasons:
-            stuck = find_stuck(state.reader, policy, filters=Filters(reasons=rule_reasons))
-    total = len(plan.ids) + len(stuck)
-    summary = _reset_summary(plan, len(stuck), policy if include_stuck else None)
+    plan = plan_reset_all(state.reader, filters, include_stuck=include_stuck, policy=policy)
+    total = plan.total
+    summary = _reset_summary(plan, policy if include_stuck else None)
+
+    def listing():
+        planned = reset_failed(state.reader, actor=actor, filters=filters, dry_run=True)
+        return [reset_record(r, True) for r in planned] + [planned_stuck_reset_record(v) for v in plan.stuck]
+
     if total == 0:
         if resolve_format(fmt) == "json":
             render([], RESET_COLUMNS, fmt)
         echo_status(state, "Nothing to reset." + (f"\n{summary}" if plan.held_back else ""))
         return
     if dry_run:
-        planned = reset_failed(state.reader, actor=actor, filters=filters, dry_run=True)
-        records = [reset_record(r, True) for r in planned] + [_stuck_record(v) for v in stuck]
-        render(records, RESET_COLUMNS, fmt, title="Would reset")
+        render(listing(), RESET_COLUMNS, fmt, title="Would reset")
         echo_status(state, f"Would reset {_plural(total, 'audit')} to pending (dry run: nothing changed).\n{summary}")
         return
     if not assume_yes:
         if not sys.stdin.isatty():
-            raise_refusal(total, summary)
+            raise_refusal(total)
         if total <= 20:
-            planned = reset_failed(state.reader, actor=actor, filters=filters, dry_run=True)
-            render([reset_record(r, True) for r in planned] + [_stuck_record(v) for v in stuck], RESET_COLUMNS, "table",
-                   title="Will reset")
+            render(listing(), RESET_COLUMNS, "table", title="Will reset")
         click.echo(summary, err=True)
         try:
             confirmed = click.confirm(f"Reset {_plural(total, 'audit')} to pending?", default=False, err=True)
@@ -232,32 +229,21 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
             click.get_current_context().exit(EXIT_REFUSED)
     update, finish = progress_reporter("Resetting")
     try:
-        recovered_ids = []
-        if stuck:
-            recovered = recover_stuck(state.engine, policy, actor=actor, filters=Filters(ids=tuple(v.id for v in stuck)))
-            recovered_ids = [r.id for r in recovered]
-        ids = sorted(set(plan.ids) | set(recovered_ids))
-        done = reset_failed(state.engine, actor=actor, filters=ResetFilters(ids=tuple(ids), max_resets=filters.max_resets),
-                            on_batch=update)
+        done = reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update)
     finally:
         finish()
     if fmt in ("json", "csv") or len(done) <= 20:
         render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
+    left_alone = total - len(done) - len(done.skipped)
     echo_status(state, f"Reset {_plural(len(done), 'audit')} to pending"
-                + (f"; {len(ids) - len(done)} changed meanwhile and were left alone" if len(done) < len(ids) else "")
-                + ".", force=True)
+                + (f"; {left_alone} changed meanwhile and were left alone" if left_alone > 0 else "") + ".", force=True)
     if done.skipped:
         click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be reset and need an operator: "
                    + ", ".join(str(s.id) for s in done.skipped[:20]), err=True)
         click.get_current_context().exit(EXIT_ERROR)
 
 
-def _stuck_record(verdict) -> dict:
-    return {"id": verdict.id, "target": verdict.target, "previous_status": "running", "status": "pending",
-            "origin": "stuck", "reasons": verdict.reasons, "resets": 0, "error": None, "finished_at": None, "dry_run": True}
-
-
-def _reset_summary(plan, stuck: int, policy) -> str:
+def _reset_summary(plan, policy) -> str:
     parts = []
     if plan.by_origin.get("stuck"):
         reasons = _counts(plan.by_reason, RECOVERY_REASONS)
@@ -265,8 +251,8 @@ def _reset_summary(plan, stuck: int, policy) -> str:
     if plan.by_origin.get("error"):
         parts.append(f"{plan.by_origin['error']} failed with their own error")
     lines = [("Failed audits to reset: " + "; ".join(parts) + ".") if parts else "No failed audits to reset."]
-    if stuck:
-        lines.append(f"Stuck running audits to recover first: {stuck}.")
+    if plan.stuck:
+        lines.append(f"Stuck running audits to recover first: {len(plan.stuck)}.")
     if plan.held_back:
         lines.append(f"{_plural(plan.held_back, 'audit')} already reset {plan.max_resets} times "
                      f"{'stays' if plan.held_back == 1 else 'stay'} failed (--max-resets to change).")
@@ -275,7 +261,7 @@ def _reset_summary(plan, stuck: int, policy) -> str:
     return "\n".join(lines)
 
 
-def raise_refusal(total: int, summary: str = "") -> None:
+def raise_refusal(total: int) -> None:
     click.echo(
         f"Error: refusing to reset {_plural(total, 'audit')} without confirmation: there is no terminal to ask on. "
         f"Pass --yes to confirm, or --dry-run to look first. Nothing was changed.",

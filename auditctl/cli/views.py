@@ -61,23 +61,10 @@ def list_command(state, fmt, statuses, workers, kinds, targets, since, until, so
 def show(state, fmt, audit_id):
     """Show one audit: its progress document, recovery_info and full history."""
     from ..audits import get_audit
-    from ..documents import strict_value
-    from ..timestamps import iso
-    from .records import audit_record, event_record
+    from ..records import audit_detail_record
     from .render import render, render_object, resolve_format
 
-    detail = get_audit(state.reader, audit_id)
-    record = audit_record(detail.summary)
-    record.update(
-        max_age_seconds=detail.max_age_seconds,
-        declared_thresholds=detail.declared,
-        worker_instance=detail.worker_instance,
-        has_lease=detail.has_lease,
-        last_worker_update=iso(detail.last_worker_update),
-        progress=strict_value(detail.progress),
-        recovery_info=strict_value(detail.recovery_info),
-        history=[event_record(e) for e in detail.history],
-    )
+    record = audit_detail_record(get_audit(state.reader, audit_id))
     fmt = resolve_format(fmt)
     if fmt == "json":
         render_object(record)
