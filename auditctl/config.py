@@ -52,9 +52,11 @@ SETTINGS = {
         Setting("refresh", "AUDITCTL_REFRESH", "time between redraws of watch's screen", "duration"),
         Setting("max_attempts", "AUDITCTL_MAX_ATTEMPTS", "claims before a requeued audit fails for good", "count"),
         Setting("max_resets", "AUDITCTL_MAX_RESETS", "resets of one audit before reset-all leaves it alone", "count0"),
+        Setting("lock_wait", "AUDITCTL_LOCK_WAIT", "longest an operation waits for a database lock", "duration"),
         Setting("slack_webhook", "AUDITCTL_SLACK_WEBHOOK", "Slack incoming-webhook URLs (comma-separated)", "urls"),
         Setting("discord_webhook", "AUDITCTL_DISCORD_WEBHOOK", "Discord webhook URLs (comma-separated)", "urls"),
         Setting("webhook", "AUDITCTL_WEBHOOK", "generic JSON webhook URLs (comma-separated)", "urls"),
+        Setting("notify_timeout", "AUDITCTL_NOTIFY_TIMEOUT", "the longest one alert may take to post", "duration"),
     )
 }
 
@@ -84,7 +86,9 @@ def load_config_file(path: str | os.PathLike | None) -> "tuple[dict, Path | None
         data = tomllib.loads(target.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read config file {target}: {error}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as error:
+        # Besides TOMLDecodeError, tomllib raises ValueError for an integer of more than 4300 digits
+        # and RecursionError for arrays nested thousands deep: unreadable files, not crashes.
         raise ConfigError(f"config file {target} is not valid TOML: {error}") from None
     return validate_config(data, target), target
 

@@ -6,7 +6,8 @@ Each engine has a role, which decides how long it may wait:
   ``WORKER_LOCK_WAIT`` seconds for the lock; on PostgreSQL ``lock_timeout`` and
   ``statement_timeout`` bound it the same way. A worker's caller is never blocked for long.
 * ``operator``: recover, reset-all, watch, init. They work in short batches; one batch
-  waits at most ``OPERATOR_LOCK_WAIT`` seconds for the SQLite write lock.
+  waits at most ``OPERATOR_LOCK_WAIT`` seconds for a lock (the SQLite write lock, a
+  PostgreSQL row lock), then the operation reports the database locked and stops.
 * ``reader``: scan, list, show, workers. They never change the database: on SQLite they do
   not switch it to WAL (nor create the file), on PostgreSQL their sessions are read-only.
 
@@ -52,6 +53,8 @@ OPERATOR_LOCK_WAIT = 30.0
 READER_LOCK_WAIT = 5.0
 
 ROLES = ("worker", "operator", "reader")
+#: Query parameters of a SQLite URL that belong to SQLite's own URI filenames.
+_SQLITE_URI_PARAMS = ("mode", "cache", "immutable", "nolock", "psow", "vfs")
 _SQLITE_WAIT = {"worker": WORKER_LOCK_WAIT, "operator": OPERATOR_LOCK_WAIT, "reader": READER_LOCK_WAIT}
 
 
@@ -87,11 +90,12 @@ def sqlite_path(url: URL) -> str | None:
     return os.path.abspath(database)
 
 
-def _pg_options(url: URL, role: str) -> tuple[URL, str]:
+def _pg_options(url: URL, role: str, lock_wait: float) -> tuple[URL, str]:
     """libpq ``options`` for the role, merged with the URL's own (which win over ours)."""
-    ours = [f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}"]
+    ours = [f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}",
+            f"-c lock_timeout={int(lock_wait * 1000)}"]
     if role == "worker":
-        ours += [f"-c lock_timeout={int(WORKER_LOCK_WAIT * 1000)}",
+        ours += [
                  f"-c statement_timeout={int(WORKER_STATEMENT_TIMEOUT * 1000)}"]
     elif role == "reader":
         ours += ["-c default_transaction_read_only=on"]
@@ -105,7 +109,8 @@ def _pg_options(url: URL, role: str) -> tuple[URL, str]:
 
 
 def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str = "operator",
-                  pool_size: int | None = None, must_exist: bool | None = None, **kwargs) -> Engine:
+                  pool_size: int | None = None, must_exist: bool | None = None, lock_wait: float | None = None,
+                  **kwargs) -> Engine:
     """An engine for one role (``worker``, ``operator``, ``reader``); does not connect yet.
 
     On SQLite, ``must_exist`` (the default for a ``reader``) refuses a file that does not exist
@@ -115,6 +120,7 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
 
     if role not in ROLES:
         raise ValueError(f"unknown engine role {role!r}")
+    lock_wait = _SQLITE_WAIT[role] if lock_wait is None else float(lock_wait)
     url = normalize_url(database_url)
     if url.get_backend_name() == "sqlite":
         path = sqlite_path(url)
@@ -122,14 +128,23 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         if (must_exist if must_exist is not None else read_only) and path is not None and not os.path.exists(path):
             raise DatabaseMissing(f"no database at {path} (from {mask_url(database_url)}): run `auditctl init` "
                                   "to create it there, or pass --database-url")
-        if read_only and path is not None and not os.access(path, os.W_OK) and url.query.get("mode") is None:
+        uri_params = {k: v for k, v in url.query.items() if k in _SQLITE_URI_PARAMS}
+        if uri_params and url.query.get("uri") is None and path is not None:
+            # sqlite:///x.db?mode=ro means what it says: SQLite's URI form, which pysqlite otherwise ignores
+            # (with a warning) unless uri=true is given too.
+            from urllib.parse import quote, urlencode
+
+            url = url.set(database=f"file:{quote(path)}?{urlencode(uri_params)}", query={"uri": "true"})
+        elif read_only and path is not None and not os.access(path, os.W_OK) and url.query.get("mode") is None:
             # A file this process may not write: open it read-only, through SQLite's URI form.
             url = url.set(database=f"file:{path}?mode=ro").update_query_dict({"uri": "true"})
-        connect_args = {"timeout": _SQLITE_WAIT[role], "check_same_thread": False}
+        connect_args = {"timeout": lock_wait, "check_same_thread": False}
         engine = sa_create_engine(url, connect_args=connect_args, **kwargs)
-        _configure_sqlite(engine, _SQLITE_WAIT[role], wal=not read_only)
+        _configure_sqlite(engine, lock_wait, wal=not read_only)
+        if (must_exist if must_exist is not None else read_only) and path is not None:
+            _never_create(engine)
     else:
-        url, options = _pg_options(url, role)
+        url, options = _pg_options(url, role, lock_wait)
         connect_args = {"connect_timeout": 10, "application_name": f"auditctl-{role}", "options": options}
         if pool_size is not None:
             kwargs.setdefault("pool_size", pool_size)
@@ -198,6 +213,18 @@ def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
         # a monitor's read costs one statement instead of three.
         if not connection.get_execution_options().get("auditctl_read_only"):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _never_create(engine: Engine) -> None:
+    """Open the file with SQLite's ``mode=rw``: a database that vanished after the engine was made
+    (moved, deleted, unmounted) is then an error, never silently replaced by an empty file."""
+    from urllib.parse import quote
+
+    @event.listens_for(engine, "do_connect")
+    def _open_existing(dialect, connection_record, cargs, cparams):
+        if not cparams.get("uri") and cargs and cargs[0] not in ("", ":memory:"):
+            cargs[0] = f"file:{quote(os.path.abspath(cargs[0]))}?mode=rw"
+            cparams["uri"] = True
 
 
 # --- PostgreSQL -------------------------------------------------------------------------
@@ -361,6 +388,37 @@ def _stored_time_sqlite(element, compiler, **kw):
 def _stored_time_pg(element, compiler, **kw):
     (moment,) = list(element.clauses)
     return compiler.process(moment, **kw)
+
+
+class id_in(FunctionElement):
+    """``column IN (ids)`` with one bound parameter however many ids: an array on PostgreSQL,
+    a JSON list through ``json_each`` on SQLite. Keeps a batch's statement text and parameter count
+    fixed (PostgreSQL allows 65,535 parameters; drivers spend time splitting long lists)."""
+
+    type = types.Boolean()
+    inherit_cache = True
+    # A comparison already: without this, SQLite would get "(id IN (...)) = 1", which no index serves.
+    _is_implicitly_boolean = True
+
+    def __init__(self, column, ids):
+        from sqlalchemy import bindparam
+        from sqlalchemy.types import JSON
+
+        self.ids = [int(i) for i in ids]
+        super().__init__(column, bindparam(None, self.ids, type_=JSON(), unique=True))
+
+
+@compiles(id_in, "sqlite")
+def _id_in_sqlite(element, compiler, **kw):
+    column, ids = list(element.clauses)
+    return f"{compiler.process(column, **kw)} IN (SELECT value FROM json_each({compiler.process(ids, **kw)}))"
+
+
+@compiles(id_in, "postgresql")
+def _id_in_pg(element, compiler, **kw):
+    column, ids = list(element.clauses)
+    return (f"{compiler.process(column, **kw)} = ANY(ARRAY(SELECT jsonb_array_elements_text("
+            f"CAST({compiler.process(ids, **kw)} AS jsonb))::bigint))")
 
 
 def fetch_now(connection: Connection):

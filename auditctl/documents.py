@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 
 #: Deeper documents are not walked (a recursive reader would fail on them); auditctl writes depth 3.
 MAX_DEPTH = 64
@@ -35,6 +36,22 @@ class NotJSON(str):
 def _reject_constant(name):
     # NaN and Infinity are not JSON; a document holding them is treated like broken JSON.
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text):
+    # 1e400 is JSON but becomes inf, which no JSON output can hold: treated like Infinity.
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:20]} is too large for a float")
+    return number
+
+
+def _shown(value) -> str:
+    # repr() recurses (RecursionError on a value nested thousands deep); reprlib stops at six levels.
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an int with more digits than Python prints
+        return f"<{type(value).__name__}>"
 
 
 def depth_exceeds(value, limit: int = MAX_DEPTH) -> bool:
@@ -64,9 +81,9 @@ def load(raw):
         text = raw
     else:
         # Already decoded by a driver (PostgreSQL jsonb through our loader).
-        return NotJSON(repr(raw)[:KEPT_TEXT], "too_deep") if depth_exceeds(raw) else raw
+        return NotJSON(_shown(raw), "too_deep") if depth_exceeds(raw) else raw
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         return NotJSON(text, "too_deep")
     except (TypeError, ValueError):
@@ -96,7 +113,7 @@ def dumps_strict(value) -> str:
     is stored with those leaves as text rather than failing the write that carries it."""
     try:
         return json.dumps(value, allow_nan=False)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         return json.dumps(_strict(value), allow_nan=False)
 
 
@@ -109,6 +126,11 @@ def _strict(value, depth: int = 0):
         return [_strict(item, depth + 1) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            int.__repr__(value)
+        except ValueError:  # more digits than Python prints (sys.get_int_max_str_digits): json.dumps cannot either
+            return f"<integer of {value.bit_length()} bits>"
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)

@@ -86,6 +86,30 @@ def record(connection: Connection, rows: list[dict], actor: Actor, now) -> None:
     )
 
 
+def record_from_rows(connection: Connection, condition, *, event: str, from_status, to_status, reasons, details,
+                     actor: Actor, now) -> int:
+    """One history row per audit matching ``condition``, in one INSERT ... SELECT: the database builds
+    each row from the audit itself (``reasons`` and ``details`` are SQL expressions over ``audits``)."""
+    from sqlalchemy import insert, literal
+
+    from .schema import audits
+
+    columns = ("audit_id", "at", "event", "from_status", "to_status", "reasons", "actor", "host", "pid", "details")
+    source = select(
+        audits.c.id,
+        literal(now, audit_events.c.at.type),
+        literal(event),
+        literal(from_status, audit_events.c.from_status.type),
+        literal(to_status, audit_events.c.to_status.type),
+        reasons,
+        literal(actor.name[:200]),
+        literal(actor.host[:255]),
+        literal(actor.pid),
+        details,
+    ).where(condition)
+    return connection.execute(insert(audit_events).from_select(list(columns), source)).rowcount
+
+
 def _event(row) -> Event:
     """One history row, read whatever another tool stored in it."""
     m = row._mapping

@@ -43,6 +43,8 @@ class PassResult:
     gone: dict[str, str] = field(default_factory=dict)
     resumed_after_outage: bool = False
     seen_since: datetime | None = None
+    #: This pass found nothing stuck after earlier recoveries and wrote the fleet_healthy event.
+    announced_healthy: bool = False
 
 
 class Monitor:
@@ -68,6 +70,21 @@ class Monitor:
         gone = gone_instances(self.engine)
         return find_stuck(self.engine, self.policy, gone=gone, seen_since=self.seen_since, filters=self.filters), gone
 
+    def _all_clear(self, result: PassResult) -> PassResult:
+        """A pass over the whole fleet that found nothing stuck tells the outbox, once, that the
+        fleet is healthy again (``outbox.announce_healthy``). A filtered monitor sees only part
+        of the fleet, so it never says so; and an all-clear that cannot be written is not worth
+        failing a pass over."""
+        if result.recovered or result.skipped or result.stuck or self.filters != Filters():
+            return result
+        from .outbox import announce_healthy
+
+        try:
+            result.announced_healthy = announce_healthy(self.engine, self.actor)
+        except (AuditctlError, SQLAlchemyError) as error:
+            log.info("could not record that the fleet is healthy again: %s", error)
+        return result
+
     def run_pass(self) -> PassResult:
         """Judge and (unless told not to) recover. Never raises for database trouble: reports it."""
         resumed = False
@@ -82,10 +99,11 @@ class Monitor:
                 result = recover_stuck(self.engine, self.policy, actor=self.actor, requeue=self.requeue,
                                        max_attempts=self.max_attempts, gone=gone, seen_since=self.seen_since,
                                        filters=self.filters)
-                return PassResult(ok=True, recovered=list(result), skipped=result.skipped, gone=gone,
-                                  resumed_after_outage=resumed, seen_since=self.seen_since)
+                return self._all_clear(PassResult(ok=True, recovered=list(result), skipped=result.skipped, gone=gone,
+                                                  resumed_after_outage=resumed, seen_since=self.seen_since))
             stuck = find_stuck(self.engine, self.policy, gone=gone, seen_since=self.seen_since, filters=self.filters)
-            return PassResult(ok=True, stuck=stuck, gone=gone, resumed_after_outage=resumed, seen_since=self.seen_since)
+            return self._all_clear(PassResult(ok=True, stuck=stuck, gone=gone, resumed_after_outage=resumed,
+                                              seen_since=self.seen_since))
         except ConcurrentChange as exc:
             # Not an outage: the database answered; a batch was rolled back and the next pass retries.
             return PassResult(ok=False, error=str(exc))

@@ -12,9 +12,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import insert, select
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
-from .db import fetch_now, is_postgres
+from .db import fetch_now, is_postgres, read_connection, write_transaction
 from .schema import notifications
 
 RECOVERED = "recovered"
@@ -38,8 +38,9 @@ def enqueue(connection: Connection, event: str, payload: dict, *, dedupe_key: st
     if is_postgres(connection):
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        result = connection.execute(pg_insert(notifications).values(**values).on_conflict_do_nothing())
-        return result.rowcount == 1
+        # RETURNING, not rowcount: psycopg reports rowcount -1 for the INSERT SQLAlchemy sends.
+        statement = pg_insert(notifications).values(**values).on_conflict_do_nothing().returning(notifications.c.id)
+        return connection.execute(statement).first() is not None
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     result = connection.execute(sqlite_insert(notifications).values(**values).on_conflict_do_nothing())
@@ -51,3 +52,33 @@ def latest_id(connection: Connection, event: str | None = None) -> int | None:
     if event is not None:
         query = query.where(notifications.c.event == event)
     return connection.execute(query).scalar()
+
+
+def _last_live_recovery(connection: Connection, now) -> int | None:
+    """The latest ``recovered`` event, if it has not expired (an all-clear for last month's recovery is noise)."""
+    return connection.execute(
+        select(notifications.c.id).where(notifications.c.event == RECOVERED, notifications.c.expires_at > now)
+        .order_by(notifications.c.id.desc()).limit(1)
+    ).scalar()
+
+
+def announce_healthy(engine: Engine, actor) -> bool:
+    """After a pass found nothing stuck: enqueue ``fleet_healthy`` once per latest recovery.
+
+    The dedupe key names the recovery it follows, so every monitor that notices the same
+    all-clear writes the same row and only the first succeeds. One read when there is
+    nothing to announce (the usual case): no write lock is taken. Returns True when written.
+    """
+    with read_connection(engine) as connection:
+        last = _last_live_recovery(connection, fetch_now(connection))
+        if last is None:
+            return False
+        key = f"{FLEET_HEALTHY}:after:{last}"
+        if connection.execute(select(notifications.c.id).where(notifications.c.dedupe_key == key)).first() is not None:
+            return False
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        if _last_live_recovery(connection, now) != last:
+            return False  # a recovery landed meanwhile: the next clean pass announces the all-clear after it
+        return enqueue(connection, FLEET_HEALTHY, {"actor": actor.name, "host": actor.host, "after_event": last},
+                       dedupe_key=key, now=now)

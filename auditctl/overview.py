@@ -9,17 +9,19 @@ the database on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from .audits import AuditFilters, AuditSummary, iter_audits
 from .db import fetch_now, read_connection
+from .history import RECOVERED, REQUEUED
 from .registry import Instance, instances
 from .rules import Filters, Verdict, find_stuck, gone_instances
-from .schema import IS_RUNNING, RUNNING, STATUSES, audits
+from .schema import IS_RUNNING, RUNNING, STATUSES, audit_events, audits
 from .thresholds import RULE_REASONS, Policy
+from .timestamps import as_datetime
 from .values import safe_int, text_value
 
 
@@ -82,3 +84,38 @@ def fleet_overview(engine: Engine, policy: Policy, *, seen_since: datetime | Non
     return Overview(at=now, running=running, stuck=stuck, stuck_by_reason=by_reason, healthy_sample=healthy,
                     healthy_more=max(0, healthy_total - len(healthy)), workers=workers,
                     by_status=count_by_status(engine) if with_status_counts else {})
+
+
+@dataclass
+class HourOfRecoveries:
+    """Audits recovered as stuck (failed or requeued) in one hour of the history, by reason."""
+
+    start: datetime
+    count: int
+    by_reason: dict[str, int]
+
+
+def recoveries_by_hour(engine: Engine, *, hours: int = 24) -> list[HourOfRecoveries]:
+    """Stuck audits over time, from the history: the recoveries in each of the last ``hours`` hours
+    (the current hour last), on the database's clock. Reads the history's time index only."""
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+        start = (now - timedelta(hours=hours - 1)).replace(minute=0, second=0, microsecond=0)
+        rows = connection.execute(
+            select(audit_events.c.at, audit_events.c.reasons)
+            .where(audit_events.c.at >= start, audit_events.c.event.in_((RECOVERED, REQUEUED)))
+        ).all()
+    found = [HourOfRecoveries(start=start + timedelta(hours=index), count=0, by_reason={}) for index in range(hours)]
+    for at, reasons in rows:
+        moment = as_datetime(at)
+        if moment is None:
+            continue
+        index = int((moment - start).total_seconds() // 3600)
+        if not 0 <= index < hours:
+            continue
+        hour = found[index]
+        hour.count += 1
+        for reason in (text_value(reasons) or "").split(","):
+            if reason:
+                hour.by_reason[reason] = hour.by_reason.get(reason, 0) + 1
+    return found

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +33,8 @@ MAX_DOCUMENT_BYTES = 64 * 1024
 MAX_COUNT = 2**53
 #: The longest step text stored.
 MAX_STEP = 500
+#: What PostgreSQL's jsonb refuses in a string (``\u0000``, an unpaired surrogate): the whole report would be lost.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class DocumentError(ValueError):
@@ -85,6 +88,9 @@ def clean_report(step, percentage, completed_tasks, total_tasks) -> tuple[dict, 
         if len(text) > MAX_STEP:
             text = text[:MAX_STEP]
             changed.append("step_truncated")
+        if _UNSTORABLE.search(text):
+            text = _UNSTORABLE.sub("\ufffd", text)
+            changed.append("step_characters_replaced")
         fields["step"] = text
     if percentage is not None:
         number = _fraction(percentage)
@@ -209,7 +215,7 @@ def _judge_fields(view: ProgressView, step, raw_percentage, completed_tasks, tot
             step = json.dumps(step)[:200]
         except (TypeError, ValueError, RecursionError):
             step = None
-    view.step = step[:200] if isinstance(step, str) else None
+    view.step = step[:MAX_STEP] if isinstance(step, str) else None
     for name, value in (("completed_tasks", completed_tasks), ("total_tasks", total_tasks)):
         if value is None:
             continue
@@ -218,6 +224,9 @@ def _judge_fields(view: ProgressView, step, raw_percentage, completed_tasks, tot
             view.problems.append(f"{name}_invalid")
         else:
             setattr(view, name, count)
+    if view.completed_tasks is not None and view.total_tasks is not None and view.completed_tasks > view.total_tasks:
+        view.problems.append("completed_over_total")
+        view.completed_tasks = view.total_tasks  # as clean_report does: never more done than there is
     if raw_percentage is not None:
         number = _fraction(raw_percentage)
         if number is None:

@@ -153,3 +153,28 @@ def planned_stuck_reset_record(verdict) -> dict:
     """A stuck running audit that a reset would recover first and then reset (the reset record's shape)."""
     return {"id": verdict.id, "target": verdict.target, "previous_status": "running", "status": "pending",
             "origin": "stuck", "reasons": verdict.reasons, "resets": 0, "error": None, "finished_at": None, "dry_run": True}
+
+
+def overview_record(overview) -> dict:
+    """The fleet at a glance (``GET /api/overview``): counts, every stuck audit, a sample of the healthy ones, the workers."""
+    from .rules import isolate
+
+    return {
+        "at": iso(overview.at),
+        "running": overview.running,
+        "by_status": overview.by_status,
+        "stuck_count": len(overview.stuck),
+        "stuck_by_reason": overview.stuck_by_reason,
+        "stuck": [isolate(v, verdict_record, unreadable_verdict_record) for v in overview.stuck],
+        "healthy_sample": [audit_record(a) for a in overview.healthy_sample],
+        "healthy_more": overview.healthy_more,
+        "workers_alive": overview.workers_alive,
+        "workers_gone": overview.workers_gone,
+        "workers": [instance_record(w) for w in overview.workers],
+        "oldest_heartbeat_age_seconds": overview.oldest_heartbeat_age,
+    }
+
+
+def recoveries_by_hour_record(hour) -> dict:
+    """One hour of the stuck-over-time chart (``GET /api/overview``'s ``recoveries_by_hour``)."""
+    return {"start": iso(hour.start), "count": hour.count, "by_reason": hour.by_reason}

@@ -189,6 +189,8 @@ notifications = Table(
     Column("dedupe_key", String(200)),
     Column("expires_at", Timestamp, nullable=False),
     Index("ix_notifications_created", "created_at"),
+    # The sender looks for unexpired events on every delivery: this keeps that read to the live ones.
+    Index("ix_notifications_expires", "expires_at"),
     Index("ux_notifications_dedupe_key", "dedupe_key", unique=True),
 )
 
@@ -204,5 +206,7 @@ notification_deliveries = Table(
     Column("claimed_until", Timestamp),
     Column("sent_at", Timestamp),
     Column("last_error", Text),
+    #: The destination as people may see it: kind and masked URL (``slack https://hooks.slack.com/***``).
+    Column("label", String(200)),
     Index("ix_notification_deliveries_status", "status", "next_attempt_at"),
 )

@@ -59,7 +59,12 @@ def parse_duration(value, name: str = "duration") -> float:
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            # An int of hundreds of digits (one of thousands cannot even be repr()'d in the message).
+            raise ConfigError(f"{name}: must be greater than zero" if value < 0 else f"{name}: a number that large is "
+                              "longer than a year; use a duration such as 45s, 10m or 1h") from None
     elif isinstance(value, str):
         seconds = _parse_duration_text(value, name)
     else:
@@ -100,8 +105,8 @@ def _parse_duration_text(text: str, name: str) -> float:
 
 def format_duration(seconds: float | None) -> str:
     """``3725`` -> ``"1h2m"``; short and human, for tables and log lines."""
-    if seconds is None:
-        return "-"
+    if seconds is None or not math.isfinite(seconds):
+        return "-"  # NaN or infinity (a measurement from a broken row) is no duration to show
     if seconds < 0:
         return "-" + format_duration(-seconds)
     if seconds < 10:

@@ -22,9 +22,10 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 #: What may follow the ``@`` that ends the user information: a host, a port, an IPv6 literal.
 _HOST_LIKE = re.compile(r"[\w.\-\[\]:%]*")
 _HOST_PART = re.compile(r"[^/?#]*")
-#: Query parameters that hold secrets (libpq: password, sslpassword; common API forms too).
+#: Query parameters that hold secrets (libpq: password, sslpassword; common API forms too). The value
+#: runs to the next '&': a database URL has no fragment, and SQLAlchemy reads ``?password=ab#cd`` as ``ab#cd``.
 _SECRET_PARAM = re.compile(
-    r"(?i)(?:^|[?&;\s])(?:[\w.\-]*pass(?:word|wd|phrase)?|[\w.\-]*secret|[\w.\-]*token|api[_-]?key|pwd)=([^&#]*)"
+    r"(?i)(?:^|[?&;\s])(?:[\w.\-]*pass(?:word|wd|phrase)?|[\w.\-]*secret|[\w.\-]*token|api[_-]?key|pwd)=([^&]*)"
 )
 
 
@@ -43,8 +44,7 @@ def _userinfo_secret(text: str, start: int) -> tuple[int, int] | None:
     return None
 
 
-def secret_spans(text: str) -> list[tuple[int, int]]:
-    """Where the secrets are in a text holding URLs: passwords in user information and secret parameters."""
+def _spans(text: str) -> list[tuple[int, int]]:
     spans = []
     for scheme in _SCHEME.finditer(text):
         span = _userinfo_secret(text, scheme.end())
@@ -53,9 +53,13 @@ def secret_spans(text: str) -> list[tuple[int, int]]:
     for param in _SECRET_PARAM.finditer(text):
         if param.end(1) > param.start(1):
             spans.append((param.start(1), param.end(1)))
-    spans.sort()
+    return spans
+
+
+def secret_spans(text: str) -> list[tuple[int, int]]:
+    """Where the secrets are in a text holding URLs: passwords in user information and secret parameters."""
     merged: list[tuple[int, int]] = []
-    for start, end in spans:
+    for start, end in sorted(_spans(text)):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
         else:
@@ -88,7 +92,9 @@ def secrets_of(value) -> list[str]:
     """The secret strings a URL holds, as typed and decoded, longest first (to scrub messages)."""
     text = _as_text(value)
     found = set()
-    for start, end in secret_spans(text):
+    # Each secret on its own, not merged with overlapping spans: in ``user@host:5432/db?password=a@b``
+    # the '@' makes ``5432/db?password=a`` look like a password too, and a message may hold ``a@b`` alone.
+    for start, end in _spans(text):
         secret = text[start:end]
         found.update({secret, unquote(secret), unquote_plus(secret)})
     password = getattr(value, "password", None)
@@ -110,9 +116,12 @@ def mask_webhook(url: str | None) -> str:
     """A webhook URL as scheme and host only: its path and query are the secret."""
     if not url:
         return ""
-    match = re.match(r"\s*([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)", url)
+    match = re.match(r"\s*([A-Za-z][A-Za-z0-9+.\-]*://)", url)
     if match is None:
         return MASK
-    scheme, authority = match.groups()
+    # A password in the user information may hold '/', '?', '#' or '@': the host starts after the
+    # '@' that ends it, found as mask_url finds it, not at the first '/'.
+    span = _userinfo_secret(url, match.end())
+    authority = _HOST_PART.match(url, span[1] + 1 if span else match.end()).group(0)
     host = authority.rsplit("@", 1)[-1]
-    return f"{scheme}{host}/{MASK}"
+    return f"{match.group(1)}{host}/{MASK}"

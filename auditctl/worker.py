@@ -35,7 +35,7 @@ from datetime import timedelta
 from typing import Iterator
 
 from . import leases, registry
-from .db import DEFAULT_DATABASE_URL, create_engine, display_url
+from .db import DEFAULT_DATABASE_URL, WORKER_LOCK_WAIT, create_engine, display_url
 from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
 from .migrate import upgrade
@@ -99,9 +99,13 @@ class AuditRun:
             if value is not None:
                 merged[name] = value
         fields, changed = clean_report(merged["step"], merged["percentage"], merged["completed_tasks"], merged["total_tasks"])
-        if percentage is None and (completed_tasks is not None or total_tasks is not None):
-            # Counts given without a percentage: the percentage follows the counts.
-            fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
+        usable_percentage = percentage is not None and "percentage_invalid" not in changed
+        if not usable_percentage:
+            if completed_tasks is not None or total_tasks is not None:
+                # Counts given without a (usable) percentage: the percentage follows the counts.
+                fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
+            elif fields["percentage"] is None:
+                fields["percentage"] = self._fields.get("percentage")  # an unusable value changes nothing
         for problem in changed:
             if problem not in self.clamped:
                 self.clamped.add(problem)
@@ -130,6 +134,11 @@ class AuditRun:
         attempt = 0
         while True:
             attempt += 1
+            if attempt > 1 and time.monotonic() + WORKER_LOCK_WAIT > deadline:
+                # Another try could wait for the lock past the budget: leave it to the heartbeat thread.
+                log.error("🚨 Emergency progress recovery for audit %s gave up after %d tries within %s; "
+                          "the heartbeat thread keeps trying", self.audit_id, attempt - 1, format_duration(PROGRESS_CALL_BUDGET))
+                return
             try:
                 with self.guard._holding_signals(), self._lock:
                     self._check()
@@ -176,6 +185,10 @@ class StuckAuditPrevention:
     this worker claims, and every judge (``auditctl scan``, another worker's monitor) uses
     them for those audits. Left out, the audits declare none and the judges' own settings
     apply (the defaults are 10m, 30m, 10m). The heartbeat interval is always recorded.
+
+    ``slack_webhook``, ``discord_webhook`` and ``webhook`` (a URL or a list) make the guard
+    announce what its monitor passes recover (see ``auditctl.notify``), from a thread of its
+    own, so a slow webhook never delays a heartbeat.
     """
 
     def __init__(
@@ -192,6 +205,10 @@ class StuckAuditPrevention:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         create_schema: bool = True,
         kinds: dict | None = None,
+        slack_webhook: str | list[str] | None = None,
+        discord_webhook: str | list[str] | None = None,
+        webhook: str | list[str] | None = None,
+        notify_timeout: float = 5.0,
     ):
         self.declared = Overrides.parse(stale_after, max_age, stall_after)
         self.thresholds = Thresholds.parse(stale_after, max_age, stall_after)
@@ -215,6 +232,16 @@ class StuckAuditPrevention:
         self.database = display_url(self.engine)
         self.actor = Actor.worker(self.worker_id, self.instance_id)
         self.monitor = Monitor(self.operator_engine, self.policy, actor=self.actor, requeue=requeue, max_attempts=max_attempts)
+        # Alerts (auditctl.notify) go out from their own thread, kicked after each monitor pass:
+        # a webhook that hangs must never delay the heartbeats of the audits this worker runs.
+        from .notify.destinations import destinations_from
+
+        destinations = destinations_from(slack=slack_webhook, discord=discord_webhook, webhook=webhook)
+        self.notifier = None
+        if destinations:
+            from .notify.background import Notifier
+
+            self.notifier = Notifier(self.operator_engine, destinations, timeout=notify_timeout)
         self.duplicates: list[registry.Instance] = []
         self._runs: dict[str, AuditRun] = {}
         self._runs_lock = threading.Lock()
@@ -279,6 +306,8 @@ class StuckAuditPrevention:
     def _heartbeat_cleanup(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
         """One monitor pass over the whole fleet: recover every stuck audit."""
         result = self.monitor.run_pass()
+        if self.notifier is not None and result.ok:
+            self.notifier.start().kick()  # never waits for the webhook
         if not result.ok:
             log.error("%s: cannot reach the database (%s); will retry", marker, printable(result.error))
             return []
@@ -405,6 +434,8 @@ class StuckAuditPrevention:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        if self.notifier is not None:
+            self.notifier.stop(timeout=1.0)  # a delivery still in flight is covered by its claim
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGTERM) == self._on_sigterm):
             # Only put back what we replaced, and only if nobody (another guard) replaced us since.

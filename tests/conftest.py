@@ -158,3 +158,23 @@ def start_audit(engine):
         return audit_id, lease
 
     return start
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of this test's own, so stopping it disturbs no other test."""
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {reason}")
+        pytest.skip(reason)
+    server = PostgresServer()
+    server.start()
+    from auditctl.db import create_engine
+    from auditctl.migrate import upgrade
+
+    engine = create_engine(server.url)
+    upgrade(engine)
+    yield server, engine
+    engine.dispose()
+    server.cleanup()

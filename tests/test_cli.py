@@ -1042,3 +1042,47 @@ def test_audit_created_by_the_library_is_listed_by_the_cli(database_url, engine)
     audit_id = leases.create_audit(engine, "https://pending.example.com")
     (record,) = as_json(on(database_url, "list", "--format", "json"))
     assert (record["id"], record["status"], record["worker_id"]) == (audit_id, "pending", None)
+
+
+# --- secrets, on both engines -------------------------------------------------------------------
+
+WEBHOOK_SECRET = "T00SECRET/B00SECRET/xoxb-very-secret-token"
+
+
+@pytest.mark.parametrize("command", [["scan"], ["recover"], ["watch", "--once"], ["reset-all", "--yes"], ["list"],
+                                     ["show", "12"], ["workers"], ["config"], ["notify"], ["notify", "--status"],
+                                     ["scan", "-v", "--stale-after", "bad"]])
+def test_no_password_or_webhook_url_appears_in_any_output_on_either_engine(demo, command, tmp_path):
+    """On SQLite the URL holds no password, so the webhook URLs (secrets too) are what is checked there;
+    on PostgreSQL both are."""
+    password = make_url(demo).password
+    hook = f"http://127.0.0.1:9/services/{WEBHOOK_SECRET}"
+    env = {"AUDITCTL_SLACK_WEBHOOK": hook, "AUDITCTL_WEBHOOK": hook + "?token=another-secret",
+           "AUDITCTL_NOTIFY_TIMEOUT": "1s"}
+    secrets = ["very-secret-token", "another-secret", "B00SECRET"] + ([password] if password else [])
+    result = invoke(command[0], "--database-url", demo, *command[1:], env=env, secrets=secrets)
+    assert "Traceback" not in result.stdout
+    for secret in secrets:
+        assert secret not in result.output
+
+
+def test_a_workers_log_never_shows_its_database_password_or_webhook_on_either_engine(database_url, guards, caplog,
+                                                                                    start_audit, backdate):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    stuck, _ = start_audit(worker_id="someone-else")
+    backdate(stuck, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    hook = f"http://127.0.0.1:9/services/{WEBHOOK_SECRET}"
+    guard = guards(heartbeat_interval=0.2, slack_webhook=hook, notify_timeout=0.5)
+    guard.cleanup_stuck_audits_on_startup()
+    guard.start_heartbeat_monitor(handle_sigterm=False)
+    from dbtools import wait_for
+
+    wait_for(lambda: "could not deliver" in caplog.text or "Alerts" in caplog.text or "alerts" in caplog.text, timeout=15,
+             message="the guard to try its webhook")
+    guard.stop()
+    password = make_url(database_url).password
+    for secret in ["very-secret-token", "B00SECRET"] + ([password] if password else []):
+        assert secret not in caplog.text
+    assert "127.0.0.1" in caplog.text, "the destination is named, masked"

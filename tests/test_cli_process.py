@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -56,31 +57,44 @@ def on_terminal(args, *, cwd: Path, env: dict, answer: bytes | None = None, time
     """Run auditctl with stdin, stdout and stderr on a 200x50 pseudo-terminal; type ``answer`` at the [y/N] prompt."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns: no target folds
+    def controlling_terminal():
+        # A session of its own with the pseudo-terminal as its controlling terminal, as a login
+        # shell gives it: then Ctrl-C typed at the terminal is SIGINT for the process, as for real.
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # A shell starts a foreground command with SIGINT at its default, whatever the test runner
+        # inherited (a background job's SIGINT is ignored, and that would be passed on).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen([str(AUDITCTL), *map(str, args)], stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
-                               env=env, close_fds=True)
-    os.close(slave)
+                               env=env, close_fds=True, preexec_fn=controlling_terminal)
+    # The slave stays open here until the process is gone: closed early, a Ctrl-C typed at the
+    # master was at times never turned into SIGINT for the child.
     output, answered, deadline = b"", False, time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([master], [], [], 0.1)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the process is gone and the terminal drained
-                break
-            if not chunk:
-                break
-            output += chunk
-            if answer is not None and not answered and b"[y/N]" in output:
-                os.write(master, answer)
-                answered = True
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the terminal is gone
+                    break
+                output += chunk
+                if answer is not None and not answered and b"[y/N]" in output:
+                    # A person answers a moment after the question appears: typed at the very instant
+                    # it is printed, a Ctrl-C can land before Python waits for input, which then waits on.
+                    time.sleep(0.3)
+                    os.write(master, answer)
+                    answered = True
+            elif process.poll() is not None:
+                break  # exited, and everything it wrote has been read
         else:
             process.kill()
             pytest.fail(f"auditctl {' '.join(map(str, args))} did not finish on the terminal:\n{output.decode(errors='replace')}")
         return process.wait(timeout=10), output.decode(errors="replace")
     finally:
         os.close(master)
+        os.close(slave)
         if process.poll() is None:
             process.kill()
 
@@ -244,7 +258,8 @@ try:
     main()
 except SystemExit:
     pass
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sqlalchemy", "rich", "alembic", "psycopg", "tabulate"})
+heavy = sorted({m.split(".")[0] for m in sys.modules}
+               & {"sqlalchemy", "rich", "alembic", "psycopg", "tabulate", "prometheus_client", "starlette", "uvicorn"})
 print("HEAVY=" + ",".join(heavy), file=sys.stderr)
 """
 
@@ -259,9 +274,12 @@ def heavy_imports(tmp_path, *args, **env) -> set[str]:
 @pytest.mark.parametrize("args, env", [
     (["--help"], {}),
     (["scan", "--help"], {}),
+    (["watch", "--help"], {}),
+    (["report", "--help"], {}),
+    (["serve", "--help"], {}),
     (["--version"], {}),
     ([], {"_AUDITCTL_COMPLETE": "bash_complete", "COMP_WORDS": "auditctl sc", "COMP_CWORD": "1"}),
-], ids=["help", "scan-help", "version", "tab-completion"])
+], ids=["help", "scan-help", "watch-help", "report-help", "serve-help", "version", "tab-completion"])
 def test_help_version_and_completion_do_not_import_sqlalchemy_rich_or_alembic(tmp_path, args, env):
     assert heavy_imports(tmp_path, *args, **env) == set()
 

@@ -56,7 +56,7 @@ def test_installed_auditctl_completes_every_command_for_bash():
 
 
 def test_installed_auditctl_completes_a_command_prefix_and_option_values():
-    assert complete("bash_complete", "auditctl re", "1") == ["plain,recover", "plain,reset-all"]
+    assert complete("bash_complete", "auditctl re", "1") == ["plain,recover", "plain,report", "plain,reset-all"]
     formats = complete("zsh_complete", "auditctl scan --format ", "3")
     assert [formats[i + 1] for i in range(0, len(formats), 3)] == ["table", "wide", "plain", "json", "csv", "markdown"]
     fish = complete("fish_complete", "auditctl w", "w")

@@ -7,7 +7,7 @@ Commands are thin: parse options, call the library, render. Heavy modules
 
 from __future__ import annotations
 
-from . import admin, judge, views, watch  # noqa: F401  (each registers its commands on the group)
+from . import admin, judge, notify, report, serve, views, watch  # noqa: F401  (each registers its commands on the group)
 from .app import cli
 
 

@@ -8,6 +8,8 @@ import click
 
 from ..thresholds import RECOVERY_REASONS, RULE_REASONS
 from .app import cli
+from .metrics_options import metrics_options
+from .notify import destination_options
 from .options import (
     EXIT_ERROR,
     EXIT_REFUSED,
@@ -107,6 +109,8 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
 @threshold_options
 @judge_filter_options
 @output_options
+@metrics_options()
+@destination_options(deliver=True)
 @click.option("--dry-run", is_flag=True, help="Show exactly what would change; change nothing.")
 @click.option("--requeue", is_flag=True, help="Return stuck audits to pending (attempts counted) instead of failing them.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
@@ -160,6 +164,7 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
 @common_options
 @threshold_options
 @output_options
+@destination_options(deliver=True)
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--dry-run", is_flag=True, help="Show which audits would be reset; change nothing.")
 @click.option("--since", type=MOMENT, default=None, help="Only audits that failed after this (2h = two hours ago, or ISO time).")

@@ -124,10 +124,11 @@ def flatten(values) -> tuple:
 class CliState:
     """What every command shares: settings from options, and engines built on first use."""
 
-    def __init__(self, database_url: str, verbose: int = 0, quiet: bool = False):
+    def __init__(self, database_url: str, verbose: int = 0, quiet: bool = False, lock_wait: float | None = None):
         self.database_url = database_url
         self.verbose = verbose
         self.quiet = quiet
+        self.lock_wait = lock_wait
         self._engines: dict[str, object] = {}
 
     def engine_for(self, role: str):
@@ -136,10 +137,11 @@ class CliState:
         if role not in self._engines:
             from ..db import create_engine
 
+            wait = self.lock_wait if role in ("operator", "creator") else None
             if role == "creator":
-                self._engines[role] = create_engine(self.database_url, role="operator", must_exist=False)
+                self._engines[role] = create_engine(self.database_url, role="operator", must_exist=False, lock_wait=wait)
             else:
-                self._engines[role] = create_engine(self.database_url, role=role, must_exist=True)
+                self._engines[role] = create_engine(self.database_url, role=role, must_exist=True, lock_wait=wait)
         return self._engines[role]
 
     @property
@@ -188,8 +190,10 @@ def common_options(command):
                   callback=_load_config_here, help="Config file (TOML), as with `auditctl --config`.")
     @click.option("-v", "--verbose", count=True, help="More detail; with -v errors show a traceback.")
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing unless something changed or went wrong.")
+    @_setting_option("lock_wait", "--lock-wait", type=DURATION, default="30s", show_default=True,
+                     help="Longest a change waits for a database lock (SQLite's write lock, a PostgreSQL row lock).")
     @functools.wraps(command)
-    def wrapper(*args, database_url, verbose, quiet, **kwargs):
+    def wrapper(*args, database_url, verbose, quiet, lock_wait, **kwargs):
         ctx = click.get_current_context()
         root = ctx.find_root()
         # Given before the command name, a global option counts as given on the command line,
@@ -198,7 +202,7 @@ def common_options(command):
             database_url = root.meta["auditctl.database_url"]
         verbose += root.meta.get("auditctl.verbose_global", 0)
         quiet = quiet or root.meta.get("auditctl.quiet_global", False)
-        state = CliState(database_url, verbose=verbose, quiet=quiet)
+        state = CliState(database_url, verbose=verbose, quiet=quiet, lock_wait=lock_wait)
         ctx.meta["auditctl.verbose"] = verbose
         ctx.meta["auditctl.state"] = state
         ctx.call_on_close(state.close)
@@ -369,6 +373,38 @@ class AuditctlGroup(click.Group):
         super().format_epilog(ctx, formatter)
         formatter.write_paragraph()
         formatter.write_text(EXIT_CODES_HELP)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Usage errors as one line: the message, the option that was wrong (and the variable, only when
+        the value came from one), and where help is; exit 2. Click's own form takes four lines."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+            click.echo(paint(f"Error: {_usage_message(error)}{where}", "red"), err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            click.echo(paint(f"Error: {error.format_message()}", "red"), err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(EXIT_ERROR)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _usage_message(error: click.UsageError) -> str:
+    if isinstance(error, click.BadParameter) and not isinstance(error, click.MissingParameter) and error.param is not None:
+        param = error.param
+        names = [param.human_readable_name] if isinstance(param, click.Argument) else (param.opts or [param.human_readable_name])
+        hint = " / ".join(f"'{name}'" for name in names)
+        envvar = getattr(param, "envvar", None)
+        ctx = error.ctx
+        if envvar and ctx is not None and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
+            hint += f" (from ${envvar if isinstance(envvar, str) else envvar[0]})"
+        return f"Invalid value for {hint}: {error.message}"
+    return error.format_message()
 
 
 def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:

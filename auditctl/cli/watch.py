@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 import click
 
 from .app import cli
+from .metrics_options import metrics_options
+from .notify import WatchAlerts, destination_options
 from .options import DURATION, check_bounds, check_interval, common_options, judge_filter_options, threshold_options
 
 #: Seconds between turns of the stuck-audit pages on the screen.
@@ -39,6 +41,7 @@ PAGE_TURN = 5.0
 @common_options
 @threshold_options
 @judge_filter_options
+@destination_options
 @click.option("--interval", type=DURATION, default="5m", show_default=True, envvar="AUDITCTL_INTERVAL", show_envvar=True,
               help="Time between monitor passes (judge and recover).")
 @click.option("--refresh", type=DURATION, default="1s", show_default=True, envvar="AUDITCTL_REFRESH", show_envvar=True,
@@ -49,7 +52,9 @@ PAGE_TURN = 5.0
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
               show_envvar=True, help="With --requeue: after this many claims an audit fails for good.")
 @click.option("--live/--no-live", default=None, help="Force the screen on or off. Default: the screen on a terminal.")
-def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_recover, requeue, max_attempts, live):
+@metrics_options(serve=True, inject=True)
+def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_recover, requeue, max_attempts, live, metrics,
+          destinations, notify_timeout):
     """Run the heartbeat monitor in the foreground: the incident screen on a terminal, log lines when piped."""
     from ..errors import DatabaseUnavailable
     from ..history import Actor
@@ -68,6 +73,9 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         view = Screen(state, policy, interval, one_shot=once)
     else:
         view = LogView(state, once)
+    # Alerts go out from their own thread (or, with --once, after the pass, bounded by the timeout).
+    alerts = WatchAlerts(state, destinations, notify_timeout, once=once,
+                         echo=view._line if isinstance(view, LogView) else None) if destinations else None
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     result = None
@@ -78,8 +86,10 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_pass:
-                result = monitor.run_pass()
+                result = metrics.timed_pass(monitor.run_pass)
                 view.after_pass(result)
+                if alerts is not None and result.ok:
+                    alerts.after_pass()
                 if result.fatal:
                     break
                 if once:
@@ -92,8 +102,12 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
                     next_pass, retry = time.monotonic() + min(interval, retry), min(retry * 2, 30.0)
                 view.next_pass_at = next_pass
             view.observe(monitor, stop)
+            if alerts is not None:
+                alerts.show()
             view.wait(stop, max(0.0, min(refresh, next_pass - time.monotonic())))
     finally:
+        if alerts is not None:
+            alerts.close()
         view.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -22,8 +22,10 @@ _TIME_COLUMNS = ("heartbeat_at", "last_worker_update", "started_at", "created_at
 def odd_time(column: str, row: str = "NEW") -> str:
     """SQL (SQLite) that is 1 when a time column holds anything but a valid canonical time."""
     value = f"{row}.{column}"
+    # strftime normalises an impossible time (Feb 30, hour 24) to another text, and gives NULL for
+    # month 13 or hour 25; "+0 seconds" and IS make both count as odd, as Python reads neither.
     return (f"({value} IS NOT NULL AND NOT ({value} GLOB '{CANONICAL_GLOB}' AND {value} >= '0001' "
-            f"AND strftime('%Y-%m-%d %H:%M:%f', {value}) = substr({value}, 1, 23)))")
+            f"AND strftime('%Y-%m-%d %H:%M:%f', {value}, '+0 seconds') IS substr({value}, 1, 23)))")
 
 
 def odd_times(row: str = "NEW") -> str:
@@ -50,6 +52,7 @@ def upgrade() -> None:
         sa.Column("expires_at", Timestamp, nullable=False),
     )
     op.create_index("ix_notifications_created", "notifications", ["created_at"])
+    op.create_index("ix_notifications_expires", "notifications", ["expires_at"])
     op.create_index("ux_notifications_dedupe_key", "notifications", ["dedupe_key"], unique=True)
     op.create_table(
         "notification_deliveries",
@@ -61,6 +64,7 @@ def upgrade() -> None:
         sa.Column("claimed_until", Timestamp),
         sa.Column("sent_at", Timestamp),
         sa.Column("last_error", sa.Text),
+        sa.Column("label", sa.String(200)),
     )
     op.create_index("ix_notification_deliveries_status", "notification_deliveries", ["status", "next_attempt_at"])
 

@@ -1,0 +1,327 @@
+"""``auditctl report``: what makes audits stick, and (``--suggest-thresholds``) thresholds learned per kind.
+
+The analysis is the library's (``auditctl.report``, ``auditctl.learn``); this module parses
+the options, calls it, and renders: a terminal report (chart, tables, sentences) that fits
+80 columns, json and csv for dashboards, and a config block in toml.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .app import cli
+from .options import DURATION, common_options, threshold_options
+
+REPORT_FORMATS = ("table", "plain", "json", "csv", "toml")
+#: Default windows: a week for the report, a month of history to learn thresholds from.
+DEFAULT_SINCE = 7 * 86400.0
+DEFAULT_SUGGEST_SINCE = 30 * 86400.0
+#: The chart never grows wider than this, whatever the terminal.
+CHART_WIDTH = 80
+
+
+@cli.command()
+@common_options
+@threshold_options
+@click.option("--since", type=DURATION, default=None,
+              help="How far back to look (7d; 30d with --suggest-thresholds).")
+@click.option("--suggest-thresholds", "suggest", is_flag=True,
+              help="Propose stale_after, stall_after and max_age per kind from completed audits.")
+@click.option("--interval", type=DURATION, default="5m", show_default=True, envvar="AUDITCTL_INTERVAL", show_envvar=True,
+              help="The monitor's interval (watch --interval), added to the detection latency of proposals.")
+@click.option("-o", "--format", "fmt", type=click.Choice(REPORT_FORMATS), default=None,
+              help="Output format: table|plain|json|csv, and toml with --suggest-thresholds (a [kinds.NAME] "
+                   "block to paste into the config file). Default: table on a terminal, plain when piped.")
+def report(state, policy, allow_unsafe, since, suggest, interval, fmt):
+    """Report what makes audits stick: when, why, where, how fast it was caught, and whether more workers are needed.
+
+    \b
+    Over the --since window: stuck audits per hour or per day as a chart; by reason,
+    worker, step, target and kind; time to detection (last heartbeat to recovery) and to
+    recovery (last heartbeat to running again); how often a recovered audit's worker came
+    back and was refused; the outliers in words; and, from the backlog, throughput and
+    wait time, whether the fleet needs more workers (with the assumptions).
+
+    \b
+    With --suggest-thresholds: per kind, from the audits that completed, proposals for
+    stale_after, stall_after and max_age (99th percentile of what healthy audits showed,
+    x1.5, rounded up; at least two heartbeat intervals), each with the false-recovery
+    rate it would have had on that history and the detection latency it gives.
+    """
+    from .render import resolve_format
+
+    if fmt == "toml" and not suggest:
+        raise click.UsageError("--format toml goes with --suggest-thresholds")
+    fmt = resolve_format(fmt)
+    if suggest:
+        from ..learn import suggest_thresholds
+
+        found = suggest_thresholds(state.reader, since or DEFAULT_SUGGEST_SINCE, policy, interval=interval)
+        _render_suggestions(found, fmt)
+        return
+    from ..report import stuck_report
+
+    _render_report(stuck_report(state.reader, since or DEFAULT_SINCE, stale_after=policy.fleet.stale_after), fmt)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _dur(seconds) -> str:
+    from ..thresholds import format_duration
+
+    return "-" if seconds is None else format_duration(seconds)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _safe(text) -> str:
+    from ..textsafe import printable
+
+    return printable(text)
+
+
+def _json(data) -> None:
+    from ..textsafe import json_safe_text
+    from .render import json_default
+
+    click.echo(json_safe_text(json.dumps(data, default=json_default, ensure_ascii=False, indent=2)))
+
+
+def _heading(text: str, fmt: str) -> None:
+    click.echo("")
+    _say(text, fmt, bold=True)
+
+
+def _say(text: str, fmt: str, *, bold: bool = False, indent: str = "") -> None:
+    """A sentence wrapped to the output's width (80 columns when piped), continuation lines indented."""
+    import textwrap
+
+    from .render import terminal_width
+
+    width = min(CHART_WIDTH, terminal_width(fmt) or CHART_WIDTH)
+    for line in textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [""]:
+        click.echo(click.style(line, bold=True) if bold and fmt == "table" else line)
+
+
+def chart_lines(frequency: list[dict], bucket: str, width: int = CHART_WIDTH, *, ascii_bars: bool = False) -> list[str]:
+    """One bar per hour or day: ``Mon 11-29  ████████  12``, fitted to ``width`` columns."""
+    from datetime import datetime
+
+    block = "#" if ascii_bars else "█"
+    peak = max((slot["count"] for slot in frequency), default=0)
+    digits = max(1, len(str(peak)))
+    room = max(10, width - 9 - 2 - 2 - digits)
+    lines = []
+    for slot in frequency:
+        moment = datetime.fromisoformat(slot["start"].replace("Z", "+00:00"))
+        label = moment.strftime("%m-%d %Hh") if bucket == "hour" else moment.strftime("%a %m-%d")
+        count = slot["count"]
+        length = 0 if not peak else max(1 if count else 0, round(room * count / peak))
+        lines.append(f"{label}  {(block * length).ljust(room)}  {str(count).rjust(digits)}")
+    return lines
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def _share_columns(label: str, extra: list, none: str = "(unknown)"):
+    from .render import Column
+
+    return [Column("key", label, min_width=10, human=lambda v: none if v is None else str(v)),
+            Column("count", "COUNT", justify="right", fit="whole"),
+            Column("share", "SHARE", justify="right", fit="whole", human=_pct)] + extra
+
+
+def _records(shares) -> list[dict]:
+    return [{"key": s.key, "count": s.count, "share": s.share, **s.extra} for s in shares]
+
+
+def _render_report(found, fmt: str) -> None:
+    if fmt == "json":
+        _json(found.as_dict())
+        return
+    if fmt == "csv":
+        _report_csv(found)
+        return
+    from .render import Column, ascii_only, render, terminal_width
+
+    data = found.as_dict()
+    window = _dur(found.window_seconds)
+    runs = found.recoveries + found.completed
+    head = (f"Stuck audits since {data['since'][:16]}Z ({window}): {found.recoveries} recoveries of {found.audits} audits"
+            + (f" ({found.recoveries / runs:.1%} of {runs} finished runs)" if runs else ""))
+    _say(head, fmt, bold=True)
+    width = min(CHART_WIDTH, terminal_width(fmt) or CHART_WIDTH)
+    _heading(f"Per {found.bucket}", fmt)
+    for line in chart_lines(data["frequency"], found.bucket, width, ascii_bars=ascii_only() or fmt == "plain"):
+        click.echo(line)
+    if found.recoveries:
+        _heading("By reason", fmt)
+        render(_records(found.by_reason), _share_columns("REASON", [
+            Column("time_lost_mean_seconds", "TIME LOST (MEAN)", justify="right", fit="whole", human=_dur),
+            Column("time_lost_p95_seconds", "P95", justify="right", fit="whole", human=_dur)]), fmt)
+        _heading("By worker", fmt)
+        render(_records(found.by_worker), _share_columns("WORKER", [
+            Column("stuck_rate", "STUCK RATE", justify="right", fit="whole", human=_pct),
+            Column("came_back", "CAME BACK", justify="right", fit="whole"),
+            Column("top_step", "MOSTLY AT STEP", from_record=True, shrink=1,
+                   human=lambda r: "-" if not r.get("top_step") else f"{r['top_step']} ({_pct(r['top_step_share'])})")]), fmt)
+        _heading("By step", fmt)
+        render(_records(found.by_step), _share_columns("STEP", [
+            Column("top_worker", "MOSTLY ON", from_record=True, shrink=1,
+                   human=lambda r: "-" if not r.get("top_worker") else f"{r['top_worker']} ({_pct(r['top_worker_share'])})")]),
+               fmt)
+        if found.step_unknown:
+            click.echo(f"(step unknown for {found.step_unknown}: recovered again before the step was kept)")
+        _heading("By target", fmt)
+        render(_records(found.by_target), _share_columns("TARGET", []), fmt)
+        _heading("By kind", fmt)
+        render(_records(found.by_kind), _share_columns("KIND", [], none="(no kind)"), fmt)
+        _heading("Timing", fmt)
+        d, r = found.detection, found.recovery
+        _say(f"Time to detection (last heartbeat to recovery): mean {_dur(d.mean_seconds)}, "
+             f"p95 {_dur(d.p95_seconds)} (n={d.count})", fmt)
+        _say(f"Time to recovery (last heartbeat to running again): mean {_dur(r.mean_seconds)}, "
+             f"p95 {_dur(r.p95_seconds)} (n={r.count}; {found.never_ran_again} not run again yet)", fmt)
+        _say(f"Workers that came back after their audit was recovered and were refused: {found.came_back} of "
+             f"{found.recoveries} recoveries ({found.came_back / found.recoveries:.0%}); "
+             f"{found.lease_lost_writes} refused writes in all", fmt)
+        _heading("What stands out", fmt)
+        if found.outliers:
+            for outlier in found.outliers[:8]:
+                _say(f"- {_safe(outlier.text)}", fmt, indent="  ")
+        else:
+            click.echo("- Nothing: no worker, step, target or kind accounts for an outsized share.")
+    else:
+        click.echo("")
+        click.echo("No audit was recovered as stuck in this window.")
+    c = found.capacity
+    _heading("Capacity", fmt)
+    _say(f"Backlog: {c.pending} pending" + (f", oldest waiting {_dur(c.oldest_pending_seconds)}" if c.pending else "")
+         + f". Throughput: {c.completed_per_hour:.1f} completed/hour ({c.completed} in the window); "
+         f"arrivals {c.arrivals_per_hour:.1f}/hour.", fmt)
+    _say(f"Wait before start: mean {_dur(c.wait.mean_seconds)}, p95 {_dur(c.wait.p95_seconds)} (n={c.wait.count}); "
+         f"mean run {_dur(c.mean_run_seconds)}.", fmt)
+    _say(f"Verdict: {c.verdict}.", fmt, bold=True)
+    _say("Assuming " + "; ".join(c.assumptions) + ".", fmt)
+
+
+def _report_csv(found) -> None:
+    """Long format, one figure per row: section, key, count, share, value (seconds or a rate), detail."""
+    from .render import Column, render
+
+    rows = []
+    for slot in found.as_dict()["frequency"]:
+        rows.append({"section": f"per_{found.bucket}", "key": slot["start"], "count": slot["count"]})
+    for section in ("by_reason", "by_worker", "by_step", "by_target", "by_kind"):
+        for share in getattr(found, section):
+            rows.append({"section": section, "key": share.key, "count": share.count, "share": share.share,
+                         "value": share.extra.get("time_lost_mean_seconds", share.extra.get("stuck_rate")),
+                         "detail": share.extra.get("top_step") or share.extra.get("top_worker")})
+    for name, timing in (("detection", found.detection), ("recovery", found.recovery), ("wait", found.capacity.wait)):
+        rows.append({"section": "timing", "key": f"{name}_mean_seconds", "count": timing.count, "value": timing.mean_seconds})
+        rows.append({"section": "timing", "key": f"{name}_p95_seconds", "count": timing.count, "value": timing.p95_seconds})
+    rows.append({"section": "came_back", "key": "recoveries_refused_later", "count": found.came_back,
+                 "share": round(found.came_back / found.recoveries, 4) if found.recoveries else None})
+    rows.append({"section": "came_back", "key": "lease_lost_writes", "count": found.lease_lost_writes})
+    for outlier in found.outliers:
+        rows.append({"section": "outlier", "key": outlier.value, "count": outlier.count, "share": outlier.share,
+                     "detail": outlier.text})
+    c = found.capacity
+    for key, value in (("pending", c.pending), ("oldest_pending_seconds", c.oldest_pending_seconds),
+                       ("arrivals_per_hour", c.arrivals_per_hour), ("completed_per_hour", c.completed_per_hour),
+                       ("mean_run_seconds", c.mean_run_seconds), ("workers_alive", c.workers_alive),
+                       ("workers_needed", c.workers_needed), ("workers_to_add", c.workers_to_add)):
+        rows.append({"section": "capacity", "key": key, "value": value})
+    rows.append({"section": "capacity", "key": "verdict", "detail": c.verdict})
+    render(rows, [Column(k, k) for k in ("section", "key", "count", "share", "value", "detail")], "csv")
+
+
+# --- suggestions -------------------------------------------------------------------------------
+
+
+def _suggestion_records(found) -> list[dict]:
+    records = []
+    for item in found.kinds:
+        for name, p in item.proposals.items():
+            records.append({
+                "kind": item.kind, "threshold": name, "completed": item.completed, "samples": p.samples,
+                "current_seconds": p.current_seconds, "current_source": p.current_source,
+                "current_false_recoveries": p.current_false_recoveries,
+                "current_false_recovery_rate": p.current_false_recovery_rate,
+                "proposed_seconds": p.seconds, "proposed": p.text, "false_recoveries": p.false_recoveries,
+                "false_recovery_rate": p.false_recovery_rate, "detection_latency_seconds": p.detection_latency_seconds,
+                "observed_p50_seconds": p.observed_p50, "observed_p99_seconds": p.observed_p99,
+                "observed_max_seconds": p.observed_max, "note": p.floor or item.note,
+            })
+    return records
+
+
+def _render_suggestions(found, fmt: str) -> None:
+    if fmt == "json":
+        _json(found.as_dict())
+        return
+    if fmt == "toml":
+        import tomllib
+
+        from ..config import validate_config
+        from ..learn import to_toml
+
+        block = to_toml(found)
+        # What is printed must be what the config file accepts: checked here, every time.
+        validate_config(tomllib.loads(block), "(suggested block)")
+        click.echo(block, nl=False)
+        return
+    from .render import Column, render
+
+    records = _suggestion_records(found)
+    if fmt == "csv":
+        render(records, [Column(k, k) for k in records[0]] if records else [Column("kind", "kind")], "csv")
+        return
+    if not records:
+        click.echo("No audit completed in this window: nothing to learn from.")
+        return
+
+    def rate(value):
+        return "-" if value is None else f"{value:.1%}"
+
+    columns = [
+        Column("threshold", "THRESHOLD", fit="whole"),
+        Column("current_seconds", "NOW", fit="whole", justify="right", human=_dur),
+        Column("current_false_recovery_rate", "WRONG NOW", justify="right", fit="whole", human=rate),
+        Column("proposed", "PROPOSED", fit="whole", justify="right"),
+        Column("false_recovery_rate", "WRONG THEN", justify="right", fit="whole", human=rate),
+        Column("detection_latency_seconds", "CAUGHT IN", justify="right", fit="whole", human=_dur),
+        Column("observed", "SEEN P99/MAX", from_record=True, justify="right", fit="whole",
+               human=lambda r: f"{_dur(r['observed_p99_seconds'])}/{_dur(r['observed_max_seconds'])}"),
+        Column("note", "NOTE", detail=True),
+    ]
+    _say("Thresholds learned from completed audits", fmt, bold=True)
+    for item in found.kinds:
+        name = "audits with no kind (fleet)" if item.kind is None else f"kind {_safe(item.kind)}"
+        facts = [f"{item.completed} completed"]
+        if item.heartbeat_interval is not None:
+            facts.append(f"heartbeat every {_dur(item.heartbeat_interval)}")
+        if item.declaring_own:
+            facts.append(f"{item.declaring_own} ran under their worker's own thresholds")
+        if item.false_recovery_rate is not None:
+            facts.append(f"proposals would have recovered {item.false_recoveries} wrongly ({item.false_recovery_rate:.1%})")
+        _heading(f"{name}: " + "; ".join(facts), fmt)
+        if item.enough:
+            render([r for r in records if r["kind"] == item.kind], columns, fmt)
+        else:
+            _say(f"no proposal: {item.note}", fmt)
+    from ..learn import method_summary
+    from ..thresholds import format_duration
+
+    click.echo("")
+    _say("NOW: in force (flag, kind or fleet). WRONG: completed (healthy) audits the threshold would have recovered. "
+         f"CAUGHT IN: threshold plus one {format_duration(found.interval)} monitor interval, from the last heartbeat "
+         "(stale_after), last progress (stall_after) or start (max_age).", fmt)
+    _say(f"Method: {method_summary()}", fmt)
+    _say("Paste-ready: auditctl report --suggest-thresholds --format toml", fmt)

@@ -1,0 +1,72 @@
+"""Where alerts go: a destination is a kind (slack, discord, webhook) and a URL, which is a secret.
+
+The URL is used exactly as given (so a test can point one at loopback) and is never shown:
+messages, logs and ``notify --status`` name a destination by its kind and masked URL
+(scheme and host only). The database knows it only by a hash.
+
+Pure Python (no SQLAlchemy): the command line parses destinations before it needs a database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+from ..urls import mask_webhook
+
+KINDS = ("slack", "discord", "webhook")
+#: The longest one POST may take, connecting included (seconds).
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    kind: str
+    url: str = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        """How the database names this destination: a hash of the URL, never the URL itself."""
+        return hashlib.sha256(self.url.encode("utf-8")).hexdigest()
+
+    @property
+    def label(self) -> str:
+        """``slack https://hooks.slack.com/***``: safe to show and to store."""
+        return f"{self.kind} {mask_webhook(self.url)}"
+
+    def __str__(self) -> str:
+        return self.label
+
+    def __repr__(self) -> str:
+        return f"Destination({self.label!r})"
+
+
+def _split(value) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    urls = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"a webhook URL must be text, got {type(item).__name__}")
+        urls.extend(part.strip() for part in item.split(",") if part.strip())
+    return urls
+
+
+def check_url(kind: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{kind} webhook {mask_webhook(url)} is not an http(s) URL with a host")
+    return url
+
+
+def destinations_from(slack=None, discord=None, webhook=None) -> list[Destination]:
+    """Destinations from URLs (each a string, comma-separated, or a list); the same URL counts once."""
+    found: dict[str, Destination] = {}
+    for kind, value in (("slack", slack), ("discord", discord), ("webhook", webhook)):
+        for url in _split(value):
+            destination = Destination(kind, check_url(kind, url))
+            found.setdefault(destination.key, destination)
+    return list(found.values())

@@ -1,0 +1,95 @@
+"""Discord: a webhook payload with embeds, one per kind of news, coloured by severity.
+
+Mentions are switched off (``allowed_mentions``), so a target named ``@everyone`` pings
+nobody; markdown in database text is escaped and control characters are shown. Discord's
+limits are kept: at most 10 embeds, 25 fields each (``MAX_LISTED`` audits are listed),
+256 characters per title and field name, 1,024 per field value, 6,000 in all.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..textsafe import printable
+from ..timestamps import iso
+from .digest import MAX_LISTED, Digest
+
+RED, ORANGE, DARK_RED, BLUE, GREEN = 0xD62828, 0xF77F00, 0x9D0208, 0x3A86FF, 0x2A9D8F
+TOTAL_LIMIT = 5800
+_MARKDOWN = re.compile(r"([\\*_~`|>#\[\]])")
+
+
+def escape(value) -> str:
+    return _MARKDOWN.sub(r"\\\1", printable(value))
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _audit_field(line) -> dict:
+    worker = f" · worker {escape(line.worker_id)}" if line.worker_id else ""
+    value = f"**{escape(', '.join(line.reasons) or '-')}** → {escape(line.status)}{worker}"
+    if line.explanation:
+        value += f"\n{escape('; '.join(line.explanation))}"
+    if line.evidence:
+        value += f"\nMeasured: {escape(line.evidence)}"
+    return {"name": _cut(f"#{line.id} {escape(line.target)}", 256), "value": _cut(value, 1024), "inline": False}
+
+
+def _audits_embed(title: str, colour: int, lines: list, digest: Digest) -> dict:
+    listed = lines[:MAX_LISTED]
+    description = f"Reasons: {escape(digest.reason_counts())}"
+    if digest.actors:
+        description += f"\nRecovered by {escape(', '.join(digest.actors))}"
+    if len(lines) > len(listed):
+        description += f"\nand {len(lines) - len(listed)} more (`auditctl history` has every one)"
+    return {"title": _cut(title, 256), "color": colour, "description": _cut(description, 4000),
+            "fields": [_audit_field(line) for line in listed]}
+
+
+def _size(embed: dict) -> int:
+    return (len(embed.get("title", "")) + len(embed.get("description", "")) + len(embed.get("footer", {}).get("text", ""))
+            + sum(len(f["name"]) + len(f["value"]) for f in embed.get("fields", [])))
+
+
+def message(digest: Digest, idempotency_key: str) -> dict:
+    embeds = []
+    if digest.recovered:
+        embeds.append(_audits_embed(f"{len(digest.recovered)} stuck audit{'s' if len(digest.recovered) != 1 else ''} recovered",
+                                    RED, digest.recovered, digest))
+    if digest.requeued:
+        embeds.append(_audits_embed(f"{len(digest.requeued)} stuck audit{'s' if len(digest.requeued) != 1 else ''} requeued",
+                                    ORANGE, digest.requeued, digest))
+    if digest.gone:
+        embeds.append({"title": "Workers gone" if len(digest.gone) > 1 else f"Worker {printable(digest.gone[0].worker_id)} gone",
+                       "color": DARK_RED,
+                       "description": _cut("\n".join(f"**{escape(g.worker_id)}**: {escape(g.proof)} "
+                                                     f"({g.audits} audit{'s' if g.audits != 1 else ''} recovered)"
+                                                     for g in digest.gone[:MAX_LISTED]), 4000)})
+    if digest.resets:
+        lines = []
+        for reset in digest.resets[:MAX_LISTED]:
+            origins = ", ".join(f"{count} {origin}" for origin, count in sorted(reset.by_origin.items()) if count)
+            host = f" on {escape(reset.host)}" if reset.host else ""
+            lines.append(f"**{escape(reset.actor)}**{host} reset {reset.count} audit{'s' if reset.count != 1 else ''} "
+                         f"to pending" + (f" ({escape(origins)})" if origins else ""))
+        embeds.append({"title": f"{digest.reset_total} audit{'s' if digest.reset_total != 1 else ''} reset", "color": BLUE,
+                       "description": _cut("\n".join(lines), 4000)})
+    if digest.healthy is not None:
+        embeds.append({"title": "Fleet healthy again", "color": GREEN, "description": "Nothing is stuck."})
+    if not embeds:
+        embeds.append({"title": _cut(printable(digest.title), 256), "color": BLUE,
+                       "description": f"{digest.unreadable} event(s) could not be read; see `auditctl notify --status`"})
+    ids = [e.id for e in digest.events]
+    span = f"event #{ids[0]}" if len(ids) == 1 else f"events #{ids[0]}-#{ids[-1]} ({len(ids)})"
+    embeds = embeds[:10]
+    embeds[-1]["footer"] = {"text": f"auditctl · {span} · idempotency key {idempotency_key}"}
+    if digest.last_at is not None:
+        embeds[-1]["timestamp"] = iso(digest.last_at)
+    # Keep under Discord's total: drop listed audits from the end, never the footer.
+    while sum(_size(e) for e in embeds) > TOTAL_LIMIT and any(e.get("fields") for e in embeds):
+        fullest = max((e for e in embeds if e.get("fields")), key=lambda e: len(e["fields"]))
+        fullest["fields"].pop()
+    return {"username": "auditctl", "content": _cut(printable(digest.title), 2000), "embeds": embeds,
+            "allowed_mentions": {"parse": []}}

@@ -1,0 +1,121 @@
+"""One HTTP POST of a JSON body, with a hard timeout, through the standard library (urllib).
+
+No third-party HTTP client: a POST is all alerts need. The timeout bounds the whole call,
+not only each socket operation: the request runs in a daemon thread that is abandoned
+when the time is up, so a webhook that trickles its answer byte by byte cannot hold a
+sender longer either. Redirects are not followed (a webhook that redirects is misconfigured,
+and following one would turn the POST into a GET). Error texts never hold the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from http.client import HTTPException
+from urllib.parse import urlsplit
+
+from .. import __version__
+from ..textsafe import printable
+from ..urls import MASK
+
+#: The longest Retry-After honoured (seconds): a longer one is most likely a mistake.
+MAX_RETRY_AFTER = 3600.0
+
+
+@dataclass
+class Response:
+    status: int | None  # None: no answer at all (refused, timed out, DNS)
+    error: str | None = None  # None when the destination took it (2xx)
+    retry_after: float | None = None  # seconds, from a 429's Retry-After
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header (seconds, or an HTTP date) as seconds from now, at most ``MAX_RETRY_AFTER``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = moment.timestamp() - time.time()
+    if math.isnan(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
+
+
+def hide_url(text: str, url: str) -> str:
+    """``text`` with the URL, and its path and query (where the secret is), masked."""
+    parts = urlsplit(url)
+    secrets = [url, url.strip(), parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query]
+    for secret in sorted({s for s in secrets if s and len(s) > 1}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _post(url: str, data: bytes, headers: dict, timeout: float) -> Response:
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with _OPENER.open(request, timeout=timeout) as answer:
+            answer.read(4096)
+            return Response(status=answer.status)
+    except urllib.error.HTTPError as error:
+        try:
+            body = error.read(300).decode("utf-8", "replace").strip()
+        except Exception:  # noqa: BLE001 - the status says enough
+            body = ""
+        retry = retry_after_seconds(error.headers.get("Retry-After")) if error.headers is not None else None
+        text = f"HTTP {error.code}" + (f": {body.splitlines()[0][:200]}" if body else "")
+        return Response(status=error.code, error=text, retry_after=retry if error.code in (429, 503) else None)
+    except urllib.error.URLError as error:
+        reason = error.reason
+        text = "timed out" if isinstance(reason, TimeoutError) else str(reason)
+        return Response(status=None, error=f"no answer: {text}")
+    except TimeoutError:
+        return Response(status=None, error=f"no answer within {timeout:g}s")
+    except (OSError, ValueError, HTTPException) as error:
+        return Response(status=None, error=f"no answer: {type(error).__name__}: {error}")
+
+
+def post_json(url: str, body: dict, *, timeout: float, idempotency_key: str | None = None) -> Response:
+    """POST ``body`` as JSON; never raises, never takes longer than ``timeout`` (plus a hair)."""
+    data = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
+    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": f"auditctl/{__version__}"}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    outcome: list[Response] = []
+
+    def run():
+        try:
+            outcome.append(_post(url, data, headers, timeout))
+        except Exception as error:  # noqa: BLE001 - a sender never raises
+            outcome.append(Response(status=None, error=f"no answer: {type(error).__name__}: {error}"))
+
+    thread = threading.Thread(target=run, name="auditctl-notify-post", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.2)
+    response = outcome[0] if outcome else Response(status=None, error=f"no answer within {timeout:g}s")
+    if response.error is not None:
+        response.error = printable(hide_url(response.error, url))[:300]
+    return response

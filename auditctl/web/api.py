@@ -1,0 +1,258 @@
+"""The JSON API under ``/api/``: the records of ``auditctl.records``, exactly what ``--format json`` prints.
+
+======================  ===================================================================
+``GET /api/health``     ``{"database": "ok"}``, or 503 ``{"database": "unavailable", "error": ...}``
+``GET /api/overview``   the fleet at a glance (``records.overview_record``) and ``recoveries_by_hour``
+``GET /api/stuck``      ``auditctl scan --format json``: ``worker, reason, kind, target, older_than,
+                        since, until, id, sort, reverse, limit``
+``GET /api/audits``     ``auditctl list --format json``: ``status, worker, kind, target, since, until,
+                        sort, reverse, limit`` (default 50, 0 for all)
+``GET /api/audits/ID``  ``auditctl show ID --format json`` (404 when there is no such audit)
+``GET /api/workers``    ``auditctl workers --format json`` (``all=1`` for ``--all``)
+``POST /api/recover``   ``auditctl recover --format json``: the stuck filters above plus ``id``,
+                        ``requeue``, ``max_attempts``, ``dry_run``
+``POST /api/reset-all`` ``auditctl reset-all --yes --format json``: ``since`` (a duration),
+                        ``reason``, ``origin``, ``max_resets``, ``include_stuck``, ``dry_run``
+======================  ===================================================================
+
+Parameters come in the query string or, for POST, in a JSON object body (lists as arrays or
+comma-separated text). Reads are open like the pages; a POST needs ``Authorization: Bearer
+TOKEN`` (or a signed-in session's cookie with its ``X-CSRF-Token`` header). Errors are
+``{"error": "..."}`` with 400 (bad parameter), 401 (no or wrong credential), 403 (actions
+disabled, cross-site request), 404, 415 (body not JSON) or 503 (database unreachable).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..errors import AuditctlError, AuditNotFound, ConfigError
+from ..textsafe import json_safe_text
+from ..timestamps import iso
+from .params import Params
+from .security import CSRF_HEADER, same
+
+
+def _default(value):
+    if isinstance(value, datetime):
+        return iso(value)
+    return str(value)
+
+
+def json_response(value, status: int = 200, headers: dict | None = None) -> Response:
+    text = json_safe_text(json.dumps(value, default=_default, ensure_ascii=False))
+    return Response(text + "\n", status_code=status, media_type="application/json", headers=headers)
+
+
+def error(status: int, text: str, headers: dict | None = None) -> Response:
+    return json_response({"error": text}, status, headers)
+
+
+def _unauthorised(text: str) -> Response:
+    return error(401, text, {"WWW-Authenticate": 'Bearer realm="auditctl"'})
+
+
+def _credential(request: Request, d) -> tuple[str | None, Response | None]:
+    """(user, None) when the request carries a valid credential, (None, None) when it carries none,
+    (None, refusal) when it carries a wrong one."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if d.token is not None and scheme.lower() == "bearer" and same(value.strip(), d.token):
+            return "token", None
+        return None, _unauthorised("the Authorization header does not carry this dashboard's token")
+    session = d.session(request)
+    if session is not None and same(request.headers.get(CSRF_HEADER), session.csrf):
+        return session.user, None
+    return None, None
+
+
+def _actor_or_refusal(request: Request, d) -> tuple[str | None, Response | None]:
+    if d.token is None:
+        return None, error(403, "actions are disabled: the dashboard was started without a token "
+                                "(auditctl serve --token, or AUDITCTL_WEB_TOKEN); nothing was changed")
+    user, refusal = _credential(request, d)
+    if refusal is not None:
+        return None, refusal
+    if user is None:
+        return None, _unauthorised("send Authorization: Bearer TOKEN (or sign in and send X-CSRF-Token); nothing was changed")
+    return user, None
+
+
+async def _params(request: Request) -> Params:
+    body = await request.body()
+    if not body.strip():
+        return Params(request.query_params)
+    if "json" not in request.headers.get("content-type", ""):
+        raise _BodyNotJSON()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise _BodyNotJSON() from None
+    return Params(request.query_params, data)
+
+
+class _BodyNotJSON(Exception):
+    pass
+
+
+def _read_route(handler):
+    """A GET endpoint: a wrong credential is refused; database trouble is 503; bad parameters 400."""
+
+    async def endpoint(request: Request):
+        from .app import Outage
+
+        d = request.app.state.dashboard
+        _user, refusal = _credential(request, d)
+        if refusal is not None:
+            return refusal
+        try:
+            return await run_in_threadpool(handler, d, request)
+        except ConfigError as problem:
+            return error(400, str(problem))
+        except AuditNotFound as problem:
+            return error(404, str(problem))
+        except Outage as problem:
+            return error(503, str(problem))
+
+    return endpoint
+
+
+def _health(d, request):
+    from .app import Outage
+
+    try:
+        d.read(_ping, d.reader)
+    except Outage as problem:
+        return json_response({"database": "unavailable", "error": str(problem), "where": d.where}, 503)
+    return json_response({"database": "ok", "where": d.where})
+
+
+def _ping(engine):
+    from ..db import fetch_now, read_connection
+
+    with read_connection(engine) as connection:
+        return fetch_now(connection)
+
+
+def _overview(d, request):
+    from ..overview import fleet_overview
+    from ..records import overview_record
+
+    overview = d.read(fleet_overview, d.reader, d.policy, with_status_counts=True,
+                      sample=Params(request.query_params).integer("sample", 50, high=10_000))
+    record = overview_record(overview)
+    d.last_overview = (record, d.chart())
+    record["recoveries_by_hour"] = d.last_overview[1]
+    return json_response(record)
+
+
+def _stuck(d, request):
+    from .params import stuck_listing
+
+    filters, sort, descending, limit = stuck_listing(Params(request.query_params))
+    return json_response(d.stuck(filters, sort=sort, descending=descending, limit=limit or None))
+
+
+def _audits(d, request):
+    from .params import audit_listing
+
+    filters, sort, descending, limit = audit_listing(Params(request.query_params))
+    return json_response(d.audits(filters, sort, descending, limit or None))
+
+
+def _audit(d, request):
+    return json_response(d.audit(request.path_params["audit_id"]))
+
+
+def _workers(d, request):
+    return json_response(d.workers(show_all=Params(request.query_params).flag("all")))
+
+
+async def recover(request: Request):
+    from ..records import recovery_record
+    from ..recovery import DEFAULT_MAX_ATTEMPTS
+    from .params import stuck_filters
+
+    d = request.app.state.dashboard
+    user, refusal = _actor_or_refusal(request, d)
+    if refusal is not None:
+        return refusal
+    try:
+        params = await _params(request)
+        filters = stuck_filters(params)
+        dry_run = params.flag("dry_run")
+        done = await run_in_threadpool(d.recover, user, filters, requeue=params.flag("requeue"),
+                                       max_attempts=params.integer("max_attempts", DEFAULT_MAX_ATTEMPTS, low=1),
+                                       dry_run=dry_run)
+    except Exception as problem:  # noqa: BLE001 - each kind is mapped to its status below
+        return _action_error(problem, d)
+    records = [recovery_record(r, dry_run) for r in done]
+    if done.skipped:
+        listing = "; ".join(f"{s.id} ({s.error})" for s in done.skipped[:10])
+        return json_response({"error": f"{len(done.skipped)} audits could not be recovered and need an operator: {listing}",
+                              "recovered": records}, 500)
+    return json_response(records)
+
+
+async def reset_all(request: Request):
+    from ..records import reset_record
+    from .params import reset_request
+
+    d = request.app.state.dashboard
+    user, refusal = _actor_or_refusal(request, d)
+    if refusal is not None:
+        return refusal
+    try:
+        params = await _params(request)
+        filters, include_stuck = reset_request(params)
+        dry_run = params.flag("dry_run")
+        plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
+        if dry_run:
+            return json_response(listing)
+        done = await run_in_threadpool(d.reset, user, plan)
+    except Exception as problem:  # noqa: BLE001 - each kind is mapped to its status below
+        return _action_error(problem, d)
+    records = [reset_record(r, False) for r in done]
+    if done.skipped:
+        return json_response({"error": f"{len(done.skipped)} audits could not be reset and need an operator: "
+                                       + ", ".join(str(s.id) for s in done.skipped[:20]), "reset": records}, 500)
+    return json_response(records)
+
+
+def _action_error(problem: Exception, d) -> Response:
+    from .app import Outage
+
+    if isinstance(problem, _BodyNotJSON):
+        return error(415, "the request body must be a JSON object (Content-Type: application/json)")
+    if isinstance(problem, ConfigError):
+        return error(400, str(problem))
+    if isinstance(problem, Outage):
+        return error(503, str(problem))
+    from ..recovery import ConcurrentChange
+
+    if isinstance(problem, ConcurrentChange):
+        return error(409, f"{problem}: try again")
+    if isinstance(problem, (AuditctlError, SQLAlchemyError, OSError)):
+        return error(503, d.safe_message(problem))
+    raise problem
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/api/health", _read_route(_health)),
+        Route("/api/overview", _read_route(_overview)),
+        Route("/api/stuck", _read_route(_stuck)),
+        Route("/api/audits", _read_route(_audits)),
+        Route("/api/audits/{audit_id:int}", _read_route(_audit)),
+        Route("/api/workers", _read_route(_workers)),
+        Route("/api/recover", recover, methods=["POST"]),
+        Route("/api/reset-all", reset_all, methods=["POST"]),
+    ]

@@ -1,0 +1,591 @@
+"""The dashboard application: its state (engines, sessions, the outage memory) and the HTML routes.
+
+Every read and every action is one call into the library, run in Starlette's thread pool
+(the library is synchronous). The dashboard keeps no data of its own beyond the last
+overview it read, shown dimmed under the alert while the database is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import __version__
+from ..errors import AuditctlError, AuditNotFound, ConfigError
+from ..history import Actor
+from ..thresholds import Policy
+from ..urls import scrub
+from . import views
+from .params import MAX_INT, Params
+from .security import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    LOOPBACK_NAMES,
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    GuardMiddleware,
+    Session,
+    Sessions,
+    is_loopback,
+    same,
+)
+
+log = logging.getLogger("auditctl.web")
+STATIC = Path(__file__).parent / "static"
+#: The stuck-over-time chart reads the history at most this often (it moves by the hour).
+CHART_SECONDS = 15.0
+#: A wrong token at sign-in is answered after this long.
+WRONG_TOKEN_DELAY = 0.5
+#: How many healthy running audits the overview lists (the rest are counted).
+HEALTHY_SAMPLE = 20
+
+
+class Outage(Exception):
+    """The database could not be read. The message names it with the password masked."""
+
+
+def open_engine(database_url: str, role: str):
+    """The library's engine for a role, opened the way a long-running viewer needs: on SQLite each read
+    opens the file afresh (no pool), so a database file that was moved, deleted or unmounted is
+    reported as lost instead of being read on through a stale handle (and ``create_engine`` never
+    lets it be replaced by an empty one)."""
+    from sqlalchemy.pool import NullPool
+
+    from ..db import create_engine, normalize_url
+
+    if normalize_url(database_url).get_backend_name() != "sqlite":
+        return create_engine(database_url, role=role, must_exist=True)
+    return create_engine(database_url, role=role, must_exist=True, poolclass=NullPool)
+
+
+class Health:
+    """Whether the last read reached the database, since when, and when it came back."""
+
+    def __init__(self):
+        self.error: str | None = None
+        self.lost_at: float | None = None
+        self.back_at: float | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, message: str) -> None:
+        with self._lock:
+            if self.error is None:
+                self.lost_at = time.monotonic()
+                log.warning("database lost: %s", message)
+            self.error = message
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if self.error is not None:
+                self.back_at = time.monotonic()
+                log.warning("database back after %.1f s", self.back_at - (self.lost_at or self.back_at))
+            self.error = None
+
+    def banner(self) -> str:
+        now = time.monotonic()
+        with self._lock:
+            return views.health_banner(self.error, None if self.lost_at is None else now - self.lost_at,
+                                       None if self.back_at is None else now - self.back_at)
+
+
+class Dashboard:
+    """What the routes share: engines, policy, token, sessions and the database's health."""
+
+    def __init__(self, database_url: str, *, policy: Policy | None = None, token: str | None = None,
+                 allow_unsafe: bool = False):
+        from ..db import display_url
+
+        self.database_url = database_url
+        self.reader = open_engine(database_url, "reader")
+        self.where = display_url(self.reader)
+        self.policy = Policy.coerce(policy) if policy is not None else Policy.of()
+        self.token = token or None
+        self.allow_unsafe = allow_unsafe
+        self.sessions = Sessions()
+        self.health = Health()
+        self._operator = None
+        self._lock = threading.Lock()
+        self.last_overview: tuple[dict | None, list | None] = (None, None)
+        self._chart: tuple[float, list | None] = (0.0, None)
+
+    # --- engines and reads ----------------------------------------------------------
+
+    @property
+    def operator(self):
+        """The engine for actions, opened on the first action (a read-only dashboard never opens one)."""
+        with self._lock:
+            if self._operator is None:
+                self._operator = open_engine(self.database_url, "operator")
+            return self._operator
+
+    def safe_message(self, error: BaseException) -> str:
+        """One line about a database error, for a page, a log or a JSON error: the password masked."""
+        if isinstance(error, AuditctlError):
+            text = str(error)  # the library's own words, already masked
+        else:
+            first = (str(error).splitlines() or [""])[0]
+            text = f"database unavailable at {self.where}: {type(error).__name__}: {first}"
+        return scrub(text, self.database_url)
+
+    def read(self, function, *args, **kwargs):
+        """One library read; database trouble is recorded in ``health`` and raised as ``Outage``."""
+        try:
+            value = function(*args, **kwargs)
+        except (AuditNotFound, ConfigError):
+            self.health.succeeded()
+            raise
+        except (AuditctlError, SQLAlchemyError, OSError) as error:
+            message = self.safe_message(error)
+            self.health.failed(message)
+            raise Outage(message) from None
+        self.health.succeeded()
+        return value
+
+    def close(self) -> None:
+        self.reader.dispose()
+        if self._operator is not None:
+            self._operator.dispose()
+
+    # --- who is asking --------------------------------------------------------------
+
+    def session(self, request: Request) -> Session | None:
+        if self.token is None:
+            return None
+        return self.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+    def viewer(self, request: Request) -> views.Viewer:
+        session = self.session(request)
+        return views.Viewer(path=request.url.path, user=session.user if session else None,
+                            csrf=session.csrf if session else None, token_configured=self.token is not None,
+                            where=self.where, version=__version__)
+
+    @staticmethod
+    def actor(user: str) -> Actor:
+        return Actor(name=f"dashboard {user}")
+
+    # --- what the pages show --------------------------------------------------------
+
+    def overview(self) -> tuple[dict | None, list | None]:
+        """The overview record and the chart; the last ones read when the database is unreachable."""
+        from ..overview import fleet_overview
+        from ..records import overview_record
+
+        try:
+            overview = self.read(fleet_overview, self.reader, self.policy, with_status_counts=True, sample=HEALTHY_SAMPLE)
+            result = (overview_record(overview), self.chart())
+        except Outage:
+            return self.last_overview
+        self.last_overview = result
+        return result
+
+    def chart(self) -> list | None:
+        from ..overview import recoveries_by_hour
+        from ..records import recoveries_by_hour_record
+
+        read_at, hours = self._chart
+        if hours is None or time.monotonic() - read_at > CHART_SECONDS:
+            hours = [recoveries_by_hour_record(h) for h in self.read(recoveries_by_hour, self.reader)]
+            self._chart = (time.monotonic(), hours)
+        return hours
+
+    def stuck(self, filters=None, sort: str = "id", descending: bool = False, limit: int | None = None) -> list[dict]:
+        from ..records import unreadable_verdict_record, verdict_record
+        from ..rules import Filters, find_stuck, isolate
+
+        verdicts = self.read(find_stuck, self.reader, self.policy, filters=filters or Filters(), sort=sort,
+                             descending=descending, limit=limit)
+        return [isolate(v, verdict_record, unreadable_verdict_record) for v in verdicts]
+
+    def audits(self, filters, sort: str, descending: bool, limit: int | None) -> list[dict]:
+        from ..audits import iter_audits
+        from ..records import audit_record
+
+        return self.read(lambda: [audit_record(a) for a in iter_audits(self.reader, filters, sort=sort,
+                                                                       descending=descending, limit=limit)])
+
+    def audit(self, audit_id: int) -> dict:
+        from ..audits import get_audit
+        from ..records import audit_detail_record
+
+        if not 1 <= audit_id <= MAX_INT:
+            raise AuditNotFound(f"no audit with id {audit_id}")
+        return audit_detail_record(self.read(get_audit, self.reader, audit_id))
+
+    def workers(self, show_all: bool = False) -> list[dict]:
+        from ..records import instance_record
+        from ..registry import GONE_RETENTION, instances
+
+        found = self.read(instances, self.reader, self.policy.fleet.stale_after,
+                          retention=None if show_all else GONE_RETENTION)
+        return [instance_record(i) for i in found]
+
+    # --- actions --------------------------------------------------------------------
+
+    def check_thresholds(self) -> None:
+        """Refuse thresholds that would fail healthy audits, as ``recover`` does (ConfigError)."""
+        from ..rules import declared_intervals
+
+        if not self.allow_unsafe:
+            self.policy.check_bounds(self.read(declared_intervals, self.reader))
+
+    def recover(self, user: str, filters, *, requeue: bool, max_attempts: int, dry_run: bool):
+        from ..recovery import recover_stuck
+
+        self.check_thresholds()
+        return recover_stuck(self.operator if not dry_run else self.reader, self.policy, actor=self.actor(user),
+                             requeue=requeue, max_attempts=max_attempts, dry_run=dry_run, filters=filters)
+
+    def plan_reset(self, filters, include_stuck: bool):
+        """The plan ``reset-all`` shows before it asks, and the listing of the audits it names."""
+        from ..records import planned_stuck_reset_record, reset_record
+        from ..recovery import plan_reset_all, reset_failed
+
+        if include_stuck:
+            self.check_thresholds()
+        plan = self.read(plan_reset_all, self.reader, filters, include_stuck=include_stuck, policy=self.policy)
+        planned = self.read(reset_failed, self.reader, actor=self.actor("preview"), filters=filters, dry_run=True)
+        listing = [reset_record(r, True) for r in planned] + [planned_stuck_reset_record(v) for v in plan.stuck]
+        return plan, listing
+
+    def reset(self, user: str, plan):
+        from ..recovery import reset_all
+
+        return reset_all(self.operator, plan, actor=self.actor(user), policy=self.policy)
+
+
+# --- HTML routes --------------------------------------------------------------------------
+
+
+#: The largest form body read (the dashboard's forms are a few hundred bytes).
+MAX_FORM_BYTES = 64 * 1024
+
+
+async def read_form(request: Request):
+    """An url-encoded form body as a multi-dict (the dashboard's forms upload nothing, so no multipart)."""
+    from urllib.parse import parse_qsl
+
+    from starlette.datastructures import ImmutableMultiDict
+
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return ImmutableMultiDict()
+    if "multipart/" in request.headers.get("content-type", ""):
+        return ImmutableMultiDict()
+    return ImmutableMultiDict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+def _dashboard(request: Request) -> Dashboard:
+    return request.app.state.dashboard
+
+
+def _htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+async def overview_page(request: Request):
+    d = _dashboard(request)
+    viewer = d.viewer(request)
+    fragment = await run_in_threadpool(_overview_fragment, d, viewer)
+    return HTMLResponse(views.overview_page(viewer, fragment))
+
+
+def _overview_fragment(d: Dashboard, viewer) -> str:
+    record, hours = d.overview()
+    return views.overview_fragment(viewer, record, hours, d.health.banner())
+
+
+async def overview_fragment(request: Request):
+    d = _dashboard(request)
+    return HTMLResponse(await run_in_threadpool(_overview_fragment, d, d.viewer(request)))
+
+
+def _stuck_fragment(d: Dashboard, viewer) -> str:
+    try:
+        verdicts = d.stuck()
+    except Outage:
+        record = d.last_overview[0]
+        verdicts = record["stuck"] if record else None
+    return views.stuck_fragment(viewer, verdicts, d.health.banner())
+
+
+async def stuck_page(request: Request):
+    d = _dashboard(request)
+    viewer = d.viewer(request)
+    return HTMLResponse(views.stuck_page(viewer, await run_in_threadpool(_stuck_fragment, d, viewer)))
+
+
+async def stuck_fragment(request: Request):
+    d = _dashboard(request)
+    return HTMLResponse(await run_in_threadpool(_stuck_fragment, d, d.viewer(request)))
+
+
+def _audits_fragment(d: Dashboard, request: Request) -> tuple[str, int]:
+    from .params import audit_listing
+
+    try:
+        filters, sort, descending, limit = audit_listing(Params(request.query_params))
+    except ConfigError as error:
+        return views.audits_fragment(None, "", error=str(error)), 400
+    try:
+        records = d.audits(filters, sort, descending, limit or None)
+    except Outage:
+        records = None
+    return views.audits_fragment(records, d.health.banner(), limit=limit), 200
+
+
+async def audits_page(request: Request):
+    d = _dashboard(request)
+    viewer = d.viewer(request)
+    fragment, status = await run_in_threadpool(_audits_fragment, d, request)
+    query = {k: request.query_params.getlist(k) for k in request.query_params.keys()}
+    return HTMLResponse(views.audits_page(viewer, query, fragment, views.query_string(query)), status_code=status)
+
+
+async def audits_fragment(request: Request):
+    d = _dashboard(request)
+    fragment, status = await run_in_threadpool(_audits_fragment, d, request)
+    return HTMLResponse(fragment, status_code=status)
+
+
+def _audit_fragment(d: Dashboard, viewer, audit_id: int) -> tuple[str, dict | None]:
+    try:
+        record = d.audit(audit_id)
+    except Outage:
+        return views.audit_fragment(viewer, None, d.health.banner()), None
+    return views.audit_fragment(viewer, record, d.health.banner()), record
+
+
+async def audit_page(request: Request):
+    d = _dashboard(request)
+    viewer = d.viewer(request)
+    audit_id = request.path_params["audit_id"]
+    try:
+        fragment, record = await run_in_threadpool(_audit_fragment, d, viewer, audit_id)
+    except AuditNotFound as error:
+        return HTMLResponse(views.not_found_page(viewer, str(error)), status_code=404)
+    running = record is not None and record.get("status") == "running"
+    return HTMLResponse(views.audit_page(viewer, audit_id, fragment, running))
+
+
+async def audit_fragment(request: Request):
+    d = _dashboard(request)
+    try:
+        fragment, _ = await run_in_threadpool(_audit_fragment, d, d.viewer(request), request.path_params["audit_id"])
+    except AuditNotFound as error:
+        return HTMLResponse(views.message("error", views.e(str(error))), status_code=404)
+    return HTMLResponse(fragment)
+
+
+def _workers_fragment(d: Dashboard) -> str:
+    try:
+        records = d.workers()
+    except Outage:
+        records = None
+    return views.workers_fragment(records, d.health.banner())
+
+
+async def workers_page(request: Request):
+    d = _dashboard(request)
+    return HTMLResponse(views.workers_page(d.viewer(request), await run_in_threadpool(_workers_fragment, d)))
+
+
+async def workers_fragment(request: Request):
+    return HTMLResponse(await run_in_threadpool(_workers_fragment, _dashboard(request)))
+
+
+async def empty_fragment(request: Request):
+    return HTMLResponse("")
+
+
+# --- signing in ----------------------------------------------------------------------------
+
+
+async def login(request: Request):
+    d = _dashboard(request)
+    viewer = d.viewer(request)
+    if request.method == "GET":
+        return HTMLResponse(views.login_page(viewer))
+    if d.token is None:
+        return HTMLResponse(views.login_page(viewer), status_code=403)
+    form = await read_form(request)
+    if not same(str(form.get("token") or ""), d.token):
+        log.warning("sign-in refused: wrong token (from %s)", request.client.host if request.client else "?")
+        await asyncio.sleep(WRONG_TOKEN_DELAY)  # slows guessing; the event loop serves others meanwhile
+        return HTMLResponse(views.login_page(viewer, "That is not the dashboard's token."), status_code=401)
+    name = " ".join(str(form.get("name") or "").split())[:64]
+    session = d.sessions.create(name or "token")
+    log.info("signed in: %s", name or "token")
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(SESSION_COOKIE, session.id, max_age=SESSION_SECONDS, path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+async def logout(request: Request):
+    d = _dashboard(request)
+    session = d.session(request)
+    if session is not None:
+        form = await read_form(request)
+        if not same(request.headers.get(CSRF_HEADER) or str(form.get(CSRF_FIELD) or ""), session.csrf):
+            return HTMLResponse(views.refusal(403, "Refused: the form's CSRF token is missing or wrong."), status_code=403)
+        d.sessions.drop(session.id)
+    response = RedirectResponse("/", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+# --- actions (HTML) --------------------------------------------------------------------------
+
+
+async def _acting_session(request: Request, d: Dashboard):
+    """(session, form, None) for a person allowed to act, or (None, None, the refusal to send)."""
+    form = await read_form(request)
+    if d.token is None:
+        return None, None, _panel(request, 403, views.refusal(403, "Refused: actions are disabled on this dashboard (it was "
+                                                            "started without a token). Nothing was changed."))
+    session = d.session(request)
+    if session is None:
+        return None, None, _panel(request, 401, views.refusal(401, "Refused: sign in with the token first. Nothing was changed."))
+    if not same(request.headers.get(CSRF_HEADER) or str(form.get(CSRF_FIELD) or ""), session.csrf):
+        return None, None, _panel(request, 403, views.refusal(403, "Refused: the request's CSRF token is missing or wrong "
+                                                            "(reload the page). Nothing was changed."))
+    return session, form, None
+
+
+def _panel(request: Request, status: int, html: str, *, changed: bool = False) -> Response:
+    """An action's result: the panel for htmx, a whole page for a browser without JavaScript."""
+    if _htmx(request):
+        response = HTMLResponse(html, status_code=status)
+        if changed:
+            response.headers["HX-Trigger"] = "auditctl:refresh"
+        return response
+    d = _dashboard(request)
+    viewer = d.viewer(request)
+    return HTMLResponse(views.page(viewer, "Action", f'{html}<p><a href="/">Back to the overview</a></p>'),
+                        status_code=status)
+
+
+def _action_error(request: Request, error: Exception, d: Dashboard) -> Response:
+    if isinstance(error, Outage):
+        return _panel(request, 503, views.refusal(503, f"The database is unreachable: {error} Nothing was changed."))
+    if isinstance(error, ConfigError):
+        return _panel(request, 400, views.refusal(400, f"Refused: {error}"))
+    from ..recovery import ConcurrentChange
+
+    if isinstance(error, ConcurrentChange):
+        return _panel(request, 409, views.refusal(409, f"{error}: try again."))
+    return _panel(request, 503, views.refusal(503, f"Error: {d.safe_message(error)}"))
+
+
+async def reset_preview(request: Request):
+    from .params import reset_request
+
+    d = _dashboard(request)
+    session, form, refusal = await _acting_session(request, d)
+    if refusal is not None:
+        return refusal
+    try:
+        filters, include_stuck = reset_request(Params(form))
+        plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
+    except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
+        return _action_error(request, error, d)
+    plan_id = session.keep_plan(plan)
+    return _panel(request, 200, views.reset_confirmation(d.viewer(request), plan, listing, plan_id, include_stuck))
+
+
+async def reset_confirm(request: Request):
+    from ..records import reset_record
+
+    d = _dashboard(request)
+    session, form, refusal = await _acting_session(request, d)
+    if refusal is not None:
+        return refusal
+    plan = session.take_plan(str(form.get("plan") or ""))
+    if plan is None:
+        return _panel(request, 409, views.refusal(409, "This confirmation has expired or was already used: press "
+                                                       "Reset All Audits again to see the counts. Nothing was changed."))
+    try:
+        done = await run_in_threadpool(d.reset, session.user, plan)
+    except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
+        return _action_error(request, error, d)
+    left_alone = plan.total - len(done) - len(done.skipped)
+    log.info("dashboard %s reset %d audits to pending", session.user, len(done))
+    return _panel(request, 200, views.reset_result([reset_record(r, False) for r in done], left_alone, done.skipped),
+                  changed=True)
+
+
+async def recover_action(request: Request):
+    from ..records import recovery_record
+    from ..recovery import DEFAULT_MAX_ATTEMPTS
+    from ..rules import Filters
+
+    d = _dashboard(request)
+    session, form, refusal = await _acting_session(request, d)
+    if refusal is not None:
+        return refusal
+    params = Params(form)
+    try:
+        ids = params.ids("id")
+        requeue = params.flag("requeue")
+        confirmed = params.flag("confirm")
+        filters = Filters(ids=ids)
+        done = await run_in_threadpool(d.recover, session.user, filters, requeue=requeue,
+                                       max_attempts=DEFAULT_MAX_ATTEMPTS, dry_run=not confirmed)
+    except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
+        return _action_error(request, error, d)
+    records = [recovery_record(r, not confirmed) for r in done]
+    if not confirmed:
+        return _panel(request, 200, views.recover_confirmation(d.viewer(request), records, requeue, d.policy.describe()))
+    log.info("dashboard %s recovered %d audits", session.user, len(done))
+    return _panel(request, 200, views.recover_result(records, done.skipped), changed=True)
+
+
+# --- the application ----------------------------------------------------------------------
+
+
+def create_app(database_url: str, *, policy: Policy | None = None, token: str | None = None, host: str = "127.0.0.1",
+               allow_unsafe: bool = False) -> Starlette:
+    """The dashboard as an ASGI application. Opening it does not connect; a database that is down
+    at start is reported in the pages like any later outage."""
+    from . import api
+
+    dashboard = Dashboard(database_url, policy=policy, token=token, allow_unsafe=allow_unsafe)
+    routes = [
+        Route("/", overview_page),
+        Route("/stuck", stuck_page),
+        Route("/audits", audits_page),
+        Route("/audits/{audit_id:int}", audit_page),
+        Route("/workers", workers_page),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/fragments/overview", overview_fragment),
+        Route("/fragments/stuck", stuck_fragment),
+        Route("/fragments/audits", audits_fragment),
+        Route("/fragments/audits/{audit_id:int}", audit_fragment),
+        Route("/fragments/workers", workers_fragment),
+        Route("/fragments/empty", empty_fragment),
+        Route("/actions/reset-all", reset_preview, methods=["POST"]),
+        Route("/actions/reset-all/confirm", reset_confirm, methods=["POST"]),
+        Route("/actions/recover", recover_action, methods=["POST"]),
+        *api.routes(),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    # On loopback, answer only to loopback names: a DNS-rebinding page cannot reach the dashboard.
+    allowed = tuple(sorted(set(LOOPBACK_NAMES) | {host.lower()})) if is_loopback(host.lower()) else None
+    app = Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, allowed_hosts=allowed)])
+    app.state.dashboard = dashboard
+    return app

@@ -1,0 +1,166 @@
+"""Query strings, forms and JSON bodies turned into the library's filter objects.
+
+The same names as the CLI's options (``status``, ``worker``, ``reason``, ``kind``, ``target``,
+``older_than``, ``since``, ``until``, ``sort``, ``reverse``, ``limit``, ``dry_run``, ...). A list
+may be given by repeating the name or comma-separated, as on the command line. A bad value
+raises ``ConfigError`` naming it (HTTP 400 on the API, a message on the page).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ..errors import ConfigError
+from ..statuses import STATUSES
+from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration
+
+MAX_INT = 2**63 - 1
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+class Params:
+    """Values by name from a query string or form (a multi-dict) or a JSON object."""
+
+    def __init__(self, *sources):
+        self.sources = [s for s in sources if s is not None]
+        for source in self.sources:
+            if not hasattr(source, "getlist") and not isinstance(source, dict):
+                raise ConfigError("the request body must be a JSON object")
+
+    def values(self, name: str) -> list:
+        """Every value given for ``name`` (the last source that has it wins)."""
+        for source in reversed(self.sources):
+            if hasattr(source, "getlist"):
+                found = source.getlist(name)
+                if found:
+                    return found
+            elif name in source and source[name] is not None:
+                value = source[name]
+                return list(value) if isinstance(value, (list, tuple)) else [value]
+        return []
+
+    def text(self, name: str) -> str | None:
+        found = self.values(name)
+        if not found:
+            return None
+        value = found[-1]
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}: expected a single value")
+        text = str(value).strip()
+        return text or None
+
+    def items(self, name: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """A list option: repeated and/or comma-separated, order kept, duplicates dropped."""
+        seen: dict[str, None] = {}
+        for value in self.values(name):
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"{name}: expected text values")
+            for part in str(value).split(","):
+                part = part.strip()
+                if not part:
+                    continue
+                if choices is not None and part not in choices:
+                    raise ConfigError(f"{name}: {part!r} is not one of {', '.join(choices)}")
+                seen.setdefault(part, None)
+        return tuple(seen)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        found = self.values(name)
+        if not found:
+            return default
+        value = found[-1]
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"{name}: {value!r} is not a yes/no value (true, false, 1, 0)")
+
+    def integer(self, name: str, default: int | None, *, low: int = 0, high: int = MAX_INT) -> int | None:
+        value = self.text(name)
+        if value is None:
+            return default
+        if isinstance(self.values(name)[-1], bool) or not value.lstrip("-").isdigit() or not low <= int(value) <= high:
+            raise ConfigError(f"{name}: {value!r} is not a whole number from {low} to {high}")
+        return int(value)
+
+    def duration(self, name: str) -> float | None:
+        value = self.text(name)
+        return None if value is None else parse_duration(value, name)
+
+    def moment(self, name: str) -> float | datetime | None:
+        """A duration ago (``2h``) or an ISO 8601 time (``2026-11-29T08:00Z``), as ``--since`` takes."""
+        value = self.text(name)
+        if value is None:
+            return None
+        try:
+            return parse_duration(value, name)
+        except ConfigError:
+            pass
+        from ..timestamps import as_datetime
+
+        moment = as_datetime(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+        if moment is None:
+            raise ConfigError(f"{name}: cannot read {value!r} as a time: use a duration ago (2h, 30m) "
+                              "or an ISO 8601 time (2026-11-29T08:00Z)")
+        return moment
+
+    def ids(self, name: str = "id") -> tuple[int, ...] | None:
+        found = self.values(name)
+        if not found:
+            return None
+        ids = []
+        for value in found:
+            for part in (value if isinstance(value, (list, tuple)) else str(value).split(",")):
+                text = str(part).strip()
+                if not text.isdigit() or not 1 <= int(text) <= MAX_INT:
+                    raise ConfigError(f"{name}: {part!r} is not an audit id")
+                ids.append(int(text))
+        return tuple(dict.fromkeys(ids))
+
+
+def audit_listing(params: Params):
+    """``GET /audits`` and ``/api/audits``: what ``auditctl list`` takes. Returns (filters, sort, descending, limit)."""
+    from ..audits import SORTS, AuditFilters
+
+    filters = AuditFilters(statuses=params.items("status", STATUSES), workers=params.items("worker"),
+                           kinds=params.items("kind"), targets=params.items("target"),
+                           since=params.moment("since"), until=params.moment("until"))
+    sort = params.text("sort") or "id"
+    if sort not in SORTS:
+        raise ConfigError(f"sort: {sort!r} is not one of {', '.join(SORTS)}")
+    descending = (sort in ("id", "created")) != params.flag("reverse")
+    return filters, sort, descending, params.integer("limit", 50)
+
+
+def stuck_listing(params: Params):
+    """``/api/stuck``: what ``auditctl scan`` takes. Returns (filters, sort, descending, limit)."""
+    from ..rules import SORTS
+
+    filters = stuck_filters(params)
+    sort = params.text("sort") or "id"
+    if sort not in SORTS:
+        raise ConfigError(f"sort: {sort!r} is not one of {', '.join(SORTS)}")
+    return filters, sort, params.flag("reverse"), params.integer("limit", 0)
+
+
+def stuck_filters(params: Params):
+    from ..rules import Filters
+
+    return Filters(workers=params.items("worker"), reasons=params.items("reason", RULE_REASONS),
+                   kinds=params.items("kind"), targets=params.items("target"), older_than=params.duration("older_than"),
+                   since=params.moment("since"), until=params.moment("until"), ids=params.ids("id"))
+
+
+def reset_request(params: Params):
+    """``reset-all``'s options: returns (ResetFilters, include_stuck). ``since`` is a duration here
+    (failed within the last 2h), as the library's reset filter measures it on the database's clock."""
+    from ..recovery import DEFAULT_MAX_RESETS, ORIGINS, ResetFilters
+
+    filters = ResetFilters(since=params.duration("since"), reasons=params.items("reason", RECOVERY_REASONS),
+                           origins=params.items("origin", ORIGINS),
+                           max_resets=params.integer("max_resets", DEFAULT_MAX_RESETS) or None)
+    return filters, params.flag("include_stuck")

@@ -1,0 +1,189 @@
+"""Who may act, and the checks every request passes: sessions, CSRF tokens, Origin, Host, headers.
+
+Reading needs no credential (the pages and ``GET /api/*`` show what ``auditctl scan`` shows
+to anyone who can reach the port, which is loopback by default). Acting needs the token:
+
+* a person signs in at ``/login`` with it and gets a random session id in an HttpOnly,
+  SameSite=Strict cookie. Each session has its own CSRF token, which every form and every
+  htmx request carries; a POST whose token is missing or wrong is refused.
+* a script sends ``Authorization: Bearer TOKEN`` (no cookie, so nothing for CSRF to abuse).
+
+Every state-changing request (any method but GET, HEAD, OPTIONS) with a foreign ``Origin``
+(or, without one, a foreign ``Referer``) is refused before any route runs, even with a valid
+cookie. When the server listens on loopback, a ``Host`` other than a loopback name is
+refused too: a DNS-rebinding page would otherwise be same-origin with the dashboard.
+
+Sessions live in the server's memory: a restart signs everybody out, which is the safe failure.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+SESSION_COOKIE = "auditctl_session"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf_token"
+#: A session ends this long after sign-in.
+SESSION_SECONDS = 12 * 3600
+#: A reset shown for confirmation must be confirmed within this long, or shown again.
+PLAN_SECONDS = 600
+#: Sessions kept at most (the oldest are dropped first): sign-ins cannot grow memory without bound.
+MAX_SESSIONS = 1000
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+#: No inline script or style, nothing from elsewhere, never framed (clickjacking).
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                           "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+
+def same(given: str | None, expected: str | None) -> bool:
+    """Compare secrets in constant time; an absent value never matches."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+@dataclass
+class Session:
+    id: str
+    user: str
+    csrf: str
+    created: float = field(default_factory=time.monotonic)
+    #: Reset plans shown for confirmation: plan id -> (the plan, when it was made).
+    plans: dict = field(default_factory=dict)
+
+    def keep_plan(self, plan) -> str:
+        now = time.monotonic()
+        for key in [k for k, (_, made) in self.plans.items() if now - made > PLAN_SECONDS]:
+            del self.plans[key]
+        plan_id = secrets.token_urlsafe(16)
+        self.plans[plan_id] = (plan, now)
+        return plan_id
+
+    def take_plan(self, plan_id: str):
+        """The plan shown under this id (once), or None when unknown or expired."""
+        entry = self.plans.pop(plan_id or "", None)
+        if entry is None or time.monotonic() - entry[1] > PLAN_SECONDS:
+            return None
+        return entry[0]
+
+
+class Sessions:
+    def __init__(self):
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def create(self, user: str) -> Session:
+        session = Session(id=secrets.token_urlsafe(32), user=user, csrf=secrets.token_urlsafe(32))
+        with self._lock:
+            while len(self._sessions) >= MAX_SESSIONS:
+                del self._sessions[next(iter(self._sessions))]
+            self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and time.monotonic() - session.created > SESSION_SECONDS:
+                del self._sessions[session_id]
+                return None
+        return session
+
+    def drop(self, session_id: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(session_id or "", None)
+
+
+def own_origin(scope_or_request) -> str:
+    """This server's origin as the browser sees it: the scheme and the Host header."""
+    url = scope_or_request.url
+    return f"{url.scheme}://{url.netloc}".lower()
+
+
+def request_origin(headers) -> str | None:
+    """Where a request comes from: ``Origin``, else the origin of ``Referer``, else None (not a browser)."""
+    origin = headers.get("origin")
+    if origin:
+        return origin.strip().lower()
+    referer = headers.get("referer")
+    if referer:
+        parts = urlsplit(referer)
+        return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme else "null"
+    return None
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without the port: ``[::1]:8080`` -> ``[::1]``, ``localhost:80`` -> ``localhost``."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_NAMES or host.startswith("127.")
+
+
+class GuardMiddleware:
+    """Pure ASGI middleware: Host check (on loopback), foreign-Origin refusal for unsafe methods,
+    security headers on every response, and no caching of anything but static files."""
+
+    def __init__(self, app, *, allowed_hosts: tuple[str, ...] | None):
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers, URL
+
+        headers = Headers(scope=scope)
+        if self.allowed_hosts is not None:
+            if host_name(headers.get("host", "")) not in self.allowed_hosts:
+                await _refuse(scope, receive, send, 400, "Refused: this dashboard answers only to its loopback address "
+                                                         "(a Host header of another name may be a DNS-rebinding attack).")
+                return
+        if scope["method"] not in SAFE_METHODS:
+            origin = request_origin(headers)
+            url = URL(scope=scope)
+            if origin is not None and origin != f"{url.scheme}://{url.netloc}".lower():
+                await _refuse(scope, receive, send, 403, "Refused: a cross-site request (its Origin is not this "
+                                                         "dashboard). Nothing was changed.")
+                return
+        static = scope["path"].startswith("/static/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                extra = list(SECURITY_HEADERS)
+                if not static:
+                    extra.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _refuse(scope, receive, send, status: int, text: str) -> None:
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    if scope["path"].startswith("/api/"):
+        response = JSONResponse({"error": text}, status_code=status)
+    else:
+        response = PlainTextResponse(text, status_code=status)
+    response.headers["content-security-policy"] = CONTENT_SECURITY_POLICY
+    await response(scope, receive, send)

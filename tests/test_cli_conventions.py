@@ -1,0 +1,275 @@
+"""The conventions an operator relies on: options anywhere, filters that add up, errors in one line,
+commands that look without touching, and one way to show times everywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text, update
+from test_cli_process import clean_env, on_terminal
+
+from auditctl import leases
+from auditctl.cli import cli
+from auditctl.db import fetch_now, write_transaction
+from auditctl.schema import audits
+
+AUDITCTL = Path(sys.executable).parent / "auditctl"
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def demo(database_url):
+    assert run("demo", "--database-url", database_url).exit_code == 0
+    return database_url
+
+
+def ids_of(result) -> set[int]:
+    assert result.exit_code == 0, result.output
+    return {record["id"] for record in json.loads(result.stdout)}
+
+
+# --- options and filters -----------------------------------------------------------------------
+
+
+def test_global_options_work_before_or_after_the_command(demo, tmp_path):
+    after = run("scan", "-o", "json", "--database-url", demo)
+    before = run("--database-url", demo, "scan", "-o", "json")
+    assert ids_of(after) == ids_of(before) and len(ids_of(after)) == 3
+    config = tmp_path / "c.toml"
+    config.write_text(f'database_url = "{demo}"\n')
+    assert ids_of(run("scan", "-o", "json", "--config", config)) == ids_of(after)
+    assert ids_of(run("--config", config, "scan", "-o", "json")) == ids_of(after)
+    quiet = run("-q", "scan", "-o", "json", "--database-url", demo)
+    assert quiet.stderr == "", "-q before the command silences the status line too"
+    verbose = run("-v", "show", "99999", "--database-url", demo)
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr
+
+
+def test_repeated_and_comma_separated_filters_are_unions(demo):
+    one = ids_of(run("scan", "-o", "json", "--reason", "stale_heartbeat", "--database-url", demo))
+    two = ids_of(run("scan", "-o", "json", "--reason", "max_age_exceeded", "--database-url", demo))
+    repeated = ids_of(run("scan", "-o", "json", "--reason", "stale_heartbeat", "--reason", "max_age_exceeded",
+                          "--database-url", demo))
+    comma = ids_of(run("scan", "-o", "json", "--reason", "stale_heartbeat,max_age_exceeded", "--database-url", demo))
+    assert len(one) == len(two) == 1 and repeated == comma == one | two
+    workers = ids_of(run("scan", "-o", "json", "--worker", "worker-5,worker-3", "--database-url", demo))
+    assert len(workers) == 2
+    statuses = run("list", "-o", "json", "--status", "failed", "--status", "pending", "--database-url", demo)
+    assert {r["status"] for r in json.loads(statuses.stdout)} == {"failed", "pending"}
+
+
+def test_target_glob_since_until_sort_and_limit_on_list_and_scan(demo):
+    blog = run("scan", "-o", "json", "--target", "https://blog.*", "--database-url", demo)
+    assert [r["target"] for r in json.loads(blog.stdout)] == ["https://blog.example.net"]
+    assert ids_of(run("scan", "-o", "json", "--since", "30m", "--database-url", demo)) == ids_of(
+        run("scan", "-o", "json", "--target", "https://blog.*", "--target", "https://status.*", "--database-url", demo))
+    assert len(ids_of(run("scan", "-o", "json", "--until", "30m", "--database-url", demo))) == 1  # the 47-minute one
+    by_age = [r["target"] for r in json.loads(run("scan", "-o", "json", "--sort", "age", "--database-url", demo).stdout)]
+    assert by_age[0] == "https://payments.example.com", "longest running first"
+    assert len(ids_of(run("scan", "-o", "json", "--limit", "2", "--database-url", demo))) == 2
+    listed = json.loads(run("list", "-o", "json", "--sort", "target", "--reverse", "--limit", "3", "--database-url", demo).stdout)
+    assert [r["target"] for r in listed] == sorted((r["target"] for r in listed), reverse=True)
+    recent = json.loads(run("list", "-o", "json", "--since", "2h", "--limit", "0", "--database-url", demo).stdout)
+    assert recent and all(r["created_age_seconds"] < 7200 for r in recent)
+    iso = run("list", "-o", "json", "--since", "2000-01-01T00:00:00Z", "--limit", "0", "--database-url", demo)
+    assert len(json.loads(iso.stdout)) == 18
+
+
+def test_help_lists_the_exit_codes():
+    shown = run("--help").stdout
+    assert "Exit codes:" in shown and "130" in shown and "reset-all refused or declined" in shown
+
+
+# --- do no harm ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["scan"], ["list"], ["workers"], ["show", "1"], ["recover"], ["watch", "--once"],
+                                     ["reset-all", "--yes"]])
+def test_a_cron_job_in_another_directory_gets_the_missing_file_named_and_nothing_created(tmp_path, command):
+    home = tmp_path / "home"
+    home.mkdir()
+    done = subprocess.run([str(AUDITCTL), *command], cwd=home, env=clean_env(home), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"Error: no database at {home / 'auditctl.db'} (from sqlite:///auditctl.db): "
+                                   "run `auditctl init` to create it there, or pass --database-url")
+    assert list(home.iterdir()) == [], "looking must not create an empty database"
+
+
+def test_read_only_commands_leave_another_tools_file_as_it_was_and_read_a_read_only_file(demo, tmp_path, engine_name):
+    if engine_name != "sqlite":
+        pytest.skip("SQLite files only")
+    path = Path(demo.split("///", 1)[1])
+    copy = tmp_path / "theirs.db"
+    source = sqlite3.connect(path)
+    source.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    target = sqlite3.connect(copy)
+    source.backup(target)
+    source.close()
+    target.execute("PRAGMA journal_mode=DELETE")  # another tool's file, in rollback-journal mode
+    target.close()
+    url = f"sqlite:///{copy}"
+    for command in (["scan"], ["list"], ["workers"], ["show", "12"]):
+        assert run(*command, "--database-url", url).exit_code == 0
+    with sqlite3.connect(copy) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete", "scan must not switch it to WAL"
+    copy.chmod(0o444)
+    try:
+        if os.geteuid() != 0:  # root can write anything: the read-only open is what is tested, not the permission
+            assert len(json.loads(run("scan", "-o", "json", "--database-url", url).stdout)) == 3
+        assert len(json.loads(run("scan", "-o", "json", "--database-url", f"{url}?mode=ro").stdout)) == 3
+        ro = run("scan", "--database-url", f"{url}?mode=ro")
+        assert "Warning" not in ro.stderr and ro.stderr.count("\n") == 1
+    finally:
+        copy.chmod(0o644)
+
+
+def test_a_database_holding_another_applications_audits_table_is_recognised_as_not_ours(tmp_path):
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE audits (id INTEGER PRIMARY KEY, name TEXT)")
+    url = f"sqlite:///{path}"
+    for command in (["scan"], ["list"], ["init"], ["watch", "--once"]):
+        result = run(*command, "--database-url", url)
+        assert result.exit_code == 1, result.output
+        line = result.stderr.strip().splitlines()[-1]
+        assert "tables named like auditctl's (audits) that auditctl did not create" in line, line
+        assert "run `auditctl init`" not in line, "advice that would fail is no advice"
+    with sqlite3.connect(path) as connection:
+        assert [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["audits"]
+
+
+def test_init_against_a_newer_schema_says_so_in_one_line(database_url, engine):
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    result = run("init", "--database-url", database_url)
+    assert result.exit_code == 1
+    assert "at schema revision 0099, which this auditctl does not know" in result.stderr and "upgrade auditctl" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "abc"], "Error: Invalid value for 'ID': 'abc' is not an audit id"),
+    (["show", "99999999999999999999"], "Error: Invalid value for 'ID': '99999999999999999999' is not an audit id"),
+    (["list", "--limit", "99999999999999999999"], "Error: Invalid value for '--limit'"),
+    (["scan", "--database-url", "sqlite://relative.db"], "Error: sqlite://relative.db names no file: a SQLite URL has three "
+                                                         "slashes, as in sqlite:///relative.db"),
+    (["scan", "--stale-after", "ten minutes"], "Error: Invalid value for '--stale-after': cannot read 'ten minutes'"),
+    (["scan", "--bogus"], "Error: No such option '--bogus'"),
+])
+def test_usage_errors_are_one_line_naming_what_was_wrong(args, message, tmp_path):
+    result = run(*args)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert result.exit_code in (1, 2)
+    assert "env var" not in result.stderr and "$AUDITCTL" not in result.stderr, "no variable the user did not use"
+
+
+def test_an_error_from_the_environment_names_the_variable(tmp_path):
+    result = run("scan", env={"AUDITCTL_STALE_AFTER": "soon"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--stale-after' (from $AUDITCTL_STALE_AFTER): cannot read 'soon'" in result.stderr
+
+
+def test_runtime_errors_say_it_once(tmp_path):
+    result = run("scan", "--database-url", "postgresql://bob:s3cret@127.0.0.1:1/x")
+    line = result.stderr.strip()
+    assert line.count("database unavailable") == 1 and "s3cret" not in line and line.count("\n") == 0
+
+
+# --- reset-all shows what it will do ---------------------------------------------------------------------
+
+
+def test_reset_all_shows_counts_by_origin_and_limits_resets_per_audit(demo, engine):
+    audit_id = leases.create_audit(engine, "https://example.com/own-error")
+    lease, _ = leases.claim(engine, audit_id, worker_id="w", instance_id="i", worker_url=None)
+    from auditctl.history import Actor
+
+    leases.finish(engine, lease, error="scanner crashed: out of memory", actor=Actor("test"))
+    dry = run("reset-all", "--dry-run", "--database-url", demo)
+    assert "Failed audits to reset: 2 recovered as stuck (2 stale_heartbeat, 2 max_age_exceeded); " \
+           "1 failed with their own error." in dry.stderr
+    only_errors = json.loads(run("reset-all", "--dry-run", "--origin", "error", "-o", "json", "--database-url", demo).stdout)
+    assert [r["id"] for r in only_errors] == [audit_id] and only_errors[0]["origin"] == "error"
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(resets=5))
+    limited = run("reset-all", "--yes", "--database-url", demo)
+    assert "Reset 2 audits to pending." in limited.stderr
+    assert "1 audit already reset 5 times stays failed (--max-resets to change)." in limited.stderr or \
+        "1 audit already reset 5 times" in run("reset-all", "--dry-run", "--database-url", demo).stderr
+    assert run("reset-all", "--yes", "--max-resets", "6", "--database-url", demo).stderr.startswith("Reset 1 audit")
+
+
+@pytest.mark.parametrize("key, name", [(b"\x03", "Ctrl-C"), (b"\x04", "Ctrl-D")])
+def test_reset_all_answered_with_ctrl_c_or_ctrl_d_exits_4_and_changes_nothing(tmp_path, key, name):
+    env = clean_env(tmp_path)
+    assert subprocess.run([str(AUDITCTL), "demo"], cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    code, screen = on_terminal(["reset-all"], cwd=tmp_path, env=env, answer=key)
+    assert "2 recovered as stuck" in screen, "what it would take is shown before the question"
+    assert code == 4, f"{name}: {screen}"
+    assert "Aborted: nothing changed." in screen and "Traceback" not in screen
+
+
+# --- presentation --------------------------------------------------------------------------------------
+
+
+def test_times_have_one_style_exact_in_json_relative_in_tables_and_the_future_is_flagged(demo, engine):
+    listed = json.loads(run("list", "-o", "json", "--limit", "0", "--database-url", demo).stdout)
+    for record in listed:
+        for key in ("created_at", "started_at", "finished_at", "last_heartbeat"):
+            assert record[key] is None or ISO.match(record[key]), (key, record[key])
+    running = [r for r in listed if r["status"] == "running"][0]["id"]
+    with write_transaction(engine) as connection:
+        ahead = fetch_now(connection) + timedelta(hours=3)
+        connection.execute(update(audits).where(audits.c.id == running).values(heartbeat_at=ahead))
+    table = run("list", "--status", "running", "--database-url", demo).stdout
+    line = next(line for line in table.splitlines() if line.strip().startswith(str(running)))
+    assert "in the future" in line and "-2h" not in table
+    record = next(r for r in json.loads(run("list", "-o", "json", "--database-url", demo).stdout) if r["id"] == running)
+    assert "heartbeat_in_future" in record["problems"]
+
+
+def test_a_reset_audit_shows_no_stale_step(demo):
+    run("reset-all", "--yes", "--database-url", demo)
+    pending = [r for r in json.loads(run("list", "-o", "json", "--limit", "0", "--database-url", demo).stdout)
+               if r["status"] == "pending"]
+    assert pending and all(r["step"] is None and r["percentage"] is None for r in pending)
+
+
+def test_show_as_markdown_is_markdown(demo):
+    shown = run("show", "12", "-o", "markdown", "--database-url", demo).stdout
+    assert shown.startswith("## Audit 12\n") and "| field | value |" in shown
+    assert "```json" in shown and "### History" in shown
+
+
+@pytest.mark.parametrize("env", [{"TERM": "dumb"}, {"NO_COLOR": "1"}])
+def test_dumb_terminals_and_no_color_get_plain_ascii(tmp_path, env):
+    base = clean_env(tmp_path)
+    base.update(env)
+    assert subprocess.run([str(AUDITCTL), "demo"], cwd=tmp_path, env=base, capture_output=True).returncode == 0
+    code, screen = on_terminal(["scan"], cwd=tmp_path, env=base)
+    assert code == 0
+    assert screen.isascii() and "\x1b" not in screen, screen
+
+
+def test_the_library_keeps_alembic_quiet_in_an_info_log(database_url, guards, caplog):
+    caplog.set_level(logging.INFO)
+    guards(worker_id="quiet")
+    alembic = [r for r in caplog.records if r.name.startswith("alembic")]
+    assert alembic == [], [r.getMessage() for r in alembic]

@@ -1,0 +1,223 @@
+"""Prometheus metrics: ``/metrics`` from a real ``watch`` process and the textfile from ``recover``,
+both parsed with prometheus_client's own parser, and every value recounted from the database here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dbtools import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, insert, select, text
+
+from auditctl.cli import cli
+from auditctl.db import create_engine, fetch_now, read_connection, write_transaction
+from auditctl.documents import load
+from auditctl.report import DETECTION_BUCKETS
+from auditctl.schema import audit_events, audits, notification_deliveries, notifications, workers
+
+AUDITCTL = Path(sys.executable).parent / "auditctl"
+UNREACHABLE = "postgresql://bob:s3cret@127.0.0.1:1/x"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, prog_name="auditctl")
+
+
+def samples(exposition: str) -> dict:
+    """{(sample name, frozenset of labels): value} from Prometheus text, through prometheus_client's parser."""
+    found = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+def fleet(database_url, engine):
+    """The demo fleet plus history of every kind: a requeue, refused writes, a reset, a refused recovery,
+    and rows another tool wrote with measurements the metrics cannot use."""
+    result = invoke("demo", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        row = {"audit_id": 1, "at": now, "from_status": "running", "actor": "test", "host": "h", "pid": 1, "reasons": None,
+               "measurements": None, "details": None}
+        connection.execute(insert(audit_events), [
+            {**row, "event": "requeued", "to_status": "pending", "reasons": "stale_heartbeat,worker_gone",
+             "measurements": {"silence_seconds": 42.0, "age_seconds": 100.0}},
+            {**row, "event": "recovered", "to_status": "failed", "reasons": "progress_stalled",
+             "measurements": {"silence_seconds": "not a number"}},
+            {**row, "event": "recovered", "to_status": "failed", "reasons": "manual", "measurements": ["odd"]},
+            {**row, "event": "lease_lost", "to_status": "failed", "details": {"lease": "x"}},
+            {**row, "event": "lease_lost", "to_status": "failed", "details": {"lease": "y"}},
+            {**row, "event": "reset", "from_status": "failed", "to_status": "pending"},
+            {**row, "event": "needs_operator", "to_status": "running"},
+        ])
+        if connection.dialect.name == "sqlite":  # text that is not JSON at all
+            connection.exec_driver_sql("UPDATE audit_events SET measurements = 'not json{' WHERE reasons = 'manual'")
+        # One event already delivered everywhere, one still owed to a destination, one nobody took yet.
+        for number, status in ((1, "sent"), (2, "pending")):
+            event_id = connection.execute(insert(notifications).values(
+                created_at=now - timedelta(minutes=number), event="recovered", payload={"n": number},
+                expires_at=now + timedelta(hours=1))).inserted_primary_key[0]
+            connection.execute(insert(notification_deliveries).values(notification_id=event_id, destination="d1",
+                                                                      status=status, attempts=1))
+    return database_url
+
+
+def recount(engine) -> dict:
+    """What the metrics must say, counted straight from the tables."""
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+        by_status = dict(connection.execute(select(audits.c.status, func.count()).group_by(audits.c.status)).all())
+        events = connection.execute(select(audit_events.c.event, audit_events.c.reasons, audit_events.c.measurements)).all()
+        beats = connection.execute(select(audits.c.heartbeat_at).where(audits.c.status == "running")).scalars().all()
+        registered = connection.execute(select(workers.c.last_heartbeat_at)).scalars().all()
+        backlog = connection.execute(text(
+            "SELECT COUNT(*) FROM notifications n WHERE n.expires_at > :now AND (NOT EXISTS (SELECT 1 FROM "
+            "notification_deliveries d WHERE d.notification_id = n.id) OR EXISTS (SELECT 1 FROM notification_deliveries d "
+            "WHERE d.notification_id = n.id AND d.status IN ('pending', 'sending')))"),
+            {"now": now if connection.dialect.name == "postgresql" else now.strftime("%Y-%m-%d %H:%M:%S.%f")}).scalar()
+    counts = {name: sum(1 for e in events if e.event == name) for name in ("recovered", "requeued", "reset", "lease_lost",
+                                                                           "needs_operator")}
+    reasons: dict[str, int] = {}
+    silences = []
+    for event in events:
+        if event.event in ("recovered", "requeued"):
+            for reason in (event.reasons or "").split(","):
+                reasons[reason] = reasons.get(reason, 0) + 1
+            measured = event.measurements if isinstance(event.measurements, (dict, list)) else load(event.measurements)
+            silence = measured.get("silence_seconds") if isinstance(measured, dict) else None
+            if isinstance(silence, (int, float)) and not isinstance(silence, bool):
+                silences.append(float(silence))
+    alive = sum(1 for moment in registered if (now - moment).total_seconds() <= 600)  # demo workers declare nothing
+    return {"by_status": by_status, "counts": counts, "reasons": reasons, "silences": silences, "alive": alive,
+            "gone": len(registered) - alive, "oldest": max((now - b).total_seconds() for b in beats), "backlog": backlog}
+
+
+def check_fleet_values(found: dict, expected: dict) -> None:
+    for status, count in expected["by_status"].items():
+        assert value(found, "auditctl_audits", status=status) == count, status
+    assert value(found, "auditctl_recoveries_total", outcome="failed") == expected["counts"]["recovered"]
+    assert value(found, "auditctl_recoveries_total", outcome="requeued") == expected["counts"]["requeued"]
+    for reason, count in expected["reasons"].items():
+        assert value(found, "auditctl_recovery_reasons_total", reason=reason) == count, reason
+    assert value(found, "auditctl_resets_total") == expected["counts"]["reset"]
+    assert value(found, "auditctl_lease_lost_total") == expected["counts"]["lease_lost"] == 2
+    assert value(found, "auditctl_needs_operator_total") == expected["counts"]["needs_operator"]
+    silences = expected["silences"]
+    assert value(found, "auditctl_detection_latency_seconds_count") == len(silences)
+    assert value(found, "auditctl_detection_latency_seconds_sum") == pytest.approx(sum(silences))
+    for bound in DETECTION_BUCKETS:
+        assert value(found, "auditctl_detection_latency_seconds_bucket", le=repr(bound)) == sum(1 for s in silences if s <= bound)
+    assert value(found, "auditctl_detection_latency_seconds_bucket", le="+Inf") == len(silences)
+    assert value(found, "auditctl_workers", state="alive") == expected["alive"] == 3
+    assert value(found, "auditctl_workers", state="gone") == expected["gone"] == 2
+    assert value(found, "auditctl_oldest_heartbeat_age_seconds") == pytest.approx(expected["oldest"], abs=30)
+    assert value(found, "auditctl_notification_backlog") == expected["backlog"] >= 2
+    assert value(found, "auditctl_database_up") == 1
+
+
+def test_metrics_served_by_a_real_watch_process_match_the_database(fleet, engine, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITCTL_")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    proc = subprocess.Popen([str(AUDITCTL), "watch", "--database-url", fleet, "--no-recover", "--no-live", "--interval", "1h",
+                             "--metrics-port", "0"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serving metrics at http://127.0.0.1:"), line
+        url = line.split(" at ", 1)[1].strip()
+
+        def scrape():
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200
+                return samples(response.read().decode())
+
+        # The first pass runs at once; once it is counted, nothing else changes until the next (an hour away).
+        found = wait_for(lambda: (lambda s: s if s.get(("auditctl_monitor_pass_duration_seconds_count", frozenset())) else None)(
+            scrape()), timeout=20, message="the first pass to be counted")
+        check_fleet_values(found, recount(engine))
+        for reason in ("stale_heartbeat", "max_age_exceeded", "progress_stalled"):
+            assert value(found, "auditctl_stuck_audits", reason=reason) == 1  # the demo's three, left alone
+        assert value(found, "auditctl_stuck_audits", reason="worker_gone") == 0
+        assert value(found, "auditctl_monitor_passes_total", result="ok") == 1
+        assert not any(name.endswith("_created") for name, _ in found)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        finally:
+            proc.stderr.close()
+    assert proc.returncode == 0
+
+
+def test_recover_writes_the_textfile_atomically_with_values_that_match_the_database(fleet, engine, tmp_path):
+    directory = tmp_path / "textfile"
+    directory.mkdir()
+    path = directory / "auditctl.prom"
+    path.write_text("# an old scrape\n")
+    before = path.stat().st_ino
+    result = invoke("recover", "--database-url", fleet, "--metrics-file", path)
+    assert result.exit_code == 0, result.output
+    assert os.listdir(directory) == ["auditctl.prom"], "no temporary file left beside it"
+    assert path.stat().st_ino != before, "replaced by a rename, never rewritten in place"
+    found = samples(path.read_text())
+    expected = recount(engine)
+    assert expected["counts"]["recovered"] == 2 + 2 + 3  # demo's two, two of the fixture's, and the three this run
+    check_fleet_values(found, expected)
+    assert all(value(found, "auditctl_stuck_audits", reason=r) == 0 for r in ("stale_heartbeat", "progress_stalled"))
+    assert value(found, "auditctl_monitor_pass_duration_seconds_count") == 1
+    assert value(found, "auditctl_monitor_passes_total", result="ok") == 1
+
+
+def test_watch_once_writes_the_textfile_after_its_pass(fleet, tmp_path):
+    path = tmp_path / "watch.prom"
+    result = invoke("watch", "--database-url", fleet, "--once", "--no-live", "--metrics-file", path)
+    assert result.exit_code == 0, result.output
+    found = samples(path.read_text())
+    assert value(found, "auditctl_monitor_passes_total", result="ok") == 1
+    assert value(found, "auditctl_recoveries_total", outcome="failed") == 7  # the pass's three are counted
+
+
+def test_a_port_in_use_is_one_error_line_and_exit_1_before_anything_is_recovered(fleet, engine):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = invoke("watch", "--database-url", fleet, "--once", "--no-live", "--metrics-port", port)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"Error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"]
+    with read_connection(engine) as connection:
+        assert connection.execute(select(func.count()).select_from(audits).where(audits.c.status == "failed")).scalar() == 2
+
+
+def test_a_metrics_file_that_cannot_be_written_stops_recover_before_it_changes_anything(fleet, engine, tmp_path):
+    result = invoke("recover", "--database-url", fleet, "--metrics-file", tmp_path / "missing" / "auditctl.prom")
+    assert result.exit_code == 1
+    assert len(result.stderr.splitlines()) == 1 and "cannot write the metrics file" in result.stderr
+    with read_connection(engine) as connection:
+        assert connection.execute(select(func.count()).select_from(audits).where(audits.c.status == "failed")).scalar() == 2
+
+
+def test_a_database_that_cannot_be_read_gives_database_up_0_not_a_failed_scrape():
+    from auditctl.metrics import Metrics
+
+    metrics = Metrics(create_engine(UNREACHABLE, role="reader"))
+    found = samples(metrics.exposition().decode())
+    assert value(found, "auditctl_database_up") == 0
+    assert not any(name.startswith("auditctl_audits") for name, _ in found)
+    assert "s3cret" not in metrics.exposition().decode()

@@ -1,0 +1,534 @@
+"""Alerts: events in the outbox reach Slack, Discord and webhooks once, summarised, never in the way.
+
+Every destination here is a real HTTP server on loopback (``webhooks``) that records what
+it gets and can hang, fail or rate-limit. Every URL holds a secret (``webhooks.SECRET``)
+that must appear in no output, no log and no database row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dbtools import make_running, wait_for
+from sqlalchemy import func, select, update
+from webhooks import SECRET, Answer, Webhook
+
+from auditctl.cli import cli
+from auditctl.db import create_engine, fetch_now, read_connection, write_transaction
+from auditctl.history import Actor
+from auditctl.monitor import Monitor
+from auditctl.notify import deliver, destinations_from, discord, sender, slack, undelivered
+from auditctl.notify.digest import OutboxEvent, build
+from auditctl.recovery import ResetFilters, recover_stuck, reset_failed
+from auditctl.rules import Filters
+from auditctl.schema import notification_deliveries, notifications
+from auditctl.thresholds import Thresholds
+
+AUDITCTL = Path(sys.executable).parent / "auditctl"
+STUCK_IN_DEMO = {
+    "https://blog.example.net": "stale_heartbeat",
+    "https://payments.example.com": "max_age_exceeded",
+    "https://status.example.io": "progress_stalled",
+}
+ACTOR = Actor.command("test")
+
+
+@pytest.fixture
+def hooks():
+    """Make loopback webhook servers, closed after the test."""
+    made = []
+
+    def make() -> Webhook:
+        made.append(Webhook())
+        return made[-1]
+
+    yield make
+    for hook in made:
+        hook.close()
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    """Retries after a tenth of a second, for tests of what a retry does rather than when."""
+    monkeypatch.setattr(sender, "BACKOFF_BASE", 0.1)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """A migrated SQLite database, for behaviour that does not depend on the engine."""
+    from auditctl.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'alerts.db'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url):
+    engine = create_engine(sqlite_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def secret_never_logged(caplog):
+    caplog.set_level(logging.INFO, logger="auditctl")
+    yield
+    assert SECRET not in caplog.text, "a webhook URL was logged unmasked"
+
+
+def invoke(*args, env=None):
+    result = CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False, prog_name="auditctl")
+    assert SECRET not in result.stdout and SECRET not in result.stderr, f"auditctl {args[0]} printed a webhook URL"
+    return result
+
+
+def clean_env(tmp_path: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITCTL_") and k not in ("NO_COLOR", "COLUMNS")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "xdg"), TERM="dumb", **extra)
+    return env
+
+
+def stuck_and_recovered(engine, count: int = 2, *, batch_size: int = 500, worker_id: str = "worker-1") -> list[int]:
+    """``count`` stuck audits, recovered (one outbox event per batch)."""
+    ids = make_running(engine, count, silent_for=700, worker_id=worker_id)
+    done = recover_stuck(engine, Thresholds(), actor=ACTOR, batch_size=batch_size, filters=Filters(ids=tuple(ids)))
+    assert sorted(r.id for r in done) == ids
+    return ids
+
+
+def delivery_states(engine) -> list[str]:
+    with read_connection(engine) as connection:
+        return list(connection.execute(select(notification_deliveries.c.status)
+                                        .order_by(notification_deliveries.c.notification_id)).scalars())
+
+
+def event_count(engine, event: str | None = None) -> int:
+    query = select(func.count()).select_from(notifications)
+    if event is not None:
+        query = query.where(notifications.c.event == event)
+    with read_connection(engine) as connection:
+        return connection.execute(query).scalar_one()
+
+
+def audit_ids_in(body: dict) -> list[int]:
+    """The audits a generic webhook message reports."""
+    return [a["id"] for e in body["events"] if e["event"] == "recovered" for a in e["payload"]["audits"]]
+
+
+# --- one summarising message per destination --------------------------------------------------------------------
+
+
+def test_one_message_per_destination_summarises_every_event_due(engine, hooks):
+    slack_hook, discord_hook, generic = hooks(), hooks(), hooks()
+    destinations = destinations_from(slack=slack_hook.url(), discord=[discord_hook.url()], webhook=generic.url())
+    recovered = stuck_and_recovered(engine, 5, batch_size=2)  # three batches: three events
+    reset = reset_failed(engine, actor=Actor.command("reset-all"), filters=ResetFilters(ids=tuple(recovered[:2])))
+    assert len(reset) == 2 and event_count(engine) == 4
+
+    report = deliver(engine, destinations)
+
+    assert report.ok and [r.events for r in report.results] == [4, 4, 4]
+    for hook in (slack_hook, discord_hook, generic):
+        assert len(hook.requests) == 1, "one message per destination, never one per event"
+    body = generic.requests[0].body
+    assert audit_ids_in(body) == recovered
+    assert body["title"] == "5 stuck audits recovered; 2 audits reset by auditctl reset-all"
+    assert generic.requests[0].headers["Idempotency-Key"] == body["idempotency_key"]
+    assert len({e["key"] for e in body["events"]}) == 4
+    slack_text = json.dumps(slack_hook.requests[0].body)
+    assert "Reset by auditctl reset-all" in slack_text and "2 audits back to pending" in slack_text
+    assert set(delivery_states(engine)) == {"sent"}
+
+    again = deliver(engine, destinations)
+    assert again.ok and again.sent == 0 and len(generic.requests) == 1, "a sent event is never sent again"
+
+
+def test_slack_and_discord_messages_show_hostile_targets_as_text_and_name_the_worker_gone():
+    hostile = "<!channel> @everyone [click](http://evil) \x1b]0;owned\x07"
+    events = [OutboxEvent(7, None, "recovered", {"actor": "worker w (1234abcd)", "audits": [
+        {"id": 41, "target": hostile, "reasons": ["worker_gone"], "status": "failed", "worker_id": "worker-7",
+         "explanation": ["worker process 999 on vm (worker-7, instance 1234abcd) no longer exists"],
+         "measured": {"silence_seconds": 3.0, "worker_gone": "worker process 999 on vm no longer exists"}}]}),
+        OutboxEvent(8, None, "unknown-kind", {})]
+    digest = build(events)
+    assert digest.title == "1 stuck audit recovered; worker worker-7 gone"
+    slack_body = json.dumps(slack.message(digest, "k"))
+    assert "&lt;!channel&gt;" in slack_body and "<!channel>" not in slack_body
+    assert "\\u001b" not in slack_body and "\\\\x1b" in slack_body  # shown, not sent
+    assert "Worker worker-7 gone:* worker process 999 on vm no longer exists" in slack_body
+    discord_body = discord.message(digest, "k")
+    assert discord_body["allowed_mentions"] == {"parse": []}
+    titles = [e["title"] for e in discord_body["embeds"]]
+    assert titles == ["1 stuck audit recovered", "Worker worker-7 gone"]
+    assert "\\[click\\]" in discord_body["embeds"][0]["fields"][0]["name"]  # no masked link
+
+
+# --- a recovery in watch --------------------------------------------------------------------------------------------
+
+
+def test_a_recovery_in_watch_posts_one_slack_and_one_discord_message_with_reasons_and_evidence(sqlite_url, hooks,
+                                                                                                tmp_path):
+    database_url = sqlite_url  # PostgreSQL: see the two-process test below
+    slack_hook, discord_hook = hooks(), hooks()
+    assert invoke("demo", "--database-url", database_url).exit_code == 0
+    env = clean_env(tmp_path, AUDITCTL_DISCORD_WEBHOOK=discord_hook.url())  # one from the environment
+    done = subprocess.run([str(AUDITCTL), "watch", "--once", "--database-url", database_url,
+                           "--slack-webhook", slack_hook.url()], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert f"alerts: sent 2 events in 1 message to slack http://127.0.0.1:{slack_hook.port}/***" in done.stdout
+    assert f"to discord http://127.0.0.1:{discord_hook.port}/***" in done.stdout
+    assert len(slack_hook.requests) == 1 and len(discord_hook.requests) == 1
+
+    blocks = slack_hook.requests[0].body["blocks"]
+    assert blocks[0]["type"] == "header" and blocks[0]["text"]["text"] == "5 stuck audits recovered"
+    assert blocks[-1]["type"] == "context" and "idempotency key auditctl-" in blocks[-1]["elements"][0]["text"]
+    sections = [b["text"]["text"] for b in blocks if b["type"] == "section"]
+    for target, reason in STUCK_IN_DEMO.items():
+        section = next(s for s in sections if target in s)
+        assert f"*Reasons:* {reason}" in section
+        assert "*Why:* " in section and "*Measured:* silent " in section and "limits stale_after 10m" in section
+
+    embed = discord_hook.requests[0].body["embeds"][0]
+    assert embed["title"] == "5 stuck audits recovered" and embed["color"] == discord.RED
+    for target, reason in STUCK_IN_DEMO.items():
+        field = next(f for f in embed["fields"] if target in f["name"])
+        assert f"**{reason.replace('_', chr(92) + '_')}** → failed" in field["value"]
+        assert "Measured: silent " in field["value"]
+    assert "idempotency key auditctl-" in embed["footer"]["text"]
+
+
+# --- two watch processes on one PostgreSQL --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_url(request):
+    from conftest import _new_postgres_database
+
+    return _new_postgres_database(request, template=request.getfixturevalue("postgres_template"))
+
+
+def test_two_watch_processes_on_one_postgresql_send_each_event_once(postgres_url, hooks, tmp_path):
+    generic = hooks()
+    # A slow receiver widens every window two senders could race in; its first answers are failures, so
+    # both processes also wake for the same retry at the same moment.
+    generic.always(Answer(hang=0.3))
+    generic.answer(Answer(status=500, hang=0.3), Answer(status=500, hang=0.3))
+    engine = create_engine(postgres_url)
+    watchers = [subprocess.Popen([str(AUDITCTL), "watch", "--interval", "0.3s", "--refresh", "0.3s",
+                                  "--database-url", postgres_url, "--webhook", generic.url()],
+                                 cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+    lines: list[list[str]] = [[], []]
+    for watcher, seen in zip(watchers, lines):
+        threading.Thread(target=lambda w=watcher, seen=seen: seen.extend(w.stdout), daemon=True).start()
+    try:
+        wait_for(lambda: all(seen for seen in lines), timeout=20, message="both watch processes running")
+        stuck = []
+        for _round in range(6):
+            stuck += make_running(engine, 2, silent_for=700)
+            time.sleep(0.25)
+
+        def all_delivered():
+            with read_connection(engine) as connection:
+                recovered = connection.execute(select(func.count()).select_from(notifications)
+                                               .where(notifications.c.event == "recovered")).scalar_one()
+                unsent = connection.execute(select(func.count()).select_from(notification_deliveries)
+                                            .where(notification_deliveries.c.status != "sent")).scalar_one()
+                events = connection.execute(select(func.count()).select_from(notifications)).scalar_one()
+                sent = connection.execute(select(func.count()).select_from(notification_deliveries)).scalar_one()
+            reported = sum(len(audit_ids_in(r.body)) for r in generic.requests if r.answered == 200)
+            return reported >= len(stuck) and unsent == 0 and sent == events and recovered >= 1
+
+        wait_for(all_delivered, timeout=20, interval=0.1, message="every recovery delivered")
+    finally:
+        outputs = []
+        for watcher, seen in zip(watchers, lines):
+            watcher.terminate()
+            watcher.wait(10)
+            outputs.append(("".join(seen), watcher.stderr.read()))
+        engine.dispose()
+    delivered = [r.body for r in generic.requests if r.answered == 200]
+    keys = [e["key"] for body in delivered for e in body["events"]]
+    assert len(keys) == len(set(keys)), "an event was sent twice"
+    assert sorted(i for body in delivered for i in audit_ids_in(body)) == sorted(stuck)
+    assert sum(body["counts"]["fleet_healthy"] for body in delivered) >= 1
+    for out, err in outputs:
+        assert SECRET not in out + err
+    print("\nmessages sent by each watch:", [out.count("alerts: sent") for out, _ in outputs])
+
+
+# --- a webhook that hangs or fails ----------------------------------------------------------------------------------
+
+
+def test_a_hanging_or_failing_webhook_never_holds_a_watch_pass_and_gets_its_events_when_back(sqlite_url, sqlite_engine,
+                                                                                         hooks, tmp_path):
+    database_url, engine = sqlite_url, sqlite_engine  # the pass's independence from the webhook is engine-neutral
+    hanging, failing = hooks(), hooks()
+    hanging.always(Answer(hang=60))  # answers (200) only when released, long after the 5s timeout would pass
+    failing.always(Answer(status=500, body=b"internal error"))
+    assert invoke("demo", "--database-url", database_url).exit_code == 0
+    watch = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "0.3s", "--refresh", "0.2s", "--notify-timeout", "5s",
+                              "--database-url", database_url, "--slack-webhook", hanging.url(),
+                              "--discord-webhook", failing.url()],
+                             cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(watch.stdout), daemon=True).start()
+    try:
+        wait_for(lambda: hanging.requests, timeout=15, message="the Slack webhook called")
+        # While the Slack webhook hangs, passes go on: a newly stuck audit is recovered within a few passes.
+        late = make_running(engine, 1, silent_for=700)[0]
+        made = time.monotonic()
+        wait_for(lambda: any(f"recovered audit {late} " in line for line in lines), timeout=10, message="the late recovery")
+        took = time.monotonic() - made
+        assert took < 3.0, f"a pass was held up {took:.1f}s by a hanging webhook (timeout 5s)"
+        assert not any(r.answered for r in hanging.requests), "the Slack webhook was still hanging meanwhile"
+        wait_for(lambda: any("alerts: could not deliver to discord" in line for line in lines), timeout=10,
+                 message="the failure logged")
+        hanging.always(Answer())
+        hanging.release()
+        failing.always(Answer())
+        wait_for(lambda: set(delivery_states(engine)) == {"sent"} and len(delivery_states(engine)) == 2 * event_count(engine),
+                 timeout=15, message="every event delivered once the webhooks are back")
+    finally:
+        watch.terminate()
+        out, err = watch.communicate(timeout=10)
+    text = "".join(lines) + out + err
+    assert SECRET not in text
+    assert f"alerts: could not deliver to discord http://127.0.0.1:{failing.port}/***: HTTP 500: internal error" in text
+    assert text.count("could not deliver to discord") == 1, "one log line per change, not one per retry"
+    delivered = [r.body for r in failing.requests if r.answered == 200]
+    assert any(f"#{late} " in field["name"] for b in delivered for e in b["embeds"] for field in e.get("fields", []))
+    print(f"\nlate audit recovered {took:.2f}s after it went stuck, with Slack hanging and Discord failing")
+
+
+def test_deliver_returns_within_its_timeout_when_a_webhook_hangs_and_sends_when_it_answers(engine, hooks, fast_backoff):
+    hook = hooks()
+    hook.always(Answer(hang=60))
+    destinations = destinations_from(webhook=hook.url())
+    ids = stuck_and_recovered(engine, 2)
+    started = time.monotonic()
+    report = deliver(engine, destinations, timeout=0.5)
+    took = time.monotonic() - started
+    assert took < 2.0, f"deliver took {took:.2f}s with a 0.5s timeout"
+    assert not report.ok and report.results[0].error == "no answer within 0.5s" and report.pending == 1
+    assert delivery_states(engine) == ["pending"]
+    listed = undelivered(engine)
+    assert [(u.status, u.attempts, u.last_error) for u in listed] == [("pending", 1, "no answer within 0.5s")]
+    assert listed[0].destination == f"webhook http://127.0.0.1:{hook.port}/***"
+
+    hook.always(Answer())
+    hook.release()
+    wait_for(lambda: deliver(engine, destinations, timeout=0.5).sent, timeout=5, interval=0.2, message="the retry")
+    assert audit_ids_in(hook.requests[-1].body) == ids
+    assert delivery_states(engine) == ["sent"]
+
+
+def test_a_guard_with_a_hanging_webhook_keeps_beating_and_alerts_from_its_own_thread(sqlite_url, sqlite_engine, hooks,
+                                                                                    caplog, fast_backoff):
+    from auditctl import StuckAuditPrevention
+
+    hook = hooks()
+    hook.always(Answer(hang=60))
+    options = {"heartbeat_interval": 0.5, "stale_after": 2, "max_age": 30, "stall_after": 3}
+    with StuckAuditPrevention(sqlite_url, worker_id="quiet", **options) as quiet:
+        started = time.monotonic()
+        quiet._beat_once()
+        baseline = time.monotonic() - started
+    with StuckAuditPrevention(sqlite_url, worker_id="alerting", slack_webhook=[hook.url()], notify_timeout=2,
+                              **options) as guard:
+        stuck = make_running(sqlite_engine, 1, silent_for=700)[0]
+        started = time.monotonic()
+        assert guard._beat_once() is True  # the heartbeat thread's work: beat, then a monitor pass
+        took = time.monotonic() - started
+        assert took < 1.0, f"a heartbeat pass took {took:.2f}s with a hanging webhook"
+        hook.wait_for(1)
+        wait_for(lambda: "are failing: no answer within 2s" in caplog.text, timeout=5, message="the failure logged")
+        assert f"alerts to slack http://127.0.0.1:{hook.port}/*** are failing" in caplog.text
+        hook.always(Answer())
+        hook.release()
+        wait_for(lambda: delivery_states(sqlite_engine) == ["sent"], timeout=5, message="the retry from the guard's thread")
+    assert f"#{stuck}" in json.dumps(hook.requests[-1].body)
+    print(f"\nheartbeat pass: {baseline * 1000:.0f} ms without alerts, {took * 1000:.0f} ms with a hanging webhook")
+
+
+# --- rate limits, crashes, expiry -----------------------------------------------------------------------------------
+
+
+def test_a_429_with_retry_after_holds_every_event_for_that_destination_until_then(engine, hooks, fast_backoff):
+    hook = hooks()
+    hook.answer(Answer(status=429, headers={"Retry-After": "1"}, body=b"slow down"))
+    destinations = destinations_from(webhook=hook.url())
+    first = stuck_and_recovered(engine, 1)
+    report = deliver(engine, destinations)
+    assert report.results[0].status == 429 and report.results[0].error == "HTTP 429: slow down"
+    assert 0.9 <= report.next_due <= 1.0
+    second = stuck_and_recovered(engine, 1)  # a new event waits with the others
+    assert deliver(engine, destinations).sent == 0 and len(hook.requests) == 1, "asked again before Retry-After"
+    wait_for(lambda: deliver(engine, destinations).sent, timeout=5, interval=0.1, message="the retry")
+    assert len(hook.requests) == 2
+    assert hook.requests[1].at - hook.requests[0].at >= 0.95
+    assert audit_ids_in(hook.requests[1].body) == first + second
+
+
+def test_a_crash_between_sending_and_marking_sends_again_with_the_same_idempotency_key(engine, hooks, monkeypatch):
+    hook = hooks()
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    monkeypatch.setattr(sender, "CLAIM_MARGIN", 0.0)
+
+    def crash(*_args):
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(sender, "_mark_sent", crash)
+    deliver(engine, destinations, timeout=0.3)
+    assert len(hook.requests) == 1 and delivery_states(engine) == ["sending"]
+    monkeypatch.undo()
+    assert deliver(engine, destinations, timeout=0.3).sent == 0, "claimed by a live sender: not sent again"
+    time.sleep(0.4)  # the dead sender's claim runs out
+    assert deliver(engine, destinations, timeout=0.3).sent == 1
+    first, again = hook.requests
+    assert again.headers["Idempotency-Key"] == first.headers["Idempotency-Key"] == first.body["idempotency_key"]
+    assert again.body == first.body
+    assert delivery_states(engine) == ["sent"]
+
+
+def test_events_expire_undelivered_and_leave_the_backlog(engine, database_url, hooks):
+    hook = hooks()
+    hook.always(Answer(status=500))
+    destinations = destinations_from(slack=hook.url())
+    stuck_and_recovered(engine, 1)
+    deliver(engine, destinations)
+    assert delivery_states(engine) == ["pending"]
+    stuck_and_recovered(engine, 1)  # never seen by any sender
+    with write_transaction(engine) as connection:
+        connection.execute(update(notifications).values(expires_at=fetch_now(connection) - timedelta(seconds=1)))
+    hook.always(Answer())
+    report = deliver(engine, destinations)
+    assert report.sent == 0 and report.results[0].expired == 1 and len(hook.requests) == 1
+    assert delivery_states(engine) == ["expired"], "an expired event gets no delivery row"
+    assert undelivered(engine, destinations) == []
+    status = invoke("notify", "--status", "--database-url", database_url)
+    assert status.exit_code == 0 and status.stderr.startswith("Nothing undelivered")
+
+
+# --- several senders at once ----------------------------------------------------------------------------------------
+
+
+def test_concurrent_senders_claim_each_event_once(engine, database_url, hooks):
+    hook = hooks()
+    hook.always(Answer(hang=0.05))
+    destinations = destinations_from(webhook=hook.url())
+    engines = [create_engine(database_url) for _ in range(3)]
+    done = threading.Event()
+
+    def send(own):
+        while not done.is_set():
+            deliver(own, destinations)
+
+    senders = [threading.Thread(target=send, args=(own,)) for own in engines]
+    for thread in senders:
+        thread.start()
+    try:
+        recovered = []
+        for _ in range(6):
+            recovered += stuck_and_recovered(engine, 2)
+        wait_for(lambda: sorted(i for r in hook.requests if r.body for i in audit_ids_in(r.body)) == recovered,
+                 timeout=15, message="every event delivered")
+    finally:
+        done.set()
+        for thread in senders:
+            thread.join(10)
+        for own in engines:
+            own.dispose()
+    keys = [e["key"] for r in hook.requests for e in r.body["events"]]
+    assert len(keys) == len(set(keys)) == 6
+
+
+# --- the fleet back to healthy --------------------------------------------------------------------------------------
+
+
+def test_the_fleet_healthy_event_is_written_once_after_recoveries_whoever_notices(engine):
+    first, second = Monitor(engine, Thresholds(), actor=ACTOR), Monitor(engine, Thresholds(), actor=Actor.command("other"))
+    assert first.run_pass().announced_healthy is False, "no recovery yet: nothing to announce"
+    make_running(engine, 2, silent_for=700)
+    passed = first.run_pass()
+    assert len(passed.recovered) == 2 and passed.announced_healthy is False
+    assert first.run_pass().announced_healthy is True
+    assert second.run_pass().announced_healthy is False and first.run_pass().announced_healthy is False
+    filtered = Monitor(engine, Thresholds(), actor=ACTOR, filters=Filters(workers=("worker-9",)))
+    make_running(engine, 1, silent_for=700)
+    assert len(filtered.run_pass().recovered) == 0 and event_count(engine, "fleet_healthy") == 1
+    assert len(second.run_pass().recovered) == 1
+    assert filtered.run_pass().announced_healthy is False, "a filtered monitor sees part of the fleet only"
+    assert second.run_pass().announced_healthy is True
+    assert event_count(engine, "fleet_healthy") == 2
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+
+def test_recover_and_reset_all_alert_at_the_end_and_notify_retries_what_failed(database_url, engine, hooks, fast_backoff):
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"no_service"))
+    url = hook.url()
+    make_running(engine, 2, silent_for=700)
+    recovered = invoke("recover", "--database-url", database_url, "--webhook", url)
+    assert recovered.exit_code == 0, "a failed alert never fails a recovery"
+    assert (f"Alerts: could not deliver to webhook http://127.0.0.1:{hook.port}/***: HTTP 500: no_service; 1 event kept"
+            in recovered.stderr)
+
+    listed = invoke("notify", "--status", "-o", "json", "--database-url", database_url)
+    records = json.loads(listed.stdout)
+    assert [(r["event"], r["status"], r["attempts"], r["last_error"]) for r in records] == \
+        [("recovered", "pending", 1, "HTTP 500: no_service")]
+    assert records[0]["destination"] == f"webhook http://127.0.0.1:{hook.port}/***"
+    assert records[0]["summary"] == "2 stuck audits recovered"
+    table = invoke("notify", "--status", "--database-url", database_url, env={"COLUMNS": "200"})
+    assert "recovered" in table.stdout and "HTTP 500: no_service" in table.stdout
+    assert table.stderr.startswith("1 undelivered event")
+
+    assert invoke("notify", "--database-url", database_url, "--webhook", url).exit_code == 1, "still failing"
+    hook.always(Answer())
+    wait_for(lambda: invoke("notify", "--database-url", database_url, "--webhook", url).exit_code == 0, timeout=10,
+             interval=0.5, message="notify to succeed after the backoff")
+    assert invoke("notify", "--status", "--database-url", database_url).stderr.startswith("Nothing undelivered")
+
+    reset = invoke("reset-all", "--yes", "--database-url", database_url, env={"AUDITCTL_WEBHOOK": url})
+    assert reset.exit_code == 0 and "Alerts: sent 1 event in 1 message" in reset.stderr
+    assert hook.requests[-1].body["title"] == "2 audits reset by auditctl reset-all"
+    assert invoke("notify", "--database-url", database_url, "--webhook", url).stderr == "Nothing to deliver.\n"
+
+
+def test_notify_without_a_destination_or_with_a_bad_url_is_a_usage_error(sqlite_url):
+    database_url = sqlite_url
+    missing = invoke("notify", "--database-url", database_url)
+    assert missing.exit_code == 2 and "no destination" in missing.stderr
+    bad = invoke("recover", "--database-url", database_url, "--slack-webhook", f"ftp://example.com/{SECRET}")
+    assert bad.exit_code == 2 and "slack webhook ftp://example.com/*** is not an http(s) URL" in bad.stderr
+
+
+def test_webhooks_come_from_the_config_file_too(sqlite_url, hooks, tmp_path):
+    database_url = sqlite_url
+    hook = hooks()
+    config = tmp_path / "auditctl.toml"
+    config.write_text(f'slack_webhook = ["{hook.url()}"]\nnotify_timeout = "2s"\n')
+    assert invoke("demo", "--database-url", database_url).exit_code == 0
+    result = invoke("--config", config, "recover", "--database-url", database_url)
+    assert result.exit_code == 0 and f"Alerts: sent 2 events in 1 message to slack http://127.0.0.1:{hook.port}/***" \
+        in result.stderr
+    assert len(hook.requests) == 1 and hook.requests[0].body["blocks"][0]["text"]["text"] == "5 stuck audits recovered"

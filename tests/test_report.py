@@ -1,0 +1,377 @@
+"""``auditctl report``: a generated month of history, read back as the operator would read it.
+
+The month is written straight into the tables, in the shapes the library writes (a
+recovery's history row and its ``recovery_info`` with the row as it was; a refused late
+write; a requeue followed by a new run), with one planted pattern: worker-3 stalls at
+step 'Port scan'. One test also makes a recovery and a refused write through the library
+itself, so the generated shapes cannot drift from the real ones unnoticed.
+
+The thresholds part learns from two kinds whose real durations differ, and its
+false-recovery rates are recounted here from the generated values, independently.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import insert, select, update
+
+from auditctl import leases
+from auditctl.cli import cli
+from auditctl.config import validate_config
+from auditctl.db import fetch_now, read_connection, write_transaction
+from auditctl.errors import LeaseLost
+from auditctl.history import Actor
+from auditctl.learn import suggest_thresholds, to_toml
+from auditctl.recovery import recover_stuck
+from auditctl.report import percentile, stuck_report
+from auditctl.schema import audit_events, audits
+from auditctl.thresholds import Thresholds, parse_duration
+from auditctl.timestamps import isoformat_z
+
+DAY = 86400.0
+WORKERS = ["worker-1", "worker-2", "worker-3", "worker-4", "worker-5"]
+STEPS = ["Crawling", "Fingerprinting", "Port scan", "Testing endpoints", "Report"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, prog_name="auditctl")
+
+
+# --- a month of history ------------------------------------------------------------------
+
+
+@dataclass
+class Month:
+    recoveries: int = 0
+    silences: list[float] = field(default_factory=list)
+    came_back: int = 0
+    by_worker: dict[str, int] = field(default_factory=dict)
+    by_step: dict[str, int] = field(default_factory=dict)
+    requeued_then_ran: int = 0
+
+
+def _progress(step: str, percentage: float, at, running: bool) -> dict:
+    stamp = isoformat_z(at)
+    return {"progress": {"step": step, "percentage": percentage, "is_running": running, "heartbeat": stamp,
+                         "last_updated": stamp}, "last_worker_update": stamp}
+
+
+def make_month(engine, *, seed: int = 11) -> Month:
+    """30 days: 24 audits completed a day, and 150 recoveries, 60 of them worker-3 stalling at 'Port scan'."""
+    rng = random.Random(seed)
+    month = Month()
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    rows, stuck = [], []
+    for day in range(30):
+        for _ in range(24):
+            kind = rng.choice(["full-scan", "quick-scan"])
+            run = rng.uniform(1800, 5400) if kind == "full-scan" else rng.uniform(60, 400)
+            finished = now - timedelta(seconds=day * DAY + rng.uniform(3600, DAY - 3600))
+            started = finished - timedelta(seconds=run)
+            created = started - timedelta(seconds=rng.uniform(5, 300))
+            worker = rng.choice(WORKERS)
+            rows.append({"target": f"https://site-{rng.randint(1, 400)}.example.com", "status": "completed", "kind": kind,
+                         "created_at": created, "started_at": started, "finished_at": finished, "heartbeat_at": finished,
+                         "last_worker_update": finished, "progress_changed_at": finished, "attempts": 1,
+                         "worker_id": worker, "worker_instance": uuid.uuid5(uuid.NAMESPACE_DNS, worker).hex,
+                         "progress": _progress("Report", 100.0, finished, False),
+                         "longest_gap_seconds": rng.uniform(20, 40), "longest_stall_seconds": rng.uniform(30, 200)})
+    plan = ([("progress_stalled", "worker-3", "Port scan")] * 60
+            + [("progress_stalled", None, None)] * 20 + [("stale_heartbeat", None, None)] * 40
+            + [("max_age_exceeded", None, None)] * 20 + [("worker_gone", None, None)] * 10)
+    for index, (reason, worker, step) in enumerate(plan):
+        worker = worker or rng.choice(WORKERS)
+        step = step or rng.choice(STEPS)
+        at = now - timedelta(seconds=rng.uniform(2 * 3600, 30 * DAY - 3600))
+        stalled = rng.uniform(700, 3000) if reason == "progress_stalled" else rng.uniform(0, 900)
+        silence = rng.uniform(5, 60) if reason in ("progress_stalled", "max_age_exceeded") else rng.uniform(610, 2400)
+        age = rng.uniform(1900, 4000) if reason == "max_age_exceeded" else max(stalled, silence) + rng.uniform(10, 600)
+        requeued = index % 5 == 0
+        month.recoveries += 1
+        month.silences.append(round(silence, 3))
+        month.by_worker[worker] = month.by_worker.get(worker, 0) + 1
+        month.by_step[step] = month.by_step.get(step, 0) + 1
+        stuck.append({"reason": reason, "worker": worker, "step": step, "at": at, "silence": silence, "stalled": stalled,
+                      "age": age, "requeued": requeued, "came_back": index % 10 == 3, "lease": uuid.uuid4().hex})
+    with write_transaction(engine) as connection:
+        connection.execute(insert(audits), rows)
+        first = connection.execute(select(audits.c.id).order_by(audits.c.id.desc()).limit(1)).scalar_one()
+        for item in stuck:
+            at, worker = item["at"], item["worker"]
+            instance = uuid.uuid5(uuid.NAMESPACE_DNS, worker).hex
+            started = at - timedelta(seconds=item["age"])
+            heard = at - timedelta(seconds=item["silence"])
+            reasons = [item["reason"]]
+            measured = {"silence_seconds": round(item["silence"], 3), "age_seconds": round(item["age"], 3),
+                        "stalled_seconds": round(item["stalled"], 3), "stale_after": 600.0, "max_age": 1800.0,
+                        "stall_after": 600.0}
+            original = {"id": None, "status": "running", "worker_id": worker, "worker_instance": instance,
+                        "lease": item["lease"], "started_at": isoformat_z(started), "heartbeat_at": isoformat_z(heard),
+                        "progress": _progress(item["step"], 40.0, heard, True), "recovery_info": None}
+            info = {"recovered_at": isoformat_z(at), "reason": item["reason"], "reasons": reasons,
+                    "explanation": [f"{item['reason']} (generated)"], "measured": measured, "thresholds": {},
+                    "recovered_by": {"actor": "auditctl watch", "host": "monitor-1", "pid": 4242},
+                    "requeued": item["requeued"], "original_status": original}
+            row = {"target": f"https://stuck-{rng.randint(1, 50)}.example.com", "kind": rng.choice(["full-scan", "quick-scan"]),
+                   "created_at": started - timedelta(seconds=30), "attempts": 1, "recovery_info": info,
+                   "recovery_reasons": item["reason"]}
+            if item["requeued"]:
+                # Back in the queue, then run again to the end by another claim.
+                again = at + timedelta(seconds=rng.uniform(60, 900))
+                row.update(status="completed", started_at=again, finished_at=again + timedelta(seconds=300),
+                           worker_id=rng.choice(WORKERS), progress=_progress("Report", 100.0, again, False))
+                month.requeued_then_ran += 1
+            else:
+                row.update(status="failed", started_at=started, finished_at=at, worker_id=worker, worker_instance=instance,
+                           heartbeat_at=heard, progress=_progress(item["step"], 40.0, heard, False),
+                           error=f"recovered ({item['reason']})")
+            audit_id = connection.execute(insert(audits).values(**row)).inserted_primary_key[0]
+            assert audit_id > first
+            connection.execute(insert(audit_events).values(
+                audit_id=audit_id, at=at, event="requeued" if item["requeued"] else "recovered", from_status="running",
+                to_status="pending" if item["requeued"] else "failed", reasons=",".join(reasons), measurements=measured,
+                actor="auditctl watch", host="monitor-1", pid=4242,
+                details={"from": {"status": "running", "worker_id": worker, "worker_instance": instance,
+                                  "lease": item["lease"], "attempts": 1, "started_at": isoformat_z(started),
+                                  "heartbeat_at": isoformat_z(heard)},
+                         "explanation": info["explanation"], "thresholds": {}}))
+            if item["came_back"]:
+                month.came_back += 1
+                connection.execute(insert(audit_events).values(
+                    audit_id=audit_id, at=at + timedelta(seconds=20), event="lease_lost", from_status="failed",
+                    to_status="failed", actor=f"worker {worker} ({instance[:8]})", host="scan-node", pid=1,
+                    details={"write": "heartbeat", "lease": item["lease"], "worker_id": worker, "instance_id": instance}))
+    return month
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def test_report_on_a_month_names_the_worker_and_step_made_to_stick_most(engine, database_url):
+    month = make_month(engine)
+    found = stuck_report(engine, 30 * DAY)
+
+    assert found.recoveries == month.recoveries == 150
+    assert found.bucket == "day" and sum(slot["count"] for slot in found.frequency) == 150
+    assert found.by_worker[0].key == "worker-3" == max(month.by_worker, key=month.by_worker.get)
+    assert found.by_worker[0].count == month.by_worker["worker-3"]
+    assert found.by_step[0].key == "Port scan" == max(month.by_step, key=month.by_step.get)
+    assert found.step_unknown == 0
+    named = [o for o in found.outliers if o.dimension == "worker" and o.value == "worker-3"]
+    assert named and named[0].reason == "progress_stalled" and named[0].within["value"] == "Port scan", found.outliers
+    assert "worker-3 accounts for" in named[0].text and "'Port scan'" in named[0].text
+    # Recounted from what was generated.
+    assert found.detection.count == 150
+    assert found.detection.mean_seconds == pytest.approx(sum(month.silences) / 150, abs=0.01)
+    assert found.detection.p95_seconds == pytest.approx(percentile(month.silences, 0.95), abs=0.01)
+    assert found.came_back == month.came_back == found.lease_lost_writes
+    assert found.recovery.count == month.requeued_then_ran
+    assert found.capacity.completed == 720 + month.requeued_then_ran
+
+    text = invoke("report", "--database-url", database_url, "--since", "30d", "--format", "plain")
+    assert text.exit_code == 0, text.output
+    assert all(len(line) <= 80 for line in text.stdout.splitlines()), "plain output fits 80 columns"
+    out = " ".join(text.stdout.split())  # sentences are wrapped to the width
+    assert "worker-3 accounts for" in out and "at step 'Port scan'" in out
+    assert "Per day" in out and "Verdict:" in out and "Assuming each worker runs one audit at a time" in out
+
+    data = json.loads(invoke("report", "--database-url", database_url, "--since", "30d", "--format", "json").stdout)
+    assert data["by_worker"][0]["key"] == "worker-3" and data["by_step"][0]["key"] == "Port scan"
+    assert data["recoveries"] == 150 and data["bucket"] == "day"
+
+    rows = list(csv.DictReader(io.StringIO(invoke("report", "--database-url", database_url, "--since", "30d",
+                                                  "--format", "csv").stdout)))
+    workers = [r for r in rows if r["section"] == "by_worker"]
+    assert workers[0]["key"] == "worker-3" and int(workers[0]["count"]) == month.by_worker["worker-3"]
+    assert sum(int(r["count"]) for r in rows if r["section"] == "per_day") == 150
+    assert any(r["section"] == "outlier" and "Port scan" in r["detail"] for r in rows)
+
+
+def test_report_reads_what_the_library_really_writes(engine, database_url, start_audit):
+    """A recovery and a refused late write made by the library: step, worker and came-back are found."""
+    audit_id, lease = start_audit(worker_id="worker-9")
+    fields = {"step": "Port scan", "percentage": 10.0, "completed_tasks": None, "total_tasks": None}
+    leases.write_progress(engine, lease, fields, "sig-1", None, Actor("worker worker-9"))
+    with write_transaction(engine) as connection:
+        moment = fetch_now(connection) - timedelta(seconds=900)
+        connection.execute(update(audits).where(audits.c.id == audit_id)
+                           .values(heartbeat_at=moment, last_worker_update=moment, progress_changed_at=moment))
+    assert [r.id for r in recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))] == [audit_id]
+    with pytest.raises(LeaseLost):
+        leases.heartbeat(engine, lease, Actor("worker worker-9"))
+
+    found = stuck_report(engine, DAY)
+    assert found.bucket == "hour" and found.recoveries == 1
+    assert (found.by_worker[0].key, found.by_step[0].key, found.by_target[0].key) == ("worker-9", "Port scan", "https://example.com")
+    assert found.came_back == 1 and found.lease_lost_writes == 1
+    assert found.detection.mean_seconds == pytest.approx(900, abs=5)
+
+
+def test_report_on_an_empty_database_says_nothing_was_stuck(database_url):
+    result = invoke("report", "--database-url", database_url, "--format", "plain")
+    assert result.exit_code == 0, result.output
+    assert "No audit was recovered as stuck in this window." in result.stdout
+    assert "not enough history to size the fleet" in result.stdout
+
+
+def test_report_neutralises_escape_sequences_and_survives_documents_another_tool_wrote(engine, database_url):
+    make_month(engine)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audit_events).where(audit_events.c.event == "recovered")
+                           .values(details={"from": {"worker_id": "evil\x1b]0;owned\x07", "step": "x"}}))
+        now = fetch_now(connection)
+        connection.execute(insert(audit_events), [
+            {"audit_id": 1, "at": now, "event": "recovered", "actor": "other tool", "reasons": "manual",
+             "details": ["not", "an", "object"], "measurements": "just text"},
+            {"audit_id": 2, "at": now, "event": "lease_lost", "actor": "other tool", "reasons": None,
+             "details": {"lease": {"not": "text"}}, "measurements": [1, 2]},
+        ])
+        connection.execute(update(audits).where(audits.c.id == 1).values(recovery_info=["odd"]))
+        if connection.dialect.name == "sqlite":  # text that is not JSON at all
+            connection.exec_driver_sql("UPDATE audit_events SET measurements = 'not json{', details = '{broken' "
+                                       "WHERE id = (SELECT MIN(id) FROM audit_events WHERE event = 'requeued')")
+    result = invoke("report", "--database-url", database_url, "--since", "30d", "--format", "plain")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "evil\\x1b]0;owned\\x07" in result.stdout
+    assert stuck_report(engine, 30 * DAY).recoveries == 151
+
+
+def test_toml_format_needs_suggest_thresholds(database_url):
+    result = invoke("report", "--database-url", database_url, "--format", "toml")
+    assert result.exit_code == 2 and "--format toml goes with --suggest-thresholds" in result.stderr
+
+
+# --- thresholds learned per kind -------------------------------------------------------------
+
+
+@dataclass
+class Kind:
+    name: str
+    interval: float
+    gaps: list[float]
+    stalls: list[float]
+    runs: list[float]
+
+
+def make_kinds(engine, *, seed: int = 7) -> dict[str, Kind]:
+    """200 completed audits of each kind; quick scans take minutes, full scans an hour or more.
+
+    Two quick scans of each measure are freaks, far past anything else: the proposals must
+    not follow them, so they are the false recoveries the rate reports.
+    """
+    rng = random.Random(seed)
+    kinds = {
+        "quick-scan": Kind("quick-scan", 5.0, [rng.uniform(4, 12) for _ in range(198)] + [400.0, 500.0],
+                           [rng.uniform(10, 40) for _ in range(198)] + [900.0, 1000.0],
+                           [rng.uniform(60, 300) for _ in range(198)] + [7000.0, 8000.0]),
+        # Full scans beat every two minutes (so stale_after has a floor of 4m above their gaps).
+        "full-scan": Kind("full-scan", 120.0, [rng.uniform(30, 70) for _ in range(200)],
+                          [rng.uniform(60, 600) for _ in range(200)], [rng.uniform(1800, 5400) for _ in range(200)]),
+    }
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    rows = []
+    for kind in kinds.values():
+        for gap, stall, run in zip(kind.gaps, kind.stalls, kind.runs):
+            finished = now - timedelta(seconds=rng.uniform(60, 20 * DAY))
+            started = finished - timedelta(seconds=run)
+            rows.append({"target": "https://example.com", "status": "completed", "kind": kind.name,
+                         "created_at": started, "started_at": started, "finished_at": finished, "attempts": 1,
+                         "declared_heartbeat_interval": kind.interval, "longest_gap_seconds": gap,
+                         "longest_stall_seconds": stall, "worker_id": "worker-1"})
+    with write_transaction(engine) as connection:
+        connection.execute(insert(audits), rows)
+    return kinds
+
+
+def test_suggestions_differ_per_kind_with_false_recovery_rates_that_match_a_recount(engine, database_url):
+    kinds = make_kinds(engine)
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    found = {item["kind"]: item for item in data["kinds"]}
+    assert set(found) == set(kinds)
+    measure = {"stale_after": "gaps", "stall_after": "stalls", "max_age": "runs"}
+    for name, kind in kinds.items():
+        item = found[name]
+        assert item["enough"] and item["completed"] == 200
+        for threshold, attribute in measure.items():
+            proposal = item["proposals"][threshold]
+            values = getattr(kind, attribute)
+            # Recounted here: healthy audits that went past the proposal would have been recovered wrongly.
+            wrong = sum(1 for v in values if v > proposal["seconds"])
+            assert proposal["false_recoveries"] == wrong, (name, threshold)
+            assert proposal["false_recovery_rate"] == pytest.approx(wrong / len(values))
+            assert proposal["detection_latency_seconds"] == proposal["seconds"] + data["interval"]
+            assert parse_duration(proposal["text"]) == proposal["seconds"]
+            assert proposal["seconds"] >= max(values[:198])  # never below what ordinary runs showed
+        assert item["proposals"]["stale_after"]["seconds"] >= 2 * kind.interval
+        assert item["proposals"]["max_age"]["seconds"] >= max(item["proposals"]["stale_after"]["seconds"],
+                                                             item["proposals"]["stall_after"]["seconds"])
+    quick, full = found["quick-scan"]["proposals"], found["full-scan"]["proposals"]
+    for threshold in measure:
+        assert quick[threshold]["seconds"] < full[threshold]["seconds"], threshold
+    # The freaks of quick-scan are the only false recoveries: 2 of 200 per measure.
+    assert [quick[t]["false_recoveries"] for t in measure] == [2, 2, 2]
+    assert found["quick-scan"]["false_recoveries"] == 2 and found["quick-scan"]["false_recovery_rate"] == 0.01
+    # The declared heartbeat interval sets the floor where full scans' gaps would ask for less.
+    assert full["stale_after"]["seconds"] == 240.0 and "heartbeat intervals" in full["stale_after"]["floor"]
+    # The current fleet default (30m) would have recovered most full scans wrongly.
+    assert full["max_age"]["current_false_recoveries"] == sum(1 for r in kinds["full-scan"].runs if r > 1800)
+
+
+def test_suggested_toml_is_a_config_block_the_config_file_accepts(engine, database_url, tmp_path):
+    make_kinds(engine)
+    odd = 'deep scan "v2"'  # a kind name TOML must quote
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [{"target": "t", "status": "completed", "kind": odd, "created_at": now,
+                                             "started_at": now - timedelta(seconds=600 + i), "finished_at": now,
+                                             "attempts": 1, "longest_gap_seconds": 20.0 + i,
+                                             "longest_stall_seconds": 60.0 + i} for i in range(25)])
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
+    assert result.exit_code == 0, result.output
+    parsed = tomllib.loads(result.stdout)
+    settings = validate_config(parsed, "suggested")
+    assert set(settings["kinds"]) == {"quick-scan", "full-scan", odd}
+    learned = suggest_thresholds(engine, 30 * DAY)
+    for item in learned.kinds:
+        block = settings["kinds"][item.kind]
+        assert block.stale_after == item.proposals["stale_after"].seconds
+        assert block.stall_after == item.proposals["stall_after"].seconds
+        assert block.max_age == item.proposals["max_age"].seconds
+    # Pasted into a config file, the commands take it: scan judges quick scans by the learned values.
+    config = tmp_path / "config.toml"
+    config.write_text(result.stdout)
+    shown = invoke("--config", config, "report", "--database-url", database_url, "--suggest-thresholds", "--format", "json")
+    now = {item["kind"]: item["proposals"]["stale_after"] for item in json.loads(shown.stdout)["kinds"]}
+    assert now["quick-scan"]["current_source"] == "kind quick-scan"
+    assert now["quick-scan"]["current_seconds"] == now["quick-scan"]["seconds"]
+
+
+def test_suggestions_table_and_a_kind_with_too_little_history(engine, database_url):
+    make_kinds(engine)
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [{"target": "t", "status": "completed", "kind": 'odd "kind"\x1b[2J',
+                                             "created_at": now, "started_at": now - timedelta(seconds=30),
+                                             "finished_at": now, "attempts": 1, "longest_gap_seconds": 3.0,
+                                             "longest_stall_seconds": 3.0}] * 3)
+    table = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "plain")
+    assert table.exit_code == 0, table.output
+    assert "quick-scan" in table.stdout and "full-scan" in table.stdout and "\x1b" not in table.stdout
+    assert "only 3 completed audits" in " ".join(table.stdout.split())
+    block = to_toml(suggest_thresholds(engine, 30 * DAY))
+    assert "\x1b" not in block and "[kinds.odd" not in block  # no proposal: a comment only, control shown escaped
+    validate_config(tomllib.loads(block), "suggested")

@@ -1,0 +1,342 @@
+"""``auditctl serve`` over HTTP: the JSON API, sign-in, CSRF and cross-site refusals, the real command.
+
+Every test talks to a real uvicorn server on a free loopback port (in a thread, or the real
+``auditctl serve`` process) over real HTTP, on SQLite and on PostgreSQL. The JSON is compared
+with what the CLI's ``--format json`` prints for the same database.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+
+import pytest
+from click.testing import CliRunner
+
+from auditctl.cli import cli
+from dbtools import all_rows, events
+from webtools import TOKEN, Output, http, running_dashboard, serve_process
+from webtools import demo_fixture, demo_url_fixture, sqlite_demo_template_fixture  # noqa: F401 - fixtures
+
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+#: For what does not depend on the engine (who may act, escaping): SQLite only, to keep the suite fast.
+sqlite_only = pytest.mark.parametrize("engine_name", ["sqlite"])
+#: Measured on the database's clock at each read: they differ between two reads a moment apart.
+MOVING = {"age_seconds", "silence_seconds", "stalled_seconds", "heartbeat_age_seconds", "created_age_seconds",
+          "explanation", "gone_for"}
+
+
+def cli_json(database_url: str, *args):
+    result = CliRunner().invoke(cli, [*args, "--database-url", database_url, "--format", "json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def still(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in MOVING}
+
+
+def statuses(engine) -> dict[int, str]:
+    return {row["id"]: row["status"] for row in all_rows(engine)}
+
+
+# --- the JSON API: the CLI's shapes ----------------------------------------------------------
+
+
+def test_api_stuck_audits_and_workers_are_what_the_cli_prints_as_json(demo_url, demo):
+    with running_dashboard(demo_url) as server:
+        stuck = server.get("/api/stuck")
+        audits = server.get("/api/audits?status=failed,pending&sort=id&limit=0")
+        workers = server.get("/api/workers")
+        reason = server.get("/api/stuck?reason=progress_stalled")
+    assert stuck.status == 200 and stuck.headers["content-type"] == "application/json"
+    assert [still(r) for r in stuck.json()] == [still(r) for r in cli_json(demo_url, "scan")]
+    assert sorted(r["reasons"][0] for r in stuck.json()) == ["max_age_exceeded", "progress_stalled", "stale_heartbeat"]
+    assert [r["reasons"] for r in reason.json()] == [["progress_stalled"]]
+    expected = cli_json(demo_url, "list", "--status", "failed,pending", "--limit", "0")
+    assert [still(r) for r in audits.json()] == [still(r) for r in expected]
+    assert {r["status"] for r in audits.json()} == {"failed", "pending"}
+    assert [still(r) for r in workers.json()] == [still(r) for r in cli_json(demo_url, "workers")]
+
+
+def test_api_one_audit_is_what_show_prints_and_an_unknown_id_is_404(demo_url, demo):
+    stuck_id = cli_json(demo_url, "scan")[0]["id"]
+    with running_dashboard(demo_url) as server:
+        found = server.get(f"/api/audits/{stuck_id}")
+        missing = server.get("/api/audits/999999")
+        huge = server.get(f"/api/audits/{2**70}")
+        page = server.get("/audits/999999")
+    assert still(found.json()) == still(cli_json(demo_url, "show", str(stuck_id)))
+    assert {"progress", "recovery_info", "history"} <= set(found.json())
+    assert missing.status == 404 and missing.json() == {"error": "no audit with id 999999"}
+    assert huge.status == 404
+    assert page.status == 404 and "no audit with id 999999" in page.text
+
+
+@sqlite_only
+def test_api_bad_parameters_are_400_with_the_name_of_the_parameter(demo_url, demo):
+    with running_dashboard(demo_url) as server:
+        status = server.get("/api/audits?status=sleeping")
+        duration = server.get("/api/stuck?older_than=soon")
+        body = server.post("/api/recover", body="dry_run=1", headers={**BEARER, "Content-Type": "text/plain"})
+    assert status.status == 400 and "status" in status.json()["error"] and "sleeping" in status.json()["error"]
+    assert duration.status == 400 and "older_than" in duration.json()["error"]
+    assert body.status == 415
+
+
+def test_api_overview_counts_the_fleet_and_charts_the_recoveries(demo_url, demo):
+    with running_dashboard(demo_url) as server:
+        overview = server.get("/api/overview").json()
+    assert overview["stuck_count"] == 3 and len(overview["stuck"]) == 3
+    assert overview["by_status"] == {"pending": 3, "running": 7, "completed": 6, "failed": 2}
+    assert {k: v for k, v in overview["stuck_by_reason"].items() if v} == {
+        "stale_heartbeat": 1, "max_age_exceeded": 1, "progress_stalled": 1}
+    hours = overview["recoveries_by_hour"]
+    assert len(hours) == 24
+    # The demo's two failed audits were recovered as stuck when it was written: this hour (or, just
+    # past the hour, the one before) holds them.
+    assert sum(h["count"] for h in hours[-2:]) == 2 and sum(h["count"] for h in hours) == 2
+
+
+def test_api_recover_previews_with_dry_run_then_recovers_as_the_dashboard(demo_url, demo):
+    before = statuses(demo)
+    with running_dashboard(demo_url) as server:
+        preview = server.post("/api/recover", json_body={"dry_run": True}, headers=BEARER)
+        assert statuses(demo) == before, "a dry run changed the database"
+        one = preview.json()[0]["id"]
+        done = server.post("/api/recover", json_body={"id": [one]}, headers=BEARER)
+    assert preview.status == 200 and len(preview.json()) == 3
+    assert all(r["dry_run"] for r in preview.json())
+    expected_keys = set(cli_json(demo_url, "recover", "--dry-run")[0])
+    assert set(preview.json()[0]) == expected_keys
+    assert done.status == 200 and [r["id"] for r in done.json()] == [one] and not done.json()[0]["dry_run"]
+    after = statuses(demo)
+    assert after[one] == "failed" and {k: v for k, v in after.items() if k != one} == {k: v for k, v in before.items() if k != one}
+    recovered = [e for e in events(demo, one) if e["event"] == "recovered"]
+    assert [e["actor"] for e in recovered] == ["dashboard token"]
+
+
+def test_api_reset_all_previews_with_dry_run_then_resets_failed_audits_to_pending(demo_url, demo):
+    failed = [i for i, s in statuses(demo).items() if s == "failed"]
+    expected = cli_json(demo_url, "reset-all", "--dry-run")
+    with running_dashboard(demo_url) as server:
+        preview = server.post("/api/reset-all?dry_run=true", headers=BEARER)
+        assert all(statuses(demo)[i] == "failed" for i in failed)
+        done = server.post("/api/reset-all", json_body={"dry_run": False}, headers=BEARER)
+    assert preview.json() == expected
+    assert sorted(r["id"] for r in done.json()) == sorted(failed) and {r["status"] for r in done.json()} == {"pending"}
+    assert all(statuses(demo)[i] == "pending" for i in failed)
+    assert {e["actor"] for i in failed for e in events(demo, i) if e["event"] == "reset"} == {"dashboard token"}
+
+
+# --- who may act -------------------------------------------------------------------------------
+
+
+@sqlite_only
+def test_without_a_token_the_dashboard_is_read_only_and_refuses_every_action(demo_url, demo):
+    before = statuses(demo)
+    with running_dashboard(demo_url, token=None) as server:
+        page = server.get("/")
+        api = server.post("/api/reset-all", headers={"Authorization": "Bearer anything"})
+        recover = server.post("/api/recover", headers={"Authorization": "Bearer "})
+        html = server.post("/actions/reset-all", form={"csrf_token": "x"}, headers={"Origin": server.origin})
+        login = server.post("/login", form={"token": ""}, headers={"Origin": server.origin})
+        reads = server.get("/api/stuck")
+    assert api.status == 403 and "without a token" in api.json()["error"]
+    assert recover.status == 403 and html.status == 403 and login.status == 403
+    assert 'id="reset-all" disabled' in page.text and "started without a token" in page.text
+    assert reads.status == 200 and len(reads.json()) == 3
+    assert statuses(demo) == before
+
+
+@sqlite_only
+def test_actions_need_the_token_and_a_wrong_one_is_401(demo_url, demo):
+    before = statuses(demo)
+    with running_dashboard(demo_url) as server:
+        anonymous = server.post("/api/reset-all")
+        wrong = server.post("/api/reset-all", headers={"Authorization": "Bearer not-the-token"})
+        wrong_read = server.get("/api/stuck", headers={"Authorization": "Bearer not-the-token"})
+        right_read = server.get("/api/stuck", headers=BEARER)
+        html = server.post("/actions/reset-all", form={}, headers={"Origin": server.origin})
+        page = server.get("/")
+    assert anonymous.status == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+    assert wrong.status == 401 and wrong_read.status == 401 and right_read.status == 200
+    assert html.status == 401 and "sign in" in html.text
+    assert 'id="reset-all" disabled' in page.text
+    assert statuses(demo) == before
+
+
+@sqlite_only
+def test_sign_in_sets_an_httponly_samesite_strict_session_cookie(demo_url, demo):
+    with running_dashboard(demo_url) as server:
+        wrong = server.post("/login", form={"token": "guess"}, headers={"Origin": server.origin})
+        right = server.post("/login", form={"token": TOKEN, "name": "alice"}, headers={"Origin": server.origin})
+        cookie = right.cookies()[0]
+        page = server.get("/", headers={"Cookie": cookie.split(";", 1)[0]})
+    assert wrong.status == 401 and not wrong.cookies() and "not the dashboard" in wrong.text
+    assert right.status == 303 and right.headers["location"] == "/"
+    attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
+    assert {"httponly", "samesite=strict", "path=/"} <= attributes
+    assert TOKEN not in cookie
+    assert "Signed in as <strong>alice</strong>" in page.text and 'id="reset-all" disabled' not in page.text
+
+
+@sqlite_only
+def test_a_cross_site_request_is_refused_even_with_a_valid_session_and_changes_nothing(demo_url, demo):
+    before = statuses(demo)
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in()
+        session = {"Cookie": cookie, "X-CSRF-Token": csrf}
+        foreign = server.post("/actions/reset-all", form={"csrf_token": csrf},
+                              headers={**session, "Origin": "http://evil.example"})
+        referer = server.post("/actions/reset-all", form={"csrf_token": csrf},
+                              headers={**session, "Referer": "http://evil.example/page"})
+        null = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1"}, headers={**session, "Origin": "null"})
+        api = server.post("/api/reset-all", headers={**BEARER, "Origin": "http://evil.example"})
+        api_session = server.post("/api/reset-all", headers={**session, "Origin": "http://evil.example"})
+        login = server.post("/login", form={"token": TOKEN}, headers={"Origin": "http://evil.example"})
+        assert statuses(demo) == before
+        # The control: the same request from the dashboard's own origin is served.
+        own = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers={**session, "Origin": server.origin})
+    for answer in (foreign, referer, null, api, api_session, login):
+        assert answer.status == 403, answer.text
+        assert "cross-site" in answer.text
+    assert own.status == 200 and "Confirm reset" in own.text
+    assert statuses(demo) == before, "showing the confirmation changed something"
+
+
+@sqlite_only
+def test_a_session_without_its_csrf_token_is_refused(demo_url, demo):
+    before = statuses(demo)
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in()
+        missing = server.post("/actions/reset-all", form={}, headers={"Cookie": cookie, "Origin": server.origin})
+        wrong = server.post("/actions/recover", form={"csrf_token": "forged", "confirm": "1"},
+                            headers={"Cookie": cookie, "Origin": server.origin})
+        api = server.post("/api/recover", headers={"Cookie": cookie})
+        with_header = server.post("/api/recover", json_body={"dry_run": True}, headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+    assert missing.status == 403 and "CSRF" in missing.text
+    assert wrong.status == 403 and api.status == 401
+    assert with_header.status == 200 and len(with_header.json()) == 3
+    assert statuses(demo) == before
+
+
+@sqlite_only
+def test_a_reset_confirmation_is_used_once_and_resets_what_it_showed(demo_url, demo):
+    failed = [i for i, s in statuses(demo).items() if s == "failed"]
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="bob")
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        shown = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers=headers)
+        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+        confirmed = server.post("/actions/reset-all/confirm", form={"csrf_token": csrf, "plan": plan}, headers=headers)
+        again = server.post("/actions/reset-all/confirm", form={"csrf_token": csrf, "plan": plan}, headers=headers)
+    assert f"Reset {len(failed)} audits to pending?" in shown.text
+    assert confirmed.status == 200 and f"Reset {len(failed)} audits to pending." in confirmed.text
+    assert confirmed.headers["hx-trigger"] == "auditctl:refresh"
+    assert again.status == 409
+    assert all(statuses(demo)[i] == "pending" for i in failed)
+    assert {e["actor"] for i in failed for e in events(demo, i) if e["event"] == "reset"} == {"dashboard bob"}
+
+
+@sqlite_only
+def test_recover_one_audit_from_its_page_previews_then_recovers_only_it(demo_url, demo):
+    stuck = cli_json(demo_url, "scan")
+    one = stuck[0]["id"]
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="dave")
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        page = server.get(f"/audits/{one}", headers={"Cookie": cookie})
+        preview = server.post("/actions/recover", form={"csrf_token": csrf, "id": one}, headers=headers)
+        assert statuses(demo)[one] == "running", "the preview recovered the audit"
+        done = server.post("/actions/recover", form={"csrf_token": csrf, "id": one, "confirm": "1"}, headers=headers)
+        again = server.post("/actions/recover", form={"csrf_token": csrf, "id": one, "confirm": "1"}, headers=headers)
+    assert "Recover this audit" in page.text
+    assert '<pre class="doc">{\n  &quot;progress&quot;: {\n' in page.text, "the progress document is not shown as lines"
+    assert "Recover 1 stuck audit?" in preview.text and "Confirm recover" in preview.text
+    assert "Recovered 1 audit." in done.text and done.headers["hx-trigger"] == "auditctl:refresh"
+    assert "Nothing was recovered" in again.text
+    after = statuses(demo)
+    assert after[one] == "failed" and all(after[v["id"]] == "running" for v in stuck[1:])
+    assert [e["actor"] for e in events(demo, one) if e["event"] == "recovered"] == ["dashboard dave"]
+
+
+@sqlite_only
+def test_the_audits_page_takes_the_filters_of_list(demo_url, demo):
+    failed = sorted(i for i, s in statuses(demo).items() if s == "failed")
+    with running_dashboard(demo_url) as server:
+        page = server.get("/audits?status=failed&sort=id&reverse=1")
+        bad = server.get("/audits?status=sleeping")
+    rows = [int(part.split('"', 1)[0]) for part in page.text.split('<tr id="audit-')[1:]]
+    assert rows == failed
+    assert bad.status == 400 and "sleeping" in bad.text and 'role="alert"' in bad.text
+
+
+@sqlite_only
+def test_a_host_header_that_is_not_loopback_is_refused(demo_url, demo):
+    """DNS rebinding: a foreign name resolving to 127.0.0.1 would make its page same-origin with us."""
+    with running_dashboard(demo_url) as server:
+        port = server.origin.rsplit(":", 1)[1]
+        rebound = server.get("/api/stuck", headers={"Host": f"attacker.example:{port}"})
+        local = server.get("/api/stuck", headers={"Host": f"localhost:{port}"})
+    assert rebound.status == 400 and local.status == 200
+
+
+@sqlite_only
+def test_pages_carry_a_strict_content_security_policy_and_escape_stored_markup(database_url, engine, start_audit, backdate):
+    audit_id, _ = start_audit(target='<script>alert(1)</script><img src=x onerror="alert(2)">')
+    backdate(audit_id, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    with running_dashboard(database_url) as server:
+        pages = [server.get(path) for path in ("/", "/stuck", "/audits", f"/audits/{audit_id}",
+                                               "/fragments/overview", "/fragments/stuck")]
+        api = server.get(f"/api/audits/{audit_id}")
+    for answer in pages:
+        assert answer.status == 200
+        assert "<script>alert" not in answer.text and "<img src=x" not in answer.text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in answer.text
+        assert "script-src 'self'" in answer.headers["content-security-policy"]
+        assert answer.headers["x-frame-options"] == "DENY"
+    assert api.json()["target"] == '<script>alert(1)</script><img src=x onerror="alert(2)">'
+
+
+# --- the real command ----------------------------------------------------------------------------
+
+
+def test_serve_survives_an_unreachable_database_shows_it_masked_and_stops_cleanly_on_sigterm(tmp_path):
+    url = "postgresql://bob:s3cret-pw@127.0.0.1:1/audits"
+    proc = serve_process("--port", "0", env={"AUDITCTL_DATABASE_URL": url, "AUDITCTL_WEB_TOKEN": TOKEN}, cwd=tmp_path)
+    output = Output(proc)
+    try:
+        line = output.wait_for("Dashboard at ")
+        base = line.split()[2].rstrip("/")
+        assert "postgresql://bob:***@127.0.0.1:1/audits" in line and "actions need the token" in line
+        page = http("GET", base + "/")
+        health = http("GET", base + "/api/health")
+        stuck = http("GET", base + "/api/stuck")
+        action = http("POST", base + "/api/recover", headers=BEARER)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = output.finish()
+    assert page.status == 200 and 'role="alert"' in page.text and "Database unreachable" in page.text
+    assert health.status == 503 and health.json()["database"] == "unavailable"
+    assert stuck.status == 503 and action.status == 503
+    assert code == 0 and "serve stopped." in output.text
+    assert "database lost" in output.text
+    for text in (page.text, health.text, stuck.text, action.text, output.text):
+        assert "s3cret" not in text
+
+
+def test_serve_on_a_port_in_use_is_one_error_line_and_exit_1(tmp_path):
+    database_url = f"sqlite:///{tmp_path / 'a.db'}"
+    CliRunner().invoke(cli, ["init", "--database-url", database_url], catch_exceptions=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = serve_process("--port", port, "--database-url", database_url, cwd=tmp_path)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: address already in use; "
+                                        "another process listens there: pick another --port"]
+    assert out == ""

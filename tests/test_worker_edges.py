@@ -1,0 +1,236 @@
+"""The worker's edges: runs kept by lease, SIGTERM during the final write, a locked database,
+clamped reports, and recoveries whose judgement the world overtook."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+from dbtools import events, read_line, row, spawn, wait_for
+from sqlalchemy import text
+
+from auditctl import LeaseLost, leases
+from auditctl.db import write_transaction
+from auditctl.history import Actor
+from auditctl.monitor import Monitor
+from auditctl.recovery import _apply_recovery, recover_stuck
+from auditctl.rules import find_stuck, select_stuck
+from auditctl.schema import COMPLETED, RUNNING
+from auditctl.thresholds import Thresholds
+from auditctl.worker import PROGRESS_CALL_BUDGET
+
+OPERATOR = Actor.command("test")
+
+
+# --- runs are kept by lease ---------------------------------------------------------------
+
+
+def test_a_requeued_audit_claimed_again_by_another_thread_of_the_same_guard_keeps_beating(engine, guards):
+    guard = guards(heartbeat_interval=0.2, stale_after=1.5, max_age=60, stall_after=30, requeue=True)
+    guard.start_heartbeat_monitor(handle_sigterm=False)
+    audit_id = guard.create_audit("https://example.com/requeued")
+    first_inside, first_may_leave, second_claimed, second_may_leave = (threading.Event() for _ in range(4))
+    outcome = {}
+
+    def first_run():
+        try:
+            with guard.run(audit_id) as run:
+                first_inside.set()
+                first_may_leave.wait(10)
+                run.update_progress(step="late write")  # the audit was taken away meanwhile
+        except LeaseLost:
+            outcome["first"] = "lease lost"
+
+    def second_run():
+        with guard.run(audit_id):
+            second_claimed.set()
+            second_may_leave.wait(20)  # no progress writes at all: only the heartbeat thread keeps it alive
+        outcome["second"] = "completed"
+
+    first = threading.Thread(target=first_run)
+    first.start()
+    assert first_inside.wait(5)
+    recovery = guard._recover_stuck_audit(audit_id, explanation="requeued by the test")
+    assert recovery.status == "pending"
+    second = threading.Thread(target=second_run)
+    second.start()
+    assert second_claimed.wait(5)
+    first_may_leave.set()
+    first.join(10)
+    assert outcome["first"] == "lease lost"
+    # The first run's end must not stop the second run's heartbeats: wait several stale_afters.
+    time.sleep(4.0)
+    assert find_stuck(engine, guard.thresholds, gone={}) == []
+    assert row(engine, audit_id)["status"] == RUNNING
+    second_may_leave.set()
+    second.join(10)
+    assert outcome["second"] == "completed" and row(engine, audit_id)["status"] == COMPLETED
+
+
+# --- SIGTERM never interrupts a write in flight -----------------------------------------------
+
+FINISHER = """
+import logging, os, sys, time
+from auditctl import StuckAuditPrevention
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+url, go = sys.argv[1], sys.argv[2]
+guard = StuckAuditPrevention(url, worker_id="finisher", heartbeat_interval=0.5, stale_after=30, max_age=600, stall_after=60)
+guard.start_heartbeat_monitor()
+audit_id = guard.create_audit("https://example.com/finishing")
+with guard.run(audit_id) as run:
+    run.update_progress(step="Report", completed_tasks=10, total_tasks=10)
+    print("WORKING", audit_id, flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    print("FINISHING", flush=True)
+print("FINISHED", flush=True)
+"""
+
+
+def test_sigterm_during_the_final_write_still_records_the_end_and_then_exits(engine, database_url, tmp_path):
+    script = tmp_path / "finisher.py"
+    script.write_text(FINISHER)
+    go = tmp_path / "go"
+    proc = spawn(script, database_url, go)
+    try:
+        audit_id = int(read_line(proc, startswith="WORKING").split()[1])
+        holder = None
+        if engine.dialect.name == "postgresql":
+            # The final write takes 2 s inside the database.
+            with engine.begin() as connection:
+                connection.exec_driver_sql("CREATE FUNCTION slow_finish() RETURNS trigger LANGUAGE plpgsql AS "
+                                           "$$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$")
+                connection.exec_driver_sql("CREATE TRIGGER slow_finish BEFORE UPDATE ON audits FOR EACH ROW "
+                                           "WHEN (NEW.status = 'completed') EXECUTE FUNCTION slow_finish()")
+        else:
+            # Another process holds the write lock for longer than a worker waits (2 s): the final write
+            # fails once, and is retried.
+            holder = sqlite3.connect(engine.url.database, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
+        go.touch()
+        read_line(proc, startswith="FINISHING")
+        time.sleep(0.5)  # well inside the final write
+        proc.send_signal(signal.SIGTERM)
+        if holder is not None:
+            time.sleep(2.5)  # past the worker's lock wait: it is now between two tries of the final write
+            holder.execute("ROLLBACK")
+            holder.close()
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    after = row(engine, audit_id)
+    assert after["status"] == COMPLETED, f"the end of the run was recorded before the worker left (exit {code})"
+    assert after["lease"] is None
+    assert code == 128 + signal.SIGTERM, "then SIGTERM took effect"
+    assert [e["event"] for e in events(engine, audit_id)] == []
+
+
+# --- a locked database does not hold the caller ---------------------------------------------------
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_update_progress_on_a_locked_sqlite_file_returns_within_its_budget_and_the_audit_survives(engine, guards):
+    guard = guards(heartbeat_interval=0.3, stale_after=30, max_age=600, stall_after=60)
+    audit_id = guard.create_audit("https://example.com/locked")
+    with guard.run(audit_id) as run:
+        holder = sqlite3.connect(engine.url.database, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            stored = run.update_progress(step="Scanning", percentage=50)
+            took = time.monotonic() - started
+            assert stored is False
+            assert took <= PROGRESS_CALL_BUDGET + 1.0, f"update_progress held its caller {took:.1f}s"
+            assert not run._lock.locked(), "the run's lock is not held once the call returns"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert run.update_progress(step="Scanning", percentage=60) is True
+    assert row(engine, audit_id)["status"] == COMPLETED
+
+
+# --- what the library stores it can read back ---------------------------------------------------
+
+
+def test_the_worker_stores_clamped_values_not_what_it_was_handed(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/clamped")
+
+    def stored():
+        document = row(engine, audit_id)["progress"]["progress"]
+        return (document["step"], document["percentage"], document["completed_tasks"], document["total_tasks"])
+
+    with guard.run(audit_id) as run:
+        assert run.update_progress(step="Crawling", completed_tasks=30, total_tasks=20) is True
+        assert stored() == ("Crawling", 100.0, 20, 20), "completed is never above total, the percentage never above 100"
+        assert run.update_progress(percentage=250) is True
+        assert stored()[1] == 100.0
+        assert run.update_progress(percentage=-3) is True
+        assert stored()[1] == 0.0
+        assert run.update_progress(percentage=float("nan"), completed_tasks=5) is True
+        assert stored()[1:3] == (25.0, 5), "NaN is dropped; the percentage follows the counts"
+        assert run.update_progress(completed_tasks=10**30) is True
+        assert stored()[2] is None, "a count no float can hold exactly is not stored"
+        assert run.update_progress(step="x" * 5000) is True
+        assert stored()[0] == "x" * 500
+    with engine.connect() as connection:
+        raw = connection.execute(text("SELECT CAST(progress AS TEXT) FROM audits WHERE id = :id"), {"id": audit_id}).scalar()
+    json.loads(raw)  # strict JSON: readable by any tool
+
+
+# --- recovery's conditional write --------------------------------------------------------------
+
+
+def test_a_recovery_judged_before_a_requeue_and_reclaim_never_touches_the_new_run(engine, start_audit, backdate):
+    audit_id, old_lease = start_audit()
+    backdate(audit_id, started_at=900, heartbeat_at=900, last_worker_update=900, progress_changed_at=900)
+    thresholds = Thresholds(stale_after=600, max_age=1800, stall_after=600)
+    with engine.connect() as connection:
+        judged = select_stuck(connection, thresholds, gone={})  # a recoverer judges the old run...
+    (requeued,) = recover_stuck(engine, thresholds, actor=OPERATOR, requeue=True, gone={})  # ...someone requeues it...
+    new_lease, _ = leases.claim(engine, audit_id, worker_id="worker-2", instance_id="instance-2", worker_url=None)
+    claimed = row(engine, audit_id)  # ...and a worker claims it again: running, under a new lease
+    assert claimed["status"] == RUNNING and claimed["lease"] == new_lease.token != old_lease.token
+    try:
+        with write_transaction(engine) as connection:
+            applied = _apply_recovery(connection, judged, requeue=False, max_attempts=3, actor=OPERATOR)
+    except Exception:  # noqa: BLE001 - refusing the whole batch is as safe as skipping the row
+        applied = []
+    assert applied == [], "the late recovery matched no row: the lease it judged is gone"
+    assert row(engine, audit_id) == claimed
+    assert [e["event"] for e in events(engine, audit_id)] == ["requeued"]
+
+
+# --- the outage rule -----------------------------------------------------------------------
+
+
+@pytest.mark.postgres_only
+def test_after_an_outage_silence_is_measured_from_when_the_monitor_could_see_again(own_postgres):
+    """No worker writes at all here, so nothing but the outage rule keeps the audit from being recovered
+    when the database comes back; a really dead worker is still caught one stale_after later."""
+    server, engine = own_postgres
+    stale_after = 2.0
+    thresholds = Thresholds(stale_after=stale_after, max_age=600, stall_after=300)
+    audit_id = leases.create_audit(engine, "https://example.com/outage")
+    leases.claim(engine, audit_id, worker_id="far-away", instance_id="elsewhere", worker_url=None)
+    monitor = Monitor(engine, thresholds, actor=OPERATOR)
+    assert monitor.run_pass().ok
+    server.stop()
+    try:
+        assert not monitor.run_pass().ok and monitor.in_outage
+        time.sleep(stale_after + 1.0)  # the outage lasts longer than stale_after
+    finally:
+        server.start()
+    back = monitor.run_pass()
+    assert back.ok and back.resumed_after_outage
+    assert back.recovered == [], "silence during the outage is not the worker's silence"
+    assert row(engine, audit_id)["status"] == RUNNING
+    later = wait_for(lambda: monitor.run_pass().recovered, timeout=stale_after + 5, message="the silent audit to be recovered")
+    assert [r.id for r in later] == [audit_id]
+    assert 0 < (row(engine, audit_id)["finished_at"] - back.seen_since).total_seconds() < stale_after + 5
+
