@@ -149,7 +149,9 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         if pool_size is not None:
             kwargs.setdefault("pool_size", pool_size)
             kwargs.setdefault("max_overflow", max(5, pool_size // 2))
-        engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=True,
+        # A worker's writes are single statements that retry once on a dead connection
+        # (``single_write``): a pre-ping would double the round trips of every heartbeat.
+        engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=role != "worker",
                                   json_serializer=documents.dumps_strict, json_deserializer=documents.loads_for_driver,
                                   **kwargs)
         _configure_postgresql(engine)
@@ -211,7 +213,8 @@ def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
         # busy timeout like everybody else.
         # Reads take no transaction at all: each SELECT is its own consistent snapshot, and
         # a monitor's read costs one statement instead of three.
-        if not connection.get_execution_options().get("auditctl_read_only"):
+        options = connection.get_execution_options()
+        if not (options.get("auditctl_read_only") or options.get("auditctl_single_statement")):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -268,6 +271,58 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     with translate_errors(engine):
         with engine.begin() as connection:
             yield connection
+
+
+#: Connections a worker's pool keeps beyond one per run it holds: the heartbeat thread's and the monitor's.
+POOL_SPARE = 2
+
+
+def fit_pool(engine: Engine, connections: int) -> None:
+    """Let the engine's pool keep at least ``connections`` connections open (it never shrinks).
+
+    A worker calls this as it takes on runs, so each run's progress writes and the heartbeat
+    thread never wait for a connection, and never pay for opening one (an overflow connection
+    is closed when given back). SQLAlchemy's QueuePool cannot be resized through its public
+    API; this grows its queue and its overflow allowance together, under the pool's own lock.
+    """
+    from sqlalchemy.pool import QueuePool
+
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        return
+    lock, queue = getattr(pool, "_overflow_lock", None), getattr(pool, "_pool", None)
+    if lock is None or not hasattr(queue, "maxsize") or not hasattr(pool, "_overflow"):
+        return  # another SQLAlchemy: keep the size it was made with
+    with lock:
+        grow = connections - queue.maxsize
+        if grow > 0:
+            queue.maxsize += grow
+            pool._overflow -= grow
+
+
+def single_write(engine: Engine, statement) -> int:
+    """Run one writing statement on its own, committed as it runs; return its row count.
+
+    One round trip: no BEGIN, no COMMIT (autocommit on PostgreSQL; on SQLite a lone statement
+    is its own transaction and waits on the busy timeout for the write lock), and no pre-ping.
+    A pooled connection found dead when used (the server restarted, a proxy dropped it) is
+    retried once on a fresh one: the statement never ran on the dead one.
+    """
+    for attempt in (1, 2):
+        try:
+            with engine.connect() as connection:
+                options = {"auditctl_single_statement": True}
+                if engine.dialect.name == "postgresql":
+                    options["isolation_level"] = "AUTOCOMMIT"
+                connection = connection.execution_options(**options)
+                rowcount = connection.execute(statement).rowcount
+                connection.commit()  # nothing to commit: ends SQLAlchemy's bookkeeping only
+                return rowcount
+        except sa_exc.DBAPIError as exc:
+            if attempt == 1 and exc.connection_invalidated:
+                continue
+            raise database_error(exc, engine) from None
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import history
-from .db import db_now, fetch_now, write_transaction
+from .db import db_now, fetch_now, single_write, write_transaction
 from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
@@ -227,42 +227,37 @@ def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, e
     document, _ = build_document(**fields, is_running=True, now=datetime.now(timezone.utc), worker_id=lease.worker_id,
                                  worker_url=lease.worker_url, extra=extra)
     changed = audits.c.progress_signature.is_distinct_from(signature)
-    with write_transaction(engine) as connection:
-        result = connection.execute(
-            update(audits)
-            .where(*_fenced(lease))
-            .values(
-                progress=stamped(bindparam("document", document, type_=Document()), updated=True),
-                heartbeat_at=db_now(),
-                last_worker_update=db_now(),
-                progress_changed_at=case((changed, db_now()), else_=audits.c.progress_changed_at),
-                progress_signature=signature,
-                **_gaps(),
-            )
+    statement = (
+        update(audits)
+        .where(*_fenced(lease))
+        .values(
+            progress=stamped(bindparam("document", document, type_=Document()), updated=True),
+            heartbeat_at=db_now(),
+            last_worker_update=db_now(),
+            progress_changed_at=case((changed, db_now()), else_=audits.c.progress_changed_at),
+            progress_signature=signature,
+            **_gaps(),
         )
-        if result.rowcount == 1:
-            return document
+    )
+    if single_write(engine, statement) == 1:
+        return document
     raise _lost(engine, lease, "progress", actor)
 
 
 def heartbeat(engine: Engine, lease: Lease, actor: Actor) -> None:
     """Refresh the heartbeat (and the document's heartbeat stamps), one statement. Raises LeaseLost."""
-    with write_transaction(engine) as connection:
-        result = connection.execute(
-            update(audits).where(*_fenced(lease))
-            .values(heartbeat_at=db_now(), last_worker_update=db_now(), progress=stamped(audits.c.progress), **_gaps())
-        )
-        if result.rowcount == 1:
-            return
+    statement = (update(audits).where(*_fenced(lease))
+                 .values(heartbeat_at=db_now(), last_worker_update=db_now(), progress=stamped(audits.c.progress), **_gaps()))
+    if single_write(engine, statement) == 1:
+        return
     raise _lost(engine, lease, "heartbeat", actor)
 
 
 def minimal_write(engine: Engine, lease: Lease, actor: Actor) -> None:
     """The emergency write: heartbeat and last_worker_update only, one statement. Raises LeaseLost."""
-    with write_transaction(engine) as connection:
-        result = connection.execute(update(audits).where(*_fenced(lease)).values(heartbeat_at=db_now(), last_worker_update=db_now()))
-        if result.rowcount == 1:
-            return
+    statement = update(audits).where(*_fenced(lease)).values(heartbeat_at=db_now(), last_worker_update=db_now())
+    if single_write(engine, statement) == 1:
+        return
     raise _lost(engine, lease, "emergency", actor)
 
 

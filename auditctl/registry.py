@@ -20,9 +20,9 @@ import os
 import socket
 import weakref
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from .db import db_now, fetch_now, read_connection, write_transaction
@@ -216,11 +216,25 @@ def instances(engine: Engine, stale_after: float, *, worker_id: str | None = Non
 
 
 def gone_instances(engine: Engine) -> dict[str, str]:
-    """The instances that hold running audits and are provably gone: instance id -> proof in words."""
-    holding = select(audits.c.worker_instance).where(IS_RUNNING, audits.c.worker_instance.is_not(None)).distinct().subquery()
-    query = select(workers).where(workers.c.instance_id.in_(select(holding.c.worker_instance)))
+    """The instances the registry proves gone: instance id -> proof in words.
+
+    Only two kinds of instance can be proven gone (see ``prove_gone``): one that stopped, and
+    one whose process lived on this host; only those are read, and only those heard from
+    within ``GONE_RETENTION`` (the audits of an instance silent for longer are stale by then
+    anyway). The answer feeds the stuck query's ``worker_gone`` rule, so an instance in it
+    that holds no running audit costs nothing, and the list stays short however long the
+    registry's history.
+    """
+    namespace = _namespace()
+    candidates = workers.c.stopped_at.is_not(None)
+    if namespace:
+        prefix = namespace + ":"
+        candidates = or_(candidates, func.substr(workers.c.process_key, 1, len(prefix)) == prefix)
+    last_heard = func.coalesce(workers.c.stopped_at, workers.c.last_heartbeat_at, workers.c.started_at,
+                               type_=workers.c.started_at.type)
     with read_connection(engine) as connection:
-        rows = connection.execute(query).all()
+        cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
+        rows = connection.execute(select(workers).where(candidates, last_heard >= cutoff)).all()
     gone = {}
     for row in rows:
         try:

@@ -102,11 +102,13 @@ def make_filters(filters: Filters | None = None, *, worker: str | None = None, r
 
 # --- verdicts ----------------------------------------------------------------------------
 
-#: The columns of the stuck query, in order (a verdict reads its row by position).
-_COLUMNS = ("id", "target", "status", "worker_id", "worker_instance", "lease", "attempts", "kind", "started_at",
+#: The columns of the stuck query, in order (a verdict reads its row by position). ``rules`` holds
+#: one bit per rule that fired (in ``RULE_REASONS`` order) and ``_FUTURE_BIT`` for a heartbeat
+#: in the future: one small integer instead of five columns.
+_COLUMNS = ("id", "target", "worker_id", "worker_instance", "lease", "attempts", "kind", "started_at",
             "heartbeat_at", "progress", "max_age_seconds", "declared_stale_after", "declared_stall_after",
-            "declared_max_age", "gone", "stale", "over_age", "stalled", "age_seconds", "silence_seconds",
-            "stalled_seconds", "stale_limit", "max_age_limit", "stall_limit", "heartbeat_in_future", "odd_times")
+            "declared_max_age", "rules", "age_seconds", "silence_seconds", "stalled_seconds")
+_FUTURE_BIT = 1 << len(RULE_REASONS)
 _AT = {name: index for index, name in enumerate(_COLUMNS)}
 
 
@@ -134,11 +136,11 @@ class Verdict:
     worker_instance = property(lambda self: text_value(self.row[_AT["worker_instance"]]))
     worker_id = property(lambda self: text_value(self.row[_AT["worker_id"]]))
     kind = property(lambda self: text_value(self.row[_AT["kind"]]))
-    status = property(lambda self: text_value(self.row[_AT["status"]]))
+    status = "running"  # the query reads running audits only
     age_seconds = property(lambda self: rounded(self.row[_AT["age_seconds"]]))
     silence_seconds = property(lambda self: rounded(self.row[_AT["silence_seconds"]]))
     stalled_seconds = property(lambda self: rounded(self.row[_AT["stalled_seconds"]]))
-    max_age_seconds = property(lambda self: float_value(self.row[_AT["max_age_limit"]]))
+    max_age_seconds = property(lambda self: self.threshold("max_age")[0])
 
     @property
     def target(self) -> str:
@@ -152,8 +154,8 @@ class Verdict:
     @property
     def reasons(self) -> list[str]:
         if self._reasons is None:
-            flags = (self.row[_AT["gone"]], self.row[_AT["stale"]], self.row[_AT["over_age"]], self.row[_AT["stalled"]])
-            self._reasons = [reason for reason, flag in zip(RULE_REASONS, flags) if flag]
+            bits = safe_int(self.row[_AT["rules"]]) or 0
+            self._reasons = [reason for bit, reason in enumerate(RULE_REASONS) if bits & (1 << bit)]
         return self._reasons
 
     @property
@@ -182,7 +184,7 @@ class Verdict:
     def problems(self) -> list[str]:
         problems = list(self.progress.problems)
         row = self.row
-        if row[_AT["heartbeat_in_future"]]:
+        if (safe_int(row[_AT["rules"]]) or 0) & _FUTURE_BIT:
             problems.append("heartbeat_in_future")
         for name in ("started_at", "heartbeat_at"):
             if isinstance(timestamps.parse(row[_AT[name]]), timestamps.Unreadable):
@@ -198,9 +200,8 @@ class Verdict:
         row = self.row
         own = sane_duration(row[_AT["max_age_seconds"]]) if name == "max_age" else None
         worker = sane_duration(row[_AT[f"declared_{name}"]])
-        value, source = self.policy.resolve(name, audit=own, worker=worker, kind=self.kind)
-        used = float_value(row[_AT[{"stale_after": "stale_limit", "max_age": "max_age_limit", "stall_after": "stall_limit"}[name]]])
-        return (used if used is not None else value), source
+        # The same choice the query made in SQL (``_statement``'s cut), made again for display.
+        return self.policy.resolve(name, audit=own, worker=worker, kind=self.kind)
 
     def thresholds(self) -> dict:
         """``{"stale_after": {"seconds": 600.0, "source": "fleet"}, ...}``."""
@@ -290,10 +291,15 @@ _NAMES = ("stale_after", "max_age", "stall_after")
 
 
 class _Dialect:
-    """The few pieces of SQL that differ between the engines."""
+    """The few pieces of SQL that differ between the engines.
+
+    Every moment the statement compares with ("now minus a threshold") is computed once, in a
+    one-row derived table ``c`` joined to the audits: each row then compares with a column.
+    """
 
     def __init__(self, postgres: bool):
         self.postgres = postgres
+        self.moments: dict[str, str] = {}
 
     def time(self, column: str) -> str:
         if self.postgres:
@@ -301,10 +307,23 @@ class _Dialect:
         return f"(CASE WHEN a.odd_times THEN auditctl_utc(a.{column}) ELSE a.{column} END)"
 
     def cut(self, param: str) -> str:
-        """The moment ``:param`` seconds ago, computed once per statement (an uncorrelated subquery)."""
+        """The moment ``:param`` seconds ago, computed once per statement."""
         if self.postgres:
-            return f"(SELECT statement_timestamp() - make_interval(secs => CAST(:{param} AS double precision)))"
-        return f"(SELECT strftime('%Y-%m-%d %H:%M:%f', 'now', :{param}))"
+            self.moments[param] = f"statement_timestamp() - make_interval(secs => CAST(:{param} AS double precision))"
+        else:
+            self.moments[param] = f"strftime('%Y-%m-%d %H:%M:%f', 'now', :{param})"
+        return f"c.{param}"
+
+    def now(self) -> str:
+        if self.postgres:
+            return "statement_timestamp()"
+        self.moments["now_jd"] = "julianday('now')"
+        return "c.now_jd"
+
+    def moments_table(self) -> str:
+        """The derived table of moments, for the FROM clause."""
+        columns = ", ".join(f"{expression} AS {name}" for name, expression in self.moments.items()) or "1 AS unused"
+        return f"(SELECT {columns}) c"
 
     def cut_value(self, seconds: float) -> object:
         return float(seconds) if self.postgres else f"{-float(seconds):+.6f} seconds"
@@ -313,7 +332,7 @@ class _Dialect:
         """The moment ``expression`` seconds ago, for a per-row threshold."""
         if self.postgres:
             return f"(statement_timestamp() - make_interval(secs => {expression}))"
-        return f"strftime('%Y-%m-%d %H:%M:%f', (SELECT julianday('now')) - ({expression}) / 86400.0)"
+        return f"strftime('%Y-%m-%d %H:%M:%f', {self.now()} - ({expression}) / 86400.0)"
 
     def sane(self, column: str) -> str:
         """A per-audit threshold if it is a number in (0, MAX_DURATION], else NULL (text, NaN, negative)."""
@@ -323,7 +342,7 @@ class _Dialect:
         """Seconds from ``moment`` to now, as a float (NULL when moment is NULL or infinite)."""
         if self.postgres:
             return (f"(CASE WHEN isfinite({moment}) THEN date_part('epoch', statement_timestamp() - {moment}) END)")
-        return f"(((SELECT julianday('now')) - julianday({moment})) * 86400.0)"
+        return f"(({self.now()} - julianday({moment})) * 86400.0)"
 
     def glob(self, index: int) -> str:
         return f"a.target ~ :target_{index}" if self.postgres else f"a.target GLOB :target_{index}"
@@ -335,90 +354,122 @@ class _Dialect:
 @functools.lru_cache(maxsize=256)
 def _statement(shape: _Shape):
     d = _Dialect(shape.postgres)
-    trusted = {c: f"(CASE WHEN {d.time(c)} <= :future_cut_ts THEN {d.time(c)} END)"
-               for c in ("heartbeat_at", "last_worker_update", "started_at", "created_at", "progress_changed_at")}
     future = d.cut("future")
-    trusted = {c: expression.replace(":future_cut_ts", future) for c, expression in trusted.items()}
-    basis = f"COALESCE({trusted['started_at']}, {trusted['created_at']})"
-    heard = f"COALESCE({trusted['heartbeat_at']}, {trusted['last_worker_update']}, {trusted['started_at']}, {trusted['created_at']})"
-    changed = f"COALESCE({trusted['progress_changed_at']}, {trusted['started_at']}, {trusted['created_at']})"
-    if shape.seen_since:
-        seen = ":seen_since"
-        heard = f"(CASE WHEN {heard} IS NULL OR {heard} < {seen} THEN {seen} ELSE {heard} END)"
-        changed = f"(CASE WHEN {changed} IS NULL OR {changed} < {seen} THEN {seen} ELSE {changed} END)"
 
-    def limit(name: str, index: int) -> tuple[str, str]:
-        """(threshold in force in seconds, the cutoff moment) for one threshold, per row."""
+    def col(name: str, slow: bool) -> str:
+        # On SQLite a row whose times another tool wrote in an odd form (odd_times, kept by triggers)
+        # reads them through auditctl_utc; every other row compares its canonical text directly.
+        return f"auditctl_utc(a.{name})" if slow else f"a.{name}"
+
+    def first_trusted(names: tuple[str, ...], slow: bool) -> str:
+        """The first of the times that is present and not in the future: one CASE, each time read once."""
+        whens = " ".join(f"WHEN {col(n, slow)} <= {future} THEN {col(n, slow)}" for n in names)
+        return f"(CASE {whens} END)"
+
+    def heard(slow):
+        value = first_trusted(("heartbeat_at", "last_worker_update", "started_at", "created_at"), slow)
+        return _at_least(value, ":seen_since", d) if shape.seen_since else value
+
+    def changed(slow):
+        value = first_trusted(("progress_changed_at", "started_at", "created_at"), slow)
+        return _at_least(value, ":seen_since", d) if shape.seen_since else value
+
+    def basis(slow):
+        return first_trusted(("started_at", "created_at"), slow)
+
+    def cut(name: str, index: int) -> str:
+        """The moment past which one threshold fires, per row: flag > audit > worker > kind > fleet."""
         if shape.flags[index]:
-            return f":flag_{name}", d.cut(f"flag_{name}_cut")
-        own = []
+            return d.cut(f"flag_{name}_cut")
+        whens = []
         if name == "max_age":
-            own.append(d.sane("max_age_seconds"))
-        own.append(d.sane(f"declared_{name}"))
-        value_cases, cut_cases = [], []
+            whens.append(f"WHEN {d.sane('max_age_seconds')} IS NOT NULL THEN {d.row_cut('a.max_age_seconds')}")
+        whens.append(f"WHEN {d.sane(f'declared_{name}')} IS NOT NULL THEN {d.row_cut(f'a.declared_{name}')}")
         for position, (kind, *sets) in enumerate(shape.kinds):
             if sets[index]:
-                value_cases.append(f"WHEN a.kind = :kind_{position} THEN :kind_{position}_{name}")
-                cut_cases.append(f"WHEN a.kind = :kind_{position} THEN {d.cut(f'kind_{position}_{name}_cut')}")
-        own_value = f"COALESCE({', '.join(own)})" if len(own) > 1 else own[0]
-        value = f"(CASE WHEN {own_value} IS NOT NULL THEN {own_value} {' '.join(value_cases)} ELSE :fleet_{name} END)"
-        cut = (f"(CASE WHEN {own_value} IS NOT NULL THEN {d.row_cut(own_value)} {' '.join(cut_cases)} "
-               f"ELSE {d.cut(f'fleet_{name}_cut')} END)")
-        return value, cut
+                whens.append(f"WHEN a.kind = :kind_{position} THEN {d.cut(f'kind_{position}_{name}_cut')}")
+        return f"(CASE {' '.join(whens)} ELSE {d.cut(f'fleet_{name}_cut')} END)"
 
-    stale_value, stale_cut = limit("stale_after", 0)
-    age_value, age_cut = limit("max_age", 1)
-    stall_value, stall_cut = limit("stall_after", 2)
+    stale_cut, age_cut, stall_cut = cut("stale_after", 0), cut("max_age", 1), cut("stall_after", 2)
 
-    gone = "a.worker_instance IN :gone" if shape.gone else "0 = 1"
-    stale = f"({heard} IS NULL OR {heard} < {stale_cut})"
-    if shape.seen_since:
-        stale = f"({heard} < {stale_cut})"  # heard is never NULL: at worst it is seen_since
-    over_age = f"({basis} < {age_cut})"
-    stalled = f"(NOT ({gone}) AND NOT {stale} AND {changed} < {stall_cut})"
-    rules = {WORKER_GONE: gone, STALE_HEARTBEAT: stale, MAX_AGE_EXCEEDED: over_age, PROGRESS_STALLED: stalled}
+    def per_row(expression) -> str:
+        """An expression over the row's times, fast for canonical rows, through auditctl_utc for odd ones."""
+        if shape.postgres:
+            return expression(False)
+        return f"(CASE WHEN a.odd_times THEN {expression(True)} ELSE {expression(False)} END)"
 
-    def flag(condition: str) -> str:
-        return f"(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+    # Never NULL (a row with no instance is not gone), so NOT gone is true for it.
+    gone = "a.worker_instance IS NOT NULL AND a.worker_instance IN :gone" if shape.gone else "0 = 1"
+    true = "TRUE" if shape.postgres else "1"
+
+    def rules(slow: bool) -> dict[str, str]:
+        """The four rules over one reading of the row's times (canonical or through auditctl_utc)."""
+        if shape.seen_since:
+            stale = f"({heard(slow)} < {stale_cut})"  # never NULL: at worst it is seen_since
+        else:
+            # Never heard from at all (no trustworthy time) counts as stale: the comparison is NULL.
+            stale = f"COALESCE({heard(slow)} < {stale_cut}, {true})"
+        unchanged = f"({changed(slow)} < {stall_cut})"
+        return {
+            WORKER_GONE: f"({gone})",
+            STALE_HEARTBEAT: stale,
+            MAX_AGE_EXCEEDED: f"({basis(slow)} < {age_cut})",
+            # A stale audit, or one whose worker is gone, is never also called stalled.
+            PROGRESS_STALLED: f"({unchanged} AND NOT ({gone}) AND NOT {stale})",
+            "unchanged": unchanged,
+        }
+
+    def any_rule(slow: bool) -> str:
+        rule = rules(slow)
+        if shape.reasons:
+            return "(" + " OR ".join(rule[r] for r in RULE_REASONS if r in shape.reasons) + ")"
+        # (stale OR (unchanged AND NOT stale ...)) is (stale OR unchanged): each piece once, cheapest first.
+        return f"({rule[WORKER_GONE]} OR {rule[MAX_AGE_EXCEEDED]} OR {rule[STALE_HEARTBEAT]} OR {rule['unchanged']})"
 
     where = ["a.status = 'running'"]
-    chosen = shape.reasons or RULE_REASONS
-    where.append("(" + " OR ".join(rules[r] for r in chosen) + ")")
+    if shape.ids:
+        where.append("a.id IN :ids")
+    if shape.after:
+        where.append("a.id > :after")
     if shape.workers:
         where.append("a.worker_id IN :workers")
     if shape.kind_filter:
         where.append("a.kind IN :kinds")
     if shape.targets:
         where.append("(" + " OR ".join(d.glob(i) for i in range(shape.targets)) + ")")
-    if shape.older_than:
-        where.append(f"{basis} < {d.cut('older_than_cut')}")
     if shape.since:
-        where.append(f"{trusted['created_at']} >= :since")
+        where.append(per_row(lambda slow: f"{col('created_at', slow)} >= :since"))
     if shape.until:
-        where.append(f"{trusted['created_at']} <= :until")
-    if shape.ids:
-        where.append("a.id IN :ids")
-    if shape.after:
-        where.append("a.id > :after")
+        where.append(per_row(lambda slow: f"{col('created_at', slow)} <= :until"))
+    if shape.older_than:
+        where.append(per_row(lambda slow: f"{basis(slow)} < {d.cut('older_than_cut')}"))
+    where.append(per_row(any_rule))
+
+    def flag(condition: str) -> str:
+        return f"(CASE WHEN {condition} THEN 1 ELSE 0 END)"
 
     if shape.ids_only:
         columns = "a.id"
     else:
+        # Evaluated only for the rows the WHERE kept (the stuck ones): flags and ages as floats.
+        def bits(slow: bool) -> str:
+            rule = rules(slow)
+            fired = [f"(CASE WHEN {rule[reason]} THEN {1 << bit} ELSE 0 END)" for bit, reason in enumerate(RULE_REASONS)]
+            fired.append(f"(CASE WHEN {col('heartbeat_at', slow)} > {future} THEN {_FUTURE_BIT} ELSE 0 END)")
+            return "(" + " + ".join(fired) + ")"
+
         columns = ", ".join([
-            "a.id", "a.target", "a.status", "a.worker_id", "a.worker_instance", "a.lease", "a.attempts", "a.kind",
+            "a.id", "a.target", "a.worker_id", "a.worker_instance", "a.lease", "a.attempts", "a.kind",
             "a.started_at", "a.heartbeat_at", d.progress(), "a.max_age_seconds", "a.declared_stale_after",
-            "a.declared_stall_after", "a.declared_max_age",
-            flag(gone), flag(stale), flag(over_age), flag(stalled),
-            d.seconds_to(basis), d.seconds_to(heard), d.seconds_to(changed),
-            stale_value, age_value, stall_value,
-            flag(f"a.heartbeat_at IS NOT NULL AND NOT (a.heartbeat_at <= {future})"
-                 if shape.postgres else f"{d.time('heartbeat_at')} > {future}"),
-            "0" if shape.postgres else "a.odd_times",
+            "a.declared_stall_after", "a.declared_max_age", per_row(bits),
+            d.seconds_to(per_row(basis)), d.seconds_to(per_row(heard)), d.seconds_to(per_row(changed)),
         ])
-    order = {"id": "a.id", "age": basis, "silence": heard, "target": "a.target", "worker": "a.worker_id"}[shape.sort]
+    order = {"id": "a.id", "age": per_row(basis), "silence": per_row(heard), "target": "a.target",
+             "worker": "a.worker_id"}[shape.sort]
     direction = " DESC" if shape.descending else ""
     # Older first for age and silence means the earliest moment first.
-    sql = f"SELECT {columns} FROM audits a WHERE {' AND '.join(where)} ORDER BY {order}{direction}, a.id"
+    sql = (f"SELECT {columns} FROM audits a CROSS JOIN {d.moments_table()} WHERE {' AND '.join(where)} "
+           f"ORDER BY {order}{direction}, a.id")
     if shape.limit:
         sql += " LIMIT :limit"
     if shape.lock and shape.postgres:
@@ -431,6 +482,13 @@ def _statement(shape: _Shape):
     if expanding:
         statement = statement.bindparams(*[bindparam(name, expanding=True) for name in expanding])
     return statement
+
+
+def _at_least(value: str, floor: str, d: "_Dialect") -> str:
+    """The later of a moment and ``floor`` (NULL counts as earlier than anything)."""
+    if d.postgres:
+        return f"GREATEST({value}, {floor})"
+    return f"COALESCE(max({value}, {floor}), {floor})"
 
 
 def _glob_to_regex(pattern: str) -> str:

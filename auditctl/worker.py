@@ -35,7 +35,7 @@ from datetime import timedelta
 from typing import Iterator
 
 from . import leases, registry
-from .db import DEFAULT_DATABASE_URL, WORKER_LOCK_WAIT, create_engine, display_url
+from .db import DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, create_engine, display_url, fit_pool
 from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
 from .migrate import upgrade
@@ -227,6 +227,7 @@ class StuckAuditPrevention:
         self.max_attempts = max_attempts
         # Writes for this worker's own audits wait briefly for locks; fleet-wide recovery
         # (the monitor pass, startup cleanup) is an operator's work with an operator's patience.
+        # The pool grows with the runs held at once (``fit_pool``): one connection per run, plus spares.
         self.engine = create_engine(database_url, role="worker", pool_size=8)
         self.operator_engine = create_engine(database_url, role="operator", pool_size=2)
         self.database = display_url(self.engine)
@@ -348,6 +349,8 @@ class StuckAuditPrevention:
             handle = AuditRun(self, lease, document)
             with self._runs_lock:
                 self._runs[lease.token] = handle
+                held = len(self._runs)
+            fit_pool(self.engine, held + POOL_SPARE)
         try:
             try:
                 yield handle

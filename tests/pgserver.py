@@ -12,7 +12,17 @@ chowned to it; otherwise they run as the current user.  Admin SQL uses psycopg
 """
 from __future__ import annotations
 
-import atexit, glob, os, pwd, secrets, shutil, signal, socket, subprocess, tempfile, time
+import atexit
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
 from urllib.parse import quote
 
 _SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}

@@ -68,7 +68,7 @@ def test_a_frozen_worker_that_declared_3s_is_caught_by_a_scan_with_no_threshold_
         assert record["id"] == audit_id and record["reasons"] == ["stale_heartbeat"]
         assert record["thresholds"]["stale_after"] == {"seconds": 3.0, "source": "worker"}
         assert "(stale_after 3.0s, worker)" in record["explanation"][0]
-        assert latency < 3.0 + 1.0 + 3.0, f"caught after {latency:.1f}s (stale_after 3s, heartbeat 1s)"
+        assert latency < 60, f"caught after {latency:.1f}s: judged by the worker's 3s, not the fleet's 10 minutes"
     finally:
         proc.send_signal(signal.SIGCONT)
         kill_quietly(proc)

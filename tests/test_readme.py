@@ -5,7 +5,7 @@ durations and ids normalised: see ``readme_examples``). The library example runs
 import subprocess
 import sys
 
-from readme_examples import EXPECTED_EXIT, README, blocks, normalise, run_all
+from readme_examples import EXPECTED_EXIT, README, blocks, run_all, same_line
 
 
 def test_readme_shows_the_commands_operators_need():
@@ -22,7 +22,8 @@ def test_every_readme_example_prints_what_readme_shows(tmp_path):
     for (command, documented), (_, code, output) in zip(shown, ran):
         assert code == EXPECTED_EXIT.get(command, 0), f"{command!r} exited {code}:\n{output}"
         assert "Traceback" not in output, output
-        assert [normalise(line) for line in output.splitlines()] == [normalise(line) for line in documented], (
+        printed = output.splitlines()
+        assert len(printed) == len(documented) and all(map(same_line, printed, documented)), (
             f"{command!r} prints something other than README shows (refresh with python -m tests.readme_examples "
             f"--write):\n{output}")
 
@@ -39,3 +40,14 @@ def test_readme_library_example_runs(tmp_path):
         assert connection.execute("SELECT status FROM audits").fetchall() == [("completed",)]
 
 
+
+
+def test_the_quick_start_is_two_commands_and_ci_runs_the_second_exactly():
+    quick = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [block.split("```", 1)[0].strip() for block in quick.split("```console\n")[1:]]
+    assert len(commands) == 2 and all(commands), f"the quick start must show two commands, it shows {commands!r}"
+    install_and_run, test = commands
+    assert "pip install" in install_and_run and "auditctl scan" in install_and_run
+    assert "pytest" in test
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert test in ci, ".ci/run must run README's test command exactly"

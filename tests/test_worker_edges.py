@@ -234,3 +234,71 @@ def test_after_an_outage_silence_is_measured_from_when_the_monitor_could_see_aga
     assert [r.id for r in later] == [audit_id]
     assert 0 < (row(engine, audit_id)["finished_at"] - back.seen_since).total_seconds() < stale_after + 5
 
+
+
+# --- the hot path: one statement per beat, a pool that follows the runs -------------------------
+
+
+def test_a_heartbeat_is_one_autocommitted_statement(engine, guards):
+    from sqlalchemy import event
+
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/one-statement")
+    with guard.run(audit_id) as run:
+        seen = []
+
+        def record(connection, _cursor, statement, _parameters, _context, _many):
+            dbapi = connection.connection.dbapi_connection
+            autocommit = getattr(dbapi, "autocommit", None) if engine.dialect.name == "postgresql" else not dbapi.in_transaction
+            seen.append((statement.split()[0].upper(), autocommit))
+
+        event.listen(guard.engine, "before_cursor_execute", record)
+        try:
+            run.heartbeat()
+            run.update_progress(step="scanning", percentage=10)
+        finally:
+            event.remove(guard.engine, "before_cursor_execute", record)
+    assert seen == [("UPDATE", True), ("UPDATE", True)], "no BEGIN, no SELECT of the time, no COMMIT round trip"
+
+
+def test_a_heartbeat_after_the_server_dropped_every_connection_retries_once_and_succeeds(own_postgres):
+    from auditctl import StuckAuditPrevention
+
+    server, admin_engine = own_postgres
+    guard = StuckAuditPrevention(server.url, worker_id="w", heartbeat_interval=0.5, stale_after=5)
+    try:
+        audit_id = guard.create_audit("https://example.com/dropped")
+        with guard.run(audit_id) as run:
+            run.heartbeat()  # the pool now holds a connection
+            with admin_engine.connect() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE application_name = 'auditctl-worker'"))
+                admin.commit()
+            run.heartbeat()  # no pre-ping: the dead connection fails, is thrown away, and the beat is retried
+            run.update_progress(step="after the drop")
+        assert row(admin_engine, audit_id)["status"] == COMPLETED
+    finally:
+        guard.close()
+
+
+def test_the_worker_pool_grows_with_the_runs_it_holds(engine, guards):
+    from auditctl.db import POOL_SPARE
+
+    guard = guards()
+    runs, ready, release = 12, threading.Barrier(13), threading.Event()
+
+    def hold():
+        with guard.run(guard.create_audit("https://example.com/many")) as run:
+            ready.wait(10)
+            release.wait(10)
+            run.update_progress(step="together")
+
+    threads = [threading.Thread(target=hold) for _ in range(runs)]
+    for thread in threads:
+        thread.start()
+    ready.wait(10)
+    assert guard.engine.pool.size() >= runs + POOL_SPARE
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert guard.engine.pool.overflow() <= 0, "every run's write had a pooled connection"

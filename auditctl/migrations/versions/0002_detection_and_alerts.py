@@ -22,10 +22,13 @@ _TIME_COLUMNS = ("heartbeat_at", "last_worker_update", "started_at", "created_at
 def odd_time(column: str, row: str = "NEW") -> str:
     """SQL (SQLite) that is 1 when a time column holds anything but a valid canonical time."""
     value = f"{row}.{column}"
-    # strftime normalises an impossible time (Feb 30, hour 24) to another text, and gives NULL for
-    # month 13 or hour 25; "+0 seconds" and IS make both count as odd, as Python reads neither.
+    # The GLOB checks the shape; date() of the date part with a "+0 days" modifier normalises an
+    # impossible date (Feb 30) to another text and gives NULL for month 13, so IS catches both;
+    # the hour is checked apart (the GLOB lets 24-29 through). Only the date part goes to date():
+    # SQLite keeps milliseconds, and would round a time like 23:59:59.9999 into the next day.
     return (f"({value} IS NOT NULL AND NOT ({value} GLOB '{CANONICAL_GLOB}' AND {value} >= '0001' "
-            f"AND strftime('%Y-%m-%d %H:%M:%f', {value}, '+0 seconds') IS substr({value}, 1, 23)))")
+            f"AND date(substr({value}, 1, 10), '+0 days') IS substr({value}, 1, 10) "
+            f"AND substr({value}, 12, 2) <= '23'))")
 
 
 def odd_times(row: str = "NEW") -> str:
