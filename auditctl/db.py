@@ -255,6 +255,10 @@ def _safe_time_loaders():
 
 def _configure_postgresql(engine: Engine) -> None:
     tz_loader, naive_loader = _safe_time_loaders()
+    # A list of rows to INSERT (history rows, outbox deliveries) goes as multi-row INSERT statements
+    # of up to 1,000 rows each, as SQLAlchemy already does for INSERT ... RETURNING, instead of one
+    # statement per row.
+    engine.dialect.use_insertmanyvalues_wo_returning = True
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):

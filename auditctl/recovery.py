@@ -262,18 +262,44 @@ def _apply_recovery(connection: Connection, verdicts: list[Verdict], *, requeue:
         # running under that lease. The rows are locked by this transaction (FOR UPDATE on
         # PostgreSQL, the write lock on SQLite), so every row still matches; if one did not,
         # something bypassed the locks and the whole batch is rolled back.
-        statement = (
-            update(audits)
-            .where(audits.c.id == bindparam("b_id"), audits.c.status == RUNNING,
-                   audits.c.lease.is_not_distinct_from(bindparam("b_lease", type_=audits.c.lease.type)))
-            .values(values)
-        )
-        changed = connection.execute(statement, params).rowcount
+        if is_postgres(connection):
+            changed = _update_from_values(connection, values, params)
+        else:
+            # SQLite runs in this process: a prepared statement executed per row costs no round trip.
+            statement = (
+                update(audits)
+                .where(audits.c.id == bindparam("b_id"), audits.c.status == RUNNING,
+                       audits.c.lease.is_not_distinct_from(bindparam("b_lease", type_=audits.c.lease.type)))
+                .values(values)
+            )
+            changed = connection.execute(statement, params).rowcount
         if changed != len(params):
             raise ConcurrentChange(f"recovery expected to change {len(params)} audits but changed {changed}; rolled back")
     history.record(connection, events, actor, now)
     outbox.enqueue(connection, outbox.RECOVERED, _recovery_payload(done, actor), now=now)
     return done
+
+
+def _update_from_values(connection: Connection, values: dict, params: list[dict]) -> int:
+    """The batch's recoveries as one ``UPDATE audits ... FROM (VALUES ...)`` (PostgreSQL): one
+    statement and one round trip for the batch, each row still conditional on its lease."""
+    from sqlalchemy import Integer, String, Text, column, values as values_table
+
+    batch = values_table(
+        column("b_id", Integer), column("b_lease", String), column("v_recovery_info", Document()),
+        column("v_recovery_reasons", String), column("v_error", Text), name="batch",
+    ).data([(p["b_id"], p["b_lease"], p["v_recovery_info"], p["v_recovery_reasons"], p["v_error"]) for p in params])
+    from_batch = {
+        "recovery_info": with_original_status(batch.c.v_recovery_info),
+        "recovery_reasons": batch.c.v_recovery_reasons,
+        "error": batch.c.v_error,
+    }
+    statement = (
+        update(audits)
+        .where(audits.c.id == batch.c.b_id, audits.c.status == RUNNING, audits.c.lease.is_not_distinct_from(batch.c.b_lease))
+        .values({**values, **from_batch})
+    )
+    return connection.execute(statement).rowcount
 
 
 def _recovery_payload(done: list[Recovery], actor: Actor) -> dict:

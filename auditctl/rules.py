@@ -109,6 +109,10 @@ _COLUMNS = ("id", "target", "worker_id", "worker_instance", "lease", "attempts",
             "heartbeat_at", "progress", "max_age_seconds", "declared_stale_after", "declared_stall_after",
             "declared_max_age", "rules", "age_seconds", "silence_seconds", "stalled_seconds")
 _FUTURE_BIT = 1 << len(RULE_REASONS)
+_RULE_MASK = _FUTURE_BIT - 1
+#: The reasons for each combination of rule bits, worked out once.
+_REASONS_BY_BITS = tuple(tuple(reason for bit, reason in enumerate(RULE_REASONS) if bits & (1 << bit))
+                         for bits in range(_FUTURE_BIT))
 _AT = {name: index for index, name in enumerate(_COLUMNS)}
 
 
@@ -119,7 +123,7 @@ class Verdict:
     explanations, threshold sources) is worked out when asked for.
     """
 
-    __slots__ = ("row", "policy", "gone_proof", "unreadable", "_progress", "_reasons")
+    __slots__ = ("row", "policy", "gone_proof", "unreadable", "_progress", "_reasons", "_thresholds", "_times")
 
     def __init__(self, row, policy: Policy, gone: dict[str, str] | None = None):
         self.row = row
@@ -127,6 +131,8 @@ class Verdict:
         self.unreadable: str | None = None
         self._progress = None
         self._reasons = None
+        self._thresholds: dict | None = None
+        self._times: dict | None = None
         instance = row[_AT["worker_instance"]]
         self.gone_proof = gone.get(instance) if gone and isinstance(instance, str) else None
 
@@ -154,17 +160,27 @@ class Verdict:
     @property
     def reasons(self) -> list[str]:
         if self._reasons is None:
-            bits = safe_int(self.row[_AT["rules"]]) or 0
-            self._reasons = [reason for bit, reason in enumerate(RULE_REASONS) if bits & (1 << bit)]
+            bits = self.row[_AT["rules"]]
+            self._reasons = list(_REASONS_BY_BITS[(bits if type(bits) is int else safe_int(bits) or 0) & _RULE_MASK])
         return self._reasons
+
+    def _time(self, name: str):
+        """A stored time, parsed once (a datetime, None, or ``timestamps.Unreadable``)."""
+        if self._times is None:
+            self._times = {}
+        if name not in self._times:
+            self._times[name] = timestamps.parse(self.row[_AT[name]])
+        return self._times[name]
 
     @property
     def started_at(self) -> datetime | None:
-        return timestamps.as_datetime(self.row[_AT["started_at"]])
+        value = self._time("started_at")
+        return value if isinstance(value, datetime) else None
 
     @property
     def last_heartbeat(self) -> datetime | None:
-        return timestamps.as_datetime(self.row[_AT["heartbeat_at"]])
+        value = self._time("heartbeat_at")
+        return value if isinstance(value, datetime) else None
 
     @property
     def progress(self):
@@ -187,7 +203,7 @@ class Verdict:
         if (safe_int(row[_AT["rules"]]) or 0) & _FUTURE_BIT:
             problems.append("heartbeat_in_future")
         for name in ("started_at", "heartbeat_at"):
-            if isinstance(timestamps.parse(row[_AT[name]]), timestamps.Unreadable):
+            if isinstance(self._time(name), timestamps.Unreadable):
                 problems.append(f"{name}_unreadable")
         if row[_AT["lease"]] is None:
             problems.append("no_lease")
@@ -197,11 +213,16 @@ class Verdict:
 
     def threshold(self, name: str) -> tuple[float | None, str]:
         """The threshold this audit was judged by, and where it came from (flag, audit, worker, kind, fleet)."""
-        row = self.row
-        own = sane_duration(row[_AT["max_age_seconds"]]) if name == "max_age" else None
-        worker = sane_duration(row[_AT[f"declared_{name}"]])
-        # The same choice the query made in SQL (``_statement``'s cut), made again for display.
-        return self.policy.resolve(name, audit=own, worker=worker, kind=self.kind)
+        if self._thresholds is None:
+            self._thresholds = {}
+        found = self._thresholds.get(name)
+        if found is None:
+            row = self.row
+            own = sane_duration(row[_AT["max_age_seconds"]]) if name == "max_age" else None
+            worker = sane_duration(row[_AT[f"declared_{name}"]])
+            # The same choice the query made in SQL (``_statement``'s cut), made again for display.
+            found = self._thresholds[name] = self.policy.resolve(name, audit=own, worker=worker, kind=self.kind)
+        return found
 
     def thresholds(self) -> dict:
         """``{"stale_after": {"seconds": 600.0, "source": "fleet"}, ...}``."""
@@ -593,13 +614,13 @@ def select_stuck(connection: Connection, policy: Policy, *, gone: dict[str, str]
     """Run the stuck query on an open connection (``lock`` takes row locks on PostgreSQL, skipping busy rows)."""
     policy = Policy.coerce(policy)
     statement, params = stuck_query(connection, policy, gone=gone, **options)
-    return [verdict_from_row(row, policy, gone) for row in connection.execute(statement, params)]
+    return [Verdict(row, policy, gone) for row in connection.execute(statement, params).all()]
 
 
 def stuck_ids(connection: Connection, policy: Policy, *, gone: dict[str, str] | None = None, **options) -> list[int]:
     """Only the ids of the stuck audits (the cheap first step of a recovery)."""
     statement, params = stuck_query(connection, policy, gone=gone, ids_only=True, **options)
-    return [row[0] for row in connection.execute(statement, params)]
+    return [row[0] for row in connection.execute(statement, params).all()]
 
 
 def gone_instances(engine: Engine) -> dict[str, str]:
