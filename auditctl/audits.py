@@ -16,7 +16,7 @@ from typing import Iterator
 from sqlalchemy import or_, select
 from sqlalchemy.engine import Engine
 
-from .db import fetch_now, is_postgres, read_connection, stored_time
+from .db import fetch_now, is_postgres, keyset_pages, read_connection, stored_time
 from .errors import AuditNotFound, ConfigError
 from .history import Event, events_for
 from .progress import read_progress
@@ -186,22 +186,15 @@ def iter_audits(engine: Engine, filters: AuditFilters | None = None, *, sort: st
         for row in rows:
             yield isolate(row._mapping, lambda m: summarise(m, now), unreadable_summary)
         return
-    after, produced = None, 0
-    while True:
-        size = page_size if limit is None else min(page_size, limit - produced)
-        if size <= 0:
-            return
+
+    def read_page(connection, size: int, after: int | None) -> list:
         query = base.order_by(audits.c.id.desc() if descending else audits.c.id).limit(size)
         if after is not None:
             query = query.where(audits.c.id < after if descending else audits.c.id > after)
-        with read_connection(engine) as connection:
-            rows = connection.execute(query).all()
-        for row in rows:
-            yield isolate(row._mapping, lambda m: summarise(m, now), unreadable_summary)
-        produced += len(rows)
-        if len(rows) < size:
-            return
-        after = rows[-1]._mapping["id"]
+        return connection.execute(query).all()
+
+    for row in keyset_pages(engine, read_page, page_size=page_size, limit=limit, key=lambda row: row._mapping["id"]):
+        yield isolate(row._mapping, lambda m: summarise(m, now), unreadable_summary)
 
 
 def get_audit(engine: Engine, audit_id: int) -> AuditDetail:

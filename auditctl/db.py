@@ -339,6 +339,27 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
             yield connection.execution_options(auditctl_read_only=True)
 
 
+def keyset_pages(engine: Engine, read_page, *, page_size: int, limit: int | None, key) -> Iterator:
+    """Stream rows page by page, each page one short read fetched whole before it is handed out,
+    so a slow consumer (a pipe, a terminal) never holds a transaction open.
+
+    ``read_page(connection, size, after)`` returns up to ``size`` items after the key ``after``
+    (None for the first page); ``key(item)`` is the key the next page starts after.
+    """
+    after, produced = None, 0
+    while True:
+        size = page_size if limit is None else min(page_size, limit - produced)
+        if size <= 0:
+            return
+        with read_connection(engine) as connection:
+            page = read_page(connection, size, after)
+        yield from page
+        produced += len(page)
+        if len(page) < size:
+            return
+        after = key(page[-1])
+
+
 def run_read(engine: Engine, statement, params=None) -> list:
     """One read statement, all rows fetched before the connection is given back."""
     with read_connection(engine) as connection:

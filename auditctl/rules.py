@@ -46,7 +46,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection, Engine
 
 from . import documents, timestamps
-from .db import fetch_now, is_postgres, read_connection
+from .db import fetch_now, is_postgres, keyset_pages, read_connection
 from .errors import ConfigError
 from .progress import read_progress
 from .values import float_value, rounded, safe_int, sane_duration, text_value
@@ -651,18 +651,9 @@ def iter_stuck(engine: Engine, policy: Policy, *, gone: dict[str, str] | None = 
             verdicts = select_stuck(connection, policy, gone=gone, sort=sort, descending=descending, limit=limit, **options)
         yield from verdicts
         return
-    after, produced = None, 0
-    while True:
-        size = page_size if limit is None else min(page_size, limit - produced)
-        if size <= 0:
-            return
-        with read_connection(engine) as connection:
-            page = select_stuck(connection, policy, gone=gone, limit=size, after=after, **options)
-        yield from page
-        produced += len(page)
-        if len(page) < size:
-            return
-        after = page[-1].id
+    yield from keyset_pages(
+        engine, lambda connection, size, after: select_stuck(connection, policy, gone=gone, limit=size, after=after, **options),
+        page_size=page_size, limit=limit, key=lambda verdict: verdict.id)
 
 
 def declared_intervals(engine: Engine) -> list[tuple[str | None, bool, float]]:
