@@ -62,10 +62,14 @@ class Instance:
 
 
 def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None when there is no such process."""
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None when there is no such
+    process running: none at all, or a dead one its parent has not reaped yet (a zombie, state Z or X)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[19].decode()
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return fields[19].decode()
     except (OSError, IndexError, ValueError):
         return None
 
