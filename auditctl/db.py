@@ -304,7 +304,7 @@ def fit_pool(engine: Engine, connections: int) -> None:
             pool._overflow -= grow
 
 
-def single_write(engine: Engine, statement) -> int:
+def single_write(engine: Engine, statement, parameters: dict | None = None) -> int:
     """Run one writing statement on its own, committed as it runs; return its row count.
 
     One round trip: no BEGIN, no COMMIT (autocommit on PostgreSQL; on SQLite a lone statement
@@ -319,7 +319,7 @@ def single_write(engine: Engine, statement) -> int:
                 if engine.dialect.name == "postgresql":
                     options["isolation_level"] = "AUTOCOMMIT"
                 connection = connection.execution_options(**options)
-                rowcount = connection.execute(statement).rowcount
+                rowcount = connection.execute(statement, parameters).rowcount
                 connection.commit()  # nothing to commit: ends SQLAlchemy's bookkeeping only
                 return rowcount
         except sa_exc.DBAPIError as exc:
