@@ -238,11 +238,16 @@ def gone_instances(engine: Engine) -> dict[str, str]:
                                type_=workers.c.started_at.type)
     with read_connection(engine) as connection:
         cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
-        rows = connection.execute(select(workers).where(candidates, last_heard >= cutoff)).all()
+        rows = connection.execute(
+            select(workers.c.instance_id, workers.c.worker_id, workers.c.host, workers.c.process_key, workers.c.stopped_at)
+            .where(candidates, last_heard >= cutoff)).all()
     gone = {}
-    for row in rows:
+    for instance_id, worker_id, host, key, stopped_at in rows:
         try:
-            instance = _instance(row._mapping)
+            # Only what a proof reads (see prove_gone): this runs before every stuck query.
+            instance = Instance(instance_id=text_value(instance_id) or "?", worker_id=text_value(worker_id) or "?",
+                                worker_url=None, host=text_value(host), pid=None, started_at=None, last_heartbeat_at=None,
+                                stopped_at=as_datetime(stopped_at), heartbeat_age=None, process_key=text_value(key))
             proof = prove_gone(instance)
         except Exception:  # noqa: BLE001 - an unreadable registry row proves nothing
             continue

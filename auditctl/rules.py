@@ -37,6 +37,7 @@ reasons themselves come from the database, so such an audit is still recovered.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -420,7 +421,11 @@ def _statement(shape: _Shape):
         return f"(CASE WHEN a.odd_times THEN {expression(True)} ELSE {expression(False)} END)"
 
     # Never NULL (a row with no instance is not gone), so NOT gone is true for it.
-    gone = "a.worker_instance IS NOT NULL AND a.worker_instance IN :gone" if shape.gone else "0 = 1"
+    # The gone instances travel as one parameter (an array; a JSON list on SQLite), so the statement's
+    # text stays the same however many there are.
+    gone_set = "ANY(CAST(:gone AS text[]))" if shape.postgres else "(SELECT value FROM json_each(:gone))"
+    gone = (f"a.worker_instance IS NOT NULL AND a.worker_instance {'=' if shape.postgres else 'IN'} {gone_set}"
+            if shape.gone else "0 = 1")
     true = "TRUE" if shape.postgres else "1"
 
     def rules(slow: bool) -> dict[str, str]:
@@ -498,8 +503,8 @@ def _statement(shape: _Shape):
         # right now will be judged again on the next pass. Never wait on either.
         sql += " FOR UPDATE OF a SKIP LOCKED"
     statement = text(sql)
-    expanding = [name for name, used in (("gone", shape.gone), ("workers", shape.workers), ("kinds", shape.kind_filter),
-                                         ("ids", shape.ids)) if used]
+    expanding = [name for name, used in (("workers", shape.workers), ("kinds", shape.kind_filter), ("ids", shape.ids))
+                 if used]
     if expanding:
         statement = statement.bindparams(*[bindparam(name, expanding=True) for name in expanding])
     return statement
@@ -576,7 +581,7 @@ def stuck_query(connection: Connection, policy: Policy, *, gone: dict[str, str] 
                 params[f"kind_{position}_{name}"] = getattr(values, name)
                 params[f"kind_{position}_{name}_cut"] = d.cut_value(getattr(values, name))
     if gone_ids:
-        params["gone"] = gone_ids
+        params["gone"] = gone_ids if postgres else json.dumps(gone_ids)
     if seen_since is not None:
         params["seen_since"] = seen_since if postgres else timestamps.to_storage(seen_since)
     if filters.workers:

@@ -179,6 +179,38 @@ def test_a_reused_pid_does_not_hide_a_dead_instance(engine, start_audit):
     assert verdict.id == audit_id and verdict.reasons == ["worker_gone"]
 
 
+def test_a_registry_full_of_stopped_instances_costs_one_parameter_and_finds_only_their_held_audits(engine, start_audit):
+    """1,500 stopped instances (a busy day of restarts), two still holding an audit: the stuck
+    query is the same statement as with two gone instances, and it finds exactly those two."""
+    from sqlalchemy import event
+
+    held = [start_audit(worker_id=f"restarted-{n}", instance_id=f"held-{n}")[0] for n in range(2)]
+    healthy, _ = start_audit(worker_id="alive", instance_id="alive-instance")
+    rows = [{"instance_id": f"stopped-{n}", "worker_id": f"restarted-{n % 40}"} for n in range(1500)]
+    rows += [{"instance_id": f"held-{n}", "worker_id": f"restarted-{n}"} for n in range(2)]
+    with write_transaction(engine) as connection:
+        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(),
+                                                   stopped_at=registry.db_now()), rows)
+
+    statements = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "FROM audits a" in statement:
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        gone = registry.gone_instances(engine)
+        assert len(gone) == 1502
+        verdicts = find_stuck(engine, Thresholds(), gone=gone)
+        assert sorted(v.id for v in verdicts) == sorted(held) and healthy not in {v.id for v in verdicts}
+        assert all(v.reasons == ["worker_gone"] for v in verdicts)
+        find_stuck(engine, Thresholds(), gone={f"held-{n}": "stopped" for n in range(2)})
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert len(statements) == 2 and statements[0] == statements[1], "the gone instances are one parameter"
+
+
 # --- sane bounds ----------------------------------------------------------------------------------
 
 
