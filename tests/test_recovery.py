@@ -124,6 +124,32 @@ def test_recover_only_what_the_filters_select(engine, start_audit, backdate):
     assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR, ids=[of_a])] == [of_a]
 
 
+def test_every_batch_sends_the_same_statements_whatever_its_size(engine):
+    """Recovery's UPDATE and its history INSERT carry the batch as parameters (one JSON document on
+    PostgreSQL, executemany on SQLite): a batch of 3 and a batch of 40 send the same SQL text, and
+    every audit is recovered once with its history row."""
+    from sqlalchemy import event
+
+    texts: list[list[str]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("UPDATE AUDITS", "INSERT INTO AUDIT_EVENTS")):
+            texts[-1].append(statement)
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        for count in (3, 40):
+            ids = make_running(engine, count, worker_id=f"w{count}", instance_id=f"i{count}")
+            texts.append([])
+            done = recover_stuck(engine, T, actor=OPERATOR)
+            assert sorted(r.id for r in done) == ids
+            assert all(row(engine, audit_id)["status"] == FAILED for audit_id in ids)
+            assert Counter(e["audit_id"] for e in events(engine) if e["audit_id"] in ids) == Counter(ids)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert texts[0] == texts[1] and len(texts[0]) == 2, texts
+
+
 # --- requeue ----------------------------------------------------------------------------
 
 
