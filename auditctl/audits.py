@@ -137,12 +137,12 @@ def _conditions(connection, filters: AuditFilters) -> list:
     if filters.kinds:
         conditions.append(audits.c.kind.in_(filters.kinds))
     if filters.targets:
-        if postgres:
-            from .rules import _glob_to_regex
+        from .rules import target_pattern
 
-            conditions.append(or_(*[audits.c.target.regexp_match(_glob_to_regex(p)) for p in filters.targets]))
+        if postgres:
+            conditions.append(or_(*[audits.c.target.regexp_match(target_pattern(p, True)) for p in filters.targets]))
         else:
-            conditions.append(or_(*[audits.c.target.op("GLOB")(p) for p in filters.targets]))
+            conditions.append(or_(*[audits.c.target.op("GLOB")(target_pattern(p, False)) for p in filters.targets]))
     now = None
     for name, compare in (("since", "__ge__"), ("until", "__le__")):
         value = getattr(filters, name)

@@ -132,3 +132,33 @@ def test_only_running_audits_are_judged(engine, start_audit, backdate):
     with write_transaction(engine) as connection:
         connection.execute(update(audits).where(audits.c.id == audit_id).values(status="completed"))
     assert reasons_of(engine) == {}
+
+
+# --- target globs ---------------------------------------------------------------------------
+
+GLOB_TARGETS = ["https://blog.example.com/", "https://blogXexample.com/", "https://shop.example.com/a+b",
+                "x[1]", "x[", "a]b", "a!b", "back\\slash", "ABC", "abc", "a.c"]
+GLOB_PATTERNS = ["https://blog.*", "*example.com/", "https://????.example.com/*", "x[[]1]", "x[", "[!a]*", "[]]*",
+                 "a[!]]b", "a[]!]b", "back\\slash", "[A-Z]*", "a?c", "a.c", "*+b", "[ab]*"]
+
+
+@pytest.mark.parametrize("pattern", GLOB_PATTERNS)
+def test_a_target_glob_means_what_the_shell_means_on_both_engines(engine, pattern):
+    """`--target` is a shell glob on SQLite (GLOB) and on PostgreSQL (a regular expression): both
+    select exactly what fnmatch, case-sensitively, would, for scan's query and for list's."""
+    import fnmatch
+
+    from dbtools import make_running
+
+    from auditctl.audits import AuditFilters, list_audits
+    from auditctl.rules import Filters
+
+    ids = make_running(engine, len(GLOB_TARGETS))
+    with write_transaction(engine) as connection:
+        for audit_id, target in zip(ids, GLOB_TARGETS):
+            connection.execute(update(audits).where(audits.c.id == audit_id).values(target=target))
+    expected = sorted(t for t in GLOB_TARGETS if fnmatch.fnmatchcase(t, pattern))
+    stuck = find_stuck(engine, Thresholds(stale_after=600, max_age=1800, stall_after=600), filters=Filters(targets=(pattern,)))
+    assert sorted(v.target for v in stuck) == expected
+    listed = list_audits(engine, AuditFilters(targets=(pattern,)))
+    assert sorted(a.target for a in listed) == expected
