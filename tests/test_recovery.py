@@ -150,6 +150,46 @@ def test_every_batch_sends_the_same_statements_whatever_its_size(engine):
     assert texts[0] == texts[1] and len(texts[0]) == 2, texts
 
 
+@pytest.mark.parametrize("requeue", [False, True])
+def test_an_audit_that_cannot_be_described_is_still_recovered_failed_on_the_databases_verdict(engine, monkeypatch,
+                                                                                               requeue):
+    """Whatever goes wrong while describing one stuck audit (here, its explanation raises), that
+    audit is still recovered, never requeued, with the problem in its record and its history, and
+    the other audits of the batch are recovered as usual. The dry run predicts the same."""
+    from auditctl.rules import Verdict
+
+    ids = make_running(engine, 3, silent_for=700)
+    broken = ids[1]
+    explain = Verdict.explain
+
+    def explain_or_fail(self):
+        if self.id == broken:
+            raise RuntimeError("cannot describe this one")
+        return explain(self)
+
+    monkeypatch.setattr(Verdict, "explain", explain_or_fail)
+    (predicted,) = [r for r in recover_stuck(engine, T, actor=OPERATOR, dry_run=True, requeue=requeue) if r.id == broken]
+    assert predicted.status == FAILED and predicted.problems == ["row_unreadable: RuntimeError: cannot describe this one"]
+    done = {r.id: r for r in recover_stuck(engine, T, actor=OPERATOR, requeue=requeue)}
+    assert sorted(done) == ids
+    record = done[broken]
+    assert record.status == FAILED and record.reasons == ["stale_heartbeat"] and record.attempts == 0
+    assert record.explanation == ["the row could not be read (RuntimeError: cannot describe this one); "
+                                  "recovered on the database's verdict"]
+    assert record.target == "https://example.com/1" and record.problems == predicted.problems
+    stored = row(engine, broken)
+    assert stored["status"] == FAILED and stored["lease"] is None and stored["recovery_reasons"] == "stale_heartbeat"
+    assert stored["error"].startswith("recovered (stale_heartbeat): the row could not be read")
+    assert stored["recovery_info"]["requeued"] is False and stored["recovery_info"]["reasons"] == ["stale_heartbeat"]
+    assert stored["recovery_info"]["recovered_by"]["actor"] == OPERATOR.name
+    (history,) = events(engine, broken)
+    assert history["event"] == "recovered" and history["to_status"] == FAILED and history["reasons"] == "stale_heartbeat"
+    assert history["details"]["unreadable"] == "RuntimeError: cannot describe this one"
+    for other in (ids[0], ids[2]):
+        assert done[other].status == (PENDING if requeue else FAILED) and done[other].explanation[0].startswith("no heartbeat")
+        assert row(engine, other)["status"] == (PENDING if requeue else FAILED)
+
+
 # --- requeue ----------------------------------------------------------------------------
 
 
