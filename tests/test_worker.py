@@ -387,9 +387,11 @@ def test_worker_killed_with_sigkill_is_recovered_by_the_next_startup_cleanup_at_
     assert left["status"] == RUNNING and left["worker_instance"] == instance_id
 
     restarted = guards(worker_id="restarting-worker", **PATIENT)  # stale_after 10 minutes: silence alone would not tell yet
-    # ...but the registry proves the process gone, so any judge sees it at once,
+    # ...but the registry proves the process gone, so any judge sees it at once (on a loaded
+    # machine the killed worker's own stale_after of 1 s may have passed too),
     (verdict,) = find_stuck(engine, restarted.thresholds)
-    assert verdict.reasons == ["worker_gone"] and "no longer exists" in verdict.explain()[0]
+    assert verdict.reasons[0] == "worker_gone" and set(verdict.reasons) <= {"worker_gone", "stale_heartbeat"}
+    assert "no longer exists" in verdict.explain()[0]
     # and the restarted worker's startup cleanup takes what its earlier instance left.
     recovered = restarted.cleanup_stuck_audits_on_startup()
 
