@@ -562,6 +562,45 @@ def test_reset_that_the_database_refuses_for_one_audit_resets_the_others_and_rep
     assert events(engine, refused)[-1]["event"] == "needs_operator"
 
 
+def test_an_audit_the_database_keeps_refusing_is_marked_for_an_operator_once_per_episode(engine):
+    """Two audits whose recovery the database refuses, one of them with older history: each
+    gets its own needs_operator row naming the operation and the error, a second run adds none
+    while that is still the latest word, and a new row follows once something else happened."""
+    from dbtools import drop_trigger
+
+    from auditctl import history
+    from auditctl.db import fetch_now
+
+    def lease_lost(audit_id):
+        with write_transaction(engine) as connection:
+            history.record(connection, [{"audit_id": audit_id, "event": history.LEASE_LOST, "details": {"write": "progress"}}],
+                           OPERATOR, fetch_now(connection))
+
+    ids = make_running(engine, 4)
+    refused = ids[1:3]
+    lease_lost(refused[0])  # older history for one of them
+    condition = f"OLD.id IN ({refused[0]}, {refused[1]}) AND NEW.status <> 'running'"
+    install_abort_trigger(engine, "refuse_two", when_sqlite=condition, when_pg=condition)
+
+    first = recover_stuck(engine, T, actor=OPERATOR)
+    assert sorted(r.id for r in first) == [ids[0], ids[3]] and sorted(s.id for s in first.skipped) == refused
+    second = recover_stuck(engine, T, actor=OPERATOR)
+    assert list(second) == [] and sorted(s.id for s in second.skipped) == refused
+    for audit_id in refused:
+        marks = [e for e in events(engine, audit_id) if e["event"] == "needs_operator"]
+        assert len(marks) == 1, "not repeated while it is the latest word"
+        assert marks[0]["details"]["operation"] == "recover" and "boom" in marks[0]["details"]["error"]
+        assert row(engine, audit_id)["status"] == RUNNING
+    assert [e["event"] for e in events(engine, refused[0])] == ["lease_lost", "needs_operator"]
+
+    lease_lost(refused[1])  # something else happens to one of them
+    recover_stuck(engine, T, actor=OPERATOR)
+    assert [e["event"] for e in events(engine, refused[1])] == ["needs_operator", "lease_lost", "needs_operator"]
+    assert [e["event"] for e in events(engine, refused[0])] == ["lease_lost", "needs_operator"]
+    drop_trigger(engine, "refuse_two")
+    assert sorted(r.id for r in recover_stuck(engine, T, actor=OPERATOR)) == refused
+
+
 def test_reset_batches_are_each_atomic(engine, backdate):
     ids = failed_audits(engine, backdate, 6)
     install_abort_trigger(engine, "refuse_third", table="audit_events", event="INSERT",
