@@ -158,7 +158,7 @@ def test_an_audit_that_cannot_be_described_is_still_recovered_failed_on_the_data
     the other audits of the batch are recovered as usual. The dry run predicts the same."""
     from auditctl.rules import Verdict
 
-    ids = make_running(engine, 3, silent_for=700)
+    ids = make_running(engine, 3, silent_for=700, age=2000)
     broken = ids[1]
     explain = Verdict.explain
 
@@ -168,23 +168,30 @@ def test_an_audit_that_cannot_be_described_is_still_recovered_failed_on_the_data
         return explain(self)
 
     monkeypatch.setattr(Verdict, "explain", explain_or_fail)
+    problem = "RuntimeError: cannot describe this one"
+    sentence = f"the row could not be read ({problem}); recovered on the database's verdict"
+    reasons = ["stale_heartbeat", "max_age_exceeded"]
     (predicted,) = [r for r in recover_stuck(engine, T, actor=OPERATOR, dry_run=True, requeue=requeue) if r.id == broken]
-    assert predicted.status == FAILED and predicted.problems == ["row_unreadable: RuntimeError: cannot describe this one"]
+    assert predicted.status == FAILED and predicted.problems == [f"row_unreadable: {problem}"]
     done = {r.id: r for r in recover_stuck(engine, T, actor=OPERATOR, requeue=requeue)}
     assert sorted(done) == ids
     record = done[broken]
-    assert record.status == FAILED and record.reasons == ["stale_heartbeat"] and record.attempts == 0
-    assert record.explanation == ["the row could not be read (RuntimeError: cannot describe this one); "
-                                  "recovered on the database's verdict"]
-    assert record.target == "https://example.com/1" and record.problems == predicted.problems
+    assert (record.status, record.from_status, record.reasons, record.attempts, record.worker_id, record.measurements) == (
+        FAILED, RUNNING, reasons, 0, None, {})
+    assert record.explanation == [sentence] and record.problems == predicted.problems
+    assert record.target == "https://example.com/1"
     stored = row(engine, broken)
-    assert stored["status"] == FAILED and stored["lease"] is None and stored["recovery_reasons"] == "stale_heartbeat"
-    assert stored["error"].startswith("recovered (stale_heartbeat): the row could not be read")
-    assert stored["recovery_info"]["requeued"] is False and stored["recovery_info"]["reasons"] == ["stale_heartbeat"]
-    assert stored["recovery_info"]["recovered_by"]["actor"] == OPERATOR.name
+    assert stored["status"] == FAILED and stored["lease"] is None
+    assert stored["recovery_reasons"] == "stale_heartbeat,max_age_exceeded"
+    assert stored["error"] == f"recovered (stale_heartbeat, max_age_exceeded): {sentence}"
+    info = {key: value for key, value in stored["recovery_info"].items() if key != "original_status"}
+    assert info == {"recovered_at": isoformat_z(record.recovered_at), "reason": "stale_heartbeat, max_age_exceeded",
+                    "reasons": reasons, "explanation": [sentence], "requeued": False,
+                    "recovered_by": {"actor": OPERATOR.name, "host": OPERATOR.host, "pid": OPERATOR.pid}}
     (history,) = events(engine, broken)
-    assert history["event"] == "recovered" and history["to_status"] == FAILED and history["reasons"] == "stale_heartbeat"
-    assert history["details"]["unreadable"] == "RuntimeError: cannot describe this one"
+    assert (history["event"], history["from_status"], history["to_status"], history["reasons"]) == (
+        "recovered", RUNNING, FAILED, "stale_heartbeat,max_age_exceeded")
+    assert history["details"] == {"explanation": [sentence], "unreadable": problem}
     for other in (ids[0], ids[2]):
         assert done[other].status == (PENDING if requeue else FAILED) and done[other].explanation[0].startswith("no heartbeat")
         assert row(engine, other)["status"] == (PENDING if requeue else FAILED)
