@@ -646,6 +646,34 @@ def test_recover_worker_leftovers_takes_only_what_dead_instances_of_that_worker_
     assert find_stuck(engine, T) == []  # nothing was stuck by the rules: this was the restart
 
 
+def test_a_restarted_workers_leftover_is_recorded_as_it_was_left(engine, start_audit, backdate):
+    """The record and the history of a leftover say what the audit was: its target, worker,
+    instance, attempts and times, how long it ran and was silent, and the restart sentence."""
+    audit_id, _ = start_audit(target="https://example.com/left-behind", worker_id="w", instance_id="dead")
+    backdate(audit_id, started_at=300, heartbeat_at=50)
+    before = row(engine, audit_id)
+    (done,) = recover_worker_leftovers(engine, "w", {"live"}, actor=OPERATOR)
+    assert (done.id, done.target, done.worker_id, done.attempts, done.status, done.from_status) == (
+        audit_id, "https://example.com/left-behind", "w", 1, FAILED, RUNNING)
+    assert done.explanation == ["worker w restarted; the instance that held this audit is gone"]
+    assert done.problems == [] and done.thresholds == {}
+    assert 290 < done.measurements["age_seconds"] < 360 and 40 < done.measurements["silence_seconds"] < 110
+    (event,) = events(engine, audit_id)
+    assert event["details"]["from"] == {
+        "status": RUNNING, "worker_id": "w", "worker_instance": "dead", "step": None, "lease": before["lease"],
+        "attempts": 1, "started_at": isoformat_z(before["started_at"]), "heartbeat_at": isoformat_z(before["heartbeat_at"])}
+    assert event["measurements"] == done.measurements
+
+
+def test_a_leftover_never_claimed_twice_is_requeued_not_given_up(engine, start_audit):
+    """attempts counts claims: an audit left with none counted still has its first retry."""
+    audit_id, _ = start_audit(worker_id="w", instance_id="dead")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(attempts=0))
+    (done,) = recover_worker_leftovers(engine, "w", set(), actor=OPERATOR, requeue=True, max_attempts=1)
+    assert (done.status, done.attempts) == (PENDING, 0)
+
+
 def test_recover_worker_leftovers_can_requeue(engine, start_audit):
     dead, _ = start_audit(worker_id="w", instance_id="dead")
     (recovery,) = recover_worker_leftovers(engine, "w", {"live"}, actor=OPERATOR, requeue=True)

@@ -137,9 +137,10 @@ def test_only_running_audits_are_judged(engine, start_audit, backdate):
 # --- target globs ---------------------------------------------------------------------------
 
 GLOB_TARGETS = ["https://blog.example.com/", "https://blogXexample.com/", "https://shop.example.com/a+b",
-                "x[1]", "x[", "a]b", "a!b", "back\\slash", "ABC", "abc", "a.c"]
+                "x[1]", "x[", "a]b", "a!b", "a^b", "]x", "back\\slash", "ABC", "abc", "a.c"]
 GLOB_PATTERNS = ["https://blog.*", "*example.com/", "https://????.example.com/*", "x[[]1]", "x[", "[!a]*", "[]]*",
-                 "a[!]]b", "a[]!]b", "back\\slash", "[A-Z]*", "a?c", "a.c", "*+b", "[ab]*"]
+                 "a[!]]b", "a[]!]b", "back\\slash", "back[\\]slash", "[A-Z]*", "a?c", "a.c", "*+b", "[ab]*",
+                 "[h]ttps://[b]log.*", "a^*", "[a]*[c]"]
 
 
 @pytest.mark.parametrize("pattern", GLOB_PATTERNS)
@@ -162,3 +163,20 @@ def test_a_target_glob_means_what_the_shell_means_on_both_engines(engine, patter
     assert sorted(v.target for v in stuck) == expected
     listed = list_audits(engine, AuditFilters(targets=(pattern,)))
     assert sorted(a.target for a in listed) == expected
+
+
+@pytest.mark.parametrize("pattern", ["[^a]*", "[^]]*"])
+def test_a_caret_opening_a_set_negates_it_as_in_bash(engine, pattern):
+    """`[^...]` is bash's other spelling of `[!...]`, on both engines (fnmatch reads it as a caret)."""
+    import fnmatch
+
+    from dbtools import make_running
+
+    from auditctl.audits import AuditFilters, list_audits
+
+    ids = make_running(engine, len(GLOB_TARGETS))
+    with write_transaction(engine) as connection:
+        for audit_id, target in zip(ids, GLOB_TARGETS):
+            connection.execute(update(audits).where(audits.c.id == audit_id).values(target=target))
+    expected = sorted(t for t in GLOB_TARGETS if fnmatch.fnmatchcase(t, "[!" + pattern[2:]))
+    assert sorted(a.target for a in list_audits(engine, AuditFilters(targets=(pattern,)))) == expected
