@@ -267,12 +267,6 @@ class Verdict:
         return f"Verdict(id={self.id}, reasons={self.reasons})"
 
 
-def verdict_from_row(row, policy: Policy, gone: dict[str, str] | None = None) -> Verdict:
-    """A verdict for one row. Every property of a verdict is total (whatever the row holds, it
-    answers); consumers that render or record one still guard each row (see ``isolate``)."""
-    return Verdict(row, policy, gone)
-
-
 def isolate(item, convert, on_error):
     """``convert(item)``, or ``on_error(item, description)`` when that raises: one row never stops the others."""
     try:
@@ -699,4 +693,4 @@ def declared_intervals(engine: Engine) -> list[tuple[str | None, bool, float]]:
 
 
 __all__ = ["Filters", "Verdict", "FUTURE_TOLERANCE", "SORTS", "declared_intervals", "find_stuck", "isolate", "iter_stuck",
-           "select_stuck", "stuck_ids", "stuck_query", "safe_int", "verdict_from_row"]
+           "select_stuck", "stuck_ids", "stuck_query", "safe_int"]

@@ -142,6 +142,33 @@ def test_worker_gets_lease_lost_after_recovery_and_its_write_changes_nothing(eng
     assert row(engine, audit_id) == recovered
 
 
+@pytest.mark.parametrize("write", ["heartbeat", "emergency", "progress", "finish"])
+def test_each_fenced_write_after_recovery_is_refused_and_recorded_under_its_own_name(engine, write):
+    """Every fenced write a recovered worker attempts raises LeaseLost, changes nothing, and leaves
+    one lease_lost row naming the write, the lease, the worker and the instance, by its actor."""
+    from auditctl import leases
+
+    audit_id = leases.create_audit(engine, "https://example.com/fenced")
+    lease, _ = leases.claim(engine, audit_id, worker_id="fenced-worker", instance_id="fenced-instance", worker_url=None)
+    actor = Actor.worker("fenced-worker", "fenced-instance")
+    recover_now(engine, audit_id)
+    recovered = row(engine, audit_id)
+    attempt = {
+        "heartbeat": lambda: leases.heartbeat(engine, lease, actor),
+        "emergency": lambda: leases.minimal_write(engine, lease, actor),
+        "progress": lambda: leases.write_progress(engine, lease, {"step": "Late", "percentage": 50.0, "completed_tasks": 1,
+                                                          "total_tasks": 2}, "sig", None, actor),
+        "finish": lambda: leases.finish(engine, lease, error=None, actor=actor),
+    }[write]
+    with pytest.raises(LeaseLost) as lost:
+        attempt()
+    assert lost.value.audit_id == audit_id and row(engine, audit_id) == recovered
+    (late,) = [e for e in events(engine, audit_id) if e["event"] == "lease_lost"]
+    assert (late["from_status"], late["to_status"], late["actor"]) == (FAILED, FAILED, actor.name)
+    assert late["details"] == {"write": write, "lease": lease.token, "worker_id": "fenced-worker",
+                               "instance_id": "fenced-instance"}
+
+
 def test_leaving_the_run_block_after_lease_lost_writes_nothing(engine, guards):
     guard = guards()
     audit_id = guard.create_audit("https://example.com")
