@@ -674,6 +674,23 @@ def test_a_leftover_never_claimed_twice_is_requeued_not_given_up(engine, start_a
     assert (done.status, done.attempts) == (PENDING, 0)
 
 
+def test_recover_audits_takes_only_running_audits_in_id_order_and_refuses_an_unknown_reason(engine, start_audit):
+    from auditctl.recovery import recover_audits
+
+    started = [start_audit(worker_id="w", instance_id=f"i{n}") for n in range(3)]
+    finished, lease = started.pop(1)
+    leases.finish(engine, lease, error=None, actor=OPERATOR)
+    running = [audit_id for audit_id, _ in started]
+    pending = leases.create_audit(engine, "https://example.com/pending")
+    everything = audits.c.id.in_([*running, finished, pending])
+    with pytest.raises(AuditctlError, match="unknown reason 'because'"):
+        recover_audits(engine, everything, reason="because", explanation="no", actor=OPERATOR)
+    done = recover_audits(engine, everything, reason="manual", explanation="taken back", actor=OPERATOR)
+    assert [r.id for r in done] == running and [r.reasons for r in done] == [["manual"], ["manual"]]
+    assert row(engine, finished)["status"] == COMPLETED and row(engine, pending)["status"] == PENDING
+    assert [e["event"] for e in events(engine, finished)] == [] and events(engine, pending) == []
+
+
 def test_recover_worker_leftovers_can_requeue(engine, start_audit):
     dead, _ = start_audit(worker_id="w", instance_id="dead")
     (recovery,) = recover_worker_leftovers(engine, "w", {"live"}, actor=OPERATOR, requeue=True)
