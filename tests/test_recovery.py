@@ -608,6 +608,20 @@ def test_an_audit_the_database_keeps_refusing_is_marked_for_an_operator_once_per
     assert sorted(r.id for r in recover_stuck(engine, T, actor=OPERATOR)) == refused
 
 
+def test_reset_all_plans_the_stuck_audits_by_the_given_thresholds_and_origins(engine):
+    from auditctl.recovery import ResetFilters, plan_reset_all
+
+    (quiet,) = make_running(engine, 1, silent_for=300, age=300)  # stuck for stale_after 2m, not for the 10m default
+    short = Thresholds(stale_after=120, max_age=3600, stall_after=3600)
+    assert plan_reset_all(engine, ResetFilters(), include_stuck=True).stuck == []
+    assert [v.id for v in plan_reset_all(engine, ResetFilters(), include_stuck=True, policy=short).stuck] == [quiet]
+    stuck_only = ResetFilters(origins=("stuck",))
+    assert [v.id for v in plan_reset_all(engine, stuck_only, include_stuck=True, policy=short).stuck] == [quiet]
+    assert plan_reset_all(engine, ResetFilters(origins=("error",)), include_stuck=True, policy=short).stuck == []
+    assert plan_reset_all(engine, ResetFilters(reasons=("max_age_exceeded",)), include_stuck=True, policy=short).stuck == []
+    assert plan_reset_all(engine, ResetFilters(), include_stuck=False, policy=short).stuck == []
+
+
 def test_reset_batches_are_each_atomic(engine, backdate):
     ids = failed_audits(engine, backdate, 6)
     install_abort_trigger(engine, "refuse_third", table="audit_events", event="INSERT",
