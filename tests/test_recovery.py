@@ -622,6 +622,27 @@ def test_reset_all_plans_the_stuck_audits_by_the_given_thresholds_and_origins(en
     assert plan_reset_all(engine, ResetFilters(), include_stuck=False, policy=short).stuck == []
 
 
+def test_the_reset_plan_counts_by_origin_and_reason_and_what_the_limit_holds_back(engine, backdate):
+    from auditctl.recovery import ResetFilters, plan_reset
+
+    stale = failed_audits(engine, backdate, 3)
+    (both,) = make_running(engine, 1, silent_for=700, age=4000)  # stale and over max_age
+    recover_stuck(engine, T, actor=OPERATOR, ids=[both])
+    own_error = leases.create_audit(engine, "https://example.com/own-error")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == own_error).values(status=FAILED, error="scanner crashed"))
+        connection.execute(update(audits).where(audits.c.id.in_(stale[:2])).values(resets=5))
+        connection.execute(update(audits).where(audits.c.id == stale[2]).values(resets=4))
+
+    plan = plan_reset(engine, ResetFilters(max_resets=5))
+    assert plan.ids == [stale[2], both, own_error] and plan.held_back == 2 and plan.max_resets == 5
+    assert plan.by_origin == {"stuck": 2, "error": 1}
+    assert plan.by_reason == {"stale_heartbeat": 2, "max_age_exceeded": 1}
+    unlimited = plan_reset(engine, ResetFilters(max_resets=None))
+    assert unlimited.ids == sorted([*stale, both, own_error]) and unlimited.held_back == 0
+    assert plan_reset(engine, ResetFilters(max_resets=4)).held_back == 3
+
+
 def test_reset_batches_are_each_atomic(engine, backdate):
     ids = failed_audits(engine, backdate, 6)
     install_abort_trigger(engine, "refuse_third", table="audit_events", event="INSERT",
