@@ -643,6 +643,27 @@ def test_the_reset_plan_counts_by_origin_and_reason_and_what_the_limit_holds_bac
     assert plan_reset(engine, ResetFilters(max_resets=4)).held_back == 3
 
 
+def test_reset_all_recovers_the_planned_stuck_audits_by_the_given_thresholds_then_resets_within_the_limit(engine,
+                                                                                                            backdate):
+    from auditctl.recovery import ResetFilters, plan_reset_all, reset_all
+
+    (quiet,) = make_running(engine, 1, silent_for=300, age=300)  # stuck for stale_after 2m, not for the 10m default
+    failed = failed_audits(engine, backdate, 2)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == failed[0]).values(resets=1))
+    short = Thresholds(stale_after=120, max_age=3600, stall_after=3600)
+    plan = plan_reset_all(engine, ResetFilters(max_resets=1), include_stuck=True, policy=short)
+    assert plan.ids == [failed[1]] and [v.id for v in plan.stuck] == [quiet] and plan.held_back == 1
+    with write_transaction(engine) as connection:  # reset by someone else meanwhile, and failed again
+        connection.execute(update(audits).where(audits.c.id == failed[1]).values(resets=1))
+    batches = []
+    done = reset_all(engine, plan, actor=OPERATOR, policy=short, on_batch=lambda n, total: batches.append((n, total)))
+    assert [r.id for r in done] == [quiet] and batches
+    assert row(engine, quiet)["status"] == PENDING
+    assert row(engine, failed[0])["status"] == row(engine, failed[1])["status"] == FAILED, "the plan's limit still holds"
+    assert [e["event"] for e in events(engine, quiet)] == ["recovered", "reset"]
+
+
 def test_reset_batches_are_each_atomic(engine, backdate):
     ids = failed_audits(engine, backdate, 6)
     install_abort_trigger(engine, "refuse_third", table="audit_events", event="INSERT",

@@ -169,6 +169,39 @@ def test_each_fenced_write_after_recovery_is_refused_and_recorded_under_its_own_
                                "instance_id": "fenced-instance"}
 
 
+def test_a_progress_write_and_the_finish_stamp_the_document_with_the_database_time(engine):
+    """What write_progress stores and returns: the report, running, the lease's worker and URL,
+    and stamps; finishing marks the document not running and stamps last_updated again."""
+    from datetime import datetime, timedelta, timezone
+
+    from auditctl import leases
+    from sqlalchemy import update
+
+    from auditctl.db import write_transaction
+    from auditctl.timestamps import parse
+
+    audit_id = leases.create_audit(engine, "https://example.com/stamped")
+    lease, _ = leases.claim(engine, audit_id, worker_id="stamper", instance_id="stamper-1", worker_url="http://stamper:8080")
+    actor = Actor.worker("stamper", "stamper-1")
+    fields = {"step": "Crawling", "percentage": 40.0, "completed_tasks": 4, "total_tasks": 10}
+    returned = leases.write_progress(engine, lease, fields, "sig-1", None, actor)
+    stored = row(engine, audit_id)["progress"]
+    for document in (returned, stored):
+        progress = document["progress"]
+        assert {k: progress[k] for k in fields} == fields
+        assert (progress["is_running"], progress["worker_id"], progress["worker_url"]) == (True, "stamper", "http://stamper:8080")
+        for stamp in (progress["last_updated"], progress["heartbeat"], document["last_worker_update"]):
+            assert abs(parse(stamp) - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    assert stored["progress"]["heartbeat"] == stored["progress"]["last_updated"] == stored["last_worker_update"]
+    with write_transaction(engine) as connection:  # an old stamp, so the finish's own is seen
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(progress={
+            **stored, "progress": {**stored["progress"], "last_updated": "2020-01-01T00:00:00.000Z"}}))
+    assert leases.finish(engine, lease, error=None, actor=actor) == COMPLETED
+    finished = row(engine, audit_id)["progress"]
+    assert finished["progress"]["is_running"] is False
+    assert finished["progress"]["last_updated"] == finished["progress"]["heartbeat"] != "2020-01-01T00:00:00.000Z"
+
+
 def test_leaving_the_run_block_after_lease_lost_writes_nothing(engine, guards):
     guard = guards()
     audit_id = guard.create_audit("https://example.com")
