@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Iterator
 
-from sqlalchemy import or_, select
+from sqlalchemy import false, or_, select
 from sqlalchemy.engine import Engine
 
 from .db import fetch_now, is_postgres, keyset_pages, read_connection, stored_time
@@ -137,12 +137,12 @@ def _conditions(connection, filters: AuditFilters) -> list:
     if filters.kinds:
         conditions.append(audits.c.kind.in_(filters.kinds))
     if filters.targets:
-        from .rules import target_pattern
+        from .globs import target_pattern
 
-        if postgres:
-            conditions.append(or_(*[audits.c.target.regexp_match(target_pattern(p, True)) for p in filters.targets]))
-        else:
-            conditions.append(or_(*[audits.c.target.op("GLOB")(target_pattern(p, False)) for p in filters.targets]))
+        patterns = [target_pattern(p, postgres) for p in filters.targets]
+        matchers = [audits.c.target.regexp_match(p) if postgres else audits.c.target.op("GLOB")(p)
+                    for p in patterns if p is not None]  # None: a glob that matches nothing
+        conditions.append(or_(false(), *matchers))
     now = None
     for name, compare in (("since", "__ge__"), ("until", "__le__")):
         value = getattr(filters, name)

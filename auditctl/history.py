@@ -93,7 +93,7 @@ def _record_as_one_parameter(connection: Connection, rows: list[dict], actor: Ac
     """PostgreSQL: the rows as one JSON parameter unpacked by ``jsonb_to_recordset``, so every batch
     sends the same short statement (a multi-row VALUES of 500 rows is compiled and parsed anew each
     time, which cost more than the insert itself)."""
-    from sqlalchemy import BigInteger, Text, cast, column, func, insert, literal
+    from sqlalchemy import BigInteger, Text, cast, column, func, insert, literal, literal_column
     from sqlalchemy.dialects.postgresql import JSONB
 
     from .documents import dumps_strict
@@ -106,8 +106,10 @@ def _record_as_one_parameter(connection: Connection, rows: list[dict], actor: Ac
                "details")
     source = select(
         batch.c.audit_id, literal(now, audit_events.c.at.type), batch.c.event, batch.c.from_status, batch.c.to_status,
-        batch.c.reasons, batch.c.measurements, literal(actor.name[:200]), literal(actor.host[:255]),
-        literal(actor.pid, audit_events.c.pid.type), batch.c.details,
+        # A missing document is stored as JSON null, as the row-by-row insert stores it.
+        batch.c.reasons, func.coalesce(batch.c.measurements, literal_column("'null'::jsonb")),
+        literal(actor.name[:200]), literal(actor.host[:255]), literal(actor.pid, audit_events.c.pid.type),
+        func.coalesce(batch.c.details, literal_column("'null'::jsonb")),
     )
     payload = [{"audit_id": row["audit_id"], "event": row["event"], "from_status": row.get("from_status"),
                 "to_status": row.get("to_status"), "reasons": ",".join(row.get("reasons") or []) or None,

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Iterator
@@ -47,6 +46,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection, Engine
 
 from . import documents, timestamps
+from .globs import target_pattern
 from .db import fetch_now, is_postgres, keyset_pages, read_connection
 from .errors import ConfigError
 from .progress import read_progress
@@ -511,55 +511,6 @@ def _at_least(value: str, floor: str, d: "_Dialect") -> str:
     return f"COALESCE(max({value}, {floor}), {floor})"
 
 
-def _glob_parts(pattern: str) -> Iterator[tuple[str, str]]:
-    """A shell glob as its parts: ("any", ""), ("one", ""), ("set", body with ``!`` negation as
-    ``^``) and ("char", c). A ``[`` with no closing ``]`` is an ordinary character, as in the shell."""
-    i = 0
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "*":
-            yield "any", ""
-        elif char == "?":
-            yield "one", ""
-        elif char == "[":
-            start = i + 1
-            if pattern[start:start + 1] in ("!", "^"):
-                start += 1
-            if pattern[start:start + 1] == "]":
-                start += 1  # a "]" first in the set is one of its characters
-            end = pattern.find("]", start)
-            if end < 0:
-                yield "char", char
-            else:
-                body = pattern[i + 1:end]
-                yield "set", "^" + body[1:] if body.startswith("!") else body
-                i = end
-        else:
-            yield "char", char
-        i += 1
-
-
-def _glob_to_regex(pattern: str) -> str:
-    """A shell glob (``*``, ``?``, ``[...]``) as an anchored POSIX regular expression, for PostgreSQL."""
-    out = {"any": lambda _: ".*", "one": lambda _: ".", "set": lambda body: "[" + body.replace("\\", "\\\\") + "]",
-           "char": re.escape}
-    return "^" + "".join(out[kind](value) for kind, value in _glob_parts(pattern)) + "$"
-
-
-def _glob_for_sqlite(pattern: str) -> str:
-    """A shell glob in SQLite's GLOB dialect: ``[!...]`` is written ``[^...]`` there, and a lone
-    ``[`` has to be the set ``[[]`` to mean itself."""
-    out = {"any": lambda _: "*", "one": lambda _: "?", "set": lambda body: f"[{body}]",
-           "char": lambda c: f"[{c}]" if c in "*?[" else c}
-    return "".join(out[kind](value) for kind, value in _glob_parts(pattern))
-
-
-def target_pattern(pattern: str, postgres: bool) -> str:
-    """What a ``--target`` glob is matched with: a regular expression on PostgreSQL (``~``), a
-    GLOB pattern on SQLite. Both engines give a glob the shell's meaning."""
-    return _glob_to_regex(pattern) if postgres else _glob_for_sqlite(pattern)
-
-
 def stuck_query(connection: Connection, policy: Policy, *, gone: dict[str, str] | None = None,
                 seen_since: datetime | None = None, filters: Filters | None = None, sort: str = "id",
                 descending: bool = False, limit: int | None = None, after: int | None = None,
@@ -607,7 +558,7 @@ def stuck_query(connection: Connection, policy: Policy, *, gone: dict[str, str] 
     if filters.kinds:
         params["kinds"] = list(filters.kinds)
     for index, pattern in enumerate(filters.targets):
-        params[f"target_{index}"] = target_pattern(pattern, postgres)
+        params[f"target_{index}"] = target_pattern(pattern, postgres)  # None (matches nothing) compares as NULL
     if filters.older_than is not None:
         params["older_than_cut"] = d.cut_value(filters.older_than)
     for name in ("since", "until"):

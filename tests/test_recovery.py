@@ -124,6 +124,30 @@ def test_recover_only_what_the_filters_select(engine, start_audit, backdate):
     assert [r.id for r in recover_stuck(engine, T, actor=OPERATOR, ids=[of_a])] == [of_a]
 
 
+def test_history_rows_are_stored_alike_whether_written_one_or_many_at_a_time(engine):
+    """A history row without measurements or details reads back the same from a one-row write
+    and from a batch (on PostgreSQL the batch goes as one JSON parameter)."""
+    from sqlalchemy import text
+
+    from auditctl import history
+    from auditctl.db import fetch_now
+
+    rows = [{"audit_id": 1, "event": "recovered", "reasons": ["stale_heartbeat"], "measurements": {"age_seconds": 1.5},
+             "details": {"why": "test"}},
+            {"audit_id": 2, "event": "recovered", "reasons": [], "measurements": None, "details": None}]
+    with write_transaction(engine) as connection:
+        history.record(connection, rows, OPERATOR, fetch_now(connection))
+        history.record(connection, [rows[1] | {"audit_id": 3}], OPERATOR, fetch_now(connection))
+    with read_connection(engine) as connection:
+        stored = connection.execute(text("SELECT audit_id, reasons, CAST(measurements AS text), CAST(details AS text), "
+                                         "actor, host, pid FROM audit_events ORDER BY audit_id")).all()
+    assert [tuple(r) for r in stored[1:]] == [(2, None, *stored[1][2:4], OPERATOR.name, OPERATOR.host, OPERATOR.pid),
+                                             (3, None, *stored[1][2:4], OPERATOR.name, OPERATOR.host, OPERATOR.pid)]
+    assert stored[0][1] == "stale_heartbeat" and json.loads(stored[0][2]) == {"age_seconds": 1.5}
+    assert json.loads(stored[0][3]) == {"why": "test"}
+    assert [e["measurements"] for e in events(engine)] == [{"age_seconds": 1.5}, None, None]
+
+
 def test_every_batch_sends_the_same_statements_whatever_its_size(engine):
     """Recovery's UPDATE and its history INSERT carry the batch as parameters (one JSON document on
     PostgreSQL, executemany on SQLite): a batch of 3 and a batch of 40 send the same SQL text, and

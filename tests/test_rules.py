@@ -137,10 +137,14 @@ def test_only_running_audits_are_judged(engine, start_audit, backdate):
 # --- target globs ---------------------------------------------------------------------------
 
 GLOB_TARGETS = ["https://blog.example.com/", "https://blogXexample.com/", "https://shop.example.com/a+b",
-                "x[1]", "x[", "a]b", "a!b", "a^b", "]x", "back\\slash", "ABC", "abc", "a.c"]
+                "x[1]", "x[", "a]b", "a!b", "a^b", "]x", "back\\slash", "ABC", "abc", "a.c",
+                "-x", ":x", "^x", "_x", "`x", "zx", "dx", "[x", "*x", "?x"]
 GLOB_PATTERNS = ["https://blog.*", "*example.com/", "https://????.example.com/*", "x[[]1]", "x[", "[!a]*", "[]]*",
                  "a[!]]b", "a[]!]b", "back\\slash", "back[\\]slash", "[A-Z]*", "a?c", "a.c", "*+b", "[ab]*",
-                 "[h]ttps://[b]log.*", "a^*", "[a]*[c]"]
+                 "[h]ttps://[b]log.*", "a^*", "[a]*[c]",
+                 "[[:]*", "[[:alpha:]]*", "[[.a.]]*", "[[=a=]]*", "[z-a]*", "[!z-a]*", "[a-!]*", "[a--]*", "[a-c-e]*",
+                 "[]-a]*", "[!]-a]*", "[-a]*", "[a-]*", "[-]*", "[!-]*", "[]]*", "[!]]*", "[]-]*", "[*?[]*", "[!*?[]*",
+                 "[\\-a]*", "[+--]*", "[-^]*", "", "[!a-z]x", "[-z]*"]
 
 
 @pytest.mark.parametrize("pattern", GLOB_PATTERNS)
@@ -165,7 +169,7 @@ def test_a_target_glob_means_what_the_shell_means_on_both_engines(engine, patter
     assert sorted(a.target for a in listed) == expected
 
 
-@pytest.mark.parametrize("pattern", ["[^a]*", "[^]]*"])
+@pytest.mark.parametrize("pattern", ["[^a]*", "[^]]*", "[^-]*", "[^]-a]*", "[^z-a]*"])
 def test_a_caret_opening_a_set_negates_it_as_in_bash(engine, pattern):
     """`[^...]` is bash's other spelling of `[!...]`, on both engines (fnmatch reads it as a caret)."""
     import fnmatch
