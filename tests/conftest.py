@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from pgserver import PostgresServer, unavailable_reason  # noqa: E402
+from pgserver import PostgresServer, not_here, require_postgres  # noqa: E402
 
 ENGINES = ["sqlite", "postgresql"]
 _counter = itertools.count()
@@ -48,18 +48,12 @@ def statements_built_by_the_code_under_test():
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI but cannot be started: {reason}")
-        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    require_postgres()
     server = PostgresServer()
     try:
         server.start()
     except Exception as error:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI but did not start: {error}")
-        pytest.skip(f"PostgreSQL tests skipped: server did not start: {error}")
+        not_here(f"server did not start: {error}")
     yield server
     server.cleanup()
 
@@ -174,11 +168,7 @@ def start_audit(engine):
 @pytest.fixture
 def own_postgres():
     """A PostgreSQL server of this test's own, so stopping it disturbs no other test."""
-    reason = unavailable_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {reason}")
-        pytest.skip(reason)
+    require_postgres()
     server = PostgresServer()
     server.start()
     from auditctl.db import create_engine

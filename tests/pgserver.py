@@ -58,6 +58,22 @@ def _run_as() -> dict:
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
 
+def not_here(reason: str) -> None:
+    """PostgreSQL cannot run here: a failure under CI (where it must), a skip elsewhere."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"PostgreSQL is required in CI: {reason}")
+    pytest.skip(f"PostgreSQL tests skipped: {reason}")
+
+
+def require_postgres() -> None:
+    """Go on only where a throwaway server can be started (see ``not_here``)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        not_here(reason)
+
+
 def unavailable_reason() -> str | None:
     """None when a throwaway server can be started here, else a one-line reason."""
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from dbtools import events, finish, kill_quietly, python_env
-from pgserver import PostgresServer, unavailable_reason
+from pgserver import PostgresServer, require_postgres
 from test_faults import AUDITCTL, report
 
 FLEET = Path(__file__).parent / "soakfleet.py"
@@ -57,11 +57,7 @@ def test_short_soak_24_workers_with_faults_recovers_every_stuck_audit_and_no_hea
 
 
 def soak(tmp_path, seconds: float, process_count: int, workers_each: int, *, fault_every: tuple, label: str = "soak"):
-    reason = unavailable_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {reason}")
-        pytest.skip(reason)
+    require_postgres()
     server = PostgresServer(settings={"max_connections": "1200", "shared_buffers": "256MB"})
     server.start()
     rng = random.Random(2026)

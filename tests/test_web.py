@@ -130,6 +130,25 @@ def test_api_reset_all_previews_with_dry_run_then_resets_failed_audits_to_pendin
     assert {e["actor"] for i in failed for e in events(demo, i) if e["event"] == "reset"} == {"dashboard token"}
 
 
+def test_api_actions_answer_500_naming_the_audits_the_database_refused_and_list_the_rest(demo_url, demo):
+    from dbtools import install_abort_trigger
+
+    stuck = [r["id"] for r in cli_json(demo_url, "scan", "-o", "json")]
+    failed = [i for i, s in statuses(demo).items() if s == "failed"]
+    refused = {stuck[0], failed[0]}
+    install_abort_trigger(demo, "refuse_one", when_sqlite=f"OLD.id IN ({stuck[0]}, {failed[0]})",
+                          when_pg=f"OLD.id IN ({stuck[0]}, {failed[0]})")
+    with running_dashboard(demo_url) as server:
+        recovered = server.post("/api/recover", json_body={}, headers=BEARER)
+        reset = server.post("/api/reset-all", json_body={}, headers=BEARER)
+    for answer, done, what in ((recovered, "recovered", "recovered"), (reset, "reset", "reset")):
+        body = answer.json()
+        assert answer.status == 500 and f"1 audits could not be {what} and need an operator: " in body["error"]
+        assert [r["id"] for r in body[done]] and not {r["id"] for r in body[done]} & refused
+    assert f"{stuck[0]} (" in recovered.json()["error"] and f"{failed[0]} (" in reset.json()["error"]
+    assert statuses(demo)[stuck[0]] == "running" and statuses(demo)[failed[0]] == "failed"
+
+
 # --- who may act -------------------------------------------------------------------------------
 
 

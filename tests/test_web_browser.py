@@ -242,13 +242,9 @@ def outage(request, engine_name, tmp_path):
         # The file moves away and back: a reader must report it lost, never create an empty one there.
         yield url, lambda: shutil.move(path, away), lambda: shutil.move(away, path), lambda: not path.exists()
         return
-    from pgserver import PostgresServer, unavailable_reason
+    from pgserver import PostgresServer, require_postgres
 
-    reason = unavailable_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {reason}")
-        pytest.skip(reason)
+    require_postgres()
     server = PostgresServer()
     server.start()
     try:

@@ -176,55 +176,56 @@ def _workers(d, request):
     return json_response(d.workers(show_all=Params(request.query_params).flag("all")))
 
 
-async def recover(request: Request):
-    from ..records import recovery_record
-    from ..recovery import DEFAULT_MAX_ATTEMPTS
-    from .params import stuck_filters
-
+async def _action(request: Request, work) -> Response:
+    """One action: the caller authorised, its parameters read, ``work(d, user, params)`` awaited,
+    and each kind of failure answered with its own status (see ``_action_error``)."""
     d = request.app.state.dashboard
     user, refusal = _actor_or_refusal(request, d)
     if refusal is not None:
         return refusal
     try:
-        params = await _params(request)
-        filters = stuck_filters(params)
+        return await work(d, user, await _params(request))
+    except Exception as problem:  # noqa: BLE001 - each kind is mapped to its status there
+        return _action_error(problem, d)
+
+
+def _done(records: list, skipped: list, what: str, key: str) -> Response:
+    """The records of what an action changed; 500 with the audits that need an operator, if any."""
+    if skipped:
+        listing = "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])
+        return json_response({"error": f"{len(skipped)} audits could not be {what} and need an operator: {listing}",
+                              key: records}, 500)
+    return json_response(records)
+
+
+async def recover(request: Request):
+    from ..records import recovery_record
+    from ..recovery import DEFAULT_MAX_ATTEMPTS
+    from .params import stuck_filters
+
+    async def work(d, user, params):
         dry_run = params.flag("dry_run")
-        done = await run_in_threadpool(d.recover, user, filters, requeue=params.flag("requeue"),
+        done = await run_in_threadpool(d.recover, user, stuck_filters(params), requeue=params.flag("requeue"),
                                        max_attempts=params.integer("max_attempts", DEFAULT_MAX_ATTEMPTS, low=1),
                                        dry_run=dry_run)
-    except Exception as problem:  # noqa: BLE001 - each kind is mapped to its status below
-        return _action_error(problem, d)
-    records = [recovery_record(r, dry_run) for r in done]
-    if done.skipped:
-        listing = "; ".join(f"{s.id} ({s.error})" for s in done.skipped[:10])
-        return json_response({"error": f"{len(done.skipped)} audits could not be recovered and need an operator: {listing}",
-                              "recovered": records}, 500)
-    return json_response(records)
+        return _done([recovery_record(r, dry_run) for r in done], done.skipped, "recovered", "recovered")
+
+    return await _action(request, work)
 
 
 async def reset_all(request: Request):
     from ..records import reset_record
     from .params import reset_request
 
-    d = request.app.state.dashboard
-    user, refusal = _actor_or_refusal(request, d)
-    if refusal is not None:
-        return refusal
-    try:
-        params = await _params(request)
+    async def work(d, user, params):
         filters, include_stuck = reset_request(params)
-        dry_run = params.flag("dry_run")
         plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
-        if dry_run:
+        if params.flag("dry_run"):
             return json_response(listing)
         done = await run_in_threadpool(d.reset, user, plan)
-    except Exception as problem:  # noqa: BLE001 - each kind is mapped to its status below
-        return _action_error(problem, d)
-    records = [reset_record(r, False) for r in done]
-    if done.skipped:
-        return json_response({"error": f"{len(done.skipped)} audits could not be reset and need an operator: "
-                                       + ", ".join(str(s.id) for s in done.skipped[:20]), "reset": records}, 500)
-    return json_response(records)
+        return _done([reset_record(r, False) for r in done], done.skipped, "reset", "reset")
+
+    return await _action(request, work)
 
 
 def _action_error(problem: Exception, d) -> Response:

@@ -68,6 +68,14 @@ BEAT_MIX = Mix.of_size(10_000)
 _children: set[subprocess.Popen] = set()
 
 
+def raw_recovery(db) -> tuple[str, int, float]:
+    """The equal-work raw recovery on a fresh copy of ``db``: (the copy's URL, audits changed, seconds)."""
+    url = db.copy()
+    start = time.perf_counter()
+    changed = raw.recover(url)
+    return url, changed, time.perf_counter() - start
+
+
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -599,10 +607,7 @@ def measure_recover(bench: Bench, engine: str, repeat: int) -> None:
         return elapsed
 
     def baseline():
-        url = db.copy()
-        start = time.perf_counter()
-        changed = raw.recover(url)
-        elapsed = time.perf_counter() - start
+        url, changed, elapsed = raw_recovery(db)
         counts["raw"].append(changed)
         if "raw" not in states:
             states["raw"] = raw.recovery_state(url, ids)
@@ -659,10 +664,7 @@ def measure_monitor(bench: Bench, engine: str, repeat: int) -> None:
         return elapsed
 
     def baseline():
-        url = db.copy()
-        start = time.perf_counter()
-        changed = raw.recover(url)
-        elapsed = time.perf_counter() - start
+        url, changed, elapsed = raw_recovery(db)
         connection = raw.connect(url)
         start = time.perf_counter()
         left = raw.lean_stuck(connection, url)
