@@ -324,7 +324,73 @@ def single_write(engine: Engine, statement, parameters: dict | None = None) -> i
     is its own transaction and waits on the busy timeout for the write lock), and no pre-ping.
     A pooled connection found dead when used (the server restarted, a proxy dropped it) is
     retried once on a fresh one: the statement never ran on the dead one.
+
+    A statement whose parameters need no conversion (the heartbeat, the emergency write) is
+    compiled once per engine and sent through the driver's own cursor: SQLAlchemy's per-call
+    bookkeeping cost about five times the database's work for these one-row writes (issue 13).
     """
+    form = _driver_form(engine, statement)
+    if form is None:
+        return _single_write_through_sqlalchemy(engine, statement, parameters)
+    sql, arguments = form
+    values = arguments(parameters or {})
+    error_class = engine.dialect.loaded_dbapi.Error
+    postgres = engine.dialect.name == "postgresql"
+    for attempt in (1, 2):
+        try:
+            pooled = engine.raw_connection()
+        except error_class as exc:
+            raise database_error(_wrapped(engine, sql, values, exc, invalidated=False), engine) from None
+        try:
+            driver = pooled.driver_connection
+            cursor = None
+            try:
+                if postgres:
+                    driver.autocommit = True
+                cursor = driver.cursor()
+                cursor.execute(sql, values)
+                return cursor.rowcount
+            except error_class as exc:
+                dead = engine.dialect.is_disconnect(exc, driver, cursor)
+                if dead:
+                    pooled.invalidate(exc)
+                    if attempt == 1:
+                        continue
+                raise database_error(_wrapped(engine, sql, values, exc, invalidated=dead), engine) from None
+            finally:
+                if cursor is not None and pooled.is_valid:
+                    cursor.close()
+                if postgres and pooled.is_valid:
+                    driver.autocommit = False
+        finally:
+            pooled.close()  # back to the pool
+    raise AssertionError("unreachable")
+
+
+def _driver_form(engine: Engine, statement):
+    """``(sql, arguments)`` for sending ``statement`` on this engine's driver, or None when a
+    parameter needs SQLAlchemy's conversion (a JSON document, say). Compiled once per engine."""
+    forms = engine.__dict__.setdefault("_auditctl_driver_forms", {})
+    if statement not in forms:
+        compiled = statement.compile(dialect=engine.dialect)
+        fixed = compiled.construct_params(_check=False)  # the statement's own literals; the rest come per call
+        if compiled._bind_processors:
+            forms[statement] = None
+        elif compiled.positional:
+            order = compiled.positiontup
+            forms[statement] = (compiled.string,
+                                lambda given: tuple(given[name] if name in given else fixed[name] for name in order))
+        else:
+            forms[statement] = (compiled.string, lambda given: {**fixed, **given})
+    return forms[statement]
+
+
+def _wrapped(engine: Engine, sql: str, values, exc: Exception, *, invalidated: bool) -> sa_exc.DBAPIError:
+    return sa_exc.DBAPIError.instance(sql, values, exc, engine.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=invalidated, dialect=engine.dialect)
+
+
+def _single_write_through_sqlalchemy(engine: Engine, statement, parameters: dict | None) -> int:
     for attempt in (1, 2):
         try:
             with engine.connect() as connection:

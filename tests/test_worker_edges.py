@@ -154,6 +154,31 @@ def test_update_progress_on_a_locked_sqlite_file_returns_within_its_budget_and_t
     assert row(engine, audit_id)["status"] == COMPLETED
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_heartbeat_on_a_locked_sqlite_file_gives_up_after_the_worker_wait_with_one_clear_error(engine, guards):
+    from auditctl.db import WORKER_LOCK_WAIT
+    from auditctl.errors import DatabaseUnavailable
+
+    guard = guards(heartbeat_interval=60, stale_after=600, max_age=3600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/locked-beat")
+    with guard.run(audit_id) as run:
+        holder = sqlite3.connect(engine.url.database, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="locked") as raised:
+                run.heartbeat()
+            took = time.monotonic() - started
+            assert WORKER_LOCK_WAIT - 0.5 <= took <= WORKER_LOCK_WAIT + 1.5, f"waited {took:.1f}s for the lock"
+            assert "\n" not in str(raised.value) and "sqlite3" not in str(raised.value)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        before = row(engine, audit_id)["heartbeat_at"]
+        run.heartbeat()
+        assert row(engine, audit_id)["heartbeat_at"] > before, "the next beat, with the lock free, is written"
+
+
 # --- what the library stores it can read back ---------------------------------------------------
 
 
@@ -240,25 +265,51 @@ def test_after_an_outage_silence_is_measured_from_when_the_monitor_could_see_aga
 
 
 def test_a_heartbeat_is_one_autocommitted_statement(engine, guards):
+    """Watched at the driver, below SQLAlchemy: the beat and the progress write each send one
+    UPDATE and nothing else (no BEGIN, no SELECT of the time, no COMMIT)."""
     from sqlalchemy import event
 
     guard = guards()
     audit_id = guard.create_audit("https://example.com/one-statement")
+    seen = []
+
+    if engine.dialect.name == "postgresql":
+        import psycopg
+
+        class Recording(psycopg.Cursor):
+            def execute(self, query, params=None, **kwargs):
+                seen.append((str(query).split()[0].upper(), self.connection.autocommit, query))
+                return super().execute(query, params, **kwargs)
+
+        def observe(dbapi_connection, _record, _proxy):
+            dbapi_connection.cursor_factory = Recording
+
+        def forget(dbapi_connection):
+            dbapi_connection.cursor_factory = psycopg.Cursor
+    else:
+        def observe(dbapi_connection, _record, _proxy):
+            # SQLite reports a trigger's work as the statement that fired it again: keep one.
+            def trace(sql):
+                if not seen or seen[-1][2] != sql:
+                    seen.append((sql.split()[0].upper(), True, sql))
+
+            dbapi_connection.set_trace_callback(trace)
+
+        def forget(dbapi_connection):
+            dbapi_connection.set_trace_callback(None)
+
     with guard.run(audit_id) as run:
-        seen = []
-
-        def record(connection, _cursor, statement, _parameters, _context, _many):
-            dbapi = connection.connection.dbapi_connection
-            autocommit = getattr(dbapi, "autocommit", None) if engine.dialect.name == "postgresql" else not dbapi.in_transaction
-            seen.append((statement.split()[0].upper(), autocommit))
-
-        event.listen(guard.engine, "before_cursor_execute", record)
+        event.listen(guard.engine, "checkout", observe)
         try:
             run.heartbeat()
             run.update_progress(step="scanning", percentage=10)
         finally:
-            event.remove(guard.engine, "before_cursor_execute", record)
-    assert seen == [("UPDATE", True), ("UPDATE", True)], "no BEGIN, no SELECT of the time, no COMMIT round trip"
+            event.remove(guard.engine, "checkout", observe)
+            for record in list(guard.engine.pool._pool.queue):
+                if record.dbapi_connection is not None:
+                    forget(record.dbapi_connection)
+    assert [(verb, autocommit) for verb, autocommit, _ in seen] == [("UPDATE", True), ("UPDATE", True)], \
+        "no BEGIN, no SELECT of the time, no COMMIT round trip"
 
 
 def test_a_heartbeat_after_the_server_dropped_every_connection_retries_once_and_succeeds(own_postgres):

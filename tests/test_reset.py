@@ -1,0 +1,172 @@
+"""Resetting failed audits: what a reset clears, counts, records, announces and reports, audit by audit.
+
+test_recovery.py covers which audits a reset takes; these tests pin down what it does to each one,
+on both engines, so a reset that forgets a column, miscounts or misreports cannot pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+from dbtools import all_rows, events, install_abort_trigger, make_running, row
+from sqlalchemy import select, update
+
+from auditctl import recovery as recovery_module
+from auditctl.db import read_connection, write_transaction
+from auditctl.history import Actor
+from auditctl.recovery import Reset, ResetFilters, recover_stuck, reset_failed
+from auditctl.schema import FAILED, PENDING, audits, notifications
+from auditctl.thresholds import Thresholds
+
+ACTOR = Actor.command("reset-all")
+
+#: Everything a reset puts back to nothing: the run that failed, and its outcome.
+CLEARED = ("error", "finished_at", "started_at", "lease", "worker_id", "worker_instance", "heartbeat_at",
+           "progress_changed_at", "progress", "progress_signature")
+
+
+def recovered_and_errored(engine):
+    """Two failed audits: one recovered by auditctl (origin stuck), one that failed with its own error."""
+    stuck, errored = make_running(engine, 2)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), ids=[stuck])
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == errored).values(
+            status=FAILED, error="scanner crashed: out of memory", finished_at=audits.c.heartbeat_at, lease=None))
+    return stuck, errored
+
+
+def reset_announcements(engine) -> list[dict]:
+    with read_connection(engine) as connection:
+        return [r.payload for r in connection.execute(
+            select(notifications.c.payload).where(notifications.c.event == "reset").order_by(notifications.c.id))]
+
+
+def test_a_reset_clears_the_failed_run_counts_the_reset_and_reports_each_audit_as_it_was(engine):
+    stuck, errored = recovered_and_errored(engine)
+    before = {audit_id: row(engine, audit_id) for audit_id in (stuck, errored)}
+    assert all(before[a][column] is not None for a in (stuck, errored) for column in ("error", "finished_at", "worker_id"))
+
+    done = reset_failed(engine, actor=ACTOR)
+
+    assert done == [
+        Reset(id=stuck, target=before[stuck]["target"], from_status=FAILED, status=PENDING, reasons=["stale_heartbeat"],
+              error=before[stuck]["error"], finished_at=before[stuck]["finished_at"], origin="stuck", resets=0),
+        Reset(id=errored, target=before[errored]["target"], from_status=FAILED, status=PENDING, reasons=[],
+              error="scanner crashed: out of memory", finished_at=before[errored]["finished_at"], origin="error", resets=0),
+    ]
+    for audit_id in (stuck, errored):
+        after = row(engine, audit_id)
+        assert after["status"] == PENDING
+        assert {column: after[column] for column in CLEARED} == dict.fromkeys(CLEARED), "the old run is gone"
+        assert after["resets"] == 1
+        untouched = set(after) - set(CLEARED) - {"status", "resets"}
+        assert {c: after[c] for c in untouched} == {c: before[audit_id][c] for c in untouched}
+
+
+def test_each_reset_writes_one_history_row_with_the_row_as_it_was_and_its_origin(engine):
+    stuck, errored = recovered_and_errored(engine)
+    before = {audit_id: row(engine, audit_id) for audit_id in (stuck, errored)}
+
+    reset_failed(engine, actor=ACTOR)
+
+    for audit_id, origin, reasons in ((stuck, "stuck", ["stale_heartbeat"]), (errored, "error", [])):
+        written = [e for e in events(engine, audit_id) if e["event"] == "reset"]
+        assert len(written) == 1
+        event = written[0]
+        assert (event["from_status"], event["to_status"], event["actor"]) == (FAILED, PENDING, "auditctl reset-all")
+        assert (event["reasons"] or "") == ",".join(reasons)
+        assert event["details"]["origin"] == origin
+        original = event["details"]["original_status"]
+        assert (original["status"], original["error"], original["worker_id"], original["lease"]) == (
+            FAILED, before[audit_id]["error"], before[audit_id]["worker_id"], None)
+        assert "odd_times" not in original
+
+
+def test_a_reset_is_announced_once_per_batch_with_its_count_ids_and_origins(engine):
+    stuck, errored = recovered_and_errored(engine)
+    more = make_running(engine, 3)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), ids=more)
+
+    reset_failed(engine, actor=ACTOR, batch_size=3)
+
+    assert reset_announcements(engine) == [
+        {"actor": "auditctl reset-all", "host": ACTOR.host, "count": 3, "ids": [stuck, errored, more[0]],
+         "by_origin": {"stuck": 2, "error": 1}},
+        {"actor": "auditctl reset-all", "host": ACTOR.host, "count": 2, "ids": more[1:],
+         "by_origin": {"stuck": 2, "error": 0}},
+    ]
+
+
+def test_a_second_reset_counts_again_and_reports_the_earlier_count(engine):
+    stuck, _errored = recovered_and_errored(engine)
+    reset_failed(engine, actor=ACTOR, ids=[stuck])
+    with write_transaction(engine) as connection:  # it ran and failed again
+        connection.execute(update(audits).where(audits.c.id == stuck).values(status=FAILED, error="again"))
+
+    again = reset_failed(engine, actor=ACTOR, ids=[stuck])
+
+    assert [(r.id, r.resets, r.error, r.origin) for r in again] == [(stuck, 1, "again", "stuck")]
+    assert row(engine, stuck)["resets"] == 2
+    assert reset_failed(engine, actor=ACTOR, filters=ResetFilters(ids=(stuck,), max_resets=2)) == []
+
+
+def test_a_dry_run_reports_exactly_what_the_reset_then_does(engine):
+    recovered_and_errored(engine)
+    before_rows, before_events = all_rows(engine), events(engine)
+
+    preview = reset_failed(engine, actor=ACTOR, dry_run=True)
+
+    assert all_rows(engine) == before_rows and events(engine) == before_events and reset_announcements(engine) == []
+
+    assert reset_failed(engine, actor=ACTOR) == preview
+
+
+def test_an_audit_that_cannot_be_described_is_still_reset_and_listed_by_id(engine, monkeypatch):
+    stuck, errored = recovered_and_errored(engine)
+    describe = recovery_module._reset_from_row
+
+    def fails_for_the_errored_one(found, status):
+        if found.id == errored:
+            raise ValueError("a column another tool wrote")
+        return describe(found, status)
+
+    monkeypatch.setattr(recovery_module, "_reset_from_row", fails_for_the_errored_one)
+
+    preview = reset_failed(engine, actor=ACTOR, dry_run=True)
+    assert preview[1] == Reset(id=errored, target="?", from_status=FAILED, status=PENDING, reasons=[],
+                               error="ValueError: a column another tool wrote", finished_at=None)
+    done = reset_failed(engine, actor=ACTOR)
+
+    assert [r.id for r in done] == [stuck, errored]
+    assert done[1] == Reset(id=errored, target="?", from_status=FAILED, status=PENDING, reasons=[], error=None,
+                            finished_at=None)
+    assert row(engine, errored)["status"] == PENDING
+
+
+def test_a_reset_the_database_refuses_is_marked_for_an_operator_as_a_reset(engine):
+    stuck, errored = recovered_and_errored(engine)
+    install_abort_trigger(engine, "refuse_one_reset", table="audit_events", event="INSERT",
+                          when_sqlite=f"NEW.audit_id = {errored} AND NEW.event = 'reset'",
+                          when_pg=f"NEW.audit_id = {errored} AND NEW.event = 'reset'")
+    progress = []
+
+    done = reset_failed(engine, actor=ACTOR, on_batch=lambda handled, total: progress.append((handled, total)))
+
+    assert [r.id for r in done] == [stuck]
+    assert [s.id for s in done.skipped] == [errored]
+    marked = events(engine, errored)[-1]
+    assert marked["event"] == "needs_operator"
+    assert "reset" in str(marked["details"]), "the record names the operation that failed"
+    assert progress[-1] == (2, 2), "progress counts every audit handled, the refused one too"
+
+
+@pytest.mark.parametrize("size", [1, 2, 500])
+def test_reset_batches_of_any_size_reset_everything_once(engine, size):
+    ids = make_running(engine, 5)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), ids=ids)
+    seen = []
+
+    done = reset_failed(engine, actor=ACTOR, batch_size=size, on_batch=lambda handled, total: seen.append((handled, total)))
+
+    assert sorted(r.id for r in done) == ids
+    assert seen[-1] == (5, 5) and len(seen) == -(-5 // size)
+    assert all(row(engine, audit_id)["resets"] == 1 for audit_id in ids)
