@@ -157,26 +157,33 @@ def _with_original_status_pg(element, compiler, **kw):
 # --- recover --------------------------------------------------------------------------
 
 
-def _recovery_params(verdict: Verdict, *, requeue: bool, max_attempts: int, actor: Actor, recovered_at: str):
-    """What one recovery writes, and what it reports. Raises for a row too broken to describe."""
+def _decide(verdict: Verdict, *, requeue: bool, max_attempts: int) -> Recovery:
+    """What recovering this audit does to it, and what is reported. Raises for a row too broken to describe."""
     attempts = verdict.attempts
     give_up = requeue and attempts >= max_attempts
-    new_status = PENDING if requeue and not give_up else FAILED
-    reasons = list(verdict.reasons)
     sentences = verdict.explain()
     if give_up:
         sentences = sentences + [f"gave up after {attempts} attempts (max_attempts {max_attempts})"]
-    measured = verdict.measurements()
-    thresholds = verdict.thresholds()
+    return Recovery(
+        id=verdict.id, target=verdict.target, reasons=list(verdict.reasons), explanation=sentences, from_status=RUNNING,
+        status=PENDING if requeue and not give_up else FAILED, worker_id=verdict.worker_id, attempts=attempts,
+        measurements=verdict.measurements(), recovered_at=None, thresholds=verdict.thresholds(), problems=verdict.problems,
+    )
+
+
+def _recovery_params(verdict: Verdict, *, requeue: bool, max_attempts: int, actor: Actor, recovered_at: str):
+    """What one recovery writes, and what it reports. Raises for a row too broken to describe."""
+    recovery = _decide(verdict, requeue=requeue, max_attempts=max_attempts)
+    reasons, sentences = recovery.reasons, recovery.explanation
     info = {
         "recovered_at": recovered_at,
         "reason": ", ".join(reasons),
         "reasons": reasons,
         "explanation": sentences,
-        "measured": measured,
-        "thresholds": thresholds,
+        "measured": recovery.measurements,
+        "thresholds": recovery.thresholds,
         "recovered_by": {"actor": actor.name, "host": actor.host, "pid": actor.pid},
-        "requeued": new_status == PENDING,
+        "requeued": recovery.status == PENDING,
     }
     params = {
         "b_id": verdict.id,
@@ -187,40 +194,41 @@ def _recovery_params(verdict: Verdict, *, requeue: bool, max_attempts: int, acto
     }
     event = {
         "audit_id": verdict.id,
-        "event": history.REQUEUED if new_status == PENDING else history.RECOVERED,
+        "event": history.REQUEUED if recovery.status == PENDING else history.RECOVERED,
         "from_status": RUNNING,
-        "to_status": new_status,
+        "to_status": recovery.status,
         "reasons": reasons,
-        "measurements": measured,
+        "measurements": recovery.measurements,
         "details": {"from": {"status": RUNNING, "worker_id": verdict.worker_id, "worker_instance": verdict.worker_instance,
                              "step": getattr(verdict, "step", None),
-                             "lease": verdict.lease, "attempts": attempts,
+                             "lease": verdict.lease, "attempts": recovery.attempts,
                              "started_at": isoformat_z(verdict.started_at),
                              "heartbeat_at": isoformat_z(verdict.last_heartbeat)},
-                    "explanation": sentences, "thresholds": thresholds},
+                    "explanation": sentences, "thresholds": recovery.thresholds},
     }
-    recovery = Recovery(
-        id=verdict.id, target=verdict.target, reasons=reasons, explanation=sentences, from_status=RUNNING,
-        status=new_status, worker_id=verdict.worker_id, attempts=attempts, measurements=measured,
-        recovered_at=None, thresholds=thresholds, problems=verdict.problems,
-    )
-    return new_status, params, event, recovery
+    return recovery.status, params, event, recovery
 
 
 def _minimal_params(verdict: Verdict, problem: str, *, actor: Actor, recovered_at: str):
     """A recovery for a row that cannot be described: the database's verdict, and what was wrong."""
-    reasons = [r for r in verdict.reasons] or ["unreadable"]
-    sentence = f"the row could not be read ({problem}); recovered on the database's verdict"
+    recovery = _unreadable_recovery(verdict, problem)
+    reasons, sentence = recovery.reasons, recovery.explanation[0]
     info = {"recovered_at": recovered_at, "reason": ", ".join(reasons), "reasons": reasons, "explanation": [sentence],
             "recovered_by": {"actor": actor.name, "host": actor.host, "pid": actor.pid}, "requeued": False}
     params = {"b_id": verdict.id, "b_lease": verdict.lease, "v_recovery_info": info,
-              "v_recovery_reasons": ",".join(reasons), "v_error": f"recovered ({', '.join(reasons)}): {sentence}"[:2000]}
+              "v_recovery_reasons": ",".join(reasons), "v_error": f"recovered ({', '.join(reasons)}): {sentence}"}
     event = {"audit_id": verdict.id, "event": history.RECOVERED, "from_status": RUNNING, "to_status": FAILED,
              "reasons": reasons, "details": {"explanation": [sentence], "unreadable": problem}}
-    recovery = Recovery(id=verdict.id, target=text_value(verdict.row[1]) or "?", reasons=reasons, explanation=[sentence],
-                        from_status=RUNNING, status=FAILED, worker_id=None, attempts=0, measurements={},
-                        recovered_at=None, problems=[f"row_unreadable: {problem}"])
     return FAILED, params, event, recovery
+
+
+def _unreadable_recovery(verdict: Verdict, problem: str) -> Recovery:
+    """What is reported of a row that cannot be described (``problem`` is at most 200 characters)."""
+    reasons = list(verdict.reasons) or ["unreadable"]
+    sentence = f"the row could not be read ({problem}); recovered on the database's verdict"
+    return Recovery(id=verdict.id, target=text_value(verdict.row[1]) or "?", reasons=reasons, explanation=[sentence],
+                    from_status=RUNNING, status=FAILED, worker_id=None, attempts=0, measurements={},
+                    recovered_at=None, problems=[f"row_unreadable: {problem}"])
 
 
 def _apply_recovery(connection: Connection, verdicts: list[Verdict], *, requeue: bool, max_attempts: int,
@@ -381,11 +389,10 @@ def _record_needs_operator(engine: Engine, audit_id: int, what: str, problem: st
     try:
         with write_transaction(engine) as connection:
             last = connection.execute(
-                select(history.audit_events.c.event, history.audit_events.c.details)
-                .where(history.audit_events.c.audit_id == audit_id)
+                select(history.audit_events.c.event).where(history.audit_events.c.audit_id == audit_id)
                 .order_by(history.audit_events.c.id.desc()).limit(1)
-            ).first()
-            if last is not None and last[0] == history.NEEDS_OPERATOR:
+            ).scalar()
+            if last == history.NEEDS_OPERATOR:
                 return
             history.record(connection, [{"audit_id": audit_id, "event": history.NEEDS_OPERATOR,
                                          "details": {"operation": what, "error": problem}}],
@@ -423,8 +430,8 @@ def recover_stuck(
     result = RecoveryResult()
     if dry_run:
         for verdict in find_stuck(engine, policy, gone=gone, seen_since=seen_since, filters=filters):
-            result.append(isolate(verdict, lambda v: _would_recover(v, requeue, max_attempts),
-                                  lambda v, problem: _minimal_params(v, problem, actor=actor, recovered_at="")[3]))
+            result.append(isolate(verdict, lambda v: _decide(v, requeue=requeue, max_attempts=max_attempts),
+                                  _unreadable_recovery))
         return result
     # Find the candidates once, then judge each batch again under its lock: the batch
     # query is then an id lookup, so the whole run costs O(stuck), not O(running x batches).
@@ -438,13 +445,6 @@ def recover_stuck(
 
     _in_batches(engine, candidates, batch_size, apply, result, on_batch=on_batch, describe="recover")
     return result
-
-
-def _would_recover(verdict: Verdict, requeue: bool, max_attempts: int) -> Recovery:
-    """What ``_apply_recovery`` would do to this audit, decided the same way, without writing."""
-    _status, _params, _event, recovery = _recovery_params(verdict, requeue=requeue, max_attempts=max_attempts,
-                                                         actor=Actor("dry run"), recovered_at="")
-    return recovery
 
 
 def recover_audits(

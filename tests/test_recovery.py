@@ -621,6 +621,7 @@ def test_an_audit_the_database_keeps_refusing_is_marked_for_an_operator_once_per
         marks = [e for e in events(engine, audit_id) if e["event"] == "needs_operator"]
         assert len(marks) == 1, "not repeated while it is the latest word"
         assert marks[0]["details"]["operation"] == "recover" and "boom" in marks[0]["details"]["error"]
+        assert marks[0]["actor"] == "auditctl recover"
         assert row(engine, audit_id)["status"] == RUNNING
     assert [e["event"] for e in events(engine, refused[0])] == ["lease_lost", "needs_operator"]
 
@@ -630,6 +631,38 @@ def test_an_audit_the_database_keeps_refusing_is_marked_for_an_operator_once_per
     assert [e["event"] for e in events(engine, refused[0])] == ["lease_lost", "needs_operator"]
     drop_trigger(engine, "refuse_two")
     assert sorted(r.id for r in recover_stuck(engine, T, actor=OPERATOR)) == refused
+
+
+def test_when_the_database_refuses_even_the_operator_mark_the_log_names_the_audit_and_why(engine, caplog):
+    stuck, refused = make_running(engine, 2)
+    install_abort_trigger(engine, "refuse_all_history", table="audit_events", event="INSERT",
+                          when_sqlite=f"NEW.audit_id = {refused}", when_pg=f"NEW.audit_id = {refused}")
+
+    with caplog.at_level("ERROR", logger="auditctl"):
+        done = recover_stuck(engine, T, actor=OPERATOR)
+
+    assert [r.id for r in done] == [stuck] and [s.id for s in done.skipped] == [refused]
+    assert events(engine, refused) == [] and row(engine, refused)["status"] == RUNNING
+    unrecorded = [r.getMessage() for r in caplog.records if "could not record" in r.getMessage()]
+    assert len(unrecorded) == 1
+    assert unrecorded[0].startswith(f"could not record that audit {refused} needs an operator: ")
+    assert "boom" in unrecorded[0]
+
+
+def test_a_row_that_cannot_be_described_is_reported_on_the_databases_verdict(engine):
+    from types import SimpleNamespace
+
+    from auditctl.recovery import _unreadable_recovery
+
+    nameless = SimpleNamespace(id=7, reasons=(), row=(7, None), lease="l")
+    judged = SimpleNamespace(id=8, reasons=("stale_heartbeat",), row=(8, "https://example.com/8"), lease="l")
+
+    unknown = _unreadable_recovery(nameless, "ValueError: bad")
+    assert (unknown.target, unknown.reasons, unknown.status, unknown.problems) == (
+        "?", ["unreadable"], FAILED, ["row_unreadable: ValueError: bad"])
+    assert unknown.explanation == ["the row could not be read (ValueError: bad); recovered on the database's verdict"]
+    assert (_unreadable_recovery(judged, "x").target, _unreadable_recovery(judged, "x").reasons) == (
+        "https://example.com/8", ["stale_heartbeat"])
 
 
 def test_reset_all_plans_the_stuck_audits_by_the_given_thresholds_and_origins(engine):
@@ -750,8 +783,11 @@ def test_a_leftover_never_claimed_twice_is_requeued_not_given_up(engine, start_a
     audit_id, _ = start_audit(worker_id="w", instance_id="dead")
     with write_transaction(engine) as connection:
         connection.execute(update(audits).where(audits.c.id == audit_id).values(attempts=0))
-    (done,) = recover_worker_leftovers(engine, "w", set(), actor=OPERATOR, requeue=True, max_attempts=1)
-    assert (done.status, done.attempts) == (PENDING, 0)
+    tried, _ = start_audit(worker_id="w", instance_id="dead")  # claimed once already: that was its one attempt
+    first, second = recover_worker_leftovers(engine, "w", set(), actor=OPERATOR, requeue=True, max_attempts=1)
+    assert (first.id, first.status, first.attempts) == (audit_id, PENDING, 0)
+    assert (second.id, second.status, second.attempts) == (tried, FAILED, 1)
+    assert second.explanation[-1] == "gave up after 1 attempts (max_attempts 1)"
 
 
 def test_recover_audits_takes_only_running_audits_in_id_order_and_refuses_an_unknown_reason(engine, start_audit):
