@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
-from . import history
+from . import documents, history
 from .db import db_now, fetch_now, single_write, write_transaction
 from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
@@ -222,8 +222,10 @@ def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:
 #: statement and its cache key per call cost more than the database's work (issue 13).
 _BY_LEASE = (audits.c.id == bindparam("audit_id"), audits.c.lease == bindparam("token"), audits.c.status == RUNNING)
 _PROGRESS_CHANGED = audits.c.progress_signature.is_distinct_from(bindparam("signature"))
+# The document travels as JSON text the library serialised (documents.dumps_strict, as the column's
+# type would): with no conversion left for SQLAlchemy, the write goes straight to the driver.
 _WRITE_PROGRESS = update(audits).where(*_BY_LEASE).values(
-    progress=stamped(bindparam("document", type_=Document()), updated=True),
+    progress=stamped(bindparam("document", type_=types.Text()), updated=True),
     heartbeat_at=db_now(),
     last_worker_update=db_now(),
     progress_changed_at=case((_PROGRESS_CHANGED, db_now()), else_=audits.c.progress_changed_at),
@@ -247,7 +249,8 @@ def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, e
 
     document, _ = build_document(**fields, is_running=True, now=datetime.now(timezone.utc), worker_id=lease.worker_id,
                                  worker_url=lease.worker_url, extra=extra)
-    if single_write(engine, _WRITE_PROGRESS, {**_lease_params(lease), "document": document, "signature": signature}) == 1:
+    text = documents.dumps_strict(document)
+    if single_write(engine, _WRITE_PROGRESS, {**_lease_params(lease), "document": text, "signature": signature}) == 1:
         return document
     raise _lost(engine, lease, "progress", actor)
 
