@@ -61,23 +61,6 @@ def _fenced(lease: Lease):
     return (audits.c.id == lease.audit_id, audits.c.lease == lease.token, audits.c.status == RUNNING)
 
 
-class _now_iso(FunctionElement):
-    """The database's time in the progress document's form, ``2025-08-23T06:45:00.123Z``."""
-
-    type = types.String()
-    inherit_cache = True
-
-
-@compiles(_now_iso, "sqlite")
-def _now_iso_sqlite(element, compiler, **kw):
-    return "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-
-
-@compiles(_now_iso, "postgresql")
-def _now_iso_pg(element, compiler, **kw):
-    return "to_char(statement_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-
-
 class stamped(FunctionElement):
     """A progress document with its heartbeat stamps set to the database's time by the database.
 

@@ -581,7 +581,7 @@ def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_res
     if filters.ids is not None:
         conditions.append(id_in(audits.c.id, filters.ids))
     if limit_resets and filters.max_resets is not None:
-        conditions.append(func.coalesce(audits.c.resets, 0) < filters.max_resets)
+        conditions.append(audits.c.resets < filters.max_resets)
     return conditions
 
 
@@ -621,7 +621,7 @@ def plan_reset(engine: Engine, filters: ResetFilters) -> ResetPlan:
             held_back = connection.execute(
                 select(func.count()).select_from(audits)
                 .where(*_reset_condition(connection, filters, limit_resets=False),
-                       func.coalesce(audits.c.resets, 0) >= filters.max_resets)).scalar_one()
+                       audits.c.resets >= filters.max_resets)).scalar_one()
     by_origin = {"stuck": 0, "error": 0}
     by_reason: dict[str, int] = {}
     for _id, reasons_text in rows:
@@ -718,7 +718,7 @@ def reset_failed(
             .where(id_in(audits.c.id, chosen), _is_failed(True))
             .values(status=PENDING, error=None, finished_at=None, started_at=None, lease=None, worker_id=None,
                     worker_instance=None, heartbeat_at=None, progress_changed_at=None, progress=None,
-                    progress_signature=None, resets=func.coalesce(audits.c.resets, 0) + 1)
+                    progress_signature=None, resets=audits.c.resets + 1)
         ).rowcount
         if changed != len(chosen):
             raise ConcurrentChange(f"reset expected to change {len(chosen)} audits but changed {changed}; rolled back")

@@ -317,11 +317,6 @@ class _Dialect:
         self.postgres = postgres
         self.moments: dict[str, str] = {}
 
-    def time(self, column: str) -> str:
-        if self.postgres:
-            return f"a.{column}"
-        return f"(CASE WHEN a.odd_times THEN auditctl_utc(a.{column}) ELSE a.{column} END)"
-
     def cut(self, param: str) -> str:
         """The moment ``:param`` seconds ago, computed once per statement."""
         if self.postgres:
@@ -330,9 +325,8 @@ class _Dialect:
             self.moments[param] = f"strftime('%Y-%m-%d %H:%M:%f', 'now', :{param})"
         return f"c.{param}"
 
-    def now(self) -> str:
-        if self.postgres:
-            return "statement_timestamp()"
+    def julian_now(self) -> str:
+        """SQLite: now as a julian day, computed once per statement (PostgreSQL writes statement_timestamp())."""
         self.moments["now_jd"] = "julianday('now')"
         return "c.now_jd"
 
@@ -348,7 +342,7 @@ class _Dialect:
         """The moment ``expression`` seconds ago, for a per-row threshold."""
         if self.postgres:
             return f"(statement_timestamp() - make_interval(secs => {expression}))"
-        return f"strftime('%Y-%m-%d %H:%M:%f', {self.now()} - ({expression}) / 86400.0)"
+        return f"strftime('%Y-%m-%d %H:%M:%f', {self.julian_now()} - ({expression}) / 86400.0)"
 
     def sane(self, column: str) -> str:
         """A per-audit threshold if it is a number in (0, MAX_DURATION], else NULL (text, NaN, negative)."""
@@ -358,7 +352,7 @@ class _Dialect:
         """Seconds from ``moment`` to now, as a float (NULL when moment is NULL or infinite)."""
         if self.postgres:
             return (f"(CASE WHEN isfinite({moment}) THEN date_part('epoch', statement_timestamp() - {moment}) END)")
-        return f"(({self.now()} - julianday({moment})) * 86400.0)"
+        return f"(({self.julian_now()} - julianday({moment})) * 86400.0)"
 
     def glob(self, index: int) -> str:
         return f"a.target ~ :target_{index}" if self.postgres else f"a.target GLOB :target_{index}"

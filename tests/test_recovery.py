@@ -671,6 +671,8 @@ def test_reset_all_plans_the_stuck_audits_by_the_given_thresholds_and_origins(en
     (quiet,) = make_running(engine, 1, silent_for=300, age=300)  # stuck for stale_after 2m, not for the 10m default
     short = Thresholds(stale_after=120, max_age=3600, stall_after=3600)
     assert plan_reset_all(engine, ResetFilters(), include_stuck=True).stuck == []
+    assert plan_reset_all(engine, ResetFilters(), policy=Thresholds(stale_after=120, max_age=3600, stall_after=3600)).stuck == [], \
+        "stuck audits are planned only when asked for"
     assert [v.id for v in plan_reset_all(engine, ResetFilters(), include_stuck=True, policy=short).stuck] == [quiet]
     stuck_only = ResetFilters(origins=("stuck",))
     assert [v.id for v in plan_reset_all(engine, stuck_only, include_stuck=True, policy=short).stuck] == [quiet]
@@ -690,6 +692,9 @@ def test_the_reset_plan_counts_by_origin_and_reason_and_what_the_limit_holds_bac
         connection.execute(update(audits).where(audits.c.id == own_error).values(status=FAILED, error="scanner crashed"))
         connection.execute(update(audits).where(audits.c.id.in_(stale[:2])).values(resets=5))
         connection.execute(update(audits).where(audits.c.id == stale[2]).values(resets=4))
+    reset_often_but_pending = leases.create_audit(engine, "https://example.com/pending")  # not failed: never held back
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == reset_often_but_pending).values(resets=9))
 
     plan = plan_reset(engine, ResetFilters(max_resets=5))
     assert plan.ids == [stale[2], both, own_error] and plan.held_back == 2 and plan.max_resets == 5
@@ -698,6 +703,8 @@ def test_the_reset_plan_counts_by_origin_and_reason_and_what_the_limit_holds_bac
     unlimited = plan_reset(engine, ResetFilters(max_resets=None))
     assert unlimited.ids == sorted([*stale, both, own_error]) and unlimited.held_back == 0
     assert plan_reset(engine, ResetFilters(max_resets=4)).held_back == 3
+    assert plan_reset(engine, ResetFilters(max_resets=4, reasons=("max_age_exceeded",))).held_back == 0, \
+        "only the audits the filters take can be held back"
 
 
 def test_reset_all_recovers_the_planned_stuck_audits_by_the_given_thresholds_then_resets_within_the_limit(engine,

@@ -202,6 +202,39 @@ def test_a_progress_write_and_the_finish_stamp_the_document_with_the_database_ti
     assert finished["progress"]["last_updated"] == finished["progress"]["heartbeat"] != "2020-01-01T00:00:00.000Z"
 
 
+def test_a_run_keeps_its_longest_silence_and_longest_stall_through_every_kind_of_write(engine, backdate):
+    """longest_gap_seconds and longest_stall_seconds (what `report` suggests thresholds from) grow
+    to the longest silence and stall each beat, progress write and finish ends, and never shrink."""
+    from auditctl import leases
+
+    audit_id = leases.create_audit(engine, "https://example.com/gaps")
+    lease, _ = leases.claim(engine, audit_id, worker_id="w", instance_id="w-1", worker_url=None)
+    actor = Actor.worker("w", "w-1")
+
+    def gaps():
+        found = row(engine, audit_id)
+        return found["longest_gap_seconds"], found["longest_stall_seconds"]
+
+    assert gaps() == (0.0, 0.0)
+    backdate(audit_id, heartbeat_at=100, progress_changed_at=200)
+    leases.heartbeat(engine, lease, actor)
+    gap, stall = gaps()
+    assert 99 <= gap < 110 and 199 <= stall < 210
+    leases.heartbeat(engine, lease, actor)
+    assert gaps() == (gap, stall), "a short silence after a long one keeps the long one"
+
+    backdate(audit_id, heartbeat_at=300, progress_changed_at=400)
+    leases.write_progress(engine, lease, {"step": "Crawling", "percentage": 10.0, "completed_tasks": None,
+                                          "total_tasks": None}, "sig-1", None, actor)
+    gap, stall = gaps()
+    assert 299 <= gap < 310 and 399 <= stall < 410
+
+    backdate(audit_id, heartbeat_at=500, progress_changed_at=30)
+    assert leases.finish(engine, lease, error=None, actor=actor) == COMPLETED
+    final_gap, final_stall = gaps()
+    assert 499 <= final_gap < 510 and final_stall == stall
+
+
 def test_leaving_the_run_block_after_lease_lost_writes_nothing(engine, guards):
     guard = guards()
     audit_id = guard.create_audit("https://example.com")

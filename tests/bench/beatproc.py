@@ -1,11 +1,14 @@
 """One heartbeat writer process for the heartbeat measure.
 
-    python beatproc.py lib|raw URL SECONDS THREADS
+    python beatproc.py lib|raw|stmt URL SECONDS THREADS
 
 ``lib``: one ``StuckAuditPrevention`` (its heartbeat thread is not started, so no monitor pass
 runs); each of THREADS threads claims an audit with ``guard.run`` and calls ``run.heartbeat()``
 in a tight loop. ``raw``: each thread opens its own bare-driver connection, inserts a running
 audit under a lease, and runs the fenced autocommit UPDATE of ``raw.HEARTBEAT_*`` in a tight loop.
+``stmt``: as ``raw``, but the statement is the library's own heartbeat (``leases._HEARTBEAT``, which
+also stamps the progress document and keeps the longest-gap columns), compiled once: the database's
+share of a library beat, without the library's Python.
 
 Prints ``READY`` once every thread is set up. Then, for each ``GO`` line on stdin, every thread
 beats for SECONDS and the process prints one JSON line: each beat's latency in milliseconds
@@ -123,6 +126,26 @@ def main() -> int:
         rounds.beat(index, one)
         connection.close()
 
+    def statement_writer(index: int) -> None:
+        from auditctl import leases
+        from auditctl.db import _driver_form, create_engine
+
+        engine = create_engine(url, role="worker")
+        sql, arguments = _driver_form(engine, leases._HEARTBEAT)  # compiles only; connects to nothing
+        engine.dispose()
+        connection = raw.connect(url, wait=30.0)
+        audit_id, lease = _retry(lambda: raw.running_audit(connection, url, f"https://bench.example.com/{os.getpid()}/{index}"))
+        if not raw.is_postgres(url):
+            connection.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT * 1000)}")
+        values = arguments({"audit_id": audit_id, "token": lease})
+
+        def one():
+            if connection.execute(sql, values).rowcount != 1:
+                raise RuntimeError("lease lost")
+
+        rounds.beat(index, one)
+        connection.close()
+
     def guarded(target, index):
         try:
             target(index)
@@ -131,7 +154,8 @@ def main() -> int:
             rounds.start.abort()
             rounds.end.abort()
 
-    workers = [threading.Thread(target=guarded, args=(lib_writer if mode == "lib" else raw_writer, i), daemon=True)
+    writer = {"lib": lib_writer, "raw": raw_writer, "stmt": statement_writer}[mode]
+    workers = [threading.Thread(target=guarded, args=(writer, i), daemon=True)
                for i in range(threads)]
     for worker in workers:
         worker.start()

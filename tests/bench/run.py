@@ -17,7 +17,8 @@ Measures (``--only`` names):
   growth     the same with the running set fixed and history growing 10k -> 100k -> the largest mix
   process    the whole ``auditctl scan --format json`` process vs ``rawscan.py`` (same imports, same JSON)
   heartbeat  p50/p99 of ``run.heartbeat()`` at 1, 8, 32 writer processes and 32 threads of one
-             guard, vs the fenced autocommit UPDATE in the same shape
+             guard, vs the fenced autocommit UPDATE in the same shape; and, for information, the
+             library's own heartbeat statement sent the same way (its share of the difference)
   recover    ``recover_stuck`` over 10,000 stuck audits vs an equal-work raw recovery, fresh copies
   monitor    one ``Monitor.run_pass()`` over 100,000 running audits
   startup    ``auditctl --help`` vs ``python -c pass``; ``auditctl scan`` on an empty db vs its import floor
@@ -550,13 +551,14 @@ def measure_heartbeat(bench: Bench, engine: str) -> None:
     shapes.append((f"{max(bench.args.writers)} threads of one guard", 1, max(bench.args.writers)))
     try:
         for label, processes, threads in shapes:
-            figures = {mode: {"p50": Series(), "p99": Series(), "beats": 0, "errors": 0} for mode in ("lib", "raw")}
+            modes = ("lib", "raw", "stmt")
+            figures = {mode: {"p50": Series(), "p99": Series(), "beats": 0, "errors": 0} for mode in modes}
             writers = {}
             try:
-                for mode in ("lib", "raw"):
+                for mode in modes:
                     writers[mode] = Writers(bench, mode, url, processes, threads, seconds)
                 for _ in range(repeat):
-                    for mode in ("lib", "raw"):
+                    for mode in modes:
                         result = writers[mode].round()
                         figure = figures[mode]
                         figure["p50"].samples.append(percentile(result["samples"], 0.50))
@@ -572,6 +574,10 @@ def measure_heartbeat(bench: Bench, engine: str) -> None:
             for name in ("p50", "p99"):
                 bench.add(Row(f"heartbeat {name}", engine, label, lib[name], base[name], limit=1.5, target="<= 1.5x raw",
                               note=(rate + errors) if name == "p50" else ""))
+            for name in ("p50", "p99"):
+                bench.add(Row(f"heartbeat {name}: the library's statement on the bare driver", engine, label,
+                              figures["stmt"][name], base[name], kind="info", target="(info)",
+                              note="the database's share of a beat: no library Python"))
     finally:
         db.drop(url)
 
