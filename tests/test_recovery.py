@@ -785,6 +785,16 @@ def test_a_restarted_workers_leftover_is_recorded_as_it_was_left(engine, start_a
     assert event["measurements"] == done.measurements
 
 
+def test_a_leftover_that_never_beat_is_recovered_with_its_silence_unknown(engine, start_audit):
+    audit_id, _ = start_audit(worker_id="w", instance_id="dead")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(heartbeat_at=None))
+    (done,) = recover_worker_leftovers(engine, "w", {"live"}, actor=OPERATOR)
+    assert done.problems == [] and done.reasons == ["worker_restarted"], "described, not recovered as unreadable"
+    assert done.measurements["silence_seconds"] is None and 0 <= done.measurements["age_seconds"] < 60
+    assert events(engine, audit_id)[0]["details"]["from"]["heartbeat_at"] is None
+
+
 def test_a_leftover_never_claimed_twice_is_requeued_not_given_up(engine, start_audit):
     """attempts counts claims: an audit left with none counted still has its first retry."""
     audit_id, _ = start_audit(worker_id="w", instance_id="dead")
