@@ -643,6 +643,10 @@ def test_when_the_database_refuses_even_the_operator_mark_the_log_names_the_audi
 
     assert [r.id for r in done] == [stuck] and [s.id for s in done.skipped] == [refused]
     assert events(engine, refused) == [] and row(engine, refused)["status"] == RUNNING
+    failed = [r.getMessage() for r in caplog.records if "it needs an operator" in r.getMessage()
+              and not r.getMessage().startswith("could not record")]
+    assert len(failed) == 1 and failed[0].startswith(f"recover of audit {refused} failed: ")
+    assert "boom" in failed[0] and failed[0].endswith("; it needs an operator")
     unrecorded = [r.getMessage() for r in caplog.records if "could not record" in r.getMessage()]
     assert len(unrecorded) == 1
     assert unrecorded[0].startswith(f"could not record that audit {refused} needs an operator: ")
