@@ -828,6 +828,63 @@ def test_recover_audits_takes_only_running_audits_in_id_order_and_refuses_an_unk
     assert [e["event"] for e in events(engine, finished)] == [] and events(engine, pending) == []
 
 
+def test_recover_audits_judges_each_batch_again_as_it_is_when_the_batch_runs(engine, start_audit, monkeypatch):
+    """Between choosing the audits and recovering a batch, one finished, one was claimed again by a live
+    instance (no longer matching the condition) and a new one started: only the still-matching
+    running audits that were chosen are recovered."""
+    from auditctl.recovery import recover_audits
+
+    chosen = [start_audit(worker_id="w", instance_id="dead") for _ in range(3)]
+    (kept, _), (finished, finished_lease), (reclaimed, _) = chosen
+    real_in_batches = recovery_module._in_batches
+
+    def meanwhile(*args, **kwargs):
+        leases.finish(engine, finished_lease, error=None, actor=OPERATOR)
+        with write_transaction(engine) as connection:
+            connection.execute(update(audits).where(audits.c.id == reclaimed).values(worker_instance="live"))
+        start_audit(worker_id="w", instance_id="dead")  # started after the choice: not this run's to take
+        return real_in_batches(*args, **kwargs)
+
+    monkeypatch.setattr(recovery_module, "_in_batches", meanwhile)
+    done = recover_audits(engine, audits.c.worker_instance == "dead", reason="manual", explanation="x", actor=OPERATOR)
+
+    assert [r.id for r in done] == [kept] and list(done.skipped) == [], "the others are simply no longer chosen"
+    assert row(engine, finished)["status"] == COMPLETED and row(engine, reclaimed)["status"] == RUNNING
+    assert sum(1 for r in all_rows(engine) if r["status"] == RUNNING) == 2
+
+
+def test_recover_audits_marks_an_audit_the_database_refuses_as_a_recover_for_an_operator(engine, start_audit):
+    from auditctl.recovery import recover_audits
+
+    (fine, _), (refused, _) = start_audit(worker_id="w"), start_audit(worker_id="w")
+    condition = f"OLD.id = {refused} AND NEW.status <> 'running'"
+    install_abort_trigger(engine, "refuse_manual", when_sqlite=condition, when_pg=condition)
+    done = recover_audits(engine, audits.c.worker_id == "w", reason="manual", explanation="x", actor=OPERATOR)
+    assert [r.id for r in done] == [fine] and [s.id for s in done.skipped] == [refused]
+    assert events(engine, refused)[-1]["details"]["operation"] == "recover"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_recover_audits_skips_an_audit_another_transaction_holds_and_recovers_the_rest(engine, start_audit):
+    """PostgreSQL: a row locked by someone else (a worker's write in flight) is skipped, not waited for."""
+    import time as clock
+
+    from sqlalchemy import text as sql
+
+    from auditctl.recovery import recover_audits
+
+    (free, _), (held, _) = start_audit(worker_id="w"), start_audit(worker_id="w")
+    with engine.connect() as other:
+        other.execute(sql("SELECT id FROM audits WHERE id = :id FOR UPDATE"), {"id": held})
+        started = clock.monotonic()
+        done = recover_audits(engine, audits.c.worker_id == "w", reason="manual", explanation="x", actor=OPERATOR)
+        took = clock.monotonic() - started
+        other.rollback()
+    assert [r.id for r in done] == [free] and list(done.skipped) == []
+    assert took < 5, f"waited {took:.1f}s for a locked row"
+    assert row(engine, held)["status"] == RUNNING
+
+
 def test_recover_worker_leftovers_can_requeue(engine, start_audit):
     dead, _ = start_audit(worker_id="w", instance_id="dead")
     (recovery,) = recover_worker_leftovers(engine, "w", {"live"}, actor=OPERATOR, requeue=True)

@@ -184,3 +184,26 @@ def test_a_caret_opening_a_set_negates_it_as_in_bash(engine, pattern):
             connection.execute(update(audits).where(audits.c.id == audit_id).values(target=target))
     expected = sorted(t for t in GLOB_TARGETS if fnmatch.fnmatchcase(t, "[!" + pattern[2:]))
     assert sorted(a.target for a in list_audits(engine, AuditFilters(targets=(pattern,)))) == expected
+
+
+def test_declared_intervals_groups_running_audits_by_kind_and_whether_they_declared_stale_after(engine):
+    """What the threshold floor is checked against: per kind, with and without a declared stale_after,
+    the longest heartbeat interval declared by a running audit (finished audits do not count)."""
+    from auditctl import leases
+    from auditctl.rules import declared_intervals
+
+    def running(kind, **declared):
+        audit_id = leases.create_audit(engine, f"https://example.com/{kind}", kind=kind)
+        leases.claim(engine, audit_id, worker_id="w", instance_id="i", worker_url=None, declared=declared)
+        return audit_id
+
+    running("crawl", heartbeat_interval=5.0)
+    running("crawl", heartbeat_interval=20.0)
+    running("crawl", heartbeat_interval=60.0, stale_after=600.0)
+    finished = running("scan", heartbeat_interval=300.0)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == finished).values(status="completed"))
+    running(None, heartbeat_interval=2.5)
+
+    assert sorted(declared_intervals(engine), key=repr) == sorted(
+        [("crawl", False, 20.0), ("crawl", True, 60.0), (None, False, 2.5)], key=repr)
