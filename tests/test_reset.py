@@ -29,8 +29,10 @@ def recovered_and_errored(engine):
     stuck, errored = make_running(engine, 2)
     recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), ids=[stuck])
     with write_transaction(engine) as connection:
+        # Failed by another tool, which left its lease and progress signature behind.
         connection.execute(update(audits).where(audits.c.id == errored).values(
-            status=FAILED, error="scanner crashed: out of memory", finished_at=audits.c.heartbeat_at, lease=None))
+            status=FAILED, error="scanner crashed: out of memory", finished_at=audits.c.heartbeat_at,
+            lease="left-by-another-tool", progress_signature="sig-9"))
     return stuck, errored
 
 
@@ -77,7 +79,7 @@ def test_each_reset_writes_one_history_row_with_the_row_as_it_was_and_its_origin
         assert event["details"]["origin"] == origin
         original = event["details"]["original_status"]
         assert (original["status"], original["error"], original["worker_id"], original["lease"]) == (
-            FAILED, before[audit_id]["error"], before[audit_id]["worker_id"], None)
+            FAILED, before[audit_id]["error"], before[audit_id]["worker_id"], before[audit_id]["lease"])
         assert "odd_times" not in original
 
 
@@ -88,6 +90,11 @@ def test_a_reset_is_announced_once_per_batch_with_its_count_ids_and_origins(engi
 
     reset_failed(engine, actor=ACTOR, batch_size=3)
 
+    with read_connection(engine) as connection:
+        announced_at = [r.created_at for r in connection.execute(
+            select(notifications.c.created_at).where(notifications.c.event == "reset").order_by(notifications.c.id))]
+    written_at = sorted({e["at"] for e in events(engine) if e["event"] == "reset"})
+    assert announced_at == written_at, "each batch's announcement carries the moment its history rows were written"
     assert reset_announcements(engine) == [
         {"actor": "auditctl reset-all", "host": ACTOR.host, "count": 3, "ids": [stuck, errored, more[0]],
          "by_origin": {"stuck": 2, "error": 1}},
