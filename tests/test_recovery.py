@@ -922,3 +922,26 @@ def test_a_new_claim_forgets_the_reasons_of_an_earlier_recovery(engine, backdate
     # It failed on its own this time: reset-all --reason stale_heartbeat must not pick it.
     assert reset_failed(engine, actor=Actor.command("test"), reason="stale_heartbeat", dry_run=True) == []
     assert [r.id for r in reset_failed(engine, actor=Actor.command("test"), dry_run=True)] == [audit_id]
+
+
+def test_a_manual_verdict_reports_times_to_the_millisecond_and_survives_missing_columns():
+    """_ManualVerdict, what startup cleanup and explicit recoveries are judged by, read from a row as
+    another tool may have left it."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from auditctl.recovery import _ManualVerdict, _unreadable_recovery
+
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    row = SimpleNamespace(id=3, target="https://example.com/3", lease="l", worker_id="w", worker_instance="i",
+                          attempts=2, started_at=now - timedelta(seconds=1.23456), heartbeat_at=None)
+    verdict = _ManualVerdict(row, "manual", "taken back", now)
+    assert verdict.measurements() == {"age_seconds": 1.235, "silence_seconds": None}
+    assert (verdict.target, verdict.attempts, verdict.reasons, verdict.explain()) == (
+        "https://example.com/3", 2, ["manual"], ["taken back"])
+    assert _unreadable_recovery(verdict, "x").target == "https://example.com/3"
+
+    bare = _ManualVerdict(SimpleNamespace(id=4, target=None, lease=None, worker_id=None, worker_instance=None,
+                                          attempts=None, started_at=None, heartbeat_at=None), "manual", "x", now)
+    assert (bare.target, bare.attempts, bare.worker_id, bare.measurements()) == (
+        "", 0, None, {"age_seconds": None, "silence_seconds": None})

@@ -177,3 +177,18 @@ def test_reset_batches_of_any_size_reset_everything_once(engine, size):
     assert sorted(r.id for r in done) == ids
     assert seen[-1] == (5, 5) and len(seen) == -(-5 // size)
     assert all(row(engine, audit_id)["resets"] == 1 for audit_id in ids)
+
+
+def test_a_reset_describes_a_row_with_missing_text_without_failing():
+    from types import SimpleNamespace
+
+    from auditctl.recovery import _reset_from_row
+
+    bare = SimpleNamespace(id=5, target=None, status=None, recovery_reasons=None, error=None, finished_at=None, resets=None)
+    assert _reset_from_row(bare, PENDING) == Reset(id=5, target="", from_status="?", status=PENDING, reasons=[],
+                                                   error=None, finished_at=None, origin="error", resets=0)
+    odd = SimpleNamespace(id=6, target=b"https://example.com/6", status="failed", recovery_reasons=",stale_heartbeat,,",
+                          error=7, finished_at="not a time", resets=2)
+    described = _reset_from_row(odd, PENDING)
+    assert (described.target, described.reasons, described.error, described.finished_at, described.origin, described.resets) == (
+        "https://example.com/6", ["stale_heartbeat"], "7", None, "stuck", 2)
