@@ -3,6 +3,7 @@ clamped reports, and recoveries whose judgement the world overtook."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -133,23 +134,30 @@ def test_sigterm_during_the_final_write_still_records_the_end_and_then_exits(eng
 # --- a locked database does not hold the caller ---------------------------------------------------
 
 
+@contextlib.contextmanager
+def sqlite_write_lock_held(engine):
+    """Another connection holds the SQLite file's write lock for the duration."""
+    holder = sqlite3.connect(engine.url.database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 def test_update_progress_on_a_locked_sqlite_file_returns_within_its_budget_and_the_audit_survives(engine, guards):
     guard = guards(heartbeat_interval=0.3, stale_after=30, max_age=600, stall_after=60)
     audit_id = guard.create_audit("https://example.com/locked")
     with guard.run(audit_id) as run:
-        holder = sqlite3.connect(engine.url.database, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_write_lock_held(engine):
             started = time.monotonic()
             stored = run.update_progress(step="Scanning", percentage=50)
             took = time.monotonic() - started
             assert stored is False
             assert took <= PROGRESS_CALL_BUDGET + 1.0, f"update_progress held its caller {took:.1f}s"
             assert not run._lock.locked(), "the run's lock is not held once the call returns"
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         assert run.update_progress(step="Scanning", percentage=60) is True
     assert row(engine, audit_id)["status"] == COMPLETED
 
@@ -162,18 +170,13 @@ def test_a_heartbeat_on_a_locked_sqlite_file_gives_up_after_the_worker_wait_with
     guard = guards(heartbeat_interval=60, stale_after=600, max_age=3600, stall_after=600)
     audit_id = guard.create_audit("https://example.com/locked-beat")
     with guard.run(audit_id) as run:
-        holder = sqlite3.connect(engine.url.database, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_write_lock_held(engine):
             started = time.monotonic()
             with pytest.raises(DatabaseUnavailable, match="locked") as raised:
                 run.heartbeat()
             took = time.monotonic() - started
             assert WORKER_LOCK_WAIT - 0.5 <= took <= WORKER_LOCK_WAIT + 1.5, f"waited {took:.1f}s for the lock"
             assert "\n" not in str(raised.value) and "sqlite3" not in str(raised.value)
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         before = row(engine, audit_id)["heartbeat_at"]
         run.heartbeat()
         assert row(engine, audit_id)["heartbeat_at"] > before, "the next beat, with the lock free, is written"
