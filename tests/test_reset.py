@@ -192,3 +192,33 @@ def test_a_reset_describes_a_row_with_missing_text_without_failing():
     described = _reset_from_row(odd, PENDING)
     assert (described.target, described.reasons, described.error, described.finished_at, described.origin, described.resets) == (
         "https://example.com/6", ["stale_heartbeat"], "7", None, "stuck", 2)
+
+
+def test_origins_pick_recovered_audits_or_those_that_failed_on_their_own(engine):
+    """An empty reasons text (another tool's) counts as failing on its own, like no reasons at all."""
+    stuck, errored = recovered_and_errored(engine)
+    (blank,) = make_running(engine, 1)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == blank).values(status=FAILED, error="x", recovery_reasons=""))
+
+    def taken(*origins):
+        return [r.id for r in reset_failed(engine, actor=ACTOR, filters=ResetFilters(origins=origins), dry_run=True)]
+
+    assert taken("stuck") == [stuck]
+    assert taken("error") == [errored, blank]
+    assert taken("stuck", "error") == taken() == [stuck, errored, blank]
+
+
+def test_reset_filters_refuse_what_they_do_not_know_with_the_choices():
+    from auditctl.errors import ConfigError
+    from auditctl.thresholds import RECOVERY_REASONS
+
+    with pytest.raises(ConfigError) as reason:
+        ResetFilters(reasons=("stale",))
+    assert str(reason.value) == f"unknown reason 'stale': choose from {', '.join(RECOVERY_REASONS)}"
+    with pytest.raises(ConfigError) as origin:
+        ResetFilters(origins=("stuck", "bogus"))
+    assert str(origin.value) == "unknown origin 'bogus': choose from stuck, error"
+    with pytest.raises(ConfigError, match="max_resets must be 0 or more, got -1"):
+        ResetFilters(max_resets=-1)
+    assert ResetFilters(max_resets=0).max_resets == 0, "0 is a limit: reset nothing again"
