@@ -332,8 +332,8 @@ class _Dialect:
 
     def moments_table(self) -> str:
         """The derived table of moments, for the FROM clause."""
-        columns = ", ".join(f"{expression} AS {name}" for name, expression in self.moments.items()) or "1 AS unused"
-        return f"(SELECT {columns}) c"
+        # Never empty: every statement has at least the future cut.
+        return f"(SELECT {', '.join(f'{expression} AS {name}' for name, expression in self.moments.items())}) c"
 
     def cut_value(self, seconds: float) -> object:
         return float(seconds) if self.postgres else f"{-float(seconds):+.6f} seconds"
