@@ -207,3 +207,14 @@ def test_declared_intervals_groups_running_audits_by_kind_and_whether_they_decla
 
     assert sorted(declared_intervals(engine), key=repr) == sorted(
         [("crawl", False, 20.0), ("crawl", True, 60.0), (None, False, 2.5)], key=repr)
+
+
+def test_iter_stuck_lists_oldest_id_first_unless_asked_otherwise(engine):
+    from dbtools import make_running
+
+    from auditctl.rules import iter_stuck
+
+    ids = make_running(engine, 3)
+    assert [v.id for v in iter_stuck(engine, T)] == ids
+    assert [v.id for v in iter_stuck(engine, T, descending=True)] == ids[::-1]
+    assert [v.id for v in iter_stuck(engine, T, limit=2, page_size=1)] == ids[:2]

@@ -202,6 +202,27 @@ def test_a_progress_write_and_the_finish_stamp_the_document_with_the_database_ti
     assert finished["progress"]["last_updated"] == finished["progress"]["heartbeat"] != "2020-01-01T00:00:00.000Z"
 
 
+def test_the_document_a_progress_write_returns_is_stamped_in_utc_whatever_the_hosts_time_zone(engine, monkeypatch):
+    import time as clock
+    from datetime import datetime, timedelta, timezone
+
+    from auditctl import leases
+    from auditctl.timestamps import parse
+
+    audit_id = leases.create_audit(engine, "https://example.com/zoned")
+    lease, _ = leases.claim(engine, audit_id, worker_id="w", instance_id="w-1", worker_url=None)
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+05:30
+    clock.tzset()
+    try:
+        returned = leases.write_progress(engine, lease, {"step": "Crawling", "percentage": 1.0, "completed_tasks": None,
+                                                         "total_tasks": None}, "sig", None, Actor.worker("w", "w-1"))
+    finally:
+        monkeypatch.delenv("TZ")
+        clock.tzset()
+    stamp = parse(returned["progress"]["last_updated"])
+    assert abs(stamp - datetime.now(timezone.utc)) < timedelta(minutes=1)
+
+
 def test_a_run_keeps_its_longest_silence_and_longest_stall_through_every_kind_of_write(engine, backdate):
     """longest_gap_seconds and longest_stall_seconds (what `report` suggests thresholds from) grow
     to the longest silence and stall each beat, progress write and finish ends, and never shrink."""
