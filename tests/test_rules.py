@@ -218,3 +218,20 @@ def test_iter_stuck_lists_oldest_id_first_unless_asked_otherwise(engine):
     assert [v.id for v in iter_stuck(engine, T)] == ids
     assert [v.id for v in iter_stuck(engine, T, descending=True)] == ids[::-1]
     assert [v.id for v in iter_stuck(engine, T, limit=2, page_size=1)] == ids[:2]
+    assert [v.id for v in iter_stuck(engine, T, sort="target", limit=2)] == ids[:2]
+
+
+def test_iter_stuck_in_another_order_uses_the_given_gone_instances_and_limit(engine):
+    from dbtools import make_running
+
+    from auditctl.rules import iter_stuck
+
+    quiet = make_running(engine, 3, silent_for=1, age=30, instance_id="gone-1")  # stuck only because its worker is gone
+    gone = {"gone-1": "stopped cleanly at 12:00"}
+    assert list(iter_stuck(engine, T, sort="age")) == [], "the registry knows no gone instance"
+    found = list(iter_stuck(engine, T, gone=gone, sort="target", descending=True, limit=2))
+    assert [v.id for v in found] == quiet[::-1][:2]
+    assert all(v.reasons == ["worker_gone"] for v in found)
+    (slow,) = make_running(engine, 1, silent_for=120, age=120)  # stale only for a 1-minute stale_after
+    short = Thresholds(stale_after=60, max_age=3600, stall_after=3600)
+    assert [v.id for v in iter_stuck(engine, short, gone={}, sort="age")] == [slow]
