@@ -235,3 +235,39 @@ def test_iter_stuck_in_another_order_uses_the_given_gone_instances_and_limit(eng
     (slow,) = make_running(engine, 1, silent_for=120, age=120)  # stale only for a 1-minute stale_after
     short = Thresholds(stale_after=60, max_age=3600, stall_after=3600)
     assert [v.id for v in iter_stuck(engine, short, gone={}, sort="age")] == [slow]
+
+
+def test_stuck_filters_take_workers_reasons_kinds_creation_times_and_ids_in_process(engine):
+    """Every filter of `scan`, applied by the library itself: each tuple is a union, filters combine."""
+    from datetime import timedelta
+
+    from dbtools import db_time, make_running
+
+    from auditctl.rules import Filters, make_filters
+
+    stale_a = make_running(engine, 2, silent_for=700, age=700, worker_id="a")       # stale only
+    old_b = make_running(engine, 1, silent_for=100, age=2000, worker_id="b")        # max_age only
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == old_b[0]).values(kind="crawl"))
+    everyone = [*stale_a, *old_b]
+
+    def ids(**given):
+        return [v.id for v in find_stuck(engine, T, filters=Filters(**given))]
+
+    assert ids() == everyone
+    assert ids(workers=("a",)) == stale_a and ids(workers=("a", "b")) == everyone
+    assert ids(reasons=("max_age_exceeded",)) == old_b and ids(reasons=("stale_heartbeat",)) == stale_a
+    assert ids(kinds=("crawl",)) == old_b and ids(kinds=("crawl", "other")) == old_b
+    assert ids(since=1000) == stale_a and ids(until=1000) == old_b, "created within / before 1000 s ago"
+    now = db_time(engine)
+    assert ids(since=now - timedelta(seconds=1000)) == stale_a and ids(until=now - timedelta(seconds=1000)) == old_b
+    assert ids(ids=(old_b[0], stale_a[1])) == [stale_a[1], old_b[0]] and ids(ids=()) == []
+    assert ids(workers=("a",), reasons=("max_age_exceeded",)) == []
+
+    legacy = make_filters(worker="a", reason="stale_heartbeat", older_than=600, ids=[stale_a[0]])
+    assert legacy == Filters(workers=("a",), reasons=("stale_heartbeat",), older_than=600, ids=(stale_a[0],))
+    assert make_filters(legacy) is legacy and make_filters() == Filters()
+    with pytest.raises(ConfigError) as refused:
+        Filters(reasons=("stale_heartbeat", "slow"))
+    assert str(refused.value) == ("unknown reason 'slow': choose from worker_gone, stale_heartbeat, max_age_exceeded, "
+                                  "progress_stalled")
