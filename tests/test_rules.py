@@ -271,3 +271,67 @@ def test_stuck_filters_take_workers_reasons_kinds_creation_times_and_ids_in_proc
         Filters(reasons=("stale_heartbeat", "slow"))
     assert str(refused.value) == ("unknown reason 'slow': choose from worker_gone, stale_heartbeat, max_age_exceeded, "
                                   "progress_stalled")
+
+
+def _row(**values):
+    """A stuck-query row as a tuple, in the query's column order (rules._COLUMNS)."""
+    from auditctl.rules import _COLUMNS
+
+    base = {"id": 1, "target": "https://example.com/1", "worker_id": "w", "worker_instance": "inst-1234567890",
+            "lease": "lease-1", "attempts": 1, "kind": None, "started_at": "2026-01-01 10:00:00.000000000",
+            "heartbeat_at": "2026-01-01 10:00:00.000000000", "progress": None, "max_age_seconds": None,
+            "declared_stale_after": None, "declared_stall_after": None, "declared_max_age": None, "rules": 0,
+            "age_seconds": None, "silence_seconds": None, "stalled_seconds": None}
+    base.update(values)
+    return tuple(base[name] for name in _COLUMNS)
+
+
+def test_a_verdict_reads_its_row_by_position_and_explains_each_rule_with_the_threshold_and_its_source():
+    from auditctl.rules import Verdict
+    from auditctl.thresholds import Overrides, Policy
+
+    policy = Policy.of(Thresholds(stale_after=600, max_age=1800, stall_after=300),
+                       kinds={"crawl": Overrides(stall_after=900.0)})
+    every_rule = 0b1111
+    verdict = Verdict(_row(rules=every_rule, kind="crawl", declared_stale_after=120.0, max_age_seconds=3600.0,
+                           age_seconds=4000.12345, silence_seconds=130.5, stalled_seconds=950.0,
+                           progress='{"progress": {"step": "Crawling", "percentage": 40}}'),
+                      policy, {"inst-1234567890": "stopped cleanly at 10:05"})
+    assert verdict.reasons == ["worker_gone", "stale_heartbeat", "max_age_exceeded", "progress_stalled"]
+    assert verdict.explain() == [
+        "stopped cleanly at 10:05",
+        "no heartbeat for 2m10s (stale_after 2m, worker)",
+        "running for 1h6m (max_age 1h, audit)",
+        "no progress for 15m (stall_after 15m, kind crawl)",
+    ]
+    assert verdict.thresholds() == {"stale_after": {"seconds": 120.0, "source": "worker"},
+                                    "max_age": {"seconds": 3600.0, "source": "audit"},
+                                    "stall_after": {"seconds": 900.0, "source": "kind crawl"}}
+    assert verdict.measurements() == {"silence_seconds": 130.5, "age_seconds": 4000.123, "stalled_seconds": 950.0,
+                                      "stale_after": 120.0, "max_age": 3600.0, "stall_after": 900.0,
+                                      "worker_gone": "stopped cleanly at 10:05"}
+    assert (verdict.step, verdict.percentage, verdict.max_age_seconds, verdict.kind) == ("Crawling", 40.0, 3600.0, "crawl")
+    assert verdict.problems == [] and repr(verdict) == (
+        "Verdict(id=1, reasons=['worker_gone', 'stale_heartbeat', 'max_age_exceeded', 'progress_stalled'])")
+
+
+def test_a_verdict_of_an_odd_row_reports_what_is_wrong_instead_of_failing():
+    from auditctl.rules import _FUTURE_BIT, Verdict
+    from auditctl.thresholds import Policy
+
+    odd = Verdict(_row(rules=0b0010 | _FUTURE_BIT, target=b"https://example.com/bytes", attempts="two", lease=None,
+                       worker_instance=7, started_at="yesterday", heartbeat_at="not a time", silence_seconds=None),
+                  Policy.coerce(T), {"7": "gone"})
+    odd.unreadable = "ValueError: something"
+    assert odd.reasons == ["stale_heartbeat"] and odd.gone_proof is None, "a proof needs a text instance id"
+    assert (odd.target, odd.attempts, odd.started_at, odd.last_heartbeat, odd.worker_instance) == (
+        "https://example.com/bytes", 0, None, None, "7")
+    assert odd.explain() == ["never heard from (stale_after 10m, fleet)"]
+    assert odd.problems == ["heartbeat_in_future", "started_at_unreadable", "heartbeat_at_unreadable", "no_lease",
+                            "row_unreadable: ValueError: something"]
+    assert Verdict(_row(worker_instance=7), Policy.coerce(T), {7: "gone"}).gone_proof is None
+    assert Verdict(_row(), Policy.coerce(T), None).gone_proof is None, "no registry read: nobody is proven gone"
+    anonymous = Verdict(_row(rules=0b0001, worker_instance=None), Policy.coerce(T), {})
+    assert anonymous.explain() == ["worker instance ? is gone"]
+    named = Verdict(_row(rules=0b0001), Policy.coerce(T), {})
+    assert named.explain() == ["worker instance inst-123 is gone"] and "worker_gone" not in named.measurements()
