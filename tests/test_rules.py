@@ -235,6 +235,9 @@ def test_iter_stuck_in_another_order_uses_the_given_gone_instances_and_limit(eng
     (slow,) = make_running(engine, 1, silent_for=120, age=120)  # stale only for a 1-minute stale_after
     short = Thresholds(stale_after=60, max_age=3600, stall_after=3600)
     assert [v.id for v in iter_stuck(engine, short, gone={}, sort="age")] == [slow]
+    from auditctl.rules import Filters
+
+    assert list(iter_stuck(engine, short, gone={}, sort="age", filters=Filters(workers=("nobody",)))) == []
 
 
 def test_stuck_filters_take_workers_reasons_kinds_creation_times_and_ids_in_process(engine):
