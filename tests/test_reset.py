@@ -162,7 +162,7 @@ def test_a_reset_the_database_refuses_is_marked_for_an_operator_as_a_reset(engin
     assert [s.id for s in done.skipped] == [errored]
     marked = events(engine, errored)[-1]
     assert marked["event"] == "needs_operator"
-    assert "reset" in str(marked["details"]), "the record names the operation that failed"
+    assert marked["details"]["operation"] == "reset", "the record names the operation that failed"
     assert progress[-1] == (2, 2), "progress counts every audit handled, the refused one too"
 
 
