@@ -214,7 +214,7 @@ def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
         # Reads take no transaction at all: each SELECT is its own consistent snapshot, and
         # a monitor's read costs one statement instead of three.
         options = connection.get_execution_options()
-        if not (options.get("auditctl_read_only") or options.get("auditctl_single_statement")):
+        if not options.get("auditctl_read_only"):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -325,14 +325,11 @@ def single_write(engine: Engine, statement, parameters: dict | None = None) -> i
     A pooled connection found dead when used (the server restarted, a proxy dropped it) is
     retried once on a fresh one: the statement never ran on the dead one.
 
-    A statement whose parameters need no conversion (the heartbeat, the emergency write) is
-    compiled once per engine and sent through the driver's own cursor: SQLAlchemy's per-call
-    bookkeeping cost about five times the database's work for these one-row writes (issue 13).
+    The statement is compiled once per engine and sent through the driver's own cursor:
+    SQLAlchemy's per-call bookkeeping cost about five times the database's work for these
+    one-row writes (issue 13). Its parameters must need no conversion (send JSON as text).
     """
-    form = _driver_form(engine, statement)
-    if form is None:
-        return _single_write_through_sqlalchemy(engine, statement, parameters)
-    sql, arguments = form
+    sql, arguments = _driver_form(engine, statement)
     values = arguments(parameters or {})
     error_class = engine.dialect.loaded_dbapi.Error
     postgres = engine.dialect.name == "postgresql"
@@ -368,15 +365,14 @@ def single_write(engine: Engine, statement, parameters: dict | None = None) -> i
 
 
 def _driver_form(engine: Engine, statement):
-    """``(sql, arguments)`` for sending ``statement`` on this engine's driver, or None when a
-    parameter needs SQLAlchemy's conversion (a JSON document, say). Compiled once per engine."""
+    """``(sql, arguments)`` for sending ``statement`` on this engine's driver. Compiled once per engine."""
     forms = engine.__dict__.setdefault("_auditctl_driver_forms", {})
     if statement not in forms:
         compiled = statement.compile(dialect=engine.dialect)
         fixed = compiled.construct_params(_check=False)  # the statement's own literals; the rest come per call
         if compiled._bind_processors:
-            forms[statement] = None
-        elif compiled.positional:
+            raise TypeError("single_write takes statements whose parameters need no conversion by SQLAlchemy")
+        if compiled.positional:
             order = compiled.positiontup
             forms[statement] = (compiled.string,
                                 lambda given: tuple(given[name] if name in given else fixed[name] for name in order))
@@ -388,24 +384,6 @@ def _driver_form(engine: Engine, statement):
 def _wrapped(engine: Engine, sql: str, values, exc: Exception, *, invalidated: bool) -> sa_exc.DBAPIError:
     return sa_exc.DBAPIError.instance(sql, values, exc, engine.dialect.loaded_dbapi.Error,
                                       connection_invalidated=invalidated, dialect=engine.dialect)
-
-
-def _single_write_through_sqlalchemy(engine: Engine, statement, parameters: dict | None) -> int:
-    for attempt in (1, 2):
-        try:
-            with engine.connect() as connection:
-                options = {"auditctl_single_statement": True}
-                if engine.dialect.name == "postgresql":
-                    options["isolation_level"] = "AUTOCOMMIT"
-                connection = connection.execution_options(**options)
-                rowcount = connection.execute(statement, parameters).rowcount
-                connection.commit()  # nothing to commit: ends SQLAlchemy's bookkeeping only
-                return rowcount
-        except sa_exc.DBAPIError as exc:
-            if attempt == 1 and exc.connection_invalidated:
-                continue
-            raise database_error(exc, engine) from None
-    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
