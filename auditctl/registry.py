@@ -16,16 +16,17 @@ it is reported, and what it holds is left alone.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
-from .db import db_now, fetch_now, read_connection, write_transaction
+from .db import db_now, fetch_now, read_connection, readable_time, write_transaction
 from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
 from .timestamps import as_datetime
@@ -90,10 +91,14 @@ def process_key(pid: int | None = None) -> str | None:
     return None if namespace is None or start is None else f"{namespace}:{pid}:{start}"
 
 
+def _stopped_proof(instance_id: str, worker_id: str) -> str:
+    return f"worker instance {instance_id[:8]} of {worker_id} stopped cleanly without finishing it"
+
+
 def prove_gone(instance: Instance) -> str | None:
     """How this instance is proven gone, in words; None when it cannot be proven (it may be alive)."""
     if instance.stopped_at is not None:
-        return f"worker instance {instance.instance_id[:8]} of {instance.worker_id} stopped cleanly without finishing it"
+        return _stopped_proof(instance.instance_id, instance.worker_id)
     namespace = _namespace()
     key = instance.process_key
     if not (isinstance(key, str) and namespace and key.startswith(namespace + ":")):
@@ -230,30 +235,40 @@ def gone_instances(engine: Engine) -> dict[str, str]:
     registry's history.
     """
     namespace = _namespace()
-    candidates = workers.c.stopped_at.is_not(None)
+    with read_connection(engine) as connection:
+        cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
+        rows = connection.execute(_gone_candidates(namespace), {"cutoff": cutoff}).all()
+    gone = {}
+    for instance_id, worker_id, host, key, stopped in rows:
+        try:
+            instance_id, worker_id = text_value(instance_id) or "?", text_value(worker_id) or "?"
+            if stopped:
+                proof = _stopped_proof(instance_id, worker_id)
+            else:
+                proof = prove_gone(Instance(instance_id=instance_id, worker_id=worker_id, worker_url=None,
+                                            host=text_value(host), pid=None, started_at=None, last_heartbeat_at=None,
+                                            stopped_at=None, heartbeat_age=None, process_key=text_value(key)))
+        except Exception:  # noqa: BLE001 - an unreadable registry row proves nothing
+            continue
+        if proof is not None:
+            gone[instance_id] = proof
+    return gone
+
+
+@functools.lru_cache(maxsize=4)
+def _gone_candidates(namespace: str | None):
+    """The registry rows that may prove an instance gone: stopped, or a process of this namespace.
+    Whether it stopped (a readable time: anything else proves nothing), not when: a proof needs
+    no time, and this runs before every stuck query."""
+    stopped = readable_time(workers.c.stopped_at)
+    candidates = stopped
     if namespace:
         prefix = namespace + ":"
         candidates = or_(candidates, func.substr(workers.c.process_key, 1, len(prefix)) == prefix)
     last_heard = func.coalesce(workers.c.stopped_at, workers.c.last_heartbeat_at, workers.c.started_at,
                                type_=workers.c.started_at.type)
-    with read_connection(engine) as connection:
-        cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
-        rows = connection.execute(
-            select(workers.c.instance_id, workers.c.worker_id, workers.c.host, workers.c.process_key, workers.c.stopped_at)
-            .where(candidates, last_heard >= cutoff)).all()
-    gone = {}
-    for instance_id, worker_id, host, key, stopped_at in rows:
-        try:
-            # Only what a proof reads (see prove_gone): this runs before every stuck query.
-            instance = Instance(instance_id=text_value(instance_id) or "?", worker_id=text_value(worker_id) or "?",
-                                worker_url=None, host=text_value(host), pid=None, started_at=None, last_heartbeat_at=None,
-                                stopped_at=as_datetime(stopped_at), heartbeat_age=None, process_key=text_value(key))
-            proof = prove_gone(instance)
-        except Exception:  # noqa: BLE001 - an unreadable registry row proves nothing
-            continue
-        if proof is not None:
-            gone[instance.instance_id] = proof
-    return gone
+    return (select(workers.c.instance_id, workers.c.worker_id, workers.c.host, workers.c.process_key, stopped)
+            .where(candidates, last_heard >= bindparam("cutoff", type_=workers.c.started_at.type)))
 
 
 def live_peers(engine: Engine, worker_id: str, instance_id: str, stale_after: float) -> list[Instance]:

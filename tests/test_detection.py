@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from dbtools import freeze_between_writes, kill_quietly, python_env, read_line, row, spawn, wait_for
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from auditctl import leases, registry
 from auditctl.cli import cli
@@ -165,6 +165,22 @@ def test_an_instance_whose_host_cannot_be_checked_is_never_reported_gone_only_si
     backdate(audit_id, started_at=900, heartbeat_at=900, last_worker_update=900, progress_changed_at=900)
     (verdict,) = find_stuck(engine, Thresholds())
     assert verdict.reasons == ["stale_heartbeat"], "judged by silence alone"
+
+
+def test_a_stopped_at_no_one_can_read_proves_nothing_and_the_audit_is_judged_by_silence(engine, start_audit, backdate):
+    audit_id, _ = start_audit(worker_id="odd-writer", instance_id="odd-stop")
+    unreadable = "infinity" if engine.dialect.name == "postgresql" else "stopped, more or less"
+    with write_transaction(engine) as connection:
+        connection.execute(workers.insert().values(instance_id="odd-stop", worker_id="odd-writer", host="other-host",
+                                                   pid=4242, process_key=None, started_at=registry.db_now(),
+                                                   last_heartbeat_at=registry.db_now()))
+        connection.execute(text("UPDATE workers SET stopped_at = :odd WHERE instance_id = 'odd-stop'"), {"odd": unreadable})
+    assert registry.gone_instances(engine) == {}
+    assert find_stuck(engine, Thresholds()) == []
+    with write_transaction(engine) as connection:
+        connection.execute(update(workers).where(workers.c.instance_id == "odd-stop").values(stopped_at=registry.db_now()))
+    (verdict,) = find_stuck(engine, Thresholds())
+    assert verdict.id == audit_id and verdict.reasons == ["worker_gone"], "a readable stop does prove it"
 
 
 def test_a_reused_pid_does_not_hide_a_dead_instance(engine, start_audit):
