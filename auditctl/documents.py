@@ -54,6 +54,10 @@ def _shown(value) -> str:
         return f"<{type(value).__name__}>"
 
 
+#: One decoder for every document (``json.loads`` with options builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def depth_exceeds(value, limit: int = MAX_DEPTH) -> bool:
     """True when a JSON value nests deeper than ``limit`` (checked without recursion)."""
     stack = [(value, 1)]
@@ -83,12 +87,13 @@ def load(raw):
         # Already decoded by a driver (PostgreSQL jsonb through our loader).
         return NotJSON(_shown(raw), "too_deep") if depth_exceeds(raw) else raw
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = _DECODER.decode(text)
     except RecursionError:
         return NotJSON(text, "too_deep")
     except (TypeError, ValueError):
         return NotJSON(text)
-    if depth_exceeds(value):
+    # Depth never exceeds the number of opening brackets, so most documents need no walk.
+    if text.count("{") + text.count("[") > MAX_DEPTH and depth_exceeds(value):
         return NotJSON(text, "too_deep")
     return value
 

@@ -82,9 +82,9 @@ def as_datetime(value) -> datetime | None:
 
 def _format(moment: datetime, separator: str = " ", digits: int = 6, suffix: str = "") -> str:
     # Not strftime: it does not zero-pad years below 1000 on every platform, and the text must sort.
-    fraction = f"{moment.microsecond:06d}"[:digits]
-    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}{separator}"
-            f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{fraction}{suffix}")
+    # isoformat always writes four-digit years, and truncates (never rounds) to the digits asked for.
+    text = moment.replace(tzinfo=None).isoformat(separator, "microseconds" if digits == 6 else "milliseconds")
+    return text + suffix if suffix else text
 
 
 def canonical(value) -> str | None:
