@@ -24,7 +24,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history
-from .db import db_now, fetch_now, single_write, write_transaction
+from .db import HeldConnection, db_now, fetch_now, single_write, write_transaction
 from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
@@ -224,30 +224,33 @@ def _lease_params(lease: Lease) -> dict:
     return {"audit_id": lease.audit_id, "token": lease.token}
 
 
-def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, extra: dict | None, actor: Actor) -> dict:
+def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, extra: dict | None, actor: Actor, *,
+                   held: HeldConnection | None = None) -> dict:
     """Store a full progress report. Raises DocumentError (nothing written) or LeaseLost.
 
-    Returns the document as built (its stamps are the database's, set in the UPDATE)."""
+    Returns the document as built (its stamps are the database's, set in the UPDATE). ``held``:
+    the run's own connection (``db.HeldConnection``), for this and the other single writes."""
     from datetime import datetime, timezone
 
     document, _ = build_document(**fields, is_running=True, now=datetime.now(timezone.utc), worker_id=lease.worker_id,
                                  worker_url=lease.worker_url, extra=extra)
     text = documents.dumps_strict(document)
-    if single_write(engine, _WRITE_PROGRESS, {**_lease_params(lease), "document": text, "signature": signature}) == 1:
+    if single_write(engine, _WRITE_PROGRESS, {**_lease_params(lease), "document": text, "signature": signature},
+                    held=held) == 1:
         return document
     raise _lost(engine, lease, "progress", actor)
 
 
-def heartbeat(engine: Engine, lease: Lease, actor: Actor) -> None:
+def heartbeat(engine: Engine, lease: Lease, actor: Actor, *, held: HeldConnection | None = None) -> None:
     """Refresh the heartbeat (and the document's heartbeat stamps), one statement. Raises LeaseLost."""
-    if single_write(engine, _HEARTBEAT, _lease_params(lease)) == 1:
+    if single_write(engine, _HEARTBEAT, _lease_params(lease), held=held) == 1:
         return
     raise _lost(engine, lease, "heartbeat", actor)
 
 
-def minimal_write(engine: Engine, lease: Lease, actor: Actor) -> None:
+def minimal_write(engine: Engine, lease: Lease, actor: Actor, *, held: HeldConnection | None = None) -> None:
     """The emergency write: heartbeat and last_worker_update only, one statement. Raises LeaseLost."""
-    if single_write(engine, _MINIMAL_WRITE, _lease_params(lease)) == 1:
+    if single_write(engine, _MINIMAL_WRITE, _lease_params(lease), held=held) == 1:
         return
     raise _lost(engine, lease, "emergency", actor)
 

@@ -35,7 +35,7 @@ from datetime import timedelta
 from typing import Iterator
 
 from . import leases, registry
-from .db import DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, create_engine, display_url, fit_pool
+from .db import DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url, fit_pool
 from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
 from .migrate import upgrade
@@ -71,6 +71,15 @@ class AuditRun:
         self.clamped: set[str] = set()
         self._fields = {"step": None, "percentage": 0.0, "completed_tasks": None, "total_tasks": None}
         self._lock = threading.Lock()
+        #: This run's own connection for its heartbeats and progress writes (None once the run is over).
+        self._connection: HeldConnection | None = HeldConnection()
+
+    def _release(self) -> None:
+        """Give the run's connection back to the pool; a write after this (a late heartbeat) borrows one."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
     def _check(self) -> None:
         if self.lost:
@@ -117,7 +126,7 @@ class AuditRun:
                 self.document = leases.write_progress(
                     self.guard.engine, self.lease, fields,
                     signature(fields["step"], fields["percentage"], fields["completed_tasks"], fields["total_tasks"]),
-                    extra or None, self.guard.actor,
+                    extra or None, self.guard.actor, held=self._connection,
                 )
                 self._fields = fields
                 return True
@@ -142,7 +151,7 @@ class AuditRun:
             try:
                 with self.guard._holding_signals(), self._lock:
                     self._check()
-                    leases.minimal_write(self.guard.engine, self.lease, self.guard.actor)
+                    leases.minimal_write(self.guard.engine, self.lease, self.guard.actor, held=self._connection)
                 self.emergency_writes += 1
                 return
             except LeaseLost as lost:
@@ -164,7 +173,7 @@ class AuditRun:
                 return  # the heartbeat thread raced the end of the run: nothing left to beat
             self._check()
             try:
-                leases.heartbeat(self.guard.engine, self.lease, self.guard.actor)
+                leases.heartbeat(self.guard.engine, self.lease, self.guard.actor, held=self._connection)
             except LeaseLost as error:
                 raise self._mark_lost(error) from None
 
@@ -372,6 +381,7 @@ class StuckAuditPrevention:
         finally:
             with self._runs_lock:
                 self._runs.pop(lease.token, None)
+            handle._release()
 
     def _finish(self, handle: AuditRun, error: str | None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""

@@ -356,3 +356,28 @@ def test_the_worker_pool_grows_with_the_runs_it_holds(engine, guards):
     for thread in threads:
         thread.join(10)
     assert guard.engine.pool.overflow() <= 0, "every run's write had a pooled connection"
+
+
+def test_a_run_keeps_one_connection_for_its_writes_and_gives_it_back_when_it_ends(engine, guards):
+    """A beat borrows no connection from the pool: the run holds one for all its single writes."""
+    from sqlalchemy import event
+
+    guard = guards()
+    checkouts = []
+
+    def count(_dbapi_connection, _record, _proxy):
+        checkouts.append(1)
+
+    with guard.run(guard.create_audit("https://example.com/held")) as run:
+        event.listen(guard.engine, "checkout", count)
+        try:
+            for _ in range(5):
+                run.heartbeat()
+            run.update_progress(step="crawling", percentage=5)
+            assert len(checkouts) == 1, "one checkout for five beats and a progress write"
+            assert guard.engine.pool.checkedout() == 1
+        finally:
+            event.remove(guard.engine, "checkout", count)
+    assert guard.engine.pool.checkedout() == 0, "the run's connection went back to the pool"
+    run.heartbeat()  # a late beat (the heartbeat thread racing the end) writes nothing and holds nothing
+    assert guard.engine.pool.checkedout() == 0
