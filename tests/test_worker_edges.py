@@ -373,8 +373,10 @@ def test_a_run_keeps_one_connection_for_its_writes_and_gives_it_back_when_it_end
         try:
             for _ in range(5):
                 run.heartbeat()
-            run.update_progress(step="crawling", percentage=5)
-            assert len(checkouts) == 1, "one checkout for five beats and a progress write"
+            assert run.update_progress(step="crawling", percentage=5)
+            assert not run.update_progress(step="too big to store", blob="x" * 70_000), "the emergency write"
+            assert run.emergency_writes == 1
+            assert len(checkouts) == 1, "one checkout for five beats, a progress write and an emergency write"
             assert guard.engine.pool.checkedout() == 1
         finally:
             event.remove(guard.engine, "checkout", count)
