@@ -554,28 +554,6 @@ def _stored_time_pg(element, compiler, **kw):
     return compiler.process(moment, **kw)
 
 
-class readable_time(FunctionElement):
-    """True when a stored time column holds a time Python can read (``timestamps.as_datetime``
-    would give a datetime): on SQLite through ``auditctl_utc``; on PostgreSQL a finite time in
-    the years Python represents."""
-
-    type = types.Boolean()
-    inherit_cache = True
-
-
-@compiles(readable_time, "sqlite")
-def _readable_time_sqlite(element, compiler, **kw):
-    (moment,) = list(element.clauses)
-    return f"(auditctl_utc({compiler.process(moment, **kw)}) IS NOT NULL)"
-
-
-@compiles(readable_time, "postgresql")
-def _readable_time_pg(element, compiler, **kw):
-    (moment,) = list(element.clauses)
-    return (f"({compiler.process(moment, **kw)} BETWEEN '0001-01-01 00:00:00+00' "
-            "AND '9999-12-31 23:59:59.999999+00')")
-
-
 class id_in(FunctionElement):
     """``column IN (ids)`` with one bound parameter however many ids: an array on PostgreSQL,
     a JSON list through ``json_each`` on SQLite. Keeps a batch's statement text and parameter count

@@ -23,10 +23,11 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, type_coerce, update
+from sqlalchemy.types import NullType
 from sqlalchemy.engine import Engine
 
-from .db import db_now, fetch_now, read_connection, readable_time, write_transaction
+from .db import db_now, fetch_now, read_connection, write_transaction
 from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
 from .timestamps import as_datetime
@@ -239,10 +240,10 @@ def gone_instances(engine: Engine) -> dict[str, str]:
         cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
         rows = connection.execute(_gone_candidates(namespace), {"cutoff": cutoff}).all()
     gone = {}
-    for instance_id, worker_id, host, key, stopped in rows:
+    for instance_id, worker_id, host, key, stopped_at in rows:
         try:
             instance_id, worker_id = text_value(instance_id) or "?", text_value(worker_id) or "?"
-            if stopped:
+            if stopped_at is not None and as_datetime(stopped_at) is not None:  # unreadable proves nothing
                 proof = _stopped_proof(instance_id, worker_id)
             else:
                 proof = prove_gone(Instance(instance_id=instance_id, worker_id=worker_id, worker_url=None,
@@ -258,16 +259,16 @@ def gone_instances(engine: Engine) -> dict[str, str]:
 @functools.lru_cache(maxsize=4)
 def _gone_candidates(namespace: str | None):
     """The registry rows that may prove an instance gone: stopped, or a process of this namespace.
-    Whether it stopped (a readable time: anything else proves nothing), not when: a proof needs
-    no time, and this runs before every stuck query."""
-    stopped = readable_time(workers.c.stopped_at)
-    candidates = stopped
+    The stop time comes as the driver gives it (read once, by ``as_datetime``): this runs before
+    every stuck query."""
+    candidates = workers.c.stopped_at.is_not(None)
     if namespace:
         prefix = namespace + ":"
         candidates = or_(candidates, func.substr(workers.c.process_key, 1, len(prefix)) == prefix)
     last_heard = func.coalesce(workers.c.stopped_at, workers.c.last_heartbeat_at, workers.c.started_at,
                                type_=workers.c.started_at.type)
-    return (select(workers.c.instance_id, workers.c.worker_id, workers.c.host, workers.c.process_key, stopped)
+    return (select(workers.c.instance_id, workers.c.worker_id, workers.c.host, workers.c.process_key,
+                   type_coerce(workers.c.stopped_at, NullType()))
             .where(candidates, last_heard >= bindparam("cutoff", type_=workers.c.started_at.type)))
 
 
