@@ -35,7 +35,7 @@ from . import timestamps
 from .db import fetch_now, id_in, is_postgres, read_connection, stored_time, write_transaction
 from .errors import AuditctlError, ConfigError, DatabaseRefused
 from .history import Actor
-from .rules import Filters, Verdict, find_stuck, gone_instances, isolate, make_filters, select_stuck, stuck_ids
+from .rules import Filters, GoneInstances, Verdict, find_stuck, gone_instances, isolate, make_filters, select_stuck, stuck_ids
 from .schema import FAILED, PENDING, RUNNING, Document, audits
 from .textsafe import printable
 from .thresholds import RECOVERY_REASONS, Policy, Thresholds
@@ -425,8 +425,7 @@ def recover_stuck(
         raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
     policy = as_policy(thresholds)
     filters = make_filters(filters, **legacy_filters)
-    if gone is None:
-        gone = gone_instances(engine)
+    gone = GoneInstances.of(gone_instances(engine) if gone is None else gone)  # one parameter for every batch
     result = RecoveryResult()
     if dry_run:
         for verdict in find_stuck(engine, policy, gone=gone, seen_since=seen_since, filters=filters):

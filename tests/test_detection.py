@@ -183,6 +183,20 @@ def test_a_stopped_at_no_one_can_read_proves_nothing_and_the_audit_is_judged_by_
     assert verdict.id == audit_id and verdict.reasons == ["worker_gone"], "a readable stop does prove it"
 
 
+def test_gone_instance_ids_with_quotes_backslashes_and_braces_still_match_their_audits(engine, start_audit):
+    """Another tool may name an instance anything; the gone list travels as one quoted parameter."""
+    odd = ['quo"ted', "back\\slash", "{braces},comma", "NULL", " spaced "]
+    held = [start_audit(worker_id=f"odd-{n}", instance_id=instance)[0] for n, instance in enumerate(odd)]
+    healthy, _ = start_audit(worker_id="alive", instance_id='quo"ted-but-alive')
+    with write_transaction(engine) as connection:
+        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(),
+                                                   stopped_at=registry.db_now()),
+                           [{"instance_id": instance, "worker_id": f"odd-{n}"} for n, instance in enumerate(odd)])
+    assert set(registry.gone_instances(engine)) == set(odd)
+    verdicts = find_stuck(engine, Thresholds(), page_size=2)  # several pages share one parameter
+    assert sorted(v.id for v in verdicts) == sorted(held) and all(v.reasons == ["worker_gone"] for v in verdicts)
+
+
 def test_a_reused_pid_does_not_hide_a_dead_instance(engine, start_audit):
     audit_id, _ = start_audit(worker_id="reused", instance_id="old-instance")
     me = registry.process_key()  # this very process's pid, but another start time: not the same process

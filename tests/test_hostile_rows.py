@@ -286,3 +286,29 @@ def test_a_slow_reader_of_a_long_json_listing_gets_valid_json_whatever_the_idle_
     code = process.wait(timeout=60)
     assert code == 0, process.stderr.read()
     assert len(json.loads(first + rest)) == PAGE_SIZE + 500
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_times_python_cannot_hold_read_as_unreadable_and_every_other_time_exactly(engine):
+    """PostgreSQL hands the verdict its times as text: infinity, a moment before year 1 in UTC
+    and year 10000 must come out unreadable (not absent, not another year), the rest to the
+    microsecond."""
+    from datetime import datetime, timezone
+
+    exact = "2025-11-01T06:07:08.123456+02:00"
+    rows = {
+        "exact": insert(engine, **{**stale_times(engine), "started_at": exact, "heartbeat_at": "2025-11-01T04:07:09Z"}),
+        "infinity": insert(engine, **{**stale_times(engine), "heartbeat_at": "infinity"}),
+        "before year 1": insert(engine, **{**stale_times(engine), "started_at": "0001-01-01T00:00:00+14:00"}),
+        "year 10000": insert(engine, **{**stale_times(engine), "heartbeat_at": "10000-01-01T00:00:00Z"}),
+    }
+    verdicts = {v.id: v for v in find_stuck(engine, T)}
+    assert set(rows.values()) <= set(verdicts)
+    exact_verdict = verdicts[rows["exact"]]
+    assert exact_verdict.started_at == datetime(2025, 11, 1, 4, 7, 8, 123456, tzinfo=timezone.utc)
+    assert exact_verdict.last_heartbeat == datetime(2025, 11, 1, 4, 7, 9, tzinfo=timezone.utc)
+    assert not [p for p in exact_verdict.problems if "unreadable" in p]
+    assert "heartbeat_at_unreadable" in verdicts[rows["infinity"]].problems
+    assert verdicts[rows["infinity"]].last_heartbeat is None
+    assert "started_at_unreadable" in verdicts[rows["before year 1"]].problems
+    assert "heartbeat_at_unreadable" in verdicts[rows["year 10000"]].problems
