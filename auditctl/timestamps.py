@@ -50,10 +50,12 @@ def parse(value) -> datetime | Unreadable | None:
     """
     if value is None:
         return None
-    if isinstance(value, Unreadable):
-        return value
     if isinstance(value, datetime):
+        if value.tzinfo is timezone.utc:
+            return value  # already what this returns (every verdict's time, read once, then shown)
         moment = value
+    elif isinstance(value, Unreadable):
+        return value
     elif isinstance(value, (str, bytes, bytearray)):
         text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
         text = text.strip()
