@@ -13,7 +13,9 @@ printed beside the figures, and a missed one is reported, never failed.
 
 Measures (``--only`` names):
   scan       in-process stuck scan at each size: ``find_stuck`` (what ``auditctl scan`` runs,
-             registry included) materialising every verdict's reasons, vs the lean query
+             registry included) materialising every verdict's reasons, vs the lean query; and,
+             for information, the lean query also returning the columns scan shows (what
+             carrying a verdict's data costs with no library at all)
   growth     the same with the running set fixed and history growing 10k -> 100k -> the largest mix
   process    the whole ``auditctl scan --format json`` process vs ``rawscan.py`` (same imports, same JSON)
   heartbeat  p50/p99 of ``run.heartbeat()`` at 1, 8, 32 writer processes and 32 threads of one
@@ -349,7 +351,10 @@ def run_quiet(argv, env, stdout=subprocess.DEVNULL) -> subprocess.CompletedProce
 # --- 1. in-process stuck scan ----------------------------------------------------------------
 
 
-def scan_pair(bench: Bench, db: Db, repeat: int) -> tuple[Series, Series, bool, int]:
+def scan_pair(bench: Bench, db: Db, repeat: int, with_data: bool = False):
+    """(library, lean, mismatch, verdicts, data): ``data`` (with ``with_data``) times the lean query
+    returning also the columns scan shows (raw.SCAN_*), alternated with the lean query: what
+    carrying a verdict's data costs with no library at all."""
     from auditctl.db import create_engine
     from auditctl.rules import find_stuck
 
@@ -357,12 +362,16 @@ def scan_pair(bench: Bench, db: Db, repeat: int) -> tuple[Series, Series, bool, 
     rules = policy()
     engine = create_engine(db.url, role="reader")
     connection = raw.connect(db.url)
+    data = None
     try:
         def library():
             return [(v.id, tuple(v.reasons)) for v in find_stuck(engine, rules)]
 
         def baseline():
             return raw.lean_stuck(connection, db.url)
+
+        def with_columns():
+            return raw.scan_rows(connection, db.url).fetchall()
 
         lib_result, raw_result = library(), baseline()  # warm: statement caches, page cache
         same = set(lib_result) == set(raw_result) and len(lib_result) == len(raw_result)
@@ -371,22 +380,30 @@ def scan_pair(bench: Bench, db: Db, repeat: int) -> tuple[Series, Series, bool, 
             bench.mismatch(f"scan on {db.engine} {db.mix.describe()}: library {len(a)} verdicts, raw {len(b)}; "
                            f"only library: {sorted(a - b)[:5]}; only raw: {sorted(b - a)[:5]}")
         lib, base = alternate(repeat, library, baseline)
+        if with_data:
+            if sorted(row[0] for row in with_columns()) != sorted(i for i, _ in raw_result):
+                bench.mismatch(f"scan on {db.engine} {db.mix.describe()}: the lean query with scan's columns "
+                               "finds other ids than the lean query")
+            data, _ = alternate(repeat, with_columns, baseline)
     finally:
         engine.dispose()
         connection.close()
-    return lib, base, not same, len(lib_result)
+    return lib, base, not same, len(lib_result), data
 
 
 def measure_scan(bench: Bench, engine: str, sizes: list[int]) -> None:
     for size in sizes:
         db = bench.db(engine, Mix.of_size(size))
-        lib, base, mismatch, found = scan_pair(bench, db, bench.args.repeat)
+        lib, base, mismatch, found, data = scan_pair(bench, db, bench.args.repeat, with_data=True)
         gated = size >= 100_000
         if size == max(sizes):
             bench.plans.append(f"{engine}, {size_label(size)} audits:\n{raw.explain(db.url)}")
         bench.add(Row("in-process stuck scan", engine, f"{size_label(size)} audits, 1% stuck", lib, base,
                       kind="ratio" if gated else "info", limit=1.5, target="<= 1.5x raw" if gated else "(info)",
                       note=f"{found:,} verdicts", mismatch=mismatch))
+        bench.add(Row("in-process stuck scan: the lean query returning scan's columns (no library)", engine,
+                      f"{size_label(size)} audits, 1% stuck", data, base, kind="info", target="(info)",
+                      note=f"what the data alone costs; the library is {lib.median / data.median:.2f}x this"))
 
 
 def measure_growth(bench: Bench, engine: str, largest: int) -> None:
@@ -395,7 +412,7 @@ def measure_growth(bench: Bench, engine: str, largest: int) -> None:
     figures = []
     for history in histories:
         mix = Mix(stuck=top.stuck, healthy=top.healthy, history=history)
-        lib, base, mismatch, found = scan_pair(bench, bench.db(engine, mix), bench.args.repeat)
+        lib, base, mismatch, found, _ = scan_pair(bench, bench.db(engine, mix), bench.args.repeat)
         figures.append((history, lib, base))
         bench.add(Row("stuck scan, history growing", engine, f"{top.running:,} running + {size_label(history)} history",
                       lib, base, kind="info", target="(series)", note=f"{found:,} verdicts", mismatch=mismatch))
