@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, func, insert, or_, select, type_coerce, update
-from sqlalchemy.types import NullType
 from sqlalchemy.engine import Engine
+from sqlalchemy.types import NullType
 
 from .db import db_now, fetch_now, read_connection, write_transaction
 from .values import sane_duration, safe_int, text_value
