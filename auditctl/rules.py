@@ -589,16 +589,18 @@ class GoneInstances(dict):
 
     __slots__ = ("_parameters",)
 
+    def __init__(self, gone=()):
+        super().__init__(gone)
+        self._parameters: dict[bool, str] = {}
+
     @classmethod
     def of(cls, gone: dict[str, str]) -> "GoneInstances":
         return gone if isinstance(gone, cls) else cls(gone)
 
     def parameter(self, postgres: bool) -> str:
-        cache = getattr(self, "_parameters", None)
-        if cache is None:
-            cache = self._parameters = {}
+        cache = self._parameters
         if postgres not in cache:
-            ids = sorted(self)
+            ids = sorted(str(instance) for instance in self)
             # Inside double quotes only a backslash and a double quote need escaping.
             cache[postgres] = ("{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in ids) + "}"
                                if postgres else json.dumps(ids))
