@@ -94,6 +94,29 @@ def test_help_lists_the_exit_codes():
     assert "Exit codes:" in shown and "130" in shown and "reset-all refused or declined" in shown
 
 
+def test_the_command_table_names_every_command_and_the_module_that_defines_it():
+    import importlib
+    import pkgutil
+
+    import auditctl.cli
+    from auditctl.cli.group import COMMANDS
+
+    for module in pkgutil.iter_modules(auditctl.cli.__path__):
+        importlib.import_module(f"auditctl.cli.{module.name}")
+    assert set(cli.commands) == set(COMMANDS), "a command defined in a module must be in group.COMMANDS, and back"
+    for name, (module, short_help) in COMMANDS.items():
+        assert cli.commands[name].callback.__module__ == f"auditctl.cli.{module}", name
+        assert short_help.endswith(".") and len(short_help) <= 70, name
+
+
+def test_help_lists_every_command_with_its_line_from_the_table():
+    from auditctl.cli.group import COMMANDS
+
+    listed = run("--help").stdout.split("Commands:\n", 1)[1].split("\n\n", 1)[0]
+    rows = [re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in listed.splitlines()]
+    assert rows == [[name, COMMANDS[name][1]] for name in sorted(COMMANDS)]
+
+
 # --- do no harm ------------------------------------------------------------------------------------
 
 

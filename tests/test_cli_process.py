@@ -261,14 +261,22 @@ except SystemExit:
 heavy = sorted({m.split(".")[0] for m in sys.modules}
                & {"sqlalchemy", "rich", "alembic", "psycopg", "tabulate", "prometheus_client", "starlette", "uvicorn"})
 print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+print("COMMAND_MODULES=" + ",".join(sorted(m for m in sys.modules if m.startswith("auditctl.cli.")
+                                           and m.split(".")[2] in {"admin", "judge", "notify", "report", "serve", "views",
+                                                                   "watch"})), file=sys.stderr)
 """
 
 
-def heavy_imports(tmp_path, *args, **env) -> set[str]:
+def imported(tmp_path, what: str, *args, **env) -> set[str]:
+    """The modules of one kind (``HEAVY`` or ``COMMAND_MODULES``) an auditctl process run with ``args`` imported."""
     result = subprocess.run([sys.executable, "-c", IMPORTS, *args], cwd=tmp_path, env=clean_env(tmp_path, **env),
                             check=False, capture_output=True, text=True, timeout=60)
-    line = next(line for line in result.stderr.splitlines() if line.startswith("HEAVY="))
-    return set(filter(None, line[len("HEAVY="):].split(",")))
+    line = next(line for line in result.stderr.splitlines() if line.startswith(f"{what}="))
+    return set(filter(None, line[len(what) + 1:].split(",")))
+
+
+def heavy_imports(tmp_path, *args, **env) -> set[str]:
+    return imported(tmp_path, "HEAVY", *args, **env)
 
 
 @pytest.mark.parametrize("args, env", [
@@ -282,6 +290,21 @@ def heavy_imports(tmp_path, *args, **env) -> set[str]:
 ], ids=["help", "scan-help", "watch-help", "report-help", "serve-help", "version", "tab-completion"])
 def test_help_version_and_completion_do_not_import_sqlalchemy_rich_or_alembic(tmp_path, args, env):
     assert heavy_imports(tmp_path, *args, **env) == set()
+
+
+@pytest.mark.parametrize("args, env", [
+    (["--help"], {}),
+    (["--version"], {}),
+    ([], {"_AUDITCTL_COMPLETE": "bash_complete", "COMP_WORDS": "auditctl ", "COMP_CWORD": "1"}),
+    ([], {"_AUDITCTL_COMPLETE": "zsh_complete", "COMP_WORDS": "auditctl re", "COMP_CWORD": "1"}),
+], ids=["help", "version", "tab-completion-bash", "tab-completion-zsh"])
+def test_listing_the_commands_loads_none_of_their_modules(tmp_path, args, env):
+    assert imported(tmp_path, "COMMAND_MODULES", *args, **env) == set()
+
+
+def test_a_command_loads_only_the_modules_it_needs(tmp_path):
+    """The control for the test above: ``workers --help`` loads the module that defines it, and not the others."""
+    assert imported(tmp_path, "COMMAND_MODULES", "workers", "--help") == {"auditctl.cli.views"}
 
 
 def test_the_import_check_sees_sqlalchemy_when_a_command_really_runs(tmp_path):

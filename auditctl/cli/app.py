@@ -5,21 +5,23 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from ..config import build_default_map, load_config_file
 from ..errors import ConfigError
-from .options import AuditctlGroup
+from .group import AuditctlGroup
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def apply_config(ctx: click.Context, path: str | None) -> None:
-    """Load the config file into the root's meta and every command's ``default_map``."""
+    """Load the config file into the root's meta and the commands' ``default_map``."""
+    from ..config import build_default_map, load_config_file
+
     root = ctx.find_root()
     try:
         values, found = load_config_file(path)
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     group = root.command
+    # The commands loaded so far: the one being run is among them (click resolves it first).
     params = {name: [p.name for p in command.params] for name, command in group.commands.items()}
     root.default_map = build_default_map(values, params)
     root.meta["auditctl.config_path"] = str(found) if found else None

@@ -10,10 +10,8 @@ from ..thresholds import RECOVERY_REASONS, RULE_REASONS
 from .app import cli
 from .metrics_options import metrics_options
 from .notify import destination_options
+from .group import EXIT_ERROR, EXIT_REFUSED, EXIT_STUCK
 from .options import (
-    EXIT_ERROR,
-    EXIT_REFUSED,
-    EXIT_STUCK,
     MAX_INT,
     MOMENT,
     ListType,

@@ -14,7 +14,8 @@ import functools
 import click
 
 from .app import cli
-from .options import DURATION, EXIT_ERROR, ListType, _setting_option, common_options, echo_status, flatten, output_options
+from .group import EXIT_ERROR
+from .options import DURATION, ListType, _setting_option, common_options, echo_status, flatten, output_options
 
 _URLS = ListType(metavar="URL")
 

@@ -1,39 +1,16 @@
-"""Options shared by commands, the lazily built engines, and errors mapped to exit codes.
-
-Exit codes (README and ``auditctl --help`` carry the same table):
-
-====  ===========================================================
-0     success, including "nothing to do"
-1     runtime error: database unreachable or missing, schema missing, no such audit
-2     usage error: bad flag, bad duration, unsafe threshold, bad config file
-3     ``scan --exit-code`` found stuck audits
-4     ``reset-all`` refused or declined (including Ctrl-C or Ctrl-D at its prompt): nothing was changed
-130   interrupted (Ctrl-C) during a long operation; batches already done stay done
-====  ===========================================================
-"""
+"""Options shared by commands, their types, and the lazily built engines (``CliState``)."""
 
 from __future__ import annotations
 
 import functools
-import sys
 
 import click
 from click.core import ParameterSource
 
 from ..config import SETTINGS
-from ..errors import AuditctlError, ConfigError
+from ..errors import ConfigError
 from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration
 from .render import FORMATS
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0    success, including "nothing to do"
-  1    runtime error: database unreachable or missing, schema missing, no such audit
-  2    usage error: bad flag, bad duration, unsafe threshold, bad config file
-  3    scan --exit-code found stuck audits
-  4    reset-all refused or declined (also Ctrl-C or Ctrl-D at its prompt)
-  130  interrupted during a long operation (batches already done stay done)"""
 
 #: Largest id or limit a database integer holds.
 MAX_INT = 2**63 - 1
@@ -347,93 +324,3 @@ def echo_status(state: CliState, message: str, *, err: bool = True, force: bool 
         return
     click.echo(message, err=err)
 
-
-def paint(text: str, colour: str) -> str:
-    """Colour for a terminal; plain when NO_COLOR or TERM=dumb (click already strips it off a terminal)."""
-    from .render import ascii_only
-
-    return text if ascii_only() else click.style(text, fg=colour)
-
-
-class AuditctlGroup(click.Group):
-    """Maps library errors to one line and an exit code; a traceback only with -v."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except ConfigError as error:
-            _fail(ctx, error, EXIT_USAGE)
-        except AuditctlError as error:
-            _explain_and_fail(ctx, error)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: batches already done stay done; nothing else was changed.", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
-
-    def format_epilog(self, ctx, formatter):
-        super().format_epilog(ctx, formatter)
-        formatter.write_paragraph()
-        formatter.write_text(EXIT_CODES_HELP)
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        """Usage errors as one line: the message, the option that was wrong (and the variable, only when
-        the value came from one), and where help is; exit 2. Click's own form takes four lines."""
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as error:
-            where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
-            click.echo(paint(f"Error: {_usage_message(error)}{where}", "red"), err=True)
-            sys.exit(error.exit_code)
-        except click.ClickException as error:
-            click.echo(paint(f"Error: {error.format_message()}", "red"), err=True)
-            sys.exit(error.exit_code)
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(EXIT_ERROR)
-        sys.exit(code if isinstance(code, int) else EXIT_OK)
-
-
-def _usage_message(error: click.UsageError) -> str:
-    if isinstance(error, click.BadParameter) and not isinstance(error, click.MissingParameter) and error.param is not None:
-        param = error.param
-        names = [param.human_readable_name] if isinstance(param, click.Argument) else (param.opts or [param.human_readable_name])
-        hint = " / ".join(f"'{name}'" for name in names)
-        envvar = getattr(param, "envvar", None)
-        ctx = error.ctx
-        if envvar and ctx is not None and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
-            hint += f" (from ${envvar if isinstance(envvar, str) else envvar[0]})"
-        return f"Invalid value for {hint}: {error.message}"
-    return error.format_message()
-
-
-def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:
-    from ..errors import NotOurDatabase, SchemaMissing, SchemaTooNew
-
-    if isinstance(error, SchemaMissing) and not isinstance(error, (NotOurDatabase, SchemaTooNew)):
-        state = ctx.meta.get("auditctl.state")
-        if state is not None:
-            # Say precisely why: no schema, an old one, or tables that are not ours.
-            try:
-                from ..migrate import diagnose
-
-                error = diagnose(state.engine_for("reader"))
-            except AuditctlError:
-                pass
-    _fail(ctx, error, EXIT_ERROR)
-
-
-def _fail(ctx: click.Context, error: Exception, code: int) -> None:
-    from ..textsafe import printable
-
-    if _verbosity(ctx):
-        import traceback
-
-        traceback.print_exception(error, file=sys.stderr)
-    click.echo(paint(f"Error: {printable(error)}", "red"), err=True)
-    ctx.exit(code)
-
-
-def _verbosity(ctx: click.Context) -> int:
-    # The sub-command's context (where -v was parsed) is gone by now; its meta is shared.
-    return int(ctx.meta.get("auditctl.verbose", 0)) + int(ctx.meta.get("auditctl.verbose_global", 0))

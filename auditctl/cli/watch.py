@@ -114,7 +114,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     if result is not None and result.fatal:
         from ..errors import SchemaMissing
 
-        raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see options._explain_and_fail)
+        raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see group._explain_and_fail)
     if not state.quiet:
         click.echo("watch stopped.", err=True)
     if once and result is not None and not result.ok:

@@ -1,0 +1,178 @@
+"""The ``auditctl`` group's class: the command table, loaded on demand, and errors mapped to exit codes.
+
+Exit codes (README and ``auditctl --help`` carry the same table):
+
+====  ===========================================================
+0     success, including "nothing to do"
+1     runtime error: database unreachable or missing, schema missing, no such audit
+2     usage error: bad flag, bad duration, unsafe threshold, bad config file
+3     ``scan --exit-code`` found stuck audits
+4     ``reset-all`` refused or declined (including Ctrl-C or Ctrl-D at its prompt): nothing was changed
+130   interrupted (Ctrl-C) during a long operation; batches already done stay done
+====  ===========================================================
+
+A command's module is imported only when that command is asked for: ``auditctl --help`` and
+every tab press list the commands from ``COMMANDS`` without building any of them. Building
+all of them (their options, and the modules behind the options) was about a quarter of
+``--help``'s start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+from click.core import ParameterSource
+
+from ..errors import AuditctlError, ConfigError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    success, including "nothing to do"
+  1    runtime error: database unreachable or missing, schema missing, no such audit
+  2    usage error: bad flag, bad duration, unsafe threshold, bad config file
+  3    scan --exit-code found stuck audits
+  4    reset-all refused or declined (also Ctrl-C or Ctrl-D at its prompt)
+  130  interrupted during a long operation (batches already done stay done)"""
+
+#: Every command: the module (in ``auditctl.cli``) that defines it, and the line ``--help`` lists it with.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "completion": ("admin", "Print the shell completion script for bash, zsh or fish."),
+    "config": ("admin", "Print the settings in force and where each came from."),
+    "demo": ("admin", "Fill the database with a sample fleet to try the commands on."),
+    "init": ("admin", "Create or upgrade the database schema."),
+    "list": ("views", "List audits, newest first."),
+    "notify": ("notify", "Deliver pending alerts once (for cron), or list them."),
+    "recover": ("judge", "Recover stuck audits: mark them failed, or requeue them."),
+    "report": ("report", "Report what makes audits stick, and what to change."),
+    "reset-all": ("judge", "Reset failed audits to pending: the incident button."),
+    "scan": ("judge", "Show the stuck audits, and why each is stuck."),
+    "serve": ("serve", "Serve the web dashboard."),
+    "show": ("views", "Show one audit: its progress, recovery and history."),
+    "watch": ("watch", "Run the heartbeat monitor in the foreground."),
+    "workers": ("views", "Each worker instance: alive, silent or gone, and what it holds."),
+}
+
+
+def paint(text: str, colour: str) -> str:
+    """Colour for a terminal; plain when NO_COLOR or TERM=dumb (click already strips it off a terminal)."""
+    from .render import ascii_only
+
+    return text if ascii_only() else click.style(text, fg=colour)
+
+
+class AuditctlGroup(click.Group):
+    """Loads each command when it is asked for; maps library errors to one line and an exit
+    code, with a traceback only with -v."""
+
+    def list_commands(self, ctx):
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in COMMANDS:
+            # Importing the module registers its commands on this group (``@cli.command``).
+            importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
+            command = self.commands.get(name)
+            if command is not None and command.short_help is None:
+                command.short_help = COMMANDS[name][1]
+        return self.commands.get(name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, self._short_help(name)) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def shell_complete(self, ctx, incomplete):
+        from click.shell_completion import CompletionItem
+
+        names = [name for name in self.list_commands(ctx) if name.startswith(incomplete)]
+        # click.Command's own completion: the group's options, when the word starts with a dash.
+        return [CompletionItem(name, help=self._short_help(name)) for name in names] + \
+            click.Command.shell_complete(self, ctx, incomplete)
+
+    def _short_help(self, name: str) -> str:
+        if name in COMMANDS:
+            return COMMANDS[name][1]
+        return self.commands[name].get_short_help_str()
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as error:
+            _fail(ctx, error, EXIT_USAGE)
+        except AuditctlError as error:
+            _explain_and_fail(ctx, error)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: batches already done stay done; nothing else was changed.", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+    def format_epilog(self, ctx, formatter):
+        super().format_epilog(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text(EXIT_CODES_HELP)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Usage errors as one line: the message, the option that was wrong (and the variable, only when
+        the value came from one), and where help is; exit 2. Click's own form takes four lines."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+            click.echo(paint(f"Error: {_usage_message(error)}{where}", "red"), err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            click.echo(paint(f"Error: {error.format_message()}", "red"), err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(EXIT_ERROR)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+def _usage_message(error: click.UsageError) -> str:
+    if isinstance(error, click.BadParameter) and not isinstance(error, click.MissingParameter) and error.param is not None:
+        param = error.param
+        names = [param.human_readable_name] if isinstance(param, click.Argument) else (param.opts or [param.human_readable_name])
+        hint = " / ".join(f"'{name}'" for name in names)
+        envvar = getattr(param, "envvar", None)
+        ctx = error.ctx
+        if envvar and ctx is not None and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
+            hint += f" (from ${envvar if isinstance(envvar, str) else envvar[0]})"
+        return f"Invalid value for {hint}: {error.message}"
+    return error.format_message()
+
+
+def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:
+    from ..errors import NotOurDatabase, SchemaMissing, SchemaTooNew
+
+    if isinstance(error, SchemaMissing) and not isinstance(error, (NotOurDatabase, SchemaTooNew)):
+        state = ctx.meta.get("auditctl.state")
+        if state is not None:
+            # Say precisely why: no schema, an old one, or tables that are not ours.
+            try:
+                from ..migrate import diagnose
+
+                error = diagnose(state.engine_for("reader"))
+            except AuditctlError:
+                pass
+    _fail(ctx, error, EXIT_ERROR)
+
+
+def _fail(ctx: click.Context, error: Exception, code: int) -> None:
+    from ..textsafe import printable
+
+    if _verbosity(ctx):
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    click.echo(paint(f"Error: {printable(error)}", "red"), err=True)
+    ctx.exit(code)
+
+
+def _verbosity(ctx: click.Context) -> int:
+    # The sub-command's context (where -v was parsed) is gone by now; its meta is shared.
+    return int(ctx.meta.get("auditctl.verbose", 0)) + int(ctx.meta.get("auditctl.verbose_global", 0))
