@@ -302,6 +302,22 @@ def test_canonical_is_none_or_26_chars_that_parse_to_the_same_moment(value):
         assert timestamps.to_storage(value) == text
 
 
+@given(st.tuples(st.integers(0, 9999), st.integers(0, 19), st.integers(0, 39), st.integers(0, 29), st.integers(0, 59),
+                 st.integers(0, 59), st.one_of(st.text(alphabet="0123456789", min_size=6, max_size=6),
+                                               st.text(alphabet="0123456789+-:Zz.,T ", min_size=6, max_size=6))))
+@example((2024, 1, 2, 3, 4, 5, "123456"))
+@example((2024, 1, 2, 3, 4, 5, "1-0500"))
+@example((2024, 1, 2, 3, 4, 5, "12345Z"))
+@example((2024, 2, 30, 3, 4, 5, "123456"))
+def test_text_shaped_like_the_canonical_form_reads_as_any_other_text(parts):
+    """parse reads 26-character canonical-looking text in one step; the same text with a leading
+    space goes the general way. Both must give the same reading, for a time or for anything else."""
+    year, month, day, hour, minute, second, tail = parts
+    text = f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}.{tail}"
+    assert len(text) == 26
+    assert timestamps.parse(text) == timestamps.parse(" " + text)
+
+
 @given(any_datetimes, any_datetimes)
 def test_canonical_texts_sort_in_time_order(first, second):
     a, b = timestamps.parse(first), timestamps.parse(second)

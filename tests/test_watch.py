@@ -46,8 +46,11 @@ def demo(database_url):
 
 
 def stuck_statuses(engine) -> dict[str, str]:
+    """The status of each target's newest audit: the demo's stuck one (its finished history has the same targets,
+    and PostgreSQL returns updated rows in no fixed order, so the order is asked for)."""
     with read_connection(engine) as connection:
-        rows = connection.execute(select(audits.c.target, audits.c.status).where(audits.c.target.in_(STUCK_IN_DEMO)))
+        rows = connection.execute(select(audits.c.target, audits.c.status).where(audits.c.target.in_(STUCK_IN_DEMO))
+                                  .order_by(audits.c.id))
         return dict(rows.all())
 
 
