@@ -106,7 +106,8 @@ def test_the_command_table_names_every_command_and_the_module_that_defines_it():
     assert set(cli.commands) == set(COMMANDS), "a command defined in a module must be in group.COMMANDS, and back"
     for name, (module, short_help) in COMMANDS.items():
         assert cli.commands[name].callback.__module__ == f"auditctl.cli.{module}", name
-        assert short_help.endswith(".") and len(short_help) <= 70, name
+        # One line in an 80-column --help beside the longest command name (reset-all, completion).
+        assert short_help.endswith(".") and len(short_help) <= 64, name
 
 
 def test_help_lists_every_command_with_its_line_from_the_table():
