@@ -115,6 +115,7 @@ _RULE_MASK = _FUTURE_BIT - 1
 _REASONS_BY_BITS = tuple(tuple(reason for bit, reason in enumerate(RULE_REASONS) if bits & (1 << bit))
                          for bits in range(_FUTURE_BIT))
 _AT = {name: index for index, name in enumerate(_COLUMNS)}
+_THRESHOLD_AT = {"stale_after": 0, "max_age": 1, "stall_after": 2}
 
 
 class Verdict:
@@ -132,7 +133,7 @@ class Verdict:
         self.unreadable: str | None = None
         self._progress = None
         self._reasons = None
-        self._thresholds: dict | None = None
+        self._thresholds: tuple | None = None
         self._times: dict | None = None
         instance = row[_AT["worker_instance"]]
         self.gone_proof = gone.get(instance) if gone and isinstance(instance, str) else None
@@ -212,26 +213,30 @@ class Verdict:
             problems.append(f"row_unreadable: {self.unreadable}")
         return problems
 
+    def _resolved(self) -> tuple:
+        """``(stale_after, max_age, stall_after)``, each ``(seconds, source)``: resolved once per verdict."""
+        found = self._thresholds
+        if found is None:
+            row, resolve, kind = self.row, self.policy.resolve, self.kind
+            # The same choice the query made in SQL (``_statement``'s cut), made again for display.
+            found = self._thresholds = (
+                resolve("stale_after", worker=sane_duration(row[_AT["declared_stale_after"]]), kind=kind),
+                resolve("max_age", audit=sane_duration(row[_AT["max_age_seconds"]]),
+                        worker=sane_duration(row[_AT["declared_max_age"]]), kind=kind),
+                resolve("stall_after", worker=sane_duration(row[_AT["declared_stall_after"]]), kind=kind),
+            )
+        return found
+
     def threshold(self, name: str) -> tuple[float | None, str]:
         """The threshold this audit was judged by, and where it came from (flag, audit, worker, kind, fleet)."""
-        if self._thresholds is None:
-            self._thresholds = {}
-        found = self._thresholds.get(name)
-        if found is None:
-            row = self.row
-            own = sane_duration(row[_AT["max_age_seconds"]]) if name == "max_age" else None
-            worker = sane_duration(row[_AT[f"declared_{name}"]])
-            # The same choice the query made in SQL (``_statement``'s cut), made again for display.
-            found = self._thresholds[name] = self.policy.resolve(name, audit=own, worker=worker, kind=self.kind)
-        return found
+        return self._resolved()[_THRESHOLD_AT[name]]
 
     def thresholds(self) -> dict:
         """``{"stale_after": {"seconds": 600.0, "source": "fleet"}, ...}``."""
-        result = {}
-        for name in ("stale_after", "max_age", "stall_after"):
-            value, source = self.threshold(name)
-            result[name] = {"seconds": value, "source": source}
-        return result
+        (stale, stale_source), (age, age_source), (stall, stall_source) = self._resolved()
+        return {"stale_after": {"seconds": stale, "source": stale_source},
+                "max_age": {"seconds": age, "source": age_source},
+                "stall_after": {"seconds": stall, "source": stall_source}}
 
     def explain(self) -> list[str]:
         """One sentence per reason, e.g. ``no heartbeat for 12m (stale_after 10m, fleet)``."""
@@ -254,12 +259,14 @@ class Verdict:
         return sentences
 
     def measurements(self) -> dict:
-        used = {name: self.threshold(name)[0] for name in ("stale_after", "max_age", "stall_after")}
+        (stale, _), (age, _), (stall, _) = self._resolved()
         return {
             "silence_seconds": self.silence_seconds,
             "age_seconds": self.age_seconds,
             "stalled_seconds": self.stalled_seconds,
-            **used,
+            "stale_after": stale,
+            "max_age": age,
+            "stall_after": stall,
             **({"worker_gone": self.gone_proof} if self.gone_proof else {}),
         }
 

@@ -14,6 +14,8 @@ from .thresholds import MAX_DURATION
 
 def float_value(value) -> float | None:
     """A finite number as a float, else None."""
+    if type(value) is float:  # what the drivers return for ages and thresholds
+        return value if math.isfinite(value) else None
     if value is None or isinstance(value, (bool, str, bytes, bytearray)):
         return None
     try:

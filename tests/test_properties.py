@@ -692,7 +692,9 @@ def test_mask_url_never_shows_the_password_and_keeps_the_rest(form, password, us
         assert f"{host}{port}/{db}" in masked, masked
         assert masked == expected
     message = f"connection to {url} failed: FATAL: password authentication failed (password was {password!s}; {typed})"
-    assume(password not in message.replace(url, expected).replace(password, urls.MASK).replace(typed, urls.MASK))
+    # What a perfect scrub leaves; a password that is part of it (``*;`` beside a mask) cannot be hidden.
+    perfect = f"connection to {expected} failed: FATAL: password authentication failed (password was {urls.MASK}; {urls.MASK})"
+    assume(password not in perfect and typed not in perfect)
     scrubbed = urls.scrub(message, url)
     assert password not in scrubbed and typed not in scrubbed, scrubbed
 
