@@ -90,7 +90,9 @@ def as_datetime(value) -> datetime | None:
 
 
 def _format(moment: datetime, separator: str = " ", digits: int = 6, suffix: str = "") -> str:
-    """``moment`` (a UTC time from ``parse``) as text without an offset."""
+    """``moment`` in UTC as text without an offset (naive is taken as UTC, as ``parse`` takes it)."""
+    if moment.tzinfo is not None and moment.tzinfo is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)  # parse's times never take this turn
     # Not strftime: it does not zero-pad years below 1000 on every platform, and the text must sort.
     # isoformat always writes four-digit years, and truncates (never rounds) to the digits asked for.
     text = moment.isoformat(separator, "microseconds" if digits == 6 else "milliseconds")

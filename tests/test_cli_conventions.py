@@ -94,6 +94,17 @@ def test_help_lists_the_exit_codes():
     assert "Exit codes:" in shown and "130" in shown and "reset-all refused or declined" in shown
 
 
+def test_help_and_readme_document_exactly_the_exit_codes_auditctl_uses():
+    from auditctl.cli import group
+
+    used = {value for name, value in vars(group).items() if name.startswith("EXIT_") and isinstance(value, int)}
+    in_help = {int(code) for code in re.findall(r"^  (\d+) ", group.EXIT_CODES_HELP, re.M)}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    in_readme = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert used == in_help == in_readme == {0, 1, 2, 3, 4, 130}
+
+
 def test_the_command_table_names_every_command_and_the_module_that_defines_it():
     import importlib
     import pkgutil

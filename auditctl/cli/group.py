@@ -1,15 +1,7 @@
 """The ``auditctl`` group's class: the command table, loaded on demand, and errors mapped to exit codes.
 
-Exit codes (README and ``auditctl --help`` carry the same table):
-
-====  ===========================================================
-0     success, including "nothing to do"
-1     runtime error: database unreachable or missing, schema missing, no such audit
-2     usage error: bad flag, bad duration, unsafe threshold, bad config file
-3     ``scan --exit-code`` found stuck audits
-4     ``reset-all`` refused or declined (including Ctrl-C or Ctrl-D at its prompt): nothing was changed
-130   interrupted (Ctrl-C) during a long operation; batches already done stay done
-====  ===========================================================
+Exit codes: ``EXIT_*`` below, explained in ``EXIT_CODES_HELP`` (the end of ``auditctl --help``)
+and in README's table; a test keeps the three to the same codes.
 
 A command's module is imported only when that command is asked for: ``auditctl --help`` and
 every tab press list the commands from ``COMMANDS`` without building any of them. Building
