@@ -146,8 +146,13 @@ def _validate(setting: Setting, value, path):
 
 
 def build_default_map(values: dict, commands: dict[str, list[str]]) -> dict:
-    """``{command: {param: value}}`` for each command that has a parameter of that name."""
+    """``{command: {param: value}}`` for each setting a command has a parameter of that name for.
+
+    Only settings become option defaults. A section is read where it is used: ``[kinds.NAME]``
+    sets thresholds, and must not become the default of the ``--kind`` filter, whose parameter
+    is also called ``kinds`` (that once made every command see only audits of the kinds named).
+    """
     return {
-        name: {param: values[param] for param in params if param in values}
+        name: {param: values[param] for param in params if param in values and param in SETTINGS}
         for name, params in commands.items()
     }

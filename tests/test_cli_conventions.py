@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 from test_cli_process import clean_env, on_terminal
 
 from auditctl import leases
@@ -57,6 +57,28 @@ def test_global_options_work_before_or_after_the_command(demo, tmp_path):
     assert quiet.stderr == "", "-q before the command silences the status line too"
     verbose = run("-v", "show", "99999", "--database-url", demo)
     assert verbose.exit_code == 1 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.parametrize("command", ["scan", "list"])
+def test_a_kinds_section_in_the_config_file_sets_thresholds_and_filters_nothing(demo, tmp_path, command):
+    from sqlalchemy import create_engine as plain_engine
+
+    stuck = ids_of(run("scan", "-o", "json", "--database-url", demo))
+    with plain_engine(demo).begin() as connection:
+        healthy = connection.execute(  # running, not stuck, without a max_age of its own (which beats the kind's)
+            select(audits.c.id).where(audits.c.status == "running", audits.c.id.not_in(stuck),
+                                      audits.c.max_age_seconds.is_(None)).order_by(audits.c.id)).scalars().first()
+        connection.execute(update(audits).where(audits.c.id == healthy).values(kind="full-scan"))
+    config = tmp_path / "c.toml"
+    config.write_text('[kinds.full-scan]\nmax_age = "1s"\n')
+    without = ids_of(run(command, "-o", "json", "--database-url", demo))
+    with_kinds = run(command, "-o", "json", "--config", config, "--database-url", demo)
+    if command == "scan":
+        assert ids_of(with_kinds) == without | {healthy}, "the kind's max_age judges its audit; the others stay"
+        judged = next(r for r in json.loads(with_kinds.stdout) if r["id"] == healthy)
+        assert judged["reasons"] == ["max_age_exceeded"] and judged["thresholds"]["max_age"]["source"] == "kind full-scan"
+    else:
+        assert ids_of(with_kinds) == without, "a [kinds.NAME] section is no --kind filter"
 
 
 def test_repeated_and_comma_separated_filters_are_unions(demo):
