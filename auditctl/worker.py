@@ -217,11 +217,12 @@ class StuckAuditPrevention:
         slack_webhook: str | list[str] | None = None,
         discord_webhook: str | list[str] | None = None,
         webhook: str | list[str] | None = None,
-        notify_timeout: float = 5.0,
+        notify_timeout: float | timedelta | str = 5.0,
     ):
         self.declared = Overrides.parse(stale_after, max_age, stall_after)
         self.thresholds = Thresholds.parse(stale_after, max_age, stall_after)
         self.heartbeat_interval = validate_heartbeat_interval(heartbeat_interval, self.thresholds.stale_after)
+        notify_timeout = parse_duration(notify_timeout, "notify_timeout")  # "5s" as in the config file
         kind_overrides = {str(name): (values if isinstance(values, Overrides) else Overrides.parse(**values, where=f"kind {name}"))
                           for name, values in (kinds or {}).items()}
         self.policy = Policy.of(self.thresholds, kinds=kind_overrides)

@@ -757,12 +757,17 @@ def test_config_with_nothing_set_shows_every_default():
         "stall_after": ("10m", "default"),
         "interval": ("5m", "default"),
         "refresh": ("1.0s", "default"),
+        "lock_wait": ("30s", "default"),
+        "notify_timeout": ("5.0s", "default"),
         "max_attempts": (3, "default"),
         "max_resets": (5, "default"),
+        "slack_webhook": (None, "default"),
+        "discord_webhook": (None, "default"),
+        "webhook": (None, "default"),
     }
     # Durations read the same in every format; json adds the exact seconds.
     assert {r["setting"]: r.get("seconds") for r in as_json(result)}["stale_after"] == 600.0
-    assert "stale_after   10m" in invoke("config", "--format", "plain").stdout
+    assert "stale_after      10m" in invoke("config", "--format", "plain").stdout
 
 
 def test_config_precedence_is_flag_over_env_over_file_over_default(tmp_path):
@@ -819,6 +824,19 @@ def test_config_masks_the_password_from_flag_env_and_file(tmp_path):
     path.write_text(f'database_url = "{url}"\n')
     by_file = invoke("--config", path, "config", "--format", "csv", secrets=["s3cret"])
     assert f"postgresql://bob:***@db.internal:5432/audits,file {path}" in by_file.stdout
+
+
+def test_config_shows_the_lock_wait_the_alert_timeout_and_each_webhook_masked(tmp_path):
+    path = tmp_path / "alerts.toml"
+    path.write_text('notify_timeout = "9s"\ndiscord_webhook = "https://discord.com/api/webhooks/1/s3cret"\n')
+    env = {"AUDITCTL_SLACK_WEBHOOK": "https://hooks.slack.com/services/T0/B0/s3cret,https://hooks.slack.com/services/T1/B1/s3cret"}
+    settings = config_of(invoke("--config", path, "config", "--format", "json", "--lock-wait", "2m", env=env,
+                                secrets=["s3cret", "T0", "services"]))
+    assert settings["lock_wait"] == ("2m", "flag")
+    assert settings["notify_timeout"] == ("9.0s", f"file {path}")
+    assert settings["slack_webhook"] == ("https://hooks.slack.com/***, https://hooks.slack.com/***", "env AUDITCTL_SLACK_WEBHOOK")
+    assert settings["discord_webhook"] == ("https://discord.com/***", f"file {path}")
+    assert settings["webhook"] == (None, "default")
 
 
 def test_config_masks_a_password_given_as_a_query_parameter():

@@ -7,6 +7,8 @@ that must appear in no output, no log and no database row.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -366,6 +368,23 @@ def test_a_guard_with_a_hanging_webhook_keeps_beating_and_alerts_from_its_own_th
     print(f"\nheartbeat pass: {baseline * 1000:.0f} ms without alerts, {took * 1000:.0f} ms with a hanging webhook")
 
 
+def test_a_guard_takes_notify_timeout_as_any_duration_and_refuses_a_bad_one(sqlite_url, sqlite_engine, hooks):
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import ConfigError
+
+    hook = hooks()
+    for bad in ("soon", -1, 0, float("nan")):
+        with pytest.raises(ConfigError, match="notify_timeout"):
+            StuckAuditPrevention(sqlite_url, worker_id="w", slack_webhook=[hook.url()], notify_timeout=bad)
+    options = {"heartbeat_interval": 0.5, "stale_after": 2, "max_age": 30, "stall_after": 3}
+    with StuckAuditPrevention(sqlite_url, worker_id="alerting", slack_webhook=[hook.url()], notify_timeout="2s",
+                              **options) as guard:
+        stuck = make_running(sqlite_engine, 1, silent_for=700)[0]
+        assert guard._beat_once() is True
+        wait_for(lambda: delivery_states(sqlite_engine) == ["sent"], timeout=5, message="the alert, as a config file's 2s")
+    assert f"#{stuck}" in json.dumps(hook.requests[-1].body)
+
+
 # --- rate limits, crashes, expiry -----------------------------------------------------------------------------------
 
 
@@ -498,6 +517,9 @@ def test_recover_and_reset_all_alert_at_the_end_and_notify_retries_what_failed(d
         [("recovered", "pending", 1, "HTTP 500: no_service")]
     assert records[0]["destination"] == f"webhook http://127.0.0.1:{hook.port}/***"
     assert records[0]["summary"] == "2 stuck audits recovered"
+    as_csv = invoke("notify", "--status", "-o", "csv", "--database-url", database_url)
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert len(rows) == 1 and set(rows[0]) == set(records[0]), "the CSV has the columns JSON has keys for"
     table = invoke("notify", "--status", "--database-url", database_url, env={"COLUMNS": "200"})
     assert "recovered" in table.stdout and "HTTP 500: no_service" in table.stdout
     assert table.stderr.startswith("1 undelivered event")

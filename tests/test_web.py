@@ -13,8 +13,11 @@ import socket
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import update
 
 from auditctl.cli import cli
+from auditctl.db import write_transaction
+from auditctl.schema import audits
 from dbtools import all_rows, events
 from webtools import TOKEN, Output, http, running_dashboard, serve_process
 from webtools import demo_fixture, demo_url_fixture, sqlite_demo_template_fixture  # noqa: F401 - fixtures
@@ -359,3 +362,29 @@ def test_serve_on_a_port_in_use_is_one_error_line_and_exit_1(tmp_path):
     assert err.strip().splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: address already in use; "
                                         "another process listens there: pick another --port"]
     assert out == ""
+
+
+@sqlite_only
+def test_serve_takes_max_attempts_and_max_resets_from_the_environment_like_recover_and_reset_all(demo_url, demo, tmp_path):
+    stuck = sorted(r["id"] for r in cli_json(demo_url, "scan"))
+    proc = serve_process("--port", "0", env={"AUDITCTL_DATABASE_URL": demo_url, "AUDITCTL_WEB_TOKEN": TOKEN,
+                                             "AUDITCTL_MAX_ATTEMPTS": "1", "AUDITCTL_MAX_RESETS": "1"}, cwd=tmp_path)
+    output = Output(proc)
+    try:
+        base = output.wait_for("Dashboard at ").split()[2].rstrip("/")
+        given_up = http("POST", base + "/api/recover", json_body={"id": [stuck[0]], "requeue": True}, headers=BEARER)
+        asked = http("POST", base + "/api/recover", json_body={"id": [stuck[1]], "requeue": True, "max_attempts": 3},
+                     headers=BEARER)
+        first = http("POST", base + "/api/reset-all", json_body={"dry_run": False}, headers=BEARER)
+        with write_transaction(demo) as connection:  # the audits reset once fail again
+            connection.execute(update(audits).where(audits.c.id.in_([r["id"] for r in first.json()]))
+                               .values(status="failed", lease=None))
+        second = http("POST", base + "/api/reset-all", json_body={"dry_run": True}, headers=BEARER)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output.finish()
+    assert given_up.status == 200 and given_up.json()[0]["status"] == "failed", "AUDITCTL_MAX_ATTEMPTS=1: given up"
+    assert asked.status == 200 and asked.json()[0]["status"] == "pending", "a request's own max_attempts wins"
+    assert first.status == 200 and first.json()
+    assert second.status == 200
+    assert not {r["id"] for r in first.json()} & {r["id"] for r in second.json()}, "AUDITCTL_MAX_RESETS=1: left alone"

@@ -6,6 +6,7 @@ import click
 
 from ..config import SETTINGS
 from .app import cli
+from .notify import destination_options
 from .options import DURATION, common_options, echo_status, output_options, threshold_options
 
 
@@ -57,7 +58,9 @@ def demo(state, force):
               show_envvar=True, help=SETTINGS["max_attempts"].help)
 @click.option("--max-resets", type=click.IntRange(min=0), default=5, envvar=SETTINGS["max_resets"].envvar,
               show_envvar=True, help=SETTINGS["max_resets"].help)
-def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_attempts, max_resets):
+@destination_options
+def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_attempts, max_resets, destinations,
+                   notify_timeout):
     """Print the settings in force and where each came from (flag, env, file, default).
 
     Durations are shown the same way in every format (10m, 1h30m); json adds the seconds.
@@ -75,8 +78,16 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
         "stall_after": policy.override.stall_after or policy.fleet.stall_after,
         "interval": interval,
         "refresh": refresh,
+        "lock_wait": state.lock_wait,
+        "notify_timeout": notify_timeout,
     }
-    values = {"database_url": state.masked_url, **durations, "max_attempts": max_attempts, "max_resets": max_resets}
+    from ..urls import mask_webhook
+
+    webhooks = {f"{kind}_webhook" if kind != "webhook" else kind:  # masked: a webhook URL is a secret
+                ", ".join(mask_webhook(d.url) for d in destinations if d.kind == kind) or None
+                for kind in ("slack", "discord", "webhook")}
+    values = {"database_url": state.masked_url, **durations, "max_attempts": max_attempts, "max_resets": max_resets,
+              **webhooks}
     names = {
         ParameterSource.COMMANDLINE: lambda s: "flag",
         ParameterSource.ENVIRONMENT: lambda s: f"env {s.envvar}",

@@ -150,6 +150,7 @@ def notify_columns():
         Column("attempts", "TRIES", justify="right", fit="whole"),
         Column("summary", "SUMMARY", fit="wrap", detail=True, label="what"),
         Column("next_attempt_at", "NEXT TRY", human=_when, fit="whole", detail=True, label="next try"),
+        Column("expires_at", "EXPIRES", human=_when, fit="whole", detail=True, label="expires"),
         Column("last_error", "LAST ERROR", fit="wrap", detail=True, label="last error"),
     ]
 

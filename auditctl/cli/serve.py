@@ -23,7 +23,11 @@ class ListenError(AuditctlError):
 @click.option("--token", envvar="AUDITCTL_WEB_TOKEN", show_envvar=True, default=None, metavar="TOKEN",
               help="The token that allows actions (reset, recover); without it the dashboard is read-only. "
                    "Prefer the environment variable: a flag is visible to other users in ps.")
-def serve(state, policy, allow_unsafe, host, port, token):
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
+              show_envvar=True, help="Recover with requeue: after this many claims an audit fails for good.")
+@click.option("--max-resets", type=click.IntRange(min=0), default=5, show_default=True, envvar="AUDITCTL_MAX_RESETS",
+              show_envvar=True, help="Reset All Audits leaves alone an audit already reset this many times (0: no limit).")
+def serve(state, policy, allow_unsafe, host, port, token, max_attempts, max_resets):
     """Serve the web dashboard: live status, stuck audits and why, Reset All Audits.
 
     \b
@@ -51,7 +55,8 @@ def serve(state, policy, allow_unsafe, host, port, token):
 
     from ..web import create_app  # Starlette and uvicorn: only for this command
 
-    app = create_app(state.database_url, policy=policy, token=token, host=host, allow_unsafe=allow_unsafe)
+    app = create_app(state.database_url, policy=policy, token=token, host=host, allow_unsafe=allow_unsafe,
+                     max_attempts=max_attempts, max_resets=max_resets)
     dashboard = app.state.dashboard
     sock = _listen(host, port)
     try:

@@ -200,13 +200,12 @@ def _done(records: list, skipped: list, what: str, key: str) -> Response:
 
 async def recover(request: Request):
     from ..records import recovery_record
-    from ..recovery import DEFAULT_MAX_ATTEMPTS
     from .params import stuck_filters
 
     async def work(d, user, params):
         dry_run = params.flag("dry_run")
         done = await run_in_threadpool(d.recover, user, stuck_filters(params), requeue=params.flag("requeue"),
-                                       max_attempts=params.integer("max_attempts", DEFAULT_MAX_ATTEMPTS, low=1),
+                                       max_attempts=params.integer("max_attempts", d.max_attempts, low=1),
                                        dry_run=dry_run)
         return _done([recovery_record(r, dry_run) for r in done], done.skipped, "recovered", "recovered")
 
@@ -218,7 +217,7 @@ async def reset_all(request: Request):
     from .params import reset_request
 
     async def work(d, user, params):
-        filters, include_stuck = reset_request(params)
+        filters, include_stuck = reset_request(params, d.max_resets)
         plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
         if params.flag("dry_run"):
             return json_response(listing)

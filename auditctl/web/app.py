@@ -104,8 +104,9 @@ class Dashboard:
     """What the routes share: engines, policy, token, sessions and the database's health."""
 
     def __init__(self, database_url: str, *, policy: Policy | None = None, token: str | None = None,
-                 allow_unsafe: bool = False):
+                 allow_unsafe: bool = False, max_attempts: int | None = None, max_resets: int | None = None):
         from ..db import display_url
+        from ..recovery import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RESETS
 
         self.database_url = database_url
         self.reader = open_engine(database_url, "reader")
@@ -113,6 +114,9 @@ class Dashboard:
         self.policy = Policy.coerce(policy) if policy is not None else Policy.of()
         self.token = token or None
         self.allow_unsafe = allow_unsafe
+        # What the buttons and the API use unless a request says otherwise (serve --max-attempts, --max-resets).
+        self.max_attempts = DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts
+        self.max_resets = DEFAULT_MAX_RESETS if max_resets is None else max_resets
         self.sessions = Sessions()
         self.health = Health()
         self._operator = None
@@ -499,7 +503,7 @@ async def reset_preview(request: Request):
     if refusal is not None:
         return refusal
     try:
-        filters, include_stuck = reset_request(Params(form))
+        filters, include_stuck = reset_request(Params(form), d.max_resets)
         plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
         return _action_error(request, error, d)
@@ -530,7 +534,6 @@ async def reset_confirm(request: Request):
 
 async def recover_action(request: Request):
     from ..records import recovery_record
-    from ..recovery import DEFAULT_MAX_ATTEMPTS
     from ..rules import Filters
 
     d = _dashboard(request)
@@ -544,7 +547,7 @@ async def recover_action(request: Request):
         confirmed = params.flag("confirm")
         filters = Filters(ids=ids)
         done = await run_in_threadpool(d.recover, session.user, filters, requeue=requeue,
-                                       max_attempts=DEFAULT_MAX_ATTEMPTS, dry_run=not confirmed)
+                                       max_attempts=d.max_attempts, dry_run=not confirmed)
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
         return _action_error(request, error, d)
     records = [recovery_record(r, not confirmed) for r in done]
@@ -558,12 +561,13 @@ async def recover_action(request: Request):
 
 
 def create_app(database_url: str, *, policy: Policy | None = None, token: str | None = None, host: str = "127.0.0.1",
-               allow_unsafe: bool = False) -> Starlette:
+               allow_unsafe: bool = False, max_attempts: int | None = None, max_resets: int | None = None) -> Starlette:
     """The dashboard as an ASGI application. Opening it does not connect; a database that is down
     at start is reported in the pages like any later outage."""
     from . import api
 
-    dashboard = Dashboard(database_url, policy=policy, token=token, allow_unsafe=allow_unsafe)
+    dashboard = Dashboard(database_url, policy=policy, token=token, allow_unsafe=allow_unsafe, max_attempts=max_attempts,
+                          max_resets=max_resets)
     routes = [
         Route("/", overview_page),
         Route("/stuck", stuck_page),
