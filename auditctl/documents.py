@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import reprlib
 
 #: Deeper documents are not walked (a recursive reader would fail on them); auditctl writes depth 3.
@@ -95,6 +96,27 @@ def load(raw):
     # Depth never exceeds the number of opening brackets, so most documents need no walk.
     if text.count("{") + text.count("[") > MAX_DEPTH and depth_exceeds(value):
         return NotJSON(text, "too_deep")
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        return _without_lone_surrogates(value)
+    return value
+
+
+#: ``\ud800``-style escapes: JSON may encode half of a surrogate pair alone, which Python keeps as
+#: a lone surrogate that no UTF-8 output (a terminal, a page, a pipe) can encode.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value, depth: int = 0):
+    """The document with each lone surrogate replaced by U+FFFD (pairs were joined by the decoder)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if depth > MAX_DEPTH:
+        return value
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item, depth + 1) for item in value]
     return value
 
 

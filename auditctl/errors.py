@@ -21,6 +21,14 @@ class DatabaseRefused(DatabaseUnavailable):
     """The database answered but refused a statement (a value it cannot store, a constraint): not an outage."""
 
 
+class TextNotUtf8(DatabaseRefused):
+    """A row holds text that is not UTF-8: SQLite keeps whatever bytes another tool gave it.
+
+    The engine reads text with replacement characters from then on, so the same read, tried
+    again, succeeds; the readers that page through many rows do that by themselves.
+    """
+
+
 class DatabaseMissing(DatabaseUnavailable):
     """A read-only command was pointed at a SQLite file that does not exist (it is never created)."""
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 
 # C0 controls (but tab and newline are handled by the caller's choice), DEL, C1 controls,
-# and the Unicode controls that reorder or hide text (bidi overrides, isolates, the Arabic
-# letter mark U+061C, zero-width).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
-_CONTROL_AND_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# the Unicode controls that reorder or hide text (bidi overrides, isolates, the Arabic
+# letter mark U+061C, zero-width), and lone surrogates (a JSON document may hold "\ud800",
+# which no UTF-8 output can encode).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+_CONTROL_AND_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
 
 
 def _escape(match: re.Match) -> str:
@@ -61,7 +62,7 @@ def markdown_cell(value) -> str:
 
 # In JSON text these can only sit inside strings, where \uXXXX is the same character: escaping
 # them keeps the JSON exact and keeps a terminal that prints it from acting on them.
-_JSON_RISKY = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+_JSON_RISKY = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
 
 
 def json_safe_text(text: str) -> str:

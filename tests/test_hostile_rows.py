@@ -82,6 +82,13 @@ def corpus(engine) -> dict[str, int]:
         rows["blob target"] = insert(engine, **stale_times(engine), target=b"\xff\xfe\x1b[2J")
         rows["odd time forms"] = insert(engine, created_at="20251101T000000Z", started_at="2025-11-01T00:00:00+0000",
                                         heartbeat_at="2025-11-01T00:00:00,5+00", last_worker_update="2025-11-01 00:00:00+00")
+        rows["text that is not UTF-8"] = not_utf8 = insert(engine, **stale_times(engine))
+        with engine.begin() as connection:  # SQLite keeps the bytes it is given as TEXT; Python cannot decode them
+            connection.execute(text("UPDATE audits SET target = CAST(X'68747470733a2f2fff' AS TEXT), "
+                                    "worker_id = CAST(X'77ff' AS TEXT), kind = CAST(X'6bff' AS TEXT), "
+                                    "error = CAST(X'ff41' AS TEXT) WHERE id = :id"), {"id": not_utf8})
+        rows["a lone surrogate in the step"] = insert(engine, **stale_times(engine),
+                                                      progress='{"progress": {"step": "S\\ud800", "percentage": 30}}')
     rows["deep progress"] = insert(engine, **stale_times(engine), progress=DEEP)
     rows["huge task counts"] = insert(engine, **stale_times(engine), progress=json.dumps(
         {"progress": {"step": "Crawl", "completed_tasks": 10**400, "total_tasks": 10**401}}))

@@ -177,6 +177,12 @@ def test_slack_and_discord_messages_show_hostile_targets_as_text_and_name_the_wo
     assert titles == ["1 stuck audit recovered", "Worker worker-7 gone"]
     assert "\\[click\\]" in discord_body["embeds"][0]["fields"][0]["name"]  # no masked link
 
+    gone_by_name = build([OutboxEvent(9, None, "recovered", {"audits": [
+        {"id": 42, "target": "t", "reasons": ["worker_gone"], "status": "failed", "worker_id": hostile,
+         "explanation": ["gone"], "measured": {"worker_gone": "gone"}}]})])
+    slack_text = slack.message(gone_by_name, "k")["text"]
+    assert "&lt;!channel&gt;" in slack_text and "<!channel>" not in slack_text, "the notification text pings nobody"
+
 
 # --- a recovery in watch --------------------------------------------------------------------------------------------
 

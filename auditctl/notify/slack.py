@@ -68,4 +68,5 @@ def message(digest: Digest, idempotency_key: str) -> dict:
     span = f"event #{ids[0]}" if len(ids) == 1 else f"events #{ids[0]}–#{ids[-1]} ({len(ids)})"
     blocks.append({"type": "context", "elements": [
         {"type": "mrkdwn", "text": f"auditctl · {span} · idempotency key {idempotency_key}"}]})
-    return {"text": printable(title)[:3000], "blocks": blocks[:50]}
+    # The top-level text is the notification (and the fallback): Slack reads <!channel> and <url|label> there too.
+    return {"text": escape(title)[:3000], "blocks": blocks[:50]}
