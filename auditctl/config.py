@@ -60,6 +60,9 @@ SETTINGS = {
     )
 }
 
+#: The largest count a setting takes: PostgreSQL's integer column (SQLite's holds more).
+MAX_COUNT = 2**31 - 1
+
 #: Keys of the config file that are not single settings.
 SECTIONS = ("kinds",)
 
@@ -140,8 +143,9 @@ def _validate(setting: Setting, value, path):
         parse_duration(value, where)
         return str(value)
     minimum = 0 if setting.kind == "count0" else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where} must be a whole number of at least {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
+        shown = value if not isinstance(value, int) or abs(value) < 10**30 else f"a number of {len(str(abs(value)))} digits"
+        raise ConfigError(f"{where} must be a whole number from {minimum} to {MAX_COUNT}, got {shown!r}")
     return value
 
 

@@ -54,6 +54,8 @@ OPERATOR_LOCK_WAIT = 30.0
 READER_LOCK_WAIT = 5.0
 
 ROLES = ("worker", "operator", "reader")
+#: The drivers auditctl ships and tests, per database.
+_DRIVERS = {"sqlite": ("pysqlite",), "postgresql": ("psycopg",)}
 #: Query parameters of a SQLite URL that belong to SQLite's own URI filenames.
 _SQLITE_URI_PARAMS = ("mode", "cache", "immutable", "nolock", "psow", "vfs")
 _SQLITE_WAIT = {"worker": WORKER_LOCK_WAIT, "operator": OPERATOR_LOCK_WAIT, "reader": READER_LOCK_WAIT}
@@ -71,6 +73,11 @@ def normalize_url(database_url: str | URL) -> URL:
     backend = url.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise ConfigError(f"unsupported database {backend!r} in {mask_url(database_url)}: use sqlite:///PATH or postgresql://...")
+    driver = url.get_driver_name()
+    if driver not in _DRIVERS[backend]:
+        # Another driver may not be installed (an import error deep in SQLAlchemy), and is not tested.
+        raise ConfigError(f"unsupported driver {driver!r} in {mask_url(database_url)}: auditctl talks to "
+                          f"{'PostgreSQL through psycopg 3: write postgresql://...' if backend == 'postgresql' else 'SQLite through Python sqlite3: write sqlite:///PATH'}")
     if backend == "sqlite" and url.database and url.host:
         # sqlite://relative.db (two slashes) puts the file name where a host would be.
         raise ConfigError(f"{mask_url(database_url)} names no file: a SQLite URL has three slashes, "
@@ -140,7 +147,11 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
             # A file this process may not write: open it read-only, through SQLite's URI form.
             url = url.set(database=f"file:{path}?mode=ro").update_query_dict({"uri": "true"})
         connect_args = {"timeout": lock_wait, "check_same_thread": False}
-        engine = sa_create_engine(url, connect_args=connect_args, **kwargs)
+        try:
+            engine = sa_create_engine(url, connect_args=connect_args, **kwargs)
+        except (ValueError, TypeError) as error:  # ?timeout=abc, ?check_same_thread=maybe
+            raise ConfigError(f"cannot use the database URL {mask_url(database_url)}: "
+                              f"{scrub(error, database_url)}") from None
         _configure_sqlite(engine, lock_wait, wal=not read_only)
         if (must_exist if must_exist is not None else read_only) and path is not None:
             _never_create(engine)

@@ -41,7 +41,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import AuditctlError
-from .thresholds import Policy
+from .statuses import STATUSES
+from .thresholds import RECOVERY_REASONS, Policy
 
 log = logging.getLogger("auditctl.metrics")
 
@@ -59,8 +60,9 @@ def _bound(value: float) -> str:
 def families(figures) -> list:
     """The metric families for one reading of ``report.FleetFigures``."""
     out = []
-    audits = GaugeMetricFamily("auditctl_audits", "Audits in each state.", labels=["status"])
-    for status, count in sorted(figures.by_status.items()):
+    audits = GaugeMetricFamily("auditctl_audits", "Audits in each state (other: a status auditctl does not know).",
+                               labels=["status"])
+    for status, count in sorted(_folded(figures.by_status, STATUSES).items()):
         audits.add_metric([status], count)
     out.append(audits)
     stuck = GaugeMetricFamily("auditctl_stuck_audits", "Running audits stuck now, per reason (an audit may have two).",
@@ -73,8 +75,9 @@ def families(figures) -> list:
     for outcome, count in history.recoveries.items():
         recoveries.add_metric([outcome], count)
     out.append(recoveries)
-    reasons = CounterMetricFamily("auditctl_recovery_reasons", "Recoveries per reason, from the history.", labels=["reason"])
-    for reason, count in history.reasons.items():
+    reasons = CounterMetricFamily("auditctl_recovery_reasons", "Recoveries per reason, from the history "
+                                  "(other: a reason another tool wrote).", labels=["reason"])
+    for reason, count in _folded(history.reasons, RECOVERY_REASONS).items():
         reasons.add_metric([reason], count)
     out.append(reasons)
     out.append(CounterMetricFamily("auditctl_resets", "Audits reset to pending by an operator, from the history.",
@@ -104,6 +107,19 @@ def families(figures) -> list:
                                      "Age of the oldest undelivered notification event (0: none).",
                                      value=figures.notifications.oldest_age_seconds or 0.0))
     return out
+
+
+def _folded(counts: dict, known) -> dict:
+    """Counts per label value, with every value auditctl does not know added up under ``other``.
+
+    Another tool may write any status or reason: shown as they are, each would be a new time
+    series, and its escape sequences would reach whoever reads the exposition in a terminal.
+    """
+    folded: dict[str, int] = {}
+    for value, count in counts.items():
+        label = value if value in known else "other"
+        folded[label] = folded.get(label, 0) + count
+    return folded
 
 
 class FleetCollector:

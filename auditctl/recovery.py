@@ -582,7 +582,14 @@ def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_res
     if filters.ids is not None:
         conditions.append(id_in(audits.c.id, filters.ids))
     if limit_resets and filters.max_resets is not None:
-        conditions.append(audits.c.resets < filters.max_resets)
+        resets = audits.c.resets
+        if not is_postgres(connection):
+            # SQLite sorts any text or BLOB above every number: a counter another tool made unreadable
+            # would hold the audit back for good. It counts as 0, as everything that shows it reads it.
+            from sqlalchemy import case
+
+            resets = case((func.typeof(resets).in_(["integer", "real"]), resets), else_=0)
+        conditions.append(resets < filters.max_resets)
     return conditions
 
 

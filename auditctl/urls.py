@@ -97,10 +97,29 @@ def secrets_of(value) -> list[str]:
     for start, end in _spans(text):
         secret = text[start:end]
         found.update({secret, unquote(secret), unquote_plus(secret)})
+        found.update(_split_at_at(secret))
     password = getattr(value, "password", None)
     if password:
         found.add(str(password))
     return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def _split_at_at(secret: str) -> set[str]:
+    """The pieces of a password holding an unencoded '@' that a driver may show on their own.
+
+    ``u:hunter2@Tr0ub4dor@host`` is read by SQLAlchemy as password ``hunter2`` and host
+    ``Tr0ub4dor@host``, so an error says "cannot resolve host 'Tr0ub4dor@host'". Each tail is
+    taken with the '@' that follows it (distinctive enough to replace anywhere), each head
+    when it is at least three characters long (a shorter one would mask ordinary words).
+    """
+    parts = secret.split("@")
+    pieces = set()
+    for cut in range(1, len(parts)):
+        pieces.add("@".join(parts[cut:]) + "@")
+        head = "@".join(parts[:cut])
+        if len(head) >= 3:
+            pieces.add(head)
+    return pieces
 
 
 def scrub(message, *urls) -> str:

@@ -946,12 +946,37 @@ def test_config_file_contradicting_the_defaults_is_a_usage_error(tmp_path):
     assert "stall_after (2h) is longer than max_age (30m)" in result.stderr
 
 
-@pytest.mark.parametrize("url", ["mysql://bob:s3cret@127.0.0.1/x", "postgresql://bob:s3cret@[::1"])
+@pytest.mark.parametrize("url", ["mysql://bob:s3cret@127.0.0.1/x", "postgresql://bob:s3cret@[::1",
+                                 "postgresql+psycopg2://bob:s3cret@127.0.0.1:1/x", "postgresql+asyncpg://bob:s3cret@h/x",
+                                 "sqlite+aiosqlite://bob:s3cret@/x.db"])
 def test_unusable_database_url_is_a_usage_error_without_the_password(url):
     result = invoke("scan", "--database-url", url, secrets=["s3cret"])
     assert result.exit_code == 2
     assert "bob:***@" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("query, message", [("timeout=abc", "could not convert string to float: 'abc'"),
+                                            ("check_same_thread=maybe", "String is not true/false: 'maybe'")])
+def test_a_bad_value_in_a_sqlite_url_is_a_usage_error(tmp_path, query, message):
+    result = invoke("init", "--database-url", f"sqlite:///{tmp_path / 'a.db'}?{query}")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip() == f"Error: cannot use the database URL sqlite:///{tmp_path / 'a.db'}?{query}: {message}"
+
+
+@pytest.mark.parametrize("command, option", [(["reset-all", "--dry-run"], "max-resets"), (["recover", "--requeue"], "max-attempts"),
+                                             (["watch", "--once"], "max-attempts"), (["serve"], "max-resets")])
+def test_a_count_larger_than_a_database_integer_is_a_usage_error_from_flag_env_and_file(command, option, tmp_path):
+    too_big = str(2**31)
+    by_flag = invoke(*command, f"--{option}", too_big)
+    assert by_flag.exit_code == 2 and "is not in the range" in by_flag.stderr and "Traceback" not in by_flag.output
+    by_env = invoke(*command, env={f"AUDITCTL_{option.upper().replace('-', '_')}": "9" * 30})
+    assert by_env.exit_code == 2 and "is not in the range" in by_env.stderr
+    config = tmp_path / "big.toml"
+    config.write_text(f"{option.replace('-', '_')} = {too_big}\n")
+    by_file = invoke("--config", config, *command)
+    assert by_file.exit_code == 2 and f"must be a whole number from {'0' if 'resets' in option else '1'} to 2147483647" \
+        in by_file.stderr
 
 
 # --- runtime errors -------------------------------------------------------------------
@@ -983,6 +1008,12 @@ def test_unreachable_database_with_verbose_shows_a_traceback_but_still_no_passwo
     assert result.exit_code == 1
     assert "Traceback" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("Error: database unavailable at")
+
+
+def test_a_password_with_an_unencoded_at_sign_is_hidden_also_where_the_driver_reads_it_as_the_host():
+    url = "postgresql://u:hunter2@Tr0ub4dor@127.0.0.1:1/db"
+    result = invoke("scan", "--database-url", url, secrets=["hunter2", "Tr0ub4dor"])
+    assert result.exit_code == 1 and "Error: database unavailable at postgresql://u:***@127.0.0.1:1/db" in result.stderr
 
 
 def test_unreachable_database_with_password_in_query_string_does_not_print_it():

@@ -319,3 +319,16 @@ def test_times_python_cannot_hold_read_as_unreadable_and_every_other_time_exactl
     assert verdicts[rows["infinity"]].last_heartbeat is None
     assert "started_at_unreadable" in verdicts[rows["before year 1"]].problems
     assert "heartbeat_at_unreadable" in verdicts[rows["year 10000"]].problems
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # PostgreSQL's integer column holds only integers
+@pytest.mark.parametrize("counter", ["'many'", "X'00'"])
+def test_a_reset_counter_another_tool_made_unreadable_counts_as_no_reset(engine, database_url, counter):
+    audit_id = insert(engine, **stale_times(engine), status="failed")
+    with engine.begin() as connection:
+        connection.execute(text(f"UPDATE audits SET resets = {counter} WHERE id = :id"), {"id": audit_id})
+    shown = CliRunner().invoke(cli, ["show", str(audit_id), "-o", "json", "--database-url", database_url])
+    assert json.loads(shown.stdout)["resets"] == 0
+    done = CliRunner().invoke(cli, ["reset-all", "--yes", "--database-url", database_url])
+    assert done.exit_code == 0 and "Reset 1 audit to pending." in done.stderr, done.output
+    assert {r["id"]: r["status"] for r in all_rows(engine)}[audit_id] == "pending"

@@ -221,3 +221,18 @@ def test_a_database_that_cannot_be_read_gives_database_up_0_not_a_failed_scrape(
     assert value(found, "auditctl_database_up") == 0
     assert not any(name.startswith("auditctl_audits") for name, _ in found)
     assert "s3cret" not in metrics.exposition().decode()
+
+
+def test_statuses_and_reasons_another_tool_wrote_are_counted_as_other_never_shown(fleet, engine, tmp_path):
+    hostile = "\x1b]0;pwned\x07x"
+    with write_transaction(engine) as connection:
+        connection.execute(audits.update().where(audits.c.id.in_([1, 2])).values(status=hostile))
+        connection.execute(audits.update().where(audits.c.id == 3).values(status="RUNNING"))
+        connection.execute(audit_events.update().where(audit_events.c.id == 1).values(reasons=f"stale_heartbeat,{hostile}"))
+    path = tmp_path / "hostile.prom"
+    assert invoke("watch", "--database-url", fleet, "--once", "--no-live", "--no-recover", "--metrics-file", path).exit_code == 0
+    exposition = path.read_text()
+    assert "\x1b" not in exposition and "pwned" not in exposition and "RUNNING" not in exposition
+    found = samples(exposition)
+    assert value(found, "auditctl_audits", status="other") == 3
+    assert value(found, "auditctl_recovery_reasons_total", reason="other") >= 1

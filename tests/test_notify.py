@@ -548,6 +548,10 @@ def test_notify_without_a_destination_or_with_a_bad_url_is_a_usage_error(sqlite_
     assert missing.exit_code == 2 and "no destination" in missing.stderr
     bad = invoke("recover", "--database-url", database_url, "--slack-webhook", f"ftp://example.com/{SECRET}")
     assert bad.exit_code == 2 and "slack webhook ftp://example.com/*** is not an http(s) URL" in bad.stderr
+    for broken in (f"http://[::1/{SECRET}", f"https://[fe80::1%eth0/{SECRET}", f"http://example.com:port/{SECRET}"):
+        refused = invoke("recover", "--database-url", database_url, "--webhook", broken)
+        assert refused.exit_code == 2 and "is not an http(s) URL" in refused.stderr and "Traceback" not in refused.output
+        assert SECRET not in refused.output
 
 
 def test_webhooks_come_from_the_config_file_too(sqlite_url, hooks, tmp_path):

@@ -7,7 +7,8 @@ import click
 from ..config import SETTINGS
 from .app import cli
 from .notify import destination_options
-from .options import DURATION, common_options, echo_status, output_options, threshold_options
+from .options import (DURATION, common_options, echo_status, max_attempts_option, max_resets_option, output_options,
+                      threshold_options)
 
 
 @cli.command()
@@ -54,10 +55,8 @@ def demo(state, force):
               help=SETTINGS["interval"].help)
 @click.option("--refresh", type=DURATION, default="1s", envvar=SETTINGS["refresh"].envvar, show_envvar=True,
               help=SETTINGS["refresh"].help)
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, envvar=SETTINGS["max_attempts"].envvar,
-              show_envvar=True, help=SETTINGS["max_attempts"].help)
-@click.option("--max-resets", type=click.IntRange(min=0), default=5, envvar=SETTINGS["max_resets"].envvar,
-              show_envvar=True, help=SETTINGS["max_resets"].help)
+@max_attempts_option(SETTINGS["max_attempts"].help)
+@max_resets_option(SETTINGS["max_resets"].help)
 @destination_options
 def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_attempts, max_resets, destinations,
                    notify_timeout):

@@ -20,6 +20,8 @@ from .options import (
     echo_status,
     flatten,
     judge_filter_options,
+    max_attempts_option,
+    max_resets_option,
     output_options,
     threshold_options,
 )
@@ -111,8 +113,7 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
 @destination_options(deliver=True)
 @click.option("--dry-run", is_flag=True, help="Show exactly what would change; change nothing.")
 @click.option("--requeue", is_flag=True, help="Return stuck audits to pending (attempts counted) instead of failing them.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
-              show_envvar=True, help="With --requeue: after this many claims an audit fails for good.")
+@max_attempts_option()
 def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_attempts):
     """Recover stuck audits: mark them failed (or --requeue them) with the reason recorded.
 
@@ -170,8 +171,7 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
               help="Only audits recovered for this reason; repeatable, comma-separated.")
 @click.option("--origin", "origins", type=ListType(("stuck", "error")), multiple=True,
               help="stuck: recovered by auditctl; error: failed with their own error. Default: both.")
-@click.option("--max-resets", type=click.IntRange(min=0), default=5, show_default=True, envvar="AUDITCTL_MAX_RESETS",
-              show_envvar=True, help="Leave alone an audit already reset this many times (0: no limit).")
+@max_resets_option()
 @click.option("--include-stuck", is_flag=True, help="First recover stuck running audits, then reset them too.")
 def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reasons, origins, max_resets, include_stuck):
     """Reset failed audits to pending: the "Reset All Audits" button.

@@ -7,7 +7,7 @@ import functools
 import click
 from click.core import ParameterSource
 
-from ..config import SETTINGS
+from ..config import MAX_COUNT, SETTINGS
 from ..errors import ConfigError
 from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration
 from .render import FORMATS
@@ -324,3 +324,15 @@ def echo_status(state: CliState, message: str, *, err: bool = True, force: bool 
         return
     click.echo(message, err=err)
 
+
+
+def max_attempts_option(help: str = "With --requeue: after this many claims an audit fails for good."):
+    """``--max-attempts`` (env, config file), bounded by what the database's integer column holds."""
+    return click.option("--max-attempts", type=click.IntRange(1, MAX_COUNT), default=3, show_default=True,
+                        envvar=SETTINGS["max_attempts"].envvar, show_envvar=True, help=help)
+
+
+def max_resets_option(help: str = "Leave alone an audit already reset this many times (0: no limit)."):
+    """``--max-resets`` (env, config file), bounded by what the database's integer column holds."""
+    return click.option("--max-resets", type=click.IntRange(0, MAX_COUNT), default=5, show_default=True,
+                        envvar=SETTINGS["max_resets"].envvar, show_envvar=True, help=help)

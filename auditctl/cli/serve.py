@@ -6,7 +6,7 @@ import click
 
 from ..errors import AuditctlError
 from .app import cli
-from .options import common_options, echo_status, threshold_options
+from .options import common_options, echo_status, max_attempts_option, max_resets_option, threshold_options
 
 
 class ListenError(AuditctlError):
@@ -23,10 +23,8 @@ class ListenError(AuditctlError):
 @click.option("--token", envvar="AUDITCTL_WEB_TOKEN", show_envvar=True, default=None, metavar="TOKEN",
               help="The token that allows actions (reset, recover); without it the dashboard is read-only. "
                    "Prefer the environment variable: a flag is visible to other users in ps.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
-              show_envvar=True, help="Recover with requeue: after this many claims an audit fails for good.")
-@click.option("--max-resets", type=click.IntRange(min=0), default=5, show_default=True, envvar="AUDITCTL_MAX_RESETS",
-              show_envvar=True, help="Reset All Audits leaves alone an audit already reset this many times (0: no limit).")
+@max_attempts_option("Recover with requeue: after this many claims an audit fails for good.")
+@max_resets_option("Reset All Audits leaves alone an audit already reset this many times (0: no limit).")
 def serve(state, policy, allow_unsafe, host, port, token, max_attempts, max_resets):
     """Serve the web dashboard: live status, stuck audits and why, Reset All Audits.
 

@@ -31,7 +31,8 @@ import click
 from .app import cli
 from .metrics_options import metrics_options
 from .notify import WatchAlerts, destination_options
-from .options import DURATION, check_bounds, check_interval, common_options, judge_filter_options, threshold_options
+from .options import (DURATION, check_bounds, check_interval, common_options, judge_filter_options, max_attempts_option,
+                      threshold_options)
 
 #: Seconds between turns of the stuck-audit pages on the screen.
 PAGE_TURN = 5.0
@@ -49,8 +50,7 @@ PAGE_TURN = 5.0
 @click.option("--once", is_flag=True, help="Run a single pass and exit.")
 @click.option("--no-recover", is_flag=True, help="Only watch and report; recover nothing.")
 @click.option("--requeue", is_flag=True, help="Requeue stuck audits (pending) instead of failing them.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, envvar="AUDITCTL_MAX_ATTEMPTS",
-              show_envvar=True, help="With --requeue: after this many claims an audit fails for good.")
+@max_attempts_option()
 @click.option("--live/--no-live", default=None, help="Force the screen on or off. Default: the screen on a terminal.")
 @metrics_options(serve=True, inject=True)
 def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_recover, requeue, max_attempts, live, metrics,

@@ -56,8 +56,13 @@ def _split(value) -> list[str]:
 
 
 def check_url(kind: str, url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError:  # an unclosed IPv6 bracket, a port that is no number
+        hostname = None
+    if hostname is None or parts.scheme.lower() not in ("http", "https") or not hostname:
         raise ConfigError(f"{kind} webhook {mask_webhook(url)} is not an http(s) URL with a host")
     return url
 

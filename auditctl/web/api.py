@@ -199,13 +199,14 @@ def _done(records: list, skipped: list, what: str, key: str) -> Response:
 
 
 async def recover(request: Request):
+    from ..config import MAX_COUNT
     from ..records import recovery_record
     from .params import stuck_filters
 
     async def work(d, user, params):
         dry_run = params.flag("dry_run")
         done = await run_in_threadpool(d.recover, user, stuck_filters(params), requeue=params.flag("requeue"),
-                                       max_attempts=params.integer("max_attempts", d.max_attempts, low=1),
+                                       max_attempts=params.integer("max_attempts", d.max_attempts, low=1, high=MAX_COUNT),
                                        dry_run=dry_run)
         return _done([recovery_record(r, dry_run) for r in done], done.skipped, "recovered", "recovered")
 

@@ -159,9 +159,10 @@ def reset_request(params: Params, max_resets: int):
     """``reset-all``'s options: returns (ResetFilters, include_stuck). ``since`` is a duration here
     (failed within the last 2h), as the library's reset filter measures it on the database's clock.
     ``max_resets`` is the dashboard's (``serve --max-resets``), for a request that names none."""
+    from ..config import MAX_COUNT
     from ..recovery import ORIGINS, ResetFilters
 
     filters = ResetFilters(since=params.duration("since"), reasons=params.items("reason", RECOVERY_REASONS),
                            origins=params.items("origin", ORIGINS),
-                           max_resets=params.integer("max_resets", max_resets) or None)
+                           max_resets=params.integer("max_resets", max_resets, high=MAX_COUNT) or None)
     return filters, params.flag("include_stuck")
