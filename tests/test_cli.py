@@ -979,6 +979,16 @@ def test_a_count_larger_than_a_database_integer_is_a_usage_error_from_flag_env_a
         in by_file.stderr
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_empty_database_url_is_refused_wherever_it_is_given_and_never_falls_back(tmp_path, where, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    args = ["--database-url", "", "init"] if where == "before" else ["init", "--database-url", ""]
+    result = invoke(*args, env={"AUDITCTL_DATABASE_URL": elsewhere})
+    assert result.exit_code == 2 and "cannot read the database URL ''" in result.stderr
+    assert list(tmp_path.iterdir()) == [], "neither the environment's database nor ./auditctl.db was created"
+
+
 # --- runtime errors -------------------------------------------------------------------
 
 

@@ -213,6 +213,14 @@ def test_a_metrics_file_that_cannot_be_written_stops_recover_before_it_changes_a
         assert connection.execute(select(func.count()).select_from(audits).where(audits.c.status == "failed")).scalar() == 2
 
 
+@pytest.mark.parametrize("command", [["recover"], ["watch", "--once", "--no-live"]])
+def test_an_empty_metrics_file_path_is_a_usage_error_before_anything_changes(fleet, engine, command):
+    result = invoke(*command, "--database-url", fleet, "--metrics-file", "")
+    assert result.exit_code == 2 and "the path is empty" in result.stderr
+    with read_connection(engine) as connection:
+        assert connection.execute(select(func.count()).select_from(audits).where(audits.c.status == "failed")).scalar() == 2
+
+
 def test_a_database_that_cannot_be_read_gives_database_up_0_not_a_failed_scrape():
     from auditctl.metrics import Metrics
 

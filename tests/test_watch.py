@@ -118,6 +118,9 @@ def test_watch_once_quiet_prints_only_what_it_recovered(demo):
     assert result.exit_code == 0, result.output
     assert result.stdout.count("recovered audit") == 3
     assert "pass done" not in result.stdout and result.stderr == ""
+    assert result.stdout.splitlines()[0].split(" ", 1)[1].startswith("recovered audit"), "no 'watching' line"
+    again = invoke("watch", "--once", "-q", "--database-url", demo)
+    assert again.exit_code == 0 and again.stdout == "" and again.stderr == "", "nothing changed: nothing printed"
 
 
 def test_watch_once_with_nothing_stuck_says_the_pass_was_clean(database_url):

@@ -97,7 +97,7 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
     records = []
     for name, value in values.items():
         source = ctx.get_parameter_source(name)
-        if name == "database_url" and root.meta.get("auditctl.database_url") and source != ParameterSource.COMMANDLINE:
+        if name == "database_url" and root.meta.get("auditctl.database_url") is not None and source != ParameterSource.COMMANDLINE:
             source = ParameterSource.COMMANDLINE
         record = {"setting": name, "value": format_duration(value) if name in durations else value,
                   "source": names.get(source, lambda s: "default")(SETTINGS[name])}

@@ -109,7 +109,7 @@ def metrics_options(*, serve: bool = False, inject: bool = False):
                 sink.close()
 
         options = [click.option("--metrics-file", "metrics_file", metavar="PATH", default=None,
-                                type=click.Path(dir_okay=False),
+                                type=click.Path(dir_okay=False), callback=_named_file,
                                 help="Write Prometheus metrics to this file (atomically) for node_exporter's "
                                      "textfile collector; name it *.prom.")]
         if serve:
@@ -124,6 +124,13 @@ def metrics_options(*, serve: bool = False, inject: bool = False):
         return wrapper
 
     return decorate
+
+
+def _named_file(_ctx, _param, value):
+    # An empty path (``--metrics-file "$UNSET"``) would be tried at every write and fail each time.
+    if value is not None and not value.strip():
+        raise click.BadParameter("the path is empty; name the file, such as /var/lib/node_exporter/auditctl.prom")
+    return value
 
 
 def _one_pass(sink: MetricsSink, command, args, kwargs):

@@ -175,7 +175,9 @@ def common_options(command):
         root = ctx.find_root()
         # Given before the command name, a global option counts as given on the command line,
         # unless it is given again after it.
-        if root.meta.get("auditctl.database_url") and ctx.get_parameter_source("database_url") != ParameterSource.COMMANDLINE:
+        # An empty one is given too (``--database-url "$UNSET"`` in a cron job): refused below, never
+        # replaced by the environment's database.
+        if root.meta.get("auditctl.database_url") is not None and ctx.get_parameter_source("database_url") != ParameterSource.COMMANDLINE:
             database_url = root.meta["auditctl.database_url"]
         verbose += root.meta.get("auditctl.verbose_global", 0)
         quiet = quiet or root.meta.get("auditctl.quiet_global", False)

@@ -145,7 +145,8 @@ class LogView:
         self.first = True
 
     def start(self):
-        self._line(f"watching {self.state.masked_url}")
+        if not self.state.quiet:  # -q: only what changed or went wrong
+            self._line(f"watching {self.state.masked_url}")
 
     def _line(self, text):
         click.echo(f"{_stamp()} {text}")
