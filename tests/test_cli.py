@@ -932,6 +932,17 @@ def test_bad_config_file_is_a_usage_error_naming_the_file(tmp_path, content, exp
         assert "Traceback" not in result.output
 
 
+def test_a_broken_config_file_leaves_help_and_completion_working_and_stops_every_command(tmp_path, monkeypatch):
+    (tmp_path / "auditctl").mkdir()
+    (tmp_path / "auditctl" / "config.toml").write_text("stale_after = \n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    for command in (["scan", "--help"], ["reset-all", "--help"], ["completion", "bash"], ["--help"]):
+        assert invoke(*command).exit_code == 0, command
+    for command in (["scan"], ["recover", "--dry-run"], ["config"]):
+        refused = invoke(*command)
+        assert refused.exit_code == 2 and "is not valid TOML" in refused.stderr, command
+
+
 def test_missing_config_file_named_explicitly_is_a_usage_error(tmp_path):
     result = invoke("--config", tmp_path / "nope.toml", "scan")
     assert result.exit_code == 2

@@ -19,7 +19,10 @@ def apply_config(ctx: click.Context, path: str | None) -> None:
     try:
         values, found = load_config_file(path)
     except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+        # Raised when a command runs (``common_options``), not here: `auditctl scan --help` and
+        # `auditctl completion` must work while the operator fixes the file.
+        root.meta["auditctl.config_error"] = str(error)
+        values, found = {}, None
     group = root.command
     # The commands loaded so far: the one being run is among them (click resolves it first).
     params = {name: [p.name for p in command.params] for name, command in group.commands.items()}

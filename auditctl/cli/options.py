@@ -173,6 +173,8 @@ def common_options(command):
     def wrapper(*args, database_url, verbose, quiet, lock_wait, **kwargs):
         ctx = click.get_current_context()
         root = ctx.find_root()
+        if root.meta.get("auditctl.config_error"):
+            raise click.UsageError(root.meta["auditctl.config_error"])
         # Given before the command name, a global option counts as given on the command line,
         # unless it is given again after it.
         # An empty one is given too (``--database-url "$UNSET"`` in a cron job): refused below, never
