@@ -109,6 +109,8 @@ def format_duration(seconds: float | None) -> str:
         return "-"  # NaN or infinity (a measurement from a broken row) is no duration to show
     if seconds < 0:
         return "-" + format_duration(-seconds)
+    if 0 < seconds < 0.9995:  # "0.0s" would hide a sub-second threshold the operator set
+        return f"{seconds * 1000:.3g}ms" if seconds >= 0.001 else "<1ms"
     if seconds < 10:
         return f"{seconds:.1f}s"
     whole = int(round(seconds))

@@ -955,6 +955,16 @@ def test_config_file_contradicting_the_defaults_is_a_usage_error(tmp_path):
     result = invoke("--config", path, "scan")
     assert result.exit_code == 2
     assert "stall_after (2h) is longer than max_age (30m)" in result.stderr
+    assert f"(given as stall_after in the config file {path})" in result.stderr, "the file is named, not a flag"
+
+
+def test_a_watch_interval_below_the_floor_is_named_where_it_was_given(tmp_path):
+    path = tmp_path / "fast.toml"
+    path.write_text('interval = "1ms"\n')
+    from_file = invoke("--config", path, "watch", "--once")
+    assert from_file.exit_code == 2 and f"interval in the config file {path}: 1ms is below the floor of 100ms" in from_file.stderr
+    from_env = invoke("watch", "--once", env={"AUDITCTL_REFRESH": "10ms"})
+    assert from_env.exit_code == 2 and "--refresh ($AUDITCTL_REFRESH): 10ms is below the floor" in from_env.stderr
 
 
 @pytest.mark.parametrize("url", ["mysql://bob:s3cret@127.0.0.1/x", "postgresql://bob:s3cret@[::1",

@@ -223,7 +223,8 @@ def threshold_options(command):
                                        stall_after=stall_after if given["stall_after"] else fleet.stall_after)
                 effective.validate()
         except ConfigError as error:
-            raise click.UsageError(str(error)) from None
+            sources = [given_as(name) for name in values if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
+            raise click.UsageError(str(error) + (f" (given as {', '.join(sources)})" if sources else "")) from None
         kinds = ctx.find_root().meta.get("auditctl.config_values", {}).get("kinds", {})
         policy = Policy.of(fleet, override, kinds)
         return command(*args, policy=policy, allow_unsafe=allow_unsafe, **kwargs)
@@ -262,11 +263,23 @@ def check_bounds(state: CliState, policy, allow_unsafe: bool) -> None:
         raise click.UsageError(str(error)) from None
 
 
-def check_interval(interval: float, allow_unsafe: bool, option: str = "--interval") -> None:
+def given_as(name: str) -> str:
+    """How the operator gave a setting, for a message: its flag, its variable, or its key in the file."""
+    option = "--" + name.replace("_", "-")
+    ctx = click.get_current_context(silent=True)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    if source == ParameterSource.ENVIRONMENT and name in SETTINGS:
+        return f"{option} (${SETTINGS[name].envvar})"
+    if source == ParameterSource.DEFAULT_MAP:
+        return f"{name} in the config file {ctx.find_root().meta.get('auditctl.config_path')}"
+    return option
+
+
+def check_interval(interval: float, allow_unsafe: bool, name: str = "interval") -> None:
     if interval < MIN_WATCH_INTERVAL and not allow_unsafe:
         from ..thresholds import format_duration
 
-        raise click.UsageError(f"{option} {format_duration(interval)} is below the floor of "
+        raise click.UsageError(f"{given_as(name)}: {format_duration(interval)} is below the floor of "
                                f"{format_duration(MIN_WATCH_INTERVAL)}; pass --unsafe-thresholds to use it anyway")
 
 

@@ -61,7 +61,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     from ..monitor import Monitor
 
     check_interval(interval, allow_unsafe)
-    check_interval(refresh, allow_unsafe, "--refresh")
+    check_interval(refresh, allow_unsafe, "refresh")
     try:
         check_bounds(state, policy, allow_unsafe)
     except DatabaseUnavailable:
