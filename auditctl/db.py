@@ -511,8 +511,20 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
         return SchemaMissing(f"the database at {where} has no auditctl schema, or an older one ({detail}); "
                              "run `auditctl init`")
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(exc, "connection_invalidated", False):
-        return DatabaseUnavailable(f"database unavailable at {where}: {detail}")
+        return DatabaseUnavailable(f"database unavailable at {where}: {detail}{_read_only_directory_hint(url, detail)}")
     return DatabaseRefused(f"database error at {where}: {detail}")
+
+
+def _read_only_directory_hint(url, detail: str) -> str:
+    """Why SQLite says it would write when only asked to read: a WAL database is read through the
+    ``-shm`` file beside it, which SQLite must create when it is missing."""
+    if url.get_backend_name() != "sqlite" or "readonly database" not in detail:
+        return ""
+    path = sqlite_path(url)
+    if path is None or os.access(os.path.dirname(path), os.W_OK) or os.path.exists(path + "-shm"):
+        return ""
+    return (f" (to read a database in WAL mode SQLite creates {os.path.basename(path)}-shm beside it, and "
+            f"{os.path.dirname(path)} is not writable: run as a user who may write there)")
 
 
 def describe(engine_or_url) -> str:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -192,6 +193,31 @@ def test_read_only_commands_leave_another_tools_file_as_it_was_and_read_a_read_o
         assert "Warning" not in ro.stderr and ro.stderr.count("\n") == 1
     finally:
         copy.chmod(0o644)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to drop the file-permission override")
+def test_a_wal_database_in_a_directory_the_reader_may_not_write_is_explained(demo, tmp_path, engine_name):
+    if engine_name != "sqlite":
+        pytest.skip("SQLite files only")
+    source = sqlite3.connect(Path(demo.split("///", 1)[1]))
+    source.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    target = sqlite3.connect(locked / "ro.db")
+    source.backup(target)
+    source.close()
+    target.close()  # in WAL mode, its -wal and -shm gone
+    (locked / "ro.db").chmod(0o444)
+    locked.chmod(0o555)
+    try:  # root without CAP_DAC_OVERRIDE: file permissions apply, as to an operator with read access only
+        done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                               "--inh-caps=-dac_override,-dac_read_search", str(AUDITCTL), "scan", "--database-url",
+                               f"sqlite:///{locked / 'ro.db'}"], env=clean_env(tmp_path), capture_output=True, text=True,
+                              timeout=60, check=False)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"SQLite creates ro.db-shm beside it, and {locked} is not writable" in done.stderr
 
 
 def test_a_database_holding_another_applications_audits_table_is_recognised_as_not_ours(tmp_path):
