@@ -135,6 +135,19 @@ def dumps(value, **kwargs) -> str:
         return json.dumps("<document that cannot be shown>")
 
 
+#: How much of one document a person is shown (``show``, the dashboard); JSON output has it whole.
+SHOWN_LIMIT = 64 * 1024
+
+
+def shown(value, limit: int = SHOWN_LIMIT) -> str:
+    """A document as indented JSON text for a person, cut at ``limit`` characters with a note saying
+    how much was left out (another tool may store megabytes; the dashboard redraws it every 2 s)."""
+    text = dumps(value, indent=2, ensure_ascii=False)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n… ({len(text) - limit:,} more characters not shown; --format json has the whole document)"
+
+
 def dumps_strict(value) -> str:
     """JSON text to store: strict JSON, never NaN. A value that is not (NaN, a set, a datetime)
     is stored with those leaves as text rather than failing the write that carries it."""

@@ -332,3 +332,19 @@ def test_a_reset_counter_another_tool_made_unreadable_counts_as_no_reset(engine,
     done = CliRunner().invoke(cli, ["reset-all", "--yes", "--database-url", database_url])
     assert done.exit_code == 0 and "Reset 1 audit to pending." in done.stderr, done.output
     assert {r["id"]: r["status"] for r in all_rows(engine)}[audit_id] == "pending"
+
+
+def test_a_document_of_megabytes_is_shown_cut_to_people_and_whole_as_json(engine, database_url):
+    from webtools import running_dashboard
+
+    big = json.dumps({"progress": {"step": "A" * 2_000_000, "percentage": 5}})
+    audit_id = insert(engine, **stale_times(engine), target="https://" + "t" * 100_000, progress=big)
+    human = CliRunner().invoke(cli, ["show", str(audit_id), "-o", "plain", "--database-url", database_url])
+    assert human.exit_code == 0 and len(human.stdout) < 100_000, len(human.stdout)
+    assert "more characters not shown; --format json has the whole document" in human.stdout
+    assert f"({len('https://') + 100_000 - 2000:,} more characters)" in human.stdout  # the target, cut as a table cell is
+    whole = CliRunner().invoke(cli, ["show", str(audit_id), "-o", "json", "--database-url", database_url])
+    assert json.loads(whole.stdout)["progress"]["progress"]["step"] == "A" * 2_000_000
+    with running_dashboard(database_url) as server:
+        page = server.get(f"/fragments/audits/{audit_id}")
+    assert page.status == 200 and len(page.text) < 200_000 and "more characters not shown" in page.text

@@ -85,20 +85,27 @@ _FIELDS = ("id", "target", "status", "kind", "worker_id", "worker_instance", "st
            "declared_thresholds", "has_lease", "error", "problems")
 
 
+#: As much of one field as ``show`` prints (what a table cell holds).
+FIELD_LIMIT = 2000
+
+
 def _field_text(value) -> str:
     from ..documents import dumps
 
     if value in (None, [], "", {}):
         return "-"
     if isinstance(value, (dict, list)):
-        return dumps(value, ensure_ascii=False)
-    if isinstance(value, bool):
+        text = dumps(value, ensure_ascii=False)
+    elif isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    else:
+        text = str(value)
+    # A table cell's limit: another tool may have stored megabytes in a target or an error.
+    return text if len(text) <= FIELD_LIMIT else text[:FIELD_LIMIT] + f"… ({len(text) - FIELD_LIMIT:,} more characters)"
 
 
 def _show_human(record: dict, fmt: str) -> None:
-    from ..documents import dumps
+    from ..documents import shown
     from ..textsafe import printable
     from .records import EVENT_COLUMNS
     from .render import ascii_only, console, render
@@ -117,7 +124,7 @@ def _show_human(record: dict, fmt: str) -> None:
             click.echo(f"{key}: {text}")
     for name in ("progress", "recovery_info"):
         document = record[name]
-        text = "-" if document is None else printable(dumps(document, indent=2, ensure_ascii=False), keep_newlines=True)
+        text = "-" if document is None else printable(shown(document), keep_newlines=True)
         click.echo(f"{name}: {text}")
     if not record["history"]:
         click.echo("history: none")
@@ -129,7 +136,7 @@ def _show_human(record: dict, fmt: str) -> None:
 def _show_markdown(record: dict) -> None:
     import re
 
-    from ..documents import dumps
+    from ..documents import shown
     from ..textsafe import markdown_cell, printable
     from .records import EVENT_COLUMNS
     from .render import render
@@ -144,7 +151,7 @@ def _show_markdown(record: dict) -> None:
             click.echo("none")
         else:
             # A fence longer than any run of backticks in the text, so the text cannot close it.
-            text = printable(dumps(record[name], indent=2, ensure_ascii=False), keep_newlines=True)
+            text = printable(shown(record[name]), keep_newlines=True)
             fence = "`" * max(3, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
             click.echo(f"{fence}json\n{text}\n{fence}")
     click.echo("\n### History\n")

@@ -396,11 +396,11 @@ def audits_page(viewer: Viewer, query: dict, fragment: str, query_string: str) -
 
 
 def _document(value) -> str:
-    from ..documents import dumps
+    from ..documents import shown
 
     if value is None:
         return '<p class="empty">none</p>'
-    text = printable(dumps(value, indent=2, ensure_ascii=False), keep_newlines=True)
+    text = printable(shown(value), keep_newlines=True)
     return f'<pre class="doc">{escape(text, quote=True)}</pre>'
 
 
