@@ -575,7 +575,7 @@ class seconds_since(FunctionElement):
 @compiles(seconds_since, "sqlite")
 def _seconds_since_sqlite(element, compiler, **kw):
     (moment,) = list(element.clauses)
-    return f"((julianday('now') - julianday(auditctl_utc({compiler.process(moment, **kw)}))) * 86400.0)"
+    return f"((julianday('now') - julianday(auditctl_utc(CAST({compiler.process(moment, **kw)} AS BLOB)))) * 86400.0)"
 
 
 @compiles(seconds_since, "postgresql")
@@ -596,7 +596,8 @@ class stored_time(FunctionElement):
 @compiles(stored_time, "sqlite")
 def _stored_time_sqlite(element, compiler, **kw):
     (moment,) = list(element.clauses)
-    return f"auditctl_utc({compiler.process(moment, **kw)})"
+    # As a BLOB: Python decodes a function's text arguments strictly (see rules._statement).
+    return f"auditctl_utc(CAST({compiler.process(moment, **kw)} AS BLOB))"
 
 
 @compiles(stored_time, "postgresql")

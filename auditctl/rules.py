@@ -387,7 +387,9 @@ def _statement(shape: _Shape):
     def col(name: str, slow: bool) -> str:
         # On SQLite a row whose times another tool wrote in an odd form (odd_times, kept by triggers)
         # reads them through auditctl_utc; every other row compares its canonical text directly.
-        return f"auditctl_utc(a.{name})" if slow else f"a.{name}"
+        # As a BLOB: Python decodes a function's text arguments strictly, so text that is not UTF-8
+        # would fail the whole statement; the function reads bytes leniently.
+        return f"auditctl_utc(CAST(a.{name} AS BLOB))" if slow else f"a.{name}"
 
     def first_trusted(names: tuple[str, ...], slow: bool) -> str:
         """The first of the times that is present and not in the future: one CASE, each time read once."""

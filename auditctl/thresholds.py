@@ -110,7 +110,11 @@ def format_duration(seconds: float | None) -> str:
     if seconds < 0:
         return "-" + format_duration(-seconds)
     if 0 < seconds < 0.9995:  # "0.0s" would hide a sub-second threshold the operator set
-        return f"{seconds * 1000:.3g}ms" if seconds >= 0.001 else "<1ms"
+        if seconds < 0.001:
+            return "<1ms"
+        text = f"{seconds * 1000:.3g}"
+        if "e" not in text:  # 999.5 ms and up round to 1e+03: shown as seconds below
+            return f"{text}ms"
     if seconds < 10:
         return f"{seconds:.1f}s"
     whole = int(round(seconds))

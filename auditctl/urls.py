@@ -109,17 +109,12 @@ def _split_at_at(secret: str) -> set[str]:
 
     ``u:hunter2@Tr0ub4dor@host`` is read by SQLAlchemy as password ``hunter2`` and host
     ``Tr0ub4dor@host``, so an error says "cannot resolve host 'Tr0ub4dor@host'". Each tail is
-    taken with the '@' that follows it (distinctive enough to replace anywhere), each head
-    when it is at least three characters long (a shorter one would mask ordinary words).
+    taken with the '@' that follows it, distinctive enough to replace anywhere. The heads are
+    what the driver takes as the password, which it never repeats; masked alone they would
+    hide ordinary words ("pass" in "password authentication failed").
     """
     parts = secret.split("@")
-    pieces = set()
-    for cut in range(1, len(parts)):
-        pieces.add("@".join(parts[cut:]) + "@")
-        head = "@".join(parts[:cut])
-        if len(head) >= 3:
-            pieces.add(head)
-    return pieces
+    return {"@".join(parts[cut:]) + "@" for cut in range(1, len(parts)) if "@".join(parts[cut:])}
 
 
 def scrub(message, *urls) -> str:

@@ -941,6 +941,10 @@ def test_a_broken_config_file_leaves_help_and_completion_working_and_stops_every
     for command in (["scan"], ["recover", "--dry-run"], ["config"]):
         refused = invoke(*command)
         assert refused.exit_code == 2 and "is not valid TOML" in refused.stderr, command
+    good = tmp_path / "good.toml"
+    good.write_text('max_attempts = 7\n')
+    replaced = invoke("config", "-o", "json", "--config", good)
+    assert replaced.exit_code == 0 and config_of(replaced)["max_attempts"] == (7, f"file {good}"), "--config replaces it"
 
 
 def test_missing_config_file_named_explicitly_is_a_usage_error(tmp_path):
@@ -1045,6 +1049,14 @@ def test_a_password_with_an_unencoded_at_sign_is_hidden_also_where_the_driver_re
     url = "postgresql://u:hunter2@Tr0ub4dor@127.0.0.1:1/db"
     result = invoke("scan", "--database-url", url, secrets=["hunter2", "Tr0ub4dor"])
     assert result.exit_code == 1 and "Error: database unavailable at postgresql://u:***@127.0.0.1:1/db" in result.stderr
+
+
+def test_the_pieces_of_a_password_with_at_signs_are_hidden_without_hiding_ordinary_words():
+    from auditctl.urls import scrub
+
+    message = "password authentication failed for admin@example.com; could not resolve host 'word@@db'"
+    assert scrub(message, "postgresql://u:pass@word@@db/x") == \
+        "password authentication failed for admin@example.com; could not resolve host '***db'"
 
 
 def test_unreachable_database_with_password_in_query_string_does_not_print_it():

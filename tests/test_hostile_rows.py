@@ -87,6 +87,10 @@ def corpus(engine) -> dict[str, int]:
             connection.execute(text("UPDATE audits SET target = CAST(X'68747470733a2f2fff' AS TEXT), "
                                     "worker_id = CAST(X'77ff' AS TEXT), kind = CAST(X'6bff' AS TEXT), "
                                     "error = CAST(X'ff41' AS TEXT) WHERE id = :id"), {"id": not_utf8})
+        rows["a time that is not UTF-8"] = bad_time = insert(engine, **stale_times(engine))
+        with engine.begin() as connection:  # read through auditctl_utc, whose text arguments Python decodes strictly
+            connection.execute(text("UPDATE audits SET heartbeat_at = CAST(X'323032362d31312d3330ff' AS TEXT), "
+                                    "finished_at = CAST(X'ff' AS TEXT) WHERE id = :id"), {"id": bad_time})
         rows["a lone surrogate in the step"] = insert(engine, **stale_times(engine),
                                                       progress='{"progress": {"step": "S\\ud800", "percentage": 30}}')
     rows["deep progress"] = insert(engine, **stale_times(engine), progress=DEEP)

@@ -132,6 +132,8 @@ def test_parse_duration_text_means_the_sum_of_its_parts(pair):
                  st.integers(-(10**12), 10**12)))
 @example(float("nan"))  # raised ValueError
 @example(float("inf"))  # raised OverflowError
+@example(math.nextafter(0.9995, 0))  # shown as 1e+03ms
+@example(0.0005)
 def test_format_duration_is_short_text_and_reads_back_close_to_the_value(seconds):
     text = format_duration(seconds)
     assert isinstance(text, str) and text

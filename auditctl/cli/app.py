@@ -23,6 +23,8 @@ def apply_config(ctx: click.Context, path: str | None) -> None:
         # `auditctl completion` must work while the operator fixes the file.
         root.meta["auditctl.config_error"] = str(error)
         values, found = {}, None
+    else:
+        root.meta.pop("auditctl.config_error", None)  # --config after the command replaces the one before
     group = root.command
     # The commands loaded so far: the one being run is among them (click resolves it first).
     params = {name: [p.name for p in command.params] for name, command in group.commands.items()}
