@@ -41,6 +41,11 @@ class AuditFilters:
     since: float | datetime | None = None
     until: float | datetime | None = None
 
+    def __post_init__(self):
+        from .globs import check_filter_lists
+
+        check_filter_lists(worker=self.workers, kind=self.kinds, target=self.targets)
+
 
 
 @dataclass
@@ -198,6 +203,8 @@ def iter_audits(engine: Engine, filters: AuditFilters | None = None, *, sort: st
 
 
 def get_audit(engine: Engine, audit_id: int) -> AuditDetail:
+    if not -(2**63) <= audit_id < 2**63:  # no database integer holds it (the driver would raise)
+        raise AuditNotFound(f"no audit with id {audit_id}")
     with read_connection(engine) as connection:
         now = fetch_now(connection)
         row = connection.execute(select(audits).where(audits.c.id == audit_id)).first()

@@ -114,3 +114,22 @@ def target_pattern(pattern: str, postgres: bool) -> str | None:
         else:
             out.append(re.escape(value) if postgres else (f"[{value}]" if value in "*?[" else value))
     return "^" + "".join(out) + "$" if postgres else "".join(out)
+
+
+#: At most this many values in one list filter, and characters in one value. More is no filter a
+#: person means, and the database would refuse the statement ("Expression tree is too large",
+#: "LIKE or GLOB pattern too complex"), which reads like an outage.
+MAX_FILTER_VALUES = 100
+MAX_FILTER_TEXT = 1000
+
+
+def check_filter_lists(**lists: tuple[str, ...]) -> None:
+    """Refuse (``ConfigError``) a list filter with too many values or too long a value."""
+    from .errors import ConfigError
+
+    for name, values in lists.items():
+        if len(values) > MAX_FILTER_VALUES:
+            raise ConfigError(f"{name}: {len(values)} values; at most {MAX_FILTER_VALUES} at once")
+        for value in values:
+            if len(value) > MAX_FILTER_TEXT:
+                raise ConfigError(f"{name}: a value of {len(value):,} characters; at most {MAX_FILTER_TEXT:,}")

@@ -83,6 +83,9 @@ class Filters:
         unknown = [r for r in self.reasons if r not in RULE_REASONS]
         if unknown:
             raise ConfigError(f"unknown reason {unknown[0]!r}: choose from {', '.join(RULE_REASONS)}")
+        from .globs import check_filter_lists
+
+        check_filter_lists(worker=self.workers, kind=self.kinds, target=self.targets)
 
 
 def make_filters(filters: Filters | None = None, *, worker: str | None = None, reason: str | None = None,

@@ -1014,6 +1014,13 @@ def test_an_empty_database_url_is_refused_wherever_it_is_given_and_never_falls_b
     assert list(tmp_path.iterdir()) == [], "neither the environment's database nor ./auditctl.db was created"
 
 
+@pytest.mark.parametrize("command", ["scan", "list"])
+def test_a_filter_list_too_long_for_one_statement_is_a_usage_error(command, tmp_path):
+    many = ",".join(f"t{i}" for i in range(101))
+    result = invoke(command, "--target", many, "--database-url", f"sqlite:///{tmp_path / 'none.db'}")
+    assert result.exit_code == 2 and "target: 101 values; at most 100 at once" in result.stderr
+
+
 # --- runtime errors -------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -303,6 +304,68 @@ def test_a_host_header_that_is_not_loopback_is_refused(demo_url, demo):
         rebound = server.get("/api/stuck", headers={"Host": f"attacker.example:{port}"})
         local = server.get("/api/stuck", headers={"Host": f"localhost:{port}"})
     assert rebound.status == 400 and local.status == 200
+    assert rebound.headers.get("x-content-type-options") == "nosniff" and rebound.headers.get("cache-control") == "no-store"
+
+
+@sqlite_only
+def test_oversized_and_malformed_parameters_are_400s_and_never_look_like_an_outage(demo_url, demo):
+    many = ",".join(f"t{i}" for i in range(1200))
+    with running_dashboard(demo_url) as server:
+        answers = {
+            "many targets": server.get(f"/api/audits?target={many}"),
+            "many targets, stuck": server.get(f"/api/stuck?target={many}"),
+            "one long pattern": server.get("/api/audits?target=" + "a" * 60_000),
+            "a superscript digit": server.get("/api/audits?limit=%C2%B2"),
+            "two minus signs": server.get("/api/audits?limit=--5"),
+            "5,000 digits": server.get("/api/audits?limit=" + "9" * 5000),
+            "a superscript id": server.get("/api/stuck?id=%C2%B2"),
+        }
+        long_path = server.get("/api/audits/" + "9" * 5000)
+        beyond = server.get("/api/audits/9999999999999999999")
+        health = server.get("/api/health")
+        page = server.get("/fragments/workers")
+    for name, answer in answers.items():
+        assert answer.status == 400 and "error" in answer.json(), name
+    assert long_path.status == 404 and beyond.status == 404
+    assert health.status == 200 and "Database unreachable" not in page.text, "a bad filter is no outage"
+
+
+@sqlite_only
+def test_a_body_that_is_not_a_json_object_is_refused_and_changes_nothing(demo_url, demo):
+    before = statuses(demo)
+    json_type = {**BEARER, "Content-Type": "application/json"}
+    with running_dashboard(demo_url) as server:
+        answers = {
+            "null": server.post("/api/recover", body="null", headers=json_type),
+            "nested 5,000 deep": server.post("/api/recover", body='{"a":' * 5000 + "1" + "}" * 5000, headers=json_type),
+            "a media type that only mentions json": server.post(
+                "/api/recover", body="{}", headers={**BEARER, "Content-Type": "text/plain; charset=notjson"}),
+        }
+        too_big = server.post("/api/reset-all", body='{"dry_run": true, "x": "' + "a" * 100_000 + '"}', headers=json_type)
+        head = http("HEAD", server.origin + "/login")
+    for name, answer in answers.items():
+        assert answer.status == 415, (name, answer.status)
+    assert too_big.status == 413
+    assert statuses(demo) == before
+    assert head.status == 200, "HEAD is GET without a body, not a wrong sign-in"
+
+
+@sqlite_only
+def test_health_is_503_when_the_file_is_no_longer_a_database(tmp_path, demo_url, demo):
+    import shutil
+
+    copy = tmp_path / "copy.db"
+    source = demo_url.split("///", 1)[1]
+    for suffix in ("", "-wal", "-shm"):
+        if Path(source + suffix).exists():
+            shutil.copyfile(source + suffix, str(copy) + suffix)
+    with running_dashboard(f"sqlite:///{copy}") as server:
+        assert server.get("/api/health").status == 200
+        for suffix in ("-wal", "-shm"):
+            Path(str(copy) + suffix).unlink(missing_ok=True)
+        copy.write_bytes(b"not a database at all" * 100)
+        broken = server.get("/api/health")
+    assert broken.status == 503 and broken.json()["database"] == "unavailable"
 
 
 @sqlite_only
@@ -388,3 +451,17 @@ def test_serve_takes_max_attempts_and_max_resets_from_the_environment_like_recov
     assert first.status == 200 and first.json()
     assert second.status == 200
     assert not {r["id"] for r in first.json()} & {r["id"] for r in second.json()}, "AUDITCTL_MAX_RESETS=1: left alone"
+
+
+@sqlite_only
+def test_a_bug_answers_500_in_the_apis_shape_with_every_security_header(demo_url, demo, monkeypatch, caplog):
+    with running_dashboard(demo_url) as server:
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug, with sqlite:////secret/path in its message")
+
+        monkeypatch.setattr(server.app.state.dashboard, "workers", broken)
+        answer = server.get("/api/workers")
+    assert answer.status == 500 and answer.json() == {"error": "Internal error: the dashboard's log has the details."}
+    assert answer.headers.get("x-content-type-options") == "nosniff" and answer.headers.get("x-frame-options") == "DENY"
+    assert "content-security-policy" in answer.headers and answer.headers.get("cache-control") == "no-store"
+    assert "internal error answering GET /api/workers" in caplog.text

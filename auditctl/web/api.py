@@ -86,20 +86,35 @@ def _actor_or_refusal(request: Request, d) -> tuple[str | None, Response | None]
     return user, None
 
 
+#: The largest request body the API reads: its parameters are a few filters, never more.
+MAX_BODY = 64 * 1024
+
+
 async def _params(request: Request) -> Params:
-    body = await request.body()
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise _BodyTooLarge()
     if not body.strip():
         return Params(request.query_params)
-    if "json" not in request.headers.get("content-type", ""):
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
         raise _BodyNotJSON()
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a document nested thousands deep
         raise _BodyNotJSON() from None
+    if not isinstance(data, dict):  # null included: it is no options object, and must not mean "none given"
+        raise _BodyNotJSON()
     return Params(request.query_params, data)
 
 
 class _BodyNotJSON(Exception):
+    pass
+
+
+class _BodyTooLarge(Exception):
     pass
 
 
@@ -136,9 +151,15 @@ def _health(d, request):
 
 
 def _ping(engine):
+    """Healthy means the schema can be read, not only that a connection opens (a SQLite file that
+    was replaced by garbage or emptied still opens)."""
+    from sqlalchemy import select
+
     from ..db import fetch_now, read_connection
+    from ..schema import audits
 
     with read_connection(engine) as connection:
+        connection.execute(select(audits.c.id).limit(1)).all()
         return fetch_now(connection)
 
 
@@ -233,6 +254,8 @@ def _action_error(problem: Exception, d) -> Response:
 
     if isinstance(problem, _BodyNotJSON):
         return error(415, "the request body must be a JSON object (Content-Type: application/json)")
+    if isinstance(problem, _BodyTooLarge):
+        return error(413, f"the request body is larger than {MAX_BODY // 1024} KiB: its parameters are a few filters")
     if isinstance(problem, ConfigError):
         return error(400, str(problem))
     if isinstance(problem, Outage):
@@ -252,7 +275,7 @@ def routes() -> list[Route]:
         Route("/api/overview", _read_route(_overview)),
         Route("/api/stuck", _read_route(_stuck)),
         Route("/api/audits", _read_route(_audits)),
-        Route("/api/audits/{audit_id:int}", _read_route(_audit)),
+        Route("/api/audits/{audit_id:audit_id}", _read_route(_audit)),
         Route("/api/workers", _read_route(_workers)),
         Route("/api/recover", recover, methods=["POST"]),
         Route("/api/reset-all", reset_all, methods=["POST"]),

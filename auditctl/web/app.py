@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -421,7 +422,7 @@ async def empty_fragment(request: Request):
 async def login(request: Request):
     d = _dashboard(request)
     viewer = d.viewer(request)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):
         return HTMLResponse(views.login_page(viewer))
     if d.token is None:
         return HTMLResponse(views.login_page(viewer), status_code=403)
@@ -560,6 +561,22 @@ async def recover_action(request: Request):
 # --- the application ----------------------------------------------------------------------
 
 
+class _AuditIdConvertor(Convertor):
+    """``/audits/ID``: at most 19 digits, so a 5,000-digit path is no page (404) instead of a failed
+    conversion; an id beyond what the database holds is a missing audit (``get_audit``)."""
+
+    regex = "[0-9]{1,19}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(int(value))
+
+
+register_url_convertor("audit_id", _AuditIdConvertor())
+
+
 def create_app(database_url: str, *, policy: Policy | None = None, token: str | None = None, host: str = "127.0.0.1",
                allow_unsafe: bool = False, max_attempts: int | None = None, max_resets: int | None = None) -> Starlette:
     """The dashboard as an ASGI application. Opening it does not connect; a database that is down
@@ -572,14 +589,14 @@ def create_app(database_url: str, *, policy: Policy | None = None, token: str | 
         Route("/", overview_page),
         Route("/stuck", stuck_page),
         Route("/audits", audits_page),
-        Route("/audits/{audit_id:int}", audit_page),
+        Route("/audits/{audit_id:audit_id}", audit_page),
         Route("/workers", workers_page),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/fragments/overview", overview_fragment),
         Route("/fragments/stuck", stuck_fragment),
         Route("/fragments/audits", audits_fragment),
-        Route("/fragments/audits/{audit_id:int}", audit_fragment),
+        Route("/fragments/audits/{audit_id:audit_id}", audit_fragment),
         Route("/fragments/workers", workers_fragment),
         Route("/fragments/empty", empty_fragment),
         Route("/actions/reset-all", reset_preview, methods=["POST"]),

@@ -83,7 +83,10 @@ class Params:
         value = self.text(name)
         if value is None:
             return default
-        if isinstance(self.values(name)[-1], bool) or not value.lstrip("-").isdigit() or not low <= int(value) <= high:
+        digits = value[1:] if value.startswith("-") else value
+        # isdigit() is true of "²" too; int() reads only ASCII digits, and at most 4,300 of them.
+        if isinstance(self.values(name)[-1], bool) or not (digits.isascii() and digits.isdigit() and len(digits) <= 20) \
+                or not low <= int(value) <= high:
             raise ConfigError(f"{name}: {value!r} is not a whole number from {low} to {high}")
         return int(value)
 
@@ -116,7 +119,7 @@ class Params:
         for value in found:
             for part in (value if isinstance(value, (list, tuple)) else str(value).split(",")):
                 text = str(part).strip()
-                if not text.isdigit() or not 1 <= int(text) <= MAX_INT:
+                if not (text.isascii() and text.isdigit() and len(text) <= 20) or not 1 <= int(text) <= MAX_INT:
                     raise ConfigError(f"{name}: {part!r} is not an audit id")
                 ids.append(int(text))
         return tuple(dict.fromkeys(ids))

@@ -167,15 +167,27 @@ class GuardMiddleware:
                 return
         static = scope["path"].startswith("/static/")
 
+        started = False
+
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 extra = list(SECURITY_HEADERS)
                 if not static:
                     extra.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:  # noqa: BLE001 - a bug answers 500 in the API's shape, with every header
+            if started:
+                raise
+            import logging
+
+            logging.getLogger("auditctl.web").exception("internal error answering %s %s", scope["method"], scope["path"])
+            await _refuse(scope, receive, send, 500, "Internal error: the dashboard's log has the details.")
 
 
 async def _refuse(scope, receive, send, status: int, text: str) -> None:
@@ -185,5 +197,7 @@ async def _refuse(scope, receive, send, status: int, text: str) -> None:
         response = JSONResponse({"error": text}, status_code=status)
     else:
         response = PlainTextResponse(text, status_code=status)
-    response.headers["content-security-policy"] = CONTENT_SECURITY_POLICY
+    for name, value in SECURITY_HEADERS:
+        response.headers[name.decode()] = value.decode()
+    response.headers["cache-control"] = "no-store"
     await response(scope, receive, send)
