@@ -156,6 +156,14 @@ def forget_here(instance_id: str) -> None:
     _LIVE_HERE.pop(instance_id, None)
 
 
+def mark_running(engine: Engine, instance_id: str, guard: object) -> None:
+    """The instance runs again here (its guard is used after ``stop()``): no longer provably gone."""
+    _LIVE_HERE[instance_id] = guard
+    with write_transaction(engine) as connection:
+        connection.execute(update(workers).where(workers.c.instance_id == instance_id)
+                           .values(stopped_at=None, last_heartbeat_at=db_now()))
+
+
 def mark_stopped(engine: Engine, instance_id: str) -> None:
     forget_here(instance_id)
     with write_transaction(engine) as connection:

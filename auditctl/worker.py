@@ -28,6 +28,7 @@ import logging
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -44,6 +45,7 @@ from .progress import clean_report, derive_percentage, signature
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_audits, recover_worker_leftovers
 from .schema import audits
 from .textsafe import printable
+from .urls import mask_url
 from .thresholds import (
     DEFAULT_HEARTBEAT_INTERVAL, MANUAL, Overrides, Policy, Thresholds, format_duration, parse_duration,
     validate_heartbeat_interval,
@@ -55,6 +57,9 @@ log = logging.getLogger("auditctl")
 EMERGENCY_BACKOFF = 0.05
 #: The longest ``update_progress`` blocks its caller, whatever the database does (seconds).
 PROGRESS_CALL_BUDGET = 5.0
+#: How long the end of an audit interrupted by SIGTERM may wait for the database: well inside the
+#: usual 30 s grace period before a SIGKILL (a recoverer judges the audit if this gives up).
+SIGNAL_PATIENCE = 10.0
 
 
 class AuditRun:
@@ -102,24 +107,11 @@ class AuditRun:
         """
         deadline = time.monotonic() + PROGRESS_CALL_BUDGET
         self._check()
-        merged = dict(self._fields)
-        for name, value in (("step", step), ("percentage", percentage), ("completed_tasks", completed_tasks),
-                            ("total_tasks", total_tasks)):
-            if value is not None:
-                merged[name] = value
-        fields, changed = clean_report(merged["step"], merged["percentage"], merged["completed_tasks"], merged["total_tasks"])
-        usable_percentage = percentage is not None and "percentage_invalid" not in changed
-        if not usable_percentage:
-            if completed_tasks is not None or total_tasks is not None:
-                # Counts given without a (usable) percentage: the percentage follows the counts.
-                fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
-            elif fields["percentage"] is None:
-                fields["percentage"] = self._fields.get("percentage")  # an unusable value changes nothing
-        for problem in changed:
-            if problem not in self.clamped:
-                self.clamped.add(problem)
-                log.warning("audit %s: progress report adjusted (%s); the stored document holds what can be read back",
-                            self.audit_id, problem)
+        try:
+            fields = self._report(step, percentage, completed_tasks, total_tasks)
+        except Exception as error:  # noqa: BLE001 - a value whose own methods raise (its __str__, its __float__)
+            self._emergency(error, deadline)
+            return False
         try:
             with self.guard._holding_signals(), self._lock:
                 self._check()
@@ -135,6 +127,34 @@ class AuditRun:
         except Exception as error:  # noqa: BLE001 - a bad report or failed write must not kill the audit
             self._emergency(error, deadline)
             return False
+
+    def _report(self, step, percentage, completed_tasks, total_tasks) -> dict:
+        """The fields to store: this report merged with the last, each value clamped or dropped."""
+        given = {"step": step, "percentage": percentage, "completed_tasks": completed_tasks, "total_tasks": total_tasks}
+        # Judged on their own first: a value that cannot be stored changes nothing, so the last good
+        # one stays (merged with it, an unreadable count would erase the count and the percentage).
+        _, refused = clean_report(**given)
+        merged = dict(self._fields)
+        for name, value in given.items():
+            if value is not None and f"{name}_invalid" not in refused:
+                merged[name] = value
+        fields, changed = clean_report(merged["step"], merged["percentage"], merged["completed_tasks"], merged["total_tasks"])
+        changed = list(dict.fromkeys(refused + changed))
+        usable_percentage = percentage is not None and "percentage_invalid" not in refused
+        counts_given = any(given[name] is not None and f"{name}_invalid" not in refused
+                           for name in ("completed_tasks", "total_tasks"))
+        if not usable_percentage:
+            if counts_given:
+                # Counts given without a (usable) percentage: the percentage follows the counts.
+                fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
+            elif fields["percentage"] is None:
+                fields["percentage"] = self._fields.get("percentage")  # an unusable value changes nothing
+        for problem in changed:
+            if problem not in self.clamped:
+                self.clamped.add(problem)
+                log.warning("audit %s: progress report adjusted (%s); the stored document holds what can be read back",
+                            self.audit_id, problem)
+        return fields
 
     def _emergency(self, error: BaseException, deadline: float) -> None:
         log.warning("🚨 Emergency progress recovery for audit %s: progress write failed (%s); writing heartbeat only",
@@ -261,6 +281,7 @@ class StuckAuditPrevention:
         self._previous_sigterm = None
         self._held = 0  # main-thread writes in flight (SIGTERM waits for them)
         self._pending_signal: int | None = None
+        self._stopped = False  # stop() marked the instance stopped; using the guard again un-marks it
         if create_schema:
             upgrade(self.operator_engine)
         registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id, worker_url=worker_url,
@@ -301,6 +322,7 @@ class StuckAuditPrevention:
             if not self._stop.is_set():
                 return
             self._thread.join(5.0)
+        self._resume_if_stopped()
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat_loop, name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
         self._thread.start()
@@ -308,7 +330,9 @@ class StuckAuditPrevention:
         # write transaction (on SQLite, the write lock) that is only released as it unwinds.
         atexit.register(self._stop_at_exit)
         if (handle_sigterm and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) != self._on_sigterm):
+                and signal.getsignal(signal.SIGTERM) not in (self._on_sigterm, signal.SIG_IGN)):
+            # An application that ignores SIGTERM (it drains on its own) keeps ignoring it: taking
+            # it would stop the heartbeats of work that goes on, and get that work recovered.
             # Chain to whatever was there, never to ourselves (a restart after a stop() made
             # off the main thread would otherwise make the handler call itself).
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -353,16 +377,25 @@ class StuckAuditPrevention:
         After ``LeaseLost`` nothing more is written: the exception leaves the block and the
         audit stays as its recoverer left it.
         """
-        with self._holding_signals():
+        self._resume_if_stopped()
+        holding = self._holding_signals()
+        holding.__enter__()
+        try:
             lease, document = leases.claim(self.engine, audit_id, worker_id=self.worker_id, instance_id=self.instance_id,
                                            worker_url=self.worker_url, declared=self._declared())
-            handle = AuditRun(self, lease, document)
-            with self._runs_lock:
-                self._runs[lease.token] = handle
-                held = len(self._runs)
-            fit_pool(self.engine, held + POOL_SPARE)
+        except BaseException:
+            holding.__exit__(*sys.exc_info())
+            raise
+        handle = AuditRun(self, lease, document)
+        with self._runs_lock:
+            self._runs[lease.token] = handle
+            held = len(self._runs)
         try:
             try:
+                # A SIGTERM held during the claim is acted on here, inside the run, so the audit
+                # it claimed is marked failed ("SystemExit: 143") instead of left running.
+                holding.__exit__(None, None, None)
+                fit_pool(self.engine, held + POOL_SPARE)
                 yield handle
             except LeaseLost as lost:
                 if lost.audit_id == audit_id:
@@ -374,7 +407,15 @@ class StuckAuditPrevention:
                 raise
             except BaseException as error:
                 if not handle.lost:
-                    self._finish(handle, f"{type(error).__name__}: {error}"[:2000])
+                    try:
+                        # A URL's password in the message is not stored (``show`` and ``list`` print the error).
+                        self._finish(handle, mask_url(f"{type(error).__name__}: {error}")[:2000],
+                                     patience=SIGNAL_PATIENCE if isinstance(error, SystemExit) else None)
+                    except AuditctlError as trouble:
+                        # The block's own exception (SystemExit(143) included) is what the caller gets;
+                        # the audit stays running until a recoverer judges it.
+                        log.error("could not record the end of audit %s (%s): %s", audit_id,
+                                  printable(f"{type(error).__name__}"), printable(trouble))
                 raise
             if handle.lost:
                 raise LeaseLost(audit_id, f"lease lost on audit {audit_id} while it ran: the result was not written")
@@ -384,10 +425,10 @@ class StuckAuditPrevention:
                 self._runs.pop(lease.token, None)
             handle._release()
 
-    def _finish(self, handle: AuditRun, error: str | None) -> None:
+    def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
         delay = EMERGENCY_BACKOFF
-        deadline = time.monotonic() + min(60.0, self.thresholds.stale_after / 2)
+        deadline = time.monotonic() + (patience if patience is not None else min(60.0, self.thresholds.stale_after / 2))
         with self._holding_signals():
             while True:
                 with handle._lock:
@@ -455,12 +496,23 @@ class StuckAuditPrevention:
             # Only put back what we replaced, and only if nobody (another guard) replaced us since.
             signal.signal(signal.SIGTERM, self._previous_sigterm if self._previous_sigterm is not None else signal.SIG_DFL)
             self._previous_sigterm = None
+        self._stopped = True
         try:
             registry.mark_stopped(self.engine, self.instance_id)
         except AuditctlError as error:
             registry.forget_here(self.instance_id)
             log.warning("could not mark worker instance %s stopped: %s", self.instance_id[:8], printable(error))
         log.info("💓 HEARTBEAT monitor stopped for worker %s", printable(self.worker_id))
+
+    def _resume_if_stopped(self) -> None:
+        """Used again after ``stop()``: the instance is live again. Marked stopped, its audits would be
+        recovered at once as those of a worker that stopped without finishing them (``worker_gone``),
+        by other recoverers and by this guard's own monitor."""
+        if self._stopped:
+            registry.mark_running(self.engine, self.instance_id, guard=self)
+            self._stopped = False
+            log.info("✅ Stuck audit prevention system resumed: worker %s (instance %s)", printable(self.worker_id),
+                     self.instance_id[:8])
 
     def _stop_at_exit(self) -> None:
         self.stop(timeout=10.0)

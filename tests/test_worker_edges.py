@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -203,9 +204,23 @@ def test_the_worker_stores_clamped_values_not_what_it_was_handed(engine, guards)
         assert run.update_progress(percentage=float("nan"), completed_tasks=5) is True
         assert stored()[1:3] == (25.0, 5), "NaN is dropped; the percentage follows the counts"
         assert run.update_progress(completed_tasks=10**30) is True
-        assert stored()[2] is None, "a count no float can hold exactly is not stored"
+        assert stored()[1:3] == (25.0, 5), "a count no float can hold exactly is not stored: the last one stays"
         assert run.update_progress(step="x" * 5000) is True
         assert stored()[0] == "x" * 500
+        assert run.update_progress(step="Crawling", percentage=40, completed_tasks=3, total_tasks=20) is True
+        changed_at = row(engine, audit_id)["progress_changed_at"]
+        for unusable in ({"completed_tasks": "4"}, {"total_tasks": -1}, {"completed_tasks": float("nan")},
+                         {"percentage": "most"}):
+            assert run.update_progress(**unusable) is True
+            assert stored() == ("Crawling", 40.0, 3, 20), f"{unusable} changes nothing"
+        assert row(engine, audit_id)["progress_changed_at"] == changed_at, "garbage is no progress for the stall rule"
+
+        class Unprintable:
+            def __str__(self):
+                raise RuntimeError("no text for you")
+
+        assert run.update_progress(step=Unprintable()) is False, "only LeaseLost is raised; the heartbeat got through"
+        assert stored() == ("Crawling", 40.0, 3, 20)
     with engine.connect() as connection:
         raw = connection.execute(text("SELECT CAST(progress AS TEXT) FROM audits WHERE id = :id"), {"id": audit_id}).scalar()
     json.loads(raw)  # strict JSON: readable by any tool
@@ -383,3 +398,122 @@ def test_a_run_keeps_one_connection_for_its_writes_and_gives_it_back_when_it_end
     assert guard.engine.pool.checkedout() == 0, "the run's connection went back to the pool"
     run.heartbeat()  # a late beat (the heartbeat thread racing the end) writes nothing and holds nothing
     assert guard.engine.pool.checkedout() == 0
+
+
+def test_a_guard_used_again_after_stop_is_live_again_and_its_audits_are_not_taken_as_gone(engine, guards):
+    guard = guards()
+    first, second = guard.create_audit("https://example.com/after-stop"), guard.create_audit("https://example.com/restart")
+    guard.stop()
+    with guard.run(first) as run:
+        run.update_progress(step="Crawling")
+        assert not recover_stuck(engine, Thresholds(stale_after=600, max_age=1800, stall_after=600), actor=OPERATOR), \
+            "a stopped instance's audit would be recovered at once as worker_gone"
+    assert row(engine, first)["status"] == COMPLETED
+    guard.stop()
+    guard.start_heartbeat_monitor(handle_sigterm=False)
+    with guard.run(second) as run:
+        assert guard._beat_once() is True  # its own monitor pass
+        run.update_progress(step="Crawling")
+    assert row(engine, second)["status"] == COMPLETED, "the guard's own monitor took its running audit as gone"
+
+
+# --- SIGTERM at the edges of a run (real processes, real signals; SQLite's write lock held by the test) ----------
+
+_CHILD = """
+import logging, signal, sys, time
+from auditctl import StuckAuditPrevention
+logging.basicConfig(level=logging.WARNING)
+if "--ignore-sigterm" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+guard = StuckAuditPrevention(sys.argv[1], worker_id="w-sig", heartbeat_interval=0.5, stale_after=float(sys.argv[2]),
+                             max_age=600, stall_after=600)
+guard.start_heartbeat_monitor()
+audit_id = guard.create_audit("https://example.com/signals")
+print(audit_id, flush=True)
+sys.stdin.readline()
+with guard.run(audit_id) as run:
+    print("ENTERED", flush=True)
+    if "--no-progress-calls" in sys.argv:
+        time.sleep(8)  # only the heartbeat thread keeps the audit alive
+    for _ in range(int(float(sys.argv[3]) * 10)):
+        run.update_progress(step="working")
+        time.sleep(0.1)
+print("DONE", flush=True)
+"""
+
+
+def _signal_child(tmp_path, database_url, *args, stale_after=2.0, seconds=6.0):
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    child = spawn(script, database_url, stale_after, seconds, *args, stdin=subprocess.PIPE)
+    return child, int(read_line(child))
+
+
+def _write_lock(database_url):
+    lock = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None, timeout=30)
+    lock.execute("BEGIN IMMEDIATE")
+    return lock
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_a_sigterm_during_the_claim_marks_the_claimed_audit_failed(engine, database_url, tmp_path):
+    child, audit_id = _signal_child(tmp_path, database_url)
+    lock = _write_lock(database_url)  # the claim waits for the lock...
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    time.sleep(0.6)
+    child.send_signal(signal.SIGTERM)  # ...and the signal arrives meanwhile
+    time.sleep(0.4)
+    lock.execute("COMMIT")
+    lock.close()
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 143, err
+    assert "ENTERED" not in out, "the block never started"
+    claimed = row(engine, audit_id)
+    assert claimed["status"] == "failed" and claimed["error"] == "SystemExit: 143", "left running under a dead lease"
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_an_application_that_ignores_sigterm_keeps_its_heartbeats(engine, database_url, tmp_path):
+    child, audit_id = _signal_child(tmp_path, database_url, "--ignore-sigterm", "--no-progress-calls", seconds=0.0)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert read_line(child) == "ENTERED"
+    child.send_signal(signal.SIGTERM)
+    time.sleep(3.0)
+    assert not list(find_stuck(engine, Thresholds(stale_after=2, max_age=600, stall_after=600))), \
+        "SIGTERM stopped the heartbeats of work that goes on"
+    child.kill()
+    child.wait(10)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_a_sigterm_while_the_database_stays_locked_still_exits_143_within_its_patience(engine, database_url, tmp_path):
+    from auditctl.worker import SIGNAL_PATIENCE
+
+    child, audit_id = _signal_child(tmp_path, database_url, stale_after=600.0, seconds=30.0)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert read_line(child) == "ENTERED"
+    lock = _write_lock(database_url)
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(SIGNAL_PATIENCE + 15)
+    finally:
+        took = time.monotonic() - started
+        lock.execute("COMMIT")
+        lock.close()
+    child.communicate(timeout=10)
+    err = "".join(child._stderr_seen)  # read_line's pump drained stderr
+    assert child.returncode == 143, err[-2000:]
+    assert took < SIGNAL_PATIENCE + 10, f"exit took {took:.1f} s; the default patience is 60 s with stale_after 600"
+    assert "could not record the end of audit" in err
+
+
+def test_a_password_in_the_blocks_exception_is_not_stored_with_the_error(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/secret-error")
+    with pytest.raises(RuntimeError), guard.run(audit_id):
+        raise RuntimeError("cannot reach postgresql://bob:s3cret@db.internal/scans")
+    assert row(engine, audit_id)["error"] == "RuntimeError: cannot reach postgresql://bob:***@db.internal/scans"
