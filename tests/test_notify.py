@@ -420,11 +420,13 @@ def test_a_crash_between_sending_and_marking_sends_again_with_the_same_idempoten
         raise RuntimeError("the process died here")
 
     monkeypatch.setattr(sender, "_mark_sent", crash)
-    deliver(engine, destinations, timeout=0.3)
+    # The claim lasts the timeout (CLAIM_MARGIN 0): long enough that the next call surely comes
+    # inside it, even on a loaded machine (0.3 s was not, once).
+    deliver(engine, destinations, timeout=1.5)
     assert len(hook.requests) == 1 and delivery_states(engine) == ["sending"]
     monkeypatch.undo()
     assert deliver(engine, destinations, timeout=0.3).sent == 0, "claimed by a live sender: not sent again"
-    time.sleep(0.4)  # the dead sender's claim runs out
+    time.sleep(1.6)  # the dead sender's claim runs out
     assert deliver(engine, destinations, timeout=0.3).sent == 1
     first, again = hook.requests
     assert again.headers["Idempotency-Key"] == first.headers["Idempotency-Key"] == first.body["idempotency_key"]
