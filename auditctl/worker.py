@@ -106,6 +106,9 @@ class AuditRun:
         down) got through. Raises LeaseLost. Never blocks longer than PROGRESS_CALL_BUDGET.
         """
         deadline = time.monotonic() + PROGRESS_CALL_BUDGET
+        if self.finished:
+            # Nobody took the audit away: no "lease lost" warning, no event in its history.
+            raise LeaseLost(self.audit_id, f"the run of audit {self.audit_id} has ended; this report was not written")
         self._check()
         try:
             fields = self._report(step, percentage, completed_tasks, total_tasks)

@@ -517,3 +517,14 @@ def test_a_password_in_the_blocks_exception_is_not_stored_with_the_error(engine,
     with pytest.raises(RuntimeError), guard.run(audit_id):
         raise RuntimeError("cannot reach postgresql://bob:s3cret@db.internal/scans")
     assert row(engine, audit_id)["error"] == "RuntimeError: cannot reach postgresql://bob:***@db.internal/scans"
+
+
+def test_a_report_after_the_run_ended_is_refused_without_a_lease_lost_in_the_history(engine, guards, caplog):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/late-report")
+    with guard.run(audit_id) as run:
+        run.update_progress(step="Crawling")
+    with pytest.raises(LeaseLost, match="has ended; this report was not written"):
+        run.update_progress(step="late")
+    assert "lease_lost" not in [e["event"] for e in events(engine, audit_id)]
+    assert "LEASE LOST" not in caplog.text and row(engine, audit_id)["status"] == COMPLETED
