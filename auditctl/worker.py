@@ -62,6 +62,10 @@ PROGRESS_CALL_BUDGET = 5.0
 SIGNAL_PATIENCE = 10.0
 
 
+class RunBusy(Exception):
+    """A progress write could not take its run's lock within the call's budget."""
+
+
 class AuditRun:
     """The handle ``guard.run(audit_id)`` yields: report progress through it."""
 
@@ -85,6 +89,17 @@ class AuditRun:
             connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+    @contextlib.contextmanager
+    def _locked(self, deadline: float) -> Iterator[None]:
+        """The run's lock, waited for only while the budget still leaves a database write room after it
+        (the heartbeat thread holds it while its own beat waits for the database)."""
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic() - WORKER_LOCK_WAIT)):
+            raise RunBusy(f"the heartbeat thread holds audit {self.audit_id}'s run while the database is slow")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _check(self) -> None:
         if self.lost:
@@ -116,7 +131,7 @@ class AuditRun:
             self._emergency(error, deadline)
             return False
         try:
-            with self.guard._holding_signals(), self._lock:
+            with self.guard._holding_signals(), self._locked(deadline):
                 self._check()
                 self.document = leases.write_progress(
                     self.guard.engine, self.lease, fields,
@@ -166,13 +181,13 @@ class AuditRun:
         attempt = 0
         while True:
             attempt += 1
-            if attempt > 1 and time.monotonic() + WORKER_LOCK_WAIT > deadline:
-                # Another try could wait for the lock past the budget: leave it to the heartbeat thread.
+            if time.monotonic() + WORKER_LOCK_WAIT > deadline:
+                # A try could wait for the lock past the budget: leave it to the heartbeat thread.
                 log.error("🚨 Emergency progress recovery for audit %s gave up after %d tries within %s; "
                           "the heartbeat thread keeps trying", self.audit_id, attempt - 1, format_duration(PROGRESS_CALL_BUDGET))
                 return
             try:
-                with self.guard._holding_signals(), self._lock:
+                with self.guard._holding_signals(), self._locked(deadline):
                     self._check()
                     leases.minimal_write(self.guard.engine, self.lease, self.guard.actor, held=self._connection)
                 self.emergency_writes += 1

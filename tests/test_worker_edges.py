@@ -164,6 +164,23 @@ def test_update_progress_on_a_locked_sqlite_file_returns_within_its_budget_and_t
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_update_progress_keeps_its_budget_while_the_heartbeat_thread_holds_the_run_and_the_file_is_locked(engine, guards):
+    guard = guards(heartbeat_interval=60, stale_after=600, max_age=3600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/locked-and-busy")
+    with guard.run(audit_id) as run:
+        with sqlite_write_lock_held(engine):
+            holder = threading.Thread(target=lambda: (run._lock.acquire(), time.sleep(4.0), run._lock.release()))
+            holder.start()  # as the heartbeat thread does while its own beat waits for the file
+            time.sleep(0.1)
+            started = time.monotonic()
+            stored = run.update_progress(step="Scanning", percentage=50)
+            took = time.monotonic() - started
+            holder.join()
+        assert stored is False
+        assert took <= PROGRESS_CALL_BUDGET + 0.5, f"update_progress held its caller {took:.1f}s"
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 def test_a_heartbeat_on_a_locked_sqlite_file_gives_up_after_the_worker_wait_with_one_clear_error(engine, guards):
     from auditctl.db import WORKER_LOCK_WAIT
     from auditctl.errors import DatabaseUnavailable
