@@ -500,12 +500,12 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
     original = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     detail = scrub(original[0] if original else type(exc).__name__, url, raw)
     where = describe(engine_or_url)
-    if _NOT_UTF8.match(detail):
+    not_utf8 = _NOT_UTF8.match(detail)
+    if not_utf8:
         if isinstance(engine_or_url, Engine):
             # Sticky: every later read on this engine decodes text leniently (``_text_mode``).
             engine_or_url._auditctl_lenient_text = True
-        column = _NOT_UTF8.match(detail).group(1)
-        return TextNotUtf8(f"a row at {where} holds text that is not UTF-8 in column {printable(column)[:64]}; "
+        return TextNotUtf8(f"a row at {where} holds text that is not UTF-8 in column {printable(not_utf8.group(1))[:64]}; "
                            "it is read with replacement characters")
     if _MISSING_TABLE.search(detail):
         return SchemaMissing(f"the database at {where} has no auditctl schema, or an older one ({detail}); "

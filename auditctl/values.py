@@ -55,3 +55,12 @@ def text_value(value) -> str | None:
 def rounded(value, digits: int = 3) -> float | None:
     number = float_value(value)
     return None if number is None else round(number, digits)
+
+
+def whole_number(text: str) -> int | None:
+    """Text a person typed as a whole number (``42``, ``-5``), else None: ASCII digits only
+    (``"²".isdigit()`` is true, but ``int`` refuses it) and at most 20 of them."""
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+        return None
+    return int(text)

@@ -249,6 +249,7 @@ def test_init_against_a_newer_schema_says_so_in_one_line(database_url, engine):
 
 @pytest.mark.parametrize("args, message", [
     (["show", "abc"], "Error: Invalid value for 'ID': 'abc' is not an audit id"),
+    (["show", "²"], "Error: Invalid value for 'ID': '²' is not an audit id"),  # isdigit() is true of it
     (["show", "99999999999999999999"], "Error: Invalid value for 'ID': '99999999999999999999' is not an audit id"),
     (["list", "--limit", "99999999999999999999"], "Error: Invalid value for '--limit'"),
     (["scan", "--database-url", "sqlite://relative.db"], "Error: sqlite://relative.db names no file: a SQLite URL has three "

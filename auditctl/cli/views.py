@@ -17,10 +17,12 @@ class AuditIdType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
-        text = str(value).strip()
-        if not text.isdigit() or int(text) < 1 or int(text) > MAX_INT:
+        from ..values import whole_number
+
+        number = whole_number(str(value).strip())
+        if number is None or not 1 <= number <= MAX_INT:
             self.fail(f"{value!r} is not an audit id (a whole number from 1 to {MAX_INT})", param, ctx)
-        return int(text)
+        return number
 
 
 @cli.command("list")
@@ -85,10 +87,6 @@ _FIELDS = ("id", "target", "status", "kind", "worker_id", "worker_instance", "st
            "declared_thresholds", "has_lease", "error", "problems")
 
 
-#: As much of one field as ``show`` prints (what a table cell holds).
-FIELD_LIMIT = 2000
-
-
 def _field_text(value) -> str:
     from ..documents import dumps
 
@@ -101,7 +99,9 @@ def _field_text(value) -> str:
     else:
         text = str(value)
     # A table cell's limit: another tool may have stored megabytes in a target or an error.
-    return text if len(text) <= FIELD_LIMIT else text[:FIELD_LIMIT] + f"… ({len(text) - FIELD_LIMIT:,} more characters)"
+    from .render import MAX_CELL
+
+    return text if len(text) <= MAX_CELL else text[:MAX_CELL] + f"… ({len(text) - MAX_CELL:,} more characters)"
 
 
 def _show_human(record: dict, fmt: str) -> None:

@@ -13,6 +13,7 @@ from datetime import datetime
 from ..errors import ConfigError
 from ..statuses import STATUSES
 from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration
+from ..values import whole_number
 
 MAX_INT = 2**63 - 1
 _TRUE = ("1", "true", "yes", "on")
@@ -83,12 +84,10 @@ class Params:
         value = self.text(name)
         if value is None:
             return default
-        digits = value[1:] if value.startswith("-") else value
-        # isdigit() is true of "²" too; int() reads only ASCII digits, and at most 4,300 of them.
-        if isinstance(self.values(name)[-1], bool) or not (digits.isascii() and digits.isdigit() and len(digits) <= 20) \
-                or not low <= int(value) <= high:
+        number = whole_number(value)
+        if isinstance(self.values(name)[-1], bool) or number is None or not low <= number <= high:
             raise ConfigError(f"{name}: {value!r} is not a whole number from {low} to {high}")
-        return int(value)
+        return number
 
     def duration(self, name: str) -> float | None:
         value = self.text(name)
@@ -118,10 +117,10 @@ class Params:
         ids = []
         for value in found:
             for part in (value if isinstance(value, (list, tuple)) else str(value).split(",")):
-                text = str(part).strip()
-                if not (text.isascii() and text.isdigit() and len(text) <= 20) or not 1 <= int(text) <= MAX_INT:
+                number = whole_number(str(part).strip())
+                if number is None or not 1 <= number <= MAX_INT:
                     raise ConfigError(f"{name}: {part!r} is not an audit id")
-                ids.append(int(text))
+                ids.append(number)
         return tuple(dict.fromkeys(ids))
 
 

@@ -152,24 +152,11 @@ class GuardMiddleware:
             return
         from starlette.datastructures import Headers, URL
 
-        headers = Headers(scope=scope)
-        if self.allowed_hosts is not None:
-            if host_name(headers.get("host", "")) not in self.allowed_hosts:
-                await _refuse(scope, receive, send, 400, "Refused: this dashboard answers only to its loopback address "
-                                                         "(a Host header of another name may be a DNS-rebinding attack).")
-                return
-        if scope["method"] not in SAFE_METHODS:
-            origin = request_origin(headers)
-            url = URL(scope=scope)
-            if origin is not None and origin != f"{url.scheme}://{url.netloc}".lower():
-                await _refuse(scope, receive, send, 403, "Refused: a cross-site request (its Origin is not this "
-                                                         "dashboard). Nothing was changed.")
-                return
         static = scope["path"].startswith("/static/")
-
         started = False
 
         async def send_with_headers(message):
+            # Every response goes out through here, refusals and errors included: one list of headers.
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -179,6 +166,19 @@ class GuardMiddleware:
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
+        headers = Headers(scope=scope)
+        if self.allowed_hosts is not None:
+            if host_name(headers.get("host", "")) not in self.allowed_hosts:
+                await _refuse(scope, receive, send_with_headers, 400, "Refused: this dashboard answers only to its "
+                              "loopback address (a Host header of another name may be a DNS-rebinding attack).")
+                return
+        if scope["method"] not in SAFE_METHODS:
+            origin = request_origin(headers)
+            url = URL(scope=scope)
+            if origin is not None and origin != f"{url.scheme}://{url.netloc}".lower():
+                await _refuse(scope, receive, send_with_headers, 403, "Refused: a cross-site request (its Origin is not "
+                                                                      "this dashboard). Nothing was changed.")
+                return
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception:  # noqa: BLE001 - a bug answers 500 in the API's shape, with every header
@@ -187,7 +187,7 @@ class GuardMiddleware:
             import logging
 
             logging.getLogger("auditctl.web").exception("internal error answering %s %s", scope["method"], scope["path"])
-            await _refuse(scope, receive, send, 500, "Internal error: the dashboard's log has the details.")
+            await _refuse(scope, receive, send_with_headers, 500, "Internal error: the dashboard's log has the details.")
 
 
 async def _refuse(scope, receive, send, status: int, text: str) -> None:
@@ -197,7 +197,4 @@ async def _refuse(scope, receive, send, status: int, text: str) -> None:
         response = JSONResponse({"error": text}, status_code=status)
     else:
         response = PlainTextResponse(text, status_code=status)
-    for name, value in SECURITY_HEADERS:
-        response.headers[name.decode()] = value.decode()
-    response.headers["cache-control"] = "no-store"
     await response(scope, receive, send)
