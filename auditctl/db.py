@@ -39,6 +39,7 @@ from . import documents, timestamps
 from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, SchemaMissing, TextNotUtf8
 from .textsafe import printable
 from .urls import mask_url, scrub
+from .watchdog import CALL_GRACE
 
 DEFAULT_DATABASE_URL = "sqlite:///auditctl.db"
 
@@ -88,6 +89,12 @@ def normalize_url(database_url: str | URL) -> URL:
     return url
 
 
+def monitor_call_timeout(lock_wait: float | None = None) -> float:
+    """How long one call of a long-running monitor (a worker's monitor pass, ``watch``) waits for
+    PostgreSQL's answer: twice its lock wait, plus the grace (``auditctl.watchdog``)."""
+    return 2 * max(OPERATOR_LOCK_WAIT, lock_wait or 0.0) + CALL_GRACE
+
+
 def sqlite_path(url: URL) -> str | None:
     """The absolute path of a SQLite file URL (None for an in-memory database)."""
     database = url.database
@@ -98,14 +105,13 @@ def sqlite_path(url: URL) -> str | None:
     return os.path.abspath(database)
 
 
-def _pg_options(url: URL, role: str, lock_wait: float) -> tuple[URL, str]:
+def _pg_options(url: URL, role: str, lock_wait: float, statement_timeout: float | None) -> tuple[URL, str]:
     """libpq ``options`` for the role, merged with the URL's own (which win over ours)."""
     ours = [f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}",
             f"-c lock_timeout={int(lock_wait * 1000)}"]
-    if role == "worker":
-        ours += [
-                 f"-c statement_timeout={int(WORKER_STATEMENT_TIMEOUT * 1000)}"]
-    elif role == "reader":
+    if statement_timeout is not None:
+        ours += [f"-c statement_timeout={max(1, int(statement_timeout * 1000))}"]
+    if role == "reader":
         ours += ["-c default_transaction_read_only=on"]
     theirs = url.query.get("options")
     if isinstance(theirs, tuple):
@@ -118,11 +124,18 @@ def _pg_options(url: URL, role: str, lock_wait: float) -> tuple[URL, str]:
 
 def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str = "operator",
                   pool_size: int | None = None, must_exist: bool | None = None, lock_wait: float | None = None,
-                  **kwargs) -> Engine:
+                  call_timeout: float | None = None, **kwargs) -> Engine:
     """An engine for one role (``worker``, ``operator``, ``reader``); does not connect yet.
 
     On SQLite, ``must_exist`` (the default for a ``reader``) refuses a file that does not exist
     (``DatabaseMissing``): looking, or recovering, must never create an empty database.
+
+    On PostgreSQL, ``call_timeout`` bounds every wait for the server's answer on the client side
+    (``auditctl.watchdog``), because a frozen server cannot enforce its own timeouts; the session's
+    ``statement_timeout`` is set ``CALL_GRACE`` shorter (half, for a deadline under twice the grace),
+    so a living server always answers first.
+    A worker's engine always has one (``WORKER_STATEMENT_TIMEOUT`` plus the grace); other roles
+    have none unless given (a long-running monitor gives one, a one-off command can be interrupted).
     """
     from sqlalchemy import create_engine as sa_create_engine
 
@@ -156,7 +169,13 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         if (must_exist if must_exist is not None else read_only) and path is not None:
             _never_create(engine)
     else:
-        url, options = _pg_options(url, role, lock_wait)
+        if role == "worker" and call_timeout is None:
+            call_timeout = WORKER_STATEMENT_TIMEOUT + CALL_GRACE
+        # The server bounds each statement first; the client's deadline only catches a server that cannot.
+        statement_timeout = None
+        if call_timeout is not None:
+            statement_timeout = call_timeout - CALL_GRACE if call_timeout > 2 * CALL_GRACE else call_timeout / 2
+        url, options = _pg_options(url, role, lock_wait, statement_timeout)
         connect_args = {"connect_timeout": 10, "application_name": f"auditctl-{role}", "options": options}
         if pool_size is not None:
             kwargs.setdefault("pool_size", pool_size)
@@ -166,7 +185,7 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=role != "worker",
                                   json_serializer=documents.dumps_strict, json_deserializer=documents.loads_for_driver,
                                   **kwargs)
-        _configure_postgresql(engine)
+        _configure_postgresql(engine, call_timeout)
     engine._auditctl_display_url = mask_url(database_url)  # the URL as the user typed it, masked
     engine._auditctl_raw_url = database_url if isinstance(database_url, str) else None
     return engine
@@ -278,7 +297,7 @@ def _safe_time_loaders():
     return safe("timestamptz"), safe("timestamp")
 
 
-def _configure_postgresql(engine: Engine) -> None:
+def _configure_postgresql(engine: Engine, call_timeout: float | None) -> None:
     tz_loader, naive_loader = _safe_time_loaders()
     # A list of rows to INSERT (history rows, outbox deliveries) goes as multi-row INSERT statements
     # of up to 1,000 rows each, as SQLAlchemy already does for INSERT ... RETURNING, instead of one
@@ -289,6 +308,17 @@ def _configure_postgresql(engine: Engine) -> None:
     def _on_connect(dbapi_connection, _record):
         dbapi_connection.adapters.register_loader("timestamptz", tz_loader)
         dbapi_connection.adapters.register_loader("timestamp", naive_loader)
+
+    if call_timeout is not None:
+        from .watchdog import connection_class
+
+        deadline_connection = connection_class()
+
+        @event.listens_for(engine, "do_connect")
+        def _connect_with_deadlines(_dialect, _record, cargs, cparams):
+            connection = deadline_connection.connect(*cargs, **cparams)
+            connection.call_timeout = call_timeout
+            return connection
 
 
 # --- transactions ---------------------------------------------------------------------
@@ -350,7 +380,8 @@ class HeldConnection:
             pooled.close()
 
 
-def single_write(engine: Engine, statement, parameters: dict | None = None, *, held: HeldConnection | None = None) -> int:
+def single_write(engine: Engine, statement, parameters: dict | None = None, *, held: HeldConnection | None = None,
+                 timeout: float | None = None) -> int:
     """Run one writing statement on its own, committed as it runs; return its row count.
 
     One round trip: no BEGIN, no COMMIT (autocommit on PostgreSQL; on SQLite a lone statement
@@ -362,6 +393,8 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
     SQLAlchemy's per-call bookkeeping cost about five times the database's work for these
     one-row writes (issue 13). Its parameters must need no conversion (send JSON as text).
     With ``held``, the connection stays checked out between calls (see ``HeldConnection``).
+    ``timeout`` (PostgreSQL) shortens the engine's client-side deadline for this call: a write
+    whose server stopped answering fails after it (``auditctl.watchdog``), and is not retried.
     """
     sql, arguments = _driver_form(engine, statement)
     values = arguments(parameters or {})
@@ -383,13 +416,22 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
                 if postgres:
                     driver.autocommit = True
                 cursor = driver.cursor()
-                cursor.execute(sql, values)
+                if timeout is not None and getattr(driver, "call_timeout", None) is not None:
+                    default, driver.call_timeout = driver.call_timeout, min(driver.call_timeout, timeout)
+                    try:
+                        cursor.execute(sql, values)
+                    finally:
+                        driver.call_timeout = default
+                else:
+                    cursor.execute(sql, values)
                 return cursor.rowcount
             except error_class as exc:
                 dead = engine.dialect.is_disconnect(exc, driver, cursor)
                 if dead:
                     pooled.invalidate(exc)
-                    if attempt == 1:
+                    timed_out = getattr(driver, "TimedOut", None)
+                    # A call past its deadline may have reached the server: its budget is spent, no retry.
+                    if attempt == 1 and not (timed_out and isinstance(exc, timed_out)):
                         continue
                 raise database_error(_wrapped(engine, sql, values, exc, invalidated=dead), engine) from None
             finally:

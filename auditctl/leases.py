@@ -225,32 +225,35 @@ def _lease_params(lease: Lease) -> dict:
 
 
 def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, extra: dict | None, actor: Actor, *,
-                   held: HeldConnection | None = None) -> dict:
+                   held: HeldConnection | None = None, timeout: float | None = None) -> dict:
     """Store a full progress report. Raises DocumentError (nothing written) or LeaseLost.
 
     Returns the document as built (its stamps are the database's, set in the UPDATE). ``held``:
-    the run's own connection (``db.HeldConnection``), for this and the other single writes."""
+    the run's own connection (``db.HeldConnection``), for this and the other single writes;
+    ``timeout``: how long the write may wait for the server's answer (``db.single_write``)."""
     from datetime import datetime, timezone
 
     document, _ = build_document(**fields, is_running=True, now=datetime.now(timezone.utc), worker_id=lease.worker_id,
                                  worker_url=lease.worker_url, extra=extra)
     text = documents.dumps_strict(document)
     if single_write(engine, _WRITE_PROGRESS, {**_lease_params(lease), "document": text, "signature": signature},
-                    held=held) == 1:
+                    held=held, timeout=timeout) == 1:
         return document
     raise _lost(engine, lease, "progress", actor)
 
 
-def heartbeat(engine: Engine, lease: Lease, actor: Actor, *, held: HeldConnection | None = None) -> None:
+def heartbeat(engine: Engine, lease: Lease, actor: Actor, *, held: HeldConnection | None = None,
+              timeout: float | None = None) -> None:
     """Refresh the heartbeat (and the document's heartbeat stamps), one statement. Raises LeaseLost."""
-    if single_write(engine, _HEARTBEAT, _lease_params(lease), held=held) == 1:
+    if single_write(engine, _HEARTBEAT, _lease_params(lease), held=held, timeout=timeout) == 1:
         return
     raise _lost(engine, lease, "heartbeat", actor)
 
 
-def minimal_write(engine: Engine, lease: Lease, actor: Actor, *, held: HeldConnection | None = None) -> None:
+def minimal_write(engine: Engine, lease: Lease, actor: Actor, *, held: HeldConnection | None = None,
+                  timeout: float | None = None) -> None:
     """The emergency write: heartbeat and last_worker_update only, one statement. Raises LeaseLost."""
-    if single_write(engine, _MINIMAL_WRITE, _lease_params(lease), held=held) == 1:
+    if single_write(engine, _MINIMAL_WRITE, _lease_params(lease), held=held, timeout=timeout) == 1:
         return
     raise _lost(engine, lease, "emergency", actor)
 

@@ -27,7 +27,7 @@ from sqlalchemy import bindparam, func, insert, or_, select, type_coerce, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import NullType
 
-from .db import db_now, fetch_now, read_connection, write_transaction
+from .db import db_now, fetch_now, read_connection, single_write, write_transaction
 from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
 from .timestamps import as_datetime
@@ -146,9 +146,12 @@ def register(engine: Engine, *, instance_id: str, worker_id: str, worker_url: st
         )
 
 
-def beat(engine: Engine, instance_id: str) -> None:
-    with write_transaction(engine) as connection:
-        connection.execute(update(workers).where(workers.c.instance_id == instance_id).values(last_heartbeat_at=db_now()))
+_BEAT = update(workers).where(workers.c.instance_id == bindparam("instance_id")).values(last_heartbeat_at=db_now())
+
+
+def beat(engine: Engine, instance_id: str, *, timeout: float | None = None) -> None:
+    """This instance is alive: one statement (``db.single_write``), ``timeout`` as there."""
+    single_write(engine, _BEAT, {"instance_id": instance_id}, timeout=timeout)
 
 
 def forget_here(instance_id: str) -> None:

@@ -1,9 +1,14 @@
 """The worker-side guard: ``StuckAuditPrevention`` and the run handle it gives out.
 
 What it owns: registering this process as a worker instance, startup cleanup, the
-heartbeat thread (beats for this worker's audits, then a monitor pass over the whole
-fleet), claiming audits and fencing every write with the claim's lease, and the
-emergency path that keeps an audit alive when a progress write fails.
+heartbeat thread (beats for this instance and its audits) and the monitor thread (a
+monitor pass over the whole fleet), claiming audits and fencing every write with the
+claim's lease, and the emergency path that keeps an audit alive when a progress write fails.
+
+The two threads are apart so that a monitor pass waiting on the database never delays a
+heartbeat, and each heartbeat write is bounded (``WRITE_TIMEOUT``, enforced on PostgreSQL by
+``auditctl.watchdog`` even when the server stops answering), so one run's stuck connection
+cannot silence the others.
 
 A monitoring failure never kills the audit it watches: a progress write that fails falls
 back to a minimal heartbeat write, and the heartbeat thread keeps trying through a
@@ -36,7 +41,10 @@ from datetime import timedelta
 from typing import Iterator
 
 from . import leases, registry
-from .db import DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url, fit_pool
+from .db import (
+    DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
+    fit_pool, monitor_call_timeout,
+)
 from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
 from .migrate import upgrade
@@ -46,6 +54,7 @@ from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_audits, recover_wo
 from .schema import audits
 from .textsafe import printable
 from .urls import mask_url
+from .watchdog import CALL_GRACE
 from .thresholds import (
     DEFAULT_HEARTBEAT_INTERVAL, MANUAL, Overrides, Policy, Thresholds, format_duration, parse_duration,
     validate_heartbeat_interval,
@@ -53,6 +62,11 @@ from .thresholds import (
 
 log = logging.getLogger("auditctl")
 
+#: The longest one write of a run (a heartbeat, a progress report) waits for the server's answer on
+#: PostgreSQL: the row-lock wait the server enforces, plus a grace. A connection whose server froze
+#: holds the heartbeat thread or ``update_progress`` no longer than this, once: the write fails and
+#: the next one opens a fresh connection.
+WRITE_TIMEOUT = WORKER_LOCK_WAIT + CALL_GRACE
 #: Emergency minimal writes: the first backoff (doubled each try, with jitter).
 EMERGENCY_BACKOFF = 0.05
 #: The longest ``update_progress`` blocks its caller, whatever the database does (seconds).
@@ -137,6 +151,8 @@ class AuditRun:
                     self.guard.engine, self.lease, fields,
                     signature(fields["step"], fields["percentage"], fields["completed_tasks"], fields["total_tasks"]),
                     extra or None, self.guard.actor, held=self._connection,
+                    # Half of what is left: an emergency write on a fresh connection still fits after it.
+                    timeout=min(WRITE_TIMEOUT, (deadline - time.monotonic()) / 2),
                 )
                 self._fields = fields
                 return True
@@ -189,7 +205,8 @@ class AuditRun:
             try:
                 with self.guard._holding_signals(), self._locked(deadline):
                     self._check()
-                    leases.minimal_write(self.guard.engine, self.lease, self.guard.actor, held=self._connection)
+                    leases.minimal_write(self.guard.engine, self.lease, self.guard.actor, held=self._connection,
+                                         timeout=min(WRITE_TIMEOUT, deadline - time.monotonic()))
                 self.emergency_writes += 1
                 return
             except LeaseLost as lost:
@@ -206,14 +223,25 @@ class AuditRun:
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat now (the heartbeat thread does this on its own). Raises LeaseLost."""
-        with self._lock:
+        self._beat(blocking=True)
+
+    def _beat(self, *, blocking: bool) -> None:
+        """One heartbeat write, bounded by the guard's ``beat_timeout``. Not ``blocking``: skipped while a progress
+        write holds the run, since that write refreshes the heartbeat itself (the heartbeat thread
+        must not wait behind one run's slow write while the others go silent)."""
+        if not self._lock.acquire(blocking=blocking):
+            return
+        try:
             if self.finished:
                 return  # the heartbeat thread raced the end of the run: nothing left to beat
             self._check()
             try:
-                leases.heartbeat(self.guard.engine, self.lease, self.guard.actor, held=self._connection)
+                leases.heartbeat(self.guard.engine, self.lease, self.guard.actor, held=self._connection,
+                                 timeout=self.guard.beat_timeout)
             except LeaseLost as error:
                 raise self._mark_lost(error) from None
+        finally:
+            self._lock.release()
 
 
 class StuckAuditPrevention:
@@ -260,6 +288,10 @@ class StuckAuditPrevention:
         self.declared = Overrides.parse(stale_after, max_age, stall_after)
         self.thresholds = Thresholds.parse(stale_after, max_age, stall_after)
         self.heartbeat_interval = validate_heartbeat_interval(heartbeat_interval, self.thresholds.stale_after)
+        #: How long one heartbeat write may wait for the server's answer (PostgreSQL). At most half an
+        #: interval, so a frozen connection delays the other runs' beats by less than the margin
+        #: ``stale_after`` (at least two intervals) leaves; a beat later than that is late anyway.
+        self.beat_timeout = min(WRITE_TIMEOUT, self.heartbeat_interval / 2)
         notify_timeout = parse_duration(notify_timeout, "notify_timeout")  # "5s" as in the config file
         kind_overrides = {str(name): (values if isinstance(values, Overrides) else Overrides.parse(**values, where=f"kind {name}"))
                           for name, values in (kinds or {}).items()}
@@ -277,7 +309,7 @@ class StuckAuditPrevention:
         # (the monitor pass, startup cleanup) is an operator's work with an operator's patience.
         # The pool grows with the runs held at once (``fit_pool``): one connection per run, plus spares.
         self.engine = create_engine(database_url, role="worker", pool_size=8)
-        self.operator_engine = create_engine(database_url, role="operator", pool_size=2)
+        self.operator_engine = create_engine(database_url, role="operator", pool_size=2, call_timeout=monitor_call_timeout())
         self.database = display_url(self.engine)
         self.actor = Actor.worker(self.worker_id, self.instance_id)
         self.monitor = Monitor(self.operator_engine, self.policy, actor=self.actor, requeue=requeue, max_attempts=max_attempts)
@@ -295,7 +327,8 @@ class StuckAuditPrevention:
         self._runs: dict[str, AuditRun] = {}
         self._runs_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the heartbeats
+        self._monitor_thread: threading.Thread | None = None  # the monitor passes
         self._previous_sigterm = None
         self._held = 0  # main-thread writes in flight (SIGTERM waits for them)
         self._pending_signal: int | None = None
@@ -333,17 +366,25 @@ class StuckAuditPrevention:
 
         SIGTERM raises ``SystemExit(143)`` in the main thread (so ``run`` blocks unwind and
         record their end), but never in the middle of a write: a write in flight finishes
-        first. ``stop()`` then runs as the process exits, which joins the thread and marks
+        first. ``stop()`` then runs as the process exits, which joins the threads and marks
         the instance stopped, unless the application called it first.
         """
-        if self._thread is not None and self._thread.is_alive():
+        threads = [thread for thread in (self._thread, self._monitor_thread) if thread is not None and thread.is_alive()]
+        if threads:
             if not self._stop.is_set():
                 return
-            self._thread.join(5.0)
+            for thread in threads:
+                thread.join(5.0)
         self._resume_if_stopped()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._heartbeat_loop, name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
+        # Two threads: a monitor pass that waits on the database (a lock, a slow recovery) must never
+        # delay the heartbeats of the audits this worker runs.
+        self._thread = threading.Thread(target=self._every_interval, args=(self._beat_once,),
+                                        name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
+        self._monitor_thread = threading.Thread(target=self._every_interval, args=(self._monitor_once,),
+                                                name=f"auditctl-monitor-{self.worker_id}", daemon=True)
         self._thread.start()
+        self._monitor_thread.start()
         # At exit, not inside the signal handler: the interrupted main thread may hold a
         # write transaction (on SQLite, the write lock) that is only released as it unwinds.
         atexit.register(self._stop_at_exit)
@@ -501,12 +542,13 @@ class StuckAuditPrevention:
     # --- lifecycle --------------------------------------------------------------------
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the heartbeat thread (joins it) and mark this instance stopped."""
+        """Stop the heartbeat and monitor threads (joins them) and mark this instance stopped."""
         atexit.unregister(self._stop_at_exit)
         self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        until = None if timeout is None else time.monotonic() + timeout  # one timeout for both threads
+        for thread in (self._thread, self._monitor_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(None if until is None else max(0.0, until - time.monotonic()))
         if self.notifier is not None:
             self.notifier.stop(timeout=1.0)  # a delivery still in flight is covered by its claim
         if (threading.current_thread() is threading.main_thread()
@@ -560,9 +602,9 @@ class StuckAuditPrevention:
         return peers
 
     def _beat_once(self) -> bool:
-        """Heartbeat this instance and each of its runs, then a monitor pass. True when the database answered."""
+        """Heartbeat this instance and each of its runs. True when the database answered."""
         try:
-            registry.beat(self.engine, self.instance_id)
+            registry.beat(self.engine, self.instance_id, timeout=self.beat_timeout)
         except AuditctlError as error:
             log.error("💓 HEARTBEAT: database unavailable (%s); retrying", printable(error))
             self.monitor.in_outage = True
@@ -574,25 +616,32 @@ class StuckAuditPrevention:
             if handle.lost:
                 continue
             try:
-                handle.heartbeat()
+                handle._beat(blocking=False)
             except LeaseLost:
                 continue
             except Exception as error:  # noqa: BLE001 - the thread must outlive any single failure
                 healthy = False
                 log.error("💓 HEARTBEAT: could not beat for audit %s (%s); retrying", handle.audit_id, printable(error))
+        log.debug("💓 HEARTBEAT: %d audits beating", len(runs))
+        return healthy
+
+    def _monitor_once(self) -> bool:
+        """One monitor pass over the whole fleet, after a look for live duplicates of this worker.
+        True when the database answered."""
         try:
             self._check_duplicates()
         except AuditctlError:
-            healthy = False
+            return False
         recovered = self._heartbeat_cleanup()
-        log.debug("💓 HEARTBEAT: %d audits beating, %d recovered", len(runs), len(recovered))
-        return healthy and not self.monitor.in_outage
+        log.debug("💓 HEARTBEAT: monitor pass, %d recovered", len(recovered))
+        return not self.monitor.in_outage
 
-    def _heartbeat_loop(self) -> None:
+    def _every_interval(self, step) -> None:
+        """Run ``step`` every heartbeat interval until stopped; sooner again, with backoff, after a failure."""
         retry = 1.0
         while not self._stop.is_set():
             try:
-                healthy = self._beat_once()
+                healthy = step()
             except Exception as error:  # noqa: BLE001
                 log.error("💓 HEARTBEAT: unexpected error (%s); the monitor keeps running", printable(error))
                 log.debug("💓 HEARTBEAT: traceback", exc_info=True)

@@ -9,6 +9,7 @@ its old worker. Measured figures are printed (run with ``-s``) and, when
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import freeze_between_writes, all_rows, events, finish, kill_quietly, make_running, python_env, read_line, spawn, wait_for
+from dbtools import (
+    all_rows, db_time, events, finish, freeze_between_writes, kill_quietly, make_running, python_env, read_line, row, spawn,
+    wait_for,
+)
 
 WORKER = Path(__file__).parent / "workerproc.py"
 AUDITCTL = Path(sys.executable).parent / "auditctl"
@@ -332,3 +336,133 @@ def test_a_frozen_sqlite_writer_blocks_recovery_only_for_the_documented_wait_and
     finally:
         writer.send_signal(signal.SIGCONT)
         kill_quietly(writer)
+
+
+# --- a PostgreSQL server that stops answering (one backend frozen with SIGSTOP) -----------
+
+
+@contextlib.contextmanager
+def frozen_backend(run):
+    """Freeze the PostgreSQL backend serving ``run``'s own connection; thawed on the way out."""
+    pid = run._connection.pooled.driver_connection.info.backend_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", message="the freeze")
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def heartbeat_age(engine, audit_id) -> float:
+    return (db_time(engine) - row(engine, audit_id)["heartbeat_at"]).total_seconds()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_update_progress_keeps_its_budget_when_the_server_behind_its_connection_freezes(engine, guards):
+    """statement_timeout is enforced by the server that froze; the client's own deadline ends the
+    write, and the emergency write goes through a fresh connection within the same call."""
+    from auditctl.worker import PROGRESS_CALL_BUDGET
+
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)  # no heartbeat thread
+    audit_id = guard.create_audit("https://example.com/frozen-backend")
+    with guard.run(audit_id) as run:
+        assert run.update_progress(step="one") is True
+        before = row(engine, audit_id)["heartbeat_at"]
+        with frozen_backend(run):
+            outcome = {}
+            started = time.monotonic()
+            call = threading.Thread(target=lambda: outcome.update(stored=run.update_progress(step="two")), daemon=True)
+            call.start()
+            call.join(PROGRESS_CALL_BUDGET + 0.5)
+            took = time.monotonic() - started
+            assert not call.is_alive(), f"update_progress still blocked after {took:.1f}s"
+            report("update_progress with its server frozen", round(took, 2), f"s (budget {PROGRESS_CALL_BUDGET:g} s)")
+            assert outcome["stored"] is False and run.emergency_writes == 1, "the minimal write went through a fresh connection"
+            assert row(engine, audit_id)["heartbeat_at"] > before
+            assert run.update_progress(step="three") is True, "later writes use the fresh connection"
+    assert row(engine, audit_id)["status"] == "completed"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_one_runs_frozen_server_connection_does_not_silence_the_guards_other_runs(engine, guards):
+    guard = guards(heartbeat_interval=0.5, stale_after=2, stall_after=60, max_age=600)
+    frozen_id, healthy_id = guard.create_audit("https://example.com/a"), guard.create_audit("https://example.com/b")
+    guard.start_heartbeat_monitor(handle_sigterm=False)
+    with guard.run(frozen_id) as frozen_run, guard.run(healthy_id) as healthy_run:
+        frozen_run.update_progress(step="working")
+        healthy_run.update_progress(step="working")
+        with frozen_backend(frozen_run):
+            oldest = 0.0
+            watched_until = time.monotonic() + 6
+            while time.monotonic() < watched_until:
+                oldest = max(oldest, heartbeat_age(engine, healthy_id))
+                time.sleep(0.1)
+            report("oldest heartbeat of a healthy run beside a frozen connection", round(oldest, 2), "s (stale_after 2 s)")
+            assert oldest < 2.0, "the healthy run went stale behind the other run's frozen connection"
+            # The frozen run's own beats came back on a fresh connection, its old server still frozen.
+            assert heartbeat_age(engine, frozen_id) < 2.0
+            assert frozen_run.update_progress(step="still working") is True
+    assert {row(engine, i)["status"] for i in (frozen_id, healthy_id)} == {"completed"}
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_monitor_pass_waiting_on_a_lock_does_not_delay_the_guards_heartbeats(engine, database_url, guards):
+    from sqlalchemy import text
+
+    from auditctl import db
+
+    (stuck_id,) = make_running(engine, 1, silent_for=700)
+    guard = guards(heartbeat_interval=0.5, stale_after=2, stall_after=60, max_age=600)
+    audit_id = guard.create_audit("https://example.com/beating")
+    other = db.create_engine(database_url)
+    try:
+        with guard.run(audit_id) as run:
+            run.update_progress(step="working")
+            with other.connect() as locker:
+                locker.begin()
+                # The pass's recovery writes the history in the same transaction: it waits on this lock
+                # (for up to its lock wait), while the worker's own writes never touch that table.
+                locker.execute(text("LOCK TABLE audit_events IN SHARE MODE"))
+                guard.start_heartbeat_monitor(handle_sigterm=False)
+                oldest = 0.0
+                watched_until = time.monotonic() + 4
+                while time.monotonic() < watched_until:
+                    oldest = max(oldest, heartbeat_age(engine, audit_id))
+                    time.sleep(0.1)
+                assert row(engine, stuck_id)["status"] == "running", "the monitor pass is waiting on the lock"
+                locker.rollback()
+            report("oldest heartbeat while the guard's monitor pass waited on a lock", round(oldest, 2), "s")
+            assert oldest < 2.0, "the heartbeats waited behind the monitor pass"
+            wait_for(lambda: row(engine, stuck_id)["status"] == "failed", timeout=10, message="the pass, after the lock")
+    finally:
+        other.dispose()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_any_call_on_a_frozen_server_connection_ends_at_the_engines_deadline_and_the_next_call_works(database_url):
+    from sqlalchemy import text
+
+    from auditctl.db import create_engine, read_connection
+    from auditctl.errors import DatabaseUnavailable
+
+    engine = create_engine(database_url, role="operator", call_timeout=1.5)
+    frozen = None
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match=r"did not answer within 1.5s, so auditctl closed the connection"):
+            with read_connection(engine) as connection:
+                # The server bounds each statement itself, shorter than the client does.
+                assert connection.execute(text("SHOW statement_timeout")).scalar() == "750ms"
+                frozen = connection.connection.driver_connection.info.backend_pid
+                os.kill(frozen, signal.SIGSTOP)
+                started = time.monotonic()
+                connection.execute(text("SELECT 1"))
+        took = time.monotonic() - started
+        report("a call on a frozen server connection, deadline 1.5 s", round(took, 2), "s")
+        assert took < 1.5 + 1.0
+        with read_connection(engine) as connection:  # a fresh connection, the old server still frozen
+            assert connection.execute(text("SELECT 2")).scalar() == 2
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+        engine.dispose()

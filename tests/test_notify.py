@@ -355,15 +355,15 @@ def test_a_guard_with_a_hanging_webhook_keeps_beating_and_alerts_from_its_own_th
     options = {"heartbeat_interval": 0.5, "stale_after": 2, "max_age": 30, "stall_after": 3}
     with StuckAuditPrevention(sqlite_url, worker_id="quiet", **options) as quiet:
         started = time.monotonic()
-        quiet._beat_once()
+        quiet._monitor_once()
         baseline = time.monotonic() - started
     with StuckAuditPrevention(sqlite_url, worker_id="alerting", slack_webhook=[hook.url()], notify_timeout=2,
                               **options) as guard:
         stuck = make_running(sqlite_engine, 1, silent_for=700)[0]
         started = time.monotonic()
-        assert guard._beat_once() is True  # the heartbeat thread's work: beat, then a monitor pass
+        assert guard._monitor_once() is True  # the monitor thread's work: a pass, then a kick to the sender
         took = time.monotonic() - started
-        assert took < 1.0, f"a heartbeat pass took {took:.2f}s with a hanging webhook"
+        assert took < 1.0, f"a monitor pass took {took:.2f}s with a hanging webhook"
         hook.wait_for(1)
         wait_for(lambda: "are failing: no answer within 2s" in caplog.text, timeout=5, message="the failure logged")
         assert f"alerts to slack http://127.0.0.1:{hook.port}/*** are failing" in caplog.text
@@ -371,7 +371,7 @@ def test_a_guard_with_a_hanging_webhook_keeps_beating_and_alerts_from_its_own_th
         hook.release()
         wait_for(lambda: delivery_states(sqlite_engine) == ["sent"], timeout=5, message="the retry from the guard's thread")
     assert f"#{stuck}" in json.dumps(hook.requests[-1].body)
-    print(f"\nheartbeat pass: {baseline * 1000:.0f} ms without alerts, {took * 1000:.0f} ms with a hanging webhook")
+    print(f"\nmonitor pass: {baseline * 1000:.0f} ms without alerts, {took * 1000:.0f} ms with a hanging webhook")
 
 
 def test_a_guard_takes_notify_timeout_as_any_duration_and_refuses_a_bad_one(sqlite_url, sqlite_engine, hooks):
@@ -386,7 +386,7 @@ def test_a_guard_takes_notify_timeout_as_any_duration_and_refuses_a_bad_one(sqli
     with StuckAuditPrevention(sqlite_url, worker_id="alerting", slack_webhook=[hook.url()], notify_timeout="2s",
                               **options) as guard:
         stuck = make_running(sqlite_engine, 1, silent_for=700)[0]
-        assert guard._beat_once() is True
+        assert guard._monitor_once() is True
         wait_for(lambda: delivery_states(sqlite_engine) == ["sent"], timeout=5, message="the alert, as a config file's 2s")
     assert f"#{stuck}" in json.dumps(hook.requests[-1].body)
 

@@ -421,7 +421,7 @@ def test_a_guard_used_again_after_stop_is_live_again_and_its_audits_are_not_take
     guard.stop()
     guard.start_heartbeat_monitor(handle_sigterm=False)
     with guard.run(second) as run:
-        assert guard._beat_once() is True  # its own monitor pass
+        assert guard._monitor_once() is True  # its own monitor pass
         run.update_progress(step="Crawling")
     assert row(engine, second)["status"] == COMPLETED, "the guard's own monitor took its running audit as gone"
 

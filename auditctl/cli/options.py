@@ -106,6 +106,8 @@ class CliState:
         self.verbose = verbose
         self.quiet = quiet
         self.lock_wait = lock_wait
+        #: PostgreSQL: the client-side deadline of every call (``db.create_engine``); ``watch`` sets one.
+        self.call_timeout: float | None = None
         self._engines: dict[str, object] = {}
 
     def engine_for(self, role: str):
@@ -116,9 +118,11 @@ class CliState:
 
             wait = self.lock_wait if role in ("operator", "creator") else None
             if role == "creator":
-                self._engines[role] = create_engine(self.database_url, role="operator", must_exist=False, lock_wait=wait)
+                self._engines[role] = create_engine(self.database_url, role="operator", must_exist=False, lock_wait=wait,
+                                                    call_timeout=self.call_timeout)
             else:
-                self._engines[role] = create_engine(self.database_url, role=role, must_exist=True, lock_wait=wait)
+                self._engines[role] = create_engine(self.database_url, role=role, must_exist=True, lock_wait=wait,
+                                                    call_timeout=self.call_timeout)
         return self._engines[role]
 
     @property

@@ -56,10 +56,13 @@ PAGE_TURN = 5.0
 def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_recover, requeue, max_attempts, live, metrics,
           destinations, notify_timeout):
     """Run the heartbeat monitor in the foreground: the incident screen on a terminal, log lines when piped."""
+    from ..db import monitor_call_timeout
     from ..errors import DatabaseUnavailable
     from ..history import Actor
     from ..monitor import Monitor
 
+    # A long-running monitor: a PostgreSQL server that stops answering must not hold it for good.
+    state.call_timeout = monitor_call_timeout(state.lock_wait)
     check_interval(interval, allow_unsafe)
     check_interval(refresh, allow_unsafe, "refresh")
     try:
