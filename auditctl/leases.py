@@ -24,7 +24,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history
-from .db import HeldConnection, db_now, fetch_now, single_write, write_transaction
+from .db import HeldConnection, PreparedWrite, db_now, fetch_now, single_write, write_transaction
 from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
@@ -242,10 +242,18 @@ def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, e
     raise _lost(engine, lease, "progress", actor)
 
 
+def prepare_heartbeat(engine: Engine, lease: Lease) -> PreparedWrite:
+    """A run's heartbeat, ready to send (``heartbeat(prepared=...)``): built once, as its lease never changes."""
+    return PreparedWrite(engine, _HEARTBEAT, _lease_params(lease))
+
+
 def heartbeat(engine: Engine, lease: Lease, actor: Actor, *, held: HeldConnection | None = None,
-              timeout: float | None = None) -> None:
-    """Refresh the heartbeat (and the document's heartbeat stamps), one statement. Raises LeaseLost."""
-    if single_write(engine, _HEARTBEAT, _lease_params(lease), held=held, timeout=timeout) == 1:
+              timeout: float | None = None, prepared: PreparedWrite | None = None) -> None:
+    """Refresh the heartbeat (and the document's heartbeat stamps), one statement. Raises LeaseLost.
+    ``prepared``: this lease's ``prepare_heartbeat``."""
+    if prepared is None:
+        prepared = prepare_heartbeat(engine, lease)
+    if single_write(engine, prepared, held=held, timeout=timeout) == 1:
         return
     raise _lost(engine, lease, "heartbeat", actor)
 

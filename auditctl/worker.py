@@ -96,6 +96,7 @@ class AuditRun:
         self._lock = threading.Lock()
         #: This run's own connection for its heartbeats and progress writes (None once the run is over).
         self._connection: HeldConnection | None = HeldConnection()
+        self._heartbeat = leases.prepare_heartbeat(guard.engine, lease)
 
     def _release(self) -> None:
         """Give the run's connection back to the pool; a write after this (a late heartbeat) borrows one."""
@@ -237,7 +238,7 @@ class AuditRun:
             self._check()
             try:
                 leases.heartbeat(self.guard.engine, self.lease, self.guard.actor, held=self._connection,
-                                 timeout=self.guard.beat_timeout)
+                                 timeout=self.guard.beat_timeout, prepared=self._heartbeat)
             except LeaseLost as error:
                 raise self._mark_lost(error) from None
         finally:
