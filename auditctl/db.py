@@ -249,6 +249,26 @@ def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def file_identity(engine: Engine) -> tuple[int, int] | None:
+    """``(device, inode)`` of a SQLite engine's file: another value later means the file at that path
+    was deleted, moved or replaced. None for PostgreSQL, an in-memory database, or no file there."""
+    path = sqlite_path(engine.url) if engine.dialect.name == "sqlite" else None
+    if path is None:
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def never_create(engine: Engine) -> None:
+    """From now on, open a SQLite engine's file with ``mode=rw``: a database that vanished (moved,
+    deleted, unmounted) is then an error, never silently replaced by an empty file."""
+    if engine.dialect.name == "sqlite" and sqlite_path(engine.url) is not None:
+        _never_create(engine)
+
+
 def _never_create(engine: Engine) -> None:
     """Open the file with SQLite's ``mode=rw``: a database that vanished after the engine was made
     (moved, deleted, unmounted) is then an error, never silently replaced by an empty file."""

@@ -43,7 +43,7 @@ from typing import Iterator
 from . import leases, registry
 from .db import (
     DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
-    fit_pool, monitor_call_timeout,
+    file_identity, fit_pool, monitor_call_timeout, never_create, sqlite_path,
 )
 from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
@@ -339,6 +339,13 @@ class StuckAuditPrevention:
         registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id, worker_url=worker_url,
                           guard=self, heartbeat_interval=self.heartbeat_interval, stale_after=self.thresholds.stale_after)
         self._check_duplicates()
+        # SQLite: the file this guard opened. Deleted, moved or replaced under a running worker, it
+        # would take the worker's writes where nobody reads them (``_check_database_file``), and a
+        # new connection must never create an empty file in its place.
+        self._database_file = file_identity(self.engine)
+        self._watch_file = self._database_file is not None
+        never_create(self.engine)
+        never_create(self.operator_engine)
         log.info("✅ Stuck audit prevention system initialized: worker %s (instance %s) on %s; heartbeat every %s, "
                  "stale after %s, max age %s, stall after %s", printable(self.worker_id), self.instance_id[:8], self.database,
                  format_duration(self.heartbeat_interval), format_duration(self.thresholds.stale_after),
@@ -602,8 +609,42 @@ class StuckAuditPrevention:
         self.duplicates = peers
         return peers
 
+    def _check_database_file(self) -> bool:
+        """SQLite: False while no file is at the database's path. When the file this guard opened was
+        deleted, moved or replaced, its open connections would go on writing to it, where no one
+        else reads: they are closed, so every write opens the path again (and fails while nothing
+        is there, which the heartbeat thread then reports as an outage)."""
+        if not self._watch_file:
+            return True
+        current = file_identity(self.engine)
+        if current == self._database_file:
+            return current is not None
+        path = sqlite_path(self.engine.url)
+        if current is None:
+            log.error("🚨 DATABASE FILE %s was deleted or moved away while this worker ran; its audits are no longer "
+                      "where anyone can see them, and writes fail until a database is at that path again",
+                      printable(path))
+        elif self._database_file is None:
+            log.warning("✅ DATABASE FILE %s is there again; writing to it", printable(path))
+        else:
+            log.error("🚨 DATABASE FILE %s was replaced by another file while this worker ran; writing to the new one",
+                      printable(path))
+        self._database_file = current
+        with self._runs_lock:
+            runs = list(self._runs.values())
+        for handle in runs:
+            with handle._lock:  # a write in flight finishes first (on the old file)
+                if handle._connection is not None:
+                    handle._connection.close()
+        self.engine.dispose()
+        self.operator_engine.dispose()
+        return current is not None
+
     def _beat_once(self) -> bool:
         """Heartbeat this instance and each of its runs. True when the database answered."""
+        if not self._check_database_file():
+            self.monitor.in_outage = True
+            return False
         try:
             registry.beat(self.engine, self.instance_id, timeout=self.beat_timeout)
         except AuditctlError as error:

@@ -537,3 +537,41 @@ def test_a_report_after_the_run_ended_is_refused_without_a_lease_lost_in_the_his
         run.update_progress(step="late")
     assert "lease_lost" not in [e["event"] for e in events(engine, audit_id)]
     assert "LEASE LOST" not in caplog.text and row(engine, audit_id)["status"] == COMPLETED
+
+
+# --- the SQLite file taken away under a running worker -----------------------------------------------------------
+
+
+def test_a_worker_whose_sqlite_file_is_deleted_says_so_and_writes_to_whatever_is_at_the_path_next(tmp_path, caplog):
+    """Its open connections would go on writing to the deleted file, where nobody reads, and a new one
+    would create an empty database in its place."""
+    import os
+
+    from auditctl import StuckAuditPrevention
+    from auditctl.db import create_engine
+    from auditctl.migrate import upgrade
+
+    path = tmp_path / "fleet.db"
+    guard = StuckAuditPrevention(f"sqlite:///{path}", worker_id="w", heartbeat_interval=0.2, stale_after=2,
+                                 max_age=600, stall_after=60)
+    try:
+        audit_id = guard.create_audit("https://example.com/vanishing")
+        guard.start_heartbeat_monitor(handle_sigterm=False)
+        with pytest.raises(LeaseLost):
+            with guard.run(audit_id) as run:
+                assert run.update_progress(step="before") is True
+                for suffix in ("", "-wal", "-shm"):
+                    os.unlink(f"{path}{suffix}")
+                wait_for(lambda: "was deleted or moved away while this worker ran" in caplog.text, timeout=5,
+                         message="the worker to notice")
+                assert run.update_progress(step="after") is False, "nothing to write to"
+                assert not path.exists(), "a worker's connection created an empty database in its place"
+
+                restored = create_engine(f"sqlite:///{path}")  # an operator puts a database back (`auditctl init`)
+                upgrade(restored)
+                restored.dispose()
+                wait_for(lambda: f"DATABASE FILE {path} is there again" in caplog.text, timeout=5,
+                         message="the worker to see it")
+                run.update_progress(step="into the new database")  # whose audits do not include this one
+    finally:
+        guard.close()
