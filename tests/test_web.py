@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,35 @@ def test_actions_need_the_token_and_a_wrong_one_is_401(demo_url, demo):
     assert html.status == 401 and "sign in" in html.text
     assert 'id="reset-all" disabled' in page.text
     assert statuses(demo) == before
+
+
+@sqlite_only
+def test_wrong_tokens_are_answered_one_at_a_time_and_a_right_one_is_not_kept_waiting(demo_url, demo, caplog):
+    """Guessing in parallel gains nothing: every wrong token, from any client, at sign-in or in a header,
+    waits its turn for WRONG_TOKEN_DELAY."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from auditctl.web.security import WRONG_TOKEN_DELAY
+
+    guesses = 6
+    with running_dashboard(demo_url) as server:
+        def guess(number):
+            if number % 2:
+                return server.post("/login", form={"token": f"guess-{number}"}, headers={"Origin": server.origin}).status
+            return server.get("/api/stuck", headers={"Authorization": f"Bearer guess-{number}"}).status
+
+        with ThreadPoolExecutor(guesses + 1) as pool:
+            started = time.monotonic()
+            answers = [pool.submit(guess, number) for number in range(guesses)]
+            time.sleep(0.2)
+            right = server.get("/api/stuck", headers=BEARER)
+            right_after = time.monotonic() - started
+            statuses_seen = [answer.result() for answer in answers]
+            all_after = time.monotonic() - started
+    assert statuses_seen == [401] * guesses and right.status == 200
+    assert all_after >= guesses * WRONG_TOKEN_DELAY * 0.9, f"{guesses} wrong tokens answered in {all_after:.2f}s"
+    assert right_after < all_after, "the right token waited behind the guesses"
+    assert caplog.text.count("wrong token") >= guesses
 
 
 @sqlite_only

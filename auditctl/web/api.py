@@ -25,6 +25,7 @@ disabled, cross-site request), 404, 415 (body not JSON) or 503 (database unreach
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -38,6 +39,8 @@ from ..textsafe import json_safe_text
 from ..timestamps import iso
 from .params import Params
 from .security import CSRF_HEADER, same
+
+log = logging.getLogger("auditctl.web")
 
 
 def _default(value):
@@ -59,14 +62,17 @@ def _unauthorised(text: str) -> Response:
     return error(401, text, {"WWW-Authenticate": 'Bearer realm="auditctl"'})
 
 
-def _credential(request: Request, d) -> tuple[str | None, Response | None]:
+async def _credential(request: Request, d) -> tuple[str | None, Response | None]:
     """(user, None) when the request carries a valid credential, (None, None) when it carries none,
-    (None, refusal) when it carries a wrong one."""
+    (None, refusal) when it carries a wrong one (answered late, as at sign-in: ``WrongTokens``)."""
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
         if d.token is not None and scheme.lower() == "bearer" and same(value.strip(), d.token):
             return "token", None
+        log.warning("API request refused: wrong token in the Authorization header (from %s)",
+                    request.client.host if request.client else "?")
+        await d.wrong_tokens.answer_later()
         return None, _unauthorised("the Authorization header does not carry this dashboard's token")
     session = d.session(request)
     if session is not None and same(request.headers.get(CSRF_HEADER), session.csrf):
@@ -74,11 +80,11 @@ def _credential(request: Request, d) -> tuple[str | None, Response | None]:
     return None, None
 
 
-def _actor_or_refusal(request: Request, d) -> tuple[str | None, Response | None]:
+async def _actor_or_refusal(request: Request, d) -> tuple[str | None, Response | None]:
     if d.token is None:
         return None, error(403, "actions are disabled: the dashboard was started without a token "
                                 "(auditctl serve --token, or AUDITCTL_WEB_TOKEN); nothing was changed")
-    user, refusal = _credential(request, d)
+    user, refusal = await _credential(request, d)
     if refusal is not None:
         return None, refusal
     if user is None:
@@ -125,7 +131,7 @@ def _read_route(handler):
         from .app import Outage
 
         d = request.app.state.dashboard
-        _user, refusal = _credential(request, d)
+        _user, refusal = await _credential(request, d)
         if refusal is not None:
             return refusal
         try:
@@ -201,7 +207,7 @@ async def _action(request: Request, work) -> Response:
     """One action: the caller authorised, its parameters read, ``work(d, user, params)`` awaited,
     and each kind of failure answered with its own status (see ``_action_error``)."""
     d = request.app.state.dashboard
-    user, refusal = _actor_or_refusal(request, d)
+    user, refusal = await _actor_or_refusal(request, d)
     if refusal is not None:
         return refusal
     try:

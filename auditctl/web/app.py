@@ -7,7 +7,6 @@ overview it read, shown dimmed under the alert while the database is unreachable
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ from .security import (
     GuardMiddleware,
     Session,
     Sessions,
+    WrongTokens,
     is_loopback,
     same,
 )
@@ -47,8 +47,6 @@ log = logging.getLogger("auditctl.web")
 STATIC = Path(__file__).parent / "static"
 #: The stuck-over-time chart reads the history at most this often (it moves by the hour).
 CHART_SECONDS = 15.0
-#: A wrong token at sign-in is answered after this long.
-WRONG_TOKEN_DELAY = 0.5
 #: How many healthy running audits the overview lists (the rest are counted).
 HEALTHY_SAMPLE = 20
 
@@ -114,6 +112,7 @@ class Dashboard:
         self.where = display_url(self.reader)
         self.policy = Policy.coerce(policy) if policy is not None else Policy.of()
         self.token = token or None
+        self.wrong_tokens = WrongTokens()
         self.allow_unsafe = allow_unsafe
         # What the buttons and the API use unless a request says otherwise (serve --max-attempts, --max-resets).
         self.max_attempts = DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts
@@ -429,7 +428,7 @@ async def login(request: Request):
     form = await read_form(request)
     if not same(str(form.get("token") or ""), d.token):
         log.warning("sign-in refused: wrong token (from %s)", request.client.host if request.client else "?")
-        await asyncio.sleep(WRONG_TOKEN_DELAY)  # slows guessing; the event loop serves others meanwhile
+        await d.wrong_tokens.answer_later()
         return HTMLResponse(views.login_page(viewer, "That is not the dashboard's token."), status_code=401)
     name = " ".join(str(form.get("name") or "").split())[:64]
     session = d.sessions.create(name or "token")

@@ -18,6 +18,7 @@ Sessions live in the server's memory: a restart signs everybody out, which is th
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import threading
@@ -35,6 +36,8 @@ PLAN_SECONDS = 600
 #: Sessions kept at most (the oldest are dropped first): sign-ins cannot grow memory without bound.
 MAX_SESSIONS = 1000
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+#: A wrong token is answered after this long, and one at a time for the whole server.
+WRONG_TOKEN_DELAY = 0.5
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 #: No inline script or style, nothing from elsewhere, never framed (clickjacking).
@@ -46,6 +49,20 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"same-origin"),
 ]
+
+
+class WrongTokens:
+    """Answers every wrong token (at sign-in, or in an ``Authorization`` header) after
+    ``WRONG_TOKEN_DELAY``, one at a time for the whole server: guessing runs at two tries a second
+    however many clients try at once. A right token is never slowed; the event loop serves
+    everybody else meanwhile."""
+
+    def __init__(self):
+        self._turn = asyncio.Lock()
+
+    async def answer_later(self) -> None:
+        async with self._turn:
+            await asyncio.sleep(WRONG_TOKEN_DELAY)
 
 
 def same(given: str | None, expected: str | None) -> bool:
