@@ -21,8 +21,8 @@ Every worker declares ``stale_after`` = 2 x its heartbeat interval, the tightest
 declare. Targets name the role (``https://healthy.i5.latency.example/...``), which is how the
 benchmark tells victims and bystanders apart in the history.
 
-Why the fleet-wide monitor pass is switched off here: every guard's heartbeat thread also
-judges and recovers the whole fleet after each beat, so the bystanders would recover the
+Why the fleet-wide monitor pass is switched off here: every guard's monitor thread also
+judges and recovers the whole fleet every heartbeat interval, so the bystanders would recover the
 victims themselves (within one of their own intervals) and the benchmark would not measure
 ``watch`` or ``recover``. The worker's own heartbeats and fenced writes are untouched.
 """
