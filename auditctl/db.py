@@ -166,6 +166,8 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
             raise ConfigError(f"cannot use the database URL {mask_url(database_url)}: "
                               f"{scrub(error, database_url)}") from None
         _configure_sqlite(engine, lock_wait, wal=not read_only)
+        # Absolute now: the process may change directory later, the engine's file does not move with it.
+        engine._auditctl_sqlite_path = path
         if (must_exist if must_exist is not None else read_only) and path is not None:
             _never_create(engine)
     else:
@@ -249,10 +251,15 @@ def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def sqlite_file(engine: Engine) -> str | None:
+    """The absolute path of a SQLite engine's file, as resolved when the engine was made."""
+    return getattr(engine, "_auditctl_sqlite_path", None)
+
+
 def file_identity(engine: Engine) -> tuple[int, int] | None:
     """``(device, inode)`` of a SQLite engine's file: another value later means the file at that path
     was deleted, moved or replaced. None for PostgreSQL, an in-memory database, or no file there."""
-    path = sqlite_path(engine.url) if engine.dialect.name == "sqlite" else None
+    path = sqlite_file(engine)
     if path is None:
         return None
     try:
@@ -265,7 +272,7 @@ def file_identity(engine: Engine) -> tuple[int, int] | None:
 def never_create(engine: Engine) -> None:
     """From now on, open a SQLite engine's file with ``mode=rw``: a database that vanished (moved,
     deleted, unmounted) is then an error, never silently replaced by an empty file."""
-    if engine.dialect.name == "sqlite" and sqlite_path(engine.url) is not None:
+    if sqlite_file(engine) is not None:
         _never_create(engine)
 
 
@@ -399,6 +406,13 @@ class HeldConnection:
         if pooled is not None:
             pooled.close()
 
+    def drop(self) -> None:
+        """Close the connection for good (it points at a database that is no longer there)."""
+        pooled, self.pooled = self.pooled, None
+        if pooled is not None:
+            pooled.invalidate()
+            pooled.close()
+
 
 class PreparedWrite:
     """A statement with its parameters in the driver's form, for ``single_write``: built once and
@@ -458,7 +472,7 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
                 cursor = driver.execute(sql, values)
             count = cursor.rowcount
             cursor.close()
-            if postgres:
+            if postgres and not driver.closed:  # closed: its deadline passed as the answer came in
                 driver.autocommit = False
         except error_class as exc:
             dead = engine.dialect.is_disconnect(exc, driver, None)

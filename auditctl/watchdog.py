@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import socket
 import threading
 import time
+
+log = logging.getLogger("auditctl")
 
 #: How much longer than the server-side timeout a call may take before it counts as no answer.
 CALL_GRACE = 1.0
@@ -42,17 +45,25 @@ class _Watchdog:
 
     Arming and disarming are a dict assignment and a ``pop`` (atomic under the GIL): whichever of
     the caller and the thread pops a call's entry first owns it, so a socket is shut down only
-    while its call is still waiting, never after it returned. The thread wakes every
+    before its call disarms (when the answer came in at that moment, the caller closes the
+    connection too). The thread wakes every
     ``IDLE_TICK``, and sooner only for a call whose deadline comes before its next look.
     """
 
     def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()  # held by the thread while it shuts sockets down
         self._armed: dict[int, tuple[float, int]] = {}  # token -> (deadline, socket fd)
         self._tokens = itertools.count(1)
         self._wake_at = float("inf")
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def after_fork(self) -> None:
+        """In a forked child: no thread runs there, and the parent's calls are not the child's to end."""
+        self._reset()
 
     def arm(self, fd: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -75,20 +86,26 @@ class _Watchdog:
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="auditctl-watchdog", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._watch, name="auditctl-watchdog", daemon=True)
+                thread.start()
+                self._thread = thread
 
     def _watch(self) -> None:
         while True:
             with self._lock:
-                now = time.monotonic()
-                for token, (deadline, fd) in list(self._armed.items()):
-                    if deadline <= now and self._armed.pop(token, None) is not None:
-                        _shut_down(fd)
-                # Idle or not, look again within IDLE_TICK: a call armed with a later deadline then needs
-                # no wake-up (one per call cost a twentieth of a heartbeat's time).
-                self._wake_at = min([deadline for deadline, _ in list(self._armed.values())] + [now + IDLE_TICK])
+                # Cleared before the look: a call armed meanwhile sets it again and is seen at once.
                 self._wake.clear()
+                now = time.monotonic()
+                try:
+                    for token, (deadline, fd) in list(self._armed.items()):
+                        if deadline <= now and self._armed.pop(token, None) is not None:
+                            _shut_down(fd)
+                    # Idle or not, look again within IDLE_TICK: a call armed with a later deadline then
+                    # needs no wake-up (one per call cost a twentieth of a heartbeat's time).
+                    self._wake_at = min([deadline for deadline, _ in list(self._armed.values())] + [now + IDLE_TICK])
+                except Exception:  # noqa: BLE001 - the watchdog must outlive anything
+                    log.exception("auditctl watchdog: unexpected error; it keeps watching")
+                    self._wake_at = now + IDLE_TICK
                 wait = max(0.0, self._wake_at - now)
             self._wake.wait(wait)
 
@@ -103,6 +120,8 @@ def _shut_down(fd: int) -> None:
 
 
 _WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
 
 
 @functools.cache
@@ -131,14 +150,16 @@ def connection_class():
                 fd = self.pgconn.socket
             except psycopg.Error:
                 return super().wait(gen, *args, **kwargs)  # closed: psycopg says so in its own words
-            token = _WATCHDOG.arm(fd, limit)
+            token = None
             try:
+                token = _WATCHDOG.arm(fd, limit)
                 result = super().wait(gen, *args, **kwargs)
-            except BaseException:
-                if _WATCHDOG.disarm(token):
+            except BaseException as error:
+                if token is not None and _WATCHDOG.disarm(token):
                     self.pgconn.finish()
-                    raise CallTimedOut(limit) from None
-                raise
+                    if isinstance(error, Exception):
+                        raise CallTimedOut(limit) from None
+                raise  # Ctrl-C, SystemExit: never turned into a database error
             if _WATCHDOG.disarm(token):
                 self.pgconn.finish()  # the answer came in as the socket was shut: no later call may use it
             return result

@@ -43,7 +43,7 @@ from typing import Iterator
 from . import leases, registry
 from .db import (
     DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
-    file_identity, fit_pool, monitor_call_timeout, never_create, sqlite_path,
+    file_identity, fit_pool, monitor_call_timeout, never_create, sqlite_file,
 )
 from .errors import AuditctlError, ConfigError, LeaseLost
 from .history import Actor
@@ -384,12 +384,14 @@ class StuckAuditPrevention:
             for thread in threads:
                 thread.join(5.0)
         self._resume_if_stopped()
-        self._stop.clear()
+        # A stop signal of their own: a thread of an earlier start still waiting on the database
+        # (stop() joins with a timeout) still ends when it is done, and never runs beside these.
+        self._stop = threading.Event()
         # Two threads: a monitor pass that waits on the database (a lock, a slow recovery) must never
         # delay the heartbeats of the audits this worker runs.
-        self._thread = threading.Thread(target=self._every_interval, args=(self._beat_once,),
+        self._thread = threading.Thread(target=self._every_interval, args=(self._beat_once, self._stop),
                                         name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
-        self._monitor_thread = threading.Thread(target=self._every_interval, args=(self._monitor_once,),
+        self._monitor_thread = threading.Thread(target=self._every_interval, args=(self._monitor_once, self._stop),
                                                 name=f"auditctl-monitor-{self.worker_id}", daemon=True)
         self._thread.start()
         self._monitor_thread.start()
@@ -408,7 +410,7 @@ class StuckAuditPrevention:
     def _heartbeat_cleanup(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
         """One monitor pass over the whole fleet: recover every stuck audit."""
         result = self.monitor.run_pass()
-        if self.notifier is not None and result.ok:
+        if self.notifier is not None and result.ok and not self._stopped:
             self.notifier.start().kick()  # never waits for the webhook
         if not result.ok:
             log.error("%s: cannot reach the database (%s); will retry", marker, printable(result.error))
@@ -553,6 +555,7 @@ class StuckAuditPrevention:
         """Stop the heartbeat and monitor threads (joins them) and mark this instance stopped."""
         atexit.unregister(self._stop_at_exit)
         self._stop.set()
+        self._stopped = True  # before the threads end: a last monitor pass then wakes no alert sender
         until = None if timeout is None else time.monotonic() + timeout  # one timeout for both threads
         for thread in (self._thread, self._monitor_thread):
             if thread is not None and thread is not threading.current_thread():
@@ -564,7 +567,6 @@ class StuckAuditPrevention:
             # Only put back what we replaced, and only if nobody (another guard) replaced us since.
             signal.signal(signal.SIGTERM, self._previous_sigterm if self._previous_sigterm is not None else signal.SIG_DFL)
             self._previous_sigterm = None
-        self._stopped = True
         try:
             registry.mark_stopped(self.engine, self.instance_id)
         except AuditctlError as error:
@@ -619,7 +621,7 @@ class StuckAuditPrevention:
         current = file_identity(self.engine)
         if current == self._database_file:
             return current is not None
-        path = sqlite_path(self.engine.url)
+        path = sqlite_file(self.engine)
         if current is None:
             log.error("🚨 DATABASE FILE %s was deleted or moved away while this worker ran; its audits are no longer "
                       "where anyone can see them, and writes fail until a database is at that path again",
@@ -630,14 +632,15 @@ class StuckAuditPrevention:
             log.error("🚨 DATABASE FILE %s was replaced by another file while this worker ran; writing to the new one",
                       printable(path))
         self._database_file = current
+        # The pools first, so a run that starts now cannot take a connection to the old file.
+        self.engine.dispose()
+        self.operator_engine.dispose()
         with self._runs_lock:
             runs = list(self._runs.values())
         for handle in runs:
             with handle._lock:  # a write in flight finishes first (on the old file)
                 if handle._connection is not None:
-                    handle._connection.close()
-        self.engine.dispose()
-        self.operator_engine.dispose()
+                    handle._connection.drop()
         return current is not None
 
     def _beat_once(self) -> bool:
@@ -678,10 +681,10 @@ class StuckAuditPrevention:
         log.debug("💓 HEARTBEAT: monitor pass, %d recovered", len(recovered))
         return not self.monitor.in_outage
 
-    def _every_interval(self, step) -> None:
-        """Run ``step`` every heartbeat interval until stopped; sooner again, with backoff, after a failure."""
+    def _every_interval(self, step, stop: threading.Event) -> None:
+        """Run ``step`` every heartbeat interval until ``stop``; sooner again, with backoff, after a failure."""
         retry = 1.0
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 healthy = step()
             except Exception as error:  # noqa: BLE001
@@ -695,7 +698,7 @@ class StuckAuditPrevention:
                 # Come back soon after the database does, without hammering it.
                 wait = min(self.heartbeat_interval, retry * (0.5 + random.random()))
                 retry = min(retry * 2, 30.0)
-            self._stop.wait(wait)
+            stop.wait(wait)
 
     @property
     def active_audits(self) -> list[int]:

@@ -466,3 +466,29 @@ def test_any_call_on_a_frozen_server_connection_ends_at_the_engines_deadline_and
         if frozen is not None:
             os.kill(frozen, signal.SIGCONT)
         engine.dispose()
+
+
+def test_the_watchdog_ends_a_blocked_read_at_its_deadline_in_a_forked_child_too():
+    """A forked child inherits no running watchdog thread: it starts its own, and never ends the parent's calls."""
+    import socket
+
+    from auditctl.watchdog import _WATCHDOG
+
+    def blocked_read_ends(timeout: float) -> bool:
+        mine, theirs = socket.socketpair()
+        with mine, theirs:
+            token = _WATCHDOG.arm(mine.fileno(), timeout)
+            mine.settimeout(10)
+            data = mine.recv(1)  # nothing is ever sent: only the watchdog ends this
+            return data == b"" and _WATCHDOG.disarm(token)
+
+    assert blocked_read_ends(0.2)  # the parent's thread now runs
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code, and never returns to pytest
+        code = 1
+        try:
+            code = 0 if blocked_read_ends(0.2) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's deadline never fired"

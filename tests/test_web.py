@@ -20,7 +20,7 @@ from sqlalchemy import update
 from auditctl.cli import cli
 from auditctl.db import write_transaction
 from auditctl.schema import audits
-from dbtools import all_rows, events
+from dbtools import all_rows, events, wait_for
 from webtools import TOKEN, Output, http, running_dashboard, serve_process
 from webtools import demo_fixture, demo_url_fixture, sqlite_demo_template_fixture  # noqa: F401 - fixtures
 
@@ -218,6 +218,31 @@ def test_wrong_tokens_are_answered_one_at_a_time_and_a_right_one_is_not_kept_wai
     assert all_after >= guesses * WRONG_TOKEN_DELAY * 0.9, f"{guesses} wrong tokens answered in {all_after:.2f}s"
     assert right_after < all_after, "the right token waited behind the guesses"
     assert caplog.text.count("wrong token") >= guesses
+
+
+@sqlite_only
+def test_a_flood_of_wrong_tokens_is_refused_at_once_without_comparing_any_token(demo_url, demo, monkeypatch):
+    """Queued guesses each hold a connection: past the cap, every token is answered 429 at once, the right
+    one too (telling them apart would answer a guess early). Signed-in sessions are untouched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from auditctl.web import security
+
+    monkeypatch.setattr(security, "MAX_WAITING_WRONG_TOKENS", 3)
+    with running_dashboard(demo_url) as server:
+        cookie, _ = server.sign_in()
+        dashboard = server.app.state.dashboard
+        with ThreadPoolExecutor(8) as pool:
+            guesses = [pool.submit(server.get, "/api/stuck", headers={"Authorization": f"Bearer guess-{n}"})
+                       for n in range(8)]
+            wait_for(lambda: dashboard.wrong_tokens.flooded(), timeout=5, message="the queue to fill")
+            during = server.get("/api/stuck", headers=BEARER)
+            signed_in = server.get("/api/stuck", headers={"Cookie": cookie})
+            answers = sorted(guess.result().status for guess in guesses)
+        after = server.get("/api/stuck", headers=BEARER)
+    assert during.status == 429 and during.headers["retry-after"] == "10"
+    assert signed_in.status == 200 and after.status == 200
+    assert set(answers) == {401, 429} and answers.count(401) >= 3
 
 
 @sqlite_only

@@ -575,3 +575,25 @@ def test_a_worker_whose_sqlite_file_is_deleted_says_so_and_writes_to_whatever_is
                 run.update_progress(step="into the new database")  # whose audits do not include this one
     finally:
         guard.close()
+
+
+def test_a_worker_that_changes_directory_keeps_beating_into_its_relative_sqlite_url(tmp_path, monkeypatch, caplog):
+    import os
+
+    from auditctl import StuckAuditPrevention
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    guard = StuckAuditPrevention("sqlite:///fleet.db", worker_id="w", heartbeat_interval=0.2, stale_after=2,
+                                 max_age=600, stall_after=60)
+    try:
+        audit_id = guard.create_audit("https://example.com/wandering")
+        guard.start_heartbeat_monitor(handle_sigterm=False)
+        with guard.run(audit_id) as run:
+            os.chdir(tmp_path / "work")  # a per-audit work directory; fleet.db is not here
+            time.sleep(1.0)
+            assert run.update_progress(step="still here") is True
+            assert "DATABASE FILE" not in caplog.text, "the file was taken for deleted after a chdir"
+    finally:
+        guard.close()
+    assert not (tmp_path / "work" / "fleet.db").exists()

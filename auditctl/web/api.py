@@ -68,11 +68,15 @@ async def _credential(request: Request, d) -> tuple[str | None, Response | None]
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
-        if d.token is not None and scheme.lower() == "bearer" and same(value.strip(), d.token):
+        if d.token is None or scheme.lower() != "bearer":
+            return None, _unauthorised("the Authorization header does not carry this dashboard's token")  # nothing guessed
+        if d.wrong_tokens.flooded():
+            return None, error(429, "too many wrong tokens at once: try again in a few seconds", {"Retry-After": "10"})
+        if same(value.strip(), d.token):
             return "token", None
+        await d.wrong_tokens.answer_later()
         log.warning("API request refused: wrong token in the Authorization header (from %s)",
                     request.client.host if request.client else "?")
-        await d.wrong_tokens.answer_later()
         return None, _unauthorised("the Authorization header does not carry this dashboard's token")
     session = d.session(request)
     if session is not None and same(request.headers.get(CSRF_HEADER), session.csrf):

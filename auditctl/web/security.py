@@ -38,6 +38,9 @@ MAX_SESSIONS = 1000
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 #: A wrong token is answered after this long, and one at a time for the whole server.
 WRONG_TOKEN_DELAY = 0.5
+#: Wrong tokens waiting for their answer at most (ten seconds' worth). Past that, a token is refused
+#: (429) without being compared: a flood of guesses cannot hold an unbounded number of connections.
+MAX_WAITING_WRONG_TOKENS = 20
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 #: No inline script or style, nothing from elsewhere, never framed (clickjacking).
@@ -55,14 +58,23 @@ class WrongTokens:
     """Answers every wrong token (at sign-in, or in an ``Authorization`` header) after
     ``WRONG_TOKEN_DELAY``, one at a time for the whole server: guessing runs at two tries a second
     however many clients try at once. A right token is never slowed; the event loop serves
-    everybody else meanwhile."""
+    everybody else meanwhile. While ``MAX_WAITING_WRONG_TOKENS`` wait, the server is ``flooded``:
+    every token, right or wrong, is then refused at once (comparing it would tell a guess apart)."""
 
     def __init__(self):
         self._turn = asyncio.Lock()
+        self.waiting = 0
+
+    def flooded(self) -> bool:
+        return self.waiting >= MAX_WAITING_WRONG_TOKENS
 
     async def answer_later(self) -> None:
-        async with self._turn:
-            await asyncio.sleep(WRONG_TOKEN_DELAY)
+        self.waiting += 1
+        try:
+            async with self._turn:
+                await asyncio.sleep(WRONG_TOKEN_DELAY)
+        finally:
+            self.waiting -= 1
 
 
 def same(given: str | None, expected: str | None) -> bool:
