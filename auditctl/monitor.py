@@ -90,9 +90,14 @@ class Monitor:
         resumed = False
         try:
             if self.in_outage:
-                with read_connection(self.engine) as connection:
-                    self.seen_since = fetch_now(connection)
+                # Cleared first: an outage a worker's heartbeat thread reports meanwhile stays reported.
                 self.in_outage = False
+                try:
+                    with read_connection(self.engine) as connection:
+                        self.seen_since = fetch_now(connection)
+                except BaseException:
+                    self.in_outage = True
+                    raise
                 resumed = True
             gone = gone_instances(self.engine)
             if self.recover:

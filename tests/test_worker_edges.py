@@ -597,3 +597,23 @@ def test_a_worker_that_changes_directory_keeps_beating_into_its_relative_sqlite_
     finally:
         guard.close()
     assert not (tmp_path / "work" / "fleet.db").exists()
+
+
+def test_an_outage_reported_while_a_monitor_pass_resumes_is_not_lost(engine, monkeypatch):
+    """A worker's heartbeat thread flags an outage on the monitor its monitor thread runs: a flag raised
+    while a pass is reading the database's time after the last outage must survive that pass."""
+    from auditctl import monitor as monitor_module
+    from auditctl.thresholds import Policy
+
+    monitor = Monitor(engine, Policy.of(Thresholds()), actor=Actor.command("test"))
+    monitor.in_outage = True
+    real_fetch_now = monitor_module.fetch_now
+
+    def fetch_now_while_the_heartbeat_thread_reports_again(connection):
+        moment = real_fetch_now(connection)
+        monitor.in_outage = True  # the other thread, between the read and the rest of the pass
+        return moment
+
+    monkeypatch.setattr(monitor_module, "fetch_now", fetch_now_while_the_heartbeat_thread_reports_again)
+    assert monitor.run_pass().ok
+    assert monitor.in_outage, "the second outage was forgotten: silence would be measured from inside it"
