@@ -39,7 +39,7 @@ from . import documents, timestamps
 from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, SchemaMissing, TextNotUtf8
 from .textsafe import printable
 from .urls import mask_url, scrub
-from .watchdog import CALL_GRACE
+from .watchdog import CALL_GRACE, connect_within
 
 DEFAULT_DATABASE_URL = "sqlite:///auditctl.db"
 
@@ -337,13 +337,16 @@ def _configure_postgresql(engine: Engine, call_timeout: float | None) -> None:
         dbapi_connection.adapters.register_loader("timestamp", naive_loader)
 
     if call_timeout is not None:
-        from .watchdog import connection_class
+        from .watchdog import connect_timeout, connection_class
 
         deadline_connection = connection_class()
 
         @event.listens_for(engine, "do_connect")
         def _connect_with_deadlines(_dialect, _record, cargs, cparams):
-            connection = deadline_connection.connect(*cargs, **cparams)
+            # A single write's budget covers the connection it opens (``single_write``); the engine's
+            # own parameters are left as they are for the next connection.
+            params = {**cparams, "connect_timeout": connect_timeout(cparams.get("connect_timeout"))}
+            connection = deadline_connection.connect(*cargs, **params)
             connection.call_timeout = call_timeout
             return connection
 
@@ -439,9 +442,13 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
     SQLAlchemy's per-call bookkeeping cost about five times the database's work for these
     one-row writes (issue 13). Its parameters must need no conversion (send JSON as text).
     ``statement`` may be a ``PreparedWrite`` (then ``parameters`` is not given). With ``held``,
-    the connection stays checked out between calls (see ``HeldConnection``). ``timeout`` (PostgreSQL) shortens the engine's client-side deadline for this call: a write
-    whose server stopped answering fails after it (``auditctl.watchdog``), and is not retried.
+    the connection stays checked out between calls (see ``HeldConnection``).
+
+    ``timeout`` (PostgreSQL) bounds the whole call, a connection it has to open included (down to
+    libpq's 2 s minimum for that): a write whose server stopped answering fails after it
+    (``auditctl.watchdog``), and is not retried.
     """
+    limit_at = None if timeout is None else time.monotonic() + timeout
     if type(statement) is PreparedWrite:
         sql, values = statement.sql, statement.values
     else:
@@ -453,7 +460,8 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
         pooled = held.pooled if held is not None else None
         if pooled is None:
             try:
-                pooled = engine.raw_connection()
+                with connect_within(None if limit_at is None else limit_at - time.monotonic()):
+                    pooled = engine.raw_connection()
             except error_class as exc:
                 raise database_error(_wrapped(engine, sql, values, exc, invalidated=False), engine) from None
             if held is not None:
@@ -462,8 +470,10 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
         try:
             if postgres:
                 driver.autocommit = True
-            if timeout is not None and getattr(driver, "call_timeout", None) is not None:
-                default, driver.call_timeout = driver.call_timeout, min(driver.call_timeout, timeout)
+            if limit_at is not None and getattr(driver, "call_timeout", None) is not None:
+                # What is left of the budget once connected (a moment, at least: the statement is sent).
+                left = max(0.1, limit_at - time.monotonic())
+                default, driver.call_timeout = driver.call_timeout, min(driver.call_timeout, left)
                 try:
                     cursor = driver.execute(sql, values)
                 finally:

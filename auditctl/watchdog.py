@@ -24,13 +24,16 @@ only its own audit: at worst it puts back an older progress report until the nex
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
 import time
+from typing import Iterator
 
 log = logging.getLogger("auditctl")
 
@@ -119,6 +122,33 @@ def _shut_down(fd: int) -> None:
         pass  # already closed by the other side: the wait is waking up anyway
 
 
+#: The shortest connect timeout libpq and psycopg accept (seconds).
+MIN_CONNECT_TIMEOUT = 2
+_connecting = threading.local()
+
+
+@contextlib.contextmanager
+def connect_within(seconds: float | None) -> Iterator[None]:
+    """A new connection opened in this thread meanwhile gives up after ``seconds`` (at least
+    ``MIN_CONNECT_TIMEOUT``) instead of the engine's connect timeout: a write's budget covers the
+    connection it has to open too."""
+    previous = getattr(_connecting, "seconds", None)
+    _connecting.seconds = seconds
+    try:
+        yield
+    finally:
+        _connecting.seconds = previous
+
+
+def connect_timeout(default: int | None) -> int | None:
+    """The connect timeout for a connection opened now in this thread (see ``connect_within``)."""
+    budget = getattr(_connecting, "seconds", None)
+    if budget is None:
+        return default
+    shortest = max(MIN_CONNECT_TIMEOUT, math.floor(budget))
+    return shortest if default is None or default <= 0 else min(int(default), shortest)
+
+
 _WATCHDOG = _Watchdog()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
@@ -133,7 +163,7 @@ def connection_class():
 
     class CallTimedOut(psycopg.OperationalError):
         def __init__(self, limit: float):
-            super().__init__(f"the database did not answer within {limit:g}s, so auditctl closed the connection "
+            super().__init__(f"the database did not answer within {limit:.2g}s, so auditctl closed the connection "
                              "(a frozen server or a stalled network)")
 
     class DeadlineConnection(psycopg.Connection):

@@ -621,18 +621,9 @@ class StuckAuditPrevention:
         current = file_identity(self.engine)
         if current == self._database_file:
             return current is not None
-        path = sqlite_file(self.engine)
-        if current is None:
-            log.error("🚨 DATABASE FILE %s was deleted or moved away while this worker ran; its audits are no longer "
-                      "where anyone can see them, and writes fail until a database is at that path again",
-                      printable(path))
-        elif self._database_file is None:
-            log.warning("✅ DATABASE FILE %s is there again; writing to it", printable(path))
-        else:
-            log.error("🚨 DATABASE FILE %s was replaced by another file while this worker ran; writing to the new one",
-                      printable(path))
-        self._database_file = current
-        # The pools first, so a run that starts now cannot take a connection to the old file.
+        previous, self._database_file = self._database_file, current
+        # The pools first, so a run that starts now cannot take a connection to the old file; then
+        # the runs' own. Said once it is done: a write after this line reaches the path.
         self.engine.dispose()
         self.operator_engine.dispose()
         with self._runs_lock:
@@ -641,6 +632,16 @@ class StuckAuditPrevention:
             with handle._lock:  # a write in flight finishes first (on the old file)
                 if handle._connection is not None:
                     handle._connection.drop()
+        path = sqlite_file(self.engine)
+        if current is None:
+            log.error("🚨 DATABASE FILE %s was deleted or moved away while this worker ran; its audits are no longer "
+                      "where anyone can see them, and writes fail until a database is at that path again",
+                      printable(path))
+        elif previous is None:
+            log.warning("✅ DATABASE FILE %s is there again; writing to it", printable(path))
+        else:
+            log.error("🚨 DATABASE FILE %s was replaced by another file while this worker ran; writing to the new one",
+                      printable(path))
         return current is not None
 
     def _beat_once(self) -> bool:

@@ -492,3 +492,38 @@ def test_the_watchdog_ends_a_blocked_read_at_its_deadline_in_a_forked_child_too(
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child's deadline never fired"
+
+
+def test_update_progress_keeps_its_budget_when_the_whole_server_stops_answering(own_postgres):
+    """The run's backend and the postmaster both frozen: the write ends at its deadline, and the
+    emergency write's new connection gives up within what is left of the budget (libpq's connect
+    timeout would have taken 10 s)."""
+    from auditctl import StuckAuditPrevention
+    from auditctl.worker import PROGRESS_CALL_BUDGET
+
+    server, engine = own_postgres
+    guard = StuckAuditPrevention(server.url, worker_id="w", heartbeat_interval=60, stale_after=120, max_age=600,
+                                 stall_after=600)
+    try:
+        audit_id = guard.create_audit("https://example.com/whole-server-frozen")
+        with guard.run(audit_id) as run:
+            assert run.update_progress(step="one") is True
+            postmaster = server._proc.pid
+            with frozen_backend(run):
+                os.kill(postmaster, signal.SIGSTOP)
+                try:
+                    outcome = {}
+                    started = time.monotonic()
+                    call = threading.Thread(target=lambda: outcome.update(stored=run.update_progress(step="two")),
+                                            daemon=True)
+                    call.start()
+                    call.join(PROGRESS_CALL_BUDGET + 0.5)
+                    took = time.monotonic() - started
+                finally:
+                    os.kill(postmaster, signal.SIGCONT)
+            assert not call.is_alive(), f"update_progress still blocked after {took:.1f}s"
+            report("update_progress with the whole server frozen", round(took, 2), f"s (budget {PROGRESS_CALL_BUDGET:g} s)")
+            assert outcome["stored"] is False
+            assert run.update_progress(step="three") is True, "the server is back: so are the writes"
+    finally:
+        guard.close()
