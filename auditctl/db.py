@@ -168,8 +168,8 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         _configure_sqlite(engine, lock_wait, wal=not read_only)
         # Absolute now: the process may change directory later, the engine's file does not move with it.
         engine._auditctl_sqlite_path = path
-        if (must_exist if must_exist is not None else read_only) and path is not None:
-            _never_create(engine)
+        if must_exist if must_exist is not None else read_only:
+            never_create(engine)
     else:
         if role == "worker" and call_timeout is None:
             call_timeout = WORKER_STATEMENT_TIMEOUT + CALL_GRACE
@@ -271,14 +271,10 @@ def file_identity(engine: Engine) -> tuple[int, int] | None:
 
 def never_create(engine: Engine) -> None:
     """From now on, open a SQLite engine's file with ``mode=rw``: a database that vanished (moved,
-    deleted, unmounted) is then an error, never silently replaced by an empty file."""
-    if sqlite_file(engine) is not None:
-        _never_create(engine)
-
-
-def _never_create(engine: Engine) -> None:
-    """Open the file with SQLite's ``mode=rw``: a database that vanished after the engine was made
-    (moved, deleted, unmounted) is then an error, never silently replaced by an empty file."""
+    deleted, unmounted) is then an error, never silently replaced by an empty file. Nothing for
+    PostgreSQL or an in-memory database."""
+    if sqlite_file(engine) is None:
+        return
     from urllib.parse import quote
 
     @event.listens_for(engine, "do_connect")
@@ -411,10 +407,9 @@ class HeldConnection:
 
     def drop(self) -> None:
         """Close the connection for good (it points at a database that is no longer there)."""
-        pooled, self.pooled = self.pooled, None
-        if pooled is not None:
-            pooled.invalidate()
-            pooled.close()
+        if self.pooled is not None:
+            self.pooled.invalidate()
+        self.close()
 
 
 class PreparedWrite:

@@ -161,9 +161,11 @@ def connection_class():
     A call past its deadline raises ``connection_class().TimedOut``, a ``psycopg.OperationalError``."""
     import psycopg
 
+    from .thresholds import format_duration
+
     class CallTimedOut(psycopg.OperationalError):
         def __init__(self, limit: float):
-            super().__init__(f"the database did not answer within {limit:.2g}s, so auditctl closed the connection "
+            super().__init__(f"the database did not answer within {format_duration(limit)}, so auditctl closed the connection "
                              "(a frozen server or a stalled network)")
 
     class DeadlineConnection(psycopg.Connection):

@@ -123,6 +123,11 @@ def human_text(column: Column, record: dict) -> str:
 MAX_CELL = 2000
 
 
+def clipped(text: str) -> str:
+    """A cell's text, cut at ``MAX_CELL`` with a count of what was left out."""
+    return text if len(text) <= MAX_CELL else f"{text[:MAX_CELL]}… ({len(text) - MAX_CELL:,} more characters)"
+
+
 def _cell_len(text: str) -> int:
     if text.isascii():
         return len(text)
@@ -151,7 +156,7 @@ def plan_layout(rows: list[dict], columns: list[Column], width: int | None) -> t
     """Decide which columns go inline, and how wide each is, to fit ``width`` (None: no limit)."""
     texts = [[human_text(c, r) for c in columns] for r in rows]
     if width is not None:
-        texts = [[t if len(t) <= MAX_CELL else t[:MAX_CELL] + "…" for t in row] for row in texts]
+        texts = [[clipped(t) for t in row] for row in texts]
 
     def natural(index: int) -> int:
         longest = max((max(_cell_len(line) for line in row[index].split("\n")) for row in texts), default=0)

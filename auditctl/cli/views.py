@@ -99,9 +99,9 @@ def _field_text(value) -> str:
     else:
         text = str(value)
     # A table cell's limit: another tool may have stored megabytes in a target or an error.
-    from .render import MAX_CELL
+    from .render import clipped
 
-    return text if len(text) <= MAX_CELL else text[:MAX_CELL] + f"… ({len(text) - MAX_CELL:,} more characters)"
+    return clipped(text)
 
 
 def _show_human(record: dict, fmt: str) -> None:

@@ -25,7 +25,6 @@ disabled, cross-site request), 404, 415 (body not JSON) or 503 (database unreach
 from __future__ import annotations
 
 import json
-import logging
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,8 +38,6 @@ from ..textsafe import json_safe_text
 from ..timestamps import iso
 from .params import Params
 from .security import CSRF_HEADER, same
-
-log = logging.getLogger("auditctl.web")
 
 
 def _default(value):
@@ -70,13 +67,11 @@ async def _credential(request: Request, d) -> tuple[str | None, Response | None]
         scheme, _, value = header.partition(" ")
         if d.token is None or scheme.lower() != "bearer":
             return None, _unauthorised("the Authorization header does not carry this dashboard's token")  # nothing guessed
-        if d.wrong_tokens.flooded():
+        right = await d.wrong_tokens.judge(value.strip(), d.token, what="API request", request=request)
+        if right is None:
             return None, error(429, "too many wrong tokens at once: try again in a few seconds", {"Retry-After": "10"})
-        if same(value.strip(), d.token):
+        if right:
             return "token", None
-        await d.wrong_tokens.answer_later()
-        log.warning("API request refused: wrong token in the Authorization header (from %s)",
-                    request.client.host if request.client else "?")
         return None, _unauthorised("the Authorization header does not carry this dashboard's token")
     session = d.session(request)
     if session is not None and same(request.headers.get(CSRF_HEADER), session.csrf):

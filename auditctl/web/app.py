@@ -426,12 +426,11 @@ async def login(request: Request):
     if d.token is None:
         return HTMLResponse(views.login_page(viewer), status_code=403)
     form = await read_form(request)
-    if d.wrong_tokens.flooded():
+    right = await d.wrong_tokens.judge(str(form.get("token") or ""), d.token, what="sign-in", request=request)
+    if right is None:
         return HTMLResponse(views.login_page(viewer, "Too many wrong tokens at once: try again in a few seconds."),
                             status_code=429, headers={"Retry-After": "10"})
-    if not same(str(form.get("token") or ""), d.token):
-        await d.wrong_tokens.answer_later()
-        log.warning("sign-in refused: wrong token (from %s)", request.client.host if request.client else "?")
+    if not right:
         return HTMLResponse(views.login_page(viewer, "That is not the dashboard's token."), status_code=401)
     name = " ".join(str(form.get("name") or "").split())[:64]
     session = d.sessions.create(name or "token")

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+_log = logging.getLogger("auditctl.web")
 
 SESSION_COOKIE = "auditctl_session"
 CSRF_HEADER = "x-csrf-token"
@@ -68,13 +71,21 @@ class WrongTokens:
     def flooded(self) -> bool:
         return self.waiting >= MAX_WAITING_WRONG_TOKENS
 
-    async def answer_later(self) -> None:
+    async def judge(self, given: str, token: str, *, what: str, request) -> bool | None:
+        """True for the token; False for a wrong one, answered late and logged (``what`` was refused);
+        None while flooded, without comparing."""
+        if self.flooded():
+            return None
+        if same(given, token):
+            return True
         self.waiting += 1
         try:
             async with self._turn:
                 await asyncio.sleep(WRONG_TOKEN_DELAY)
         finally:
             self.waiting -= 1
+        _log.warning("%s refused: wrong token (from %s)", what, request.client.host if request.client else "?")
+        return False
 
 
 def same(given: str | None, expected: str | None) -> bool:
@@ -213,9 +224,7 @@ class GuardMiddleware:
         except Exception:  # noqa: BLE001 - a bug answers 500 in the API's shape, with every header
             if started:
                 raise
-            import logging
-
-            logging.getLogger("auditctl.web").exception("internal error answering %s %s", scope["method"], scope["path"])
+            _log.exception("internal error answering %s %s", scope["method"], scope["path"])
             await _refuse(scope, receive, send_with_headers, 500, "Internal error: the dashboard's log has the details.")
 
 
