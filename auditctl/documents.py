@@ -76,6 +76,19 @@ def depth_exceeds(value, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
+def _decode(text: str):
+    """``_DECODER.decode``, without its two whitespace scans for the usual document (an object, no padding)."""
+    if text.startswith("{") and text.endswith("}"):
+        try:
+            value, end = _DECODER.scan_once(text, 0)
+        except StopIteration as stop:
+            raise ValueError(f"not JSON at {stop.value}") from None
+        if end != len(text):
+            raise ValueError(f"extra data at {end}")
+        return value
+    return _DECODER.decode(text)
+
+
 def load(raw):
     """A stored document as a JSON value, or NotJSON. Never raises."""
     if raw is None or isinstance(raw, NotJSON):
@@ -88,7 +101,7 @@ def load(raw):
         # Already decoded by a driver (PostgreSQL jsonb through our loader).
         return NotJSON(_shown(raw), "too_deep") if depth_exceeds(raw) else raw
     try:
-        value = _DECODER.decode(text)
+        value = _decode(text)
     except RecursionError:
         return NotJSON(text, "too_deep")
     except (TypeError, ValueError):

@@ -50,7 +50,7 @@ from .globs import target_pattern
 from .db import fetch_now, is_postgres, keyset_pages, read_connection
 from .errors import ConfigError
 from .progress import read_progress
-from .values import float_value, rounded, safe_int, sane_duration, text_value
+from .values import float_value, rounded, safe_int, text_value
 from .thresholds import (
     MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
     format_duration,
@@ -177,6 +177,10 @@ class Verdict:
             self._times[name] = timestamps.parse(self.row[_AT[name]])
         return self._times[name]
 
+    def iso_time(self, name: str) -> str | None:
+        """``started_at`` or ``heartbeat_at`` as exact ISO 8601 UTC text (None when absent or unreadable)."""
+        return timestamps.iso(self.row[_AT[name]])
+
     @property
     def started_at(self) -> datetime | None:
         value = self._time("started_at")
@@ -220,14 +224,11 @@ class Verdict:
         """``(stale_after, max_age, stall_after)``, each ``(seconds, source)``: resolved once per verdict."""
         found = self._thresholds
         if found is None:
-            row, resolve, kind = self.row, self.policy.resolve, self.kind
+            row = self.row
             # The same choice the query made in SQL (``_statement``'s cut), made again for display.
-            found = self._thresholds = (
-                resolve("stale_after", worker=sane_duration(row[_AT["declared_stale_after"]]), kind=kind),
-                resolve("max_age", audit=sane_duration(row[_AT["max_age_seconds"]]),
-                        worker=sane_duration(row[_AT["declared_max_age"]]), kind=kind),
-                resolve("stall_after", worker=sane_duration(row[_AT["declared_stall_after"]]), kind=kind),
-            )
+            found = self._thresholds = self.policy.resolve_audit(
+                self.kind, row[_AT["max_age_seconds"]], row[_AT["declared_stale_after"]], row[_AT["declared_max_age"]],
+                row[_AT["declared_stall_after"]])
         return found
 
     def threshold(self, name: str) -> tuple[float | None, str]:
@@ -248,17 +249,15 @@ class Verdict:
             if reason == WORKER_GONE:
                 sentences.append(self.gone_proof or f"worker instance {(self.worker_instance or '?')[:8]} is gone")
             elif reason == STALE_HEARTBEAT:
-                value, source = self.threshold("stale_after")
                 silence = self.silence_seconds
                 heard = "never heard from" if silence is None else f"no heartbeat for {format_duration(silence)}"
-                sentences.append(f"{heard} (stale_after {format_duration(value)}, {source})")
+                sentences.append(f"{heard} {_limit('stale_after', *self.threshold('stale_after'))}")
             elif reason == MAX_AGE_EXCEEDED:
-                value, source = self.threshold("max_age")
-                sentences.append(f"running for {format_duration(self.age_seconds)} (max_age {format_duration(value)}, {source})")
+                sentences.append(f"running for {format_duration(self.age_seconds)} "
+                                 f"{_limit('max_age', *self.threshold('max_age'))}")
             elif reason == PROGRESS_STALLED:
-                value, source = self.threshold("stall_after")
                 sentences.append(f"no progress for {format_duration(self.stalled_seconds)} "
-                                 f"(stall_after {format_duration(value)}, {source})")
+                                 f"{_limit('stall_after', *self.threshold('stall_after'))}")
         return sentences
 
     def measurements(self) -> dict:
@@ -275,6 +274,12 @@ class Verdict:
 
     def __repr__(self) -> str:
         return f"Verdict(id={self.id}, reasons={self.reasons})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _limit(name: str, seconds: float | None, source: str) -> str:
+    """The threshold part of an explanation, ``(stale_after 10m, fleet)``: the same few for a whole scan."""
+    return f"({name} {format_duration(seconds)}, {source})"
 
 
 def isolate(item, convert, on_error):

@@ -67,4 +67,6 @@ _JSON_RISKY = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u206
 
 def json_safe_text(text: str) -> str:
     """JSON text with the invisible and terminal-active characters escaped (still the same JSON value)."""
+    if text.isascii() and "\x7f" not in text:
+        return text  # the usual record: str knows it is ASCII without a scan, and DEL is the only risky ASCII
     return _JSON_RISKY.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)

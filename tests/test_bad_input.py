@@ -97,6 +97,13 @@ BAD_PROGRESS = [
     ("counts only", '{"progress": {"completed_tasks": 3, "total_tasks": 4}}',
      '{"progress": {"completed_tasks": 3, "total_tasks": 4}}', [], None, 75.0),
     ("no wrapper", '{"step": "Crawling", "percentage": 40}', '{"step": "Crawling", "percentage": 40}', [], "Crawling", 40.0),
+    # Every field well typed (what auditctl writes), but more done than there is to do.
+    ("completed over total", '{"progress": {"step": "Crawling", "percentage": 50.0, "completed_tasks": 30, "total_tasks": 20}}',
+     '{"progress": {"step": "Crawling", "percentage": 50.0, "completed_tasks": 30, "total_tasks": 20}}',
+     ["completed_over_total"], "Crawling", 50.0),
+    # Two documents one after the other: JSON text holds one value (jsonb cannot store it; a string there).
+    ("two documents", '{"progress": {"step": "a"}} {"progress": {"step": "b"}}',
+     '"{\\"progress\\": {}} {}"', {"sqlite": ["progress_not_json"], "postgresql": ["progress_not_object"]}, None, None),
 ]
 
 

@@ -256,6 +256,8 @@ def test_odd_time_forms_on_sqlite_are_judged_like_python_reads_them(engine):
 def test_escape_sequences_are_shown_not_executed_in_every_human_format(engine, database_url):
     audit_id = insert(engine, **stale_times(engine), target=f"https://{HOSTILE_TEXT}.example", worker_id=HOSTILE_TEXT,
                       error=HOSTILE_TEXT, progress=json.dumps({"progress": {"step": HOSTILE_TEXT}}))
+    # DEL is the one terminal-active character that is ASCII: a record of plain ASCII text is escaped too.
+    insert(engine, **stale_times(engine), target="https://del\x7fete.example", worker_id="w\x7f")
     runner = CliRunner()
     for args in (["scan", "-o", "table"], ["scan", "-o", "plain"], ["scan", "--wide"], ["scan", "-o", "markdown"],
                  ["scan", "-o", "csv"], ["list", "-o", "table"], ["show", str(audit_id)], ["recover", "--dry-run"]):
@@ -264,8 +266,10 @@ def test_escape_sequences_are_shown_not_executed_in_every_human_format(engine, d
         assert_no_escape_reaches_the_terminal(result.output)
         assert "x1b]0;pwned" in result.output.replace("\\", ""), f"{args}: the sequence is shown, escaped"
     as_json = runner.invoke(cli, ["scan", "-o", "json", "--database-url", database_url], catch_exceptions=False)
-    assert json.loads(as_json.stdout)[0]["target"] == f"https://{HOSTILE_TEXT}.example", "JSON stays exact"
+    records = json.loads(as_json.stdout)
+    assert [r["target"] for r in records] == [f"https://{HOSTILE_TEXT}.example", "https://del\x7fete.example"], "exact"
     assert "\u202e" not in as_json.stdout and "\x9b" not in as_json.stdout, "escaped inside JSON strings"
+    assert "\x7f" not in as_json.stdout and "del\\u007fete" in as_json.stdout
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(engine, database_url):

@@ -55,6 +55,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _CI else 
 from auditctl import documents, progress, textsafe, timestamps, urls  # noqa: E402
 from auditctl.config import SETTINGS, load_config_file, validate_config  # noqa: E402
 from auditctl.errors import ConfigError  # noqa: E402
+from auditctl.values import sane_duration  # noqa: E402
 from auditctl.thresholds import (  # noqa: E402
     FLAG, FLEET, KIND, MAX_DURATION, MIN_STALE_AFTER, STALE_INTERVALS, AUDIT, WORKER, Overrides, Policy, Thresholds,
     UnsafeThreshold, format_duration, parse_duration, validate_heartbeat_interval,
@@ -202,6 +203,29 @@ def test_policy_resolve_takes_the_first_set_in_precedence_order(policy, name, au
     assert (value, source) == next((v, s) for v, s in candidates if v is not None)
 
 
+stored_thresholds = st.one_of(optional_seconds, st.floats(allow_nan=True), st.integers(-5, 10**6), st.text(max_size=3),
+                              st.binary(max_size=3))
+
+
+@given(policies, st.lists(st.tuples(st.sampled_from([None, "scan", "full-scan", "other"]), stored_thresholds, stored_thresholds,
+                                    stored_thresholds, stored_thresholds), min_size=1, max_size=6))
+def test_policy_resolves_each_audit_as_resolve_does_however_often_it_is_asked(policy, audits):
+    """resolve_audit remembers its answers: asked again, or for another audit, it must answer as resolve does."""
+    for kind, audit_max_age, stale, max_age, stall in audits + audits:
+        assert policy.resolve_audit(kind, audit_max_age, stale, max_age, stall) == (
+            policy.resolve("stale_after", worker=sane_duration(stale), kind=kind),
+            policy.resolve("max_age", audit=sane_duration(audit_max_age), worker=sane_duration(max_age), kind=kind),
+            policy.resolve("stall_after", worker=sane_duration(stall), kind=kind))
+
+
+def test_a_policy_remembers_a_bounded_number_of_audits():
+    """A long watch over audits that each carry their own max_age must not grow without bound."""
+    policy = Policy()
+    for seconds in range(1, 10_000):
+        assert policy.resolve_audit(None, float(seconds), None, None, None)[1] == (float(seconds), AUDIT)
+    assert len(policy._memo) <= 4096
+
+
 @given(policies, st.lists(st.tuples(st.sampled_from([None, "scan", "quick"]), st.booleans(),
                                     st.one_of(st.none(), st.floats(-1, 20), st.floats(-1, 4000), st.just(math.nan))), max_size=4),
        st.booleans())
@@ -318,6 +342,19 @@ def test_text_shaped_like_the_canonical_form_reads_as_any_other_text(parts):
     text = f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}.{tail}"
     assert len(text) == 26
     assert timestamps.parse(text) == timestamps.parse(" " + text)
+
+
+@given(st.one_of(st.tuples(
+    st.integers(0, 9999), st.integers(0, 19), st.integers(0, 39), st.integers(0, 29), st.integers(0, 59),
+    st.integers(0, 59), st.text(alphabet="0123456789", min_size=6, max_size=6)).map(
+    lambda p: f"{p[0]:04d}-{p[1]:02d}-{p[2]:02d} {p[3]:02d}:{p[4]:02d}:{p[5]:02d}.{p[6]}"),
+    st.text(alphabet="0123456789-: .,TWZ+", min_size=26, max_size=26)))
+@example("2024-01-02 03:04:05.123456")
+@example("2024-W01-2 03:04:05.123456")
+@example("2024-01-02 24:00:00.000000")
+def test_iso_of_stored_text_is_the_iso_of_its_reading(text):
+    """iso rewrites canonical text in place instead of going through a datetime: same answer."""
+    assert timestamps.iso(text) == timestamps.iso(timestamps.parse(text))
 
 
 @given(any_datetimes, any_datetimes)
@@ -629,6 +666,8 @@ stored_progress = st.one_of(
 @given(st.one_of(stored_progress.map(lambda doc: json.dumps(doc)), document_texts, st.binary(max_size=30)))
 @example('{"progress": {"completed_tasks": 30, "total_tasks": 20}}')
 @example('{"progress": {"percentage": 1e400}}')
+@example('{"progress": {"step": "s", "percentage": 50.0, "completed_tasks": 30, "total_tasks": 20}}')
+@example('{"progress": {"step": "%s", "percentage": 50.0, "completed_tasks": 1, "total_tasks": 2}}' % ("x" * 600))
 def test_read_progress_of_any_stored_text_never_raises_and_stays_in_bounds(text):
     _check_view_bounds(progress.read_progress(documents.load(text)))
 
