@@ -57,6 +57,17 @@ def rounded(value, digits: int = 3) -> float | None:
     return None if number is None else round(number, digits)
 
 
+#: The ids a database integer column holds (SQLite's INTEGER, PostgreSQL's bigint): another tool
+#: may have written 0 or a negative id, and such an audit can still be shown and recovered.
+MIN_ID, MAX_ID = -(2**63), 2**63 - 1
+
+
+def audit_id(text: str) -> int | None:
+    """Text a person typed as an audit id, else None."""
+    number = whole_number(text.strip())
+    return number if number is not None and MIN_ID <= number <= MAX_ID else None
+
+
 def whole_number(text: str) -> int | None:
     """Text a person typed as a whole number (``42``, ``-5``), else None: ASCII digits only
     (``"²".isdigit()`` is true, but ``int`` refuses it) and at most 20 of them."""

@@ -686,7 +686,7 @@ def test_show_unknown_id_is_one_line_error_and_exit_1(database_url):
     assert result.stderr.strip().splitlines() == ["Error: no audit with id 999999"]
 
 
-@pytest.mark.parametrize("bad_id", ["0", "abc", "-3"])
+@pytest.mark.parametrize("bad_id", ["1.5", "abc", "-3", "9223372036854775808"])  # -3 alone reads as an option
 def test_show_id_that_cannot_be_an_audit_is_a_usage_error(bad_id):
     assert invoke("show", bad_id).exit_code == 2
 

@@ -253,6 +253,20 @@ def test_odd_time_forms_on_sqlite_are_judged_like_python_reads_them(engine):
     assert verdicts[stale].reasons == ["stale_heartbeat"] and 899 < verdicts[stale].silence_seconds < 960
 
 
+def test_an_audit_another_tool_gave_id_zero_or_below_is_listed_shown_and_recovered(engine, database_url):
+    for audit_id in (0, -3):
+        insert(engine, id=audit_id, **stale_times(engine))
+    runner = CliRunner()
+    scan = runner.invoke(cli, ["scan", "-o", "json", "--database-url", database_url], catch_exceptions=False)
+    assert [r["id"] for r in json.loads(scan.stdout)] == [-3, 0]
+    for audit_id in (0, -3):
+        shown = runner.invoke(cli, ["show", "-o", "json", "--database-url", database_url, "--", str(audit_id)],
+                              catch_exceptions=False)
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.stdout)["id"] == audit_id
+    assert sorted(r.id for r in recover_stuck(engine, T, actor=Actor.command("test"))) == [-3, 0]
+
+
 def test_escape_sequences_are_shown_not_executed_in_every_human_format(engine, database_url):
     audit_id = insert(engine, **stale_times(engine), target=f"https://{HOSTILE_TEXT}.example", worker_id=HOSTILE_TEXT,
                       error=HOSTILE_TEXT, progress=json.dumps({"progress": {"step": HOSTILE_TEXT}}))

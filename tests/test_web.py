@@ -32,8 +32,9 @@ MOVING = {"age_seconds", "silence_seconds", "stalled_seconds", "heartbeat_age_se
           "explanation", "gone_for"}
 
 
-def cli_json(database_url: str, *args):
-    result = CliRunner().invoke(cli, [*args, "--database-url", database_url, "--format", "json"], catch_exceptions=False)
+def cli_json(database_url: str, *args, arguments=()):
+    result = CliRunner().invoke(cli, [*args, "--database-url", database_url, "--format", "json", "--", *arguments],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -77,6 +78,23 @@ def test_api_one_audit_is_what_show_prints_and_an_unknown_id_is_404(demo_url, de
     assert missing.status == 404 and missing.json() == {"error": "no audit with id 999999"}
     assert huge.status == 404
     assert page.status == 404 and "no audit with id 999999" in page.text
+
+
+def test_an_audit_another_tool_gave_a_negative_id_has_its_page_and_its_record(demo_url, demo):
+    from sqlalchemy import text
+
+    from auditctl.db import create_engine
+
+    engine = create_engine(demo_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO audits (id, target, status, attempts, created_at) "
+                                "VALUES (-3, 'https://negative.example', 'failed', 0, CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    with running_dashboard(demo_url) as server:
+        record = server.get("/api/audits/-3")
+        page = server.get("/audits/-3")
+    assert record.status == 200 and still(record.json()) == still(cli_json(demo_url, "show", arguments=["-3"]))
+    assert page.status == 200 and "negative.example" in page.text
 
 
 @sqlite_only

@@ -10,18 +10,18 @@ from .options import DURATION, MAX_INT, MOMENT, ListType, common_options, echo_s
 
 
 class AuditIdType(click.ParamType):
-    """An audit id: a whole number from 1 to the largest a database integer holds."""
+    """An audit id: a whole number a database integer holds (``show -- -3`` for a negative one)."""
 
     name = "id"
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
-        from ..values import whole_number
+        from ..values import audit_id
 
-        number = whole_number(str(value).strip())
-        if number is None or not 1 <= number <= MAX_INT:
-            self.fail(f"{value!r} is not an audit id (a whole number from 1 to {MAX_INT})", param, ctx)
+        number = audit_id(str(value))
+        if number is None:
+            self.fail(f"{value!r} is not an audit id (a whole number that fits in 64 bits)", param, ctx)
         return number
 
 

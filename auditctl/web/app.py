@@ -28,7 +28,7 @@ from ..history import Actor
 from ..thresholds import Policy
 from ..urls import scrub
 from . import views
-from .params import MAX_INT, Params
+from .params import Params
 from .security import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -223,8 +223,6 @@ class Dashboard:
         from ..audits import get_audit
         from ..records import audit_detail_record
 
-        if not 1 <= audit_id <= MAX_INT:
-            raise AuditNotFound(f"no audit with id {audit_id}")
         return audit_detail_record(self.read(get_audit, self.reader, audit_id))
 
     def workers(self, show_all: bool = False) -> list[dict]:
@@ -564,9 +562,10 @@ async def recover_action(request: Request):
 
 class _AuditIdConvertor(Convertor):
     """``/audits/ID``: at most 19 digits, so a 5,000-digit path is no page (404) instead of a failed
-    conversion; an id beyond what the database holds is a missing audit (``get_audit``)."""
+    conversion; an id beyond what the database holds is a missing audit. Another tool may have
+    written 0 or a negative id."""
 
-    regex = "[0-9]{1,19}"
+    regex = "-?[0-9]{1,19}"
 
     def convert(self, value: str) -> int:
         return int(value)

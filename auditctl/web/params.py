@@ -13,7 +13,7 @@ from datetime import datetime
 from ..errors import ConfigError
 from ..statuses import STATUSES
 from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration
-from ..values import whole_number
+from ..values import audit_id, whole_number
 
 MAX_INT = 2**63 - 1
 _TRUE = ("1", "true", "yes", "on")
@@ -117,8 +117,8 @@ class Params:
         ids = []
         for value in found:
             for part in (value if isinstance(value, (list, tuple)) else str(value).split(",")):
-                number = whole_number(str(part).strip())
-                if number is None or not 1 <= number <= MAX_INT:
+                number = audit_id(str(part))
+                if number is None:
                     raise ConfigError(f"{name}: {part!r} is not an audit id")
                 ids.append(number)
         return tuple(dict.fromkeys(ids))
