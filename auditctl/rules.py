@@ -350,6 +350,12 @@ class _Dialect:
         # Never empty: every statement has at least the future cut.
         return f"(SELECT {', '.join(f'{expression} AS {name}' for name, expression in self.moments.items())}) c"
 
+    def running_index(self) -> str:
+        """SQLite: read the partial index of running audits, whatever the statistics say (or their
+        absence: nothing runs ANALYZE on a user's file, and without it SQLite took the status
+        index and sorted, twice the time at a million audits). PostgreSQL's autovacuum keeps its own."""
+        return "" if self.postgres else " INDEXED BY ix_audits_running"
+
     def cut_value(self, seconds: float) -> object:
         return float(seconds) if self.postgres else f"{-float(seconds):+.6f} seconds"
 
@@ -510,7 +516,7 @@ def _statement(shape: _Shape):
              "worker": "a.worker_id"}[shape.sort]
     direction = " DESC" if shape.descending else ""
     # Older first for age and silence means the earliest moment first.
-    sql = (f"SELECT {columns} FROM audits a CROSS JOIN {d.moments_table()} WHERE {' AND '.join(where)} "
+    sql = (f"SELECT {columns} FROM audits a{d.running_index()} CROSS JOIN {d.moments_table()} WHERE {' AND '.join(where)} "
            f"ORDER BY {order}{direction}, a.id")
     if shape.limit:
         sql += " LIMIT :limit"

@@ -338,3 +338,21 @@ def test_a_verdict_of_an_odd_row_reports_what_is_wrong_instead_of_failing():
     assert anonymous.explain() == ["worker instance ? is gone"]
     named = Verdict(_row(rules=0b0001), Policy.coerce(T), {})
     assert named.explain() == ["worker instance inst-123 is gone"] and "worker_gone" not in named.measurements()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("options", [{}, {"limit": 2000, "after": 5}, {"sort": "age"}], ids=["first page", "next page", "by age"])
+def test_the_stuck_query_reads_the_running_index_on_a_sqlite_file_nobody_analyzed(engine, options):
+    """Nothing runs ANALYZE on a user's file; without statistics SQLite took the status index and
+    sorted every running audit, twice the time at a million audits."""
+    from sqlalchemy import text
+
+    from auditctl.rules import stuck_query
+    from auditctl.thresholds import Policy
+
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").scalar() == 0
+        statement, params = stuck_query(connection, Policy.coerce(T), gone={"gone-instance": "stopped"}, **options)
+        plan = connection.execute(text("EXPLAIN QUERY PLAN " + statement.text), params).all()
+    scans = [detail for *_, detail in plan if " a " in f" {detail} "]
+    assert scans and all("ix_audits_running" in detail for detail in scans), plan
