@@ -204,8 +204,8 @@ def _recovery_params(verdict: Verdict, *, requeue: bool, max_attempts: int, acto
         "details": {"from": {"status": RUNNING, "worker_id": verdict.worker_id, "worker_instance": verdict.worker_instance,
                              "step": getattr(verdict, "step", None),
                              "lease": verdict.lease, "attempts": recovery.attempts,
-                             "started_at": isoformat_z(verdict.started_at),
-                             "heartbeat_at": isoformat_z(verdict.last_heartbeat)},
+                             "started_at": isoformat_z(verdict.stored("started_at")),
+                             "heartbeat_at": isoformat_z(verdict.stored("heartbeat_at"))},
                     "explanation": sentences, "thresholds": recovery.thresholds},
     }
     return recovery.status, params, event, recovery
@@ -493,9 +493,13 @@ class _ManualVerdict:
         self.target = text_value(row.target) or ""
         self.worker_id, self.worker_instance = text_value(row.worker_id), text_value(row.worker_instance)
         self.attempts = safe_int(row.attempts) or 0
+        self._stored = {"started_at": row.started_at, "heartbeat_at": row.heartbeat_at}
         self.started_at, self.last_heartbeat = as_datetime(row.started_at), as_datetime(row.heartbeat_at)
         self.reasons, self._explanation = [reason], explanation
         self.problems: list[str] = []
+
+    def stored(self, name: str):
+        return self._stored[name]
 
     def explain(self) -> list[str]:
         return [self._explanation]

@@ -177,9 +177,10 @@ class Verdict:
             self._times[name] = timestamps.parse(self.row[_AT[name]])
         return self._times[name]
 
-    def iso_time(self, name: str) -> str | None:
-        """``started_at`` or ``heartbeat_at`` as exact ISO 8601 UTC text (None when absent or unreadable)."""
-        return timestamps.iso(self.row[_AT[name]])
+    def stored(self, name: str):
+        """``started_at`` or ``heartbeat_at`` as the database gave it, for ``timestamps.iso`` to write
+        (canonical text goes straight to ISO text, without a datetime)."""
+        return self.row[_AT[name]]
 
     @property
     def started_at(self) -> datetime | None:

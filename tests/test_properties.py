@@ -353,8 +353,9 @@ def test_text_shaped_like_the_canonical_form_reads_as_any_other_text(parts):
 @example("2024-W01-2 03:04:05.123456")
 @example("2024-01-02 24:00:00.000000")
 def test_iso_of_stored_text_is_the_iso_of_its_reading(text):
-    """iso rewrites canonical text in place instead of going through a datetime: same answer."""
+    """iso and isoformat_z rewrite canonical text in place instead of going through a datetime: same answer."""
     assert timestamps.iso(text) == timestamps.iso(timestamps.parse(text))
+    assert timestamps.isoformat_z(text) == timestamps.isoformat_z(timestamps.parse(text))
 
 
 @given(any_datetimes, any_datetimes)
