@@ -24,6 +24,7 @@ minutes; the database is the one thing every party already agrees on.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
@@ -105,20 +106,44 @@ def sqlite_path(url: URL) -> str | None:
     return os.path.abspath(database)
 
 
+#: A ``statement_timeout`` set in libpq ``options`` (``-c statement_timeout=5s``, ``--statement-timeout=5s``).
+_STATEMENT_TIMEOUT_OPTION = re.compile(r"(?:-c\s*|--)statement[_-]timeout\s*=\s*(\S+)")
+#: PostgreSQL's time units, in milliseconds (a bare number is milliseconds).
+_PG_TIME_UNITS = {"": 1.0, "us": 0.001, "ms": 1.0, "s": 1000.0, "min": 60_000.0, "h": 3_600_000.0, "d": 86_400_000.0}
+
+
+def _statement_timeout_ms(options: str) -> float | None:
+    """The last ``statement_timeout`` libpq ``options`` set, in milliseconds (0: none); None when
+    they set none, infinity for one this cannot read (taken as longer than any deadline)."""
+    found = _STATEMENT_TIMEOUT_OPTION.findall(options)
+    if not found:
+        return None
+    match = re.fullmatch(r"'?(\d+(?:\.\d+)?)\s*([a-z]*)'?", found[-1].lower())
+    if match is None or match.group(2) not in _PG_TIME_UNITS:
+        return math.inf
+    return float(match.group(1)) * _PG_TIME_UNITS[match.group(2)]
+
+
 def _pg_options(url: URL, role: str, lock_wait: float, statement_timeout: float | None) -> tuple[URL, str]:
-    """libpq ``options`` for the role, merged with the URL's own (which win over ours)."""
+    """libpq ``options`` for the role, merged with the URL's own (which win over ours, but for a
+    ``statement_timeout`` longer than the engine's client-side deadline allows)."""
     ours = [f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}",
             f"-c lock_timeout={int(lock_wait * 1000)}"]
-    if statement_timeout is not None:
-        ours += [f"-c statement_timeout={max(1, int(statement_timeout * 1000))}"]
     if role == "reader":
         ours += ["-c default_transaction_read_only=on"]
     theirs = url.query.get("options")
     if isinstance(theirs, tuple):
         theirs = " ".join(theirs)
-    # The URL's own settings (a search_path that separates two fleets, say) come last: libpq
+    after = []
+    if statement_timeout is not None:
+        ours_ms = max(1, int(statement_timeout * 1000))
+        theirs_ms = _statement_timeout_ms(theirs) if theirs else None
+        # The server must end a statement before the client gives up on it (``watchdog``): their
+        # shorter timeout stands, a longer one (or none, 0) gives way to ours.
+        (ours if theirs_ms is None or 0 < theirs_ms <= ours_ms else after).append(f"-c statement_timeout={ours_ms}")
+    # The URL's own settings (a search_path that separates two fleets, say) come after ours: libpq
     # applies -c settings in order, so a user who sets one of ours on purpose keeps theirs.
-    options = " ".join(ours + ([theirs] if theirs else []))
+    options = " ".join(ours + ([theirs] if theirs else []) + after)
     return url.difference_update_query(["options"]), options
 
 

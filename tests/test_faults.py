@@ -439,6 +439,29 @@ def test_a_monitor_pass_waiting_on_a_lock_does_not_delay_the_guards_heartbeats(e
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("theirs, deadline, expected", [
+    ("600000", 1.5, "750ms"), ("0", 1.5, "750ms"), ("2min", 1.5, "750ms"), ("200ms", 1.5, "200ms"), ("600000", None, "10min"),
+])
+def test_a_statement_timeout_in_the_url_stays_under_the_engines_deadline(database_url, theirs, deadline, expected):
+    """libpq applies the URL's options after auditctl's. A longer timeout there, or none (0), would
+    let the client's deadline close a connection to a living server in the middle of a statement;
+    a shorter one stands, and without a deadline theirs is the session's."""
+    from urllib.parse import quote
+
+    from sqlalchemy import text
+
+    from auditctl.db import create_engine, read_connection
+
+    url = database_url + ("&" if "?" in database_url else "?") + "options=" + quote(f"-c statement_timeout={theirs}")
+    engine = create_engine(url, role="operator", call_timeout=deadline)
+    try:
+        with read_connection(engine) as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == expected
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
 def test_any_call_on_a_frozen_server_connection_ends_at_the_engines_deadline_and_the_next_call_works(database_url):
     from sqlalchemy import text
 
