@@ -76,13 +76,21 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+@functools.cache
 def _namespace() -> str | None:
-    """This boot and this pid namespace: where a pid means the same process as here."""
+    """This boot and this pid namespace: where a pid means the same process as here.
+
+    Read once per process (46 µs a time: ``workers`` judged 3,000 instances with 4,500 reads). A
+    process's own pid namespace never changes; a forked child reads it again, as its parent
+    may have made it a new one (``unshare``)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as boot:
             return f"{boot.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
         return None
+
+
+os.register_at_fork(after_in_child=_namespace.cache_clear)
 
 
 def process_key(pid: int | None = None) -> str | None:

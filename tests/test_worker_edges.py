@@ -617,3 +617,27 @@ def test_an_outage_reported_while_a_monitor_pass_resumes_is_not_lost(engine, mon
     monkeypatch.setattr(monitor_module, "fetch_now", fetch_now_while_the_heartbeat_thread_reports_again)
     assert monitor.run_pass().ok
     assert monitor.in_outage, "the second outage was forgotten: silence would be measured from inside it"
+
+
+def test_a_forked_child_reads_its_own_pid_namespace_instead_of_its_parents():
+    """The boot and pid namespace that tell whether a pid is a process here are read once per
+    process; a parent may have put its children in a new pid namespace, so a child reads them again."""
+    import os
+
+    from auditctl import registry
+
+    parent = registry._namespace()
+    assert registry._namespace.cache_info().currsize == 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe and never returns to pytest
+        try:
+            os.write(write, f"{registry._namespace.cache_info().currsize} {registry._namespace()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    cached_in_child, namespace = os.read(read, 1000).decode().split(" ", 1)
+    os.close(read)
+    assert cached_in_child == "0", "the child trusted its parent's reading"
+    assert namespace == parent  # forked without a new namespace: the same place
