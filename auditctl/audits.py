@@ -23,7 +23,7 @@ from .progress import read_progress
 from .rules import FUTURE_TOLERANCE, isolate
 from .schema import IS_RUNNING, RUNNING, STATUSES, audits
 from .timestamps import Unreadable, as_datetime, parse, to_storage
-from .values import MAX_ID, MIN_ID, float_value, safe_int, text_value
+from .values import MAX_INT, MIN_INT, float_value, safe_int, text_value
 
 PAGE_SIZE = 2000
 SORTS = ("id", "created", "target", "status", "worker")
@@ -203,7 +203,7 @@ def iter_audits(engine: Engine, filters: AuditFilters | None = None, *, sort: st
 
 
 def get_audit(engine: Engine, audit_id: int) -> AuditDetail:
-    if not MIN_ID <= audit_id <= MAX_ID:  # no database integer holds it (the driver would raise)
+    if not MIN_INT <= audit_id <= MAX_INT:  # no database integer holds it (the driver would raise)
         raise AuditNotFound(f"no audit with id {audit_id}")
     with read_connection(engine) as connection:
         now = fetch_now(connection)

@@ -57,15 +57,15 @@ def rounded(value, digits: int = 3) -> float | None:
     return None if number is None else round(number, digits)
 
 
-#: The ids a database integer column holds (SQLite's INTEGER, PostgreSQL's bigint): another tool
-#: may have written 0 or a negative id, and such an audit can still be shown and recovered.
-MIN_ID, MAX_ID = -(2**63), 2**63 - 1
+#: What a database integer column holds (SQLite's INTEGER, PostgreSQL's bigint): the bounds of ids
+#: and limits. Another tool may have written an id of 0 or below; such an audit can still be shown.
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
 
 
 def audit_id(text: str) -> int | None:
     """Text a person typed as an audit id, else None."""
     number = whole_number(text.strip())
-    return number if number is not None and MIN_ID <= number <= MAX_ID else None
+    return number if number is not None and MIN_INT <= number <= MAX_INT else None
 
 
 def whole_number(text: str) -> int | None:

@@ -10,10 +10,8 @@ from click.core import ParameterSource
 from ..config import MAX_COUNT, SETTINGS
 from ..errors import ConfigError
 from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration
+from ..values import MAX_INT  # noqa: F401 - the bound of --limit (cli.judge, cli.views)
 from .render import FORMATS
-
-#: Largest id or limit a database integer holds.
-MAX_INT = 2**63 - 1
 
 
 class DurationType(click.ParamType):

@@ -37,7 +37,7 @@ from ..errors import AuditctlError, AuditNotFound, ConfigError
 from ..textsafe import json_safe_text
 from ..timestamps import iso
 from .params import Params
-from .security import CSRF_HEADER, same
+from .security import CSRF_HEADER, FLOODED_RETRY_AFTER, same
 
 
 def _default(value):
@@ -69,7 +69,7 @@ async def _credential(request: Request, d) -> tuple[str | None, Response | None]
             return None, _unauthorised("the Authorization header does not carry this dashboard's token")  # nothing guessed
         right = await d.wrong_tokens.judge(value.strip(), d.token, what="API request", request=request)
         if right is None:
-            return None, error(429, "too many wrong tokens at once: try again in a few seconds", {"Retry-After": "10"})
+            return None, error(429, "too many wrong tokens at once: try again in a few seconds", FLOODED_RETRY_AFTER)
         if right:
             return "token", None
         return None, _unauthorised("the Authorization header does not carry this dashboard's token")

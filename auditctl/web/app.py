@@ -32,6 +32,7 @@ from .params import Params
 from .security import (
     CSRF_FIELD,
     CSRF_HEADER,
+    FLOODED_RETRY_AFTER,
     LOOPBACK_NAMES,
     SESSION_COOKIE,
     SESSION_SECONDS,
@@ -427,7 +428,7 @@ async def login(request: Request):
     right = await d.wrong_tokens.judge(str(form.get("token") or ""), d.token, what="sign-in", request=request)
     if right is None:
         return HTMLResponse(views.login_page(viewer, "Too many wrong tokens at once: try again in a few seconds."),
-                            status_code=429, headers={"Retry-After": "10"})
+                            status_code=429, headers=FLOODED_RETRY_AFTER)
     if not right:
         return HTMLResponse(views.login_page(viewer, "That is not the dashboard's token."), status_code=401)
     name = " ".join(str(form.get("name") or "").split())[:64]

@@ -13,9 +13,8 @@ from datetime import datetime
 from ..errors import ConfigError
 from ..statuses import STATUSES
 from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration
-from ..values import audit_id, whole_number
+from ..values import MAX_INT, audit_id, whole_number
 
-MAX_INT = 2**63 - 1
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 

@@ -44,6 +44,8 @@ WRONG_TOKEN_DELAY = 0.5
 #: Wrong tokens waiting for their answer at most (ten seconds' worth). Past that, a token is refused
 #: (429) without being compared: a flood of guesses cannot hold an unbounded number of connections.
 MAX_WAITING_WRONG_TOKENS = 20
+#: What a refusal while flooded asks the client to wait (its ``Retry-After`` header): the queue's length in seconds.
+FLOODED_RETRY_AFTER = {"Retry-After": str(int(MAX_WAITING_WRONG_TOKENS * WRONG_TOKEN_DELAY))}
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 #: No inline script or style, nothing from elsewhere, never framed (clickjacking).
