@@ -420,13 +420,18 @@ class HeldConnection:
     connection back to the pool; a connection found dead is dropped and replaced on next use.
     """
 
-    __slots__ = ("pooled",)
+    __slots__ = ("pooled", "driver")
 
     def __init__(self):
         self.pooled = None
+        #: ``pooled.driver_connection``, looked up once: the lookup was a tenth of a beat's Python.
+        self.driver = None
+
+    def hold(self, pooled) -> None:
+        self.pooled, self.driver = pooled, pooled.driver_connection
 
     def close(self) -> None:
-        pooled, self.pooled = self.pooled, None
+        pooled, self.pooled, self.driver = self.pooled, None, None
         if pooled is not None:
             pooled.close()
 
@@ -442,11 +447,12 @@ class PreparedWrite:
     sent many times (a run's heartbeat, whose lease never changes). Building the parameters cost
     a tenth of a SQLite heartbeat's time."""
 
-    __slots__ = ("sql", "values")
+    __slots__ = ("sql", "values", "error_class", "postgres")
 
     def __init__(self, engine: Engine, statement, parameters: dict):
         self.sql, arguments = _driver_form(engine, statement)
         self.values = arguments(parameters)
+        self.error_class, self.postgres = _driver_facts(engine)
 
 
 def single_write(engine: Engine, statement, parameters: dict | None = None, *, held: HeldConnection | None = None,
@@ -470,12 +476,11 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
     """
     limit_at = None if timeout is None else time.monotonic() + timeout
     if type(statement) is PreparedWrite:
-        sql, values = statement.sql, statement.values
+        sql, values, error_class, postgres = statement.sql, statement.values, statement.error_class, statement.postgres
     else:
         sql, arguments = _driver_form(engine, statement)
         values = arguments(parameters or {})
-    error_class = engine.dialect.loaded_dbapi.Error
-    postgres = engine.dialect.name == "postgresql"
+        error_class, postgres = _driver_facts(engine)
     for attempt in (1, 2):
         pooled = held.pooled if held is not None else None
         if pooled is None:
@@ -485,12 +490,12 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
             except error_class as exc:
                 raise database_error(_wrapped(engine, sql, values, exc, invalidated=False), engine) from None
             if held is not None:
-                held.pooled = pooled
-        driver = pooled.driver_connection
+                held.hold(pooled)
+        driver = held.driver if held is not None else pooled.driver_connection
         try:
             if postgres:
                 driver.autocommit = True
-            if limit_at is not None and getattr(driver, "call_timeout", None) is not None:
+            if postgres and limit_at is not None and getattr(driver, "call_timeout", None) is not None:
                 # What is left of the budget once connected (a moment, at least: the statement is sent).
                 left = max(0.1, limit_at - time.monotonic())
                 default, driver.call_timeout = driver.call_timeout, min(driver.call_timeout, left)
@@ -532,6 +537,11 @@ def _give_back(pooled, held: HeldConnection | None, postgres_driver) -> None:
         pooled.close()
     elif not pooled.is_valid:
         held.close()  # dead: back to the pool, which opens a fresh one next time
+
+
+def _driver_facts(engine: Engine) -> tuple[type[Exception], bool]:
+    """The driver's base error class, and whether the engine is PostgreSQL's."""
+    return engine.dialect.loaded_dbapi.Error, engine.dialect.name == "postgresql"
 
 
 def _driver_form(engine: Engine, statement):
