@@ -128,3 +128,71 @@ def test_reset_of_30000_on_sqlite_lets_a_busy_worker_keep_writing_without_a_fail
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 def test_reset_of_150000_on_sqlite_lets_a_busy_worker_keep_writing_without_a_failure(engine, database_url, tmp_path):
     busy_worker_during_reset(engine, database_url, tmp_path, 150_000)
+
+
+def test_the_pause_after_a_batch_outlasts_the_busy_handler_sleep_of_every_writer_that_waited_meanwhile():
+    """Simulated: a writer that began waiting w seconds before the commit sleeps through SQLite's
+    schedule of sleeps; it tries again at the end of the sleep it is in. The pause must reach that
+    try for every w up to the time the lock was held, and waste little beyond the longest."""
+    from auditctl.recovery import SQLITE_BUSY_SLEEPS, lock_handover_pause
+
+    def next_try_after(waited: float) -> float:
+        tried = 0.0
+        for count in range(10_000):
+            tried += SQLITE_BUSY_SLEEPS[min(count, len(SQLITE_BUSY_SLEEPS) - 1)]
+            if tried > waited:
+                return tried - waited
+        raise AssertionError("unreachable")
+
+    for held_ms in range(0, 600):
+        held = held_ms / 1000
+        longest = max(next_try_after(w / 2000) for w in range(0, held_ms * 2 + 1))
+        assert longest <= lock_handover_pause(held) <= longest + 0.015, held
+
+
+@pytest.mark.parametrize("waited_before_commit", [0.02, 0.132, 0.182])
+def test_the_pause_after_a_batch_lets_a_writer_asleep_in_its_busy_handler_take_the_lock(tmp_path, waited_before_commit):
+    """A batch holds SQLite's write lock 0.22 s; a worker that began waiting for it part-way through is
+    asleep in SQLite's busy handler when the batch commits. The pause that follows must outlast that
+    sleep, or the recoverer takes the lock again first and the worker waits through the next batch."""
+    import sqlite3
+    import threading
+
+    from auditctl.recovery import lock_handover_pause
+
+    path = tmp_path / "lock.db"
+    setup = sqlite3.connect(path, isolation_level=None)
+    setup.execute("PRAGMA journal_mode = WAL")
+    setup.execute("CREATE TABLE turns (who TEXT)")
+    setup.close()
+    held = 0.22
+
+    def one_handover() -> list[str]:
+        recoverer = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
+        worker = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
+        recoverer.execute("DELETE FROM turns")
+        recoverer.execute("BEGIN IMMEDIATE")
+        taken = time.monotonic()
+        beat = threading.Thread(target=lambda: worker.execute("INSERT INTO turns VALUES ('worker')"))
+        time.sleep(held - waited_before_commit)
+        beat.start()  # the worker's beat finds the lock taken and sleeps in the busy handler
+        time.sleep(max(0.0, taken + held - time.monotonic()))
+        recoverer.execute("COMMIT")
+        time.sleep(lock_handover_pause(time.monotonic() - taken))
+        recoverer.execute("BEGIN IMMEDIATE")  # the next batch
+        recoverer.execute("INSERT INTO turns VALUES ('next batch')")
+        recoverer.execute("COMMIT")
+        beat.join(10)
+        order = [who for (who,) in recoverer.execute("SELECT who FROM turns ORDER BY rowid")]
+        recoverer.close()
+        worker.close()
+        return order
+
+    # Three tries: a loaded machine may wake the worker late once; a pause shorter than the busy
+    # handler's sleep loses every time.
+    orders = []
+    for _ in range(3):
+        orders.append(one_handover())
+        if orders[-1] == ["worker", "next batch"]:
+            return
+    pytest.fail(f"the next batch took the lock before the waiting worker every time: {orders}")
