@@ -820,7 +820,9 @@ def versions(server) -> list[str]:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=5).stdout.strip()
-        lines.append(f"auditctl at commit {commit} plus the working tree")
+        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=5).stdout.strip()
+        lines.append(f"auditctl at commit {commit}" + (" plus uncommitted changes" if changed else ""))
     except (OSError, subprocess.SubprocessError):
         pass
     return lines
