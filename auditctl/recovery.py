@@ -718,9 +718,13 @@ def reset_failed(
     if filters is None:
         filters = ResetFilters(since=since, reasons=(reason,) if reason else (), ids=tuple(ids) if ids is not None else None)
     result = ResetResult()
+    # What a Reset reports, and nothing more: the documents (progress, recovery_info) cost most of
+    # a dry run's time to read and decode (20 s for 100,000 failed audits on SQLite).
+    light = (audits.c.id, audits.c.target, audits.c.status, audits.c.recovery_reasons, audits.c.error, audits.c.finished_at,
+             audits.c.resets)
     if dry_run:
         with read_connection(engine) as connection:
-            rows = connection.execute(select(audits).where(*_reset_condition(connection, filters))
+            rows = connection.execute(select(*light).where(*_reset_condition(connection, filters))
                                       .order_by(audits.c.id)).all()
         for row in rows:
             result.append(isolate(row, lambda r: _reset_from_row(r, PENDING),
@@ -730,9 +734,6 @@ def reset_failed(
     # Named audits are taken as named (each batch checks them again under its lock); otherwise
     # the filters decide, once, which audits this reset covers.
     candidates = sorted(set(filters.ids)) if filters.ids is not None else plan_reset(engine, filters).ids
-
-    light = (audits.c.id, audits.c.target, audits.c.status, audits.c.recovery_reasons, audits.c.error, audits.c.finished_at,
-             audits.c.resets)
 
     def apply(connection: Connection, batch: list[int]) -> list[Reset]:
         query = select(*light).where(*_reset_condition(connection, replace(filters, ids=tuple(batch)))).order_by(audits.c.id)

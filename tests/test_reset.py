@@ -127,6 +127,28 @@ def test_a_dry_run_reports_exactly_what_the_reset_then_does(engine):
     assert reset_failed(engine, actor=ACTOR) == preview
 
 
+def test_a_dry_run_reads_only_the_columns_a_reset_reports_not_the_documents(engine):
+    """Reading and decoding every failed audit's progress and recovery_info made a dry run over
+    100,000 audits take 20 s instead of 7 s; what it reports needs neither."""
+    from sqlalchemy import event
+
+    recovered_and_errored(engine)
+    statements = []
+    listener = lambda conn, cursor, statement, *args: statements.append(statement)  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        preview = reset_failed(engine, actor=ACTOR, dry_run=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+
+    assert len(preview) == 2
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM audits" in s]
+    assert reads, statements
+    for read in reads:
+        selected = read.split("FROM audits")[0]
+        assert "progress" not in selected and "recovery_info" not in selected, read
+
+
 def test_an_audit_that_cannot_be_described_is_still_reset_and_listed_by_id(engine, monkeypatch):
     stuck, errored = recovered_and_errored(engine)
     describe = recovery_module._reset_from_row
