@@ -34,10 +34,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, or_, select, text
+from sqlalchemy import exists, func, or_, select, text
 from sqlalchemy.engine import Engine
 
-from .db import fetch_now, is_postgres, read_connection, seconds_since
+from .db import fetch_now, indexed_by, is_postgres, read_connection, seconds_since
 from .errors import SchemaMissing
 from .history import LEASE_LOST, NEEDS_OPERATOR, RECOVERED, REQUEUED, RESET
 from .schema import COMPLETED, IS_RUNNING, PENDING, audits
@@ -774,8 +774,12 @@ def _explode(events: list[StuckEvent]) -> list[tuple[StuckEvent, str]]:
 def _completed_by_worker(engine: Engine, start: datetime) -> dict[str | None, int]:
     """Audits each worker completed in the window (their latest run): the denominator of a stuck rate."""
     with read_connection(engine) as connection:
-        rows = connection.execute(select(audits.c.worker_id, func.count()).where(
-            and_(audits.c.status == COMPLETED, audits.c.finished_at >= start)).group_by(audits.c.worker_id)).all()
+        sql = Sql(is_postgres(connection))
+        # The window's completions by their finish time. With statistics, SQLite grouped by walking
+        # the worker index over every completed audit instead: 2.5 s against 31 ms at a million.
+        rows = connection.execute(text(
+            f"SELECT worker_id, COUNT(*) FROM audits{indexed_by(sql.postgres, 'ix_audits_status_finished')} "
+            f"WHERE status = '{COMPLETED}' AND finished_at >= :start GROUP BY worker_id"), {"start": sql.moment(start)}).all()
     return {text_value(worker): safe_int(count) or 0 for worker, count in rows}
 
 
