@@ -485,6 +485,48 @@ def test_serve_survives_an_unreachable_database_shows_it_masked_and_stops_cleanl
         assert "s3cret" not in text
 
 
+def test_serve_closes_a_connection_that_sends_no_whole_request_head_and_keeps_serving(tmp_path):
+    """A connection that opens and sends nothing, or half a request head, used to stay open for good:
+    enough of them use up the server's files. Each now closes after the head deadline, and so does
+    a keep-alive connection that answered once and then went quiet."""
+    from urllib.parse import urlsplit
+
+    from auditctl.cli.serve import REQUEST_HEAD_DEADLINE
+
+    database_url = f"sqlite:///{tmp_path / 'a.db'}"
+    CliRunner().invoke(cli, ["init", "--database-url", database_url], catch_exceptions=False)
+    proc = serve_process("--port", "0", "--database-url", database_url, cwd=tmp_path)
+    output = Output(proc)
+    clients = []
+    try:
+        base = output.wait_for("Dashboard at ").split()[2].rstrip("/")
+        address = (urlsplit(base).hostname, urlsplit(base).port)
+        idle, half, answered = (socket.create_connection(address, timeout=5) for _ in range(3))
+        clients = [idle, half, answered]
+        host = f"Host: {address[0]}:{address[1]}\r\n".encode()
+        half.sendall(b"GET /api/health HTTP/1.1\r\n" + host)
+        answered.sendall(b"GET /api/health HTTP/1.1\r\n" + host + b"\r\n")
+        assert answered.recv(65536).startswith(b"HTTP/1.1 200")
+        opened = time.monotonic()
+        closed = {}
+        for name, client in (("idle", idle), ("half", half), ("answered", answered)):
+            client.settimeout(max(0.1, opened + REQUEST_HEAD_DEADLINE + 10 - time.monotonic()))
+            try:
+                while client.recv(65536):  # the rest of the one answer, then the end
+                    pass
+                closed[name] = True
+            except (TimeoutError, socket.timeout):
+                closed[name] = False
+        fresh = http("GET", base + "/api/health")
+    finally:
+        for client in clients:
+            client.close()
+        proc.send_signal(signal.SIGTERM)
+        code = output.finish()
+    assert closed == {"idle": True, "half": True, "answered": True}
+    assert fresh.status == 200 and code == 0
+
+
 def test_serve_on_a_port_in_use_is_one_error_line_and_exit_1(tmp_path):
     database_url = f"sqlite:///{tmp_path / 'a.db'}"
     CliRunner().invoke(cli, ["init", "--database-url", database_url], catch_exceptions=False)

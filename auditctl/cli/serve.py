@@ -61,7 +61,7 @@ def serve(state, policy, allow_unsafe, host, port, token, max_attempts, max_rese
         import uvicorn
 
         config = uvicorn.Config(app, log_level="info" if state.verbose else "warning", access_log=state.verbose > 1,
-                                lifespan="off", server_header=False)
+                                lifespan="off", server_header=False, http=_protocol_class())
         server = _server_class()(config)
         bound = sock.getsockname()[1]
         shown_host = f"[{host}]" if ":" in host else host
@@ -102,6 +102,54 @@ def _listen(host: str, port: int):
         hint = "; another process listens there: pick another --port" if error.errno == errno.EADDRINUSE else ""
         raise ListenError(f"cannot listen on {host}:{port}: {(error.strerror or str(error)).lower()}{hint}") from None
     return sock
+
+
+#: Seconds a connection has to send a whole request head, from when it opens or its last response
+#: ends. uvicorn closes an idle connection only after a response; one that opened and sent nothing,
+#: or half a request, stayed open for good, and enough of them would use up the process's files.
+REQUEST_HEAD_DEADLINE = 10.0
+
+
+def _protocol_class():
+    """uvicorn's h11 protocol, closing a connection whose request head is not in within ``REQUEST_HEAD_DEADLINE``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._await_request()
+
+        def handle_events(self):
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._stop_waiting()  # a request is in: the app answers it in its own time
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_request()
+
+        def connection_lost(self, exc):
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _await_request(self):
+            self._stop_waiting()
+            self._head_deadline = self.loop.call_later(REQUEST_HEAD_DEADLINE, self._head_overdue)
+
+        def _stop_waiting(self):
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_overdue(self):
+            self._head_deadline = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 def _server_class():
