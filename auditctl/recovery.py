@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Callable
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import LargeBinary, bindparam, cast, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -276,18 +276,30 @@ def _apply_recovery(connection: Connection, verdicts: list[Verdict], *, requeue:
             changed = _update_from_values(connection, values, params)
         else:
             # SQLite runs in this process: a prepared statement executed per row costs no round trip.
+            # The lease is compared as bytes: one another tool stored as text that is not UTF-8 reads
+            # back with replacement characters, and as text it would never match (``_stored_leases``).
             statement = (
                 update(audits)
                 .where(audits.c.id == bindparam("b_id"), audits.c.status == RUNNING,
-                       audits.c.lease.is_not_distinct_from(bindparam("b_lease", type_=audits.c.lease.type)))
+                       cast(audits.c.lease, LargeBinary).is_not_distinct_from(cast(bindparam("b_lease"), LargeBinary)))
                 .values(values)
             )
-            changed = connection.execute(statement, params).rowcount
+            changed = connection.execute(statement, _stored_leases(connection, params)).rowcount
         if changed != len(params):
             raise ConcurrentChange(f"recovery expected to change {len(params)} audits but changed {changed}; rolled back")
     history.record(connection, events, actor, now)
     outbox.enqueue(connection, outbox.RECOVERED, _recovery_payload(done, actor), now=now)
     return done
+
+
+def _stored_leases(connection: Connection, params: list[dict]) -> list[dict]:
+    """SQLite: the batch's parameters with each lease that was read leniently (it holds a replacement
+    character) replaced by the bytes stored, read again under the batch's lock."""
+    lossy = [p["b_id"] for p in params if isinstance(p["b_lease"], str) and "\ufffd" in p["b_lease"]]
+    if not lossy:
+        return params
+    stored = dict(connection.execute(select(audits.c.id, cast(audits.c.lease, LargeBinary)).where(id_in(audits.c.id, lossy))).all())
+    return [{**p, "b_lease": stored[p["b_id"]]} if p["b_id"] in stored else p for p in params]
 
 
 def _update_from_values(connection: Connection, values: dict, params: list[dict]) -> int:

@@ -154,6 +154,26 @@ def test_hostile_rows_do_not_stop_any_reader_and_every_valid_audit_is_recovered(
     assert set(valid) <= {r.id for r in reset}
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("requeue", [False, True], ids=["failed", "requeued"])
+def test_an_audit_whose_lease_is_not_utf8_is_recovered_once_like_any_other(engine, requeue):
+    """SQLite keeps the bytes another tool gives it as TEXT. Read back with replacement characters, the
+    lease never matched the recovery's fenced UPDATE as text: the audit was reported as needing an
+    operator on every pass, and stayed running for good."""
+    odd, plain = insert(engine, **stale_times(engine), lease="x"), insert(engine, **stale_times(engine), lease="plain-lease")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audits SET lease = CAST(X'6c65617365ff00fe' AS TEXT) WHERE id = :id"), {"id": odd})
+
+    done = recover_stuck(engine, T, actor=Actor.command("test"), requeue=requeue)
+
+    assert sorted(r.id for r in done) == [odd, plain] and list(done.skipped) == []
+    states = {r["id"]: r["status"] for r in all_rows(engine)}
+    assert states[odd] == states[plain] == ("pending" if requeue else "failed")
+    recovered = [e for e in events(engine) if e["audit_id"] == odd]
+    assert [e["event"] for e in recovered] == ["requeued" if requeue else "recovered"]
+    assert recover_stuck(engine, T, actor=Actor.command("test")) == [], "each audit is recovered exactly once"
+
+
 def test_hostile_rows_do_not_stop_a_long_running_watch_or_a_workers_heartbeat_thread(engine, database_url, guards, tmp_path):
     corpus(engine)
     first = make_running(engine, 5, silent_for=900, worker_id="valid-worker", instance_id="valid-instance")
