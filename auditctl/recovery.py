@@ -12,7 +12,7 @@ writer (``BEGIN IMMEDIATE``), which serialises them.
 Big operations work in batches of ``DEFAULT_BATCH`` audits, each batch atomic: a crash or
 Ctrl-C between batches leaves every audit either fully changed (with its history row) or
 untouched, and the bind-parameter count stays bounded. On SQLite a batch holds the write lock
-for about a fifth of a second (measured with realistic progress documents), then leaves it
+for 0.2-0.25 s (measured with realistic progress documents), then leaves it
 free until every writer that waited meanwhile has woken and taken it (``lock_handover_pause``),
 so workers keep beating through a reset of 150,000 audits.
 A batch the database refuses is retried in halves, so one row another tool made
