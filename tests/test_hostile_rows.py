@@ -174,6 +174,36 @@ def test_an_audit_whose_lease_is_not_utf8_is_recovered_once_like_any_other(engin
     assert recover_stuck(engine, T, actor=Actor.command("test")) == [], "each audit is recovered exactly once"
 
 
+def test_list_since_reads_an_odd_creation_time_as_the_time_it_is_and_only_odd_ones_through_python(engine, monkeypatch):
+    """A creation time another tool wrote with an offset compares as the moment it names; rows whose
+    times are all canonical compare their text in SQL (through Python, a million of them took 25 s)."""
+    from auditctl import timestamps
+
+    now = db_time(engine)
+
+    def stored(seconds_ago: float):  # as auditctl writes it: canonical text on SQLite
+        moment = now - timedelta(seconds=seconds_ago)
+        return moment if engine.dialect.name == "postgresql" else timestamps.to_storage(moment)
+
+    odd = insert(engine, created_at=(now + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S+02:00"))  # an hour ago
+    recent, old = insert(engine, created_at=stored(3600)), insert(engine, created_at=stored(3 * 3600))
+    plain = [insert(engine, created_at=stored(60 + i)) for i in range(20)]
+    calls = []
+    canonical = timestamps.canonical
+    monkeypatch.setattr(timestamps, "canonical", lambda value: calls.append(value) or canonical(value))
+    engine.dispose()  # the function is registered as connections open
+
+    def listed(since: float) -> set[int]:
+        return {a.id for a in audit_views.list_audits(engine, audit_views.AuditFilters(since=since), limit=None)}
+
+    assert listed(2 * 3600) == {odd, recent, *plain}
+    assert listed(30 * 60) == set(plain)
+    assert listed(4 * 3600) == {odd, recent, old, *plain}
+    if engine.dialect.name == "sqlite":
+        from_sql = [value for value in calls if isinstance(value, bytes)]  # what auditctl_utc was given
+        assert from_sql == [from_sql[0]] * 3 and b"+02:00" in from_sql[0], "only the odd row goes through Python"
+
+
 def test_hostile_rows_do_not_stop_a_long_running_watch_or_a_workers_heartbeat_thread(engine, database_url, guards, tmp_path):
     corpus(engine)
     first = make_running(engine, 5, silent_for=900, worker_id="valid-worker", instance_id="valid-instance")
