@@ -21,6 +21,7 @@ import math
 import os
 import re
 import string
+import textwrap
 import tomllib
 import unicodedata
 from datetime import datetime, timedelta, timezone
@@ -930,3 +931,13 @@ def test_json_safe_text_keeps_the_same_json_value(value, indent):
     text = textsafe.json_safe_text(json.dumps(value, ensure_ascii=False, indent=indent))
     assert json.loads(text) == value
     assert _visible(text, keep_newlines=True) and not re.search("[\u200b-\u200f\u2060-\u2069\ufeff]", text)
+
+
+@given(st.one_of(hostile_text, st.text(alphabet=st.sampled_from(list("ab \u00a0\u3000-\u2014.,\u00e9\t")), max_size=60)),
+       st.integers(1, 80), st.sampled_from(["", "    "]))
+@example("why: ", 20, "     ")  # a label with nothing after it
+@example("  indented but short  ", 40, "")
+def test_the_table_wraps_a_cell_exactly_as_textwrap_does(text, width, indent):
+    from auditctl.cli.render import wrap
+
+    assert wrap(text, width, subsequent_indent=indent) == textwrap.wrap(text, width, subsequent_indent=indent)
