@@ -37,6 +37,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, timestamps
+from .schema import RULE_TIME_COLUMNS
 from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, SchemaMissing, TextNotUtf8
 from .textsafe import printable
 from .urls import mask_url, scrub
@@ -746,8 +747,6 @@ class stored_time(FunctionElement):
 
 @compiles(stored_time, "sqlite")
 def _stored_time_sqlite(element, compiler, **kw):
-    from .schema import RULE_TIME_COLUMNS
-
     (moment,) = list(element.clauses)
     column = compiler.process(moment, **kw)
     # As a BLOB: Python decodes a function's text arguments strictly (see rules._statement).
