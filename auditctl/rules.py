@@ -128,7 +128,7 @@ class Verdict:
     explanations, threshold sources) is worked out when asked for.
     """
 
-    __slots__ = ("row", "policy", "gone_proof", "unreadable", "_progress", "_reasons", "_thresholds", "_times")
+    __slots__ = ("row", "policy", "gone_proof", "unreadable", "_progress", "_reasons", "_thresholds", "_times", "_iso")
 
     def __init__(self, row, policy: Policy, gone: dict[str, str] | None = None):
         self.row = row
@@ -138,6 +138,7 @@ class Verdict:
         self._reasons = None
         self._thresholds: tuple | None = None
         self._times: dict | None = None
+        self._iso: dict | None = None
         instance = row[_AT["worker_instance"]]
         self.gone_proof = gone.get(instance) if gone and isinstance(instance, str) else None
 
@@ -178,9 +179,18 @@ class Verdict:
         return self._times[name]
 
     def stored(self, name: str):
-        """``started_at`` or ``heartbeat_at`` as the database gave it, for ``timestamps.iso`` to write
-        (canonical text goes straight to ISO text, without a datetime)."""
+        """``started_at`` or ``heartbeat_at`` as the database gave it."""
         return self.row[_AT[name]]
+
+    def iso(self, name: str) -> str | None:
+        """``started_at`` or ``heartbeat_at`` as exact ISO 8601 UTC text, None when absent or unreadable;
+        worked out once (canonical text goes straight to ISO text, without a datetime)."""
+        found = self._iso
+        if found is None:
+            found = self._iso = {}
+        if name not in found:
+            found[name] = timestamps.iso(self.row[_AT[name]])
+        return found[name]
 
     @property
     def started_at(self) -> datetime | None:
@@ -210,10 +220,11 @@ class Verdict:
     def problems(self) -> list[str]:
         problems = list(self.progress.problems)
         row = self.row
-        if (safe_int(row[_AT["rules"]]) or 0) & _FUTURE_BIT:
+        bits = row[_AT["rules"]]
+        if (bits if type(bits) is int else safe_int(bits) or 0) & _FUTURE_BIT:
             problems.append("heartbeat_in_future")
         for name in ("started_at", "heartbeat_at"):
-            if isinstance(self._time(name), timestamps.Unreadable):
+            if row[_AT[name]] is not None and self.iso(name) is None:  # stored, but not a time
                 problems.append(f"{name}_unreadable")
         if row[_AT["lease"]] is None:
             problems.append("no_lease")
@@ -471,8 +482,9 @@ def _statement(shape: _Shape):
         rule = rules(slow)
         if shape.reasons:
             return "(" + " OR ".join(rule[r] for r in RULE_REASONS if r in shape.reasons) + ")"
-        # (stale OR (unchanged AND NOT stale ...)) is (stale OR unchanged): each piece once, cheapest first.
-        return f"({rule[WORKER_GONE]} OR {rule[MAX_AGE_EXCEEDED]} OR {rule[STALE_HEARTBEAT]} OR {rule['unchanged']})"
+        # (stale OR (unchanged AND NOT stale ...)) is (stale OR unchanged): each piece once, cheapest
+        # first; the registry lookup last, so a row another rule already caught skips it.
+        return f"({rule[MAX_AGE_EXCEEDED]} OR {rule[STALE_HEARTBEAT]} OR {rule['unchanged']} OR {rule[WORKER_GONE]})"
 
     where = ["a.status = 'running'"]
     if shape.ids:
@@ -502,9 +514,16 @@ def _statement(shape: _Shape):
         # Evaluated only for the rows the WHERE kept (the stuck ones): flags and ages as floats.
         def bits(slow: bool) -> str:
             rule = rules(slow)
-            fired = [f"(CASE WHEN {rule[reason]} THEN {1 << bit} ELSE 0 END)" for bit, reason in enumerate(RULE_REASONS)]
-            fired.append(f"(CASE WHEN {col('heartbeat_at', slow)} > {future} THEN {_FUTURE_BIT} ELSE 0 END)")
-            return "(" + " + ".join(fired) + ")"
+            bit = {reason: 1 << position for position, reason in enumerate(RULE_REASONS)}
+            gone_bit, stale_bit, stall_bit = bit[WORKER_GONE], bit[STALE_HEARTBEAT], bit[PROGRESS_STALLED]
+            # Stalled is "unchanged, and neither gone nor stale": nested so that the registry lookup
+            # and the silence are each evaluated once per row.
+            silence_and_stall = (f"(CASE WHEN {rule[WORKER_GONE]} THEN (CASE WHEN {rule[STALE_HEARTBEAT]} "
+                                 f"THEN {gone_bit + stale_bit} ELSE {gone_bit} END) "
+                                 f"WHEN {rule[STALE_HEARTBEAT]} THEN {stale_bit} "
+                                 f"WHEN {rule['unchanged']} THEN {stall_bit} ELSE 0 END)")
+            return (f"({silence_and_stall} + (CASE WHEN {rule[MAX_AGE_EXCEEDED]} THEN {bit[MAX_AGE_EXCEEDED]} ELSE 0 END) "
+                    f"+ (CASE WHEN {col('heartbeat_at', slow)} > {future} THEN {_FUTURE_BIT} ELSE 0 END))")
 
         columns = ", ".join([
             "a.id", "a.target", "a.worker_id", "a.worker_instance", "a.lease", "a.attempts", "a.kind",

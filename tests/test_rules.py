@@ -58,6 +58,23 @@ def test_several_reasons_at_once(engine, start_audit, backdate):
     assert reasons_of(engine)[alive_but_frozen] == ["max_age_exceeded", "progress_stalled"]
 
 
+def test_a_gone_workers_audit_keeps_its_other_reasons_but_is_never_also_called_stalled(engine, start_audit, backdate):
+    gone = {"gone-1": "stopped cleanly at 12:00"}
+    silent, _ = start_audit(instance_id="gone-1")
+    backdate(silent, started_at=4000, heartbeat_at=700, last_worker_update=700, progress_changed_at=4000)
+    frozen, _ = start_audit(instance_id="gone-1")
+    backdate(frozen, started_at=400, heartbeat_at=5, last_worker_update=5, progress_changed_at=400)
+    fresh, _ = start_audit(instance_id="gone-1")
+    alive_elsewhere, _ = start_audit(instance_id="alive-1")
+    backdate(alive_elsewhere, started_at=400, heartbeat_at=5, last_worker_update=5, progress_changed_at=400)
+    assert {v.id: v.reasons for v in find_stuck(engine, T, gone=gone)} == {
+        silent: ["worker_gone", "stale_heartbeat", "max_age_exceeded"],
+        frozen: ["worker_gone"],
+        fresh: ["worker_gone"],
+        alive_elsewhere: ["progress_stalled"],
+    }
+
+
 def test_per_audit_deadline_overrides_fleet_max_age(engine, start_audit, backdate):
     deep_scan, _ = start_audit(max_age=7200)
     quick_scan, _ = start_audit()
