@@ -24,7 +24,7 @@ from .documents import NotJSON
 from .timestamps import isoformat_z
 
 __all__ = ["MAX_DOCUMENT_BYTES", "MAX_COUNT", "MAX_STEP", "DocumentError", "NotJSON", "ProgressView", "build_document",
-           "clean_report", "derive_percentage", "isoformat_z", "read_progress", "signature", "view_from_fields"]
+           "clean_report", "derive_percentage", "isoformat_z", "read_progress", "signature"]
 
 #: A progress document bigger than this is refused (and the emergency minimal write used):
 #: it would bloat every row read by ``show`` and every heartbeat write.
@@ -190,21 +190,6 @@ def read_progress(raw) -> ProgressView:
         view.problems.append("progress_not_object")
         return view
     _judge_fields(view, inner.get("step"), inner.get("percentage"), inner.get("completed_tasks"), inner.get("total_tasks"))
-    return view
-
-
-#: What the database says a stored document is (see rules.progress_shape): fields can be trusted
-#: only for an "object".
-SHAPE_PROBLEMS = {"not_json": "progress_not_json", "not_object": "progress_not_object"}
-
-
-def view_from_fields(shape: str | None, step, percentage, completed_tasks, total_tasks) -> ProgressView:
-    """The same judgement as ``read_progress``, from fields the database already extracted."""
-    view = ProgressView()
-    if shape in SHAPE_PROBLEMS:
-        view.problems.append(SHAPE_PROBLEMS[shape])
-    elif shape is not None:
-        _judge_fields(view, step, percentage, completed_tasks, total_tasks)
     return view
 
 

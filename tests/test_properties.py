@@ -679,14 +679,6 @@ def test_read_progress_of_any_decoded_value_never_raises_and_stays_in_bounds(doc
     _check_view_bounds(progress.read_progress(built(document)))
 
 
-db_field = st.one_of(st.none(), st.text(max_size=300), st.integers(-(2**63), 2**63 - 1), st.floats(), st.binary(max_size=5))
-
-
-@given(st.sampled_from([None, "object", "not_json", "not_object", "null", "other"]), db_field, db_field, db_field, db_field)
-def test_view_from_fields_never_raises_and_stays_in_bounds(shape, step, percentage, completed, total):
-    _check_view_bounds(progress.view_from_fields(shape, step, percentage, completed, total))
-
-
 @given(percentages, counts, counts)
 def test_derive_percentage_is_none_or_between_0_and_100(percentage, completed, total):
     value = progress.derive_percentage(percentage, completed, total)
