@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.types import NullType
 
 from .db import db_now, fetch_now, read_connection, single_write, write_transaction
+from .errors import TextNotUtf8
 from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
 from .timestamps import as_datetime
@@ -255,9 +256,10 @@ def gone_instances(engine: Engine) -> dict[str, str]:
     registry's history.
     """
     namespace = _namespace()
-    with read_connection(engine) as connection:
-        cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
-        rows = connection.execute(_gone_candidates(namespace), {"cutoff": cutoff}).all()
+    try:
+        rows = _gone_rows(engine, namespace, strict_text=True)
+    except TextNotUtf8:
+        rows = _gone_rows(engine, namespace)  # the engine reads leniently from now on
     gone = {}
     for instance_id, worker_id, host, key, stopped_at in rows:
         try:
@@ -273,6 +275,14 @@ def gone_instances(engine: Engine) -> dict[str, str]:
         if proof is not None:
             gone[instance_id] = proof
     return gone
+
+
+def _gone_rows(engine: Engine, namespace: str | None, *, strict_text: bool = False) -> list:
+    """The candidate rows. Read strictly first: a lenient decoder costs about a third of this read
+    (five text values a row, thousands of stopped instances in a day of restarts)."""
+    with read_connection(engine, strict_text=strict_text) as connection:
+        cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
+        return connection.execute(_gone_candidates(namespace), {"cutoff": cutoff}).all()
 
 
 @functools.lru_cache(maxsize=4)

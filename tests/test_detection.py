@@ -183,6 +183,22 @@ def test_a_stopped_at_no_one_can_read_proves_nothing_and_the_audit_is_judged_by_
     assert verdict.id == audit_id and verdict.reasons == ["worker_gone"], "a readable stop does prove it"
 
 
+def test_a_registry_row_with_text_that_is_not_utf8_still_proves_its_instance_and_the_others_gone(engine, start_audit):
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL refuses text that is not in its encoding")
+    odd_held, _ = start_audit(worker_id="odd-bytes", instance_id="odd-bytes-1")
+    plain_held, _ = start_audit(worker_id="plain", instance_id="plain-1")
+    with write_transaction(engine) as connection:
+        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(), stopped_at=registry.db_now()),
+                           [{"instance_id": "odd-bytes-1", "worker_id": "odd-bytes"}, {"instance_id": "plain-1", "worker_id": "plain"}])
+        connection.execute(text("UPDATE workers SET worker_id = CAST(X'6f6464ff' AS TEXT), host = CAST(X'ff' AS TEXT) "
+                                "WHERE instance_id = 'odd-bytes-1'"))
+    gone = registry.gone_instances(engine)
+    assert set(gone) == {"odd-bytes-1", "plain-1"}
+    assert "odd\ufffd" in gone["odd-bytes-1"]
+    assert {v.id: v.reasons for v in find_stuck(engine, Thresholds())} == {odd_held: ["worker_gone"], plain_held: ["worker_gone"]}
+
+
 def test_gone_instance_ids_with_quotes_backslashes_and_braces_still_match_their_audits(engine, start_audit):
     """Another tool may name an instance anything; the gone list travels as one quoted parameter."""
     odd = ['quo"ted', "back\\slash", "{braces},comma", "NULL", " spaced "]
