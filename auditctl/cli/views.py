@@ -30,9 +30,9 @@ class AuditIdType(click.ParamType):
 @output_options
 @click.option("--status", "statuses", type=ListType(STATUSES), multiple=True,
               help="Only audits in this state; repeatable, comma-separated.")
-@click.option("--worker", "workers", type=ListType(metavar="WORKER_ID"), multiple=True, help="Only audits of this worker; repeatable.")
-@click.option("--kind", "kinds", type=ListType(metavar="KIND"), multiple=True, help="Only audits of this kind; repeatable.")
-@click.option("--target", "targets", type=ListType(metavar="GLOB"), multiple=True, help="Only targets matching this glob; repeatable.")
+@click.option("--worker", "workers", type=ListType(metavar="WORKER_ID"), multiple=True, help="Only audits of this worker; repeatable, comma-separated.")
+@click.option("--kind", "kinds", type=ListType(metavar="KIND"), multiple=True, help="Only audits of this kind; repeatable, comma-separated.")
+@click.option("--target", "targets", type=ListType(metavar="GLOB"), multiple=True, help="Only targets matching this glob; repeatable, comma-separated.")
 @click.option("--since", type=MOMENT, default=None, help="Only audits created after this (2h = two hours ago, or ISO time).")
 @click.option("--until", type=MOMENT, default=None, help="Only audits created before this.")
 @click.option("--sort", type=click.Choice(("id", "created", "target", "status", "worker")), default="id", show_default=True,
