@@ -104,6 +104,8 @@ def sqlite_path(url: URL) -> str | None:
         return None
     if database.startswith("file:"):
         database = database[5:].split("?", 1)[0]
+        if database in ("", ":memory:"):
+            return None
     return os.path.abspath(database)
 
 
@@ -125,11 +127,20 @@ def _statement_timeout_ms(options: str) -> float | None:
     return float(match.group(1)) * _PG_TIME_UNITS[match.group(2)]
 
 
+#: The longest wait SQLite's busy timeout and PostgreSQL's lock_timeout take, in milliseconds (a C int):
+#: a longer one (``--lock-wait 25d``) would wrap around to no wait at all.
+MAX_WAIT_MS = 2**31 - 1
+
+
+def wait_ms(seconds: float) -> int:
+    return min(MAX_WAIT_MS, int(seconds * 1000))
+
+
 def _pg_options(url: URL, role: str, lock_wait: float, statement_timeout: float | None) -> tuple[URL, str]:
     """libpq ``options`` for the role, merged with the URL's own (which win over ours, but for a
     ``statement_timeout`` longer than the engine's client-side deadline allows)."""
     ours = [f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}",
-            f"-c lock_timeout={int(lock_wait * 1000)}"]
+            f"-c lock_timeout={wait_ms(lock_wait)}"]
     if role == "reader":
         ours += ["-c default_transaction_read_only=on"]
     theirs = url.query.get("options")
@@ -137,7 +148,7 @@ def _pg_options(url: URL, role: str, lock_wait: float, statement_timeout: float 
         theirs = " ".join(theirs)
     after = []
     if statement_timeout is not None:
-        ours_ms = max(1, int(statement_timeout * 1000))
+        ours_ms = max(1, wait_ms(statement_timeout))
         theirs_ms = _statement_timeout_ms(theirs) if theirs else None
         # The server must end a statement before the client gives up on it (``watchdog``): their
         # shorter timeout stands, a longer one (or none, 0) gives way to ours.
@@ -150,8 +161,11 @@ def _pg_options(url: URL, role: str, lock_wait: float, statement_timeout: float 
 
 def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str = "operator",
                   pool_size: int | None = None, must_exist: bool | None = None, lock_wait: float | None = None,
-                  call_timeout: float | None = None, **kwargs) -> Engine:
+                  call_timeout: float | None = None, allow_memory: bool = False, **kwargs) -> Engine:
     """An engine for one role (``worker``, ``operator``, ``reader``); does not connect yet.
+
+    An in-memory SQLite database (``sqlite://``, ``sqlite:///``, ``:memory:``) is refused unless
+    ``allow_memory``: it would vanish with the process, and each thread of a guard would see its own.
 
     On SQLite, ``must_exist`` (the default for a ``reader``) refuses a file that does not exist
     (``DatabaseMissing``): looking, or recovering, must never create an empty database.
@@ -171,21 +185,26 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
     url = normalize_url(database_url)
     if url.get_backend_name() == "sqlite":
         path = sqlite_path(url)
+        if path is None and not allow_memory:
+            raise ConfigError(f"{mask_url(database_url)} is an in-memory SQLite database: nothing written to it "
+                              "outlives the process; give a file (sqlite:///PATH)")
         read_only = role == "reader"
         if (must_exist if must_exist is not None else read_only) and path is not None and not os.path.exists(path):
             raise DatabaseMissing(f"no database at {path} (from {mask_url(database_url)}): run `auditctl init` "
                                   "to create it there, or pass --database-url")
         uri_params = {k: v for k, v in url.query.items() if k in _SQLITE_URI_PARAMS}
-        if uri_params and url.query.get("uri") is None and path is not None:
+        if uri_params and path is not None and not (url.database or "").startswith("file:"):
             # sqlite:///x.db?mode=ro means what it says: SQLite's URI form, which pysqlite otherwise ignores
-            # (with a warning) unless uri=true is given too.
+            # (with a warning) unless uri=true is given too, and with uri=true opens a file named
+            # "x.db?mode=ro" unless the path is written as a file: URI.
             from urllib.parse import quote, urlencode
 
-            url = url.set(database=f"file:{quote(path)}?{urlencode(uri_params)}", query={"uri": "true"})
+            driver_options = {k: v for k, v in url.query.items() if k not in _SQLITE_URI_PARAMS}
+            url = url.set(database=f"file:{quote(path)}?{urlencode(uri_params)}", query={**driver_options, "uri": "true"})
         elif read_only and path is not None and not os.access(path, os.W_OK) and url.query.get("mode") is None:
             # A file this process may not write: open it read-only, through SQLite's URI form.
             url = url.set(database=f"file:{path}?mode=ro").update_query_dict({"uri": "true"})
-        connect_args = {"timeout": lock_wait, "check_same_thread": False}
+        connect_args = {"timeout": wait_ms(lock_wait) / 1000, "check_same_thread": False}
         try:
             engine = sa_create_engine(url, connect_args=connect_args, **kwargs)
         except (ValueError, TypeError) as error:  # ?timeout=abc, ?check_same_thread=maybe
@@ -259,7 +278,7 @@ def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
         # parser Python uses, so the two always agree (see auditctl.timestamps).
         dbapi_connection.create_function("auditctl_utc", 1, timestamps.canonical, deterministic=True)
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+        cursor.execute(f"PRAGMA busy_timeout = {wait_ms(wait)}")
         if wal and engine.url.database not in (None, "", ":memory:"):
             _enable_wal(cursor, wait)
             cursor.execute("PRAGMA synchronous = NORMAL")

@@ -336,6 +336,46 @@ def test_unsupported_or_unreadable_url_is_a_config_error(url):
         assert "cannot read the database URL" in str(caught.value) and "sqlite:///" in str(caught.value)
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"])
+def test_an_in_memory_sqlite_database_is_refused_as_nothing_would_outlive_the_process(url, tmp_path):
+    with pytest.raises(ConfigError, match="in-memory SQLite database"):
+        create_engine(url)
+    with pytest.raises(ConfigError, match="in-memory"):
+        StuckAuditPrevention(url, worker_id="w")
+    from click.testing import CliRunner
+
+    from auditctl.cli import cli
+
+    result = CliRunner().invoke(cli, ["init", "--database-url", url], env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert result.exit_code == 2 and "in-memory" in result.output and "Schema created" not in result.output
+
+
+def test_a_sqlite_url_with_uri_true_and_mode_ro_reads_the_named_file_and_creates_no_other(engine_name, database_url, tmp_path):
+    if engine_name != "sqlite":
+        pytest.skip("SQLite URLs only")
+    path = database_url.removeprefix("sqlite:///")
+    running_since(create_engine(database_url), heard=700)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for query in ("?uri=true&mode=ro", "?mode=ro&uri=true&timeout=5", "?mode=ro"):
+        reader = create_engine(f"sqlite:///{path}{query}", role="reader")
+        assert len(find_stuck(reader, T)) == 1, query
+        with pytest.raises(DatabaseUnavailable, match="readonly"):
+            recover_stuck(create_engine(f"sqlite:///{path}{query}"), T, actor=OPERATOR)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no file named after the query string"
+
+
+def test_a_lock_wait_longer_than_the_databases_can_count_waits_as_long_as_they_can(database_url, engine_name):
+    engine = create_engine(database_url, lock_wait=25 * 86400.0)  # past 2**31 milliseconds
+    try:
+        with engine.connect() as connection:
+            if engine_name == "sqlite":
+                assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2**31 - 1
+            else:
+                assert connection.exec_driver_sql("SHOW lock_timeout").scalar() == "2147483647ms"
+    finally:
+        engine.dispose()
+
+
 # --- bad settings ---------------------------------------------------------------------------------
 
 BAD_SETTINGS = [

@@ -223,6 +223,44 @@ def test_bad_flag_from_a_real_process_exits_2(tmp_path):
     assert "Invalid value for '--stale-after'" in result.stderr
 
 
+@pytest.mark.parametrize("args", [["list", "--target", b"x\xff"], ["scan", "--worker", b"w\xff"],
+                                  ["scan", "--database-url", b"postgresql://bob:s3cret\xffPW@127.0.0.1:1/x"]])
+def test_a_value_whose_bytes_are_not_utf8_is_one_usage_error_line(demo_dir, args):
+    result = subprocess.run([str(AUDITCTL), *args], cwd=demo_dir, env=clean_env(demo_dir), capture_output=True, timeout=60)
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 2, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert "not UTF-8" in stderr and "s3cret" not in stderr
+
+
+@pytest.mark.parametrize("args", [["scan"], ["--help"], ["completion", "bash"]])
+def test_output_that_cannot_be_written_is_one_error_line_and_exit_1(demo_dir, args):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([str(AUDITCTL), *args], cwd=demo_dir, env=clean_env(demo_dir), stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    assert "Error: cannot write the output: No space left on device" in result.stderr
+
+
+def test_a_closed_stdout_is_one_error_line_after_the_work_is_done(tmp_path):
+    env = clean_env(tmp_path)
+    assert auditctl("demo", cwd=tmp_path, env=env).returncode == 0
+    result = subprocess.run(["bash", "-c", f'"{AUDITCTL}" recover >&-'], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "standard output is closed" in result.stderr
+    assert auditctl("scan", "--exit-code", cwd=tmp_path, env=env).returncode == 0, "the recovery itself was done"
+
+
+def test_a_stdout_that_is_not_utf8_gets_escapes_instead_of_a_traceback(demo_dir):
+    result = auditctl("scan", "--format", "json", cwd=demo_dir, env=clean_env(demo_dir, PYTHONIOENCODING="ascii"))
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 3
+    table = auditctl("scan", "--format", "plain", cwd=demo_dir, env=clean_env(demo_dir, COLUMNS="60", PYTHONIOENCODING="ascii"))
+    assert table.returncode == 0 and "\\u2026" in table.stdout, table.stderr
+
+
 # --- colour ---------------------------------------------------------------------------
 
 

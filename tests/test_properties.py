@@ -397,7 +397,7 @@ def sqlite_reading():
     from auditctl.db import create_engine
 
     sql = _sql_reading()
-    engine = create_engine("sqlite://")
+    engine = create_engine("sqlite://", allow_memory=True)
     raw = engine.raw_connection()
     connection = raw.driver_connection
     yield lambda value: connection.execute(sql, (value,)).fetchone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -264,6 +265,21 @@ def test_watch_screen_at_80x24_shows_every_stuck_audit_of_a_big_fleet_and_a_new_
             assert time.monotonic() - pressed < 1.5, f"watch still running after Ctrl-C:\n{term.screen()}"
             time.sleep(0.02)
         assert term.exit_code == 0 and "Traceback" not in term.screen()
+
+
+@needs_tmux
+def test_reset_all_at_a_terminal_shows_its_preview_with_the_question_and_writes_only_json_to_a_redirected_stdout(
+        tmp_path, demo):
+    out = tmp_path / "reset.json"
+    with Terminal(tmp_path, width=120, height=30, env=clean_env(tmp_path)) as term:
+        term.run("bash", "-c", f'"{AUDITCTL}" reset-all -o json --database-url "{demo}" > "{out}"')
+        shown = term.wait_for(lambda screen: "to pending? [y/N]" in screen, message="the question")
+        assert "Will reset" in shown and "https://" in shown, f"the operator sees which audits:\n{shown}"
+        term.keys("y", "Enter")
+        term.wait_for(lambda _screen: term.exit_code is not None, message="the end")
+        assert term.exit_code == 0, term.screen()
+    records = json.loads(out.read_text())
+    assert len(records) == 2 and {r["status"] for r in records} == {"pending"}
 
 
 @needs_tmux

@@ -97,6 +97,13 @@ class AuditctlGroup(click.Group):
             _fail(ctx, error, EXIT_USAGE)
         except AuditctlError as error:
             _explain_and_fail(ctx, error)
+        except UnicodeEncodeError as error:
+            if "surrogates not allowed" not in str(error):
+                raise
+            # A value typed or set in the environment held bytes that are not UTF-8 (Python keeps them
+            # as lone surrogates); no database or URL can carry it.
+            _fail(ctx, ConfigError("a value given holds bytes that are not UTF-8 text (an argument, an AUDITCTL_* "
+                                   "variable or the config file); it cannot be sent to the database"), EXIT_USAGE)
         except KeyboardInterrupt:
             click.echo("Interrupted: batches already done stay done; nothing else was changed.", err=True)
             ctx.exit(EXIT_INTERRUPTED)
@@ -111,8 +118,13 @@ class AuditctlGroup(click.Group):
         the value came from one), and where help is; exit 2. Click's own form takes four lines."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _prepare_stdout()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except OSError as error:
+            # Writing the output failed (a full disk, a closed descriptor): what was done stays done.
+            click.echo(paint(f"Error: cannot write the output: {error.strerror or error}", "red"), err=True)
+            sys.exit(EXIT_ERROR)
         except click.UsageError as error:
             where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
             click.echo(paint(f"Error: {_usage_message(error)}{where}", "red"), err=True)
@@ -124,6 +136,36 @@ class AuditctlGroup(click.Group):
             click.echo("Aborted.", err=True)
             sys.exit(EXIT_ERROR)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+class _ClosedStdout:
+    """Stands for a standard output the shell closed (``>&-``): the first write fails as a write to a
+    closed descriptor would, after the command did its work."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def write(self, text: str) -> int:
+        import errno
+
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _prepare_stdout() -> None:
+    """A closed stdout gets a stand-in that fails on write; a stdout whose encoding cannot hold every
+    character (``PYTHONIOENCODING=ascii``, a POSIX locale) writes the others as ``\\u2026`` escapes
+    (still valid inside JSON strings) instead of failing mid-listing."""
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+        return
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding not in ("utf8", "utf8sig") and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
 
 def _usage_message(error: click.UsageError) -> str:
     if isinstance(error, click.BadParameter) and not isinstance(error, click.MissingParameter) and error.param is not None:

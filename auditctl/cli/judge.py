@@ -220,7 +220,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
         if not sys.stdin.isatty():
             raise_refusal(total)
         if total <= 20:
-            render(listing(), RESET_COLUMNS, "table", title="Will reset")
+            render(listing(), RESET_COLUMNS, "table", title="Will reset", err=True)  # with the question, not in the data
         click.echo(summary, err=True)
         try:
             confirmed = click.confirm(f"Reset {_plural(total, 'audit')} to pending?", default=False, err=True)

@@ -251,10 +251,11 @@ def _join(segments):
 
 
 def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, title: str | None = None,
-           empty: str | None = None) -> int:
-    """Write records in the chosen format; returns how many were written."""
+           empty: str | None = None, err: bool = False) -> int:
+    """Write records in the chosen format; returns how many were written. ``err`` writes them to
+    stderr: a preview that goes with a question asked there, never into stdout's data."""
     fmt = resolve_format(fmt)
-    out = sys.stdout
+    out = sys.stderr if err else sys.stdout
     if fmt == "json":
         return _render_json(records, out)
     if fmt == "csv":
@@ -269,12 +270,12 @@ def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, t
         return len(rows)
     width = None if fmt == "wide" else terminal_width(fmt)
     layout, texts = plan_layout(rows, columns, width)
-    styled = fmt in ("table", "wide") and not ascii_only() and sys.stdout.isatty()
+    styled = fmt in ("table", "wide") and not ascii_only() and out.isatty()
     ellipsis = "..." if ascii_only() else "…"
     if styled:
         from rich.text import Text
 
-        term = console()
+        term = console(stderr=err)
         if title:
             term.print(Text(title, style="bold"), soft_wrap=True)
         for segments, _header in layout_lines(layout, texts, rows, ellipsis=ellipsis):
@@ -284,7 +285,7 @@ def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, t
             term.print(line, soft_wrap=True, no_wrap=True, crop=False)
     else:
         if title and fmt in ("table", "wide"):
-            click.echo(title)
+            click.echo(title, err=err)
         # Written as a stream and flushed once: click.echo flushes every line, one system call each.
         write = out.write
         for segments, _header in layout_lines(layout, texts, rows, ellipsis=ellipsis):
