@@ -60,7 +60,9 @@ ROLES = ("worker", "operator", "reader")
 #: The drivers auditctl ships and tests, per database.
 _DRIVERS = {"sqlite": ("pysqlite",), "postgresql": ("psycopg",)}
 #: Query parameters of a SQLite URL that belong to SQLite's own URI filenames.
-_SQLITE_URI_PARAMS = ("mode", "cache", "immutable", "nolock", "psow", "vfs")
+_SQLITE_URI_PARAMS = ("mode", "cache", "immutable", "nolock", "psow", "vfs", "modeof")
+#: What the sqlite3 driver itself takes from a URL's query string (SQLAlchemy's pysqlite dialect).
+_SQLITE_DRIVER_PARAMS = ("timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements", "uri")
 _SQLITE_WAIT = {"worker": WORKER_LOCK_WAIT, "operator": OPERATOR_LOCK_WAIT, "reader": READER_LOCK_WAIT}
 
 
@@ -192,6 +194,11 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         if (must_exist if must_exist is not None else read_only) and path is not None and not os.path.exists(path):
             raise DatabaseMissing(f"no database at {path} (from {mask_url(database_url)}): run `auditctl init` "
                                   "to create it there, or pass --database-url")
+        unknown = sorted(set(url.query) - set(_SQLITE_URI_PARAMS) - set(_SQLITE_DRIVER_PARAMS))
+        if unknown:
+            # SQLAlchemy would ignore them with a warning, and SQLite ignores unknown URI options.
+            raise ConfigError(f"the database URL {mask_url(database_url)} has an option SQLite does not take: "
+                              f"{', '.join(unknown)} (it takes {', '.join(_SQLITE_DRIVER_PARAMS + _SQLITE_URI_PARAMS)})")
         uri_params = {k: v for k, v in url.query.items() if k in _SQLITE_URI_PARAMS}
         if uri_params and path is not None and not (url.database or "").startswith("file:"):
             # sqlite:///x.db?mode=ro means what it says: SQLite's URI form, which pysqlite otherwise ignores

@@ -364,6 +364,13 @@ def test_a_sqlite_url_with_uri_true_and_mode_ro_reads_the_named_file_and_creates
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "no file named after the query string"
 
 
+def test_a_sqlite_url_option_sqlite_does_not_take_is_a_config_error_naming_it_without_the_password():
+    with pytest.raises(ConfigError) as caught:
+        create_engine("sqlite:///audits.db?bogus=1&password=s3cret")
+    assert "bogus, password" in str(caught.value) and "s3cret" not in str(caught.value)
+    create_engine("sqlite:///audits.db?timeout=5&mode=ro&uri=true", role="operator").dispose()  # all known: accepted
+
+
 def test_a_lock_wait_longer_than_the_databases_can_count_waits_as_long_as_they_can(database_url, engine_name):
     engine = create_engine(database_url, lock_wait=25 * 86400.0)  # past 2**31 milliseconds
     try:
