@@ -137,6 +137,7 @@ class AuditctlGroup(click.Group):
             sys.exit(EXIT_ERROR)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
+
 class _ClosedStdout:
     """Stands for a standard output the shell closed (``>&-``): the first write fails as a write to a
     closed descriptor would, after the command did its work."""
