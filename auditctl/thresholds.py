@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from .errors import ConfigError
 
@@ -76,6 +76,30 @@ def parse_duration(value, name: str = "duration") -> float:
     if seconds > MAX_DURATION:
         raise ConfigError(f"{name}: {value!r} is longer than a year; use a duration such as 45s, 10m or 1h")
     return seconds
+
+
+def parse_moment(value, name: str = "time") -> "float | datetime":
+    """A point in time as ``--since`` takes it: a duration ago (``2h``: returned as seconds) or an
+    ISO 8601 time (``2026-11-29T08:00Z``: returned as an aware datetime). Raises ConfigError, with
+    the duration's own complaint for text that is a duration out of range (``53w``)."""
+    from datetime import datetime
+
+    from .timestamps import as_datetime
+
+    if isinstance(value, (float, datetime)):
+        return value
+    try:
+        return parse_duration(value, name)
+    except ConfigError as error:
+        as_duration = error
+    text = str(value).strip()
+    moment = as_datetime(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    if moment is not None:
+        return moment
+    if "cannot read" not in str(as_duration) and "empty duration" not in str(as_duration):
+        raise as_duration  # a duration, but not one that can be used (over a year, zero)
+    raise ConfigError(f"{name}: cannot read {value!r} as a time: use a duration ago (2h, 30m) "
+                      "or an ISO 8601 time (2026-11-29T08:00Z)")
 
 
 def _parse_duration_text(text: str, name: str) -> float:

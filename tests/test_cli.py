@@ -548,6 +548,14 @@ def test_reset_all_dry_run_lists_what_would_be_reset_and_changes_nothing(fleet):
     assert everything(fleet.engine) == before
 
 
+@pytest.mark.parametrize("given, says", [("soon", "cannot read 'soon' as a time"), ("53w", "'53w' is longer than a year"),
+                                         ("0", "must be greater than zero")])
+def test_since_that_is_no_usable_time_says_why_in_one_line(demo, given, says):
+    for command in ("list", "scan"):
+        result = on(demo, command, "--since", given)
+        assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+
+
 def test_reset_all_since_takes_only_audits_that_failed_recently(demo, demo_engine):
     old, recent = sorted(failed_ids(demo_engine))
     backdate_in(demo_engine, old, finished_at=3 * 3600)

@@ -103,8 +103,12 @@ def test_api_bad_parameters_are_400_with_the_name_of_the_parameter(demo_url, dem
         status = server.get("/api/audits?status=sleeping")
         duration = server.get("/api/stuck?older_than=soon")
         body = server.post("/api/recover", body="dry_run=1", headers={**BEARER, "Content-Type": "text/plain"})
+        unreadable_since = server.get("/api/audits?since=soon")
+        too_long_since = server.get("/api/audits?since=53w")
     assert status.status == 400 and "status" in status.json()["error"] and "sleeping" in status.json()["error"]
     assert duration.status == 400 and "older_than" in duration.json()["error"]
+    assert unreadable_since.status == 400 and "cannot read 'soon' as a time" in unreadable_since.json()["error"]
+    assert too_long_since.status == 400 and "'53w' is longer than a year" in too_long_since.json()["error"]
     assert body.status == 415
 
 

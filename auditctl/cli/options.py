@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from ..config import MAX_COUNT, SETTINGS
 from ..errors import ConfigError
-from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration
+from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration, parse_moment
 from ..values import MAX_INT  # noqa: F401 - the bound of --limit (cli.judge, cli.views)
 from .render import FORMATS
 
@@ -37,21 +37,11 @@ class MomentType(click.ParamType):
     name = "time"
 
     def convert(self, value, param, ctx):
-        from datetime import datetime
-
-        if isinstance(value, (float, datetime)):
-            return value
+        name = param.name if param else "time"
         try:
-            return parse_duration(value, param.name if param else "time")
-        except ConfigError:
-            pass
-        from ..timestamps import as_datetime
-
-        moment = as_datetime(str(value).strip().replace("Z", "+00:00") if str(value).strip().endswith("Z") else value)
-        if moment is None:
-            self.fail(f"cannot read {value!r} as a time: use a duration ago (2h, 30m) or an ISO 8601 time "
-                      "(2026-11-29T08:00Z)", param, ctx)
-        return moment
+            return parse_moment(value, name)
+        except ConfigError as error:
+            self.fail(str(error).removeprefix(f"{name}: "), param, ctx)
 
 
 MOMENT = MomentType()

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from ..errors import ConfigError
 from ..statuses import STATUSES
-from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration
+from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration, parse_moment
 from ..values import MAX_INT, audit_id, whole_number
 
 _TRUE = ("1", "true", "yes", "on")
@@ -95,19 +95,7 @@ class Params:
     def moment(self, name: str) -> float | datetime | None:
         """A duration ago (``2h``) or an ISO 8601 time (``2026-11-29T08:00Z``), as ``--since`` takes."""
         value = self.text(name)
-        if value is None:
-            return None
-        try:
-            return parse_duration(value, name)
-        except ConfigError:
-            pass
-        from ..timestamps import as_datetime
-
-        moment = as_datetime(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
-        if moment is None:
-            raise ConfigError(f"{name}: cannot read {value!r} as a time: use a duration ago (2h, 30m) "
-                              "or an ISO 8601 time (2026-11-29T08:00Z)")
-        return moment
+        return None if value is None else parse_moment(value, name)
 
     def ids(self, name: str = "id") -> tuple[int, ...] | None:
         found = self.values(name)
