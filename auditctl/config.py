@@ -138,6 +138,15 @@ def _validate(setting: Setting, value, path):
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(item, str) and item.strip() for item in items):
             raise ConfigError(f"{where} must be a URL or a list of URLs")
+        from .notify.destinations import check_url
+
+        kind = setting.name.removesuffix("_webhook")
+        for item in items:
+            for url in filter(None, (part.strip() for part in item.split(","))):
+                try:
+                    check_url(kind, url)
+                except ConfigError as error:
+                    raise ConfigError(f"{where}: {error}") from None
         return [item.strip() for item in items]
     if setting.kind == "duration":
         parse_duration(value, where)

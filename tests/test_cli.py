@@ -948,6 +948,8 @@ def test_stale_after_longer_than_max_age_is_a_usage_error():
     ('max_age = "-5m"\n', "max_age: must be greater than zero"),
     ('max_attempts = 0\n', "max_attempts must be a whole number"),
     ('database_url = 5\n', "database_url must be a non-empty string"),
+    ('slack_webhook = "ftp://hooks.slack.com/T0/B0/s3cret"\n', "slack_webhook: slack webhook ftp://hooks.slack.com/*** is not"),
+    ('webhook = ["https://ok.example/a, nohost"]\n', "webhook: webhook webhook *** is not an http(s) URL"),
 ])
 def test_bad_config_file_is_a_usage_error_naming_the_file(tmp_path, content, expected):
     path = tmp_path / "broken.toml"
