@@ -43,8 +43,10 @@ class AuditFilters:
 
     def __post_init__(self):
         from .globs import check_filter_lists
+        from .thresholds import check_window
 
         check_filter_lists(worker=self.workers, kind=self.kinds, target=self.targets)
+        check_window(self.since, self.until)
 
 
 

@@ -84,8 +84,10 @@ class Filters:
         if unknown:
             raise ConfigError(f"unknown reason {unknown[0]!r}: choose from {', '.join(RULE_REASONS)}")
         from .globs import check_filter_lists
+        from .thresholds import check_window
 
         check_filter_lists(worker=self.workers, kind=self.kinds, target=self.targets)
+        check_window(self.since, self.until)
 
 
 def make_filters(filters: Filters | None = None, *, worker: str | None = None, reason: str | None = None,

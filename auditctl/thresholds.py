@@ -102,6 +102,21 @@ def parse_moment(value, name: str = "time") -> "float | datetime":
                       "or an ISO 8601 time (2026-11-29T08:00Z)")
 
 
+def check_window(since, until) -> None:
+    """Refuse a creation window that ends before it starts: ``since`` and ``until`` as ``parse_moment``
+    gives them (seconds ago, or a datetime). Bounds of the two kinds are compared by the database."""
+    if since is None or until is None:
+        return
+    if isinstance(since, datetime) and isinstance(until, datetime):
+        backwards = since > until
+    elif not isinstance(since, datetime) and not isinstance(until, datetime):
+        backwards = since < until  # seconds ago: a smaller figure is a later moment
+    else:
+        return
+    if backwards:
+        raise ConfigError("since is later than until: no audit was created in that window")
+
+
 def _parse_duration_text(text: str, name: str) -> float:
     cleaned = text.strip().lower().replace(" ", "")
     shown = text if len(text) <= 40 else text[:40] + "…"

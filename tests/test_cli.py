@@ -556,6 +556,25 @@ def test_since_that_is_no_usable_time_says_why_in_one_line(demo, given, says):
         assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
 
 
+def test_flags_that_would_do_nothing_are_refused_and_the_same_settings_from_the_environment_are_not(demo, demo_engine):
+    before = statuses(demo_engine)
+    alone = on(demo, "recover", "--max-attempts", "2")
+    assert alone.exit_code == 2 and "give --requeue too" in alone.stderr
+    watching = on(demo, "watch", "--once", "--no-recover", "--requeue")
+    assert watching.exit_code == 2 and "--requeue does nothing with --no-recover" in watching.stderr
+    assert statuses(demo_engine) == before, "nothing ran"
+    from_env = on(demo, "recover", "--dry-run", env={"AUDITCTL_MAX_ATTEMPTS": "2"})
+    assert from_env.exit_code == 0, from_env.output
+
+
+@pytest.mark.parametrize("since, until", [("1h", "2h"), ("2026-11-30T10:00Z", "2026-11-30T09:00Z")])
+def test_a_creation_window_that_ends_before_it_starts_is_a_usage_error(demo, since, until):
+    for command in ("list", "scan", "recover"):
+        result = on(demo, command, "--since", since, "--until", until)
+        assert result.exit_code == 2 and "since is later than until" in result.stderr, (command, result.output)
+    assert on(demo, "list", "--since", until, "--until", since).exit_code == 0
+
+
 def test_reset_all_since_takes_only_audits_that_failed_recently(demo, demo_engine):
     old, recent = sorted(failed_ids(demo_engine))
     backdate_in(demo_engine, old, finished_at=3 * 3600)

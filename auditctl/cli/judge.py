@@ -21,6 +21,7 @@ from .options import (
     flatten,
     judge_filter_options,
     max_attempts_option,
+    refuse_without_requeue,
     max_resets_option,
     output_options,
     threshold_options,
@@ -122,6 +123,7 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     batches leaves each audit either recovered or untouched. Silent with -q unless
     something was recovered. Exits 1 when an audit could not be recovered (it is listed).
     """
+    refuse_without_requeue(requeue)
     from ..history import Actor
     from ..recovery import recover_stuck
     from .records import RECOVERY_COLUMNS, recovery_record

@@ -335,6 +335,17 @@ def echo_status(state: CliState, message: str, *, err: bool = True, force: bool 
 
 
 
+def refuse_without_requeue(requeue: bool, *, recovering: bool = True) -> None:
+    """``--max-attempts`` typed without ``--requeue`` (or ``--requeue`` with ``--no-recover``) would do
+    nothing: say so rather than run as if it had been heard. From the environment or the config
+    file they are fleet settings, and stay quiet."""
+    ctx = click.get_current_context()
+    if not recovering and requeue and ctx.get_parameter_source("requeue") == ParameterSource.COMMANDLINE:
+        raise click.UsageError("--requeue does nothing with --no-recover: nothing is recovered")
+    if recovering and not requeue and ctx.get_parameter_source("max_attempts") == ParameterSource.COMMANDLINE:
+        raise click.UsageError("--max-attempts counts the claims of requeued audits: give --requeue too, or leave it out")
+
+
 def max_attempts_option(help: str = "With --requeue: after this many claims an audit fails for good."):
     """``--max-attempts`` (env, config file), bounded by what the database's integer column holds."""
     return click.option("--max-attempts", type=click.IntRange(1, MAX_COUNT), default=3, show_default=True,

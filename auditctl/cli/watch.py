@@ -32,6 +32,7 @@ from .app import cli
 from .metrics_options import metrics_options
 from .notify import WatchAlerts, destination_options
 from .options import (DURATION, check_bounds, check_interval, common_options, judge_filter_options, max_attempts_option,
+                      refuse_without_requeue,
                       threshold_options)
 
 #: Seconds between turns of the stuck-audit pages on the screen.
@@ -61,6 +62,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     from ..history import Actor
     from ..monitor import Monitor
 
+    refuse_without_requeue(requeue, recovering=not no_recover)
     # A long-running monitor: a PostgreSQL server that stops answering must not hold it for good.
     state.call_timeout = monitor_call_timeout(state.lock_wait)
     check_interval(interval, allow_unsafe)
