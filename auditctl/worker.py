@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import random
 import signal
 import socket
@@ -74,6 +75,31 @@ PROGRESS_CALL_BUDGET = 5.0
 #: How long the end of an audit interrupted by SIGTERM may wait for the database: well inside the
 #: usual 30 s grace period before a SIGKILL (a recoverer judges the audit if this gives up).
 SIGNAL_PATIENCE = 10.0
+
+
+class PassTurns:
+    """The monitor passes of this process's guards. Guards on one database with the same settings
+    (thresholds, requeue, alert destinations) take turns: a guard skips its pass when another of
+    them ran one within its interval. One process with a guard per worker thread made a fleet-wide
+    pass per guard per interval (twenty threads, twenty passes), all judging the same audits."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last: dict[tuple, tuple[str, float]] = {}  # settings -> (the guard's instance id, when)
+
+    def take(self, settings: tuple, instance_id: str, interval: float) -> bool:
+        """True when this guard should run the pass now (and it is marked as running it)."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(settings)
+            if last is not None and last[0] != instance_id and now - last[1] < interval:
+                return False
+            self._last[settings] = (instance_id, now)
+            return True
+
+
+_PASS_TURNS = PassTurns()
+os.register_at_fork(after_in_child=_PASS_TURNS.__init__)  # a lock held at the fork stays held
 
 
 class RunBusy(Exception):
@@ -324,6 +350,9 @@ class StuckAuditPrevention:
             from .notify.background import Notifier
 
             self.notifier = Notifier(self.operator_engine, destinations, timeout=notify_timeout)
+        #: What decides a monitor pass's outcome: guards of this process that share it share their passes.
+        self._pass_settings = (self.database, sqlite_file(self.engine), self.policy, requeue, max_attempts,
+                               tuple(sorted(d.key for d in destinations)))
         self.duplicates: list[registry.Instance] = []
         self._runs: dict[str, AuditRun] = {}
         self._runs_lock = threading.Lock()
@@ -678,6 +707,9 @@ class StuckAuditPrevention:
             self._check_duplicates()
         except AuditctlError:
             return False
+        if not _PASS_TURNS.take(self._pass_settings, self.instance_id, self.heartbeat_interval):
+            log.debug("💓 HEARTBEAT: another guard of this process ran the monitor pass")
+            return True
         recovered = self._heartbeat_cleanup()
         log.debug("💓 HEARTBEAT: monitor pass, %d recovered", len(recovered))
         return not self.monitor.in_outage

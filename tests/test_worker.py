@@ -560,6 +560,38 @@ def test_two_guards_in_one_process_with_one_worker_id(engine, guards):
     assert [(r.id, r.reasons) for r in third.cleanup_stuck_audits_on_startup()] == [(audit_id, ["worker_restarted"])]
 
 
+def test_guards_of_one_process_with_the_same_settings_share_one_monitor_pass_per_interval(engine, guards):
+    """Twenty worker threads with a guard each made twenty fleet-wide passes per interval."""
+    passes: dict[str, int] = {}
+
+    def counted(guard):
+        run_pass = guard.monitor.run_pass
+
+        def counting():
+            passes[guard.worker_id] = passes.get(guard.worker_id, 0) + 1
+            return run_pass()
+
+        guard.monitor.run_pass = counting
+        return guard
+
+    sharing = [counted(guards(worker_id=f"sharing-{n}", heartbeat_interval=0.5)) for n in range(4)]
+    apart = counted(guards(worker_id="apart", heartbeat_interval=0.5, stale_after=3))  # other thresholds: its own passes
+    for guard in (*sharing, apart):
+        guard.start_heartbeat_monitor(handle_sigterm=False)
+    time.sleep(3.0)
+    shared = sum(passes.get(g.worker_id, 0) for g in sharing)
+    own = passes.get("apart", 0)
+    # About six passes each way in 3 s at a 0.5 s interval; four guards apart would make about twenty-four.
+    assert 2 <= shared <= 10, passes
+    assert own >= 2, passes
+
+    runner = max(sharing, key=lambda g: passes.get(g.worker_id, 0))
+    runner.stop()  # another guard takes the turn within an interval
+    before = {g.worker_id: passes.get(g.worker_id, 0) for g in sharing if g is not runner}
+    time.sleep(2.0)
+    assert sum(passes.get(name, 0) - count for name, count in before.items()) >= 1, passes
+
+
 def test_sigterm_stops_a_worker_process_cleanly(engine, worker_process):
     proc, audit_id, instance_id, _ = worker_process("terminated-worker", mode="monitor")
     distinct_values(lambda: worker_rows(engine, "terminated-worker")[0]["last_heartbeat_at"], 3,
