@@ -80,6 +80,8 @@ def load_config_file(path: str | os.PathLike | None) -> "tuple[dict, Path | None
     from pathlib import Path
 
     explicit = path is not None
+    if explicit and not str(path).strip():
+        raise ConfigError("the config file path is empty: give a file, or leave --config and AUDITCTL_CONFIG out")
     target = Path(path) if explicit else default_config_path()
     if not target.exists():
         if explicit:

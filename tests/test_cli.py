@@ -999,6 +999,8 @@ def test_missing_config_file_named_explicitly_is_a_usage_error(tmp_path):
     result = invoke("--config", tmp_path / "nope.toml", "scan")
     assert result.exit_code == 2
     assert "nope.toml does not exist" in result.stderr
+    empty = invoke("--config", "", "scan")
+    assert empty.exit_code == 2 and "the config file path is empty" in empty.stderr
 
 
 def test_config_file_contradicting_the_defaults_is_a_usage_error(tmp_path):

@@ -205,10 +205,14 @@ def test_a_port_in_use_is_one_error_line_and_exit_1_before_anything_is_recovered
         assert connection.execute(select(func.count()).select_from(audits).where(audits.c.status == "failed")).scalar() == 2
 
 
-def test_a_metrics_file_that_cannot_be_written_stops_recover_before_it_changes_anything(fleet, engine, tmp_path):
-    result = invoke("recover", "--database-url", fleet, "--metrics-file", tmp_path / "missing" / "auditctl.prom")
+@pytest.mark.parametrize("parent, why", [("missing", "does not exist"), ("a-file", "is not a directory")])
+def test_a_metrics_file_that_cannot_be_written_stops_recover_before_it_changes_anything(fleet, engine, tmp_path, parent,
+                                                                                       why):
+    (tmp_path / "a-file").write_text("")
+    result = invoke("recover", "--database-url", fleet, "--metrics-file", tmp_path / parent / "auditctl.prom")
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 1 and "cannot write the metrics file" in result.stderr
+    assert f"{tmp_path / parent} {why}" in result.stderr
     with read_connection(engine) as connection:
         assert connection.execute(select(func.count()).select_from(audits).where(audits.c.status == "failed")).scalar() == 2
 

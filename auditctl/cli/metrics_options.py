@@ -35,7 +35,8 @@ class MetricsSink:
 
         directory = os.path.dirname(os.path.abspath(self.path)) or "."
         if not os.path.isdir(directory):
-            raise MetricsUnavailable(f"cannot write the metrics file {self.path}: directory {directory} does not exist")
+            why = "is not a directory" if os.path.exists(directory) else "does not exist"
+            raise MetricsUnavailable(f"cannot write the metrics file {self.path}: {directory} {why}")
         if not os.access(directory, os.W_OK):
             raise MetricsUnavailable(f"cannot write the metrics file {self.path}: directory {directory} is not writable")
 
