@@ -509,6 +509,20 @@ def test_the_fleet_healthy_event_is_written_once_after_recoveries_whoever_notice
 # --- the command line -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", [["recover"], ["reset-all", "--include-stuck", "--yes"]])
+def test_a_reader_that_leaves_early_cuts_the_listing_not_the_summary_or_the_alerts(sqlite_url, sqlite_engine, hooks,
+                                                                                 tmp_path, command):
+    hook = hooks()
+    make_running(sqlite_engine, 1500, silent_for=700)  # far more than a pipe holds: head leaves mid-listing
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" -o csv --webhook "{hook.url()}" | head -1; '
+                            'exit "${PIPESTATUS[0]}"', "run", *command, "--database-url", sqlite_url],
+                           cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert "Traceback" not in piped.stderr and len(piped.stdout.splitlines()) == 1
+    assert "1500 audits" in piped.stderr and "Alerts: sent" in piped.stderr, piped.stderr
+    assert len(hook.requests) >= 1
+
+
 def test_recover_and_reset_all_alert_at_the_end_and_notify_retries_what_failed(database_url, engine, hooks, fast_backoff):
     hook = hooks()
     hook.always(Answer(status=500, body=b"no_service"))

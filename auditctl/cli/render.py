@@ -19,6 +19,7 @@ target is shown, never sent to the terminal.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -26,7 +27,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import click
 
@@ -248,6 +249,21 @@ def _join(segments):
             joined.append((" " * GAP, None))
         joined.append(segment)
     return joined
+
+
+@contextlib.contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Around the listing of work already done (``recover``, ``reset-all``): a reader that goes away
+    (``| head``) cuts the listing, not the command, whose summary and alerts still follow. The
+    rest of stdout goes nowhere, so the interpreter's last flush cannot fail either."""
+    try:
+        yield
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
 
 
 def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, title: str | None = None,
