@@ -83,7 +83,11 @@ def load_config_file(path: str | os.PathLike | None) -> "tuple[dict, Path | None
     if explicit and not str(path).strip():
         raise ConfigError("the config file path is empty: give a file, or leave --config and AUDITCTL_CONFIG out")
     target = Path(path) if explicit else default_config_path()
-    if not target.exists():
+    try:
+        present = target.exists()
+    except OSError as error:  # a name too long for the file system
+        raise ConfigError(f"cannot read config file {str(target)[:200]}: {error.strerror}") from None
+    if not present:
         if explicit:
             raise ConfigError(f"config file {target} does not exist")
         return {}, None

@@ -102,11 +102,14 @@ def monitor_call_timeout(lock_wait: float | None = None) -> float:
 def sqlite_path(url: URL) -> str | None:
     """The absolute path of a SQLite file URL (None for an in-memory database)."""
     database = url.database
-    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+    if not database or database == ":memory:" or url.query.get("mode") == "memory" or url.query.get("vfs") == "memdb":
         return None
     if database.startswith("file:"):
-        database = database[5:].split("?", 1)[0]
-        if database in ("", ":memory:"):
+        from urllib.parse import parse_qs
+
+        database, _, options = database[5:].partition("?")
+        given = parse_qs(options)
+        if database in ("", ":memory:") or "memory" in given.get("mode", ()) or "memdb" in given.get("vfs", ()):
             return None
     return os.path.abspath(database)
 

@@ -108,13 +108,20 @@ def check_window(since, until) -> None:
     if since is None or until is None:
         return
     if isinstance(since, datetime) and isinstance(until, datetime):
-        backwards = since > until
+        # A naive time is UTC, as the stuck query reads it.
+        backwards = _aware(since) > _aware(until)
     elif not isinstance(since, datetime) and not isinstance(until, datetime):
         backwards = since < until  # seconds ago: a smaller figure is a later moment
     else:
         return
     if backwards:
         raise ConfigError("since is later than until: no audit was created in that window")
+
+
+def _aware(moment: datetime) -> datetime:
+    from datetime import timezone
+
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _parse_duration_text(text: str, name: str) -> float:

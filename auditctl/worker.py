@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -77,25 +78,60 @@ PROGRESS_CALL_BUDGET = 5.0
 SIGNAL_PATIENCE = 10.0
 
 
+class _Turn:
+    """The shared state of guards that share their monitor passes."""
+
+    __slots__ = ("runner", "started", "in_outage", "outage_at", "seen_since")
+
+    def __init__(self):
+        self.runner: str | None = None  # the instance id of the guard that ran the last pass
+        self.started = 0.0  # when it started (monotonic)
+        self.in_outage = False  # a heartbeat thread of any of them could not reach the database
+        self.outage_at = -1.0  # when that was last reported (monotonic)
+        self.seen_since = None  # the moment silence is measured from after the last outage (Monitor.seen_since)
+
+
 class PassTurns:
     """The monitor passes of this process's guards. Guards on one database with the same settings
     (thresholds, requeue, alert destinations) take turns: a guard skips its pass when another of
     them ran one within its interval. One process with a guard per worker thread made a fleet-wide
-    pass per guard per interval (twenty threads, twenty passes), all judging the same audits."""
+    pass per guard per interval (twenty threads, twenty passes), all judging the same audits.
+
+    The outage state travels with the turn: an outage any of them saw is known to whichever runs the
+    next pass, and an outage the passes have got past is forgotten by all of them."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._last: dict[tuple, tuple[str, float]] = {}  # settings -> (the guard's instance id, when)
+        self._turns: dict[tuple, _Turn] = {}
 
-    def take(self, settings: tuple, instance_id: str, interval: float) -> bool:
-        """True when this guard should run the pass now (and it is marked as running it)."""
+    def take(self, settings: tuple, instance_id: str, interval: float) -> float:
+        """0 when this guard runs the pass now (it is marked as running it); otherwise the seconds
+        until another guard's pass is due again, when this one should look again."""
         now = time.monotonic()
         with self._lock:
-            last = self._last.get(settings)
-            if last is not None and last[0] != instance_id and now - last[1] < interval:
-                return False
-            self._last[settings] = (instance_id, now)
-            return True
+            turn = self._turns.setdefault(settings, _Turn())
+            if turn.runner is not None and turn.runner != instance_id and now - turn.started < interval:
+                return turn.started + interval - now
+            turn.runner, turn.started = instance_id, now
+            return 0.0
+
+    def outage(self, settings: tuple) -> None:
+        with self._lock:
+            turn = self._turns.setdefault(settings, _Turn())
+            turn.in_outage, turn.outage_at = True, time.monotonic()
+
+    def state(self, settings: tuple) -> tuple[bool, object]:
+        """``(in_outage, seen_since)`` for the pass about to run."""
+        with self._lock:
+            turn = self._turns.setdefault(settings, _Turn())
+            return turn.in_outage, turn.seen_since
+
+    def passed(self, settings: tuple, started: float, in_outage: bool, seen_since) -> None:
+        """After a pass that started at ``started``: what it left, keeping an outage reported meanwhile."""
+        with self._lock:
+            turn = self._turns.setdefault(settings, _Turn())
+            turn.in_outage = in_outage or turn.outage_at >= started
+            turn.seen_since = seen_since
 
 
 _PASS_TURNS = PassTurns()
@@ -353,6 +389,8 @@ class StuckAuditPrevention:
         #: What decides a monitor pass's outcome: guards of this process that share it share their passes.
         self._pass_settings = (self.database, sqlite_file(self.engine), self.policy, requeue, max_attempts,
                                tuple(sorted(d.key for d in destinations)))
+        self._monitor_wait = self.heartbeat_interval  # until the next look at the monitor pass
+        self._duplicates_checked = -math.inf
         self.duplicates: list[registry.Instance] = []
         self._runs: dict[str, AuditRun] = {}
         self._runs_lock = threading.Lock()
@@ -420,7 +458,8 @@ class StuckAuditPrevention:
         # delay the heartbeats of the audits this worker runs.
         self._thread = threading.Thread(target=self._every_interval, args=(self._beat_once, self._stop),
                                         name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
-        self._monitor_thread = threading.Thread(target=self._every_interval, args=(self._monitor_once, self._stop),
+        self._monitor_thread = threading.Thread(target=self._every_interval,
+                                                args=(self._monitor_once, self._stop, lambda: self._monitor_wait),
                                                 name=f"auditctl-monitor-{self.worker_id}", daemon=True)
         self._thread.start()
         self._monitor_thread.start()
@@ -676,13 +715,13 @@ class StuckAuditPrevention:
     def _beat_once(self) -> bool:
         """Heartbeat this instance and each of its runs. True when the database answered."""
         if not self._check_database_file():
-            self.monitor.in_outage = True
+            self._mark_outage()
             return False
         try:
             registry.beat(self.engine, self.instance_id, timeout=self.beat_timeout)
         except AuditctlError as error:
             log.error("💓 HEARTBEAT: database unavailable (%s); retrying", printable(error))
-            self.monitor.in_outage = True
+            self._mark_outage()
             return False
         with self._runs_lock:
             runs = list(self._runs.values())
@@ -700,22 +739,41 @@ class StuckAuditPrevention:
         log.debug("💓 HEARTBEAT: %d audits beating", len(runs))
         return healthy
 
+    def _mark_outage(self) -> None:
+        """The heartbeat thread could not reach the database: the next monitor pass, whichever guard of
+        this process runs it, measures silence from when the database is back."""
+        self.monitor.in_outage = True
+        _PASS_TURNS.outage(self._pass_settings)
+
     def _monitor_once(self) -> bool:
-        """One monitor pass over the whole fleet, after a look for live duplicates of this worker.
-        True when the database answered."""
+        """One monitor pass over the whole fleet (or another guard of this process ran it: see
+        ``PassTurns``), after a look for live duplicates of this worker. True when the database answered."""
+        due = _PASS_TURNS.take(self._pass_settings, self.instance_id, self.heartbeat_interval)
+        now = time.monotonic()
+        if due:
+            # Look again when the other guard's next pass is due, so a stopped one is replaced at once.
+            self._monitor_wait = due + 0.01
+            if now - self._duplicates_checked < self.heartbeat_interval:
+                return True
+        else:
+            self._monitor_wait = self.heartbeat_interval
         try:
+            self._duplicates_checked = now
             self._check_duplicates()
         except AuditctlError:
             return False
-        if not _PASS_TURNS.take(self._pass_settings, self.instance_id, self.heartbeat_interval):
-            log.debug("💓 HEARTBEAT: another guard of this process ran the monitor pass")
+        if due:
+            log.debug("💓 HEARTBEAT: another guard of this process runs the monitor pass")
             return True
+        self.monitor.in_outage, self.monitor.seen_since = _PASS_TURNS.state(self._pass_settings)
         recovered = self._heartbeat_cleanup()
+        _PASS_TURNS.passed(self._pass_settings, now, self.monitor.in_outage, self.monitor.seen_since)
         log.debug("💓 HEARTBEAT: monitor pass, %d recovered", len(recovered))
         return not self.monitor.in_outage
 
-    def _every_interval(self, step, stop: threading.Event) -> None:
-        """Run ``step`` every heartbeat interval until ``stop``; sooner again, with backoff, after a failure."""
+    def _every_interval(self, step, stop: threading.Event, next_wait=None) -> None:
+        """Run ``step`` every heartbeat interval (or after ``next_wait()`` seconds) until ``stop``; sooner
+        again, with backoff, after a failure."""
         retry = 1.0
         while not stop.is_set():
             try:
@@ -726,7 +784,7 @@ class StuckAuditPrevention:
                 healthy = False
             if healthy:
                 retry = 1.0
-                wait = self.heartbeat_interval
+                wait = self.heartbeat_interval if next_wait is None else next_wait()
             else:
                 # Come back soon after the database does, without hammering it.
                 wait = min(self.heartbeat_interval, retry * (0.5 + random.random()))

@@ -336,7 +336,8 @@ def test_unsupported_or_unreadable_url_is_a_config_error(url):
         assert "cannot read the database URL" in str(caught.value) and "sqlite:///" in str(caught.value)
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"])
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true",
+                                 "sqlite:////tmp/named.db?vfs=memdb", "sqlite:///file:named%3Fmode%3Dmemory?uri=true"])
 def test_an_in_memory_sqlite_database_is_refused_as_nothing_would_outlive_the_process(url, tmp_path):
     with pytest.raises(ConfigError, match="in-memory SQLite database"):
         create_engine(url)
@@ -369,6 +370,19 @@ def test_a_sqlite_url_option_sqlite_does_not_take_is_a_config_error_naming_it_wi
         create_engine("sqlite:///audits.db?bogus=1&password=s3cret")
     assert "bogus, password" in str(caught.value) and "s3cret" not in str(caught.value)
     create_engine("sqlite:///audits.db?timeout=5&mode=ro&uri=true", role="operator").dispose()  # all known: accepted
+
+
+def test_a_creation_window_compares_a_naive_time_as_utc_and_refuses_only_a_backwards_one():
+    from datetime import timezone
+
+    from auditctl.audits import AuditFilters
+    from auditctl.rules import Filters
+
+    naive, aware = datetime(2020, 1, 1), datetime(2030, 1, 1, tzinfo=timezone.utc)
+    for filters in (Filters, AuditFilters):
+        filters(since=naive, until=aware)
+        with pytest.raises(ConfigError, match="since is later than until"):
+            filters(since=aware, until=naive)
 
 
 def test_a_lock_wait_longer_than_the_databases_can_count_waits_as_long_as_they_can(database_url, engine_name):

@@ -995,12 +995,26 @@ def test_a_broken_config_file_leaves_help_and_completion_working_and_stops_every
     assert replaced.exit_code == 0 and config_of(replaced)["max_attempts"] == (7, f"file {good}"), "--config replaces it"
 
 
+def test_an_os_error_about_a_file_names_the_file_not_the_output(demo, monkeypatch):
+    import auditctl.rules
+
+    def unreadable(*args, **kwargs):
+        raise OSError(36, "File name too long", "/srv/audits/" + "a" * 20)
+
+    monkeypatch.setattr(auditctl.rules, "iter_stuck", unreadable)
+    result = on(demo, "scan")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == "Error: /srv/audits/aaaaaaaaaaaaaaaaaaaa: File name too long"
+
+
 def test_missing_config_file_named_explicitly_is_a_usage_error(tmp_path):
     result = invoke("--config", tmp_path / "nope.toml", "scan")
     assert result.exit_code == 2
     assert "nope.toml does not exist" in result.stderr
     empty = invoke("--config", "", "scan")
     assert empty.exit_code == 2 and "the config file path is empty" in empty.stderr
+    too_long = invoke("--config", "a" * 5000, "scan")
+    assert too_long.exit_code == 2 and "cannot read config file" in too_long.stderr
 
 
 def test_config_file_contradicting_the_defaults_is_a_usage_error(tmp_path):

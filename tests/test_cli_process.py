@@ -253,12 +253,24 @@ def test_a_closed_stdout_is_one_error_line_after_the_work_is_done(tmp_path):
     assert auditctl("scan", "--exit-code", cwd=tmp_path, env=env).returncode == 0, "the recovery itself was done"
 
 
-def test_a_stdout_that_is_not_utf8_gets_escapes_instead_of_a_traceback(demo_dir):
-    result = auditctl("scan", "--format", "json", cwd=demo_dir, env=clean_env(demo_dir, PYTHONIOENCODING="ascii"))
-    assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout)) == 3
-    table = auditctl("scan", "--format", "plain", cwd=demo_dir, env=clean_env(demo_dir, COLUMNS="60", PYTHONIOENCODING="ascii"))
-    assert table.returncode == 0 and "\\u2026" in table.stdout, table.stderr
+def test_a_stdout_that_is_not_utf8_gets_json_escapes_instead_of_a_traceback(tmp_path):
+    from auditctl.migrate import upgrade
+    from auditctl.worker import StuckAuditPrevention
+
+    url = f"sqlite:///{tmp_path / 'auditctl.db'}"
+    upgrade(create_engine(url))
+    target = "https://caf\u00e9.example/\U0001f600/\u2026"
+    guard = StuckAuditPrevention(url, worker_id="w", create_schema=False)
+    guard.create_audit(target)
+    guard.close()
+    for encoding in ("ascii", "latin-1"):
+        env = clean_env(tmp_path, PYTHONIOENCODING=encoding)
+        listed = subprocess.run([str(AUDITCTL), "list", "-o", "json", "--database-url", url], cwd=tmp_path, env=env,
+                                capture_output=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert [r["target"] for r in json.loads(listed.stdout.decode(encoding))] == [target], "the same value, escaped"
+    table = auditctl("list", "-o", "plain", "--database-url", url, cwd=tmp_path, env=clean_env(tmp_path, PYTHONIOENCODING="ascii"))
+    assert table.returncode == 0 and "caf\\u00e9.example/\\ud83d\\ude00" in table.stdout, table.stderr
 
 
 # --- colour ---------------------------------------------------------------------------

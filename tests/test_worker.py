@@ -592,6 +592,25 @@ def test_guards_of_one_process_with_the_same_settings_share_one_monitor_pass_per
     assert sum(passes.get(name, 0) - count for name, count in before.items()) >= 1, passes
 
 
+def test_a_guard_that_takes_the_monitor_turn_knows_the_outages_the_others_saw_and_got_past(engine, guards):
+    slow = {"heartbeat_interval": 2, "stale_after": 5}  # a pass takes far less than an interval here
+    first, second = guards(worker_id="first", **slow), guards(worker_id="second", **slow)  # they share passes
+    assert first._monitor_once() is True and first.monitor.seen_since is None
+    second._mark_outage()  # second's heartbeat thread could not reach the database
+    assert first._monitor_once() is True  # first's pass learns of it: silence is measured from now on
+    resumed_at = first.monitor.seen_since
+    assert resumed_at is not None and not first.monitor.in_outage
+    assert second.monitor.in_outage, "second's own flag is stale now"
+    time.sleep(0.5)
+    assert second._monitor_once() is True  # skipped: first ran a pass half a second ago
+    assert second._monitor_wait < 1.6, "second looks again when first's next pass is due, not a whole interval later"
+    first.stop()
+    time.sleep(first.heartbeat_interval)
+    assert second._monitor_once() is True  # second takes the turn
+    assert second.monitor.seen_since == resumed_at, "an outage already got past must not restart the silence"
+    assert not second.monitor.in_outage
+
+
 def test_sigterm_stops_a_worker_process_cleanly(engine, worker_process):
     proc, audit_id, instance_id, _ = worker_process("terminated-worker", mode="monitor")
     distinct_values(lambda: worker_rows(engine, "terminated-worker")[0]["last_heartbeat_at"], 3,

@@ -123,7 +123,11 @@ class AuditctlGroup(click.Group):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except OSError as error:
             # Writing the output failed (a full disk, a closed descriptor): what was done stays done.
-            click.echo(paint(f"Error: cannot write the output: {error.strerror or error}", "red"), err=True)
+            # An error that names a file is about that file.
+            from ..textsafe import printable
+
+            what = f"{printable(error.filename)}: " if error.filename else "cannot write the output: "
+            click.echo(paint(f"Error: {what}{printable(error.strerror or error)}", "red"), err=True)
             sys.exit(EXIT_ERROR)
         except click.UsageError as error:
             where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
@@ -156,16 +160,33 @@ class _ClosedStdout:
         return False
 
 
+def _json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
+    """What stdout cannot encode, as JSON's own escapes (``\\u00e9``; a surrogate pair beyond U+FFFF):
+    JSON output stays valid JSON with the same values, and a table shows the code points."""
+    escaped = []
+    for char in error.object[error.start:error.end]:
+        code = ord(char)
+        if code > 0xFFFF:
+            code -= 0x10000
+            escaped.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            escaped.append(f"\\u{code:04x}")
+    return "".join(escaped), error.end
+
+
 def _prepare_stdout() -> None:
     """A closed stdout gets a stand-in that fails on write; a stdout whose encoding cannot hold every
-    character (``PYTHONIOENCODING=ascii``, a POSIX locale) writes the others as ``\\u2026`` escapes
-    (still valid inside JSON strings) instead of failing mid-listing."""
+    character (``PYTHONIOENCODING=ascii``, a POSIX locale) writes the others as JSON escapes instead
+    of failing mid-listing."""
     if sys.stdout is None:
         sys.stdout = _ClosedStdout()
         return
     encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
     if encoding not in ("utf8", "utf8sig") and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
+        import codecs
+
+        codecs.register_error("auditctl.json_escapes", _json_escapes)
+        sys.stdout.reconfigure(errors="auditctl.json_escapes")
 
 
 def _usage_message(error: click.UsageError) -> str:
