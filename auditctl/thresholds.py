@@ -96,7 +96,7 @@ def parse_moment(value, name: str = "time") -> "float | datetime":
     moment = as_datetime(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
     if moment is not None:
         return moment
-    if "cannot read" not in str(as_duration) and "empty duration" not in str(as_duration):
+    if not isinstance(as_duration, _NotADuration):
         raise as_duration  # a duration, but not one that can be used (over a year, zero)
     raise ConfigError(f"{name}: cannot read {value!r} as a time: use a duration ago (2h, 30m) "
                       "or an ISO 8601 time (2026-11-29T08:00Z)")
@@ -118,6 +118,10 @@ def check_window(since, until) -> None:
         raise ConfigError("since is later than until: no audit was created in that window")
 
 
+class _NotADuration(ConfigError):
+    """Text that does not read as a duration at all (``parse_moment`` then tries it as a time)."""
+
+
 def _aware(moment: datetime) -> datetime:
     from datetime import timezone
 
@@ -128,7 +132,7 @@ def _parse_duration_text(text: str, name: str) -> float:
     cleaned = text.strip().lower().replace(" ", "")
     shown = text if len(text) <= 40 else text[:40] + "…"
     if not cleaned:
-        raise ConfigError(f"{name}: empty duration; use a duration such as 45s, 10m or 1h")
+        raise _NotADuration(f"{name}: empty duration; use a duration such as 45s, 10m or 1h")
     try:
         return float(cleaned)
     except ValueError:
@@ -142,7 +146,7 @@ def _parse_duration_text(text: str, name: str) -> float:
         total += float(match.group(1)) * _UNITS[match.group(2)]
         position = match.end()
     if position != len(cleaned) or position == 0:
-        raise ConfigError(
+        raise _NotADuration(
             f"{name}: cannot read {shown!r} as a duration; use seconds or a number with a unit "
             "(ms, s, m, h, d, w), such as 45s, 10m, 1h30m"
         )
