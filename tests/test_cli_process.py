@@ -29,6 +29,7 @@ from auditctl import __version__
 from auditctl.cli import cli
 from auditctl.db import create_engine, read_connection
 from auditctl.schema import audit_events, audits
+from dbtools import make_running
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 STUCK_IN_DEMO = {
@@ -163,6 +164,38 @@ def test_scan_exit_code_from_a_real_process_is_3_for_monitoring(demo_dir):
     result = auditctl("scan", "--exit-code", "-q", cwd=demo_dir, env=clean_env(demo_dir))
     assert result.returncode == 3
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "plain"])
+def test_a_reader_that_leaves_early_cuts_the_scan_not_its_count_or_exit_code(tmp_path, fmt):
+    from auditctl.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'piped.db'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    make_running(engine, 1500, silent_for=700)  # far more than a pipe holds: head leaves mid-listing
+    engine.dispose()
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | head -1; exit "${{PIPESTATUS[0]}}"', "run",
+                            "--database-url", url, "scan", "--exit-code", "--format", fmt],
+                           cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 3, piped.stderr
+    assert len(piped.stdout.splitlines()) == 1 and piped.stderr.count("\n") == 1, piped.stderr
+    assert piped.stderr.startswith("1500 stuck audits (1500 stale_heartbeat)"), piped.stderr
+
+
+def test_a_listing_cut_by_its_reader_ends_quietly_with_its_own_exit_code(tmp_path):
+    from auditctl.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'piped.db'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    make_running(engine, 1500, silent_for=5)
+    engine.dispose()
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | head -1; exit "${{PIPESTATUS[0]}}"', "run",
+                            "--database-url", url, "list", "--limit", "0", "--format", "csv"],
+                           cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert (piped.returncode, piped.stderr) == (0, ""), piped.stderr
+    assert piped.stdout.startswith("id,")
 
 
 # --- reset-all: refuses off a terminal, asks on one -------------------------------------

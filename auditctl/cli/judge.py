@@ -96,7 +96,9 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
                 counts[reason] = counts.get(reason, 0) + 1
             yield record
 
-    found = render(records(), VERDICT_COLUMNS, fmt, title="Stuck audits")
+    listing = records()
+    found = render(listing, VERDICT_COLUMNS, fmt, title="Stuck audits")
+    found += sum(1 for _ in listing)  # what a reader that left early (| head) did not take still counts
     if found:
         echo_status(state, f"{_plural(found, 'stuck audit')} ({_counts(counts)}) in {state.masked_url}")
     else:
@@ -127,7 +129,7 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     from ..history import Actor
     from ..recovery import recover_stuck
     from .records import RECOVERY_COLUMNS, recovery_record
-    from .render import reader_may_leave, render, resolve_format
+    from .render import render, resolve_format
 
     check_bounds(state, policy, allow_unsafe)
     update, finish = progress_reporter("Recovering")
@@ -143,9 +145,8 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
         echo_status(state, "Nothing to recover.")
         echo_status(state, thresholds)
         return
-    with reader_may_leave():
-        render((recovery_record(r, dry_run) for r in done), RECOVERY_COLUMNS, fmt,
-               title="Would recover" if dry_run else "Recovered")
+    render((recovery_record(r, dry_run) for r in done), RECOVERY_COLUMNS, fmt,
+           title="Would recover" if dry_run else "Recovered")
     verb = "Would recover" if dry_run else "Recovered"
     requeued = sum(1 for r in done if r.status == "pending")
     outcomes = [f"{requeued} pending (requeued)" if requeued else "", f"{len(done) - requeued} failed" if len(done) - requeued else ""]
@@ -190,7 +191,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     from ..records import planned_stuck_reset_record
     from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed
     from .records import RESET_COLUMNS, reset_record
-    from .render import reader_may_leave, render, resolve_format
+    from .render import render, resolve_format
 
     reasons, origins = flatten(reasons), flatten(origins)
     if since is not None and isinstance(since, datetime):
@@ -239,8 +240,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     finally:
         finish()
     if fmt in ("json", "csv") or len(done) <= 20:
-        with reader_may_leave():
-            render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
+        render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
     left_alone = total - len(done) - len(done.skipped)
     echo_status(state, f"Reset {_plural(len(done), 'audit')} to pending"
                 + (f"; {left_alone} changed meanwhile and were left alone" if left_alone > 0 else "") + ".", force=True)

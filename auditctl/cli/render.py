@@ -251,25 +251,53 @@ def _join(segments):
     return joined
 
 
-@contextlib.contextmanager
-def reader_may_leave() -> Iterator[None]:
-    """Around the listing of work already done (``recover``, ``reset-all``): a reader that goes away
-    (``| head``) cuts the listing, not the command, whose summary and alerts still follow. The
-    rest of stdout goes nowhere, so the interpreter's last flush cannot fail either."""
+class _Taken:
+    """The records a listing took, counted: what it had written when its reader left."""
+
+    __slots__ = ("records", "count")
+
+    def __init__(self, records: Iterable[dict]):
+        self.records, self.count = iter(records), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        record = next(self.records)
+        self.count += 1
+        return record
+
+
+def _discard_stdout() -> None:
+    """The reader of stdout went away (``| head``): the rest of stdout goes nowhere, so later
+    writes and the interpreter's last flush cannot fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        yield
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stdout.fileno())
-        finally:
-            os.close(devnull)
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, title: str | None = None,
            empty: str | None = None, err: bool = False) -> int:
     """Write records in the chosen format; returns how many were written. ``err`` writes them to
-    stderr: a preview that goes with a question asked there, never into stdout's data."""
+    stderr: a preview that goes with a question asked there, never into stdout's data.
+
+    A reader that goes away (``| head``) cuts the listing, not the command: the count is of the
+    records taken so far (the rest of ``records`` is left to the caller), and the command goes
+    on to its summary, its alerts and its exit code."""
+    if err:
+        return _render(records, columns, fmt, title=title, empty=empty, err=True)
+    taken = _Taken(records)
+    try:
+        return _render(taken, columns, fmt, title=title, empty=empty, err=False)
+    except BrokenPipeError:
+        _discard_stdout()
+        return taken.count
+
+
+def _render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, title: str | None,
+            empty: str | None, err: bool) -> int:
     fmt = resolve_format(fmt)
     out = sys.stderr if err else sys.stdout
     if fmt == "json":
