@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from sqlalchemy import LargeBinary, bindparam, cast, func, or_, select, update
@@ -579,9 +579,10 @@ ORIGINS = ("stuck", "error")
 
 @dataclass
 class ResetFilters:
-    """Which failed audits a reset takes. ``since`` is seconds; ``reasons`` and ``origins`` are unions."""
+    """Which failed audits a reset takes. ``since``: failed within so many seconds (on the database's
+    clock), or after a moment (a datetime, naive meaning UTC); ``reasons`` and ``origins`` are unions."""
 
-    since: float | None = None
+    since: float | datetime | None = None
     reasons: tuple[str, ...] = ()
     origins: tuple[str, ...] = ()
     ids: tuple[int, ...] | None = None
@@ -607,9 +608,10 @@ def _is_failed(by_ids: bool):
 def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_resets: bool = True):
     conditions = [_is_failed(filters.ids is not None)]
     if filters.since is not None:
-        from datetime import timedelta
-
-        moment = fetch_now(connection) - timedelta(seconds=filters.since)
+        if isinstance(filters.since, datetime):
+            moment = filters.since if filters.since.tzinfo else filters.since.replace(tzinfo=timezone.utc)
+        else:
+            moment = fetch_now(connection) - timedelta(seconds=filters.since)
         bound = moment if is_postgres(connection) else timestamps.to_storage(moment)
         conditions.append(stored_time(audits.c.finished_at) >= bound)
     if filters.reasons:

@@ -118,12 +118,26 @@ def _split_at_at(secret: str) -> set[str]:
 
 
 def scrub(message, *urls) -> str:
-    """A message (a driver's error, say) with the secrets of the given URLs, and of any URL inside it, masked."""
+    """A message (a driver's error, say) with the secrets of the given URLs, and of any URL inside it, masked.
+
+    Outside a URL a secret is masked where it stands as a word of its own, never inside another
+    word, and not at all when it is also a part of its URL that is shown (the user, the host, the
+    port, the database): masking ``postgres`` inside ``postgresql://`` or ``1`` inside
+    ``127.0.0.1`` would tell the password to whoever compares the message with the URL."""
     text = str(message)
     for url in urls:
+        shown = mask_url(url)
         for secret in secrets_of(url):
-            text = text.replace(secret, MASK)
+            if secret not in shown:
+                text = _as_word(secret).sub(MASK, text)
     return mask_url(text)
+
+
+def _as_word(secret: str) -> re.Pattern:
+    """``secret`` where no letter or digit runs on from either of its ends."""
+    head = r"(?<![^\W_])" if re.match(r"[^\W_]", secret[0]) else ""
+    tail = r"(?![^\W_])" if re.match(r"[^\W_]", secret[-1]) else ""
+    return re.compile(head + re.escape(secret) + tail)
 
 
 def mask_webhook(url: str | None) -> str:

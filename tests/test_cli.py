@@ -1130,6 +1130,17 @@ def test_the_pieces_of_a_password_with_at_signs_are_hidden_without_hiding_ordina
         "password authentication failed for admin@example.com; could not resolve host '***db'"
 
 
+@pytest.mark.parametrize("url, host", [("postgresql://postgres:postgres@127.0.0.1:1/postgres", "127.0.0.1"),
+                                       ("postgresql://u:1@127.0.0.1:1/db", "127.0.0.1"),
+                                       ("postgresql://u:fail@db.internal:1/x", "db.internal")])
+def test_a_password_that_is_also_a_word_of_the_message_is_masked_only_where_it_is_the_password(url, host):
+    from auditctl.urls import mask_url, scrub
+
+    message = f'database unavailable at {url}: connection to server at "{host}", port 1 failed for user "postgres"'
+    expected = message.replace(url, mask_url(url))
+    assert scrub(message, url) == expected and ":***@" in expected
+
+
 def test_unreachable_database_with_password_in_query_string_does_not_print_it():
     result = invoke("scan", "--database-url", "postgresql://bob@127.0.0.1:1/x?password=s3cret", secrets=["s3cret"])
     assert result.exit_code == 1

@@ -293,15 +293,19 @@ def test_a_cross_site_request_is_refused_even_with_a_valid_session_and_changes_n
         referer = server.post("/actions/reset-all", form={"csrf_token": csrf},
                               headers={**session, "Referer": "http://evil.example/page"})
         null = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1"}, headers={**session, "Origin": "null"})
+        unreadable = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1"},
+                                 headers={**session, "Referer": "http://[::1"})
+        unreadable_api = server.post("/api/recover", headers={**BEARER, "Referer": "http://[x]/"})
         api = server.post("/api/reset-all", headers={**BEARER, "Origin": "http://evil.example"})
         api_session = server.post("/api/reset-all", headers={**session, "Origin": "http://evil.example"})
         login = server.post("/login", form={"token": TOKEN}, headers={"Origin": "http://evil.example"})
         assert statuses(demo) == before
         # The control: the same request from the dashboard's own origin is served.
         own = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers={**session, "Origin": server.origin})
-    for answer in (foreign, referer, null, api, api_session, login):
+    for answer in (foreign, referer, null, unreadable, unreadable_api, api, api_session, login):
         assert answer.status == 403, answer.text
         assert "cross-site" in answer.text
+    assert unreadable_api.headers["content-type"] == "application/json" and unreadable_api.headers.get("x-content-type-options") == "nosniff"
     assert own.status == 200 and "Confirm reset" in own.text
     assert statuses(demo) == before, "showing the confirmation changed something"
 
@@ -399,12 +403,59 @@ def test_oversized_and_malformed_parameters_are_400s_and_never_look_like_an_outa
         }
         long_path = server.get("/api/audits/" + "9" * 5000)
         beyond = server.get("/api/audits/9999999999999999999")
+        no_endpoint = server.get("/api/nope")
+        wrong_method = http("PUT", server.origin + "/api/recover", headers=BEARER)
         health = server.get("/api/health")
         page = server.get("/fragments/workers")
     for name, answer in answers.items():
         assert answer.status == 400 and "error" in answer.json(), name
     assert long_path.status == 404 and beyond.status == 404
+    for answer in (long_path, beyond, no_endpoint, wrong_method):
+        assert "error" in answer.json(), "every /api/ answer is JSON, a missing route's included"
+    assert no_endpoint.status == 404 and (wrong_method.status, wrong_method.headers.get("allow")) == (405, "POST")
     assert health.status == 200 and "Database unreachable" not in page.text, "a bad filter is no outage"
+
+
+def test_api_refuses_what_it_would_misread_and_changes_nothing(demo_url, demo):
+    before = statuses(demo)
+    json_type = {**BEARER, "Content-Type": "application/json"}
+    with running_dashboard(demo_url) as server:
+        actions = {
+            "a bare dry_run": server.post("/api/recover?dry_run", headers=BEARER),
+            "dry-run misspelt": server.post("/api/recover", json_body={"dry-run": True}, headers=BEARER),
+            "ids for id": server.post("/api/recover", json_body={"dry_run": True, "ids": [1]}, headers=BEARER),
+            "max_attempts without requeue": server.post("/api/recover", json_body={"max_attempts": 5}, headers=BEARER),
+            "a lone surrogate": server.post("/api/recover", body='{"worker": "\\ud800", "dry_run": true}', headers=json_type),
+            "status on reset-all": server.post("/api/reset-all", json_body={"dry_run": True, "status": "failed"},
+                                               headers=BEARER),
+        }
+        reads = {
+            "id on audits": server.get("/api/audits?id=5"),
+            "status on stuck": server.get("/api/stuck?status=failed"),
+            "a NUL in a filter": server.get("/api/audits?worker=%00"),
+            "a NUL in a stuck filter": server.get("/api/stuck?kind=%00"),
+        }
+        health = server.get("/api/health")
+        page = server.get("/fragments/workers")
+    for name, answer in {**actions, **reads}.items():
+        assert answer.status == 400 and "error" in answer.json(), (name, answer.status, answer.text)
+    assert actions["dry-run misspelt"].json()["error"].startswith("unknown parameter 'dry-run' (this takes: ")
+    assert "dry_run: give it a value" in actions["a bare dry_run"].json()["error"]
+    assert "give requeue too" in actions["max_attempts without requeue"].json()["error"]
+    assert statuses(demo) == before
+    assert health.status == 200 and "Database" not in page.text, "a bad filter is no outage"
+
+
+def test_api_reset_all_takes_since_as_a_time_like_the_command_line(demo_url, demo):
+    from datetime import datetime, timedelta, timezone
+
+    hour_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    expected = cli_json(demo_url, "reset-all", "--dry-run", "--since", hour_ago)
+    with running_dashboard(demo_url) as server:
+        preview = server.post("/api/reset-all", json_body={"dry_run": True, "since": hour_ago}, headers=BEARER)
+        future = server.post("/api/reset-all", json_body={"dry_run": True, "since": "2999-01-01T00:00Z"}, headers=BEARER)
+    assert len(expected) == 2 and preview.status == 200 and preview.json() == expected
+    assert future.status == 200 and future.json() == []
 
 
 @sqlite_only

@@ -185,8 +185,6 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     changes nothing. Works in batches, each atomic and each reset recorded in the audit's
     history; an audit reset --max-resets times already is left failed.
     """
-    from datetime import datetime
-
     from ..history import Actor
     from ..records import planned_stuck_reset_record
     from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed
@@ -194,11 +192,6 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     from .render import render, resolve_format
 
     reasons, origins = flatten(reasons), flatten(origins)
-    if since is not None and isinstance(since, datetime):
-        from ..db import fetch_now, read_connection
-
-        with read_connection(state.reader) as connection:
-            since = max(0.0, (fetch_now(connection) - since).total_seconds())
     filters = ResetFilters(since=since, reasons=reasons, origins=origins, max_resets=max_resets or None)
     actor = Actor.command("reset-all")
     if include_stuck:

@@ -11,12 +11,13 @@
 ``GET /api/workers``    ``auditctl workers --format json`` (``all=1`` for ``--all``)
 ``POST /api/recover``   ``auditctl recover --format json``: the stuck filters above plus ``id``,
                         ``requeue``, ``max_attempts``, ``dry_run``
-``POST /api/reset-all`` ``auditctl reset-all --yes --format json``: ``since`` (a duration),
+``POST /api/reset-all`` ``auditctl reset-all --yes --format json``: ``since`` (a duration or ISO time),
                         ``reason``, ``origin``, ``max_resets``, ``include_stuck``, ``dry_run``
 ======================  ===================================================================
 
 Parameters come in the query string or, for POST, in a JSON object body (lists as arrays or
-comma-separated text). Reads are open like the pages; a POST needs ``Authorization: Bearer
+comma-separated text). A name an endpoint does not take is refused (400), as the command line
+refuses an unknown option, and so is a yes/no parameter given no value (``?dry_run``). Reads are open like the pages; a POST needs ``Authorization: Bearer
 TOKEN`` (or a signed-in session's cookie with its ``X-CSRF-Token`` header). Errors are
 ``{"error": "..."}`` with 400 (bad parameter), 401 (no or wrong credential), 403 (actions
 disabled, cross-site request), 404, 415 (body not JSON) or 503 (database unreachable).
@@ -134,7 +135,7 @@ def _read_route(handler):
         if refusal is not None:
             return refusal
         try:
-            return await run_in_threadpool(handler, d, request)
+            return await run_in_threadpool(handler, d, request, Params(request.query_params))
         except ConfigError as problem:
             return error(400, str(problem))
         except AuditNotFound as problem:
@@ -145,9 +146,10 @@ def _read_route(handler):
     return endpoint
 
 
-def _health(d, request):
+def _health(d, request, params):
     from .app import Outage
 
+    params.refuse_unknown()
     try:
         d.read(_ping, d.reader)
     except Outage as problem:
@@ -168,38 +170,44 @@ def _ping(engine):
         return fetch_now(connection)
 
 
-def _overview(d, request):
+def _overview(d, request, params):
     from ..overview import fleet_overview
     from ..records import overview_record
 
-    overview = d.read(fleet_overview, d.reader, d.policy, with_status_counts=True,
-                      sample=Params(request.query_params).integer("sample", 50, high=10_000))
+    sample = params.integer("sample", 50, high=10_000)
+    params.refuse_unknown()
+    overview = d.read(fleet_overview, d.reader, d.policy, with_status_counts=True, sample=sample)
     record = overview_record(overview)
     d.last_overview = (record, d.chart())
     record["recoveries_by_hour"] = d.last_overview[1]
     return json_response(record)
 
 
-def _stuck(d, request):
+def _stuck(d, request, params):
     from .params import stuck_listing
 
-    filters, sort, descending, limit = stuck_listing(Params(request.query_params))
+    filters, sort, descending, limit = stuck_listing(params)
+    params.refuse_unknown()
     return json_response(d.stuck(filters, sort=sort, descending=descending, limit=limit or None))
 
 
-def _audits(d, request):
+def _audits(d, request, params):
     from .params import audit_listing
 
-    filters, sort, descending, limit = audit_listing(Params(request.query_params))
+    filters, sort, descending, limit = audit_listing(params)
+    params.refuse_unknown()
     return json_response(d.audits(filters, sort, descending, limit or None))
 
 
-def _audit(d, request):
+def _audit(d, request, params):
+    params.refuse_unknown()
     return json_response(d.audit(request.path_params["audit_id"]))
 
 
-def _workers(d, request):
-    return json_response(d.workers(show_all=Params(request.query_params).flag("all")))
+def _workers(d, request, params):
+    show_all = params.flag("all")
+    params.refuse_unknown()
+    return json_response(d.workers(show_all=show_all))
 
 
 async def _action(request: Request, work) -> Response:
@@ -225,14 +233,13 @@ def _done(records: list, skipped: list, what: str, key: str) -> Response:
 
 
 async def recover(request: Request):
-    from ..config import MAX_COUNT
     from ..records import recovery_record
-    from .params import stuck_filters
+    from .params import recover_request
 
     async def work(d, user, params):
-        dry_run = params.flag("dry_run")
-        done = await run_in_threadpool(d.recover, user, stuck_filters(params), requeue=params.flag("requeue"),
-                                       max_attempts=params.integer("max_attempts", d.max_attempts, low=1, high=MAX_COUNT),
+        filters, requeue, max_attempts, dry_run = recover_request(params, d.max_attempts)
+        params.refuse_unknown()
+        done = await run_in_threadpool(d.recover, user, filters, requeue=requeue, max_attempts=max_attempts,
                                        dry_run=dry_run)
         return _done([recovery_record(r, dry_run) for r in done], done.skipped, "recovered", "recovered")
 
@@ -245,8 +252,10 @@ async def reset_all(request: Request):
 
     async def work(d, user, params):
         filters, include_stuck = reset_request(params, d.max_resets)
+        dry_run = params.flag("dry_run")
+        params.refuse_unknown()
         plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
-        if params.flag("dry_run"):
+        if dry_run:
             return json_response(listing)
         done = await run_in_threadpool(d.reset, user, plan)
         return _done([reset_record(r, False) for r in done], done.skipped, "reset", "reset")

@@ -578,6 +578,22 @@ class _AuditIdConvertor(Convertor):
 register_url_convertor("audit_id", _AuditIdConvertor())
 
 
+async def _not_found(request: Request, problem) -> Response:
+    """No such page (404) or method (405): under ``/api/`` in the API's own shape, ``{"error": ...}``."""
+    from starlette.exceptions import HTTPException
+    from starlette.responses import PlainTextResponse
+
+    from .api import error
+
+    status = problem.status_code if isinstance(problem, HTTPException) else 404
+    headers = getattr(problem, "headers", None)  # 405 carries Allow
+    if request.url.path.startswith("/api/"):
+        text = (f"{request.method} is not allowed here" if status == 405
+                else "no such endpoint or audit (see GET /api/overview, /api/stuck, /api/audits, /api/workers)")
+        return error(status, text, headers)
+    return PlainTextResponse("Method Not Allowed" if status == 405 else "Not Found", status_code=status, headers=headers)
+
+
 def create_app(database_url: str, *, policy: Policy | None = None, token: str | None = None, host: str = "127.0.0.1",
                allow_unsafe: bool = False, max_attempts: int | None = None, max_resets: int | None = None) -> Starlette:
     """The dashboard as an ASGI application. Opening it does not connect; a database that is down
@@ -608,6 +624,7 @@ def create_app(database_url: str, *, policy: Policy | None = None, token: str | 
     ]
     # On loopback, answer only to loopback names: a DNS-rebinding page cannot reach the dashboard.
     allowed = tuple(sorted(set(LOOPBACK_NAMES) | {host.lower()})) if is_loopback(host.lower()) else None
-    app = Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, allowed_hosts=allowed)])
+    app = Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, allowed_hosts=allowed)],
+                    exception_handlers={404: _not_found, 405: _not_found})
     app.state.dashboard = dashboard
     return app

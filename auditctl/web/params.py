@@ -12,11 +12,12 @@ from datetime import datetime
 
 from ..errors import ConfigError
 from ..statuses import STATUSES
+from ..textsafe import printable
 from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration, parse_moment
 from ..values import MAX_INT, audit_id, whole_number
 
 _TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
+_FALSE = ("0", "false", "no", "off")
 
 
 class Params:
@@ -24,12 +25,26 @@ class Params:
 
     def __init__(self, *sources):
         self.sources = [s for s in sources if s is not None]
+        #: The names the endpoint asked for, given or not (``refuse_unknown``).
+        self.asked: set[str] = set()
         for source in self.sources:
             if not hasattr(source, "getlist") and not isinstance(source, dict):
                 raise ConfigError("the request body must be a JSON object")
 
+    def refuse_unknown(self) -> None:
+        """Refuse a name the endpoint never asked for, as the command line refuses an unknown option:
+        a misspelt ``dry-run`` or ``ids`` must not run the request as if it had not been given.
+        Call it once every parameter has been read, before acting."""
+        given = {str(name) for source in self.sources for name in source.keys()}
+        unknown = sorted(given - self.asked)
+        if unknown:
+            takes = ", ".join(sorted(self.asked)) or "no parameters"
+            named = ", ".join(repr(printable(n[:40])) for n in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise ConfigError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {named} (this takes: {takes})")
+
     def values(self, name: str) -> list:
         """Every value given for ``name`` (the last source that has it wins)."""
+        self.asked.add(name)
         for source in reversed(self.sources):
             if hasattr(source, "getlist"):
                 found = source.getlist(name)
@@ -47,7 +62,7 @@ class Params:
         value = found[-1]
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: expected a single value")
-        text = str(value).strip()
+        text = _readable(name, str(value)).strip()
         return text or None
 
     def items(self, name: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -56,7 +71,7 @@ class Params:
         for value in self.values(name):
             if isinstance(value, (dict, list)):
                 raise ConfigError(f"{name}: expected text values")
-            for part in str(value).split(","):
+            for part in _readable(name, str(value)).split(","):
                 part = part.strip()
                 if not part:
                     continue
@@ -77,7 +92,9 @@ class Params:
             return True
         if text in _FALSE:
             return False
-        raise ConfigError(f"{name}: {value!r} is not a yes/no value (true, false, 1, 0)")
+        if not text:  # ?dry_run with no value: it was meant, but which way must not be guessed
+            raise ConfigError(f"{name}: give it a value: true or false (1, 0, yes, no)")
+        raise ConfigError(f"{name}: {printable(str(value))!r} is not a yes/no value (true, false, 1, 0)")
 
     def integer(self, name: str, default: int | None, *, low: int = 0, high: int = MAX_INT) -> int | None:
         value = self.text(name)
@@ -109,6 +126,18 @@ class Params:
                     raise ConfigError(f"{name}: {part!r} is not an audit id")
                 ids.append(number)
         return tuple(dict.fromkeys(ids))
+
+
+def _readable(name: str, text: str) -> str:
+    """Text a filter can hold: no NUL (PostgreSQL text cannot hold one) and no lone surrogate
+    (``"\\ud800"`` in a JSON body: no database encoding can hold one)."""
+    if "\x00" in text:
+        raise ConfigError(f"{name}: a NUL character is not allowed")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name}: not valid Unicode text (a lone surrogate)") from None
+    return text
 
 
 def audit_listing(params: Params):
@@ -144,14 +173,27 @@ def stuck_filters(params: Params):
                    since=params.moment("since"), until=params.moment("until"), ids=params.ids("id"))
 
 
+def recover_request(params: Params, max_attempts: int):
+    """``recover``'s options: returns (Filters, requeue, max_attempts, dry_run). ``max_attempts`` is
+    the dashboard's (``serve --max-attempts``) for a request that names none; naming one without
+    ``requeue`` is refused, as on the command line, since it would do nothing."""
+    from ..config import MAX_COUNT
+
+    requeue, dry_run = params.flag("requeue"), params.flag("dry_run")
+    given = params.integer("max_attempts", None, low=1, high=MAX_COUNT)
+    if given is not None and not requeue:
+        raise ConfigError("max_attempts counts the claims of requeued audits: give requeue too, or leave it out")
+    return stuck_filters(params), requeue, max_attempts if given is None else given, dry_run
+
+
 def reset_request(params: Params, max_resets: int):
-    """``reset-all``'s options: returns (ResetFilters, include_stuck). ``since`` is a duration here
-    (failed within the last 2h), as the library's reset filter measures it on the database's clock.
+    """``reset-all``'s options: returns (ResetFilters, include_stuck). ``since`` is a duration
+    (failed within the last 2h, on the database's clock) or an ISO time, as ``--since`` takes.
     ``max_resets`` is the dashboard's (``serve --max-resets``), for a request that names none."""
     from ..config import MAX_COUNT
     from ..recovery import ORIGINS, ResetFilters
 
-    filters = ResetFilters(since=params.duration("since"), reasons=params.items("reason", RECOVERY_REASONS),
+    filters = ResetFilters(since=params.moment("since"), reasons=params.items("reason", RECOVERY_REASONS),
                            origins=params.items("origin", ORIGINS),
                            max_resets=params.integer("max_resets", max_resets, high=MAX_COUNT) or None)
     return filters, params.flag("include_stuck")

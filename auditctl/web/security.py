@@ -163,7 +163,10 @@ def request_origin(headers) -> str | None:
         return origin.strip().lower()
     referer = headers.get("referer")
     if referer:
-        parts = urlsplit(referer)
+        try:
+            parts = urlsplit(referer)
+        except ValueError:  # http://[::1 : no origin can be read from it, so it is nobody's
+            return "null"
         return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme else "null"
     return None
 
