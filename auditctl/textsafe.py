@@ -31,6 +31,16 @@ def _escape(match: re.Match) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+#: Longest text of one cell of a listing, in a terminal table or a dashboard table: a 10 MB target
+#: would otherwise be laid out in full, or sent to every open page at each refresh.
+MAX_CELL = 2000
+
+
+def clipped(text: str) -> str:
+    """A cell's text, cut at ``MAX_CELL`` with a count of what was left out."""
+    return text if len(text) <= MAX_CELL else f"{text[:MAX_CELL]}… ({len(text) - MAX_CELL:,} more characters)"
+
+
 def printable(value, *, keep_newlines: bool = False) -> str:
     """``value`` as text whose control and escape characters are shown, not executed."""
     if value is None:

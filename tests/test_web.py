@@ -513,6 +513,22 @@ def test_pages_carry_a_strict_content_security_policy_and_escape_stored_markup(d
     assert api.json()["target"] == '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
 
+@sqlite_only
+def test_a_five_megabyte_target_is_clipped_in_the_refreshed_tables_and_whole_on_its_own_page(database_url, engine,
+                                                                                             start_audit, backdate):
+    target = "https://huge.example/" + "x" * 5_000_000
+    audit_id, _ = start_audit(target=target)
+    backdate(audit_id, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    with running_dashboard(database_url) as server:
+        fragments = [server.get(path) for path in ("/fragments/overview", "/fragments/stuck", "/fragments/audits")]
+        page = server.get(f"/audits/{audit_id}")
+        api = server.get(f"/api/audits/{audit_id}")
+    for answer in fragments:
+        assert answer.status == 200 and "https://huge.example/xxx" in answer.text
+        assert len(answer.body) < 100_000 and "4,998,021 more characters" in answer.text
+    assert target in page.text and api.json()["target"] == target
+
+
 # --- the real command ----------------------------------------------------------------------------
 
 

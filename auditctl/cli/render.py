@@ -19,7 +19,6 @@ target is shown, never sent to the terminal.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -27,11 +26,11 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import click
 
-from ..textsafe import csv_cell, json_safe_text, markdown_cell, printable
+from ..textsafe import clipped, csv_cell, json_safe_text, markdown_cell, printable
 from ..timestamps import iso
 
 FORMATS = ("table", "wide", "plain", "json", "csv", "markdown")
@@ -120,13 +119,6 @@ def human_text(column: Column, record: dict) -> str:
     return "\n".join(printable(line) for line in str(text).split("\n"))
 
 
-#: Longest cell text laid out in a fitted table (a 10 MB target would otherwise be measured in full).
-MAX_CELL = 2000
-
-
-def clipped(text: str) -> str:
-    """A cell's text, cut at ``MAX_CELL`` with a count of what was left out."""
-    return text if len(text) <= MAX_CELL else f"{text[:MAX_CELL]}… ({len(text) - MAX_CELL:,} more characters)"
 
 
 def _cell_len(text: str) -> int:

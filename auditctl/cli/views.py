@@ -99,7 +99,7 @@ def _field_text(value) -> str:
     else:
         text = str(value)
     # A table cell's limit: another tool may have stored megabytes in a target or an error.
-    from .render import clipped
+    from ..textsafe import clipped
 
     return clipped(text)
 

@@ -15,7 +15,7 @@ from string import Template
 from urllib.parse import urlencode
 
 from ..statuses import STATUSES
-from ..textsafe import printable
+from ..textsafe import clipped, printable
 from ..thresholds import RULE_REASONS, format_duration
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -46,7 +46,21 @@ def e(value) -> str:
     return escape(printable(value), quote=True)
 
 
+def cell(value) -> str:
+    """Text from the database in a table cell: safe, and clipped (``textsafe.clipped``), since
+    a fragment is sent again to every open page at each refresh."""
+    if value is None:
+        return ""
+    return escape(clipped(printable(value)), quote=True)
+
+
 def dash(value) -> str:
+    """A table cell's text (clipped), or "-" when there is none."""
+    return "-" if value in (None, "", [], {}) else cell(value)
+
+
+def whole(value) -> str:
+    """A field of one audit's page, in full (that page is asked for, not refreshed every second)."""
     return "-" if value in (None, "", [], {}) else e(value)
 
 
@@ -169,11 +183,11 @@ def progress_text(record: dict) -> str:
         parts.append(f"{float(percentage):.0f}%")
     if step:
         parts.append(str(step))
-    return e(" ".join(parts)) if parts else "-"
+    return cell(" ".join(parts)) if parts else "-"
 
 
 def lines(values) -> str:
-    return "<br>".join(e(v) for v in values or []) or "-"
+    return "<br>".join(cell(v) for v in values or []) or "-"
 
 
 def recover_button(viewer: Viewer, audit_id: int, label: str = "Recover…") -> str:
@@ -196,7 +210,7 @@ def stuck_table(viewer: Viewer, verdicts: list[dict]) -> str:
         rows.append(
             f'<tr id="stuck-{int(v["id"])}" data-audit-id="{int(v["id"])}">'
             f'<td class="num"><a href="/audits/{int(v["id"])}">{int(v["id"])}</a></td>'
-            f'<td class="target">{e(v.get("target"))}</td>'
+            f'<td class="target">{cell(v.get("target"))}</td>'
             f'<td class="reasons">{reason_badges(v.get("reasons"))}</td>'
             f'<td>{dash(v.get("worker_id"))}</td>'
             f'<td>{progress_text(v)}</td>'
@@ -219,7 +233,7 @@ def audits_table(records: list[dict], *, table_id: str = "audits-table", with_st
         rows.append(
             f'<tr id="audit-{int(a["id"])}" data-audit-id="{int(a["id"])}">'
             f'<td class="num"><a href="/audits/{int(a["id"])}">{int(a["id"])}</a></td>'
-            f'<td class="target">{e(a.get("target"))}</td>'
+            f'<td class="target">{cell(a.get("target"))}</td>'
             + (f'<td>{status_badge(a.get("status"))}</td>' if with_status else "")
             + f'<td>{dash(a.get("worker_id"))}</td><td>{progress_text(a)}</td>'
             f'<td class="num">{ago(a.get("heartbeat_age_seconds"))}</td>'
@@ -420,9 +434,9 @@ def audit_fragment(viewer: Viewer, record: dict | None, banner: str) -> str:
         elif isinstance(value, bool):
             shown = "yes" if value else "no"
         elif isinstance(value, (dict, list)):
-            shown = dash(json.dumps(value, ensure_ascii=False)) if value else "-"
+            shown = whole(json.dumps(value, ensure_ascii=False)) if value else "-"
         else:
-            shown = dash(value)
+            shown = whole(value)
         fields.append(f"<dt>{key}</dt><dd>{shown}</dd>")
     history = record.get("history") or []
     if history:
