@@ -514,6 +514,30 @@ def test_pages_carry_a_strict_content_security_policy_and_escape_stored_markup(d
 
 
 @sqlite_only
+def test_the_dashboard_refuses_verdicts_under_thresholds_scan_refuses(database_url, engine, start_audit, backdate):
+    audit_id, _ = start_audit(target="https://slow-beats.example")
+    with write_transaction(engine) as connection:  # a worker that beats every 10 minutes
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(declared_heartbeat_interval=600))
+    backdate(audit_id, heartbeat_at=900, last_worker_update=900, progress_changed_at=900)
+    scan = CliRunner().invoke(cli, ["scan", "--database-url", database_url])
+    with running_dashboard(database_url) as server:
+        stuck = server.get("/api/stuck")
+        fragment = server.get("/fragments/stuck")
+        overview = server.get("/api/overview")
+        page = server.get("/fragments/overview")
+    assert scan.exit_code == 2 and "below twice the heartbeat interval" in scan.output
+    assert stuck.status == 400 and "below twice the heartbeat interval" in stuck.json()["error"]
+    assert "Refused, as scan refuses" in fragment.text and "slow-beats" not in fragment.text
+    assert "below twice the heartbeat interval" in overview.json()["unsafe_thresholds"]
+    assert "thresholds scan and recover refuse" in page.text
+    with running_dashboard(database_url, allow_unsafe=True) as server:
+        insisted = server.get("/api/stuck")
+        calm = server.get("/api/overview")
+    assert insisted.status == 200 and [r["id"] for r in insisted.json()] == [audit_id]
+    assert calm.json()["unsafe_thresholds"] is None
+
+
+@sqlite_only
 def test_a_five_megabyte_target_is_clipped_in_the_refreshed_tables_and_whole_on_its_own_page(database_url, engine,
                                                                                              start_audit, backdate):
     target = "https://huge.example/" + "x" * 5_000_000

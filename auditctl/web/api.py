@@ -2,9 +2,10 @@
 
 ======================  ===================================================================
 ``GET /api/health``     ``{"database": "ok"}``, or 503 ``{"database": "unavailable", "error": ...}``
-``GET /api/overview``   the fleet at a glance (``records.overview_record``) and ``recoveries_by_hour``
+``GET /api/overview``   the fleet at a glance (``records.overview_record``), ``recoveries_by_hour`` and
+                        ``unsafe_thresholds`` (why ``scan`` would refuse the thresholds, or null)
 ``GET /api/stuck``      ``auditctl scan --format json``: ``worker, reason, kind, target, older_than,
-                        since, until, id, sort, reverse, limit``
+                        since, until, id, sort, reverse, limit`` (400 where ``scan`` refuses the thresholds)
 ``GET /api/audits``     ``auditctl list --format json``: ``status, worker, kind, target, since, until,
                         sort, reverse, limit`` (default 50, 0 for all)
 ``GET /api/audits/ID``  ``auditctl show ID --format json`` (404 when there is no such audit)
@@ -180,6 +181,8 @@ def _overview(d, request, params):
     record = overview_record(overview)
     d.last_overview = (record, d.chart())
     record["recoveries_by_hour"] = d.last_overview[1]
+    # Why scan and recover would refuse the thresholds these verdicts come from (null: they would not).
+    record["unsafe_thresholds"] = d.unsafe_thresholds()
     return json_response(record)
 
 

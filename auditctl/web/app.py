@@ -48,6 +48,8 @@ log = logging.getLogger("auditctl.web")
 STATIC = Path(__file__).parent / "static"
 #: The stuck-over-time chart reads the history at most this often (it moves by the hour).
 CHART_SECONDS = 15.0
+#: How long a check of the thresholds against the running audits' heartbeat intervals is reused.
+THRESHOLD_CHECK_SECONDS = 5.0
 #: How many healthy running audits the overview lists (the rest are counted).
 HEALTHY_SAMPLE = 20
 
@@ -124,6 +126,7 @@ class Dashboard:
         self._lock = threading.Lock()
         self.last_overview: tuple[dict | None, list | None] = (None, None)
         self._chart: tuple[float, list | None] = (0.0, None)
+        self._threshold_check: tuple[float, str | None] = (float("-inf"), None)
 
     # --- engines and reads ----------------------------------------------------------
 
@@ -206,9 +209,14 @@ class Dashboard:
         return hours
 
     def stuck(self, filters=None, sort: str = "id", descending: bool = False, limit: int | None = None) -> list[dict]:
+        """What ``scan`` shows; refused (UnsafeThreshold, a ConfigError) when ``scan`` would refuse."""
         from ..records import unreadable_verdict_record, verdict_record
         from ..rules import Filters, find_stuck, isolate
+        from ..thresholds import UnsafeThreshold
 
+        problem = self.unsafe_thresholds()
+        if problem is not None:
+            raise UnsafeThreshold(problem)
         verdicts = self.read(find_stuck, self.reader, self.policy, filters=filters or Filters(), sort=sort,
                              descending=descending, limit=limit)
         return [isolate(v, verdict_record, unreadable_verdict_record) for v in verdicts]
@@ -235,6 +243,22 @@ class Dashboard:
         return [instance_record(i) for i in found]
 
     # --- actions --------------------------------------------------------------------
+
+    def unsafe_thresholds(self) -> str | None:
+        """Why ``scan`` and ``recover`` would refuse the dashboard's thresholds for the audits running
+        now (None: they would not). Checked at most every ``THRESHOLD_CHECK_SECONDS``: pages refresh
+        every second, and the check reads every running audit."""
+        from ..thresholds import UnsafeThreshold
+
+        checked_at, problem = self._threshold_check
+        if time.monotonic() - checked_at >= THRESHOLD_CHECK_SECONDS:
+            try:
+                self.check_thresholds()
+                problem = None
+            except UnsafeThreshold as error:
+                problem = str(error)
+            self._threshold_check = (time.monotonic(), problem)
+        return problem
 
     def check_thresholds(self) -> None:
         """Refuse thresholds that would fail healthy audits, as ``recover`` does (ConfigError)."""
@@ -308,7 +332,18 @@ async def overview_page(request: Request):
 
 def _overview_fragment(d: Dashboard, viewer) -> str:
     record, hours = d.overview()
-    return views.overview_fragment(viewer, record, hours, d.health.banner())
+    return views.overview_fragment(viewer, record, hours, d.health.banner() + _threshold_warning(d))
+
+
+def _threshold_warning(d: Dashboard) -> str:
+    """Above the verdicts: the refusal ``scan`` and ``recover`` would give these thresholds, if any."""
+    try:
+        problem = d.unsafe_thresholds()
+    except Outage:
+        return ""
+    if problem is None:
+        return ""
+    return views.message("error", views.e(f"These verdicts come from thresholds scan and recover refuse: {problem}."))
 
 
 async def overview_fragment(request: Request):
@@ -319,6 +354,9 @@ async def overview_fragment(request: Request):
 def _stuck_fragment(d: Dashboard, viewer) -> str:
     try:
         verdicts = d.stuck()
+    except ConfigError as refused:
+        return views.stuck_fragment(viewer, None, d.health.banner() + views.message(
+            "error", views.e(f"Refused, as scan refuses: {refused}.")))
     except Outage:
         record = d.last_overview[0]
         verdicts = record["stuck"] if record else None
