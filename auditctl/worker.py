@@ -181,6 +181,7 @@ class AuditRun:
     def _check(self) -> None:
         if self.lost:
             raise LeaseLost(self.audit_id)
+        self.guard._refuse_if_forked()
 
     def _mark_lost(self, error: LeaseLost) -> LeaseLost:
         self.lost = True
@@ -241,11 +242,14 @@ class AuditRun:
         counts_given = any(given[name] is not None and f"{name}_invalid" not in refused
                            for name in ("completed_tasks", "total_tasks"))
         if not usable_percentage:
-            if counts_given:
+            derived = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"]) if counts_given else None
+            if derived is not None:
                 # Counts given without a (usable) percentage: the percentage follows the counts.
-                fields["percentage"] = derive_percentage(None, fields["completed_tasks"], fields["total_tasks"])
-            elif fields["percentage"] is None:
-                fields["percentage"] = self._fields.get("percentage")  # an unusable value changes nothing
+                fields["percentage"] = derived
+            elif counts_given or fields["percentage"] is None:
+                # Counts that give none (no total, a total of 0) keep the last percentage, as a
+                # percentage left out or unusable does.
+                fields["percentage"] = self._fields.get("percentage")
         for problem in changed:
             if problem not in self.clamped:
                 self.clamped.add(problem)
@@ -394,6 +398,9 @@ class StuckAuditPrevention:
         self.duplicates: list[registry.Instance] = []
         self._runs: dict[str, AuditRun] = {}
         self._runs_lock = threading.Lock()
+        #: The process this guard belongs to: a child forked from it must not act for it (``_forked``).
+        self._pid = os.getpid()
+        self._lifecycle = threading.RLock()  # start_heartbeat_monitor and stop, one at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None  # the heartbeats
         self._monitor_thread: threading.Thread | None = None  # the monitor passes
@@ -444,6 +451,11 @@ class StuckAuditPrevention:
         first. ``stop()`` then runs as the process exits, which joins the threads and marks
         the instance stopped, unless the application called it first.
         """
+        self._refuse_if_forked()
+        with self._lifecycle:
+            self._start_heartbeat_monitor(handle_sigterm)
+
+    def _start_heartbeat_monitor(self, handle_sigterm: bool) -> None:
         threads = [thread for thread in (self._thread, self._monitor_thread) if thread is not None and thread.is_alive()]
         if threads:
             if not self._stop.is_set():
@@ -514,6 +526,7 @@ class StuckAuditPrevention:
         After ``LeaseLost`` nothing more is written: the exception leaves the block and the
         audit stays as its recoverer left it.
         """
+        self._refuse_if_forked()
         self._resume_if_stopped()
         holding = self._holding_signals()
         holding.__enter__()
@@ -543,7 +556,7 @@ class StuckAuditPrevention:
                     self._finish(handle, f"{type(lost).__name__}: {lost}"[:2000])
                 raise
             except BaseException as error:
-                if not handle.lost:
+                if not handle.lost and not self._forked():  # a forked child leaving the block: the run is its parent's
                     try:
                         # A URL's password in the message is not stored (``show`` and ``list`` print the error).
                         self._finish(handle, mask_url(f"{type(error).__name__}: {error}")[:2000],
@@ -556,7 +569,8 @@ class StuckAuditPrevention:
                 raise
             if handle.lost:
                 raise LeaseLost(audit_id, f"lease lost on audit {audit_id} while it ran: the result was not written")
-            self._finish(handle, None)
+            if not self._forked():
+                self._finish(handle, None)
         finally:
             with self._runs_lock:
                 self._runs.pop(lease.token, None)
@@ -601,6 +615,9 @@ class StuckAuditPrevention:
                 self._deliver(signum, None)
 
     def _on_sigterm(self, signum, frame) -> None:
+        if self._forked():  # inherited by a forked child: the child ends as it would have without the guard
+            self._deliver(signum, frame)
+            return
         log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor")
         self._stop.set()
         if self._held:
@@ -620,7 +637,16 @@ class StuckAuditPrevention:
     # --- lifecycle --------------------------------------------------------------------
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the heartbeat and monitor threads (joins them) and mark this instance stopped."""
+        """Stop the heartbeat and monitor threads (joins them) and mark this instance stopped.
+
+        In a child forked from the guard's process it does nothing: the threads and the worker
+        instance are the parent's, which goes on running."""
+        if self._forked():
+            return
+        with self._lifecycle:
+            self._stop_threads(timeout)
+
+    def _stop_threads(self, timeout: float | None) -> None:
         atexit.unregister(self._stop_at_exit)
         self._stop.set()
         self._stopped = True  # before the threads end: a last monitor pass then wakes no alert sender
@@ -653,7 +679,16 @@ class StuckAuditPrevention:
                      self.instance_id[:8])
 
     def _stop_at_exit(self) -> None:
-        self.stop(timeout=10.0)
+        self.stop(timeout=10.0)  # nothing in a forked child: its exit says nothing of the parent's work
+
+    def _forked(self) -> bool:
+        """Whether this is a child forked from the process that made the guard."""
+        return os.getpid() != self._pid
+
+    def _refuse_if_forked(self) -> None:
+        if os.getpid() != self._pid:
+            raise ConfigError(f"this StuckAuditPrevention belongs to process {self._pid}, not to this child forked "
+                              "from it (its threads did not follow the fork): make a new one in the child")
 
     def close(self) -> None:
         self.stop()

@@ -235,6 +235,46 @@ def test_the_worker_stores_clamped_values_not_what_it_was_handed(engine, guards)
     json.loads(raw)  # strict JSON: readable by any tool
 
 
+def test_counts_that_give_no_percentage_keep_the_last_one(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/counts-only")
+
+    def percentage():
+        return row(engine, audit_id)["progress"]["progress"]["percentage"]
+
+    with guard.run(audit_id) as run:
+        run.update_progress(step="Crawling", percentage=50)
+        run.update_progress(completed_tasks=5)
+        assert percentage() == 50.0, "no total: the counts give no percentage, so the last one stays"
+        run.update_progress(percentage=60)
+        run.update_progress(completed_tasks=0, total_tasks=0)
+        assert percentage() == 60.0, "a total of 0 gives none either"
+        run.update_progress(completed_tasks=3, total_tasks=4)
+        assert percentage() == 75.0, "counts that give one still move it"
+
+
+def test_starting_the_monitor_from_many_threads_at_once_starts_it_once_and_stop_ends_it(engine, guards):
+    for attempt in range(5):
+        guard = guards(worker_id=f"racing-{attempt}", heartbeat_interval=0.2, stale_after=1.5)
+        gate, failures = threading.Barrier(4), []
+
+        def start():
+            gate.wait()
+            try:
+                guard.start_heartbeat_monitor(handle_sigterm=False)
+            except Exception as error:  # noqa: BLE001 - what a racing start raised is the finding
+                failures.append(error)
+
+        starters = [threading.Thread(target=start) for _ in range(4)]
+        for thread in starters:
+            thread.start()
+        for thread in starters:
+            thread.join()
+        guard.stop()
+        left = [t.name for t in threading.enumerate() if t.name.endswith(f"racing-{attempt}") and t.is_alive()]
+        assert not failures and not left, (failures, left)
+
+
 # --- recovery's conditional write --------------------------------------------------------------
 
 
@@ -641,3 +681,59 @@ def test_a_forked_child_reads_its_own_pid_namespace_instead_of_its_parents():
     os.close(read)
     assert cached_in_child == "0", "the child trusted its parent's reading"
     assert namespace == parent  # forked without a new namespace: the same place
+
+
+_FORKING_WORKER = '''
+import json, os, signal, sys, time
+from auditctl import StuckAuditPrevention
+from auditctl.errors import ConfigError
+
+guard = StuckAuditPrevention(sys.argv[1], worker_id="forking", heartbeat_interval=0.2, stale_after=1.5,
+                             max_age=60, stall_after=30)
+guard.start_heartbeat_monitor()
+audit_id, other = guard.create_audit("https://example.com/parent"), guard.create_audit("https://example.com/other")
+outcome = {}
+with guard.run(audit_id) as run:
+    leaving = os.fork()
+    if leaving == 0:
+        sys.exit(0)  # inside the inherited run block, then the inherited at-exit stop
+    os.waitpid(leaving, 0)
+    stopped = os.fork()
+    if stopped == 0:
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(0.3)
+    os.kill(stopped, signal.SIGTERM)  # the inherited handler
+    outcome["sigterm_exit"] = os.waitstatus_to_exitcode(os.waitpid(stopped, 0)[1])
+    read, write = os.pipe()
+    claiming = os.fork()
+    if claiming == 0:
+        try:
+            with guard.run(other):
+                message = "claimed"
+        except ConfigError as error:
+            message = str(error)
+        os.write(write, message.encode())
+        os._exit(0)
+    os.waitpid(claiming, 0)
+    outcome["child_claim"] = os.read(read, 1000).decode()
+    time.sleep(2.5)  # past stale_after: a parent taken for gone would lose its lease here
+    outcome["progress"] = run.update_progress(step="after the children")
+guard.stop()
+print(json.dumps(outcome), flush=True)
+'''
+
+
+def test_a_forked_child_never_acts_for_its_parents_guard(tmp_path, database_url, engine):
+    script = tmp_path / "forking_worker.py"
+    script.write_text(_FORKING_WORKER)
+    proc = spawn(script, database_url)
+    outcome = json.loads(read_line(proc, timeout=60))
+    assert proc.wait(30) == 0
+    assert outcome["progress"] is True, "the parent lost its audit after a child left"
+    assert outcome["sigterm_exit"] == 143, "SIGTERM in the child still ends the child"
+    assert "belongs to process" in outcome["child_claim"] and "make a new one in the child" in outcome["child_claim"]
+    parent = row(engine, 1)
+    assert parent["status"] == COMPLETED and not parent["error"]
+    assert not events(engine, 1), "nothing recovered it, nothing lost its lease"
+    assert row(engine, 2)["status"] == "pending"
