@@ -124,13 +124,7 @@ def _validate_kinds(value, path) -> dict[str, Overrides]:
         raise ConfigError(f"config file {path}: kinds must be a table of [kinds.NAME] sections")
     kinds = {}
     for name, section in value.items():
-        where = f"config file {path}: kinds.{name}"
-        if not isinstance(section, dict):
-            raise ConfigError(f"{where} must be a table with stale_after, max_age or stall_after")
-        unknown = set(section) - {"stale_after", "max_age", "stall_after"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}; a kind sets stale_after, max_age, stall_after")
-        kinds[str(name)] = Overrides.parse(**section, where=where)
+        kinds[str(name)] = Overrides.from_mapping(section, f"config file {path}: kinds.{name}")
     return kinds
 
 

@@ -29,6 +29,7 @@ from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
 from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audits
+from .values import storable_text
 
 #: Longest ``kind`` name (the column's width).
 MAX_KIND = 100
@@ -49,6 +50,9 @@ def create_audit(engine: Engine, target: str, *, max_age: float | None = None, k
         raise ConfigError("target must be a non-empty string")
     if kind is not None and (not isinstance(kind, str) or not kind.strip() or len(kind) > MAX_KIND):
         raise ConfigError(f"kind must be a non-empty string of at most {MAX_KIND} characters")
+    storable_text("target", target)
+    if kind is not None:
+        storable_text("kind", kind)
     with write_transaction(engine) as connection:
         result = connection.execute(
             insert(audits).values(target=target, status=PENDING, created_at=db_now(), attempts=0, max_age_seconds=max_age,

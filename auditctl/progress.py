@@ -119,6 +119,11 @@ def signature(step, percentage, completed_tasks, total_tasks) -> str:
     return json.dumps([step, percentage, completed_tasks, total_tasks], default=str)
 
 
+#: The fields of the progress document the library writes itself: an extra field of the same name is not stored.
+OWN_FIELDS = frozenset({"step", "percentage", "completed_tasks", "total_tasks", "is_running", "last_updated", "heartbeat",
+                        "worker_id", "worker_url"})
+
+
 def build_document(
     *,
     step: str | None,

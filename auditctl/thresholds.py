@@ -29,8 +29,9 @@ RECOVERY_REASONS = RULE_REASONS + (WORKER_RESTARTED, MANUAL)
 MIN_STALE_AFTER = 1.0
 #: A stale threshold must be at least this many heartbeat intervals (of the audits it judges).
 STALE_INTERVALS = 2.0
-#: The shortest watch interval accepted without --unsafe-thresholds.
-MIN_WATCH_INTERVAL = 0.1
+#: The shortest watch interval accepted without --unsafe-thresholds, and the shortest heartbeat
+#: interval a guard takes: shorter, its two threads would spin on the database.
+MIN_WATCH_INTERVAL = MIN_HEARTBEAT_INTERVAL = 0.1
 
 #: Where a threshold in force came from, most specific last in precedence order (see ``Policy``).
 FLAG, AUDIT, WORKER, KIND, FLEET = "flag", "audit", "worker", "kind", "fleet"
@@ -203,23 +204,33 @@ class Thresholds:
     def validate(self) -> None:
         for name in ("stale_after", "max_age", "stall_after"):
             parse_duration(getattr(self, name), name)
-        # A heartbeat silence longer than the whole allowed run time could never be the reason an
-        # audit is stuck: max_age would always fire first. That is a misconfiguration, not a choice.
-        if self.stale_after > self.max_age:
-            raise ConfigError(
-                f"stale_after ({format_duration(self.stale_after)}) is longer than max_age "
-                f"({format_duration(self.max_age)}): a silent audit would hit max_age first; lower stale_after or raise max_age"
-            )
-        if self.stall_after > self.max_age:
-            raise ConfigError(
-                f"stall_after ({format_duration(self.stall_after)}) is longer than max_age "
-                f"({format_duration(self.max_age)}): a frozen audit would hit max_age first; lower stall_after or raise max_age"
-            )
+        _check_order(self.stale_after, self.max_age, self.stall_after)
+
+
+def _check_order(stale_after: float | None, max_age: float | None, stall_after: float | None, prefix: str = "") -> None:
+    """A heartbeat silence (or a stall) longer than the whole allowed run time could never be the
+    reason an audit is stuck: max_age would always fire first. A misconfiguration, not a choice."""
+    if max_age is None:
+        return
+    if stale_after is not None and stale_after > max_age:
+        raise ConfigError(
+            f"{prefix}stale_after ({format_duration(stale_after)}) is longer than {prefix}max_age "
+            f"({format_duration(max_age)}): a silent audit would hit max_age first; lower stale_after or raise max_age"
+        )
+    if stall_after is not None and stall_after > max_age:
+        raise ConfigError(
+            f"{prefix}stall_after ({format_duration(stall_after)}) is longer than {prefix}max_age "
+            f"({format_duration(max_age)}): a frozen audit would hit max_age first; lower stall_after or raise max_age"
+        )
 
 
 def validate_heartbeat_interval(interval: float, stale_after: float) -> float:
     """A worker must beat at least twice within ``stale_after``, or a healthy audit looks dead between beats."""
     interval = parse_duration(interval, "heartbeat_interval")
+    if interval < MIN_HEARTBEAT_INTERVAL:
+        raise ConfigError(f"heartbeat_interval ({format_duration(interval)}) is below the floor of "
+                          f"{format_duration(MIN_HEARTBEAT_INTERVAL)}: the heartbeat and monitor threads would "
+                          "spin on the database")
     if stale_after < STALE_INTERVALS * interval:
         raise ConfigError(
             f"stale_after ({format_duration(stale_after)}) must be at least twice heartbeat_interval "
@@ -243,12 +254,29 @@ class Overrides:
 
     @classmethod
     def parse(cls, stale_after=None, max_age=None, stall_after=None, where: str = "") -> "Overrides":
+        """Thresholds given together (a kind's, a worker's, flags): each readable, and none of them
+        contradicting another (a stale_after longer than the max_age given with it)."""
         prefix = f"{where} " if where else ""
-        return cls(
+        made = cls(
             stale_after=None if stale_after is None else parse_duration(stale_after, f"{prefix}stale_after"),
             max_age=None if max_age is None else parse_duration(max_age, f"{prefix}max_age"),
             stall_after=None if stall_after is None else parse_duration(stall_after, f"{prefix}stall_after"),
         )
+        _check_order(made.stale_after, made.max_age, made.stall_after, prefix)
+        return made
+
+    @classmethod
+    def from_mapping(cls, values, where: str) -> "Overrides":
+        """A kind's thresholds as given in code or a config file: a mapping of the three names."""
+        if isinstance(values, Overrides):
+            return values
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} must be a table (a mapping) of stale_after, max_age or stall_after, "
+                              f"not {type(values).__name__}")
+        unknown = sorted(str(name) for name in values if name not in ("stale_after", "max_age", "stall_after"))
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; a kind sets stale_after, max_age, stall_after")
+        return cls.parse(**values, where=where)
 
     def any(self) -> bool:
         return any(v is not None for v in (self.stale_after, self.max_age, self.stall_after))

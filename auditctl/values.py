@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from .errors import ConfigError
 from .thresholds import MAX_DURATION
 
 
@@ -60,6 +61,19 @@ def rounded(value, digits: int = 3) -> float | None:
 #: What a database integer column holds (SQLite's INTEGER, PostgreSQL's bigint): the bounds of ids
 #: and limits. Another tool may have written an id of 0 or below; such an audit can still be shown.
 MIN_INT, MAX_INT = -(2**63), 2**63 - 1
+
+
+def storable_text(name: str, text: str) -> str:
+    """Text any database here can store as given, else ConfigError naming it: no NUL character
+    (PostgreSQL text cannot hold one) and no lone surrogate (``"\\ud800"``, or bytes that were not
+    UTF-8 read with surrogateescape: no encoding holds one)."""
+    if "\x00" in text:
+        raise ConfigError(f"{name}: a NUL character is not allowed")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name}: not valid Unicode text (a lone surrogate, or bytes that are not UTF-8)") from None
+    return text
 
 
 def audit_id(text: str) -> int | None:

@@ -47,11 +47,11 @@ from .db import (
     DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
     file_identity, fit_pool, monitor_call_timeout, never_create, sqlite_file,
 )
-from .errors import AuditctlError, ConfigError, LeaseLost
+from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .migrate import upgrade
 from .monitor import Monitor
-from .progress import clean_report, derive_percentage, signature
+from .progress import OWN_FIELDS, clean_report, derive_percentage, signature
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_audits, recover_worker_leftovers
 from .schema import audits
 from .textsafe import printable
@@ -61,6 +61,7 @@ from .thresholds import (
     DEFAULT_HEARTBEAT_INTERVAL, MANUAL, Overrides, Policy, Thresholds, format_duration, parse_duration,
     validate_heartbeat_interval,
 )
+from .values import MAX_INT, MIN_INT, storable_text
 
 log = logging.getLogger("auditctl")
 
@@ -69,6 +70,8 @@ log = logging.getLogger("auditctl")
 #: holds the heartbeat thread or ``update_progress`` no longer than this, once: the write fails and
 #: the next one opens a fresh connection.
 WRITE_TIMEOUT = WORKER_LOCK_WAIT + CALL_GRACE
+#: The longest ``worker_url``: every progress document carries it, and one holds at most 64 KiB.
+MAX_WORKER_URL = 2000
 #: Emergency minimal writes: the first backoff (doubled each try, with jitter).
 EMERGENCY_BACKOFF = 0.05
 #: The longest ``update_progress`` blocks its caller, whatever the database does (seconds).
@@ -203,6 +206,11 @@ class AuditRun:
             # Nobody took the audit away: no "lease lost" warning, no event in its history.
             raise LeaseLost(self.audit_id, f"the run of audit {self.audit_id} has ended; this report was not written")
         self._check()
+        for name in OWN_FIELDS.intersection(extra):
+            if f"extra_{name}" not in self.clamped:
+                self.clamped.add(f"extra_{name}")
+                log.warning("audit %s: the extra progress field %r is one the document keeps itself; it is not stored",
+                            self.audit_id, name)
         try:
             fields = self._report(step, percentage, completed_tasks, total_tasks)
         except Exception as error:  # noqa: BLE001 - a value whose own methods raise (its __str__, its __float__)
@@ -360,14 +368,20 @@ class StuckAuditPrevention:
         #: ``stale_after`` (at least two intervals) leaves; a beat later than that is late anyway.
         self.beat_timeout = min(WRITE_TIMEOUT, self.heartbeat_interval / 2)
         notify_timeout = parse_duration(notify_timeout, "notify_timeout")  # "5s" as in the config file
-        kind_overrides = {str(name): (values if isinstance(values, Overrides) else Overrides.parse(**values, where=f"kind {name}"))
-                          for name, values in (kinds or {}).items()}
+        if kinds is not None and not isinstance(kinds, dict):
+            raise ConfigError(f"kinds must be a mapping of kind names to their thresholds, not {type(kinds).__name__}")
+        kind_overrides = {str(name): Overrides.from_mapping(values, f"kind {name}") for name, values in (kinds or {}).items()}
         self.policy = Policy.of(self.thresholds, kinds=kind_overrides)
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise ConfigError(f"max_attempts must be a whole number of at least 1, got {max_attempts!r}")
         self.worker_id = worker_id or socket.gethostname()
         if not isinstance(self.worker_id, str) or len(self.worker_id) > 200:
             raise ConfigError("worker_id must be text of at most 200 characters")
+        storable_text("worker_id", self.worker_id)
+        if worker_url is not None and (not isinstance(worker_url, str) or len(worker_url) > MAX_WORKER_URL):
+            raise ConfigError(f"worker_url must be text of at most {MAX_WORKER_URL} characters")
+        if worker_url is not None:
+            storable_text("worker_url", worker_url)
         self.worker_url = worker_url
         self.instance_id = uuid.uuid4().hex
         self.requeue = requeue
@@ -527,6 +541,10 @@ class StuckAuditPrevention:
         audit stays as its recoverer left it.
         """
         self._refuse_if_forked()
+        if not isinstance(audit_id, int) or isinstance(audit_id, bool):
+            raise ConfigError(f"audit_id must be a whole number, not {type(audit_id).__name__}")
+        if not MIN_INT <= audit_id <= MAX_INT:
+            raise AuditNotFound(f"no audit with id {audit_id}")
         self._resume_if_stopped()
         holding = self._holding_signals()
         holding.__enter__()

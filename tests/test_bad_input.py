@@ -414,6 +414,14 @@ BAD_SETTINGS = [
     ({"heartbeat_interval": 600, "stale_after": 600}, "stale_after (10m) must be at least twice heartbeat_interval (10m)"),
     ({"heartbeat_interval": 400}, "stale_after (10m) must be at least twice heartbeat_interval (6m40s)"),
     ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1"),
+    ({"heartbeat_interval": 1e-9, "stale_after": 1}, "heartbeat_interval (<1ms) is below the floor of 100ms"),
+    ({"kinds": {"deep": {"bogus": 1}}}, "kind deep: unknown setting 'bogus'"),
+    ({"kinds": [1]}, "kinds must be a mapping of kind names to their thresholds, not list"),
+    ({"kinds": {"deep": 5}}, "kind deep must be a table (a mapping) of stale_after, max_age or stall_after, not int"),
+    ({"kinds": {"deep": {"stale_after": "2h", "max_age": "1h"}}}, "kind deep stale_after (2h) is longer than kind deep max_age (1h)"),
+    ({"slack_webhook": 5}, "a webhook URL must be text, got int"),
+    ({"worker_url": "http://w\udcff.example"}, "worker_url: not valid Unicode text"),
+    ({"worker_url": "https://" + "x" * 70_000}, "worker_url must be text of at most 2000 characters"),
 ]
 
 
@@ -425,6 +433,26 @@ def test_invalid_durations_and_thresholds_are_a_clear_config_error_before_touchi
         StuckAuditPrevention(database_url, worker_id="w", **settings)
     assert message in str(caught.value)
     assert worker_rows(engine) == []  # nothing registered, nothing written
+
+
+def test_text_no_database_can_hold_and_ids_no_column_can_hold_are_clear_errors(engine, database_url):
+    with pytest.raises(ConfigError, match="worker_id: not valid Unicode text"):
+        StuckAuditPrevention(database_url, worker_id="w\udcff")  # an environment value that was not UTF-8
+    assert worker_rows(engine) == []
+    guard = StuckAuditPrevention(database_url, worker_id="w")
+    try:
+        with pytest.raises(ConfigError, match="target: not valid Unicode text"):
+            guard.create_audit("https://example.com/\udcff")
+        with pytest.raises(ConfigError, match="target: a NUL character is not allowed"):
+            guard.create_audit("https://example.com/\x00")
+        with pytest.raises(AuditNotFound, match=f"no audit with id {2**70}"):
+            with guard.run(2**70):
+                pass
+        with pytest.raises(ConfigError, match="audit_id must be a whole number, not str"):
+            with guard.run("5"):
+                pass
+    finally:
+        guard.close()
 
 
 @pytest.mark.parametrize("text_value, seconds", [("45s", 45), ("10m", 600), ("1h30m", 5400), ("1.5", 1.5), (" 2d ", 172800),

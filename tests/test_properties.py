@@ -58,7 +58,7 @@ from auditctl.config import SETTINGS, load_config_file, validate_config  # noqa:
 from auditctl.errors import ConfigError  # noqa: E402
 from auditctl.values import sane_duration  # noqa: E402
 from auditctl.thresholds import (  # noqa: E402
-    FLAG, FLEET, KIND, MAX_DURATION, MIN_STALE_AFTER, STALE_INTERVALS, AUDIT, WORKER, Overrides, Policy, Thresholds,
+    FLAG, FLEET, KIND, MAX_DURATION, MIN_HEARTBEAT_INTERVAL, MIN_STALE_AFTER, STALE_INTERVALS, AUDIT, WORKER, Overrides, Policy, Thresholds,
     UnsafeThreshold, format_duration, parse_duration, validate_heartbeat_interval,
 )
 
@@ -177,7 +177,7 @@ def test_heartbeat_interval_is_accepted_only_when_stale_after_holds_two_beats(in
         accepted = validate_heartbeat_interval(interval, stale_after)
     except ConfigError:
         seconds = _duration_or_error(interval)
-        assert seconds is None or stale_after < 2 * seconds
+        assert seconds is None or seconds < MIN_HEARTBEAT_INTERVAL or stale_after < 2 * seconds
         return
     assert accepted == parse_duration(interval) and stale_after >= 2 * accepted
 
@@ -856,8 +856,17 @@ valid_settings = st.fixed_dictionaries({}, optional={
     "slack_webhook": st.one_of(st.just(" https://hooks.slack.com/services/T/B/x "), st.lists(
         st.sampled_from(["https://a.example/x", "https://b.example/y "]), max_size=3)),
     "kinds": st.dictionaries(st.text(string.ascii_lowercase + "-", min_size=1, max_size=8), st.fixed_dictionaries(
-        {}, optional={"stale_after": valid_durations, "max_age": valid_durations, "stall_after": valid_durations}), max_size=3),
+        {}, optional={"stale_after": valid_durations, "max_age": valid_durations, "stall_after": valid_durations}
+    ).filter(lambda section: _within_max_age(section)), max_size=3),
 })
+
+
+def _within_max_age(section: dict) -> bool:
+    """A kind whose own stale_after or stall_after outlasts its own max_age is refused (not valid)."""
+    if "max_age" not in section:
+        return True
+    limit = parse_duration(section["max_age"])
+    return all(parse_duration(section[name]) <= limit for name in ("stale_after", "stall_after") if name in section)
 
 
 @given(valid_settings, st.booleans())

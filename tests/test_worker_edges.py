@@ -253,6 +253,18 @@ def test_counts_that_give_no_percentage_keep_the_last_one(engine, guards):
         assert percentage() == 75.0, "counts that give one still move it"
 
 
+def test_an_extra_field_named_like_the_documents_own_is_not_stored_and_a_warning_says_so(engine, guards, caplog):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/extras")
+    with guard.run(audit_id) as run:
+        assert run.update_progress(step="Crawling", worker_id="evil", is_running=False, pages=3) is True
+        progress = row(engine, audit_id)["progress"]["progress"]
+        assert (progress["worker_id"], progress["is_running"], progress["pages"]) == ("worker-1", True, 3)
+        assert run.update_progress(step="Crawling", worker_id="evil again") is True
+    warnings = [r.getMessage() for r in caplog.records if "keeps itself" in r.getMessage()]
+    assert len(warnings) == 2 and {"'worker_id'" in w or "'is_running'" in w for w in warnings} == {True}
+
+
 def test_starting_the_monitor_from_many_threads_at_once_starts_it_once_and_stop_ends_it(engine, guards):
     for attempt in range(5):
         guard = guards(worker_id=f"racing-{attempt}", heartbeat_interval=0.2, stale_after=1.5)

@@ -46,7 +46,7 @@ class Destination:
 def _split(value) -> list[str]:
     if value is None:
         return []
-    items = [value] if isinstance(value, str) else list(value)
+    items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
     urls = []
     for item in items:
         if not isinstance(item, str):

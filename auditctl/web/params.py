@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..statuses import STATUSES
 from ..textsafe import printable
 from ..thresholds import RECOVERY_REASONS, RULE_REASONS, parse_duration, parse_moment
-from ..values import MAX_INT, audit_id, whole_number
+from ..values import MAX_INT, audit_id, storable_text, whole_number
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -62,7 +62,7 @@ class Params:
         value = found[-1]
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: expected a single value")
-        text = _readable(name, str(value)).strip()
+        text = storable_text(name, str(value)).strip()
         return text or None
 
     def items(self, name: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -71,7 +71,7 @@ class Params:
         for value in self.values(name):
             if isinstance(value, (dict, list)):
                 raise ConfigError(f"{name}: expected text values")
-            for part in _readable(name, str(value)).split(","):
+            for part in storable_text(name, str(value)).split(","):
                 part = part.strip()
                 if not part:
                     continue
@@ -126,18 +126,6 @@ class Params:
                     raise ConfigError(f"{name}: {part!r} is not an audit id")
                 ids.append(number)
         return tuple(dict.fromkeys(ids))
-
-
-def _readable(name: str, text: str) -> str:
-    """Text a filter can hold: no NUL (PostgreSQL text cannot hold one) and no lone surrogate
-    (``"\\ud800"`` in a JSON body: no database encoding can hold one)."""
-    if "\x00" in text:
-        raise ConfigError(f"{name}: a NUL character is not allowed")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ConfigError(f"{name}: not valid Unicode text (a lone surrogate)") from None
-    return text
 
 
 def audit_listing(params: Params):
