@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -270,7 +271,7 @@ class Overrides:
         """A kind's thresholds as given in code or a config file: a mapping of the three names."""
         if isinstance(values, Overrides):
             return values
-        if not isinstance(values, dict):
+        if not isinstance(values, Mapping):
             raise ConfigError(f"{where} must be a table (a mapping) of stale_after, max_age or stall_after, "
                               f"not {type(values).__name__}")
         unknown = sorted(str(name) for name in values if name not in ("stale_after", "max_age", "stall_after"))

@@ -121,15 +121,18 @@ def scrub(message, *urls) -> str:
     """A message (a driver's error, say) with the secrets of the given URLs, and of any URL inside it, masked.
 
     Outside a URL a secret is masked where it stands as a word of its own, never inside another
-    word, and not at all when it is also a part of its URL that is shown (the user, the host, the
-    port, the database): masking ``postgres`` inside ``postgresql://`` or ``1`` inside
-    ``127.0.0.1`` would tell the password to whoever compares the message with the URL."""
+    word: with the password ``fail``, "connection ***ed" would tell it. And it is left alone
+    when it is also a word of what the URL shows (its user, a piece of its host, its port, its
+    database): masking ``postgres`` in ``for user "postgres"``, or ``1`` in ``127.0.0.1``, would
+    tell the password to whoever compares the message with the URL. Drivers do not repeat a
+    password; what they repeat is the URL's other parts and their own words."""
     text = str(message)
     for url in urls:
         shown = mask_url(url)
         for secret in secrets_of(url):
-            if secret not in shown:
-                text = _as_word(secret).sub(MASK, text)
+            word = _as_word(secret)
+            if not word.search(shown):
+                text = word.sub(MASK, text)
     return mask_url(text)
 
 

@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from datetime import timedelta
+from collections.abc import Mapping
 from typing import Iterator
 
 from . import leases, registry
@@ -368,7 +369,7 @@ class StuckAuditPrevention:
         #: ``stale_after`` (at least two intervals) leaves; a beat later than that is late anyway.
         self.beat_timeout = min(WRITE_TIMEOUT, self.heartbeat_interval / 2)
         notify_timeout = parse_duration(notify_timeout, "notify_timeout")  # "5s" as in the config file
-        if kinds is not None and not isinstance(kinds, dict):
+        if kinds is not None and not isinstance(kinds, Mapping):
             raise ConfigError(f"kinds must be a mapping of kind names to their thresholds, not {type(kinds).__name__}")
         kind_overrides = {str(name): Overrides.from_mapping(values, f"kind {name}") for name, values in (kinds or {}).items()}
         self.policy = Policy.of(self.thresholds, kinds=kind_overrides)
@@ -590,9 +591,12 @@ class StuckAuditPrevention:
             if not self._forked():
                 self._finish(handle, None)
         finally:
-            with self._runs_lock:
-                self._runs.pop(lease.token, None)
-            handle._release()
+            # In a forked child the locks may have been copied held by a thread that did not follow
+            # the fork (a beat in flight): the run, its connection and its locks are the parent's.
+            if not self._forked():
+                with self._runs_lock:
+                    self._runs.pop(lease.token, None)
+                handle._release()
 
     def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
@@ -633,8 +637,15 @@ class StuckAuditPrevention:
                 self._deliver(signum, None)
 
     def _on_sigterm(self, signum, frame) -> None:
-        if self._forked():  # inherited by a forked child: the child ends as it would have without the guard
-            self._deliver(signum, frame)
+        if self._forked():
+            # Inherited by a forked child: the child ends as it would have without the guard, by
+            # the handler that was there before (by the signal itself, for the default).
+            previous = self._previous_sigterm
+            if callable(previous) and previous != self._on_sigterm:
+                previous(signum, frame)
+                return
+            signal.signal(signum, signal.SIG_DFL if previous in (None, self._on_sigterm) else previous)
+            os.kill(os.getpid(), signum)
             return
         log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor")
         self._stop.set()

@@ -58,7 +58,11 @@ class Terminal:
             shown = self.screen()
             if predicate(shown):
                 return shown
-            assert not self.dead(), f"the program ended before {message}:\n{shown}"
+            if self.dead():
+                # It may have ended between the look and this check: one last look at what it left.
+                shown = self.screen()
+                assert predicate(shown), f"the program ended before {message}:\n{shown}"
+                return shown
             assert time.monotonic() < deadline, f"timed out waiting for {message}:\n{shown}"
             time.sleep(0.05)
 

@@ -455,6 +455,18 @@ def test_text_no_database_can_hold_and_ids_no_column_can_hold_are_clear_errors(e
         guard.close()
 
 
+def test_any_mapping_of_kinds_and_any_iterable_of_webhooks_is_taken(engine, database_url):
+    from types import MappingProxyType
+
+    guard = StuckAuditPrevention(database_url, worker_id="w", kinds=MappingProxyType({"deep": MappingProxyType({"max_age": "4h"})}),
+                                 webhook=(url for url in ["https://hooks.example/a"]))
+    try:
+        assert dict(guard.policy.kinds)["deep"].max_age == 4 * 3600
+        assert [d.kind for d in guard.notifier.destinations] == ["webhook"]
+    finally:
+        guard.close()
+
+
 @pytest.mark.parametrize("text_value, seconds", [("45s", 45), ("10m", 600), ("1h30m", 5400), ("1.5", 1.5), (" 2d ", 172800),
                                                   ("250ms", 0.25)])
 def test_duration_text_forms_are_understood(text_value, seconds):

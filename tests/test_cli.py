@@ -1141,6 +1141,14 @@ def test_a_password_that_is_also_a_word_of_the_message_is_masked_only_where_it_i
     assert scrub(message, url) == expected and ":***@" in expected
 
 
+def test_a_password_the_url_does_not_show_elsewhere_is_masked_wherever_it_stands_as_a_word():
+    from auditctl.urls import scrub
+
+    assert scrub('password "data" rejected by metadata', "postgresql://u:data@h/metadata") == \
+        'password "***" rejected by metadata'
+    assert scrub("s3cret (s3cret) s3cret:", "postgresql://u:s3cret@h/db") == "*** (***) ***:"
+
+
 def test_unreachable_database_with_password_in_query_string_does_not_print_it():
     result = invoke("scan", "--database-url", "postgresql://bob@127.0.0.1:1/x?password=s3cret", secrets=["s3cret"])
     assert result.exit_code == 1

@@ -10,6 +10,7 @@ Pure Python (no SQLAlchemy): the command line parses destinations before it need
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -46,7 +47,7 @@ class Destination:
 def _split(value) -> list[str]:
     if value is None:
         return []
-    items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    items = [value] if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) else list(value)
     urls = []
     for item in items:
         if not isinstance(item, str):

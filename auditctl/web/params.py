@@ -50,8 +50,12 @@ class Params:
                 found = source.getlist(name)
                 if found:
                     return found
-            elif name in source and source[name] is not None:
+            elif name in source:
                 value = source[name]
+                if value is None or value == []:
+                    # A JSON null or [] (a variable a client left unset) must not read as "not given":
+                    # without its filter, or its dry_run, a request would take every stuck audit.
+                    raise ConfigError(f"{name}: {_json_name(value)} is no value: give one, or leave {name} out")
                 return list(value) if isinstance(value, (list, tuple)) else [value]
         return []
 
@@ -126,6 +130,10 @@ class Params:
                     raise ConfigError(f"{name}: {part!r} is not an audit id")
                 ids.append(number)
         return tuple(dict.fromkeys(ids))
+
+
+def _json_name(value) -> str:
+    return "null" if value is None else "[]"
 
 
 def audit_listing(params: Params):

@@ -47,8 +47,8 @@ def e(value) -> str:
 
 
 def cell(value) -> str:
-    """Text from the database in a table cell: safe, and clipped (``textsafe.clipped``), since
-    a fragment is sent again to every open page at each refresh."""
+    """Text from the database in a cell or field: safe, and clipped (``textsafe.clipped``), since
+    every page's fragment is sent again at each refresh. The API's records keep it whole."""
     if value is None:
         return ""
     return escape(clipped(printable(value)), quote=True)
@@ -57,11 +57,6 @@ def cell(value) -> str:
 def dash(value) -> str:
     """A table cell's text (clipped), or "-" when there is none."""
     return "-" if value in (None, "", [], {}) else cell(value)
-
-
-def whole(value) -> str:
-    """A field of one audit's page, in full (that page is asked for, not refreshed every second)."""
-    return "-" if value in (None, "", [], {}) else e(value)
 
 
 def dur(seconds) -> str:
@@ -434,9 +429,9 @@ def audit_fragment(viewer: Viewer, record: dict | None, banner: str) -> str:
         elif isinstance(value, bool):
             shown = "yes" if value else "no"
         elif isinstance(value, (dict, list)):
-            shown = whole(json.dumps(value, ensure_ascii=False)) if value else "-"
+            shown = dash(json.dumps(value, ensure_ascii=False)) if value else "-"
         else:
-            shown = whole(value)
+            shown = dash(value)
         fields.append(f"<dt>{key}</dt><dd>{shown}</dd>")
     history = record.get("history") or []
     if history:
