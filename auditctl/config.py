@@ -70,7 +70,9 @@ SECTIONS = ("kinds",)
 def default_config_path() -> "Path":
     from pathlib import Path
 
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    base = os.environ.get("XDG_CONFIG_HOME") or ""
+    if not os.path.isabs(base):  # the XDG rule: a relative value is ignored, or the file would follow the directory
+        base = os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "auditctl" / "config.toml"
 
 
@@ -105,6 +107,11 @@ def load_config_file(path: str | os.PathLike | None) -> "tuple[dict, Path | None
 def validate_config(data: dict, target) -> dict:
     """The settings of a parsed config file, each checked; raises ConfigError naming the file and key."""
     if isinstance(data.get("auditctl"), dict):
+        # The settings may sit in an [auditctl] table (a file shared with other tools), or at the top.
+        beside = sorted(key for key in data if key != "auditctl")
+        if beside:
+            raise ConfigError(f"config file {target}: settings both in [auditctl] and at the top level ({', '.join(beside)}); "
+                              "keep them in one place")
         data = data["auditctl"]
     values = {}
     for key, value in data.items():

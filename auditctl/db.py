@@ -38,7 +38,7 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, timestamps
 from .schema import RULE_TIME_COLUMNS
-from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, SchemaMissing, TextNotUtf8
+from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotOurDatabase, SchemaMissing, TextNotUtf8
 from .textsafe import printable
 from .urls import mask_url, scrub
 from .watchdog import CALL_GRACE, connect_within
@@ -322,6 +322,39 @@ def file_identity(engine: Engine) -> tuple[int, int] | None:
     except OSError:
         return None
     return found.st_dev, found.st_ino
+
+
+class FileWatch:
+    """SQLite: whether the file at the engines' path is still the one they opened.
+
+    An open connection to a file that was deleted, moved away or replaced goes on reading and
+    writing it, where nobody else does. On a change the engines' pools are emptied, so the next
+    connection opens the path again (engines made with ``never_create`` then fail while nothing
+    is there, rather than create an empty file). Inactive for PostgreSQL or a file missing at start.
+    """
+
+    def __init__(self, *engines: Engine):
+        self.engines = engines
+        self.path = sqlite_file(engines[0]) if engines else None
+        self.identity = file_identity(engines[0]) if engines else None
+        self.active = self.identity is not None
+
+    @property
+    def present(self) -> bool:
+        """False while no file is at the path (as of the last ``check``)."""
+        return not self.active or self.identity is not None
+
+    def check(self) -> str | None:
+        """None when nothing changed; else ``"gone"``, ``"back"`` or ``"replaced"`` (the pools emptied)."""
+        if not self.active:
+            return None
+        current = file_identity(self.engines[0])
+        if current == self.identity:
+            return None
+        previous, self.identity = self.identity, current
+        for engine in self.engines:
+            engine.dispose()
+        return "gone" if current is None else "back" if previous is None else "replaced"
 
 
 def never_create(engine: Engine) -> None:
@@ -676,6 +709,10 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
             engine_or_url._auditctl_lenient_text = True
         return TextNotUtf8(f"a row at {where} holds text that is not UTF-8 in column {printable(not_utf8.group(1))[:64]}; "
                            "it is read with replacement characters")
+    if "file is not a database" in detail:
+        # SQLite's SQLITE_NOTADB: something else is at the path. Not an outage: retrying will not help.
+        return NotOurDatabase(f"the file at {where} is not a database ({detail}); "
+                              "point --database-url at auditctl's database, or run `auditctl init` on a new path")
     if _MISSING_TABLE.search(detail):
         return SchemaMissing(f"the database at {where} has no auditctl schema, or an older one ({detail}); "
                              "run `auditctl init`")

@@ -21,8 +21,8 @@ from datetime import datetime
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import fetch_now, read_connection
-from .errors import AuditctlError, SchemaMissing
+from .db import FileWatch, fetch_now, read_connection
+from .errors import AuditctlError, DatabaseMissing, SchemaMissing
 from .history import Actor
 from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, recover_stuck
 from .rules import Filters, Verdict, find_stuck, gone_instances
@@ -45,12 +45,18 @@ class PassResult:
     seen_since: datetime | None = None
     #: This pass found nothing stuck after earlier recoveries and wrote the fleet_healthy event.
     announced_healthy: bool = False
+    #: SQLite: the file at the database's path was ``"replaced"`` or is ``"back"`` since the last look.
+    file_change: str | None = None
 
 
 class Monitor:
     def __init__(self, engine: Engine, thresholds: Policy | Thresholds, *, actor: Actor, recover: bool = True,
-                 requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS, filters: Filters | None = None):
+                 requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS, filters: Filters | None = None,
+                 file_watch: FileWatch | None = None):
+        """``file_watch``: the SQLite file to follow (``db.FileWatch``): a monitor that runs for long
+        must judge the database at the path, not a file that was deleted or replaced under it."""
         self.engine = engine
+        self.file_watch = file_watch
         self.policy = as_policy(thresholds)
         self.actor = actor
         self.recover = recover
@@ -65,8 +71,43 @@ class Monitor:
     def thresholds(self) -> Thresholds:
         return self.policy.fleet
 
+    def look_at_file(self) -> str | None:
+        """SQLite: follow the file at the path (see ``file_watch``). Returns what changed, if anything;
+        raises DatabaseMissing while nothing is there."""
+        if self.file_watch is None:
+            return None
+        change = self.file_watch.check()
+        if not self.file_watch.present:
+            raise DatabaseMissing(f"the database file {self.file_watch.path} was deleted or moved away; "
+                                  "waiting for a database at that path")
+        return change
+
+    def resume(self) -> bool:
+        """After an outage: silence counts from now, on the database's clock (``seen_since``). True
+        when this call ended the outage. Raises on database trouble (the outage goes on)."""
+        if not self.in_outage:
+            return False
+        # Cleared first: an outage a worker's heartbeat thread reports meanwhile stays reported.
+        self.in_outage = False
+        try:
+            with read_connection(self.engine) as connection:
+                self.seen_since = fetch_now(connection)
+        except BaseException:
+            self.in_outage = True
+            raise
+        return True
+
+    def ready_to_read(self) -> str | None:
+        """Before a read between passes (``watch``'s screen and log): the file followed (what changed
+        is returned, as ``look_at_file`` does), and an outage ended, so no read measures silence
+        across it. Raises on database trouble."""
+        change = self.look_at_file()
+        self.resume()
+        return change
+
     def judge_now(self) -> tuple[list[Verdict], dict[str, str]]:
         """The stuck audits as of now (no recovery), under the outage rule. Raises on database trouble."""
+        self.ready_to_read()
         gone = gone_instances(self.engine)
         return find_stuck(self.engine, self.policy, gone=gone, seen_since=self.seen_since, filters=self.filters), gone
 
@@ -87,28 +128,20 @@ class Monitor:
 
     def run_pass(self) -> PassResult:
         """Judge and (unless told not to) recover. Never raises for database trouble: reports it."""
-        resumed = False
         try:
-            if self.in_outage:
-                # Cleared first: an outage a worker's heartbeat thread reports meanwhile stays reported.
-                self.in_outage = False
-                try:
-                    with read_connection(self.engine) as connection:
-                        self.seen_since = fetch_now(connection)
-                except BaseException:
-                    self.in_outage = True
-                    raise
-                resumed = True
+            file_change = self.look_at_file()
+            resumed = self.resume()
             gone = gone_instances(self.engine)
             if self.recover:
                 result = recover_stuck(self.engine, self.policy, actor=self.actor, requeue=self.requeue,
                                        max_attempts=self.max_attempts, gone=gone, seen_since=self.seen_since,
                                        filters=self.filters)
                 return self._all_clear(PassResult(ok=True, recovered=list(result), skipped=result.skipped, gone=gone,
-                                                  resumed_after_outage=resumed, seen_since=self.seen_since))
+                                                  resumed_after_outage=resumed, seen_since=self.seen_since,
+                                                  file_change=file_change))
             stuck = find_stuck(self.engine, self.policy, gone=gone, seen_since=self.seen_since, filters=self.filters)
             return self._all_clear(PassResult(ok=True, stuck=stuck, gone=gone, resumed_after_outage=resumed,
-                                              seen_since=self.seen_since))
+                                              seen_since=self.seen_since, file_change=file_change))
         except ConcurrentChange as exc:
             # Not an outage: the database answered; a batch was rolled back and the next pass retries.
             return PassResult(ok=False, error=str(exc))

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from .audits import AuditFilters, AuditSummary, iter_audits
 from .db import fetch_now, read_connection
 from .history import RECOVERED, REQUEUED
-from .registry import Instance, instances
+from .registry import GONE_RETENTION, Instance, instances
 from .rules import Filters, Verdict, find_stuck, gone_instances
 from .schema import IS_RUNNING, RUNNING, STATUSES, audit_events, audits
 from .thresholds import RULE_REASONS, Policy
@@ -80,7 +80,8 @@ def fleet_overview(engine: Engine, policy: Policy, *, seen_since: datetime | Non
         if summary.id not in stuck_ids and len(healthy) < sample:
             healthy.append(summary)
     healthy_total = max(0, running - len(stuck))
-    workers = instances(engine, stale_after or policy.fleet.stale_after, include_gone=True, retention=3600.0)
+    # The same window as `auditctl workers` and the metrics, so the counts agree.
+    workers = instances(engine, stale_after or policy.fleet.stale_after, include_gone=True, retention=GONE_RETENTION)
     return Overview(at=now, running=running, stuck=stuck, stuck_by_reason=by_reason, healthy_sample=healthy,
                     healthy_more=max(0, healthy_total - len(healthy)), workers=workers,
                     by_status=count_by_status(engine) if with_status_counts else {})

@@ -19,8 +19,9 @@ from urllib.parse import unquote, unquote_plus
 MASK = "***"
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-#: What may follow the ``@`` that ends the user information: a host, a port, an IPv6 literal.
-_HOST_LIKE = re.compile(r"[\w.\-\[\]:%]*")
+#: What may follow the ``@`` that ends the user information: a host, a port, an IPv6 literal, or
+#: several of them separated by commas (libpq's multi-host form ``h1:5432,h2:5433``).
+_HOST_LIKE = re.compile(r"[\w.\-\[\]:%,]*")
 _HOST_PART = re.compile(r"[^/?#]*")
 #: Query parameters that hold secrets (libpq: password, sslpassword; common API forms too). The value
 #: runs to the next '&': a database URL has no fragment, and SQLAlchemy reads ``?password=ab#cd`` as ``ab#cd``.

@@ -46,7 +46,7 @@ from typing import Iterator
 from . import leases, registry
 from .db import (
     DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
-    file_identity, fit_pool, monitor_call_timeout, never_create, sqlite_file,
+    FileWatch, fit_pool, monitor_call_timeout, never_create, sqlite_file,
 )
 from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
@@ -431,8 +431,7 @@ class StuckAuditPrevention:
         # SQLite: the file this guard opened. Deleted, moved or replaced under a running worker, it
         # would take the worker's writes where nobody reads them (``_check_database_file``), and a
         # new connection must never create an empty file in its place.
-        self._database_file = file_identity(self.engine)
-        self._watch_file = self._database_file is not None
+        self._file_watch = FileWatch(self.engine, self.operator_engine)
         never_create(self.engine)
         never_create(self.operator_engine)
         log.info("✅ Stuck audit prevention system initialized: worker %s (instance %s) on %s; heartbeat every %s, "
@@ -748,33 +747,28 @@ class StuckAuditPrevention:
         deleted, moved or replaced, its open connections would go on writing to it, where no one
         else reads: they are closed, so every write opens the path again (and fails while nothing
         is there, which the heartbeat thread then reports as an outage)."""
-        if not self._watch_file:
-            return True
-        current = file_identity(self.engine)
-        if current == self._database_file:
-            return current is not None
-        previous, self._database_file = self._database_file, current
-        # The pools first, so a run that starts now cannot take a connection to the old file; then
-        # the runs' own. Said once it is done: a write after this line reaches the path.
-        self.engine.dispose()
-        self.operator_engine.dispose()
+        # The pools first (``check`` empties them), so a run that starts now cannot take a connection
+        # to the old file; then the runs' own. Said once it is done: a write after this line reaches the path.
+        change = self._file_watch.check()
+        if change is None:
+            return self._file_watch.present
         with self._runs_lock:
             runs = list(self._runs.values())
         for handle in runs:
             with handle._lock:  # a write in flight finishes first (on the old file)
                 if handle._connection is not None:
                     handle._connection.drop()
-        path = sqlite_file(self.engine)
-        if current is None:
+        path = self._file_watch.path
+        if change == "gone":
             log.error("🚨 DATABASE FILE %s was deleted or moved away while this worker ran; its audits are no longer "
                       "where anyone can see them, and writes fail until a database is at that path again",
                       printable(path))
-        elif previous is None:
+        elif change == "back":
             log.warning("✅ DATABASE FILE %s is there again; writing to it", printable(path))
         else:
             log.error("🚨 DATABASE FILE %s was replaced by another file while this worker ran; writing to the new one",
                       printable(path))
-        return current is not None
+        return self._file_watch.present
 
     def _beat_once(self) -> bool:
         """Heartbeat this instance and each of its runs. True when the database answered."""

@@ -968,7 +968,7 @@ def test_stale_after_longer_than_max_age_is_a_usage_error():
     ('max_attempts = 0\n', "max_attempts must be a whole number"),
     ('database_url = 5\n', "database_url must be a non-empty string"),
     ('slack_webhook = "ftp://hooks.slack.com/T0/B0/s3cret"\n', "slack_webhook: slack webhook ftp://hooks.slack.com/*** is not"),
-    ('webhook = ["https://ok.example/a, nohost"]\n', "webhook: webhook webhook *** is not an http(s) URL"),
+    ('webhook = ["https://ok.example/a, nohost"]\n', "webhook: webhook *** is not an http(s) URL"),
 ])
 def test_bad_config_file_is_a_usage_error_naming_the_file(tmp_path, content, expected):
     path = tmp_path / "broken.toml"
@@ -1078,6 +1078,32 @@ def test_an_empty_database_url_is_refused_wherever_it_is_given_and_never_falls_b
     assert list(tmp_path.iterdir()) == [], "neither the environment's database nor ./auditctl.db was created"
 
 
+def test_an_empty_database_url_variable_is_refused_and_never_falls_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text(f'database_url = "sqlite:///{tmp_path / "from-file.db"}"\n')
+    result = invoke("--config", str(tmp_path / "config.toml"), "init", env={"AUDITCTL_DATABASE_URL": ""})
+    assert result.exit_code == 2 and "$AUDITCTL_DATABASE_URL is set but empty" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"], "neither ./auditctl.db nor the file's database"
+    given = invoke("init", "--database-url", f"sqlite:///{tmp_path / 'given.db'}", env={"AUDITCTL_DATABASE_URL": ""})
+    assert given.exit_code == 0, "a URL given on the command line wins over the empty variable"
+
+
+def test_a_config_file_with_settings_both_in_its_auditctl_table_and_at_the_top_is_refused(tmp_path):
+    path = tmp_path / "wrapped.toml"
+    path.write_text('stale_after = "20m"\n[auditctl]\nmax_age = "40m"\n')
+    result = invoke("config", "--config", str(path))
+    assert result.exit_code == 2 and "settings both in [auditctl] and at the top level (stale_after)" in result.stderr
+
+
+def test_a_relative_xdg_config_home_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "relx" / "auditctl").mkdir(parents=True)
+    (tmp_path / "relx" / "auditctl" / "config.toml").write_text("max_attempts = 7\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relx")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config_of(invoke("config", "--format", "json"))["max_attempts"] == (3, "default")
+
+
 @pytest.mark.parametrize("command", ["scan", "list"])
 def test_a_filter_list_too_long_for_one_statement_is_a_usage_error(command, tmp_path):
     many = ",".join(f"t{i}" for i in range(101))
@@ -1147,6 +1173,14 @@ def test_a_password_the_url_does_not_show_elsewhere_is_masked_wherever_it_stands
     assert scrub('password "data" rejected by metadata', "postgresql://u:data@h/metadata") == \
         'password "***" rejected by metadata'
     assert scrub("s3cret (s3cret) s3cret:", "postgresql://u:s3cret@h/db") == "*** (***) ***:"
+
+
+def test_a_url_with_several_hosts_never_shows_its_password():
+    url = "postgresql://auditctl:S3CRET-multi@127.0.0.1,localhost:1/x"  # libpq's multi-host form
+    scanned = invoke("scan", "--database-url", url, secrets=["S3CRET-multi"])
+    shown = invoke("config", "--database-url", url, "-o", "json", secrets=["S3CRET-multi"])
+    assert scanned.exit_code == 1 and "postgresql://auditctl:***@127.0.0.1,localhost:1/x" in scanned.stderr
+    assert shown.exit_code == 0 and "auditctl:***@127.0.0.1,localhost:1/x" in shown.stdout
 
 
 def test_unreachable_database_with_password_in_query_string_does_not_print_it():

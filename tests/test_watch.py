@@ -229,6 +229,48 @@ def test_watch_in_a_pipe_logs_each_change_once_and_stops_cleanly_on_sigterm(demo
     assert process.stderr.read() == "watch stopped.\n"
 
 
+def test_watch_whose_output_cannot_be_written_still_recovers_and_exits_1(demo, engine, tmp_path):
+    result = subprocess.run([str(AUDITCTL), "watch", "--once", "--database-url", demo], stdout=open("/dev/full", "w"),
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=clean_env(tmp_path), timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "Error: cannot write the output: No space left on device"
+    assert set(stuck_statuses(engine).values()) == {"failed"}, "the pass ran: the work is done"
+
+
+def test_watch_piped_into_a_reader_that_leaves_stops_quietly(demo, tmp_path):
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | head -1; exit "${{PIPESTATUS[0]}}"', "run", "watch",
+                            "--interval", "1s", "--database-url", demo],
+                           cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stderr == "watch stopped.\n", piped.stderr
+    assert piped.stdout.startswith(tuple("0123456789")) and "watching" in piped.stdout
+
+
+def test_watch_follows_a_sqlite_file_that_was_deleted_then_replaced_and_recovers_in_the_new_one(tmp_path):
+    path = tmp_path / "watched.db"
+    url = f"sqlite:///{path}"
+    assert invoke("demo", "--database-url", url).exit_code == 0
+    spare = tmp_path / "spare.db"
+    assert invoke("demo", "--database-url", f"sqlite:///{spare}").exit_code == 0
+    process = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "1s", "--refresh", "0.2s", "--database-url", url],
+                               cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines, seen = lines_of(process.stdout), []
+        for target in STUCK_IN_DEMO:
+            wait_line(lines, seen, lambda line, t=target: "recovered audit" in line and t in line)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        lost = wait_line(lines, seen, lambda line: "database lost" in line)
+        assert "was deleted or moved away" in lost and not path.exists(), "watch must not create an empty file there"
+        spare.rename(path)  # another database at the path, with its own three stuck audits
+        wait_line(lines, seen, lambda line: "is there again" in line or "database back" in line)
+        for target in STUCK_IN_DEMO:
+            wait_line(lines, seen, lambda line, t=target: "recovered audit" in line and t in line)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    assert invoke("scan", "--database-url", url, "--exit-code").exit_code == 0, "the new file's stuck audits were recovered"
+
+
 # --- the incident screen in a real terminal (tmux) ------------------------------------------------
 
 

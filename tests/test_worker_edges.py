@@ -671,6 +671,19 @@ def test_an_outage_reported_while_a_monitor_pass_resumes_is_not_lost(engine, mon
     assert monitor.in_outage, "the second outage was forgotten: silence would be measured from inside it"
 
 
+def test_a_read_between_passes_after_an_outage_measures_silence_from_when_the_database_came_back(engine, start_audit,
+                                                                                                 backdate):
+    audit_id, _ = start_audit(target="https://example.com/silent-through-the-outage")
+    backdate(audit_id, heartbeat_at=900, last_worker_update=900, progress_changed_at=900)
+    monitor = Monitor(engine, Thresholds(), actor=OPERATOR, recover=False)
+    monitor.in_outage = True  # the last pass could not reach the database
+    stuck, _gone = monitor.judge_now()  # watch's read between passes, once the database answers again
+    assert stuck == [], "silence across the outage was counted"
+    assert not monitor.in_outage and monitor.seen_since is not None
+    after = monitor.run_pass()
+    assert after.ok and not after.resumed_after_outage and after.stuck == [], "the return was already said once"
+
+
 def test_a_forked_child_reads_its_own_pid_namespace_instead_of_its_parents():
     """The boot and pid namespace that tell whether a pid is a process here are read once per
     process; a parent may have put its children in a new pid namespace, so a child reads them again."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 from click.core import ParameterSource
@@ -173,6 +174,11 @@ def common_options(command):
         # replaced by the environment's database.
         if root.meta.get("auditctl.database_url") is not None and ctx.get_parameter_source("database_url") != ParameterSource.COMMANDLINE:
             database_url = root.meta["auditctl.database_url"]
+        elif (ctx.get_parameter_source("database_url") != ParameterSource.COMMANDLINE
+              and os.environ.get(SETTINGS["database_url"].envvar) == ""):
+            # Click takes an empty variable for an unset one: ``AUDITCTL_DATABASE_URL=$UNSET`` in a cron
+            # job would then work on ./auditctl.db (or the config file's database) without a word.
+            raise click.UsageError(f"${SETTINGS['database_url'].envvar} is set but empty: give a database URL, or unset it")
         verbose += root.meta.get("auditctl.verbose_global", 0)
         quiet = quiet or root.meta.get("auditctl.quiet_global", False)
         state = CliState(database_url, verbose=verbose, quiet=quiet, lock_wait=lock_wait)

@@ -19,6 +19,7 @@ so and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -37,6 +38,8 @@ from .options import (DURATION, check_bounds, check_interval, common_options, ju
 
 #: Seconds between turns of the stuck-audit pages on the screen.
 PAGE_TURN = 5.0
+#: What ``Monitor.look_at_file`` saw, as a line says it.
+FILE_CHANGES = {"back": "is there again", "replaced": "was replaced by another file; watching the new one"}
 
 
 @cli.command()
@@ -57,7 +60,7 @@ PAGE_TURN = 5.0
 def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_recover, requeue, max_attempts, live, metrics,
           destinations, notify_timeout):
     """Run the heartbeat monitor in the foreground: the incident screen on a terminal, log lines when piped."""
-    from ..db import monitor_call_timeout
+    from ..db import FileWatch, monitor_call_timeout
     from ..errors import DatabaseUnavailable
     from ..history import Actor
     from ..monitor import Monitor
@@ -72,7 +75,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     except DatabaseUnavailable:
         pass  # the database may come back; the first pass reports it
     monitor = Monitor(state.engine, policy, actor=Actor.command("watch"), recover=not no_recover, requeue=requeue,
-                      max_attempts=max_attempts, filters=filters)
+                      max_attempts=max_attempts, filters=filters, file_watch=FileWatch(state.engine, state.reader))
     use_screen = live if live is not None else (sys.stdout.isatty() and os.environ.get("TERM") != "dumb")
     if use_screen:
         view = Screen(state, policy, interval, one_shot=once)
@@ -82,6 +85,8 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     alerts = WatchAlerts(state, destinations, notify_timeout, once=once,
                          echo=view._line if isinstance(view, LogView) else None) if destinations else None
     stop = threading.Event()
+    if isinstance(view, LogView):
+        view.stop_event = stop
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     result = None
     try:
@@ -120,6 +125,8 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         from ..errors import SchemaMissing
 
         raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see group._explain_and_fail)
+    if isinstance(view, LogView) and view.output_error is not None:
+        raise view.output_error  # one line, exit 1 (group.main): the passes ran, the output did not
     if not state.quiet:
         click.echo("watch stopped.", err=True)
     if once and result is not None and not result.ok:
@@ -143,6 +150,9 @@ class LogView:
     def __init__(self, state, once: bool = False):
         self.state = state
         self.once = once
+        self.stop_event: threading.Event | None = None  # set when the reader of stdout went away
+        self.reader_left = False
+        self.output_error: OSError | None = None
         self.outage_reported = False
         self.next_pass_at: float | None = None
         self.known_stuck: dict[int, tuple[str, ...]] = {}
@@ -154,8 +164,26 @@ class LogView:
             self._line(f"watching {self.state.masked_url}")
 
     def _line(self, text):
-        click.echo(f"{_stamp()} {text}")
-        sys.stdout.flush()
+        if self.output_error is not None or self.reader_left:
+            return
+        try:
+            click.echo(f"{_stamp()} {text}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader went away (| head): like any listing, the output ends, quietly; so does watch,
+            # once the pass in hand is done.
+            from .render import _discard_stdout
+
+            _discard_stdout()
+            self.reader_left = True
+            if self.stop_event is not None:
+                self.stop_event.set()
+        except OSError as error:
+            # A full disk, a closed stdout: the passes go on (recovering is the work); said once now,
+            # and watch exits 1 when it stops.
+            self.output_error = error
+            with contextlib.suppress(OSError):
+                click.echo(f"warning: cannot write the output ({error.strerror or error}); watching on", err=True)
 
     def _lost(self, error: str):
         if not self.outage_reported:
@@ -167,6 +195,10 @@ class LogView:
             self._line("database back; silence is measured from now, not across the outage")
             self.outage_reported = False
 
+    def _file_changed(self, change: str | None):
+        if change is not None:
+            self._line(f"database file {_safe(self.state.masked_url)} {FILE_CHANGES[change]}")
+
     def after_pass(self, result):
         if not result.ok:
             if result.fatal:
@@ -174,6 +206,7 @@ class LogView:
                 return
             self._lost(result.error)
             return
+        self._file_changed(result.file_change)
         if result.resumed_after_outage:
             self.outage_reported = True
         self._back()
@@ -203,6 +236,7 @@ class LogView:
         from ..errors import AuditctlError, SchemaMissing
 
         try:
+            self._file_changed(monitor.ready_to_read())
             stuck, gone = monitor.judge_now()
         except SchemaMissing:
             return
@@ -278,6 +312,9 @@ class Screen:
         from ..overview import fleet_overview
 
         try:
+            change = monitor.ready_to_read()
+            if change is not None:
+                self.status_ok, self.status = True, f"database file {FILE_CHANGES[change]}"
             self.overview = fleet_overview(self.state.engine, self.policy, seen_since=monitor.seen_since,
                                            filters=monitor.filters, sample=200)
             if not self.status_ok and not self.status.startswith("CANNOT"):

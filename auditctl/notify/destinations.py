@@ -64,7 +64,8 @@ def check_url(kind: str, url: str) -> str:
     except ValueError:  # an unclosed IPv6 bracket, a port that is no number
         hostname = None
     if hostname is None or parts.scheme.lower() not in ("http", "https") or not hostname:
-        raise ConfigError(f"{kind} webhook {mask_webhook(url)} is not an http(s) URL with a host")
+        label = "webhook" if kind == "webhook" else f"{kind} webhook"
+        raise ConfigError(f"{label} {mask_webhook(url)} is not an http(s) URL with a host")
     return url
 
 
