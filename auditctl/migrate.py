@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from .db import describe, is_postgres, translate_errors, write_transaction
 from .errors import NotOurDatabase, SchemaMissing, SchemaTooNew
+from .textsafe import printable
 
 #: Arbitrary but fixed: the advisory lock key auditctl's migrations take on PostgreSQL.
 _MIGRATION_LOCK_KEY = 0x6175646974
@@ -81,13 +82,17 @@ def _state(connection) -> tuple[str | None, set[str]]:
 
 
 def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str], where: str) -> None:
+    advice = ("give auditctl its own database, or its own schema with "
+              "?options=-csearch_path%3Dauditctl in the URL") if is_postgres(engine_or_connection) \
+        else "point --database-url at a file of auditctl's own"
     if revision is None and present:
         tables = ", ".join(sorted(present))
-        advice = ("give auditctl its own database, or its own schema with "
-                  "?options=-csearch_path%3Dauditctl in the URL") if is_postgres(engine_or_connection) \
-            else "point --database-url at a file of auditctl's own"
         raise NotOurDatabase(f"the database at {where} has tables named like auditctl's ({tables}) that auditctl did not "
                              f"create; {advice}")
+    if revision is not None and "audits" not in present:
+        # Every auditctl revision has the audits table: this alembic_version is another application's.
+        raise NotOurDatabase(f"the database at {where} records another application's Alembic revision "
+                             f"({printable(str(revision))[:40]}) and has no auditctl tables; {advice}")
     if revision is not None and revision not in known_revisions():
         raise SchemaTooNew(f"the database at {where} is at schema revision {revision}, which this auditctl "
                            f"does not know (it knows up to {head_revision()}): a newer auditctl migrated it; upgrade auditctl")

@@ -235,6 +235,23 @@ def test_a_database_holding_another_applications_audits_table_is_recognised_as_n
         assert [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["audits"]
 
 
+@pytest.mark.parametrize("revision", ["0001", "0002", "ae1027a6acf"])
+def test_a_database_holding_another_applications_alembic_revision_is_recognised_as_not_ours(tmp_path, revision):
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        connection.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
+        connection.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    url = f"sqlite:///{path}"
+    for command in (["init"], ["scan"], ["demo"]):
+        result = run(*command, "--database-url", url)
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.exit_code == 1 and f"records another application's Alembic revision ({revision})" in line, line
+    with sqlite3.connect(path) as connection:
+        tables = sorted(r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    assert tables == ["alembic_version", "customers"], "nothing of auditctl's was added to it"
+
+
 def test_init_against_a_newer_schema_says_so_in_one_line(database_url, engine):
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
