@@ -324,6 +324,48 @@ def test_reset_all_at_a_terminal_shows_its_preview_with_the_question_and_writes_
     assert len(records) == 2 and {r["status"] for r in records} == {"pending"}
 
 
+def test_watch_live_forced_into_a_pipe_draws_the_screen(demo, tmp_path):
+    process = subprocess.Popen([str(AUDITCTL), "watch", "--live", "--no-recover", "--database-url", demo], cwd=tmp_path,
+                               env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 0 and err == "watch stopped.\n"
+    assert "auditctl watch" in out and "stuck" in out, out[:500]
+
+
+@needs_tmux
+def test_warnings_while_the_screen_is_up_go_to_its_header_not_over_it(tmp_path, demo):
+    import socket
+    import urllib.request
+
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Terminal(tmp_path, width=120, height=30, env=clean_env(tmp_path)) as term:
+        term.run(str(AUDITCTL), "watch", "--no-recover", "--interval", "1s", "--metrics-file",
+                 str(metrics_dir / "auditctl.prom"), "--metrics-port", str(port), "--database-url", demo)
+        term.wait_for(lambda screen: "last pass" in screen and (metrics_dir / "auditctl.prom").exists(),
+                      message="the first pass")
+        (metrics_dir / "auditctl.prom").unlink()
+        metrics_dir.rmdir()
+        shown = term.wait_for(lambda screen: "warning:" in screen, message="the warning in the header")
+        lines = shown.splitlines()
+        assert lines[0].startswith("auditctl watch"), f"the screen scrolled:\n{shown}"
+        assert any(line.startswith("warning: ") and "metrics" in line for line in lines[:6]), shown
+        if demo.startswith("sqlite"):  # a scrape that cannot read the database logs a warning: the header shows it
+            database = Path(demo.split(":///", 1)[1])
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{database}{suffix}").unlink(missing_ok=True)
+            time.sleep(1.5)  # a refresh follows the file, so the scrape's connection is a new one
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+            shown = term.wait_for(lambda screen: "cannot read the database" in screen, message="the scrape's warning")
+            assert shown.splitlines()[0].startswith("auditctl watch"), f"the screen scrolled:\n{shown}"
+        term.keys("C-c")
+
+
 @needs_tmux
 def test_watch_screen_pages_through_more_stuck_audits_than_fit(tmp_path, database_url, engine):
     stuck = fleet_of(engine, 3, 30)

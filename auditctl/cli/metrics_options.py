@@ -22,6 +22,8 @@ class MetricsSink:
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", path: str | None = None):
         self.port, self.host, self.path = port, host, path
         self.metrics = None
+        #: Where a failed textfile write is said (``watch``'s screen puts it in its header); stderr by default.
+        self.warn = None
 
     @property
     def enabled(self) -> bool:
@@ -75,7 +77,10 @@ class MetricsSink:
                 raise
             from ..textsafe import printable
 
-            click.echo(f"warning: {printable(error)}", err=True)
+            if self.warn is not None:
+                self.warn(str(error))
+            else:
+                click.echo(f"warning: {printable(error)}", err=True)
 
     def close(self) -> None:
         if self.metrics is not None:

@@ -72,11 +72,12 @@ def json_default(value):
     return str(value)
 
 
-def console(stderr: bool = False):
+def console(stderr: bool = False, force_terminal: bool | None = None):
+    """``force_terminal``: draw as on a terminal whatever the output is (``watch --live`` into a pipe)."""
     from rich.console import Console
 
     plain = ascii_only()
-    return Console(stderr=stderr, no_color=plain or None, highlight=False, emoji=False,
+    return Console(stderr=stderr, no_color=plain or None, highlight=False, emoji=False, force_terminal=force_terminal,
                    color_system=None if plain else "auto", legacy_windows=False)
 
 

@@ -20,6 +20,7 @@ so and exits 1.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -79,6 +80,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     use_screen = live if live is not None else (sys.stdout.isatty() and os.environ.get("TERM") != "dumb")
     if use_screen:
         view = Screen(state, policy, interval, one_shot=once)
+        metrics.warn = view.note  # the metrics file's trouble shown in the header, not over the screen
     else:
         view = LogView(state, once)
     # Alerts go out from their own thread (or, with --once, after the pass, bounded by the timeout).
@@ -132,6 +134,20 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     if once and result is not None and not result.ok:
         # A single pass that could not run is a runtime error (exit 1), not a success for cron to trust.
         raise DatabaseUnavailable(result.error)
+
+
+class _NoteHandler(logging.Handler):
+    """Warnings of the ``auditctl`` loggers, handed to the screen instead of stderr."""
+
+    def __init__(self, note):
+        super().__init__(logging.WARNING)
+        self._note = note
+
+    def emit(self, record):
+        try:
+            self._note(record.getMessage())
+        except Exception:  # noqa: BLE001 - a warning that cannot be shown must not stop the watch
+            self.handleError(record)
 
 
 def _stamp() -> str:
@@ -280,17 +296,25 @@ class Screen:
         self.page = 0
         self.page_turned = time.monotonic()
         self.keys = None
+        self.notice: str | None = None
+        self._notes: logging.Handler | None = None
 
     def start(self):
         from rich.live import Live
 
         from .render import console
 
-        self.console = console()
+        # --live asked for the live screen where stdout is no terminal: it is drawn all the same (--once
+        # prints the screen once, as text).
+        self.console = console(force_terminal=True if not (self.one_shot or sys.stdout.isatty()) else None)
         if self.one_shot:
             return
         self.live = Live(console=self.console, auto_refresh=False, screen=True, transient=False, redirect_stderr=False)
         self.live.start()
+        # The library's warnings (a metrics scrape that cannot read the database, say) go to the
+        # header while the screen is up: written to stderr they would scroll it away.
+        self._notes = _NoteHandler(self.note)
+        logging.getLogger("auditctl").addHandler(self._notes)
         self.keys = _KeyReader(self)
         self.keys.start()
         self._refresh()
@@ -339,9 +363,16 @@ class Screen:
             if time.monotonic() - self.page_turned >= PAGE_TURN:
                 self.turn(1)
 
+    def note(self, text: str):
+        """A warning for the operator, shown in the header until the next one."""
+        self.notice = f"{_stamp()} {_safe(text)}"
+        self._refresh()
+
     def stop(self):
         if self.keys is not None:
             self.keys.stop()
+        if self._notes is not None:
+            logging.getLogger("auditctl").removeHandler(self._notes)
         if self.live is not None:
             self.live.stop()
         elif self.one_shot:
@@ -380,6 +411,8 @@ class Screen:
             upcoming = f", next in {_duration(max(0.0, self.next_pass_at - time.monotonic()))}"
         header.append([("database: ", None), (_safe(self.status)[: max(10, width - 50)], state_style),
                        (f"  last pass {self.last_pass}{upcoming} (every {_duration(self.interval)})", "dim")])
+        if self.notice is not None:
+            header.append([("warning: ", "bold yellow"), (self.notice[: max(10, width - 10)], "yellow")])
         if o is None:
             header.append([("reading the fleet…", "dim")])
             return header
