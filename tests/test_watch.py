@@ -324,6 +324,33 @@ def test_reset_all_at_a_terminal_shows_its_preview_with_the_question_and_writes_
     assert len(records) == 2 and {r["status"] for r in records} == {"pending"}
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)  # a SQLite read never waits on a lock
+def test_a_second_signal_stops_watch_at_once_while_a_read_waits_on_a_lock(demo, engine, tmp_path):
+    process = subprocess.Popen([str(AUDITCTL), "watch", "--no-recover", "--refresh", "0.2s", "--database-url", demo],
+                               cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, seen = lines_of(process.stdout), []
+    try:
+        wait_line(lines, seen, lambda line: "stuck audit" in line)
+        with engine.connect() as blocker:
+            blocker.exec_driver_sql("BEGIN")
+            blocker.exec_driver_sql("LOCK TABLE audits IN ACCESS EXCLUSIVE MODE")  # the next read waits (30 s)
+            time.sleep(1.0)
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            assert process.poll() is None, "the first signal waits for the read in flight"
+            process.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            code = process.wait(timeout=20)
+            took = time.monotonic() - sent
+            blocker.exec_driver_sql("ROLLBACK")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 130 and took < 3, (code, took)
+    assert "Interrupted" in process.stderr.read()
+
+
 def test_watch_live_forced_into_a_pipe_draws_the_screen(demo, tmp_path):
     process = subprocess.Popen([str(AUDITCTL), "watch", "--live", "--no-recover", "--database-url", demo], cwd=tmp_path,
                                env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

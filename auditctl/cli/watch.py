@@ -11,7 +11,8 @@ themselves); healthy running audits fill what space is left, with "and N more". 
 it writes one log line per change: an audit found stuck, recovered, a worker gone, the
 database lost or back.
 
-Ctrl-C and SIGTERM stop it after the pass in progress, within a second between passes.
+Ctrl-C and SIGTERM stop it after the pass in progress, within a second between passes; a second
+one stops it at once (exit 130), abandoning a read or a batch in flight.
 A database outage is reported and retried (the monitor's outage rule keeps it from being
 counted as silence); a database without auditctl's schema is not an outage: watch says
 so and exits 1.
@@ -89,7 +90,15 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     stop = threading.Event()
     if isinstance(view, LogView):
         view.stop_event = stop
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(*_):
+        if stop.is_set():
+            # The second Ctrl-C or SIGTERM: the operator will not wait for a read or a batch in flight
+            # (a server that stopped answering holds one up to its deadline). Exit 130, batches done stay done.
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     result = None
     try:
         view.start()
