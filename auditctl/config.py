@@ -108,7 +108,7 @@ def validate_config(data: dict, target) -> dict:
     """The settings of a parsed config file, each checked; raises ConfigError naming the file and key."""
     if isinstance(data.get("auditctl"), dict):
         # The settings may sit in an [auditctl] table (a file shared with other tools), or at the top.
-        beside = sorted(key for key in data if key != "auditctl")
+        beside = sorted(key for key in data if key in SETTINGS or key in SECTIONS)  # other tools' tables stay theirs
         if beside:
             raise ConfigError(f"config file {target}: settings both in [auditctl] and at the top level ({', '.join(beside)}); "
                               "keep them in one place")

@@ -38,7 +38,7 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, timestamps
 from .schema import RULE_TIME_COLUMNS
-from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotOurDatabase, SchemaMissing, TextNotUtf8
+from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotADatabase, SchemaMissing, TextNotUtf8
 from .textsafe import printable
 from .urls import mask_url, scrub
 from .watchdog import CALL_GRACE, connect_within
@@ -711,8 +711,8 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
                            "it is read with replacement characters")
     if "file is not a database" in detail:
         # SQLite's SQLITE_NOTADB: something else is at the path. Not an outage: retrying will not help.
-        return NotOurDatabase(f"the file at {where} is not a database ({detail}); "
-                              "point --database-url at auditctl's database, or run `auditctl init` on a new path")
+        return NotADatabase(f"the file at {where} is not a database ({detail}); "
+                            "point the database URL at auditctl's database")
     if _MISSING_TABLE.search(detail):
         return SchemaMissing(f"the database at {where} has no auditctl schema, or an older one ({detail}); "
                              "run `auditctl init`")

@@ -45,6 +45,11 @@ class SchemaTooNew(SchemaMissing):
     """The database was migrated by a newer auditctl than this one."""
 
 
+class NotADatabase(NotOurDatabase, DatabaseRefused):
+    """SQLite's SQLITE_NOTADB: the file at the path is no database. Not an outage to retry (a
+    ``SchemaMissing``), and for a worker's callers still a ``DatabaseUnavailable``."""
+
+
 class AuditNotFound(AuditctlError, LookupError):
     """No audit with that id."""
 

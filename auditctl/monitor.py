@@ -82,6 +82,13 @@ class Monitor:
                                   "waiting for a database at that path")
         return change
 
+    def saw_outage(self) -> None:
+        """A read between passes could not reach the database: from its return, silence counts
+        afresh, as after an outage a pass saw (``resume``)."""
+        if not self.in_outage:
+            self.outages += 1
+        self.in_outage = True
+
     def resume(self) -> bool:
         """After an outage: silence counts from now, on the database's clock (``seen_since``). True
         when this call ended the outage. Raises on database trouble (the outage goes on)."""
@@ -150,7 +157,5 @@ class Monitor:
         except (AuditctlError, SQLAlchemyError) as exc:
             # SQLAlchemyError: a pool or driver failure that reached us untranslated is trouble
             # reaching the database all the same; the monitor reports it and retries.
-            if not self.in_outage:
-                self.outages += 1
-            self.in_outage = True
+            self.saw_outage()
             return PassResult(ok=False, error=str(exc))

@@ -1093,6 +1093,9 @@ def test_a_config_file_with_settings_both_in_its_auditctl_table_and_at_the_top_i
     path.write_text('stale_after = "20m"\n[auditctl]\nmax_age = "40m"\n')
     result = invoke("config", "--config", str(path))
     assert result.exit_code == 2 and "settings both in [auditctl] and at the top level (stale_after)" in result.stderr
+    shared = tmp_path / "shared.toml"  # another tool's table beside auditctl's is no conflict
+    shared.write_text('[othertool]\nstale_after = "1s"\n[auditctl]\nmax_age = "40m"\n')
+    assert config_of(invoke("config", "--config", str(shared), "--format", "json"))["max_age"] == ("40m", f"file {shared}")
 
 
 def test_a_relative_xdg_config_home_is_ignored(tmp_path, monkeypatch):

@@ -235,6 +235,24 @@ def test_a_database_holding_another_applications_audits_table_is_recognised_as_n
         assert [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["audits"]
 
 
+def test_a_file_that_is_not_a_database_is_said_so_not_retried_as_an_outage(tmp_path):
+    from auditctl.db import create_engine
+    from auditctl.errors import DatabaseUnavailable, SchemaMissing
+    from auditctl.rules import find_stuck
+    from auditctl.thresholds import Thresholds
+
+    path = tmp_path / "garbage.db"
+    path.write_text("not a database at all\n" * 100)
+    url = f"sqlite:///{path}"
+    watched = run("watch", "--database-url", url)  # without --once: an outage would be retried for ever
+    assert watched.exit_code == 1 and "is not a database" in watched.stderr.strip().splitlines()[-1]
+    engine = create_engine(url, role="reader")
+    with pytest.raises(SchemaMissing) as caught:
+        find_stuck(engine, Thresholds())
+    engine.dispose()
+    assert isinstance(caught.value, DatabaseUnavailable), "a worker's callers catch DatabaseUnavailable, as README says"
+
+
 @pytest.mark.parametrize("revision", ["0001", "0002", "ae1027a6acf"])
 def test_a_database_holding_another_applications_alembic_revision_is_recognised_as_not_ours(tmp_path, revision):
     path = tmp_path / "theirs.db"

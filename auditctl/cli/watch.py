@@ -127,9 +127,13 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
                 alerts.show()
             view.wait(stop, max(0.0, min(refresh, next_pass - time.monotonic())))
     finally:
+        # Leaving: one more Ctrl-C must not cut the cleanup that gives the terminal back.
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
         if alerts is not None:
             alerts.close()
         view.stop()
+        metrics.warn = None  # the last textfile write, after this, says its trouble on stderr again
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if result is not None and result.fatal:
@@ -266,6 +270,7 @@ class LogView:
         except SchemaMissing:
             return
         except AuditctlError as error:
+            monitor.saw_outage()  # silence counts afresh from its return, as after an outage a pass saw
             self._lost(str(error))
             return
         self._back()
@@ -341,7 +346,7 @@ class Screen:
         self._refresh()
 
     def observe(self, monitor, stop):
-        from ..errors import AuditctlError
+        from ..errors import AuditctlError, SchemaMissing
         from ..overview import fleet_overview
 
         try:
@@ -353,6 +358,8 @@ class Screen:
             if not self.status_ok and not self.status.startswith("CANNOT"):
                 self.status_ok, self.status = True, "database back"
         except AuditctlError as error:
+            if not isinstance(error, SchemaMissing):
+                monitor.saw_outage()
             self.status_ok = False
             self.status = f"DATABASE LOST (retrying): {error}"
         self._refresh()
