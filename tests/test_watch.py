@@ -198,13 +198,25 @@ def wait_line(lines, seen, predicate, timeout=30.0):
             return line
 
 
-def test_watch_in_a_pipe_logs_each_change_once_and_stops_cleanly_on_sigterm(demo, engine, tmp_path):
-    process = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "1s", "--refresh", "0.2s", "--database-url", demo],
+def piped_watch(url: str, tmp_path: Path) -> tuple[subprocess.Popen, "queue.Queue[str | None]", list[str]]:
+    """``auditctl watch`` (a pass a second, reads every 0.2 s) in a real process, its stdout a pipe,
+    once it has recovered the demo's three stuck audits: (process, lines to come, lines seen)."""
+    process = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "1s", "--refresh", "0.2s", "--database-url", url],
                                cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, seen = lines_of(process.stdout), []
     try:
-        lines, seen = lines_of(process.stdout), []
         for target in STUCK_IN_DEMO:
             wait_line(lines, seen, lambda line, t=target: "recovered audit" in line and t in line)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, lines, seen
+
+
+def test_watch_in_a_pipe_logs_each_change_once_and_stops_cleanly_on_sigterm(demo, engine, tmp_path):
+    process, lines, seen = piped_watch(demo, tmp_path)
+    try:
         # A healthy audit goes silent: it is reported stuck within a refresh, then recovered on the next pass.
         healthy = make_running(engine, 1, silent_for=5, worker_id="worker-9")[0]
         backdate_heartbeat(engine, healthy, 700)
@@ -292,12 +304,8 @@ def test_watch_follows_a_sqlite_file_that_was_deleted_then_replaced_and_recovers
     assert invoke("demo", "--database-url", url).exit_code == 0
     spare = tmp_path / "spare.db"
     assert invoke("demo", "--database-url", f"sqlite:///{spare}").exit_code == 0
-    process = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "1s", "--refresh", "0.2s", "--database-url", url],
-                               cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process, lines, seen = piped_watch(url, tmp_path)
     try:
-        lines, seen = lines_of(process.stdout), []
-        for target in STUCK_IN_DEMO:
-            wait_line(lines, seen, lambda line, t=target: "recovered audit" in line and t in line)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         lost = wait_line(lines, seen, lambda line: "database lost" in line)
