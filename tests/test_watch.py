@@ -492,6 +492,16 @@ def test_warnings_while_the_screen_is_up_go_to_its_header_not_over_it(tmp_path, 
 
 
 @needs_tmux
+def test_the_screen_under_no_color_cuts_text_with_ascii_dots(tmp_path, demo):
+    with Terminal(tmp_path, width=60, height=24, env=clean_env(tmp_path, NO_COLOR="1")) as term:
+        term.run(str(AUDITCTL), "watch", "--no-recover", "--database-url", demo)
+        shown = term.wait_for(lambda screen: "https://" in screen and "..." in screen, message="a cut line")
+        term.keys("C-c")
+    assert "\u2026" not in shown, shown
+    assert all(len(line) <= 60 for line in shown.splitlines())
+
+
+@needs_tmux
 def test_watch_screen_pages_through_more_stuck_audits_than_fit(tmp_path, database_url, engine):
     stuck = fleet_of(engine, 3, 30)
     with Terminal(tmp_path, width=80, height=24, env=clean_env(tmp_path)) as term:

@@ -66,6 +66,11 @@ def ascii_only() -> bool:
     return os.environ.get("TERM") == "dumb" or bool(os.environ.get("NO_COLOR"))
 
 
+def ellipsis_mark() -> str:
+    """Where text is cut: "..." where decorations stay ASCII (``ascii_only``), else "…"."""
+    return "..." if ascii_only() else "…"
+
+
 def json_default(value):
     if isinstance(value, datetime):
         return iso(value)
@@ -308,7 +313,7 @@ def _render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, 
     width = None if fmt == "wide" else terminal_width(fmt)
     layout, texts = plan_layout(rows, columns, width)
     styled = fmt in ("table", "wide") and not ascii_only() and out.isatty()
-    ellipsis = "..." if ascii_only() else "…"
+    ellipsis = ellipsis_mark()
     if styled:
         from rich.text import Text
 

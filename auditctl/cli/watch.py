@@ -417,7 +417,7 @@ class Screen:
         """The whole screen as lines of (text, style) segments, fitted to width x height."""
         from ..thresholds import RULE_REASONS
         from .records import AUDIT_COLUMNS, VERDICT_COLUMNS, audit_record, verdict_record
-        from .render import layout_lines, plan_layout
+        from .render import ellipsis_mark, layout_lines, plan_layout
 
         o = self.overview
         header = [[("auditctl watch ", "bold"), (_safe(self.state.masked_url), None)]]
@@ -430,7 +430,7 @@ class Screen:
         if self.notice is not None:
             header.append([("warning: ", "bold yellow"), (self.notice[: max(10, width - 10)], "yellow")])
         if o is None:
-            header.append([("reading the fleet…", "dim")])
+            header.append([(f"reading the fleet{ellipsis_mark()}", "dim")])
             return header
         stuck_counts = ", ".join(f"{o.stuck_by_reason[r]} {r}" for r in RULE_REASONS if o.stuck_by_reason.get(r))
         header.append([(f"running {o.running}", "bold"), ("  stuck ", None), (str(len(o.stuck)), "bold red" if o.stuck else "green"),
@@ -443,7 +443,7 @@ class Screen:
         if o.stuck:
             records = [verdict_record(v) for v in o.stuck]
             layout, texts = plan_layout(records, verdict_columns, width)
-            rendered = list(layout_lines(layout, texts, records))
+            rendered = list(layout_lines(layout, texts, records, ellipsis=ellipsis_mark()))
             head, rows = rendered[0], _group_rows(rendered[1:])
             pages = _paginate(rows, max(1, room - 3))
             self.page %= len(pages)
@@ -464,7 +464,7 @@ class Screen:
             records = [audit_record(a) for a in o.healthy_sample]
             columns = [c for c in AUDIT_COLUMNS if c.key not in ("attempts", "created_at", "status", "error", "problems")]
             layout, texts = plan_layout(records, columns, width)
-            rendered = list(layout_lines(layout, texts, records))
+            rendered = list(layout_lines(layout, texts, records, ellipsis=ellipsis_mark()))
             visible = max(0, min(len(rendered) - 1, room - 2))
             if o.healthy_more or visible < len(rendered) - 1:
                 visible = max(0, min(len(rendered) - 1, room - 3))  # keep a line to say how many more
@@ -486,7 +486,10 @@ def _crop(segments: list, width: int) -> list:
     out, used = [], 0
     for piece, style in segments:
         if used + len(piece) > width:
-            piece = piece[: max(0, width - used - 1)] + "…"
+            from .render import ellipsis_mark
+
+            mark = ellipsis_mark()[: max(0, width - used)]
+            piece = piece[: max(0, width - used - len(mark))] + mark
             out.append((piece, style))
             break
         out.append((piece, style))
