@@ -1098,6 +1098,14 @@ def test_a_config_file_with_settings_both_in_its_auditctl_table_and_at_the_top_i
     assert config_of(invoke("config", "--config", str(shared), "--format", "json"))["max_age"] == ("40m", f"file {shared}")
 
 
+def test_config_shows_a_kind_name_with_a_line_break_on_one_line(tmp_path):
+    path = tmp_path / "kinds.toml"
+    path.write_text('[kinds."full\\"]\\n[evil"]\nmax_age = "1h"\n')
+    shown = invoke("config", "--config", str(path), "--format", "plain")
+    row = [line for line in shown.stdout.splitlines() if line.startswith("kinds.")]
+    assert shown.exit_code == 0 and len(row) == 1 and row[0].startswith('kinds.full"]\\n[evil.max_age'), shown.stdout
+
+
 def test_a_relative_xdg_config_home_is_ignored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "relx" / "auditctl").mkdir(parents=True)
