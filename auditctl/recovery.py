@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable
 
 from sqlalchemy import LargeBinary, bindparam, cast, func, or_, select, update
@@ -609,7 +609,7 @@ def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_res
     conditions = [_is_failed(filters.ids is not None)]
     if filters.since is not None:
         if isinstance(filters.since, datetime):
-            moment = filters.since if filters.since.tzinfo else filters.since.replace(tzinfo=timezone.utc)
+            moment = timestamps.as_datetime(filters.since) or filters.since  # in UTC; naive taken as UTC
         else:
             moment = fetch_now(connection) - timedelta(seconds=filters.since)
         bound = moment if is_postgres(connection) else timestamps.to_storage(moment)

@@ -110,8 +110,10 @@ def check_window(since, until) -> None:
     if since is None or until is None:
         return
     if isinstance(since, datetime) and isinstance(until, datetime):
-        # A naive time is UTC, as the stuck query reads it.
-        backwards = _aware(since) > _aware(until)
+        from .timestamps import as_datetime
+
+        # In UTC, a naive time taken as UTC, as the stuck query reads it.
+        backwards = (as_datetime(since) or since) > (as_datetime(until) or until)
     elif not isinstance(since, datetime) and not isinstance(until, datetime):
         backwards = since < until  # seconds ago: a smaller figure is a later moment
     else:
@@ -122,12 +124,6 @@ def check_window(since, until) -> None:
 
 class _NotADuration(ConfigError):
     """Text that does not read as a duration at all (``parse_moment`` then tries it as a time)."""
-
-
-def _aware(moment: datetime) -> datetime:
-    from datetime import timezone
-
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _parse_duration_text(text: str, name: str) -> float:

@@ -266,7 +266,7 @@ class _Taken:
         return record
 
 
-def _discard_stdout() -> None:
+def discard_stdout() -> None:
     """The reader of stdout went away (``| head``): the rest of stdout goes nowhere, so later
     writes and the interpreter's last flush cannot fail either."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -290,7 +290,7 @@ def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, t
     try:
         return _render(taken, columns, fmt, title=title, empty=empty, err=False)
     except BrokenPipeError:
-        _discard_stdout()
+        discard_stdout()
         return taken.count
 
 

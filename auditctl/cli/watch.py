@@ -201,9 +201,9 @@ class LogView:
         except BrokenPipeError:
             # The reader went away (| head): like any listing, the output ends, quietly; so does watch,
             # once the pass in hand is done.
-            from .render import _discard_stdout
+            from .render import discard_stdout
 
-            _discard_stdout()
+            discard_stdout()
             self.reader_left = True
             if self.stop_event is not None:
                 self.stop_event.set()
