@@ -750,6 +750,8 @@ def test_mask_url_hides_the_password_of_a_sqlalchemy_url(password, host, db):
     url = URL.create("postgresql+psycopg", username="auditctl", password=password, host=host, database=db)
     assume(password not in f"postgresql+psycopg://auditctl:{urls.MASK}@{host}/{db}")
     assert password not in urls.mask_url(url)
+    # A password that is part of what a perfect scrub leaves (``f`` in "failed") cannot be hidden.
+    assume(password not in f"failed for {urls.MASK}")
     assert password not in urls.scrub(f"failed for {password}", url)
 
 
