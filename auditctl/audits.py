@@ -191,7 +191,11 @@ def iter_audits(engine: Engine, filters: AuditFilters | None = None, *, sort: st
         conditions = _conditions(connection, filters)
     base = select(*_SUMMARY_COLUMNS).where(*conditions)
     if sort != "id":
-        query = base.order_by(order.desc() if descending else order, audits.c.id)
+        ordered = order.desc() if descending else order
+        if engine.dialect.name == "postgresql":
+            # Where SQLite puts NULL (a pending audit's worker): first going up, last going down.
+            ordered = ordered.nulls_last() if descending else ordered.nulls_first()
+        query = base.order_by(ordered, audits.c.id)
         if limit is not None:
             query = query.limit(limit)
         with read_connection(engine) as connection:

@@ -866,3 +866,12 @@ def fetch_now(connection: Connection):
 
     value = connection.execute(select(db_now())).scalar_one()
     return timestamps.as_datetime(value)
+
+
+def moment(connection: Connection, value):
+    """A time filter as a moment: seconds ago (a number) on the database's clock, or a datetime as given."""
+    if isinstance(value, (int, float)):
+        from datetime import timedelta
+
+        return fetch_now(connection) - timedelta(seconds=float(value))
+    return value

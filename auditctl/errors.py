@@ -71,3 +71,14 @@ class LeaseLost(AuditctlError):
             or f"lease lost on audit {audit_id}: it was recovered or reset while this worker held it; "
             "the write was rejected and changed nothing"
         )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which the CLI turns into one) stopped a change made in batches: the
+    batches that completed hold ``done`` audits, changed as ``verb`` says; the rest are untouched.
+
+    A ``KeyboardInterrupt``, so whatever stops on one stops on this."""
+
+    def __init__(self, done: int, verb: str):
+        self.done, self.verb = done, verb
+        super().__init__(f"interrupted after {done} audits were {verb}")

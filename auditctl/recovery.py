@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Callable
 
 from sqlalchemy import LargeBinary, bindparam, cast, func, or_, select, update
@@ -34,10 +34,13 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history, outbox
 from . import timestamps
-from .db import fetch_now, id_in, is_postgres, read_connection, stored_time, write_transaction
-from .errors import AuditctlError, ConfigError, DatabaseRefused
+from .db import fetch_now, id_in, is_postgres, moment, read_connection, stored_time, write_transaction
+from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted
 from .history import Actor
-from .rules import Filters, GoneInstances, Verdict, find_stuck, gone_instances, isolate, make_filters, select_stuck, stuck_ids
+from .rules import (
+    Filters, GoneInstances, Verdict, find_stuck, fixed_moments, gone_instances, isolate, make_filters, select_stuck,
+    stuck_ids,
+)
 from .schema import FAILED, PENDING, RUNNING, Document, audits
 from .textsafe import printable
 from .thresholds import RECOVERY_REASONS, Policy, Thresholds
@@ -393,7 +396,19 @@ def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable
     A batch the database refuses (not an outage: it answered, and said no) is split in two
     and both halves retried, down to single audits; a single audit it still refuses is
     reported in ``result.skipped`` and recorded in its history as needing an operator.
+
+    Ctrl-C raises ``Interrupted``, which counts what ``result`` holds: the batches that committed.
     """
+    try:
+        _run_batches(engine, ids, batch_size, apply, result, on_batch=on_batch, describe=describe)
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, Interrupted):
+            raise
+        raise Interrupted(len(result), "recovered" if describe == "recover" else describe) from None
+
+
+def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[[Connection, list[int]], list],
+                 result: list, *, on_batch: Callable[[int, int], None] | None, describe: str) -> None:
     queue = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
     handled = 0
     sqlite = engine.dialect.name == "sqlite"
@@ -402,7 +417,8 @@ def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable
         try:
             started = time.monotonic()
             with write_transaction(engine) as connection:
-                result.extend(apply(connection, batch))
+                done = apply(connection, batch)
+            result.extend(done)  # committed: only now does it count
             if sqlite and queue:
                 # SQLite's lock is not fair: a writer that begins again at once keeps winning it from
                 # workers asleep in their busy handler. Leave it free until every one of them has woken.
@@ -472,6 +488,7 @@ def recover_stuck(
     # Find the candidates once, then judge each batch again under its lock: the batch
     # query is then an id lookup, so the whole run costs O(stuck), not O(running x batches).
     with read_connection(engine) as connection:
+        filters = fixed_moments(connection, filters)  # every batch draws --since/--until where the candidates did
         candidates = stuck_ids(connection, policy, gone=gone, seen_since=seen_since, filters=filters)
 
     def apply(connection: Connection, batch: list[int]) -> list[Recovery]:
@@ -605,15 +622,30 @@ def _is_failed(by_ids: bool):
     return func.coalesce(audits.c.status, "") == FAILED if by_ids else audits.c.status == FAILED
 
 
+def _fixed_since(connection: Connection, filters: ResetFilters) -> ResetFilters:
+    """``since`` as a moment in UTC, worked out once: every batch of one reset draws the same line."""
+    if filters.since is None:
+        return filters
+    since = moment(connection, filters.since)
+    return replace(filters, since=timestamps.as_datetime(since) or since)  # naive taken as UTC
+
+
+def _stored_resets(connection: Connection):
+    """``resets`` as the reset limit compares it. SQLite sorts any text or BLOB above every number:
+    a counter another tool made unreadable would hold the audit back for good. It counts as 0,
+    as everything that shows it reads it."""
+    if is_postgres(connection):
+        return audits.c.resets
+    from sqlalchemy import case
+
+    return case((func.typeof(audits.c.resets).in_(["integer", "real"]), audits.c.resets), else_=0)
+
+
 def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_resets: bool = True):
     conditions = [_is_failed(filters.ids is not None)]
     if filters.since is not None:
-        if isinstance(filters.since, datetime):
-            moment = timestamps.as_datetime(filters.since) or filters.since  # in UTC; naive taken as UTC
-        else:
-            moment = fetch_now(connection) - timedelta(seconds=filters.since)
-        bound = moment if is_postgres(connection) else timestamps.to_storage(moment)
-        conditions.append(stored_time(audits.c.finished_at) >= bound)
+        since = _fixed_since(connection, filters).since
+        conditions.append(stored_time(audits.c.finished_at) >= (since if is_postgres(connection) else timestamps.to_storage(since)))
     if filters.reasons:
         # The reason codes are a fixed vocabulary checked above; LIKE on the comma list is exact enough.
         conditions.append(or_(*[("," + audits.c.recovery_reasons + ",").like(f"%,{reason},%") for reason in filters.reasons]))
@@ -623,15 +655,18 @@ def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_res
     if filters.ids is not None:
         conditions.append(id_in(audits.c.id, filters.ids))
     if limit_resets and filters.max_resets is not None:
-        resets = audits.c.resets
-        if not is_postgres(connection):
-            # SQLite sorts any text or BLOB above every number: a counter another tool made unreadable
-            # would hold the audit back for good. It counts as 0, as everything that shows it reads it.
-            from sqlalchemy import case
-
-            resets = case((func.typeof(resets).in_(["integer", "real"]), resets), else_=0)
-        conditions.append(resets < filters.max_resets)
+        conditions.append(_stored_resets(connection) < filters.max_resets)
     return conditions
+
+
+def _origin(recovery_reasons) -> str:
+    """"stuck" (recovered by auditctl) or "error" (failed with its own error): the test the SQL makes
+    (``_reset_condition``, ``reset_details``), so what is shown is what ``--origin`` selects."""
+    return "error" if recovery_reasons is None or recovery_reasons == "" else "stuck"
+
+
+def _reasons(recovery_reasons) -> list[str]:
+    return [r for r in (text_value(recovery_reasons) or "").split(",") if r]
 
 
 #: What ``_reset_from_row`` reads, and nothing more: a reset or its dry run never decodes the documents
@@ -641,11 +676,10 @@ _RESET_COLUMNS = (audits.c.id, audits.c.target, audits.c.status, audits.c.recove
 
 
 def _reset_from_row(row, status: str) -> Reset:
-    reasons = [r for r in (text_value(row.recovery_reasons) or "").split(",") if r]
     return Reset(
         id=row.id, target=text_value(row.target) or "", from_status=text_value(row.status) or "?", status=status,
-        reasons=reasons, error=text_value(row.error), finished_at=as_datetime(row.finished_at),
-        origin="stuck" if reasons else "error", resets=safe_int(row.resets) or 0,
+        reasons=_reasons(row.recovery_reasons), error=text_value(row.error), finished_at=as_datetime(row.finished_at),
+        origin=_origin(row.recovery_reasons), resets=safe_int(row.resets) or 0,
     )
 
 
@@ -656,10 +690,14 @@ class ResetPlan:
     ids: list[int]
     by_origin: dict[str, int]
     by_reason: dict[str, int]
-    held_back: int  # failed audits matching the filters that reached the reset limit
+    held_back: int  # audits matching the filters that reached the reset limit
     max_resets: int | None
     #: With ``include_stuck``: the stuck running audits to recover first and reset with the rest.
     stuck: list = field(default_factory=list)
+    #: The filters, ``since`` fixed to a moment: carrying out the plan checks each audit against them again.
+    filters: ResetFilters | None = None
+    #: The stuck audits' reasons asked for (empty: any).
+    stuck_reasons: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -669,6 +707,7 @@ class ResetPlan:
 def plan_reset(engine: Engine, filters: ResetFilters) -> ResetPlan:
     """Count what ``reset_failed`` would take (ids in order), and what the reset limit holds back."""
     with read_connection(engine) as connection:
+        filters = _fixed_since(connection, filters)
         rows = connection.execute(select(audits.c.id, audits.c.recovery_reasons)
                                   .where(*_reset_condition(connection, filters)).order_by(audits.c.id)).all()
         held_back = 0
@@ -676,16 +715,23 @@ def plan_reset(engine: Engine, filters: ResetFilters) -> ResetPlan:
             held_back = connection.execute(
                 select(func.count()).select_from(audits)
                 .where(*_reset_condition(connection, filters, limit_resets=False),
-                       audits.c.resets >= filters.max_resets)).scalar_one()
+                       _stored_resets(connection) >= filters.max_resets)).scalar_one()
     by_origin = {"stuck": 0, "error": 0}
     by_reason: dict[str, int] = {}
     for _id, reasons_text in rows:
-        reasons = [r for r in (text_value(reasons_text) or "").split(",") if r]
-        by_origin["stuck" if reasons else "error"] += 1
-        for reason in reasons:
+        by_origin[_origin(reasons_text)] += 1
+        for reason in _reasons(reasons_text):
             by_reason[reason] = by_reason.get(reason, 0) + 1
     return ResetPlan(ids=[row[0] for row in rows], by_origin=by_origin, by_reason=by_reason, held_back=held_back,
-                     max_resets=filters.max_resets)
+                     max_resets=filters.max_resets, filters=filters)
+
+
+def _under_reset_limit(connection: Connection, ids: list[int], max_resets: int | None) -> list[int]:
+    """Those of ``ids`` whose audit has been reset fewer than ``max_resets`` times."""
+    if max_resets is None or not ids:
+        return list(ids)
+    return list(connection.execute(select(audits.c.id).where(id_in(audits.c.id, ids), _stored_resets(connection) < max_resets)
+                                   .order_by(audits.c.id)).scalars())
 
 
 def plan_reset_all(engine: Engine, filters: ResetFilters, *, include_stuck: bool = False,
@@ -698,22 +744,47 @@ def plan_reset_all(engine: Engine, filters: ResetFilters, *, include_stuck: bool
 
         rule_reasons = tuple(r for r in filters.reasons if r in RULE_REASONS)
         if not filters.reasons or rule_reasons:
-            plan.stuck = find_stuck(engine, Policy.coerce(policy), filters=Filters(reasons=rule_reasons))
+            stuck = find_stuck(engine, Policy.coerce(policy), filters=Filters(reasons=rule_reasons))
+            with read_connection(engine) as connection:
+                allowed = set(_under_reset_limit(connection, [v.id for v in stuck], filters.max_resets))
+            plan.stuck = [v for v in stuck if v.id in allowed]
+            plan.held_back += len(stuck) - len(plan.stuck)  # recovering them would leave them failed
+            plan.stuck_reasons = rule_reasons
     return plan
 
 
 def reset_all(engine: Engine, plan: ResetPlan, *, actor: Actor, policy: Policy | None = None,
               on_batch: Callable[[int, int], None] | None = None) -> ResetResult:
-    """Carry out a plan from ``plan_reset_all``: recover its stuck audits, then reset everything it
-    named, batch by batch. Audits that changed since the plan was made are left alone."""
-    recovered_ids: list[int] = []
+    """Carry out a plan from ``plan_reset_all``, batch by batch: each batch of its stuck audits is
+    recovered and reset in one transaction, then its failed audits are reset. Each audit is
+    checked again against the plan's filters under the batch's lock: one that changed since the
+    plan was made (claimed, finished, reset by someone else, no longer stuck) is left alone."""
+    filters = plan.filters or ResetFilters(max_resets=plan.max_resets)
+    result = ResetResult()
+
+    def progress(offset: int):
+        return None if on_batch is None else (lambda handled, _count: on_batch(offset + handled, plan.total))
+
     if plan.stuck:
-        recovered = recover_stuck(engine, Policy.coerce(policy), actor=actor,
-                                  filters=Filters(ids=tuple(v.id for v in plan.stuck)))
-        recovered_ids = [r.id for r in recovered]
-    ids = sorted(set(plan.ids) | set(recovered_ids))
-    return reset_failed(engine, actor=actor, filters=ResetFilters(ids=tuple(ids), max_resets=plan.max_resets),
-                        on_batch=on_batch)
+        policy = Policy.coerce(policy)
+        gone = GoneInstances.of(gone_instances(engine))
+
+        def recover_and_reset(connection: Connection, batch: list[int]) -> list[Reset]:
+            batch = _under_reset_limit(connection, batch, filters.max_resets)
+            verdicts = select_stuck(connection, policy, gone=gone, lock=True,
+                                    filters=Filters(ids=tuple(batch), reasons=plan.stuck_reasons)) if batch else []
+            recovered = _apply_recovery(connection, verdicts, requeue=False, max_attempts=DEFAULT_MAX_ATTEMPTS, actor=actor)
+            done = _apply_reset(connection, replace(filters, ids=tuple(r.id for r in recovered)), actor) if recovered else []
+            if len(done) != len(recovered):
+                raise ConcurrentChange(f"reset {len(done)} of the {len(recovered)} audits just recovered; rolled back")
+            return done
+
+        _in_batches(engine, sorted(v.id for v in plan.stuck), DEFAULT_BATCH, recover_and_reset, result,
+                    on_batch=progress(0), describe="reset")
+    _in_batches(engine, sorted(set(plan.ids)), DEFAULT_BATCH,
+                lambda connection, batch: _apply_reset(connection, replace(filters, ids=tuple(batch)), actor), result,
+                on_batch=progress(len(plan.stuck)), describe="reset")
+    return result
 
 
 def reset_failed(
@@ -749,43 +820,53 @@ def reset_failed(
         return result
     # Named audits are taken as named (each batch checks them again under its lock); otherwise
     # the filters decide, once, which audits this reset covers.
-    candidates = sorted(set(filters.ids)) if filters.ids is not None else plan_reset(engine, filters).ids
-
-    def apply(connection: Connection, batch: list[int]) -> list[Reset]:
-        query = select(*_RESET_COLUMNS).where(*_reset_condition(connection, replace(filters, ids=tuple(batch)))).order_by(audits.c.id)
-        if is_postgres(connection):
-            query = query.with_for_update(of=audits)
-        rows = connection.execute(query).all()
-        if not rows:
-            return []
-        now = fetch_now(connection)
-        chosen = [row.id for row in rows]
-        # The history rows first, built by the database from the rows as they are (set-based: one
-        # statement per batch, whatever another tool left in the columns), then the reset itself.
-        history.record_from_rows(connection, id_in(audits.c.id, chosen), event=history.RESET, from_status=FAILED,
-                                 to_status=PENDING, reasons=audits.c.recovery_reasons,
-                                 details=reset_details(), actor=actor, now=now)
-        changed = connection.execute(
-            update(audits)
-            .where(id_in(audits.c.id, chosen), _is_failed(True))
-            .values(status=PENDING, error=None, finished_at=None, started_at=None, lease=None, worker_id=None,
-                    worker_instance=None, heartbeat_at=None, progress_changed_at=None, progress=None,
-                    progress_signature=None, resets=audits.c.resets + 1)
-        ).rowcount
-        if changed != len(chosen):
-            raise ConcurrentChange(f"reset expected to change {len(chosen)} audits but changed {changed}; rolled back")
-        done = [isolate(row, lambda r: _reset_from_row(r, PENDING),
-                        lambda r, problem: Reset(id=r.id, target="?", from_status=FAILED, status=PENDING, reasons=[],
-                                                 error=None, finished_at=None))
-                for row in rows]
-        outbox.enqueue(connection, outbox.RESET, {"actor": actor.name, "host": actor.host, "count": len(done),
-                                                  "ids": [r.id for r in done],
-                                                  "by_origin": {o: sum(1 for r in done if r.origin == o) for o in ORIGINS}},
-                       now=now)
-        return done
-
-    _in_batches(engine, candidates, batch_size, apply, result, on_batch=on_batch, describe="reset")
+    if filters.ids is not None:
+        candidates = sorted(set(filters.ids))
+        if filters.since is not None:
+            with read_connection(engine) as connection:
+                filters = _fixed_since(connection, filters)
+    else:
+        plan = plan_reset(engine, filters)
+        candidates, filters = plan.ids, plan.filters
+    _in_batches(engine, candidates, batch_size,
+                lambda connection, batch: _apply_reset(connection, replace(filters, ids=tuple(batch)), actor), result,
+                on_batch=on_batch, describe="reset")
     return result
+
+
+def _apply_reset(connection: Connection, filters: ResetFilters, actor: Actor) -> list[Reset]:
+    """Reset the audits ``filters`` names (``ids``) that still match it, read under the batch's lock."""
+    query = select(*_RESET_COLUMNS).where(*_reset_condition(connection, filters)).order_by(audits.c.id)
+    if is_postgres(connection):
+        query = query.with_for_update(of=audits)
+    rows = connection.execute(query).all()
+    if not rows:
+        return []
+    now = fetch_now(connection)
+    chosen = [row.id for row in rows]
+    # The history rows first, built by the database from the rows as they are (set-based: one
+    # statement per batch, whatever another tool left in the columns), then the reset itself.
+    history.record_from_rows(connection, id_in(audits.c.id, chosen), event=history.RESET, from_status=FAILED,
+                             to_status=PENDING, reasons=audits.c.recovery_reasons,
+                             details=reset_details(), actor=actor, now=now)
+    changed = connection.execute(
+        update(audits)
+        .where(id_in(audits.c.id, chosen), _is_failed(True))
+        .values(status=PENDING, error=None, finished_at=None, started_at=None, lease=None, worker_id=None,
+                worker_instance=None, heartbeat_at=None, progress_changed_at=None, progress=None,
+                progress_signature=None, resets=audits.c.resets + 1)
+    ).rowcount
+    if changed != len(chosen):
+        raise ConcurrentChange(f"reset expected to change {len(chosen)} audits but changed {changed}; rolled back")
+    done = [isolate(row, lambda r: _reset_from_row(r, PENDING),
+                    lambda r, problem: Reset(id=r.id, target="?", from_status=FAILED, status=PENDING, reasons=[],
+                                             error=None, finished_at=None))
+            for row in rows]
+    outbox.enqueue(connection, outbox.RESET, {"actor": actor.name, "host": actor.host, "count": len(done),
+                                              "ids": [r.id for r in done],
+                                              "by_origin": {o: sum(1 for r in done if r.origin == o) for o in ORIGINS}},
+                   now=now)
+    return done
 
 
 class reset_details(FunctionElement):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Iterator
 
 from sqlalchemy import bindparam, text
@@ -47,7 +47,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import documents, timestamps
 from .globs import target_pattern
-from .db import fetch_now, indexed_by, is_postgres, keyset_pages, read_connection
+from .db import indexed_by, is_postgres, keyset_pages, moment, read_connection
 from .errors import ConfigError
 from .progress import read_progress
 from .values import float_value, rounded, safe_int, text_value
@@ -536,6 +536,9 @@ def _statement(shape: _Shape):
     order = {"id": "a.id", "age": per_row(basis), "silence": per_row(heard), "target": "a.target",
              "worker": "a.worker_id"}[shape.sort]
     direction = " DESC" if shape.descending else ""
+    if shape.postgres and shape.sort != "id":
+        # Where SQLite puts NULL (never heard from, no target): first going up, last going down.
+        direction += " NULLS LAST" if shape.descending else " NULLS FIRST"
     # Older first for age and silence means the earliest moment first.
     sql = (f"SELECT {columns} FROM audits a{d.running_index()} CROSS JOIN {d.moments_table()} WHERE {' AND '.join(where)} "
            f"ORDER BY {order}{direction}, a.id")
@@ -653,9 +656,16 @@ class GoneInstances(dict):
 
 def _moment(connection: Connection, value, postgres: bool):
     """A filter bound as stored times compare: a datetime, or (seconds ago) the database's now minus that."""
-    if isinstance(value, (int, float)):
-        value = fetch_now(connection) - timedelta(seconds=float(value))
+    value = moment(connection, value)
     return value if postgres else timestamps.to_storage(value)
+
+
+def fixed_moments(connection: Connection, filters: Filters) -> Filters:
+    """``since``/``until`` given as seconds ago, turned into moments once: the batches of one
+    recovery then all draw the line where its candidates were chosen."""
+    changes = {name: moment(connection, getattr(filters, name)) for name in ("since", "until")
+               if isinstance(getattr(filters, name), (int, float))}
+    return replace(filters, **changes) if changes else filters
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -719,5 +729,5 @@ def declared_intervals(engine: Engine) -> list[tuple[str | None, bool, float]]:
     return [(text_value(kind), bool(own), float_value(interval)) for kind, own, interval in rows]
 
 
-__all__ = ["Filters", "GoneInstances", "Verdict", "FUTURE_TOLERANCE", "SORTS", "declared_intervals", "find_stuck", "isolate", "iter_stuck",
+__all__ = ["Filters", "GoneInstances", "Verdict", "FUTURE_TOLERANCE", "SORTS", "declared_intervals", "find_stuck", "fixed_moments", "isolate", "iter_stuck",
            "select_stuck", "stuck_ids", "stuck_query", "safe_int"]

@@ -198,6 +198,69 @@ def test_a_listing_cut_by_its_reader_ends_quietly_with_its_own_exit_code(tmp_pat
     assert piped.stdout.startswith("id,")
 
 
+@pytest.mark.parametrize("command", [["show", "{id}"], ["report"], ["completion", "bash"]])
+def test_output_whose_reader_is_gone_ends_quietly_with_exit_0(tmp_path, command):
+    """Not a listing: the command just stops writing. It used to exit 1 through click's pipe handling."""
+    from auditctl.history import Actor
+    from auditctl.migrate import upgrade
+    from auditctl.recovery import recover_stuck
+    from auditctl.thresholds import Thresholds
+
+    url = f"sqlite:///{tmp_path / 'piped.db'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    (audit_id,) = make_running(engine, 1)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))  # something for the report to tell
+    engine.dispose()
+    argv = [part.format(id=audit_id) for part in command]
+    # The reader closes the pipe at once: the command's first write finds nobody there.
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | (exec <&-; sleep 0.2); exit "${{PIPESTATUS[0]}}"',
+                            "run", "--database-url", url, *argv],
+                           cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert (piped.returncode, piped.stderr) == (0, ""), piped.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_reset_stopped_by_a_signal_exits_130_saying_how_many_it_reset_and_leaves_the_rest_untouched(tmp_path, sig):
+    from sqlalchemy import update
+
+    from auditctl.migrate import upgrade
+    from dbtools import write_transaction
+
+    url = f"sqlite:///{tmp_path / 'reset.db'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    ids = make_running(engine, 5000)  # ten batches: seconds of work
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).values(status="failed", error="scanner crashed", finished_at=audits.c.heartbeat_at))
+
+    def pending() -> int:
+        with read_connection(engine) as connection:
+            return connection.execute(sql_select(func.count()).where(audits.c.status == "pending")).scalar_one()
+
+    process = subprocess.Popen([str(AUDITCTL), "--database-url", url, "reset-all", "--yes", "--format", "json"],
+                               cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while pending() == 0 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(sig)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    done = pending()
+    assert 0 < done < len(ids), "the signal landed mid-reset"
+    assert process.returncode == 130, stderr
+    assert f"Interrupted: batches already done stay done ({done} audits reset); nothing else was changed." in stderr
+    with read_connection(engine) as connection:
+        statuses = dict(connection.execute(sql_select(audits.c.status, func.count()).group_by(audits.c.status)).all())
+        resets = connection.execute(sql_select(func.count()).where(audit_events.c.event == "reset")).scalar_one()
+    engine.dispose()
+    assert statuses == {"pending": done, "failed": len(ids) - done} and resets == done
+
+
 # --- reset-all: refuses off a terminal, asks on one -------------------------------------
 
 

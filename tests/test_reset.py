@@ -6,14 +6,17 @@ on both engines, so a reset that forgets a column, miscounts or misreports canno
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import pytest
 from dbtools import all_rows, events, install_abort_trigger, make_running, row
 from sqlalchemy import select, update
 
 from auditctl import recovery as recovery_module
-from auditctl.db import read_connection, write_transaction
+from auditctl.db import fetch_now, read_connection, write_transaction
+from auditctl.errors import Interrupted
 from auditctl.history import Actor
-from auditctl.recovery import Reset, ResetFilters, recover_stuck, reset_failed
+from auditctl.recovery import Reset, ResetFilters, plan_reset_all, recover_stuck, reset_all, reset_failed
 from auditctl.schema import FAILED, PENDING, audits, notifications
 from auditctl.thresholds import Thresholds
 
@@ -244,3 +247,103 @@ def test_reset_filters_refuse_what_they_do_not_know_with_the_choices():
     with pytest.raises(ConfigError, match="max_resets must be 0 or more, got -1"):
         ResetFilters(max_resets=-1)
     assert ResetFilters(max_resets=0).max_resets == 0, "0 is a limit: reset nothing again"
+
+
+# --- reset-all: a plan carried out as it was shown -------------------------------------------
+
+
+def test_an_odd_reasons_text_shows_the_origin_that_origin_filters_select(engine):
+    """',' (another tool's) is text, so the SQL calls it stuck; the listing and the counts now say so too."""
+    (odd,) = make_running(engine, 1)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == odd).values(status=FAILED, error="x", recovery_reasons=","))
+
+    listed = reset_failed(engine, actor=ACTOR, filters=ResetFilters(origins=("stuck",)), dry_run=True)
+
+    assert [(r.id, r.origin, r.reasons) for r in listed] == [(odd, "stuck", [])]
+    assert reset_failed(engine, actor=ACTOR, filters=ResetFilters(origins=("error",)), dry_run=True) == []
+    assert plan_reset_all(engine, ResetFilters()).by_origin == {"stuck": 1, "error": 0}
+
+
+def test_carrying_out_a_plan_leaves_alone_an_audit_that_stopped_matching_its_filters(engine):
+    """Planned under --origin stuck; while the operator read the question the audit was reset,
+    run again and failed with its own error. The reset takes what it showed, not that."""
+    stuck, errored = recovered_and_errored(engine)
+    plan = plan_reset_all(engine, ResetFilters(origins=("stuck",)))
+    assert plan.ids == [stuck]
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == stuck).values(
+            recovery_reasons=None, error="scanner crashed on its own", resets=1))
+
+    done = reset_all(engine, plan, actor=ACTOR)
+
+    assert done == [] and done.skipped == []
+    assert row(engine, stuck)["status"] == FAILED
+
+
+def test_include_stuck_leaves_an_audit_at_the_reset_limit_running_and_counts_it_held_back(engine):
+    limited, free = make_running(engine, 2)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == limited).values(resets=5))
+
+    plan = plan_reset_all(engine, ResetFilters(max_resets=5), include_stuck=True, policy=Thresholds())
+    done = reset_all(engine, plan, actor=ACTOR, policy=Thresholds())
+
+    assert [v.id for v in plan.stuck] == [free] and plan.held_back == 1
+    assert [r.id for r in done] == [free]
+    assert row(engine, limited)["status"] == "running", "recovering it would only have left it failed"
+    assert row(engine, free)["status"] == PENDING
+
+
+def test_include_stuck_reports_a_stuck_audit_the_database_refuses_as_needing_an_operator(engine):
+    refused, taken = make_running(engine, 2)
+    install_abort_trigger(engine, "refuse_one", when_sqlite=f"OLD.id = {refused}", when_pg=f"OLD.id = {refused}")
+
+    plan = plan_reset_all(engine, ResetFilters(), include_stuck=True, policy=Thresholds())
+    done = reset_all(engine, plan, actor=ACTOR, policy=Thresholds())
+
+    assert [r.id for r in done] == [taken]
+    assert [s.id for s in done.skipped] == [refused]
+    assert row(engine, refused)["status"] == "running"
+    assert events(engine, refused)[-1]["event"] == "needs_operator"
+
+
+def test_interrupting_include_stuck_leaves_each_stuck_audit_reset_or_running_never_just_failed(engine, monkeypatch):
+    monkeypatch.setattr(recovery_module, "DEFAULT_BATCH", 2)
+    ids = make_running(engine, 6)
+    plan = plan_reset_all(engine, ResetFilters(), include_stuck=True, policy=Thresholds())
+
+    def stop_after_the_first_batch(handled, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as interrupted:
+        reset_all(engine, plan, actor=ACTOR, policy=Thresholds(), on_batch=stop_after_the_first_batch)
+
+    statuses = [row(engine, audit_id)["status"] for audit_id in ids]
+    assert statuses == [PENDING, PENDING, "running", "running", "running", "running"]
+    assert (interrupted.value.done, interrupted.value.verb) == (2, "reset")
+
+
+def test_an_interrupted_recovery_counts_the_batches_that_committed(engine):
+    ids = make_running(engine, 5)
+
+    def stop_after_the_second_batch(handled, total):
+        if handled == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as interrupted:
+        recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), batch_size=2,
+                      on_batch=stop_after_the_second_batch)
+
+    assert (interrupted.value.done, interrupted.value.verb) == (4, "recovered")
+    assert [row(engine, audit_id)["status"] for audit_id in ids].count(FAILED) == 4
+
+
+def test_since_given_in_seconds_is_fixed_to_one_moment_for_the_whole_reset(engine):
+    """Every batch draws --since where the plan drew it, however long the question took."""
+    plan = plan_reset_all(engine, ResetFilters(since=3600))
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+
+    assert isinstance(plan.filters.since, datetime)
+    assert timedelta(seconds=3590) < now - plan.filters.since < timedelta(seconds=3700)

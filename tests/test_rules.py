@@ -373,3 +373,40 @@ def test_the_stuck_query_reads_the_running_index_on_a_sqlite_file_nobody_analyze
         plan = connection.execute(text("EXPLAIN QUERY PLAN " + statement.text), params).all()
     scans = [detail for *_, detail in plan if " a " in f" {detail} "]
     assert scans and all("ix_audits_running" in detail for detail in scans), plan
+
+
+@pytest.mark.parametrize("sort", ["age", "silence"])
+def test_an_audit_never_heard_from_sorts_as_the_oldest_on_both_engines(engine, sort):
+    """Its moments are unknown (NULL): SQLite and PostgreSQL put NULL at opposite ends unless told,
+    so ``scan --sort silence --limit 1`` showed different audits on the two engines."""
+    from datetime import timedelta
+
+    from dbtools import make_running
+
+    from auditctl.db import fetch_now
+    from auditctl.rules import iter_stuck
+
+    older, newer = make_running(engine, 1, silent_for=3 * 3600)[0], make_running(engine, 1, silent_for=3600)[0]
+    (unknown,) = make_running(engine, 1)
+    with write_transaction(engine) as connection:
+        ahead = fetch_now(connection) + timedelta(days=1)  # another tool's clock: nothing to trust
+        connection.execute(update(audits).where(audits.c.id == unknown).values(
+            created_at=ahead, started_at=None, heartbeat_at=None, last_worker_update=None, progress_changed_at=None))
+
+    assert [v.id for v in iter_stuck(engine, T, gone={}, sort=sort)] == [unknown, older, newer]
+    assert [v.id for v in iter_stuck(engine, T, gone={}, sort=sort, descending=True)] == [newer, older, unknown]
+
+
+def test_a_pending_audit_without_a_worker_sorts_by_worker_in_the_same_place_on_both_engines(engine):
+    from dbtools import make_running
+
+    from auditctl.audits import list_audits
+    from auditctl.schema import PENDING
+
+    (running,) = make_running(engine, 1, worker_id="worker-1")
+    (waiting,) = make_running(engine, 1)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == waiting).values(status=PENDING, worker_id=None))
+
+    assert [s.id for s in list_audits(engine, sort="worker", descending=False)] == [waiting, running]
+    assert [s.id for s in list_audits(engine, sort="worker", descending=True)] == [running, waiting]

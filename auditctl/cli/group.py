@@ -17,7 +17,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from ..errors import AuditctlError, ConfigError
+from ..errors import AuditctlError, ConfigError, Interrupted
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_CODES_HELP = """\b
@@ -104,8 +104,16 @@ class AuditctlGroup(click.Group):
             # as lone surrogates); no database or URL can carry it.
             _fail(ctx, ConfigError("a value given holds bytes that are not UTF-8 text (an argument, an AUDITCTL_* "
                                    "variable or the config file); it cannot be sent to the database"), EXIT_USAGE)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: batches already done stay done; nothing else was changed.", err=True)
+        except BrokenPipeError:
+            # The reader of stdout left (``show 12 | head -3``): it took what it wanted. Listings see
+            # this themselves and finish their work (``render``); any other output just stops here.
+            from .render import discard_stdout
+
+            discard_stdout()
+            ctx.exit(EXIT_OK)
+        except KeyboardInterrupt as interrupt:
+            done = f" ({interrupt.done} audits {interrupt.verb})" if isinstance(interrupt, Interrupted) else ""
+            click.echo(f"Interrupted: batches already done stay done{done}; nothing else was changed.", err=True)
             ctx.exit(EXIT_INTERRUPTED)
 
     def format_epilog(self, ctx, formatter):
@@ -119,6 +127,16 @@ class AuditctlGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         _prepare_stdout()
+        previous_sigterm = _sigterm_as_interrupt()
+        try:
+            self._main(args, prog_name, complete_var, **extra)
+        finally:
+            if previous_sigterm is not None:
+                import signal
+
+                signal.signal(signal.SIGTERM, previous_sigterm)
+
+    def _main(self, args, prog_name, complete_var, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except OSError as error:
@@ -140,6 +158,23 @@ class AuditctlGroup(click.Group):
             click.echo("Aborted.", err=True)
             sys.exit(EXIT_ERROR)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (a supervisor, ``timeout``, ``kill``) stops a command as Ctrl-C does: the batch in
+    flight rolls back, the message says what was done, exit 130. Returns the handler it replaced,
+    None when it left SIGTERM alone (not the main thread, or a handler someone else installed).
+    ``watch`` and ``serve`` put their own in place while they run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 class _ClosedStdout:

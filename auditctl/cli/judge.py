@@ -232,7 +232,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
         done = reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update)
     finally:
         finish()
-    if fmt in ("json", "csv") or len(done) <= 20:
+    if fmt is not None or len(done) <= 20:  # a long listing only when asked for by its format
         render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
     left_alone = total - len(done) - len(done.skipped)
     echo_status(state, f"Reset {_plural(len(done), 'audit')} to pending"
