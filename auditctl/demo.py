@@ -56,6 +56,23 @@ def _running(engine, target, worker, *, step, done, total, started_ago, heard_ag
     return audit_id
 
 
+def _completed(engine, target, worker, *, started_ago, run, longest_gap, longest_stall, actor):
+    """An audit run to the end by ``worker`` ``run`` seconds long, started ``started_ago`` seconds ago.
+
+    Finished through the library, then moved into the past as a whole: its last heartbeat and its
+    finish are the end of its run, and its longest silence and stall are what a healthy run shows
+    (what ``report`` and ``report --suggest-thresholds`` learn from), not the hours since it started."""
+    audit_id = _running(engine, target, worker, step="Report", done=20, total=20, started_ago=0, heard_ago=0, changed_ago=0)
+    leases.finish(engine, _lease(engine, audit_id), error=None, actor=actor)
+    ended = started_ago - run
+    _age(engine, audit_id, created_at=started_ago + 30, started_at=started_ago, heartbeat_at=ended,
+         last_worker_update=ended, progress_changed_at=ended, finished_at=ended)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == audit_id)
+                           .values(longest_gap_seconds=longest_gap, longest_stall_seconds=longest_stall))
+    return audit_id
+
+
 def _age(engine, audit_id, **seconds_ago):
     with write_transaction(engine) as connection:
         now = fetch_now(connection)
@@ -79,11 +96,8 @@ def seed_demo(engine: Engine, *, force: bool = False) -> DemoFleet:
     minutes = 60
     # History first: audits that finished, and ones a monitor already failed.
     for index, target in enumerate(TARGETS[:6]):
-        audit_id = _running(engine, target, f"worker-{index % 3 + 1}", step="Report", done=20, total=20,
-                            started_ago=(30 - index) * minutes * 10, heard_ago=(30 - index) * minutes * 10 - 900,
-                            changed_ago=(30 - index) * minutes * 10 - 900)
-        lease = _lease(engine, audit_id)
-        leases.finish(engine, lease, error=None, actor=actor)
+        _completed(engine, target, f"worker-{index % 3 + 1}", started_ago=(30 - index) * minutes * 10,
+                   run=(12 + 2 * index) * minutes, longest_gap=25 + 3 * index, longest_stall=90 + 20 * index, actor=actor)
     abandoned = [
         _running(engine, target, "worker-4", step="Crawling", done=3, total=20, started_ago=(5 + index) * 3600,
                  heard_ago=(5 + index) * 3600 - 300, changed_ago=(5 + index) * 3600 - 300)

@@ -253,15 +253,13 @@ def suggest_thresholds(engine: Engine, since: float, policy: Policy | None = Non
 
 
 def _toml_string(value: str) -> str:
-    escaped = []
-    for char in value:
-        if char in ('"', "\\"):
-            escaped.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F or 0x80 <= ord(char) <= 0x9F or char in "\u2028\u2029":
-            escaped.append(f"\\u{ord(char):04x}")
-        else:
-            escaped.append(char)
-    return '"' + "".join(escaped) + '"'
+    """A TOML basic string for ``value``: quotes and backslashes escaped, and every character a
+    terminal would act on or hide (``textsafe``'s controls, bidi and zero-width characters), and the
+    line separators editors break at, as ``\\uXXXX``: TOML reads it back as the same text."""
+    from .textsafe import unicode_escaped
+
+    text = unicode_escaped(value.replace("\\", "\\\\").replace('"', '\\"'))
+    return '"' + text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + '"'
 
 
 def _toml_key(value: str) -> str:

@@ -124,7 +124,11 @@ def _folded(counts: dict, known) -> dict:
 
 class FleetCollector:
     """Reads the fleet's figures at scrape time. A database that cannot be read gives
-    ``auditctl_database_up 0`` and nothing else from the database, never a failed scrape."""
+    ``auditctl_database_up 0`` and nothing else from the database, never a failed scrape.
+
+    ``engine`` is an engine, or a function that returns one, called at each scrape: making the
+    engine can fail too (a SQLite file that is not there), and that must be a scrape saying
+    ``database_up 0``, not a command that ends before it writes its textfile."""
 
     def __init__(self, engine, policy: Policy | None = None):
         self.engine = engine
@@ -141,7 +145,8 @@ class FleetCollector:
         with self.lock:
             started = time.perf_counter()
             try:
-                figures = fleet_figures(self.engine, self.policy)
+                engine = self.engine() if callable(self.engine) else self.engine
+                figures = fleet_figures(engine, self.policy)
                 out, up = families(figures), 1
             except (AuditctlError, SQLAlchemyError) as error:
                 log.warning("metrics: cannot read the database: %s", error)

@@ -81,7 +81,7 @@ def fleet_overview(engine: Engine, policy: Policy, *, seen_since: datetime | Non
             healthy.append(summary)
     healthy_total = max(0, running - len(stuck))
     # The same window as `auditctl workers` and the metrics, so the counts agree.
-    workers = instances(engine, stale_after or policy.fleet.stale_after, include_gone=True, retention=GONE_RETENTION)
+    workers = instances(engine, stale_after or policy.resolve("stale_after")[0], include_gone=True, retention=GONE_RETENTION)
     return Overview(at=now, running=running, stuck=stuck, stuck_by_reason=by_reason, healthy_sample=healthy,
                     healthy_more=max(0, healthy_total - len(healthy)), workers=workers,
                     by_status=count_by_status(engine) if with_status_counts else {})

@@ -41,6 +41,7 @@ from .db import fetch_now, indexed_by, is_postgres, read_connection, seconds_sin
 from .errors import SchemaMissing
 from .history import LEASE_LOST, NEEDS_OPERATOR, RECOVERED, REQUEUED, RESET
 from .schema import COMPLETED, IS_RUNNING, PENDING, audits
+from .textsafe import clipped
 from .thresholds import (
     MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RECOVERY_REASONS, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE,
     Policy, format_duration,
@@ -262,7 +263,7 @@ def fleet_figures(engine: Engine, policy: Policy | None = None, *, stale_after: 
         for reason in verdict.reasons:
             by_reason[reason] = by_reason.get(reason, 0) + 1
     # The same instances `auditctl workers` lists: alive, and gone within the retention (or holding audits).
-    found = instances(engine, stale_after or policy.fleet.stale_after, retention=GONE_RETENTION)
+    found = instances(engine, stale_after or policy.resolve("stale_after")[0], retention=GONE_RETENTION)
     return FleetFigures(
         at=now, by_status=by_status, stuck_by_reason=by_reason, stuck=stuck,
         workers_alive=sum(1 for i in found if i.alive), workers_gone=sum(1 for i in found if not i.alive),
@@ -571,13 +572,15 @@ def _frequency(events: list[StuckEvent], start: datetime, end: datetime, bucket:
 
 
 def _quote(value) -> str:
-    return f"'{value}'"
+    return f"'{clipped(str(value))}'"
 
 
+#: Per dimension: the event's value, and how a sentence names it. A value is named clipped, as a table
+#: cell shows it (``textsafe.clipped``): another tool may have stored megabytes in a target.
 DIMENSIONS = {
-    "worker": (lambda e: e.worker, lambda v: str(v)),
+    "worker": (lambda e: e.worker, lambda v: clipped(str(v))),
     "step": (lambda e: e.step, lambda v: f"step {_quote(v)}"),
-    "target": (lambda e: e.target, lambda v: f"target {v}"),
+    "target": (lambda e: e.target, lambda v: f"target {clipped(str(v))}"),
     "kind": (lambda e: e.kind, lambda v: f"kind {_quote(v)}"),
 }
 #: Within an outlier, the dimension that says where it happens.

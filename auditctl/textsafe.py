@@ -50,6 +50,12 @@ def printable(value, *, keep_newlines: bool = False) -> str:
     return pattern.sub(_escape, text)
 
 
+def unicode_escaped(text: str) -> str:
+    """``text`` with every character ``printable`` would show escaped (controls, newlines, bidi and
+    zero-width characters) written as ``\\uXXXX``: inside a JSON or TOML string, the same text."""
+    return _CONTROL_AND_LINES.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
@@ -62,7 +68,7 @@ def csv_cell(value) -> str:
     return text
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|&])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_~\[\]<>|&])")
 
 
 def markdown_cell(value) -> str:

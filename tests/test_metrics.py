@@ -225,6 +225,19 @@ def test_an_empty_metrics_file_path_is_a_usage_error_before_anything_changes(fle
         assert connection.execute(select(func.count()).select_from(audits).where(audits.c.status == "failed")).scalar() == 2
 
 
+@pytest.mark.parametrize("command", [["recover"], ["watch", "--once", "--no-live"]])
+def test_a_missing_database_still_replaces_the_textfile_with_database_up_0(tmp_path, command):
+    path = tmp_path / "auditctl.prom"
+    path.write_text("auditctl_database_up 1.0\n")  # the last good run's: node_exporter must not keep serving it
+    missing = f"sqlite:///{tmp_path / 'gone' / 'auditctl.db'}"
+    result = invoke(*command, "--database-url", missing, "--metrics-file", path)
+    assert result.exit_code == 1 and "no database at" in result.stderr
+    found = samples(path.read_text())
+    assert value(found, "auditctl_database_up") == 0
+    assert not any(name.startswith("auditctl_audits") for name, _ in found)
+    assert not (tmp_path / "gone").exists(), "the database is never created by a metrics scrape"
+
+
 def test_a_database_that_cannot_be_read_gives_database_up_0_not_a_failed_scrape():
     from auditctl.metrics import Metrics
 
@@ -248,3 +261,16 @@ def test_statuses_and_reasons_another_tool_wrote_are_counted_as_other_never_show
     found = samples(exposition)
     assert value(found, "auditctl_audits", status="other") == 3
     assert value(found, "auditctl_recovery_reasons_total", reason="other") >= 1
+
+
+def test_a_stale_after_flag_decides_which_workers_count_alive_as_the_fleet_value_does(fleet, engine):
+    """``watch --stale-after 1d``, ``serve --stale-after 1d``: the flag, not the fleet's default,
+    says how long a silent worker still counts alive (it was ignored there, as in ``report``)."""
+    from auditctl.overview import fleet_overview
+    from auditctl.thresholds import Overrides, Policy, Thresholds
+
+    default = fleet_overview(engine, Policy.of()).workers_alive
+    by_fleet = fleet_overview(engine, Policy.of(fleet=Thresholds(stale_after=86400))).workers_alive
+    by_flag = fleet_overview(engine, Policy.of(override=Overrides(stale_after=86400))).workers_alive
+
+    assert by_flag == by_fleet > default

@@ -184,6 +184,61 @@ def test_slack_and_discord_messages_show_hostile_targets_as_text_and_name_the_wo
     assert "&lt;!channel&gt;" in slack_text and "<!channel>" not in slack_text, "the notification text pings nobody"
 
 
+PHISHING_WORKER = "[Re-login here](https://evil.example/login) <@&123> <@42> <#7> <t:0:R> @everyone "
+
+
+def discord_embed_chars(body: dict) -> int:
+    """What Discord counts against its 6,000 characters: titles, descriptions, footers, field names and values."""
+    return sum(len(e.get("title", "")) + len(e.get("description", "")) + len(e.get("footer", {}).get("text", ""))
+               + sum(len(f["name"]) + len(f["value"]) for f in e.get("fields", [])) for e in body["embeds"])
+
+
+def gone_worker_event(number: int, worker_id: str, *, audits: int = 1) -> OutboxEvent:
+    """A recovery by a worker's startup cleanup of ``audits`` audits whose worker ``worker_id`` is gone."""
+    measured = f"worker instance abcd1234 of {worker_id} stopped cleanly without finishing it"
+    return OutboxEvent(number, None, "recovered", {"actor": f"worker {worker_id} (abcd1234)", "host": "h", "audits": [
+        {"id": number * 100 + i, "target": f"https://t{i}.example", "reasons": ["worker_gone"],
+         "status": "failed" if i % 2 == 0 else "pending", "worker_id": worker_id, "explanation": [measured],
+         "measured": {"worker_gone": measured}} for i in range(audits)]})
+
+
+def unescaped_markup(text: str) -> list[str]:
+    """The characters that open a Discord masked link or mention and are not escaped by a backslash."""
+    return [text[i:i + 2] for i in range(len(text)) if text[i] in "[<" and (i == 0 or text[i - 1] != "\\")]
+
+
+def test_a_discord_worker_gone_title_keeps_256_characters_whatever_the_worker_id_holds():
+    worker_id = PHISHING_WORKER + "\x01" * (200 - len(PHISHING_WORKER))  # 200 characters, each \x01 shown as four
+    body = discord.message(build([gone_worker_event(1, worker_id)]), "k")
+    title = next(e["title"] for e in body["embeds"] if e["color"] == discord.DARK_RED)
+    assert len(title) <= 256, f"a {len(title)}-character title: Discord answers 400 and holds back every later alert"
+    assert title.startswith("Worker \\[Re-login here\\](https://evil.example/login) \\<@&123\\>") and title.endswith(" gone")
+    assert "\x01" not in title and "\\\\x01" in title
+    assert discord_embed_chars(body) <= 6000
+
+
+def test_discord_content_shows_a_worker_id_as_text_not_a_masked_link_or_a_mention():
+    body = discord.message(build([gone_worker_event(1, PHISHING_WORKER)]), "k")
+    assert "Re-login here" in body["content"] and "worker" in body["content"]
+    assert unescaped_markup(body["content"]) == [], body["content"]
+    for embed in body["embeds"]:
+        for text in (embed["title"], embed.get("description", ""), *(f["value"] for f in embed.get("fields", []))):
+            assert unescaped_markup(text) == [], text
+    assert body["allowed_mentions"] == {"parse": []}
+    assert discord.escape("<@123> <@&123> <#123> <t:1700000000:R>") == "\\<@123\\> \\<@&123\\> \\<\\#123\\> \\<t:1700000000:R\\>"
+
+
+def test_a_discord_message_keeps_6000_characters_when_long_worker_ids_fill_the_descriptions():
+    events = [gone_worker_event(n, f"w{n}-" + "x" * 190, audits=2) for n in range(1, 13)]  # 200-character ids
+    body = discord.message(build(events), "k")
+    assert discord_embed_chars(body) <= 6000, "Discord answers 400 and holds back every later alert"
+    titles = [e["title"] for e in body["embeds"]]
+    assert titles == ["12 stuck audits recovered", "12 stuck audits requeued", "Workers gone"]
+    assert all(e["description"] for e in body["embeds"]), "every embed still says something"
+    assert body["embeds"][0]["description"].startswith("Reasons: 24 worker\\_gone")
+    assert body["embeds"][-1]["footer"]["text"] == "auditctl · events #1-#12 (12) · idempotency key k"
+
+
 # --- a recovery in watch --------------------------------------------------------------------------------------------
 
 
@@ -486,6 +541,34 @@ def test_concurrent_senders_claim_each_event_once(engine, database_url, hooks):
     assert len(keys) == len(set(keys)) == 6
 
 
+def test_an_idle_sender_waits_for_another_senders_claim_to_run_out_instead_of_polling(engine, database_url, hooks,
+                                                                                     monkeypatch):
+    from auditctl.notify import Notifier, background
+
+    hook = hooks()
+    hook.always(Answer(hang=60))
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    other = threading.Thread(target=deliver, args=(engine, destinations), kwargs={"timeout": 10})
+    other.start()  # another sender: it claims the event for 10 s + CLAIM_MARGIN, and its POST hangs
+    try:
+        hook.wait_for(1)
+        report = deliver(engine, destinations, timeout=10)
+        assert report.sent == 0 and report.pending == 1 and delivery_states(engine) == ["sending"]
+        assert report.next_due > 10 + sender.CLAIM_MARGIN - 5, "the event is next tried when the claim runs out"
+        calls = []
+        monkeypatch.setattr(background, "deliver", lambda *a, **k: calls.append(1) or deliver(*a, **k))
+        notifier = Notifier(create_engine(database_url), destinations, timeout=10).start()
+        time.sleep(2)
+        notifier.stop()
+        notifier.engine.dispose()
+        assert len(calls) == 1, f"{len(calls)} looks at the outbox in 2 s while another sender held the claim"
+    finally:
+        hook.release()
+        other.join(15)
+    assert delivery_states(engine) == ["sent"] and len(hook.requests) == 1
+
+
 # --- the fleet back to healthy --------------------------------------------------------------------------------------
 
 
@@ -568,6 +651,55 @@ def test_notify_without_a_destination_or_with_a_bad_url_is_a_usage_error(sqlite_
         refused = invoke("recover", "--database-url", database_url, "--webhook", broken)
         assert refused.exit_code == 2 and "is not an http(s) URL" in refused.stderr and "Traceback" not in refused.output
         assert SECRET not in refused.output
+
+
+PASSWORD = "S3cretPassw0rd"
+
+
+@pytest.mark.parametrize("flag, value, why", [
+    ("--webhook", f"https://alerts:{PASSWORD}@hooks.example.com/incoming/{SECRET}",
+     "webhook https://hooks.example.com/*** holds a user name or password before its host: auditctl cannot send them"),
+    ("--discord-webhook", f"http://127.0.0.1:9/api/webhooks/{SECRET}\nhttp://127.0.0.1:9/api/webhooks/other{SECRET}",
+     "discord webhook http://127.0.0.1:9/*** holds a space, line break or control character"),
+    ("--slack-webhook", f"http://127.0.0.1:9/services/{SECRET} {PASSWORD}",
+     "slack webhook http://127.0.0.1:9/*** holds a space, line break or control character"),
+])
+def test_a_webhook_url_with_a_password_or_a_line_break_is_refused_masked_before_anything_is_sent(sqlite_url, sqlite_engine,
+                                                                                                flag, value, why):
+    stuck_and_recovered(sqlite_engine, 1)
+    refused = invoke("notify", "--database-url", sqlite_url, flag, value)
+    assert refused.exit_code == 2 and why in refused.stderr, refused.stderr
+    assert PASSWORD not in refused.output and "Traceback" not in refused.output
+    assert delivery_states(sqlite_engine) == [], "nothing was tried, so nothing was recorded"
+
+
+def test_a_webhook_password_from_the_environment_or_the_config_file_is_refused_masked_too(sqlite_url, tmp_path):
+    url = f"https://alerts:{PASSWORD}@hooks.example.com/incoming/{SECRET}"
+    config = tmp_path / "auditctl.toml"
+    config.write_text(f'webhook = ["{url}"]\n')
+    for args, env in (([], {"AUDITCTL_WEBHOOK": url}), (["--config", config], None)):
+        refused = invoke(*args, "notify", "--database-url", sqlite_url, env=env)
+        assert refused.exit_code == 2, refused.output
+        assert "webhook https://hooks.example.com/*** holds a user name or password" in refused.stderr
+        assert PASSWORD not in refused.output and "Traceback" not in refused.output
+
+
+@pytest.mark.parametrize("url", [f"http://alerts:{PASSWORD}@127.0.0.1/services/{SECRET}",
+                                 f"http://127.0.0.1:9/services/{SECRET}\nhttp://127.0.0.1:9/services/{SECRET}2",
+                                 f"http://127.0.0.1:9/services/{SECRET}\x01{PASSWORD}"])
+def test_a_url_that_reached_a_sender_unchecked_leaves_no_secret_in_its_error_or_the_database(sqlite_url, sqlite_engine,
+                                                                                           url):
+    from auditctl.notify import Destination
+
+    stuck_and_recovered(sqlite_engine, 1)
+    report = deliver(sqlite_engine, [Destination("webhook", url)], timeout=2)  # not through check_url
+    error = report.results[0].error
+    assert error.startswith("no answer: ") and "***" in error
+    listed = invoke("notify", "--status", "-o", "json", "--database-url", sqlite_url)
+    [record] = json.loads(listed.stdout)
+    assert record["last_error"] == error
+    for shown in (error, listed.stdout):
+        assert SECRET not in shown and PASSWORD not in shown and "services" not in shown, shown
 
 
 def test_webhooks_come_from_the_config_file_too(sqlite_url, hooks, tmp_path):

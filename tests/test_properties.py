@@ -925,7 +925,13 @@ def test_csv_cells_never_start_a_formula(text):
 def test_markdown_cells_are_printable_text_with_every_special_escaped(text):
     cell = textsafe.markdown_cell(text)
     assert re.sub(r"\\(.)", r"\1", cell) == textsafe.printable(text)
-    assert not set(re.sub(r"\\[\\`*\[\]<>|&]", "", cell)) & set("\\`*[]<>|&")
+    assert not set(re.sub(r"\\[\\`*_~\[\]<>|&]", "", cell)) & set("\\`*_~[]<>|&")
+
+
+def test_markdown_cells_show_underscores_and_tildes_instead_of_emphasis_or_strikethrough():
+    """A step named ``__init__`` or a target with ``~~`` would render bold or struck through in a
+    Markdown table: each ``_`` and ``~`` from the database is escaped."""
+    assert textsafe.markdown_cell("__init__ ~~old~~ _x_") == r"\_\_init\_\_ \~\~old\~\~ \_x\_"
 
 
 @given(st.recursive(st.one_of(json_scalars, hostile_text), arrays_and_objects(hostile_text, 3), max_leaves=10),

@@ -16,8 +16,10 @@ import csv
 import io
 import json
 import random
+import re
 import tomllib
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -34,7 +36,8 @@ from auditctl.history import Actor
 from auditctl.learn import suggest_thresholds, to_toml
 from auditctl.recovery import recover_stuck
 from auditctl.report import percentile, stuck_report
-from auditctl.schema import audit_events, audits
+from auditctl.schema import audit_events, audits, workers
+from auditctl.textsafe import MAX_CELL
 from auditctl.thresholds import Thresholds, parse_duration
 from auditctl.timestamps import isoformat_z
 
@@ -43,8 +46,9 @@ WORKERS = ["worker-1", "worker-2", "worker-3", "worker-4", "worker-5"]
 STEPS = ["Crawling", "Fingerprinting", "Port scan", "Testing endpoints", "Report"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, prog_name="auditctl")
+def invoke(*args, **options):
+    """``auditctl ARGS`` in-process; ``options`` (``env``, ``color``) go to ``CliRunner.invoke``."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, prog_name="auditctl", **options)
 
 
 # --- a month of history ------------------------------------------------------------------
@@ -245,6 +249,139 @@ def test_report_neutralises_escape_sequences_and_survives_documents_another_tool
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stdout and "evil\\x1b]0;owned\\x07" in result.stdout
     assert stuck_report(engine, 30 * DAY).recoveries == 151
+
+
+def test_report_stale_after_flag_counts_alive_workers_as_the_environment_does(engine, database_url):
+    """A worker last heard 20 minutes ago is alive under ``--stale-after 30m``: the capacity count must
+    follow the flag (the threshold in force), as it follows AUDITCTL_STALE_AFTER, not the fleet's 10m."""
+    with write_transaction(engine) as connection:
+        heard = fetch_now(connection) - timedelta(minutes=20)
+        connection.execute(insert(workers).values(instance_id=uuid.uuid4().hex, worker_id="worker-1",
+                                                  started_at=heard - timedelta(hours=1), last_heartbeat_at=heard))
+
+    def alive(*args, env=None):
+        result = invoke("report", "--database-url", database_url, "--format", "json", *args, env=env)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["capacity"]["workers_alive"]
+
+    assert alive() == 0
+    assert alive(env={"AUDITCTL_STALE_AFTER": "30m"}) == 1
+    assert alive("--stale-after", "30m") == 1
+
+
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1", "TERM": "xterm"}, {"NO_COLOR": None, "TERM": "dumb"}])
+@pytest.mark.parametrize("suggest", [[], ["--suggest-thresholds"]])
+def test_report_on_a_terminal_prints_no_bold_under_no_color_or_a_dumb_terminal(engine, database_url, env, suggest):
+    """The headings and the verdict are bold in a table, but NO_COLOR and TERM=dumb mean no escape
+    codes at all, as for every listing."""
+    with write_transaction(engine) as connection:  # something to learn from: a heading per kind
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [{"target": "t", "status": "completed", "created_at": now, "attempts": 1,
+                                             "started_at": now - timedelta(seconds=600), "finished_at": now}] * 3)
+    styled = invoke("report", "--database-url", database_url, "--format", "table", *suggest, color=True,
+                    env={"NO_COLOR": None, "TERM": "xterm"})
+    assert "\x1b[1m" in styled.stdout  # what a terminal that takes colour gets
+    result = invoke("report", "--database-url", database_url, "--format", "table", *suggest, color=True, env=env)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout
+    assert result.stdout == re.sub("\x1b\\[[0-9;]*m", "", styled.stdout)
+
+
+def test_suggested_toml_escapes_bidi_and_zero_width_characters_of_a_kind_name(engine, database_url):
+    """A kind name with a right-to-left override, an isolate, a zero-width space or a BOM must not reach
+    the terminal raw in its ``[kinds."..."]`` header (it would reorder or hide what is shown), and the
+    escaped header is still the same key to TOML."""
+    odd = "scan\u202egnp.exe\u2066x\u2069\u200b\u200f\u061c\ufeff"
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [{"target": "t", "status": "completed", "kind": odd, "created_at": now,
+                                             "started_at": now - timedelta(seconds=600 + i), "finished_at": now,
+                                             "attempts": 1, "longest_gap_seconds": 20.0 + i,
+                                             "longest_stall_seconds": 60.0 + i} for i in range(25)])
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
+    assert result.exit_code == 0, result.output
+    assert not re.search("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]", result.stdout), ascii(result.stdout)
+    assert '[kinds."scan\\u202egnp.exe\\u2066x\\u2069\\u200b\\u200f\\u061c\\ufeff"]' in result.stdout
+    assert set(validate_config(tomllib.loads(result.stdout), "suggested")["kinds"]) == {odd}
+
+
+def test_what_stands_out_names_a_huge_target_clipped_as_the_by_target_table_does(engine, database_url, start_audit,
+                                                                                  backdate):
+    """Another tool stored a 2,000,000-character target, and it stands out: its sentence names it cut at
+    ``MAX_CELL`` like a table cell, not in full (megabytes on the terminal); the JSON keeps the exact value."""
+    huge = "https://example.com/" + "a" * 2_000_000
+    for target in [huge] * 4 + ["https://other.example.com"]:
+        audit_id, _lease = start_audit(target=target)
+        backdate(audit_id, started_at=900, heartbeat_at=900, last_worker_update=900, progress_changed_at=900)
+    assert len(recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))) == 5
+
+    (outlier,) = stuck_report(engine, DAY).outliers
+    assert outlier.value == huge and outlier.dimension == "target"
+    assert len(outlier.text) < MAX_CELL + 200 and "more characters" in outlier.text
+    result = invoke("report", "--database-url", database_url, "--format", "plain")
+    assert result.exit_code == 0, result.output
+    stands_out = " ".join(result.stdout.split("What stands out", 1)[1].split("Capacity", 1)[0].split())
+    assert stands_out.startswith("- target https://example.com/aaa") and "accounts for 80% of" in stands_out
+    assert len(stands_out) < MAX_CELL + 200
+    assert len(result.stdout) < 5 * MAX_CELL + 5_000, "every part of the report clips the target"
+
+
+def _numbers(value, path="") -> list[tuple[str, float]]:
+    """Every numeric leaf of a JSON value, with its path."""
+    if isinstance(value, dict):
+        return [leaf for key, item in value.items() for leaf in _numbers(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [leaf for index, item in enumerate(value) for leaf in _numbers(item, f"{path}[{index}]")]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(path, float(value))]
+    return []
+
+
+def test_report_csv_carries_every_figure_of_the_json(engine, database_url):
+    """README: json and csv give the same figures for dashboards. Every number of the JSON (each
+    occurrence: a 0 in one place does not stand for a 0 elsewhere) must be a cell of the CSV."""
+    make_month(engine)
+    # Two windows: per day, and per hour (the last two days), with a leftover "(other)" target row.
+    for since in ("30d", "2d"):
+        data = json.loads(invoke("report", "--database-url", database_url, "--since", since, "--format", "json").stdout)
+        rows = list(csv.DictReader(io.StringIO(invoke("report", "--database-url", database_url, "--since", since,
+                                                      "--format", "csv").stdout)))
+        cells = Counter(float(row[column]) for row in rows for column in ("count", "share", "value") if row[column])
+        leaves = _numbers(data)
+        missing = Counter(value for _path, value in leaves) - cells
+        assert not missing, [path for path, value in leaves if value in missing]
+        by = {(row["section"], row["key"]): row for row in rows}
+        assert float(by[("totals", "recoveries")]["count"]) == data["recoveries"]
+        assert float(by[("by_worker.came_back", "worker-3")]["count"]) == data["by_worker"][0]["extra"]["came_back"]
+        assert float(by[("capacity", "arrivals")]["value"]) == data["capacity"]["arrivals"]
+
+
+def test_report_on_the_demo_fleet_sees_runs_of_minutes_that_finished_in_the_past(blank_database_url):
+    """The demo's completed audits ran for minutes, hours ago: not for hours up to the second the demo
+    was seeded. Else report says a run takes 4h35m, and --suggest-thresholds that the fleet's thresholds
+    would have recovered every one of those healthy audits (a false-recovery rate of 1.0)."""
+    from auditctl.db import create_engine
+
+    assert invoke("demo", "--database-url", blank_database_url).exit_code == 0
+    report = json.loads(invoke("report", "--database-url", blank_database_url, "--format", "json").stdout)
+    assert report["capacity"]["completed"] == 6
+    assert 5 * 60 <= report["capacity"]["mean_run_seconds"] <= 30 * 60
+    learned = json.loads(invoke("report", "--database-url", blank_database_url, "--suggest-thresholds",
+                                "--format", "json").stdout)
+    (fleet,) = learned["kinds"]
+    assert {name: p["current_false_recovery_rate"] for name, p in fleet["proposals"].items()} == {
+        "stale_after": 0.0, "stall_after": 0.0, "max_age": 0.0}
+    engine = create_engine(blank_database_url)
+    try:
+        with read_connection(engine) as connection:
+            now = fetch_now(connection)
+            runs = connection.execute(select(audits.c.started_at, audits.c.heartbeat_at, audits.c.finished_at)
+                                      .where(audits.c.status == "completed")).all()
+    finally:
+        engine.dispose()
+    for started, heard, finished in runs:
+        assert finished == heard and finished < now - timedelta(hours=3)
+        assert timedelta(minutes=5) <= finished - started <= timedelta(minutes=30)
 
 
 def test_toml_format_needs_suggest_thresholds(database_url):

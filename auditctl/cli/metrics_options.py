@@ -48,7 +48,9 @@ class MetricsSink:
         from ..metrics import Metrics
 
         self.check_path()
-        self.metrics = Metrics(state.reader, policy)
+        # The engine is made at each scrape, not here: a database that is missing must still give a
+        # textfile (database_up 0) when the command fails on it, never leave node_exporter an old one.
+        self.metrics = Metrics(lambda: state.reader, policy)
         if self.port is not None:
             host, port = self.metrics.serve(self.host, self.port)
             shown = f"[{host}]" if ":" in host else host
@@ -107,9 +109,7 @@ def metrics_options(*, serve: bool = False, inject: bool = False):
             try:
                 if inject:
                     kwargs["metrics"] = sink
-                    result = command(*args, **kwargs)
-                    sink.write(fatal=False)
-                    return result
+                    return _own_passes(sink, command, args, kwargs)
                 return _one_pass(sink, command, args, kwargs)
             finally:
                 sink.close()
@@ -137,6 +137,18 @@ def _named_file(_ctx, _param, value):
     if value is not None and not value.strip():
         raise click.BadParameter("the path is empty; name the file, such as /var/lib/node_exporter/auditctl.prom")
     return value
+
+
+def _own_passes(sink: MetricsSink, command, args, kwargs):
+    """A command that times its own passes; the textfile is written once more however it ends
+    (a database missing at start included), except on a usage error."""
+    try:
+        return command(*args, **kwargs)
+    except click.UsageError:
+        sink.metrics = None  # nothing ran: no file
+        raise
+    finally:
+        sink.write(fatal=False)
 
 
 def _one_pass(sink: MetricsSink, command, args, kwargs):

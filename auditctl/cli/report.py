@@ -63,7 +63,9 @@ def report(state, policy, allow_unsafe, since, suggest, interval, fmt):
         return
     from ..report import stuck_report
 
-    _render_report(stuck_report(state.reader, since or DEFAULT_SINCE, stale_after=policy.fleet.stale_after), fmt)
+    # The threshold in force: --stale-after when given, else the fleet's (env, config file, default).
+    stale_after, _source = policy.resolve("stale_after")
+    _render_report(stuck_report(state.reader, since or DEFAULT_SINCE, stale_after=stale_after), fmt)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -98,14 +100,17 @@ def _heading(text: str, fmt: str) -> None:
 
 
 def _say(text: str, fmt: str, *, bold: bool = False, indent: str = "") -> None:
-    """A sentence wrapped to the output's width (80 columns when piped), continuation lines indented."""
+    """A sentence wrapped to the output's width (80 columns when piped), continuation lines indented.
+
+    ``bold`` only in a table, and never under NO_COLOR or TERM=dumb (``ascii_only``), as the listings do."""
     import textwrap
 
-    from .render import terminal_width
+    from .render import ascii_only, terminal_width
 
     width = min(CHART_WIDTH, terminal_width(fmt) or CHART_WIDTH)
+    styled = bold and fmt == "table" and not ascii_only()
     for line in textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [""]:
-        click.echo(click.style(line, bold=True) if bold and fmt == "table" else line)
+        click.echo(click.style(line, bold=True) if styled else line)
 
 
 def chart_lines(frequency: list[dict], bucket: str, width: int = CHART_WIDTH, *, ascii_bars: bool = False) -> list[str]:
@@ -211,34 +216,84 @@ def _render_report(found, fmt: str) -> None:
     _say("Assuming " + "; ".join(c.assumptions) + ".", fmt)
 
 
+#: In the csv, the figures a breakdown's own row carries (``value``, ``detail``) beside its count and
+#: share; every other figure of the breakdown gets a row of its own.
+_ROW_VALUE = ("time_lost_mean_seconds", "stuck_rate")
+_ROW_DETAIL = ("top_step", "top_worker")
+#: Top-level figures with rows of their own section (``came_back``); the others are ``totals``.
+_CAME_BACK = ("came_back", "lease_lost_writes")
+
+
+def _cells(name: str, value) -> dict:
+    """Where a figure goes in a csv row: text in ``detail``, whole numbers in ``count``, shares in
+    ``share``, any other number (seconds, rates) in ``value``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"detail": value}
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"count": value}
+    return {"share": value} if name.endswith("share") else {"value": value}
+
+
+def _figure_rows(section: str, key, figures: dict, shown=()) -> list[dict]:
+    """One row per figure of ``figures`` not in ``shown``: section ``SECTION.NAME`` (``.``-joined
+    through nested objects), the same key, and the figure in its column (``_cells``)."""
+    rows = []
+    for name, value in figures.items():
+        if name in shown:
+            continue
+        if isinstance(value, dict):
+            rows += _figure_rows(f"{section}.{name}", key, value)
+        else:
+            rows.append({"section": f"{section}.{name}", "key": key, **_cells(name, value)})
+    return rows
+
+
+def _timing_rows(name: str, timing: dict) -> list[dict]:
+    return [{"section": "timing", "key": f"{name}_{figure}_seconds", "count": timing["count"],
+             "value": timing[f"{figure}_seconds"]} for figure in ("mean", "p95")]
+
+
 def _report_csv(found) -> None:
-    """Long format, one figure per row: section, key, count, share, value (seconds or a rate), detail."""
+    """Long format: section, key, count, share, value (seconds or a rate), detail. Made from the JSON
+    (``as_dict``), so it holds every figure the JSON has: a test compares the two."""
     from .render import Column, render
 
+    data = found.as_dict()
     rows = []
-    for slot in found.as_dict()["frequency"]:
+    for name, value in data.items():
+        if not isinstance(value, (dict, list)) and name not in _CAME_BACK:
+            rows.append({"section": "totals", "key": name, **_cells(name, value)})
+    for slot in data["frequency"]:
         rows.append({"section": f"per_{found.bucket}", "key": slot["start"], "count": slot["count"]})
+        for reason, count in slot["by_reason"].items():
+            rows.append({"section": f"per_{found.bucket}.by_reason", "key": slot["start"], "count": count, "detail": reason})
     for section in ("by_reason", "by_worker", "by_step", "by_target", "by_kind"):
-        for share in getattr(found, section):
-            rows.append({"section": section, "key": share.key, "count": share.count, "share": share.share,
-                         "value": share.extra.get("time_lost_mean_seconds", share.extra.get("stuck_rate")),
-                         "detail": share.extra.get("top_step") or share.extra.get("top_worker")})
-    for name, timing in (("detection", found.detection), ("recovery", found.recovery), ("wait", found.capacity.wait)):
-        rows.append({"section": "timing", "key": f"{name}_mean_seconds", "count": timing.count, "value": timing.mean_seconds})
-        rows.append({"section": "timing", "key": f"{name}_p95_seconds", "count": timing.count, "value": timing.p95_seconds})
-    rows.append({"section": "came_back", "key": "recoveries_refused_later", "count": found.came_back,
-                 "share": round(found.came_back / found.recoveries, 4) if found.recoveries else None})
-    rows.append({"section": "came_back", "key": "lease_lost_writes", "count": found.lease_lost_writes})
-    for outlier in found.outliers:
-        rows.append({"section": "outlier", "key": outlier.value, "count": outlier.count, "share": outlier.share,
-                     "detail": outlier.text})
-    c = found.capacity
-    for key, value in (("pending", c.pending), ("oldest_pending_seconds", c.oldest_pending_seconds),
-                       ("arrivals_per_hour", c.arrivals_per_hour), ("completed_per_hour", c.completed_per_hour),
-                       ("mean_run_seconds", c.mean_run_seconds), ("workers_alive", c.workers_alive),
-                       ("workers_needed", c.workers_needed), ("workers_to_add", c.workers_to_add)):
-        rows.append({"section": "capacity", "key": key, "value": value})
-    rows.append({"section": "capacity", "key": "verdict", "detail": c.verdict})
+        for share in data[section]:
+            extra = share["extra"]
+            value = next((name for name in _ROW_VALUE if name in extra), None)
+            detail = next((name for name in _ROW_DETAIL if name in extra), None)
+            rows.append({"section": section, "key": share["key"], "count": share["count"], "share": share["share"],
+                         "value": extra.get(value), "detail": extra.get(detail)})
+            rows += _figure_rows(section, share["key"], extra, shown=(value, detail))
+    for name in ("detection", "recovery"):
+        rows += _timing_rows(name, data[name])
+    rows += _timing_rows("wait", data["capacity"]["wait"])
+    rows.append({"section": "came_back", "key": "recoveries_refused_later", "count": data["came_back"],
+                 "share": round(data["came_back"] / data["recoveries"], 4) if data["recoveries"] else None})
+    rows.append({"section": "came_back", "key": "lease_lost_writes", "count": data["lease_lost_writes"]})
+    for outlier in data["outliers"]:
+        rows.append({"section": "outlier", "key": outlier["value"], "count": outlier["count"], "share": outlier["share"],
+                     "detail": outlier["text"]})
+        rows += _figure_rows("outlier", outlier["value"], outlier, shown=("value", "count", "share", "text"))
+    for key, value in data["capacity"].items():
+        if key == "assumptions":
+            rows += [{"section": "capacity", "key": "assumption", "detail": text} for text in value]
+        elif isinstance(value, str):
+            rows.append({"section": "capacity", "key": key, "detail": value})
+        elif not isinstance(value, dict):  # the wait is a timing, above
+            rows.append({"section": "capacity", "key": key, "value": value})
     render(rows, [Column(k, k) for k in ("section", "key", "count", "share", "value", "detail")], "csv")
 
 

@@ -10,11 +10,13 @@ Pure Python (no SQLAlchemy): the command line parses destinations before it need
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
+from ..textsafe import printable
 from ..urls import mask_webhook
 
 KINDS = ("slack", "discord", "webhook")
@@ -57,6 +59,17 @@ def _split(value) -> list[str]:
 
 
 def check_url(kind: str, url: str) -> str:
+    """``url`` if it can be posted to as it is; else a ConfigError naming it masked (scheme and host).
+
+    A space or control character is refused, not sent: it is most often two URLs in one value
+    (a line break in a variable), and urllib's error would quote the URL, secret included. So is
+    user information (``https://user:password@host/``): urllib does not send it as credentials
+    but reads the password as part of the host, and its error would quote it."""
+    label = "webhook" if kind == "webhook" else f"{kind} webhook"
+    shown = printable(mask_webhook(url))  # the host may hold the line break
+    if printable(url) != url or re.search(r"\s", url):  # control, invisible or blank characters
+        raise ConfigError(f"{label} {shown} holds a space, line break or control character: "
+                          "give one URL per value, or separate URLs with commas")
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
@@ -64,8 +77,11 @@ def check_url(kind: str, url: str) -> str:
     except ValueError:  # an unclosed IPv6 bracket, a port that is no number
         hostname = None
     if hostname is None or parts.scheme.lower() not in ("http", "https") or not hostname:
-        label = "webhook" if kind == "webhook" else f"{kind} webhook"
-        raise ConfigError(f"{label} {mask_webhook(url)} is not an http(s) URL with a host")
+        raise ConfigError(f"{label} {shown} is not an http(s) URL with a host")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{label} {shown} holds a user name or password before its host: auditctl cannot send "
+                          "them (urllib does not turn them into credentials); use the URL the service gives, "
+                          "with its secret in the path or query")
     return url
 
 

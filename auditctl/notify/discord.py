@@ -1,9 +1,12 @@
 """Discord: a webhook payload with embeds, one per kind of news, coloured by severity.
 
 Mentions are switched off (``allowed_mentions``), so a target named ``@everyone`` pings
-nobody; markdown in database text is escaped and control characters are shown. Discord's
+nobody; markdown in database text (the ``content`` line too) is escaped, mention markup
+(``<@123>``, ``<#123>``, ``<t:...>``) included, and control characters are shown. Discord's
 limits are kept: at most 10 embeds, 25 fields each (``MAX_LISTED`` audits are listed),
-256 characters per title and field name, 1,024 per field value, 6,000 in all.
+256 characters per title and field name, 1,024 per field value, 6,000 in all. Discord
+refuses a message over any limit (HTTP 400), and a refused message holds back every later
+alert to that destination, so the limits are kept whatever the database holds.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ from .digest import MAX_LISTED, Digest
 
 RED, ORANGE, DARK_RED, BLUE, GREEN = 0xD62828, 0xF77F00, 0x9D0208, 0x3A86FF, 0x2A9D8F
 TOTAL_LIMIT = 5800
-_MARKDOWN = re.compile(r"([\\*_~`|>#\[\]])")
+#: The shortest a description is cut to when the message is still too long without any field.
+DESCRIPTION_FLOOR = 300
+# ``<`` opens Discord's mention and timestamp markup (``<@123>``, ``<@&123>``, ``<#123>``, ``<t:0:R>``):
+# Discord honours a backslash before it, as before the other markdown characters, and shows the rest as text.
+_MARKDOWN = re.compile(r"([\\*_~`|<>#\[\]])")
 
 
 def escape(value) -> str:
+    """Database text shown as text by Discord: control characters shown, markdown and mention markup escaped."""
     return _MARKDOWN.sub(r"\\\1", printable(value))
 
 
@@ -48,6 +56,13 @@ def _audits_embed(title: str, colour: int, lines: list, digest: Digest) -> dict:
             "fields": [_audit_field(line) for line in listed]}
 
 
+def _gone_title(worker_id) -> str:
+    """``Worker NAME gone``, the name cut so the title keeps Discord's 256 characters (a worker id may
+    hold 200, and each control character is shown as four)."""
+    room = 256 - len("Worker  gone")
+    return f"Worker {_cut(escape(worker_id), room)} gone"
+
+
 def _size(embed: dict) -> int:
     return (len(embed.get("title", "")) + len(embed.get("description", "")) + len(embed.get("footer", {}).get("text", ""))
             + sum(len(f["name"]) + len(f["value"]) for f in embed.get("fields", [])))
@@ -62,7 +77,7 @@ def message(digest: Digest, idempotency_key: str) -> dict:
         embeds.append(_audits_embed(f"{len(digest.requeued)} stuck audit{'s' if len(digest.requeued) != 1 else ''} requeued",
                                     ORANGE, digest.requeued, digest))
     if digest.gone:
-        embeds.append({"title": "Workers gone" if len(digest.gone) > 1 else f"Worker {printable(digest.gone[0].worker_id)} gone",
+        embeds.append({"title": "Workers gone" if len(digest.gone) > 1 else _gone_title(digest.gone[0].worker_id),
                        "color": DARK_RED,
                        "description": _cut("\n".join(f"**{escape(g.worker_id)}**: {escape(g.proof)} "
                                                      f"({g.audits} audit{'s' if g.audits != 1 else ''} recovered)"
@@ -79,7 +94,7 @@ def message(digest: Digest, idempotency_key: str) -> dict:
     if digest.healthy is not None:
         embeds.append({"title": "Fleet healthy again", "color": GREEN, "description": "Nothing is stuck."})
     if not embeds:
-        embeds.append({"title": _cut(printable(digest.title), 256), "color": BLUE,
+        embeds.append({"title": _cut(escape(digest.title), 256), "color": BLUE,
                        "description": f"{digest.unreadable} event(s) could not be read; see `auditctl notify --status`"})
     ids = [e.id for e in digest.events]
     span = f"event #{ids[0]}" if len(ids) == 1 else f"events #{ids[0]}-#{ids[-1]} ({len(ids)})"
@@ -87,9 +102,25 @@ def message(digest: Digest, idempotency_key: str) -> dict:
     embeds[-1]["footer"] = {"text": f"auditctl · {span} · idempotency key {idempotency_key}"}
     if digest.last_at is not None:
         embeds[-1]["timestamp"] = iso(digest.last_at)
-    # Keep under Discord's total: drop listed audits from the end, never the footer.
+    _fit(embeds)
+    # The content is the notification's text: Discord reads markdown, links and mentions there as in embeds.
+    return {"username": "auditctl", "content": _cut(escape(digest.title), 2000), "embeds": embeds,
+            "allowed_mentions": {"parse": []}}
+
+
+def _fit(embeds: list[dict]) -> None:
+    """Keep the embeds under Discord's total: drop listed audits from the end, the fullest embed
+    first; then, if descriptions alone are too long (many long worker ids), cut descriptions, the
+    last embed first, to no less than ``DESCRIPTION_FLOOR``. Titles and the footer are kept, so the
+    message still says what happened and which events it carries. There are at most five embeds
+    (256-character titles), so with their descriptions at the floor the total is far under the limit."""
     while sum(_size(e) for e in embeds) > TOTAL_LIMIT and any(e.get("fields") for e in embeds):
         fullest = max((e for e in embeds if e.get("fields")), key=lambda e: len(e["fields"]))
         fullest["fields"].pop()
-    return {"username": "auditctl", "content": _cut(printable(digest.title), 2000), "embeds": embeds,
-            "allowed_mentions": {"parse": []}}
+    for embed in reversed(embeds):
+        excess = sum(_size(e) for e in embeds) - TOTAL_LIMIT
+        if excess <= 0:
+            return
+        description = embed.get("description", "")
+        if len(description) > DESCRIPTION_FLOOR:
+            embed["description"] = _cut(description, max(DESCRIPTION_FLOOR, len(description) - excess))

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, and_, exists, func, literal, or_, select, update
+from sqlalchemy import String, and_, case, exists, func, literal, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -227,11 +227,16 @@ def _mark_failed(engine: Engine, destination: Destination, ids: list[int], claim
 
 
 def _left(engine: Engine, destination: Destination) -> tuple[int, float | None]:
-    """How many events are still undelivered to the destination, and seconds until the next try."""
+    """How many events are still undelivered to the destination, and seconds until the next try.
+
+    A row another sender claimed (``sending``) is next tried when its claim runs out, not at its
+    ``next_attempt_at`` (long past: it was due when claimed). Counting that would have an idle
+    sender ask again and again while the other one's POST is in flight."""
+    next_try = case((D.c.status == SENDING, D.c.claimed_until), else_=D.c.next_attempt_at)
     with read_connection(engine) as connection:
         now = fetch_now(connection)
         count, first = connection.execute(
-            select(func.count(), func.min(D.c.next_attempt_at))
+            select(func.count(), func.min(next_try))
             .select_from(D.join(N, N.c.id == D.c.notification_id))
             .where(D.c.destination == destination.key, D.c.status.in_((PENDING, SENDING)), N.c.expires_at > now)
         ).one()

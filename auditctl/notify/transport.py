@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 import urllib.error
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 from .. import __version__
 from ..textsafe import printable
-from ..urls import MASK
+from ..urls import MASK, secrets_of
 
 #: The longest Retry-After honoured (seconds): a longer one is most likely a mistake.
 MAX_RETRY_AFTER = 3600.0
@@ -66,10 +67,20 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def hide_url(text: str, url: str) -> str:
-    """``text`` with the URL, and its path and query (where the secret is), masked."""
-    parts = urlsplit(url)
-    secrets = [url, url.strip(), parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query]
-    for secret in sorted({s for s in secrets if s and len(s) > 1}, key=len, reverse=True):
+    """``text`` with the URL's secrets masked: the URL, its path and query (where a webhook's secret
+    is), its user information and password (as ``urls.secrets_of`` finds it, decoded too); each as
+    typed and as a repr shows it (http.client's InvalidURL quotes the URL with ``\\n`` for a line
+    break). ``destinations.check_url`` refuses URLs with user information or control characters;
+    this is the second line, for one that reached a sender another way."""
+    secrets = set(secrets_of(url))
+    # urlsplit drops tabs and line breaks, which http.client quotes: each blank-separated piece on its own.
+    for piece in {url, *re.split(r"[\s\x00-\x1f\x7f]+", url)}:
+        parts = urlsplit(piece)
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        secrets.update({piece, piece.strip(), parts.path + ("?" + parts.query if parts.query else ""), parts.path,
+                        parts.query, userinfo, parts.password or ""})
+    secrets |= {repr(secret)[1:-1] for secret in secrets}
+    for secret in sorted({s for s in secrets if len(s) > 1}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
 

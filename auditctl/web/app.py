@@ -238,7 +238,7 @@ class Dashboard:
         from ..records import instance_record
         from ..registry import GONE_RETENTION, instances
 
-        found = self.read(instances, self.reader, self.policy.fleet.stale_after,
+        found = self.read(instances, self.reader, self.policy.resolve("stale_after")[0],
                           retention=None if show_all else GONE_RETENTION)
         return [instance_record(i) for i in found]
 
