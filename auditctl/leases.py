@@ -156,6 +156,19 @@ def _gaps() -> dict:
     }
 
 
+#: The largest attempts counter a claim counts on from; anything else starts again at 1.
+MAX_COUNTED_ATTEMPTS = 1_000_000_000
+
+
+def _next_attempt():
+    """The claim's attempts counter: the stored one plus 1, or 1 when another tool left one that cannot
+    count on (NULL, text, negative, infinite on SQLite: ``inf + 1`` would make ``--max-attempts``
+    never fire; 2,147,483,647 on PostgreSQL: ``+ 1`` would refuse every claim of the audit)."""
+    from sqlalchemy import case
+
+    return case((audits.c.attempts.between(0, MAX_COUNTED_ATTEMPTS), audits.c.attempts + 1), else_=1)
+
+
 def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, worker_url: str | None,
           declared: dict | None = None) -> tuple[Lease, dict]:
     """Move a pending audit to running under a new lease. Returns the lease and the first progress document.
@@ -183,7 +196,7 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
                     declared_stall_after=declared.get("stall_after"),
                     declared_max_age=declared.get("max_age"),
                     longest_gap_seconds=0.0, longest_stall_seconds=0.0,
-                    attempts=func.coalesce(audits.c.attempts, 0) + 1)
+                    attempts=_next_attempt())
         )
         if result.rowcount == 1:
             return lease, document

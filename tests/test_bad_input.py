@@ -524,3 +524,20 @@ def test_missing_schema_says_run_auditctl_init(blank_database_url, engine_name):
             audit_views.get_audit(engine, 1)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("stored", ["infinite", "the largest integer", "text", "negative"])
+def test_a_claim_starts_a_broken_attempts_counter_again_at_1(engine, stored):
+    """``inf + 1`` kept an audit's counter infinite, so ``--max-attempts`` never fired (read as 0);
+    on PostgreSQL ``2147483647 + 1`` refused every claim of the audit."""
+    postgres = engine.dialect.name == "postgresql"
+    if stored in ("infinite", "text") and postgres:
+        pytest.skip("PostgreSQL's integer column cannot hold it")
+    audit_id = leases.create_audit(engine, "https://example.com")
+    value = {"infinite": "9e999", "the largest integer": "2147483647", "text": "'many'", "negative": "-4"}[stored]
+    with engine.begin() as connection:
+        connection.execute(text(f"UPDATE audits SET attempts = {value} WHERE id = :id"), {"id": audit_id})
+
+    leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-1", worker_url=None)
+
+    assert raw_column(engine, audit_id, "attempts") == 1
