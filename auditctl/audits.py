@@ -22,6 +22,7 @@ from .history import Event, events_for
 from .progress import read_progress
 from .rules import FUTURE_TOLERANCE, isolate
 from .schema import IS_RUNNING, RUNNING, STATUSES, audits
+from .thresholds import check_window
 from .timestamps import Unreadable, as_datetime, parse, to_storage
 from .values import MAX_INT, MIN_INT, float_value, safe_int, text_value
 
@@ -43,8 +44,6 @@ class AuditFilters:
 
     def __post_init__(self):
         from .globs import check_filter_lists
-        from .thresholds import check_window
-
         check_filter_lists(worker=self.workers, kind=self.kinds, target=self.targets)
         check_window(self.since, self.until)
 
@@ -157,15 +156,19 @@ def _conditions(connection, filters: AuditFilters) -> list:
                     for p in patterns if p is not None]  # None: a glob that matches nothing
         conditions.append(or_(false(), *matchers))
     now = None
-    for name, compare in (("since", "__ge__"), ("until", "__le__")):
+    window = {}
+    for name in ("since", "until"):
         value = getattr(filters, name)
-        if value is None:
-            continue
         if isinstance(value, (int, float)):
             now = now or fetch_now(connection)
             value = now - timedelta(seconds=float(value))
-        bound = value if postgres else to_storage(value)
-        conditions.append(getattr(stored_time(audits.c.created_at), compare)(bound))
+        if value is not None:
+            window[name] = value
+    check_window(window.get("since"), window.get("until"))  # one a duration, the other a time: known only now
+    for name, compare in (("since", "__ge__"), ("until", "__le__")):
+        if name in window:
+            bound = window[name] if postgres else to_storage(window[name])
+            conditions.append(getattr(stored_time(audits.c.created_at), compare)(bound))
     return conditions
 
 
@@ -191,8 +194,11 @@ def iter_audits(engine: Engine, filters: AuditFilters | None = None, *, sort: st
         conditions = _conditions(connection, filters)
     base = select(*_SUMMARY_COLUMNS).where(*conditions)
     if sort != "id":
+        postgres = engine.dialect.name == "postgresql"
+        if postgres and sort in ("target", "status", "worker"):
+            order = order.collate("C")  # text in code point order, as SQLite sorts it, whatever the database's locale
         ordered = order.desc() if descending else order
-        if engine.dialect.name == "postgresql":
+        if postgres:
             # Where SQLite puts NULL (a pending audit's worker): first going up, last going down.
             ordered = ordered.nulls_last() if descending else ordered.nulls_first()
         query = base.order_by(ordered, audits.c.id)

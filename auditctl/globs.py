@@ -100,10 +100,11 @@ def _sqlite_set(negated: bool, members: list[tuple[str, str]]) -> str | None:
 def target_pattern(pattern: str, postgres: bool) -> str | None:
     """What a ``--target`` glob is matched with: an anchored regular expression on PostgreSQL
     (``~``), a ``GLOB`` pattern on SQLite; ``None`` when it can match nothing."""
-    out = []
+    out, previous = [], None
     for kind, value in parse(pattern):
         if kind == "any":
-            out.append(".*" if postgres else "*")
+            if previous != "any":  # "**" means "*": PostgreSQL took 14 s over ".*" written 1,000 times
+                out.append(".*" if postgres else "*")
         elif kind == "one":
             out.append("." if postgres else "?")
         elif kind == "set":
@@ -113,6 +114,7 @@ def target_pattern(pattern: str, postgres: bool) -> str | None:
             out.append(written)
         else:
             out.append(re.escape(value) if postgres else (f"[{value}]" if value in "*?[" else value))
+        previous = kind
     return "^" + "".join(out) + "$" if postgres else "".join(out)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy import types
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
@@ -164,8 +164,6 @@ def _next_attempt():
     """The claim's attempts counter: the stored one plus 1, or 1 when another tool left one that cannot
     count on (NULL, text, negative, infinite on SQLite: ``inf + 1`` would make ``--max-attempts``
     never fire; 2,147,483,647 on PostgreSQL: ``+ 1`` would refuse every claim of the audit)."""
-    from sqlalchemy import case
-
     return case((audits.c.attempts.between(0, MAX_COUNTED_ATTEMPTS), audits.c.attempts + 1), else_=1)
 
 

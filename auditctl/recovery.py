@@ -690,7 +690,7 @@ class ResetPlan:
     ids: list[int]
     by_origin: dict[str, int]
     by_reason: dict[str, int]
-    held_back: int  # audits matching the filters that reached the reset limit
+    held_back: int  # failed audits matching the filters that reached the reset limit: they stay failed
     max_resets: int | None
     #: With ``include_stuck``: the stuck running audits to recover first and reset with the rest.
     stuck: list = field(default_factory=list)
@@ -698,6 +698,8 @@ class ResetPlan:
     filters: ResetFilters | None = None
     #: The stuck audits' reasons asked for (empty: any).
     stuck_reasons: tuple[str, ...] = ()
+    #: Stuck running audits left out because they reached the reset limit: they stay running.
+    stuck_held_back: int = 0
 
     @property
     def total(self) -> int:
@@ -748,7 +750,7 @@ def plan_reset_all(engine: Engine, filters: ResetFilters, *, include_stuck: bool
             with read_connection(engine) as connection:
                 allowed = set(_under_reset_limit(connection, [v.id for v in stuck], filters.max_resets))
             plan.stuck = [v for v in stuck if v.id in allowed]
-            plan.held_back += len(stuck) - len(plan.stuck)  # recovering them would leave them failed
+            plan.stuck_held_back = len(stuck) - len(plan.stuck)  # recovering them would leave them failed
             plan.stuck_reasons = rule_reasons
     return plan
 

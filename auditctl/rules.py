@@ -53,7 +53,7 @@ from .progress import read_progress
 from .values import float_value, rounded, safe_int, text_value
 from .thresholds import (
     MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
-    format_duration,
+    check_window, format_duration,
 )
 
 #: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers).
@@ -84,8 +84,6 @@ class Filters:
         if unknown:
             raise ConfigError(f"unknown reason {unknown[0]!r}: choose from {', '.join(RULE_REASONS)}")
         from .globs import check_filter_lists
-        from .thresholds import check_window
-
         check_filter_lists(worker=self.workers, kind=self.kinds, target=self.targets)
         check_window(self.since, self.until)
 
@@ -293,7 +291,7 @@ class Verdict:
 @functools.lru_cache(maxsize=1024)
 def _limit(name: str, seconds: float | None, source: str) -> str:
     """The threshold part of an explanation, ``(stale_after 10m, fleet)``: the same few for a whole scan."""
-    return f"({name} {format_duration(seconds)}, {source})"
+    return f"({name} {format_duration(seconds, exact=True)}, {source})"
 
 
 def isolate(item, convert, on_error):
@@ -533,8 +531,11 @@ def _statement(shape: _Shape):
             "a.declared_stall_after", "a.declared_max_age", per_row(bits),
             d.seconds_to(per_row(basis)), d.seconds_to(per_row(heard)), d.seconds_to(per_row(changed)),
         ])
-    order = {"id": "a.id", "age": per_row(basis), "silence": per_row(heard), "target": "a.target",
-             "worker": "a.worker_id"}[shape.sort]
+    # Text in code point order on both engines: PostgreSQL would otherwise follow the database's
+    # locale ("a A b B" under en_US, "A B a b" in SQLite), and --limit would keep other audits.
+    collate = ' COLLATE "C"' if shape.postgres else ""
+    order = {"id": "a.id", "age": per_row(basis), "silence": per_row(heard), "target": f"a.target{collate}",
+             "worker": f"a.worker_id{collate}"}[shape.sort]
     direction = " DESC" if shape.descending else ""
     if shape.postgres and shape.sort != "id":
         # Where SQLite puts NULL (never heard from, no target): first going up, last going down.
@@ -613,10 +614,11 @@ def stuck_query(connection: Connection, policy: Policy, *, gone: dict[str, str] 
         params[f"target_{index}"] = target_pattern(pattern, postgres)  # None (matches nothing) compares as NULL
     if filters.older_than is not None:
         params["older_than_cut"] = d.cut_value(filters.older_than)
-    for name in ("since", "until"):
-        value = getattr(filters, name)
-        if value is not None:
-            params[name] = _moment(connection, value, postgres)
+    window = {name: moment(connection, getattr(filters, name)) for name in ("since", "until")
+              if getattr(filters, name) is not None}
+    check_window(window.get("since"), window.get("until"))  # one a duration, the other a time: known only now
+    for name, value in window.items():
+        params[name] = value if postgres else timestamps.to_storage(value)
     if filters.ids is not None:
         params["ids"] = list(filters.ids) or [-1]
     if after is not None:
@@ -652,12 +654,6 @@ class GoneInstances(dict):
             cache[postgres] = ("{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in ids) + "}"
                                if postgres else json.dumps(ids))
         return cache[postgres]
-
-
-def _moment(connection: Connection, value, postgres: bool):
-    """A filter bound as stored times compare: a datetime, or (seconds ago) the database's now minus that."""
-    value = moment(connection, value)
-    return value if postgres else timestamps.to_storage(value)
 
 
 def fixed_moments(connection: Connection, filters: Filters) -> Filters:
@@ -716,16 +712,27 @@ def iter_stuck(engine: Engine, policy: Policy, *, gone: dict[str, str] | None = 
         page_size=page_size, limit=limit, key=lambda verdict: verdict.id)
 
 
-def declared_intervals(engine: Engine) -> list[tuple[str | None, bool, float]]:
+def declared_intervals(engine: Engine, filters: Filters | None = None) -> list[tuple[str | None, bool, float]]:
     """Per kind of running audit: (kind, declares its own stale_after, longest declared heartbeat interval).
 
-    What ``Policy.check_bounds`` needs to refuse a stale threshold shorter than two beats.
+    What ``Policy.check_bounds`` needs to refuse a stale threshold shorter than two beats. With
+    ``filters``, only the audits whose workers and kinds they name: those are the ones judged.
     """
+    filters = filters or Filters()
+    where = ""
+    params: dict = {"max_duration": MAX_DURATION}
+    if filters.workers:
+        where += " AND worker_id IN :workers"
+        params["workers"] = list(filters.workers)
+    if filters.kinds:
+        where += " AND kind IN :kinds"
+        params["kinds"] = list(filters.kinds)
     sql = text("SELECT kind, CASE WHEN declared_stale_after > 0 THEN 1 ELSE 0 END, MAX(declared_heartbeat_interval) "
                "FROM audits WHERE status = 'running' AND declared_heartbeat_interval > 0 "
-               "AND declared_heartbeat_interval <= :max_duration GROUP BY 1, 2")
+               f"AND declared_heartbeat_interval <= :max_duration{where} GROUP BY 1, 2")
+    sql = sql.bindparams(*[bindparam(name, expanding=True) for name in ("workers", "kinds") if name in params])
     with read_connection(engine) as connection:
-        rows = connection.execute(sql, {"max_duration": MAX_DURATION}).all()
+        rows = connection.execute(sql, params).all()
     return [(text_value(kind), bool(own), float_value(interval)) for kind, own, interval in rows]
 
 

@@ -46,7 +46,10 @@ DEFAULT_HEARTBEAT_INTERVAL = 300.0
 MAX_DURATION = 366 * 24 * 3600.0
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+#: ASCII digits only (``\d`` and ``float`` take Arabic-Indic or full-width digits), each unit once, a blank
+#: allowed after a unit ("1h 30m") and nowhere else ("1 0m" is a typo, not ten minutes).
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)\s*")
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?")
 
 Duration = "int | float | str | timedelta"
 
@@ -127,20 +130,19 @@ class _NotADuration(ConfigError):
 
 
 def _parse_duration_text(text: str, name: str) -> float:
-    cleaned = text.strip().lower().replace(" ", "")
+    cleaned = text.strip().lower()
     shown = text if len(text) <= 40 else text[:40] + "…"
     if not cleaned:
         raise _NotADuration(f"{name}: empty duration; use a duration such as 45s, 10m or 1h")
-    try:
+    if _NUMBER.fullmatch(cleaned):
         return float(cleaned)
-    except ValueError:
-        pass
     if cleaned.startswith("-"):
         raise ConfigError(f"{name}: must be greater than zero, got {shown!r}")
-    position, total = 0, 0.0
+    position, total, units = 0, 0.0, set()
     for match in _PART.finditer(cleaned):
-        if match.start() != position:
+        if match.start() != position or match.group(2) in units:  # "10m10m" is a slip, not 20 minutes
             break
+        units.add(match.group(2))
         total += float(match.group(1)) * _UNITS[match.group(2)]
         position = match.end()
     if position != len(cleaned) or position == 0:
@@ -151,12 +153,21 @@ def _parse_duration_text(text: str, name: str) -> float:
     return total
 
 
-def format_duration(seconds: float | None) -> str:
-    """``3725`` -> ``"1h2m"``; short and human, for tables and log lines."""
+def format_duration(seconds: float | None, *, exact: bool = False) -> str:
+    """``3725`` -> ``"1h2m"``; short and human, for tables and log lines.
+
+    ``exact`` is for a setting (a threshold given, a limit): every part is kept (``"1h2m5s"``,
+    ``"10m59s"``, ``"1.25s"``), so what is shown is the value in force, not a rounding of it."""
     if seconds is None or not math.isfinite(seconds):
         return "-"  # NaN or infinity (a measurement from a broken row) is no duration to show
     if seconds < 0:
-        return "-" + format_duration(-seconds)
+        return "-" + format_duration(-seconds, exact=exact)
+    if exact and 0.9995 <= seconds < 60 and not float(seconds).is_integer():
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    if exact and seconds >= 10:
+        whole = int(round(seconds))
+        parts = zip(divmod_parts(whole), "dhms")
+        return "".join(f"{amount}{unit}" for amount, unit in parts if amount) or "0s"
     if 0 < seconds < 0.9995:  # "0.0s" would hide a sub-second threshold the operator set
         if seconds < 0.001:
             return "<1ms"
@@ -165,10 +176,7 @@ def format_duration(seconds: float | None) -> str:
             return f"{text}ms"
     if seconds < 10:
         return f"{seconds:.1f}s"
-    whole = int(round(seconds))
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
+    days, hours, minutes, secs = divmod_parts(int(round(seconds)))
     if days:
         return f"{days}d{hours}h" if hours else f"{days}d"
     if hours:
@@ -177,6 +185,14 @@ def format_duration(seconds: float | None) -> str:
         # Past ten minutes the seconds are noise to a person (json carries the exact figure).
         return f"{minutes}m{secs}s" if secs and minutes < 10 else f"{minutes}m"
     return f"{secs}s"
+
+
+def divmod_parts(whole: int) -> tuple[int, int, int, int]:
+    """Whole seconds as (days, hours, minutes, seconds)."""
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return days, hours, minutes, secs
 
 
 @dataclass(frozen=True)
@@ -211,13 +227,13 @@ def _check_order(stale_after: float | None, max_age: float | None, stall_after: 
         return
     if stale_after is not None and stale_after > max_age:
         raise ConfigError(
-            f"{prefix}stale_after ({format_duration(stale_after)}) is longer than {prefix}max_age "
-            f"({format_duration(max_age)}): a silent audit would hit max_age first; lower stale_after or raise max_age"
+            f"{prefix}stale_after ({format_duration(stale_after, exact=True)}) is longer than {prefix}max_age "
+            f"({format_duration(max_age, exact=True)}): a silent audit would hit max_age first; lower stale_after or raise max_age"
         )
     if stall_after is not None and stall_after > max_age:
         raise ConfigError(
-            f"{prefix}stall_after ({format_duration(stall_after)}) is longer than {prefix}max_age "
-            f"({format_duration(max_age)}): a frozen audit would hit max_age first; lower stall_after or raise max_age"
+            f"{prefix}stall_after ({format_duration(stall_after, exact=True)}) is longer than {prefix}max_age "
+            f"({format_duration(max_age, exact=True)}): a frozen audit would hit max_age first; lower stall_after or raise max_age"
         )
 
 
@@ -225,14 +241,14 @@ def validate_heartbeat_interval(interval: float, stale_after: float) -> float:
     """A worker must beat at least twice within ``stale_after``, or a healthy audit looks dead between beats."""
     interval = parse_duration(interval, "heartbeat_interval")
     if interval < MIN_HEARTBEAT_INTERVAL:
-        raise ConfigError(f"heartbeat_interval ({format_duration(interval)}) is below the floor of "
-                          f"{format_duration(MIN_HEARTBEAT_INTERVAL)}: the heartbeat and monitor threads would "
+        raise ConfigError(f"heartbeat_interval ({format_duration(interval, exact=True)}) is below the floor of "
+                          f"{format_duration(MIN_HEARTBEAT_INTERVAL, exact=True)}: the heartbeat and monitor threads would "
                           "spin on the database")
     if stale_after < STALE_INTERVALS * interval:
         raise ConfigError(
-            f"stale_after ({format_duration(stale_after)}) must be at least twice heartbeat_interval "
-            f"({format_duration(interval)}), or a healthy audit would look stale between two beats; "
-            f"raise stale_after to {format_duration(STALE_INTERVALS * interval)} or beat more often"
+            f"stale_after ({format_duration(stale_after, exact=True)}) must be at least twice heartbeat_interval "
+            f"({format_duration(interval, exact=True)}), or a healthy audit would look stale between two beats; "
+            f"raise stale_after to {format_duration(STALE_INTERVALS * interval, exact=True)} or beat more often"
         )
     return interval
 
@@ -375,15 +391,15 @@ class Policy:
         for name in ("stale_after", "max_age", "stall_after"):
             flag = getattr(self.override, name)
             if flag is not None:
-                parts.append(f"{name} {format_duration(flag)} (flag: overrides every audit's own)")
+                parts.append(f"{name} {format_duration(flag, exact=True)} (flag: overrides every audit's own)")
             else:
-                parts.append(f"{name} {format_duration(getattr(self.fleet, name))}")
+                parts.append(f"{name} {format_duration(getattr(self.fleet, name), exact=True)}")
         text = ", ".join(parts)
         if not all(getattr(self.override, name) is not None for name in ("stale_after", "max_age", "stall_after")):
             text += "; an audit's own thresholds win where it declares them"
         for kind, values in self.kinds:
             if values.any():
-                text += f"; kind {kind}: " + ", ".join(f"{k} {format_duration(v)}" for k, v in values.as_dict().items())
+                text += f"; kind {kind}: " + ", ".join(f"{k} {format_duration(v, exact=True)}" for k, v in values.as_dict().items())
         return text
 
     def check_bounds(self, declared_intervals: list[tuple[str | None, bool, float]], *, allow_unsafe: bool = False) -> None:
@@ -393,12 +409,14 @@ class Policy:
         if allow_unsafe:
             return
         hint = "; pass --unsafe-thresholds to use it anyway"
-        candidates = [("--stale-after", self.override.stale_after), ("stale_after", self.fleet.stale_after)]
-        candidates += [(f"stale_after of kind {kind!r}", values.stale_after) for kind, values in self.kinds]
+        candidates = [("--stale-after", self.override.stale_after)]
+        if self.override.stale_after is None:  # the flag replaces the fleet's and every kind's
+            candidates += [("stale_after", self.fleet.stale_after)]
+            candidates += [(f"stale_after of kind {kind!r}", values.stale_after) for kind, values in self.kinds]
         for label, value in candidates:
             if value is not None and value < MIN_STALE_AFTER:
-                raise UnsafeThreshold(f"{label} {format_duration(value)} is below the floor of "
-                                      f"{format_duration(MIN_STALE_AFTER)}: it would fail healthy audits between beats{hint}")
+                raise UnsafeThreshold(f"{label} {format_duration(value, exact=True)} is below the floor of "
+                                      f"{format_duration(MIN_STALE_AFTER, exact=True)}: it would fail healthy audits between beats{hint}")
         for kind, declares_own, interval in declared_intervals:
             if interval is None or interval <= 0:
                 continue
@@ -411,6 +429,6 @@ class Policy:
                     value, source = self.fleet.stale_after, "stale_after"
             if value is not None and value < STALE_INTERVALS * interval:
                 raise UnsafeThreshold(
-                    f"{source} {format_duration(value)} is below twice the heartbeat interval "
-                    f"({format_duration(interval)}) that running audits declare: it would fail them between "
-                    f"two beats; use at least {format_duration(STALE_INTERVALS * interval)}{hint}")
+                    f"{source} {format_duration(value, exact=True)} is below twice the heartbeat interval "
+                    f"({format_duration(interval, exact=True)}) that running audits declare: it would fail them between "
+                    f"two beats; use at least {format_duration(STALE_INTERVALS * interval, exact=True)}{hint}")

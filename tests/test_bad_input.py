@@ -409,8 +409,8 @@ BAD_SETTINGS = [
     ({"stale_after": True}, "stale_after: expected a duration"),
     ({"max_age": [30]}, "max_age: expected a duration"),
     ({"max_age": 10**9}, "max_age: 1000000000 is longer than a year"),
-    ({"stale_after": 700, "max_age": 600}, "stale_after (11m) is longer than max_age (10m)"),
-    ({"stall_after": 2000, "max_age": 1800}, "stall_after (33m) is longer than max_age (30m)"),
+    ({"stale_after": 700, "max_age": 600}, "stale_after (11m40s) is longer than max_age (10m)"),
+    ({"stall_after": 2000, "max_age": 1800}, "stall_after (33m20s) is longer than max_age (30m)"),
     ({"heartbeat_interval": 600, "stale_after": 600}, "stale_after (10m) must be at least twice heartbeat_interval (10m)"),
     ({"heartbeat_interval": 400}, "stale_after (10m) must be at least twice heartbeat_interval (6m40s)"),
     ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1"),
@@ -468,12 +468,14 @@ def test_any_mapping_of_kinds_and_any_iterable_of_webhooks_is_taken(engine, data
 
 
 @pytest.mark.parametrize("text_value, seconds", [("45s", 45), ("10m", 600), ("1h30m", 5400), ("1.5", 1.5), (" 2d ", 172800),
-                                                  ("250ms", 0.25)])
+                                                  ("250ms", 0.25), ("1h 30m", 5400), ("1e3", 1000)])
 def test_duration_text_forms_are_understood(text_value, seconds):
     assert parse_duration(text_value) == seconds
 
 
-@pytest.mark.parametrize("text_value", ["", "10x", "m10", "1h-5m", "ten minutes", "-0.5"])
+@pytest.mark.parametrize("text_value", ["", "10x", "m10", "1h-5m", "ten minutes", "-0.5",
+                                        # slips that used to read as something: 10m, 10m, 10m, 20m, 1000s
+                                        "\u0661\u0660m", "\uff11\uff10m", "1 0m", "10m10m", "1_000"])
 def test_unreadable_duration_text_is_a_config_error(text_value):
     with pytest.raises(ConfigError, match="duration|greater than zero"):
         Thresholds.parse(stale_after=text_value)

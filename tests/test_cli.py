@@ -573,7 +573,8 @@ def test_flags_that_would_do_nothing_are_refused_and_the_same_settings_from_the_
     assert from_env.exit_code == 0, from_env.output
 
 
-@pytest.mark.parametrize("since, until", [("1h", "2h"), ("2026-11-30T10:00Z", "2026-11-30T09:00Z")])
+@pytest.mark.parametrize("since, until", [("1h", "2h"), ("2026-11-30T10:00Z", "2026-11-30T09:00Z"),
+                                          ("1h", "2020-01-01"), ("2999-01-01", "1h")])  # mixed: judged on the database's clock
 def test_a_creation_window_that_ends_before_it_starts_is_a_usage_error(demo, since, until):
     for command in ("list", "scan", "recover"):
         result = on(demo, command, "--since", since, "--until", until)
@@ -896,6 +897,16 @@ def test_config_masks_a_password_given_as_a_query_parameter():
                     secrets=["s3cret"])
     assert result.exit_code == 0
     assert "password=***" in result.stdout
+
+
+def test_config_and_explanations_show_a_threshold_exactly_as_it_is_in_force(fleet):
+    """10m59s was shown as 10m and 25h30m as 1d1h: not the settings in force."""
+    shown = invoke("config", "--stale-after", "10m59s", "--max-age", "25h30m", "--stall-after", "14m30s", "-o", "plain")
+    assert shown.exit_code == 0, shown.output
+    values = {line.split()[0]: line.split()[1] for line in shown.stdout.splitlines() if line.strip()}
+    assert (values["stale_after"], values["max_age"], values["stall_after"]) == ("10m59s", "1d1h30m", "14m30s")
+    scanned = on(fleet.url, "scan", "--stale-after", "14m30s", "-o", "json")
+    assert any("(stale_after 14m30s, flag)" in sentence for v in json.loads(scanned.stdout) for sentence in v["explanation"])
 
 
 @pytest.mark.parametrize("fmt", ["table", "plain", "markdown", "csv"])

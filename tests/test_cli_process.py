@@ -220,6 +220,26 @@ def test_output_whose_reader_is_gone_ends_quietly_with_exit_0(tmp_path, command)
     assert (piped.returncode, piped.stderr) == (0, ""), piped.stderr
 
 
+def test_a_stderr_nobody_reads_never_turns_a_result_into_success(tmp_path):
+    """Only a gone reader of stdout is exit 0: on a dead stderr, scan --exit-code's summary line is
+    what fails, before the command could give its own code; that stays a failure."""
+    from auditctl.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'piped.db'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    make_running(engine, 1)
+    engine.dispose()
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run([str(AUDITCTL), "--database-url", url, "scan", "--exit-code"], cwd=tmp_path,
+                                env=clean_env(tmp_path), stdout=subprocess.DEVNULL, stderr=writer, timeout=60)
+    finally:
+        os.close(writer)
+    assert result.returncode == 1
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_reset_stopped_by_a_signal_exits_130_saying_how_many_it_reset_and_leaves_the_rest_untouched(tmp_path, sig):
     from sqlalchemy import update

@@ -285,6 +285,37 @@ def test_a_stale_threshold_shorter_than_two_beats_of_the_running_audits_is_refus
     assert row(engine, audit_id)["status"] == "completed", "the healthy audit was never failed"
 
 
+def test_the_two_beats_check_judges_only_the_kinds_and_workers_the_filters_name(engine, database_url, guards):
+    """A slow-beating kind elsewhere in the fleet does not make a threshold unsafe for a scan of another kind."""
+    slow = guards(worker_id="slow-beater", heartbeat_interval=300, stale_after=600, max_age=1800, stall_after=600)
+    fast = guards(worker_id="fast-beater", heartbeat_interval=1, stale_after=600, max_age=1800, stall_after=600)
+    with slow.run(slow.create_audit("https://example.com/slow", kind="slow")), \
+            fast.run(fast.create_audit("https://example.com/fast", kind="fast")):
+        for narrowed in (["--kind", "fast"], ["--worker", "fast-beater"]):
+            result = CliRunner().invoke(cli, ["scan", "--stale-after", "5s", *narrowed, "--database-url", database_url])
+            assert result.exit_code == 0, result.output
+        whole = CliRunner().invoke(cli, ["scan", "--stale-after", "5s", "--database-url", database_url])
+        assert whole.exit_code == 2 and "twice the heartbeat interval (5m)" in whole.stderr
+        slow_only = CliRunner().invoke(cli, ["recover", "--dry-run", "--stale-after", "5s", "--kind", "slow",
+                                            "--database-url", database_url])
+        assert slow_only.exit_code == 2
+
+
+def test_a_stale_after_flag_replaces_an_unsafe_fleet_or_kind_value_instead_of_being_refused_for_it(database_url, tmp_path):
+    result = CliRunner().invoke(cli, ["scan", "--stale-after", "10m", "--database-url", database_url],
+                                env={"AUDITCTL_STALE_AFTER": "500ms"})
+    assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(cli, ["scan", "--database-url", database_url], env={"AUDITCTL_STALE_AFTER": "500ms"})
+    assert refused.exit_code == 2 and "floor of 1.0s" in refused.stderr
+
+
+def test_a_stall_after_flag_longer_than_max_age_is_refused_as_the_same_value_from_the_environment_is():
+    for args, env in ((["--stall-after", "1h"], {}), ([], {"AUDITCTL_STALL_AFTER": "1h"})):
+        result = CliRunner().invoke(cli, ["config", *args], env=env)
+        assert result.exit_code == 2, result.output
+        assert "stall_after (1h) is longer than max_age (30m)" in result.stderr
+
+
 def test_recover_and_reset_all_print_the_thresholds_in_force_in_human_form(database_url):
     runner = CliRunner()
     recover = runner.invoke(cli, ["recover", "--dry-run", "--stale-after", "15m", "--database-url", database_url])

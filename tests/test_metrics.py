@@ -274,3 +274,30 @@ def test_a_stale_after_flag_decides_which_workers_count_alive_as_the_fleet_value
     by_flag = fleet_overview(engine, Policy.of(override=Overrides(stale_after=86400))).workers_alive
 
     assert by_flag == by_fleet > default
+
+
+def test_an_interrupted_watch_leaves_its_textfile_as_the_last_pass_wrote_it(tmp_path, engine):
+    """The second Ctrl-C ends watch at once: a last textfile write would read the database again,
+    and a frozen server held that read for a minute. A command that ends otherwise still writes it."""
+    from types import SimpleNamespace
+
+    from auditctl.cli.metrics_options import MetricsSink, _own_passes
+
+    path = tmp_path / "auditctl.prom"
+    state = SimpleNamespace(reader=engine, quiet=True)
+
+    def interrupted(**_kwargs):
+        raise KeyboardInterrupt
+
+    sink = MetricsSink(path=str(path))
+    sink.start(state, None)
+    with pytest.raises(KeyboardInterrupt):
+        _own_passes(sink, interrupted, (), {})
+    sink.close()
+    assert not path.exists()
+
+    sink = MetricsSink(path=str(path))
+    sink.start(state, None)
+    _own_passes(sink, lambda **_kwargs: None, (), {})
+    sink.close()
+    assert "auditctl_database_up 1.0" in path.read_text()

@@ -79,7 +79,8 @@ odd_values = st.one_of(st.none(), st.booleans(), any_number, st.text(max_size=20
 def duration_texts(draw):
     """``1h30m``, ``2.500M 4s``: what people type, with the seconds they mean."""
     parts = draw(st.lists(st.tuples(st.one_of(st.integers(0, 10**6).map(str), st.decimals(0, 10**4, places=3).map(str)),
-                                    st.sampled_from(list(_UNITS))), min_size=1, max_size=4))
+                                    st.sampled_from(list(_UNITS))), min_size=1, max_size=4,
+                           unique_by=lambda part: part[1]))  # each unit once: "10m10m" is refused as a slip
     expected = 0.0
     for number, unit in parts:
         expected += float(number) * _UNITS[unit]
@@ -231,8 +232,10 @@ def test_a_policy_remembers_a_bounded_number_of_audits():
                                     st.one_of(st.none(), st.floats(-1, 20), st.floats(-1, 4000), st.just(math.nan))), max_size=4),
        st.booleans())
 def test_policy_check_bounds_refuses_exactly_the_unsafe_stale_thresholds(policy, groups, allow_unsafe):
-    unsafe = any(v is not None and v < MIN_STALE_AFTER
-                 for v in [policy.override.stale_after, policy.fleet.stale_after] + [o.stale_after for _, o in policy.kinds])
+    # The flag replaces the fleet's and every kind's value: only what is in force is checked.
+    in_force = ([policy.override.stale_after] if policy.override.stale_after is not None
+                else [policy.fleet.stale_after] + [o.stale_after for _, o in policy.kinds])
+    unsafe = any(v is not None and v < MIN_STALE_AFTER for v in in_force)
     for kind, declares_own, interval in groups:
         if interval is None or not interval > 0:
             continue

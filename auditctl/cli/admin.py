@@ -99,14 +99,14 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
         source = ctx.get_parameter_source(name)
         if name == "database_url" and root.meta.get("auditctl.database_url") is not None and source != ParameterSource.COMMANDLINE:
             source = ParameterSource.COMMANDLINE
-        record = {"setting": name, "value": format_duration(value) if name in durations else value,
+        record = {"setting": name, "value": format_duration(value, exact=True) if name in durations else value,
                   "source": names.get(source, lambda s: "default")(SETTINGS[name])}
         if name in durations:
             record["seconds"] = value
         records.append(record)
     for kind, overrides in policy.kinds:
         for name, value in overrides.as_dict().items():
-            records.append({"setting": f"kinds.{kind}.{name}", "value": format_duration(value), "source": f"file {path}",
+            records.append({"setting": f"kinds.{kind}.{name}", "value": format_duration(value, exact=True), "source": f"file {path}",
                             "seconds": value})
     from ..textsafe import printable
 

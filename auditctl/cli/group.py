@@ -105,8 +105,12 @@ class AuditctlGroup(click.Group):
             _fail(ctx, ConfigError("a value given holds bytes that are not UTF-8 text (an argument, an AUDITCTL_* "
                                    "variable or the config file); it cannot be sent to the database"), EXIT_USAGE)
         except BrokenPipeError:
-            # The reader of stdout left (``show 12 | head -3``): it took what it wanted. Listings see
-            # this themselves and finish their work (``render``); any other output just stops here.
+            # The reader of stdout left (``show 12 | head -3``): it took what it wanted, exit 0. Listings
+            # see this themselves and finish their work (``render``); any other output just stops here.
+            # A stderr nobody reads cut a status or an error line, and with it the command's own exit
+            # code: that stays a failure (1), as click makes it.
+            if _reader_gone(sys.stderr) or not _reader_gone(sys.stdout):
+                raise
             from .render import discard_stdout
 
             discard_stdout()
@@ -158,6 +162,18 @@ class AuditctlGroup(click.Group):
             click.echo("Aborted.", err=True)
             sys.exit(EXIT_ERROR)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _reader_gone(stream) -> bool:
+    """Whether the pipe ``stream`` writes to has no reader left (poll reports an error on its end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _sigterm_as_interrupt():

@@ -85,7 +85,7 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
     from .records import VERDICT_COLUMNS, unreadable_verdict_record, verdict_record
     from .render import render
 
-    check_bounds(state, policy, allow_unsafe)
+    check_bounds(state, policy, allow_unsafe, filters)
     counts: dict[str, int] = {}
 
     def records():
@@ -131,7 +131,7 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     from .records import RECOVERY_COLUMNS, recovery_record
     from .render import render, resolve_format
 
-    check_bounds(state, policy, allow_unsafe)
+    check_bounds(state, policy, allow_unsafe, filters)
     update, finish = progress_reporter("Recovering")
     try:
         done = recover_stuck(state.engine, policy, actor=Actor.command("recover"), requeue=requeue,
@@ -207,7 +207,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     if total == 0:
         if resolve_format(fmt) == "json":
             render([], RESET_COLUMNS, fmt)
-        echo_status(state, "Nothing to reset." + (f"\n{summary}" if plan.held_back else ""))
+        echo_status(state, "Nothing to reset." + (f"\n{summary}" if plan.held_back or plan.stuck_held_back else ""))
         return
     if dry_run:
         render(listing(), RESET_COLUMNS, fmt, title="Would reset")
@@ -256,6 +256,9 @@ def _reset_summary(plan, policy) -> str:
     if plan.held_back:
         lines.append(f"{_plural(plan.held_back, 'audit')} already reset {plan.max_resets} times "
                      f"{'stays' if plan.held_back == 1 else 'stay'} failed (--max-resets to change).")
+    if plan.stuck_held_back:
+        lines.append(f"{_plural(plan.stuck_held_back, 'stuck audit')} already reset {plan.max_resets} times "
+                     f"{'stays' if plan.stuck_held_back == 1 else 'stay'} running (--max-resets to change).")
     if policy is not None:
         lines.append(f"Thresholds: {policy.describe()}.")
     return "\n".join(lines)

@@ -142,13 +142,18 @@ def _named_file(_ctx, _param, value):
 def _own_passes(sink: MetricsSink, command, args, kwargs):
     """A command that times its own passes; the textfile is written once more however it ends
     (a database missing at start included), except on a usage error."""
+    write = True
     try:
         return command(*args, **kwargs)
     except click.UsageError:
-        sink.metrics = None  # nothing ran: no file
+        write = False  # nothing ran: no file
+        raise
+    except KeyboardInterrupt:
+        write = False  # the second Ctrl-C: the operator will not wait for one more read of the database
         raise
     finally:
-        sink.write(fatal=False)
+        if write:
+            sink.write(fatal=False)
 
 
 def _one_pass(sink: MetricsSink, command, args, kwargs):

@@ -216,7 +216,7 @@ def threshold_options(command):
             fleet = Thresholds(**fleet_values)
             fleet.validate()
             override = Overrides(**{name: value for name, value in values.items() if given[name]})
-            if given["stale_after"] or given["max_age"]:
+            if any(given.values()):  # the thresholds in force must agree, however each was given
                 effective = Thresholds(stale_after=stale_after, max_age=max_age if given["max_age"] else fleet.max_age,
                                        stall_after=stall_after if given["stall_after"] else fleet.stall_after)
                 effective.validate()
@@ -248,15 +248,16 @@ def _fleet_value(ctx: click.Context, name: str) -> float:
     return {"stale_after": DEFAULT_STALE_AFTER, "max_age": DEFAULT_MAX_AGE, "stall_after": DEFAULT_STALL_AFTER}[name]
 
 
-def check_bounds(state: CliState, policy, allow_unsafe: bool) -> None:
-    """Refuse thresholds that would fail healthy audits (usage error, exit 2)."""
+def check_bounds(state: CliState, policy, allow_unsafe: bool, filters=None) -> None:
+    """Refuse thresholds that would fail healthy audits (usage error, exit 2): of the audits
+    ``filters`` (workers, kinds) name, when given."""
     from ..rules import declared_intervals
     from ..thresholds import UnsafeThreshold
 
     try:
         policy.check_bounds([], allow_unsafe=allow_unsafe)
         if not allow_unsafe:
-            policy.check_bounds(declared_intervals(state.reader))
+            policy.check_bounds(declared_intervals(state.reader, filters))
     except UnsafeThreshold as error:
         raise click.UsageError(str(error)) from None
 

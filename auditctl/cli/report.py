@@ -293,7 +293,8 @@ def _report_csv(found) -> None:
         elif isinstance(value, str):
             rows.append({"section": "capacity", "key": key, "detail": value})
         elif not isinstance(value, dict):  # the wait is a timing, above
-            rows.append({"section": "capacity", "key": key, "value": value})
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            rows.append({"section": "capacity", "key": key, "count" if whole else "value": value})
     render(rows, [Column(k, k) for k in ("section", "key", "count", "share", "value", "detail")], "csv")
 
 

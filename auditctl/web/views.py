@@ -514,6 +514,9 @@ def reset_confirmation(viewer: Viewer, plan, listing: list[dict], plan_id: str, 
     if plan.held_back:
         held = (f'<li id="held-back"><strong>{int(plan.held_back)}</strong> already reset {int(plan.max_resets)} times '
                 f'{"stays" if plan.held_back == 1 else "stay"} failed.</li>')
+    if plan.stuck_held_back:
+        held += (f'<li id="held-back-stuck"><strong>{int(plan.stuck_held_back)}</strong> stuck, already reset '
+                 f'{int(plan.max_resets)} times, {"stays" if plan.stuck_held_back == 1 else "stay"} running.</li>')
     if total == 0:
         return (f'<div class="panel" id="reset-confirm"><h2>Nothing to reset</h2><ul class="counts">{held}</ul>'
                 f'<p>There are no failed audits to return to pending.</p>{cancel}</div>')
