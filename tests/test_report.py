@@ -287,17 +287,22 @@ def test_report_on_a_terminal_prints_no_bold_under_no_color_or_a_dumb_terminal(e
     assert result.stdout == re.sub("\x1b\\[[0-9;]*m", "", styled.stdout)
 
 
+def completed_runs_of_kind(engine, kind: str, count: int = 25) -> None:
+    """``count`` healthy completed runs of ``kind``: enough for --suggest-thresholds to propose for it."""
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [{"target": "t", "status": "completed", "kind": kind, "created_at": now,
+                                             "started_at": now - timedelta(seconds=600 + i), "finished_at": now,
+                                             "attempts": 1, "longest_gap_seconds": 20.0 + i,
+                                             "longest_stall_seconds": 60.0 + i} for i in range(count)])
+
+
 def test_suggested_toml_escapes_bidi_and_zero_width_characters_of_a_kind_name(engine, database_url):
     """A kind name with a right-to-left override, an isolate, a zero-width space or a BOM must not reach
     the terminal raw in its ``[kinds."..."]`` header (it would reorder or hide what is shown), and the
     escaped header is still the same key to TOML."""
     odd = "scan\u202egnp.exe\u2066x\u2069\u200b\u200f\u061c\ufeff"
-    with write_transaction(engine) as connection:
-        now = fetch_now(connection)
-        connection.execute(insert(audits), [{"target": "t", "status": "completed", "kind": odd, "created_at": now,
-                                             "started_at": now - timedelta(seconds=600 + i), "finished_at": now,
-                                             "attempts": 1, "longest_gap_seconds": 20.0 + i,
-                                             "longest_stall_seconds": 60.0 + i} for i in range(25)])
+    completed_runs_of_kind(engine, odd)
     result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
     assert result.exit_code == 0, result.output
     assert not re.search("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]", result.stdout), ascii(result.stdout)
@@ -471,12 +476,7 @@ def test_suggestions_differ_per_kind_with_false_recovery_rates_that_match_a_reco
 def test_suggested_toml_is_a_config_block_the_config_file_accepts(engine, database_url, tmp_path):
     make_kinds(engine)
     odd = 'deep scan "v2"'  # a kind name TOML must quote
-    with write_transaction(engine) as connection:
-        now = fetch_now(connection)
-        connection.execute(insert(audits), [{"target": "t", "status": "completed", "kind": odd, "created_at": now,
-                                             "started_at": now - timedelta(seconds=600 + i), "finished_at": now,
-                                             "attempts": 1, "longest_gap_seconds": 20.0 + i,
-                                             "longest_stall_seconds": 60.0 + i} for i in range(25)])
+    completed_runs_of_kind(engine, odd)
     result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
     assert result.exit_code == 0, result.output
     parsed = tomllib.loads(result.stdout)
