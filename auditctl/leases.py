@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, case, insert, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, select, update
 from sqlalchemy import types
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
@@ -162,9 +162,10 @@ MAX_COUNTED_ATTEMPTS = 1_000_000_000
 
 def _next_attempt():
     """The claim's attempts counter: the stored one plus 1, or 1 when another tool left one that cannot
-    count on (NULL, text, negative, infinite on SQLite: ``inf + 1`` would make ``--max-attempts``
-    never fire; 2,147,483,647 on PostgreSQL: ``+ 1`` would refuse every claim of the audit)."""
-    return case((audits.c.attempts.between(0, MAX_COUNTED_ATTEMPTS), audits.c.attempts + 1), else_=1)
+    count on (NULL, text, negative, a fraction or infinite on SQLite, which everything reads as 0, so
+    ``--max-attempts`` would never fire; 2,147,483,647 on PostgreSQL: ``+ 1`` would refuse every claim)."""
+    whole = and_(audits.c.attempts.between(0, MAX_COUNTED_ATTEMPTS), audits.c.attempts == func.round(audits.c.attempts))
+    return case((whole, audits.c.attempts + 1), else_=1)
 
 
 def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, worker_url: str | None,

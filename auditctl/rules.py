@@ -656,6 +656,17 @@ class GoneInstances(dict):
         return cache[postgres]
 
 
+def check_window_now(engine: Engine, filters: Filters) -> None:
+    """Refuse (ConfigError) a ``since`` later than ``until`` when one is a duration and the other a
+    time: only the database's clock can compare them. For a command that reads again and again
+    (``watch``), so the refusal comes once, at the start, not as a failed pass."""
+    if filters.since is None or filters.until is None:
+        return
+    with read_connection(engine) as connection:
+        fixed = fixed_moments(connection, filters)
+    check_window(fixed.since, fixed.until)
+
+
 def fixed_moments(connection: Connection, filters: Filters) -> Filters:
     """``since``/``until`` given as seconds ago, turned into moments once: the batches of one
     recovery then all draw the line where its candidates were chosen."""

@@ -46,10 +46,10 @@ DEFAULT_HEARTBEAT_INTERVAL = 300.0
 MAX_DURATION = 366 * 24 * 3600.0
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-#: ASCII digits only (``\d`` and ``float`` take Arabic-Indic or full-width digits), each unit once, a blank
-#: allowed after a unit ("1h 30m") and nowhere else ("1 0m" is a typo, not ten minutes).
-_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)\s*")
-_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?")
+#: ASCII digits only (``\d`` and ``float`` take Arabic-Indic or full-width digits), each unit once, blanks
+#: around a unit ("1h 30m", "10 m") and nowhere else ("1 0m" is a typo, not ten minutes).
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)\s*")
+_NUMBER = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?")
 
 Duration = "int | float | str | timedelta"
 
@@ -162,12 +162,8 @@ def format_duration(seconds: float | None, *, exact: bool = False) -> str:
         return "-"  # NaN or infinity (a measurement from a broken row) is no duration to show
     if seconds < 0:
         return "-" + format_duration(-seconds, exact=exact)
-    if exact and 0.9995 <= seconds < 60 and not float(seconds).is_integer():
-        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-    if exact and seconds >= 10:
-        whole = int(round(seconds))
-        parts = zip(divmod_parts(whole), "dhms")
-        return "".join(f"{amount}{unit}" for amount, unit in parts if amount) or "0s"
+    if exact and not (float(seconds).is_integer() and seconds < 10):
+        return _exact_duration(seconds)
     if 0 < seconds < 0.9995:  # "0.0s" would hide a sub-second threshold the operator set
         if seconds < 0.001:
             return "<1ms"
@@ -185,6 +181,22 @@ def format_duration(seconds: float | None, *, exact: bool = False) -> str:
         # Past ten minutes the seconds are noise to a person (json carries the exact figure).
         return f"{minutes}m{secs}s" if secs and minutes < 10 else f"{minutes}m"
     return f"{secs}s"
+
+
+def _exact_duration(seconds: float) -> str:
+    """Every part of a setting, to the millisecond (``10m0.4s``, ``23h59m59.6s``, ``250ms``); a value
+    finer than that, below a minute, in plain seconds (``0.9996s``). Each reads back as the same value."""
+    millis = seconds * 1000
+    if abs(millis - round(millis)) > 1e-6 * max(1.0, millis) and seconds < 60:
+        return f"{seconds:.6g}s"
+    whole, ms = divmod(int(round(millis)), 1000)
+    if not whole:
+        return f"{ms}ms"
+    days, hours, minutes, secs = divmod_parts(whole)
+    text = "".join(f"{amount}{unit}" for amount, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if amount)
+    if ms:
+        return text + f"{secs}.{ms:03d}".rstrip("0") + "s"
+    return text + (f"{secs}s" if secs or not text else "")
 
 
 def divmod_parts(whole: int) -> tuple[int, int, int, int]:

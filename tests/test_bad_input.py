@@ -414,7 +414,7 @@ BAD_SETTINGS = [
     ({"heartbeat_interval": 600, "stale_after": 600}, "stale_after (10m) must be at least twice heartbeat_interval (10m)"),
     ({"heartbeat_interval": 400}, "stale_after (10m) must be at least twice heartbeat_interval (6m40s)"),
     ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1"),
-    ({"heartbeat_interval": 1e-9, "stale_after": 1}, "heartbeat_interval (<1ms) is below the floor of 100ms"),
+    ({"heartbeat_interval": 1e-9, "stale_after": 1}, "heartbeat_interval (1e-09s) is below the floor of 100ms"),
     ({"kinds": {"deep": {"bogus": 1}}}, "kind deep: unknown setting 'bogus'"),
     ({"kinds": [1]}, "kinds must be a mapping of kind names to their thresholds, not list"),
     ({"kinds": {"deep": 5}}, "kind deep must be a table (a mapping) of stale_after, max_age or stall_after, not int"),
@@ -468,7 +468,8 @@ def test_any_mapping_of_kinds_and_any_iterable_of_webhooks_is_taken(engine, data
 
 
 @pytest.mark.parametrize("text_value, seconds", [("45s", 45), ("10m", 600), ("1h30m", 5400), ("1.5", 1.5), (" 2d ", 172800),
-                                                  ("250ms", 0.25), ("1h 30m", 5400), ("1e3", 1000)])
+                                                  ("250ms", 0.25), ("1h 30m", 5400), ("1e3", 1000), ("+300", 300),
+                                                  ("10 m", 600)])
 def test_duration_text_forms_are_understood(text_value, seconds):
     assert parse_duration(text_value) == seconds
 
@@ -528,15 +529,16 @@ def test_missing_schema_says_run_auditctl_init(blank_database_url, engine_name):
         engine.dispose()
 
 
-@pytest.mark.parametrize("stored", ["infinite", "the largest integer", "text", "negative"])
+@pytest.mark.parametrize("stored", ["infinite", "the largest integer", "text", "negative", "a fraction"])
 def test_a_claim_starts_a_broken_attempts_counter_again_at_1(engine, stored):
     """``inf + 1`` kept an audit's counter infinite, so ``--max-attempts`` never fired (read as 0);
     on PostgreSQL ``2147483647 + 1`` refused every claim of the audit."""
     postgres = engine.dialect.name == "postgresql"
-    if stored in ("infinite", "text") and postgres:
+    if stored in ("infinite", "text", "a fraction") and postgres:
         pytest.skip("PostgreSQL's integer column cannot hold it")
     audit_id = leases.create_audit(engine, "https://example.com")
-    value = {"infinite": "9e999", "the largest integer": "2147483647", "text": "'many'", "negative": "-4"}[stored]
+    value = {"infinite": "9e999", "the largest integer": "2147483647", "text": "'many'", "negative": "-4",
+             "a fraction": "2.5"}[stored]
     with engine.begin() as connection:
         connection.execute(text(f"UPDATE audits SET attempts = {value} WHERE id = :id"), {"id": audit_id})
 

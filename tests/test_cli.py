@@ -1330,3 +1330,9 @@ def test_a_workers_log_never_shows_its_database_password_or_webhook_on_either_en
     for secret in ["very-secret-token", "B00SECRET"] + ([password] if password else []):
         assert secret not in caplog.text
     assert "127.0.0.1" in caplog.text, "the destination is named, masked"
+
+
+def test_watch_refuses_a_backwards_window_of_a_duration_and_a_time_at_the_start(demo):
+    """Judged on the database's clock, once: it used to fail every pass as a database outage."""
+    result = on(demo, "watch", "--once", "--since", "1h", "--until", "2020-01-01")
+    assert result.exit_code == 2 and "since is later than until" in result.stderr, result.output

@@ -299,6 +299,15 @@ def test_the_two_beats_check_judges_only_the_kinds_and_workers_the_filters_name(
         slow_only = CliRunner().invoke(cli, ["recover", "--dry-run", "--stale-after", "5s", "--kind", "slow",
                                             "--database-url", database_url])
         assert slow_only.exit_code == 2
+        watched = CliRunner().invoke(cli, ["watch", "--once", "--no-recover", "--stale-after", "5s", "--kind", "fast",
+                                          "--database-url", database_url])
+        assert watched.exit_code == 0, watched.output
+        from auditctl.thresholds import Overrides, Policy
+        from webtools import running_dashboard
+
+        with running_dashboard(database_url, policy=Policy.of(override=Overrides(stale_after=5.0))) as server:
+            assert server.get("/api/stuck?kind=fast").status == 200
+            assert server.get("/api/stuck").status == 400
 
 
 def test_a_stale_after_flag_replaces_an_unsafe_fleet_or_kind_value_instead_of_being_refused_for_it(database_url, tmp_path):
@@ -314,6 +323,13 @@ def test_a_stall_after_flag_longer_than_max_age_is_refused_as_the_same_value_fro
         result = CliRunner().invoke(cli, ["config", *args], env=env)
         assert result.exit_code == 2, result.output
         assert "stall_after (1h) is longer than max_age (30m)" in result.stderr
+
+
+@pytest.mark.parametrize("args, env", [(["--stale-after", "10m"], {"AUDITCTL_STALE_AFTER": "40m"}),
+                                       (["--max-age", "1h"], {"AUDITCTL_MAX_AGE": "5m"})])
+def test_thresholds_agree_as_they_are_in_force_not_as_the_values_a_flag_replaced(args, env):
+    result = CliRunner().invoke(cli, ["config", *args], env=env)
+    assert result.exit_code == 0, result.output
 
 
 def test_recover_and_reset_all_print_the_thresholds_in_force_in_human_form(database_url):

@@ -953,3 +953,14 @@ def test_the_table_wraps_a_cell_exactly_as_textwrap_does(text, width, indent):
     from auditctl.cli.render import wrap
 
     assert wrap(text, width, subsequent_indent=indent) == textwrap.wrap(text, width, subsequent_indent=indent)
+
+
+@given(st.one_of(st.floats(min_value=1e-3, max_value=MAX_DURATION), st.integers(1, int(MAX_DURATION)),
+                 st.integers(1, int(MAX_DURATION) * 1000).map(lambda ms: ms / 1000)))
+@example(600.4)
+@example(86399.6)
+@example(0.9996)
+def test_a_threshold_shown_exactly_reads_back_as_the_same_value_to_the_millisecond(seconds):
+    """``config`` and the explanations show a setting exactly: what they show is what is in force."""
+    shown = format_duration(seconds, exact=True)
+    assert abs(parse_duration(shown) - seconds) <= 0.0005 + 1e-9 * seconds, shown

@@ -680,3 +680,11 @@ def test_a_bug_answers_500_in_the_apis_shape_with_every_security_header(demo_url
     assert answer.headers.get("x-content-type-options") == "nosniff" and answer.headers.get("x-frame-options") == "DENY"
     assert "content-security-policy" in answer.headers and answer.headers.get("cache-control") == "no-store"
     assert "internal error answering GET /api/workers" in caplog.text
+
+
+@sqlite_only
+def test_a_backwards_window_of_a_duration_and_a_time_is_a_400_on_the_audits_page(demo_url, demo):
+    """Only the database's clock can compare the two; the page answered 500 with a traceback."""
+    with running_dashboard(demo_url) as server:
+        page = server.get("/audits?since=1h&until=2020-01-01")
+    assert page.status == 400 and "since is later than until" in page.text

@@ -214,12 +214,10 @@ def threshold_options(command):
         fleet_values = {name: (value if not given[name] else _fleet_value(ctx, name)) for name, value in values.items()}
         try:
             fleet = Thresholds(**fleet_values)
-            fleet.validate()
             override = Overrides(**{name: value for name, value in values.items() if given[name]})
-            if any(given.values()):  # the thresholds in force must agree, however each was given
-                effective = Thresholds(stale_after=stale_after, max_age=max_age if given["max_age"] else fleet.max_age,
-                                       stall_after=stall_after if given["stall_after"] else fleet.stall_after)
-                effective.validate()
+            # The thresholds in force must agree, however each was given; a value a flag replaces
+            # (the environment's, the file's) is not in force, so it is not checked.
+            Thresholds(**values).validate()
         except ConfigError as error:
             sources = [given_as(name) for name in values if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
             raise click.UsageError(str(error) + (f" (given as {', '.join(sources)})" if sources else "")) from None

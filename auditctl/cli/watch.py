@@ -66,6 +66,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     from ..errors import DatabaseUnavailable
     from ..history import Actor
     from ..monitor import Monitor
+    from ..rules import check_window_now
 
     refuse_without_requeue(requeue, recovering=not no_recover)
     # A long-running monitor: a PostgreSQL server that stops answering must not hold it for good.
@@ -73,7 +74,8 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     check_interval(interval, allow_unsafe)
     check_interval(refresh, allow_unsafe, "refresh")
     try:
-        check_bounds(state, policy, allow_unsafe)
+        check_bounds(state, policy, allow_unsafe, filters)
+        check_window_now(state.reader, filters)
     except DatabaseUnavailable:
         pass  # the database may come back; the first pass reports it
     monitor = Monitor(state.engine, policy, actor=Actor.command("watch"), recover=not no_recover, requeue=requeue,

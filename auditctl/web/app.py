@@ -215,6 +215,12 @@ class Dashboard:
         from ..thresholds import UnsafeThreshold
 
         problem = self.unsafe_thresholds()
+        if problem is not None and filters is not None and (filters.workers or filters.kinds):
+            try:  # narrowed, as scan narrows it: only the audits the filters name are judged
+                self.check_thresholds(filters)
+                problem = None
+            except UnsafeThreshold as error:
+                problem = str(error)
         if problem is not None:
             raise UnsafeThreshold(problem)
         verdicts = self.read(find_stuck, self.reader, self.policy, filters=filters or Filters(), sort=sort,
@@ -260,17 +266,18 @@ class Dashboard:
             self._threshold_check = (time.monotonic(), problem)
         return problem
 
-    def check_thresholds(self) -> None:
-        """Refuse thresholds that would fail healthy audits, as ``recover`` does (ConfigError)."""
+    def check_thresholds(self, filters=None) -> None:
+        """Refuse thresholds that would fail healthy audits, as ``recover`` does (ConfigError): of the
+        audits ``filters`` (workers, kinds) name, when given."""
         from ..rules import declared_intervals
 
         if not self.allow_unsafe:
-            self.policy.check_bounds(self.read(declared_intervals, self.reader))
+            self.policy.check_bounds(self.read(declared_intervals, self.reader, filters))
 
     def recover(self, user: str, filters, *, requeue: bool, max_attempts: int, dry_run: bool):
         from ..recovery import recover_stuck
 
-        self.check_thresholds()
+        self.check_thresholds(filters)
         return recover_stuck(self.operator if not dry_run else self.reader, self.policy, actor=self.actor(user),
                              requeue=requeue, max_attempts=max_attempts, dry_run=dry_run, filters=filters)
 
@@ -383,6 +390,8 @@ def _audits_fragment(d: Dashboard, request: Request) -> tuple[str, int]:
         return views.audits_fragment(None, "", error=str(error)), 400
     try:
         records = d.audits(filters, sort, descending, limit or None)
+    except ConfigError as error:  # a since/until pair the database's clock puts backwards
+        return views.audits_fragment(None, "", error=str(error)), 400
     except Outage:
         records = None
     return views.audits_fragment(records, d.health.banner(), limit=limit), 200
