@@ -576,6 +576,9 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
             dead = engine.dialect.is_disconnect(exc, driver, None)
             if dead:
                 pooled.invalidate(exc)
+                # A dead connection most often means every connection of the pool died with it (the
+                # server restarted): a fresh pool, or the retry below takes another dead one.
+                engine.dispose(close=False)
             _give_back(pooled, held, driver if postgres else None)
             # A call past its deadline may have reached the server: its budget is spent, no retry.
             timed_out = getattr(driver, "TimedOut", None)

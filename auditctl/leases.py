@@ -15,7 +15,8 @@ keeps the run's longest silence between writes and longest time without progress
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 
 from sqlalchemy import and_, bindparam, case, func, insert, select, update
 from sqlalchemy import types
@@ -42,6 +43,9 @@ class Lease:
     worker_id: str
     instance_id: str
     worker_url: str | None
+    #: The database's time of the claim (the run's ``started_at``): what tells this run's own end,
+    #: already written, from another's (see ``finish``). None for a lease read back from a row.
+    claimed_at: datetime | None = None
 
 
 def create_audit(engine: Engine, target: str, *, max_age: float | None = None, kind: str | None = None) -> int:
@@ -198,7 +202,7 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
                     attempts=_next_attempt())
         )
         if result.rowcount == 1:
-            return lease, document
+            return replace(lease, claimed_at=now), document
         status = connection.execute(select(audits.c.status).where(audits.c.id == audit_id)).scalar()
     if status is None:
         raise AuditNotFound(f"no audit with id {audit_id}")
@@ -291,6 +295,23 @@ def finish(engine: Engine, lease: Lease, *, error: str | None, actor: Actor) -> 
                   "progress": stamped(audits.c.progress, updated=True, finished=True), **_gaps()}
         if connection.execute(update(audits).where(*_fenced(lease)).values(**values)).rowcount == 1:
             return status
+        if _ended_by_this_run(connection, lease, status):
+            return status  # a retry of a write whose commit did commit, though its answer was lost
     raise _lost(engine, lease, "finish", actor)
+
+
+def _ended_by_this_run(connection, lease: Lease, status: str) -> bool:
+    """Whether the audit already holds this run's own end: the status it wrote, no lease, this
+    instance, this run's start, and no recovery's reasons (a recovery leaves the same instance
+    and start, with its reasons). Without it, a retried final write whose first commit reached
+    the server but whose answer was lost reported the worker's own success as a lost lease."""
+    if lease.claimed_at is None:
+        return False
+    return connection.execute(
+        select(func.count()).select_from(audits).where(
+            audits.c.id == lease.audit_id, audits.c.status == status, audits.c.lease.is_(None),
+            audits.c.worker_instance == lease.instance_id, audits.c.started_at == lease.claimed_at,
+            audits.c.recovery_reasons.is_(None))
+    ).scalar_one() == 1
 
 

@@ -176,10 +176,13 @@ def mark_running(engine: Engine, instance_id: str, guard: object) -> None:
                            .values(stopped_at=None, last_heartbeat_at=db_now()))
 
 
-def mark_stopped(engine: Engine, instance_id: str) -> None:
+_STOPPED = update(workers).where(workers.c.instance_id == bindparam("instance_id")).values(stopped_at=db_now())
+
+
+def mark_stopped(engine: Engine, instance_id: str, *, timeout: float | None = None) -> None:
+    """This instance stopped cleanly: one statement, ``timeout`` as in ``db.single_write``."""
     forget_here(instance_id)
-    with write_transaction(engine) as connection:
-        connection.execute(update(workers).where(workers.c.instance_id == instance_id).values(stopped_at=db_now()))
+    single_write(engine, _STOPPED, {"instance_id": instance_id}, timeout=timeout)
 
 
 def _instance(m) -> Instance:

@@ -600,7 +600,8 @@ class StuckAuditPrevention:
     def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
         delay = EMERGENCY_BACKOFF
-        deadline = time.monotonic() + (patience if patience is not None else min(60.0, self.thresholds.stale_after / 2))
+        patience = patience if patience is not None else min(60.0, self.thresholds.stale_after / 2)
+        deadline = None  # counted from the first failure: a pause (SIGSTOP) before it is no trouble to retry
         with self._holding_signals():
             while True:
                 with handle._lock:
@@ -611,6 +612,7 @@ class StuckAuditPrevention:
                     except LeaseLost as lost:
                         raise handle._mark_lost(lost) from None
                     except AuditctlError as trouble:
+                        deadline = deadline if deadline is not None else time.monotonic() + patience
                         if time.monotonic() >= deadline:
                             raise
                         log.warning("🚨 Emergency progress recovery: cannot record the end of audit %s yet (%s); retrying",
@@ -690,7 +692,9 @@ class StuckAuditPrevention:
             signal.signal(signal.SIGTERM, self._previous_sigterm if self._previous_sigterm is not None else signal.SIG_DFL)
             self._previous_sigterm = None
         try:
-            registry.mark_stopped(self.engine, self.instance_id)
+            # Bounded as a beat is: a process exiting (SIGTERM) with its database frozen waited the
+            # full connection timeout here, after its final write had already waited.
+            registry.mark_stopped(self.engine, self.instance_id, timeout=self.beat_timeout)
         except AuditctlError as error:
             registry.forget_here(self.instance_id)
             log.warning("could not mark worker instance %s stopped: %s", self.instance_id[:8], printable(error))

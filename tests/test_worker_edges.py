@@ -762,3 +762,81 @@ def test_a_forked_child_never_acts_for_its_parents_guard(tmp_path, database_url,
     assert parent["status"] == COMPLETED and not parent["error"]
     assert not events(engine, 1), "nothing recovered it, nothing lost its lease"
     assert row(engine, 2)["status"] == "pending"
+
+
+@pytest.mark.parametrize("error", [None, "scanner crashed"], ids=["completed", "failed"])
+def test_a_final_write_retried_after_its_commit_took_effect_is_the_runs_own_end_not_a_lost_lease(engine, error):
+    """The answer to the final write's COMMIT was lost (a connection cut as it came back), so the
+    worker wrote again: the row already held its own end. That was reported as LeaseLost, with a
+    lease_lost event in the history, for an audit the worker had just finished itself."""
+    audit_id = leases.create_audit(engine, "https://example.com/ends")
+    lease, _document = leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-1", worker_url=None)
+    actor = Actor.command("worker")
+
+    assert leases.finish(engine, lease, error=error, actor=actor) == leases.finish(engine, lease, error=error, actor=actor)
+
+    assert row(engine, audit_id)["status"] == ("completed" if error is None else "failed")
+    assert [e["event"] for e in events(engine, audit_id)] == []
+
+
+def test_a_final_write_after_a_recovery_still_loses_its_lease(engine, backdate):
+    """The same instance and start, failed by a recovery (with its reasons): not this run's own end."""
+    audit_id = leases.create_audit(engine, "https://example.com/recovered")
+    lease, _document = leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-1", worker_url=None)
+    backdate(audit_id, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    assert [r.id for r in recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))] == [audit_id]
+
+    with pytest.raises(LeaseLost):
+        leases.finish(engine, lease, error="scanner crashed", actor=Actor.command("worker"))
+    assert [e["event"] for e in events(engine, audit_id)] == ["recovered", "lease_lost"]
+
+
+def test_a_write_after_the_server_cut_every_connection_is_retried_on_a_fresh_one(engine, database_url):
+    """A server restart kills every pooled connection at once: the retry of a single write took the
+    next dead one from the pool, so a worker's progress report was dropped with the database up."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("connections cut by the server: PostgreSQL's pg_terminate_backend")
+    from sqlalchemy import bindparam, update
+
+    from auditctl.db import create_engine, single_write
+    from auditctl.schema import audits
+
+    audit_id = leases.create_audit(engine, "https://example.com/restart")
+    worker_engine = create_engine(database_url, role="worker")
+    try:
+        idle = [worker_engine.raw_connection() for _ in range(3)]  # three connections, all back in the pool
+        for connection in idle:
+            connection.close()
+        with engine.begin() as admin:
+            cut = admin.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                     "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+                                     "AND application_name LIKE 'auditctl-worker%'")).scalar_one()
+        assert cut >= 3
+        touch = update(audits).where(audits.c.id == bindparam("audit_id")).values(target="https://example.com/after")
+        assert single_write(worker_engine, touch, {"audit_id": audit_id}) == 1
+    finally:
+        worker_engine.dispose()
+    assert row(engine, audit_id)["target"] == "https://example.com/after"
+
+
+def test_the_final_writes_retries_are_counted_from_its_first_failure_not_from_before_a_pause(engine, guards, monkeypatch):
+    """A worker paused (SIGSTOP) inside its final write: the pause used up the whole retry budget, so
+    the write was not tried again and the worker saw DatabaseUnavailable instead of its answer."""
+    from auditctl.errors import DatabaseUnavailable
+
+    guard = guards(stale_after=2)  # retries for up to 1 s
+    audit_id = guard.create_audit("https://example.com/paused-finish")
+    real_finish, calls = leases.finish, []
+
+    def paused_then_cut(*args, **kwargs):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(1.5)  # the pause, longer than the budget, then the connection is found cut
+            raise DatabaseUnavailable("terminating connection due to idle-in-transaction timeout")
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(leases, "finish", paused_then_cut)
+    with guard.run(audit_id):
+        pass
+
+    assert len(calls) == 2 and row(engine, audit_id)["status"] == COMPLETED

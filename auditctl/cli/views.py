@@ -165,7 +165,7 @@ def _show_markdown(record: dict) -> None:
 @common_options
 @output_options
 @click.option("--all", "show_all", is_flag=True, help="Also instances gone for longer than the retention (24h).")
-@click.option("--stale-after", "stale_after", default="10m", show_default=True, envvar="AUDITCTL_STALE_AFTER",
+@click.option("--stale-after", "stale_after", default="10m", show_default=True, envvar="AUDITCTL_STALE_AFTER", show_envvar=True,
               type=DURATION, help="An instance on another host that declared no threshold is alive if it beat within this.")
 def workers(state, fmt, show_all, stale_after):
     """Each worker instance: last heartbeat, alive, silent or provably gone, and the audits it holds.
