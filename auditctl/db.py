@@ -574,15 +574,18 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
                 driver.autocommit = False
         except error_class as exc:
             dead = engine.dialect.is_disconnect(exc, driver, None)
-            if dead:
-                pooled.invalidate(exc)
-                # A dead connection most often means every connection of the pool died with it (the
-                # server restarted): a fresh pool, or the retry below takes another dead one.
-                engine.dispose(close=False)
-            _give_back(pooled, held, driver if postgres else None)
             # A call past its deadline may have reached the server: its budget is spent, no retry.
             timed_out = getattr(driver, "TimedOut", None)
-            if dead and attempt == 1 and not (timed_out and isinstance(exc, timed_out)):
+            timed_out = bool(timed_out and isinstance(exc, timed_out))
+            if dead and not timed_out:
+                # A connection the server cut most often died with every other one of the pool (a
+                # restart): as SQLAlchemy does on a disconnect, every connection opened before now is
+                # replaced when next checked out, or the retry below would take another dead one.
+                engine.pool._invalidate(pooled, exc)
+            elif dead:
+                pooled.invalidate(exc)  # closed by its own deadline: only this one
+            _give_back(pooled, held, driver if postgres else None)
+            if dead and attempt == 1 and not timed_out:
                 continue
             raise database_error(_wrapped(engine, sql, values, exc, invalidated=dead), engine) from None
         except BaseException:

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .db import FileWatch, fetch_now, read_connection
-from .errors import AuditctlError, DatabaseMissing, SchemaMissing
+from .errors import AuditctlError, ConfigError, DatabaseMissing, SchemaMissing
 from .history import Actor
 from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, recover_stuck
 from .rules import Filters, Verdict, find_stuck, gone_instances
@@ -37,6 +37,9 @@ class PassResult:
     error: str | None = None
     #: The database answered but cannot be used (no schema, not ours): retrying will not help.
     fatal: bool = False
+    #: Fatal because the filters themselves are refused (a since/until window that turned backwards
+    #: as time went on): the operator's mistake, not the database's.
+    refused: bool = False
     recovered: list[Recovery] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     stuck: list[Verdict] = field(default_factory=list)
@@ -154,6 +157,8 @@ class Monitor:
             return PassResult(ok=False, error=str(exc))
         except SchemaMissing as exc:
             return PassResult(ok=False, error=str(exc), fatal=True)
+        except ConfigError as exc:  # not an outage: every pass would be refused the same way
+            return PassResult(ok=False, error=str(exc), fatal=True, refused=True)
         except (AuditctlError, SQLAlchemyError) as exc:
             # SQLAlchemyError: a pool or driver failure that reached us untranslated is trouble
             # reaching the database all the same; the monitor reports it and retries.

@@ -184,11 +184,13 @@ def format_duration(seconds: float | None, *, exact: bool = False) -> str:
 
 
 def _exact_duration(seconds: float) -> str:
-    """Every part of a setting, to the millisecond (``10m0.4s``, ``23h59m59.6s``, ``250ms``); a value
-    finer than that, below a minute, in plain seconds (``0.9996s``). Each reads back as the same value."""
+    """Every part of a setting (``10m0.4s``, ``23h59m59.6s``, ``250ms``); a value finer than a
+    millisecond in plain seconds, every digit (``600.0004s``, ``0.0000001s``). Each reads back as the
+    same value."""
     millis = seconds * 1000
-    if abs(millis - round(millis)) > 1e-6 * max(1.0, millis) and seconds < 60:
-        return f"{seconds:.6g}s"
+    if abs(millis - round(millis)) > 1e-9 * max(1.0, millis):
+        text = repr(float(seconds))
+        return (text if "e" not in text else f"{seconds:.20f}".rstrip("0").rstrip(".")) + "s"
     whole, ms = divmod(int(round(millis)), 1000)
     if not whole:
         return f"{ms}ms"

@@ -600,8 +600,10 @@ class StuckAuditPrevention:
     def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
         delay = EMERGENCY_BACKOFF
+        # A SIGTERM's patience runs from now: the process must exit within it. Otherwise the budget runs
+        # from the first failure, so a pause (SIGSTOP) inside the first attempt does not spend it.
+        deadline = time.monotonic() + patience if patience is not None else None
         patience = patience if patience is not None else min(60.0, self.thresholds.stale_after / 2)
-        deadline = None  # counted from the first failure: a pause (SIGSTOP) before it is no trouble to retry
         with self._holding_signals():
             while True:
                 with handle._lock:

@@ -414,7 +414,7 @@ BAD_SETTINGS = [
     ({"heartbeat_interval": 600, "stale_after": 600}, "stale_after (10m) must be at least twice heartbeat_interval (10m)"),
     ({"heartbeat_interval": 400}, "stale_after (10m) must be at least twice heartbeat_interval (6m40s)"),
     ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1"),
-    ({"heartbeat_interval": 1e-9, "stale_after": 1}, "heartbeat_interval (1e-09s) is below the floor of 100ms"),
+    ({"heartbeat_interval": 1e-9, "stale_after": 1}, "heartbeat_interval (0.000000001s) is below the floor of 100ms"),
     ({"kinds": {"deep": {"bogus": 1}}}, "kind deep: unknown setting 'bogus'"),
     ({"kinds": [1]}, "kinds must be a mapping of kind names to their thresholds, not list"),
     ({"kinds": {"deep": 5}}, "kind deep must be a table (a mapping) of stale_after, max_age or stall_after, not int"),

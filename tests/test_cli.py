@@ -1336,3 +1336,14 @@ def test_watch_refuses_a_backwards_window_of_a_duration_and_a_time_at_the_start(
     """Judged on the database's clock, once: it used to fail every pass as a database outage."""
     result = on(demo, "watch", "--once", "--since", "1h", "--until", "2020-01-01")
     assert result.exit_code == 2 and "since is later than until" in result.stderr, result.output
+
+
+def test_watch_stops_with_a_usage_error_when_its_window_turns_backwards_as_time_goes_on(demo):
+    """--until a moment ahead, --since a duration: after a while the window is backwards. That was
+    reported as a database outage on every pass, for good."""
+    from datetime import datetime, timedelta, timezone
+
+    until = (datetime.now(timezone.utc) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    result = on(demo, "watch", "--no-recover", "--interval", "0.5s", "--since", "1s", "--until", until)
+    assert result.exit_code == 2 and "since is later than until" in result.stderr, result.output
+    assert "database lost" not in result.output

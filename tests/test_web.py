@@ -688,3 +688,32 @@ def test_a_backwards_window_of_a_duration_and_a_time_is_a_400_on_the_audits_page
     with running_dashboard(demo_url) as server:
         page = server.get("/audits?since=1h&until=2020-01-01")
     assert page.status == 400 and "since is later than until" in page.text
+
+
+def test_a_sign_in_name_with_a_nul_or_an_escape_acts_and_is_recorded_as_printable_text(demo_url, demo):
+    """The name is the actor of every action in the history: a NUL made every action fail on
+    PostgreSQL (and marked the audit as needing an operator), and an escape reached the log raw."""
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="bob\x00\x1b[31mevil")
+        session = {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": server.origin}
+        done = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1", "id": "12"}, headers=session)
+    assert done.status == 200 and "Recovered 1 audit" in done.text, done.text
+    (recovered,) = [e for e in events(demo, 12) if e["event"] == "recovered"]
+    assert recovered["actor"] == "dashboard bob\\x00\\x1b[31mevil"
+
+
+@sqlite_only
+def test_workers_history_and_previews_clip_a_megabyte_value_like_every_other_page(demo_url, demo):
+    from auditctl.schema import workers
+
+    huge = "w" * 1_000_000
+    with write_transaction(demo) as connection:
+        connection.execute(update(workers).values(worker_id=huge))
+        connection.execute(update(audits).where(audits.c.id == 12).values(target=huge))
+    with running_dashboard(demo_url) as server:
+        listed = server.get("/fragments/workers")
+        cookie, csrf = server.sign_in()
+        preview = server.post("/actions/recover", form={"csrf_token": csrf, "id": "12"},
+                              headers={"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": server.origin})
+    assert listed.status == 200 and preview.status == 200, preview.text
+    assert len(listed.text) < 100_000 and len(preview.text) < 100_000

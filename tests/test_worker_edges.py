@@ -840,3 +840,52 @@ def test_the_final_writes_retries_are_counted_from_its_first_failure_not_from_be
         pass
 
     assert len(calls) == 2 and row(engine, audit_id)["status"] == COMPLETED
+
+
+def test_a_write_past_its_own_deadline_keeps_the_pools_other_connections(engine, database_url):
+    """Only a connection the server cut says the others died too; one closed by its own deadline
+    (a slow statement) does not, and replacing the pool for it left healthy connections open."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a call deadline: PostgreSQL's")
+    from auditctl.db import create_engine, single_write
+    from auditctl.errors import DatabaseUnavailable
+
+    worker_engine = create_engine(database_url, role="worker")
+    try:
+        def backends() -> set[int]:
+            held = [worker_engine.raw_connection() for _ in range(3)]
+            try:
+                return {c.driver_connection.execute("SELECT pg_backend_pid()").fetchone()[0] for c in held}
+            finally:
+                for connection in held:
+                    connection.close()
+
+        before = backends()
+        with pytest.raises(DatabaseUnavailable):
+            single_write(worker_engine, text("SELECT pg_sleep(5)"), timeout=1.0)
+        assert len(backends() & before) == 2, "only the connection the deadline closed is replaced"
+    finally:
+        worker_engine.dispose()
+
+
+def test_a_sigterm_final_write_keeps_to_its_patience_from_the_start(engine, guards, monkeypatch):
+    """The process must exit within SIGNAL_PATIENCE of the SIGTERM: a first attempt that used the
+    whole patience is not retried (the budget of an ordinary end runs from the first failure)."""
+    from auditctl import worker
+    from auditctl.errors import DatabaseUnavailable
+
+    monkeypatch.setattr(worker, "SIGNAL_PATIENCE", 0.5)
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/sigterm-finish")
+    calls = []
+
+    def frozen(*args, **kwargs):
+        calls.append(time.monotonic())
+        time.sleep(0.8)
+        raise DatabaseUnavailable("did not answer within 0.8s")
+
+    monkeypatch.setattr(leases, "finish", frozen)
+    with pytest.raises(SystemExit):
+        with guard.run(audit_id):
+            raise SystemExit(143)
+    assert len(calls) == 1

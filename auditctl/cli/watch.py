@@ -139,8 +139,10 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if result is not None and result.fatal:
-        from ..errors import SchemaMissing
+        from ..errors import ConfigError, SchemaMissing
 
+        if result.refused:
+            raise ConfigError(result.error)  # exit 2: the filters, not the database
         raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see group._explain_and_fail)
     if isinstance(view, LogView) and view.output_error is not None:
         raise view.output_error  # one line, exit 1 (group.main): the passes ran, the output did not

@@ -65,10 +65,12 @@ def open_engine(database_url: str, role: str):
     lets it be replaced by an empty one)."""
     from sqlalchemy.pool import NullPool
 
-    from ..db import create_engine, normalize_url
+    from ..db import create_engine, monitor_call_timeout, normalize_url
 
     if normalize_url(database_url).get_backend_name() != "sqlite":
-        return create_engine(database_url, role=role, must_exist=True)
+        # A server that stops answering must not hold a page (and the pool behind it) for good: the
+        # same deadline as watch's, then the page shows the database as unreachable.
+        return create_engine(database_url, role=role, must_exist=True, call_timeout=monitor_call_timeout())
     return create_engine(database_url, role=role, must_exist=True, poolclass=NullPool)
 
 
@@ -478,7 +480,10 @@ async def login(request: Request):
                             status_code=429, headers=FLOODED_RETRY_AFTER)
     if not right:
         return HTMLResponse(views.login_page(viewer, "That is not the dashboard's token."), status_code=401)
-    name = " ".join(str(form.get("name") or "").split())[:64]
+    # The name goes into every action's history (``dashboard NAME``) and the log: printable text only.
+    from ..textsafe import printable
+
+    name = " ".join(printable(str(form.get("name") or "")).split())[:64]
     session = d.sessions.create(name or "token")
     log.info("signed in: %s", name or "token")
     response = RedirectResponse("/", status_code=303)

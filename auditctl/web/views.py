@@ -251,7 +251,7 @@ def workers_table(records: list[dict]) -> str:
         state = "alive" if w.get("alive") else ("gone" if w.get("gone") else "silent")
         note = "duplicate worker_id: another live instance uses it" if w.get("duplicate") else (w.get("gone") or "")
         rows.append(
-            f'<tr><td>{e(w.get("worker_id"))}</td><td class="mono">{e((w.get("instance_id") or "?")[:8])}</td>'
+            f'<tr><td>{cell(w.get("worker_id"))}</td><td class="mono">{e((w.get("instance_id") or "?")[:8])}</td>'
             f'<td>{dash(w.get("host"))}</td><td class="num">{dash(w.get("pid"))}</td>'
             f'<td class="num">{ago(w.get("heartbeat_age_seconds"))}</td>'
             f'<td><span class="state w-{state}">{state}</span></td>'
@@ -436,8 +436,8 @@ def audit_fragment(viewer: Viewer, record: dict | None, banner: str) -> str:
     history = record.get("history") or []
     if history:
         rows = "".join(
-            f'<tr><td>{e(h.get("at"))}</td><td>{e(h.get("event"))}</td><td>{dash(h.get("from_status"))}</td>'
-            f'<td>{dash(h.get("to_status"))}</td><td>{reason_badges(h.get("reasons"))}</td><td>{e(h.get("actor"))}</td>'
+            f'<tr><td>{cell(h.get("at"))}</td><td>{cell(h.get("event"))}</td><td>{dash(h.get("from_status"))}</td>'
+            f'<td>{dash(h.get("to_status"))}</td><td>{reason_badges(h.get("reasons"))}</td><td>{cell(h.get("actor"))}</td>'
             f'<td>{dash(h.get("host"))}</td></tr>' for h in history)
         history_html = ('<table class="grid" id="history"><thead><tr><th>At</th><th>Event</th><th>From</th><th>To</th>'
                         f'<th>Reasons</th><th>By</th><th>Host</th></tr></thead><tbody>{rows}</tbody></table>')
@@ -498,7 +498,7 @@ def login_page(viewer: Viewer, error: str | None = None) -> str:
 
 def _reset_rows(records: list[dict]) -> str:
     rows = "".join(
-        f'<tr><td class="num"><a href="/audits/{int(r["id"])}">{int(r["id"])}</a></td><td class="target">{e(r.get("target"))}</td>'
+        f'<tr><td class="num"><a href="/audits/{int(r["id"])}">{int(r["id"])}</a></td><td class="target">{cell(r.get("target"))}</td>'
         f'<td>{e(r.get("origin"))}</td><td>{reason_badges(r.get("reasons"))}</td><td class="num">{int(r.get("resets") or 0)}</td>'
         f'<td>{status_badge(r.get("status"))}</td><td class="why">{dash(r.get("error"))}</td></tr>'
         for r in records)
@@ -520,7 +520,7 @@ def reset_confirmation(viewer: Viewer, plan, listing: list[dict], plan_id: str, 
     if total == 0:
         return (f'<div class="panel" id="reset-confirm"><h2>Nothing to reset</h2><ul class="counts">{held}</ul>'
                 f'<p>There are no failed audits to return to pending.</p>{cancel}</div>')
-    reasons = ", ".join(f"{n} {e(r)}" for r, n in sorted(plan.by_reason.items()))
+    reasons = ", ".join(f"{n} {cell(r)}" for r, n in sorted(plan.by_reason.items()))
     counts = [f'<li id="count-stuck-origin"><strong>{int(plan.by_origin.get("stuck", 0))}</strong> recovered as stuck'
               + (f" ({reasons})" if reasons else "") + "</li>",
               f'<li id="count-error-origin"><strong>{int(plan.by_origin.get("error", 0))}</strong> failed with their own error</li>']
@@ -554,7 +554,7 @@ def reset_result(records: list[dict], left_alone: int, skipped) -> str:
 
 def _recovery_rows(records: list[dict]) -> str:
     rows = "".join(
-        f'<tr><td class="num"><a href="/audits/{int(r["id"])}">{int(r["id"])}</a></td><td class="target">{e(r.get("target"))}</td>'
+        f'<tr><td class="num"><a href="/audits/{int(r["id"])}">{int(r["id"])}</a></td><td class="target">{cell(r.get("target"))}</td>'
         f'<td>{reason_badges(r.get("reasons"))}</td><td>{dash(r.get("worker_id"))}</td><td>{status_badge(r.get("status"))}</td>'
         f'<td class="why">{lines(r.get("explanation"))}</td></tr>' for r in records)
     return ('<table class="grid"><thead><tr><th>ID</th><th>Target</th><th>Reasons</th><th>Worker</th><th>New status</th>'
