@@ -90,6 +90,11 @@ def normalize_url(database_url: str | URL) -> URL:
     if backend == "sqlite" and not url.database and url.host:
         raise ConfigError(f"{mask_url(database_url)} names no file: a SQLite URL has three slashes, "
                           f"as in sqlite:///{url.host}")
+    if backend == "sqlite" and (url.database or "").startswith("file:") and url.query.get("uri") != "true":
+        # SQLite reads a file: name as a URI only when told; otherwise it is a file named "file:...",
+        # and parts of auditctl that read the path would look at another file.
+        raise ConfigError(f"{mask_url(database_url)}: a file: name is a SQLite URI; add ?uri=true "
+                          "(sqlite:///file:PATH?uri=true), or give the path itself (sqlite:///PATH)")
     return url
 
 
@@ -690,7 +695,8 @@ def keyset_pages(engine: Engine, read_page, *, page_size: int, limit: int | None
 
 
 _NOT_UTF8 = re.compile(r"Could not decode to UTF-8 column '([^']*)'")
-_MISSING_TABLE = re.compile(r"no such table|relation \"[^\"]*\" does not exist|no such column|column \"[^\"]*\" does not exist")
+_MISSING_TABLE = re.compile(r"no such table|relation \"[^\"]*\" does not exist|no such column|has no column named|"
+                            r"column \"[^\"]*\" does not exist")
 
 
 @contextlib.contextmanager
@@ -720,8 +726,10 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
         return NotADatabase(f"the file at {where} is not a database ({detail}); "
                             "point the database URL at auditctl's database")
     if _MISSING_TABLE.search(detail):
-        return SchemaMissing(f"the database at {where} has no auditctl schema, or an older one ({detail}); "
-                             "run `auditctl init`")
+        missing = SchemaMissing(f"the database at {where} has no auditctl schema, or an older one ({detail}); "
+                                "run `auditctl init`")
+        missing.detail = detail  # what the database said, for a caller that is itself ``init`` (migrate.upgrade)
+        return missing
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(exc, "connection_invalidated", False):
         return DatabaseUnavailable(f"database unavailable at {where}: {detail}{_read_only_directory_hint(url, detail)}")
     return DatabaseRefused(f"database error at {where}: {detail}")

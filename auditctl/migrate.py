@@ -20,7 +20,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
 from .db import describe, is_postgres, translate_errors, write_transaction
-from .errors import NotOurDatabase, SchemaMissing, SchemaTooNew
+from .errors import DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew
 from .textsafe import printable
 
 #: Arbitrary but fixed: the advisory lock key auditctl's migrations take on PostgreSQL.
@@ -71,20 +71,34 @@ def _quiet_alembic():
         logger.setLevel(level)
 
 
-def _state(connection) -> tuple[str | None, set[str]]:
-    """(recorded revision or None, which of auditctl's table names exist)."""
+#: What every auditctl revision has, from the first: its three tables, and these columns of ``audits``.
+#: Tables of these names without them are another application's, whatever revision it records.
+_FIRST_TABLES = {"audits", "audit_events", "workers"}
+_FIRST_AUDIT_COLUMNS = {"id", "target", "status", "lease", "worker_instance", "heartbeat_at", "progress_signature",
+                        "recovery_reasons"}
+
+
+def _state(connection) -> tuple[str | None, set[str], bool]:
+    """(recorded revision or None, which of auditctl's table names exist, whether they are auditctl's
+    as far as the first revision can tell)."""
     inspector = inspect(connection)
     names = set(inspector.get_table_names())
     revision = None
     if "alembic_version" in names:
         revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    return revision, names & set(_OUR_TABLES)
+    ours = _FIRST_TABLES <= names and _FIRST_AUDIT_COLUMNS <= {column["name"] for column in inspector.get_columns("audits")}
+    return revision, names & set(_OUR_TABLES), ours
 
 
-def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str], where: str) -> None:
-    advice = ("give auditctl its own database, or its own schema with "
-              "?options=-csearch_path%3Dauditctl in the URL") if is_postgres(engine_or_connection) \
+def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str], where: str, ours: bool = True) -> None:
+    advice = ("give auditctl its own database, or its own schema (CREATE SCHEMA auditctl, then "
+              "?options=-csearch_path%3Dauditctl in the URL)") if is_postgres(engine_or_connection) \
         else "point --database-url at a file of auditctl's own"
+    if revision is not None and "audits" in present and not ours:
+        # An Alembic revision and tables named like auditctl's, but not auditctl's tables: migrating
+        # them would change another application's database.
+        raise NotOurDatabase(f"the database at {where} records an Alembic revision ({printable(str(revision))[:40]}) "
+                             f"and has tables named like auditctl's that auditctl did not create; {advice}")
     if revision is None and present:
         tables = ", ".join(sorted(present))
         raise NotOurDatabase(f"the database at {where} has tables named like auditctl's ({tables}) that auditctl did not "
@@ -112,8 +126,8 @@ def diagnose(engine: Engine) -> SchemaMissing:
     where = describe(engine)
     try:
         with translate_errors(engine), engine.connect() as connection:
-            revision, present = _state(connection.execution_options(auditctl_read_only=True))
-        _refuse_foreign(engine, revision, present, where)
+            revision, present, ours = _state(connection.execution_options(auditctl_read_only=True))
+        _refuse_foreign(engine, revision, present, where, ours)
     except SchemaMissing as error:
         return error
     except Exception:  # noqa: BLE001 - the diagnosis is a courtesy; the original error stands
@@ -130,12 +144,19 @@ def upgrade(engine: Engine) -> UpgradeResult:
     from alembic.migration import MigrationContext
 
     where = describe(engine)
-    with _quiet_alembic(), write_transaction(engine) as connection:
-        if is_postgres(connection):
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
-        # Read under the lock: a process that waited for another's migration reports "no change".
-        revision, present = _state(connection)
-        _refuse_foreign(connection, revision, present, where)
-        before = MigrationContext.configure(connection).get_current_revision()
-        command.upgrade(_alembic_config(connection), "head")
+    try:
+        with _quiet_alembic(), write_transaction(engine) as connection:
+            if is_postgres(connection):
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            # Read under the lock: a process that waited for another's migration reports "no change".
+            revision, present, ours = _state(connection)
+            _refuse_foreign(connection, revision, present, where, ours)
+            before = MigrationContext.configure(connection).get_current_revision()
+            command.upgrade(_alembic_config(connection), "head")
+    except SchemaMissing as error:
+        if isinstance(error, (NotOurDatabase, SchemaTooNew)) or not hasattr(error, "detail"):
+            raise
+        # A table or column the migration expected is not there: "run `auditctl init`" is what failed.
+        raise DatabaseRefused(f"cannot create or upgrade the schema of the database at {where}: {error.detail}; "
+                              "nothing was changed") from None
     return UpgradeResult(before=before, after=current_revision(engine))

@@ -184,21 +184,24 @@ def format_duration(seconds: float | None, *, exact: bool = False) -> str:
 
 
 def _exact_duration(seconds: float) -> str:
-    """Every part of a setting (``10m0.4s``, ``23h59m59.6s``, ``250ms``); a value finer than a
-    millisecond in plain seconds, every digit (``600.0004s``, ``0.0000001s``). Each reads back as the
-    same value."""
-    millis = seconds * 1000
-    if abs(millis - round(millis)) > 1e-9 * max(1.0, millis):
-        text = repr(float(seconds))
-        return (text if "e" not in text else f"{seconds:.20f}".rstrip("0").rstrip(".")) + "s"
-    whole, ms = divmod(int(round(millis)), 1000)
-    if not whole:
-        return f"{ms}ms"
+    """Every part of a setting (``10m0.4s``, ``23h59m59.6s``, ``250ms``), or, when that would not read
+    back as the very same value (a part finer than a millisecond), plain seconds with every digit
+    (``600.0004s``, ``0.0000001s``). Checked by reading it back."""
+    whole, ms = divmod(int(round(seconds * 1000)), 1000)
     days, hours, minutes, secs = divmod_parts(whole)
     text = "".join(f"{amount}{unit}" for amount, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if amount)
     if ms:
-        return text + f"{secs}.{ms:03d}".rstrip("0") + "s"
-    return text + (f"{secs}s" if secs or not text else "")
+        text = text + (f"{secs}.{ms:03d}".rstrip("0") + "s" if whole else f"{ms}ms")
+    elif secs or not text:
+        text += f"{secs}s"
+    try:
+        if parse_duration(text) == seconds:
+            return text
+    except ConfigError:
+        pass
+    from decimal import Decimal
+
+    return format(Decimal(repr(float(seconds))), "f") + "s"
 
 
 def divmod_parts(whole: int) -> tuple[int, int, int, int]:

@@ -270,6 +270,46 @@ def test_a_database_holding_another_applications_alembic_revision_is_recognised_
     assert tables == ["alembic_version", "customers"], "nothing of auditctl's was added to it"
 
 
+@pytest.mark.parametrize("revision", ["0001", "0002", "abc123"])
+def test_another_applications_audits_and_workers_tables_under_a_known_revision_are_never_migrated(
+        blank_database_url, revision):
+    """Its Alembic revision happened to be 0001: `init` migrated it on PostgreSQL (new columns in its
+    tables, auditctl's tables beside them, its revision changed); with 0002 it said "nothing to do"
+    while scan said "run init"; with another revision, "upgrade auditctl"."""
+    from sqlalchemy import create_engine as plain_engine
+    from sqlalchemy import inspect
+
+    from auditctl.db import normalize_url
+
+    theirs = plain_engine(normalize_url(blank_database_url))
+    with theirs.begin() as connection:
+        connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        connection.execute(text("INSERT INTO alembic_version VALUES (:revision)"), {"revision": revision})
+        connection.execute(text("CREATE TABLE audits (id INTEGER PRIMARY KEY, name TEXT)"))
+        connection.execute(text("CREATE TABLE workers (id INTEGER PRIMARY KEY, host TEXT)"))
+        connection.execute(text("CREATE TABLE audit_events (id INTEGER PRIMARY KEY)"))
+    for command in (["init"], ["scan"]):
+        result = run(*command, "--database-url", blank_database_url)
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.exit_code == 1 and "tables named like auditctl's that auditctl did not create" in line, line
+    inspector = inspect(theirs)
+    assert sorted(inspector.get_table_names()) == ["alembic_version", "audit_events", "audits", "workers"]
+    assert [c["name"] for c in inspector.get_columns("audits")] == ["id", "name"]
+    with theirs.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == revision
+    theirs.dispose()
+
+
+def test_init_that_fails_says_what_the_database_said_not_to_run_init(tmp_path):
+    path = tmp_path / "odd.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE alembic_version (version TEXT)")  # not Alembic's own shape
+    result = run("init", "--database-url", f"sqlite:///{path}")
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "cannot create or upgrade the schema" in line and "version_num" in line, line
+    assert "run `auditctl init`" not in line
+
+
 def test_init_against_a_newer_schema_says_so_in_one_line(database_url, engine):
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
@@ -392,3 +432,14 @@ def test_the_library_keeps_alembic_quiet_in_an_info_log(database_url, guards, ca
     guards(worker_id="quiet")
     alembic = [r for r in caplog.records if r.name.startswith("alembic")]
     assert alembic == [], [r.getMessage() for r in alembic]
+
+
+def test_a_file_uri_without_uri_true_is_refused_before_anything_is_created(tmp_path, monkeypatch):
+    """Without ?uri=true SQLite opened a file named "file:rel.db" while the rest of auditctl looked at
+    rel.db: init said it created the schema, and scan then said there was no database."""
+    monkeypatch.chdir(tmp_path)
+    for command in (["init"], ["scan"]):
+        result = run(*command, "--database-url", "sqlite:///file:rel.db")
+        assert result.exit_code == 2 and "add ?uri=true" in result.stderr, result.output
+    assert list(tmp_path.iterdir()) == []
+    assert run("init", "--database-url", f"sqlite:///file:{tmp_path / 'rel.db'}?uri=true").exit_code == 0

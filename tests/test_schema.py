@@ -164,3 +164,22 @@ def test_several_processes_upgrading_a_blank_database_at_once_all_succeed(blank_
             assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_a_worker_on_a_database_at_an_older_revision_is_told_to_run_init_not_that_the_database_is_down(
+        blank_database_url):
+    """SQLite words a missing column in an INSERT as "has no column named": that read as an outage
+    (DatabaseUnavailable, retried) where PostgreSQL's wording already gave SchemaMissing."""
+    import pytest
+    from alembic import command
+
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import SchemaMissing
+    from auditctl.migrate import _alembic_config
+
+    engine = create_engine(blank_database_url)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0001")
+    engine.dispose()
+    with pytest.raises(SchemaMissing, match="run `auditctl init`"):
+        StuckAuditPrevention(blank_database_url, worker_id="worker-1", create_schema=False)

@@ -717,3 +717,30 @@ def test_workers_history_and_previews_clip_a_megabyte_value_like_every_other_pag
                               headers={"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": server.origin})
     assert listed.status == 200 and preview.status == 200, preview.text
     assert len(listed.text) < 100_000 and len(preview.text) < 100_000
+
+
+@sqlite_only
+def test_reasons_of_any_length_are_clipped_on_the_history_and_in_the_reset_preview(demo_url, demo):
+    with write_transaction(demo) as connection:
+        connection.execute(update(audits).where(audits.c.id == 7).values(recovery_reasons="Q" * 500_000))
+        connection.exec_driver_sql("UPDATE audit_events SET reasons = ? WHERE audit_id = 7", ("R" * 500_000,))
+    with running_dashboard(demo_url) as server:
+        history = server.get("/fragments/audits/7")
+        cookie, csrf = server.sign_in()
+        preview = server.post("/actions/reset-all", form={"csrf_token": csrf},
+                              headers={"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": server.origin})
+    assert history.status == 200 and preview.status == 200, preview.text
+    assert len(history.text) < 100_000 and len(preview.text) < 100_000
+
+
+@sqlite_only
+def test_a_forwarded_address_reaches_the_log_as_printable_text(demo_url, demo, caplog):
+    """uvicorn takes X-Forwarded-For from loopback as the client's address: a refused sign-in logged it raw."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="auditctl.web"), running_dashboard(demo_url) as server:
+        refused = server.post("/login", form={"token": "wrong"},
+                              headers={"Origin": server.origin, "X-Forwarded-For": "\x1b[31mRED"})
+    assert refused.status == 401
+    (line,) = [r.getMessage() for r in caplog.records if "refused: wrong token" in r.getMessage()]
+    assert "\x1b" not in line and "\\x1b[31mRED" in line

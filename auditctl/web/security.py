@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ..textsafe import printable
+
 _log = logging.getLogger("auditctl.web")
 
 SESSION_COOKIE = "auditctl_session"
@@ -86,7 +88,8 @@ class WrongTokens:
                 await asyncio.sleep(WRONG_TOKEN_DELAY)
         finally:
             self.waiting -= 1
-        _log.warning("%s refused: wrong token (from %s)", what, request.client.host if request.client else "?")
+        # The client's address may come from a forwarded header (uvicorn trusts one from loopback): text.
+        _log.warning("%s refused: wrong token (from %s)", what, printable(request.client.host) if request.client else "?")
         return False
 
 

@@ -15,7 +15,7 @@ from string import Template
 from urllib.parse import urlencode
 
 from ..statuses import STATUSES
-from ..textsafe import clipped, printable
+from ..textsafe import MAX_CELL, clipped, printable
 from ..thresholds import RULE_REASONS, format_duration
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -164,7 +164,17 @@ def health_banner(error: str | None, lost_for: float | None, back_for: float | N
 
 
 def reason_badges(reasons) -> str:
-    return " ".join(f'<span class="badge r-{e(r)}">{e(r)}</span>' for r in reasons or []) or "-"
+    """Reason codes as badges. Another tool may have stored anything as reasons: each is clipped, and
+    so is the list (``cell``'s bound, as for every cell)."""
+    badges, room = [], MAX_CELL
+    for reason in reasons or []:
+        if room <= 0:
+            badges.append(f'<span class="badge">+{len(reasons) - len(badges)} more</span>')
+            break
+        text = clipped(printable(reason))
+        room -= len(text)
+        badges.append(f'<span class="badge r-{e(text)}">{e(text)}</span>')
+    return " ".join(badges) or "-"
 
 
 def status_badge(status) -> str:
