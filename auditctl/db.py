@@ -90,12 +90,26 @@ def normalize_url(database_url: str | URL) -> URL:
     if backend == "sqlite" and not url.database and url.host:
         raise ConfigError(f"{mask_url(database_url)} names no file: a SQLite URL has three slashes, "
                           f"as in sqlite:///{url.host}")
-    if backend == "sqlite" and (url.database or "").startswith("file:") and url.query.get("uri") != "true":
+    if backend == "sqlite" and (url.database or "").startswith("file:") and not _query_true(url, "uri"):
         # SQLite reads a file: name as a URI only when told; otherwise it is a file named "file:...",
         # and parts of auditctl that read the path would look at another file.
         raise ConfigError(f"{mask_url(database_url)}: a file: name is a SQLite URI; add ?uri=true "
                           "(sqlite:///file:PATH?uri=true), or give the path itself (sqlite:///PATH)")
     return url
+
+
+def _query_true(url: URL, name: str) -> bool:
+    """Whether a URL's query option reads as true the way SQLAlchemy reads it (``true``, ``True``,
+    ``1``, ``yes``...; the last one when it is given twice)."""
+    from sqlalchemy.util import asbool
+
+    value = url.query.get(name)
+    if isinstance(value, tuple):
+        value = value[-1] if value else None
+    try:
+        return value is not None and asbool(value)
+    except ValueError:
+        return False
 
 
 def monitor_call_timeout(lock_wait: float | None = None) -> float:
@@ -582,13 +596,8 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
             # A call past its deadline may have reached the server: its budget is spent, no retry.
             timed_out = getattr(driver, "TimedOut", None)
             timed_out = bool(timed_out and isinstance(exc, timed_out))
-            if dead and not timed_out:
-                # A connection the server cut most often died with every other one of the pool (a
-                # restart): as SQLAlchemy does on a disconnect, every connection opened before now is
-                # replaced when next checked out, or the retry below would take another dead one.
-                engine.pool._invalidate(pooled, exc)
-            elif dead:
-                pooled.invalidate(exc)  # closed by its own deadline: only this one
+            if dead:
+                pooled.invalidate(exc)
             _give_back(pooled, held, driver if postgres else None)
             if dead and attempt == 1 and not timed_out:
                 continue

@@ -71,22 +71,21 @@ def _quiet_alembic():
         logger.setLevel(level)
 
 
-#: What every auditctl revision has, from the first: its three tables, and these columns of ``audits``.
-#: Tables of these names without them are another application's, whatever revision it records.
-_FIRST_TABLES = {"audits", "audit_events", "workers"}
-_FIRST_AUDIT_COLUMNS = {"id", "target", "status", "lease", "worker_instance", "heartbeat_at", "progress_signature",
-                        "recovery_reasons"}
+#: Columns of ``audits`` that every auditctl revision has and another application's ``audits`` would not:
+#: a table with none (or one) of them is not auditctl's, whatever revision the database records. Two
+#: suffice, so auditctl's own database an operator damaged (a column dropped) is still its own.
+_OUR_AUDIT_COLUMNS = {"lease", "worker_instance", "progress_signature", "recovery_reasons", "progress_changed_at"}
 
 
 def _state(connection) -> tuple[str | None, set[str], bool]:
-    """(recorded revision or None, which of auditctl's table names exist, whether they are auditctl's
-    as far as the first revision can tell)."""
+    """(recorded revision or None, which of auditctl's table names exist, whether its ``audits`` table
+    is auditctl's as far as the columns every revision has can tell)."""
     inspector = inspect(connection)
     names = set(inspector.get_table_names())
     revision = None
     if "alembic_version" in names:
         revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    ours = _FIRST_TABLES <= names and _FIRST_AUDIT_COLUMNS <= {column["name"] for column in inspector.get_columns("audits")}
+    ours = "audits" in names and len(_OUR_AUDIT_COLUMNS & {column["name"] for column in inspector.get_columns("audits")}) >= 2
     return revision, names & set(_OUR_TABLES), ours
 
 

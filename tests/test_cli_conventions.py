@@ -443,3 +443,23 @@ def test_a_file_uri_without_uri_true_is_refused_before_anything_is_created(tmp_p
         assert result.exit_code == 2 and "add ?uri=true" in result.stderr, result.output
     assert list(tmp_path.iterdir()) == []
     assert run("init", "--database-url", f"sqlite:///file:{tmp_path / 'rel.db'}?uri=true").exit_code == 0
+    for spelled in ("uri=True", "uri=1", "uri=yes", "uri=true&uri=true"):  # as SQLAlchemy reads a flag
+        result = run("scan", "--database-url", f"sqlite:///file:{tmp_path / 'rel.db'}?{spelled}")
+        assert result.exit_code == 0, (spelled, result.output)
+
+
+@pytest.mark.parametrize("damage", ["DROP TABLE workers", "DROP TABLE audit_events",
+                                    "ALTER TABLE audits DROP COLUMN progress_signature"])
+def test_auditctls_own_database_an_operator_damaged_is_still_its_own(blank_database_url, damage):
+    """Not "another application's": init goes on saying what it knows, and scan what it finds."""
+    from sqlalchemy import create_engine as plain_engine
+
+    from auditctl.db import normalize_url
+
+    assert run("init", "--database-url", blank_database_url).exit_code == 0
+    ours = plain_engine(normalize_url(blank_database_url))
+    with ours.begin() as connection:
+        connection.execute(text(damage))
+    ours.dispose()
+    result = run("init", "--database-url", blank_database_url)
+    assert result.exit_code == 0 and "nothing to do" in result.output, result.output

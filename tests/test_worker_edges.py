@@ -791,34 +791,6 @@ def test_a_final_write_after_a_recovery_still_loses_its_lease(engine, backdate):
     assert [e["event"] for e in events(engine, audit_id)] == ["recovered", "lease_lost"]
 
 
-def test_a_write_after_the_server_cut_every_connection_is_retried_on_a_fresh_one(engine, database_url):
-    """A server restart kills every pooled connection at once: the retry of a single write took the
-    next dead one from the pool, so a worker's progress report was dropped with the database up."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("connections cut by the server: PostgreSQL's pg_terminate_backend")
-    from sqlalchemy import bindparam, update
-
-    from auditctl.db import create_engine, single_write
-    from auditctl.schema import audits
-
-    audit_id = leases.create_audit(engine, "https://example.com/restart")
-    worker_engine = create_engine(database_url, role="worker")
-    try:
-        idle = [worker_engine.raw_connection() for _ in range(3)]  # three connections, all back in the pool
-        for connection in idle:
-            connection.close()
-        with engine.begin() as admin:
-            cut = admin.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                     "WHERE pid <> pg_backend_pid() AND datname = current_database() "
-                                     "AND application_name LIKE 'auditctl-worker%'")).scalar_one()
-        assert cut >= 3
-        touch = update(audits).where(audits.c.id == bindparam("audit_id")).values(target="https://example.com/after")
-        assert single_write(worker_engine, touch, {"audit_id": audit_id}) == 1
-    finally:
-        worker_engine.dispose()
-    assert row(engine, audit_id)["target"] == "https://example.com/after"
-
-
 def test_the_final_writes_retries_are_counted_from_its_first_failure_not_from_before_a_pause(engine, guards, monkeypatch):
     """A worker paused (SIGSTOP) inside its final write: the pause used up the whole retry budget, so
     the write was not tried again and the worker saw DatabaseUnavailable instead of its answer."""
