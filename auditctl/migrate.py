@@ -20,7 +20,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
 from .db import describe, is_postgres, translate_errors, write_transaction
-from .errors import DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew
+from .errors import AuditctlError, DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew
 from .textsafe import printable
 
 #: Arbitrary but fixed: the advisory lock key auditctl's migrations take on PostgreSQL.
@@ -135,6 +135,18 @@ def diagnose(engine: Engine) -> SchemaMissing:
         return SchemaMissing(f"the database at {where} has an older auditctl schema (revision {revision}); "
                              "run `auditctl init` to upgrade it")
     return SchemaMissing(f"the database at {where} has no auditctl schema; run `auditctl init`")
+
+
+def explained(error: BaseException, engine: Engine) -> BaseException:
+    """A missing schema said precisely (``diagnose``): no schema, an old one, or another application's
+    tables, where "run `auditctl init`" would be wrong advice. Any other error as it is. For every
+    face that reports a SchemaMissing: the CLI, the dashboard, the worker library."""
+    if not isinstance(error, SchemaMissing) or isinstance(error, (NotOurDatabase, SchemaTooNew)):
+        return error
+    try:
+        return diagnose(engine)
+    except AuditctlError:
+        return error
 
 
 def upgrade(engine: Engine) -> UpgradeResult:

@@ -48,9 +48,9 @@ from .db import (
     DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
     FileWatch, fit_pool, monitor_call_timeout, never_create, sqlite_file,
 )
-from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost
+from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost, SchemaMissing
 from .history import Actor
-from .migrate import upgrade
+from .migrate import explained, upgrade
 from .monitor import Monitor
 from .progress import OWN_FIELDS, clean_report, derive_percentage, signature
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_audits, recover_worker_leftovers
@@ -425,8 +425,12 @@ class StuckAuditPrevention:
         self._stopped = False  # stop() marked the instance stopped; using the guard again un-marks it
         if create_schema:
             upgrade(self.operator_engine)
-        registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id, worker_url=worker_url,
-                          guard=self, heartbeat_interval=self.heartbeat_interval, stale_after=self.thresholds.stale_after)
+        try:
+            registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id, worker_url=worker_url,
+                              guard=self, heartbeat_interval=self.heartbeat_interval,
+                              stale_after=self.thresholds.stale_after)
+        except SchemaMissing as missing:  # said as the CLI says it: another application's tables, or an old schema
+            raise explained(missing, self.operator_engine) from None
         self._check_duplicates()
         # SQLite: the file this guard opened. Deleted, moved or replaced under a running worker, it
         # would take the worker's writes where nobody reads them (``_check_database_file``), and a

@@ -463,3 +463,20 @@ def test_auditctls_own_database_an_operator_damaged_is_still_its_own(blank_datab
     ours.dispose()
     result = run("init", "--database-url", blank_database_url)
     assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+
+
+def test_the_dashboard_and_the_worker_library_say_another_applications_tables_are_not_auditctls(tmp_path):
+    """As the CLI says it: "run `auditctl init`" there would be refused by init itself."""
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import NotOurDatabase
+    from webtools import running_dashboard
+
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE audits (id INTEGER PRIMARY KEY, name TEXT)")
+    url = f"sqlite:///{path}"
+    with pytest.raises(NotOurDatabase):
+        StuckAuditPrevention(url, worker_id="worker-1", create_schema=False)
+    with running_dashboard(url) as server:
+        overview = server.get("/api/overview")
+    assert "did not create" in overview.text and "auditctl init" not in overview.text, overview.text

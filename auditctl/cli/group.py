@@ -261,9 +261,9 @@ def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:
         if state is not None:
             # Say precisely why: no schema, an old one, or tables that are not ours.
             try:
-                from ..migrate import diagnose
+                from ..migrate import explained
 
-                error = diagnose(state.engine_for("reader"))
+                error = explained(error, state.engine_for("reader"))
             except AuditctlError:
                 pass
     _fail(ctx, error, EXIT_ERROR)

@@ -157,7 +157,9 @@ class Dashboard:
             self.health.succeeded()
             raise
         except (AuditctlError, SQLAlchemyError, OSError) as error:
-            message = self.safe_message(error)
+            from ..migrate import explained
+
+            message = self.safe_message(explained(error, self.reader))
             self.health.failed(message)
             raise Outage(message) from None
         self.health.succeeded()
