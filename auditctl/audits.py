@@ -10,13 +10,13 @@ listing. Ages are measured on the database's clock, read once per listing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Iterator
 
 from sqlalchemy import false, or_, select
 from sqlalchemy.engine import Engine
 
-from .db import fetch_now, is_postgres, keyset_pages, read_connection, stored_time
+from .db import fetch_now, is_postgres, keyset_pages, moments, read_connection, stored_time
 from .errors import AuditNotFound, ConfigError
 from .history import Event, events_for
 from .progress import read_progress
@@ -155,15 +155,7 @@ def _conditions(connection, filters: AuditFilters) -> list:
         matchers = [audits.c.target.regexp_match(p) if postgres else audits.c.target.op("GLOB")(p)
                     for p in patterns if p is not None]  # None: a glob that matches nothing
         conditions.append(or_(false(), *matchers))
-    now = None
-    window = {}
-    for name in ("since", "until"):
-        value = getattr(filters, name)
-        if isinstance(value, (int, float)):
-            now = now or fetch_now(connection)
-            value = now - timedelta(seconds=float(value))
-        if value is not None:
-            window[name] = value
+    window = moments(connection, since=filters.since, until=filters.until)
     check_window(window.get("since"), window.get("until"))  # one a duration, the other a time: known only now
     for name, compare in (("since", "__ge__"), ("until", "__le__")):
         if name in window:

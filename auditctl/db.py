@@ -891,10 +891,16 @@ def fetch_now(connection: Connection):
     return timestamps.as_datetime(value)
 
 
-def moment(connection: Connection, value):
-    """A time filter as a moment: seconds ago (a number) on the database's clock, or a datetime as given."""
-    if isinstance(value, (int, float)):
-        from datetime import timedelta
+def moments(connection: Connection, **bounds) -> dict:
+    """Time filters as moments (``since=7200, until=datetime(...)``): seconds ago on the database's
+    clock, read once for all of them, and a datetime as given. Bounds that are None are left out."""
+    from datetime import timedelta
 
-        return fetch_now(connection) - timedelta(seconds=float(value))
-    return value
+    now, found = None, {}
+    for name, value in bounds.items():
+        if isinstance(value, (int, float)):
+            now = now or fetch_now(connection)
+            value = now - timedelta(seconds=float(value))
+        if value is not None:
+            found[name] = value
+    return found

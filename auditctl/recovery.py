@@ -34,7 +34,7 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history, outbox
 from . import timestamps
-from .db import fetch_now, id_in, is_postgres, moment, read_connection, stored_time, write_transaction
+from .db import fetch_now, id_in, is_postgres, moments, read_connection, stored_time, write_transaction
 from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted
 from .history import Actor
 from .rules import (
@@ -626,7 +626,7 @@ def _fixed_since(connection: Connection, filters: ResetFilters) -> ResetFilters:
     """``since`` as a moment in UTC, worked out once: every batch of one reset draws the same line."""
     if filters.since is None:
         return filters
-    since = moment(connection, filters.since)
+    since = moments(connection, since=filters.since)["since"]
     return replace(filters, since=timestamps.as_datetime(since) or since)  # naive taken as UTC
 
 
@@ -783,8 +783,7 @@ def reset_all(engine: Engine, plan: ResetPlan, *, actor: Actor, policy: Policy |
 
         _in_batches(engine, sorted(v.id for v in plan.stuck), DEFAULT_BATCH, recover_and_reset, result,
                     on_batch=progress(0), describe="reset")
-    _in_batches(engine, sorted(set(plan.ids)), DEFAULT_BATCH,
-                lambda connection, batch: _apply_reset(connection, replace(filters, ids=tuple(batch)), actor), result,
+    _in_batches(engine, sorted(set(plan.ids)), DEFAULT_BATCH, _resetting(filters, actor), result,
                 on_batch=progress(len(plan.stuck)), describe="reset")
     return result
 
@@ -830,10 +829,13 @@ def reset_failed(
     else:
         plan = plan_reset(engine, filters)
         candidates, filters = plan.ids, plan.filters
-    _in_batches(engine, candidates, batch_size,
-                lambda connection, batch: _apply_reset(connection, replace(filters, ids=tuple(batch)), actor), result,
-                on_batch=on_batch, describe="reset")
+    _in_batches(engine, candidates, batch_size, _resetting(filters, actor), result, on_batch=on_batch, describe="reset")
     return result
+
+
+def _resetting(filters: ResetFilters, actor: Actor) -> Callable[[Connection, list[int]], list]:
+    """A batch's work for ``_in_batches``: reset the batch's audits that still match ``filters``."""
+    return lambda connection, batch: _apply_reset(connection, replace(filters, ids=tuple(batch)), actor)
 
 
 def _apply_reset(connection: Connection, filters: ResetFilters, actor: Actor) -> list[Reset]:

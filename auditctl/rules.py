@@ -47,7 +47,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import documents, timestamps
 from .globs import target_pattern
-from .db import indexed_by, is_postgres, keyset_pages, moment, read_connection
+from .db import indexed_by, is_postgres, keyset_pages, moments, read_connection
 from .errors import ConfigError
 from .progress import read_progress
 from .values import float_value, rounded, safe_int, text_value
@@ -614,8 +614,7 @@ def stuck_query(connection: Connection, policy: Policy, *, gone: dict[str, str] 
         params[f"target_{index}"] = target_pattern(pattern, postgres)  # None (matches nothing) compares as NULL
     if filters.older_than is not None:
         params["older_than_cut"] = d.cut_value(filters.older_than)
-    window = {name: moment(connection, getattr(filters, name)) for name in ("since", "until")
-              if getattr(filters, name) is not None}
+    window = moments(connection, since=filters.since, until=filters.until)
     check_window(window.get("since"), window.get("until"))  # one a duration, the other a time: known only now
     for name, value in window.items():
         params[name] = value if postgres else timestamps.to_storage(value)
@@ -670,9 +669,9 @@ def check_window_now(engine: Engine, filters: Filters) -> None:
 def fixed_moments(connection: Connection, filters: Filters) -> Filters:
     """``since``/``until`` given as seconds ago, turned into moments once: the batches of one
     recovery then all draw the line where its candidates were chosen."""
-    changes = {name: moment(connection, getattr(filters, name)) for name in ("since", "until")
-               if isinstance(getattr(filters, name), (int, float))}
-    return replace(filters, **changes) if changes else filters
+    if not isinstance(filters.since, (int, float)) and not isinstance(filters.until, (int, float)):
+        return filters
+    return replace(filters, **moments(connection, since=filters.since, until=filters.until))
 
 
 # --- reading -------------------------------------------------------------------------------

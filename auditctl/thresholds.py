@@ -172,7 +172,7 @@ def format_duration(seconds: float | None, *, exact: bool = False) -> str:
             return f"{text}ms"
     if seconds < 10:
         return f"{seconds:.1f}s"
-    days, hours, minutes, secs = divmod_parts(int(round(seconds)))
+    days, hours, minutes, secs = _day_parts(int(round(seconds)))
     if days:
         return f"{days}d{hours}h" if hours else f"{days}d"
     if hours:
@@ -188,7 +188,7 @@ def _exact_duration(seconds: float) -> str:
     back as the very same value (a part finer than a millisecond), plain seconds with every digit
     (``600.0004s``, ``0.0000001s``). Checked by reading it back."""
     whole, ms = divmod(int(round(seconds * 1000)), 1000)
-    days, hours, minutes, secs = divmod_parts(whole)
+    days, hours, minutes, secs = _day_parts(whole)
     text = "".join(f"{amount}{unit}" for amount, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if amount)
     if ms:
         text = text + (f"{secs}.{ms:03d}".rstrip("0") + "s" if whole else f"{ms}ms")
@@ -204,7 +204,7 @@ def _exact_duration(seconds: float) -> str:
     return format(Decimal(repr(float(seconds))), "f") + "s"
 
 
-def divmod_parts(whole: int) -> tuple[int, int, int, int]:
+def _day_parts(whole: int) -> tuple[int, int, int, int]:
     """Whole seconds as (days, hours, minutes, seconds)."""
     days, rest = divmod(whole, 86400)
     hours, rest = divmod(rest, 3600)

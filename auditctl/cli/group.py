@@ -254,18 +254,17 @@ def _usage_message(error: click.UsageError) -> str:
 
 
 def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:
-    from ..errors import NotOurDatabase, SchemaMissing, SchemaTooNew
+    from ..errors import SchemaMissing
 
-    if isinstance(error, SchemaMissing) and not isinstance(error, (NotOurDatabase, SchemaTooNew)):
-        state = ctx.meta.get("auditctl.state")
-        if state is not None:
-            # Say precisely why: no schema, an old one, or tables that are not ours.
-            try:
-                from ..migrate import explained
+    state = ctx.meta.get("auditctl.state")
+    if isinstance(error, SchemaMissing) and state is not None:
+        # Say precisely why: no schema, an old one, or tables that are not ours.
+        from ..migrate import explained
 
-                error = explained(error, state.engine_for("reader"))
-            except AuditctlError:
-                pass
+        try:
+            error = explained(error, state.engine_for("reader"))
+        except AuditctlError:
+            pass  # no engine to ask: the error as it came
     _fail(ctx, error, EXIT_ERROR)
 
 
