@@ -256,7 +256,7 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         if pool_size is not None:
             kwargs.setdefault("pool_size", pool_size)
             kwargs.setdefault("max_overflow", max(5, pool_size // 2))
-        # A worker's writes are single statements that retry once on a dead connection
+        # A worker's writes are single statements that retry on a dead connection
         # (``single_write``): a pre-ping would double the round trips of every heartbeat.
         engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=role != "worker",
                                   json_serializer=documents.dumps_strict, json_deserializer=documents.loads_for_driver,
@@ -544,7 +544,9 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
     One round trip: no BEGIN, no COMMIT (autocommit on PostgreSQL; on SQLite a lone statement
     is its own transaction and waits on the busy timeout for the write lock), and no pre-ping.
     A pooled connection found dead when used (the server restarted, a proxy dropped it) is
-    retried once on a fresh one: the statement never ran on the dead one.
+    replaced and the write retried: the statement never ran on the dead one. A restart cuts the
+    pool's idle connections too, so the retries go on past each of those to a fresh connection
+    (the pre-ping a worker's engine skips, paid only after an error).
 
     The statement is compiled once per engine and sent through the driver's own cursor:
     SQLAlchemy's per-call bookkeeping cost about five times the database's work for these
@@ -563,7 +565,8 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
         sql, arguments = _driver_form(engine, statement)
         values = arguments(parameters or {})
         error_class, postgres = _driver_facts(engine)
-    for attempt in (1, 2):
+    retries = None  # set at the first dead connection
+    while True:
         pooled = held.pooled if held is not None else None
         if pooled is None:
             try:
@@ -597,9 +600,12 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
             timed_out = getattr(driver, "TimedOut", None)
             timed_out = bool(timed_out and isinstance(exc, timed_out))
             if dead:
+                if retries is None:
+                    retries = _idle_connections(engine) + 1  # each may be as dead, then one fresh
                 pooled.invalidate(exc)
             _give_back(pooled, held, driver if postgres else None)
-            if dead and attempt == 1 and not timed_out:
+            if dead and retries and not timed_out:
+                retries -= 1
                 continue
             raise database_error(_wrapped(engine, sql, values, exc, invalidated=dead), engine) from None
         except BaseException:
@@ -608,7 +614,12 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
         if held is None:
             pooled.close()  # back to the pool
         return count
-    raise AssertionError("unreachable")
+
+
+def _idle_connections(engine: Engine) -> int:
+    """How many connections wait in the engine's pool (0 for a pool that keeps none)."""
+    checkedin = getattr(engine.pool, "checkedin", None)
+    return checkedin() if callable(checkedin) else 0
 
 
 def _give_back(pooled, held: HeldConnection | None, postgres_driver) -> None:

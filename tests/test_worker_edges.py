@@ -840,6 +840,30 @@ def test_a_write_past_its_own_deadline_keeps_the_pools_other_connections(engine,
         worker_engine.dispose()
 
 
+def test_a_write_after_a_restart_cut_every_pooled_connection_reaches_the_server(engine, database_url):
+    """A server restart cuts the pool's idle connections as well as the one in use: the write must
+    get past each of them to a fresh connection, not give up at the second dead one (a worker's
+    progress report was dropped after every PostgreSQL restart)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("connections a server cuts: PostgreSQL's")
+    from auditctl.db import create_engine, single_write
+
+    worker_engine = create_engine(database_url, role="worker")
+    try:
+        pooled = [worker_engine.raw_connection() for _ in range(4)]
+        cut = [c.driver_connection.execute("SELECT pg_backend_pid()").fetchone()[0] for c in pooled]
+        for connection in pooled:
+            connection.close()  # idle in the pool, as between a run's beats
+        with engine.connect() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) AS pid"), {"pids": cut})
+            wait_for(lambda: not admin.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(CAST(:pids AS int[]))"),
+                                               {"pids": cut}).scalar(), timeout=10, message="the backends to end")
+
+        assert single_write(worker_engine, text("SELECT 1")) == 1
+    finally:
+        worker_engine.dispose()
+
+
 def test_a_sigterm_final_write_keeps_to_its_patience_from_the_start(engine, guards, monkeypatch):
     """The process must exit within SIGNAL_PATIENCE of the SIGTERM: a first attempt that used the
     whole patience is not retried (the budget of an ordinary end runs from the first failure)."""
