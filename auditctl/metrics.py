@@ -135,6 +135,10 @@ class FleetCollector:
         self.policy = Policy.coerce(policy)
         # Overlapping scrapes (two Prometheus servers) wait for each other instead of doubling the load.
         self.lock = threading.Lock()
+        #: The failure last logged: the same one again is not logged at every scrape of an outage.
+        self.reported: str | None = None
+        #: Set when the command already said why the database cannot be read (its one error line).
+        self.muted = False
 
     def describe(self):
         return []  # families are known only when read; registering must not query the database
@@ -149,8 +153,12 @@ class FleetCollector:
                 figures = fleet_figures(engine, self.policy)
                 out, up = families(figures), 1
             except (AuditctlError, SQLAlchemyError) as error:
-                log.warning("metrics: cannot read the database: %s", error)
+                if str(error) != self.reported and not self.muted:
+                    log.warning("metrics: cannot read the database: %s", error)
+                self.reported = str(error)
                 out, up = [], 0
+            else:
+                self.reported = None
             elapsed = time.perf_counter() - started
         yield from out
         yield GaugeMetricFamily("auditctl_database_up", "1 when this scrape could read the database.", value=up)
@@ -166,7 +174,8 @@ class Metrics:
         # a cron job rewrites, and not what anyone alerts on.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FleetCollector(engine, policy))
+        self.fleet = FleetCollector(engine, policy)
+        self.registry.register(self.fleet)
         self.pass_duration = Histogram("auditctl_monitor_pass_duration_seconds",
                                        "Duration of this process's monitor passes (judge and recover).",
                                        buckets=PASS_BUCKETS, registry=self.registry)

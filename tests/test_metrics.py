@@ -230,12 +230,47 @@ def test_a_missing_database_still_replaces_the_textfile_with_database_up_0(tmp_p
     path = tmp_path / "auditctl.prom"
     path.write_text("auditctl_database_up 1.0\n")  # the last good run's: node_exporter must not keep serving it
     missing = f"sqlite:///{tmp_path / 'gone' / 'auditctl.db'}"
-    result = invoke(*command, "--database-url", missing, "--metrics-file", path)
-    assert result.exit_code == 1 and "no database at" in result.stderr
+    # A real process: the scrape's warning goes through logging, which CliRunner does not capture.
+    result = subprocess.run([AUDITCTL, *command, "--database-url", missing, "--metrics-file", path],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "no database at" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "no database at" in line]
+    assert len(errors) == 1, f"one error line, not the scrape's failure too: {result.stderr}"
     found = samples(path.read_text())
     assert value(found, "auditctl_database_up") == 0
     assert not any(name.startswith("auditctl_audits") for name, _ in found)
     assert not (tmp_path / "gone").exists(), "the database is never created by a metrics scrape"
+
+
+@pytest.mark.parametrize("command", [["recover"], ["watch", "--once", "--no-live"]])
+def test_a_file_that_is_not_a_database_is_said_once_not_again_by_the_textfiles_scrape(tmp_path, command):
+    path, junk = tmp_path / "auditctl.prom", tmp_path / "notes.txt"
+    junk.write_text("not a database\n" * 100)
+    result = subprocess.run([AUDITCTL, *command, "--database-url", f"sqlite:///{junk}", "--metrics-file", path],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "is not a database" in line]
+    assert len(said) == (2 if command[0] == "watch" else 1), said  # watch: its pass's log line, then the error
+    assert not any(line.startswith("metrics:") for line in said)
+    assert value(samples(path.read_text()), "auditctl_database_up") == 0
+
+
+def test_a_scrape_that_keeps_failing_the_same_way_is_logged_once_until_it_reads_again(caplog, engine):
+    from auditctl.metrics import Metrics
+
+    broken = create_engine(UNREACHABLE, role="reader")
+    current = [broken]
+    metrics = Metrics(lambda: current[0])
+    with caplog.at_level("WARNING", logger="auditctl"):
+        for _ in range(3):
+            metrics.exposition()
+        assert len([r for r in caplog.records if r.getMessage().startswith("metrics:")]) == 1
+        current[0] = engine
+        assert value(samples(metrics.exposition().decode()), "auditctl_database_up") == 1
+        current[0] = broken
+        metrics.exposition()
+    assert len([r for r in caplog.records if r.getMessage().startswith("metrics:")]) == 2, "a new outage is said again"
+    assert "s3cret" not in caplog.text
 
 
 def test_a_database_that_cannot_be_read_gives_database_up_0_not_a_failed_scrape():

@@ -12,6 +12,8 @@ import time
 
 import click
 
+from ..errors import AuditctlError
+
 
 class MetricsSink:
     """What a command does with its metrics: serve them, write the textfile, time its passes.
@@ -63,7 +65,9 @@ class MetricsSink:
             return run()
         started = time.perf_counter()
         result = run()
-        self.metrics.observe_pass(time.perf_counter() - started, bool(getattr(result, "ok", True)))
+        ok = bool(getattr(result, "ok", True))
+        self.metrics.observe_pass(time.perf_counter() - started, ok)
+        self.metrics.fleet.muted = not ok  # the command says why its pass failed; the scrape would say it again
         self.write(fatal=False)
         return result
 
@@ -83,6 +87,12 @@ class MetricsSink:
                 self.warn(str(error))
             else:
                 click.echo(f"warning: {printable(error)}", err=True)
+
+    def command_failed(self) -> None:
+        """The command ends on an error it reports in one line: the textfile written after it says
+        ``database_up 0`` without a second line saying the same."""
+        if self.metrics is not None:
+            self.metrics.fleet.muted = True
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -148,6 +158,9 @@ def _own_passes(sink: MetricsSink, command, args, kwargs):
     except click.UsageError:
         write = False  # nothing ran: no file
         raise
+    except AuditctlError:
+        sink.command_failed()
+        raise
     except KeyboardInterrupt:
         write = False  # the second Ctrl-C: the operator will not wait for one more read of the database
         raise
@@ -169,6 +182,9 @@ def _one_pass(sink: MetricsSink, command, args, kwargs):
         raise
     except click.UsageError:
         sink.metrics = None  # nothing ran: no file
+        raise
+    except AuditctlError:
+        sink.command_failed()
         raise
     finally:
         if sink.metrics is not None:
