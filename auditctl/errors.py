@@ -73,6 +73,12 @@ class LeaseLost(AuditctlError):
         )
 
 
+class RunEnded(LeaseLost):
+    """A report sent after its run ended (another thread still reporting as the block exits): a
+    ``LeaseLost``, since nothing may be written, but nobody took the audit: no "lease lost"
+    warning is logged and no event is recorded in its history."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM, which the CLI turns into one) stopped a change made in batches: the
     batches that completed hold ``done`` audits, changed as ``verb`` says; the rest are untouched.

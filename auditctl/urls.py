@@ -18,11 +18,15 @@ from urllib.parse import unquote, unquote_plus
 
 MASK = "***"
 
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+#: A scheme's ``://``, tried only where a run of scheme characters begins (so a long run with no
+#: ``://``, a hex or base64 body in an error message, is read once, not once per character).
+_SCHEME = re.compile(r"(?<![A-Za-z0-9+.\-])[0-9+.\-]*[A-Za-z][A-Za-z0-9+.\-]*://")
 #: What may follow the ``@`` that ends the user information: a host, a port, an IPv6 literal, or
 #: several of them separated by commas (libpq's multi-host form ``h1:5432,h2:5433``).
 _HOST_LIKE = re.compile(r"[\w.\-\[\]:%,]*")
 _HOST_PART = re.compile(r"[^/?#]*")
+#: What follows an '@' is host-like up to the path, query or fragment (or the end).
+_HOST_AFTER_AT = re.compile(r"[\w.\-\[\]:%,]*(?=[/?#]|\Z)")
 #: Query parameters that hold secrets (libpq: password, sslpassword; common API forms too). The value
 #: runs to the next '&': a database URL has no fragment, and SQLAlchemy reads ``?password=ab#cd`` as ``ab#cd``.
 _SECRET_PARAM = re.compile(
@@ -30,25 +34,36 @@ _SECRET_PARAM = re.compile(
 )
 
 
-def _userinfo_secret(text: str, start: int) -> tuple[int, int] | None:
-    """The span of the password of the URL whose ``scheme://`` ends at ``start``, if it has one."""
+def _userinfo_secret(text: str, start: int, last_at: int | None = None) -> tuple[int, int] | None:
+    """The span of the password of the URL whose ``scheme://`` ends at ``start``, if it has one.
+
+    ``last_at`` is ``_last_host_at(text)``, for a caller that asks about several URLs of one text."""
     # A host never contains '@'; a password may hold '@', '/', '?' or spaces. The user
     # information ends at the last '@' followed by something host-like. If that '@' sits in
     # the query instead, more than the password is hidden, never less.
-    for match in reversed(list(re.finditer("@", text[start:]))):
-        at = start + match.start()
-        if _HOST_LIKE.fullmatch(_HOST_PART.match(text, at + 1).group(0)):
-            colon = text.find(":", start, at)
-            if colon < 0:
-                return None
-            return colon + 1, at
-    return None
+    at = _last_host_at(text) if last_at is None else last_at
+    if at < start:
+        return None
+    colon = text.find(":", start, at)
+    if colon < 0:
+        return None
+    return colon + 1, at
+
+
+def _last_host_at(text: str) -> int:
+    """Where the last '@' followed by something host-like is (-1: nowhere). Each character is
+    read about once: an error message may hold thousands of '@'."""
+    at = text.rfind("@")
+    while at >= 0 and not _HOST_AFTER_AT.match(text, at + 1):
+        at = text.rfind("@", 0, at)
+    return at
 
 
 def _spans(text: str) -> list[tuple[int, int]]:
     spans = []
+    last_at = _last_host_at(text)
     for scheme in _SCHEME.finditer(text):
-        span = _userinfo_secret(text, scheme.end())
+        span = _userinfo_secret(text, scheme.end(), last_at)
         if span is not None and span[1] > span[0]:
             spans.append(span)
     for param in _SECRET_PARAM.finditer(text):

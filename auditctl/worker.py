@@ -48,7 +48,7 @@ from .db import (
     DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
     FileWatch, fit_pool, monitor_call_timeout, never_create, sqlite_file,
 )
-from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost, SchemaMissing
+from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost, RunEnded, SchemaMissing
 from .history import Actor
 from .migrate import explained, upgrade
 from .monitor import Monitor
@@ -142,6 +142,27 @@ _PASS_TURNS = PassTurns()
 os.register_at_fork(after_in_child=_PASS_TURNS.__init__)  # a lock held at the fork stays held
 
 
+#: The longest error text an audit keeps.
+ERROR_LIMIT = 2000
+
+
+def stored_error(error: BaseException) -> str:
+    """What an audit's ``error`` keeps of the exception that ended its run: its type and message,
+    a URL's password masked (``show`` and ``list`` print it), in text every database takes (NUL
+    and a lone surrogate, from a file name that is not UTF-8, written as escapes), at most
+    ``ERROR_LIMIT`` characters. Never raises: a message that cannot be read is replaced by a note."""
+    name = type(error).__name__
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001 - the exception's own __str__ raised: the audit still ends as failed
+        message = "(its message could not be read)"
+    # Masked before the cut, so a URL the cut would split is still recognised; a window of a few
+    # cuts bounds the work for a message of megabytes (a response body, say).
+    text = mask_url(f"{name}: {message}"[:4 * ERROR_LIMIT])
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:ERROR_LIMIT]
+
+
 class RunBusy(Exception):
     """A progress write could not take its run's lock within the call's budget."""
 
@@ -203,23 +224,18 @@ class AuditRun:
         down) got through. Raises LeaseLost. Never blocks longer than PROGRESS_CALL_BUDGET.
         """
         deadline = time.monotonic() + PROGRESS_CALL_BUDGET
-        if self.finished:
-            # Nobody took the audit away: no "lease lost" warning, no event in its history.
-            raise LeaseLost(self.audit_id, f"the run of audit {self.audit_id} has ended; this report was not written")
-        self._check()
+        self._check_running()
         for name in OWN_FIELDS.intersection(extra):
             if f"extra_{name}" not in self.clamped:
                 self.clamped.add(f"extra_{name}")
                 log.warning("audit %s: the extra progress field %r is one the document keeps itself; it is not stored",
                             self.audit_id, name)
         try:
-            fields = self._report(step, percentage, completed_tasks, total_tasks)
-        except Exception as error:  # noqa: BLE001 - a value whose own methods raise (its __str__, its __float__)
-            self._emergency(error, deadline)
-            return False
-        try:
             with self.guard._holding_signals(), self._locked(deadline):
-                self._check()
+                # Under the run's lock, both the check and the merge: the run may have ended while this
+                # call waited, and two threads reporting at once must each merge with the other's report.
+                self._check_running()
+                fields = self._report(step, percentage, completed_tasks, total_tasks)
                 self.document = leases.write_progress(
                     self.guard.engine, self.lease, fields,
                     signature(fields["step"], fields["percentage"], fields["completed_tasks"], fields["total_tasks"]),
@@ -229,11 +245,20 @@ class AuditRun:
                 )
                 self._fields = fields
                 return True
+        except RunEnded:
+            raise
         except LeaseLost as error:
             raise self._mark_lost(error) from None
-        except Exception as error:  # noqa: BLE001 - a bad report or failed write must not kill the audit
+        except Exception as error:  # noqa: BLE001 - a bad report (a value whose own methods raise) or a failed write
             self._emergency(error, deadline)
             return False
+
+    def _check_running(self) -> None:
+        """Raise ``RunEnded`` once the run has ended (nobody took the audit away: no "lease lost"
+        warning, no event in its history), ``LeaseLost`` once it was taken away."""
+        if self.finished:
+            raise RunEnded(self.audit_id, f"the run of audit {self.audit_id} has ended; this report was not written")
+        self._check()
 
     def _report(self, step, percentage, completed_tasks, total_tasks) -> dict:
         """The fields to store: this report merged with the last, each value clamped or dropped."""
@@ -280,11 +305,13 @@ class AuditRun:
                 return
             try:
                 with self.guard._holding_signals(), self._locked(deadline):
-                    self._check()
+                    self._check_running()
                     leases.minimal_write(self.guard.engine, self.lease, self.guard.actor, held=self._connection,
                                          timeout=min(WRITE_TIMEOUT, deadline - time.monotonic()))
                 self.emergency_writes += 1
                 return
+            except RunEnded:
+                raise
             except LeaseLost as lost:
                 raise self._mark_lost(lost) from None
             except Exception as again:  # noqa: BLE001
@@ -417,9 +444,13 @@ class StuckAuditPrevention:
         self._pid = os.getpid()
         self._lifecycle = threading.RLock()  # start_heartbeat_monitor and stop, one at a time
         self._stop = threading.Event()
+        #: Stops the monitor passes only: set by SIGTERM too, which must not stop the heartbeats of
+        #: work that goes on (an application draining its audits, other threads finishing theirs).
+        self._monitor_stop = threading.Event()
         self._thread: threading.Thread | None = None  # the heartbeats
         self._monitor_thread: threading.Thread | None = None  # the monitor passes
         self._previous_sigterm = None
+        self._mark_stopped_when_idle = False  # stop() came while runs went on (see _stop_threads)
         self._held = 0  # main-thread writes in flight (SIGTERM waits for them)
         self._pending_signal: int | None = None
         self._stopped = False  # stop() marked the instance stopped; using the guard again un-marks it
@@ -484,12 +515,13 @@ class StuckAuditPrevention:
         # A stop signal of their own: a thread of an earlier start still waiting on the database
         # (stop() joins with a timeout) still ends when it is done, and never runs beside these.
         self._stop = threading.Event()
+        self._monitor_stop = threading.Event()
         # Two threads: a monitor pass that waits on the database (a lock, a slow recovery) must never
         # delay the heartbeats of the audits this worker runs.
         self._thread = threading.Thread(target=self._every_interval, args=(self._beat_once, self._stop),
                                         name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
         self._monitor_thread = threading.Thread(target=self._every_interval,
-                                                args=(self._monitor_once, self._stop, lambda: self._monitor_wait),
+                                                args=(self._monitor_once, self._monitor_stop, lambda: self._monitor_wait),
                                                 name=f"auditctl-monitor-{self.worker_id}", daemon=True)
         self._thread.start()
         self._monitor_thread.start()
@@ -575,15 +607,14 @@ class StuckAuditPrevention:
                     raise
                 # Another audit's lease (a nested run): this one still ends as failed.
                 if not handle.lost:
-                    self._finish(handle, f"{type(lost).__name__}: {lost}"[:2000])
+                    self._finish(handle, stored_error(lost))
                 raise
             except BaseException as error:
                 if not handle.lost and not self._forked():  # a forked child leaving the block: the run is its parent's
                     try:
-                        # A URL's password in the message is not stored (``show`` and ``list`` print the error).
-                        self._finish(handle, mask_url(f"{type(error).__name__}: {error}")[:2000],
+                        self._finish(handle, stored_error(error),
                                      patience=SIGNAL_PATIENCE if isinstance(error, SystemExit) else None)
-                    except AuditctlError as trouble:
+                    except Exception as trouble:  # noqa: BLE001 - never in place of the block's own exception
                         # The block's own exception (SystemExit(143) included) is what the caller gets;
                         # the audit stays running until a recoverer judges it.
                         log.error("could not record the end of audit %s (%s): %s", audit_id,
@@ -599,7 +630,12 @@ class StuckAuditPrevention:
             if not self._forked():
                 with self._runs_lock:
                     self._runs.pop(lease.token, None)
+                    last = not self._runs and self._mark_stopped_when_idle
+                    if last:
+                        self._mark_stopped_when_idle = False
                 handle._release()
+                if last:
+                    self._mark_stopped()  # stop() was called while this run went on
 
     def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
@@ -654,8 +690,8 @@ class StuckAuditPrevention:
             signal.signal(signum, signal.SIG_DFL if previous in (None, self._on_sigterm) else previous)
             os.kill(os.getpid(), signum)
             return
-        log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor")
-        self._stop.set()
+        log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor (heartbeats go on while audits run)")
+        self._monitor_stop.set()
         if self._held:
             # A write is in flight on the main thread: interrupting it could leave finished
             # work "running" under a lease nobody holds. Act as soon as it is done.
@@ -682,9 +718,10 @@ class StuckAuditPrevention:
         with self._lifecycle:
             self._stop_threads(timeout)
 
-    def _stop_threads(self, timeout: float | None) -> None:
+    def _stop_threads(self, timeout: float | None, *, exiting: bool = False) -> None:
         atexit.unregister(self._stop_at_exit)
         self._stop.set()
+        self._monitor_stop.set()
         self._stopped = True  # before the threads end: a last monitor pass then wakes no alert sender
         until = None if timeout is None else time.monotonic() + timeout  # one timeout for both threads
         for thread in (self._thread, self._monitor_thread):
@@ -697,6 +734,20 @@ class StuckAuditPrevention:
             # Only put back what we replaced, and only if nobody (another guard) replaced us since.
             signal.signal(signal.SIGTERM, self._previous_sigterm if self._previous_sigterm is not None else signal.SIG_DFL)
             self._previous_sigterm = None
+        with self._runs_lock:
+            # Marked stopped, the instance's audits are recovered at once (worker_gone): not while
+            # this process still runs one. The process exiting leaves them, and says so.
+            running = len(self._runs)
+            self._mark_stopped_when_idle = bool(running) and not exiting
+        if self._mark_stopped_when_idle:
+            log.warning("💓 HEARTBEAT monitor stopped for worker %s with %d audit(s) still running here: they get no "
+                        "more heartbeats, and the instance is marked stopped when the last one ends",
+                        printable(self.worker_id), running)
+            return
+        self._mark_stopped()
+        log.info("💓 HEARTBEAT monitor stopped for worker %s", printable(self.worker_id))
+
+    def _mark_stopped(self) -> None:
         try:
             # Bounded as a beat is: a process exiting (SIGTERM) with its database frozen waited the
             # full connection timeout here, after its final write had already waited.
@@ -704,20 +755,24 @@ class StuckAuditPrevention:
         except AuditctlError as error:
             registry.forget_here(self.instance_id)
             log.warning("could not mark worker instance %s stopped: %s", self.instance_id[:8], printable(error))
-        log.info("💓 HEARTBEAT monitor stopped for worker %s", printable(self.worker_id))
 
     def _resume_if_stopped(self) -> None:
         """Used again after ``stop()``: the instance is live again. Marked stopped, its audits would be
         recovered at once as those of a worker that stopped without finishing them (``worker_gone``),
         by other recoverers and by this guard's own monitor."""
         if self._stopped:
+            with self._runs_lock:
+                self._mark_stopped_when_idle = False
             registry.mark_running(self.engine, self.instance_id, guard=self)
             self._stopped = False
             log.info("✅ Stuck audit prevention system resumed: worker %s (instance %s)", printable(self.worker_id),
                      self.instance_id[:8])
 
     def _stop_at_exit(self) -> None:
-        self.stop(timeout=10.0)  # nothing in a forked child: its exit says nothing of the parent's work
+        if self._forked():
+            return  # a forked child's exit says nothing of the parent's work
+        with self._lifecycle:
+            self._stop_threads(10.0, exiting=True)
 
     def _forked(self) -> bool:
         """Whether this is a child forked from the process that made the guard."""

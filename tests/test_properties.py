@@ -780,6 +780,22 @@ def test_mask_webhook_shows_scheme_and_host_only(scheme, host, secret, query, us
     assert secret not in masked
 
 
+@pytest.mark.parametrize("body", ["aB3" * 400_000, "x://a:b@" * 150_000, "@h " * 400_000],
+                         ids=["a-run-of-letters", "urls-and-ats", "many-ats"])
+def test_mask_url_reads_a_megabyte_message_once_not_once_per_character(body, tmp_path):
+    """A driver's error or a worker's exception may carry a response body: masking it must end.
+    In a process of its own: a regular expression holds the interpreter's lock while it runs."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "message.txt"
+    source.write_text(f"postgresql://bob:s3cret@db/x {body}")
+    script = "import sys; from auditctl.urls import mask_url; print(mask_url(open(sys.argv[1]).read())[:40])"
+    # A run of letters took 14 s at 200 KB, quadratic in its length; this is 1.2 MB.
+    done = subprocess.run([sys.executable, "-c", script, str(source)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("postgresql://bob:***@"), done.stderr
+
+
 @given(st.one_of(st.none(), st.text(max_size=40)))
 def test_mask_webhook_never_raises(url):
     assert isinstance(urls.mask_webhook(url), str)

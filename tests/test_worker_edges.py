@@ -481,24 +481,34 @@ def test_a_guard_used_again_after_stop_is_live_again_and_its_audits_are_not_take
 # --- SIGTERM at the edges of a run (real processes, real signals; SQLite's write lock held by the test) ----------
 
 _CHILD = """
-import logging, signal, sys, time
+import logging, signal, sys, threading, time
 from auditctl import StuckAuditPrevention
 logging.basicConfig(level=logging.WARNING)
 if "--ignore-sigterm" in sys.argv:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if "--drain-handler" in sys.argv:  # the application's own handler: it finishes the audit in hand, then exits
+    signal.signal(signal.SIGTERM, lambda *_: print("DRAINING", flush=True))
 guard = StuckAuditPrevention(sys.argv[1], worker_id="w-sig", heartbeat_interval=0.5, stale_after=float(sys.argv[2]),
                              max_age=600, stall_after=600)
 guard.start_heartbeat_monitor()
 audit_id = guard.create_audit("https://example.com/signals")
 print(audit_id, flush=True)
 sys.stdin.readline()
-with guard.run(audit_id) as run:
-    print("ENTERED", flush=True)
-    if "--no-progress-calls" in sys.argv:
-        time.sleep(8)  # only the heartbeat thread keeps the audit alive
-    for _ in range(int(float(sys.argv[3]) * 10)):
-        run.update_progress(step="working")
+
+def work():
+    with guard.run(audit_id) as run:
+        print("ENTERED", flush=True)
+        if "--no-progress-calls" in sys.argv:
+            time.sleep(8)  # only the heartbeat thread keeps the audit alive
+        for _ in range(int(float(sys.argv[3]) * 10)):
+            run.update_progress(step="working")
+            time.sleep(0.1)
+
+if "--on-a-thread" in sys.argv:  # a pool's thread runs the audit; SIGTERM ends the main thread's wait
+    threading.Thread(target=work).start()
+    while True:
         time.sleep(0.1)
+work()
 print("DONE", flush=True)
 """
 
@@ -546,6 +556,38 @@ def test_an_application_that_ignores_sigterm_keeps_its_heartbeats(engine, databa
         "SIGTERM stopped the heartbeats of work that goes on"
     child.kill()
     child.wait(10)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_an_application_draining_on_its_own_sigterm_handler_keeps_its_heartbeats(engine, database_url, tmp_path):
+    child, audit_id = _signal_child(tmp_path, database_url, "--drain-handler", "--no-progress-calls", seconds=0.0)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert read_line(child) == "ENTERED"
+    child.send_signal(signal.SIGTERM)
+    assert read_line(child) == "DRAINING"
+    time.sleep(3.0)
+    assert not list(find_stuck(engine, Thresholds(stale_after=2, max_age=600, stall_after=600))), \
+        "SIGTERM stopped the heartbeats of the audit the application drains"
+    assert read_line(child, timeout=15) == "DONE"
+    assert child.wait(10) == 0
+    assert row(engine, audit_id)["status"] == COMPLETED
+    assert [e["event"] for e in events(engine, audit_id)] == [], "no recovery, no lost lease"
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_a_sigterm_keeps_beating_for_an_audit_another_thread_still_runs(engine, database_url, tmp_path):
+    child, audit_id = _signal_child(tmp_path, database_url, "--on-a-thread", "--no-progress-calls", seconds=0.0)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert read_line(child) == "ENTERED"
+    child.send_signal(signal.SIGTERM)  # the main thread exits 143; the process waits for the audit's thread
+    time.sleep(3.0)
+    assert not list(find_stuck(engine, Thresholds(stale_after=2, max_age=600, stall_after=600))), \
+        "SIGTERM stopped the heartbeats of an audit another thread still runs"
+    assert child.wait(15) == 143
+    assert row(engine, audit_id)["status"] == COMPLETED
+    assert [e["event"] for e in events(engine, audit_id)] == [], "no recovery, no lost lease"
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
@@ -885,3 +927,126 @@ def test_a_sigterm_final_write_keeps_to_its_patience_from_the_start(engine, guar
         with guard.run(audit_id):
             raise SystemExit(143)
     assert len(calls) == 1
+
+
+# --- threads and exceptions at the edges of a run ----------------------------------------------
+
+
+def _stored_progress(engine, audit_id) -> dict:
+    stored = row(engine, audit_id)["progress"]
+    return (json.loads(stored) if isinstance(stored, str) else stored)["progress"]
+
+
+def test_two_threads_reporting_at_once_each_keep_the_fields_of_the_other(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/two-reporters")
+    count = 150
+    with guard.run(audit_id) as run:
+        start = threading.Barrier(2)
+
+        def steps():
+            start.wait()
+            for i in range(count):
+                run.update_progress(step=f"step-{i}")
+
+        def counts():
+            start.wait()
+            for i in range(count):
+                run.update_progress(completed_tasks=i + 1, total_tasks=count)
+
+        threads = [threading.Thread(target=steps), threading.Thread(target=counts)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stored = _stored_progress(engine, audit_id)
+    assert (stored["step"], stored["completed_tasks"], stored["total_tasks"]) == (f"step-{count - 1}", count, count), \
+        "a report merged with a copy taken before the other thread's report"
+
+
+def test_a_report_racing_the_end_of_its_run_is_not_recorded_as_a_lost_lease(engine, guards, caplog):
+    guard = guards()
+    ended = []
+    for attempt in range(10):
+        audit_id = guard.create_audit(f"https://example.com/end-race-{attempt}")
+        with guard.run(audit_id) as run:
+            def report():
+                for i in range(100_000):
+                    try:
+                        run.update_progress(completed_tasks=i % 100, total_tasks=100)
+                    except LeaseLost as error:
+                        ended.append(error)
+                        return
+
+            reporter = threading.Thread(target=report)
+            reporter.start()
+            time.sleep(0.02)
+        reporter.join(30)
+        assert row(engine, audit_id)["status"] == COMPLETED
+        assert [e["event"] for e in events(engine, audit_id)] == [], "the run's own end recorded as a lost lease"
+    assert len(ended) == 10 and all(type(error).__name__ == "RunEnded" for error in ended)
+    assert "LEASE LOST" not in caplog.text
+
+
+class _Unreadable(Exception):
+    def __str__(self):
+        raise RuntimeError("this message cannot be read")
+
+
+class _NotText(Exception):
+    def __str__(self):
+        return 42
+
+
+@pytest.mark.parametrize("error, stored", [
+    (RuntimeError("cannot parse r\udcffport.txt"), "RuntimeError: cannot parse r\\udcffport.txt"),
+    (ValueError("a NUL \x00 in the message"), "ValueError: a NUL \\x00 in the message"),
+    (_Unreadable(), "_Unreadable: (its message could not be read)"),
+    (_NotText(), "_NotText: (its message could not be read)"),
+], ids=["lone-surrogate", "nul", "str-raises", "str-not-text"])
+def test_the_blocks_own_exception_reaches_the_caller_and_fails_the_audit_whatever_its_message(engine, guards, error,
+                                                                                               stored):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/odd-message")
+    with pytest.raises(type(error)):
+        with guard.run(audit_id):
+            raise error
+    ended = row(engine, audit_id)
+    assert ended["status"] == "failed" and ended["error"] == stored and ended["lease"] is None
+
+
+def test_a_megabyte_exception_message_ends_the_run_at_once_cut_and_masked(engine, guards):
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/huge-message")
+    body = "postgresql://bob:s3cret@db/x " + "QUJD" * 500_000  # a response body in the message
+    outcome = []
+
+    def run_and_raise():
+        try:
+            with guard.run(audit_id):
+                raise RuntimeError(body)
+        except RuntimeError:
+            outcome.append("raised")
+
+    thread = threading.Thread(target=run_and_raise, daemon=True)
+    thread.start()
+    thread.join(60)  # masking the whole message took minutes (quadratic in a run of letters)
+    assert outcome == ["raised"], "the run did not end"
+    error = row(engine, audit_id)["error"]
+    assert len(error) == 2000 and error.startswith("RuntimeError: postgresql://bob:***@db/x QUJD")
+
+
+def test_stop_while_a_run_goes_on_leaves_the_instance_live_until_the_run_ends(engine, guards):
+    from auditctl.rules import gone_instances
+
+    guard = guards()
+    guard.start_heartbeat_monitor()
+    audit_id = guard.create_audit("https://example.com/stopped-mid-run")
+    with guard.run(audit_id) as run:
+        stopper = threading.Thread(target=guard.stop)  # a shutdown hook on another thread
+        stopper.start()
+        stopper.join(30)
+        assert guard.instance_id not in gone_instances(engine), "its live audit would be recovered as worker_gone"
+        assert run.update_progress(step="still working")
+    assert row(engine, audit_id)["status"] == COMPLETED
+    assert guard.instance_id in gone_instances(engine), "marked stopped once its last run ended"
