@@ -140,7 +140,9 @@ def _validate(setting: Setting, value, path):
     if setting.kind == "url":
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{where} must be a non-empty string")
-        return value
+        from .values import storable_text
+
+        return storable_text(where, value)  # TOML may hold "\u0000", which no file or server name can
     if setting.kind == "urls":
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(item, str) and item.strip() for item in items):

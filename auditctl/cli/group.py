@@ -130,7 +130,7 @@ class AuditctlGroup(click.Group):
         the value came from one), and where help is; exit 2. Click's own form takes four lines."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        _prepare_stdout()
+        _prepare_streams()
         previous_sigterm = _sigterm_as_interrupt()
         try:
             self._main(args, prog_name, complete_var, **extra)
@@ -149,19 +149,25 @@ class AuditctlGroup(click.Group):
             from ..textsafe import printable
 
             what = f"{printable(error.filename)}: " if error.filename else "cannot write the output: "
-            click.echo(paint(f"Error: {what}{printable(error.strerror or error)}", "red"), err=True)
-            sys.exit(EXIT_ERROR)
+            _last_line(paint(f"Error: {what}{printable(error.strerror or error)}", "red"), EXIT_ERROR)
         except click.UsageError as error:
             where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
-            click.echo(paint(f"Error: {_usage_message(error)}{where}", "red"), err=True)
-            sys.exit(error.exit_code)
+            _last_line(paint(f"Error: {_usage_message(error)}{where}", "red"), error.exit_code)
         except click.ClickException as error:
-            click.echo(paint(f"Error: {error.format_message()}", "red"), err=True)
-            sys.exit(error.exit_code)
+            _last_line(paint(f"Error: {error.format_message()}", "red"), error.exit_code)
         except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(EXIT_ERROR)
+            _last_line("Aborted.", EXIT_ERROR)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _last_line(text: str, code: int) -> None:
+    """The command's error line on stderr, then its exit code; a stderr that cannot take the line
+    (closed, full) makes it exit 1, as any lost status or error line does."""
+    try:
+        click.echo(text, err=True)
+    except OSError:
+        code = EXIT_ERROR
+    sys.exit(code)
 
 
 def _reader_gone(stream) -> bool:
@@ -193,22 +199,30 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-class _ClosedStdout:
-    """Stands for a standard output the shell closed (``>&-``): the first write fails as a write to a
-    closed descriptor would, after the command did its work."""
+class _ClosedStream:
+    """Stands for a standard stream the shell closed (``>&-``, ``2>&-``): the first write fails as a
+    write to a closed descriptor would, after the command did its work. A closed stderr is thus what
+    a full one is: a status or error line lost there ends the command with exit 1 (``_main``), where
+    Python alone would drop the line and let the command exit 0."""
 
     encoding, errors = "utf-8", "strict"
+
+    def __init__(self, name: str):
+        self.name = name
 
     def write(self, text: str) -> int:
         import errno
 
-        raise OSError(errno.EBADF, "standard output is closed")
+        raise OSError(errno.EBADF, f"{self.name} is closed")
 
     def flush(self) -> None:
         pass
 
     def isatty(self) -> bool:
         return False
+
+    def fileno(self) -> int:
+        raise ValueError(f"{self.name} is closed")
 
 
 def _json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
@@ -225,12 +239,14 @@ def _json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
     return "".join(escaped), error.end
 
 
-def _prepare_stdout() -> None:
-    """A closed stdout gets a stand-in that fails on write; a stdout whose encoding cannot hold every
-    character (``PYTHONIOENCODING=ascii``, a POSIX locale) writes the others as JSON escapes instead
-    of failing mid-listing."""
+def _prepare_streams() -> None:
+    """A closed stdout or stderr gets a stand-in that fails on write; a stdout whose encoding cannot
+    hold every character (``PYTHONIOENCODING=ascii``, a POSIX locale) writes the others as JSON
+    escapes instead of failing mid-listing."""
+    if sys.stderr is None:
+        sys.stderr = _ClosedStream("standard error")
     if sys.stdout is None:
-        sys.stdout = _ClosedStdout()
+        sys.stdout = _ClosedStream("standard output")
         return
     encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
     if encoding not in ("utf8", "utf8sig") and hasattr(sys.stdout, "reconfigure"):

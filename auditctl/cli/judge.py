@@ -237,6 +237,9 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     left_alone = total - len(done) - len(done.skipped)
     echo_status(state, f"Reset {_plural(len(done), 'audit')} to pending"
                 + (f"; {left_alone} changed meanwhile and were left alone" if left_alone > 0 else "") + ".", force=True)
+    if assume_yes:  # nobody saw the summary: say what the reset limit held back (not an error: exit 0)
+        for line in _held_back(plan):
+            echo_status(state, line)
     if done.skipped:
         click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be reset and need an operator: "
                    + ", ".join(str(s.id) for s in done.skipped[:20]), err=True)
@@ -253,15 +256,21 @@ def _reset_summary(plan, policy) -> str:
     lines = [("Failed audits to reset: " + "; ".join(parts) + ".") if parts else "No failed audits to reset."]
     if plan.stuck:
         lines.append(f"Stuck running audits to recover first: {len(plan.stuck)}.")
-    if plan.held_back:
-        lines.append(f"{_plural(plan.held_back, 'audit')} already reset {plan.max_resets} times "
-                     f"{'stays' if plan.held_back == 1 else 'stay'} failed (--max-resets to change).")
-    if plan.stuck_held_back:
-        lines.append(f"{_plural(plan.stuck_held_back, 'stuck audit')} already reset {plan.max_resets} times "
-                     f"{'stays' if plan.stuck_held_back == 1 else 'stay'} running (--max-resets to change).")
+    lines += _held_back(plan)
     if policy is not None:
         lines.append(f"Thresholds: {policy.describe()}.")
     return "\n".join(lines)
+
+
+def _held_back(plan) -> list[str]:
+    """What the reset limit leaves alone, one line each for failed and stuck running audits: in the
+    summary before the question (or the dry run's), and after an unattended reset."""
+    lines = []
+    for count, what, stays in ((plan.held_back, "audit", "failed"), (plan.stuck_held_back, "stuck audit", "running")):
+        if count:
+            lines.append(f"{_plural(count, what)} already reset {_plural(plan.max_resets, 'time')} "
+                         f"{'stays' if count == 1 else 'stay'} {stays} (--max-resets to change).")
+    return lines
 
 
 def raise_refusal(total: int) -> None:

@@ -179,6 +179,7 @@ def common_options(command):
             # Click takes an empty variable for an unset one: ``AUDITCTL_DATABASE_URL=$UNSET`` in a cron
             # job would then work on ./auditctl.db (or the config file's database) without a word.
             raise click.UsageError(f"${SETTINGS['database_url'].envvar} is set but empty: give a database URL, or unset it")
+        _check_database_url(ctx, database_url)
         verbose += root.meta.get("auditctl.verbose_global", 0)
         quiet = quiet or root.meta.get("auditctl.quiet_global", False)
         state = CliState(database_url, verbose=verbose, quiet=quiet, lock_wait=lock_wait)
@@ -188,6 +189,25 @@ def common_options(command):
         return command(*args, state=state, **kwargs)
 
     return wrapper
+
+
+def _check_database_url(ctx: click.Context, database_url: str) -> None:
+    """A database URL no database can be named by (bytes that are not UTF-8, which Python keeps as
+    lone surrogates) is a usage error, however it was given, before any engine exists: otherwise
+    ``init`` would create a file by that name and every other command refuse it."""
+    from ..values import storable_text
+
+    source = ctx.get_parameter_source("database_url")
+    if ctx.find_root().meta.get("auditctl.database_url") is not None or source == ParameterSource.COMMANDLINE:
+        where = "--database-url"
+    elif source == ParameterSource.ENVIRONMENT:
+        where = f"--database-url (from ${SETTINGS['database_url'].envvar})"
+    else:
+        where = given_as("database_url")
+    try:
+        storable_text(where, database_url)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
 
 
 def threshold_options(command):
