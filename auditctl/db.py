@@ -255,7 +255,15 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         if call_timeout is not None:
             statement_timeout = call_timeout - CALL_GRACE if call_timeout > 2 * CALL_GRACE else call_timeout / 2
         url, options = _pg_options(url, role, lock_wait, statement_timeout)
-        connect_args = {"connect_timeout": 10, "application_name": f"auditctl-{role}", "options": options}
+        # The URL's connect_timeout wins over ours (10 s); a write's budget still shortens either
+        # (``watchdog.connect_timeout``). libpq takes whole seconds, and reads 0 as "wait for ever".
+        connect_timeout = url.query.get("connect_timeout", "10")
+        if not (isinstance(connect_timeout, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", connect_timeout)
+                and int(connect_timeout) > 0):
+            raise ConfigError(f"the database URL {mask_url(database_url)} has connect_timeout="
+                              f"{printable(str(connect_timeout))[:40]}: give one whole number of seconds from 1 to "
+                              "999999999 (or none, for 10)")
+        connect_args = {"connect_timeout": int(connect_timeout), "application_name": f"auditctl-{role}", "options": options}
         if pool_size is not None:
             kwargs.setdefault("pool_size", pool_size)
             kwargs.setdefault("max_overflow", max(5, pool_size // 2))
@@ -854,8 +862,11 @@ def keyset_pages(engine: Engine, read_page, *, page_size: int, limit: int | None
 
 
 _NOT_UTF8 = re.compile(r"Could not decode to UTF-8 column '([^']*)'")
+# PostgreSQL names a missing column quoted (column "target" does not exist), qualified and unquoted
+# (column audits.target does not exist), or with its table (column "target" of relation "audits" ...).
+_PG_NAME = r'(?:"[^"]*"|[\w$]+)'
 _MISSING_TABLE = re.compile(r"no such table|relation \"[^\"]*\" does not exist|no such column|has no column named|"
-                            r"column \"[^\"]*\" does not exist")
+                            rf"column {_PG_NAME}(?:\.{_PG_NAME})*(?: of relation \"[^\"]*\")? does not exist")
 
 
 @contextlib.contextmanager

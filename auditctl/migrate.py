@@ -16,7 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import inspect, text
+from sqlalchemy import column, inspect, select, table, text
 from sqlalchemy.engine import Engine
 
 from .db import describe, is_postgres, translate_errors, write_transaction
@@ -38,12 +38,13 @@ class UpgradeResult:
         return self.before != self.after
 
 
-def _alembic_config(connection):
+def _alembic_config(connection, schema: str | None = None):
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", "auditctl:migrations")
     config.attributes["connection"] = connection
+    config.attributes["version_table_schema"] = schema  # see migrations/env.py
     return config
 
 
@@ -77,15 +78,32 @@ def _quiet_alembic():
 _OUR_AUDIT_COLUMNS = {"lease", "worker_instance", "progress_signature", "recovery_reasons", "progress_changed_at"}
 
 
-def _state(connection) -> tuple[str | None, set[str], bool]:
+def _schema(connection) -> str | None:
+    """The schema auditctl's tables are in, or would be created in: on PostgreSQL ``current_schema()``, the
+    first schema of the search path that exists. Not every schema on the path: with
+    ``search_path=auditctl,public`` another application's tables in ``public`` are none of auditctl's
+    business (its unqualified queries find its own tables first). None on SQLite, and on a PostgreSQL
+    search path that names no existing schema (there is nowhere to create a table in then)."""
+    if not is_postgres(connection):
+        return None
+    return connection.execute(text("SELECT current_schema()")).scalar()
+
+
+def _recorded_revision(connection, schema: str | None) -> str | None:
+    version = table("alembic_version", column("version_num"), schema=schema)
+    return connection.execute(select(version.c.version_num)).scalar()
+
+
+def _state(connection, schema: str | None) -> tuple[str | None, set[str], bool]:
     """(recorded revision or None, which of auditctl's table names exist, whether its ``audits`` table
-    is auditctl's as far as the columns every revision has can tell)."""
+    is auditctl's as far as the columns every revision has can tell), all in ``schema`` (``_schema``)."""
     inspector = inspect(connection)
-    names = set(inspector.get_table_names())
+    names = set(inspector.get_table_names(schema=schema))
     revision = None
     if "alembic_version" in names:
-        revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    ours = "audits" in names and len(_OUR_AUDIT_COLUMNS & {column["name"] for column in inspector.get_columns("audits")}) >= 2
+        revision = _recorded_revision(connection, schema)
+    ours = "audits" in names and \
+        len(_OUR_AUDIT_COLUMNS & {c["name"] for c in inspector.get_columns("audits", schema=schema)}) >= 2
     return revision, names & set(_OUR_TABLES), ours
 
 
@@ -111,13 +129,32 @@ def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str
                            f"does not know (it knows up to {head_revision()}): a newer auditctl migrated it; upgrade auditctl")
 
 
+def _refuse_to_hide_ours(connection, schema: str | None, where: str) -> None:
+    """PostgreSQL: refuse to create auditctl's tables in ``schema`` while its tables already are in a
+    schema later on the search path. Created first on the path, the new empty tables would be the
+    ones every command and worker reads from then on, and every audit would drop out of view (a
+    schema named like the role, ``"$user"``, created after auditctl's tables went into ``public``)."""
+    if schema is None:
+        return
+    later = [name for name in connection.execute(text("SELECT unnest(current_schemas(false))")).scalars() if name != schema]
+    for other in later:
+        revision, present, ours = _state(connection, other)
+        if "audits" in present and ours:
+            raise DatabaseRefused(
+                f"auditctl's tables are in schema {printable(other)[:63]} of the database at {where}, but new ones would "
+                f"be created in {printable(schema)[:63]}, which comes first on the search_path, and would hide them; "
+                f"put {printable(other)[:63]} first (?options=-csearch_path%3D{printable(other)[:63]} in the URL) or move "
+                "the tables; nothing was changed")
+
+
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at; None when it has no auditctl schema."""
     with translate_errors(engine), engine.connect() as connection:
         connection = connection.execution_options(auditctl_read_only=True)
-        if not inspect(connection).has_table("alembic_version"):
+        schema = _schema(connection)
+        if not inspect(connection).has_table("alembic_version", schema=schema):
             return None
-        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return _recorded_revision(connection, schema)
 
 
 def diagnose(engine: Engine) -> SchemaMissing:
@@ -125,7 +162,8 @@ def diagnose(engine: Engine) -> SchemaMissing:
     where = describe(engine)
     try:
         with translate_errors(engine), engine.connect() as connection:
-            revision, present, ours = _state(connection.execution_options(auditctl_read_only=True))
+            connection = connection.execution_options(auditctl_read_only=True)
+            revision, present, ours = _state(connection, _schema(connection))
         _refuse_foreign(engine, revision, present, where, ours)
     except SchemaMissing as error:
         return error
@@ -160,10 +198,19 @@ def upgrade(engine: Engine) -> UpgradeResult:
             if is_postgres(connection):
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
             # Read under the lock: a process that waited for another's migration reports "no change".
-            revision, present, ours = _state(connection)
+            schema = _schema(connection)
+            if schema is None and is_postgres(connection):
+                search_path = connection.execute(text("SHOW search_path")).scalar()
+                raise DatabaseRefused(f"cannot create the schema of the database at {where}: none of the schemas on its "
+                                      f"search_path ({printable(str(search_path))[:80]}) exists, so there is nowhere to "
+                                      "create auditctl's tables; CREATE SCHEMA one of them, or set another search_path; "
+                                      "nothing was changed")
+            revision, present, ours = _state(connection, schema)
             _refuse_foreign(connection, revision, present, where, ours)
-            before = MigrationContext.configure(connection).get_current_revision()
-            command.upgrade(_alembic_config(connection), "head")
+            if not present:
+                _refuse_to_hide_ours(connection, schema, where)
+            before = MigrationContext.configure(connection, opts={"version_table_schema": schema}).get_current_revision()
+            command.upgrade(_alembic_config(connection, schema), "head")
     except SchemaMissing as error:
         if isinstance(error, (NotOurDatabase, SchemaTooNew)) or not hasattr(error, "detail"):
             raise

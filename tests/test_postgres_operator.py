@@ -1,0 +1,218 @@
+"""What an operator setting auditctl up on a shared PostgreSQL meets: a schema of its own on a search
+path that ends in ``public``, another application's ``audits`` table, and a connect timeout of the URL's."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine as plain_engine
+from sqlalchemy import inspect, text
+
+from auditctl.cli import cli
+from auditctl.db import normalize_url
+
+ANOTHER_APPLICATIONS_TABLE = "CREATE TABLE public.audits (id INTEGER PRIMARY KEY, name TEXT)"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def last_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def with_search_path(url: str, search_path: str) -> str:
+    return f"{url}?options=-csearch_path%3D{search_path}"
+
+
+@pytest.fixture
+def theirs(blank_database_url):
+    """The database as its owner sees it, with no auditctl anywhere in it."""
+    engine = plain_engine(normalize_url(blank_database_url))
+    yield engine
+    engine.dispose()
+
+
+def tables(engine, schema):
+    return sorted(inspect(engine).get_table_names(schema=schema))
+
+
+AUDITCTL_TABLES = ["alembic_version", "audit_events", "audits", "notification_deliveries", "notifications", "workers"]
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("their_revision", [None, "0001"])
+def test_init_takes_its_own_schema_first_on_a_search_path_that_ends_in_public(blank_database_url, theirs, their_revision):
+    """The setup the refusal itself recommends: CREATE SCHEMA, then search_path=ac2,public. The other
+    application's tables in public (even an Alembic revision auditctl also has) are none of init's business."""
+    with theirs.begin() as connection:
+        connection.execute(text(ANOTHER_APPLICATIONS_TABLE))
+        connection.execute(text("INSERT INTO public.audits VALUES (1, 'theirs')"))
+        if their_revision:
+            connection.execute(text("CREATE TABLE public.alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+            connection.execute(text("INSERT INTO public.alembic_version VALUES (:r)"), {"r": their_revision})
+        connection.execute(text("CREATE SCHEMA ac2"))
+    url = with_search_path(blank_database_url, "ac2,public")
+
+    result = run("init", "--database-url", url)
+    assert result.exit_code == 0, result.output
+    assert tables(theirs, "ac2") == AUDITCTL_TABLES
+    assert tables(theirs, "public") == (["alembic_version", "audits"] if their_revision else ["audits"])
+    assert [c["name"] for c in inspect(theirs).get_columns("audits", schema="public")] == ["id", "name"]
+    with theirs.connect() as connection:
+        assert connection.execute(text("SELECT name FROM public.audits")).scalars().all() == ["theirs"]
+        if their_revision:
+            assert connection.execute(text("SELECT version_num FROM public.alembic_version")).scalar() == their_revision
+
+    again = run("init", "--database-url", url)
+    assert again.exit_code == 0 and "Traceback" not in again.output, again.output
+    for command in (["demo"], ["scan"], ["list"], ["show", "1"]):
+        result = run(*command, "--database-url", url)
+        assert result.exit_code == 0, (command, result.output)
+    with theirs.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM ac2.audits")).scalar() > 0
+        assert connection.execute(text("SELECT name FROM public.audits")).scalars().all() == ["theirs"]
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_init_takes_a_quoted_schema_set_for_the_database_before_public(blank_database_url, theirs):
+    """ALTER DATABASE (or ROLE) ... SET search_path = "Ops-Audit", public: nothing in the URL at all."""
+    with theirs.begin() as connection:
+        connection.execute(text(ANOTHER_APPLICATIONS_TABLE))
+        connection.execute(text('CREATE SCHEMA "Ops-Audit"'))
+        database = connection.execute(text("SELECT current_database()")).scalar()
+        connection.execute(text(f'ALTER DATABASE "{database}" SET search_path = "Ops-Audit", public'))
+
+    result = run("init", "--database-url", blank_database_url)
+    assert result.exit_code == 0, result.output
+    assert tables(theirs, "Ops-Audit") == AUDITCTL_TABLES
+    assert tables(theirs, "public") == ["audits"]
+    assert run("scan", "--database-url", blank_database_url).exit_code == 0
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_init_still_refuses_another_applications_audits_table_in_the_schema_it_would_use(blank_database_url, theirs):
+    with theirs.begin() as connection:
+        connection.execute(text("CREATE SCHEMA ac2"))
+        connection.execute(text("CREATE TABLE ac2.audits (id INTEGER PRIMARY KEY, name TEXT)"))
+    result = run("init", "--database-url", with_search_path(blank_database_url, "ac2,public"))
+    assert result.exit_code == 1
+    assert "tables named like auditctl's (audits) that auditctl did not create" in last_line(result), result.output
+    assert tables(theirs, "ac2") == ["audits"] and tables(theirs, "public") == []
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_init_never_hides_auditctls_tables_behind_a_schema_made_first_on_the_search_path_later(blank_database_url, theirs):
+    """auditctl's tables in public; later someone creates a schema that comes first on the search path
+    (one named like the role, for "$user"). New empty tables there would take every read from then on."""
+    url = with_search_path(blank_database_url, "public")
+    assert run("demo", "--database-url", url).exit_code == 0
+    with theirs.begin() as connection:
+        connection.execute(text("CREATE SCHEMA ac3"))
+    result = run("init", "--database-url", with_search_path(blank_database_url, "ac3,public"))
+    assert result.exit_code == 1, result.output
+    line = last_line(result)
+    assert "auditctl's tables are in schema public" in line and "would hide them" in line, line
+    assert tables(theirs, "ac3") == [], "nothing created"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_init_on_a_search_path_whose_schemas_do_not_exist_says_so(blank_database_url, theirs):
+    result = run("init", "--database-url", with_search_path(blank_database_url, "auditctl"))
+    assert result.exit_code == 1
+    line = last_line(result)
+    assert "none of the schemas on its search_path (auditctl) exists" in line and "CREATE SCHEMA" in line, line
+    assert tables(theirs, "public") == []
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql", "sqlite"], indirect=True)
+def test_list_and_show_on_another_applications_audits_table_say_it_is_not_auditctls(blank_database_url):
+    """PostgreSQL writes ``column audits.target does not exist`` (qualified, unquoted): not a raw SQL error."""
+    engine = plain_engine(normalize_url(blank_database_url))
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE audits (id INTEGER PRIMARY KEY, name TEXT)"))
+        connection.execute(text("INSERT INTO audits VALUES (1, 'theirs')"))
+    engine.dispose()
+    for command in (["list"], ["show", "1"]):
+        result = run(*command, "--database-url", blank_database_url)
+        line = last_line(result)
+        assert result.exit_code == 1, (command, result.output)
+        assert "tables named like auditctl's (audits) that auditctl did not create" in line, (command, line)
+        assert "does not exist" not in line and "no such column" not in line, (command, line)
+
+
+def test_a_missing_column_is_a_missing_schema_in_every_wording_the_databases_use():
+    from sqlalchemy import exc as sa_exc
+
+    from auditctl.db import database_error
+    from auditctl.errors import SchemaMissing
+
+    url = normalize_url("postgresql://nc:hunter2@db.example/y")
+    for said in ('column "target" does not exist', "column audits.target does not exist",
+                 'column "Odd Name".target does not exist', 'column audits."Target" does not exist',
+                 'column "target" of relation "audits" does not exist',
+                 'relation "audits" does not exist', "no such table: audits", "no such column: target",
+                 "table audits has no column named target"):
+        error = database_error(sa_exc.ProgrammingError("SELECT 1", {}, Exception(said)), url)
+        assert isinstance(error, SchemaMissing), said
+    other = database_error(sa_exc.ProgrammingError("SELECT 1", {}, Exception('function audits.x() does not exist')), url)
+    assert not isinstance(other, SchemaMissing)
+
+
+@pytest.fixture
+def silent_listener():
+    """A port that accepts connections and never says a word."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_a_connect_timeout_in_the_url_bounds_the_wait_for_a_server_that_never_answers(silent_listener):
+    url = f"postgresql://nc:hunter2@127.0.0.1:{silent_listener}/w?connect_timeout=2"
+    started = time.monotonic()
+    result = run("scan", "--database-url", url)
+    took = time.monotonic() - started
+    assert result.exit_code == 1 and "hunter2" not in result.output, result.output
+    assert took < 6, f"gave up after {took:.1f}s, not the URL's 2s"
+
+
+@pytest.mark.parametrize("url_timeout, budget, most", [(30, 2, 5), (2, 8, 5)])
+def test_a_writes_budget_still_shortens_the_urls_connect_timeout_and_never_lengthens_it(silent_listener, url_timeout,
+                                                                                        budget, most):
+    from auditctl.db import create_engine
+    from auditctl.errors import DatabaseUnavailable
+    from auditctl.watchdog import connect_within
+
+    engine = create_engine(f"postgresql://nc:hunter2@127.0.0.1:{silent_listener}/w?connect_timeout={url_timeout}",
+                           role="worker")
+    started = time.monotonic()
+    with pytest.raises(Exception) as caught, connect_within(budget):
+        from auditctl.db import translate_errors
+
+        with translate_errors(engine), engine.connect():
+            pass
+    took = time.monotonic() - started
+    engine.dispose()
+    assert isinstance(caught.value, DatabaseUnavailable), caught.value
+    assert took < most, f"gave up after {took:.1f}s (URL {url_timeout}s, budget {budget}s)"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_connect_timeout_in_the_url_of_a_real_server_is_taken(database_url):
+    assert run("scan", "--database-url", f"{database_url}?connect_timeout=3").exit_code == 0
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "2.5", "1e3", "99999999999"])
+def test_a_connect_timeout_that_is_not_a_whole_number_of_seconds_is_refused_in_one_line(value):
+    url = f"postgresql://nc:hunter2@127.0.0.1:1/w?connect_timeout={value}"
+    result = run("scan", "--database-url", url)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "connect_timeout" in lines[0] and "hunter2" not in result.output, result.output
