@@ -254,6 +254,29 @@ def _check_order(stale_after: float | None, max_age: float | None, stall_after: 
         )
 
 
+_SOURCE_WORDS = {KIND: "the kind's own", FLEET: "the fleet's"}
+
+
+def _kind_order_message(kind: str, name: str, value: float, source: str, max_age: float, max_age_source: str,
+                        what: str) -> str:
+    """One line naming the kind, both values and where each comes from, and how to make them agree."""
+    def said(setting: str, seconds: float, origin: str) -> str:
+        where = f"--{setting.replace('_', '-')}" if origin == FLAG else _SOURCE_WORDS[origin]
+        return f"{setting} {format_duration(seconds, exact=True)} ({where})"
+
+    def remedy(setting: str, origin: str, bound: str, seconds: float) -> str:
+        shown = format_duration(seconds, exact=True)
+        if origin == FLAG:
+            return f"pass a --{setting.replace('_', '-')} of {bound} {shown}"
+        verb = "lower" if bound == "at most" else "raise"
+        return (f"{verb} the kind's {setting} to {bound} {shown}" if origin == KIND
+                else f"give the kind its own {setting} of {bound} {shown}")
+
+    return (f"kind {kind!r}: {said(name, value, source)} is longer than {said('max_age', max_age, max_age_source)}, "
+            f"and both judge its audits: {what} audit of this kind would hit max_age first; "
+            f"{remedy(name, source, 'at most', max_age)} or {remedy('max_age', max_age_source, 'at least', value)}")
+
+
 def validate_heartbeat_interval(interval: float, stale_after: float) -> float:
     """A worker must beat at least twice within ``stale_after``, or a healthy audit looks dead between beats."""
     interval = parse_duration(interval, "heartbeat_interval")
@@ -337,6 +360,25 @@ class Policy:
 
     def __post_init__(self):
         object.__setattr__(self, "_memo", {})  # resolve_audit's answers; not a field (equality, hash, repr)
+        self._check_kinds_order()
+
+    def _check_kinds_order(self) -> None:
+        """Refuse a kind whose thresholds in force contradict each other: for its audits, each is the
+        flag's, else the kind's own, else the fleet's, so a kind that sets only ``stale_after`` is judged
+        against the fleet's ``max_age`` (or --max-age). Only a contradiction the kind's own value takes
+        part in is the kind's: the fleet's and the flags' among themselves are checked where they are
+        given (``Thresholds.parse``, the commands' options), and a value a flag replaces is not in force."""
+        for kind, values in self.kinds:
+            in_force = {}
+            for name in ("stale_after", "max_age", "stall_after"):
+                flag, own = getattr(self.override, name), getattr(values, name, None)
+                in_force[name] = ((flag, FLAG) if flag is not None else (own, KIND) if own is not None
+                                  else (getattr(self.fleet, name), FLEET))
+            max_age, max_age_source = in_force["max_age"]
+            for name, what in (("stale_after", "a silent"), ("stall_after", "a frozen")):
+                value, source = in_force[name]
+                if KIND in (source, max_age_source) and value > max_age:
+                    raise ConfigError(_kind_order_message(kind, name, value, source, max_age, max_age_source, what))
 
     @classmethod
     def of(cls, fleet: Thresholds | None = None, override: Overrides | None = None,

@@ -71,7 +71,8 @@ def test_a_kinds_section_in_the_config_file_sets_thresholds_and_filters_nothing(
                                       audits.c.max_age_seconds.is_(None)).order_by(audits.c.id)).scalars().first()
         connection.execute(update(audits).where(audits.c.id == healthy).values(kind="full-scan"))
     config = tmp_path / "c.toml"
-    config.write_text('[kinds.full-scan]\nmax_age = "1s"\n')
+    # Its stale_after and stall_after agree with its max_age (the fleet's 10m would not).
+    config.write_text('[kinds.full-scan]\nmax_age = "1m"\nstale_after = "1m"\nstall_after = "1m"\n')
     without = ids_of(run(command, "-o", "json", "--database-url", demo))
     with_kinds = run(command, "-o", "json", "--config", config, "--database-url", demo)
     if command == "scan":

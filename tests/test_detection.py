@@ -98,7 +98,7 @@ def test_each_threshold_comes_from_the_most_specific_source_that_sets_it(engine,
     for audit_id in (own, declared, kinded, fleet):
         backdate(audit_id, started_at=7200, heartbeat_at=5, last_worker_update=5, progress_changed_at=5)
     policy = Policy.of(Thresholds(stale_after=600, max_age=3600, stall_after=600),
-                       kinds={"quick-scan": Overrides(max_age=300)})
+                       kinds={"quick-scan": Overrides(stale_after=300, max_age=300, stall_after=300)})
     verdicts = {v.id: v for v in find_stuck(engine, policy, gone={})}
     assert verdicts[own].threshold("max_age") == (100.0, "audit")
     assert verdicts[declared].threshold("max_age") == (200.0, "worker")

@@ -242,7 +242,10 @@ def threshold_options(command):
             sources = [given_as(name) for name in values if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
             raise click.UsageError(str(error) + (f" (given as {', '.join(sources)})" if sources else "")) from None
         kinds = ctx.find_root().meta.get("auditctl.config_values", {}).get("kinds", {})
-        policy = Policy.of(fleet, override, kinds)
+        try:
+            policy = Policy.of(fleet, override, kinds)  # a kind's values checked against those in force beside them
+        except ConfigError as error:
+            raise click.UsageError(str(error)) from None
         return command(*args, policy=policy, allow_unsafe=allow_unsafe, **kwargs)
 
     return wrapper
