@@ -39,7 +39,8 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, timestamps
 from .schema import RULE_TIME_COLUMNS
-from .errors import ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotADatabase, SchemaMissing, TextNotUtf8
+from .errors import (ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotADatabase, SchemaMissing,
+                     TextNotUtf8, WriteRefused)
 from .textsafe import printable
 from .urls import mask_url, scrub
 from .watchdog import CALL_GRACE, connect_within
@@ -861,6 +862,8 @@ def keyset_pages(engine: Engine, read_page, *, page_size: int, limit: int | None
         after = key(page[-1])
 
 
+#: PostgreSQL's insufficient_privilege and read_only_sql_transaction: the role, not a row.
+_WRITES_REFUSED = {"42501", "25006"}
 _NOT_UTF8 = re.compile(r"Could not decode to UTF-8 column '([^']*)'")
 # PostgreSQL names a missing column quoted (column "target" does not exist), qualified and unquoted
 # (column audits.target does not exist), or with its table (column "target" of relation "audits" ...).
@@ -900,6 +903,11 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
                                 "run `auditctl init`")
         missing.detail = detail  # what the database said, for a caller that is itself ``init`` (migrate.upgrade)
         return missing
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _WRITES_REFUSED or "attempt to write a readonly database" in detail:
+        advice = ("give its role the right to change auditctl's tables, or point at a server that takes writes (not a "
+                  "standby)") if url.get_backend_name() != "sqlite" else "open it read-write, as a user who may write it"
+        return WriteRefused(f"the database at {where} will not let auditctl write ({detail}"
+                            f"{_read_only_directory_hint(url, detail)}): {advice}")
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(exc, "connection_invalidated", False):
         return DatabaseUnavailable(f"database unavailable at {where}: {detail}{_read_only_directory_hint(url, detail)}")
     return DatabaseRefused(f"database error at {where}: {detail}")

@@ -21,6 +21,12 @@ class DatabaseRefused(DatabaseUnavailable):
     """The database answered but refused a statement (a value it cannot store, a constraint): not an outage."""
 
 
+class WriteRefused(DatabaseRefused):
+    """The database will not let auditctl write at all (its role lacks the privilege, a read-only
+    transaction or standby, a SQLite file opened read-only): not one row's fault, so a change made
+    in batches stops at once instead of trying each audit alone, and a monitor stops watching."""
+
+
 class TextNotUtf8(DatabaseRefused):
     """A row holds text that is not UTF-8: SQLite keeps whatever bytes another tool gave it.
 

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .db import FileWatch, fetch_now, read_connection
-from .errors import AuditctlError, ConfigError, DatabaseMissing, SchemaMissing
+from .errors import AuditctlError, ConfigError, DatabaseMissing, SchemaMissing, WriteRefused
 from .history import Actor
 from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, recover_stuck
 from .rules import Filters, Verdict, find_stuck, gone_instances
@@ -50,6 +50,8 @@ class PassResult:
     announced_healthy: bool = False
     #: SQLite: the file at the database's path was ``"replaced"`` or is ``"back"`` since the last look.
     file_change: str | None = None
+    #: The class of the error that stopped the pass (a fatal one is raised again as that).
+    error_type: type | None = None
 
 
 class Monitor:
@@ -154,13 +156,20 @@ class Monitor:
                                               seen_since=self.seen_since, file_change=file_change))
         except ConcurrentChange as exc:
             # Not an outage: the database answered; a batch was rolled back and the next pass retries.
-            return PassResult(ok=False, error=str(exc))
-        except SchemaMissing as exc:
-            return PassResult(ok=False, error=str(exc), fatal=True)
+            return self._failed(exc)
+        except (SchemaMissing, WriteRefused) as exc:  # retrying will not help: no schema, no right to write
+            return self._failed(exc, fatal=True)
         except ConfigError as exc:  # not an outage: every pass would be refused the same way
-            return PassResult(ok=False, error=str(exc), fatal=True, refused=True)
+            return self._failed(exc, fatal=True, refused=True)
         except (AuditctlError, SQLAlchemyError) as exc:
             # SQLAlchemyError: a pool or driver failure that reached us untranslated is trouble
             # reaching the database all the same; the monitor reports it and retries.
             self.saw_outage()
-            return PassResult(ok=False, error=str(exc))
+            return self._failed(exc)
+
+    @staticmethod
+    def _failed(exc: Exception, **how) -> PassResult:
+        """A pass that stopped on ``exc``, with what its committed batches recovered before it (``done``)."""
+        done = getattr(exc, "done", None) or []
+        return PassResult(ok=False, error=str(exc), recovered=list(done), skipped=list(getattr(done, "skipped", [])),
+                          error_type=type(exc), **how)

@@ -35,7 +35,7 @@ from sqlalchemy.sql.expression import FunctionElement
 from . import documents, history, outbox
 from . import timestamps
 from .db import fetch_now, id_in, is_postgres, moments, read_connection, stored_time, write_transaction
-from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted
+from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted, WriteRefused
 from .history import Actor
 from .rules import (
     Filters, GoneInstances, Verdict, find_stuck, fixed_moments, gone_instances, isolate, make_filters, select_stuck,
@@ -397,7 +397,9 @@ def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable
     and both halves retried, down to single audits; a single audit it still refuses is
     reported in ``result.skipped`` and recorded in its history as needing an operator.
 
-    Ctrl-C raises ``Interrupted``, which counts what ``result`` holds: the batches that committed.
+    A refusal of every write (``WriteRefused``: the role, not a row) and an outage stop the run:
+    the error raised carries ``done``, what ``result`` holds (the batches that committed), so the
+    caller reports them with it. Ctrl-C raises ``Interrupted``, which counts them.
     """
     try:
         _run_batches(engine, ids, batch_size, apply, result, on_batch=on_batch, describe=describe)
@@ -405,6 +407,9 @@ def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable
         if isinstance(interrupt, Interrupted):
             raise
         raise Interrupted(len(result), "recovered" if describe == "recover" else describe) from None
+    except AuditctlError as error:
+        error.done = result
+        raise
 
 
 def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[[Connection, list[int]], list],
@@ -423,6 +428,8 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
                 # SQLite's lock is not fair: a writer that begins again at once keeps winning it from
                 # workers asleep in their busy handler. Leave it free until every one of them has woken.
                 time.sleep(lock_handover_pause(time.monotonic() - started))
+        except WriteRefused:
+            raise  # no batch, however small, would fare better
         except (DatabaseRefused, ConcurrentChange, ValueError, TypeError, OverflowError, RecursionError) as error:
             if len(batch) > 1:
                 middle = len(batch) // 2
@@ -842,7 +849,9 @@ def _apply_reset(connection: Connection, filters: ResetFilters, actor: Actor) ->
     """Reset the audits ``filters`` names (``ids``) that still match it, read under the batch's lock."""
     query = select(*_RESET_COLUMNS).where(*_reset_condition(connection, filters)).order_by(audits.c.id)
     if is_postgres(connection):
-        query = query.with_for_update(of=audits)
+        # SKIP LOCKED, as a recovery's batch: a row another transaction holds is left alone (counted as
+        # changed meanwhile), never waited for until the lock wait fails the whole batch.
+        query = query.with_for_update(of=audits, skip_locked=True)
     rows = connection.execute(query).all()
     if not rows:
         return []

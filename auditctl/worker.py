@@ -542,17 +542,16 @@ class StuckAuditPrevention:
         result = self.monitor.run_pass()
         if self.notifier is not None and result.ok and not self._stopped:
             self.notifier.start().kick()  # never waits for the webhook
-        if not result.ok:
-            log.error("%s: cannot reach the database (%s); will retry", marker, printable(result.error))
-            return []
-        if result.resumed_after_outage:
+        if result.ok and result.resumed_after_outage:
             log.warning("%s: database reachable again; silence is measured from now on, not across the outage", marker)
-        for recovery in result.recovered:
+        for recovery in result.recovered:  # a pass that stopped partway keeps what its committed batches did
             log.warning("%s: recovered audit %s (%s): %s -> %s; %s", marker, recovery.id, printable(recovery.target),
                         ", ".join(recovery.reasons), recovery.status, printable("; ".join(recovery.explanation)))
         for skipped in result.skipped:
             log.error("%s: audit %s could not be recovered (%s); it needs an operator", marker, skipped.id,
                       printable(skipped.error))
+        if not result.ok:
+            log.error("%s: cannot reach the database (%s); will retry", marker, printable(result.error))
         return result.recovered
 
     def _recover_stuck_audit(self, audit_id: int, reason: str = MANUAL, explanation: str | None = None) -> Recovery | None:

@@ -100,8 +100,9 @@ def make_running(engine, count: int, *, silent_for: float = 700, age: float | No
 
 
 def install_abort_trigger(engine, name: str, *, table: str = "audits", event: str = "UPDATE",
-                          when_sqlite: str | None = None, when_pg: str | None = None) -> None:
-    """A trigger that makes the database reject matching writes with a real error ('boom')."""
+                          when_sqlite: str | None = None, when_pg: str | None = None, errcode: str | None = None) -> None:
+    """A trigger that makes the database reject matching writes with a real error ('boom'); on
+    PostgreSQL ``errcode`` gives it a SQLSTATE (42501: no privilege, 57P01: an administrator's shutdown)."""
     with engine.begin() as connection:
         if connection.dialect.name == "sqlite":
             when = f" WHEN {when_sqlite}" if when_sqlite else ""
@@ -110,7 +111,8 @@ def install_abort_trigger(engine, name: str, *, table: str = "audits", event: st
             )
         else:
             connection.exec_driver_sql(
-                f"CREATE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom'; END $$"
+                f"CREATE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom'"
+                + (f" USING ERRCODE = '{errcode}'" if errcode else "") + "; END $$"
             )
             when = f" WHEN ({when_pg})" if when_pg else ""
             connection.exec_driver_sql(

@@ -530,3 +530,13 @@ def test_watch_on_a_dumb_terminal_writes_log_lines_not_a_screen(tmp_path, demo):
         term.run(str(AUDITCTL), "watch", "--once", "--database-url", demo, term="dumb")
         shown = term.wait_for(lambda screen: "pass done" in screen, message="the log lines")
         assert "recovered audit" in shown and "\x1b" not in shown
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_watch_on_a_file_opened_read_only_says_it_cannot_write_and_exits_1(demo):
+    """Not an outage to retry for ever: nothing it could recover would ever be written."""
+    watch = subprocess.run([AUDITCTL, "watch", "--interval", "1s", "--no-live", "--database-url", f"{demo}?mode=ro"],
+                           capture_output=True, text=True, timeout=60)
+    assert watch.returncode == 1, watch.stdout + watch.stderr
+    assert "cannot watch: " in watch.stdout and "will not let auditctl write" in watch.stdout
+    assert "database lost" not in watch.stdout

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..errors import AuditctlError
 from ..thresholds import RECOVERY_REASONS, RULE_REASONS
 from .app import cli
 from .metrics_options import metrics_options
@@ -134,8 +135,9 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     check_bounds(state, policy, allow_unsafe, filters)
     update, finish = progress_reporter("Recovering")
     try:
-        done = recover_stuck(state.engine, policy, actor=Actor.command("recover"), requeue=requeue,
-                             max_attempts=max_attempts, dry_run=dry_run, filters=filters, on_batch=update)
+        done, stopped = _until_stopped(lambda: recover_stuck(
+            state.engine, policy, actor=Actor.command("recover"), requeue=requeue, max_attempts=max_attempts,
+            dry_run=dry_run, filters=filters, on_batch=update))
     finally:
         finish()
     thresholds = f"Thresholds: {policy.describe()}."
@@ -160,6 +162,8 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
 
         click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be recovered and need an operator: "
                    f"{printable(listing)}", err=True)
+    _say_stopped(state, stopped)
+    if done.skipped:
         click.get_current_context().exit(EXIT_ERROR)
 
 
@@ -229,7 +233,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
             click.get_current_context().exit(EXIT_REFUSED)
     update, finish = progress_reporter("Resetting")
     try:
-        done = reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update)
+        done, stopped = _until_stopped(lambda: reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update))
     finally:
         finish()
     if fmt is not None or len(done) <= 20:  # a long listing only when asked for by its format
@@ -243,7 +247,29 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     if done.skipped:
         click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be reset and need an operator: "
                    + ", ".join(str(s.id) for s in done.skipped[:20]), err=True)
+    _say_stopped(state, stopped)
+    if done.skipped:
         click.get_current_context().exit(EXIT_ERROR)
+
+
+def _until_stopped(change):
+    """Run a change made in batches: ``(its result, None)``, or, when it stopped on an error after
+    some batches committed, ``(what they did, the error)``, so the command shows what was done
+    before it fails with the error's own line (an outage mid-run, a role that may not write)."""
+    try:
+        return change(), None
+    except AuditctlError as error:
+        done = getattr(error, "done", None)
+        if done is None or (not done and not done.skipped):
+            raise
+        return done, error
+
+
+def _say_stopped(state, stopped: AuditctlError | None) -> None:
+    if stopped is not None:
+        echo_status(state, "Stopped partway by the error below: the batches listed were committed; "
+                           "no other audit was changed.", force=True)
+        raise stopped
 
 
 def _reset_summary(plan, policy) -> str:

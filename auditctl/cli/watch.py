@@ -139,10 +139,12 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if result is not None and result.fatal:
-        from ..errors import ConfigError, SchemaMissing
+        from ..errors import ConfigError, SchemaMissing, WriteRefused
 
         if result.refused:
             raise ConfigError(result.error)  # exit 2: the filters, not the database
+        if result.error_type is not None and issubclass(result.error_type, WriteRefused):
+            raise WriteRefused(result.error)  # exit 1: the role may not write, as it said
         raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see group._explain_and_fail)
     if isinstance(view, LogView) and view.output_error is not None:
         raise view.output_error  # one line, exit 1 (group.main): the passes ran, the output did not
@@ -234,6 +236,7 @@ class LogView:
 
     def after_pass(self, result):
         if not result.ok:
+            self._changes(result)  # what the pass's committed batches did before it stopped
             if result.fatal:
                 self._line(f"cannot watch: {_safe(result.error)}")
                 return
@@ -244,19 +247,23 @@ class LogView:
             self.outage_reported = True
         self._back()
         self._gone(result.gone)
-        for r in result.recovered:
-            self.known_stuck.pop(r.id, None)
-            self._line(f"recovered audit {r.id} ({_safe(r.target)}): {', '.join(r.reasons)} -> {r.status}; "
-                       f"{_safe('; '.join(r.explanation))}")
-        for s in result.skipped:
-            self._line(f"audit {s.id} could not be recovered and needs an operator: {_safe(s.error)}")
+        self._changes(result)
         for v in result.stuck:
             if self.known_stuck.get(v.id) != tuple(v.reasons):
                 self.known_stuck[v.id] = tuple(v.reasons)
                 self._line(f"stuck audit {v.id} ({_safe(v.target)}): {', '.join(v.reasons)}; {_safe('; '.join(v.explain()))} "
                            "(not recovering: --no-recover)")
         if (self.once or self.state.verbose) and not self.state.quiet:
-            self._line(f"pass done: {len(result.recovered)} recovered, {len(result.stuck)} stuck left alone")
+            needs = f", {len(result.skipped)} need an operator" if result.skipped else ""
+            self._line(f"pass done: {len(result.recovered)} recovered, {len(result.stuck)} stuck left alone{needs}")
+
+    def _changes(self, result):
+        for r in result.recovered:
+            self.known_stuck.pop(r.id, None)
+            self._line(f"recovered audit {r.id} ({_safe(r.target)}): {', '.join(r.reasons)} -> {r.status}; "
+                       f"{_safe('; '.join(r.explanation))}")
+        for s in result.skipped:
+            self._line(f"audit {s.id} could not be recovered and needs an operator: {_safe(s.error)}")
 
     def _gone(self, gone: dict[str, str]):
         for instance, proof in gone.items():
@@ -339,11 +346,12 @@ class Screen:
 
     def after_pass(self, result):
         self.last_pass = datetime.now().strftime("%H:%M:%S")
+        # A pass that stopped partway still counts what its committed batches recovered.
+        self.recovered_total += len(result.recovered)
+        self.recent = (list(result.recovered) + self.recent)[:20]
         if result.ok:
             self.status_ok = True
             self.status = "database back" if result.resumed_after_outage else "ok"
-            self.recovered_total += len(result.recovered)
-            self.recent = (list(result.recovered) + self.recent)[:20]
         else:
             self.status_ok = False
             self.status = ("CANNOT WATCH: " if result.fatal else "DATABASE LOST (retrying): ") + str(result.error)

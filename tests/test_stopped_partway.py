@@ -1,0 +1,122 @@
+"""A change made in batches that stops partway: what its committed batches did is shown with the
+error, and a database that will not let auditctl write at all stops it at once.
+
+The database's own errors, raised for real by triggers with the SQLSTATE a server gives: 57P01
+(an administrator's shutdown: an outage) once the first batch has committed, 42501 (no privilege)
+for every write.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dbtools import events, install_abort_trigger, make_running, row
+from sqlalchemy import text
+
+from auditctl.cli import cli
+
+AUDITCTL = Path(sys.executable).parent / "auditctl"
+BATCH = 500
+
+pytestmark = pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def statuses(engine, ids) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for audit_id in ids:
+        status = row(engine, audit_id)["status"]
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def outage_after_the_first_batch(engine, ids, to_status: str) -> None:
+    install_abort_trigger(engine, "outage", when_pg=f"NEW.status = '{to_status}' AND NEW.id > {ids[BATCH - 1]}",
+                          errcode="57P01")
+
+
+def test_recover_stopped_by_an_outage_lists_what_it_recovered_then_fails(engine, database_url):
+    ids = make_running(engine, BATCH + 300)
+    outage_after_the_first_batch(engine, ids, "failed")
+
+    result = run("recover", "-o", "json", "--database-url", database_url)
+
+    assert result.exit_code == 1, result.output
+    listed = [record["id"] for record in json.loads(result.stdout)]
+    assert listed == ids[:BATCH], "the committed batch, shown"
+    assert "Recovered 500 audits" in result.stderr and "Stopped partway" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: database unavailable"), result.stderr
+    assert statuses(engine, ids) == {"failed": BATCH, "running": 300}
+
+
+def test_reset_all_stopped_by_an_outage_lists_what_it_reset_then_fails(engine, database_url):
+    ids = make_running(engine, BATCH + 300)
+    assert run("recover", "--database-url", database_url).exit_code == 0
+    outage_after_the_first_batch(engine, ids, "pending")
+
+    result = run("reset-all", "--yes", "-o", "json", "--database-url", database_url)
+
+    assert result.exit_code == 1, result.output
+    assert [record["id"] for record in json.loads(result.stdout)] == ids[:BATCH]
+    assert "Reset 500 audits to pending" in result.stderr and "Stopped partway" in result.stderr
+    assert statuses(engine, ids) == {"pending": BATCH, "failed": 300}
+
+
+def test_a_role_that_may_not_write_stops_recover_at_once_in_one_line(engine, database_url):
+    ids = make_running(engine, 2 * BATCH)
+    install_abort_trigger(engine, "no_privilege", errcode="42501")
+
+    result = run("recover", "--database-url", database_url)
+
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "will not let auditctl write" in lines[0], lines[:5]
+    assert "needs an operator" not in result.stderr, "the role's fault, not each audit's"
+    assert statuses(engine, ids) == {"running": 2 * BATCH}
+    assert not [e for audit_id in ids[:20] for e in events(engine, audit_id)], "no 'needs an operator' history"
+
+
+def test_watch_stops_with_one_line_when_its_role_may_not_write(engine, database_url):
+    make_running(engine, 3)
+    install_abort_trigger(engine, "no_privilege", errcode="42501")
+
+    watch = subprocess.run([AUDITCTL, "watch", "--interval", "1s", "--no-live", "--database-url", database_url],
+                           capture_output=True, text=True, timeout=60)
+
+    assert watch.returncode == 1, watch.stderr
+    assert "cannot watch: the database at" in watch.stdout and "will not let auditctl write" in watch.stdout
+    assert "needs an operator" not in watch.stdout + watch.stderr
+
+
+def test_a_watch_pass_stopped_by_an_outage_logs_what_it_recovered(engine, database_url):
+    ids = make_running(engine, BATCH + 100)
+    outage_after_the_first_batch(engine, ids, "failed")
+
+    watch = subprocess.run([AUDITCTL, "watch", "--once", "--no-live", "--database-url", database_url],
+                           capture_output=True, text=True, timeout=60)
+
+    assert watch.returncode == 1
+    recovered = [line for line in watch.stdout.splitlines() if " recovered audit " in line]
+    assert len(recovered) == BATCH, watch.stdout[-2000:]
+    assert "database lost" in watch.stdout
+
+
+def test_reset_all_leaves_a_row_another_transaction_holds_and_resets_the_others(engine, database_url):
+    ids = make_running(engine, 5)
+    assert run("recover", "--database-url", database_url).exit_code == 0
+    with engine.connect() as holder:
+        holder.execute(text("SELECT id FROM audits WHERE id = :id FOR UPDATE"), {"id": ids[2]})
+        result = run("reset-all", "--yes", "--lock-wait", "3s", "--database-url", database_url)
+        holder.rollback()
+
+    assert result.exit_code == 0, result.output
+    assert "Reset 4 audits to pending; 1 changed meanwhile and were left alone" in result.stderr, result.stderr
+    assert statuses(engine, ids) == {"pending": 4, "failed": 1}
