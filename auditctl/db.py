@@ -415,6 +415,10 @@ class FileWatch:
         """False while no file is at the path (as of the last ``check``)."""
         return not self.active or self.identity is not None
 
+    def changed(self) -> bool:
+        """Whether ``check`` would find a change (one stat; nothing is done about it)."""
+        return self.active and file_identity(self.engines[0]) != self.identity
+
     def check(self) -> str | None:
         """None when nothing changed; else ``"gone"``, ``"back"`` or ``"replaced"`` (the pools emptied)."""
         if not self.active:

@@ -811,17 +811,22 @@ class StuckAuditPrevention:
         deleted, moved or replaced, its open connections would go on writing to it, where no one
         else reads: they are closed, so every write opens the path again (and fails while nothing
         is there, which the heartbeat thread then reports as an outage)."""
-        # The pools first (``check`` empties them), so a run that starts now cannot take a connection
-        # to the old file; then the runs' own. Said once it is done: a write after this line reaches the path.
-        change = self._file_watch.check()
-        if change is None:
+        if not self._file_watch.changed():
             return self._file_watch.present
         with self._runs_lock:
             runs = list(self._runs.values())
-        for handle in runs:
-            with handle._lock:  # a write in flight finishes first (on the old file)
+        with contextlib.ExitStack() as holding:
+            # Every run held still (a write in flight finishes first, on the old file): no run writes to
+            # the old file after ``check`` wrote its log into it and emptied the pools, so a run that
+            # starts now cannot take a connection to it; then the runs' own connections are dropped.
+            for handle in runs:
+                holding.enter_context(handle._lock)
+            change = self._file_watch.check()
+            for handle in runs:
                 if handle._connection is not None:
                     handle._connection.drop()
+        if change is None:
+            return self._file_watch.present
         path = self._file_watch.path
         if change == "gone":
             log.error("🚨 DATABASE FILE %s was deleted or moved away while this worker ran; its audits are no longer "
