@@ -544,31 +544,32 @@ def test_a_sigterm_during_the_claim_marks_the_claimed_audit_failed(engine, datab
     assert claimed["status"] == "failed" and claimed["error"] == "SystemExit: 143", "left running under a dead lease"
 
 
-@pytest.mark.parametrize("engine_name", ["sqlite"])
-def test_an_application_that_ignores_sigterm_keeps_its_heartbeats(engine, database_url, tmp_path):
-    child, audit_id = _signal_child(tmp_path, database_url, "--ignore-sigterm", "--no-progress-calls", seconds=0.0)
+def _sigterm_then_still_beating(tmp_path, database_url, engine, *args, said: str | None = None):
+    """Start an audit in a child (no progress calls: only the heartbeat thread keeps it alive), send
+    SIGTERM, and check the audit is still not stale 3 s later (stale_after is 2 s)."""
+    child, audit_id = _signal_child(tmp_path, database_url, *args, "--no-progress-calls", seconds=0.0)
     child.stdin.write("go\n")
     child.stdin.flush()
     assert read_line(child) == "ENTERED"
     child.send_signal(signal.SIGTERM)
+    if said is not None:
+        assert read_line(child) == said
     time.sleep(3.0)
     assert not list(find_stuck(engine, Thresholds(stale_after=2, max_age=600, stall_after=600))), \
         "SIGTERM stopped the heartbeats of work that goes on"
+    return child, audit_id
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_an_application_that_ignores_sigterm_keeps_its_heartbeats(engine, database_url, tmp_path):
+    child, _ = _sigterm_then_still_beating(tmp_path, database_url, engine, "--ignore-sigterm")
     child.kill()
     child.wait(10)
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 def test_an_application_draining_on_its_own_sigterm_handler_keeps_its_heartbeats(engine, database_url, tmp_path):
-    child, audit_id = _signal_child(tmp_path, database_url, "--drain-handler", "--no-progress-calls", seconds=0.0)
-    child.stdin.write("go\n")
-    child.stdin.flush()
-    assert read_line(child) == "ENTERED"
-    child.send_signal(signal.SIGTERM)
-    assert read_line(child) == "DRAINING"
-    time.sleep(3.0)
-    assert not list(find_stuck(engine, Thresholds(stale_after=2, max_age=600, stall_after=600))), \
-        "SIGTERM stopped the heartbeats of the audit the application drains"
+    child, audit_id = _sigterm_then_still_beating(tmp_path, database_url, engine, "--drain-handler", said="DRAINING")
     assert read_line(child, timeout=15) == "DONE"
     assert child.wait(10) == 0
     assert row(engine, audit_id)["status"] == COMPLETED
@@ -577,14 +578,8 @@ def test_an_application_draining_on_its_own_sigterm_handler_keeps_its_heartbeats
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 def test_a_sigterm_keeps_beating_for_an_audit_another_thread_still_runs(engine, database_url, tmp_path):
-    child, audit_id = _signal_child(tmp_path, database_url, "--on-a-thread", "--no-progress-calls", seconds=0.0)
-    child.stdin.write("go\n")
-    child.stdin.flush()
-    assert read_line(child) == "ENTERED"
-    child.send_signal(signal.SIGTERM)  # the main thread exits 143; the process waits for the audit's thread
-    time.sleep(3.0)
-    assert not list(find_stuck(engine, Thresholds(stale_after=2, max_age=600, stall_after=600))), \
-        "SIGTERM stopped the heartbeats of an audit another thread still runs"
+    # The main thread exits 143; the process waits for the audit's thread.
+    child, audit_id = _sigterm_then_still_beating(tmp_path, database_url, engine, "--on-a-thread")
     assert child.wait(15) == 143
     assert row(engine, audit_id)["status"] == COMPLETED
     assert [e["event"] for e in events(engine, audit_id)] == [], "no recovery, no lost lease"
