@@ -409,6 +409,7 @@ class FileWatch:
         if self.active:
             for engine in engines:
                 event.listen(engine, "do_connect", self._before_connect)
+                event.listen(engine, "connect", self._after_connect)
 
     @property
     def present(self) -> bool:
@@ -471,8 +472,14 @@ class FileWatch:
                           f"({self.wal}) may hold changes of the file that was there; not opened until it is checked")
         if reason is not None:
             raise dialect.loaded_dbapi.OperationalError(reason)
-        if self._old_wal is not None and _size_of(self.wal) == 0:
-            self._old_wal = None  # an empty log: this connection makes it the new file's own
+
+    def _after_connect(self, _connection, _record):
+        """A connection that did open the file now at the path, beside an empty log, makes that log the
+        new file's own. Not before it opened: one that fails (nothing at the path) proves nothing, and
+        another program may still write the old file's changes into the log meanwhile."""
+        if self._old_wal is not None and _identity_of(self.path) not in (None, self._old_wal[1]) \
+                and _size_of(self.wal) == 0:
+            self._old_wal = None
 
     def _write_back(self, previous: tuple[int, int]) -> None:
         """The file that left the path: its log written into it, and emptied, through a connection
@@ -490,7 +497,8 @@ class FileWatch:
             # busy one would only wait again.
             done = next((result for result in map(_checkpoint_idle, self.engines) if result is not None), False)
         found = _identity_of(self.wal)
-        if found is not None and (found == self._own_wal or not done):
+        # A log never seen beside the file (made after the last look) may be its log all the same.
+        if found is not None and (found == self._own_wal or self._own_wal is None or not done):
             self._old_wal, self._warned = (found, previous), False
             if _size_of(self.wal) > 0:
                 log.warning(
@@ -613,7 +621,7 @@ def _configure_postgresql(engine: Engine, call_timeout: float | None) -> None:
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A short transaction that will write; commits on success. Text it reads is never refused
     for not being UTF-8 (see ``read_connection``)."""
-    with translate_errors(engine):
+    with translate_errors(engine, writing=True):
         with engine.begin() as connection:
             _text_mode(connection, strict=False)
             yield connection
@@ -725,7 +733,7 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
                 with connect_within(None if limit_at is None else limit_at - time.monotonic()):
                     pooled = engine.raw_connection()
             except error_class as exc:
-                raise database_error(_wrapped(engine, sql, values, exc, invalidated=False), engine) from None
+                raise database_error(_wrapped(engine, sql, values, exc, invalidated=False), engine, writing=True) from None
             if held is not None:
                 held.hold(pooled)
         driver = held.driver if held is not None else pooled.driver_connection
@@ -759,7 +767,7 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
             if dead and retries and not timed_out:
                 retries -= 1
                 continue
-            raise database_error(_wrapped(engine, sql, values, exc, invalidated=dead), engine) from None
+            raise database_error(_wrapped(engine, sql, values, exc, invalidated=dead), engine, writing=True) from None
         except BaseException:
             _give_back(pooled, held, driver if postgres else None)  # interrupted (Ctrl-C): nothing leaks
             raise
@@ -877,15 +885,16 @@ _MISSING_TABLE = re.compile(r"no such table|relation \"[^\"]*\" does not exist|n
 
 
 @contextlib.contextmanager
-def translate_errors(engine: Engine) -> Iterator[None]:
-    """Turn driver errors into DatabaseUnavailable / SchemaMissing with a masked URL."""
+def translate_errors(engine: Engine, *, writing: bool = False) -> Iterator[None]:
+    """Turn driver errors into DatabaseUnavailable / SchemaMissing with a masked URL (``writing``:
+    inside a change, where a refusal of the role's writes is ``WriteRefused``)."""
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        raise database_error(exc, engine) from None
+        raise database_error(exc, engine, writing=writing) from None
 
 
-def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
+def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = False) -> Exception:
     url = engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url
     raw = getattr(engine_or_url, "_auditctl_raw_url", None)
     original = str(getattr(exc, "orig", None) or exc).strip().splitlines()
@@ -907,7 +916,8 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url) -> Exception:
                                 "run `auditctl init`")
         missing.detail = detail  # what the database said, for a caller that is itself ``init`` (migrate.upgrade)
         return missing
-    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _WRITES_REFUSED or "attempt to write a readonly database" in detail:
+    if writing and (getattr(getattr(exc, "orig", None), "sqlstate", None) in _WRITES_REFUSED
+                    or "attempt to write a readonly database" in detail):
         advice = ("give its role the right to change auditctl's tables, or point at a server that takes writes (not a "
                   "standby)") if url.get_backend_name() != "sqlite" else "open it read-write, as a user who may write it"
         return WriteRefused(f"the database at {where} will not let auditctl write ({detail}"

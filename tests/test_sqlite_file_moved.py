@@ -8,8 +8,10 @@ runs a real ``auditctl watch`` on real files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from auditctl.cli import cli
@@ -206,3 +209,86 @@ def test_a_log_the_move_could_not_empty_is_never_replayed_into_a_file_put_at_the
     assert "move wd.db-wal and wd.db-shm out of the way" in errors
     assert dump(path) == before
     assert dump(moved)[0] == "ok"
+
+
+def _table_of(path: Path, tag: str) -> None:
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("CREATE TABLE t (x TEXT)")
+    connection.executemany("INSERT INTO t VALUES (?)", [(f"{tag}{i:03d}",) for i in range(200)])
+    connection.commit()
+    connection.close()
+
+
+
+@pytest.mark.parametrize("checked_before_the_move", [True, False], ids=["log-seen", "log-never-seen"])
+@pytest.mark.parametrize("connect_while_gone", [True, False], ids=["failed-connect-meanwhile", "no-connect"])
+def test_another_programs_late_writes_to_the_moved_file_are_never_replayed_into_a_backup(tmp_path, connect_while_gone,
+                                                                                        checked_before_the_move):
+    """Another program keeps the moved file open and writes to it, into the log left at the path;
+    a failed connection while nothing was at the path must not make that log look like nobody's."""
+    from sqlalchemy import text
+
+    from auditctl.db import FileWatch, create_engine, never_create
+
+    path, backup = tmp_path / "a.db", tmp_path / "backup.db"
+    _table_of(path, "A")
+    _table_of(backup, "B")
+    engine = create_engine(f"sqlite:///{path}")
+    never_create(engine)
+    watch = FileWatch(engine)
+    with engine.connect() as connection:  # leaves a connection idle in the pool
+        connection.execute(text("SELECT count(*) FROM t")).scalar()
+    if checked_before_the_move:
+        watch.check()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("SELECT 1 FROM t").fetchall()
+    os.rename(path, tmp_path / "moved.db")
+    assert watch.check() == "gone"
+    if connect_while_gone:
+        with contextlib.suppress(Exception):
+            engine.connect()  # a worker's write while nothing is at the path: it fails
+    other.execute("DELETE FROM t WHERE x < 'A050'")
+    other.execute("INSERT INTO t VALUES ('from-the-moved-file')")
+    other.close()
+    shutil.copy(backup, path)
+    assert watch.check() == "back"
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT x FROM t ORDER BY x")).scalars().all()
+    except Exception as refused:  # noqa: BLE001 - the log is refused: the backup is left as it was
+        assert "may hold changes missing from that file" in str(refused)
+        rows = None
+    engine.dispose()
+    assert dump(path)[0] == "ok"
+    if rows is not None:
+        assert rows == [f"B{i:03d}" for i in range(200)], "the moved file's pages were replayed into the backup"
+
+
+def test_the_log_beside_a_file_put_at_the_path_becomes_its_own_once_a_connection_opened_it(tmp_path):
+    """The old file's log was emptied: the file put at the path writes into it, and every later
+    connection (a second one while the first is still open) opens the file, not a refusal."""
+    from sqlalchemy import text
+
+    from auditctl.db import FileWatch, create_engine, never_create
+
+    path, backup = tmp_path / "a.db", tmp_path / "backup.db"
+    _table_of(path, "A")
+    _table_of(backup, "B")
+    engine = create_engine(f"sqlite:///{path}")
+    never_create(engine)
+    watch = FileWatch(engine)
+    with engine.connect() as connection:
+        connection.execute(text("SELECT count(*) FROM t")).scalar()
+    watch.check()
+    os.rename(path, tmp_path / "moved.db")
+    assert watch.check() == "gone"
+    shutil.copy(backup, path)
+    assert watch.check() == "back"
+    with engine.connect() as first:
+        first.execute(text("INSERT INTO t VALUES ('written-after')"))
+        first.commit()
+        assert os.path.getsize(f"{path}-wal") > 0
+        with engine.connect() as second:  # a new connection while the first keeps the log open
+            assert second.execute(text("SELECT count(*) FROM t")).scalar() == 201
+    engine.dispose()
