@@ -129,22 +129,17 @@ def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str
                            f"does not know (it knows up to {head_revision()}): a newer auditctl migrated it; upgrade auditctl")
 
 
-def _refuse_to_hide_ours(connection, schema: str | None, where: str) -> None:
-    """PostgreSQL: refuse to create auditctl's tables in ``schema`` while its tables already are in a
-    schema later on the search path. Created first on the path, the new empty tables would be the
-    ones every command and worker reads from then on, and every audit would drop out of view (a
-    schema named like the role, ``"$user"``, created after auditctl's tables went into ``public``)."""
+def _ours_later_on_the_path(connection, schema: str | None) -> str | None:
+    """PostgreSQL: the schema later on the search path that holds auditctl's own tables, when
+    ``schema`` (the first) holds none of them; else None."""
     if schema is None:
-        return
-    later = [name for name in connection.execute(text("SELECT unnest(current_schemas(false))")).scalars() if name != schema]
-    for other in later:
-        revision, present, ours = _state(connection, other)
-        if "audits" in present and ours:
-            raise DatabaseRefused(
-                f"auditctl's tables are in schema {printable(other)[:63]} of the database at {where}, but new ones would "
-                f"be created in {printable(schema)[:63]}, which comes first on the search_path, and would hide them; "
-                f"put {printable(other)[:63]} first (?options=-csearch_path%3D{printable(other)[:63]} in the URL) or move "
-                "the tables; nothing was changed")
+        return None
+    for other in connection.execute(text("SELECT unnest(current_schemas(false))")).scalars():
+        if other != schema:
+            _revision, present, ours = _state(connection, other)
+            if "audits" in present and ours:
+                return other
+    return None
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -206,9 +201,14 @@ def upgrade(engine: Engine) -> UpgradeResult:
                                       "create auditctl's tables; CREATE SCHEMA one of them, or set another search_path; "
                                       "nothing was changed")
             revision, present, ours = _state(connection, schema)
+            if not present and (found := _ours_later_on_the_path(connection, schema)) is not None:
+                # auditctl's tables are in a schema later on the search path (a schema named like the
+                # role was made after they went into public): upgrade them where they are, never make
+                # new empty ones first on the path, which every read would then find instead.
+                schema = found
+                connection.execute(text(f"SET LOCAL search_path TO {connection.dialect.identifier_preparer.quote(schema)}"))
+                revision, present, ours = _state(connection, schema)
             _refuse_foreign(connection, revision, present, where, ours)
-            if not present:
-                _refuse_to_hide_ours(connection, schema, where)
             before = MigrationContext.configure(connection, opts={"version_table_schema": schema}).get_current_revision()
             command.upgrade(_alembic_config(connection, schema), "head")
     except SchemaMissing as error:

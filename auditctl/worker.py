@@ -508,6 +508,12 @@ class StuckAuditPrevention:
         threads = [thread for thread in (self._thread, self._monitor_thread) if thread is not None and thread.is_alive()]
         if threads:
             if not self._stop.is_set():
+                if self._monitor_stop.is_set():  # SIGTERM ended the monitor passes only: start them again
+                    if self._monitor_thread is not None:
+                        self._monitor_thread.join(5.0)
+                    self._monitor_stop = threading.Event()
+                    self._monitor_thread = self._new_monitor_thread()
+                    self._monitor_thread.start()
                 return
             for thread in threads:
                 thread.join(5.0)
@@ -520,9 +526,7 @@ class StuckAuditPrevention:
         # delay the heartbeats of the audits this worker runs.
         self._thread = threading.Thread(target=self._every_interval, args=(self._beat_once, self._stop),
                                         name=f"auditctl-heartbeat-{self.worker_id}", daemon=True)
-        self._monitor_thread = threading.Thread(target=self._every_interval,
-                                                args=(self._monitor_once, self._monitor_stop, lambda: self._monitor_wait),
-                                                name=f"auditctl-monitor-{self.worker_id}", daemon=True)
+        self._monitor_thread = self._new_monitor_thread()
         self._thread.start()
         self._monitor_thread.start()
         # At exit, not inside the signal handler: the interrupted main thread may hold a
@@ -536,6 +540,11 @@ class StuckAuditPrevention:
             # off the main thread would otherwise make the handler call itself).
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         log.info("💓 HEARTBEAT monitor started: every %s", format_duration(self.heartbeat_interval))
+
+    def _new_monitor_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._every_interval,
+                                args=(self._monitor_once, self._monitor_stop, lambda: self._monitor_wait),
+                                name=f"auditctl-monitor-{self.worker_id}", daemon=True)
 
     def _heartbeat_cleanup(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
         """One monitor pass over the whole fleet: recover every stuck audit."""
@@ -580,7 +589,8 @@ class StuckAuditPrevention:
             raise ConfigError(f"audit_id must be a whole number, not {type(audit_id).__name__}")
         if not MIN_INT <= audit_id <= MAX_INT:
             raise AuditNotFound(f"no audit with id {audit_id}")
-        self._resume_if_stopped()
+        with self._lifecycle:  # one at a time with a stop() and with the end of the last run after one
+            self._resume_if_stopped()
         holding = self._holding_signals()
         holding.__enter__()
         try:
@@ -630,11 +640,9 @@ class StuckAuditPrevention:
                 with self._runs_lock:
                     self._runs.pop(lease.token, None)
                     last = not self._runs and self._mark_stopped_when_idle
-                    if last:
-                        self._mark_stopped_when_idle = False
                 handle._release()
                 if last:
-                    self._mark_stopped()  # stop() was called while this run went on
+                    self._stopped_after_last_run()
 
     def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
@@ -739,12 +747,25 @@ class StuckAuditPrevention:
             running = len(self._runs)
             self._mark_stopped_when_idle = bool(running) and not exiting
         if self._mark_stopped_when_idle:
+            # The process may exit before the runs end (a daemon thread's): it marks the instance stopped then.
+            atexit.register(self._stop_at_exit)
             log.warning("💓 HEARTBEAT monitor stopped for worker %s with %d audit(s) still running here: they get no "
                         "more heartbeats, and the instance is marked stopped when the last one ends",
                         printable(self.worker_id), running)
             return
         self._mark_stopped()
         log.info("💓 HEARTBEAT monitor stopped for worker %s", printable(self.worker_id))
+
+    def _stopped_after_last_run(self) -> None:
+        """stop() was called while runs went on, and the last one has ended: mark the instance stopped,
+        unless a new run has made it live again meanwhile (``_resume_if_stopped``, under the same lock)."""
+        with self._lifecycle:
+            with self._runs_lock:
+                due = self._mark_stopped_when_idle and self._stopped and not self._runs
+                self._mark_stopped_when_idle = False
+            if due:
+                self._mark_stopped()
+                atexit.unregister(self._stop_at_exit)  # nothing left for the exit to do
 
     def _mark_stopped(self) -> None:
         try:

@@ -3,6 +3,7 @@ path that ends in ``public``, another application's ``audits`` table, and a conn
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -107,18 +108,29 @@ def test_init_still_refuses_another_applications_audits_table_in_the_schema_it_w
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
-def test_init_never_hides_auditctls_tables_behind_a_schema_made_first_on_the_search_path_later(blank_database_url, theirs):
+def test_init_upgrades_auditctls_tables_where_they_are_when_a_schema_is_made_first_on_the_search_path_later(
+        blank_database_url, theirs):
     """auditctl's tables in public; later someone creates a schema that comes first on the search path
-    (one named like the role, for "$user"). New empty tables there would take every read from then on."""
-    url = with_search_path(blank_database_url, "public")
-    assert run("demo", "--database-url", url).exit_code == 0
-    with theirs.begin() as connection:
+    (one named like the role, for "$user"). init (and a worker's start) upgrades them in place: new empty
+    tables first on the path would take every read from then on."""
+    from alembic import command
+
+    from auditctl.migrate import _alembic_config, head_revision
+
+    with theirs.begin() as connection:  # an older install, in public
+        command.upgrade(_alembic_config(connection), "0001")
+        connection.execute(text("INSERT INTO public.audits (target, status, created_at) VALUES ('https://a.example', "
+                                "'pending', now())"))
         connection.execute(text("CREATE SCHEMA ac3"))
-    result = run("init", "--database-url", with_search_path(blank_database_url, "ac3,public"))
-    assert result.exit_code == 1, result.output
-    line = last_line(result)
-    assert "auditctl's tables are in schema public" in line and "would hide them" in line, line
-    assert tables(theirs, "ac3") == [], "nothing created"
+    later = with_search_path(blank_database_url, "ac3,public")
+    result = run("init", "--database-url", later)
+    assert result.exit_code == 0, result.output
+    assert tables(theirs, "ac3") == [], "nothing created first on the path"
+    with theirs.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM public.alembic_version")).scalar() == head_revision()
+    assert run("init", "--database-url", later).exit_code == 0
+    listed = run("list", "-o", "json", "--database-url", later)
+    assert listed.exit_code == 0 and [r["target"] for r in json.loads(listed.stdout)] == ["https://a.example"]
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
@@ -162,6 +174,25 @@ def test_a_missing_column_is_a_missing_schema_in_every_wording_the_databases_use
         assert isinstance(error, SchemaMissing), said
     other = database_error(sa_exc.ProgrammingError("SELECT 1", {}, Exception('function audits.x() does not exist')), url)
     assert not isinstance(other, SchemaMissing)
+
+
+def test_a_refusal_of_the_roles_privileges_stops_a_change_but_a_read_is_told_as_a_read():
+    """42501 on a write: WriteRefused (a change in batches stops at once). The same code on a read (a
+    role without SELECT) is a plain refusal: no advice about writing or standbys."""
+    from sqlalchemy import exc as sa_exc
+
+    from auditctl.db import database_error
+    from auditctl.errors import DatabaseRefused, WriteRefused
+
+    class Denied(Exception):
+        sqlstate = "42501"
+
+    url = normalize_url("postgresql://nc:hunter2@db.example/y")
+    refused = sa_exc.ProgrammingError("UPDATE audits", {}, Denied("permission denied for table audits"))
+    assert isinstance(database_error(refused, url, writing=True), WriteRefused)
+    read = database_error(refused, url)
+    assert isinstance(read, DatabaseRefused) and not isinstance(read, WriteRefused)
+    assert "write" not in str(read) and "hunter2" not in str(read)
 
 
 @pytest.fixture

@@ -66,7 +66,8 @@ def test_reset_all_stopped_by_an_outage_lists_what_it_reset_then_fails(engine, d
 
     assert result.exit_code == 1, result.output
     assert [record["id"] for record in json.loads(result.stdout)] == ids[:BATCH]
-    assert "Reset 500 audits to pending" in result.stderr and "Stopped partway" in result.stderr
+    assert "Reset 500 audits to pending." in result.stderr and "Stopped partway" in result.stderr
+    assert "changed meanwhile" not in result.stderr, "the 300 were never reached, not left alone"
     assert statuses(engine, ids) == {"pending": BATCH, "failed": 300}
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 
@@ -1045,3 +1047,85 @@ def test_stop_while_a_run_goes_on_leaves_the_instance_live_until_the_run_ends(en
         assert run.update_progress(step="still working")
     assert row(engine, audit_id)["status"] == COMPLETED
     assert guard.instance_id in gone_instances(engine), "marked stopped once its last run ended"
+
+
+def test_a_run_begun_as_the_last_one_after_stop_ends_keeps_the_instance_live(engine, guards, monkeypatch):
+    """stop() came during a run; as that run ends, another thread begins one. The first run's end must
+    not mark the instance stopped after the new run made it live again (worker_gone would take it)."""
+    from auditctl.rules import gone_instances
+    from auditctl.worker import AuditRun
+
+    guard = guards()
+    guard.start_heartbeat_monitor()
+    first, second = guard.create_audit("https://example.com/first"), guard.create_audit("https://example.com/second")
+    second_running, seen_gone = threading.Event(), []
+    release = AuditRun._release
+
+    def run_second():
+        with guard.run(second):
+            second_running.set()
+            time.sleep(1.0)  # meanwhile the first run's end decides whether to mark the instance stopped
+            seen_gone.append(guard.instance_id in gone_instances(engine))
+
+    def release_then_begin_another(handle):
+        release(handle)
+        if handle.audit_id == first:
+            threading.Thread(target=run_second).start()
+            assert second_running.wait(10)
+
+    monkeypatch.setattr(AuditRun, "_release", release_then_begin_another)
+    with guard.run(first):
+        stopper = threading.Thread(target=guard.stop)
+        stopper.start()
+        stopper.join(30)
+    wait_for(lambda: seen_gone, timeout=20, message="the second run to look")
+    assert seen_gone == [False], "the instance was marked stopped under a live run"
+
+
+_EXITS_WITH_A_RUN_AFTER_STOP = """
+import sys, threading, time
+from auditctl import StuckAuditPrevention
+guard = StuckAuditPrevention(sys.argv[1], worker_id="w-exit", heartbeat_interval=0.5, stale_after=2, max_age=600,
+                             stall_after=600)
+guard.start_heartbeat_monitor()
+audit_id = guard.create_audit("https://example.com/abandoned")
+entered = threading.Event()
+
+def work():
+    with guard.run(audit_id):
+        entered.set()
+        time.sleep(3600)
+
+threading.Thread(target=work, daemon=True).start()
+entered.wait()
+guard.stop()  # a run goes on: the instance is left live...
+print(guard.instance_id, flush=True)
+# ...and the process exits, abandoning the daemon thread's audit
+"""
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_a_process_that_exits_after_a_deferred_stop_marks_its_instance_stopped(engine, database_url, tmp_path):
+    script = tmp_path / "exits.py"
+    script.write_text(_EXITS_WITH_A_RUN_AFTER_STOP)
+    done = subprocess.run([sys.executable, str(script), database_url], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    from dbtools import worker_rows
+
+    (instance,) = [r for r in worker_rows(engine, "w-exit") if r["instance_id"] == done.stdout.strip()]
+    # Here the dead pid would tell too; on another host only silence would, after stale_after.
+    assert instance["stopped_at"] is not None, "the exit left the instance marked live"
+
+
+def test_an_application_that_survives_sigterm_can_start_the_monitor_passes_again(guards):
+    before = signal.signal(signal.SIGTERM, lambda *_: None)  # the application's own handler: it goes on
+    try:
+        guard = guards()
+        guard.start_heartbeat_monitor()
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: not guard._monitor_thread.is_alive(), timeout=10, message="the monitor passes to stop")
+        assert guard._thread.is_alive(), "the heartbeats go on"
+        guard.start_heartbeat_monitor()
+        assert guard._monitor_thread.is_alive(), "asked to start again, the monitor passes did not"
+    finally:
+        signal.signal(signal.SIGTERM, before)
