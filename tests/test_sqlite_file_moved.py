@@ -211,6 +211,24 @@ def test_a_log_the_move_could_not_empty_is_never_replayed_into_a_file_put_at_the
     assert dump(moved)[0] == "ok"
 
 
+def _followed_file(tmp_path):
+    """``a.db`` (200 rows A...) followed by a FileWatch, with a connection left idle in its engine's
+    pool, and ``backup.db`` (200 rows B...) to put at the path later."""
+    from sqlalchemy import text
+
+    from auditctl.db import FileWatch, create_engine, never_create
+
+    path, backup = tmp_path / "a.db", tmp_path / "backup.db"
+    _table_of(path, "A")
+    _table_of(backup, "B")
+    engine = create_engine(f"sqlite:///{path}")
+    never_create(engine)
+    watch = FileWatch(engine)
+    with engine.connect() as connection:
+        connection.execute(text("SELECT count(*) FROM t")).scalar()
+    return path, backup, engine, watch
+
+
 def _table_of(path: Path, tag: str) -> None:
     connection = sqlite3.connect(path)
     connection.execute("PRAGMA journal_mode=WAL")
@@ -229,16 +247,7 @@ def test_another_programs_late_writes_to_the_moved_file_are_never_replayed_into_
     a failed connection while nothing was at the path must not make that log look like nobody's."""
     from sqlalchemy import text
 
-    from auditctl.db import FileWatch, create_engine, never_create
-
-    path, backup = tmp_path / "a.db", tmp_path / "backup.db"
-    _table_of(path, "A")
-    _table_of(backup, "B")
-    engine = create_engine(f"sqlite:///{path}")
-    never_create(engine)
-    watch = FileWatch(engine)
-    with engine.connect() as connection:  # leaves a connection idle in the pool
-        connection.execute(text("SELECT count(*) FROM t")).scalar()
+    path, backup, engine, watch = _followed_file(tmp_path)
     if checked_before_the_move:
         watch.check()
     other = sqlite3.connect(path, isolation_level=None)
@@ -270,16 +279,7 @@ def test_the_log_beside_a_file_put_at_the_path_becomes_its_own_once_a_connection
     connection (a second one while the first is still open) opens the file, not a refusal."""
     from sqlalchemy import text
 
-    from auditctl.db import FileWatch, create_engine, never_create
-
-    path, backup = tmp_path / "a.db", tmp_path / "backup.db"
-    _table_of(path, "A")
-    _table_of(backup, "B")
-    engine = create_engine(f"sqlite:///{path}")
-    never_create(engine)
-    watch = FileWatch(engine)
-    with engine.connect() as connection:
-        connection.execute(text("SELECT count(*) FROM t")).scalar()
+    path, backup, engine, watch = _followed_file(tmp_path)
     watch.check()
     os.rename(path, tmp_path / "moved.db")
     assert watch.check() == "gone"
