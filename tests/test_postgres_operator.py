@@ -4,8 +4,6 @@ path that ends in ``public``, another application's ``audits`` table, and a conn
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -195,44 +193,47 @@ def test_a_refusal_of_the_roles_privileges_stops_a_change_but_a_read_is_told_as_
     assert "write" not in str(read) and "hunter2" not in str(read)
 
 
-@pytest.fixture
-def silent_listener():
-    """A port that accepts connections and never says a word."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    yield listener.getsockname()[1]
-    listener.close()
+class _Refused(Exception):
+    """Raised instead of connecting, once the parameters the driver would get are recorded."""
 
 
-def test_a_connect_timeout_in_the_url_bounds_the_wait_for_a_server_that_never_answers(silent_listener):
-    url = f"postgresql://nc:hunter2@127.0.0.1:{silent_listener}/w?connect_timeout=2"
-    started = time.monotonic()
-    result = run("scan", "--database-url", url)
-    took = time.monotonic() - started
-    assert result.exit_code == 1 and "hunter2" not in result.output, result.output
-    assert took < 6, f"gave up after {took:.1f}s, not the URL's 2s"
+def _connect_timeout_given(engine, monkeypatch, budget=None):
+    """The connect_timeout the driver is handed for a new connection of ``engine`` (never connects)."""
+    import psycopg
 
+    from auditctl.watchdog import connect_within, connection_class
 
-@pytest.mark.parametrize("url_timeout, budget, most", [(30, 2, 5), (2, 8, 5)])
-def test_a_writes_budget_still_shortens_the_urls_connect_timeout_and_never_lengthens_it(silent_listener, url_timeout,
-                                                                                        budget, most):
-    from auditctl.db import create_engine
-    from auditctl.errors import DatabaseUnavailable
-    from auditctl.watchdog import connect_within
+    given = []
 
-    engine = create_engine(f"postgresql://nc:hunter2@127.0.0.1:{silent_listener}/w?connect_timeout={url_timeout}",
-                           role="worker")
-    started = time.monotonic()
-    with pytest.raises(Exception) as caught, connect_within(budget):
-        from auditctl.db import translate_errors
+    def record(*_args, **kwargs):
+        given.append(kwargs.get("connect_timeout"))
+        raise _Refused()
 
-        with translate_errors(engine), engine.connect():
-            pass
-    took = time.monotonic() - started
+    # A worker's engine connects through the deadline connection class, the others through psycopg.connect.
+    monkeypatch.setattr(connection_class(), "connect", classmethod(lambda cls, *a, **k: record(*a, **k)))
+    monkeypatch.setattr(psycopg, "connect", record)
+    with pytest.raises(_Refused), connect_within(budget):
+        engine.connect()
     engine.dispose()
-    assert isinstance(caught.value, DatabaseUnavailable), caught.value
-    assert took < most, f"gave up after {took:.1f}s (URL {url_timeout}s, budget {budget}s)"
+    return given[0]
+
+
+@pytest.mark.parametrize("role", ["reader", "worker"])
+def test_a_connect_timeout_in_the_url_is_what_the_driver_is_given(monkeypatch, role):
+    from auditctl.db import create_engine
+
+    url = "postgresql://nc:hunter2@127.0.0.1:1/w"
+    assert _connect_timeout_given(create_engine(f"{url}?connect_timeout=2", role=role), monkeypatch) == 2
+    assert _connect_timeout_given(create_engine(url, role=role), monkeypatch) == 10, "auditctl's own without one"
+
+
+@pytest.mark.parametrize("url_timeout, budget, expected", [(30, 2, 2), (2, 8, 2), (30, 5.5, 5)])
+def test_a_writes_budget_still_shortens_the_urls_connect_timeout_and_never_lengthens_it(monkeypatch, url_timeout,
+                                                                                        budget, expected):
+    from auditctl.db import create_engine
+
+    engine = create_engine(f"postgresql://nc:hunter2@127.0.0.1:1/w?connect_timeout={url_timeout}", role="worker")
+    assert _connect_timeout_given(engine, monkeypatch, budget) == expected
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
