@@ -903,7 +903,7 @@ def test_a_write_after_a_restart_cut_every_pooled_connection_reaches_the_server(
         with engine.connect() as admin:
             admin.execute(text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) AS pid"), {"pids": cut})
             wait_for(lambda: not admin.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(CAST(:pids AS int[]))"),
-                                               {"pids": cut}).scalar(), timeout=10, message="the backends to end")
+                                               {"pids": cut}).scalar(), timeout=60, message="the backends to end")
 
         assert single_write(worker_engine, text("SELECT 1")) == 1
     finally:
