@@ -900,10 +900,16 @@ def test_a_write_after_a_restart_cut_every_pooled_connection_reaches_the_server(
         cut = [c.driver_connection.execute("SELECT pg_backend_pid()").fetchone()[0] for c in pooled]
         for connection in pooled:
             connection.close()  # idle in the pool, as between a run's beats
-        with engine.connect() as admin:
+        with engine.begin() as admin:
             admin.execute(text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) AS pid"), {"pids": cut})
-            wait_for(lambda: not admin.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(CAST(:pids AS int[]))"),
-                                               {"pids": cut}).scalar(), timeout=60, message="the backends to end")
+
+        def still_there() -> int:
+            # A transaction of its own each time: pg_stat_activity is a snapshot kept for the whole transaction.
+            with engine.connect() as admin:
+                return admin.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(CAST(:pids AS int[]))"),
+                                     {"pids": cut}).scalar()
+
+        wait_for(lambda: not still_there(), timeout=60, message="the backends to end")
 
         assert single_write(worker_engine, text("SELECT 1")) == 1
     finally:
