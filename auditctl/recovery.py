@@ -412,6 +412,13 @@ def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable
         raise
 
 
+def committed_before(error: BaseException):
+    """What a change made in batches had committed when ``error`` stopped it (its result: the audits
+    of the batches done, and those that needed an operator), or None when nothing had been."""
+    done = getattr(error, "done", None)
+    return done if done is not None and (done or getattr(done, "skipped", None)) else None
+
+
 def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[[Connection, list[int]], list],
                  result: list, *, on_batch: Callable[[int, int], None] | None, describe: str) -> None:
     queue = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]

@@ -176,6 +176,30 @@ def test_api_actions_answer_500_naming_the_audits_the_database_refused_and_list_
     assert statuses(demo)[stuck[0]] == "running" and statuses(demo)[failed[0]] == "failed"
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+def test_api_actions_stopped_partway_answer_503_listing_what_their_committed_batches_did(demo_url, demo):
+    """An outage after the first batch of 500 (a trigger raising SQLSTATE 57P01, an administrator's
+    shutdown): the answer names the error and lists the audits that were changed, not the error alone."""
+    from dbtools import drop_trigger, install_abort_trigger, make_running
+
+    make_running(demo, 600)
+    stuck = sorted(r["id"] for r in cli_json(demo_url, "scan", "-o", "json"))
+    install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'failed' AND NEW.id > {stuck[499]}", errcode="57P01")
+    with running_dashboard(demo_url) as server:
+        recovered = server.post("/api/recover", json_body={}, headers=BEARER)
+        drop_trigger(demo, "outage")
+        assert server.post("/api/recover", json_body={}, headers=BEARER).status == 200  # the rest, now
+        failed = sorted(i for i, s in statuses(demo).items() if s == "failed")
+        install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'pending' AND NEW.id > {failed[499]}",
+                              errcode="57P01")
+        reset = server.post("/api/reset-all", json_body={}, headers=BEARER)
+    for answer, key, expected in ((recovered, "recovered", stuck[:500]), (reset, "reset", failed[:500])):
+        body = answer.json()
+        assert answer.status == 503 and body["error"].startswith("stopped partway by an error: "), body.get("error")
+        assert sorted(r["id"] for r in body[key]) == expected
+    assert sum(1 for s in statuses(demo).values() if s == "pending") >= 500
+
+
 # --- who may act -------------------------------------------------------------------------------
 
 
@@ -324,6 +348,26 @@ def test_a_session_without_its_csrf_token_is_refused(demo_url, demo):
     assert wrong.status == 403 and api.status == 401
     assert with_header.status == 200 and len(with_header.json()) == 3
     assert statuses(demo) == before
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+def test_a_reset_confirmed_on_the_page_and_stopped_partway_shows_what_it_reset_with_the_error(demo_url, demo):
+    from dbtools import install_abort_trigger, make_running
+
+    make_running(demo, 600)
+    assert CliRunner().invoke(cli, ["recover", "--database-url", demo_url]).exit_code == 0
+    failed = sorted(i for i, s in statuses(demo).items() if s == "failed")
+    install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'pending' AND NEW.id > {failed[499]}", errcode="57P01")
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="bob")
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        shown = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers=headers)
+        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+        confirmed = server.post("/actions/reset-all/confirm", form={"csrf_token": csrf, "plan": plan}, headers=headers)
+    assert confirmed.status == 503
+    assert "Reset 500 audits to pending." in confirmed.text and "Stopped partway by an error: " in confirmed.text
+    assert "changed meanwhile" not in confirmed.text, "the others were never reached"
+    assert sum(1 for s in statuses(demo).values() if s == "pending") >= 500
 
 
 @sqlite_only

@@ -257,11 +257,13 @@ def _until_stopped(change):
     """Run a change made in batches: ``(its result, None)``, or, when it stopped on an error after
     some batches committed, ``(what they did, the error)``, so the command shows what was done
     before it fails with the error's own line (an outage mid-run, a role that may not write)."""
+    from ..recovery import committed_before
+
     try:
         return change(), None
     except AuditctlError as error:
-        done = getattr(error, "done", None)
-        if done is None or (not done and not done.skipped):
+        done = committed_before(error)
+        if done is None:
             raise
         return done, error
 

@@ -226,6 +226,32 @@ async def _action(request: Request, work) -> Response:
         return _action_error(problem, d)
 
 
+async def _changing(d, change, *args, **kwargs):
+    """Run a change made in batches in a worker thread: its result, or, when an error stopped it after
+    some batches committed, ``_Stopped`` carrying what they did (answered 503 with it, not without)."""
+    from ..recovery import committed_before
+
+    try:
+        return await run_in_threadpool(change, *args, **kwargs)
+    except AuditctlError as error:
+        done = committed_before(error)
+        if done is None:
+            raise
+        raise _Stopped(done, d.safe_message(error)) from None
+
+
+class _Stopped(Exception):
+    def __init__(self, done, message: str):
+        super().__init__(message)
+        self.done = done
+
+
+def _stopped(records: list, message: str, what: str, key: str) -> Response:
+    return json_response({"error": f"stopped partway by an error: {message}; the audits listed were {what} (their "
+                                   "batches committed), the others were not reached and are unchanged: try again",
+                          key: records}, 503)
+
+
 def _done(records: list, skipped: list, what: str, key: str) -> Response:
     """The records of what an action changed; 500 with the audits that need an operator, if any."""
     if skipped:
@@ -242,8 +268,11 @@ async def recover(request: Request):
     async def work(d, user, params):
         filters, requeue, max_attempts, dry_run = recover_request(params, d.max_attempts)
         params.refuse_unknown()
-        done = await run_in_threadpool(d.recover, user, filters, requeue=requeue, max_attempts=max_attempts,
-                                       dry_run=dry_run)
+        try:
+            done = await _changing(d, d.recover, user, filters, requeue=requeue, max_attempts=max_attempts,
+                                   dry_run=dry_run)
+        except _Stopped as stopped:
+            return _stopped([recovery_record(r, dry_run) for r in stopped.done], str(stopped), "recovered", "recovered")
         return _done([recovery_record(r, dry_run) for r in done], done.skipped, "recovered", "recovered")
 
     return await _action(request, work)
@@ -260,7 +289,10 @@ async def reset_all(request: Request):
         plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
         if dry_run:
             return json_response(listing)
-        done = await run_in_threadpool(d.reset, user, plan)
+        try:
+            done = await _changing(d, d.reset, user, plan)
+        except _Stopped as stopped:
+            return _stopped([reset_record(r, False) for r in stopped.done], str(stopped), "reset", "reset")
         return _done([reset_record(r, False) for r in done], done.skipped, "reset", "reset")
 
     return await _action(request, work)
