@@ -560,7 +560,9 @@ class StuckAuditPrevention:
             log.error("%s: audit %s could not be recovered (%s); it needs an operator", marker, skipped.id,
                       printable(skipped.error))
         if not result.ok:
-            log.error("%s: cannot reach the database (%s); will retry", marker, printable(result.error))
+            # Fatal: the database answered, but will not do it (no schema, no right to write).
+            trouble = "cannot recover stuck audits" if result.fatal else "cannot reach the database"
+            log.error("%s: %s (%s); will retry", marker, trouble, printable(result.error))
         return result.recovered
 
     def _recover_stuck_audit(self, audit_id: int, reason: str = MANUAL, explanation: str | None = None) -> Recovery | None:

@@ -1142,3 +1142,18 @@ def test_an_application_that_survives_sigterm_can_start_the_monitor_passes_again
         assert guard._monitor_thread.is_alive(), "asked to start again, the monitor passes did not"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_monitor_pass_the_database_will_not_let_write_says_so_not_that_it_is_unreachable(engine, guards, caplog):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a role's refusal: PostgreSQL's SQLSTATE 42501")
+    from dbtools import install_abort_trigger, make_running
+
+    make_running(engine, 2)
+    guard = guards()
+    install_abort_trigger(engine, "no_privilege", errcode="42501")
+    with caplog.at_level("ERROR", logger="auditctl"):
+        assert guard._heartbeat_cleanup() == []
+    said = [r.getMessage() for r in caplog.records if "HEARTBEAT" in r.getMessage()]
+    assert said and "cannot recover stuck audits" in said[-1] and "will not let auditctl write" in said[-1], said
+    assert "cannot reach the database" not in caplog.text
