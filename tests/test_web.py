@@ -350,6 +350,19 @@ def test_a_session_without_its_csrf_token_is_refused(demo_url, demo):
     assert statuses(demo) == before
 
 
+def _reset_on_the_page(server, *, twice: bool = False):
+    """Sign in as bob, press Reset All Audits, confirm (twice: the same confirmation again):
+    (the preview, the confirmation's answer, the second answer or None)."""
+    cookie, csrf = server.sign_in(name="bob")
+    headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+    shown = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers=headers)
+    plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+    confirm = {"csrf_token": csrf, "plan": plan}
+    confirmed = server.post("/actions/reset-all/confirm", form=confirm, headers=headers)
+    again = server.post("/actions/reset-all/confirm", form=confirm, headers=headers) if twice else None
+    return shown, confirmed, again
+
+
 @pytest.mark.parametrize("engine_name", ["postgresql"])
 def test_a_reset_confirmed_on_the_page_and_stopped_partway_shows_what_it_reset_with_the_error(demo_url, demo):
     from dbtools import install_abort_trigger, make_running
@@ -359,11 +372,7 @@ def test_a_reset_confirmed_on_the_page_and_stopped_partway_shows_what_it_reset_w
     failed = sorted(i for i, s in statuses(demo).items() if s == "failed")
     install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'pending' AND NEW.id > {failed[499]}", errcode="57P01")
     with running_dashboard(demo_url) as server:
-        cookie, csrf = server.sign_in(name="bob")
-        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
-        shown = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers=headers)
-        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
-        confirmed = server.post("/actions/reset-all/confirm", form={"csrf_token": csrf, "plan": plan}, headers=headers)
+        shown, confirmed, _ = _reset_on_the_page(server)
     assert confirmed.status == 503
     assert "Reset 500 audits to pending." in confirmed.text and "Stopped partway by an error: " in confirmed.text
     assert "changed meanwhile" not in confirmed.text, "the others were never reached"
@@ -374,12 +383,7 @@ def test_a_reset_confirmed_on_the_page_and_stopped_partway_shows_what_it_reset_w
 def test_a_reset_confirmation_is_used_once_and_resets_what_it_showed(demo_url, demo):
     failed = [i for i, s in statuses(demo).items() if s == "failed"]
     with running_dashboard(demo_url) as server:
-        cookie, csrf = server.sign_in(name="bob")
-        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
-        shown = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers=headers)
-        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
-        confirmed = server.post("/actions/reset-all/confirm", form={"csrf_token": csrf, "plan": plan}, headers=headers)
-        again = server.post("/actions/reset-all/confirm", form={"csrf_token": csrf, "plan": plan}, headers=headers)
+        shown, confirmed, again = _reset_on_the_page(server, twice=True)
     assert f"Reset {len(failed)} audits to pending?" in shown.text
     assert confirmed.status == 200 and f"Reset {len(failed)} audits to pending." in confirmed.text
     assert confirmed.headers["hx-trigger"] == "auditctl:refresh"
