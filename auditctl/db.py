@@ -346,13 +346,7 @@ def file_identity(engine: Engine) -> tuple[int, int] | None:
     """``(device, inode)`` of a SQLite engine's file: another value later means the file at that path
     was deleted, moved or replaced. None for PostgreSQL, an in-memory database, or no file there."""
     path = sqlite_file(engine)
-    if path is None:
-        return None
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return found.st_dev, found.st_ino
+    return None if path is None else _identity_of(path)
 
 
 #: The longest ``FileWatch`` waits, once, for another connection to the file that left the path (a
@@ -361,6 +355,7 @@ CHECKPOINT_WAIT = 2.0
 
 
 def _identity_of(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file at ``path``, or None when nothing is there."""
     try:
         found = os.stat(path)
     except OSError:
@@ -487,12 +482,7 @@ class FileWatch:
         if self._old_wal is not None and _identity_of(self.wal) == self._old_wal[0]:
             return  # still the log of a file that left earlier (no connection opened the one leaving now)
         done = True
-        connections = 0
-        for engine in self.engines:
-            checkedin = getattr(engine.pool, "checkedin", None)
-            checkedout = getattr(engine.pool, "checkedout", None)
-            connections += (checkedin() if callable(checkedin) else 0) + (checkedout() if callable(checkedout) else 0)
-        if connections:
+        if any(_idle_connections(engine) or _pool_count(engine, "checkedout") for engine in self.engines):
             # One checkpoint is enough (every connection to the file shares its log); another after a
             # busy one would only wait again.
             done = next((result for result in map(_checkpoint_idle, self.engines) if result is not None), False)
@@ -778,8 +768,13 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
 
 def _idle_connections(engine: Engine) -> int:
     """How many connections wait in the engine's pool (0 for a pool that keeps none)."""
-    checkedin = getattr(engine.pool, "checkedin", None)
-    return checkedin() if callable(checkedin) else 0
+    return _pool_count(engine, "checkedin")
+
+
+def _pool_count(engine: Engine, which: str) -> int:
+    """The pool's ``checkedin()`` or ``checkedout()`` (0 for a pool that counts neither)."""
+    count = getattr(engine.pool, which, None)
+    return count() if callable(count) else 0
 
 
 def _give_back(pooled, held: HeldConnection | None, postgres_driver) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .db import FileWatch, fetch_now, read_connection
 from .errors import AuditctlError, ConfigError, DatabaseMissing, SchemaMissing, WriteRefused
 from .history import Actor
-from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, recover_stuck
+from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, committed_before, recover_stuck
 from .rules import Filters, Verdict, find_stuck, gone_instances
 from .thresholds import Policy, Thresholds
 
@@ -170,6 +170,6 @@ class Monitor:
     @staticmethod
     def _failed(exc: Exception, **how) -> PassResult:
         """A pass that stopped on ``exc``, with what its committed batches recovered before it (``done``)."""
-        done = getattr(exc, "done", None) or []
+        done = committed_before(exc) or []
         return PassResult(ok=False, error=str(exc), recovered=list(done), skipped=list(getattr(done, "skipped", [])),
                           error_type=type(exc), **how)

@@ -419,6 +419,19 @@ def committed_before(error: BaseException):
     return done if done is not None and (done or getattr(done, "skipped", None)) else None
 
 
+def until_stopped(change: Callable[[], list]) -> tuple[list, AuditctlError | None]:
+    """Run a change made in batches (``recover_stuck``, ``reset_all``...): ``(its result, None)``, or,
+    when an error stopped it after some batches committed, ``(what they did, the error)``, so a caller
+    shows what was done with the error (an outage mid-run). An error before any commit is raised."""
+    try:
+        return change(), None
+    except AuditctlError as error:
+        done = committed_before(error)
+        if done is None:
+            raise
+        return done, error
+
+
 def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[[Connection, list[int]], list],
                  result: list, *, on_batch: Callable[[int, int], None] | None, describe: str) -> None:
     queue = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]

@@ -237,21 +237,21 @@ class Thresholds:
         _check_order(self.stale_after, self.max_age, self.stall_after)
 
 
+#: The thresholds that must not outlast max_age, and which audit would then hit max_age first.
+_BOUNDED_BY_MAX_AGE = (("stale_after", "a silent"), ("stall_after", "a frozen"))
+
+
 def _check_order(stale_after: float | None, max_age: float | None, stall_after: float | None, prefix: str = "") -> None:
     """A heartbeat silence (or a stall) longer than the whole allowed run time could never be the
     reason an audit is stuck: max_age would always fire first. A misconfiguration, not a choice."""
     if max_age is None:
         return
-    if stale_after is not None and stale_after > max_age:
-        raise ConfigError(
-            f"{prefix}stale_after ({format_duration(stale_after, exact=True)}) is longer than {prefix}max_age "
-            f"({format_duration(max_age, exact=True)}): a silent audit would hit max_age first; lower stale_after or raise max_age"
-        )
-    if stall_after is not None and stall_after > max_age:
-        raise ConfigError(
-            f"{prefix}stall_after ({format_duration(stall_after, exact=True)}) is longer than {prefix}max_age "
-            f"({format_duration(max_age, exact=True)}): a frozen audit would hit max_age first; lower stall_after or raise max_age"
-        )
+    for (name, what), value in zip(_BOUNDED_BY_MAX_AGE, (stale_after, stall_after)):
+        if value is not None and value > max_age:
+            raise ConfigError(
+                f"{prefix}{name} ({format_duration(value, exact=True)}) is longer than {prefix}max_age "
+                f"({format_duration(max_age, exact=True)}): {what} audit would hit max_age first; lower {name} or raise max_age"
+            )
 
 
 _SOURCE_WORDS = {KIND: "the kind's own", FLEET: "the fleet's"}
@@ -375,7 +375,7 @@ class Policy:
                 in_force[name] = ((flag, FLAG) if flag is not None else (own, KIND) if own is not None
                                   else (getattr(self.fleet, name), FLEET))
             max_age, max_age_source = in_force["max_age"]
-            for name, what in (("stale_after", "a silent"), ("stall_after", "a frozen")):
+            for name, what in _BOUNDED_BY_MAX_AGE:
                 value, source = in_force[name]
                 if KIND in (source, max_age_source) and value > max_age:
                     raise ConfigError(_kind_order_message(kind, name, value, source, max_age, max_age_source, what))

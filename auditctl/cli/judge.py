@@ -128,14 +128,14 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     """
     refuse_without_requeue(requeue)
     from ..history import Actor
-    from ..recovery import recover_stuck
+    from ..recovery import recover_stuck, until_stopped
     from .records import RECOVERY_COLUMNS, recovery_record
     from .render import render, resolve_format
 
     check_bounds(state, policy, allow_unsafe, filters)
     update, finish = progress_reporter("Recovering")
     try:
-        done, stopped = _until_stopped(lambda: recover_stuck(
+        done, stopped = until_stopped(lambda: recover_stuck(
             state.engine, policy, actor=Actor.command("recover"), requeue=requeue, max_attempts=max_attempts,
             dry_run=dry_run, filters=filters, on_batch=update))
     finally:
@@ -191,7 +191,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     """
     from ..history import Actor
     from ..records import planned_stuck_reset_record
-    from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed
+    from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed, until_stopped
     from .records import RESET_COLUMNS, reset_record
     from .render import render, resolve_format
 
@@ -233,7 +233,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
             click.get_current_context().exit(EXIT_REFUSED)
     update, finish = progress_reporter("Resetting")
     try:
-        done, stopped = _until_stopped(lambda: reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update))
+        done, stopped = until_stopped(lambda: reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update))
     finally:
         finish()
     if fmt is not None or len(done) <= 20:  # a long listing only when asked for by its format
@@ -251,21 +251,6 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     _say_stopped(state, stopped)
     if done.skipped:
         click.get_current_context().exit(EXIT_ERROR)
-
-
-def _until_stopped(change):
-    """Run a change made in batches: ``(its result, None)``, or, when it stopped on an error after
-    some batches committed, ``(what they did, the error)``, so the command shows what was done
-    before it fails with the error's own line (an outage mid-run, a role that may not write)."""
-    from ..recovery import committed_before
-
-    try:
-        return change(), None
-    except AuditctlError as error:
-        done = committed_before(error)
-        if done is None:
-            raise
-        return done, error
 
 
 def _say_stopped(state, stopped: AuditctlError | None) -> None:

@@ -226,26 +226,6 @@ async def _action(request: Request, work) -> Response:
         return _action_error(problem, d)
 
 
-async def _changing(d, change, *args, **kwargs):
-    """Run a change made in batches in a worker thread: its result, or, when an error stopped it after
-    some batches committed, ``_Stopped`` carrying what they did (answered 503 with it, not without)."""
-    from ..recovery import committed_before
-
-    try:
-        return await run_in_threadpool(change, *args, **kwargs)
-    except AuditctlError as error:
-        done = committed_before(error)
-        if done is None:
-            raise
-        raise _Stopped(done, d.safe_message(error)) from None
-
-
-class _Stopped(Exception):
-    def __init__(self, done, message: str):
-        super().__init__(message)
-        self.done = done
-
-
 def _stopped(records: list, message: str, what: str, key: str) -> Response:
     return json_response({"error": f"stopped partway by an error: {message}; the audits listed were {what} (their "
                                    "batches committed), the others were not reached and are unchanged: try again",
@@ -263,16 +243,16 @@ def _done(records: list, skipped: list, what: str, key: str) -> Response:
 
 async def recover(request: Request):
     from ..records import recovery_record
+    from ..recovery import until_stopped
     from .params import recover_request
 
     async def work(d, user, params):
         filters, requeue, max_attempts, dry_run = recover_request(params, d.max_attempts)
         params.refuse_unknown()
-        try:
-            done = await _changing(d, d.recover, user, filters, requeue=requeue, max_attempts=max_attempts,
-                                   dry_run=dry_run)
-        except _Stopped as stopped:
-            return _stopped([recovery_record(r, dry_run) for r in stopped.done], str(stopped), "recovered", "recovered")
+        done, stopped = await run_in_threadpool(until_stopped, lambda: d.recover(
+            user, filters, requeue=requeue, max_attempts=max_attempts, dry_run=dry_run))
+        if stopped is not None:
+            return _stopped([recovery_record(r, dry_run) for r in done], d.safe_message(stopped), "recovered", "recovered")
         return _done([recovery_record(r, dry_run) for r in done], done.skipped, "recovered", "recovered")
 
     return await _action(request, work)
@@ -280,6 +260,7 @@ async def recover(request: Request):
 
 async def reset_all(request: Request):
     from ..records import reset_record
+    from ..recovery import until_stopped
     from .params import reset_request
 
     async def work(d, user, params):
@@ -289,10 +270,9 @@ async def reset_all(request: Request):
         plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
         if dry_run:
             return json_response(listing)
-        try:
-            done = await _changing(d, d.reset, user, plan)
-        except _Stopped as stopped:
-            return _stopped([reset_record(r, False) for r in stopped.done], str(stopped), "reset", "reset")
+        done, stopped = await run_in_threadpool(until_stopped, lambda: d.reset(user, plan))
+        if stopped is not None:
+            return _stopped([reset_record(r, False) for r in done], d.safe_message(stopped), "reset", "reset")
         return _done([reset_record(r, False) for r in done], done.skipped, "reset", "reset")
 
     return await _action(request, work)

@@ -577,20 +577,17 @@ async def reset_confirm(request: Request):
     if plan is None:
         return _panel(request, 409, views.refusal(409, "This confirmation has expired or was already used: press "
                                                        "Reset All Audits again to see the counts. Nothing was changed."))
-    from ..recovery import committed_before
+    from ..recovery import until_stopped
 
-    stopped = None
     try:
-        done = await run_in_threadpool(d.reset, session.user, plan)
+        done, stopped = await run_in_threadpool(until_stopped, lambda: d.reset(session.user, plan))
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
-        done = committed_before(error)
-        if done is None:
-            return _action_error(request, error, d)
-        stopped = d.safe_message(error)  # the batches done are shown with it
+        return _action_error(request, error, d)
     left_alone = plan.total - len(done) - len(done.skipped) if stopped is None else 0
     log.info("dashboard %s reset %d audits to pending", session.user, len(done))
     return _panel(request, 200 if stopped is None else 503,
-                  views.reset_result([reset_record(r, False) for r in done], left_alone, done.skipped, stopped),
+                  views.reset_result([reset_record(r, False) for r in done], left_alone, done.skipped,
+                                     None if stopped is None else d.safe_message(stopped)),
                   changed=True)
 
 
