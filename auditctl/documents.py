@@ -89,6 +89,12 @@ def _decode(text: str):
     return _DECODER.decode(text)
 
 
+def surely_shallow(text: str) -> bool:
+    """Too few brackets to nest deeper than ``MAX_DEPTH``: depth never exceeds the number of
+    opening brackets, so most documents need no walk."""
+    return text.count("{") + text.count("[") <= MAX_DEPTH
+
+
 def load(raw):
     """A stored document as a JSON value, or NotJSON. Never raises."""
     if raw is None or isinstance(raw, NotJSON):
@@ -106,8 +112,7 @@ def load(raw):
         return NotJSON(text, "too_deep")
     except (TypeError, ValueError):
         return NotJSON(text)
-    # Depth never exceeds the number of opening brackets, so most documents need no walk.
-    if text.count("{") + text.count("[") > MAX_DEPTH and depth_exceeds(value):
+    if not surely_shallow(text) and depth_exceeds(value):
         return NotJSON(text, "too_deep")
     if "\\u" in text and _SURROGATE_ESCAPE.search(text):
         return _without_lone_surrogates(value)

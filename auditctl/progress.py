@@ -198,6 +198,22 @@ def read_progress(raw) -> ProgressView:
     return view
 
 
+#: The fields of a progress document a reader shows, in the order ``read_progress_fields`` takes them.
+PROGRESS_FIELDS = ("step", "percentage", "completed_tasks", "total_tasks")
+
+
+def read_progress_fields(values) -> ProgressView:
+    """Interpret ``PROGRESS_FIELDS`` as a query took them out of a document whose ``progress`` is
+    an object (a JSON list, decoded by ``documents.load``): judged as ``read_progress`` judges
+    them in the whole document. Never raises."""
+    view = ProgressView()
+    if type(values) is list and len(values) == len(PROGRESS_FIELDS):
+        _judge_fields(view, *values)
+    else:  # a field nested too deep to decode safely
+        view.problems.append("progress_too_deep" if getattr(values, "problem", "") == "too_deep" else "progress_not_json")
+    return view
+
+
 def _judge_fields(view: ProgressView, step, raw_percentage, completed_tasks, total_tasks) -> None:
     if (type(step) is str and len(step) <= MAX_STEP and type(raw_percentage) is float and 0.0 <= raw_percentage <= 100.0
             and type(completed_tasks) is int and type(total_tasks) is int and 0 <= completed_tasks <= total_tasks <= MAX_COUNT):

@@ -49,7 +49,8 @@ from . import documents, timestamps
 from .globs import target_pattern
 from .db import indexed_by, is_postgres, keyset_pages, moments, read_connection
 from .errors import ConfigError
-from .progress import read_progress
+from .gcpause import paused_collector
+from .progress import PROGRESS_FIELDS, read_progress, read_progress_fields
 from .values import float_value, rounded, safe_int, text_value
 from .thresholds import (
     MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
@@ -110,7 +111,7 @@ def make_filters(filters: Filters | None = None, *, worker: str | None = None, r
 #: one bit per rule that fired (in ``RULE_REASONS`` order) and ``_FUTURE_BIT`` for a heartbeat
 #: in the future: one small integer instead of five columns.
 _COLUMNS = ("id", "target", "worker_id", "worker_instance", "lease", "attempts", "kind", "started_at",
-            "heartbeat_at", "progress", "max_age_seconds", "declared_stale_after", "declared_stall_after",
+            "heartbeat_at", "progress_fields", "progress", "max_age_seconds", "declared_stale_after", "declared_stall_after",
             "declared_max_age", "rules", "age_seconds", "silence_seconds", "stalled_seconds")
 _FUTURE_BIT = 1 << len(RULE_REASONS)
 _RULE_MASK = _FUTURE_BIT - 1
@@ -205,7 +206,11 @@ class Verdict:
     @property
     def progress(self):
         if self._progress is None:
-            self._progress = read_progress(documents.load(self.row[_AT["progress"]]))
+            fields, whole = self.row[_AT["progress_fields"]], self.row[_AT["progress"]]
+            if fields is not None and (whole is None or (isinstance(whole, str) and documents.surely_shallow(whole))):
+                self._progress = read_progress_fields(documents.load(fields))
+            else:
+                self._progress = read_progress(documents.load(whole))
         return self._progress
 
     @property
@@ -389,8 +394,30 @@ class _Dialect:
     def glob(self, index: int) -> str:
         return f"a.target ~ :target_{index}" if self.postgres else f"a.target GLOB :target_{index}"
 
-    def progress(self) -> str:
-        return "CAST(a.progress AS text)" if self.postgres else "a.progress"
+    def progress(self) -> list[str]:
+        """Two columns: the progress fields scan shows, as one JSON list ``[step, percentage,
+        completed_tasks, total_tasks]``, when the document has the shape workers write (an object
+        whose ``progress`` is an object), and the whole document as text, for Python to read as
+        ``show`` does when it has another shape or may nest deeper than ``documents.MAX_DEPTH``.
+
+        The database takes the four fields out far cheaper than Python decodes a document. On
+        PostgreSQL, where a jsonb document as text costs more than the rest of the row, the
+        database also checks the depth and sends the text only when it is needed; on SQLite the
+        stored text costs little, and Python counts its brackets faster than SQL can. Both read
+        the same values: numbers come as written. A document with a key written twice, which
+        auditctl never writes, is read first-wins by SQLite and last-wins by Python."""
+        if self.postgres:
+            too_deep = (f"jsonb_path_exists(a.progress, 'strict $.**{{{documents.MAX_DEPTH} to last}} "
+                        "? (@.type() == \"array\" || @.type() == \"object\")')")
+            usual = f"(jsonb_typeof(a.progress -> 'progress') = 'object' AND NOT {too_deep})"
+            fields = ", ".join(f"a.progress -> 'progress' -> '{name}'" for name in PROGRESS_FIELDS)
+            return [f"(CASE WHEN {usual} THEN CAST(jsonb_build_array({fields}) AS text) END)",
+                    f"(CASE WHEN {usual} THEN NULL ELSE CAST(a.progress AS text) END)"]
+        # json_valid first: the other JSON functions fail the whole statement on malformed text.
+        # A BLOB is left to Python: SQLite 3.45 and later read one as its binary JSONB.
+        usual = "(typeof(a.progress) = 'text' AND json_valid(a.progress) AND json_type(a.progress, '$.progress') = 'object')"
+        paths = ", ".join(f"'$.progress.{name}'" for name in PROGRESS_FIELDS)
+        return [f"(CASE WHEN {usual} THEN json_extract(a.progress, {paths}) END)", "a.progress"]
 
     def time_text(self, column: str) -> str:
         """A stored time as text the verdict parses when shown (on SQLite, the stored text).
@@ -527,7 +554,7 @@ def _statement(shape: _Shape):
 
         columns = ", ".join([
             "a.id", "a.target", "a.worker_id", "a.worker_instance", "a.lease", "a.attempts", "a.kind",
-            d.time_text("a.started_at"), d.time_text("a.heartbeat_at"), d.progress(), "a.max_age_seconds", "a.declared_stale_after",
+            d.time_text("a.started_at"), d.time_text("a.heartbeat_at"), *d.progress(), "a.max_age_seconds", "a.declared_stale_after",
             "a.declared_stall_after", "a.declared_max_age", per_row(bits),
             d.seconds_to(per_row(basis)), d.seconds_to(per_row(heard)), d.seconds_to(per_row(changed)),
         ])
@@ -681,7 +708,8 @@ def select_stuck(connection: Connection, policy: Policy, *, gone: dict[str, str]
     """Run the stuck query on an open connection (``lock`` takes row locks on PostgreSQL, skipping busy rows)."""
     policy = Policy.coerce(policy)
     statement, params = stuck_query(connection, policy, gone=gone, **options)
-    return [Verdict(row, policy, gone) for row in connection.execute(statement, params).all()]
+    with paused_collector():
+        return [Verdict(row, policy, gone) for row in connection.execute(statement, params).all()]
 
 
 def stuck_ids(connection: Connection, policy: Policy, *, gone: dict[str, str] | None = None, **options) -> list[int]:

@@ -499,3 +499,26 @@ def test_overlapping_recover_processes_recover_each_audit_exactly_once(database_
     recovered = [record["target"] for out, _ in outputs for record in json.loads(out)]
     assert sorted(recovered) == sorted(STUCK_IN_DEMO), "each stuck audit recovered by exactly one of the processes"
     assert count(database_url, audit_events, actor="auditctl recover") == 3
+
+
+# --- the collector in the command's own process ----------------------------------------------
+
+
+def test_the_command_freezes_what_start_up_made_and_a_test_runner_is_left_alone(demo_dir):
+    """In its own process, ``auditctl`` moves start-up's objects out of the collector's sight once
+    the first engine exists; invoked inside another program (here the test runner) it never does."""
+    import gc
+
+    report = ("import atexit, gc, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count(), file=sys.stderr)); "
+              "sys.argv = ['auditctl', 'scan', '--format', 'json']; from auditctl.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", report], cwd=demo_dir, env=clean_env(demo_dir), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    frozen = int(re.search(r"^frozen (\d+)$", result.stderr, re.M).group(1))
+    assert frozen > 10_000, "SQLAlchemy, click and the engine are frozen"
+    assert len(json.loads(result.stdout)) == 3
+
+    before = gc.get_freeze_count()
+    invoked = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{demo_dir / 'auditctl.db'}", "scan"])
+    assert invoked.exit_code == 0, invoked.output
+    assert gc.get_freeze_count() == before

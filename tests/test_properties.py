@@ -692,6 +692,68 @@ def test_read_progress_of_any_decoded_value_never_raises_and_stays_in_bounds(doc
     _check_view_bounds(progress.read_progress(built(document)))
 
 
+# --- the stuck query's progress fields ---------------------------------------------------------
+
+#: Stored documents whose reading by the query and by Python could differ, if either were wrong.
+_STUCK_EXAMPLES = [
+    '{"progress": "x"}', '{"progress": null}', '{"progress": {}}', "[]", "{}",
+    '{"progress": {"step": "s", "percentage": 1e400}}',
+    '{"progress": {"completed_tasks": true, "total_tasks": 1.0}}',
+    '{"progress": {"step": %s}}' % ("[" * 70 + "]" * 70),
+    # nested too deep beside the fields, and just not; brackets in text that nest nothing
+    '{"progress": {"step": "s"}, "x": %s}' % ("[" * 64 + "]" * 64),
+    '{"progress": {"step": "s"}, "x": %s}' % ("[" * 63 + "]" * 63),
+    '{"progress": {"step": "s", "x": {"y": %s}}}' % ("[" * 62 + "]" * 62),
+    '{"progress": {"step": "s", "x": {"y": %s}}}' % ("[" * 61 + "]" * 61),
+    '{"progress": {"step": "[[[[", "percentage": 5.0}, "n": "%s"}' % ("{" * 80),
+    # numbers past what a double or a bigint holds, and in unusual forms, come as written
+    '{"progress": {"completed_tasks": 100000000000000000000000000000, "total_tasks": 1e400, "percentage": 1e-400, '
+    '"step": 1E+2}}',
+    '{"progress": {"completed_tasks": 9223372036854775808, "total_tasks": -9223372036854775809, "percentage": -0.0}}',
+    '{"progress": {"completed_tasks": 12.50e1, "total_tasks": 2e2, "percentage": 1E1}}',
+    b'{"progress": {"step": "a BLOB", "total_tasks": 2}}',
+    b'{"progress": {"step": "not UTF-8 \xff"}}',
+]
+_stuck_documents = st.one_of(stored_progress.map(json.dumps), document_texts, st.binary(max_size=30),
+                             st.sampled_from(_STUCK_EXAMPLES))
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(documents_stored=st.lists(_stuck_documents, min_size=1, max_size=20))
+@example(documents_stored=_STUCK_EXAMPLES)
+def test_scan_reads_the_progress_fields_as_the_whole_document_reads(engine, documents_stored):
+    """The stuck query hands over only the four fields of a usual document: what scan shows from
+    them (step, percentage, counts, problems) is what reading the whole stored document gives.
+    (Not generated: a key written twice, which SQLite reads first-wins and Python last-wins.)"""
+    from dbtools import make_running
+    from sqlalchemy import text as sql
+
+    from auditctl.db import is_postgres, write_transaction
+    from auditctl.rules import find_stuck
+
+    postgres = is_postgres(engine)
+    with write_transaction(engine) as connection:
+        connection.execute(sql("DELETE FROM audits"))
+    ids = make_running(engine, len(documents_stored))
+    for audit_id, document in zip(ids, documents_stored):
+        try:
+            with write_transaction(engine) as connection:
+                connection.execute(sql("UPDATE audits SET progress = " + ("CAST(:d AS jsonb)" if postgres else ":d")
+                                       + " WHERE id = :i"), {"d": document, "i": audit_id})
+        except Exception:  # noqa: BLE001 - what PostgreSQL's jsonb refuses (NaN, \u0000, not JSON) stays as it was
+            assert postgres
+    with engine.connect() as connection:
+        stored = dict(connection.execute(sql("SELECT id, " + ("CAST(progress AS text)" if postgres else "progress")
+                                             + " FROM audits")).all())
+    verdicts = find_stuck(engine, Thresholds(stale_after=60, max_age=3600, stall_after=60))
+    assert sorted(v.id for v in verdicts) == sorted(ids)
+    for verdict in verdicts:
+        whole = progress.read_progress(documents.load(stored[verdict.id]))
+        shown = verdict.progress
+        assert (shown.step, shown.percentage, shown.completed_tasks, shown.total_tasks, shown.problems) == (
+            whole.step, whole.percentage, whole.completed_tasks, whole.total_tasks, whole.problems), stored[verdict.id]
+
+
 @given(percentages, counts, counts)
 def test_derive_percentage_is_none_or_between_0_and_100(percentage, completed, total):
     value = progress.derive_percentage(percentage, completed, total)

@@ -307,7 +307,7 @@ def _row(**values):
 
     base = {"id": 1, "target": "https://example.com/1", "worker_id": "w", "worker_instance": "inst-1234567890",
             "lease": "lease-1", "attempts": 1, "kind": None, "started_at": "2026-01-01 10:00:00.000000000",
-            "heartbeat_at": "2026-01-01 10:00:00.000000000", "progress": None, "max_age_seconds": None,
+            "heartbeat_at": "2026-01-01 10:00:00.000000000", "progress_fields": None, "progress": None, "max_age_seconds": None,
             "declared_stale_after": None, "declared_stall_after": None, "declared_max_age": None, "rules": 0,
             "age_seconds": None, "silence_seconds": None, "stalled_seconds": None}
     base.update(values)
@@ -445,3 +445,74 @@ def test_text_sorts_in_code_point_order_on_postgresql_whatever_the_collation(eng
     assert [v.worker_id for v in iter_stuck(engine, T, gone={}, sort="worker")] == code_point_order
     assert [s.target for s in list_audits(engine, sort="target", descending=False)] == code_point_order
     assert [s.worker_id for s in list_audits(engine, sort="worker", descending=False)] == code_point_order
+
+
+def test_a_page_of_verdicts_is_built_without_the_collector_walking_it(engine):
+    """Building a page of verdicts (objects that all stay alive) sets off no collection: the
+    collector waits until the page is built, and is on again after."""
+    import gc
+
+    from dbtools import make_running
+
+    from auditctl.db import read_connection
+    from auditctl.rules import select_stuck
+
+    make_running(engine, 600)
+    policy = Thresholds(stale_after=60, max_age=3600, stall_after=60)
+    with read_connection(engine) as connection:
+        select_stuck(connection, policy)  # the statement is built and cached: what is left to count is the page
+    collections = []
+
+    def count(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(50, 10, 10)  # without the pause, a page of 600 verdicts sets off a dozen collections
+    gc.callbacks.append(count)
+    try:
+        with read_connection(engine) as connection:
+            verdicts = select_stuck(connection, policy)
+        during = list(collections)
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*threshold)
+    assert len(verdicts) == 600
+    assert len(during) <= 2, during  # the parameters, before the page: without the pause, 23
+
+
+def test_pauses_of_the_collector_on_several_threads_end_with_it_as_it_was():
+    import gc
+    import threading
+
+    from auditctl.gcpause import paused_collector
+
+    inside, release = threading.Barrier(3), threading.Event()
+
+    def pause():
+        with paused_collector():
+            inside.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=pause) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        inside.wait()
+        with paused_collector():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "the other threads' pauses are still under way"
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join()
+    assert gc.isenabled()
+
+    gc.disable()  # an application that runs without the collector keeps it off
+    try:
+        with paused_collector():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -12,6 +12,9 @@ from .app import cli
 
 
 def main() -> None:
+    from ..gcpause import own_process
+
+    own_process()
     cli(prog_name="auditctl")
 
 

@@ -112,6 +112,9 @@ class CliState:
             else:
                 self._engines[role] = create_engine(self.database_url, role=role, must_exist=True, lock_wait=wait,
                                                     call_timeout=self.call_timeout)
+            from ..gcpause import started
+
+            started()
         return self._engines[role]
 
     @property
