@@ -36,6 +36,7 @@ from . import documents, history, outbox
 from . import timestamps
 from .db import fetch_now, id_in, is_postgres, moments, read_connection, stored_time, write_transaction
 from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted, WriteRefused
+from .gcpause import paused_collector
 from .history import Actor
 from .rules import (
     Filters, GoneInstances, Verdict, find_stuck, fixed_moments, gone_instances, isolate, make_filters, select_stuck,
@@ -441,7 +442,7 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
         batch = queue.pop(0)
         try:
             started = time.monotonic()
-            with write_transaction(engine) as connection:
+            with paused_collector(), write_transaction(engine) as connection:
                 done = apply(connection, batch)
             result.extend(done)  # committed: only now does it count
             if sqlite and queue:

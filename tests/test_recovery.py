@@ -945,3 +945,34 @@ def test_a_manual_verdict_reports_times_to_the_millisecond_and_survives_missing_
                                           attempts=None, started_at=None, heartbeat_at=None), "manual", "x", now)
     assert (bare.target, bare.attempts, bare.worker_id, bare.measurements()) == (
         "", 0, None, {"age_seconds": None, "silence_seconds": None})
+
+
+def test_a_batch_of_recoveries_is_built_without_the_collector_walking_it(engine):
+    """Recovering a batch builds what is recorded and reported for every audit in it, all alive
+    until the batch commits: the collector waits until then (``gcpause``), and is on again after."""
+    import gc
+    import sys
+
+    make_running(engine, 400)
+    policy = Thresholds(stale_after=60, max_age=3600, stall_after=60)
+    collections = []
+
+    def count(phase, info):
+        """Note each collection that starts while a batch is applied (the frames it interrupted)."""
+        if phase == "start":
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_name != "_apply_recovery":
+                frame = frame.f_back
+            collections.append(frame is not None)
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(50, 10, 10)
+    gc.callbacks.append(count)
+    try:
+        done = recover_stuck(engine, policy, actor=Actor.command("recover"), batch_size=400)
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*threshold)
+    assert len(done) == 400
+    assert collections and not any(collections), "collections ran, and none while the batch was applied"
