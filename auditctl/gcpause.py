@@ -8,7 +8,8 @@ them is garbage yet. At 10,000 stuck audits that was a quarter of a scan's time.
 pauses the collector the same way (``util.nogc``) while it builds large structures.
 
 Reference counting goes on; only the search for reference cycles waits until the result is
-built. The switch is process-wide, so pauses on several threads share it: the collector is
+built. A pause never spans a wait for the database (a lock, a slow statement): in a worker,
+the application's own collector would wait with it. The switch is process-wide, so pauses on several threads share it: the collector is
 switched on again when the last one ends, and only if it was on when the first began. (An
 application that switches it off itself while a pause is under way finds it on again after.)
 

@@ -442,7 +442,7 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
         batch = queue.pop(0)
         try:
             started = time.monotonic()
-            with paused_collector(), write_transaction(engine) as connection:
+            with write_transaction(engine) as connection, paused_collector():  # once the lock is ours
                 done = apply(connection, batch)
             result.extend(done)  # committed: only now does it count
             if sqlite and queue:

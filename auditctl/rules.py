@@ -708,8 +708,9 @@ def select_stuck(connection: Connection, policy: Policy, *, gone: dict[str, str]
     """Run the stuck query on an open connection (``lock`` takes row locks on PostgreSQL, skipping busy rows)."""
     policy = Policy.coerce(policy)
     statement, params = stuck_query(connection, policy, gone=gone, **options)
-    with paused_collector():
-        return [Verdict(row, policy, gone) for row in connection.execute(statement, params).all()]
+    rows = connection.execute(statement, params)
+    with paused_collector():  # not while the database is waited for: the application's collector would wait too
+        return [Verdict(row, policy, gone) for row in rows.all()]
 
 
 def stuck_ids(connection: Connection, policy: Policy, *, gone: dict[str, str] | None = None, **options) -> list[int]:
