@@ -9,9 +9,10 @@ pauses the collector the same way (``util.nogc``) while it builds large structur
 
 Reference counting goes on; only the search for reference cycles waits until the result is
 built. A pause never spans a wait for the database (a lock, a slow statement): in a worker,
-the application's own collector would wait with it. The switch is process-wide, so pauses on several threads share it: the collector is
-switched on again when the last one ends, and only if it was on when the first began. (An
-application that switches it off itself while a pause is under way finds it on again after.)
+the application's own collector would wait with it. The switch is process-wide, so pauses on
+several threads share it: the collector is switched on again when the last one ends, and only
+if it was on when the first began. (An application that switches it off itself while a pause
+is under way finds it on again after.)
 
 ``own_process`` and ``started``: in the ``auditctl`` process (not in an application using the
 library, nor under a test runner), what exists once the first engine is made (the modules,
