@@ -53,7 +53,7 @@ from .history import Actor
 from .migrate import explained, upgrade
 from .monitor import Monitor
 from .progress import OWN_FIELDS, clean_report, derive_percentage, signature
-from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, recover_audits, recover_worker_leftovers
+from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, committed_before, recover_audits, recover_worker_leftovers
 from .schema import audits
 from .textsafe import printable
 from .urls import mask_url
@@ -483,14 +483,21 @@ class StuckAuditPrevention:
     def cleanup_stuck_audits_on_startup(self) -> list[Recovery]:
         """Recover what earlier instances of this worker left running, then every stuck audit."""
         live = {self.instance_id} | {peer.instance_id for peer in self._check_duplicates()}
-        leftovers = recover_worker_leftovers(self.operator_engine, self.worker_id, live, actor=self.actor,
-                                             requeue=self.requeue, max_attempts=self.max_attempts)
-        for recovery in leftovers:
-            log.warning("🧹 STARTUP CLEANUP: audit %s (%s) was left running by an earlier instance of %s; now %s",
-                        recovery.id, printable(recovery.target), printable(self.worker_id), recovery.status)
+        try:
+            leftovers = recover_worker_leftovers(self.operator_engine, self.worker_id, live, actor=self.actor,
+                                                 requeue=self.requeue, max_attempts=self.max_attempts)
+        except AuditctlError as error:  # an outage partway: what the committed batches did is said first
+            self._log_leftovers(committed_before(error) or [])
+            raise
+        self._log_leftovers(leftovers)
         stuck = self._heartbeat_cleanup(marker="🧹 STARTUP CLEANUP")
         log.info("🧹 STARTUP CLEANUP: %d left by earlier instances, %d stuck audits recovered", len(leftovers), len(stuck))
         return list(leftovers) + list(stuck)
+
+    def _log_leftovers(self, leftovers) -> None:
+        for recovery in leftovers:
+            log.warning("🧹 STARTUP CLEANUP: audit %s (%s) was left running by an earlier instance of %s; now %s",
+                        recovery.id, printable(recovery.target), printable(self.worker_id), recovery.status)
 
     def start_heartbeat_monitor(self, *, handle_sigterm: bool = True) -> None:
         """Start the background thread; on the main thread, also stop cleanly on SIGTERM.

@@ -121,3 +121,24 @@ def test_reset_all_leaves_a_row_another_transaction_holds_and_resets_the_others(
     assert result.exit_code == 0, result.output
     assert "Reset 4 audits to pending; 1 changed meanwhile and were left alone" in result.stderr, result.stderr
     assert statuses(engine, ids) == {"pending": 4, "failed": 1}
+
+
+def test_a_worker_startup_cleanup_stopped_partway_logs_what_it_recovered_then_raises(engine, database_url, caplog):
+    """What an earlier instance left, recovered batch by batch: an outage after the first batch
+    committed still leaves one log line per audit it recovered, before the error reaches the caller."""
+    import logging
+
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import DatabaseUnavailable
+
+    ids = make_running(engine, BATCH + 300, worker_id="restarting", instance_id="an-earlier-instance")
+    outage_after_the_first_batch(engine, ids, "failed")
+    guard = StuckAuditPrevention(database_url, worker_id="restarting", heartbeat_interval=1, stale_after=600)
+    try:
+        with caplog.at_level(logging.WARNING, logger="auditctl"), pytest.raises(DatabaseUnavailable):
+            guard.cleanup_stuck_audits_on_startup()
+    finally:
+        guard.stop()
+    logged = [record.getMessage() for record in caplog.records if "was left running by an earlier instance" in record.getMessage()]
+    assert len(logged) == BATCH and f"audit {ids[0]} " in logged[0], logged[:2]
+    assert statuses(engine, ids) == {"failed": BATCH, "running": 300}
