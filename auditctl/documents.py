@@ -95,6 +95,14 @@ def surely_shallow(text: str) -> bool:
     return text.count("{") + text.count("[") <= MAX_DEPTH
 
 
+def read_alike_by_sqlite(text: str) -> bool:
+    """SQLite's JSON functions take out of this stored text what Python would: it is shallow
+    enough, and holds no escape (SQLite looks up a key as written, ``"st\\u0065p"`` is not
+    ``step`` to it) and no NUL (they stop reading there). Cheap checks, no parse: a document
+    that fails one is read whole by Python."""
+    return "\\" not in text and "\x00" not in text and surely_shallow(text)
+
+
 def load(raw):
     """A stored document as a JSON value, or NotJSON. Never raises."""
     if raw is None or isinstance(raw, NotJSON):

@@ -8,8 +8,10 @@ them is garbage yet. At 10,000 stuck audits that was a quarter of a scan's time.
 pauses the collector the same way (``util.nogc``) while it builds large structures.
 
 Reference counting goes on; only the search for reference cycles waits until the result is
-built. A pause never spans a wait for the database (a lock, a slow statement): in a worker,
-the application's own collector would wait with it. The switch is process-wide, so pauses on
+built. A pause never spans a wait for the database (a lock, a round trip to a server): in a
+worker, the application's own collector would wait with it. (On SQLite the reading of a page's
+rows runs inside one: that is this process's own work, not a wait for another.) A child forked
+during a pause starts with the collector as the pause found it. The switch is process-wide, so pauses on
 several threads share it: the collector is switched on again when the last one ends, and only
 if it was on when the first began. (An application that switches it off itself while a pause
 is under way finds it on again after.)
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
 from typing import Iterator
 
 _lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
+_held = threading.local()  # this thread's pauses under way: the one a forked child keeps
 
 
 @contextlib.contextmanager
@@ -41,13 +45,29 @@ def paused_collector() -> Iterator[None]:
             _was_enabled = gc.isenabled()
             gc.disable()
         _pauses += 1
+    _held.depth = getattr(_held, "depth", 0) + 1
     try:
         yield
     finally:
+        _held.depth -= 1
         with _lock:
             _pauses -= 1
             if _pauses == 0 and _was_enabled:
                 gc.enable()
+
+
+def _after_fork_in_child() -> None:
+    """Only the forking thread lives on in a child: the pauses of the others never end there, and
+    the lock may have been held by one of them."""
+    global _lock, _pauses
+    inherited = _pauses
+    _lock, _pauses = threading.Lock(), getattr(_held, "depth", 0)
+    if inherited and not _pauses and _was_enabled:
+        gc.enable()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _owns_process = False
@@ -63,6 +83,7 @@ def own_process() -> None:
 def started() -> None:
     """Start-up is over (the first engine exists): freeze what it made, once, in the command's own process."""
     global _frozen
-    if _owns_process and not _frozen:
-        _frozen = True
-        gc.freeze()
+    with _lock:
+        if _owns_process and not _frozen:
+            _frozen = True
+            gc.freeze()

@@ -175,6 +175,11 @@ class ProgressView:
     problems: list[str] = field(default_factory=list)
 
 
+def _unreadable(raw) -> str:
+    """The problem of a stored value ``documents.load`` could not read."""
+    return "progress_too_deep" if getattr(raw, "problem", "") == "too_deep" else "progress_not_json"
+
+
 def read_progress(raw) -> ProgressView:
     """Interpret a stored ``progress`` value of any shape. Never raises."""
     view = ProgressView()
@@ -184,7 +189,7 @@ def read_progress(raw) -> ProgressView:
         # Stored text that is not JSON at all (documents.NotJSON); a plain str is a JSON string.
         text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
         view.document = text if len(text) <= 200 else text[:200] + "…"
-        view.problems.append("progress_too_deep" if getattr(raw, "problem", "") == "too_deep" else "progress_not_json")
+        view.problems.append(_unreadable(raw))
         return view
     view.document = raw
     if not isinstance(raw, dict):
@@ -209,8 +214,8 @@ def read_progress_fields(values) -> ProgressView:
     view = ProgressView()
     if type(values) is list and len(values) == len(PROGRESS_FIELDS):
         _judge_fields(view, *values)
-    else:  # a field nested too deep to decode safely
-        view.problems.append("progress_too_deep" if getattr(values, "problem", "") == "too_deep" else "progress_not_json")
+    else:  # a field Python cannot hold (a number past a float), or nested too deep
+        view.problems.append(_unreadable(values))
     return view
 
 

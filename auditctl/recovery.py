@@ -245,16 +245,18 @@ def _apply_recovery(connection: Connection, verdicts: list[Verdict], *, requeue:
     recovered_at = isoformat_z(now)
     groups: dict[str, list[dict]] = {}
     events, done = [], []
-    for verdict in verdicts:
-        new_status, params, event, recovery = isolate(
-            verdict,
-            lambda v: _recovery_params(v, requeue=requeue, max_attempts=max_attempts, actor=actor, recovered_at=recovered_at),
-            lambda v, problem: _minimal_params(v, problem, actor=actor, recovered_at=recovered_at),
-        )
-        recovery.recovered_at = now
-        groups.setdefault(new_status, []).append(params)
-        events.append(event)
-        done.append(recovery)
+    with paused_collector():  # what is written and reported for each audit: Python only, no database wait
+        for verdict in verdicts:
+            new_status, params, event, recovery = isolate(
+                verdict,
+                lambda v: _recovery_params(v, requeue=requeue, max_attempts=max_attempts, actor=actor,
+                                           recovered_at=recovered_at),
+                lambda v, problem: _minimal_params(v, problem, actor=actor, recovered_at=recovered_at),
+            )
+            recovery.recovered_at = now
+            groups.setdefault(new_status, []).append(params)
+            events.append(event)
+            done.append(recovery)
     for new_status, params in groups.items():
         values = {
             "status": new_status,
@@ -442,7 +444,7 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
         batch = queue.pop(0)
         try:
             started = time.monotonic()
-            with write_transaction(engine) as connection, paused_collector():  # once the lock is ours
+            with write_transaction(engine) as connection:
                 done = apply(connection, batch)
             result.extend(done)  # committed: only now does it count
             if sqlite and queue:

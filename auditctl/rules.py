@@ -207,7 +207,7 @@ class Verdict:
     def progress(self):
         if self._progress is None:
             fields, whole = self.row[_AT["progress_fields"]], self.row[_AT["progress"]]
-            if fields is not None and (whole is None or (isinstance(whole, str) and documents.surely_shallow(whole))):
+            if fields is not None and (whole is None or (isinstance(whole, str) and documents.read_alike_by_sqlite(whole))):
                 self._progress = read_progress_fields(documents.load(fields))
             else:
                 self._progress = read_progress(documents.load(whole))
@@ -402,10 +402,13 @@ class _Dialect:
 
         The database takes the four fields out far cheaper than Python decodes a document. On
         PostgreSQL, where a jsonb document as text costs more than the rest of the row, the
-        database also checks the depth and sends the text only when it is needed; on SQLite the
-        stored text costs little, and Python counts its brackets faster than SQL can. Both read
-        the same values: numbers come as written. A document with a key written twice, which
-        auditctl never writes, is read first-wins by SQLite and last-wins by Python."""
+        database also checks the depth and sends the text only when it is needed. On SQLite the
+        stored text costs little, and Python checks it (``documents.read_alike_by_sqlite``:
+        brackets, escapes, NUL) faster than SQL can. The fields come as Python would read them
+        from the whole text (on PostgreSQL both read jsonb's own rendering), with two exceptions
+        auditctl never writes: a key written twice (SQLite takes the first, Python the last), and
+        a number no float holds elsewhere in the document, for which Python refuses the whole
+        document (``progress_not_json``) and scan still shows the fields."""
         if self.postgres:
             too_deep = (f"jsonb_path_exists(a.progress, 'strict $.**{{{documents.MAX_DEPTH} to last}} "
                         "? (@.type() == \"array\" || @.type() == \"object\")')")

@@ -711,6 +711,11 @@ _STUCK_EXAMPLES = [
     '"step": 1E+2}}',
     '{"progress": {"completed_tasks": 9223372036854775808, "total_tasks": -9223372036854775809, "percentage": -0.0}}',
     '{"progress": {"completed_tasks": 12.50e1, "total_tasks": 2e2, "percentage": 1E1}}',
+    # escapes: SQLite looks a key up as written, Python decodes it first; text after a NUL
+    '{"progress": {"st\\u0065p": "hello", "percent\\u0061ge": 5.0}}',
+    '{"progress": {"step": "s"}, "progr\\u0065ss": "x"}',
+    '{"progress": {"step": "a \\"quoted\\" step", "total_tasks": 3}}',
+    '{"progress": {"step": "s"}}\x00garbage',
     b'{"progress": {"step": "a BLOB", "total_tasks": 2}}',
     b'{"progress": {"step": "not UTF-8 \xff"}}',
 ]
@@ -724,7 +729,8 @@ _stuck_documents = st.one_of(stored_progress.map(json.dumps), document_texts, st
 def test_scan_reads_the_progress_fields_as_the_whole_document_reads(engine, documents_stored):
     """The stuck query hands over only the four fields of a usual document: what scan shows from
     them (step, percentage, counts, problems) is what reading the whole stored document gives.
-    (Not generated: a key written twice, which SQLite reads first-wins and Python last-wins.)"""
+    (Not generated: a key written twice, which SQLite reads first-wins and Python last-wins, and
+    a number no float holds beside the fields: see the next test.)"""
     from dbtools import make_running
     from sqlalchemy import text as sql
 
@@ -752,6 +758,26 @@ def test_scan_reads_the_progress_fields_as_the_whole_document_reads(engine, docu
         shown = verdict.progress
         assert (shown.step, shown.percentage, shown.completed_tasks, shown.total_tasks, shown.problems) == (
             whole.step, whole.percentage, whole.completed_tasks, whole.total_tasks, whole.problems), stored[verdict.id]
+
+
+@pytest.mark.parametrize("number", ["1e400", "1" + "0" * 5000], ids=["past a float", "5001 digits"])
+def test_scan_shows_the_fields_of_a_document_holding_elsewhere_a_number_python_cannot(engine, number):
+    """The one documented difference with reading the whole document (``show``), which refuses
+    it: the four fields are still shown, and the document is not called broken."""
+    from dbtools import make_running
+    from sqlalchemy import text as sql
+
+    from auditctl.db import is_postgres, write_transaction
+    from auditctl.rules import find_stuck
+
+    (audit_id,) = make_running(engine, 1)
+    document = '{"progress": {"step": "Crawling", "total_tasks": 4}, "x": %s}' % number
+    with write_transaction(engine) as connection:
+        connection.execute(sql("UPDATE audits SET progress = " + ("CAST(:d AS jsonb)" if is_postgres(engine) else ":d")
+                               + " WHERE id = :i"), {"d": document, "i": audit_id})
+    assert progress.read_progress(documents.load(document)).problems == ["progress_not_json"]
+    (verdict,) = find_stuck(engine, Thresholds(stale_after=60, max_age=3600, stall_after=60))
+    assert (verdict.step, verdict.progress.total_tasks, verdict.problems) == ("Crawling", 4, [])
 
 
 @given(percentages, counts, counts)

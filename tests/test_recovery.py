@@ -949,7 +949,8 @@ def test_a_manual_verdict_reports_times_to_the_millisecond_and_survives_missing_
 
 def test_a_batch_of_recoveries_is_built_without_the_collector_walking_it(engine):
     """Recovering a batch builds what is recorded and reported for every audit in it, all alive
-    until the batch commits: the collector waits until then (``gcpause``), and is on again after."""
+    until the batch commits: the collector waits while that is built (``gcpause``; not while the
+    database is waited for), and is on again after."""
     import gc
     import sys
 
@@ -961,7 +962,7 @@ def test_a_batch_of_recoveries_is_built_without_the_collector_walking_it(engine)
         """Note each collection that starts while a batch is applied (the frames it interrupted)."""
         if phase == "start":
             frame = sys._getframe(1)
-            while frame is not None and frame.f_code.co_name != "_apply_recovery":
+            while frame is not None and frame.f_code.co_name != "_recovery_params":
                 frame = frame.f_back
             collections.append(frame is not None)
 
@@ -975,4 +976,4 @@ def test_a_batch_of_recoveries_is_built_without_the_collector_walking_it(engine)
         gc.callbacks.remove(count)
         gc.set_threshold(*threshold)
     assert len(done) == 400
-    assert collections and not any(collections), "collections ran, and none while the batch was applied"
+    assert collections and not any(collections), "collections ran, and none while the batch's recoveries were built"

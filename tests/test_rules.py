@@ -516,3 +516,42 @@ def test_pauses_of_the_collector_on_several_threads_end_with_it_as_it_was():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_child_forked_while_another_thread_pauses_the_collector_gets_it_back():
+    """Only the forking thread lives on in the child: a pause another thread had under way would
+    never end there, and the child would run without its collector."""
+    import gc
+    import os
+    import threading
+
+    from auditctl.gcpause import paused_collector
+
+    inside, release = threading.Event(), threading.Event()
+
+    def pause():
+        with paused_collector():
+            inside.set()
+            release.wait()
+
+    thread = threading.Thread(target=pause)
+    thread.start()
+    read, write = os.pipe()
+    try:
+        assert inside.wait(5) and not gc.isenabled()
+        pid = os.fork()
+        if pid == 0:  # the child: report, then leave without running the parent's clean-up
+            try:
+                with paused_collector():
+                    during = gc.isenabled()
+                os.write(write, f"{gc.isenabled()} {during}".encode())
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 100).decode() == "True False"
+    finally:
+        release.set()
+        thread.join()
+        os.close(read)
+        os.close(write)
+    assert gc.isenabled()
