@@ -207,8 +207,14 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
     """
     from sqlalchemy import create_engine as sa_create_engine
 
+    from .values import storable_text
+
     if role not in ROLES:
         raise ValueError(f"unknown engine role {role!r}")
+    if isinstance(database_url, str):
+        # No database is named by a NUL or by bytes that were not UTF-8: SQLite would create a file
+        # under a mangled name, and every later reader refuse it.
+        storable_text("the database URL", database_url)
     lock_wait = _SQLITE_WAIT[role] if lock_wait is None else float(lock_wait)
     url = normalize_url(database_url)
     if url.get_backend_name() == "sqlite":

@@ -1,20 +1,19 @@
 """Sparing Python's cyclic garbage collector work it does for nothing.
 
-``paused_collector``: the collector waits while a large result is built.
+``paused_collector``: the collector waits while a large result is built. Building thousands of
+objects that all stay alive (a page of rows and their verdicts) makes the collector run again
+and again, each time over more of the heap, for nothing: none of them is garbage yet. At 10,000
+stuck audits that was a quarter of a scan's time. Mercurial pauses the collector the same way
+(``util.nogc``) while it builds large structures.
 
-Building thousands of objects that all stay alive (a page of rows and their verdicts) makes
-the collector run again and again, each time over more of the heap, for nothing: none of
-them is garbage yet. At 10,000 stuck audits that was a quarter of a scan's time. Mercurial
-pauses the collector the same way (``util.nogc``) while it builds large structures.
-
-Reference counting goes on; only the search for reference cycles waits until the result is
-built. A pause never spans a wait for the database (a lock, a round trip to a server): in a
-worker, the application's own collector would wait with it. (On SQLite the reading of a page's
-rows runs inside one: that is this process's own work, not a wait for another.) A child forked
-during a pause starts with the collector as the pause found it. The switch is process-wide, so pauses on
-several threads share it: the collector is switched on again when the last one ends, and only
-if it was on when the first began. (An application that switches it off itself while a pause
-is under way finds it on again after.)
+- Reference counting goes on; only the search for reference cycles waits.
+- A pause never spans a round trip to a server or a wait for a lock: in a worker, the
+  application's own collector would wait with it. (On SQLite, turning a page's rows into
+  verdicts also steps the statement: that is this process's own work, not a wait.)
+- The switch is process-wide, so pauses on several threads share it: the collector is switched
+  on again when the last one ends, and only if it was on when the first began. An application
+  that switches it off itself while a pause is under way finds it on again after.
+- A child forked during a pause starts with the collector as the pause found it.
 
 ``own_process`` and ``started``: in the ``auditctl`` process (not in an application using the
 library, nor under a test runner), what exists once the first engine is made (the modules,

@@ -211,10 +211,11 @@ def upgrade(engine: Engine) -> UpgradeResult:
             _refuse_foreign(connection, revision, present, where, ours)
             before = MigrationContext.configure(connection, opts={"version_table_schema": schema}).get_current_revision()
             command.upgrade(_alembic_config(connection, schema), "head")
+            after = _recorded_revision(connection, schema)  # in the schema upgraded, which may be later on the path
     except SchemaMissing as error:
         if isinstance(error, (NotOurDatabase, SchemaTooNew)) or not hasattr(error, "detail"):
             raise
         # A table or column the migration expected is not there: "run `auditctl init`" is what failed.
         raise DatabaseRefused(f"cannot create or upgrade the schema of the database at {where}: {error.detail}; "
                               "nothing was changed") from None
-    return UpgradeResult(before=before, after=current_revision(engine))
+    return UpgradeResult(before=before, after=after)

@@ -37,9 +37,6 @@ class PassResult:
     error: str | None = None
     #: The database answered but cannot be used (no schema, not ours): retrying will not help.
     fatal: bool = False
-    #: Fatal because the filters themselves are refused (a since/until window that turned backwards
-    #: as time went on): the operator's mistake, not the database's.
-    refused: bool = False
     recovered: list[Recovery] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     stuck: list[Verdict] = field(default_factory=list)
@@ -157,10 +154,9 @@ class Monitor:
         except ConcurrentChange as exc:
             # Not an outage: the database answered; a batch was rolled back and the next pass retries.
             return self._failed(exc)
-        except (SchemaMissing, WriteRefused) as exc:  # retrying will not help: no schema, no right to write
+        except (SchemaMissing, WriteRefused, ConfigError) as exc:
+            # Retrying will not help: no schema, no right to write, or filters every pass would refuse.
             return self._failed(exc, fatal=True)
-        except ConfigError as exc:  # not an outage: every pass would be refused the same way
-            return self._failed(exc, fatal=True, refused=True)
         except (AuditctlError, SQLAlchemyError) as exc:
             # SQLAlchemyError: a pool or driver failure that reached us untranslated is trouble
             # reaching the database all the same; the monitor reports it and retries.

@@ -42,7 +42,7 @@ from .rules import (
     Filters, GoneInstances, Verdict, find_stuck, fixed_moments, gone_instances, isolate, make_filters, select_stuck,
     stuck_ids,
 )
-from .schema import FAILED, PENDING, RUNNING, Document, audits
+from .schema import ERROR_LIMIT, FAILED, PENDING, RUNNING, Document, audits
 from .textsafe import printable
 from .thresholds import RECOVERY_REASONS, Policy, Thresholds
 from .timestamps import as_datetime, isoformat_z
@@ -196,7 +196,7 @@ def _recovery_params(verdict: Verdict, *, requeue: bool, max_attempts: int, acto
         "b_lease": verdict.lease,
         "v_recovery_info": info,
         "v_recovery_reasons": ",".join(reasons),
-        "v_error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:2000],
+        "v_error": f"recovered ({', '.join(reasons)}): {'; '.join(sentences)}"[:ERROR_LIMIT],
     }
     event = {
         "audit_id": verdict.id,
@@ -420,6 +420,12 @@ def committed_before(error: BaseException):
     of the batches done, and those that needed an operator), or None when nothing had been."""
     done = getattr(error, "done", None)
     return done if done is not None and (done or getattr(done, "skipped", None)) else None
+
+
+def stopped_partway(what: str, which: str) -> str:
+    """What every face says after a change in batches stopped partway (``until_stopped``)."""
+    return (f"the audits {which} were {what} (their batches committed); the others were not reached and "
+            "are unchanged")
 
 
 def until_stopped(change: Callable[[], list]) -> tuple[list, AuditctlError | None]:
@@ -734,6 +740,11 @@ class ResetPlan:
     @property
     def total(self) -> int:
         return len(self.ids) + len(self.stuck)
+
+    def left_alone(self, done: "ResetResult", stopped: BaseException | None) -> int:
+        """The audits counted here that ``done`` (what ``reset_all`` did) left alone because they changed
+        meanwhile. None when an error stopped it: the audits it did not change were never reached."""
+        return self.total - len(done) - len(done.skipped) if stopped is None else 0
 
 
 def plan_reset(engine: Engine, filters: ResetFilters) -> ResetPlan:

@@ -111,8 +111,8 @@ def make_filters(filters: Filters | None = None, *, worker: str | None = None, r
 #: one bit per rule that fired (in ``RULE_REASONS`` order) and ``_FUTURE_BIT`` for a heartbeat
 #: in the future: one small integer instead of five columns.
 _COLUMNS = ("id", "target", "worker_id", "worker_instance", "lease", "attempts", "kind", "started_at",
-            "heartbeat_at", "progress_fields", "progress", "max_age_seconds", "declared_stale_after", "declared_stall_after",
-            "declared_max_age", "rules", "age_seconds", "silence_seconds", "stalled_seconds")
+            "heartbeat_at", "progress_fields", "progress", "max_age_seconds", "declared_stale_after",
+            "declared_stall_after", "declared_max_age", "rules", "age_seconds", "silence_seconds", "stalled_seconds")
 _FUTURE_BIT = 1 << len(RULE_REASONS)
 _RULE_MASK = _FUTURE_BIT - 1
 #: The reasons for each combination of rule bits, worked out once.
@@ -207,7 +207,10 @@ class Verdict:
     def progress(self):
         if self._progress is None:
             fields, whole = self.row[_AT["progress_fields"]], self.row[_AT["progress"]]
-            if fields is not None and (whole is None or (isinstance(whole, str) and documents.read_alike_by_sqlite(whole))):
+            # ``whole`` is None when PostgreSQL judged the document usual; SQLite always sends it.
+            usual = fields is not None and (whole is None or (isinstance(whole, str)
+                                                              and documents.read_alike_by_sqlite(whole)))
+            if usual:
                 self._progress = read_progress_fields(documents.load(fields))
             else:
                 self._progress = read_progress(documents.load(whole))
@@ -418,7 +421,8 @@ class _Dialect:
                     f"(CASE WHEN {usual} THEN NULL ELSE CAST(a.progress AS text) END)"]
         # json_valid first: the other JSON functions fail the whole statement on malformed text.
         # A BLOB is left to Python: SQLite 3.45 and later read one as its binary JSONB.
-        usual = "(typeof(a.progress) = 'text' AND json_valid(a.progress) AND json_type(a.progress, '$.progress') = 'object')"
+        usual = ("(typeof(a.progress) = 'text' AND json_valid(a.progress) "
+                 "AND json_type(a.progress, '$.progress') = 'object')")
         paths = ", ".join(f"'$.progress.{name}'" for name in PROGRESS_FIELDS)
         return [f"(CASE WHEN {usual} THEN json_extract(a.progress, {paths}) END)", "a.progress"]
 

@@ -84,6 +84,9 @@ class Document(types.TypeDecorator):
 
 Id = BigInteger().with_variant(Integer, "sqlite")
 
+#: The longest text auditctl stores in an audit's ``error``: a run's exception, a recovery's explanation.
+ERROR_LIMIT = 2000
+
 metadata = MetaData()
 
 audits = Table(
@@ -95,7 +98,7 @@ audits = Table(
     Column("progress", Document),
     Column("last_worker_update", Timestamp),
     Column("recovery_info", Document),
-    Column("error", Text),
+    Column("error", Text),  # at most ERROR_LIMIT characters
     Column("created_at", Timestamp, nullable=False),
     Column("started_at", Timestamp),
     Column("finished_at", Timestamp),

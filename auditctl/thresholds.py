@@ -368,12 +368,11 @@ class Policy:
         against the fleet's ``max_age`` (or --max-age). Only a contradiction the kind's own value takes
         part in is the kind's: the fleet's and the flags' among themselves are checked where they are
         given (``Thresholds.parse``, the commands' options), and a value a flag replaces is not in force."""
-        for kind, values in self.kinds:
+        for kind, _values in self.kinds:
             in_force = {}
             for name in ("stale_after", "max_age", "stall_after"):
-                flag, own = getattr(self.override, name), getattr(values, name, None)
-                in_force[name] = ((flag, FLAG) if flag is not None else (own, KIND) if own is not None
-                                  else (getattr(self.fleet, name), FLEET))
+                value, source = self.resolve(name, kind=kind)
+                in_force[name] = (value, source.partition(" ")[0])  # "kind crawl": the origin alone
             max_age, max_age_source = in_force["max_age"]
             for name, what in _BOUNDED_BY_MAX_AGE:
                 value, source = in_force[name]

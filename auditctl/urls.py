@@ -21,11 +21,10 @@ MASK = "***"
 #: A scheme's ``://``, tried only where a run of scheme characters begins (so a long run with no
 #: ``://``, a hex or base64 body in an error message, is read once, not once per character).
 _SCHEME = re.compile(r"(?<![A-Za-z0-9+.\-])[0-9+.\-]*[A-Za-z][A-Za-z0-9+.\-]*://")
-#: What may follow the ``@`` that ends the user information: a host, a port, an IPv6 literal, or
-#: several of them separated by commas (libpq's multi-host form ``h1:5432,h2:5433``).
-_HOST_LIKE = re.compile(r"[\w.\-\[\]:%,]*")
 _HOST_PART = re.compile(r"[^/?#]*")
-#: What follows an '@' is host-like up to the path, query or fragment (or the end).
+#: What may follow the ``@`` that ends the user information, up to the path, query or fragment (or
+#: the end): a host, a port, an IPv6 literal, or several of them separated by commas (libpq's
+#: multi-host form ``h1:5432,h2:5433``).
 _HOST_AFTER_AT = re.compile(r"[\w.\-\[\]:%,]*(?=[/?#]|\Z)")
 #: Query parameters that hold secrets (libpq: password, sslpassword; common API forms too). The value
 #: runs to the next '&': a database URL has no fragment, and SQLAlchemy reads ``?password=ab#cd`` as ``ab#cd``.

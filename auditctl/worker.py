@@ -54,7 +54,7 @@ from .migrate import explained, upgrade
 from .monitor import Monitor
 from .progress import OWN_FIELDS, clean_report, derive_percentage, signature
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, committed_before, recover_audits, recover_worker_leftovers
-from .schema import audits
+from .schema import ERROR_LIMIT, audits
 from .textsafe import printable
 from .urls import mask_url
 from .watchdog import CALL_GRACE
@@ -140,10 +140,6 @@ class PassTurns:
 
 _PASS_TURNS = PassTurns()
 os.register_at_fork(after_in_child=_PASS_TURNS.__init__)  # a lock held at the fork stays held
-
-
-#: The longest error text an audit keeps.
-ERROR_LIMIT = 2000
 
 
 def stored_error(error: BaseException) -> str:
@@ -725,7 +721,9 @@ class StuckAuditPrevention:
     # --- lifecycle --------------------------------------------------------------------
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the heartbeat and monitor threads (joins them) and mark this instance stopped.
+        """Stop the heartbeat and monitor threads (joins them) and mark this instance stopped: at
+        once when no ``run`` block is under way, else when the last one ends (until then its
+        audits are still this live instance's, not a gone worker's).
 
         In a child forked from the guard's process it does nothing: the threads and the worker
         instance are the parent's, which goes on running."""

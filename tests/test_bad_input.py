@@ -8,6 +8,8 @@ unreachable databases fail with one clear error that never shows a password.
 
 from __future__ import annotations
 
+import os
+
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -433,6 +435,16 @@ def test_invalid_durations_and_thresholds_are_a_clear_config_error_before_touchi
         StuckAuditPrevention(database_url, worker_id="w", **settings)
     assert message in str(caught.value)
     assert worker_rows(engine) == []  # nothing registered, nothing written
+
+
+@pytest.mark.parametrize("name", ["\udcff.db", "a\x00b.db"], ids=["not UTF-8", "NUL"])
+def test_a_guard_given_a_database_url_no_file_can_be_named_by_says_so_and_creates_nothing(tmp_path, monkeypatch, name):
+    """What the commands refuse as a usage error, the library refuses too: SQLite would otherwise
+    create a file under a mangled name (a worker's URL from an environment that was not UTF-8)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="the database URL: "):
+        StuckAuditPrevention(f"sqlite:///{name}", worker_id="w")
+    assert os.listdir(tmp_path) == []
 
 
 def test_text_no_database_can_hold_and_ids_no_column_can_hold_are_clear_errors(engine, database_url):

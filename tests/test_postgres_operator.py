@@ -123,10 +123,12 @@ def test_init_upgrades_auditctls_tables_where_they_are_when_a_schema_is_made_fir
     later = with_search_path(blank_database_url, "ac3,public")
     result = run("init", "--database-url", later)
     assert result.exit_code == 0, result.output
+    assert f"Schema upgraded at revision {head_revision()}" in result.output
     assert tables(theirs, "ac3") == [], "nothing created first on the path"
     with theirs.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM public.alembic_version")).scalar() == head_revision()
-    assert run("init", "--database-url", later).exit_code == 0
+    again = run("init", "--database-url", later)
+    assert again.exit_code == 0 and f"Schema already at revision {head_revision()}" in again.output, again.output
     listed = run("list", "-o", "json", "--database-url", later)
     assert listed.exit_code == 0 and [r["target"] for r in json.loads(listed.stdout)] == ["https://a.example"]
 

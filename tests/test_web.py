@@ -179,24 +179,29 @@ def test_api_actions_answer_500_naming_the_audits_the_database_refused_and_list_
 @pytest.mark.parametrize("engine_name", ["postgresql"])
 def test_api_actions_stopped_partway_answer_503_listing_what_their_committed_batches_did(demo_url, demo):
     """An outage after the first batch of 500 (a trigger raising SQLSTATE 57P01, an administrator's
-    shutdown): the answer names the error and lists the audits that were changed, not the error alone."""
+    shutdown): the answer names the error, lists the audits that were changed and names the one that
+    needs an operator, not the error alone."""
     from dbtools import drop_trigger, install_abort_trigger, make_running
 
     make_running(demo, 600)
     stuck = sorted(r["id"] for r in cli_json(demo_url, "scan", "-o", "json"))
     install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'failed' AND NEW.id > {stuck[499]}", errcode="57P01")
+    install_abort_trigger(demo, "refuse_one", when_pg=f"NEW.status = 'failed' AND NEW.id = {stuck[0]}")
     with running_dashboard(demo_url) as server:
         recovered = server.post("/api/recover", json_body={}, headers=BEARER)
         drop_trigger(demo, "outage")
+        drop_trigger(demo, "refuse_one")
         assert server.post("/api/recover", json_body={}, headers=BEARER).status == 200  # the rest, now
         failed = sorted(i for i, s in statuses(demo).items() if s == "failed")
         install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'pending' AND NEW.id > {failed[499]}",
                               errcode="57P01")
         reset = server.post("/api/reset-all", json_body={}, headers=BEARER)
-    for answer, key, expected in ((recovered, "recovered", stuck[:500]), (reset, "reset", failed[:500])):
+    for answer, key, expected in ((recovered, "recovered", stuck[1:500]), (reset, "reset", failed[:500])):
         body = answer.json()
         assert answer.status == 503 and body["error"].startswith("stopped partway by an error: "), body.get("error")
         assert sorted(r["id"] for r in body[key]) == expected
+    # the audit its first batch could not recover is named too, not only what committed
+    assert f"1 audits could not be recovered and need an operator: {stuck[0]} (" in recovered.json()["error"]
     assert sum(1 for s in statuses(demo).values() if s == "pending") >= 500
 
 

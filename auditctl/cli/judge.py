@@ -238,8 +238,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
         finish()
     if fmt is not None or len(done) <= 20:  # a long listing only when asked for by its format
         render((reset_record(r, False) for r in done), RESET_COLUMNS, fmt, title="Reset")
-    # Stopped partway, the audits not counted were never reached: not "changed meanwhile".
-    left_alone = total - len(done) - len(done.skipped) if stopped is None else 0
+    left_alone = plan.left_alone(done, stopped)
     echo_status(state, f"Reset {_plural(len(done), 'audit')} to pending"
                 + (f"; {left_alone} changed meanwhile and were left alone" if left_alone > 0 else "") + ".", force=True)
     if assume_yes:  # nobody saw the summary: say what the reset limit held back (not an error: exit 0)
@@ -254,10 +253,11 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
 
 
 def _say_stopped(state, stopped: AuditctlError | None) -> None:
+    from ..recovery import stopped_partway
+
     if stopped is not None:
-        echo_status(state, "Stopped partway by the error below: the audits counted above were changed (their "
-                           "batches committed); the others were not reached and are unchanged: run it again.",
-                    force=True)
+        echo_status(state, f"Stopped partway by the error below: {stopped_partway('changed', 'counted above')}: "
+                           "run it again.", force=True)
         raise stopped
 
 

@@ -200,13 +200,9 @@ def _check_database_url(ctx: click.Context, database_url: str) -> None:
     ``init`` would create a file by that name and every other command refuse it."""
     from ..values import storable_text
 
-    source = ctx.get_parameter_source("database_url")
-    if ctx.find_root().meta.get("auditctl.database_url") is not None or source == ParameterSource.COMMANDLINE:
-        where = "--database-url"
-    elif source == ParameterSource.ENVIRONMENT:
-        where = f"--database-url (from ${SETTINGS['database_url'].envvar})"
-    else:
-        where = given_as("database_url")
+    # Given before the command, on the group: the flag (the command's own context knows nothing of it).
+    given_first = ctx.find_root().meta.get("auditctl.database_url") is not None
+    where = "--database-url" if given_first else given_as("database_url", ctx)
     try:
         storable_text(where, database_url)
     except ConfigError as error:
@@ -286,10 +282,10 @@ def check_bounds(state: CliState, policy, allow_unsafe: bool, filters=None) -> N
         raise click.UsageError(str(error)) from None
 
 
-def given_as(name: str) -> str:
+def given_as(name: str, ctx: click.Context | None = None) -> str:
     """How the operator gave a setting, for a message: its flag, its variable, or its key in the file."""
     option = "--" + name.replace("_", "-")
-    ctx = click.get_current_context(silent=True)
+    ctx = ctx if ctx is not None else click.get_current_context(silent=True)
     source = ctx.get_parameter_source(name) if ctx is not None else None
     if source == ParameterSource.ENVIRONMENT and name in SETTINGS:
         return f"{option} (${SETTINGS[name].envvar})"

@@ -141,10 +141,11 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     if result is not None and result.fatal:
         from ..errors import ConfigError, SchemaMissing, WriteRefused
 
-        if result.refused:
-            raise ConfigError(result.error)  # exit 2: the filters, not the database
-        if result.error_type is not None and issubclass(result.error_type, WriteRefused):
-            raise WriteRefused(result.error)  # exit 1: the role may not write, as it said
+        # ConfigError: exit 2, the filters refused (a since/until window that turned backwards as time
+        # went on), not the database. WriteRefused: exit 1, the role may not write, as it said.
+        for kind in (ConfigError, WriteRefused):
+            if result.error_type is not None and issubclass(result.error_type, kind):
+                raise kind(result.error)
         raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see group._explain_and_fail)
     if isinstance(view, LogView) and view.output_error is not None:
         raise view.output_error  # one line, exit 1 (group.main): the passes ran, the output did not

@@ -226,18 +226,25 @@ async def _action(request: Request, work) -> Response:
         return _action_error(problem, d)
 
 
-def _stopped(records: list, message: str, what: str, key: str) -> Response:
-    return json_response({"error": f"stopped partway by an error: {message}; the audits listed were {what} (their "
-                                   "batches committed), the others were not reached and are unchanged: try again",
-                          key: records}, 503)
+def _stopped(records: list, skipped: list, message: str, what: str, key: str) -> Response:
+    """503 after an action stopped partway: what its committed batches did, and the audits that need an operator."""
+    from ..recovery import stopped_partway
+
+    error = f"stopped partway by an error: {message}; {stopped_partway(what, 'listed')}: try again"
+    if skipped:
+        error += f"; {_need_operator(skipped, what)}"
+    return json_response({"error": error, key: records}, 503)
+
+
+def _need_operator(skipped: list, what: str) -> str:
+    listing = "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])
+    return f"{len(skipped)} audits could not be {what} and need an operator: {listing}"
 
 
 def _done(records: list, skipped: list, what: str, key: str) -> Response:
     """The records of what an action changed; 500 with the audits that need an operator, if any."""
     if skipped:
-        listing = "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])
-        return json_response({"error": f"{len(skipped)} audits could not be {what} and need an operator: {listing}",
-                              key: records}, 500)
+        return json_response({"error": _need_operator(skipped, what), key: records}, 500)
     return json_response(records)
 
 
@@ -252,7 +259,8 @@ async def recover(request: Request):
         done, stopped = await run_in_threadpool(until_stopped, lambda: d.recover(
             user, filters, requeue=requeue, max_attempts=max_attempts, dry_run=dry_run))
         if stopped is not None:
-            return _stopped([recovery_record(r, dry_run) for r in done], d.safe_message(stopped), "recovered", "recovered")
+            return _stopped([recovery_record(r, dry_run) for r in done], done.skipped, d.safe_message(stopped), "recovered",
+                            "recovered")
         return _done([recovery_record(r, dry_run) for r in done], done.skipped, "recovered", "recovered")
 
     return await _action(request, work)
@@ -272,7 +280,7 @@ async def reset_all(request: Request):
             return json_response(listing)
         done, stopped = await run_in_threadpool(until_stopped, lambda: d.reset(user, plan))
         if stopped is not None:
-            return _stopped([reset_record(r, False) for r in done], d.safe_message(stopped), "reset", "reset")
+            return _stopped([reset_record(r, False) for r in done], done.skipped, d.safe_message(stopped), "reset", "reset")
         return _done([reset_record(r, False) for r in done], done.skipped, "reset", "reset")
 
     return await _action(request, work)

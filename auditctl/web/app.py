@@ -583,7 +583,7 @@ async def reset_confirm(request: Request):
         done, stopped = await run_in_threadpool(until_stopped, lambda: d.reset(session.user, plan))
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
         return _action_error(request, error, d)
-    left_alone = plan.total - len(done) - len(done.skipped) if stopped is None else 0
+    left_alone = plan.left_alone(done, stopped)
     log.info("dashboard %s reset %d audits to pending", session.user, len(done))
     return _panel(request, 200 if stopped is None else 503,
                   views.reset_result([reset_record(r, False) for r in done], left_alone, done.skipped,

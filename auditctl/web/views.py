@@ -557,8 +557,10 @@ def reset_result(records: list[dict], left_alone: int, skipped, stopped: str | N
     text += f"; {left_alone} changed meanwhile and {'was' if left_alone == 1 else 'were'} left alone." if left_alone > 0 else "."
     body = message("ok", e(text))
     if stopped is not None:
-        body += message("error", e(f"Stopped partway by an error: {stopped}. The audits listed were reset; the others "
-                                   "were not reached and are unchanged: press Reset All Audits again."))
+        from ..recovery import stopped_partway
+
+        body += message("error", e(f"Stopped partway by an error: {stopped}; {stopped_partway('reset', 'listed')}: "
+                                   "press Reset All Audits again."))
     if skipped:
         body += message("error", e(f"{plural(len(skipped), 'audit')} could not be reset and need an operator: "
                                    + ", ".join(str(s.id) for s in skipped[:20])))
