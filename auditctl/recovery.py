@@ -11,10 +11,9 @@ writer (``BEGIN IMMEDIATE``), which serialises them.
 
 Big operations work in batches of ``DEFAULT_BATCH`` audits, each batch atomic: a crash or
 Ctrl-C between batches leaves every audit either fully changed (with its history row) or
-untouched, and the bind-parameter count stays bounded. On SQLite a batch holds the write lock
-for 0.2-0.25 s (measured with realistic progress documents), then leaves it
-free until every writer that waited meanwhile has woken and taken it (``lock_handover_pause``),
-so workers keep beating through a reset of 150,000 audits.
+untouched, and the bind-parameter count stays bounded. On SQLite batches take turns with the
+workers for the write lock (``lockturns``), so workers keep beating through a reset of 150,000
+audits.
 A batch the database refuses is retried in halves, so one row another tool made
 unwritable cannot hold back the others; that row is reported as needing an operator.
 """
@@ -22,7 +21,6 @@ unwritable cannot hold back the others; that row is reported as needing an opera
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Callable
@@ -38,6 +36,7 @@ from .db import fetch_now, id_in, is_postgres, moments, read_connection, stored_
 from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted, WriteRefused
 from .gcpause import paused_collector
 from .history import Actor
+from .lockturns import LockTurns
 from .rules import (
     Filters, GoneInstances, Verdict, find_stuck, fixed_moments, gone_instances, isolate, make_filters, select_stuck,
     stuck_ids,
@@ -368,30 +367,6 @@ def _not_running_pg(element, compiler, **kw):
             f"THEN jsonb_set({name}, '{{progress,is_running}}', 'false'::jsonb) ELSE {name} END")
 
 
-#: The sleeps of SQLite's busy handler between tries for a lock, in order, then the last one
-#: again and again (``sqliteDefaultBusyCallback`` in SQLite's main.c; Python's ``timeout`` and
-#: auditctl's ``PRAGMA busy_timeout`` use it).
-SQLITE_BUSY_SLEEPS = (0.001, 0.002, 0.005, 0.010, 0.015, 0.020, 0.025, 0.025, 0.025, 0.050, 0.050, 0.100)
-#: Beyond its sleep, time for a woken writer to be scheduled and take the lock.
-_WAKE_MARGIN = 0.010
-
-
-def lock_handover_pause(held: float) -> float:
-    """How long to leave SQLite's write lock free after holding it ``held`` seconds, so that every
-    writer that waited meanwhile wakes and takes it before this one begins again.
-
-    A writer that began waiting when the lock was taken has slept through the busy handler's
-    schedule for ``held`` seconds; the sleep it is in then is the longest any waiter can still
-    be in (the schedule never shortens), so it wakes within that sleep. A batch holding the lock
-    0.2 s leaves it free 60 ms; a flat 0.1 s made recovering 10,000 audits take about 10% longer."""
-    elapsed = 0.0
-    for sleep in SQLITE_BUSY_SLEEPS:
-        if held < elapsed + sleep:
-            return sleep + _WAKE_MARGIN
-        elapsed += sleep
-    return SQLITE_BUSY_SLEEPS[-1] + _WAKE_MARGIN
-
-
 def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[[Connection, list[int]], list],
                 result: list, *, on_batch: Callable[[int, int], None] | None = None, describe: str) -> None:
     """Run ``apply`` over ``ids`` batch by batch, each in its own transaction.
@@ -445,18 +420,17 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
                  result: list, *, on_batch: Callable[[int, int], None] | None, describe: str) -> None:
     queue = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
     handled = 0
-    sqlite = engine.dialect.name == "sqlite"
+    turns = LockTurns() if engine.dialect.name == "sqlite" else None
     while queue:
         batch = queue.pop(0)
         try:
-            started = time.monotonic()
             with write_transaction(engine) as connection:
+                if turns is not None:
+                    turns.batch_began(connection)
                 done = apply(connection, batch)
             result.extend(done)  # committed: only now does it count
-            if sqlite and queue:
-                # SQLite's lock is not fair: a writer that begins again at once keeps winning it from
-                # workers asleep in their busy handler. Leave it free until every one of them has woken.
-                time.sleep(lock_handover_pause(time.monotonic() - started))
+            if turns is not None and queue:
+                turns.batch_committed()
         except WriteRefused:
             raise  # no batch, however small, would fare better
         except (DatabaseRefused, ConcurrentChange, ValueError, TypeError, OverflowError, RecursionError) as error:

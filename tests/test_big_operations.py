@@ -134,7 +134,7 @@ def test_the_pause_after_a_batch_outlasts_the_busy_handler_sleep_of_every_writer
     """Simulated: a writer that began waiting w seconds before the commit sleeps through SQLite's
     schedule of sleeps; it tries again at the end of the sleep it is in. The pause must reach that
     try for every w up to the time the lock was held, and waste little beyond the longest."""
-    from auditctl.recovery import SQLITE_BUSY_SLEEPS, lock_handover_pause
+    from auditctl.lockturns import SQLITE_BUSY_SLEEPS, lock_handover_pause
 
     def next_try_after(waited: float) -> float:
         tried = 0.0
@@ -158,7 +158,7 @@ def test_the_pause_after_a_batch_lets_a_writer_asleep_in_its_busy_handler_take_t
     import sqlite3
     import threading
 
-    from auditctl.recovery import lock_handover_pause
+    from auditctl.lockturns import lock_handover_pause
 
     path = tmp_path / "lock.db"
     setup = sqlite3.connect(path, isolation_level=None)
@@ -196,3 +196,116 @@ def test_the_pause_after_a_batch_lets_a_writer_asleep_in_its_busy_handler_take_t
         if orders[-1] == ["worker", "next batch"]:
             return
     pytest.fail(f"the next batch took the lock before the waiting worker every time: {orders}")
+
+
+# --- turns at SQLite's write lock between batches (auditctl.lockturns) --------------------------
+
+
+BATCH_HOLD = 0.04  # each batch below holds the write lock this long
+
+
+def run_batches(engine, batches: int) -> list:
+    """A change of ``batches`` batches through the seam recover and reset use, each writing one row."""
+    from auditctl.recovery import ResetResult, _in_batches
+
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE IF NOT EXISTS turns (who TEXT)"))
+
+    def apply(connection, batch):
+        connection.execute(text("INSERT INTO turns VALUES ('batch')"))
+        time.sleep(BATCH_HOLD)
+        return batch
+
+    result = ResetResult()
+    _in_batches(engine, list(range(batches)), 1, apply, result, describe="reset")
+    return result
+
+
+def pauses_logged(caplog) -> int:
+    return sum(1 for record in caplog.records if record.getMessage().startswith("left the write lock free"))
+
+
+def sqlite_path(database_url: str) -> str:
+    return database_url.split(":///", 1)[1]
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_long_change_nobody_else_writes_during_leaves_the_lock_free_only_every_solo_hold(engine, caplog):
+    from auditctl.lockturns import SOLO_HOLD
+
+    caplog.set_level("DEBUG", logger="auditctl.recovery")
+    batches = 30
+    assert len(run_batches(engine, batches)) == batches
+    # The first pause learns that nobody waited; then one each time the lock was held SOLO_HOLD.
+    most = 1 + int(batches * BATCH_HOLD * 2 / SOLO_HOLD)  # twice the hold: a slow machine's batches
+    assert 2 <= pauses_logged(caplog) <= most, caplog.text
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_writer_using_its_turns_gets_one_after_every_batch(engine, database_url, caplog):
+    import sqlite3
+    import threading
+
+    caplog.set_level("DEBUG", logger="auditctl.recovery")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE turns (who TEXT)"))
+    done = threading.Event()
+    failures = []
+
+    def keep_writing():
+        writer = sqlite3.connect(sqlite_path(database_url), isolation_level=None, timeout=2.0, check_same_thread=False)
+        try:
+            while not done.is_set():
+                writer.execute("INSERT INTO turns VALUES ('worker')")
+                time.sleep(0.01)
+        except sqlite3.Error as error:
+            failures.append(error)
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=keep_writing)
+    thread.start()
+    try:
+        batches = 15
+        run_batches(engine, batches)
+    finally:
+        done.set()
+        thread.join(10)
+    assert not failures
+    # A pause the writer woke too late for (a loaded machine) costs the next one; no more.
+    assert pauses_logged(caplog) >= batches - 3, caplog.text
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_writer_arriving_while_nobody_else_writes_gets_its_turn_within_a_workers_lock_wait(engine, database_url):
+    """Without the pause every SOLO_HOLD, the writer would wait for the whole change (3 s and more)
+    and fail after the 2 s a worker waits for the lock."""
+    import sqlite3
+    import threading
+
+    from auditctl.db import WORKER_LOCK_WAIT
+
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE turns (who TEXT)"))
+    failures = []
+
+    def write_once():
+        time.sleep(0.3)  # past the first pause, which found nobody waiting
+        writer = sqlite3.connect(sqlite_path(database_url), isolation_level=None, timeout=WORKER_LOCK_WAIT,
+                                 check_same_thread=False)
+        try:
+            writer.execute("INSERT INTO turns VALUES ('worker')")
+        except sqlite3.Error as error:
+            failures.append(error)
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=write_once)
+    thread.start()
+    batches = 80
+    run_batches(engine, batches)
+    thread.join(10)
+    assert not failures
+    with engine.connect() as connection:
+        order = [who for (who,) in connection.execute(text("SELECT who FROM turns ORDER BY rowid"))]
+    assert order.count("batch") == batches and order.index("worker") < batches - 10, order
