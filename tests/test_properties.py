@@ -579,6 +579,27 @@ def test_documents_load_never_raises_and_gives_strict_shallow_json_or_not_json(r
     assert _strict_json(documents.dumps(value)) == value
 
 
+def _outcome(decode, text):
+    try:
+        return "value", decode(text)
+    except ValueError:
+        return "refused", None
+    except RecursionError:
+        return "too deep", None
+
+
+@given(st.one_of(document_texts, st.text(alphabet='[]{}",:0123456789 .eE-+ntrufals', max_size=40).map(lambda t: f"[{t}]"),
+                 st.text(alphabet='[]{}",:0123456789 .eE-+ntrufals', max_size=40).map(lambda t: f"{{{t}}}")))
+@example("[1] [2]")
+@example("[1]]")
+@example("{}{}")
+@example('["a", 1e400]')
+@example(" [1]")
+@example("[1] ")
+def test_the_decoders_shortcut_accepts_and_refuses_exactly_what_the_decoder_does(text):
+    assert _outcome(documents._decode, text) == _outcome(documents._DECODER.decode, text)
+
+
 @given(json_values)
 def test_documents_load_reads_json_text_back_exactly(value):
     assert documents.load(json.dumps(value)) == value

@@ -148,6 +148,36 @@ def test_history_rows_are_stored_alike_whether_written_one_or_many_at_a_time(eng
     assert [e["measurements"] for e in events(engine)] == [{"age_seconds": 1.5}, None, None]
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("requeue", [False, True])
+def test_a_recovery_on_sqlite_stores_its_times_in_the_canonical_form_and_its_documents_as_json(engine, start_audit,
+                                                                                              backdate, requeue):
+    """The batch goes through the driver with values converted by auditctl, not by the columns' types:
+    they must land as the types would have stored them."""
+    import re
+
+    from sqlalchemy import text
+
+    canonical = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}")
+    audit_id, _lease = start_audit()
+    make_stale(backdate, audit_id)
+    (recovery,) = recover_stuck(engine, T, actor=OPERATOR, requeue=requeue)
+    with read_connection(engine) as connection:
+        finished, odd, info_type, info, lease, worker = connection.execute(text(
+            "SELECT finished_at, odd_times, typeof(recovery_info), recovery_info, lease, worker_id FROM audits WHERE id = :id"),
+            {"id": audit_id}).one()
+        at, details_type, details, measurements = connection.execute(text(
+            "SELECT at, typeof(details), details, measurements FROM audit_events WHERE audit_id = :id "
+            "AND event IN ('recovered', 'requeued')"), {"id": audit_id}).one()
+    assert canonical.fullmatch(at) and odd == 0 and lease is None
+    assert (finished, worker) == (None, None) if requeue else canonical.fullmatch(finished) and finished == at
+    assert (info_type, details_type) == ("text", "text")
+    assert json.loads(info)["reasons"] == recovery.reasons == ["stale_heartbeat"]
+    assert json.loads(info)["original_status"]["id"] == audit_id
+    assert json.loads(details)["explanation"] == recovery.explanation
+    assert json.loads(measurements) == recovery.measurements
+
+
 def test_every_batch_sends_the_same_statements_whatever_its_size(engine):
     """Recovery's UPDATE and its history INSERT carry the batch as parameters (one JSON document on
     PostgreSQL, executemany on SQLite): a batch of 3 and a batch of 40 send the same SQL text, and
