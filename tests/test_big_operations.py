@@ -208,8 +208,7 @@ def run_batches(engine, batches: int) -> list:
     """A change of ``batches`` batches through the seam recover and reset use, each writing one row."""
     from auditctl.recovery import ResetResult, _in_batches
 
-    with engine.begin() as connection:
-        connection.execute(text("CREATE TABLE IF NOT EXISTS turns (who TEXT)"))
+    turns_table(engine)
 
     def apply(connection, batch):
         connection.execute(text("INSERT INTO turns VALUES ('batch')"))
@@ -225,8 +224,34 @@ def pauses_logged(caplog) -> int:
     return sum(1 for record in caplog.records if record.getMessage().startswith("left the write lock free"))
 
 
-def sqlite_path(database_url: str) -> str:
-    return database_url.split(":///", 1)[1]
+def turns_table(engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE IF NOT EXISTS turns (who TEXT)"))
+
+
+def writing_thread(database_url: str, write) -> tuple:
+    """A thread that runs ``write(connection)`` on its own sqlite3 connection, waiting for the lock as
+    long as a worker does; returns the started thread and the list its failure goes to."""
+    import sqlite3
+    import threading
+
+    from auditctl.db import WORKER_LOCK_WAIT
+
+    failures = []
+
+    def run():
+        writer = sqlite3.connect(database_url.split(":///", 1)[1], isolation_level=None, timeout=WORKER_LOCK_WAIT,
+                                 check_same_thread=False)
+        try:
+            write(writer)
+        except sqlite3.Error as error:
+            failures.append(error)
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, failures
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
@@ -243,28 +268,18 @@ def test_a_long_change_nobody_else_writes_during_leaves_the_lock_free_only_every
 
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 def test_a_writer_using_its_turns_gets_one_after_every_batch(engine, database_url, caplog):
-    import sqlite3
     import threading
 
     caplog.set_level("DEBUG", logger="auditctl.recovery")
-    with engine.begin() as connection:
-        connection.execute(text("CREATE TABLE turns (who TEXT)"))
+    turns_table(engine)
     done = threading.Event()
-    failures = []
 
-    def keep_writing():
-        writer = sqlite3.connect(sqlite_path(database_url), isolation_level=None, timeout=2.0, check_same_thread=False)
-        try:
-            while not done.is_set():
-                writer.execute("INSERT INTO turns VALUES ('worker')")
-                time.sleep(0.01)
-        except sqlite3.Error as error:
-            failures.append(error)
-        finally:
-            writer.close()
+    def keep_writing(writer):
+        while not done.is_set():
+            writer.execute("INSERT INTO turns VALUES ('worker')")
+            time.sleep(0.01)
 
-    thread = threading.Thread(target=keep_writing)
-    thread.start()
+    thread, failures = writing_thread(database_url, keep_writing)
     try:
         batches = 15
         run_batches(engine, batches)
@@ -280,28 +295,13 @@ def test_a_writer_using_its_turns_gets_one_after_every_batch(engine, database_ur
 def test_a_writer_arriving_while_nobody_else_writes_gets_its_turn_within_a_workers_lock_wait(engine, database_url):
     """Without the pause every SOLO_HOLD, the writer would wait for the whole change (3 s and more)
     and fail after the 2 s a worker waits for the lock."""
-    import sqlite3
-    import threading
+    turns_table(engine)
 
-    from auditctl.db import WORKER_LOCK_WAIT
-
-    with engine.begin() as connection:
-        connection.execute(text("CREATE TABLE turns (who TEXT)"))
-    failures = []
-
-    def write_once():
+    def write_once(writer):
         time.sleep(0.3)  # past the first pause, which found nobody waiting
-        writer = sqlite3.connect(sqlite_path(database_url), isolation_level=None, timeout=WORKER_LOCK_WAIT,
-                                 check_same_thread=False)
-        try:
-            writer.execute("INSERT INTO turns VALUES ('worker')")
-        except sqlite3.Error as error:
-            failures.append(error)
-        finally:
-            writer.close()
+        writer.execute("INSERT INTO turns VALUES ('worker')")
 
-    thread = threading.Thread(target=write_once)
-    thread.start()
+    thread, failures = writing_thread(database_url, write_once)
     batches = 80
     run_batches(engine, batches)
     thread.join(10)
