@@ -22,7 +22,7 @@ import time
 
 from sqlalchemy.engine import Connection
 
-log = logging.getLogger("auditctl.recovery")
+log = logging.getLogger("auditctl.recovery")  # its pauses belong to the recovery's or reset's log
 
 #: The sleeps of SQLite's busy handler between tries for a lock, in order, then the last one
 #: again and again (``sqliteDefaultBusyCallback`` in SQLite's main.c; Python's ``timeout`` and
