@@ -16,7 +16,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from .db import read_connection
 from .schema import audit_events
-from .timestamps import as_datetime
+from .documents import dumps_strict
+from .timestamps import as_datetime, to_storage
 from .values import safe_int, text_value
 
 RECOVERED = "recovered"
@@ -65,28 +66,53 @@ def record(connection: Connection, rows: list[dict], actor: Actor, now) -> None:
     """Insert history rows (each: audit_id, event, from_status, to_status, reasons, measurements, details)."""
     if not rows:
         return
-    if connection.dialect.name == "postgresql" and len(rows) > 1:
-        _record_as_one_parameter(connection, rows, actor, now)
+    if connection.dialect.name == "postgresql":
+        if len(rows) > 1:
+            _record_as_one_parameter(connection, rows, actor, now)
+        else:
+            connection.execute(audit_events.insert(), [_row_values(row, actor, now) for row in rows])
         return
-    connection.execute(
-        audit_events.insert(),
-        [
-            {
-                "audit_id": row["audit_id"],
-                "at": now,
-                "event": row["event"],
-                "from_status": row.get("from_status"),
-                "to_status": row.get("to_status"),
-                "reasons": ",".join(row.get("reasons") or []) or None,
-                "measurements": row.get("measurements"),
-                "actor": actor.name[:200],
-                "host": actor.host[:255],
-                "pid": actor.pid,
-                "details": row.get("details"),
-            }
-            for row in rows
-        ],
-    )
+    _record_through_driver(connection, rows, actor, now)
+
+
+def _row_values(row: dict, actor: Actor, now) -> dict:
+    return {
+        "audit_id": row["audit_id"],
+        "at": now,
+        "event": row["event"],
+        "from_status": row.get("from_status"),
+        "to_status": row.get("to_status"),
+        "reasons": ",".join(row.get("reasons") or []) or None,
+        "measurements": row.get("measurements"),
+        "actor": actor.name[:200],
+        "host": actor.host[:255],
+        "pid": actor.pid,
+        "details": row.get("details"),
+    }
+
+
+_COLUMNS = ("audit_id", "at", "event", "from_status", "to_status", "reasons", "measurements", "actor", "host", "pid",
+            "details")
+_SQLITE_INSERT = f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+
+
+def _record_through_driver(connection: Connection, rows: list[dict], actor: Actor, now) -> None:
+    """SQLite: the rows as tuples through the driver's ``executemany``, each value stored as its
+    column type stores it (``Timestamp``: canonical text; ``Document``: strict JSON text). SQLAlchemy's
+    processing of eleven parameters a row cost more than the insert itself (a recovery of 500: 13
+    against 8 ms)."""
+    at = to_storage(now)
+    name, host, pid = actor.name[:200], actor.host[:255], actor.pid
+
+    def document(value):
+        return None if value is None else dumps_strict(value)
+
+    connection.exec_driver_sql(_SQLITE_INSERT, [
+        (row["audit_id"], at, row["event"], row.get("from_status"), row.get("to_status"),
+         ",".join(row.get("reasons") or []) or None, document(row.get("measurements")), name, host, pid,
+         document(row.get("details")))
+        for row in rows
+    ])
 
 
 def _record_as_one_parameter(connection: Connection, rows: list[dict], actor: Actor, now) -> None:
@@ -96,14 +122,10 @@ def _record_as_one_parameter(connection: Connection, rows: list[dict], actor: Ac
     from sqlalchemy import BigInteger, Text, cast, column, func, insert, literal, literal_column
     from sqlalchemy.dialects.postgresql import JSONB
 
-    from .documents import dumps_strict
-
     batch = func.jsonb_to_recordset(cast(bindparam("rows", type_=Text), JSONB)).table_valued(
         column("audit_id", BigInteger), column("event", Text), column("from_status", Text), column("to_status", Text),
         column("reasons", Text), column("measurements", JSONB), column("details", JSONB),
     ).render_derived(name="r", with_types=True)
-    columns = ("audit_id", "at", "event", "from_status", "to_status", "reasons", "measurements", "actor", "host", "pid",
-               "details")
     source = select(
         batch.c.audit_id, literal(now, audit_events.c.at.type), batch.c.event, batch.c.from_status, batch.c.to_status,
         # A missing document is stored as JSON null, as the row-by-row insert stores it.
@@ -114,7 +136,7 @@ def _record_as_one_parameter(connection: Connection, rows: list[dict], actor: Ac
     payload = [{"audit_id": row["audit_id"], "event": row["event"], "from_status": row.get("from_status"),
                 "to_status": row.get("to_status"), "reasons": ",".join(row.get("reasons") or []) or None,
                 "measurements": row.get("measurements"), "details": row.get("details")} for row in rows]
-    connection.execute(insert(audit_events).from_select(list(columns), source), {"rows": dumps_strict(payload)})
+    connection.execute(insert(audit_events).from_select(list(_COLUMNS), source), {"rows": dumps_strict(payload)})
 
 
 def record_from_rows(connection: Connection, condition, *, event: str, from_status, to_status, reasons, details,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .documents import NotJSON
+from .documents import NotJSON, encode_strict
 from .timestamps import isoformat_z
 
 __all__ = ["MAX_DOCUMENT_BYTES", "MAX_COUNT", "MAX_STEP", "DocumentError", "NotJSON", "ProgressView", "build_document",
@@ -154,7 +154,7 @@ def build_document(
             progress.setdefault(str(key), value)
     document = {"progress": progress, "last_worker_update": stamp}
     try:
-        text = json.dumps(document, allow_nan=False)
+        text = encode_strict(document)
     except (TypeError, ValueError, RecursionError) as exc:
         raise DocumentError(f"progress document is not JSON-serialisable: {exc}") from exc
     size = len(text.encode("utf-8"))

@@ -148,6 +148,35 @@ def test_history_rows_are_stored_alike_whether_written_one_or_many_at_a_time(eng
     assert [e["measurements"] for e in events(engine)] == [{"age_seconds": 1.5}, None, None]
 
 
+def test_a_history_row_holding_what_json_cannot_is_stored_as_strict_json(engine):
+    """NaN, infinity and a datetime in a history row's documents are stored as text, whether the
+    row is written alone or in a batch: the write never fails, and the stored text is strict JSON
+    (SQLite would keep a bare NaN, which no strict reader accepts)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    from auditctl import history
+    from auditctl.db import fetch_now
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    odd = {"measurements": {"age_seconds": float("nan"), "silence_seconds": float("inf")},
+           "details": {"when": datetime(2026, 1, 2, tzinfo=timezone.utc)}}
+    with write_transaction(engine) as connection:
+        history.record(connection, [{"audit_id": 1, "event": "recovered", **odd},
+                                    {"audit_id": 2, "event": "recovered", **odd}], OPERATOR, fetch_now(connection))
+        history.record(connection, [{"audit_id": 3, "event": "recovered", **odd}], OPERATOR, fetch_now(connection))
+    with read_connection(engine) as connection:
+        stored = connection.execute(text("SELECT CAST(measurements AS text), CAST(details AS text) FROM audit_events "
+                                         "ORDER BY audit_id")).all()
+    assert len(stored) == 3
+    for measurements, details in stored:
+        assert json.loads(measurements, parse_constant=refuse) == {"age_seconds": "nan", "silence_seconds": "inf"}
+        assert json.loads(details, parse_constant=refuse)["when"].startswith("2026-01-02")
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("requeue", [False, True])
 def test_a_recovery_on_sqlite_stores_its_times_in_the_canonical_form_and_its_documents_as_json(engine, start_audit,

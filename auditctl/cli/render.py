@@ -372,11 +372,12 @@ def _render_markdown(rows: list[dict], columns: list[Column]) -> None:
 
 
 def _render_json(records: Iterable[dict], out) -> int:
+    encode = json.JSONEncoder(default=json_default, ensure_ascii=False).encode  # one encoder, not one per record
     count = 0
     out.write("[")
     for record in records:
         out.write(",\n  " if count else "\n  ")
-        out.write(json_safe_text(json.dumps(record, default=json_default, ensure_ascii=False)))
+        out.write(json_safe_text(encode(record)))
         count += 1
     out.write("\n]\n" if count else "]\n")
     out.flush()
