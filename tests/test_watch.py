@@ -503,6 +503,75 @@ def test_warnings_while_the_screen_is_up_go_to_its_header_not_over_it(tmp_path, 
         term.keys("C-c")
 
 
+def sqlite_demo(tmp_path: Path) -> tuple[str, Path]:
+    """A demo fleet in a SQLite file of its own: (its URL, its path)."""
+    path = tmp_path / "fleet.db"
+    result = invoke("demo", "--database-url", f"sqlite:///{path}")
+    assert result.exit_code == 0, result.output
+    return f"sqlite:///{path}", path
+
+
+def delete_sqlite_file(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_a_scrape_while_the_log_says_the_database_is_lost_warns_nothing_more(tmp_path):
+    """Only a read between passes has seen the outage (the next pass is an hour away): the log has
+    said the database is lost, so a scrape meanwhile answers database_up 0 and logs nothing."""
+    from webtools import free_port
+
+    url, path = sqlite_demo(tmp_path)
+    port = free_port()
+    process = subprocess.Popen([str(AUDITCTL), "watch", "--no-recover", "--interval", "1h", "--refresh", "0.2s",
+                                "--metrics-port", str(port), "--database-url", url],
+                               cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, seen = lines_of(process.stdout), []
+    try:
+        wait_line(lines, seen, lambda line: "stuck audit 14 " in line)  # the first pass is done
+        assert "auditctl_database_up 1.0" in scrape(port)
+        delete_sqlite_file(path)
+        wait_line(lines, seen, lambda line: "database lost" in line)
+        assert "auditctl_database_up 0.0" in scrape(port)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    errors = process.stderr.read()
+    assert "cannot read the database" not in errors, "the scrape repeated what the log says"
+    assert errors.endswith("watch stopped.\n"), errors
+
+
+@needs_tmux
+def test_a_scrape_while_the_screen_says_the_database_is_lost_adds_no_warning_to_it(tmp_path):
+    """As above, on the screen: its header says DATABASE LOST, and a scrape before the next pass
+    puts no second note about the same outage there."""
+    from webtools import free_port
+
+    url, path = sqlite_demo(tmp_path)
+    port = free_port()
+    with Terminal(tmp_path, width=120, height=30, env=clean_env(tmp_path)) as term:
+        term.run(str(AUDITCTL), "watch", "--no-recover", "--interval", "1h", "--refresh", "0.2s",
+                 "--metrics-port", str(port), "--database-url", url)
+        term.wait_for(lambda screen: "last pass" in screen and "not yet" not in screen, message="the first pass")
+        delete_sqlite_file(path)
+        term.wait_for(lambda screen: "DATABASE LOST" in screen, message="the outage in the header")
+        assert "auditctl_database_up 0.0" in scrape(port)
+        for _ in range(8):  # several refreshes of the screen, looked at as they come
+            shown = term.screen()
+            assert "cannot read the database" not in shown, f"the scrape repeated what the header says:\n{shown}"
+            time.sleep(0.25)
+        term.keys("C-c")
+
+
 @needs_tmux
 def test_the_screen_under_no_color_cuts_text_with_ascii_dots(tmp_path, demo):
     with Terminal(tmp_path, width=60, height=24, env=clean_env(tmp_path, NO_COLOR="1")) as term:

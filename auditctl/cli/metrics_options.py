@@ -88,6 +88,12 @@ class MetricsSink:
             else:
                 click.echo(f"warning: {printable(error)}", err=True)
 
+    def database_shown(self, readable: bool) -> None:
+        """The command has just shown whether the database can be read (``watch`` between passes):
+        while it shows it cannot, a scrape says ``database_up 0`` without a warning saying it again."""
+        if self.metrics is not None:
+            self.metrics.fleet.muted = not readable
+
     def command_failed(self) -> None:
         """The command ends on an error it reports in one line: the textfile written after it says
         ``database_up 0`` without a second line saying the same."""

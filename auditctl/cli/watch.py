@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import click
@@ -86,6 +87,9 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         metrics.warn = view.note  # the metrics file's trouble shown in the header, not over the screen
     else:
         view = LogView(state, once)
+    # The view says the database is lost the moment a read between passes finds it so: a scrape
+    # meanwhile says database_up 0 without a warning repeating it (as after a pass that failed).
+    view.on_read = metrics.database_shown
     # Alerts go out from their own thread (or, with --once, after the pass, bounded by the timeout).
     alerts = WatchAlerts(state, destinations, notify_timeout, once=once,
                          echo=view._line if isinstance(view, LogView) else None) if destinations else None
@@ -190,6 +194,8 @@ class LogView:
         self.reader_left = False
         self.output_error: OSError | None = None
         self.outage_reported = False
+        #: Told whether each read between passes could read the database, before the view says so.
+        self.on_read: Callable[[bool], None] | None = None
         self.next_pass_at: float | None = None
         self.known_stuck: dict[int, tuple[str, ...]] = {}
         self.known_gone: set[str] = set()
@@ -225,6 +231,10 @@ class LogView:
         if not self.outage_reported:
             self._line(f"database lost: {_safe(error)}" + ("" if self.once else "; retrying"))
         self.outage_reported = True
+
+    def _read(self, readable: bool):
+        if self.on_read is not None:
+            self.on_read(readable)
 
     def _back(self):
         if self.outage_reported:
@@ -283,8 +293,10 @@ class LogView:
             return
         except AuditctlError as error:
             monitor.saw_outage()  # silence counts afresh from its return, as after an outage a pass saw
+            self._read(False)
             self._lost(str(error))
             return
+        self._read(True)
         self._back()
         self._gone(gone)
         current = {}
@@ -312,6 +324,8 @@ class Screen:
         self.interval = interval
         self.one_shot = one_shot  # --once: draw the screen once, in the scrollback, and leave
         self.next_pass_at: float | None = None
+        #: Told whether each read between passes could read the database, before the screen says so.
+        self.on_read: Callable[[bool], None] | None = None
         self.live = None
         self.status = "starting"
         self.status_ok = True
@@ -368,14 +382,20 @@ class Screen:
                 self.status_ok, self.status = True, f"database file {FILE_CHANGES[change]}"
             self.overview = fleet_overview(self.state.engine, self.policy, seen_since=monitor.seen_since,
                                            filters=monitor.filters, sample=200)
+            self._read(True)
             if not self.status_ok and not self.status.startswith("CANNOT"):
                 self.status_ok, self.status = True, "database back"
         except AuditctlError as error:
             if not isinstance(error, SchemaMissing):
                 monitor.saw_outage()
+            self._read(False)
             self.status_ok = False
             self.status = f"DATABASE LOST (retrying): {error}"
         self._refresh()
+
+    def _read(self, readable: bool):
+        if self.on_read is not None:
+            self.on_read(readable)
 
     def turn(self, step: int):
         self.page += step
