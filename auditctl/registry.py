@@ -254,9 +254,9 @@ def gone_instances(engine: Engine) -> dict[str, str]:
     Only two kinds of instance can be proven gone (see ``prove_gone``): one that stopped, and
     one whose process lived on this host; only those are read, and only those heard from
     within ``GONE_RETENTION`` (the audits of an instance silent for longer are stale by then
-    anyway). The answer feeds the stuck query's ``worker_gone`` rule, so an instance in it
-    that holds no running audit costs nothing, and the list stays short however long the
-    registry's history.
+    anyway), so the list stays bounded however long the registry's history. The answer feeds
+    the stuck query's ``worker_gone`` rule, after ``rules.gone_instances`` has kept only the
+    instances that hold a running audit.
     """
     namespace = _namespace()
     try:

@@ -134,6 +134,10 @@ audits = Table(
     # The running set is small and every monitor pass reads it: a partial index keeps that
     # read proportional to the running audits however many finished ones pile up.
     Index("ix_audits_running", "id", sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),
+    # Which instances hold running audits: the few gone instances that do are found in one probe
+    # each, instead of every running audit being looked up among the gone (``rules.gone_instances``).
+    Index("ix_audits_running_instance", "worker_instance", sqlite_where=text("status = 'running'"),
+          postgresql_where=text("status = 'running'")),
 )
 
 #: The time columns the stuck rules read (the SQLite triggers watch these for odd text).

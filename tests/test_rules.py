@@ -383,6 +383,21 @@ def test_the_stuck_query_reads_the_running_index_on_a_sqlite_file_nobody_analyze
     assert scans and all("ix_audits_running" in detail for detail in scans), plan
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_finding_which_gone_instances_hold_a_running_audit_probes_the_index_of_their_instances(engine):
+    """One probe per gone instance, on a file nobody analyzed: scanning the running audits
+    instead would cost what looking each of them up among the gone instances did."""
+    from sqlalchemy import text
+
+    from auditctl.rules import _held_by_running
+
+    with engine.connect() as connection:
+        plan = connection.execute(text("EXPLAIN QUERY PLAN " + _held_by_running(False).text), {"gone": '["a", "b"]'}).all()
+    details = [detail for *_, detail in plan]
+    assert any(d.startswith("SEARCH a USING") and "INDEX ix_audits_running_instance (worker_instance=?)" in d
+               for d in details), details
+
+
 @pytest.mark.parametrize("sort", ["age", "silence"])
 def test_an_audit_never_heard_from_sorts_as_the_oldest_on_both_engines(engine, sort):
     """Its moments are unknown (NULL): SQLite and PostgreSQL put NULL at opposite ends unless told,
