@@ -721,11 +721,13 @@ _INDEX_OF_HOLDERS = text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND n
 @functools.lru_cache(maxsize=2)
 def _held_by_running(postgres: bool):
     """Which of the gone instances (one parameter, as the stuck query takes it) hold a running audit:
-    on SQLite one probe per instance in the index of running audits' instances (written this way,
-    SQLite takes that index with or without statistics)."""
+    one probe per instance in the index of running audits' instances. Written as a semi-join
+    from the list, both engines take that index: SQLite with or without statistics, PostgreSQL
+    without planning thousands of constants (``worker_instance = ANY(...)`` spent 9 ms planning
+    5,000 of them, then sometimes read every running audit instead: 37 ms against 4)."""
     if postgres:
-        return text("SELECT DISTINCT worker_instance FROM audits "
-                    "WHERE status = 'running' AND worker_instance = ANY(CAST(:gone AS text[]))")
+        return text("SELECT g.value FROM unnest(CAST(:gone AS text[])) AS g(value) "
+                    "WHERE EXISTS (SELECT 1 FROM audits a WHERE a.status = 'running' AND a.worker_instance = g.value)")
     return text("SELECT g.value FROM json_each(:gone) g "
                 "WHERE EXISTS (SELECT 1 FROM audits a WHERE a.status = 'running' AND a.worker_instance = g.value)")
 
