@@ -255,8 +255,8 @@ def gone_instances(engine: Engine) -> dict[str, str]:
     one whose process lived on this host; only those are read, and only those heard from
     within ``GONE_RETENTION`` (the audits of an instance silent for longer are stale by then
     anyway), so the list stays bounded however long the registry's history. The answer feeds
-    the stuck query's ``worker_gone`` rule, after ``rules.gone_instances`` has kept only the
-    instances that hold a running audit.
+    the stuck query's ``worker_gone`` rule, which takes only the instances that hold a running
+    audit (``rules.GoneInstances.held``); the whole list is what ``watch`` and alerts report.
     """
     namespace = _namespace()
     try:

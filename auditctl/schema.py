@@ -89,6 +89,9 @@ ERROR_LIMIT = 2000
 
 metadata = MetaData()
 
+#: The condition of the partial indexes of running audits.
+_RUNNING = text("status = 'running'")
+
 audits = Table(
     "audits",
     metadata,
@@ -133,11 +136,10 @@ audits = Table(
     Index("ix_audits_status_finished", "status", "finished_at"),
     # The running set is small and every monitor pass reads it: a partial index keeps that
     # read proportional to the running audits however many finished ones pile up.
-    Index("ix_audits_running", "id", sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),
+    Index("ix_audits_running", "id", sqlite_where=_RUNNING, postgresql_where=_RUNNING),
     # Which instances hold running audits: the few gone instances that do are found in one probe
-    # each, instead of every running audit being looked up among the gone (``rules.gone_instances``).
-    Index("ix_audits_running_instance", "worker_instance", sqlite_where=text("status = 'running'"),
-          postgresql_where=text("status = 'running'")),
+    # each, instead of every running audit being looked up among the gone (``rules.GoneInstances.held``).
+    Index("ix_audits_running_instance", "worker_instance", sqlite_where=_RUNNING, postgresql_where=_RUNNING),
 )
 
 #: The time columns the stuck rules read (the SQLite triggers watch these for odd text).

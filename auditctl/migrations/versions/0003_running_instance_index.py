@@ -4,7 +4,7 @@ The stuck query's ``worker_gone`` rule compares each running audit's instance wi
 instances the registry proves gone: a lookup per running audit, whether or not any gone
 instance holds one. With this index, the few gone instances that do hold a running audit
 are found first, in one probe each, and the rule is left out of the statement when there
-are none (see ``auditctl.rules.gone_instances``).
+are none (see ``auditctl.rules.GoneInstances.held``).
 
 Revision ID: 0003
 Revises: 0002
