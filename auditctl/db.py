@@ -688,7 +688,7 @@ class PreparedWrite:
     __slots__ = ("sql", "values", "error_class", "postgres")
 
     def __init__(self, engine: Engine, statement, parameters: dict):
-        self.sql, arguments = _driver_form(engine, statement)
+        self.sql, arguments = driver_form(engine, statement)
         self.values = arguments(parameters)
         self.error_class, self.postgres = _driver_facts(engine)
 
@@ -718,7 +718,7 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
     if type(statement) is PreparedWrite:
         sql, values, error_class, postgres = statement.sql, statement.values, statement.error_class, statement.postgres
     else:
-        sql, arguments = _driver_form(engine, statement)
+        sql, arguments = driver_form(engine, statement)
         values = arguments(parameters or {})
         error_class, postgres = _driver_facts(engine)
     retries = None  # set at the first dead connection
@@ -799,7 +799,7 @@ def _driver_facts(engine: Engine) -> tuple[type[Exception], bool]:
     return engine.dialect.loaded_dbapi.Error, engine.dialect.name == "postgresql"
 
 
-def _driver_form(engine: Engine, statement):
+def driver_form(engine: Engine, statement):
     """``(sql, arguments)`` for sending ``statement`` on this engine's driver. Compiled once per engine."""
     forms = engine.__dict__.setdefault("_auditctl_driver_forms", {})
     if statement not in forms:

@@ -13,12 +13,17 @@ commit, every batch is followed by a pause. After a pause nobody used, the next 
 lock has been held ``SOLO_HOLD`` seconds: a writer that arrives then waits at most about that
 long and one batch (well within a worker's ``WORKER_LOCK_WAIT``), and once it has taken its turn,
 every batch is followed by a pause again.
+
+A pause need not be idle: the recoverer reads, judges and builds its next batches while the lock
+is free (a read takes no write lock in WAL mode), as many as the pause has time for, so the
+workers get their turn and the recovery loses little time to it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from sqlalchemy.engine import Connection
 
@@ -67,14 +72,25 @@ class LockTurns:
         last, self._last = self._last, (driver, version)
         self._others_wrote = last is None or last[0] is not driver or last[1] != version
 
-    def batch_committed(self) -> None:
+    def batch_committed(self, meanwhile: Callable[[float], None] | None = None) -> None:
         """Between two batches: leave the lock free if others use their turns, or if it was held
-        ``SOLO_HOLD`` seconds since it was last left free."""
+        ``SOLO_HOLD`` seconds since it was last left free.
+
+        ``meanwhile(until)`` runs while the lock is left free, with the ``time.monotonic()`` moment
+        the pause ends: the recoverer reads and builds its next batches then, which takes no write
+        lock. The lock stays free at least as long as the pause, so the others get the same turn and
+        the pause is not time lost."""
         held = time.monotonic() - self._free_since
         if not self._others_wrote and held < SOLO_HOLD:
             return
         pause = lock_handover_pause(held)
-        log.debug("left the write lock free for %.0f ms after holding it %.0f ms", pause * 1000, held * 1000)
-        time.sleep(pause)
+        began = time.monotonic()
+        if meanwhile is not None:
+            meanwhile(began + pause)
+        used = time.monotonic() - began
+        if used < pause:
+            time.sleep(pause - used)
+        log.debug("left the write lock free for %.0f ms (%.0f ms of it reading ahead) after holding it %.0f ms",
+                  max(pause, used) * 1000, used * 1000, held * 1000)
         self.pauses += 1
         self._free_since = time.monotonic()

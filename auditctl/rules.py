@@ -179,9 +179,10 @@ class Verdict:
             self._times[name] = timestamps.parse(self.row[_AT[name]])
         return self._times[name]
 
-    def stored(self, name: str):
-        """``started_at`` or ``heartbeat_at`` as the database gave it."""
-        return self.row[_AT[name]]
+    def judged(self) -> tuple:
+        """The row as the rules judged it, without the ages (which grow by the second): two readings
+        of an audit that nothing changed in between give equal tuples."""
+        return tuple(self.row[:_AT["age_seconds"]])
 
     def iso(self, name: str) -> str | None:
         """``started_at`` or ``heartbeat_at`` as exact ISO 8601 UTC text, None when absent or unreadable;
@@ -575,7 +576,10 @@ def _statement(shape: _Shape):
         # Where SQLite puts NULL (never heard from, no target): first going up, last going down.
         direction += " NULLS LAST" if shape.descending else " NULLS FIRST"
     # Older first for age and silence means the earliest moment first.
-    sql = (f"SELECT {columns} FROM audits a{d.running_index()} CROSS JOIN {d.moments_table()} WHERE {' AND '.join(where)} "
+    # A list of ids (a batch being recovered) is looked up by primary key: through the partial index
+    # each id is found there first and then in the table (5.0 against 3.7 ms for 500 of 40,000).
+    source = "" if shape.ids else d.running_index()
+    sql = (f"SELECT {columns} FROM audits a{source} CROSS JOIN {d.moments_table()} WHERE {' AND '.join(where)} "
            f"ORDER BY {order}{direction}, a.id")
     if shape.limit:
         sql += " LIMIT :limit"

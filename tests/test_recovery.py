@@ -912,6 +912,75 @@ def test_recover_audits_judges_each_batch_again_as_it_is_when_the_batch_runs(eng
     assert sum(1 for r in all_rows(engine) if r["status"] == RUNNING) == 2
 
 
+def _read_ahead_scenario(engine, start_audit, backdate):
+    """Four audits stuck past max_age, recovered two per batch: the second batch is read and built
+    while the lock is left free after the first (SQLite's first pause always comes)."""
+    ids = []
+    for _ in range(4):
+        audit_id, lease = start_audit()
+        leases.write_progress(engine, lease, {"step": "Crawling", "percentage": 10.0, "completed_tasks": 1,
+                                              "total_tasks": 10}, "sig-1", None, OPERATOR)
+        backdate(audit_id, started_at=4000)  # stuck by age alone: heartbeats keep it stuck
+        ids.append((audit_id, lease))
+    return ids
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_the_next_batch_is_built_while_the_lock_is_free_and_each_audit_only_once(engine, start_audit, backdate,
+                                                                                 monkeypatch):
+    _read_ahead_scenario(engine, start_audit, backdate)
+    built, ahead = [], []
+    real_build, real_ahead = recovery_module._build, recovery_module._build_ahead
+    monkeypatch.setattr(recovery_module, "_build", lambda verdict, **kw: built.append(verdict.id) or real_build(verdict, **kw))
+    monkeypatch.setattr(recovery_module, "_build_ahead",
+                        lambda verdicts, **kw: ahead.extend(v.id for v in verdicts) or real_ahead(verdicts, **kw))
+
+    done = recover_stuck(engine, T, actor=OPERATOR, batch_size=2)
+
+    assert len(done) == 4 and len(ahead) == 2, "the second batch was read ahead, during the first pause"
+    assert sorted(built) == sorted(r.id for r in done), "what was built ahead was used: no audit built twice"
+    for recovery in done:
+        info = row(engine, recovery.id)["recovery_info"]
+        assert info["recovered_at"] == isoformat_z(recovery.recovered_at), "the time it was written, not read"
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_an_audit_that_changed_after_it_was_read_ahead_is_judged_and_described_as_it_is_under_the_lock(
+        engine, start_audit, backdate, monkeypatch):
+    """After the second batch was read ahead, one of its workers reported a new step (still stuck by
+    age) and the other finished: the first is recovered with its new step, the second left alone."""
+    stuck = _read_ahead_scenario(engine, start_audit, backdate)
+    (moved, moved_lease), (finished, finished_lease) = stuck[2], stuck[3]
+    real_ahead = recovery_module._build_ahead
+
+    def then_workers_write(verdicts, **kw):
+        early = real_ahead(verdicts, **kw)
+        leases.write_progress(engine, moved_lease, {"step": "Writing report", "percentage": 90.0, "completed_tasks": 9,
+                                                    "total_tasks": 10}, "sig-2", None, OPERATOR)
+        leases.finish(engine, finished_lease, error=None, actor=OPERATOR)
+        return early
+
+    monkeypatch.setattr(recovery_module, "_build_ahead", then_workers_write)
+    done = recover_stuck(engine, T, actor=OPERATOR, batch_size=2)
+
+    assert sorted(r.id for r in done) == sorted([stuck[0][0], stuck[1][0], moved])
+    assert events(engine, moved)[-1]["details"]["from"]["step"] == "Writing report"
+    assert row(engine, finished)["status"] == COMPLETED
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_reading_ahead_that_fails_only_leaves_the_batch_to_be_read_under_its_lock(engine, start_audit, backdate,
+                                                                                  monkeypatch):
+    _read_ahead_scenario(engine, start_audit, backdate)
+
+    def broken(verdicts, **kw):
+        raise RuntimeError("disk hiccup")
+
+    monkeypatch.setattr(recovery_module, "_build_ahead", broken)
+    done = recover_stuck(engine, T, actor=OPERATOR, batch_size=2)
+    assert len(done) == 4 and list(done.skipped) == []
+
+
 def test_recover_audits_marks_an_audit_the_database_refuses_as_a_recover_for_an_operator(engine, start_audit):
     from auditctl.recovery import recover_audits
 

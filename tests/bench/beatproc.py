@@ -128,10 +128,10 @@ def main() -> int:
 
     def statement_writer(index: int) -> None:
         from auditctl import leases
-        from auditctl.db import _driver_form, create_engine
+        from auditctl.db import driver_form, create_engine
 
         engine = create_engine(url, role="worker")
-        sql, arguments = _driver_form(engine, leases._HEARTBEAT)  # compiles only; connects to nothing
+        sql, arguments = driver_form(engine, leases._HEARTBEAT)  # compiles only; connects to nothing
         engine.dispose()
         connection = raw.connect(url, wait=30.0)
         audit_id, lease = _retry(lambda: raw.running_audit(connection, url, f"https://bench.example.com/{os.getpid()}/{index}"))
