@@ -295,6 +295,50 @@ def test_a_writer_using_its_turns_gets_one_after_every_batch(engine, database_ur
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_reading_ahead_during_the_pauses_still_gives_a_writer_its_turn_after_every_batch(engine, database_url, caplog):
+    """A recovery reads and builds its next batches while it leaves the lock free: the writer still
+    takes the lock in every pause, and the reading fills the pause instead of adding to it."""
+    import threading
+
+    from auditctl.recovery import ResetResult, _in_batches
+
+    caplog.set_level("DEBUG", logger="auditctl.recovery")
+    turns_table(engine)
+    done, read = threading.Event(), []
+
+    def keep_writing(writer):
+        while not done.is_set():
+            writer.execute("INSERT INTO turns VALUES ('worker')")
+            time.sleep(0.01)
+
+    def read_ahead(batch):
+        time.sleep(0.02)  # reading and building, no write lock
+        read.append(batch[0])
+        return batch[0]
+
+    def apply(connection, batch, ahead):
+        connection.execute(text("INSERT INTO turns VALUES (:who)"), {"who": "batch" if ahead is None else "batch read ahead"})
+        time.sleep(BATCH_HOLD)
+        return batch
+
+    thread, failures = writing_thread(database_url, keep_writing)
+    batches = 15
+    try:
+        _in_batches(engine, list(range(batches)), 1, apply, ResetResult(), describe="recover", read_ahead=read_ahead)
+    finally:
+        done.set()
+        thread.join(10)
+    assert not failures
+    with engine.connect() as connection:
+        order = [who for (who,) in connection.execute(text("SELECT who FROM turns ORDER BY rowid"))]
+    batch_rows = [i for i, who in enumerate(order) if who.startswith("batch")]
+    between = [order[a + 1:b] for a, b in zip(batch_rows, batch_rows[1:])]
+    # A pause the writer woke too late for (a loaded machine) costs the next one; no more.
+    assert sum(1 for gap in between if "worker" in gap) >= batches - 4, order
+    assert order.count("batch read ahead") >= batches - 4 and len(read) >= batches - 4, (order, read)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 def test_a_writer_arriving_while_nobody_else_writes_gets_its_turn_within_a_workers_lock_wait(engine, database_url):
     """Without the pause every SOLO_HOLD, the writer would wait for the whole change (3 s and more)
     and fail after the 2 s a worker waits for the lock."""
