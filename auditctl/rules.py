@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Iterator
@@ -120,6 +121,7 @@ _REASONS_BY_BITS = tuple(tuple(reason for bit, reason in enumerate(RULE_REASONS)
                          for bits in range(_FUTURE_BIT))
 _AT = {name: index for index, name in enumerate(_COLUMNS)}
 _THRESHOLD_AT = {"stale_after": 0, "max_age": 1, "stall_after": 2}
+_AGE_AT, _SILENCE_AT, _STALLED_AT = _AT["age_seconds"], _AT["silence_seconds"], _AT["stalled_seconds"]
 
 
 class Verdict:
@@ -129,7 +131,8 @@ class Verdict:
     explanations, threshold sources) is worked out when asked for.
     """
 
-    __slots__ = ("row", "policy", "gone_proof", "unreadable", "_progress", "_reasons", "_thresholds", "_times", "_iso")
+    __slots__ = ("row", "policy", "gone_proof", "unreadable", "_progress", "_reasons", "_thresholds", "_times", "_iso",
+                 "_ages")
 
     def __init__(self, row, policy: Policy, gone: dict[str, str] | None = None):
         self.row = row
@@ -140,6 +143,7 @@ class Verdict:
         self._thresholds: tuple | None = None
         self._times: dict | None = None
         self._iso: dict | None = None
+        self._ages: tuple | None = None
         instance = row[_AT["worker_instance"]]
         self.gone_proof = gone.get(instance) if gone and isinstance(instance, str) else None
 
@@ -150,10 +154,18 @@ class Verdict:
     worker_id = property(lambda self: text_value(self.row[_AT["worker_id"]]))
     kind = property(lambda self: text_value(self.row[_AT["kind"]]))
     status = "running"  # the query reads running audits only
-    age_seconds = property(lambda self: rounded(self.row[_AT["age_seconds"]]))
-    silence_seconds = property(lambda self: rounded(self.row[_AT["silence_seconds"]]))
-    stalled_seconds = property(lambda self: rounded(self.row[_AT["stalled_seconds"]]))
+    age_seconds = property(lambda self: (self._ages or self._measured())[0])
+    silence_seconds = property(lambda self: (self._ages or self._measured())[1])
+    stalled_seconds = property(lambda self: (self._ages or self._measured())[2])
     max_age_seconds = property(lambda self: self.threshold("max_age")[0])
+
+    def _measured(self) -> tuple:
+        """The three ages (age, silence, stalled), rounded to the millisecond once: a listing, an
+        explanation and a recovery's measurements all show them."""
+        row = self.row
+        self._ages = tuple(round(value, 3) if type(value) is float and math.isfinite(value) else rounded(value)
+                           for value in (row[_AGE_AT], row[_SILENCE_AT], row[_STALLED_AT]))
+        return self._ages
 
     @property
     def target(self) -> str:
