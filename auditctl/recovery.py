@@ -210,17 +210,12 @@ def _recovery_params(verdict: Verdict, *, requeue: bool, max_attempts: int, acto
         "details": {"from": {"status": RUNNING, "worker_id": verdict.worker_id, "worker_instance": verdict.worker_instance,
                              "step": getattr(verdict, "step", None),
                              "lease": verdict.lease, "attempts": recovery.attempts,
-                             "started_at": _milliseconds(verdict.iso("started_at")),
-                             "heartbeat_at": _milliseconds(verdict.iso("heartbeat_at"))},
+                             # From the exact ISO text the verdict has worked out already, for its problems.
+                             "started_at": timestamps.milliseconds(verdict.iso("started_at")),
+                             "heartbeat_at": timestamps.milliseconds(verdict.iso("heartbeat_at"))},
                     "explanation": sentences, "thresholds": recovery.thresholds},
     }
     return recovery.status, params, event, recovery
-
-
-def _milliseconds(iso: str | None) -> str | None:
-    """``...SS.ffffffZ`` as the history's ``...SS.fffZ`` (``timestamps.isoformat_z``), from the verdict's
-    exact ISO text, which its problems have already worked out."""
-    return None if iso is None else iso[:23] + "Z"
 
 
 def _minimal_params(verdict: Verdict, problem: str, *, actor: Actor):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Iterator
@@ -163,8 +162,7 @@ class Verdict:
         """The three ages (age, silence, stalled), rounded to the millisecond once: a listing, an
         explanation and a recovery's measurements all show them."""
         row = self.row
-        self._ages = tuple(round(value, 3) if type(value) is float and math.isfinite(value) else rounded(value)
-                           for value in (row[_AGE_AT], row[_SILENCE_AT], row[_STALLED_AT]))
+        self._ages = (rounded(row[_AGE_AT]), rounded(row[_SILENCE_AT]), rounded(row[_STALLED_AT]))
         return self._ages
 
     @property

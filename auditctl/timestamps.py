@@ -141,13 +141,19 @@ def _stored_iso(value) -> str | None:
     return None
 
 
+def milliseconds(iso_text: str | None) -> str | None:
+    """Exact ISO text (``_stored_iso``'s, or ``iso``'s with its ``Z``) cut to ``isoformat_z``'s
+    millisecond form; isoformat truncates to milliseconds the same way."""
+    return None if iso_text is None else iso_text[:23] + "Z"
+
+
 def isoformat_z(moment) -> str | None:
     """``2025-08-23T06:45:00.123Z``: the progress document's form (always UTC, milliseconds).
 
     ``moment`` is a datetime or a stored time."""
     text = _stored_iso(moment)
     if text is not None:
-        return text[:23] + "Z"  # isoformat truncates to milliseconds the same way
+        return milliseconds(text)
     moment = as_datetime(moment)
     if moment is None:
         return None

@@ -54,6 +54,9 @@ def text_value(value) -> str | None:
 
 
 def rounded(value, digits: int = 3) -> float | None:
+    """A finite number rounded to ``digits`` places, else None."""
+    if type(value) is float and math.isfinite(value):  # what the drivers return for ages: no detour
+        return round(value, digits)
     number = float_value(value)
     return None if number is None else round(number, digits)
 

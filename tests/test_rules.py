@@ -384,6 +384,23 @@ def test_the_stuck_query_reads_the_running_index_on_a_sqlite_file_nobody_analyze
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_batch_being_recovered_is_looked_up_by_primary_key_not_through_the_running_index(engine):
+    """A recovery judges each batch again by its ids: through the partial index every id was found
+    there first and then in the table (5.0 against 3.7 ms for 500 of 40,000)."""
+    from sqlalchemy import bindparam, text
+
+    from auditctl.rules import Filters, stuck_query
+    from auditctl.thresholds import Policy
+
+    with engine.connect() as connection:
+        statement, params = stuck_query(connection, Policy.coerce(T), filters=Filters(ids=(1, 2, 3)), lock=True)
+        explain = text("EXPLAIN QUERY PLAN " + statement.text).bindparams(bindparam("ids", expanding=True))
+        plan = [detail for *_, detail in connection.execute(explain, params).all()]
+    assert any(d.startswith("SEARCH a USING INTEGER PRIMARY KEY") for d in plan), plan
+    assert not any("ix_audits_running" in d for d in plan), plan
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 def test_finding_which_gone_instances_hold_a_running_audit_probes_the_index_of_their_instances(engine):
     """One probe per gone instance, on a file nobody analyzed: scanning the running audits
     instead would cost what looking each of them up among the gone instances did."""
