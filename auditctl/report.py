@@ -24,8 +24,8 @@ What each figure measures:
   claim, after a requeue or a reset). The start of each run is known from the next recovery's
   record of the run it ended, or from the audit's row for its latest run.
 * **step**: the step the audit was at when it was recovered, from the recovery's record of
-  the row (``recovery_info.original_status``; each record keeps the one before it, and a reset's
-  history row keeps the record it cleared). A step no record kept is reported as unknown.
+  the row (``recovery_info.original_status``, the row as it was, without its own ``recovery_info``; the
+  records before it are in the history, and a reset's history row keeps the record it cleared). A step no record kept is reported as unknown.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def serve(state, policy, allow_unsafe, host, port, token, max_attempts, max_rese
 
     \b
     Pages:  /  (overview)   /stuck   /audits   /audits/ID   /workers   /login
-    JSON:   /api/overview  /api/stuck  /api/audits  /api/audits/ID  /api/workers
+    JSON:   /api/health  /api/overview  /api/stuck  /api/audits  /api/audits/ID
+            /api/workers
             POST /api/recover  POST /api/reset-all  (Authorization: Bearer TOKEN)
 
     Reading needs no credential. Actions need the token: people sign in at /login,

@@ -1,7 +1,7 @@
 """The JSON API under ``/api/``: the records of ``auditctl.records``, exactly what ``--format json`` prints.
 
 ======================  ===================================================================
-``GET /api/health``     ``{"database": "ok"}``, or 503 ``{"database": "unavailable", "error": ...}``
+``GET /api/health``     ``{"database": "ok", "where": ...}``, or 503 ``{"database": "unavailable", "error": ..., "where": ...}``
 ``GET /api/overview``   the fleet at a glance (``records.overview_record``), ``recoveries_by_hour`` and
                         ``unsafe_thresholds`` (why ``scan`` would refuse the thresholds, or null)
 ``GET /api/stuck``      ``auditctl scan --format json``: ``worker, reason, kind, target, older_than,
@@ -21,7 +21,9 @@ comma-separated text). A name an endpoint does not take is refused (400), as the
 refuses an unknown option, and so is a yes/no parameter given no value (``?dry_run``). Reads are open like the pages; a POST needs ``Authorization: Bearer
 TOKEN`` (or a signed-in session's cookie with its ``X-CSRF-Token`` header). Errors are
 ``{"error": "..."}`` with 400 (bad parameter), 401 (no or wrong credential), 403 (actions
-disabled, cross-site request), 404, 415 (body not JSON) or 503 (database unreachable).
+disabled, cross-site request), 404, 405 (a method the endpoint does not take), 409 and 500 (as
+README's API section says), 413 (a body over 64 KiB), 415 (body not JSON) or 503 (database
+unreachable).
 """
 
 from __future__ import annotations
