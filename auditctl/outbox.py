@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import insert, select
+from sqlalchemy import and_, insert, not_, or_, select
 from sqlalchemy.engine import Connection, Engine
 
 from .db import fetch_now, is_postgres, read_connection, write_transaction
@@ -24,6 +24,20 @@ EVENTS = (RECOVERED, RESET, FLEET_HEALTHY)
 
 #: How long an undelivered event is kept before it expires (seconds).
 EVENT_TTL = 24 * 3600.0
+
+
+def live_events(now):
+    """The events not expired at ``now``. An ``expires_at`` further ahead than any event this
+    library writes (``EVENT_TTL``, with as much again for a clock set back) is not trusted: on
+    SQLite that is also where text that is not a time sorts (``'garbage' > '2026-...'``), which
+    would otherwise keep an event, and its retries, alive for ever."""
+    expires = notifications.c.expires_at
+    return and_(expires > now, expires <= now + timedelta(seconds=2 * EVENT_TTL))
+
+
+def expired_events(now):
+    """The events ``live_events`` leaves out, a missing ``expires_at`` included."""
+    return or_(notifications.c.expires_at.is_(None), not_(live_events(now)))
 
 
 def enqueue(connection: Connection, event: str, payload: dict, *, dedupe_key: str | None = None, now=None) -> bool:
@@ -57,7 +71,7 @@ def latest_id(connection: Connection, event: str | None = None) -> int | None:
 def _last_live_recovery(connection: Connection, now) -> int | None:
     """The latest ``recovered`` event, if it has not expired (an all-clear for last month's recovery is noise)."""
     return connection.execute(
-        select(notifications.c.id).where(notifications.c.event == RECOVERED, notifications.c.expires_at > now)
+        select(notifications.c.id).where(notifications.c.event == RECOVERED, live_events(now))
         .order_by(notifications.c.id.desc()).limit(1)
     ).scalar()
 

@@ -213,6 +213,7 @@ def notification_backlog(engine: Engine) -> Backlog | None:
     Events nobody has taken stay in it until they expire (a day), also where no destination is
     configured at all.
     """
+    from .outbox import live_events
     from .schema import notification_deliveries as deliveries
     from .schema import notifications
 
@@ -224,7 +225,7 @@ def notification_backlog(engine: Engine) -> Backlog | None:
             now = fetch_now(connection)
             count, first = connection.execute(
                 select(func.count(), func.min(notifications.c.created_at)).select_from(notifications)
-                .where(notifications.c.expires_at > now, or_(open_delivery, ~any_delivery))).one()
+                .where(live_events(now), or_(open_delivery, ~any_delivery))).one()
     except SchemaMissing:
         return None
     oldest = as_datetime(first)

@@ -336,6 +336,25 @@ def test_escape_sequences_are_shown_not_executed_in_every_human_format(engine, d
     assert "\x7f" not in as_json.stdout and "del\\u007fete" in as_json.stdout
 
 
+def test_a_newline_another_tool_stored_cannot_forge_a_line_of_a_listing(engine, database_url):
+    forged = "https://a.example\n 13  https://spoof.example  stale_heartbeat  worker-9"
+    insert(engine, **stale_times(engine, 3600), target=forged, worker_id="w1\nw2", error="boom\nerror: fake")
+    runner = CliRunner()
+    for args in (["scan", "-o", "plain"], ["scan", "--wide"], ["scan", "-o", "markdown"], ["list", "-o", "plain"],
+                 ["list", "--wide"], ["recover", "--dry-run", "-o", "plain"]):
+        result = runner.invoke(cli, [*args, "--database-url", database_url], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        lines = [line.strip() for line in result.stdout.splitlines()]
+        assert not [line for line in lines if line.startswith(("13 ", "w2", "error: fake"))], f"{args}:\n{result.stdout}"
+        assert "w1\\nw2" in result.stdout.replace("\\\\", "\\"), f"{args}: the newline is shown, escaped"
+        if args[0] == "scan" and "markdown" not in args:
+            # A cell of several values still puts each on its own line.
+            assert [line for line in lines if line.startswith("max_age_exceeded")], f"{args}: the second reason under the first"
+    wide = runner.invoke(cli, ["list", "--wide", "--database-url", database_url], catch_exceptions=False).stdout
+    assert "https://a.example\\n 13  https://spoof.example  stale_heartbeat  worker-9" in wide
+    assert "boom\\nerror: fake" in wide
+
+
 def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(engine, database_url):
     for target in ("=HYPERLINK(\"https://evil.example\")", "+1+1", "-2", "@SUM(A1)"):
         insert(engine, **stale_times(engine), target=target)

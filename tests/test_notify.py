@@ -184,6 +184,15 @@ def test_slack_and_discord_messages_show_hostile_targets_as_text_and_name_the_wo
     assert "&lt;!channel&gt;" in slack_text and "<!channel>" not in slack_text, "the notification text pings nobody"
 
 
+def test_a_message_that_lists_ten_audits_names_commands_that_exist_for_the_others():
+    digest = build([gone_worker_event(1, "worker-1", audits=24)])  # 12 recovered, 12 requeued
+    texts = [json.dumps(slack.message(digest, "k")), json.dumps(discord.message(digest, "k"))]
+    for text in texts:
+        assert "more (`auditctl list --status failed,pending` lists them" in text
+    for command in ("list", "show"):
+        assert CliRunner().invoke(cli, [command, "--help"]).exit_code == 0
+
+
 PHISHING_WORKER = "[Re-login here](https://evil.example/login) <@&123> <@42> <#7> <t:0:R> @everyone "
 
 
@@ -506,6 +515,35 @@ def test_events_expire_undelivered_and_leave_the_backlog(engine, database_url, h
     assert undelivered(engine, destinations) == []
     status = invoke("notify", "--status", "--database-url", database_url)
     assert status.exit_code == 0 and status.stderr.startswith("Nothing undelivered")
+
+
+def test_an_event_whose_creation_time_another_tool_garbled_is_still_sent_to_discord_and_slack(sqlite_engine, hooks):
+    hook = hooks()
+    stuck_and_recovered(sqlite_engine, 1)
+    stuck_and_recovered(sqlite_engine, 1)
+    with write_transaction(sqlite_engine) as connection:
+        first = connection.execute(select(func.min(notifications.c.id))).scalar_one()
+        connection.exec_driver_sql("UPDATE notifications SET created_at = 'garbage' WHERE id = ?", (first,))
+    report = deliver(sqlite_engine, destinations_from(discord=hook.url("discord"), slack=hook.url("slack")))
+    assert report.sent == 4, report  # both events, to both destinations
+    discord_body = next(r.body for r in hook.requests if "embeds" in r.body)
+    assert discord_body["embeds"][-1]["timestamp"].endswith("Z"), "the readable event's time"
+
+
+def test_an_event_whose_expiry_another_tool_garbled_expires_instead_of_being_retried_for_ever(sqlite_engine, hooks):
+    hook = hooks()
+    stuck_and_recovered(sqlite_engine, 1)
+    stuck_and_recovered(sqlite_engine, 1)
+    with write_transaction(sqlite_engine) as connection:
+        first, second = connection.execute(select(notifications.c.id).order_by(notifications.c.id)).scalars()
+        connection.exec_driver_sql("UPDATE notifications SET expires_at = 'garbage' WHERE id = ?", (first,))
+        connection.exec_driver_sql("UPDATE notifications SET expires_at = '9999-01-01 00:00:00.000000' WHERE id = ?",
+                                   (second,))
+    destinations = destinations_from(slack=hook.url())
+    assert [u.id for u in undelivered(sqlite_engine, destinations)] == []
+    report = deliver(sqlite_engine, destinations)
+    assert report.sent == 0 and hook.requests == []
+    assert delivery_states(sqlite_engine) == []
 
 
 # --- several senders at once ----------------------------------------------------------------------------------------

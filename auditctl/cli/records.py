@@ -18,7 +18,7 @@ from ..records import (  # noqa: F401 - the records are the library's; the colum
     verdict_record,
 )
 from ..thresholds import format_duration
-from .render import Column, status_style
+from .render import Column, Lines, status_style
 
 #: A time this far ahead of the database's clock is shown as "in the future" (another writer's clock).
 FUTURE = -60.0
@@ -47,8 +47,8 @@ def _progress(record: dict) -> str:
     return " ".join(part for part in (_pct(percentage) if percentage is not None else None, step) if part)
 
 
-def _lines(values) -> str:
-    return "\n".join(str(v) for v in values) if values else "-"
+def _lines(values) -> Lines | str:
+    return Lines(values) if values else "-"
 
 
 VERDICT_COLUMNS = [

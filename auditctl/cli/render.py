@@ -104,25 +104,30 @@ def terminal_width(fmt: str) -> int | None:
     return None
 
 
+class Lines(tuple):
+    """What a column's ``human`` returns to show several lines in one cell (reasons, explanations)."""
+
+
 def human_text(column: Column, record: dict) -> str:
+    """A cell's text. Control characters are shown, never executed, and so is a newline inside a
+    value (a target or an error another tool wrote): only a list's items are put on lines of
+    their own, so no value can forge a line of the listing."""
     value = record if column.from_record else record.get(column.key)
     if column.human is not None:
-        text = column.human(value)
-    elif value is None:
-        text = "-"
-    elif isinstance(value, (list, tuple)):
-        text = "\n".join(str(v) for v in value) if column.fit == "whole" else ", ".join(str(v) for v in value)
-        text = text or "-"
-    elif isinstance(value, datetime):
+        value = column.human(value)
+        if type(value) is Lines:
+            return "\n".join(printable(line) for line in value) or "-"
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ("\n" if column.fit == "whole" else ", ").join(printable(v) for v in value) or "-"
+    if isinstance(value, datetime):
         text = iso(value)
     elif isinstance(value, bool):
         text = "yes" if value else "no"
     else:
-        text = str(value)
-    if text is None or text == "":
-        text = "-"
-    # Each line of the cell on its own: control characters shown, never executed.
-    return "\n".join(printable(line) for line in str(text).split("\n"))
+        text = value
+    return printable(text) or "-"
 
 
 

@@ -17,7 +17,8 @@ background thread, a worker guard's, ``recover`` and ``reset-all`` at their end,
    holds the whole destination, new events included, so a rate-limited webhook is left alone.
 
 Events older than their ``expires_at`` (a day) are no longer sent: their rows become
-``expired``. ``auditctl notify --status`` lists what is still undelivered.
+``expired``, as do those of an event whose ``expires_at`` is missing, unreadable or implausibly
+far ahead (``outbox.live_events``). ``auditctl notify --status`` lists what is still undelivered.
 
 Delivery is **at least once**. A sender that dies between the POST and the mark leaves
 its rows ``sending``; when the claim expires another sender sends them again. Every

@@ -22,6 +22,8 @@ RECOVERED, RESET, FLEET_HEALTHY = "recovered", "reset", "fleet_healthy"  # as in
 
 #: Audits listed by name in one message; the rest are counted ("and 12 more").
 MAX_LISTED = 10
+#: Where a message that lists MAX_LISTED audits sends the reader for the others.
+MORE_AUDITS = "`auditctl list --status failed,pending` lists them, `auditctl show ID` has each one's history"
 
 
 @dataclass(frozen=True)
@@ -85,12 +87,12 @@ class Digest:
 
     @property
     def first_at(self) -> datetime | None:
-        times = [e.created_at for e in self.events if e.created_at is not None]
+        times = [e.created_at for e in self.events if isinstance(e.created_at, datetime)]  # not one another tool garbled
         return min(times) if times else None
 
     @property
     def last_at(self) -> datetime | None:
-        times = [e.created_at for e in self.events if e.created_at is not None]
+        times = [e.created_at for e in self.events if isinstance(e.created_at, datetime)]
         return max(times) if times else None
 
     @property

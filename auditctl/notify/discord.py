@@ -15,7 +15,7 @@ import re
 
 from ..textsafe import printable
 from ..timestamps import iso
-from .digest import MAX_LISTED, Digest
+from .digest import MAX_LISTED, MORE_AUDITS, Digest
 
 RED, ORANGE, DARK_RED, BLUE, GREEN = 0xD62828, 0xF77F00, 0x9D0208, 0x3A86FF, 0x2A9D8F
 TOTAL_LIMIT = 5800
@@ -51,7 +51,7 @@ def _audits_embed(title: str, colour: int, lines: list, digest: Digest) -> dict:
     if digest.actors:
         description += f"\nRecovered by {escape(', '.join(digest.actors))}"
     if len(lines) > len(listed):
-        description += f"\nand {len(lines) - len(listed)} more (`auditctl history` has every one)"
+        description += f"\nand {len(lines) - len(listed)} more ({MORE_AUDITS})"
     return {"title": _cut(title, 256), "color": colour, "description": _cut(description, 4000),
             "fields": [_audit_field(line) for line in listed]}
 

@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..db import fetch_now, is_postgres, read_connection, write_transaction
 from ..errors import AuditctlError
+from ..outbox import expired_events, live_events
 from ..schema import Timestamp, notification_deliveries, notifications
 from ..textsafe import printable
 from . import digest as digests
@@ -140,20 +141,20 @@ def _due_rows(key: str, now):
 
 def _unseen(key: str, now):
     """Unexpired events with no delivery row for this destination yet."""
-    return and_(N.c.expires_at > now,
+    return and_(live_events(now),
                 ~exists().where(D.c.notification_id == N.c.id, D.c.destination == key))
 
 
 def _expired_rows(key: str, now):
     return and_(D.c.destination == key, D.c.status.in_((PENDING, SENDING)),
-                D.c.notification_id.in_(select(N.c.id).where(N.c.expires_at <= now)))
+                D.c.notification_id.in_(select(N.c.id).where(expired_events(now))))
 
 
 def has_work(connection: Connection, destination: Destination, now) -> bool:
     """Whether the destination has anything to claim or expire (one read, no lock)."""
     key = destination.key
     due = select(D.c.notification_id).where(_due_rows(key, now), D.c.notification_id.in_(
-        select(N.c.id).where(N.c.expires_at > now)))
+        select(N.c.id).where(live_events(now))))
     query = select(or_(exists(select(N.c.id).where(_unseen(key, now))), exists(due),
                        exists(select(D.c.notification_id).where(_expired_rows(key, now)))))
     return bool(connection.execute(query).scalar())
@@ -182,7 +183,7 @@ def _claim(connection: Connection, destination: Destination, now, until, limit: 
     connection.execute(statement)
     query = (select(D.c.notification_id, D.c.attempts, N.c.created_at, N.c.event, N.c.payload)
              .select_from(D.join(N, N.c.id == D.c.notification_id))
-             .where(_due_rows(key, now), N.c.expires_at > now)
+             .where(_due_rows(key, now), live_events(now))
              .order_by(D.c.notification_id).limit(limit))
     if is_postgres(connection):
         # Another sender claiming the same rows right now is skipped, not waited for.
@@ -238,7 +239,7 @@ def _left(engine: Engine, destination: Destination) -> tuple[int, float | None]:
         count, first = connection.execute(
             select(func.count(), func.min(next_try))
             .select_from(D.join(N, N.c.id == D.c.notification_id))
-            .where(D.c.destination == destination.key, D.c.status.in_((PENDING, SENDING)), N.c.expires_at > now)
+            .where(D.c.destination == destination.key, D.c.status.in_((PENDING, SENDING)), live_events(now))
         ).one()
     wait = None
     if count and isinstance(first, datetime):

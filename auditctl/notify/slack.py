@@ -10,7 +10,7 @@ audits are listed; the rest are counted).
 from __future__ import annotations
 
 from ..textsafe import printable
-from .digest import MAX_LISTED, Digest
+from .digest import MAX_LISTED, MORE_AUDITS, Digest
 
 EMOJI = {"alert": ":rotating_light:", "warning": ":warning:", "info": ":arrows_counterclockwise:", "ok": ":white_check_mark:"}
 SECTION_LIMIT = 2900
@@ -50,7 +50,7 @@ def message(digest: Digest, idempotency_key: str) -> dict:
             blocks.append(_section(_audit(line)))
         more = len(digest.recovered) + len(digest.requeued) - len(listed)
         if more > 0:
-            blocks.append(_section(f"_and {more} more (`auditctl history` has every one)_"))
+            blocks.append(_section(f"_and {more} more ({MORE_AUDITS})_"))
     if digest.gone:
         lines = [f"*Worker {escape(g.worker_id)} gone:* {escape(g.proof)} ({g.audits} audit{'s' if g.audits != 1 else ''} recovered)"
                  for g in digest.gone[:MAX_LISTED]]

@@ -16,6 +16,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.engine import Engine
 
 from ..db import fetch_now, read_connection
+from ..outbox import live_events
 from ..schema import notification_deliveries as D
 from ..schema import notifications as N
 from ..timestamps import as_datetime
@@ -47,10 +48,10 @@ def undelivered(engine: Engine, destinations: list[Destination] | tuple = ()) ->
     """Every unexpired event not yet delivered, once per destination it is owed to, oldest first."""
     with read_connection(engine) as connection:
         now = fetch_now(connection)
-        live = select(N.c.id).where(N.c.expires_at > now)
+        live_ids = select(N.c.id).where(live_events(now))
         events = connection.execute(select(N.c.id, N.c.created_at, N.c.event, N.c.payload, N.c.expires_at)
-                                    .where(N.c.expires_at > now).order_by(N.c.id)).all()
-        rows = connection.execute(select(D).where(D.c.notification_id.in_(live))
+                                    .where(live_events(now)).order_by(N.c.id)).all()
+        rows = connection.execute(select(D).where(D.c.notification_id.in_(live_ids))
                                   .order_by(D.c.notification_id, D.c.destination)).all()
     given = {d.key: d for d in destinations}
     by_event: dict[int, list] = {}
@@ -86,4 +87,4 @@ def backlog(engine: Engine) -> int:
         open_delivery = exists().where(D.c.notification_id == N.c.id, D.c.status.in_(("pending", "sending")))
         any_delivery = exists().where(D.c.notification_id == N.c.id)
         return int(connection.execute(select(func.count()).select_from(N).where(
-            and_(N.c.expires_at > now, or_(open_delivery, ~any_delivery)))).scalar() or 0)
+            and_(live_events(now), or_(open_delivery, ~any_delivery)))).scalar() or 0)
