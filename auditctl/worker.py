@@ -55,6 +55,7 @@ from .monitor import Monitor
 from .progress import OWN_FIELDS, clean_report, derive_percentage, signature
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, committed_before, recover_audits, recover_worker_leftovers
 from .schema import ERROR_LIMIT, audits
+from .signals import set_from_handler
 from .textsafe import printable
 from .urls import mask_url
 from .watchdog import CALL_GRACE
@@ -703,7 +704,7 @@ class StuckAuditPrevention:
             os.kill(os.getpid(), signum)
             return
         log.info("💓 HEARTBEAT: SIGTERM received; stopping the monitor (heartbeats go on while audits run)")
-        self._monitor_stop.set()
+        set_from_handler(self._monitor_stop)  # the main thread may be inside this event's set() (stop())
         if self._held:
             # A write is in flight on the main thread: interrupting it could leave finished
             # work "running" under a lease nobody holds. Act as soon as it is done.

@@ -618,3 +618,39 @@ def test_watch_on_a_file_opened_read_only_says_it_cannot_write_and_exits_1(demo)
     assert watch.returncode == 1, watch.stdout + watch.stderr
     assert "cannot watch: " in watch.stdout and "will not let auditctl write" in watch.stdout
     assert "database lost" not in watch.stdout
+
+
+def test_a_stop_asked_by_a_signal_that_lands_inside_the_events_own_lock_neither_hangs_nor_is_lost():
+    import threading
+
+    from auditctl.signals import set_from_handler
+
+    stop = threading.Event()
+    returned = threading.Event()
+
+    def thread_interrupted_inside_stop_set():
+        # A second Ctrl-C landing while the first one's set() holds the event's (non-reentrant) lock.
+        with stop._cond:
+            set_from_handler(stop)
+            returned.set()
+
+    threading.Thread(target=thread_interrupted_inside_stop_set, daemon=True).start()
+    assert returned.wait(5), "the handler waited for the lock its own thread holds: watch would hang for good"
+    assert stop.wait(5), "the stop was set once the lock was free"
+
+
+def test_watch_interrupted_by_two_signals_back_to_back_always_ends(tmp_path):
+    url = f"sqlite:///{tmp_path / 'signals.db'}"
+    assert invoke("demo", "--database-url", url).exit_code == 0
+    for attempt in range(8):
+        process = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "1s", "--database-url", url], cwd=tmp_path,
+                                   env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        wait_line(lines_of(process.stdout), [], lambda line: "watching" in line)
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError(f"watch hung after two signals (attempt {attempt})") from None
+        assert code in (0, 130), code

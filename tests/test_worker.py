@@ -778,6 +778,34 @@ def test_a_heartbeat_racing_the_end_of_the_run_records_no_lease_lost(engine, gua
     assert [e["event"] for e in events(engine, audit_id)] == []
 
 
+def test_sigterm_landing_while_the_main_thread_is_inside_stop_neither_hangs_nor_loses_the_stop(guards):
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    guard = guards(heartbeat_interval=1)
+    try:
+        guard.start_heartbeat_monitor()
+        monitor = guard._monitor_stop
+        returned = threading.Event()
+
+        def main_thread_inside_monitor_stop_set():
+            # Where stop() is when the signal lands: inside the event's set(), holding its lock.
+            with monitor._cond:
+                with pytest.raises(SystemExit):
+                    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+                returned.set()
+
+        threading.Thread(target=main_thread_inside_monitor_stop_set, daemon=True).start()
+        if not returned.wait(5):
+            guard._monitor_stop = threading.Event()  # that thread holds the old one's lock for good
+            raise AssertionError("the handler waited for the lock its own thread holds")
+        assert monitor.wait(5), "the monitor was told to stop once the lock was free"
+    finally:
+        guard.stop()
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_sigterm_handler_survives_a_stop_from_another_thread_and_a_restart(guards):
     import signal
     import threading

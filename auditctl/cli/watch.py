@@ -97,12 +97,17 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     if isinstance(view, LogView):
         view.stop_event = stop
 
+    from ..signals import set_from_handler
+
+    asked = []  # a list, not the event: the event is set by another thread, a moment later
+
     def on_signal(*_):
-        if stop.is_set():
+        if asked:
             # The second Ctrl-C or SIGTERM: the operator will not wait for a read or a batch in flight
             # (a server that stopped answering holds one up to its deadline). Exit 130, batches done stay done.
             raise KeyboardInterrupt
-        stop.set()
+        asked.append(True)
+        set_from_handler(stop)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     result = None
@@ -135,7 +140,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     finally:
         # Leaving: one more Ctrl-C must not cut the cleanup that gives the terminal back.
         for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, lambda *_: set_from_handler(stop))
         if alerts is not None:
             alerts.close()
         view.stop()
