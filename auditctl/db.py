@@ -94,6 +94,10 @@ def normalize_url(database_url: str | URL) -> URL:
     if backend == "sqlite" and not url.database and url.host:
         raise ConfigError(f"{mask_url(database_url)} names no file: a SQLite URL has three slashes, "
                           f"as in sqlite:///{url.host}")
+    if backend == "sqlite" and (url.username is not None or url.password is not None or url.port is not None):
+        # sqlite://user:pw@/tmp/x.db: SQLAlchemy refuses it, after reading "tmp/x.db" as a relative path.
+        raise ConfigError(f"{mask_url(database_url)}: a SQLite URL takes no user name, password or port; "
+                          "write sqlite:///PATH")
     if backend == "sqlite" and (url.database or "").startswith("file:") and not _query_true(url, "uri"):
         # SQLite reads a file: name as a URI only when told; otherwise it is a file named "file:...",
         # and parts of auditctl that read the path would look at another file.

@@ -155,7 +155,7 @@ def stored_error(error: BaseException) -> str:
         message = "(its message could not be read)"
     # Masked before the cut, so a URL the cut would split is still recognised; a window of a few
     # cuts bounds the work for a message of megabytes (a response body, say).
-    text = mask_url(f"{name}: {message}"[:4 * ERROR_LIMIT])
+    text = mask_url((f"{name}: {message}" if message else name)[:4 * ERROR_LIMIT])  # "KeyboardInterrupt", no ": "
     text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
     return text[:ERROR_LIMIT]
 
@@ -399,9 +399,15 @@ class StuckAuditPrevention:
         self.policy = Policy.of(self.thresholds, kinds=kind_overrides)
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise ConfigError(f"max_attempts must be a whole number of at least 1, got {max_attempts!r}")
-        self.worker_id = worker_id or socket.gethostname()
+        self.worker_id = socket.gethostname() if worker_id is None else worker_id
         if not isinstance(self.worker_id, str) or len(self.worker_id) > 200:
             raise ConfigError("worker_id must be text of at most 200 characters")
+        if not self.worker_id.strip():
+            # Left out, it is the host name; given empty, two workers on one host would silently share it.
+            raise ConfigError("worker_id is empty: give each worker its own, or leave it out for the host name")
+        for name, flag in (("requeue", requeue), ("create_schema", create_schema)):
+            if not isinstance(flag, bool):  # "false" would be true
+                raise ConfigError(f"{name} must be True or False, got {flag!r}")
         storable_text("worker_id", self.worker_id)
         if worker_url is not None and (not isinstance(worker_url, str) or len(worker_url) > MAX_WORKER_URL):
             raise ConfigError(f"worker_url must be text of at most {MAX_WORKER_URL} characters")
@@ -450,6 +456,7 @@ class StuckAuditPrevention:
         self._mark_stopped_when_idle = False  # stop() came while runs went on (see _stop_threads)
         self._held = 0  # main-thread writes in flight (SIGTERM waits for them)
         self._pending_signal: int | None = None
+        self._pending_sigint = False  # Ctrl-C held during a write (see _holding_signals)
         self._stopped = False  # stop() marked the instance stopped; using the guard again un-marks it
         if create_schema:
             upgrade(self.operator_engine)
@@ -679,18 +686,32 @@ class StuckAuditPrevention:
 
     @contextlib.contextmanager
     def _holding_signals(self) -> Iterator[None]:
-        """Inside, a SIGTERM on the main thread is held; it takes effect when the outermost write ends."""
+        """Inside, a SIGTERM on the main thread is held; it takes effect when the outermost write ends.
+        So is Ctrl-C while SIGINT has Python's own handler (an application's own is left alone): a
+        KeyboardInterrupt inside the claim or the final write left the audit running under a lease
+        no thread of this guard held or beat, until a recoverer judged it."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         self._held += 1
+        sigint = None
+        if self._held == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            sigint = signal.signal(signal.SIGINT, self._hold_sigint)
         try:
             yield
         finally:
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
             self._held -= 1
             if self._held == 0 and self._pending_signal is not None:
                 signum, self._pending_signal = self._pending_signal, None
                 self._deliver(signum, None)
+            if self._held == 0 and self._pending_sigint:
+                self._pending_sigint = False
+                raise KeyboardInterrupt
+
+    def _hold_sigint(self, signum, frame) -> None:
+        self._pending_sigint = True
 
     def _on_sigterm(self, signum, frame) -> None:
         if self._forked():
@@ -721,13 +742,18 @@ class StuckAuditPrevention:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float | timedelta | str | None = None) -> None:
         """Stop the heartbeat and monitor threads (joins them) and mark this instance stopped: at
         once when no ``run`` block is under way, else when the last one ends (until then its
         audits are still this live instance's, not a gone worker's).
 
         In a child forked from the guard's process it does nothing: the threads and the worker
-        instance are the parent's, which goes on running."""
+        instance are the parent's, which goes on running.
+
+        ``timeout`` (seconds, a timedelta or ``"5s"``; 0 waits for nothing) bounds the wait for the
+        threads; a bad one raises ConfigError before anything is stopped."""
+        if timeout is not None and not (type(timeout) in (int, float) and timeout == 0):
+            timeout = parse_duration(timeout, "timeout")
         if self._forked():
             return
         with self._lifecycle:

@@ -424,6 +424,11 @@ BAD_SETTINGS = [
     ({"slack_webhook": 5}, "a webhook URL must be text, got int"),
     ({"worker_url": "http://w\udcff.example"}, "worker_url: not valid Unicode text"),
     ({"worker_url": "https://" + "x" * 70_000}, "worker_url must be text of at most 2000 characters"),
+    ({"worker_id": ""}, "worker_id is empty"),
+    ({"worker_id": "   "}, "worker_id is empty"),
+    ({"worker_id": 0}, "worker_id must be text"),
+    ({"requeue": "false"}, "requeue must be True or False, got 'false'"),
+    ({"create_schema": "no"}, "create_schema must be True or False, got 'no'"),
 ]
 
 
@@ -432,9 +437,16 @@ BAD_SETTINGS = [
 def test_invalid_durations_and_thresholds_are_a_clear_config_error_before_touching_the_database(engine, database_url,
                                                                                                  settings, message):
     with pytest.raises(ConfigError) as caught:
-        StuckAuditPrevention(database_url, worker_id="w", **settings)
+        StuckAuditPrevention(database_url, **{"worker_id": "w", **settings})
     assert message in str(caught.value)
     assert worker_rows(engine) == []  # nothing registered, nothing written
+
+
+def test_a_sqlite_url_with_a_user_name_and_password_is_a_config_error_with_the_password_masked(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        StuckAuditPrevention(f"sqlite://alice:S3cretPW@/{tmp_path}/x.db", worker_id="w")
+    assert "a SQLite URL takes no user name, password or port" in str(caught.value)
+    assert "S3cretPW" not in str(caught.value) and not (tmp_path / "x.db").exists()
 
 
 @pytest.mark.parametrize("name", ["\udcff.db", "a\x00b.db"], ids=["not UTF-8", "NUL"])

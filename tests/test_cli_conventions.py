@@ -332,6 +332,9 @@ def test_init_against_a_newer_schema_says_so_in_one_line(database_url, engine):
                                                          "slashes, as in sqlite:///relative.db"),
     (["scan", "--stale-after", "ten minutes"], "Error: Invalid value for '--stale-after': cannot read 'ten minutes'"),
     (["scan", "--bogus"], "Error: No such option '--bogus'"),
+    (["scan", "--database-url", "sqlite://alice:S3cret@/tmp/x.db"], "Error: sqlite://alice:***@/tmp/x.db: a SQLite URL "
+                                                                    "takes no user name, password or port"),
+    (["completion"], "Error: Missing argument '{bash|zsh|fish}'. Choose from: bash, zsh, fish"),
 ])
 def test_usage_errors_are_one_line_naming_what_was_wrong(args, message, tmp_path):
     result = run(*args)

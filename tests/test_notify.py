@@ -722,6 +722,16 @@ def test_a_webhook_password_from_the_environment_or_the_config_file_is_refused_m
         assert PASSWORD not in refused.output and "Traceback" not in refused.output
 
 
+def test_a_webhook_variable_is_split_on_commas_only_like_the_flag(sqlite_url):
+    spaced = invoke("notify", "--database-url", sqlite_url,
+                    env={"AUDITCTL_SLACK_WEBHOOK": f"https://hooks.example.com/a/{SECRET} https://hooks.example.com/b/{SECRET}"})
+    assert spaced.exit_code == 2 and "holds a space, line break or control character" in spaced.stderr, spaced.stderr
+    two = invoke("config", "-o", "json", "--database-url", sqlite_url,
+                 env={"AUDITCTL_SLACK_WEBHOOK": f"https://hooks.example.com/a/{SECRET}, https://hooks.example.com/b/{SECRET}"})
+    slack_setting = next(r for r in json.loads(two.stdout) if r["setting"] == "slack_webhook")
+    assert slack_setting["value"] == "https://hooks.example.com/***, https://hooks.example.com/***"
+
+
 @pytest.mark.parametrize("url", [f"http://alerts:{PASSWORD}@127.0.0.1/services/{SECRET}",
                                  f"http://127.0.0.1:9/services/{SECRET}\nhttp://127.0.0.1:9/services/{SECRET}2",
                                  f"http://127.0.0.1:9/services/{SECRET}\x01{PASSWORD}"])

@@ -778,6 +778,19 @@ def test_a_heartbeat_racing_the_end_of_the_run_records_no_lease_lost(engine, gua
     assert [e["event"] for e in events(engine, audit_id)] == []
 
 
+def test_stop_takes_its_timeout_as_any_duration_and_refuses_a_bad_one_before_stopping_anything(guards):
+    from auditctl.errors import ConfigError
+
+    guard = guards(heartbeat_interval=1)
+    guard.start_heartbeat_monitor()
+    for bad in (-1, float("nan"), "soon", True):
+        with pytest.raises(ConfigError, match="^timeout: "):
+            guard.stop(timeout=bad)
+        assert guard._thread.is_alive() and not guard._stopped, f"{bad!r} stopped the guard halfway"
+    guard.stop(timeout="5s")
+    assert not guard._thread.is_alive()
+
+
 def test_sigterm_landing_while_the_main_thread_is_inside_stop_neither_hangs_nor_loses_the_stop(guards):
     import signal
     import threading

@@ -556,6 +556,25 @@ def test_a_sigterm_during_the_claim_marks_the_claimed_audit_failed(engine, datab
     assert claimed["status"] == "failed" and claimed["error"] == "SystemExit: 143", "left running under a dead lease"
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_a_ctrl_c_during_the_claim_marks_the_claimed_audit_failed_instead_of_leaving_it_running(engine, database_url,
+                                                                                                tmp_path):
+    child, audit_id = _signal_child(tmp_path, database_url, "--say-claiming")
+    lock = _write_lock(database_url)  # the claim waits for the lock...
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert read_line(child) == "CLAIMING"
+    child.send_signal(signal.SIGINT)  # ...and Ctrl-C arrives meanwhile
+    time.sleep(0.4)
+    lock.execute("COMMIT")
+    lock.close()
+    out, err = child.communicate(timeout=30)
+    assert child.returncode in (-signal.SIGINT, 130), err
+    assert "ENTERED" not in out, "the block never started"
+    claimed = row(engine, audit_id)
+    assert claimed["status"] == "failed" and claimed["error"] == "KeyboardInterrupt", claimed
+
+
 def _sigterm_then_still_beating(tmp_path, database_url, engine, *args, said: str | None = None):
     """Start an audit in a child (no progress calls: only the heartbeat thread keeps it alive), send
     SIGTERM, and check the audit is still not stale 3 s later (stale_after is 2 s)."""

@@ -266,7 +266,8 @@ def _usage_message(error: click.UsageError) -> str:
         if envvar and ctx is not None and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
             hint += f" (from ${envvar if isinstance(envvar, str) else envvar[0]})"
         return f"Invalid value for {hint}: {error.message}"
-    return error.format_message()
+    # One line: click lists a missing choice's values one per line ("Choose from:\n\tbash,\n\tzsh").
+    return " ".join(error.format_message().split())
 
 
 def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:

@@ -65,6 +65,11 @@ class ListType(click.ParamType):
 
         return [CompletionItem(c) for c in (self.choices or ()) if c.startswith(incomplete)]
 
+    def split_envvar_value(self, rv: str):
+        """A variable's value whole, split on commas by ``convert`` as a flag's is: click would split it
+        on whitespace first (a webhook URL holding a space became two URLs)."""
+        return [rv] if rv.strip() else []
+
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
