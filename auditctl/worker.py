@@ -322,7 +322,9 @@ class AuditRun:
                 delay *= 2
 
     def heartbeat(self) -> None:
-        """Refresh the heartbeat now (the heartbeat thread does this on its own). Raises LeaseLost."""
+        """Refresh the heartbeat now (the heartbeat thread does this on its own). Raises LeaseLost, and
+        ``RunEnded`` after the run's block ended (as ``update_progress`` does; it did nothing)."""
+        self._check_running()
         self._beat(blocking=True)
 
     def _beat(self, *, blocking: bool) -> None:
@@ -446,6 +448,7 @@ class StuckAuditPrevention:
         #: The process this guard belongs to: a child forked from it must not act for it (``_forked``).
         self._pid = os.getpid()
         self._lifecycle = threading.RLock()  # start_heartbeat_monitor and stop, one at a time
+        self._monitor_wanted: bool | None = None  # handle_sigterm of the last start_heartbeat_monitor
         self._stop = threading.Event()
         #: Stops the monitor passes only: set by SIGTERM too, which must not stop the heartbeats of
         #: work that goes on (an application draining its audits, other threads finishing theirs).
@@ -516,6 +519,7 @@ class StuckAuditPrevention:
             self._start_heartbeat_monitor(handle_sigterm)
 
     def _start_heartbeat_monitor(self, handle_sigterm: bool) -> None:
+        self._monitor_wanted = handle_sigterm  # a run() after a stop() starts them again the same way
         threads = [thread for thread in (self._thread, self._monitor_thread) if thread is not None and thread.is_alive()]
         if threads:
             if not self._stop.is_set():
@@ -603,7 +607,10 @@ class StuckAuditPrevention:
         if not MIN_INT <= audit_id <= MAX_INT:
             raise AuditNotFound(f"no audit with id {audit_id}")
         with self._lifecycle:  # one at a time with a stop() and with the end of the last run after one
-            self._resume_if_stopped()
+            if self._resume_if_stopped() and self._monitor_wanted is not None:
+                # Started before the stop(): without its threads this run would get no heartbeat and
+                # be recovered as stale while it works.
+                self._start_heartbeat_monitor(self._monitor_wanted)
         holding = self._holding_signals()
         holding.__enter__()
         try:
@@ -810,17 +817,19 @@ class StuckAuditPrevention:
             registry.forget_here(self.instance_id)
             log.warning("could not mark worker instance %s stopped: %s", self.instance_id[:8], printable(error))
 
-    def _resume_if_stopped(self) -> None:
+    def _resume_if_stopped(self) -> bool:
         """Used again after ``stop()``: the instance is live again. Marked stopped, its audits would be
         recovered at once as those of a worker that stopped without finishing them (``worker_gone``),
-        by other recoverers and by this guard's own monitor."""
-        if self._stopped:
-            with self._runs_lock:
-                self._mark_stopped_when_idle = False
-            registry.mark_running(self.engine, self.instance_id, guard=self)
-            self._stopped = False
-            log.info("✅ Stuck audit prevention system resumed: worker %s (instance %s)", printable(self.worker_id),
-                     self.instance_id[:8])
+        by other recoverers and by this guard's own monitor. Returns whether it was stopped."""
+        if not self._stopped:
+            return False
+        with self._runs_lock:
+            self._mark_stopped_when_idle = False
+        registry.mark_running(self.engine, self.instance_id, guard=self)
+        self._stopped = False
+        log.info("✅ Stuck audit prevention system resumed: worker %s (instance %s)", printable(self.worker_id),
+                 self.instance_id[:8])
+        return True
 
     def _stop_at_exit(self) -> None:
         if self._forked():

@@ -459,7 +459,7 @@ def test_a_run_keeps_one_connection_for_its_writes_and_gives_it_back_when_it_end
         finally:
             event.remove(guard.engine, "checkout", count)
     assert guard.engine.pool.checkedout() == 0, "the run's connection went back to the pool"
-    run.heartbeat()  # a late beat (the heartbeat thread racing the end) writes nothing and holds nothing
+    run._beat(blocking=False)  # the heartbeat thread's late beat (racing the end) writes nothing and holds nothing
     assert guard.engine.pool.checkedout() == 0
 
 
@@ -478,6 +478,31 @@ def test_a_guard_used_again_after_stop_is_live_again_and_its_audits_are_not_take
         assert guard._monitor_once() is True  # its own monitor pass
         run.update_progress(step="Crawling")
     assert row(engine, second)["status"] == COMPLETED, "the guard's own monitor took its running audit as gone"
+
+
+def test_a_heartbeat_asked_for_after_the_block_ended_says_so_like_a_late_report(engine, guards):
+    from auditctl.errors import RunEnded
+
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/late-beat")
+    with guard.run(audit_id) as run:
+        run.heartbeat()
+    with pytest.raises(RunEnded):
+        run.heartbeat()
+    assert row(engine, audit_id)["status"] == COMPLETED and events(engine, audit_id) == []
+
+
+def test_a_run_after_stop_starts_the_heartbeats_again_so_it_is_not_recovered_as_stale(engine, guards):
+    guard = guards(heartbeat_interval=0.2, stale_after=1)
+    audit_id = guard.create_audit("https://example.com/beats-again")
+    guard.start_heartbeat_monitor(handle_sigterm=False)
+    guard.stop()
+    with guard.run(audit_id):
+        time.sleep(2.0)  # twice stale_after, with no write of its own: only the heartbeat thread speaks
+        assert not find_stuck(engine, Thresholds(stale_after=1, max_age=1800, stall_after=600)), \
+            "the run went silent: stop() ended the heartbeat thread and run() did not start it again"
+    guard.stop()
+    assert row(engine, audit_id)["status"] == COMPLETED
 
 
 # --- SIGTERM at the edges of a run (real processes, real signals; SQLite's write lock held by the test) ----------
