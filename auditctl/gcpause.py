@@ -79,6 +79,11 @@ def own_process() -> None:
     _owns_process = True
 
 
+def owns_process() -> bool:
+    """Whether this process is the ``auditctl`` command's own (not a program that called it in-process)."""
+    return _owns_process
+
+
 def started() -> None:
     """Start-up is over (the first engine exists): freeze what it made, once, in the command's own process."""
     global _frozen

@@ -334,6 +334,7 @@ def test_init_against_a_newer_schema_says_so_in_one_line(database_url, engine):
     (["scan", "--bogus"], "Error: No such option '--bogus'"),
     (["scan", "--database-url", "sqlite://alice:S3cret@/tmp/x.db"], "Error: sqlite://alice:***@/tmp/x.db: a SQLite URL "
                                                                     "takes no user name, password or port"),
+    (["config", "--database-url", "sqlite://"], "Error: sqlite:// is an in-memory SQLite database"),
     (["completion"], "Error: Missing argument '{bash|zsh|fish}'. Choose from: bash, zsh, fish"),
 ])
 def test_usage_errors_are_one_line_naming_what_was_wrong(args, message, tmp_path):

@@ -522,3 +522,16 @@ def test_the_command_freezes_what_start_up_made_and_a_test_runner_is_left_alone(
     invoked = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{demo_dir / 'auditctl.db'}", "scan"])
     assert invoked.exit_code == 0, invoked.output
     assert gc.get_freeze_count() == before
+
+
+def test_a_sigterm_after_the_command_finished_does_not_turn_its_exit_code_into_143(tmp_path):
+    # The latest moment a signal can land: at exit, after the command chose its code (a second
+    # SIGTERM to a watch that had stopped). The entry point's own process ignores it by then.
+    script = ("import atexit, os, signal, sys\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              "sys.argv = ['auditctl', '--version']\n"
+              "from auditctl.cli import main\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.startswith("auditctl, version")

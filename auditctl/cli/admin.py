@@ -66,9 +66,13 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
     """
     from click.core import ParameterSource
 
+    from ..db import create_engine
     from ..thresholds import format_duration
     from .render import Column, render
 
+    # A URL every other command would refuse (in memory, a bad connect_timeout) is refused here too,
+    # without connecting: config shows what is in force, and a refused setting is not.
+    create_engine(state.database_url, role="reader", must_exist=False).dispose()
     ctx = click.get_current_context()
     path = ctx.find_root().meta.get("auditctl.config_path")
     durations = {

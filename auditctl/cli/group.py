@@ -138,7 +138,11 @@ class AuditctlGroup(click.Group):
             if previous_sigterm is not None:
                 import signal
 
-                signal.signal(signal.SIGTERM, previous_sigterm)
+                from ..gcpause import owns_process
+
+                # In the command's own process the exit code is chosen and the process is ending: a
+                # SIGTERM now (a second one, after watch stopped) must not turn it into 143.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN if owns_process() else previous_sigterm)
 
     def _main(self, args, prog_name, complete_var, **extra):
         try:
