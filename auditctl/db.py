@@ -178,7 +178,10 @@ def _pg_options(url: URL, role: str, lock_wait: float, statement_timeout: float 
     theirs = url.query.get("options")
     if isinstance(theirs, tuple):
         theirs = " ".join(theirs)
-    after = []
+    # psycopg reads times and intervals only in these styles ("can't parse timestamptz with DateStyle
+    # 'SQL, DMY'"): they shape the text the server sends, never what it means, so they come last and
+    # win over a URL's or a database's own (ALTER DATABASE ... SET datestyle).
+    after = ["-c DateStyle=ISO,MDY", "-c IntervalStyle=postgres"]
     if statement_timeout is not None:
         ours_ms = max(1, wait_ms(statement_timeout))
         theirs_ms = _statement_timeout_ms(theirs) if theirs else None

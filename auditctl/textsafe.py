@@ -13,10 +13,11 @@ import re
 
 # C0 controls (but tab and newline are handled by the caller's choice), DEL, C1 controls,
 # the Unicode controls that reorder or hide text (bidi overrides, isolates, the Arabic
-# letter mark U+061C, zero-width), and lone surrogates (a JSON document may hold "\ud800",
+# letter mark U+061C, zero-width), the line and paragraph separators U+2028 and U+2029 (an
+# editor or a TOML reader breaks a line at them), and lone surrogates (a JSON document may hold "\ud800",
 # which no UTF-8 output can encode).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
-_CONTROL_AND_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+_CONTROL_AND_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
 
 
 def _escape(match: re.Match) -> str:

@@ -250,3 +250,18 @@ def test_a_connect_timeout_that_is_not_a_whole_number_of_seconds_is_refused_in_o
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "connect_timeout" in lines[0] and "hunter2" not in result.output, result.output
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_session_date_style_of_another_country_changes_nothing_auditctl_reads_or_shows(blank_database_url, theirs):
+    with theirs.begin() as connection:  # the database's own default, and the URL's, both foreign
+        connection.execute(text(f"ALTER DATABASE {theirs.url.database} SET datestyle = 'German'"))
+    url = f"{blank_database_url}?options=-c%20DateStyle%3DSQL,DMY%20-c%20TimeZone%3DPacific/Chatham"
+    assert run("init", "--database-url", url).exit_code == 0
+    assert run("demo", "--database-url", url).exit_code == 0
+    for args in (["scan", "-o", "json"], ["list", "-o", "json"], ["workers"], ["report"], ["show", "1"]):
+        result = run(*args, "--database-url", url)
+        assert result.exit_code == 0, (args, result.output)
+    records = json.loads(run("scan", "-o", "json", "--database-url", url).stdout)
+    assert records and all(r["last_heartbeat"].endswith("Z") and r["last_heartbeat"][10] == "T" for r in records)
+    assert run("recover", "--database-url", url).exit_code == 0

@@ -1029,10 +1029,11 @@ def test_valid_settings_round_trip_through_a_config_file(config_dir, data, wrapp
 # --- text made safe -------------------------------------------------------------------------
 
 BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+LINE_SEPARATORS = set("\u2028\u2029")  # an editor or a TOML reader breaks a line at them
 hostile_text = st.one_of(
     st.text(max_size=40),
     st.lists(st.sampled_from(["\x1b]0;title\x07", "\x1b[2J", "\x1b]8;;http://x\x1b\\", "\x9b", "\u202e", "\u061c", "\u2066",
-                              "\u200b", "\ufeff", "=", "+", "-", "@", "\t", "\r", "\n", "a", " "]), max_size=8).map("".join),
+                              "\u200b", "\ufeff", "\u2028", "\u2029", "=", "+", "-", "@", "\t", "\r", "\n", "a", " "]), max_size=8).map("".join),
     st.lists(st.sampled_from(["\x1b]0;title\x07", "\x1b[2J", "\x9b1m", "\u202e", "\u061c", "=cmd()", "@SUM(A1)", "-1+1",
                               "\t", "\r\n", "ok"]), max_size=6).map("".join),
 )
@@ -1040,11 +1041,13 @@ hostile_text = st.one_of(
 
 def _visible(text: str, keep_newlines: bool) -> bool:
     allowed = {"\n", "\t"} if keep_newlines else set()
-    return not any((unicodedata.category(c) == "Cc" and c not in allowed) or c in BIDI_CONTROLS for c in text)
+    return not any((unicodedata.category(c) == "Cc" and c not in allowed) or c in BIDI_CONTROLS or c in LINE_SEPARATORS
+                   for c in text)
 
 
 @given(hostile_text, st.booleans())
 @example("\u061cabc", False)  # the Arabic letter mark, a bidi control, was passed through
+@example("kind \u2028ls", False)  # a line separator in a TOML comment (report --format toml) was passed through
 def test_printable_leaves_no_control_or_bidi_characters(text, keep_newlines):
     shown = textsafe.printable(text, keep_newlines=keep_newlines)
     assert _visible(shown, keep_newlines), ascii(shown)

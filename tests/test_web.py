@@ -170,7 +170,7 @@ def test_api_actions_answer_500_naming_the_audits_the_database_refused_and_list_
         reset = server.post("/api/reset-all", json_body={}, headers=BEARER)
     for answer, done, what in ((recovered, "recovered", "recovered"), (reset, "reset", "reset")):
         body = answer.json()
-        assert answer.status == 500 and f"1 audits could not be {what} and need an operator: " in body["error"]
+        assert answer.status == 500 and f"1 audit could not be {what} and needs an operator: " in body["error"]
         assert [r["id"] for r in body[done]] and not {r["id"] for r in body[done]} & refused
     assert f"{stuck[0]} (" in recovered.json()["error"] and f"{failed[0]} (" in reset.json()["error"]
     assert statuses(demo)[stuck[0]] == "running" and statuses(demo)[failed[0]] == "failed"
@@ -201,7 +201,7 @@ def test_api_actions_stopped_partway_answer_503_listing_what_their_committed_bat
         assert answer.status == 503 and body["error"].startswith("stopped partway by an error: "), body.get("error")
         assert sorted(r["id"] for r in body[key]) == expected
     # the audit its first batch could not recover is named too, not only what committed
-    assert f"1 audits could not be recovered and need an operator: {stuck[0]} (" in recovered.json()["error"]
+    assert f"1 audit could not be recovered and needs an operator: {stuck[0]} (" in recovered.json()["error"]
     assert sum(1 for s in statuses(demo).values() if s == "pending") >= 500
 
 

@@ -160,7 +160,8 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
         listing = "; ".join(f"{s.id} ({s.error})" for s in done.skipped[:10])
         from ..textsafe import printable
 
-        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be recovered and need an operator: "
+        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be recovered and "
+                   f"{'needs' if len(done.skipped) == 1 else 'need'} an operator: "
                    f"{printable(listing)}", err=True)
     _say_stopped(state, stopped)
     if done.skipped:
@@ -245,7 +246,8 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
         for line in _held_back(plan):
             echo_status(state, line)
     if done.skipped:
-        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be reset and need an operator: "
+        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be reset and "
+                   f"{'needs' if len(done.skipped) == 1 else 'need'} an operator: "
                    + ", ".join(str(s.id) for s in done.skipped[:20]), err=True)
     _say_stopped(state, stopped)
     if done.skipped:

@@ -240,7 +240,9 @@ def _stopped(records: list, skipped: list, message: str, what: str, key: str) ->
 
 def _need_operator(skipped: list, what: str) -> str:
     listing = "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])
-    return f"{len(skipped)} audits could not be {what} and need an operator: {listing}"
+    one = len(skipped) == 1
+    return (f"{len(skipped)} audit{'' if one else 's'} could not be {what} and {'needs' if one else 'need'} an operator: "
+            f"{listing}")
 
 
 def _done(records: list, skipped: list, what: str, key: str) -> Response:

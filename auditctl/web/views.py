@@ -562,7 +562,8 @@ def reset_result(records: list[dict], left_alone: int, skipped, stopped: str | N
         body += message("error", e(f"Stopped partway by an error: {stopped}; {stopped_partway('reset', 'listed')}: "
                                    "press Reset All Audits again."))
     if skipped:
-        body += message("error", e(f"{plural(len(skipped), 'audit')} could not be reset and need an operator: "
+        body += message("error", e(f"{plural(len(skipped), 'audit')} could not be reset and "
+                                   f"{'needs' if len(skipped) == 1 else 'need'} an operator: "
                                    + ", ".join(str(s.id) for s in skipped[:20])))
     return f'<div class="panel" id="reset-result">{body}{_reset_rows(records[:100]) if records else ""}</div>'
 
@@ -604,7 +605,8 @@ def recover_result(records: list[dict], skipped) -> str:
     else:
         body = message("info", "Nothing was recovered: no audit was still stuck.")
     if skipped:
-        body += message("error", e(f"{plural(len(skipped), 'audit')} could not be recovered and need an operator: "
+        body += message("error", e(f"{plural(len(skipped), 'audit')} could not be recovered and "
+                                   f"{'needs' if len(skipped) == 1 else 'need'} an operator: "
                                    + "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])))
     return f'<div class="panel" id="recover-result">{body}{_recovery_rows(records[:100]) if records else ""}</div>'
 
