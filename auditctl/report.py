@@ -419,7 +419,10 @@ class Sql:
         if self.postgres:
             return (f"(CASE WHEN isfinite({later}) AND isfinite({earlier}) "
                     f"THEN date_part('epoch', {later} - {earlier}) END)")
-        return f"((julianday({later}) - julianday({earlier})) * 86400.0)"
+        # Rounded to the millisecond: a julian day's float holds a time to about 40 µs, and the
+        # difference of two came out a hair long (a run of exactly 600 s as 600.0000209, which the
+        # threshold proposal rounded up to the next step, and counted as past a max_age of 10m).
+        return f"round((julianday({later}) - julianday({earlier})) * 86400.0, 3)"
 
     def moment(self, value: datetime):
         """A time bound as the stored times compare (canonical text on SQLite)."""

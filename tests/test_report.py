@@ -547,3 +547,24 @@ def test_completions_per_worker_read_the_finish_time_index_whatever_the_statisti
     with sqlite3.connect(path) as connection:
         plan = " ".join(row[-1] for row in connection.execute("EXPLAIN QUERY PLAN " + statement, parameters))
     assert "ix_audits_status_finished" in plan and "ix_audits_worker_status" not in plan, plan
+
+
+def test_runs_of_an_exact_length_are_measured_exactly_so_the_proposal_is_not_rounded_a_step_up(engine, database_url):
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    rows = []
+    for i in range(20):
+        finished = now - timedelta(seconds=3600 + 977.123457 * i)  # odd microseconds, as stored times have
+        started = finished - timedelta(seconds=600)
+        rows.append({"target": "https://example.com", "status": "completed", "kind": "exact", "created_at": started,
+                     "started_at": started, "finished_at": finished, "attempts": 1, "declared_heartbeat_interval": 5.0,
+                     "longest_gap_seconds": 10.0, "longest_stall_seconds": 20.0, "worker_id": "worker-1"})
+    with write_transaction(engine) as connection:
+        connection.execute(insert(audits), rows)
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--max-age", "10m",
+                    "--format", "json")
+    assert result.exit_code == 0, result.output
+    exact = next(item for item in json.loads(result.stdout)["kinds"] if item["kind"] == "exact")
+    max_age = exact["proposals"]["max_age"]
+    assert max_age["text"] == "15m", max_age  # 600 s x 1.5, already a round duration
+    assert max_age["current_false_recoveries"] == 0, "a run of exactly max_age did not go past it"
