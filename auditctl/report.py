@@ -236,12 +236,22 @@ def notification_backlog(engine: Engine) -> Backlog | None:
 def oldest_heartbeat_age(engine: Engine) -> float | None:
     """Seconds since the least recent sign of life of any running audit (None when nothing runs).
 
-    The same reading the stuck rules use: the heartbeat, else the last worker update, the
-    start, the creation; on SQLite each through the same parser (``seconds_since``).
+    The same reading the stuck rules use: the first of the heartbeat, the last worker update,
+    the start and the creation that can be read and is not in the future (more than
+    ``FUTURE_TOLERANCE`` ahead); on SQLite each through the same parser (``seconds_since``).
     """
-    heard = func.coalesce(audits.c.heartbeat_at, audits.c.last_worker_update, audits.c.started_at, audits.c.created_at)
+    from sqlalchemy import case
+
+    from .rules import FUTURE_TOLERANCE
+
+    def trusted(column):
+        age = seconds_since(column)  # NULL when the time cannot be read
+        return case((age >= -FUTURE_TOLERANCE, age))
+
+    heard = func.coalesce(*(trusted(c) for c in (audits.c.heartbeat_at, audits.c.last_worker_update,
+                                                  audits.c.started_at, audits.c.created_at)))
     with read_connection(engine) as connection:
-        value = connection.execute(select(func.max(seconds_since(heard))).where(IS_RUNNING)).scalar()
+        value = connection.execute(select(func.max(heard)).where(IS_RUNNING)).scalar()
     number = float_value(value)
     return None if number is None else max(0.0, round(number, 3))
 

@@ -336,3 +336,18 @@ def test_an_interrupted_watch_leaves_its_textfile_as_the_last_pass_wrote_it(tmp_
     _own_passes(sink, lambda **_kwargs: None, (), {})
     sink.close()
     assert "auditctl_database_up 1.0" in path.read_text()
+
+
+def test_the_oldest_heartbeat_skips_one_from_the_future_as_the_stuck_rules_do(engine):
+    from auditctl.report import oldest_heartbeat_age
+
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    with write_transaction(engine) as connection:
+        connection.execute(insert(audits).values(
+            target="https://example.com/clock-ahead", status="running", lease="x", attempts=1,
+            created_at=now - timedelta(minutes=90), started_at=now - timedelta(minutes=90),
+            heartbeat_at=now + timedelta(days=30), last_worker_update=now - timedelta(minutes=85),
+            progress_changed_at=now - timedelta(minutes=85)))
+    # The rules call it silent since its last worker update; a heartbeat a month ahead is not trusted.
+    assert oldest_heartbeat_age(engine) == pytest.approx(85 * 60, abs=30)
