@@ -79,7 +79,7 @@ def markdown_cell(value) -> str:
 
 # In JSON text these can only sit inside strings, where \uXXXX is the same character: escaping
 # them keeps the JSON exact and keeps a terminal that prints it from acting on them.
-_JSON_RISKY = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+_JSON_RISKY = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
 
 
 def json_safe_text(text: str) -> str:

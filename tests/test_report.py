@@ -568,3 +568,13 @@ def test_runs_of_an_exact_length_are_measured_exactly_so_the_proposal_is_not_rou
     max_age = exact["proposals"]["max_age"]
     assert max_age["text"] == "15m", max_age  # 600 s x 1.5, already a round duration
     assert max_age["current_false_recoveries"] == 0, "a run of exactly max_age did not go past it"
+
+
+def test_suggestions_as_csv_keep_their_columns_when_there_is_nothing_to_learn_from(engine, database_url):
+    empty = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "csv")
+    assert empty.exit_code == 0, empty.output
+    make_kinds(engine)
+    full = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "csv")
+    header = full.stdout.splitlines()[0]
+    assert empty.stdout.splitlines() == [header] and header.startswith("kind,threshold,completed,")
+    assert len(full.stdout.splitlines()) == 1 + 2 * 3

@@ -301,6 +301,13 @@ def _report_csv(found) -> None:
 # --- suggestions -------------------------------------------------------------------------------
 
 
+#: The columns of ``report --suggest-thresholds -o csv``, the same with or without data.
+SUGGESTION_KEYS = ("kind", "threshold", "completed", "samples", "current_seconds", "current_source",
+                   "current_false_recoveries", "current_false_recovery_rate", "proposed_seconds", "proposed",
+                   "false_recoveries", "false_recovery_rate", "detection_latency_seconds", "observed_p50_seconds",
+                   "observed_p99_seconds", "observed_max_seconds", "note")
+
+
 def _suggestion_records(found) -> list[dict]:
     records = []
     for item in found.kinds:
@@ -337,7 +344,7 @@ def _render_suggestions(found, fmt: str) -> None:
 
     records = _suggestion_records(found)
     if fmt == "csv":
-        render(records, [Column(k, k) for k in records[0]] if records else [Column("kind", "kind")], "csv")
+        render(records, [Column(k, k) for k in SUGGESTION_KEYS], "csv")
         return
     if not records:
         click.echo("No audit completed in this window: nothing to learn from.")
