@@ -138,9 +138,13 @@ def _judge(instance: Instance, stale_after: float) -> None:
         instance.alive = True  # same boot and namespace, and the process is there
         return
     # Another host, container or boot (a reused pod name looks like this): only a fresh
-    # heartbeat says it is alive, by the silence it declared it may keep.
+    # heartbeat says it is alive, by the silence it declared it may keep. One further ahead than
+    # the stuck rules trust (a writer's clock, or another tool) says nothing.
+    from .rules import FUTURE_TOLERANCE
+
     limit = instance.stale_after or stale_after
-    instance.alive = instance.heartbeat_age is not None and instance.heartbeat_age <= limit
+    age = instance.heartbeat_age
+    instance.alive = age is not None and -FUTURE_TOLERANCE <= age <= limit
 
 
 def register(engine: Engine, *, instance_id: str, worker_id: str, worker_url: str | None, guard: object,

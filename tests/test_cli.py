@@ -757,6 +757,23 @@ def test_workers_shows_a_registered_guard_alive(database_url, guards):
     assert "scanner-7" in plain.stdout and " alive " in plain.stdout.splitlines()[1]
 
 
+def test_a_worker_on_another_host_beating_from_the_future_is_not_called_alive(database_url, engine):
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from auditctl.db import fetch_now, write_transaction
+    from auditctl.schema import workers
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(workers).values(instance_id="f" * 32, worker_id="clock-ahead", host="elsewhere",
+                                                  pid=1, process_key="other-boot:1", started_at=now - timedelta(hours=1),
+                                                  last_heartbeat_at=now + timedelta(days=30)))
+    (record,) = as_json(on(database_url, "workers", "--format", "json"))
+    assert record["worker_id"] == "clock-ahead" and record["alive"] is False, record
+
+
 def test_workers_counts_the_audits_a_guard_holds_and_hides_instances_gone_for_longer_than_a_day(database_url, guards, engine):
     from datetime import timedelta
 
