@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from .db import fetch_now, is_postgres, read_connection
-from .report import Sql, percentile
+from .report import Sql, percentile, window
 from .schema import COMPLETED
 from .thresholds import MAX_DURATION, MIN_STALE_AFTER, STALE_INTERVALS, Policy, format_duration
 from .timestamps import isoformat_z
@@ -154,10 +154,10 @@ def _measure(value) -> float | None:
     return number if number is not None and 0 <= number <= MAX_DURATION else None
 
 
-def _samples(engine: Engine, since: float) -> tuple[datetime, datetime, dict[str | None, list[_Sample]]]:
+def _samples(engine: Engine, since: "float | datetime") -> tuple[datetime, datetime, dict[str | None, list[_Sample]]]:
     with read_connection(engine) as connection:
         now = fetch_now(connection)
-        start = now - timedelta(seconds=since)
+        start, _ = window(now, since)
         sql = Sql(is_postgres(connection))
         # Plain numbers straight from the database (the run time subtracted there): a month of a big
         # fleet is a hundred thousand rows.
@@ -183,7 +183,7 @@ def false_recoveries(values: list[float], threshold: float) -> int:
     return sum(1 for v in values if v > threshold)
 
 
-def suggest_thresholds(engine: Engine, since: float, policy: Policy | None = None, *, interval: float = 300.0,
+def suggest_thresholds(engine: Engine, since: "float | datetime", policy: Policy | None = None, *, interval: float = 300.0,
                        min_samples: int = MIN_SAMPLES) -> Suggestions:
     """Per kind, thresholds learned from the audits that completed in the last ``since`` seconds.
 

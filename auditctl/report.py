@@ -38,7 +38,7 @@ from sqlalchemy import exists, func, or_, select, text
 from sqlalchemy.engine import Engine
 
 from .db import fetch_now, indexed_by, is_postgres, read_connection, seconds_since
-from .errors import SchemaMissing
+from .errors import ConfigError, SchemaMissing
 from .history import LEASE_LOST, NEEDS_OPERATOR, RECOVERED, REQUEUED, RESET
 from .schema import COMPLETED, IS_RUNNING, PENDING, audits
 from .textsafe import clipped
@@ -710,11 +710,23 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
     )
 
 
-def stuck_report(engine: Engine, since: float, *, stale_after: float = 600.0) -> Report:
-    """The report over the last ``since`` seconds (on the database's clock)."""
+def window(now: datetime, since: "float | datetime") -> tuple[datetime, float]:
+    """(start, seconds) of a window reaching back ``since``: seconds (on the database's clock, ``now``)
+    or an aware datetime, as ``--since`` takes either (``parse_moment``). Raises ConfigError for a
+    start that is not before ``now``."""
+    if isinstance(since, datetime):
+        if since >= now:
+            raise ConfigError(f"--since {isoformat_z(since)} is not in the past (the database's clock says "
+                              f"{isoformat_z(now)})")
+        return since, (now - since).total_seconds()
+    return now - timedelta(seconds=since), since
+
+
+def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: float = 600.0) -> Report:
+    """The report over the last ``since`` seconds, or since that moment (on the database's clock)."""
     with read_connection(engine) as connection:
         now = fetch_now(connection)
-        start = now - timedelta(seconds=since)
+        start, since = window(now, since)
         rows = _events_in_window(connection, start, (RECOVERED, REQUEUED, LEASE_LOST))
     events = [e for e in (_stuck_event(r) for r in rows if text_value(r.event) in (RECOVERED, REQUEUED)) if e is not None]
     lost_leases: dict[str, int] = {}

@@ -578,3 +578,17 @@ def test_suggestions_as_csv_keep_their_columns_when_there_is_nothing_to_learn_fr
     header = full.stdout.splitlines()[0]
     assert empty.stdout.splitlines() == [header] and header.startswith("kind,threshold,completed,")
     assert len(full.stdout.splitlines()) == 1 + 2 * 3
+
+
+def test_since_takes_an_iso_time_as_recover_does_and_refuses_one_not_in_the_past(engine, database_url):
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    start = (now - timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = invoke("report", "--database-url", database_url, "--since", start, "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["since"].startswith(start[:19]) and 3 * 3600 - 5 <= data["window_seconds"] <= 3 * 3600 + 60
+    suggested = invoke("report", "--database-url", database_url, "--since", start, "--suggest-thresholds", "-o", "json")
+    assert suggested.exit_code == 0 and json.loads(suggested.stdout)["since"].startswith(start[:19])
+    ahead = invoke("report", "--database-url", database_url, "--since", "2999-01-01T00:00Z")
+    assert ahead.exit_code == 2 and "is not in the past" in ahead.stderr and "Traceback" not in ahead.output

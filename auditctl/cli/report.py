@@ -12,7 +12,7 @@ import json
 import click
 
 from .app import cli
-from .options import DURATION, common_options, threshold_options
+from .options import DURATION, MOMENT, common_options, threshold_options
 
 REPORT_FORMATS = ("table", "plain", "json", "csv", "toml")
 #: Default windows: a week for the report, a month of history to learn thresholds from.
@@ -25,8 +25,8 @@ CHART_WIDTH = 80
 @cli.command()
 @common_options
 @threshold_options
-@click.option("--since", type=DURATION, default=None,
-              help="How far back to look (7d; 30d with --suggest-thresholds).")
+@click.option("--since", type=MOMENT, default=None,
+              help="How far back to look: a duration (7d; 30d with --suggest-thresholds) or an ISO 8601 time.")
 @click.option("--suggest-thresholds", "suggest", is_flag=True,
               help="Propose stale_after, stall_after and max_age per kind from completed audits.")
 @click.option("--interval", type=DURATION, default="5m", show_default=True, envvar="AUDITCTL_INTERVAL", show_envvar=True,
