@@ -62,6 +62,15 @@ class ConcurrentChange(AuditctlError):
     """A locked row changed under a recovery: the batch was rolled back; the next pass retries."""
 
 
+def needing_an_operator(count: int, what: str | None = None) -> str:
+    """How every face says it: ``1 audit could not be recovered and needs an operator``, or with no
+    ``what``, ``2 need an operator``."""
+    verb = "needs" if count == 1 else "need"
+    if what is None:
+        return f"{count} {verb} an operator"
+    return f"{count} audit{'' if count == 1 else 's'} could not be {what} and {verb} an operator"
+
+
 @dataclass
 class Recovery:
     """One audit taken away from its worker (or, under dry run, that would be)."""

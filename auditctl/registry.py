@@ -29,6 +29,7 @@ from sqlalchemy.types import NullType
 
 from .db import db_now, fetch_now, read_connection, single_write, write_transaction
 from .errors import TextNotUtf8
+from .thresholds import FUTURE_TOLERANCE
 from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
 from .timestamps import as_datetime
@@ -140,8 +141,6 @@ def _judge(instance: Instance, stale_after: float) -> None:
     # Another host, container or boot (a reused pod name looks like this): only a fresh
     # heartbeat says it is alive, by the silence it declared it may keep. One further ahead than
     # the stuck rules trust (a writer's clock, or another tool) says nothing.
-    from .rules import FUTURE_TOLERANCE
-
     limit = instance.stale_after or stale_after
     age = instance.heartbeat_age
     instance.alive = age is not None and -FUTURE_TOLERANCE <= age <= limit

@@ -24,8 +24,9 @@ What each figure measures:
   claim, after a requeue or a reset). The start of each run is known from the next recovery's
   record of the run it ended, or from the audit's row for its latest run.
 * **step**: the step the audit was at when it was recovered, from the recovery's record of
-  the row (``recovery_info.original_status``, the row as it was, without its own ``recovery_info``; the
-  records before it are in the history, and a reset's history row keeps the record it cleared). A step no record kept is reported as unknown.
+  the row (``recovery_info.original_status``: the row as it was, without its own
+  ``recovery_info``; the records before it are in the history, and a reset's history row keeps
+  the record it cleared). A step no record kept is reported as unknown.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def oldest_heartbeat_age(engine: Engine) -> float | None:
     """
     from sqlalchemy import case
 
-    from .rules import FUTURE_TOLERANCE
+    from .thresholds import FUTURE_TOLERANCE
 
     def trusted(column):
         age = seconds_since(column)  # NULL when the time cannot be read
@@ -716,7 +717,7 @@ def window(now: datetime, since: "float | datetime") -> tuple[datetime, float]:
     start that is not before ``now``."""
     if isinstance(since, datetime):
         if since >= now:
-            raise ConfigError(f"--since {isoformat_z(since)} is not in the past (the database's clock says "
+            raise ConfigError(f"since {isoformat_z(since)} is not in the past (the database's clock says "
                               f"{isoformat_z(now)})")
         return since, (now - since).total_seconds()
     return now - timedelta(seconds=since), since

@@ -53,12 +53,10 @@ from .gcpause import paused_collector
 from .progress import PROGRESS_FIELDS, read_progress, read_progress_fields
 from .values import float_value, rounded, safe_int, text_value
 from .thresholds import (
-    MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
+    FUTURE_TOLERANCE, MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
     check_window, format_duration,
 )
 
-#: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers).
-FUTURE_TOLERANCE = 60.0
 #: Rows per page when streaming (each page is its own short read; nothing is held open between pages).
 PAGE_SIZE = 2000
 SORTS = ("id", "age", "silence", "target", "worker")

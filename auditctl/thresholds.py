@@ -44,6 +44,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 300.0
 
 #: Nothing in this tool waits more than a year; a larger figure is a typo.
 MAX_DURATION = 366 * 24 * 3600.0
+#: Seconds a timestamp may lie in the future before it is distrusted (clock skew of other writers):
+#: the stuck rules, the registry's liveness, the metrics and the listings all use it.
+FUTURE_TOLERANCE = 60.0
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 #: ASCII digits only (``\d`` and ``float`` take Arabic-Indic or full-width digits), each unit once, blanks

@@ -160,9 +160,9 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
         listing = "; ".join(f"{s.id} ({s.error})" for s in done.skipped[:10])
         from ..textsafe import printable
 
-        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be recovered and "
-                   f"{'needs' if len(done.skipped) == 1 else 'need'} an operator: "
-                   f"{printable(listing)}", err=True)
+        from ..recovery import needing_an_operator
+
+        click.echo(f"Error: {needing_an_operator(len(done.skipped), 'recovered')}: {printable(listing)}", err=True)
     _say_stopped(state, stopped)
     if done.skipped:
         click.get_current_context().exit(EXIT_ERROR)
@@ -246,8 +246,9 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
         for line in _held_back(plan):
             echo_status(state, line)
     if done.skipped:
-        click.echo(f"Error: {_plural(len(done.skipped), 'audit')} could not be reset and "
-                   f"{'needs' if len(done.skipped) == 1 else 'need'} an operator: "
+        from ..recovery import needing_an_operator
+
+        click.echo(f"Error: {needing_an_operator(len(done.skipped), 'reset')}: "
                    + ", ".join(str(s.id) for s in done.skipped[:20]), err=True)
     _say_stopped(state, stopped)
     if done.skipped:

@@ -17,11 +17,11 @@ from ..records import (  # noqa: F401 - the records are the library's; the colum
     unreadable_verdict_record,
     verdict_record,
 )
-from ..thresholds import format_duration
+from ..thresholds import FUTURE_TOLERANCE, format_duration
 from .render import Column, Lines, status_style
 
 #: A time this far ahead of the database's clock is shown as "in the future" (another writer's clock).
-FUTURE = -60.0
+FUTURE = -FUTURE_TOLERANCE
 
 
 def _pct(value) -> str:

@@ -270,8 +270,9 @@ class LogView:
                 self._line(f"stuck audit {v.id} ({_safe(v.target)}): {', '.join(v.reasons)}; {_safe('; '.join(v.explain()))} "
                            "(not recovering: --no-recover)")
         if (self.once or self.state.verbose) and not self.state.quiet:
-            needs = (f", {len(result.skipped)} {'needs' if len(result.skipped) == 1 else 'need'} an operator"
-                     if result.skipped else "")
+            from ..recovery import needing_an_operator
+
+            needs = f", {needing_an_operator(len(result.skipped))}" if result.skipped else ""
             self._line(f"pass done: {len(result.recovered)} recovered, {len(result.stuck)} stuck left alone{needs}")
 
     def _changes(self, result):

@@ -1,7 +1,8 @@
 """The JSON API under ``/api/``: the records of ``auditctl.records``, exactly what ``--format json`` prints.
 
 ======================  ===================================================================
-``GET /api/health``     ``{"database": "ok", "where": ...}``, or 503 ``{"database": "unavailable", "error": ..., "where": ...}``
+``GET /api/health``     ``{"database": "ok", "where": ...}``, or 503 ``{"database": "unavailable",
+                        "error": ..., "where": ...}``
 ``GET /api/overview``   the fleet at a glance (``records.overview_record``), ``recoveries_by_hour`` and
                         ``unsafe_thresholds`` (why ``scan`` would refuse the thresholds, or null)
 ``GET /api/stuck``      ``auditctl scan --format json``: ``worker, reason, kind, target, older_than,
@@ -240,9 +241,9 @@ def _stopped(records: list, skipped: list, message: str, what: str, key: str) ->
 
 def _need_operator(skipped: list, what: str) -> str:
     listing = "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])
-    one = len(skipped) == 1
-    return (f"{len(skipped)} audit{'' if one else 's'} could not be {what} and {'needs' if one else 'need'} an operator: "
-            f"{listing}")
+    from ..recovery import needing_an_operator
+
+    return f"{needing_an_operator(len(skipped), what)}: {listing}"
 
 
 def _done(records: list, skipped: list, what: str, key: str) -> Response:

@@ -14,6 +14,7 @@ from pathlib import Path
 from string import Template
 from urllib.parse import urlencode
 
+from ..recovery import needing_an_operator
 from ..statuses import STATUSES
 from ..textsafe import MAX_CELL, clipped, printable
 from ..thresholds import RULE_REASONS, format_duration
@@ -562,8 +563,7 @@ def reset_result(records: list[dict], left_alone: int, skipped, stopped: str | N
         body += message("error", e(f"Stopped partway by an error: {stopped}; {stopped_partway('reset', 'listed')}: "
                                    "press Reset All Audits again."))
     if skipped:
-        body += message("error", e(f"{plural(len(skipped), 'audit')} could not be reset and "
-                                   f"{'needs' if len(skipped) == 1 else 'need'} an operator: "
+        body += message("error", e(f"{needing_an_operator(len(skipped), 'reset')}: "
                                    + ", ".join(str(s.id) for s in skipped[:20])))
     return f'<div class="panel" id="reset-result">{body}{_reset_rows(records[:100]) if records else ""}</div>'
 
@@ -605,8 +605,7 @@ def recover_result(records: list[dict], skipped) -> str:
     else:
         body = message("info", "Nothing was recovered: no audit was still stuck.")
     if skipped:
-        body += message("error", e(f"{plural(len(skipped), 'audit')} could not be recovered and "
-                                   f"{'needs' if len(skipped) == 1 else 'need'} an operator: "
+        body += message("error", e(f"{needing_an_operator(len(skipped), 'recovered')}: "
                                    + "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])))
     return f'<div class="panel" id="recover-result">{body}{_recovery_rows(records[:100]) if records else ""}</div>'
 
