@@ -24,7 +24,7 @@ from .rules import FUTURE_TOLERANCE, isolate
 from .schema import IS_RUNNING, RUNNING, STATUSES, audits
 from .thresholds import check_window
 from .timestamps import Unreadable, as_datetime, parse, to_storage
-from .values import MAX_INT, MIN_INT, float_value, safe_int, text_value
+from .values import MAX_INT, MIN_INT, THRESHOLD_COLUMNS, float_value, invalid_thresholds, safe_int, text_value
 
 PAGE_SIZE = 2000
 SORTS = ("id", "created", "target", "status", "worker")
@@ -222,6 +222,7 @@ def get_audit(engine: Engine, audit_id: int) -> AuditDetail:
         raise AuditNotFound(f"no audit with id {audit_id}")
     m = row._mapping
     summary = isolate(m, lambda r: summarise(r, now), unreadable_summary)
+    summary.problems += invalid_thresholds(THRESHOLD_COLUMNS, [m[name] for name in THRESHOLD_COLUMNS])
     declared = {name: float_value(m[f"declared_{name}"]) for name in ("heartbeat_interval", "stale_after", "stall_after", "max_age")}
     return AuditDetail(
         summary=summary, progress=m["progress"], recovery_info=m["recovery_info"],

@@ -993,6 +993,18 @@ def _db_now_pg(element, compiler, **kw):
     return "statement_timestamp()"
 
 
+#: The stored times Python can hold, on PostgreSQL (which also stores BC times, year 10000 and
+#: ±infinity): any other reads as unreadable, as SQLite reads a time it cannot parse.
+PG_EARLIEST = "'0001-01-01 00:00:00+00'"
+PG_LATEST = "'9999-12-31 23:59:59.999999+00'"
+
+
+def pg_seconds_since(value: str) -> str:
+    """PostgreSQL: seconds from a readable stored time to now, as a float; NULL for any other."""
+    return (f"(CASE WHEN {value} BETWEEN {PG_EARLIEST} AND {PG_LATEST} "
+            f"THEN date_part('epoch', statement_timestamp() - {value}) END)")
+
+
 class seconds_since(FunctionElement):
     """``now - moment`` in seconds (float), computed by the database; NULL when moment is NULL or unreadable."""
 
@@ -1009,8 +1021,7 @@ def _seconds_since_sqlite(element, compiler, **kw):
 @compiles(seconds_since, "postgresql")
 def _seconds_since_pg(element, compiler, **kw):
     (moment,) = list(element.clauses)
-    value = compiler.process(moment, **kw)
-    return f"(CASE WHEN isfinite({value}) THEN date_part('epoch', statement_timestamp() - {value}) END)"
+    return pg_seconds_since(compiler.process(moment, **kw))
 
 
 class stored_time(FunctionElement):

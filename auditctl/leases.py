@@ -25,7 +25,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history
-from .db import HeldConnection, PreparedWrite, db_now, fetch_now, single_write, write_transaction
+from .db import HeldConnection, PreparedWrite, db_now, fetch_now, pg_seconds_since, single_write, write_transaction
 from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
@@ -129,8 +129,7 @@ def _seconds_since_column_sqlite(element, compiler, **kw):
 @compiles(_seconds_since_column, "postgresql")
 def _seconds_since_column_pg(element, compiler, **kw):
     (moment,) = list(element.clauses)
-    value = compiler.process(moment, **kw)
-    return f"(CASE WHEN isfinite({value}) THEN date_part('epoch', statement_timestamp() - {value}) END)"
+    return pg_seconds_since(compiler.process(moment, **kw))
 
 
 class _greatest(FunctionElement):

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import exists, func, or_, select, text
 from sqlalchemy.engine import Engine
 
-from .db import fetch_now, indexed_by, is_postgres, read_connection, seconds_since
+from .db import PG_EARLIEST, PG_LATEST, fetch_now, indexed_by, is_postgres, read_connection, seconds_since
 from .errors import ConfigError, SchemaMissing
 from .history import LEASE_LOST, NEEDS_OPERATOR, RECOVERED, REQUEUED, RESET
 from .schema import COMPLETED, IS_RUNNING, PENDING, audits
@@ -154,17 +154,11 @@ class FleetFigures:
     notifications: Backlog | None  # None: the database has no outbox tables
 
 
-def _silence_sql(postgres: bool) -> tuple[str, str]:
+def _silence_sql(sql: "Sql") -> tuple[str, str]:
     """(raw, sane): a recovery's stored silence measurement, read once per row (``raw``, in a fenced
-    subquery), and the test that it is a number of seconds worth counting (``sane``, on ``raw``)."""
-    limit = 10 * MAX_DURATION
-    if postgres:
-        value = "measurements -> 'silence_seconds'"
-        raw = f"CASE WHEN jsonb_typeof({value}) = 'number' THEN CAST({value} AS numeric) END"
-        return raw, f"raw BETWEEN 0 AND {limit}"
-    # json_extract would raise on text that is not JSON: it runs only where json_valid said yes.
-    return ("CASE WHEN json_valid(measurements) THEN json_extract(measurements, '$.silence_seconds') END",
-            f"typeof(raw) IN ('integer', 'real') AND raw BETWEEN 0 AND {limit}")
+    subquery), and the test that it is a number of seconds worth counting (``sane``, on ``raw``):
+    read as the report reads it (``_EVENT_NUMBERS``)."""
+    return sql.number(sql.valid("measurements"), _EVENT_NUMBERS["silence"][1]), f"raw BETWEEN 0 AND {10 * MAX_DURATION}"
 
 
 def history_totals(engine: Engine, bounds: tuple[float, ...] = DETECTION_BUCKETS) -> HistoryTotals:
@@ -172,7 +166,7 @@ def history_totals(engine: Engine, bounds: tuple[float, ...] = DETECTION_BUCKETS
     totals = HistoryTotals(detection=Histogram(bounds, [0] * len(bounds), 0, 0.0))
     with read_connection(engine) as connection:
         sql = Sql(is_postgres(connection))
-        raw, sane = _silence_sql(sql.postgres)
+        raw, sane = _silence_sql(sql)
         # Each row's measurement is read once (the fence keeps the planner from pasting the JSON
         # reading into every use of ``raw``) and falls into one bucket; Python makes them cumulative.
         bucket = (f"CASE WHEN {sane} THEN CASE "  # NULL unless sane (which may itself be NULL)
@@ -421,6 +415,15 @@ class Sql:
             return f"({document} #>> '{{{','.join(path)}}}')"
         return f"CAST(json_extract({document}, '$.{'.'.join(path)}') AS TEXT)"
 
+    def number(self, document: str, path: tuple[str, ...]) -> str:
+        """The value at ``path`` when it is a JSON number (NULL for a string, even "12"): read as the
+        detection-latency metric reads a measurement."""
+        if self.postgres:
+            at = f"{document} #> '{{{','.join(path)}}}'"
+            return f"(CASE WHEN jsonb_typeof({at}) = 'number' THEN CAST({at} AS numeric) END)"
+        at = f"{document}, '$.{'.'.join(path)}'"
+        return f"(CASE WHEN json_type({at}) IN ('integer', 'real') THEN json_extract({at}) END)"
+
     def fence(self) -> str:
         """Keeps a subquery from being merged into its caller, where each use would evaluate it again."""
         return " OFFSET 0" if self.postgres else " LIMIT -1"
@@ -428,7 +431,8 @@ class Sql:
     def elapsed(self, later: str, earlier: str) -> str:
         """Seconds from ``earlier`` to ``later`` (NULL when either is missing or unreadable)."""
         if self.postgres:
-            return (f"(CASE WHEN isfinite({later}) AND isfinite({earlier}) "
+            readable = f"BETWEEN {PG_EARLIEST} AND {PG_LATEST}"
+            return (f"(CASE WHEN {later} {readable} AND {earlier} {readable} "
                     f"THEN date_part('epoch', {later} - {earlier}) END)")
         # Rounded to the millisecond: a julian day's float holds a time to about 40 µs, and the
         # difference of two came out a hair long (a run of exactly 600 s as 600.0000209, which the
@@ -440,25 +444,19 @@ class Sql:
         return value if self.postgres else to_storage(value)
 
 
-def _text_number(value) -> float | None:
-    if value is None:
-        return None
-    try:
-        return _number(float(value))
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
 def _step(value) -> str | None:
     value = text_value(value)
     return value[:_MAX_STEP] if value else None
 
 
-#: What the report reads from each recovery's history row: (document alias, path).
+#: What the report reads from each recovery's history row: (document alias, path), as text and as numbers.
 _EVENT_FIELDS = {
-    "silence": ("m", ("silence_seconds",)), "stalled": ("m", ("stalled_seconds",)), "age": ("m", ("age_seconds",)),
-    "max_age": ("m", ("max_age",)), "worker": ("d", ("from", "worker_id")), "lease": ("d", ("from", "lease")),
+    "worker": ("d", ("from", "worker_id")), "lease": ("d", ("from", "lease")),
     "run_started": ("d", ("from", "started_at")), "step": ("d", ("from", "step")), "lost_lease": ("d", ("lease",)),
+}
+_EVENT_NUMBERS = {
+    "silence": ("m", ("silence_seconds",)), "stalled": ("m", ("stalled_seconds",)), "age": ("m", ("age_seconds",)),
+    "max_age": ("m", ("max_age",)),
 }
 
 
@@ -467,7 +465,8 @@ def _events_in_window(connection, start: datetime, kinds: tuple[str, ...]) -> li
     names = ", ".join(f"'{kind}'" for kind in kinds)  # this module's constants
     inner = (f"SELECT id, audit_id, at, event, reasons, {sql.valid('measurements')} AS m, {sql.valid('details')} AS d "
              f"FROM audit_events WHERE at >= :start AND event IN ({names}) ORDER BY id{sql.fence()}")
-    fields = ", ".join(f"{sql.field(alias, path)} AS {name}" for name, (alias, path) in _EVENT_FIELDS.items())
+    fields = ", ".join([*(f"{sql.field(alias, path)} AS {name}" for name, (alias, path) in _EVENT_FIELDS.items()),
+                        *(f"{sql.number(alias, path)} AS {name}" for name, (alias, path) in _EVENT_NUMBERS.items())])
     statement = text(f"SELECT id, audit_id, at, event, reasons, {fields} FROM ({inner}) e ORDER BY id")
     return connection.execute(statement, {"start": sql.moment(start)}).all()
 
@@ -480,8 +479,7 @@ def _stuck_event(row) -> StuckEvent | None:
     return StuckEvent(
         audit_id=safe_int(row.audit_id) or 0, at=at, requeued=text_value(row.event) == REQUEUED, reasons=reasons,
         worker=text_value(row.worker), lease=text_value(row.lease), run_started=as_datetime(text_value(row.run_started)),
-        silence=_text_number(row.silence), stalled=_text_number(row.stalled), age=_text_number(row.age),
-        max_age=_text_number(row.max_age),
+        silence=_number(row.silence), stalled=_number(row.stalled), age=_number(row.age), max_age=_number(row.max_age),
         # A history that records the step itself is read first (the recovery record is the fallback).
         step=_step(row.step),
     )
@@ -667,8 +665,13 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
             f"SELECT COUNT(*), AVG(CASE WHEN run >= 0 THEN run END), COUNT(DISTINCT worker_id) FROM (SELECT worker_id, "
             f"{sql.elapsed('finished_at', 'started_at')} AS run FROM audits WHERE status = '{COMPLETED}' "
             f"AND finished_at >= :start{sql.fence()}) c"), bound).one()
+        # A run waited from the audit's creation, or from the requeue or reset that last made it
+        # pending again: not through the runs before.
+        queued = (f"COALESCE((SELECT MAX(e.at) FROM audit_events e WHERE e.audit_id = a.id AND e.to_status = '{PENDING}' "
+                  f"AND e.at <= a.started_at), a.created_at)")
         waits = [w for w in connection.execute(text(
-            f"SELECT {sql.elapsed('started_at', 'created_at')} FROM audits WHERE started_at >= :start"), bound).scalars()
+            f"SELECT {sql.elapsed('started_at', 'queued_at')} FROM (SELECT a.started_at, {queued} AS queued_at "
+            f"FROM audits a WHERE a.started_at >= :start{sql.fence()}) w"), bound).scalars()
             if w is not None and w >= 0]
     pending = safe_int(pending) or 0
     arrivals = safe_int(arrivals) or 0

@@ -47,11 +47,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import documents, timestamps
 from .globs import target_pattern
-from .db import indexed_by, is_postgres, keyset_pages, moments, read_connection
+from .db import PG_EARLIEST, PG_LATEST, indexed_by, is_postgres, keyset_pages, moments, pg_seconds_since, read_connection
 from .errors import ConfigError
 from .gcpause import paused_collector
 from .progress import PROGRESS_FIELDS, read_progress, read_progress_fields
-from .values import float_value, rounded, safe_int, text_value
+from .values import THRESHOLD_COLUMNS, float_value, invalid_thresholds, rounded, safe_int, text_value
 from .thresholds import (
     FUTURE_TOLERANCE, MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
     check_window, format_duration,
@@ -117,6 +117,7 @@ _RULE_MASK = _FUTURE_BIT - 1
 _REASONS_BY_BITS = tuple(tuple(reason for bit, reason in enumerate(RULE_REASONS) if bits & (1 << bit))
                          for bits in range(_FUTURE_BIT))
 _AT = {name: index for index, name in enumerate(_COLUMNS)}
+_THRESHOLDS_AT = tuple(_AT[name] for name in THRESHOLD_COLUMNS)
 _THRESHOLD_AT = {"stale_after": 0, "max_age": 1, "stall_after": 2}
 _AGE_AT, _SILENCE_AT, _STALLED_AT = _AT["age_seconds"], _AT["silence_seconds"], _AT["stalled_seconds"]
 
@@ -245,6 +246,7 @@ class Verdict:
                 problems.append(f"{name}_unreadable")
         if row[_AT["lease"]] is None:
             problems.append("no_lease")
+        problems += invalid_thresholds(THRESHOLD_COLUMNS, [row[at] for at in _THRESHOLDS_AT])
         if self.unreadable:
             problems.append(f"row_unreadable: {self.unreadable}")
         return problems
@@ -398,9 +400,9 @@ class _Dialect:
         return f"(CASE WHEN a.{column} > 0 AND a.{column} <= :max_duration THEN a.{column} END)"
 
     def seconds_to(self, moment: str) -> str:
-        """Seconds from ``moment`` to now, as a float (NULL when moment is NULL or infinite)."""
+        """Seconds from ``moment`` to now, as a float (NULL when moment is NULL or unreadable)."""
         if self.postgres:
-            return (f"(CASE WHEN isfinite({moment}) THEN date_part('epoch', statement_timestamp() - {moment}) END)")
+            return pg_seconds_since(moment)
         return f"(({self.julian_now()} - julianday({moment})) * 86400.0)"
 
     def glob(self, index: int) -> str:
@@ -435,6 +437,13 @@ class _Dialect:
         paths = ", ".join(f"'$.progress.{name}'" for name in PROGRESS_FIELDS)
         return [f"(CASE WHEN {usual} THEN json_extract(a.progress, {paths}) END)", "a.progress"]
 
+    def trusted(self, column: str, future: str) -> str:
+        """A stored time the rules may judge by: not in the future and, on PostgreSQL, one Python can
+        read (a BC or -infinity time is skipped, as SQLite skips a time it cannot read)."""
+        if self.postgres:
+            return f"{column} BETWEEN {PG_EARLIEST} AND {future}"
+        return f"{column} <= {future}"
+
     def time_text(self, column: str) -> str:
         """A stored time as text the verdict parses when shown (on SQLite, the stored text).
 
@@ -443,7 +452,7 @@ class _Dialect:
         reads as unreadable. Text costs the driver far less than building a datetime per row."""
         if not self.postgres:
             return column
-        return (f"(CASE WHEN {column} BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00' "
+        return (f"(CASE WHEN {column} BETWEEN {PG_EARLIEST} AND {PG_LATEST} "
                 f"THEN to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') ELSE CAST({column} AS text) END)")
 
 
@@ -460,8 +469,9 @@ def _statement(shape: _Shape):
         return f"auditctl_utc(CAST(a.{name} AS BLOB))" if slow else f"a.{name}"
 
     def first_trusted(names: tuple[str, ...], slow: bool) -> str:
-        """The first of the times that is present and not in the future: one CASE, each time read once."""
-        whens = " ".join(f"WHEN {col(n, slow)} <= {future} THEN {col(n, slow)}" for n in names)
+        """The first of the times that is present, readable and not in the future: one CASE, each
+        time read once."""
+        whens = " ".join(f"WHEN {d.trusted(col(n, slow), future)} THEN {col(n, slow)}" for n in names)
         return f"(CASE {whens} END)"
 
     def heard(slow):

@@ -32,6 +32,18 @@ def sane_duration(value) -> float | None:
     return number if number is not None and 0 < number <= MAX_DURATION else None
 
 
+#: The per-audit thresholds a row stores: the audit's own max_age and those its worker declared.
+THRESHOLD_COLUMNS = ("max_age_seconds", "declared_stale_after", "declared_max_age", "declared_stall_after")
+
+
+def invalid_thresholds(names, values) -> list[str]:
+    """``<column>_invalid`` for each per-audit threshold that holds something but not a sane
+    duration (NaN, zero, negative, text): the rules ignore it and judge by the next source."""
+    return [f"{name}_invalid" for name, value in zip(names, values)
+            if value is not None and not (type(value) is float and 0 < value <= MAX_DURATION)
+            and sane_duration(value) is None]
+
+
 def safe_int(value) -> int | None:
     """An integer column as an int, else None (text, fractions, NaN)."""
     if isinstance(value, bool):

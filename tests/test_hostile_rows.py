@@ -439,3 +439,38 @@ def test_a_document_of_megabytes_is_shown_cut_to_people_and_whole_as_json(engine
     with running_dashboard(database_url) as server:
         page = server.get(f"/fragments/audits/{audit_id}")
     assert page.status == 200 and len(page.text) < 200_000 and "more characters not shown" in page.text
+
+
+def test_a_time_python_cannot_read_is_skipped_by_the_rules_on_both_engines(engine):
+    """A BC or -infinity time on PostgreSQL is judged as SQLite judges a time it cannot parse: the
+    rules go on to the next trustworthy time, so the silence is measured from that one."""
+    postgres = engine.dialect.name == "postgresql"
+    unreadable, never = ("0044-03-15 BC", "-infinity") if postgres else ("the ides of March", "long ago")
+    recent = stale_times(engine, 100)
+    rows = {
+        "unreadable heartbeat, silent": insert(engine, **{**stale_times(engine, 900), "heartbeat_at": unreadable}),
+        "unreadable heartbeat, recent update": insert(engine, **{**recent, "heartbeat_at": unreadable}),
+        "no readable start": insert(engine, **{**recent, "started_at": never, "created_at": never}),
+    }
+    verdicts = {v.id: v for v in find_stuck(engine, T)}
+    silent = verdicts[rows["unreadable heartbeat, silent"]]
+    assert silent.reasons == ["stale_heartbeat"]
+    assert silent.silence_seconds == pytest.approx(900, abs=30)
+    assert "heartbeat_at_unreadable" in silent.problems
+    assert rows["unreadable heartbeat, recent update"] not in verdicts
+    assert rows["no readable start"] not in verdicts
+
+
+def test_an_invalid_per_audit_threshold_is_flagged_and_the_next_source_judges(engine, database_url):
+    nan = float("nan") if engine.dialect.name == "postgresql" else "NaN"
+    audit_id = insert(engine, **stale_times(engine, 900), max_age_seconds=nan)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audits SET declared_stale_after = -5, declared_stall_after = 0, "
+                                "declared_max_age = 120 WHERE id = :id"), {"id": audit_id})
+    (verdict,) = find_stuck(engine, T)
+    expected = ["max_age_seconds_invalid", "declared_stale_after_invalid", "declared_stall_after_invalid"]
+    assert [p for p in verdict.problems if p.endswith("_invalid")] == expected
+    assert verdict.thresholds()["stale_after"] == {"seconds": 600.0, "source": "fleet"}
+    assert verdict.thresholds()["max_age"] == {"seconds": 120.0, "source": "worker"}
+    shown = CliRunner().invoke(cli, ["show", str(audit_id), "-o", "json", "--database-url", database_url])
+    assert [p for p in json.loads(shown.stdout)["problems"] if p.endswith("_invalid")] == expected

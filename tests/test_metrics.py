@@ -351,3 +351,18 @@ def test_the_oldest_heartbeat_skips_one_from_the_future_as_the_stuck_rules_do(en
             progress_changed_at=now - timedelta(minutes=85)))
     # The rules call it silent since its last worker update; a heartbeat a month ahead is not trusted.
     assert oldest_heartbeat_age(engine) == pytest.approx(85 * 60, abs=30)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("heartbeat", ["0044-03-15 BC", "-infinity", "10000-01-01"])
+def test_the_oldest_heartbeat_skips_a_time_python_cannot_read_on_postgresql(engine, heartbeat):
+    from auditctl.report import oldest_heartbeat_age
+
+    with write_transaction(engine) as connection:
+        connection.execute(text(
+            "INSERT INTO audits (target, status, lease, attempts, created_at, started_at, heartbeat_at, "
+            "last_worker_update) VALUES ('https://example.com/bc', 'running', 'x', 1, now() - interval '90 minutes', "
+            "now() - interval '90 minutes', CAST(:heartbeat AS timestamptz), now() - interval '85 minutes')"),
+            {"heartbeat": heartbeat})
+    # As SQLite reads a heartbeat it cannot parse: silent since the last worker update.
+    assert oldest_heartbeat_age(engine) == pytest.approx(85 * 60, abs=30)

@@ -592,3 +592,37 @@ def test_since_takes_an_iso_time_as_recover_does_and_refuses_one_not_in_the_past
     assert suggested.exit_code == 0 and json.loads(suggested.stdout)["since"].startswith(start[:19])
     ahead = invoke("report", "--database-url", database_url, "--since", "2999-01-01T00:00Z")
     assert ahead.exit_code == 2 and "is not in the past" in ahead.stderr and "Traceback" not in ahead.output
+
+
+def test_a_requeued_audit_waited_from_its_requeue_not_from_its_creation(engine, start_audit, backdate):
+    audit_id, _lease = start_audit()
+    backdate(audit_id, created_at=7200, started_at=7000, heartbeat_at=3600, last_worker_update=3600,
+             progress_changed_at=3600)
+    recovered = recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)
+    assert [(r.id, r.status) for r in recovered] == [(audit_id, "pending")]
+    backdate(audit_id, created_at=7200)  # the requeue is now; it waits 5 minutes for a worker
+    with write_transaction(engine) as connection:
+        connection.execute(update(audit_events).where(audit_events.c.audit_id == audit_id).values(
+            at=fetch_now(connection) - timedelta(seconds=300)))
+    leases.claim(engine, audit_id, worker_id="worker-2", instance_id="instance-2", worker_url=None)
+
+    wait = stuck_report(engine, DAY).capacity.wait
+    assert wait.count == 1
+    assert wait.mean_seconds == pytest.approx(300, abs=30)  # not the two hours since it was created
+
+
+def test_a_silence_stored_as_text_counts_neither_in_the_report_nor_in_the_detection_metric(engine):
+    from auditctl.report import history_totals
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        audit_id = connection.execute(insert(audits).values(
+            target="https://example.com", status="failed", created_at=now - timedelta(hours=1), attempts=1)).inserted_primary_key[0]
+        for silence in (720, "720", "twelve minutes"):
+            connection.execute(insert(audit_events).values(
+                audit_id=audit_id, at=now - timedelta(minutes=5), event="recovered", from_status="running",
+                to_status="failed", reasons="stale_heartbeat", measurements={"silence_seconds": silence}, actor="other tool"))
+
+    assert stuck_report(engine, DAY).detection.count == 1
+    assert stuck_report(engine, DAY).detection.mean_seconds == 720
+    assert history_totals(engine).detection.count == 1
