@@ -504,6 +504,28 @@ def test_api_refuses_what_it_would_misread_and_changes_nothing(demo_url, demo):
     assert health.status == 200 and "Database" not in page.text, "a bad filter is no outage"
 
 
+def test_an_empty_filter_on_the_api_is_refused_never_read_as_the_whole_fleet(demo_url, demo):
+    """An unset shell variable sends ``"worker": ""``: read as no filter, it recovered every stuck audit."""
+    before = statuses(demo)
+    with running_dashboard(demo_url) as server:
+        answers = {
+            "empty worker": server.post("/api/recover", json_body={"worker": ""}, headers=BEARER),
+            "blank reason": server.post("/api/recover", json_body={"reason": " , "}, headers=BEARER),
+            "empty worker in the query": server.post("/api/recover?worker=", headers=BEARER),
+            "empty since on reset-all": server.post("/api/reset-all", json_body={"since": ""}, headers=BEARER),
+            "empty origin on reset-all": server.post("/api/reset-all", json_body={"origin": ""}, headers=BEARER),
+            "empty max_resets": server.post("/api/reset-all", json_body={"dry_run": True, "max_resets": ""},
+                                            headers=BEARER),
+            "empty kind on a read": server.get("/api/stuck?kind="),
+        }
+        page = server.get("/audits?worker=&kind=&status=")  # a page's form sends its empty fields
+    for name, answer in answers.items():
+        assert answer.status == 400, (name, answer.status, answer.text)
+    assert answers["empty worker"].json()["error"] == "worker: an empty value is no value: give one, or leave worker out"
+    assert statuses(demo) == before
+    assert page.status == 200
+
+
 def test_api_reset_all_takes_since_as_a_time_like_the_command_line(demo_url, demo):
     from datetime import datetime, timedelta, timezone
 

@@ -389,7 +389,7 @@ def _audits_fragment(d: Dashboard, request: Request) -> tuple[str, int]:
     from .params import audit_listing
 
     try:
-        filters, sort, descending, limit = audit_listing(Params(request.query_params))
+        filters, sort, descending, limit = audit_listing(Params(request.query_params, blank_is_unset=True))
     except ConfigError as error:
         return views.audits_fragment(None, "", error=str(error)), 400
     try:
@@ -558,7 +558,7 @@ async def reset_preview(request: Request):
     if refusal is not None:
         return refusal
     try:
-        filters, include_stuck = reset_request(Params(form), d.max_resets)
+        filters, include_stuck = reset_request(Params(form, blank_is_unset=True), d.max_resets)
         plan, listing = await run_in_threadpool(d.plan_reset, filters, include_stuck)
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
         return _action_error(request, error, d)
@@ -599,7 +599,7 @@ async def recover_action(request: Request):
     session, form, refusal = await _acting_session(request, d)
     if refusal is not None:
         return refusal
-    params = Params(form)
+    params = Params(form, blank_is_unset=True)
     try:
         ids = params.ids("id")
         requeue = params.flag("requeue")

@@ -23,8 +23,12 @@ _FALSE = ("0", "false", "no", "off")
 class Params:
     """Values by name from a query string or form (a multi-dict) or a JSON object."""
 
-    def __init__(self, *sources):
+    def __init__(self, *sources, blank_is_unset: bool = False):
         self.sources = [s for s in sources if s is not None]
+        #: A page's form sends its empty fields; to the API an empty value is a mistake (an unset
+        #: shell variable), refused as the command line refuses ``--worker ''``: read as "no
+        #: filter", it would let a recover or reset take the whole fleet.
+        self.blank_is_unset = blank_is_unset
         #: The names the endpoint asked for, given or not (``refuse_unknown``).
         self.asked: set[str] = set()
         for source in self.sources:
@@ -67,7 +71,13 @@ class Params:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: expected a single value")
         text = storable_text(name, str(value)).strip()
+        if not text:
+            self._blank(name)
         return text or None
+
+    def _blank(self, name: str) -> None:
+        if not self.blank_is_unset:
+            raise ConfigError(f"{name}: an empty value is no value: give one, or leave {name} out")
 
     def items(self, name: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
         """A list option: repeated and/or comma-separated, order kept, duplicates dropped."""
@@ -75,8 +85,10 @@ class Params:
         for value in self.values(name):
             if isinstance(value, (dict, list)):
                 raise ConfigError(f"{name}: expected text values")
-            for part in storable_text(name, str(value)).split(","):
-                part = part.strip()
+            parts = [part.strip() for part in storable_text(name, str(value)).split(",")]
+            if not any(parts):
+                self._blank(name)
+            for part in parts:
                 if not part:
                     continue
                 if choices is not None and part not in choices:
