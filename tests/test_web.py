@@ -538,6 +538,42 @@ def test_api_reset_all_takes_since_as_a_time_like_the_command_line(demo_url, dem
     assert future.status == 200 and future.json() == []
 
 
+def _hidden_fields(html: str) -> dict:
+    import re
+
+    return dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', html))
+
+
+@sqlite_only
+def test_recover_all_confirmed_as_the_page_served_it_recovers_thousands_of_stuck_audits_once(demo_url, demo):
+    """The confirmation used to carry one hidden id per audit: past 64 KiB (about 6,500 audits) the
+    form was read as empty and refused as a forged request, so it could never be confirmed."""
+    from sqlalchemy import text
+
+    with write_transaction(demo) as connection:
+        connection.execute(text(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 7000) "
+            "INSERT INTO audits (target, status, created_at, started_at, heartbeat_at, attempts, worker_id, lease) "
+            "SELECT 'https://example.com/' || i, 'running', strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
+            "strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
+            "1, 'worker-x', 'lease-' || i FROM n"))
+    stuck = len(cli_json(demo_url, "scan"))
+    assert stuck > 7000
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="erin")
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        preview = server.post("/actions/recover", form={"csrf_token": csrf, "requeue": "1"}, headers=headers)
+        fields = _hidden_fields(preview.text.split('id="recover-confirm"', 1)[1])
+        assert set(fields) == {"csrf_token", "plan", "confirm"}
+        done = server.post("/actions/recover", form=fields, headers=headers)
+        again = server.post("/actions/recover", form=fields, headers=headers)
+        huge = server.post("/actions/recover", form={"csrf_token": csrf, "id": "1" * 70000}, headers=headers)
+    assert done.status == 200 and f"Recovered {stuck} audits." in done.text
+    assert again.status == 409 and "already used" in again.text
+    assert huge.status == 413 and "64 KiB" in huge.text
+    assert sum(1 for status in statuses(demo).values() if status == "pending") >= stuck, "requeue was kept in the plan"
+
+
 @sqlite_only
 def test_a_body_that_is_not_a_json_object_is_refused_and_changes_nothing(demo_url, demo):
     before = statuses(demo)
@@ -819,3 +855,18 @@ def test_a_forwarded_address_reaches_the_log_as_printable_text(demo_url, demo, c
     assert refused.status == 401
     (line,) = [r.getMessage() for r in caplog.records if "refused: wrong token" in r.getMessage()]
     assert "\x1b" not in line and "\\x1b[31mRED" in line
+
+
+def test_a_confirmation_taken_as_the_wrong_kind_stays_for_its_own_and_a_session_keeps_the_latest_twenty():
+    from auditctl.recovery import ResetPlan
+    from auditctl.web.app import RecoverPlan
+    from auditctl.web.security import MAX_PLANS, Session
+
+    session = Session(id="s", user="ann", csrf="c")
+    recover = session.keep_plan(RecoverPlan(ids=(1, 2), requeue=False))
+    assert session.take_plan(recover, ResetPlan) is None, "a recover plan is no reset plan"
+    assert session.take_plan(recover, RecoverPlan) == RecoverPlan(ids=(1, 2), requeue=False)
+    assert session.take_plan(recover, RecoverPlan) is None, "used once"
+    kept = [session.keep_plan(RecoverPlan(ids=(n,), requeue=False)) for n in range(MAX_PLANS + 5)]
+    assert len(session.plans) == MAX_PLANS
+    assert session.take_plan(kept[0], RecoverPlan) is None and session.take_plan(kept[-1], RecoverPlan) is not None

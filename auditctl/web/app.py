@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -311,7 +312,8 @@ MAX_FORM_BYTES = 64 * 1024
 
 
 async def read_form(request: Request):
-    """An url-encoded form body as a multi-dict (the dashboard's forms upload nothing, so no multipart)."""
+    """An url-encoded form body as a multi-dict, or None for one larger than ``MAX_FORM_BYTES`` or
+    in another encoding (the dashboard's forms upload nothing, so no multipart)."""
     from urllib.parse import parse_qsl
 
     from starlette.datastructures import ImmutableMultiDict
@@ -320,9 +322,9 @@ async def read_form(request: Request):
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM_BYTES:
-            return ImmutableMultiDict()
+            return None
     if "multipart/" in request.headers.get("content-type", ""):
-        return ImmutableMultiDict()
+        return None
     return ImmutableMultiDict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
@@ -475,7 +477,7 @@ async def login(request: Request):
         return HTMLResponse(views.login_page(viewer))
     if d.token is None:
         return HTMLResponse(views.login_page(viewer), status_code=403)
-    form = await read_form(request)
+    form = await read_form(request) or {}
     right = await d.wrong_tokens.judge(str(form.get("token") or ""), d.token, what="sign-in", request=request)
     if right is None:
         return HTMLResponse(views.login_page(viewer, "Too many wrong tokens at once: try again in a few seconds."),
@@ -498,7 +500,7 @@ async def logout(request: Request):
     d = _dashboard(request)
     session = d.session(request)
     if session is not None:
-        form = await read_form(request)
+        form = await read_form(request) or {}
         if not same(request.headers.get(CSRF_HEADER) or str(form.get(CSRF_FIELD) or ""), session.csrf):
             return HTMLResponse(views.refusal(403, "Refused: the form's CSRF token is missing or wrong."), status_code=403)
         d.sessions.drop(session.id)
@@ -519,6 +521,9 @@ async def _acting_session(request: Request, d: Dashboard):
     session = d.session(request)
     if session is None:
         return None, None, _panel(request, 401, views.refusal(401, "Refused: sign in with the token first. Nothing was changed."))
+    if form is None:
+        return None, None, _panel(request, 413, views.refusal(413, f"Refused: the form is not a URL-encoded form of at "
+                                                            f"most {MAX_FORM_BYTES // 1024} KiB. Nothing was changed."))
     if not same(request.headers.get(CSRF_HEADER) or str(form.get(CSRF_FIELD) or ""), session.csrf):
         return None, None, _panel(request, 403, views.refusal(403, "Refused: the request's CSRF token is missing or wrong "
                                                             "(reload the page). Nothing was changed."))
@@ -568,17 +573,16 @@ async def reset_preview(request: Request):
 
 async def reset_confirm(request: Request):
     from ..records import reset_record
+    from ..recovery import ResetPlan, until_stopped
 
     d = _dashboard(request)
     session, form, refusal = await _acting_session(request, d)
     if refusal is not None:
         return refusal
-    plan = session.take_plan(str(form.get("plan") or ""))
+    plan = session.take_plan(str(form.get("plan") or ""), ResetPlan)
     if plan is None:
         return _panel(request, 409, views.refusal(409, "This confirmation has expired or was already used: press "
                                                        "Reset All Audits again to see the counts. Nothing was changed."))
-    from ..recovery import until_stopped
-
     try:
         done, stopped = await run_in_threadpool(until_stopped, lambda: d.reset(session.user, plan))
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
@@ -589,6 +593,14 @@ async def reset_confirm(request: Request):
                   views.reset_result([reset_record(r, False) for r in done], left_alone, done.skipped,
                                      None if stopped is None else d.safe_message(stopped)),
                   changed=True)
+
+
+@dataclass(frozen=True)
+class RecoverPlan:
+    """A recovery shown for confirmation: the audits it listed (each judged again when confirmed)."""
+
+    ids: tuple[int, ...]
+    requeue: bool
 
 
 async def recover_action(request: Request):
@@ -604,6 +616,13 @@ async def recover_action(request: Request):
         ids = params.ids("id")
         requeue = params.flag("requeue")
         confirmed = params.flag("confirm")
+        plan_id = params.text("plan")
+        if plan_id is not None:  # the confirmation of a preview: the audits it showed, kept here
+            plan = session.take_plan(plan_id, RecoverPlan)
+            if plan is None:
+                return _panel(request, 409, views.refusal(409, "This confirmation has expired or was already used: "
+                                                               "press Recover again to see what is stuck. Nothing was changed."))
+            ids, requeue = plan.ids, plan.requeue
         filters = Filters(ids=ids)
         done = await run_in_threadpool(d.recover, session.user, filters, requeue=requeue,
                                        max_attempts=d.max_attempts, dry_run=not confirmed)
@@ -611,7 +630,10 @@ async def recover_action(request: Request):
         return _action_error(request, error, d)
     records = [recovery_record(r, not confirmed) for r in done]
     if not confirmed:
-        return _panel(request, 200, views.recover_confirmation(d.viewer(request), records, requeue, d.policy.describe()))
+        # The audits shown stay on the server: thousands of ids would not fit in the form.
+        plan_id = session.keep_plan(RecoverPlan(tuple(int(r["id"]) for r in records), requeue)) if records else ""
+        return _panel(request, 200, views.recover_confirmation(d.viewer(request), records, requeue, d.policy.describe(),
+                                                               plan_id))
     log.info("dashboard %s recovered %d audits", session.user, len(done))
     return _panel(request, 200, views.recover_result(records, done.skipped), changed=True)
 

@@ -100,29 +100,37 @@ def same(given: str | None, expected: str | None) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+#: Confirmations one session keeps at once; an older one is dropped (press the button again).
+MAX_PLANS = 20
+
+
 @dataclass
 class Session:
     id: str
     user: str
     csrf: str
     created: float = field(default_factory=time.monotonic)
-    #: Reset plans shown for confirmation: plan id -> (the plan, when it was made).
+    #: Reset and recover plans shown for confirmation: plan id -> (the plan, when it was made).
     plans: dict = field(default_factory=dict)
 
     def keep_plan(self, plan) -> str:
         now = time.monotonic()
         for key in [k for k, (_, made) in self.plans.items() if now - made > PLAN_SECONDS]:
             del self.plans[key]
+        while len(self.plans) >= MAX_PLANS:  # the oldest first: a recover plan may hold thousands of ids
+            del self.plans[next(iter(self.plans))]
         plan_id = secrets.token_urlsafe(16)
         self.plans[plan_id] = (plan, now)
         return plan_id
 
-    def take_plan(self, plan_id: str):
-        """The plan shown under this id (once), or None when unknown or expired."""
-        entry = self.plans.pop(plan_id or "", None)
-        if entry is None or time.monotonic() - entry[1] > PLAN_SECONDS:
+    def take_plan(self, plan_id: str, kind: type):
+        """The plan of ``kind`` shown under this id (once), or None when unknown, expired or of
+        another kind (which stays, for the confirmation it belongs to)."""
+        entry = self.plans.get(plan_id or "")
+        if entry is None or not isinstance(entry[0], kind):
             return None
-        return entry[0]
+        del self.plans[plan_id]
+        return entry[0] if time.monotonic() - entry[1] <= PLAN_SECONDS else None
 
 
 class Sessions:

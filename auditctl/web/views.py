@@ -577,12 +577,11 @@ def _recovery_rows(records: list[dict]) -> str:
             f'<th>Why</th></tr></thead><tbody>{rows}</tbody></table>')
 
 
-def recover_confirmation(viewer: Viewer, records: list[dict], requeue: bool, policy_text: str) -> str:
+def recover_confirmation(viewer: Viewer, records: list[dict], requeue: bool, policy_text: str, plan_id: str) -> str:
     cancel = '<button type="button" hx-get="/fragments/empty" hx-target="#action-panel" class="link">Cancel</button>'
     if not records:
         return (f'<div class="panel" id="recover-confirm"><h2>Nothing to recover</h2><p>No audit is stuck now.</p>'
                 f'<p class="muted">Thresholds: {e(policy_text)}.</p>{cancel}</div>')
-    ids = "".join(f'<input type="hidden" name="id" value="{int(r["id"])}">' for r in records)
     failed = sum(1 for r in records if r.get("status") == "failed")
     outcome = ", ".join(part for part in (f"{len(records) - failed} pending (requeued)" if len(records) - failed else "",
                                           f"{failed} failed" if failed else "") if part)
@@ -591,8 +590,8 @@ def recover_confirmation(viewer: Viewer, records: list[dict], requeue: bool, pol
         f'<h2>Recover {plural(len(records), "stuck audit")}? ({e(outcome)})</h2>'
         f'{_recovery_rows(records[:100])}'
         f'<form method="post" action="/actions/recover" hx-post="/actions/recover" hx-target="#action-panel" class="inline">'
-        f'{viewer.csrf_input()}{ids}<input type="hidden" name="confirm" value="1">'
-        f'{"<input type=hidden name=requeue value=1>" if requeue else ""}'
+        f'{viewer.csrf_input()}<input type="hidden" name="plan" value="{e(plan_id)}">'
+        f'<input type="hidden" name="confirm" value="1">'
         f'<button type="submit" class="danger" id="confirm-recover">Confirm recover</button></form> {cancel}'
         f'<p class="muted">Dry run: nothing changed yet. Thresholds: {e(policy_text)}. An audit whose worker finished or '
         f'beat meanwhile is left alone.</p></div>'
