@@ -538,6 +538,19 @@ def test_api_reset_all_takes_since_as_a_time_like_the_command_line(demo_url, dem
     assert future.status == 200 and future.json() == []
 
 
+@sqlite_only
+def test_the_stuck_list_keeps_its_own_last_figures_dimmed_while_the_database_is_away(demo_url, demo, tmp_path):
+    path = Path(demo_url.removeprefix("sqlite:///"))
+    with running_dashboard(demo_url) as server:
+        before = server.get("/fragments/stuck")
+        path.rename(tmp_path / "away.db")
+        during = server.get("/fragments/stuck")
+        path.with_name("away.db").rename(path)
+    assert "3 stuck audits." in before.text
+    assert 'role="alert"' in during.text and '<div class="stale">' in during.text
+    assert "3 stuck audits." in during.text and "blog.example.net" in during.text
+
+
 def _hidden_fields(html: str) -> dict:
     import re
 

@@ -182,7 +182,7 @@ def _overview(d, request, params):
     params.refuse_unknown()
     overview = d.read(fleet_overview, d.reader, d.policy, with_status_counts=True, sample=sample)
     record = overview_record(overview)
-    d.last_overview = (record, d.chart())
+    d.remember_overview(record, d.chart())
     record["recoveries_by_hour"] = d.last_overview[1]
     # Why scan and recover would refuse the thresholds these verdicts come from (null: they would not).
     record["unsafe_thresholds"] = d.unsafe_thresholds()

@@ -128,6 +128,8 @@ class Dashboard:
         self._operator = None
         self._lock = threading.Lock()
         self.last_overview: tuple[dict | None, list | None] = (None, None)
+        #: Every stuck audit as last read, by the overview or the stuck list: shown dimmed in an outage.
+        self.last_stuck: list[dict] | None = None
         self._chart: tuple[float, list | None] = (0.0, None)
         self._threshold_check: tuple[float, str | None] = (float("-inf"), None)
 
@@ -200,8 +202,12 @@ class Dashboard:
             result = (overview_record(overview), self.chart())
         except Outage:
             return self.last_overview
-        self.last_overview = result
+        self.remember_overview(*result)
         return result
+
+    def remember_overview(self, record: dict, chart: list | None) -> None:
+        self.last_overview = (record, chart)
+        self.last_stuck = record["stuck"]
 
     def chart(self) -> list | None:
         from ..overview import recoveries_by_hour
@@ -366,13 +372,12 @@ async def overview_fragment(request: Request):
 
 def _stuck_fragment(d: Dashboard, viewer) -> str:
     try:
-        verdicts = d.stuck()
+        verdicts = d.last_stuck = d.stuck()
     except ConfigError as refused:
         return views.stuck_fragment(viewer, None, d.health.banner() + views.message(
             "error", views.e(f"Refused, as scan refuses: {refused}.")))
     except Outage:
-        record = d.last_overview[0]
-        verdicts = record["stuck"] if record else None
+        verdicts = d.last_stuck
     return views.stuck_fragment(viewer, verdicts, d.health.banner())
 
 
