@@ -226,6 +226,20 @@ def test_without_a_token_the_dashboard_is_read_only_and_refuses_every_action(dem
 
 
 @sqlite_only
+@pytest.mark.parametrize("token", [TOKEN, None], ids=["with a token", "read-only"])
+def test_a_proxys_basic_authorization_header_leaves_reads_open_and_acts_on_nothing(demo_url, demo, token):
+    before = statuses(demo)
+    basic = {"Authorization": "Basic YWRtaW46cHJveHlwYXNz"}  # admin:proxypass, forwarded by a proxy in front
+    with running_dashboard(demo_url, token=token) as server:
+        health = server.get("/api/health", headers=basic)
+        stuck = server.get("/api/stuck", headers=basic)
+        recover = server.post("/api/recover", json_body={"dry_run": False}, headers=basic)
+    assert health.status == 200 and stuck.status == 200 and len(stuck.json()) == 3
+    assert recover.status == (401 if token else 403)
+    assert statuses(demo) == before
+
+
+@sqlite_only
 def test_actions_need_the_token_and_a_wrong_one_is_401(demo_url, demo):
     before = statuses(demo)
     with running_dashboard(demo_url) as server:

@@ -68,10 +68,10 @@ async def _credential(request: Request, d) -> tuple[str | None, Response | None]
     """(user, None) when the request carries a valid credential, (None, None) when it carries none,
     (None, refusal) when it carries a wrong one (answered late, as at sign-in: ``WrongTokens``)."""
     header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, value = header.partition(" ")
-        if d.token is None or scheme.lower() != "bearer":
-            return None, _unauthorised("the Authorization header does not carry this dashboard's token")  # nothing guessed
+    scheme, _, value = (header or "").partition(" ")
+    # Another scheme (a proxy in front with its own Basic authentication forwards it), or any token
+    # to a dashboard that has none: no credential of this dashboard's, so reads stay open.
+    if header is not None and scheme.lower() == "bearer" and d.token is not None:
         right = await d.wrong_tokens.judge(value.strip(), d.token, what="API request", request=request)
         if right is None:
             return None, error(429, "too many wrong tokens at once: try again in a few seconds", FLOODED_RETRY_AFTER)
