@@ -455,6 +455,27 @@ def test_a_host_header_that_is_not_loopback_is_refused(demo_url, demo):
     assert rebound.headers.get("x-content-type-options") == "nosniff" and rebound.headers.get("cache-control") == "no-store"
 
 
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.1.1", True), ("::1", True),
+                                           ("[::1]", True), ("0:0:0:0:0:0:0:1", True), ("localhost", True),
+                                           ("0.0.0.0", False), ("::", False), ("192.0.2.7", False),
+                                           ("no-such-host.invalid", False)])
+def test_loopback_is_judged_by_address_not_by_spelling(host, loopback):
+    from auditctl.web.security import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+@sqlite_only
+@pytest.mark.parametrize("host", ["0:0:0:0:0:0:0:1", "127.0.1.1"])
+def test_a_loopback_host_in_another_spelling_keeps_the_dns_rebinding_guard(demo_url, demo, host):
+    with running_dashboard(demo_url, host=host) as server:
+        port = server.origin.rsplit(":", 1)[1]
+        rebound = server.get("/api/stuck", headers={"Host": f"attacker.example:{port}"})
+        spelled = server.get("/api/stuck", headers={"Host": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
+        local = server.get("/api/stuck", headers={"Host": f"[::1]:{port}"})
+    assert rebound.status == 400 and spelled.status == 200 and local.status == 200
+
+
 @sqlite_only
 def test_oversized_and_malformed_parameters_are_400s_and_never_look_like_an_outage(demo_url, demo):
     many = ",".join(f"t{i}" for i in range(1200))

@@ -119,13 +119,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_dashboard(database_url: str, *, token: str | None = TOKEN, policy=None, allow_unsafe: bool = False):
-    """``create_app`` served by uvicorn in a thread on a free loopback port, stopped on exit."""
+def running_dashboard(database_url: str, *, token: str | None = TOKEN, policy=None, allow_unsafe: bool = False,
+                      host: str = "127.0.0.1"):
+    """``create_app`` served by uvicorn in a thread on a free loopback port, stopped on exit
+    (``host``: the ``--host`` the app believes it was given)."""
     import uvicorn
 
     from auditctl.web import create_app
 
-    app = create_app(database_url, policy=policy, token=token, allow_unsafe=allow_unsafe)
+    app = create_app(database_url, policy=policy, token=token, allow_unsafe=allow_unsafe, host=host)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)

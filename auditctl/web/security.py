@@ -190,8 +190,29 @@ def host_name(host_header: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def loopback_literal(host: str) -> bool:
+    """``host`` is a loopback address written as one, in any spelling (``127.0.1.1``, ``[::1]``,
+    ``0:0:0:0:0:0:0:1``)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_NAMES or host.startswith("127.")
+    """``--host`` listens on loopback only: judged by address, not by spelling; a name counts when
+    every address it resolves to is loopback (``localhost``, a machine's name in /etc/hosts)."""
+    import socket
+
+    if loopback_literal(host) or host.strip().lower() == "localhost":  # by name too: a resolver may not know it
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host.strip(), None)}
+    except (OSError, UnicodeError, ValueError):
+        return False
+    return bool(addresses) and all(loopback_literal(address.split("%", 1)[0]) for address in addresses)
 
 
 class GuardMiddleware:
@@ -224,7 +245,8 @@ class GuardMiddleware:
 
         headers = Headers(scope=scope)
         if self.allowed_hosts is not None:
-            if host_name(headers.get("host", "")) not in self.allowed_hosts:
+            name = host_name(headers.get("host", ""))
+            if name not in self.allowed_hosts and not loopback_literal(name):
                 await _refuse(scope, receive, send_with_headers, 400, "Refused: this dashboard answers only to its "
                               "loopback address (a Host header of another name may be a DNS-rebinding attack).")
                 return
