@@ -38,7 +38,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, timestamps
-from .schema import RULE_TIME_COLUMNS
+from .schema import DISTINCTIVE_AUDIT_COLUMNS, RULE_TIME_COLUMNS
 from .errors import (ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotADatabase, SchemaMissing,
                      TextNotUtf8, WriteRefused)
 from .textsafe import printable
@@ -322,6 +322,16 @@ def _enable_wal(cursor, wait: float) -> None:
         delay = min(delay * 2, 0.2)
 
 
+def _new_or_ours(cursor) -> bool:
+    """The file is empty or holds auditctl's tables. WAL changes the file for every program that
+    opens it, so another application's database (which ``init`` refuses) is left in its own mode."""
+    columns = ", ".join("?" * len(DISTINCTIVE_AUDIT_COLUMNS))
+    cursor.execute(f"SELECT (SELECT count(*) FROM sqlite_master), (SELECT count(*) FROM pragma_table_info('audits') "
+                   f"WHERE name IN ({columns}))", DISTINCTIVE_AUDIT_COLUMNS)
+    objects, ours = cursor.fetchone()
+    return objects == 0 or ours >= 2
+
+
 def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -333,7 +343,7 @@ def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:
         dbapi_connection.create_function("auditctl_utc", 1, timestamps.canonical, deterministic=True)
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {wait_ms(wait)}")
-        if wal and engine.url.database not in (None, "", ":memory:"):
+        if wal and engine.url.database not in (None, "", ":memory:") and _new_or_ours(cursor):
             _enable_wal(cursor, wait)
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from .db import describe, is_postgres, translate_errors, write_transaction
 from .errors import AuditctlError, DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew
+from .schema import DISTINCTIVE_AUDIT_COLUMNS
 from .textsafe import printable
 
 #: Arbitrary but fixed: the advisory lock key auditctl's migrations take on PostgreSQL.
@@ -75,7 +76,7 @@ def _quiet_alembic():
 #: Columns of ``audits`` that every auditctl revision has and another application's ``audits`` would not:
 #: a table with none (or one) of them is not auditctl's, whatever revision the database records. Two
 #: suffice, so auditctl's own database an operator damaged (a column dropped) is still its own.
-_OUR_AUDIT_COLUMNS = {"lease", "worker_instance", "progress_signature", "recovery_reasons", "progress_changed_at"}
+_OUR_AUDIT_COLUMNS = set(DISTINCTIVE_AUDIT_COLUMNS)
 
 
 def _schema(connection) -> str | None:

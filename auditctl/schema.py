@@ -143,6 +143,9 @@ audits = Table(
 )
 
 #: The time columns the stuck rules read (the SQLite triggers watch these for odd text).
+#: Columns of ``audits`` no other application's table of that name is likely to have: two of them
+#: make a table auditctl's (an application of its own may well have an ``audits`` table).
+DISTINCTIVE_AUDIT_COLUMNS = ("lease", "worker_instance", "progress_signature", "recovery_reasons", "progress_changed_at")
 RULE_TIME_COLUMNS = ("heartbeat_at", "last_worker_update", "started_at", "created_at", "progress_changed_at")
 
 #: ``status = 'running'`` with the literal in the SQL, so both engines can match the partial index

@@ -226,7 +226,7 @@ def test_a_database_holding_another_applications_audits_table_is_recognised_as_n
     with sqlite3.connect(path) as connection:
         connection.execute("CREATE TABLE audits (id INTEGER PRIMARY KEY, name TEXT)")
     url = f"sqlite:///{path}"
-    for command in (["scan"], ["list"], ["init"], ["watch", "--once"]):
+    for command in (["scan"], ["list"], ["init"], ["watch", "--once"], ["recover"], ["demo"]):
         result = run(*command, "--database-url", url)
         assert result.exit_code == 1, result.output
         line = result.stderr.strip().splitlines()[-1]
@@ -234,6 +234,7 @@ def test_a_database_holding_another_applications_audits_table_is_recognised_as_n
         assert "run `auditctl init`" not in line, "advice that would fail is no advice"
     with sqlite3.connect(path) as connection:
         assert [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["audits"]
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "delete", "its journal mode was changed"
 
 
 def test_a_file_that_is_not_a_database_is_said_so_not_retried_as_an_outage(tmp_path):
@@ -268,7 +269,9 @@ def test_a_database_holding_another_applications_alembic_revision_is_recognised_
         assert result.exit_code == 1 and f"records another application's Alembic revision ({revision})" in line, line
     with sqlite3.connect(path) as connection:
         tables = sorted(r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
     assert tables == ["alembic_version", "customers"], "nothing of auditctl's was added to it"
+    assert mode == "delete", "its journal mode was changed"
 
 
 @pytest.mark.parametrize("revision", ["0001", "0002", "abc123"])
@@ -485,3 +488,15 @@ def test_the_dashboard_and_the_worker_library_say_another_applications_tables_ar
     with running_dashboard(url) as server:
         overview = server.get("/api/overview")
     assert "did not create" in overview.text and "auditctl init" not in overview.text, overview.text
+
+
+def test_init_puts_a_new_file_and_auditctls_own_in_wal_mode(tmp_path):
+    new, own = tmp_path / "new.db", tmp_path / "own.db"
+    assert run("init", "--database-url", f"sqlite:///{new}").exit_code == 0
+    assert run("init", "--database-url", f"sqlite:///{own}").exit_code == 0
+    with sqlite3.connect(own) as connection:
+        connection.execute("PRAGMA journal_mode = DELETE")
+    assert run("recover", "--database-url", f"sqlite:///{own}").exit_code == 0
+    for path in (new, own):
+        with sqlite3.connect(path) as connection:
+            assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal", path
