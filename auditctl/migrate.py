@@ -168,7 +168,36 @@ def diagnose(engine: Engine) -> SchemaMissing:
     if revision is not None and revision != head_revision():
         return SchemaMissing(f"the database at {where} has an older auditctl schema (revision {revision}); "
                              "run `auditctl init` to upgrade it")
+    if revision is not None:
+        missing = _missing_parts(engine)
+        if missing:
+            # `init` would say "nothing to do": it upgrades a schema, it does not repair one.
+            return SchemaMissing(f"the database at {where} is at auditctl's schema revision {revision}, but "
+                                 f"{missing} missing (dropped by hand?); `auditctl init` does not repair a schema: "
+                                 "restore the database from a backup")
     return SchemaMissing(f"the database at {where} has no auditctl schema; run `auditctl init`")
+
+
+def _missing_parts(engine: Engine) -> str:
+    """The tables and columns of auditctl's schema the database lacks, in words ("" when none)."""
+    from .schema import metadata
+
+    with translate_errors(engine), engine.connect() as connection:
+        connection = connection.execution_options(auditctl_read_only=True)
+        inspector = inspect(connection)
+        schema = _schema(connection)
+        present = set(inspector.get_table_names(schema=schema))
+        missing = []
+        for name, expected in metadata.tables.items():
+            if name not in present:
+                missing.append(f"table {name}")
+                continue
+            columns = {c["name"] for c in inspector.get_columns(name, schema=schema)}
+            missing += [f"column {name}.{c.name}" for c in expected.columns if c.name not in columns]
+    if not missing:
+        return ""
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return f"{shown} {'is' if len(missing) == 1 else 'are'}"
 
 
 def explained(error: BaseException, engine: Engine) -> BaseException:

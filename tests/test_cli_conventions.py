@@ -500,3 +500,18 @@ def test_init_puts_a_new_file_and_auditctls_own_in_wal_mode(tmp_path):
     for path in (new, own):
         with sqlite3.connect(path) as connection:
             assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal", path
+
+
+def test_a_damaged_schema_at_the_current_revision_is_named_not_sent_to_init(tmp_path):
+    path = tmp_path / "damaged.db"
+    url = f"sqlite:///{path}"
+    assert run("demo", "--database-url", url).exit_code == 0
+    with sqlite3.connect(path) as connection:
+        connection.execute("ALTER TABLE audits DROP COLUMN kind")
+        connection.execute("DROP TABLE notifications")
+    for command in (["scan"], ["recover"]):
+        result = run(*command, "--database-url", url)
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.exit_code == 1 and "at auditctl's schema revision" in line, line
+        assert "column audits.kind" in line and "table notifications" in line and "restore" in line, line
+        assert "run `auditctl init`" not in line, "init says there is nothing to do"
