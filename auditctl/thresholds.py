@@ -459,8 +459,10 @@ class Policy:
         if not all(getattr(self.override, name) is not None for name in ("stale_after", "max_age", "stall_after")):
             text += "; an audit's own thresholds win where it declares them"
         for kind, values in self.kinds:
-            if values.any():
-                text += f"; kind {kind}: " + ", ".join(f"{k} {format_duration(v, exact=True)}" for k, v in values.as_dict().items())
+            # Only what is in force: a flag replaces every kind's value.
+            kept = {k: v for k, v in values.as_dict().items() if getattr(self.override, k) is None}
+            if kept:
+                text += f"; kind {kind}: " + ", ".join(f"{k} {format_duration(v, exact=True)}" for k, v in kept.items())
         return text
 
     def check_bounds(self, declared_intervals: list[tuple[str | None, bool, float]], *, allow_unsafe: bool = False) -> None:

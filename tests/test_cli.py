@@ -856,6 +856,26 @@ def test_config_precedence_is_flag_over_env_over_file_over_default(tmp_path):
     assert with_flag["max_age"] == ("40m", f"file {path}")
 
 
+def test_config_shows_a_kinds_value_a_flag_replaced_as_the_flags(fleet, tmp_path):
+    path = tmp_path / "kinds.toml"
+    path.write_text('[kinds.x]\nstale_after = "25m"\nmax_age = "3h"\n')
+    settings = config_of(invoke("--config", path, "config", "--stale-after", "12m", "--format", "json"))
+    assert settings["kinds.x.stale_after"] == ("12m", "flag (the file's 25m is replaced)")
+    assert settings["kinds.x.max_age"] == ("3h", f"file {path}")
+    recover = invoke("--config", path, "recover", "--dry-run", "--stale-after", "12m", "--database-url", fleet.url)
+    assert "; kind x: max_age 3h." in recover.stderr and "25m" not in recover.stderr, recover.stderr
+
+
+@pytest.mark.parametrize("setting", ['stale_after = "1ms"', 'interval = "10ms"', 'refresh = "1ms"',
+                                     '[kinds.x]\nstale_after = "1ms"'])
+def test_config_refuses_what_recover_and_watch_refuse_unless_unsafe_thresholds(tmp_path, setting):
+    path = tmp_path / "low.toml"
+    path.write_text(setting + "\n")
+    refused = invoke("--config", path, "config")
+    assert refused.exit_code == 2 and "is below the floor of" in refused.stderr, refused.output
+    assert invoke("--config", path, "config", "--unsafe-thresholds").exit_code == 0
+
+
 def test_config_precedence_decides_what_scan_finds(fleet, tmp_path):
     """The blog audit has been silent 17m: stuck under 10m, not under 20m (stall_after raised to match)."""
     path = tmp_path / "patient.toml"

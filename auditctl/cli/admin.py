@@ -7,7 +7,7 @@ import click
 from ..config import SETTINGS
 from .app import cli
 from .notify import destination_options
-from .options import (DURATION, common_options, echo_status, max_attempts_option, max_resets_option, output_options,
+from .options import (DURATION, check_interval, common_options, echo_status, max_attempts_option, max_resets_option, output_options,
                       threshold_options)
 
 
@@ -73,6 +73,16 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
     # A URL every other command would refuse (in memory, a bad connect_timeout) is refused here too,
     # without connecting: config shows what is in force, and a refused setting is not.
     create_engine(state.database_url, role="reader", must_exist=False).dispose()
+    # So are thresholds and intervals below their floors (the running audits' declared intervals
+    # need the database, which config does not read: recover and watch still check those).
+    from ..thresholds import UnsafeThreshold
+
+    try:
+        policy.check_bounds([], allow_unsafe=allow_unsafe)
+    except UnsafeThreshold as error:
+        raise click.UsageError(str(error)) from None
+    check_interval(interval, allow_unsafe)
+    check_interval(refresh, allow_unsafe, "refresh")
     ctx = click.get_current_context()
     path = ctx.find_root().meta.get("auditctl.config_path")
     durations = {
@@ -110,8 +120,13 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
         records.append(record)
     for kind, overrides in policy.kinds:
         for name, value in overrides.as_dict().items():
-            records.append({"setting": f"kinds.{kind}.{name}", "value": format_duration(value, exact=True), "source": f"file {path}",
-                            "seconds": value})
+            flag = getattr(policy.override, name)
+            if flag is not None:  # a flag replaces the fleet's and every kind's value
+                value, source = flag, f"flag (the file's {format_duration(value, exact=True)} is replaced)"
+            else:
+                source = f"file {path}"
+            records.append({"setting": f"kinds.{kind}.{name}", "value": format_duration(value, exact=True),
+                            "source": source, "seconds": value})
     from ..textsafe import printable
 
     # A kind's name comes from a file (one `report --suggest-thresholds` may have written): a line
