@@ -1107,6 +1107,27 @@ def test_a_bad_value_in_a_sqlite_url_is_a_usage_error(tmp_path, query, message):
     assert result.stderr.strip() == f"Error: cannot use the database URL sqlite:///{tmp_path / 'a.db'}?{query}: {message}"
 
 
+def test_a_bad_database_url_names_the_file_or_variable_it_came_from(tmp_path):
+    path = tmp_path / "auditctl.toml"
+    path.write_text('database_url = "foo://x"\n')
+    by_file = invoke("--config", path, "scan")
+    assert by_file.exit_code == 2
+    assert by_file.stderr.startswith(f"Error: database_url in the config file {path}: unsupported database 'foo'")
+    by_env = invoke("scan", env={"AUDITCTL_DATABASE_URL": "postgresql://u:s3cret@h/db?connect_timeout=abc"},
+                    secrets=["s3cret"])
+    assert by_env.exit_code == 2 and by_env.stderr.startswith(
+        "Error: --database-url ($AUDITCTL_DATABASE_URL): the database URL postgresql://u:***@h/db?connect_timeout=abc has")
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["file exists", "no file"])
+def test_an_option_sqlite_does_not_take_is_a_usage_error_whether_or_not_the_file_exists(tmp_path, exists):
+    path = tmp_path / "a.db"
+    if exists:
+        assert invoke("init", "--database-url", f"sqlite:///{path}").exit_code == 0
+    result = invoke("scan", "--database-url", f"sqlite:///{path}?foo=1")
+    assert result.exit_code == 2 and "has an option SQLite does not take: foo" in result.stderr, result.output
+
+
 @pytest.mark.parametrize("command, option", [(["reset-all", "--dry-run"], "max-resets"), (["recover", "--requeue"], "max-attempts"),
                                              (["watch", "--once"], "max-attempts"), (["serve"], "max-resets")])
 def test_a_count_larger_than_a_database_integer_is_a_usage_error_from_flag_env_and_file(command, option, tmp_path):

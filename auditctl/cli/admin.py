@@ -66,14 +66,11 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
     """
     from click.core import ParameterSource
 
-    from ..db import create_engine
     from ..thresholds import format_duration
     from .render import Column, render
 
-    # A URL every other command would refuse (in memory, a bad connect_timeout) is refused here too,
-    # without connecting: config shows what is in force, and a refused setting is not.
-    create_engine(state.database_url, role="reader", must_exist=False).dispose()
-    # So are thresholds and intervals below their floors (the running audits' declared intervals
+    # A URL every other command would refuse is refused before this (common_options), and so are
+    # thresholds and intervals below their floors here (the running audits' declared intervals
     # need the database, which config does not read: recover and watch still check those).
     from ..thresholds import UnsafeThreshold
 

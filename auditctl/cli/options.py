@@ -201,8 +201,8 @@ def common_options(command):
 
 def _check_database_url(ctx: click.Context, database_url: str) -> None:
     """A database URL no database can be named by (bytes that are not UTF-8, which Python keeps as
-    lone surrogates) is a usage error, however it was given, before any engine exists: otherwise
-    ``init`` would create a file by that name and every other command refuse it."""
+    lone surrogates), or that no engine takes, is a usage error naming how it was given, before any
+    engine exists: otherwise ``init`` would create a file by that name and every other command refuse it."""
     from ..values import storable_text
 
     # Given before the command, on the group: the flag (the command's own context knows nothing of it).
@@ -212,6 +212,16 @@ def _check_database_url(ctx: click.Context, database_url: str) -> None:
         storable_text(where, database_url)
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
+    # The URL itself (its database, its options), said with where it came from, before anything
+    # looks for the file: a bad option is the same usage error whether or not the file exists.
+    from ..db import create_engine
+
+    try:
+        create_engine(database_url, role="reader", must_exist=False).dispose()
+    except ConfigError as error:
+        if given_first or where == "--database-url":
+            raise  # typed on this command line: the message quotes it
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def threshold_options(command):
