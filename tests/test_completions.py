@@ -62,3 +62,39 @@ def test_installed_auditctl_completes_a_command_prefix_and_option_values():
     assert [formats[i + 1] for i in range(0, len(formats), 3)] == ["table", "wide", "plain", "json", "csv", "markdown"]
     fish = complete("fish_complete", "auditctl w", "w")
     assert [line.split("\t")[0] for line in fish] == ["plain,watch", "plain,workers"]
+
+
+def _shell_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITCTL_")}
+    env.update(PATH=f"{AUDITCTL.parent}{os.pathsep}{env.get('PATH', '')}", HOME=str(tmp_path), LANG="C.UTF-8")
+    return env
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+@pytest.mark.parametrize("line, completed", [
+    ("auditctl --database-url sqlite:///k.db scan --for", "auditctl --database-url sqlite:///k.db scan --format"),
+    ("auditctl --database-url postgresql://bob@db:5432/audits recover --dry", "recover --dry-run"),
+    ("auditctl scan --database-url sqlite:///k.db --rev", "scan --database-url sqlite:///k.db --reverse"),
+])
+def test_bash_completes_after_a_database_url_whose_colon_bash_splits_at(tmp_path, line, completed):
+    from terminal import Terminal
+
+    rc = tmp_path / "bashrc"
+    rc.write_text(f"PS1='$ '\nsource {COMPLETIONS / 'auditctl.bash'}\n")
+    with Terminal(tmp_path, width=200, height=10, env=_shell_env(tmp_path)) as term:
+        term.run("bash", "--noprofile", "--rcfile", str(rc), "-i")
+        term.wait_for(lambda screen: "$" in screen, message="the prompt")
+        term.keys("-l", line)
+        term.keys("Tab")
+        term.wait_for(lambda screen: completed in screen, message=f"{completed!r} completed", timeout=10)
+
+
+def test_fish_shows_each_commands_help_whole_not_cut_at_a_comma(tmp_path):
+    fish = shutil.which("fish")
+    if fish is None:
+        pytest.skip("fish is not installed")
+    done = subprocess.run([fish, "--no-config", "-c", f"source {COMPLETIONS / 'auditctl.fish'}; complete -C 'auditctl re'"],
+                          env=_shell_env(tmp_path), check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    offered = dict(line.split("\t", 1) for line in done.stdout.splitlines())
+    assert offered["recover"] == "Recover stuck audits: mark them failed, or requeue them."

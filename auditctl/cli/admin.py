@@ -151,6 +151,10 @@ def completion_script(shell: str) -> str:
     from click.shell_completion import get_completion_class
 
     from .app import cli as group
+    from .completion import register
+    from .group import COMPLETE_VAR
 
-    completer = get_completion_class(shell)(group, {}, "auditctl", "_AUDITCTL_COMPLETE")
+    register()
+
+    completer = get_completion_class(shell)(group, {}, "auditctl", COMPLETE_VAR)
     return completer.source()

@@ -12,6 +12,7 @@ all of them (their options, and the modules behind the options) was about a quar
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -53,6 +54,10 @@ def paint(text: str, colour: str) -> str:
     from .render import ascii_only
 
     return text if ascii_only() else click.style(text, fg=colour)
+
+
+#: The variable through which a shell's completion script asks auditctl for completions.
+COMPLETE_VAR = "_AUDITCTL_COMPLETE"
 
 
 class AuditctlGroup(click.Group):
@@ -145,6 +150,10 @@ class AuditctlGroup(click.Group):
                 signal.signal(signal.SIGTERM, signal.SIG_IGN if owns_process() else previous_sigterm)
 
     def _main(self, args, prog_name, complete_var, **extra):
+        if os.environ.get(complete_var or COMPLETE_VAR):  # a shell asks: answer as auditctl's own scripts expect
+            from .completion import register
+
+            register()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except OSError as error:
