@@ -87,7 +87,11 @@ def load_config_file(path: str | os.PathLike | None) -> "tuple[dict, Path | None
     target = Path(path) if explicit else default_config_path()
     try:
         present = target.exists()
-    except OSError as error:  # a name too long for the file system
+    except OSError as error:  # a name too long for the file system; a directory that cannot be searched
+        if not explicit and isinstance(error, PermissionError):
+            # Nobody asked for this one: a HOME this user may not search (a service run as another
+            # user, HOME still root's) holds no config of theirs.
+            return {}, None
         raise ConfigError(f"cannot read config file {str(target)[:200]}: {error.strerror}") from None
     if not present:
         if explicit:

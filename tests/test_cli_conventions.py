@@ -515,3 +515,27 @@ def test_a_damaged_schema_at_the_current_revision_is_named_not_sent_to_init(tmp_
         assert result.exit_code == 1 and "at auditctl's schema revision" in line, line
         assert "column audits.kind" in line and "table notifications" in line and "restore" in line, line
         assert "run `auditctl init`" not in line, "init says there is nothing to do"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to become another user")
+def test_a_home_the_user_may_not_search_holds_no_config_and_stops_nothing(tmp_path):
+    home = tmp_path / "someone-elses-home"
+    (home / ".config").mkdir(parents=True)
+    home.chmod(0o700)
+    other = tmp_path / "other"
+    other.mkdir()
+    other.chmod(0o777)
+    tmp_path.chmod(0o755)
+    env = {**clean_env(tmp_path), "HOME": str(home)}
+    env.pop("XDG_CONFIG_HOME", None)
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    try:
+        done = subprocess.run([*drop, str(AUDITCTL), "config", "-o", "json"], env=env, capture_output=True, text=True,
+                              timeout=60, check=False, cwd=other)
+        named = subprocess.run([*drop, str(AUDITCTL), "--config", str(home / ".config" / "x.toml"), "config"], env=env,
+                               capture_output=True, text=True, timeout=60, check=False, cwd=other)
+    finally:
+        home.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert "Config file: none" in done.stderr
+    assert named.returncode == 2 and "Permission denied" in named.stderr, "a file asked for by name is still an error"
