@@ -158,16 +158,32 @@ def _as_word(secret: str) -> re.Pattern:
     return re.compile(head + re.escape(secret) + tail)
 
 
+#: A host name or address, with its port: what a webhook's label may show.
+_HOST_LIKE = re.compile(r"(?:[\w\-.~%]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+#: The longest label a destination is stored under (``notification_deliveries.label``).
+MAX_LABEL = 200
+
+
 def mask_webhook(url: str | None) -> str:
-    """A webhook URL as scheme and host only: its path and query are the secret."""
+    """A webhook URL as scheme and host only: its path and query are the secret. When the host
+    cannot be told for sure (an '@' after it, which may end a password holding '/'; a backslash;
+    anything that is no host name) it is masked too."""
     if not url:
         return ""
     match = re.match(r"\s*([A-Za-z][A-Za-z0-9+.\-]*://)", url)
     if match is None:
         return MASK
-    # A password in the user information may hold '/', '?', '#' or '@': the host starts after the
-    # '@' that ends it, found as mask_url finds it, not at the first '/'.
-    span = _userinfo_secret(url, match.end())
-    authority = _HOST_PART.match(url, span[1] + 1 if span else match.end()).group(0)
+    authority = _HOST_PART.match(url, match.end()).group(0)
     host = authority.rsplit("@", 1)[-1]
-    return f"{match.group(1)}{host}/{MASK}"
+    if "@" in url[match.end() + len(authority):]:
+        if _HOST_LIKE.fullmatch(host):
+            # A host and a path holding '@' (".../v1@TOKEN/"), or a password of digits before its
+            # '/' ("user:12/x@host"): which, no one can tell.
+            host = MASK
+        else:  # no host before the first '/': a password holding '/' ends at the '@' before the host
+            span = _userinfo_secret(url, match.end())
+            host = _HOST_PART.match(url, span[1] + 1).group(0) if span else MASK
+    if not _HOST_LIKE.fullmatch(host) or "\\" in authority:  # a backslash: a browser's '/', a path in the authority
+        host = MASK
+    label = f"{match.group(1)}{host}/{MASK}"
+    return label if len(label) <= MAX_LABEL - 10 else f"{match.group(1)}{MASK}"

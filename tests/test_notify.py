@@ -750,6 +750,50 @@ def test_a_url_that_reached_a_sender_unchecked_leaves_no_secret_in_its_error_or_
         assert SECRET not in shown and PASSWORD not in shown and "services" not in shown, shown
 
 
+@pytest.mark.parametrize("body", [b"invalid token: xoxb-s3cr3t-token",
+                                  b'The requested webhook "POST B0SECRET" is not registered.',
+                                  b"no team T0SECRET"])
+def test_a_receiver_that_quotes_part_of_the_url_back_leaves_no_part_of_the_secret_anywhere(sqlite_url, sqlite_engine,
+                                                                                           hooks, body):
+    hook = hooks()
+    hook.always(Answer(status=403, body=body))
+    stuck_and_recovered(sqlite_engine, 1)
+    sent = invoke("notify", "--database-url", sqlite_url, "--webhook", hook.url())
+    listed = invoke("notify", "--status", "-o", "json", "--database-url", sqlite_url)
+    assert sent.exit_code == 1 and "HTTP 403: " in sent.stderr and "***" in sent.stderr
+    with read_connection(sqlite_engine) as connection:
+        stored = str(connection.execute(select(notification_deliveries)).all())
+    for shown in (sent.output, listed.stdout, stored):
+        for part in ("xoxb-s3cr3t-token", "T0SECRET", "B0SECRET"):
+            assert part not in shown, (part, shown)
+
+
+@pytest.mark.parametrize("url, shown", [
+    (f"https://hooks.example.com:8443/hook/v1@{SECRET}", "https://***/***"),
+    (f"http://127.0.0.1:9/hooks/team:ops@{SECRET}", "http://***/***"),
+])
+def test_a_webhook_whose_path_holds_an_at_sign_is_labelled_without_guessing_its_host(sqlite_url, url, shown):
+    settings = json.loads(invoke("config", "-o", "json", "--database-url", sqlite_url, "--webhook", url).stdout)
+    assert next(r for r in settings if r["setting"] == "webhook")["value"] == shown
+
+
+def test_a_webhook_written_with_backslashes_is_refused_not_read_as_a_host(sqlite_url):
+    refused = invoke("notify", "--database-url", sqlite_url, "--slack-webhook", "https://hooks.slack.com\\services\\T0SECRET")
+    assert refused.exit_code == 2 and "slack webhook https://***/*** is not an http(s) URL" in refused.stderr
+    assert "T0SECRET" not in refused.output
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_webhook_on_a_long_but_valid_host_name_is_delivered(engine, database_url):
+    from auditctl.notify import Destination
+
+    host = ".".join(["a" * 60] * 3) + ".example.com"  # 194 characters: a legal DNS name, longer than a label column
+    stuck_and_recovered(engine, 1)
+    report = deliver(engine, [Destination("webhook", f"http://{host}/services/{SECRET}")], timeout=2)
+    assert report.results[0].error is not None and "value too long" not in report.results[0].error
+    assert delivery_states(engine) == ["pending"], "the attempt was recorded, to be tried again"
+
+
 def test_webhooks_come_from_the_config_file_too(sqlite_url, hooks, tmp_path):
     database_url = sqlite_url
     hook = hooks()

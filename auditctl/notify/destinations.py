@@ -76,7 +76,8 @@ def check_url(kind: str, url: str) -> str:
         parts.port  # noqa: B018 - raises for a port that is no number or out of range
     except ValueError:  # an unclosed IPv6 bracket, a port that is no number
         hostname = None
-    if hostname is None or parts.scheme.lower() not in ("http", "https") or not hostname:
+    if hostname is None or parts.scheme.lower() not in ("http", "https") or not hostname \
+            or not re.fullmatch(r"[\w\-.~%:]+", hostname):  # a backslash for a slash: the path read as the host
         raise ConfigError(f"{label} {shown} is not an http(s) URL with a host")
     if "@" in parts.netloc:
         raise ConfigError(f"{label} {shown} holds a user name or password before its host: auditctl cannot send "

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .. import __version__
 from ..textsafe import printable
@@ -66,6 +66,11 @@ def retry_after_seconds(value: str | None) -> float | None:
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
+#: The shortest part of a webhook's path or query masked on its own in an error: long enough to
+#: leave a word like "hooks" or "api" alone, short enough for any token.
+MIN_SECRET_PART = 6
+
+
 def hide_url(text: str, url: str) -> str:
     """``text`` with the URL's secrets masked: the URL, its path and query (where a webhook's secret
     is), its user information and password (as ``urls.secrets_of`` finds it, decoded too); each as
@@ -79,6 +84,10 @@ def hide_url(text: str, url: str) -> str:
         userinfo, _, _ = parts.netloc.rpartition("@")
         secrets.update({piece, piece.strip(), parts.path + ("?" + parts.query if parts.query else ""), parts.path,
                         parts.query, userinfo, parts.password or ""})
+        # A receiver's error may quote one part of the path or query ("invalid token: xoxb...").
+        for part in re.split(r"[/?&=;]+", parts.path + "?" + parts.query):
+            if len(part) >= MIN_SECRET_PART:
+                secrets.update({part, unquote(part)})
     secrets |= {repr(secret)[1:-1] for secret in secrets}
     for secret in sorted({s for s in secrets if len(s) > 1}, key=len, reverse=True):
         text = text.replace(secret, MASK)
