@@ -471,7 +471,9 @@ def test_a_429_with_retry_after_holds_every_event_for_that_destination_until_the
     wait_for(lambda: deliver(engine, destinations).sent, timeout=5, interval=0.1, message="the retry")
     assert len(hook.requests) == 2
     assert hook.requests[1].at - hook.requests[0].at >= 0.95
-    assert audit_ids_in(hook.requests[1].body) == first + second
+    # The message refused goes again as it was; the event written meanwhile follows in its own.
+    assert audit_ids_in(hook.requests[1].body) == first
+    assert deliver(engine, destinations).sent == 1 and audit_ids_in(hook.requests[2].body) == second
 
 
 def test_a_crash_between_sending_and_marking_sends_again_with_the_same_idempotency_key(engine, hooks, monkeypatch):
@@ -490,12 +492,32 @@ def test_a_crash_between_sending_and_marking_sends_again_with_the_same_idempoten
     assert len(hook.requests) == 1 and delivery_states(engine) == ["sending"]
     monkeypatch.undo()
     assert deliver(engine, destinations, timeout=0.3).sent == 0, "claimed by a live sender: not sent again"
+    stuck_and_recovered(engine, 1)  # a new event meanwhile: it must not change the message sent again
     time.sleep(1.6)  # the dead sender's claim runs out
     assert deliver(engine, destinations, timeout=0.3).sent == 1
-    first, again = hook.requests
+    assert deliver(engine, destinations, timeout=0.3).sent == 1
+    first, again, new = hook.requests
     assert again.headers["Idempotency-Key"] == first.headers["Idempotency-Key"] == first.body["idempotency_key"]
     assert again.body == first.body
-    assert delivery_states(engine) == ["sent"]
+    assert new.headers["Idempotency-Key"] != first.headers["Idempotency-Key"] and len(new.body["events"]) == 1
+    assert delivery_states(engine) == ["sent", "sent"]
+
+
+def test_a_failed_message_is_tried_again_alone_with_its_key_while_newer_events_wait_their_turn(engine, hooks,
+                                                                                              fast_backoff):
+    """A POST that timed out may have reached the receiver: its retry must be the same message."""
+    hook = hooks()
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    hook.answer(Answer(status=504, body=b"gateway timeout"))
+    assert deliver(engine, destinations).results[0].error.startswith("HTTP 504")
+    stuck_and_recovered(engine, 1)
+    wait_for(lambda: deliver(engine, destinations).sent, timeout=5, interval=0.1, message="the retry")
+    assert deliver(engine, destinations).sent == 1
+    failed, retried, new = hook.requests
+    assert retried.headers["Idempotency-Key"] == failed.headers["Idempotency-Key"] and retried.body == failed.body
+    assert len(new.body["events"]) == 1 and new.body["events"][0] != failed.body["events"][0]
+    assert delivery_states(engine) == ["sent", "sent"]
 
 
 def test_events_expire_undelivered_and_leave_the_backlog(engine, database_url, hooks):
@@ -677,6 +699,21 @@ def test_recover_and_reset_all_alert_at_the_end_and_notify_retries_what_failed(d
     assert reset.exit_code == 0 and "Alerts: sent 1 event in 1 message" in reset.stderr
     assert hook.requests[-1].body["title"] == "2 audits reset by auditctl reset-all"
     assert invoke("notify", "--database-url", database_url, "--webhook", url).stderr == "Nothing to deliver.\n"
+
+
+def test_recover_says_when_its_alert_waits_for_a_destinations_retry_after(sqlite_url, sqlite_engine, hooks):
+    hook = hooks()
+    hook.answer(Answer(status=429, headers={"Retry-After": "60"}, body=b"slow down"))
+    url = hook.url()
+    make_running(sqlite_engine, 1, silent_for=700)
+    first = invoke("recover", "--database-url", sqlite_url, "--webhook", url)
+    assert "Alerts: could not deliver" in first.stderr and "next try in 1m" in first.stderr, first.stderr
+    make_running(sqlite_engine, 1, silent_for=700, worker_id="worker-2")
+    second = invoke("recover", "--database-url", sqlite_url, "--webhook", url)
+    assert second.exit_code == 0 and len(hook.requests) == 1, "asked again before Retry-After"
+    assert f"Alerts: 2 events for webhook http://127.0.0.1:{hook.port}/*** wait for a retry in" in second.stderr, \
+        second.stderr
+    assert "(`auditctl notify` retries)" in second.stderr
 
 
 def test_notify_without_a_destination_or_with_a_bad_url_is_a_usage_error(sqlite_url):

@@ -523,6 +523,22 @@ def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
+@pytest.mark.skipif(not available(), reason="needs tmux")
+def test_a_failing_webhook_is_shown_in_the_screens_header(tmp_path, demo):
+    from webhooks import Answer, Webhook
+
+    hook = Webhook()
+    hook.always(Answer(status=500, body=b"internal error"))
+    try:
+        with Terminal(tmp_path, width=140, height=30, env=clean_env(tmp_path)) as term:
+            term.run(str(AUDITCTL), "watch", "--interval", "5s", "--webhook", hook.url(), "--database-url", demo)
+            shown = term.wait_for(lambda screen: "could not deliver" in screen, message="the failed alert in the header")
+    finally:
+        hook.close()
+    header = [line for line in shown.splitlines()[:6] if "could not deliver" in line]
+    assert header and "HTTP 500: internal error" in header[0] and "/services/" not in shown, shown
+
+
 def test_a_scrape_while_the_log_says_the_database_is_lost_warns_nothing_more(tmp_path):
     """Only a read between passes has seen the outage (the next pass is an hour away): the log has
     said the database is lost, so a scrape meanwhile answers database_up 0 and logs nothing."""

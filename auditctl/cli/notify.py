@@ -71,23 +71,44 @@ def destination_options(command=None, *, deliver: bool = False):
     return wrapper
 
 
-def deliver_and_say(state, destinations, timeout: float):
-    """Deliver once (bounded by ``timeout``); one line per destination that sent or failed. Never raises."""
+#: How many messages one delivery run sends a destination at most, a second apart (a rate limit).
+DELIVERY_ROUNDS = 20
+
+
+def deliver_and_say(state, destinations, timeout: float, *, hint: str = " (`auditctl notify` retries)") -> tuple:
+    """Deliver what is due, a message a second while more is due; one ``Alerts:`` line per message
+    sent or failed, and one per destination whose events still wait (a backoff, a ``Retry-After``,
+    another sender's claim). Returns (messages sent, failed, destinations waiting). Never raises."""
+    import time
+
     from ..notify import deliver
 
-    report = deliver(state.engine, destinations, timeout=timeout)
-    for result in report.results:
-        if result.sent:
-            echo_status(state, f"Alerts: {result.describe()}.")
-        elif result.failed:
-            echo_status(state, f"Alerts: {result.describe()} (`auditctl notify` retries).", force=True)
-    return report
+    sent = failed = 0
+    last = {}
+    for _round in range(DELIVERY_ROUNDS):
+        report = deliver(state.engine, destinations, timeout=timeout)
+        for result in report.results:
+            last[result.destination.key] = result
+            if result.sent:
+                sent += 1
+                echo_status(state, f"Alerts: {result.describe()}.")
+            elif result.failed:
+                failed += 1
+                echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
+        if not report.more or not report.ok:
+            break
+        time.sleep(1.0)
+    waiting = [r for r in last.values() if r.pending and not r.failed]
+    for result in waiting:
+        echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
+    return sent, failed, waiting
 
 
 class WatchAlerts:
     """``watch``'s alerts: a sender in a background thread, kicked after each pass, so a webhook
-    that hangs never holds a pass or the screen; with ``--once``, one delivery after the pass,
-    bounded by the timeout. Its news becomes log lines (``echo``), one per change."""
+    that hangs never holds a pass or the screen; with ``--once``, a delivery after the pass (each
+    message bounded by the timeout). Its news becomes log lines or the live screen's notice
+    (``echo``), one per change."""
 
     def __init__(self, state, destinations, timeout: float, *, once: bool, echo=None):
         from ..notify import Notifier
@@ -103,10 +124,21 @@ class WatchAlerts:
             self.notifier.start()
 
     def after_pass(self) -> None:
-        if self.once:
-            self._say([self.notifier.deliver_now()])
-        else:
+        if not self.once:
             self.notifier.kick()
+            return
+        import time
+
+        for _round in range(DELIVERY_ROUNDS):  # as deliver_and_say: a message a second while more is due
+            report = self.notifier.deliver_now()
+            self._say([report])
+            if not report.more or not report.ok:
+                break
+            time.sleep(1.0)
+        if self.echo is not None:  # the last word of a single pass: what still waits, and until when
+            for result in report.results:
+                if result.pending and not result.failed:
+                    self.echo(f"alerts: {result.describe()} (`auditctl notify` retries)")
 
     def show(self) -> None:
         """Log lines for what the background sender did since the last call (main thread only)."""
@@ -190,29 +222,10 @@ def notify(state, fmt, destinations, notify_timeout, show_status):
     if not destinations:
         raise click.UsageError("no destination: pass --slack-webhook, --discord-webhook or --webhook "
                                "(or set AUDITCTL_SLACK_WEBHOOK, AUDITCTL_DISCORD_WEBHOOK, AUDITCTL_WEBHOOK or the config file)")
-    import time
-
-    from ..notify import backlog, deliver
+    from ..notify import backlog
 
     backlog(state.engine)  # a database that cannot be read fails here, with the usual one-line error
-    sent = failed = 0
-    pending = {}
-    for _round in range(20):
-        report = deliver(state.engine, destinations, timeout=notify_timeout)
-        for result in report.results:
-            pending[result.destination.key] = result
-            if result.sent:
-                sent += 1
-                echo_status(state, f"Alerts: {result.describe()}.")
-            elif result.failed:
-                failed += 1
-                echo_status(state, f"Alerts: {result.describe()}.", force=True)
-        if not report.more or not report.ok:
-            break
-        time.sleep(1.0)  # a destination's rate limit: one message a second
-    waiting = [r for r in pending.values() if r.pending and not r.failed]
-    for result in waiting:
-        echo_status(state, f"Alerts: {result.describe()}.", force=True)
+    sent, failed, waiting = deliver_and_say(state, destinations, notify_timeout, hint="")
     if not sent and not failed and not waiting:
         echo_status(state, "Nothing to deliver.")
     if failed or waiting:

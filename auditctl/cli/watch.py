@@ -92,7 +92,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     view.on_read = metrics.database_shown
     # Alerts go out from their own thread (or, with --once, after the pass, bounded by the timeout).
     alerts = WatchAlerts(state, destinations, notify_timeout, once=once,
-                         echo=view._line if isinstance(view, LogView) else None) if destinations else None
+                         echo=view._line if isinstance(view, LogView) else view.note) if destinations else None
     stop = threading.Event()
     if isinstance(view, LogView):
         view.stop_event = stop

@@ -181,27 +181,34 @@ def _claim(connection: Connection, destination: Destination, now, until, limit: 
                       literal(start, Timestamp()), literal(destination.label, String())).where(_unseen(key, now))
     statement = _insert_ignoring_duplicates(connection, D).from_select(columns, new_rows).on_conflict_do_nothing()
     connection.execute(statement)
-    query = (select(D.c.notification_id, D.c.attempts, N.c.created_at, N.c.event, N.c.payload)
+    # A message tried before (its sender died, or its POST failed, perhaps after the receiver took
+    # it) goes again alone, as it was, so its idempotency key is the same: its rows keep the claim
+    # they were sent under. Then the events never sent.
+    query = (select(D.c.notification_id, D.c.attempts, D.c.claimed_until, N.c.created_at, N.c.event, N.c.payload)
              .select_from(D.join(N, N.c.id == D.c.notification_id))
              .where(_due_rows(key, now), live_events(now))
-             .order_by(D.c.notification_id).limit(limit))
+             .order_by(D.c.claimed_until.is_(None), D.c.claimed_until, D.c.notification_id).limit(limit))
     if is_postgres(connection):
         # Another sender claiming the same rows right now is skipped, not waited for.
         query = query.with_for_update(of=D, skip_locked=True)
     rows = connection.execute(query).all()
     if not rows:
-        return [], expired
+        return [], expired, False
+    more = len(rows) >= limit
+    if rows[0].claimed_until is not None:
+        again = [r for r in rows if r.claimed_until == rows[0].claimed_until]
+        more, rows = more or len(again) < len(rows), again
     claim = (update(D).where(D.c.notification_id.in_([r.notification_id for r in rows]), _due_rows(key, now))
              .values(status=SENDING, claimed_until=until, attempts=func.coalesce(D.c.attempts, 0) + 1))
     if not is_postgres(connection):
         # The write lock is ours since BEGIN IMMEDIATE: nothing changed since the read. (No
         # RETURNING here: SQLite before 3.35 has none.)
         connection.execute(claim)
-        return rows, expired
+        return rows, expired, more
     # Only what this UPDATE switched is ours (still due as it ran): the row locks make that all of
     # them, and if anything ever bypassed the locks it would still not be sent twice.
     claimed = set(connection.execute(claim.returning(D.c.notification_id)).scalars())
-    return [r for r in rows if r.notification_id in claimed], expired
+    return [r for r in rows if r.notification_id in claimed], expired, more
 
 
 def _mark_sent(engine: Engine, destination: Destination, ids: list[int]) -> None:
@@ -219,9 +226,10 @@ def _mark_failed(engine: Engine, destination: Destination, ids: list[int], claim
         now = fetch_now(connection)
         retry_at = now + timedelta(seconds=wait)
         # Only the rows still under this sender's claim: one another sender took over is its business.
+        # The claim stays on the rows as the mark of the message they were (``_claim``).
         connection.execute(update(D).where(D.c.destination == destination.key, D.c.notification_id.in_(ids),
                                            D.c.status == SENDING, D.c.claimed_until == claimed_until)
-                           .values(status=PENDING, next_attempt_at=retry_at, claimed_until=None, last_error=error))
+                           .values(status=PENDING, next_attempt_at=retry_at, last_error=error))
         connection.execute(update(D).where(D.c.destination == destination.key, D.c.status == PENDING,
                                            or_(D.c.next_attempt_at.is_(None), D.c.next_attempt_at < retry_at))
                            .values(next_attempt_at=retry_at))
@@ -272,7 +280,7 @@ def deliver_to(engine: Engine, destination: Destination, *, timeout: float = DEF
         with write_transaction(engine) as connection:
             now = fetch_now(connection)
             claimed_until = now + timedelta(seconds=timeout + CLAIM_MARGIN)
-            rows, result.expired = _claim(connection, destination, now, claimed_until, limit)
+            rows, result.expired, more = _claim(connection, destination, now, claimed_until, limit)
         if result.expired:
             log.info("%d alert event(s) for %s expired undelivered", result.expired, destination.label)
         if rows:
@@ -280,7 +288,7 @@ def deliver_to(engine: Engine, destination: Destination, *, timeout: float = DEF
                                           payload=r.payload if isinstance(r.payload, dict) else {}) for r in rows]
             ids = [e.id for e in events]
             key = digests.idempotency_key(destination.key, events)
-            result.events, result.more = len(events), len(rows) >= limit
+            result.events, result.more = len(events), more
             try:
                 body = _message(destination, events, key)
             except Exception as error:  # noqa: BLE001 - a row no formatter can read must not stop the others
