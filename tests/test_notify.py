@@ -490,6 +490,9 @@ def test_a_crash_between_sending_and_marking_sends_again_with_the_same_idempoten
     # inside it, even on a loaded machine (0.3 s was not, once).
     deliver(engine, destinations, timeout=1.5)
     assert len(hook.requests) == 1 and delivery_states(engine) == ["sending"]
+    [held] = undelivered(engine, destinations)
+    with read_connection(engine) as connection:
+        assert held.status == "sending" and held.next_attempt_at > fetch_now(connection), "next try: when the claim ends"
     monkeypatch.undo()
     assert deliver(engine, destinations, timeout=0.3).sent == 0, "claimed by a live sender: not sent again"
     stuck_and_recovered(engine, 1)  # a new event meanwhile: it must not change the message sent again

@@ -68,8 +68,10 @@ def undelivered(engine: Engine, destinations: list[Destination] | tuple = ()) ->
                 continue
             known = given.get(row.destination)
             label = known.label if known else (text_value(row.label) or f"destination {str(row.destination)[:12]}")
+            # A row a sender holds is next tried when that claim runs out, not at the time it fell due.
+            next_try = row.claimed_until if row.status == "sending" else row.next_attempt_at
             found.append(Undelivered(**common, destination=label, status=row.status,
-                                     attempts=safe_int(row.attempts) or 0, next_attempt_at=as_datetime(row.next_attempt_at),
+                                     attempts=safe_int(row.attempts) or 0, next_attempt_at=as_datetime(next_try),
                                      last_error=text_value(row.last_error)))
         seen = {row.destination for row in deliveries}
         for key, destination in given.items():
