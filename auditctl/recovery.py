@@ -39,6 +39,7 @@ from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted, Wr
 from .gcpause import paused_collector
 from .history import Actor
 from .lockturns import LockTurns
+from .migrate import refuse_newer_schema
 from .rules import (
     Filters, GoneInstances, Verdict, find_stuck, fixed_moments, gone_instances, isolate, make_filters, select_stuck,
     stuck_ids,
@@ -490,6 +491,8 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
                  result: list, *, on_batch: Callable[[int, int], None] | None, describe: str,
                  read_ahead: Callable[[list[int]], object] | None = None) -> None:
     queue = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    if queue:
+        refuse_newer_schema(engine)
     handled = 0
     turns = LockTurns() if engine.dialect.name == "sqlite" else None
     ahead: dict[int, tuple[list[int], object]] = {}  # id(batch) -> (the batch, what read_ahead gave for it)

@@ -29,6 +29,7 @@ from sqlalchemy.types import NullType
 
 from .db import db_now, fetch_now, read_connection, single_write, write_transaction
 from .errors import TextNotUtf8
+from .migrate import refuse_newer_schema
 from .thresholds import FUTURE_TOLERANCE
 from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
@@ -148,6 +149,7 @@ def _judge(instance: Instance, stale_after: float) -> None:
 
 def register(engine: Engine, *, instance_id: str, worker_id: str, worker_url: str | None, guard: object,
              heartbeat_interval: float | None = None, stale_after: float | None = None) -> None:
+    refuse_newer_schema(engine)
     _LIVE_HERE[instance_id] = guard
     with write_transaction(engine) as connection:
         connection.execute(

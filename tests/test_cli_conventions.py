@@ -323,6 +323,39 @@ def test_init_against_a_newer_schema_says_so_in_one_line(database_url, engine):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", [["recover"], ["reset-all", "--yes"], ["watch", "--once"], ["recover", "--requeue"]])
+def test_no_command_changes_a_schema_a_newer_auditctl_migrated(demo, engine, command):
+    """Its tables may carry rules this version cannot know: changed as 0003 would change them,
+    they could break the newer version's."""
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import SchemaTooNew
+    from dbtools import all_rows
+
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    before = all_rows(engine)
+    result = run(*command, "--database-url", demo)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "at schema revision 0099, which this auditctl does not know" in line, result.output
+    assert all_rows(engine) == before
+    with pytest.raises(SchemaTooNew):
+        StuckAuditPrevention(demo, worker_id="worker-9", create_schema=False)
+
+
+def test_a_database_without_its_revision_table_is_still_recovered_as_before(demo, engine):
+    """The newer-schema check reads the revision; with no revision table there is nothing to compare."""
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
+    result = run("recover", "--database-url", demo)
+    assert result.exit_code == 0 and "Recovered 3 audits" in result.stderr, result.output
+
+
+def test_the_revisions_read_from_the_file_names_are_alembics():
+    from auditctl.migrate import _shipped_revisions, known_revisions
+
+    assert _shipped_revisions() == set(known_revisions())
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 
