@@ -181,10 +181,10 @@ def test_read_only_commands_leave_another_tools_file_as_it_was_and_read_a_read_o
     target.execute("PRAGMA journal_mode=DELETE")  # another tool's file, in rollback-journal mode
     target.close()
     url = f"sqlite:///{copy}"
-    for command in (["scan"], ["list"], ["workers"], ["show", "12"]):
+    for command in (["scan"], ["list"], ["workers"], ["show", "12"], ["recover", "--dry-run"], ["reset-all", "--dry-run"]):
         assert run(*command, "--database-url", url).exit_code == 0
     with sqlite3.connect(copy) as check:
-        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete", "scan must not switch it to WAL"
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete", "a read or a dry run must not switch it to WAL"
     copy.chmod(0o444)
     try:
         if os.geteuid() != 0:  # root can write anything: the read-only open is what is tested, not the permission

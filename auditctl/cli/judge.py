@@ -136,7 +136,8 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     update, finish = progress_reporter("Recovering")
     try:
         done, stopped = until_stopped(lambda: recover_stuck(
-            state.engine, policy, actor=Actor.command("recover"), requeue=requeue, max_attempts=max_attempts,
+            state.reader if dry_run else state.engine,  # a dry run never opens the file for writing
+            policy, actor=Actor.command("recover"), requeue=requeue, max_attempts=max_attempts,
             dry_run=dry_run, filters=filters, on_batch=update))
     finally:
         finish()
