@@ -431,7 +431,7 @@ def _not_running_pg(element, compiler, **kw):
 
 
 def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[..., list],
-                result: list, *, on_batch: Callable[[int, int], None] | None = None, describe: str,
+                result: list, *, on_batch: Callable[[int, int], None] | None = None, describe: str, actor: Actor,
                 read_ahead: Callable[[list[int]], object] | None = None) -> None:
     """Run ``apply`` over ``ids`` batch by batch, each in its own transaction.
 
@@ -450,7 +450,7 @@ def _in_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable
     fails the batch is worked out under the lock as usual.
     """
     try:
-        _run_batches(engine, ids, batch_size, apply, result, on_batch=on_batch, describe=describe,
+        _run_batches(engine, ids, batch_size, apply, result, on_batch=on_batch, describe=describe, actor=actor,
                      read_ahead=read_ahead)
     except KeyboardInterrupt as interrupt:
         if isinstance(interrupt, Interrupted):
@@ -488,7 +488,7 @@ def until_stopped(change: Callable[[], list]) -> tuple[list, AuditctlError | Non
 
 
 def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callable[..., list],
-                 result: list, *, on_batch: Callable[[int, int], None] | None, describe: str,
+                 result: list, *, on_batch: Callable[[int, int], None] | None, describe: str, actor: Actor,
                  read_ahead: Callable[[list[int]], object] | None = None) -> None:
     queue = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
     if queue:
@@ -533,13 +533,13 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
             problem = f"{type(error).__name__}: {error}"[:300] if not isinstance(error, AuditctlError) else str(error)[:300]
             log.error("%s of audit %s failed: %s; it needs an operator", describe, batch[0], printable(problem))
             result.skipped.append(Skipped(id=batch[0], error=problem))
-            _record_needs_operator(engine, batch[0], describe, problem)
+            _record_needs_operator(engine, batch[0], describe, problem, actor)
         handled += len(batch)
         if on_batch is not None:
             on_batch(handled, len(ids))
 
 
-def _record_needs_operator(engine: Engine, audit_id: int, what: str, problem: str) -> None:
+def _record_needs_operator(engine: Engine, audit_id: int, what: str, problem: str, actor: Actor) -> None:
     """One history row saying an operator must look (not repeated while the last row says the same)."""
     try:
         with write_transaction(engine) as connection:
@@ -551,7 +551,7 @@ def _record_needs_operator(engine: Engine, audit_id: int, what: str, problem: st
                 return
             history.record(connection, [{"audit_id": audit_id, "event": history.NEEDS_OPERATOR,
                                          "details": {"operation": what, "error": problem}}],
-                           Actor.command(what), fetch_now(connection))
+                           actor, fetch_now(connection))
     except AuditctlError as error:
         log.error("could not record that audit %s needs an operator: %s", audit_id, error)
 
@@ -605,7 +605,7 @@ def recover_stuck(
         return _apply_recovery(connection, verdicts, requeue=requeue, max_attempts=max_attempts, actor=actor,
                                ahead=ahead)
 
-    _in_batches(engine, candidates, batch_size, apply, result, on_batch=on_batch, describe="recover",
+    _in_batches(engine, candidates, batch_size, apply, result, on_batch=on_batch, describe="recover", actor=actor,
                 read_ahead=read_ahead)
     return result
 
@@ -641,7 +641,7 @@ def recover_audits(
         return _apply_manual(connection, rows, reason=reason, explanation=explanation, actor=actor,
                              requeue=requeue, max_attempts=max_attempts)
 
-    _in_batches(engine, ids, DEFAULT_BATCH, apply, result, describe="recover")
+    _in_batches(engine, ids, DEFAULT_BATCH, apply, result, describe="recover", actor=actor)
     return result
 
 
@@ -897,9 +897,9 @@ def reset_all(engine: Engine, plan: ResetPlan, *, actor: Actor, policy: Policy |
             return done
 
         _in_batches(engine, sorted(v.id for v in plan.stuck), DEFAULT_BATCH, recover_and_reset, result,
-                    on_batch=progress(0), describe="reset")
+                    on_batch=progress(0), describe="reset", actor=actor)
     _in_batches(engine, sorted(set(plan.ids)), DEFAULT_BATCH, _resetting(filters, actor), result,
-                on_batch=progress(len(plan.stuck)), describe="reset")
+                on_batch=progress(len(plan.stuck)), describe="reset", actor=actor)
     return result
 
 
@@ -944,7 +944,8 @@ def reset_failed(
     else:
         plan = plan_reset(engine, filters)
         candidates, filters = plan.ids, plan.filters
-    _in_batches(engine, candidates, batch_size, _resetting(filters, actor), result, on_batch=on_batch, describe="reset")
+    _in_batches(engine, candidates, batch_size, _resetting(filters, actor), result, on_batch=on_batch, describe="reset",
+                actor=actor)
     return result
 
 

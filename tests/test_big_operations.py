@@ -206,6 +206,7 @@ BATCH_HOLD = 0.04  # each batch below holds the write lock this long
 
 def run_batches(engine, batches: int) -> list:
     """A change of ``batches`` batches through the seam recover and reset use, each writing one row."""
+    from auditctl.history import Actor
     from auditctl.recovery import ResetResult, _in_batches
 
     turns_table(engine)
@@ -216,7 +217,7 @@ def run_batches(engine, batches: int) -> list:
         return batch
 
     result = ResetResult()
-    _in_batches(engine, list(range(batches)), 1, apply, result, describe="reset")
+    _in_batches(engine, list(range(batches)), 1, apply, result, describe="reset", actor=Actor.command("reset-all"))
     return result
 
 
@@ -300,6 +301,7 @@ def test_reading_ahead_during_the_pauses_still_gives_a_writer_its_turn_after_eve
     takes the lock in every pause, and the reading fills the pause instead of adding to it."""
     import threading
 
+    from auditctl.history import Actor
     from auditctl.recovery import ResetResult, _in_batches
 
     caplog.set_level("DEBUG", logger="auditctl.recovery")
@@ -324,7 +326,8 @@ def test_reading_ahead_during_the_pauses_still_gives_a_writer_its_turn_after_eve
     thread, failures = writing_thread(database_url, keep_writing)
     batches = 15
     try:
-        _in_batches(engine, list(range(batches)), 1, apply, ResetResult(), describe="recover", read_ahead=read_ahead)
+        _in_batches(engine, list(range(batches)), 1, apply, ResetResult(), describe="recover", actor=Actor.command("recover"),
+                    read_ahead=read_ahead)
     finally:
         done.set()
         thread.join(10)

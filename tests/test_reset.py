@@ -188,6 +188,7 @@ def test_a_reset_the_database_refuses_is_marked_for_an_operator_as_a_reset(engin
     marked = events(engine, errored)[-1]
     assert marked["event"] == "needs_operator"
     assert marked["details"]["operation"] == "reset", "the record names the operation that failed"
+    assert marked["actor"] == ACTOR.name, "the record names who acted"
     assert progress[-1] == (2, 2), "progress counts every audit handled, the refused one too"
 
 
