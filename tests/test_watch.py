@@ -108,6 +108,20 @@ def test_watch_no_recover_once_reports_stuck_audits_and_recovers_nothing(demo, e
     assert everything(engine) == before
 
 
+def test_watch_once_exits_1_like_recover_when_an_audit_needs_an_operator(demo, engine):
+    from dbtools import install_abort_trigger
+
+    with read_connection(engine) as connection:
+        refused = connection.execute(select(audits.c.id).where(audits.c.target == next(iter(STUCK_IN_DEMO)),
+                                                               audits.c.status == "running")).scalar_one()
+    condition = f"OLD.id = {refused} AND NEW.status <> 'running'"
+    install_abort_trigger(engine, "refuse_one", when_sqlite=condition, when_pg=condition)
+    result = invoke("watch", "--once", "--database-url", demo)
+    assert result.exit_code == 1, result.output
+    assert "needs an operator" in result.output
+    assert sum(1 for status in stuck_statuses(engine).values() if status == "failed") == len(STUCK_IN_DEMO) - 1
+
+
 def test_watch_once_requeue_returns_stuck_audits_to_pending(demo, engine):
     result = invoke("watch", "--once", "--requeue", "--database-url", demo)
     assert result.exit_code == 0, result.output

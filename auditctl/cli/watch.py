@@ -163,6 +163,11 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     if once and result is not None and not result.ok:
         # A single pass that could not run is a runtime error (exit 1), not a success for cron to trust.
         raise DatabaseUnavailable(result.error)
+    if once and result is not None and result.skipped:
+        # As recover: an audit the database would not let it change needs an operator (it was logged).
+        from .group import EXIT_ERROR
+
+        click.get_current_context().exit(EXIT_ERROR)
 
 
 class _NoteHandler(logging.Handler):
