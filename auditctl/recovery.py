@@ -683,15 +683,28 @@ def _apply_manual(connection, rows, *, reason, explanation, actor, requeue, max_
 
 
 def recover_worker_leftovers(engine: Engine, worker_id: str, live_instances: set[str], *, actor: Actor,
-                             requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> RecoveryResult:
-    """Recover what earlier, dead instances of ``worker_id`` left running (reason ``worker_restarted``)."""
+                             requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                             instance_id: str | None = None) -> RecoveryResult:
+    """Recover what earlier, dead instances of ``worker_id`` left running (reason ``worker_restarted``).
+
+    ``instance_id`` is the instance cleaning up: one that registered at or after it is no earlier
+    instance but a live peer that started meanwhile (after ``live_instances`` was read), and what
+    it holds is left alone. Judged under each batch's lock, so its first claim is never taken."""
     from sqlalchemy import and_
 
+    from .schema import workers
     from .thresholds import WORKER_RESTARTED
 
     condition = audits.c.worker_id == worker_id
+    held = []
     if live_instances:
-        condition = and_(condition, or_(audits.c.worker_instance.is_(None), audits.c.worker_instance.not_in(sorted(live_instances))))
+        held.append(audits.c.worker_instance.not_in(sorted(live_instances)))
+    if instance_id is not None:
+        own_start = select(workers.c.started_at).where(workers.c.instance_id == instance_id).scalar_subquery()
+        later = select(workers.c.instance_id).where(workers.c.worker_id == worker_id, workers.c.started_at >= own_start)
+        held.append(audits.c.worker_instance.not_in(later))
+    if held:
+        condition = and_(condition, or_(audits.c.worker_instance.is_(None), and_(*held)))
     return recover_audits(
         engine, condition, reason=WORKER_RESTARTED,
         explanation=f"worker {worker_id} restarted; the instance that held this audit is gone",

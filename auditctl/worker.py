@@ -492,7 +492,8 @@ class StuckAuditPrevention:
         live = {self.instance_id} | {peer.instance_id for peer in self._check_duplicates()}
         try:
             leftovers = recover_worker_leftovers(self.operator_engine, self.worker_id, live, actor=self.actor,
-                                                 requeue=self.requeue, max_attempts=self.max_attempts)
+                                                 requeue=self.requeue, max_attempts=self.max_attempts,
+                                                 instance_id=self.instance_id)
         except AuditctlError as error:  # an outage partway: what the committed batches did is said first
             self._log_leftovers(committed_before(error) or [])
             raise

@@ -1014,6 +1014,29 @@ def test_recover_audits_skips_an_audit_another_transaction_holds_and_recovers_th
     assert row(engine, held)["status"] == RUNNING
 
 
+def test_a_peer_that_registered_after_the_cleanup_read_its_live_set_keeps_its_fresh_audit(engine, start_audit):
+    """The cleanup reads which instances are alive, then recovers the others' audits: an instance of the
+    same worker_id that started in between (a reused pod name) and claimed at once is no earlier one."""
+    from datetime import timedelta
+
+    from auditctl.db import fetch_now
+    from auditctl.schema import workers
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        for instance, started in (("earlier", 3600), ("cleaning", 10), ("started-meanwhile", 0)):
+            connection.execute(workers.insert().values(instance_id=instance, worker_id="w", host="h", pid=1,
+                                                       started_at=now - timedelta(seconds=started)))
+    left, _ = start_audit(worker_id="w", instance_id="earlier")
+    fresh, _ = start_audit(worker_id="w", instance_id="started-meanwhile")
+
+    done = recover_worker_leftovers(engine, "w", {"cleaning"}, actor=Actor.worker("w", "cleaning"),
+                                    instance_id="cleaning")
+
+    assert [r.id for r in done] == [left]
+    assert row(engine, fresh)["status"] == RUNNING
+
+
 def test_recover_worker_leftovers_can_requeue(engine, start_audit):
     dead, _ = start_audit(worker_id="w", instance_id="dead")
     (recovery,) = recover_worker_leftovers(engine, "w", {"live"}, actor=OPERATOR, requeue=True)
