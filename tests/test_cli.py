@@ -328,6 +328,17 @@ def test_scan_csv_has_a_header_and_one_row_per_stuck_audit(fleet):
     assert {"id", "target", "reasons", "worker_id", "step", "percentage"} <= set(rows[0])
 
 
+@pytest.mark.parametrize("command", [["scan"], ["list"], ["workers"], ["recover"], ["reset-all", "--yes"],
+                                     ["notify", "--status"]])
+def test_an_empty_csv_listing_is_its_header_as_an_empty_json_listing_is_brackets(database_url, command):
+    assert on(database_url, "init").exit_code == 0
+    empty = on(database_url, *command, "-o", "csv")
+    assert empty.exit_code == 0, empty.output
+    (header,) = list(csv.reader(io.StringIO(empty.stdout)))
+    assert len(header) >= 5 and "id" in header[0], empty.stdout
+    assert on(database_url, *command, "-o", "json").stdout.strip() == "[]"
+
+
 def test_scan_piped_without_format_prints_plain_text(fleet):
     result = on(fleet.url, "scan")
     assert result.exit_code == 0
@@ -802,6 +813,24 @@ def test_workers_counts_the_audits_a_guard_holds_and_hides_instances_gone_for_lo
 def test_workers_of_the_demo_fleet_tell_the_living_from_the_gone(fleet):
     alive = {r["worker_id"]: r["alive"] for r in as_json(on(fleet.url, "workers", "--format", "json"))}
     assert alive == {"worker-1": True, "worker-2": True, "worker-3": True, "worker-4": False, "worker-5": False}
+
+
+def test_workers_csv_tells_a_gone_instance_from_a_silent_one_as_the_table_does(database_url, engine):
+    from sqlalchemy import update
+
+    from auditctl.db import write_transaction
+    from auditctl.schema import workers
+
+    assert on(database_url, "demo").exit_code == 0
+    with write_transaction(engine) as connection:
+        connection.execute(update(workers).where(workers.c.worker_id == "worker-4")
+                           .values(stopped_at=workers.c.last_heartbeat_at))
+    table = {line.split()[0]: line for line in on(database_url, "workers", "-o", "plain").stdout.splitlines()[1:]
+             if line.startswith("worker-")}
+    rows = {r["worker_id"]: r for r in csv.DictReader(io.StringIO(on(database_url, "workers", "-o", "csv").stdout))}
+    assert " gone " in table["worker-4"] and " silent " in table["worker-5"]
+    assert rows["worker-4"]["alive"] == rows["worker-5"]["alive"] == "false"
+    assert rows["worker-4"]["gone"] and not rows["worker-5"]["gone"]
 
 
 def test_workers_with_none_registered_says_so(database_url):

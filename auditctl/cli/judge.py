@@ -130,7 +130,7 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     from ..history import Actor
     from ..recovery import recover_stuck, until_stopped
     from .records import RECOVERY_COLUMNS, recovery_record
-    from .render import render, resolve_format
+    from .render import render
 
     check_bounds(state, policy, allow_unsafe, filters)
     update, finish = progress_reporter("Recovering")
@@ -143,8 +143,7 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
         finish()
     thresholds = f"Thresholds: {policy.describe()}."
     if not done and not done.skipped:
-        if resolve_format(fmt) == "json":
-            render([], RECOVERY_COLUMNS, fmt)
+        render([], RECOVERY_COLUMNS, fmt)  # json's [] and csv's header; nothing in the human formats
         echo_status(state, "Nothing to recover.")
         echo_status(state, thresholds)
         return
@@ -195,7 +194,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     from ..records import planned_stuck_reset_record
     from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed, until_stopped
     from .records import RESET_COLUMNS, reset_record
-    from .render import render, resolve_format
+    from .render import render
 
     reasons, origins = flatten(reasons), flatten(origins)
     filters = ResetFilters(since=since, reasons=reasons, origins=origins, max_resets=max_resets or None)
@@ -211,8 +210,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
         return [reset_record(r, True) for r in planned] + [planned_stuck_reset_record(v) for v in plan.stuck]
 
     if total == 0:
-        if resolve_format(fmt) == "json":
-            render([], RESET_COLUMNS, fmt)
+        render([], RESET_COLUMNS, fmt)  # json's [] and csv's header; nothing in the human formats
         echo_status(state, "Nothing to reset." + (f"\n{summary}" if plan.held_back or plan.stuck_held_back else ""))
         return
     if dry_run:

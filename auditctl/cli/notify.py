@@ -207,12 +207,11 @@ def notify(state, fmt, destinations, notify_timeout, show_status):
     """
     if show_status:
         from ..notify import undelivered
-        from .render import render, resolve_format
+        from .render import render
 
         found = undelivered(state.reader, destinations)
         if not found:
-            if resolve_format(fmt) == "json":
-                render([], notify_columns(), fmt)
+            render([], notify_columns(), fmt)  # json's [] and csv's header; nothing in the human formats
             echo_status(state, f"Nothing undelivered in {state.masked_url}.")
             return
         render((item.record() for item in found), notify_columns(), fmt, title="Undelivered alerts")

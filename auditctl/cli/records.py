@@ -135,7 +135,7 @@ INSTANCE_COLUMNS = [
     Column("host", "HOST", min_width=8, shrink=1),
     Column("pid", "PID", justify="right", fit="whole"),
     Column("heartbeat_age_seconds", "HEARD", human=ago, justify="right", fit="whole"),
-    Column("alive", "STATE", human=_state, from_record=True, fit="whole",
+    Column("alive", "STATE", human=_state, from_record=True, fit="whole", csv_keys=("alive", "gone"),
            style=lambda r: "green" if r["alive"] else ("red" if r.get("gone") else "dim")),
     Column("running_audits", "AUDITS", justify="right", fit="whole"),
     Column("duplicate", "NOTE", human=_note, from_record=True, fit="wrap", detail=True, label="note",
