@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import re
 
-# C0 controls (but tab and newline are handled by the caller's choice), DEL, C1 controls,
-# the Unicode controls that reorder or hide text (bidi overrides, isolates, the Arabic
-# letter mark U+061C, zero-width), the line and paragraph separators U+2028 and U+2029 (an
-# editor or a TOML reader breaks a line at them), and lone surrogates (a JSON document may hold "\ud800",
-# which no UTF-8 output can encode).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
-_CONTROL_AND_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+# Shown escaped: C0 controls (but tab and newline are handled by the caller's choice), DEL, C1
+# controls, and ``_HIDING``: the characters that reorder or hide text (bidi overrides, marks and
+# isolates, the Arabic letter mark U+061C, zero-width and other invisible format characters: the
+# soft hyphen, U+180E, the deprecated format controls, interlinear annotation, hieroglyph, shorthand
+# and musical format controls, the tag characters that spell hidden ASCII), the line and paragraph separators
+# U+2028 and U+2029 (an editor or a TOML reader breaks a line at them), the byte-order mark, and
+# lone surrogates (a JSON document may hold "\ud800", which no UTF-8 output can encode).
+_HIDING = ("\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff"
+           "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e007f")
+_CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_HIDING}]")
+_CONTROL_AND_LINES = re.compile(f"[\x00-\x1f\x7f-\x9f{_HIDING}]")
 
 
 def _escape(match: re.Match) -> str:
@@ -29,7 +33,16 @@ def _escape(match: re.Match) -> str:
         return "\\t"
     if char == "\r":
         return "\\r"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _json_escape(match: re.Match) -> str:
+    """One character as a JSON escape (a pair of surrogate escapes beyond the BMP)."""
+    code = ord(match.group(0))
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xd800 + (code >> 10):04x}\\u{0xdc00 + (code & 0x3ff):04x}"
 
 
 #: Longest text of one cell of a listing, in a terminal table or a dashboard table: a 10 MB target
@@ -53,8 +66,14 @@ def printable(value, *, keep_newlines: bool = False) -> str:
 
 def unicode_escaped(text: str) -> str:
     """``text`` with every character ``printable`` would show escaped (controls, newlines, bidi and
-    zero-width characters) written as ``\\uXXXX``: inside a JSON or TOML string, the same text."""
-    return _CONTROL_AND_LINES.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+    invisible characters) written as ``\\uXXXX`` (``\\UXXXXXXXX`` beyond the BMP): inside a TOML
+    string, the same text."""
+    return _CONTROL_AND_LINES.sub(_toml_escape, text)
+
+
+def _toml_escape(match: re.Match) -> str:
+    code = ord(match.group(0))
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
@@ -79,11 +98,11 @@ def markdown_cell(value) -> str:
 
 # In JSON text these can only sit inside strings, where \uXXXX is the same character: escaping
 # them keeps the JSON exact and keeps a terminal that prints it from acting on them.
-_JSON_RISKY = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+_JSON_RISKY = re.compile(f"[\x7f-\x9f{_HIDING}]")
 
 
 def json_safe_text(text: str) -> str:
     """JSON text with the invisible and terminal-active characters escaped (still the same JSON value)."""
     if text.isascii() and "\x7f" not in text:
         return text  # the usual record: str knows it is ASCII without a scan, and DEL is the only risky ASCII
-    return _JSON_RISKY.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+    return _JSON_RISKY.sub(_json_escape, text)

@@ -1046,21 +1046,28 @@ LINE_SEPARATORS = set("\u2028\u2029")  # an editor or a TOML reader breaks a lin
 hostile_text = st.one_of(
     st.text(max_size=40),
     st.lists(st.sampled_from(["\x1b]0;title\x07", "\x1b[2J", "\x1b]8;;http://x\x1b\\", "\x9b", "\u202e", "\u061c", "\u2066",
-                              "\u200b", "\ufeff", "\u2028", "\u2029", "=", "+", "-", "@", "\t", "\r", "\n", "a", " "]), max_size=8).map("".join),
+                              "\u200b", "\ufeff", "\u2028", "\u2029", "\u00ad", "\u180e", "\ufff9", "\U000e0041",
+                              "\U0001d173", "=", "+", "-", "@", "\t", "\r", "\n", "a", " "]), max_size=8).map("".join),
     st.lists(st.sampled_from(["\x1b]0;title\x07", "\x1b[2J", "\x9b1m", "\u202e", "\u061c", "=cmd()", "@SUM(A1)", "-1+1",
                               "\t", "\r\n", "ok"]), max_size=6).map("".join),
 )
 
 
+#: Format characters that are drawn (prepended concatenation marks: an Arabic number sign and the like).
+DRAWN_FORMAT = set("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd")
+
+
 def _visible(text: str, keep_newlines: bool) -> bool:
     allowed = {"\n", "\t"} if keep_newlines else set()
     return not any((unicodedata.category(c) == "Cc" and c not in allowed) or c in BIDI_CONTROLS or c in LINE_SEPARATORS
-                   for c in text)
+                   or (unicodedata.category(c) == "Cf" and c not in DRAWN_FORMAT) for c in text)
 
 
 @given(hostile_text, st.booleans())
 @example("\u061cabc", False)  # the Arabic letter mark, a bidi control, was passed through
 @example("kind \u2028ls", False)  # a line separator in a TOML comment (report --format toml) was passed through
+@example("https://a.example\U000e0020\U000e0049\U000e0047", False)  # tag characters spelling hidden text
+@example("pay\u00adments\u180e\ufff9", True)  # a soft hyphen, a Mongolian vowel separator, an annotation anchor
 def test_printable_leaves_no_control_or_bidi_characters(text, keep_newlines):
     shown = textsafe.printable(text, keep_newlines=keep_newlines)
     assert _visible(shown, keep_newlines), ascii(shown)
@@ -1090,6 +1097,7 @@ def test_markdown_cells_show_underscores_and_tildes_instead_of_emphasis_or_strik
 
 @given(st.recursive(st.one_of(json_scalars, hostile_text), arrays_and_objects(hostile_text, 3), max_leaves=10),
        st.sampled_from([None, 2]))
+@example("\U000e0049\U000e0047 hidden", None)  # beyond the BMP: escaped as a surrogate pair, the same value
 def test_json_safe_text_keeps_the_same_json_value(value, indent):
     text = textsafe.json_safe_text(json.dumps(value, ensure_ascii=False, indent=indent))
     assert json.loads(text) == value
