@@ -436,6 +436,9 @@ def test_a_document_of_megabytes_is_shown_cut_to_people_and_whole_as_json(engine
     assert f"({len('https://') + 100_000 - 2000:,} more characters)" in human.stdout  # the target, cut as a table cell is
     whole = CliRunner().invoke(cli, ["show", str(audit_id), "-o", "json", "--database-url", database_url])
     assert json.loads(whole.stdout)["progress"]["progress"]["step"] == "A" * 2_000_000
+    for fmt in ("wide", "markdown"):  # every column, nothing cut, as in the listings
+        uncut = CliRunner().invoke(cli, ["show", str(audit_id), "-o", fmt, "--database-url", database_url])
+        assert "t" * 100_000 in uncut.stdout and "A" * 2_000_000 in uncut.stdout and "more characters" not in uncut.stdout
     with running_dashboard(database_url) as server:
         page = server.get(f"/fragments/audits/{audit_id}")
     assert page.status == 200 and len(page.text) < 200_000 and "more characters not shown" in page.text

@@ -87,7 +87,9 @@ _FIELDS = ("id", "target", "status", "kind", "worker_id", "worker_instance", "st
            "declared_thresholds", "has_lease", "error", "problems")
 
 
-def _field_text(value) -> str:
+def _field_text(value, whole: bool = False) -> str:
+    """A field of ``show`` as text; cut at a cell's limit unless ``whole`` (``--wide``, markdown:
+    nothing cut there, as in the listings)."""
     from ..documents import dumps
 
     if value in (None, [], "", {}):
@@ -101,19 +103,27 @@ def _field_text(value) -> str:
     # A table cell's limit: another tool may have stored megabytes in a target or an error.
     from ..textsafe import clipped
 
-    return clipped(text)
+    return text if whole else clipped(text)
+
+
+def _document_text(document, whole: bool) -> str:
+    import sys
+
+    from ..documents import shown
+
+    return shown(document, limit=sys.maxsize) if whole else shown(document)
 
 
 def _show_human(record: dict, fmt: str) -> None:
-    from ..documents import shown
     from ..textsafe import printable
     from .records import EVENT_COLUMNS
     from .render import ascii_only, console, render
 
     styled = fmt in ("table", "wide") and not ascii_only()
+    whole = fmt == "wide"
     out = console() if styled else None
     for key in _FIELDS:
-        text = printable(_field_text(record[key]))
+        text = printable(_field_text(record[key], whole))
         if out is not None:
             from rich.text import Text
 
@@ -124,7 +134,7 @@ def _show_human(record: dict, fmt: str) -> None:
             click.echo(f"{key}: {text}")
     for name in ("progress", "recovery_info"):
         document = record[name]
-        text = "-" if document is None else printable(shown(document), keep_newlines=True)
+        text = "-" if document is None else printable(_document_text(document, whole), keep_newlines=True)
         click.echo(f"{name}: {text}")
     if not record["history"]:
         click.echo("history: none")
@@ -136,7 +146,6 @@ def _show_human(record: dict, fmt: str) -> None:
 def _show_markdown(record: dict) -> None:
     import re
 
-    from ..documents import shown
     from ..textsafe import markdown_cell, printable
     from .records import EVENT_COLUMNS
     from .render import render
@@ -144,14 +153,14 @@ def _show_markdown(record: dict) -> None:
     click.echo(f"## Audit {record['id']}\n")
     click.echo("| field | value |\n|---|---|")
     for key in _FIELDS:
-        click.echo(f"| {key} | {markdown_cell(_field_text(record[key]))} |")
+        click.echo(f"| {key} | {markdown_cell(_field_text(record[key], whole=True))} |")
     for name in ("progress", "recovery_info"):
         click.echo(f"\n### {name}\n")
         if record[name] is None:
             click.echo("none")
         else:
             # A fence longer than any run of backticks in the text, so the text cannot close it.
-            text = printable(shown(record[name]), keep_newlines=True)
+            text = printable(_document_text(record[name], whole=True), keep_newlines=True)
             fence = "`" * max(3, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
             click.echo(f"{fence}json\n{text}\n{fence}")
     click.echo("\n### History\n")
