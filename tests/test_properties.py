@@ -1104,14 +1104,35 @@ def test_json_safe_text_keeps_the_same_json_value(value, indent):
     assert _visible(text, keep_newlines=True) and not re.search("[\u200b-\u200f\u2060-\u2069\ufeff]", text)
 
 
-@given(st.one_of(hostile_text, st.text(alphabet=st.sampled_from(list("ab \u00a0\u3000-\u2014.,\u00e9\t")), max_size=60)),
+@given(st.one_of(hostile_text.filter(str.isascii), st.text(alphabet=st.sampled_from(list("ab -.,\t")), max_size=60)),
        st.integers(1, 80), st.sampled_from(["", "    "]))
 @example("why: ", 20, "     ")  # a label with nothing after it
 @example("  indented but short  ", 40, "")
-def test_the_table_wraps_a_cell_exactly_as_textwrap_does(text, width, indent):
+def test_the_table_wraps_ascii_exactly_as_textwrap_does(text, width, indent):
     from auditctl.cli.render import wrap
 
     assert wrap(text, width, subsequent_indent=indent) == textwrap.wrap(text, width, subsequent_indent=indent)
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab \u00a0\u3000-\u2014.,\u00e9\t错误日本語😀")), min_size=1, max_size=80),
+       st.integers(2, 80), st.sampled_from(["", "    "]))
+@example("error: " + "错误" * 35, 60, "       ")  # a label, then Chinese without spaces: 148 cells on one line
+def test_the_table_wraps_other_text_by_terminal_cells_keeping_every_word(text, width, indent):
+    from rich.cells import cell_len
+
+    from auditctl.cli.render import wrap
+
+    lines = wrap(text, width, subsequent_indent=indent)
+    assert all(cell_len(line) <= max(width, cell_len(indent) + 2) for line in lines), lines
+    assert "".join(line.removeprefix(indent) if n else line for n, line in enumerate(lines)).replace(" ", "") == \
+        "".join(text.split())
+
+
+def test_a_label_before_chinese_text_keeps_the_start_of_the_text_on_its_line():
+    from auditctl.cli.render import wrap
+
+    first, *rest = wrap("error: " + "错误" * 35, 60, subsequent_indent=" " * 7)
+    assert first == "error: " + "错误" * 13 and all(line.startswith(" " * 7 + "错") for line in rest)
 
 
 @given(st.one_of(st.floats(min_value=1e-3, max_value=MAX_DURATION), st.integers(1, int(MAX_DURATION)),

@@ -231,13 +231,58 @@ def layout_lines(layout: Layout, texts: list[list[str]], records: list[dict], *,
                 label = " " * len(label)
 
 
-def wrap(text: str, width: int, **options) -> list[str]:
-    """``textwrap.wrap``, without its cost for a line that already fits, which is most of them (the
-    same lines: a property test compares the two). Wrapping cost a third of a plain ``scan``."""
+def wrap(text: str, width: int, *, subsequent_indent: str = "") -> list[str]:
+    """Lines of at most ``width`` terminal cells. ASCII text: ``textwrap.wrap``, without its cost for
+    a line that already fits, which is most of them (the same lines: a property test compares the
+    two; wrapping cost a third of a plain ``scan``). Other text is measured in cells: a Chinese
+    character or an emoji takes two, which ``textwrap`` counts as one."""
+    if not text.isascii():
+        return _wrap_cells(text, width, subsequent_indent)
     if len(text) <= width and text.isprintable():
         kept = text.rstrip(" ")
         return [kept] if kept else []
-    return textwrap.wrap(text, width, **options)
+    return textwrap.wrap(text, width, subsequent_indent=subsequent_indent)
+
+
+def _wrap_cells(text: str, width: int, indent: str) -> list[str]:
+    """Greedy word wrap by cell width; a word wider than a line is cut where the line ends (text
+    without spaces, as Chinese is written, is cut anywhere)."""
+    lines: list[str] = []
+    current = ""
+
+    def room() -> int:
+        return max(1, width - (_cell_len(indent) if lines else 0))
+
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if _cell_len(candidate) <= room():
+            current = candidate
+            continue
+        if current:
+            space = room() - _cell_len(current) - 1
+            if _cell_len(word) > room() and space > 0 and _cell_len(word[0]) <= space:
+                # A word no line holds is cut anyway: its start fills this line ("error: 错误…").
+                head, word = _cut_cells(word, space)
+                current = f"{current} {head}"
+            lines.append(current)
+            current = ""
+        while _cell_len(word) > room():
+            head, word = _cut_cells(word, room())
+            lines.append(head)
+        current = word
+    if current:
+        lines.append(current)
+    return [line if number == 0 else indent + line for number, line in enumerate(lines)]
+
+
+def _cut_cells(word: str, cells: int) -> tuple[str, str]:
+    """``word`` split after as many characters as fit in ``cells`` (at least one)."""
+    used = 0
+    for index, char in enumerate(word):
+        used += _cell_len(char)
+        if used > cells:
+            return word[:max(1, index)], word[max(1, index):]
+    return word, ""
 
 
 def _pad(text: str, width: int, justify: str) -> str:
