@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func
+from sqlalchemy import func, text
 from sqlalchemy import select as sql_select
 
 from auditctl import __version__
@@ -385,8 +385,31 @@ def test_a_stdout_that_is_not_utf8_gets_json_escapes_instead_of_a_traceback(tmp_
                                 capture_output=True, timeout=60)
         assert listed.returncode == 0, listed.stderr
         assert [r["target"] for r in json.loads(listed.stdout.decode(encoding))] == [target], "the same value, escaped"
-    table = auditctl("list", "-o", "plain", "--database-url", url, cwd=tmp_path, env=clean_env(tmp_path, PYTHONIOENCODING="ascii"))
+    table = auditctl("list", "-o", "plain", "--database-url", url, cwd=tmp_path,
+                     env=clean_env(tmp_path, PYTHONIOENCODING="ascii", COLUMNS="200"))
     assert table.returncode == 0 and "caf\\u00e9.example/\\ud83d\\ude00" in table.stdout, table.stderr
+
+
+def test_on_a_stdout_that_is_not_utf8_columns_stay_aligned_and_cuts_are_ascii(tmp_path):
+    url = f"sqlite:///{tmp_path / 'auditctl.db'}"
+    assert auditctl("demo", "--database-url", url, cwd=tmp_path, env=clean_env(tmp_path)).returncode == 0
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audits SET target = :t WHERE status = 'running' AND target LIKE '%blog%'"),
+                           {"t": "https://\u5bbd\u5bbd.example/\U0001f600"})
+    engine.dispose()
+    env = clean_env(tmp_path, PYTHONIOENCODING="ascii", COLUMNS="100")
+    shown = auditctl("scan", "-o", "plain", "--database-url", url, cwd=tmp_path, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "\\u5bbd\\u5bbd" in shown.stdout and "\\u2026" not in shown.stdout and "..." in shown.stdout
+    header, *rows = [line for line in shown.stdout.splitlines() if not line.startswith(" ")]
+    starts = {header.index("REASONS")} | {re.search(r"stale_heartbeat|max_age_exceeded|progress_stalled", row).start()
+                                          for row in rows}
+    assert len(starts) == 1, shown.stdout
+    for columns in range(67, 73):  # a cut at each place of a six-character escape, never half of it
+        narrow = auditctl("scan", "-o", "plain", "--database-url", url, cwd=tmp_path,
+                          env=clean_env(tmp_path, PYTHONIOENCODING="ascii", COLUMNS=str(columns)))
+        assert not re.search(r"\\(u[0-9a-f]{0,3})?\.\.\.", narrow.stdout), narrow.stdout
 
 
 # --- colour ---------------------------------------------------------------------------

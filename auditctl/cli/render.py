@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import sys
+import re
 import textwrap
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,8 +63,30 @@ def resolve_format(fmt: str | None) -> str:
 
 
 def ascii_only() -> bool:
-    """TERM=dumb or NO_COLOR: no colour, no characters beyond ASCII in the decorations."""
-    return os.environ.get("TERM") == "dumb" or bool(os.environ.get("NO_COLOR"))
+    """TERM=dumb, NO_COLOR, or a stdout that cannot hold "…": no colour, no characters beyond ASCII
+    in the decorations."""
+    return os.environ.get("TERM") == "dumb" or bool(os.environ.get("NO_COLOR")) or not _stdout_is_unicode()
+
+
+def _stdout_is_unicode() -> bool:
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        "…┃".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def as_written(text: str) -> str:
+    """``text`` as stdout writes it: where its encoding cannot hold a character, the escape that
+    takes its place (``group._prepare_streams``). The layout measures this, so columns stay aligned."""
+    if text.isascii() or _stdout_is_unicode():
+        return text
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        return text.encode(encoding, errors="auditctl.json_escapes").decode(encoding)
+    except LookupError:  # the handler is registered for such a stdout only, by the command's entry point
+        return text.encode(encoding, errors="backslashreplace").decode(encoding)
 
 
 def ellipsis_mark() -> str:
@@ -140,12 +163,20 @@ def _cell_len(text: str) -> int:
     return cell_len(text)
 
 
+_PARTIAL_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{0,3})?$")
+
+
 def _truncate(text: str, width: int, ellipsis: str) -> str:
     if len(text) <= width and _cell_len(text) <= width:
         return text
     from rich.cells import set_cell_size
 
-    return set_cell_size(text, max(0, width - len(ellipsis))).rstrip() + ellipsis if width > len(ellipsis) else text[:width]
+    if width <= len(ellipsis):
+        return text[:width]
+    kept = set_cell_size(text, width - len(ellipsis)).rstrip()
+    if not _stdout_is_unicode():  # never half an escape that stands for a character (``as_written``)
+        kept = _PARTIAL_ESCAPE.sub("", kept)
+    return kept + ellipsis
 
 
 @dataclass
@@ -158,7 +189,7 @@ class Layout:
 
 def plan_layout(rows: list[dict], columns: list[Column], width: int | None) -> tuple[Layout, list[list[str]]]:
     """Decide which columns go inline, and how wide each is, to fit ``width`` (None: no limit)."""
-    texts = [[human_text(c, r) for c in columns] for r in rows]
+    texts = [[as_written(human_text(c, r)) for c in columns] for r in rows]
     if width is not None:
         texts = [[clipped(t) for t in row] for row in texts]
 
