@@ -437,6 +437,10 @@ def test_recover_dry_run_shows_what_would_change_in_every_format(fleet, fmt):
     for target, reasons in STUCK_IN_DEMO.items():
         line = next(line for line in as_read(result, fmt).splitlines() if target in line)
         assert reasons[0] in line and "failed" in line
+    if fmt == "csv":  # a dry run's rows say so, as in json
+        assert {r["dry_run"] for r in csv.DictReader(io.StringIO(result.stdout))} == {"true"}
+        reset = on(fleet.url, "reset-all", "--dry-run", "--format", "csv")
+        assert {r["dry_run"] for r in csv.DictReader(io.StringIO(reset.stdout))} == {"true"}
 
 
 def test_recover_fails_the_stuck_audits_and_records_each_in_the_history(demo, demo_engine):

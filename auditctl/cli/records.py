@@ -72,7 +72,7 @@ RECOVERY_COLUMNS = [
     Column("target", "TARGET", min_width=16),
     Column("reasons", "REASONS", fit="whole", human=_lines),
     Column("worker_id", "WORKER", min_width=8, shrink=1),
-    Column("status", "NEW STATUS", fit="whole", style=status_style),
+    Column("status", "NEW STATUS", fit="whole", style=status_style, csv_keys=("status", "dry_run")),
     Column("explanation", "WHY", human=_lines, fit="wrap", detail=True, label="why", min_width=20),
     Column("problems", "PROBLEMS", human=_lines, fit="wrap", detail=True, label="problems", min_width=12),
 ]
@@ -84,7 +84,7 @@ RESET_COLUMNS = [
     Column("origin", "ORIGIN", fit="whole"),
     Column("reasons", "REASONS", fit="whole", human=_lines),
     Column("resets", "RESETS", justify="right", fit="whole"),
-    Column("status", "TO", fit="whole"),
+    Column("status", "TO", fit="whole", csv_keys=("status", "dry_run")),
     Column("error", "ERROR", fit="wrap", detail=True, label="error", min_width=20),
 ]
 
