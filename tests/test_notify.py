@@ -523,6 +523,55 @@ def test_a_failed_message_is_tried_again_alone_with_its_key_while_newer_events_w
     assert delivery_states(engine) == ["sent", "sent"]
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_sender_never_sends_part_of_a_message_another_sender_holds_locked(engine):
+    """Two earlier messages are due; a sender whose LIMIT stops inside the second locks part of it
+    (FOR UPDATE SKIP LOCKED) while it sends the first. Another sender must not send the rest as a
+    message of its own, under another key."""
+    from sqlalchemy import update
+
+    from auditctl.notify.sender import _claim
+    from auditctl.schema import notification_deliveries as D
+
+    # 6 outbox events (one per batch), all with a delivery row for the destination.
+    stuck_and_recovered(engine, 6, batch_size=1)
+    [dest] = destinations_from(webhook="http://127.0.0.1:9/hook/secretsecret")
+    with write_transaction(engine) as c:
+        now = fetch_now(c)
+        rows, _, _ = _claim(c, dest, now, now + timedelta(seconds=5), 200)  # inserts the rows, claims all 6
+    ids = sorted(r.notification_id for r in rows)
+    assert len(ids) == 6
+    # Two earlier messages that failed: G = first 2 events (claim T1), H = last 4 (claim T2).
+    t1, t2 = now - timedelta(seconds=30), now - timedelta(seconds=20)
+    with write_transaction(engine) as c:
+        c.execute(update(D).where(D.c.notification_id.in_(ids[:2])).values(status="pending", claimed_until=t1,
+                                                                            next_attempt_at=now - timedelta(seconds=10)))
+        c.execute(update(D).where(D.c.notification_id.in_(ids[2:])).values(status="pending", claimed_until=t2,
+                                                                            next_attempt_at=now - timedelta(seconds=10)))
+    # Sender A (limit 4) holds its transaction: it locked G and half of H, claims G.
+    a_inside, b_done = threading.Event(), threading.Event()
+    got = {}
+
+    def sender_b():
+        a_inside.wait()
+        with write_transaction(engine) as c:
+            n = fetch_now(c)
+            got["b"] = sorted(r.notification_id for r in _claim(c, dest, n, n + timedelta(seconds=5), 4)[0])
+        b_done.set()
+
+    thread = threading.Thread(target=sender_b)
+    thread.start()
+    with write_transaction(engine) as c:
+        n = fetch_now(c)
+        got["a"] = sorted(r.notification_id for r in _claim(c, dest, n, n + timedelta(seconds=5), 4)[0])
+        a_inside.set()
+        b_done.wait(10)
+    thread.join()
+    assert got["a"] == ids[:2]
+    # Expected: B takes nothing or H whole (ids[2:]); a part of H is a new message with a new key.
+    assert got["b"] in ([], ids[2:]), f"B sent part of H as its own message: {got['b']} of {ids[2:]}"
+
+
 def test_events_expire_undelivered_and_leave_the_backlog(engine, database_url, hooks):
     hook = hooks()
     hook.always(Answer(status=500))

@@ -197,6 +197,13 @@ def _claim(connection: Connection, destination: Destination, now, until, limit: 
     more = len(rows) >= limit
     if rows[0].claimed_until is not None:
         again = [r for r in rows if r.claimed_until == rows[0].claimed_until]
+        # Whole or not at all: a part another sender holds locked (SKIP LOCKED passed over it) would
+        # make the rest a new message, under a new key. It is that sender's to send.
+        members = connection.execute(select(func.count()).select_from(D).where(
+            D.c.destination == key, D.c.claimed_until == rows[0].claimed_until,
+            D.c.status.in_((PENDING, SENDING)))).scalar()
+        if members != len(again):
+            return [], expired, False
         more, rows = more or len(again) < len(rows), again
     claim = (update(D).where(D.c.notification_id.in_([r.notification_id for r in rows]), _due_rows(key, now))
              .values(status=SENDING, claimed_until=until, attempts=func.coalesce(D.c.attempts, 0) + 1))
