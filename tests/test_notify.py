@@ -572,6 +572,21 @@ def test_a_sender_never_sends_part_of_a_message_another_sender_holds_locked(engi
     assert got["b"] in ([], ids[2:]), f"B sent part of H as its own message: {got['b']} of {ids[2:]}"
 
 
+def test_one_notify_run_sends_the_message_tried_before_then_the_newer_events_a_second_later(engine, database_url,
+                                                                                          hooks, fast_backoff):
+    hook = hooks()
+    url = hook.url()
+    stuck_and_recovered(engine, 1)
+    hook.answer(Answer(status=500, body=b"down"))
+    assert invoke("notify", "--database-url", database_url, "--webhook", url).exit_code == 1
+    stuck_and_recovered(engine, 1)
+    time.sleep(0.3)  # past the backoff
+    sent = invoke("notify", "--database-url", database_url, "--webhook", url)
+    assert sent.exit_code == 0 and sent.stderr.count("Alerts: sent 1 event in 1 message") == 2, sent.stderr
+    failed, retried, new = hook.requests
+    assert retried.body == failed.body and new.at - retried.at >= 0.95
+
+
 def test_events_expire_undelivered_and_leave_the_backlog(engine, database_url, hooks):
     hook = hooks()
     hook.always(Answer(status=500))

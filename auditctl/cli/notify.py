@@ -71,22 +71,15 @@ def destination_options(command=None, *, deliver: bool = False):
     return wrapper
 
 
-#: How many messages one delivery run sends a destination at most, a second apart (a rate limit).
-DELIVERY_ROUNDS = 20
-
-
 def deliver_and_say(state, destinations, timeout: float, *, hint: str = " (`auditctl notify` retries)") -> tuple:
     """Deliver what is due, a message a second while more is due; one ``Alerts:`` line per message
     sent or failed, and one per destination whose events still wait (a backoff, a ``Retry-After``,
     another sender's claim). Returns (messages sent, failed, destinations waiting). Never raises."""
-    import time
-
-    from ..notify import deliver
+    from ..notify import deliver, deliveries
 
     sent = failed = 0
     last = {}
-    for _round in range(DELIVERY_ROUNDS):
-        report = deliver(state.engine, destinations, timeout=timeout)
+    for report in deliveries(lambda: deliver(state.engine, destinations, timeout=timeout)):
         for result in report.results:
             last[result.destination.key] = result
             if result.sent:
@@ -95,9 +88,6 @@ def deliver_and_say(state, destinations, timeout: float, *, hint: str = " (`audi
             elif result.failed:
                 failed += 1
                 echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
-        if not report.more or not report.ok:
-            break
-        time.sleep(1.0)
     waiting = [r for r in last.values() if r.pending and not r.failed]
     for result in waiting:
         echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
@@ -127,14 +117,10 @@ class WatchAlerts:
         if not self.once:
             self.notifier.kick()
             return
-        import time
+        from ..notify import deliveries
 
-        for _round in range(DELIVERY_ROUNDS):  # as deliver_and_say: a message a second while more is due
-            report = self.notifier.deliver_now()
+        for report in deliveries(self.notifier.deliver_now):
             self._say([report])
-            if not report.more or not report.ok:
-                break
-            time.sleep(1.0)
         if self.echo is not None:  # the last word of a single pass: what still waits, and until when
             for result in report.results:
                 if result.pending and not result.failed:

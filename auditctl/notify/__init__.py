@@ -34,13 +34,13 @@ from __future__ import annotations
 
 from .destinations import DEFAULT_TIMEOUT, Destination, destinations_from
 
-__all__ = ["DEFAULT_TIMEOUT", "Destination", "destinations_from", "deliver", "DeliveryReport", "Notifier",
+__all__ = ["DEFAULT_TIMEOUT", "Destination", "destinations_from", "deliver", "deliveries", "DeliveryReport", "Notifier",
            "undelivered", "backlog"]
 
 
 def __getattr__(name):
     # The sender needs SQLAlchemy; the destinations do not (the command line parses them at start-up).
-    if name in ("deliver", "DeliveryReport", "DestinationResult"):
+    if name in ("deliver", "deliveries", "DeliveryReport", "DestinationResult"):
         from . import sender
 
         return getattr(sender, name)

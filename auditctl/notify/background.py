@@ -19,14 +19,13 @@ import threading
 from sqlalchemy.engine import Engine
 
 from .destinations import DEFAULT_TIMEOUT, Destination
-from .sender import DeliveryReport, deliver
+from .sender import MORE_PAUSE, DeliveryReport, deliver
 
 log = logging.getLogger("auditctl.notify")
 
 #: Longest sleep between two looks at the outbox when nothing is due (seconds).
 IDLE_WAKE = 60.0
 #: Pause between two messages to one destination when more events were due than one message holds.
-MORE_PAUSE = 1.0
 
 
 class Notifier:

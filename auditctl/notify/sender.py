@@ -26,6 +26,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -330,6 +331,25 @@ def deliver_to(engine: Engine, destination: Destination, *, timeout: float = DEF
     finally:
         result.seconds = time.monotonic() - started
     return result
+
+
+#: A destination's rate limit: while more is due, the next message a second later.
+MORE_PAUSE = 1.0
+#: The most messages one run of ``deliveries`` sends a destination.
+MAX_ROUNDS = 20
+
+
+def deliveries(deliver_once: Callable[[], DeliveryReport], *, rounds: int = MAX_ROUNDS) -> Iterator[DeliveryReport]:
+    """Deliver until nothing more is due or a delivery fails, a message a second: each report as it
+    comes, at most ``rounds`` (``notify``, and ``recover``, ``reset-all`` and ``watch --once`` after
+    their change). ``deliver_once`` is one ``deliver`` call."""
+    for number in range(rounds):
+        if number:
+            time.sleep(MORE_PAUSE)
+        report = deliver_once()
+        yield report
+        if not report.more or not report.ok:
+            return
 
 
 def deliver(engine: Engine, destinations: list[Destination], *, timeout: float = DEFAULT_TIMEOUT,
