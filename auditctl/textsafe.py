@@ -88,7 +88,8 @@ def csv_cell(value) -> str:
     return text
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_~\[\]<>|&])")
+#: Markdown's active characters in a cell; ``$`` too, which GitHub renders as math between two.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_~\[\]<>|&$])")
 
 
 def markdown_cell(value) -> str:

@@ -1083,10 +1083,11 @@ def test_csv_cells_never_start_a_formula(text):
 
 
 @given(hostile_text)
+@example("costs $5 and $6")  # GitHub renders text between two dollar signs as math
 def test_markdown_cells_are_printable_text_with_every_special_escaped(text):
     cell = textsafe.markdown_cell(text)
     assert re.sub(r"\\(.)", r"\1", cell) == textsafe.printable(text)
-    assert not set(re.sub(r"\\[\\`*_~\[\]<>|&]", "", cell)) & set("\\`*_~[]<>|&")
+    assert not set(re.sub(r"\\[\\`*_~\[\]<>|&$]", "", cell)) & set("\\`*_~[]<>|&$")
 
 
 def test_markdown_cells_show_underscores_and_tildes_instead_of_emphasis_or_strikethrough():
