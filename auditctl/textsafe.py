@@ -33,16 +33,38 @@ def _escape(match: re.Match) -> str:
         return "\\t"
     if char == "\r":
         return "\\r"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return f"\\x{code:02x}" if code < 0x100 else _toml_escape(match)
 
 
-def _json_escape(match: re.Match) -> str:
+def json_escape(char: str) -> str:
     """One character as a JSON escape (a pair of surrogate escapes beyond the BMP)."""
-    code = ord(match.group(0))
+    code = ord(char)
     if code < 0x10000:
         return f"\\u{code:04x}"
     code -= 0x10000
     return f"\\u{0xd800 + (code >> 10):04x}\\u{0xdc00 + (code & 0x3ff):04x}"
+
+
+def _json_escape(match: re.Match) -> str:
+    return json_escape(match.group(0))
+
+
+#: The codec error handler that writes what an encoding cannot hold as JSON's escapes.
+JSON_ESCAPES = "auditctl.json_escapes"
+
+
+def _json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
+    return "".join(json_escape(char) for char in error.object[error.start:error.end]), error.end
+
+
+def json_escapes_handler() -> str:
+    """The name of the error handler (``errors=``) that writes what an encoding cannot hold as
+    JSON's escapes (``\\u00e9``): JSON stays valid JSON with the same values, and a table shows
+    the code points. Registered on first use."""
+    import codecs
+
+    codecs.register_error(JSON_ESCAPES, _json_escapes)
+    return JSON_ESCAPES
 
 
 #: Longest text of one cell of a listing, in a terminal table or a dashboard table: a 10 MB target

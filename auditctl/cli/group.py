@@ -238,20 +238,6 @@ class _ClosedStream:
         raise ValueError(f"{self.name} is closed")
 
 
-def _json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
-    """What stdout cannot encode, as JSON's own escapes (``\\u00e9``; a surrogate pair beyond U+FFFF):
-    JSON output stays valid JSON with the same values, and a table shows the code points."""
-    escaped = []
-    for char in error.object[error.start:error.end]:
-        code = ord(char)
-        if code > 0xFFFF:
-            code -= 0x10000
-            escaped.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
-        else:
-            escaped.append(f"\\u{code:04x}")
-    return "".join(escaped), error.end
-
-
 def _prepare_streams() -> None:
     """A closed stdout or stderr gets a stand-in that fails on write; a stdout whose encoding cannot
     hold every character (``PYTHONIOENCODING=ascii``, a POSIX locale) writes the others as JSON
@@ -263,10 +249,9 @@ def _prepare_streams() -> None:
         return
     encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
     if encoding not in ("utf8", "utf8sig") and hasattr(sys.stdout, "reconfigure"):
-        import codecs
+        from ..textsafe import json_escapes_handler
 
-        codecs.register_error("auditctl.json_escapes", _json_escapes)
-        sys.stdout.reconfigure(errors="auditctl.json_escapes")
+        sys.stdout.reconfigure(errors=json_escapes_handler())
 
 
 def _usage_message(error: click.UsageError) -> str:

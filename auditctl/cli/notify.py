@@ -78,17 +78,16 @@ def deliver_and_say(state, destinations, timeout: float, *, hint: str = " (`audi
     from ..notify import deliver, deliveries
 
     sent = failed = 0
-    last = {}
+    report = None
     for report in deliveries(lambda: deliver(state.engine, destinations, timeout=timeout)):
         for result in report.results:
-            last[result.destination.key] = result
             if result.sent:
                 sent += 1
                 echo_status(state, f"Alerts: {result.describe()}.")
             elif result.failed:
                 failed += 1
                 echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
-    waiting = [r for r in last.values() if r.pending and not r.failed]
+    waiting = report.waiting if report is not None else []  # each run reports every destination
     for result in waiting:
         echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
     return sent, failed, waiting
@@ -122,9 +121,8 @@ class WatchAlerts:
         for report in deliveries(self.notifier.deliver_now):
             self._say([report])
         if self.echo is not None:  # the last word of a single pass: what still waits, and until when
-            for result in report.results:
-                if result.pending and not result.failed:
-                    self.echo(f"alerts: {result.describe()} (`auditctl notify` retries)")
+            for result in report.waiting:
+                self.echo(f"alerts: {result.describe()} (`auditctl notify` retries)")
 
     def show(self) -> None:
         """Log lines for what the background sender did since the last call (main thread only)."""

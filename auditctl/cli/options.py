@@ -289,10 +289,22 @@ def check_bounds(state: CliState, policy, allow_unsafe: bool, filters=None) -> N
     from ..rules import declared_intervals
     from ..thresholds import UnsafeThreshold
 
+    check_floors(policy, allow_unsafe)
+    if allow_unsafe:
+        return
+    try:
+        policy.check_bounds(declared_intervals(state.reader, filters))
+    except UnsafeThreshold as error:
+        raise click.UsageError(str(error)) from None
+
+
+def check_floors(policy, allow_unsafe: bool) -> None:
+    """Refuse a stale threshold below its floor (usage error, exit 2), without the database: what
+    ``config`` can tell, and the first of ``check_bounds``."""
+    from ..thresholds import UnsafeThreshold
+
     try:
         policy.check_bounds([], allow_unsafe=allow_unsafe)
-        if not allow_unsafe:
-            policy.check_bounds(declared_intervals(state.reader, filters))
     except UnsafeThreshold as error:
         raise click.UsageError(str(error)) from None
 

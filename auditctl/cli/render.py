@@ -82,11 +82,10 @@ def as_written(text: str) -> str:
     takes its place (``group._prepare_streams``). The layout measures this, so columns stay aligned."""
     if text.isascii() or _stdout_is_unicode():
         return text
+    from ..textsafe import json_escapes_handler
+
     encoding = getattr(sys.stdout, "encoding", None) or "ascii"
-    try:
-        return text.encode(encoding, errors="auditctl.json_escapes").decode(encoding)
-    except LookupError:  # the handler is registered for such a stdout only, by the command's entry point
-        return text.encode(encoding, errors="backslashreplace").decode(encoding)
+    return text.encode(encoding, errors=json_escapes_handler()).decode(encoding)
 
 
 def ellipsis_mark() -> str:

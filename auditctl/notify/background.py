@@ -25,7 +25,6 @@ log = logging.getLogger("auditctl.notify")
 
 #: Longest sleep between two looks at the outbox when nothing is due (seconds).
 IDLE_WAKE = 60.0
-#: Pause between two messages to one destination when more events were due than one message holds.
 
 
 class Notifier:

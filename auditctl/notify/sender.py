@@ -120,6 +120,12 @@ class DeliveryReport:
         return any(r.more for r in self.results)
 
     @property
+    def waiting(self) -> list[DestinationResult]:
+        """The destinations whose events still wait without having failed now (a backoff, a
+        ``Retry-After``, another sender's claim, or more than one run sends)."""
+        return [r for r in self.results if r.pending and not r.failed]
+
+    @property
     def next_due(self) -> float | None:
         """Seconds until the earliest retry of something pending (None: nothing pending)."""
         waits = [r.retry_in for r in self.results if r.pending and r.retry_in is not None]
