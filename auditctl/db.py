@@ -38,7 +38,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, timestamps
-from .schema import DISTINCTIVE_AUDIT_COLUMNS, RULE_TIME_COLUMNS
+from .schema import DISTINCTIVE_AUDIT_COLUMNS, DISTINCTIVE_ENOUGH, RULE_TIME_COLUMNS
 from .errors import (ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotADatabase, SchemaMissing,
                      TextNotUtf8, WriteRefused)
 from .textsafe import printable
@@ -329,7 +329,7 @@ def _new_or_ours(cursor) -> bool:
     cursor.execute(f"SELECT (SELECT count(*) FROM sqlite_master), (SELECT count(*) FROM pragma_table_info('audits') "
                    f"WHERE name IN ({columns}))", DISTINCTIVE_AUDIT_COLUMNS)
     objects, ours = cursor.fetchone()
-    return objects == 0 or ours >= 2
+    return objects == 0 or ours >= DISTINCTIVE_ENOUGH
 
 
 def _configure_sqlite(engine: Engine, wait: float, *, wal: bool) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from .db import describe, is_postgres, translate_errors, write_transaction
 from .errors import AuditctlError, DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew
-from .schema import DISTINCTIVE_AUDIT_COLUMNS
+from .schema import DISTINCTIVE_AUDIT_COLUMNS, DISTINCTIVE_ENOUGH
 from .textsafe import printable
 
 #: Arbitrary but fixed: the advisory lock key auditctl's migrations take on PostgreSQL.
@@ -138,7 +138,7 @@ def _state(connection, schema: str | None) -> tuple[str | None, set[str], bool]:
     if "alembic_version" in names:
         revision = _recorded_revision(connection, schema)
     ours = "audits" in names and \
-        len(_OUR_AUDIT_COLUMNS & {c["name"] for c in inspector.get_columns("audits", schema=schema)}) >= 2
+        len(_OUR_AUDIT_COLUMNS & {c["name"] for c in inspector.get_columns("audits", schema=schema)}) >= DISTINCTIVE_ENOUGH
     return revision, names & set(_OUR_TABLES), ours
 
 

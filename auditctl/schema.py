@@ -146,6 +146,7 @@ audits = Table(
 #: Columns of ``audits`` no other application's table of that name is likely to have: two of them
 #: make a table auditctl's (an application of its own may well have an ``audits`` table).
 DISTINCTIVE_AUDIT_COLUMNS = ("lease", "worker_instance", "progress_signature", "recovery_reasons", "progress_changed_at")
+DISTINCTIVE_ENOUGH = 2
 RULE_TIME_COLUMNS = ("heartbeat_at", "last_worker_update", "started_at", "created_at", "progress_changed_at")
 
 #: ``status = 'running'`` with the literal in the SQL, so both engines can match the partial index

@@ -39,9 +39,7 @@ THRESHOLD_COLUMNS = ("max_age_seconds", "declared_stale_after", "declared_max_ag
 def invalid_thresholds(names, values) -> list[str]:
     """``<column>_invalid`` for each per-audit threshold that holds something but not a sane
     duration (NaN, zero, negative, text): the rules ignore it and judge by the next source."""
-    return [f"{name}_invalid" for name, value in zip(names, values)
-            if value is not None and not (type(value) is float and 0 < value <= MAX_DURATION)
-            and sane_duration(value) is None]
+    return [f"{name}_invalid" for name, value in zip(names, values) if value is not None and sane_duration(value) is None]
 
 
 def safe_int(value) -> int | None:
