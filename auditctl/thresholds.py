@@ -280,8 +280,9 @@ def _kind_order_message(kind: str, name: str, value: float, source: str, max_age
             f"{remedy(name, source, 'at most', max_age)} or {remedy('max_age', max_age_source, 'at least', value)}")
 
 
-def validate_heartbeat_interval(interval: float, stale_after: float) -> float:
-    """A worker must beat at least twice within ``stale_after``, or a healthy audit looks dead between beats."""
+def validate_heartbeat_interval(interval: float, stale_after: float, label: str = "stale_after") -> float:
+    """A worker must beat at least twice within ``stale_after`` (named ``label`` in the error), or a
+    healthy audit looks dead between beats."""
     interval = parse_duration(interval, "heartbeat_interval")
     if interval < MIN_HEARTBEAT_INTERVAL:
         raise ConfigError(f"heartbeat_interval ({format_duration(interval, exact=True)}) is below the floor of "
@@ -289,7 +290,7 @@ def validate_heartbeat_interval(interval: float, stale_after: float) -> float:
                           "spin on the database")
     if stale_after < STALE_INTERVALS * interval:
         raise ConfigError(
-            f"stale_after ({format_duration(stale_after, exact=True)}) must be at least twice heartbeat_interval "
+            f"{label} ({format_duration(stale_after, exact=True)}) must be at least twice heartbeat_interval "
             f"({format_duration(interval, exact=True)}), or a healthy audit would look stale between two beats; "
             f"raise stale_after to {format_duration(STALE_INTERVALS * interval, exact=True)} or beat more often"
         )

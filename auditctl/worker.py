@@ -183,9 +183,14 @@ class AuditRun:
         self._heartbeat = leases.prepare_heartbeat(guard.engine, lease)
 
     def _release(self) -> None:
-        """Give the run's connection back to the pool; a write after this (a late heartbeat) borrows one."""
+        """The block has ended: give the run's connection back to the pool (a write after this, a
+        late heartbeat, borrows one), and refuse later reports with ``RunEnded`` even when the final
+        write could not be recorded: a late report would keep that audit looking alive to every
+        judge, where it must be left to a recoverer."""
         with self._lock:
             connection, self._connection = self._connection, None
+            if not self.lost:
+                self.finished = True
         if connection is not None:
             connection.close()
 
@@ -398,6 +403,10 @@ class StuckAuditPrevention:
         if kinds is not None and not isinstance(kinds, Mapping):
             raise ConfigError(f"kinds must be a mapping of kind names to their thresholds, not {type(kinds).__name__}")
         kind_overrides = {str(name): Overrides.from_mapping(values, f"kind {name}") for name, values in (kinds or {}).items()}
+        if self.declared.stale_after is None:  # then a kind's stale_after judges this worker's audits of that kind
+            for name, values in kind_overrides.items():
+                if values.stale_after is not None:
+                    validate_heartbeat_interval(heartbeat_interval, values.stale_after, f"stale_after of kind {name!r}")
         self.policy = Policy.of(self.thresholds, kinds=kind_overrides)
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise ConfigError(f"max_attempts must be a whole number of at least 1, got {max_attempts!r}")
@@ -849,8 +858,11 @@ class StuckAuditPrevention:
 
     def close(self) -> None:
         self.stop()
-        self.engine.dispose()
-        self.operator_engine.dispose()
+        # A forked child's pooled connections share their sockets with the parent's: closing them
+        # would end the parent's sessions, so the child only forgets them.
+        ours = not self._forked()
+        self.engine.dispose(close=ours)
+        self.operator_engine.dispose(close=ours)
 
     def __enter__(self) -> "StuckAuditPrevention":
         return self

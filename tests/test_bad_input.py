@@ -415,6 +415,8 @@ BAD_SETTINGS = [
     ({"stall_after": 2000, "max_age": 1800}, "stall_after (33m20s) is longer than max_age (30m)"),
     ({"heartbeat_interval": 600, "stale_after": 600}, "stale_after (10m) must be at least twice heartbeat_interval (10m)"),
     ({"heartbeat_interval": 400}, "stale_after (10m) must be at least twice heartbeat_interval (6m40s)"),
+    ({"heartbeat_interval": 2, "kinds": {"quick": {"stale_after": 3}}},
+     "stale_after of kind 'quick' (3.0s) must be at least twice heartbeat_interval (2.0s)"),
     ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1"),
     ({"heartbeat_interval": 1e-9, "stale_after": 1}, "heartbeat_interval (0.000000001s) is below the floor of 100ms"),
     ({"kinds": {"deep": {"bogus": 1}}}, "kind deep: unknown setting 'bogus'"),
@@ -440,6 +442,12 @@ def test_invalid_durations_and_thresholds_are_a_clear_config_error_before_touchi
         StuckAuditPrevention(database_url, **{"worker_id": "w", **settings})
     assert message in str(caught.value)
     assert worker_rows(engine) == []  # nothing registered, nothing written
+
+
+def test_a_kinds_short_stale_after_is_allowed_when_the_guards_own_stale_after_judges_its_audits(database_url):
+    guard = StuckAuditPrevention(database_url, worker_id="w", heartbeat_interval=2, stale_after=10,
+                                 kinds={"quick": {"stale_after": 3}})  # its claims declare 10s: the kind's 3s never judges them
+    guard.close()
 
 
 def test_a_sqlite_url_with_a_user_name_and_password_is_a_config_error_with_the_password_masked(tmp_path):

@@ -492,6 +492,31 @@ def test_a_heartbeat_asked_for_after_the_block_ended_says_so_like_a_late_report(
     assert row(engine, audit_id)["status"] == COMPLETED and events(engine, audit_id) == []
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_reports_after_a_block_whose_end_could_not_be_recorded_are_refused_so_a_recoverer_judges_it(engine, guards):
+    from auditctl.errors import RunEnded
+
+    guard = guards(heartbeat_interval=0.5, stale_after=1, max_age=None)  # the final write retries for 0.5 s
+    audit_id = guard.create_audit("https://example.com/end-not-recorded")
+    holder = sqlite3.connect(engine.url.database, isolation_level=None)
+    with pytest.raises(RuntimeError, match="crawler crashed"):
+        with guard.run(audit_id) as run:
+            holder.execute("BEGIN IMMEDIATE")  # held until after the block: its final write is refused
+            raise RuntimeError("crawler crashed")
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert row(engine, audit_id)["status"] == RUNNING, "the database refused the final write"
+    beat_before = row(engine, audit_id)["heartbeat_at"]
+    with pytest.raises(RunEnded):
+        run.update_progress(step="late")
+    with pytest.raises(RunEnded):
+        run.heartbeat()
+    assert row(engine, audit_id)["heartbeat_at"] == beat_before, "nothing keeps the ended run looking alive"
+    time.sleep(1.2)
+    (verdict,) = find_stuck(engine, Thresholds(stale_after=1, max_age=3600, stall_after=600))
+    assert verdict.id == audit_id and verdict.reasons == ["stale_heartbeat"]
+
+
 def test_a_run_after_stop_starts_the_heartbeats_again_so_it_is_not_recovered_as_stale(engine, guards):
     guard = guards(heartbeat_interval=0.2, stale_after=1)
     audit_id = guard.create_audit("https://example.com/beats-again")
@@ -834,6 +859,18 @@ with guard.run(audit_id) as run:
     outcome["child_claim"] = os.read(read, 1000).decode()
     time.sleep(2.5)  # past stale_after: a parent taken for gone would lose its lease here
     outcome["progress"] = run.update_progress(step="after the children")
+closing = os.fork()
+if closing == 0:
+    with guard:  # leaving it closes the guard: in a child, without closing the parent's connections
+        pass
+    os._exit(0)
+os.waitpid(closing, 0)
+try:
+    with guard.run(guard.create_audit("https://example.com/after-a-child-closed")):
+        pass
+    outcome["after_close"] = "completed"
+except Exception as error:
+    outcome["after_close"] = repr(error)
 guard.stop()
 print(json.dumps(outcome), flush=True)
 '''
@@ -846,6 +883,7 @@ def test_a_forked_child_never_acts_for_its_parents_guard(tmp_path, database_url,
     outcome = json.loads(read_line(proc, timeout=60))
     assert proc.wait(30) == 0
     assert outcome["progress"] is True, "the parent lost its audit after a child left"
+    assert outcome["after_close"] == "completed", "a child closing its copy of the guard cut the parent's connections"
     assert outcome["sigterm_exit"] == -signal.SIGTERM, "SIGTERM ends the child as it would without the guard"
     assert "belongs to process" in outcome["child_claim"] and "make a new one in the child" in outcome["child_claim"]
     parent = row(engine, 1)
