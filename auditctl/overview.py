@@ -58,7 +58,9 @@ def count_by_status(engine: Engine) -> dict[str, int]:
         rows = connection.execute(select(audits.c.status, func.count()).group_by(audits.c.status)).all()
     counts = {status: 0 for status in STATUSES}
     for status, count in rows:
-        counts[text_value(status) or "?"] = safe_int(count) or 0
+        # Added, not set: a BLOB 'running' is its own group in SQL and the same status read as text.
+        key = text_value(status) or "?"
+        counts[key] = counts.get(key, 0) + (safe_int(count) or 0)
     return counts
 
 

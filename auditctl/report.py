@@ -44,7 +44,7 @@ from .history import LEASE_LOST, NEEDS_OPERATOR, RECOVERED, REQUEUED, RESET
 from .schema import COMPLETED, IS_RUNNING, PENDING, audits
 from .textsafe import clipped
 from .thresholds import (
-    MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RECOVERY_REASONS, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE,
+    FUTURE_TOLERANCE, MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RECOVERY_REASONS, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE,
     Policy, format_duration,
 )
 from .timestamps import as_datetime, isoformat_z, to_storage
@@ -377,6 +377,9 @@ class Report:
     came_back: int
     lease_lost_writes: int
     step_unknown: int
+    #: History rows in the window skipped because their time cannot be read, or reads as outside the
+    #: window (text another tool wrote that sorts inside it but means another time).
+    unreadable_events: int
     outliers: list[Outlier]
     capacity: Capacity
 
@@ -722,6 +725,9 @@ def window(now: datetime, since: "float | datetime") -> tuple[datetime, float]:
         if since >= now:
             raise ConfigError(f"since {isoformat_z(since)} is not in the past (the database's clock says "
                               f"{isoformat_z(now)})")
+        if (now - since).total_seconds() > MAX_DURATION:  # as a duration is bounded: a chart of a year of days at most
+            raise ConfigError(f"since {isoformat_z(since)} is more than {format_duration(MAX_DURATION)} before now (the "
+                              f"database's clock says {isoformat_z(now)}); a report covers at most that")
         return since, (now - since).total_seconds()
     return now - timedelta(seconds=since), since
 
@@ -731,7 +737,12 @@ def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: floa
     with read_connection(engine) as connection:
         now = fetch_now(connection)
         start, since = window(now, since)
-        rows = _events_in_window(connection, start, (RECOVERED, REQUEUED, LEASE_LOST))
+        found = _events_in_window(connection, start, (RECOVERED, REQUEUED, LEASE_LOST))
+    # The SQL window compares stored text; what counts is the time as read. A row committed after
+    # ``now`` was read (a recovery between the two statements) is past the window, not unreadable.
+    times = [as_datetime(r.at) for r in found]
+    rows = [r for r, at in zip(found, times) if at is not None and start <= at <= now]
+    late = sum(1 for at in times if at is not None and now < at <= now + timedelta(seconds=FUTURE_TOLERANCE))
     events = [e for e in (_stuck_event(r) for r in rows if text_value(r.event) in (RECOVERED, REQUEUED)) if e is not None]
     lost_leases: dict[str, int] = {}
     lease_lost_writes = 0
@@ -794,7 +805,8 @@ def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: floa
         recovery=Timing(_round(mean(recovery)), _round(percentile(recovery, 0.95)), len(recovery)),
         never_ran_again=sum(1 for e in events if e.ran_again is None),
         came_back=sum(1 for e in events if e.came_back), lease_lost_writes=lease_lost_writes,
-        step_unknown=sum(1 for e in events if e.step is None), outliers=find_outliers(events),
+        step_unknown=sum(1 for e in events if e.step is None), unreadable_events=len(found) - len(rows) - late,
+        outliers=find_outliers(events),
         capacity=_capacity(engine, start, now, since, stale_after),
     )
 
@@ -813,7 +825,10 @@ def _completed_by_worker(engine: Engine, start: datetime) -> dict[str | None, in
         rows = connection.execute(text(
             f"SELECT worker_id, COUNT(*) FROM audits{indexed_by(sql.postgres, 'ix_audits_status_finished')} "
             f"WHERE status = '{COMPLETED}' AND finished_at >= :start GROUP BY worker_id"), {"start": sql.moment(start)}).all()
-    return {text_value(worker): safe_int(count) or 0 for worker, count in rows}
+    completed: dict[str | None, int] = {}
+    for worker, count in rows:  # added: a BLOB worker_id groups apart from the same text in SQL
+        completed[text_value(worker)] = completed.get(text_value(worker), 0) + (safe_int(count) or 0)
+    return completed
 
 
 __all__ = ["Backlog", "Capacity", "DETECTION_BUCKETS", "FleetFigures", "HistoryTotals", "Histogram", "Outlier", "Report",

@@ -25,7 +25,7 @@ from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from auditctl import leases
 from auditctl.cli import cli
@@ -592,6 +592,59 @@ def test_since_takes_an_iso_time_as_recover_does_and_refuses_one_not_in_the_past
     assert suggested.exit_code == 0 and json.loads(suggested.stdout)["since"].startswith(start[:19])
     ahead = invoke("report", "--database-url", database_url, "--since", "2999-01-01T00:00Z")
     assert ahead.exit_code == 2 and "is not in the past" in ahead.stderr and "Traceback" not in ahead.output
+    # As a duration is bounded to a year: year 1 drew 740,000 chart lines.
+    ancient = invoke("report", "--database-url", database_url, "--since", "0001-01-01T00:00:00Z")
+    assert ancient.exit_code == 2 and "is more than 366d before now" in ancient.stderr, ancient.output
+
+
+def test_history_rows_whose_time_reads_outside_the_window_are_skipped_counted_and_never_crash(engine, database_url):
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        audit_id = connection.execute(insert(audits).values(
+            target="https://example.com", status="failed", created_at=now - timedelta(hours=1), attempts=1)).inserted_primary_key[0]
+        event = {"audit_id": audit_id, "event": "recovered", "from_status": "running", "to_status": "failed",
+                 "reasons": "stale_heartbeat", "measurements": {"silence_seconds": 100}, "actor": "other tool"}
+        connection.execute(insert(audit_events).values(at=now - timedelta(minutes=5), **event))  # the one that counts
+        # Committed after the report read its clock (a watch recovering meanwhile): past the window, not unreadable.
+        connection.execute(insert(audit_events).values(at=now + timedelta(seconds=30), **event))
+        connection.execute(insert(audit_events).values(at=now + timedelta(days=365 * 70), **event))  # dated 2096
+        if connection.dialect.name == "sqlite":
+            # U+3000 sorts after every digit, so the text passes the window's comparison, yet reads as year 1:
+            # subtracting its silence overflowed and the report was a traceback.
+            connection.execute(text("UPDATE audit_events SET at = :at WHERE id = (SELECT MAX(id) FROM audit_events)"),
+                               {"at": "\u30000001-01-01 00:00:05"})
+            connection.execute(insert(audit_events).values(at=now + timedelta(days=365 * 70), **event))
+
+    found = stuck_report(engine, 3600)
+    assert (found.recoveries, found.unreadable_events) == (1, 2 if engine.dialect.name == "sqlite" else 1)
+    assert sum(slot["count"] for slot in found.frequency) == found.recoveries, "the header and the chart agree"
+    shown = invoke("report", "--database-url", database_url, "--since", "1h", "--format", "plain")
+    assert shown.exit_code == 0 and "1 recoveries of 1 audits" in shown.stdout
+    assert "history rows skipped: their time cannot be read, or reads as outside the window" in shown.stdout
+    as_json = json.loads(invoke("report", "--database-url", database_url, "--since", "1h", "-o", "json").stdout)
+    assert as_json["unreadable_events"] == found.unreadable_events
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_the_same_status_or_worker_stored_as_text_and_as_bytes_is_counted_once_whole(engine, database_url):
+    from auditctl.overview import count_by_status
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        for _ in range(3):
+            connection.execute(insert(audits).values(target="https://example.com", status="completed", worker_id="worker-1",
+                                                     created_at=now, finished_at=now, attempts=1))
+        connection.execute(insert(audits).values(target="https://example.com", status="pending", created_at=now))
+        # Another tool wrote the same words as BLOBs: SQL groups them apart from the text.
+        connection.execute(text("INSERT INTO audits (target, status, worker_id, created_at, finished_at, attempts) "
+                                "SELECT target, status, CAST(worker_id AS BLOB), created_at, finished_at, attempts "
+                                "FROM audits WHERE id = 1"))
+        connection.execute(text("INSERT INTO audits (target, status, created_at) "
+                                "SELECT target, CAST(status AS BLOB), created_at FROM audits WHERE id = 4"))
+
+    counts = count_by_status(engine)
+    assert (counts["completed"], counts["pending"]) == (4, 2), counts
+    assert stuck_report(engine, DAY).completed == 4
 
 
 def test_a_requeued_audit_waited_from_its_requeue_not_from_its_creation(engine, start_audit, backdate):

@@ -161,6 +161,9 @@ def _render_report(found, fmt: str) -> None:
     head = (f"Stuck audits since {data['since'][:16]}Z ({window}): {found.recoveries} recoveries of {found.audits} audits"
             + (f" ({found.recoveries / runs:.1%} of {runs} finished runs)" if runs else ""))
     _say(head, fmt, bold=True)
+    if found.unreadable_events:
+        click.echo(f"({found.unreadable_events} history rows skipped: their time cannot be read, "
+                   "or reads as outside the window)")
     width = min(CHART_WIDTH, terminal_width(fmt) or CHART_WIDTH)
     _heading(f"Per {found.bucket}", fmt)
     for line in chart_lines(data["frequency"], found.bucket, width, ascii_bars=ascii_only() or fmt == "plain"):
