@@ -231,6 +231,8 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
                               "outlives the process; give a file (sqlite:///PATH)")
         read_only = role == "reader"
         if (must_exist if must_exist is not None else read_only) and path is not None and not os.path.exists(path):
+            if (directory := _missing_directory(path)) is not None:
+                raise DatabaseMissing(_no_directory(path, directory, mask_url(database_url)))
             raise DatabaseMissing(f"no database at {path} (from {mask_url(database_url)}): run `auditctl init` "
                                   "to create it there, or pass --database-url")
         unknown = sorted(set(url.query) - set(_SQLITE_URI_PARAMS) - set(_SQLITE_DRIVER_PARAMS))
@@ -925,6 +927,12 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
             engine_or_url._auditctl_lenient_text = True
         return TextNotUtf8(f"a row at {where} holds text that is not UTF-8 in column {printable(not_utf8.group(1))[:64]}; "
                            "it is read with replacement characters")
+    if "unable to open database file" in detail and url.get_backend_name() == "sqlite":
+        # SQLite says no more, which reads like an outage; a missing directory is the usual cause.
+        path = sqlite_path(url)
+        directory = _missing_directory(path) if path is not None and not os.path.exists(path) else None
+        if directory is not None:
+            return DatabaseMissing(_no_directory(path, directory, where))
     if "file is not a database" in detail:
         # SQLite's SQLITE_NOTADB: something else is at the path. Not an outage: retrying will not help.
         return NotADatabase(f"the file at {where} is not a database ({detail}); "
@@ -943,6 +951,23 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(exc, "connection_invalidated", False):
         return DatabaseUnavailable(f"database unavailable at {where}: {detail}{_read_only_directory_hint(url, detail)}")
     return DatabaseRefused(f"database error at {where}: {detail}")
+
+
+def _missing_directory(path: str) -> str | None:
+    """The directory a SQLite file would be in, when it does not exist (not when it cannot be searched)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.stat(directory)
+    except FileNotFoundError:
+        return directory
+    except OSError:
+        return None
+    return None
+
+
+def _no_directory(path: str, directory: str, where: str) -> str:
+    return (f"no database at {path} (from {where}), and no directory {directory} to create it in: create the "
+            "directory first, or pass --database-url")
 
 
 def _read_only_directory_hint(url, detail: str) -> str:

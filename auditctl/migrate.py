@@ -202,32 +202,57 @@ def diagnose(engine: Engine) -> SchemaMissing:
     if revision is not None and revision != head_revision():
         return SchemaMissing(f"the database at {where} has an older auditctl schema (revision {revision}); "
                              "run `auditctl init` to upgrade it")
-    if revision is not None:
-        missing = _missing_parts(engine)
-        if missing:
-            # `init` would say "nothing to do": it upgrades a schema, it does not repair one.
-            return SchemaMissing(f"the database at {where} is at auditctl's schema revision {revision}, but "
-                                 f"{missing} missing (dropped by hand?); `auditctl init` does not repair a schema: "
-                                 "restore the database from a backup")
+    if revision is not None and (damaged := _damage(engine, revision)) is not None:
+        return damaged
     return SchemaMissing(f"the database at {where} has no auditctl schema; run `auditctl init`")
 
 
-def _missing_parts(engine: Engine) -> str:
-    """The tables and columns of auditctl's schema the database lacks, in words ("" when none)."""
+def _damage(engine: Engine, revision: str, schema: str | None = None) -> SchemaMissing | None:
+    """The error for a schema at ``revision`` that lacks tables or columns of it (dropped by hand), else
+    None. One query that reads no row answers for a whole schema; only a damaged one is inspected,
+    to say what is missing (inspecting every table doubled a worker's start on SQLite)."""
+    from sqlalchemy import func, union_all
+    from sqlalchemy.exc import DBAPIError
+
     from .schema import metadata
 
+    probe = union_all(*(select(func.count()).select_from(select(*t.c).limit(0).subquery())
+                        for t in metadata.tables.values()))
     with translate_errors(engine), engine.connect() as connection:
         connection = connection.execution_options(auditctl_read_only=True)
-        inspector = inspect(connection)
-        schema = _schema(connection)
-        present = set(inspector.get_table_names(schema=schema))
-        missing = []
-        for name, expected in metadata.tables.items():
-            if name not in present:
-                missing.append(f"table {name}")
-                continue
-            columns = {c["name"] for c in inspector.get_columns(name, schema=schema)}
-            missing += [f"column {name}.{c.name}" for c in expected.columns if c.name not in columns]
+        if schema is not None and is_postgres(connection):
+            # For this transaction only: the tables init upgraded may be later on the search path.
+            connection.execute(text("SELECT set_config('search_path', :path, true)"), {"path": _quoted(connection, schema)})
+        try:
+            connection.execute(probe).all()
+            return None
+        except DBAPIError:
+            connection.rollback()
+        missing = _missing_parts(connection, schema if schema is not None else _schema(connection))
+    if not missing:
+        return None
+    return SchemaMissing(f"the database at {describe(engine)} is at auditctl's schema revision {revision}, but "
+                         f"{missing} missing (dropped by hand?); `auditctl init` does not repair a schema: "
+                         "restore the database from a backup")
+
+
+def _quoted(connection, schema: str) -> str:
+    return connection.dialect.identifier_preparer.quote(schema)
+
+
+def _missing_parts(connection, schema: str | None) -> str:
+    """The tables and columns of auditctl's schema that ``schema`` lacks, in words ("" when none)."""
+    from .schema import metadata
+
+    inspector = inspect(connection)
+    present = set(inspector.get_table_names(schema=schema))
+    missing = []
+    for name, expected in metadata.tables.items():
+        if name not in present:
+            missing.append(f"table {name}")
+            continue
+        columns = {c["name"] for c in inspector.get_columns(name, schema=schema)}
+        missing += [f"column {name}.{c.name}" for c in expected.columns if c.name not in columns]
     if not missing:
         return ""
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -270,7 +295,7 @@ def upgrade(engine: Engine) -> UpgradeResult:
                 # role was made after they went into public): upgrade them where they are, never make
                 # new empty ones first on the path, which every read would then find instead.
                 schema = found
-                connection.execute(text(f"SET LOCAL search_path TO {connection.dialect.identifier_preparer.quote(schema)}"))
+                connection.execute(text(f"SET LOCAL search_path TO {_quoted(connection, schema)}"))
                 revision, present, ours = _state(connection, schema)
             _refuse_foreign(connection, revision, present, where, ours)
             before = MigrationContext.configure(connection, opts={"version_table_schema": schema}).get_current_revision()
@@ -282,4 +307,9 @@ def upgrade(engine: Engine) -> UpgradeResult:
         # A table or column the migration expected is not there: "run `auditctl init`" is what failed.
         raise DatabaseRefused(f"cannot create or upgrade the schema of the database at {where}: {error.detail}; "
                               "nothing was changed") from None
+    # Already at head: a part dropped by hand would otherwise pass as "nothing to do" here, and fail
+    # later, in whichever command or worker write first needs it. Looked for after the commit: the
+    # write lock (or the migration lock) is not held meanwhile.
+    if before == after and after is not None and (damaged := _damage(engine, after, schema)) is not None:
+        raise damaged
     return UpgradeResult(before=before, after=after)

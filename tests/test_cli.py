@@ -583,6 +583,8 @@ def test_flags_that_would_do_nothing_are_refused_and_the_same_settings_from_the_
     assert alone.exit_code == 2 and "give --requeue too" in alone.stderr
     watching = on(demo, "watch", "--once", "--no-recover", "--requeue")
     assert watching.exit_code == 2 and "--requeue does nothing with --no-recover" in watching.stderr
+    counting = on(demo, "watch", "--once", "--no-recover", "--max-attempts", "3")
+    assert counting.exit_code == 2 and "--max-attempts does nothing with --no-recover" in counting.stderr
     assert statuses(demo_engine) == before, "nothing ran"
     from_env = on(demo, "recover", "--dry-run", env={"AUDITCTL_MAX_ATTEMPTS": "2"})
     assert from_env.exit_code == 0, from_env.output

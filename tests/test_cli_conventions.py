@@ -168,6 +168,15 @@ def test_a_cron_job_in_another_directory_gets_the_missing_file_named_and_nothing
     assert list(home.iterdir()) == [], "looking must not create an empty database"
 
 
+@pytest.mark.parametrize("command", [["init"], ["demo"], ["scan"]])
+def test_a_database_in_a_directory_that_does_not_exist_names_the_directory(tmp_path, command):
+    """SQLite says only "unable to open database file", which init and demo passed on as an outage."""
+    path = tmp_path / "missing" / "auditctl.db"
+    result = run(*command, "--database-url", f"sqlite:///{path}")
+    assert result.exit_code == 1 and f"no directory {path.parent} to create it in" in result.stderr, result.output
+    assert "unavailable" not in result.stderr and not path.parent.exists()
+
+
 def test_read_only_commands_leave_another_tools_file_as_it_was_and_read_a_read_only_file(demo, tmp_path, engine_name):
     if engine_name != "sqlite":
         pytest.skip("SQLite files only")
@@ -492,7 +501,7 @@ def test_a_file_uri_without_uri_true_is_refused_before_anything_is_created(tmp_p
 @pytest.mark.parametrize("damage", ["DROP TABLE workers", "DROP TABLE audit_events",
                                     "ALTER TABLE audits DROP COLUMN progress_signature"])
 def test_auditctls_own_database_an_operator_damaged_is_still_its_own(blank_database_url, damage):
-    """Not "another application's": init goes on saying what it knows, and scan what it finds."""
+    """Not "another application's": init names what is missing from auditctl's own schema."""
     from sqlalchemy import create_engine as plain_engine
 
     from auditctl.db import normalize_url
@@ -503,7 +512,8 @@ def test_auditctls_own_database_an_operator_damaged_is_still_its_own(blank_datab
         connection.execute(text(damage))
     ours.dispose()
     result = run("init", "--database-url", blank_database_url)
-    assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+    assert result.exit_code == 1 and "at auditctl's schema revision" in result.stderr, result.output
+    assert damage.split()[-1] in result.stderr and "another application" not in result.stderr
 
 
 def test_the_dashboard_and_the_worker_library_say_another_applications_tables_are_not_auditctls(tmp_path):
@@ -542,7 +552,7 @@ def test_a_damaged_schema_at_the_current_revision_is_named_not_sent_to_init(tmp_
     with sqlite3.connect(path) as connection:
         connection.execute("ALTER TABLE audits DROP COLUMN kind")
         connection.execute("DROP TABLE notifications")
-    for command in (["scan"], ["recover"]):
+    for command in (["scan"], ["recover"], ["init"]):  # init too: it said "nothing to do"
         result = run(*command, "--database-url", url)
         line = result.stderr.strip().splitlines()[-1]
         assert result.exit_code == 1 and "at auditctl's schema revision" in line, line
@@ -572,3 +582,11 @@ def test_a_home_the_user_may_not_search_holds_no_config_and_stops_nothing(tmp_pa
     assert done.returncode == 0, done.stderr
     assert "Config file: none" in done.stderr
     assert named.returncode == 2 and "Permission denied" in named.stderr, "a file asked for by name is still an error"
+
+
+def test_auditctl_with_no_command_shows_its_help_as_it_is_on_stderr_and_exits_2():
+    result = run()
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Usage: ") and "Commands:" in lines and len(lines) > 20, "not squashed into one error line"
+    assert not result.stderr.startswith("Error:")

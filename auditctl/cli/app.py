@@ -44,7 +44,7 @@ def apply_config(ctx: click.Context, path: str | None) -> None:
 @click.option("--database-url", "database_url", default=None, metavar="URL",
               help="Database URL for the command (also accepted after it; env AUDITCTL_DATABASE_URL).")
 @click.option("-v", "--verbose", count=True, help="More detail; with -v errors show a traceback.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing unless something changed or went wrong.")
+@click.option("-q", "--quiet", is_flag=True, help="No status lines on stderr unless something changed or went wrong (stdout keeps its data).")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, database_url: str | None, verbose: int, quiet: bool) -> None:
     """Detect, recover and reset stuck security audits.

@@ -164,6 +164,8 @@ class AuditctlGroup(click.Group):
             what = f"{printable(error.filename)}: " if error.filename else "cannot write the output: "
             _last_line(paint(f"Error: {what}{printable(error.strerror or error)}", "red"), EXIT_ERROR)
         except click.UsageError as error:
+            if isinstance(error, _NO_ARGS_IS_HELP) and error.ctx is not None:  # bare `auditctl`
+                _last_line(error.ctx.get_help(), error.exit_code)  # the help as it is, on stderr, not one squashed line
             where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
             _last_line(paint(f"Error: {_usage_message(error)}{where}", "red"), error.exit_code)
         except click.ClickException as error:
@@ -171,6 +173,10 @@ class AuditctlGroup(click.Group):
         except click.Abort:
             _last_line("Aborted.", EXIT_ERROR)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+#: Click 8.2+ raises it for a group run with no command; older versions print the help themselves.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _last_line(text: str, code: int) -> None:

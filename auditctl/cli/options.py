@@ -167,7 +167,7 @@ def common_options(command):
     @click.option("--config", "config_path", metavar="PATH", default=None, is_eager=True, expose_value=False,
                   callback=_load_config_here, help="Config file (TOML), as with `auditctl --config`.")
     @click.option("-v", "--verbose", count=True, help="More detail; with -v errors show a traceback.")
-    @click.option("-q", "--quiet", is_flag=True, help="Print nothing unless something changed or went wrong.")
+    @click.option("-q", "--quiet", is_flag=True, help="No status lines on stderr unless something changed or went wrong (stdout keeps its data).")
     @_setting_option("lock_wait", "--lock-wait", type=DURATION, default="30s", show_default=True,
                      help="Longest a change waits for a database lock (SQLite's write lock, a PostgreSQL row lock).")
     @functools.wraps(command)
@@ -394,9 +394,11 @@ def refuse_without_requeue(requeue: bool, *, recovering: bool = True) -> None:
     nothing: say so rather than run as if it had been heard. From the environment or the config
     file they are fleet settings, and stay quiet."""
     ctx = click.get_current_context()
-    if not recovering and requeue and ctx.get_parameter_source("requeue") == ParameterSource.COMMANDLINE:
-        raise click.UsageError("--requeue does nothing with --no-recover: nothing is recovered")
-    if recovering and not requeue and ctx.get_parameter_source("max_attempts") == ParameterSource.COMMANDLINE:
+    typed = {name for name in ("requeue", "max_attempts") if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    if not recovering and ("max_attempts" in typed or (requeue and "requeue" in typed)):
+        flag = "--requeue" if requeue and "requeue" in typed else "--max-attempts"
+        raise click.UsageError(f"{flag} does nothing with --no-recover: nothing is recovered")
+    if not requeue and "max_attempts" in typed:
         raise click.UsageError("--max-attempts counts the claims of requeued audits: give --requeue too, or leave it out")
 
 
