@@ -257,19 +257,12 @@ def recover_reset_cycles(engine, start_audit, backdate, cycles: int) -> None:
     assert [e["event"] for e in history].count("recovered") == cycles, "the chain lives in the history, one row per event"
 
 
-@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
-def test_a_thousand_recover_reset_cycles_keep_recovery_info_under_a_fixed_size(engine, start_audit, backdate):
-    recover_reset_cycles(engine, start_audit, backdate, 1000)
-
-
-@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
-def test_recover_reset_cycles_on_postgresql_keep_recovery_info_under_a_fixed_size(engine, start_audit, backdate):
+def test_recover_reset_cycles_keep_recovery_info_under_a_fixed_size(engine, start_audit, backdate):
     recover_reset_cycles(engine, start_audit, backdate, 200)  # the whole thousand: the slow variant below
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
-def test_a_thousand_recover_reset_cycles_on_postgresql(engine, start_audit, backdate):
+def test_a_thousand_recover_reset_cycles_keep_recovery_info_under_a_fixed_size(engine, start_audit, backdate):
     recover_reset_cycles(engine, start_audit, backdate, 1000)
 
 
