@@ -20,6 +20,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pgserver import PostgresServer, not_here, require_postgres  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``long`` first (in their order), so the four workers share them from the
+    start: collected last, the soak alone kept one worker busy for a minute after the others ended."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
 ENGINES = ["sqlite", "postgresql"]
 _counter = itertools.count()
 

@@ -119,6 +119,7 @@ def busy_worker_during_reset(engine, database_url, tmp_path, count: int) -> None
     assert "Emergency" not in stderr and "could not beat" not in stderr, stderr
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 def test_reset_of_30000_on_sqlite_lets_a_busy_worker_keep_writing_without_a_failure(engine, database_url, tmp_path):
     busy_worker_during_reset(engine, database_url, tmp_path, 30_000)

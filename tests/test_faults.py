@@ -182,6 +182,7 @@ def test_worker_killed_with_sigkill_is_recovered_by_the_next_workers_startup_cle
     assert_history_consistent(engine)
 
 
+@pytest.mark.long
 @pytest.mark.postgres_only
 def test_database_outage_kills_nobody_and_recovers_nothing(own_postgres):
     server, engine = own_postgres

@@ -257,6 +257,7 @@ def recover_reset_cycles(engine, start_audit, backdate, cycles: int) -> None:
     assert [e["event"] for e in history].count("recovered") == cycles, "the chain lives in the history, one row per event"
 
 
+@pytest.mark.long
 def test_recover_reset_cycles_keep_recovery_info_under_a_fixed_size(engine, start_audit, backdate):
     recover_reset_cycles(engine, start_audit, backdate, 200)  # the whole thousand: the slow variant below
 

@@ -5,6 +5,7 @@ durations and ids normalised: see ``readme_examples``). The library example runs
 import subprocess
 import sys
 
+import pytest
 from readme_examples import EXPECTED_EXIT, README, blocks, run_all, same_line
 
 
@@ -14,6 +15,7 @@ def test_readme_shows_the_commands_operators_need():
         assert f"auditctl {name}" in commands, f"README shows no example of auditctl {name}"
 
 
+@pytest.mark.long
 def test_every_readme_example_prints_what_readme_shows(tmp_path):
     shown = [(command, output) for _s, _e, examples in blocks(README.read_text()) for command, output in examples
              if command.startswith("auditctl")]

@@ -50,6 +50,7 @@ def test_soak_200_workers_with_faults_recovers_every_stuck_audit_and_no_healthy_
     soak(tmp_path, float(os.environ.get("SOAK_SECONDS", "180")), PROCESSES, WORKERS_EACH, fault_every=(8, 15))
 
 
+@pytest.mark.long
 @pytest.mark.postgres_only
 @pytest.mark.timeout(300)
 def test_short_soak_24_workers_with_faults_recovers_every_stuck_audit_and_no_healthy_one(tmp_path):

@@ -744,6 +744,7 @@ def test_serve_survives_an_unreachable_database_shows_it_masked_and_stops_cleanl
         assert "s3cret" not in text
 
 
+@pytest.mark.long
 def test_serve_closes_a_connection_that_sends_no_whole_request_head_and_keeps_serving(tmp_path):
     """A connection that opens and sends nothing, or half a request head, used to stay open for good:
     enough of them use up the server's files. Each now closes after the head deadline, and so does
