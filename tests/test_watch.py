@@ -518,6 +518,21 @@ def test_warnings_while_the_screen_is_up_go_to_its_header_not_over_it(tmp_path, 
         term.keys("C-c")
 
 
+@needs_tmux
+def test_the_screen_lists_what_it_recovered_and_leaves_that_said_when_it_closes(tmp_path, demo, engine):
+    with Terminal(tmp_path, width=120, height=30, env=clean_env(tmp_path)) as term:
+        term.run("bash", "-c", f'"{AUDITCTL}" watch --interval 1s --database-url "{demo}"; sleep 30')
+        shown = term.wait_for(lambda screen: "recovered 3" in screen and "recently recovered" in screen,
+                              message="the demo's three stuck audits recovered, and listed")
+        listed = shown.split("recently recovered", 1)[1]
+        for reason in ("stale_heartbeat", "max_age_exceeded", "progress_stalled"):
+            assert re.search(rf"^\d\d:\d\d:\d\d\s+\d+\s+https://\S+\s+{reason}\s.*failed", listed, re.M), shown
+        term.keys("C-c")
+        left = term.wait_for(lambda screen: "watch stopped." in screen, message="the screen closed")
+    assert re.search(r"^watch recovered 3 audits: \d+ \(\w+\), \d+ \(\w+\), \d+ \(\w+\)$", left, re.M), left
+    assert set(stuck_statuses(engine).values()) == {"failed"}
+
+
 def sqlite_demo(tmp_path: Path) -> tuple[str, Path]:
     """A demo fleet in a SQLite file of its own: (its URL, its path)."""
     path = tmp_path / "fleet.db"

@@ -327,8 +327,14 @@ class LogView:
         pass
 
 
+#: Recoveries the screen keeps to show (newest first), and how many it shows at most.
+RECENT_KEPT = 20
+RECENT_SHOWN = 5
+
+
 class Screen:
-    """The incident screen (rich Live, alternate screen): stuck audits first, always all of them."""
+    """The incident screen (rich Live, alternate screen): stuck audits first, always all of them,
+    then the latest recoveries, then the healthy running audits as room allows."""
 
     def __init__(self, state, policy, interval, one_shot: bool = False):
         self.state = state
@@ -375,7 +381,7 @@ class Screen:
         self.last_pass = datetime.now().strftime("%H:%M:%S")
         # A pass that stopped partway still counts what its committed batches recovered.
         self.recovered_total += len(result.recovered)
-        self.recent = (list(result.recovered) + self.recent)[:20]
+        self.recent = ([(self.last_pass, r) for r in reversed(result.recovered)] + self.recent)[:RECENT_KEPT]
         if result.ok:
             self.status_ok = True
             self.status = "database back" if result.resumed_after_outage else "ok"
@@ -436,9 +442,19 @@ class Screen:
             logging.getLogger("auditctl").removeHandler(self._notes)
         if self.live is not None:
             self.live.stop()
+            if self.recovered_total:
+                # The alternate screen is gone with everything on it: what was recovered stays said.
+                click.echo(self.summary(), err=True)
         elif self.one_shot:
             width, height = self.console.size
             self.console.print(self.render(height=10_000), soft_wrap=True)
+
+    def summary(self) -> str:
+        """One line: how many audits this watch recovered, and which (the latest ``RECENT_KEPT``)."""
+        listed = ", ".join(f"{r.id} ({_safe(','.join(r.reasons))})" for _, r in reversed(self.recent))
+        more = self.recovered_total - len(self.recent)
+        return (f"watch recovered {self.recovered_total} audit{'s' if self.recovered_total != 1 else ''}: "
+                + (f"{more} earlier, then " if more > 0 else "") + listed)
 
     def _refresh(self):
         if self.live is not None:
@@ -461,8 +477,8 @@ class Screen:
     def screen_lines(self, width: int, height: int) -> list:
         """The whole screen as lines of (text, style) segments, fitted to width x height."""
         from ..thresholds import RULE_REASONS
-        from .records import AUDIT_COLUMNS, VERDICT_COLUMNS, audit_record, verdict_record
-        from .render import ellipsis_mark, layout_lines, plan_layout
+        from .records import AUDIT_COLUMNS, RECOVERY_COLUMNS, VERDICT_COLUMNS, audit_record, recovery_record, verdict_record
+        from .render import Column, ellipsis_mark, layout_lines, plan_layout
 
         o = self.overview
         header = [[("auditctl watch ", "bold"), (_safe(self.state.masked_url), None)]]
@@ -505,6 +521,17 @@ class Screen:
         else:
             lines.append([("No stuck audits.", "green")])
             room -= 1
+        if self.recent and room >= 3:
+            shown = min(len(self.recent), RECENT_SHOWN, room - 2)
+            records = [{**recovery_record(r, dry_run=False), "at": at} for at, r in self.recent[:shown]]
+            columns = [Column("at", "AT", fit="whole"),
+                       *(c for c in RECOVERY_COLUMNS if c.key not in ("explanation", "problems"))]
+            layout, texts = plan_layout(records, columns, width)
+            rendered = list(layout_lines(layout, texts, records, ellipsis=ellipsis_mark()))
+            lines.append([("recently recovered" + (f" (latest {shown} of {self.recovered_total})"
+                                                   if self.recovered_total > shown else ""), "bold yellow")])
+            lines.extend(segments for segments, _ in rendered)
+            room = height - len(lines) - 1
         if room >= 3 and o.healthy_sample:
             records = [audit_record(a) for a in o.healthy_sample]
             columns = [c for c in AUDIT_COLUMNS if c.key not in ("attempts", "created_at", "status", "error", "problems")]
