@@ -38,11 +38,11 @@ class Overview:
 
     @property
     def workers_alive(self) -> int:
-        return sum(1 for w in self.workers if w.alive)
+        return sum(1 for w in self.workers if w.beating)
 
     @property
     def workers_gone(self) -> int:
-        return sum(1 for w in self.workers if not w.alive)
+        return sum(1 for w in self.workers if not w.beating)
 
     @property
     def oldest_heartbeat_age(self) -> float | None:

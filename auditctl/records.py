@@ -112,6 +112,25 @@ def event_record(event) -> dict:
     }
 
 
+def instance_state(record: dict) -> str:
+    """``alive``, ``gone`` (proven) or ``silent`` (not heard within its stale_after, or its process
+    here but not beating): one word for every face that lists workers."""
+    if record.get("alive") and not record.get("heartbeat_late"):
+        return "alive"
+    if record.get("gone"):
+        return "gone"
+    return "silent"
+
+
+def instance_note(record: dict) -> str | None:
+    """What a face says beside an instance's state, if anything."""
+    if record.get("duplicate"):
+        return "duplicate worker_id: another live instance uses it"
+    if record.get("heartbeat_late"):
+        return "its process is still here but has not beaten within its stale_after (stopped or hung?)"
+    return record.get("gone")
+
+
 def instance_record(instance) -> dict:
     return {
         "worker_id": instance.worker_id,
@@ -124,6 +143,7 @@ def instance_record(instance) -> dict:
         "heartbeat_age_seconds": instance.heartbeat_age,
         "stopped_at": iso(instance.stopped_at),
         "alive": instance.alive,
+        "heartbeat_late": instance.late,
         "gone": instance.gone_proof,
         "running_audits": instance.running_audits,
         "duplicate": instance.duplicate,

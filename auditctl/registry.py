@@ -64,6 +64,14 @@ class Instance:
     running_audits: int = 0
     duplicate: bool = False  # alive while another live instance uses the same worker_id
     unreadable: str | None = None
+    #: Its process is here (so it is not gone), but it has not beaten within its stale_after: stopped
+    #: (SIGSTOP) or hung. Shown as silent; its audits are judged by their own heartbeats.
+    late: bool = False
+
+    @property
+    def beating(self) -> bool:
+        """Alive and beating: what the fleet's counts of alive workers count."""
+        return self.alive and not self.late
 
 
 def _process_start(pid: int) -> str | None:
@@ -104,7 +112,9 @@ def process_key(pid: int | None = None) -> str | None:
 
 
 def _stopped_proof(instance_id: str, worker_id: str) -> str:
-    return f"worker instance {instance_id[:8]} of {worker_id} stopped cleanly without finishing it"
+    # The same words on an instance (which may have finished all its work) and in the verdict of an
+    # audit it still holds (where worker_gone says it left that audit unfinished).
+    return f"worker instance {instance_id[:8]} of {worker_id} stopped cleanly"
 
 
 def prove_gone(instance: Instance) -> str | None:
@@ -136,15 +146,17 @@ def _judge(instance: Instance, stale_after: float) -> None:
     if instance.gone_proof is not None:
         instance.alive = False
         return
-    if instance.process_key and _namespace() and instance.process_key.startswith(_namespace() + ":"):
-        instance.alive = True  # same boot and namespace, and the process is there
-        return
-    # Another host, container or boot (a reused pod name looks like this): only a fresh
-    # heartbeat says it is alive, by the silence it declared it may keep. One further ahead than
-    # the stuck rules trust (a writer's clock, or another tool) says nothing.
+    # Only a fresh heartbeat says it beats, by the silence it declared it may keep. One further
+    # ahead than the stuck rules trust (a writer's clock, or another tool) says nothing.
     limit = instance.stale_after or stale_after
     age = instance.heartbeat_age
-    instance.alive = age is not None and -FUTURE_TOLERANCE <= age <= limit
+    beating = age is not None and -FUTURE_TOLERANCE <= age <= limit
+    if instance.process_key and _namespace() and instance.process_key.startswith(_namespace() + ":"):
+        instance.alive = True  # same boot and namespace, and the process is there
+        instance.late = not beating
+        return
+    # Another host, container or boot (a reused pod name looks like this): only its heartbeat tells.
+    instance.alive = beating
 
 
 def register(engine: Engine, *, instance_id: str, worker_id: str, worker_url: str | None, guard: object,

@@ -272,7 +272,7 @@ def fleet_figures(engine: Engine, policy: Policy | None = None, *, stale_after: 
     found = instances(engine, stale_after or policy.resolve("stale_after")[0], retention=GONE_RETENTION)
     return FleetFigures(
         at=now, by_status=by_status, stuck_by_reason=by_reason, stuck=stuck,
-        workers_alive=sum(1 for i in found if i.alive), workers_gone=sum(1 for i in found if not i.alive),
+        workers_alive=sum(1 for i in found if i.beating), workers_gone=sum(1 for i in found if not i.beating),
         oldest_heartbeat_age_seconds=oldest_heartbeat_age(engine), history=history_totals(engine),
         notifications=notification_backlog(engine),
     )
@@ -683,7 +683,7 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
     active = safe_int(active) or 0
     oldest_at = as_datetime(oldest)
     hours = window / 3600.0
-    alive = sum(1 for i in instances(engine, stale_after, include_gone=False) if i.alive)
+    alive = sum(1 for i in instances(engine, stale_after, include_gone=False) if i.beating)
     current = alive or active
     assumptions = [
         "each worker runs one audit at a time",

@@ -807,6 +807,7 @@ def test_workers_counts_the_audits_a_guard_holds_and_hides_instances_gone_for_lo
     guard.close()
     (stopped,) = as_json(on(database_url, "workers", "--format", "json"))  # gone just now: still listed, as gone
     assert stopped["alive"] is False and stopped["stopped_at"] is not None and "stopped cleanly" in stopped["gone"]
+    assert "without finishing" not in stopped["gone"], "it completed its audit before it stopped"
     assert "gone" in on(database_url, "workers").stdout
     with write_transaction(engine) as connection:
         two_days_ago = fetch_now(connection) - timedelta(days=2)
@@ -1440,3 +1441,13 @@ def test_watch_stops_with_a_usage_error_when_its_window_turns_backwards_as_time_
     result = on(demo, "watch", "--no-recover", "--interval", "0.5s", "--since", "1s", "--until", until)
     assert result.exit_code == 2 and "since is later than until" in result.stderr, result.output
     assert "database lost" not in result.output
+
+
+def test_a_silent_instance_is_never_coloured_as_alive():
+    from auditctl.cli.records import INSTANCE_COLUMNS
+
+    (state,) = [c for c in INSTANCE_COLUMNS if c.key == "alive"]
+    frozen = {"alive": True, "heartbeat_late": True, "gone": None}  # its process here, its heartbeat not
+    assert (state.human(frozen), state.style(frozen)) == ("silent", "dim")
+    assert state.style({"alive": True, "heartbeat_late": False, "gone": None}) == "green"
+    assert state.style({"alive": False, "heartbeat_late": False, "gone": "stopped cleanly"}) == "red"

@@ -4,6 +4,7 @@ that keep a typo from failing a healthy fleet."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,12 @@ def test_a_frozen_worker_that_declared_3s_is_caught_by_a_scan_with_no_threshold_
         assert record["thresholds"]["stale_after"] == {"seconds": 3.0, "source": "worker"}
         assert "(stale_after 3.0s, worker)" in record["explanation"][0]
         assert latency < 60, f"caught after {latency:.1f}s: judged by the worker's 3s, not the fleet's 10 minutes"
+        # `workers` agrees: its process is here (not gone), but it is silent, not alive.
+        listed = CliRunner().invoke(cli, ["workers", "-o", "json", "--database-url", database_url], catch_exceptions=False)
+        (instance,) = [i for i in json.loads(listed.stdout) if i["pid"] == proc.pid]
+        assert instance["alive"] is True and instance["heartbeat_late"] is True and instance["gone"] is None
+        table = CliRunner().invoke(cli, ["workers", "-o", "plain", "--database-url", database_url]).stdout
+        assert re.search(rf"\b{proc.pid}\b.*\bsilent\b", table) and "stopped or hung?" in table, table
     finally:
         proc.send_signal(signal.SIGCONT)
         kill_quietly(proc)

@@ -204,7 +204,7 @@ def discord_embed_chars(body: dict) -> int:
 
 def gone_worker_event(number: int, worker_id: str, *, audits: int = 1) -> OutboxEvent:
     """A recovery by a worker's startup cleanup of ``audits`` audits whose worker ``worker_id`` is gone."""
-    measured = f"worker instance abcd1234 of {worker_id} stopped cleanly without finishing it"
+    measured = f"worker instance abcd1234 of {worker_id} stopped cleanly"
     return OutboxEvent(number, None, "recovered", {"actor": f"worker {worker_id} (abcd1234)", "host": "h", "audits": [
         {"id": number * 100 + i, "target": f"https://t{i}.example", "reasons": ["worker_gone"],
          "status": "failed" if i % 2 == 0 else "pending", "worker_id": worker_id, "explanation": [measured],

@@ -11,7 +11,9 @@ from __future__ import annotations
 from ..records import (  # noqa: F401 - the records are the library's; the columns are this face's
     audit_record,
     event_record,
+    instance_note,
     instance_record,
+    instance_state,
     recovery_record,
     reset_record,
     unreadable_verdict_record,
@@ -115,18 +117,11 @@ EVENT_COLUMNS = [
 ]
 
 
-def _state(record: dict) -> str:
-    if record.get("alive"):
-        return "alive"
-    if record.get("gone"):
-        return "gone"
-    return "silent"
+_STATE_STYLES = {"alive": "green", "gone": "red", "silent": "dim"}
 
 
 def _note(record: dict) -> str:
-    if record.get("duplicate"):
-        return "duplicate worker_id: another live instance uses it"
-    return record.get("gone") or "-"
+    return instance_note(record) or "-"
 
 
 INSTANCE_COLUMNS = [
@@ -135,8 +130,8 @@ INSTANCE_COLUMNS = [
     Column("host", "HOST", min_width=8, shrink=1),
     Column("pid", "PID", justify="right", fit="whole"),
     Column("heartbeat_age_seconds", "HEARD", human=ago, justify="right", fit="whole"),
-    Column("alive", "STATE", human=_state, from_record=True, fit="whole", csv_keys=("alive", "gone"),
-           style=lambda r: "green" if r["alive"] else ("red" if r.get("gone") else "dim")),
+    Column("alive", "STATE", human=instance_state, from_record=True, fit="whole", csv_keys=("alive", "heartbeat_late", "gone"),
+           style=lambda r: _STATE_STYLES[instance_state(r)]),
     Column("running_audits", "AUDITS", justify="right", fit="whole"),
     Column("duplicate", "NOTE", human=_note, from_record=True, fit="wrap", detail=True, label="note",
            style=lambda r: "bold red" if r.get("duplicate") else "dim"),

@@ -14,6 +14,7 @@ from pathlib import Path
 from string import Template
 from urllib.parse import urlencode
 
+from ..records import instance_note, instance_state
 from ..recovery import needing_an_operator
 from ..statuses import STATUSES
 from ..textsafe import MAX_CELL, clipped, printable
@@ -259,8 +260,7 @@ def workers_table(records: list[dict]) -> str:
         return '<p class="empty">No workers have registered.</p>'
     rows = []
     for w in records:
-        state = "alive" if w.get("alive") else ("gone" if w.get("gone") else "silent")
-        note = "duplicate worker_id: another live instance uses it" if w.get("duplicate") else (w.get("gone") or "")
+        state, note = instance_state(w), instance_note(w) or ""
         rows.append(
             f'<tr><td>{cell(w.get("worker_id"))}</td><td class="mono">{e((w.get("instance_id") or "?")[:8])}</td>'
             f'<td>{dash(w.get("host"))}</td><td class="num">{dash(w.get("pid"))}</td>'
