@@ -280,15 +280,15 @@ class Verdict:
             if reason == WORKER_GONE:
                 sentences.append(self.gone_proof or f"worker instance {(self.worker_instance or '?')[:8]} is gone")
             elif reason == STALE_HEARTBEAT:
-                silence = self.silence_seconds
-                heard = "never heard from" if silence is None else f"no heartbeat for {format_duration(silence)}"
-                sentences.append(f"{heard} {_limit('stale_after', *self.threshold('stale_after'))}")
+                silence, limit = self.silence_seconds, self.threshold("stale_after")
+                heard = "never heard from" if silence is None else f"no heartbeat for {_past(silence, limit[0])}"
+                sentences.append(f"{heard} {_limit('stale_after', *limit)}")
             elif reason == MAX_AGE_EXCEEDED:
-                sentences.append(f"running for {format_duration(self.age_seconds)} "
-                                 f"{_limit('max_age', *self.threshold('max_age'))}")
+                limit = self.threshold("max_age")
+                sentences.append(f"running for {_past(self.age_seconds, limit[0])} {_limit('max_age', *limit)}")
             elif reason == PROGRESS_STALLED:
-                sentences.append(f"no progress for {format_duration(self.stalled_seconds)} "
-                                 f"{_limit('stall_after', *self.threshold('stall_after'))}")
+                limit = self.threshold("stall_after")
+                sentences.append(f"no progress for {_past(self.stalled_seconds, limit[0])} {_limit('stall_after', *limit)}")
         return sentences
 
     def measurements(self) -> dict:
@@ -307,10 +307,25 @@ class Verdict:
         return f"Verdict(id={self.id}, reasons={self.reasons})"
 
 
+def _past(seconds: float | None, limit: float | None) -> str:
+    """A measurement beside the threshold it passed, never rounded to the same figure: "no heartbeat
+    for 3.0s (stale_after 3.0s)" reads as not past it, where the silence was 3.04s."""
+    text = format_duration(seconds)
+    if seconds is not None and limit is not None and text == _setting(limit):
+        return format_duration(seconds, exact=True)
+    return text
+
+
+@functools.lru_cache(maxsize=1024)
+def _setting(seconds: float | None) -> str:
+    """A threshold as explanations show it: the same few for a whole scan."""
+    return format_duration(seconds, exact=True)
+
+
 @functools.lru_cache(maxsize=1024)
 def _limit(name: str, seconds: float | None, source: str) -> str:
     """The threshold part of an explanation, ``(stale_after 10m, fleet)``: the same few for a whole scan."""
-    return f"({name} {format_duration(seconds, exact=True)}, {source})"
+    return f"({name} {_setting(seconds)}, {source})"
 
 
 def isolate(item, convert, on_error):

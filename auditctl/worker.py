@@ -211,8 +211,10 @@ class AuditRun:
         self.guard._refuse_if_forked()
 
     def _mark_lost(self, error: LeaseLost) -> LeaseLost:
-        self.lost = True
-        log.warning("⛔ LEASE LOST on audit %s: it was recovered or reset; this worker stops writing to it", self.audit_id)
+        # Said once per run: the heartbeat thread and a progress write can both find it lost.
+        already, self.lost = self.lost, True
+        if not already:
+            log.warning("⛔ LEASE LOST on audit %s: it was recovered or reset; this worker stops writing to it", self.audit_id)
         return error
 
     def update_progress(self, step: str | None = None, percentage: float | None = None,

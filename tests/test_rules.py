@@ -43,6 +43,15 @@ def test_progress_stalled_fires_only_past_stall_after_with_fresh_heartbeats(engi
     assert reasons_of(engine) == ({audit_id: ["progress_stalled"]} if stuck else {})
 
 
+def test_a_silence_just_past_its_threshold_is_never_shown_as_the_same_figure(engine, start_audit, backdate):
+    """"no heartbeat for 10m (stale_after 10m)" read as not past it: the silence was 10m0.05s."""
+    audit_id, _ = start_audit()
+    backdate(audit_id, started_at=600.02, heartbeat_at=600.02, last_worker_update=600.02, progress_changed_at=1)
+    (verdict,) = find_stuck(engine, T)
+    (sentence,) = verdict.explain()
+    assert sentence.startswith("no heartbeat for 10m0.") and sentence.endswith("s (stale_after 10m, fleet)"), sentence
+
+
 def test_stale_audit_is_never_also_called_stalled(engine, start_audit, backdate):
     audit_id, _ = start_audit()
     backdate(audit_id, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
@@ -330,7 +339,7 @@ def test_a_verdict_reads_its_row_by_position_and_explains_each_rule_with_the_thr
         "stopped cleanly at 10:05",
         "no heartbeat for 2m10s (stale_after 2m, worker)",
         "running for 1h6m (max_age 1h, audit)",
-        "no progress for 15m (stall_after 15m, kind crawl)",
+        "no progress for 15m50s (stall_after 15m, kind crawl)",  # not "15m": past its 15m
     ]
     assert verdict.thresholds() == {"stale_after": {"seconds": 120.0, "source": "worker"},
                                     "max_age": {"seconds": 3600.0, "source": "audit"},

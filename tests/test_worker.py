@@ -115,7 +115,7 @@ def test_run_refuses_an_audit_that_is_not_pending(engine, guards):
 # --- fencing ------------------------------------------------------------------------------
 
 
-def test_worker_gets_lease_lost_after_recovery_and_its_write_changes_nothing(engine, guards):
+def test_worker_gets_lease_lost_after_recovery_and_its_write_changes_nothing(engine, guards, caplog):
     guard = guards()
     audit_id = guard.create_audit("https://example.com")
     with pytest.raises(LeaseLost), guard.run(audit_id) as run:
@@ -136,7 +136,11 @@ def test_worker_gets_lease_lost_after_recovery_and_its_write_changes_nothing(eng
 
         with pytest.raises(LeaseLost):  # known lost: refused without touching the database
             run.heartbeat()
+        with pytest.raises(LeaseLost):
+            run.update_progress(step="Reporting", percentage=95)
+        run._mark_lost(LeaseLost(audit_id))  # the heartbeat thread's beat, in flight as the write found it lost
         assert [e["event"] for e in events(engine, audit_id)] == ["recovered", "lease_lost"]
+        assert caplog.text.count("LEASE LOST") == 1, "one lost lease, said once"
         raise lost.value
 
     assert row(engine, audit_id) == recovered
