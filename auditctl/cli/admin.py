@@ -51,10 +51,10 @@ def demo(state, force):
 @common_options
 @threshold_options
 @output_options
-@click.option("--interval", type=DURATION, default="5m", envvar=SETTINGS["interval"].envvar, show_envvar=True,
-              help=SETTINGS["interval"].help)
-@click.option("--refresh", type=DURATION, default="1s", envvar=SETTINGS["refresh"].envvar, show_envvar=True,
-              help=SETTINGS["refresh"].help)
+@click.option("--interval", type=DURATION, default="5m", show_default=True, envvar=SETTINGS["interval"].envvar,
+              show_envvar=True, help=SETTINGS["interval"].help)
+@click.option("--refresh", type=DURATION, default="1s", show_default=True, envvar=SETTINGS["refresh"].envvar,
+              show_envvar=True, help=SETTINGS["refresh"].help)
 @max_attempts_option(SETTINGS["max_attempts"].help)
 @max_resets_option(SETTINGS["max_resets"].help)
 @destination_options
