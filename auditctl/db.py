@@ -675,21 +675,28 @@ class HeldConnection:
 
     Not thread-safe: the owner serialises its writes (a run's lock). ``close`` gives the
     connection back to the pool; a connection found dead is dropped and replaced on next use.
+    A PostgreSQL connection stays in autocommit while it is held (each switch is a call through
+    the driver's lock and the watchdog: two of a beat's three), and leaves it when given back.
     """
 
-    __slots__ = ("pooled", "driver")
+    __slots__ = ("pooled", "driver", "autocommit")
 
     def __init__(self):
         self.pooled = None
         #: ``pooled.driver_connection``, looked up once: the lookup was a tenth of a beat's Python.
         self.driver = None
+        self.autocommit = False  # the held PostgreSQL connection was switched to autocommit
 
     def hold(self, pooled) -> None:
-        self.pooled, self.driver = pooled, pooled.driver_connection
+        self.pooled, self.driver, self.autocommit = pooled, pooled.driver_connection, False
 
     def close(self) -> None:
-        pooled, self.pooled, self.driver = self.pooled, None, None
+        pooled, driver, autocommit = self.pooled, self.driver, self.autocommit
+        self.pooled, self.driver, self.autocommit = None, None, False
         if pooled is not None:
+            if autocommit and pooled.is_valid and not driver.closed:
+                with contextlib.suppress(Exception):  # as the pool's other users expect it
+                    driver.autocommit = False
             pooled.close()
 
     def drop(self) -> None:
@@ -753,8 +760,10 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
                 held.hold(pooled)
         driver = held.driver if held is not None else pooled.driver_connection
         try:
-            if postgres:
+            if postgres and (held is None or not held.autocommit):
                 driver.autocommit = True
+                if held is not None:
+                    held.autocommit = True
             if postgres and limit_at is not None and getattr(driver, "call_timeout", None) is not None:
                 # What is left of the budget once connected (a moment, at least: the statement is sent).
                 left = max(0.1, limit_at - time.monotonic())
@@ -767,7 +776,7 @@ def single_write(engine: Engine, statement, parameters: dict | None = None, *, h
                 cursor = driver.execute(sql, values)
             count = cursor.rowcount
             cursor.close()
-            if postgres and not driver.closed:  # closed: its deadline passed as the answer came in
+            if postgres and held is None and not driver.closed:  # closed: its deadline passed as the answer came in
                 driver.autocommit = False
         except error_class as exc:
             dead = engine.dialect.is_disconnect(exc, driver, None)
@@ -807,6 +816,8 @@ def _give_back(pooled, held: HeldConnection | None, postgres_driver) -> None:
     if pooled.is_valid and postgres_driver is not None:
         with contextlib.suppress(Exception):
             postgres_driver.autocommit = False
+        if held is not None:
+            held.autocommit = False
     if held is None:
         pooled.close()
     elif not pooled.is_valid:

@@ -463,6 +463,22 @@ def test_a_run_keeps_one_connection_for_its_writes_and_gives_it_back_when_it_end
     assert guard.engine.pool.checkedout() == 0
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_run_gives_its_connection_back_out_of_autocommit_so_the_pools_transactions_stay_transactions(engine, guards):
+    """The held connection stays in autocommit while the run beats (two fewer calls a beat), and leaves it when given back."""
+    guard = guards()
+    with guard.run(guard.create_audit("https://example.com/autocommit")) as run:
+        for _ in range(3):
+            run.heartbeat()
+        assert run._connection.driver.autocommit is True
+    idle = [guard.engine.raw_connection() for _ in range(guard.engine.pool.checkedin())]
+    try:
+        assert idle and all(c.driver_connection.autocommit is False for c in idle)
+    finally:
+        for connection in idle:
+            connection.close()
+
+
 def test_a_guard_used_again_after_stop_is_live_again_and_its_audits_are_not_taken_as_gone(engine, guards):
     guard = guards()
     first, second = guard.create_audit("https://example.com/after-stop"), guard.create_audit("https://example.com/restart")
