@@ -289,6 +289,8 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
                                   json_serializer=documents.dumps_strict, json_deserializer=documents.loads_for_driver,
                                   **kwargs)
         _configure_postgresql(engine, call_timeout)
+        # Its transactions (a claim, an end, a creation) ping first instead (``write_transaction``).
+        engine._auditctl_ping_writes = role == "worker"
     engine._auditctl_display_url = mask_url(database_url)  # the URL as the user typed it, masked
     engine._auditctl_raw_url = database_url if isinstance(database_url, str) else None
     return engine
@@ -637,9 +639,34 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A short transaction that will write; commits on success. Text it reads is never refused
     for not being UTF-8 (see ``read_connection``)."""
     with translate_errors(engine, writing=True):
-        with engine.begin() as connection:
+        if not getattr(engine, "_auditctl_ping_writes", False):
+            with engine.begin() as connection:
+                _text_mode(connection, strict=False)
+                yield connection
+            return
+        connection, transaction = _live_transaction(engine)
+        with connection, transaction:
             _text_mode(connection, strict=False)
             yield connection
+
+
+def _live_transaction(engine: Engine) -> tuple[Connection, object]:
+    """A transaction begun on a connection known to be alive, for an engine without pre-ping (a
+    worker's). After a server restart every idle pooled connection is dead: the first statement
+    finds it, and SQLAlchemy then recycles the whole pool, so one more try gets a fresh connection.
+    Only the ping is retried, never the transaction's own statements (a lost COMMIT is ambiguous)."""
+    retried = False
+    while True:
+        connection = engine.connect()
+        transaction = connection.begin()
+        try:
+            connection.exec_driver_sql("SELECT 1")
+            return connection, transaction
+        except sa_exc.DBAPIError as exc:
+            connection.close()
+            if retried or not exc.connection_invalidated:
+                raise
+            retried = True
 
 
 #: Connections a worker's pool keeps beyond one per run it holds: the heartbeat thread's and the monitor's.

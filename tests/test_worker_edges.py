@@ -1255,3 +1255,32 @@ def test_a_monitor_pass_the_database_will_not_let_write_says_so_not_that_it_is_u
     said = [r.getMessage() for r in caplog.records if "HEARTBEAT" in r.getMessage()]
     assert said and "cannot recover stuck audits" in said[-1] and "will not let auditctl write" in said[-1], said
     assert "cannot reach the database" not in caplog.text
+
+
+@pytest.mark.postgres_only
+def test_a_worker_claims_and_creates_after_the_server_restarted_between_audits(own_postgres):
+    """The worker's engine has no pre-ping (a beat pays one round trip): after a restart every idle
+    pooled connection is dead, and the next claim, creation or end must replace its connection and
+    go on, as a heartbeat does, instead of failing the worker's first write after each restart."""
+    from auditctl import StuckAuditPrevention
+
+    server, admin_engine = own_postgres
+    guard = StuckAuditPrevention(server.url, worker_id="w", heartbeat_interval=0.5, stale_after=5)
+    try:
+        first = guard.create_audit("https://example.com/before")
+        with guard.run(first):
+            pass
+        waiting = guard.create_audit("https://example.com/waiting")
+        pooled = [guard.engine.raw_connection() for _ in range(3)]
+        for connection in pooled:
+            connection.close()  # idle in the pool: each will be dead after the restart
+        admin_engine.dispose()
+        server.restart()
+        with guard.run(waiting) as run:  # the claim: the pooled connection is dead
+            run.update_progress(step="after the restart")
+        server.restart()
+        created = guard.create_audit("https://example.com/after")  # the creation, likewise
+        assert row(admin_engine, waiting)["status"] == COMPLETED
+        assert row(admin_engine, created)["status"] == "pending"
+    finally:
+        guard.close()
