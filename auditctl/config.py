@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 from .errors import ConfigError
-from .thresholds import Overrides, parse_duration
+from .thresholds import Overrides, kind_name, parse_duration
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ def _validate_kinds(value, path) -> dict[str, Overrides]:
         raise ConfigError(f"config file {path}: kinds must be a table of [kinds.NAME] sections")
     kinds = {}
     for name, section in value.items():
-        kinds[str(name)] = Overrides.from_mapping(section, f"config file {path}: kinds.{name}")
+        kinds[kind_name(name, f"config file {path}: a kind's name in [kinds.NAME]")] = Overrides.from_mapping(
+            section, f"config file {path}: kinds.{name}")
     return kinds
 
 

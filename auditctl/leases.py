@@ -30,10 +30,8 @@ from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
 from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audits
+from .thresholds import kind_name
 from .values import storable_text
-
-#: Longest ``kind`` name (the column's width).
-MAX_KIND = 100
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,8 @@ def create_audit(engine: Engine, target: str, *, max_age: float | None = None, k
     """Insert a pending audit; ``max_age`` (seconds) is its own deadline; ``kind`` picks per-kind thresholds."""
     if not isinstance(target, str) or not target.strip():
         raise ConfigError("target must be a non-empty string")
-    if kind is not None and (not isinstance(kind, str) or not kind.strip() or len(kind) > MAX_KIND):
-        raise ConfigError(f"kind must be a non-empty string of at most {MAX_KIND} characters")
+    if kind is not None:
+        kind_name(kind, "kind")
     storable_text("target", target)
     if kind is not None:
         storable_text("kind", kind)

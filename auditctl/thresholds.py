@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from .errors import ConfigError
+from .textsafe import printable
 
 WORKER_GONE = "worker_gone"
 STALE_HEARTBEAT = "stale_heartbeat"
@@ -341,6 +342,20 @@ class Overrides:
     def as_dict(self) -> dict:
         return {k: v for k, v in (("stale_after", self.stale_after), ("max_age", self.max_age),
                                   ("stall_after", self.stall_after)) if v is not None}
+
+
+#: The longest kind an audit can have (the width of its column).
+MAX_KIND = 100
+
+
+def kind_name(name, where: str):
+    """``name`` when an audit can have it as its kind: text, not blank, at most ``MAX_KIND``
+    characters. Thresholds set for any other name would never apply to anything."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_KIND:
+        shown = printable(repr(name)) if isinstance(name, str) else type(name).__name__
+        raise ConfigError(f"{where} must be a non-empty string of at most {MAX_KIND} characters, not "
+                          f"{shown[:40] + '...' if len(shown) > 40 else shown}")
+    return name
 
 
 #: Answers one policy remembers (``Policy.resolve_audit``) before it starts again.

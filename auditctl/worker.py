@@ -60,7 +60,7 @@ from .textsafe import printable
 from .urls import mask_url
 from .watchdog import CALL_GRACE
 from .thresholds import (
-    DEFAULT_HEARTBEAT_INTERVAL, MANUAL, Overrides, Policy, Thresholds, format_duration, parse_duration,
+    DEFAULT_HEARTBEAT_INTERVAL, MANUAL, Overrides, Policy, Thresholds, format_duration, kind_name, parse_duration,
     validate_heartbeat_interval,
 )
 from .values import MAX_INT, MIN_INT, storable_text
@@ -404,7 +404,8 @@ class StuckAuditPrevention:
         notify_timeout = parse_duration(notify_timeout, "notify_timeout")  # "5s" as in the config file
         if kinds is not None and not isinstance(kinds, Mapping):
             raise ConfigError(f"kinds must be a mapping of kind names to their thresholds, not {type(kinds).__name__}")
-        kind_overrides = {str(name): Overrides.from_mapping(values, f"kind {name}") for name, values in (kinds or {}).items()}
+        kind_overrides = {kind_name(name, "a kind's name in kinds"): Overrides.from_mapping(values, f"kind {name}")
+                          for name, values in (kinds or {}).items()}
         if self.declared.stale_after is None:  # then a kind's stale_after judges this worker's audits of that kind
             for name, values in kind_overrides.items():
                 if values.stale_after is not None:

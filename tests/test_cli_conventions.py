@@ -83,6 +83,16 @@ def test_a_kinds_section_in_the_config_file_sets_thresholds_and_filters_nothing(
         assert ids_of(with_kinds) == without, "a [kinds.NAME] section is no --kind filter"
 
 
+@pytest.mark.parametrize("name", ['""', "k" * 101])
+def test_a_kinds_section_no_audit_could_belong_to_is_refused_in_one_line(demo, tmp_path, name):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[kinds.{name}]\nmax_age = "1h"\n')
+    result = run("scan", "--config", config, "--database-url", demo)
+    assert result.exit_code == 2
+    assert "a kind's name in [kinds.NAME] must be a non-empty string of at most 100 characters" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_repeated_and_comma_separated_filters_are_unions(demo):
     one = ids_of(run("scan", "-o", "json", "--reason", "stale_heartbeat", "--database-url", demo))
     two = ids_of(run("scan", "-o", "json", "--reason", "max_age_exceeded", "--database-url", demo))
