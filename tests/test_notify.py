@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from dbtools import make_running, wait_for
 from sqlalchemy import func, select, update
+from sqlalchemy import text as sql_text
 from webhooks import SECRET, Answer, Webhook
 
 from auditctl.cli import cli
@@ -617,6 +618,24 @@ def test_an_event_whose_creation_time_another_tool_garbled_is_still_sent_to_disc
     assert report.sent == 4, report  # both events, to both destinations
     discord_body = next(r.body for r in hook.requests if "embeds" in r.body)
     assert discord_body["embeds"][-1]["timestamp"].endswith("Z"), "the readable event's time"
+
+
+def test_a_measurement_too_large_for_a_float_in_an_event_another_tool_wrote_does_not_hold_back_the_alert(engine, hooks):
+    """JSON holds a 400-digit number (so do SQLite's text and PostgreSQL's jsonb); Python reads it as an
+    int that no float holds. The message is still formatted and sent, that figure left out."""
+    hook = hooks()
+    stuck_and_recovered(engine, 1)
+    with write_transaction(engine) as connection:
+        event_id, payload = connection.execute(select(notifications.c.id, notifications.c.payload)).one()
+        payload["audits"][0]["measured"].update(silence_seconds=10**400, stale_after=10**400)
+        cast = "CAST(:payload AS jsonb)" if engine.dialect.name == "postgresql" else ":payload"
+        connection.execute(sql_text(f"UPDATE notifications SET payload = {cast} WHERE id = :id"),
+                           {"payload": json.dumps(payload), "id": event_id})
+    report = deliver(engine, destinations_from(slack=hook.url("slack"), discord=hook.url("discord"), webhook=hook.url()))
+    assert report.sent == 3 and [r.error for r in report.results] == [None] * 3, report
+    assert set(delivery_states(engine)) == {"sent"}
+    slack_body = json.dumps(next(r.body for r in hook.requests if "/slack/" in r.path))
+    assert "running " in slack_body and "silent " not in slack_body, "the figures that can be read, and not the other"
 
 
 def test_an_event_whose_expiry_another_tool_garbled_expires_instead_of_being_retried_for_ever(sqlite_engine, hooks):

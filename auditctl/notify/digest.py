@@ -16,7 +16,7 @@ from datetime import datetime
 
 from ..thresholds import WORKER_GONE, format_duration
 from ..timestamps import iso
-from ..values import safe_int, text_value
+from ..values import float_value, safe_int, text_value
 
 RECOVERED, RESET, FLEET_HEALTHY = "recovered", "reset", "fleet_healthy"  # as in auditctl.outbox
 
@@ -158,8 +158,10 @@ def evidence(measured) -> str:
         return ""
 
     def seconds(name):
+        # float_value, not float(): JSON may hold a whole number no float holds (a 400-digit figure
+        # another tool wrote), and one unreadable figure must not keep the message from being sent.
         value = measured.get(name)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return float_value(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     seen = [f"{label} {format_duration(value)}" for label, value in
             (("silent", seconds("silence_seconds")), ("running", seconds("age_seconds")),
