@@ -30,8 +30,9 @@ from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
 from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audits
+from .textsafe import printable
 from .thresholds import kind_name
-from .values import storable_text
+from .values import storable_text, text_value
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,9 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
         status = connection.execute(select(audits.c.status).where(audits.c.id == audit_id)).scalar()
     if status is None:
         raise AuditNotFound(f"no audit with id {audit_id}")
-    raise AuditNotClaimable(f"audit {audit_id} is {status}, not pending; only a pending audit can be run")
+    # The status is whatever the row holds (another tool's text, a BLOB): shown, never sent to a terminal as it is.
+    raise AuditNotClaimable(f"audit {audit_id} is {printable(text_value(status))}, not pending; "
+                            "only a pending audit can be run")
 
 
 def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:

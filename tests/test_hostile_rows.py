@@ -471,3 +471,17 @@ def test_an_invalid_per_audit_threshold_is_flagged_and_the_next_source_judges(en
     assert verdict.thresholds()["max_age"] == {"seconds": 120.0, "source": "worker"}
     shown = CliRunner().invoke(cli, ["show", str(audit_id), "-o", "json", "--database-url", database_url])
     assert [p for p in json.loads(shown.stdout)["problems"] if p.endswith("_invalid")] == expected
+
+
+def test_a_status_another_tool_wrote_is_shown_as_text_in_the_error_of_a_claim(engine, guards):
+    """``run`` of an audit that is not pending says what it is: the status is the database's text."""
+    from auditctl.errors import AuditNotClaimable
+
+    audit_id = insert(engine, **stale_times(engine), status="p\x1b]0;pwned\x07\x1b[2J\u202e")  # PostgreSQL: 32 at most
+    guard = guards()
+    with pytest.raises(AuditNotClaimable) as raised:
+        with guard.run(audit_id):
+            pass
+    assert_no_escape_reaches_the_terminal(str(raised.value))
+    assert "x1b]0;pwned" in str(raised.value).replace("\\", ""), "shown, escaped"
+
