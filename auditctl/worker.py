@@ -882,7 +882,7 @@ class StuckAuditPrevention:
             if peer.instance_id in fresh:
                 log.error("⚠️ worker_id %r is also used by a live instance %s on host %s (pid %s); "
                           "its audits are left alone, but give each worker its own worker_id",
-                          printable(self.worker_id), peer.instance_id[:8], printable(peer.host), peer.pid)
+                          printable(self.worker_id), printable(peer.instance_id[:8]), printable(peer.host), peer.pid)
         self.duplicates = peers
         return peers
 

@@ -485,3 +485,23 @@ def test_a_status_another_tool_wrote_is_shown_as_text_in_the_error_of_a_claim(en
     assert_no_escape_reaches_the_terminal(str(raised.value))
     assert "x1b]0;pwned" in str(raised.value).replace("\\", ""), "shown, escaped"
 
+
+def test_a_live_peer_whose_instance_id_another_tool_filled_with_escapes_is_logged_as_text(engine, guards, caplog):
+    """The duplicate worker_id warning names the other instance: its id is the database's text."""
+    import socket
+
+    from sqlalchemy import insert as sql_insert
+
+    from auditctl.db import db_now, write_transaction
+    from auditctl.schema import workers
+
+    with write_transaction(engine) as connection:
+        connection.execute(sql_insert(workers).values(
+            instance_id="\x1b[2J\x1b]0;x\x07", worker_id="worker-1", host=socket.gethostname(), pid=4194301,
+            process_key="another-boot:4026531836:4194301:12345", started_at=db_now(), last_heartbeat_at=db_now()))
+    caplog.set_level("ERROR", logger="auditctl")
+    guard = guards(worker_id="worker-1", stale_after=600, max_age=1800, stall_after=600, heartbeat_interval=60)
+    guard.cleanup_stuck_audits_on_startup()
+    assert [peer.instance_id for peer in guard.duplicates] == ["\x1b[2J\x1b]0;x\x07"]
+    assert "also used by a live instance" in caplog.text
+    assert_no_escape_reaches_the_terminal(caplog.text)
