@@ -160,6 +160,14 @@ def stored_error(error: BaseException) -> str:
     return text[:ERROR_LIMIT]
 
 
+def _check_audit_id(audit_id) -> bool:
+    """Refuse what is no audit id with ConfigError (text, a float, ``True``: SQL would compare them
+    as numbers, or fail); return whether an audit can have it (False: out of the column's range)."""
+    if not isinstance(audit_id, int) or isinstance(audit_id, bool):
+        raise ConfigError(f"audit_id must be a whole number, not {type(audit_id).__name__}")
+    return MIN_INT <= audit_id <= MAX_INT
+
+
 class RunBusy(Exception):
     """A progress write could not take its run's lock within the call's budget."""
 
@@ -594,7 +602,16 @@ class StuckAuditPrevention:
         return result.recovered
 
     def _recover_stuck_audit(self, audit_id: int, reason: str = MANUAL, explanation: str | None = None) -> Recovery | None:
-        """Recover one running audit now, whatever the rules say. Returns None when it was not running."""
+        """Recover one running audit now, whatever the rules say. Returns None when it was not running.
+
+        A bad request (an id that is not a whole number, an explanation that is not text any database
+        stores, or longer than ``ERROR_LIMIT``) raises ConfigError before anything is read or written."""
+        if explanation is not None:
+            if not isinstance(explanation, str) or len(explanation) > ERROR_LIMIT:
+                raise ConfigError(f"explanation must be text of at most {ERROR_LIMIT} characters")
+            storable_text("explanation", explanation)
+        if not _check_audit_id(audit_id):
+            return None  # no audit can have it: not running
         done = recover_audits(self.operator_engine, audits.c.id == audit_id, reason=reason,
                               explanation=explanation or f"recovered by {self.actor.name}", actor=self.actor,
                               requeue=self.requeue, max_attempts=self.max_attempts)
@@ -615,9 +632,7 @@ class StuckAuditPrevention:
         audit stays as its recoverer left it.
         """
         self._refuse_if_forked()
-        if not isinstance(audit_id, int) or isinstance(audit_id, bool):
-            raise ConfigError(f"audit_id must be a whole number, not {type(audit_id).__name__}")
-        if not MIN_INT <= audit_id <= MAX_INT:
+        if not _check_audit_id(audit_id):
             raise AuditNotFound(f"no audit with id {audit_id}")
         with self._lifecycle:  # one at a time with a stop() and with the end of the last run after one
             if self._resume_if_stopped() and self._monitor_wanted is not None:

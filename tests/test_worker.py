@@ -841,3 +841,21 @@ def test_sigterm_handler_survives_a_stop_from_another_thread_and_a_restart(guard
     finally:
         guard.stop()
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("audit_id, explanation", [
+    (True, None), ("1", None), (1.0, None), (None, None),
+    (1, 42), (1, "NUL \x00 inside"), (1, "lone \ud800 surrogate"), (1, "x" * 2001),
+], ids=["bool-id", "text-id", "float-id", "no-id", "number-explanation", "nul-explanation", "surrogate-explanation",
+        "long-explanation"])
+def test_recover_stuck_audit_refuses_a_bad_audit_id_or_explanation_with_config_error(engine, guards, start_audit,
+                                                                                    audit_id, explanation):
+    from auditctl.errors import ConfigError
+
+    running, _ = start_audit(worker_id="someone-else")
+    assert running == 1
+    guard = guards()
+    with pytest.raises(ConfigError):
+        guard._recover_stuck_audit(audit_id, explanation=explanation)
+    assert row(engine, running)["status"] == RUNNING, "a refused request recovered nothing"
+    assert guard._recover_stuck_audit(2**80) is None, "an id no audit can have is simply not running"
