@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .documents import NotJSON, encode_strict
+from .documents import MAX_DEPTH, NotJSON, encode_strict
 from .timestamps import isoformat_z
 
 __all__ = ["MAX_DOCUMENT_BYTES", "MAX_COUNT", "MAX_STEP", "DocumentError", "NotJSON", "ProgressView", "build_document",
-           "clean_report", "derive_percentage", "isoformat_z", "read_progress", "signature"]
+           "clean_report", "derive_percentage", "isoformat_z", "read_progress", "signature", "storable_extra"]
 
 #: A progress document bigger than this is refused (and the emergency minimal write used):
 #: it would bloat every row read by ``show`` and every heartbeat write.
@@ -117,6 +117,37 @@ def clean_report(step, percentage, completed_tasks, total_tasks) -> tuple[dict, 
 def signature(step, percentage, completed_tasks, total_tasks) -> str:
     """What "progress" means: any change of step, task counts or percentage changes this string."""
     return json.dumps([step, percentage, completed_tasks, total_tasks], default=str)
+
+
+def storable_extra(extra: dict) -> tuple[dict, bool]:
+    """A report's extra fields with what PostgreSQL's jsonb cannot store (NUL, a lone surrogate, as in
+    a file name that is not UTF-8) replaced by U+FFFD in every key and text value, at any depth, as
+    ``clean_report`` does for the step: one such character made the whole report fail, and only the
+    emergency write got through. Returns ``(fields, whether anything was replaced)``; the caller's
+    values are not changed. Values of other types are left to the document's own checks."""
+    changed = False
+    done: dict[int, Any] = {}  # each container once: a shared one, or a cycle, is not walked again
+
+    def clean(value, depth: int):
+        nonlocal changed
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                changed = True
+                return _UNSTORABLE.sub("\ufffd", value)
+            return value
+        if depth > MAX_DEPTH or not isinstance(value, (dict, list, tuple)):
+            return value  # too deep, or not text: the document's own checks judge it
+        if id(value) in done:
+            return done[id(value)]
+        done[id(value)] = value  # a cycle leads back here: left as it is, and refused as unserialisable
+        if isinstance(value, dict):
+            cleaned = {clean(key, depth + 1): clean(item, depth + 1) for key, item in value.items()}
+        else:
+            cleaned = [clean(item, depth + 1) for item in value]
+        done[id(value)] = cleaned
+        return cleaned
+
+    return clean(extra, 0), changed
 
 
 #: The fields of the progress document the library writes itself: an extra field of the same name is not stored.

@@ -52,7 +52,7 @@ from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost, RunEnd
 from .history import Actor
 from .migrate import explained, upgrade
 from .monitor import Monitor
-from .progress import OWN_FIELDS, clean_report, derive_percentage, signature
+from .progress import OWN_FIELDS, clean_report, derive_percentage, signature, storable_extra
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, committed_before, recover_audits, recover_worker_leftovers
 from .schema import ERROR_LIMIT, audits
 from .signals import set_from_handler
@@ -243,6 +243,14 @@ class AuditRun:
                 log.warning("audit %s: the extra progress field %r is one the document keeps itself; it is not stored",
                             self.audit_id, name)
         try:
+            if extra:
+                # NUL or a lone surrogate (a file name that is not UTF-8) in one extra field made
+                # PostgreSQL refuse the whole report: replaced, as in the step.
+                extra, replaced = storable_extra(extra)
+                if replaced and "extra_characters_replaced" not in self.clamped:
+                    self.clamped.add("extra_characters_replaced")
+                    log.warning("audit %s: progress report adjusted (%s); the stored document holds what can be read back",
+                                self.audit_id, "extra_characters_replaced")
             with self.guard._holding_signals(), self._locked(deadline):
                 # Under the run's lock, both the check and the merge: the run may have ended while this
                 # call waited, and two threads reporting at once must each merge with the other's report.

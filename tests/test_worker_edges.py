@@ -267,6 +267,27 @@ def test_an_extra_field_named_like_the_documents_own_is_not_stored_and_a_warning
     assert len(warnings) == 2 and {"'worker_id'" in w or "'is_running'" in w for w in warnings} == {True}
 
 
+def test_an_extra_field_holding_a_nul_or_a_lone_surrogate_is_stored_instead_of_losing_the_report(engine, guards, caplog):
+    """PostgreSQL's jsonb holds neither: the whole report failed, and only the emergency write got through."""
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/unstorable-extras")
+    with guard.run(audit_id) as run:
+        assert run.update_progress(step="Crawling", completed_tasks=3, total_tasks=20, note="before\x00after",
+                                   file="name-\udcff.txt", nested={"key\x00": ["\ud800", 7, None]},
+                                   **{"odd\ud800key": True}) is True
+        assert run.emergency_writes == 0
+        progress = row(engine, audit_id)["progress"]["progress"]
+        assert (progress["step"], progress["completed_tasks"], progress["total_tasks"]) == ("Crawling", 3, 20)
+        assert progress["note"] == "before\ufffdafter"
+        assert progress["file"] == "name-\ufffd.txt"
+        assert progress["nested"] == {"key\ufffd": ["\ufffd", 7, None]}
+        assert progress["odd\ufffdkey"] is True
+        assert run.update_progress(step="Crawling", note="fine") is True
+        assert row(engine, audit_id)["progress"]["progress"]["note"] == "fine"
+    assert row(engine, audit_id)["status"] == COMPLETED
+    assert caplog.text.count("extra_characters_replaced") == 1, "said once per run"
+
+
 def test_starting_the_monitor_from_many_threads_at_once_starts_it_once_and_stop_ends_it(engine, guards):
     for attempt in range(5):
         guard = guards(worker_id=f"racing-{attempt}", heartbeat_interval=0.2, stale_after=1.5)
