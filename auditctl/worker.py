@@ -473,6 +473,9 @@ class StuckAuditPrevention:
         self.duplicates: list[registry.Instance] = []
         self._runs: dict[str, AuditRun] = {}
         self._runs_lock = threading.Lock()
+        #: run() calls inside their claim, under ``_runs_lock``: a stop() then must not mark the instance
+        #: stopped, since the claim may land an audit running under it (see ``_stop_threads``).
+        self._claiming = 0
         #: The process this guard belongs to: a child forked from it must not act for it (``_forked``).
         self._pid = os.getpid()
         self._lifecycle = threading.RLock()  # start_heartbeat_monitor and stop, one at a time
@@ -647,17 +650,27 @@ class StuckAuditPrevention:
                 # Started before the stop(): without its threads this run would get no heartbeat and
                 # be recovered as stale while it works.
                 self._start_heartbeat_monitor(self._monitor_wanted)
+            with self._runs_lock:  # counted before a stop() can look: it waits for the lifecycle lock
+                self._claiming += 1
         holding = self._holding_signals()
         holding.__enter__()
         try:
             lease, document = leases.claim(self.engine, audit_id, worker_id=self.worker_id, instance_id=self.instance_id,
                                            worker_url=self.worker_url, declared=self._declared())
         except BaseException:
-            holding.__exit__(*sys.exc_info())
+            with self._runs_lock:
+                self._claiming -= 1
+                last = not self._runs and not self._claiming and self._mark_stopped_when_idle
+            try:
+                if last:  # a stop() came during this claim, which took nothing: the stop is due now
+                    self._stopped_after_last_run()
+            finally:
+                holding.__exit__(*sys.exc_info())
             raise
         handle = AuditRun(self, lease, document)
-        with self._runs_lock:
+        with self._runs_lock:  # one step from a claim in flight to a run: a stop() sees one or the other
             self._runs[lease.token] = handle
+            self._claiming -= 1
             held = len(self._runs)
         try:
             try:
@@ -695,7 +708,7 @@ class StuckAuditPrevention:
             if not self._forked():
                 with self._runs_lock:
                     self._runs.pop(lease.token, None)
-                    last = not self._runs and self._mark_stopped_when_idle
+                    last = not self._runs and not self._claiming and self._mark_stopped_when_idle
                 handle._release()
                 if last:
                     self._stopped_after_last_run()
@@ -820,8 +833,9 @@ class StuckAuditPrevention:
             self._previous_sigterm = None
         with self._runs_lock:
             # Marked stopped, the instance's audits are recovered at once (worker_gone): not while
-            # this process still runs one. The process exiting leaves them, and says so.
-            running = len(self._runs)
+            # this process still runs one, or is claiming one (the claim may land after this). The
+            # process exiting leaves them, and says so.
+            running = len(self._runs) + self._claiming
             self._mark_stopped_when_idle = bool(running) and not exiting
         if self._mark_stopped_when_idle:
             # The process may exit before the runs end (a daemon thread's): it marks the instance stopped then.
@@ -834,11 +848,11 @@ class StuckAuditPrevention:
         log.info("💓 HEARTBEAT monitor stopped for worker %s", printable(self.worker_id))
 
     def _stopped_after_last_run(self) -> None:
-        """stop() was called while runs went on, and the last one has ended: mark the instance stopped,
+        """stop() was called while runs went on (or claims), and the last one has ended: mark the instance stopped,
         unless a new run has made it live again meanwhile (``_resume_if_stopped``, under the same lock)."""
         with self._lifecycle:
             with self._runs_lock:
-                due = self._mark_stopped_when_idle and self._stopped and not self._runs
+                due = self._mark_stopped_when_idle and self._stopped and not self._runs and not self._claiming
                 self._mark_stopped_when_idle = False
             if due:
                 self._mark_stopped()

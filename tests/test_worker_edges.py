@@ -1305,3 +1305,52 @@ def test_a_worker_claims_and_creates_after_the_server_restarted_between_audits(o
         assert row(admin_engine, created)["status"] == "pending"
     finally:
         guard.close()
+
+
+@pytest.mark.parametrize("claimable", [True, False], ids=["claim-lands", "claim-refused"])
+def test_stop_during_claim_does_not_record_a_clean_stop(engine, guards, monkeypatch, claimable):
+    """stop() (a shutdown hook) came while another thread's run() was inside its claim: it saw no run and
+    marked the instance stopped, and the claim then landed, an audit running under an instance every
+    judge takes for gone (worker_gone). It is marked stopped when the claim has ended, and its run with it."""
+    from auditctl import worker
+    from auditctl.errors import AuditNotClaimable
+    from auditctl.rules import gone_instances
+
+    guard = guards()
+    guard.start_heartbeat_monitor()
+    audit_id = guard.create_audit("https://example.com/claimed-during-stop")
+    if not claimable:
+        with guard.run(audit_id):
+            pass
+    claiming, release = threading.Event(), threading.Event()
+    claim = worker.leases.claim
+
+    def slow_claim(*args, **kwargs):
+        claiming.set()
+        assert release.wait(30)
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(worker.leases, "claim", slow_claim)
+    seen = []
+
+    def work():
+        try:
+            with guard.run(audit_id) as run:
+                seen.append(guard.instance_id in gone_instances(engine))
+                seen.append(run.update_progress(step="working"))
+        except AuditNotClaimable:
+            seen.append("not claimable")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert claiming.wait(10)
+    guard.stop()  # decides while the claim is in flight
+    release.set()
+    thread.join(30)
+    if claimable:
+        assert seen == [False, True], "the claimed audit ran under an instance marked stopped"
+        assert row(engine, audit_id)["status"] == COMPLETED
+    else:
+        assert seen == ["not claimable"]
+    wait_for(lambda: guard.instance_id in gone_instances(engine), timeout=10,
+             message="the instance marked stopped once the claim and its run ended")
