@@ -689,7 +689,10 @@ def recover_worker_leftovers(engine: Engine, worker_id: str, live_instances: set
 
     ``instance_id`` is the instance cleaning up: one that registered at or after it is no earlier
     instance but a live peer that started meanwhile (after ``live_instances`` was read), and what
-    it holds is left alone. Judged under each batch's lock, so its first claim is never taken."""
+    it holds is left alone. So is any audit claimed at or after that registration, whoever holds
+    it: this very instance, a newer peer, or an earlier instance used again after its ``stop()``
+    (read as gone, it claimed after the read); a leftover is what was claimed before. Judged under
+    each batch's lock, so its first claim is never taken."""
     from sqlalchemy import and_
 
     from .schema import workers
@@ -705,6 +708,9 @@ def recover_worker_leftovers(engine: Engine, worker_id: str, live_instances: set
         held.append(audits.c.worker_instance.not_in(later))
     if held:
         condition = and_(condition, or_(audits.c.worker_instance.is_(None), and_(*held)))
+    if instance_id is not None:
+        # Claimed before this instance registered (a start another tool left out proves nothing).
+        condition = and_(condition, or_(audits.c.started_at.is_(None), audits.c.started_at < own_start))
     return recover_audits(
         engine, condition, reason=WORKER_RESTARTED,
         explanation=f"worker {worker_id} restarted; the instance that held this audit is gone",

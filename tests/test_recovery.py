@@ -1014,7 +1014,7 @@ def test_recover_audits_skips_an_audit_another_transaction_holds_and_recovers_th
     assert row(engine, held)["status"] == RUNNING
 
 
-def test_a_peer_that_registered_after_the_cleanup_read_its_live_set_keeps_its_fresh_audit(engine, start_audit):
+def test_a_peer_that_registered_after_the_cleanup_read_its_live_set_keeps_its_fresh_audit(engine, start_audit, backdate):
     """The cleanup reads which instances are alive, then recovers the others' audits: an instance of the
     same worker_id that started in between (a reused pod name) and claimed at once is no earlier one."""
     from datetime import timedelta
@@ -1028,13 +1028,16 @@ def test_a_peer_that_registered_after_the_cleanup_read_its_live_set_keeps_its_fr
             connection.execute(workers.insert().values(instance_id=instance, worker_id="w", host="h", pid=1,
                                                        started_at=now - timedelta(seconds=started)))
     left, _ = start_audit(worker_id="w", instance_id="earlier")
+    backdate(left, started_at=1800)  # claimed before the cleaning instance registered: a leftover
     fresh, _ = start_audit(worker_id="w", instance_id="started-meanwhile")
+    claimed_since, _ = start_audit(worker_id="w", instance_id="earlier")  # after "cleaning" registered
 
     done = recover_worker_leftovers(engine, "w", {"cleaning"}, actor=Actor.worker("w", "cleaning"),
                                     instance_id="cleaning")
 
     assert [r.id for r in done] == [left]
     assert row(engine, fresh)["status"] == RUNNING
+    assert row(engine, claimed_since)["status"] == RUNNING, "claimed after the cleaner registered: no leftover"
 
 
 def test_recover_worker_leftovers_can_requeue(engine, start_audit):

@@ -6,6 +6,7 @@ with the same worker_id) the worker is a real subprocess running a small script.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import os
@@ -859,3 +860,26 @@ def test_recover_stuck_audit_refuses_a_bad_audit_id_or_explanation_with_config_e
         guard._recover_stuck_audit(audit_id, explanation=explanation)
     assert row(engine, running)["status"] == RUNNING, "a refused request recovered nothing"
     assert guard._recover_stuck_audit(2**80) is None, "an id no audit can have is simply not running"
+
+
+def test_startup_cleanup_leaves_an_audit_claimed_after_this_instance_registered(engine, guards):
+    """The cleanup reads which instances are alive, then recovers what the others of its worker_id hold.
+    An earlier instance that was stopped, and is used again in between (its run() marks it live and
+    claims), holds an audit claimed after the cleaning instance registered: no leftover of a restart."""
+    earlier = guards(**PATIENT)
+    earlier.stop()  # marked stopped: the cleanup below reads it as gone
+    cleaning = guards(**PATIENT)
+    audit_id = cleaning.create_audit("https://example.com/claimed-after-registration")
+    running = contextlib.ExitStack()
+    read_live = cleaning._check_duplicates
+
+    def then_the_earlier_instance_claims():
+        peers = read_live()
+        running.enter_context(earlier.run(audit_id))  # live again, and claiming, after the read
+        return peers
+
+    cleaning._check_duplicates = then_the_earlier_instance_claims
+    with running:
+        assert cleaning.cleanup_stuck_audits_on_startup() == []
+        assert row(engine, audit_id)["status"] == RUNNING, "a claim made after the cleaner started is no leftover"
+    assert row(engine, audit_id)["status"] == COMPLETED
