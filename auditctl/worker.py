@@ -520,6 +520,7 @@ class StuckAuditPrevention:
 
     def cleanup_stuck_audits_on_startup(self) -> list[Recovery]:
         """Recover what earlier instances of this worker left running, then every stuck audit."""
+        self._refuse_if_forked()
         live = {self.instance_id} | {peer.instance_id for peer in self._check_duplicates()}
         try:
             leftovers = recover_worker_leftovers(self.operator_engine, self.worker_id, live, actor=self.actor,
@@ -595,6 +596,7 @@ class StuckAuditPrevention:
 
     def _heartbeat_cleanup(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
         """One monitor pass over the whole fleet: recover every stuck audit."""
+        self._refuse_if_forked()
         result = self.monitor.run_pass()
         if self.notifier is not None and result.ok and not self._stopped:
             self.notifier.start().kick()  # never waits for the webhook
@@ -617,6 +619,7 @@ class StuckAuditPrevention:
 
         A bad request (an id that is not a whole number, an explanation that is not text any database
         stores, or longer than ``ERROR_LIMIT``) raises ConfigError before anything is read or written."""
+        self._refuse_if_forked()
         if explanation is not None:
             if not isinstance(explanation, str) or len(explanation) > ERROR_LIMIT:
                 raise ConfigError(f"explanation must be text of at most {ERROR_LIMIT} characters")
@@ -632,6 +635,7 @@ class StuckAuditPrevention:
 
     def create_audit(self, target: str, max_age: float | timedelta | None = None, kind: str | None = None) -> int:
         """A new pending audit; ``max_age`` gives it its own deadline, ``kind`` its kind's thresholds."""
+        self._refuse_if_forked()
         deadline = parse_duration(max_age, "max_age") if max_age is not None else None
         return leases.create_audit(self.engine, target, max_age=deadline, kind=kind)
 

@@ -1354,3 +1354,55 @@ def test_stop_during_claim_does_not_record_a_clean_stop(engine, guards, monkeypa
         assert seen == ["not claimable"]
     wait_for(lambda: guard.instance_id in gone_instances(engine), timeout=10,
              message="the instance marked stopped once the claim and its run ended")
+
+
+_FORKED_CHILD_CALLS = '''
+import json, os, sys
+from auditctl import StuckAuditPrevention, leases
+from auditctl.errors import ConfigError
+
+guard = StuckAuditPrevention(sys.argv[1], worker_id="parent", heartbeat_interval=0.5, stale_after=60, max_age=600,
+                             stall_after=600)
+running = guard.create_audit("https://example.com/someone-elses")
+leases.claim(guard.engine, running, worker_id="someone-else", instance_id="elsewhere", worker_url=None)
+calls = {
+    "create_audit": lambda: guard.create_audit("https://example.com/made-in-the-child"),
+    "cleanup_stuck_audits_on_startup": guard.cleanup_stuck_audits_on_startup,
+    "_recover_stuck_audit": lambda: guard._recover_stuck_audit(running),
+    "_heartbeat_cleanup": guard._heartbeat_cleanup,
+}
+read, write = os.pipe()
+child = os.fork()
+if child == 0:
+    outcome = {}
+    for name, call in calls.items():
+        try:
+            call()
+            outcome[name] = "ran"
+        except ConfigError as error:
+            outcome[name] = "refused" if "make a new one in the child" in str(error) else repr(error)
+        except Exception as error:
+            outcome[name] = repr(error)
+    os.write(write, json.dumps(outcome).encode())
+    os._exit(0)
+os.close(write)
+os.waitpid(child, 0)
+with os.fdopen(read) as answer:
+    print(answer.read(), flush=True)
+guard.stop()
+'''
+
+
+def test_a_forked_child_is_refused_the_guards_audit_and_recovery_calls(tmp_path, database_url, engine):
+    """run(), update_progress() and start_heartbeat_monitor() already refused a forked child; these wrote
+    through the parent's pooled connections (shared sockets), as the parent's worker."""
+    script = tmp_path / "forked_calls.py"
+    script.write_text(_FORKED_CHILD_CALLS)
+    proc = spawn(script, database_url)
+    outcome = json.loads(read_line(proc, timeout=60))
+    assert proc.wait(30) == 0, proc.stderr.read()
+    assert outcome == {"create_audit": "refused", "cleanup_stuck_audits_on_startup": "refused",
+                       "_recover_stuck_audit": "refused", "_heartbeat_cleanup": "refused"}
+    assert row(engine, 1)["status"] == RUNNING, "the child recovered nothing"
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM audits")).scalar() == 1, "the child created nothing"
