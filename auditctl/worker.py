@@ -200,7 +200,12 @@ class AuditRun:
             if not self.lost:
                 self.finished = True
         if connection is not None:
-            connection.close()
+            if self.guard._closed:
+                # close() came during the run and emptied the pool, which forgot this connection: given
+                # back, it would stay open in a pool nobody uses.
+                connection.drop()
+            else:
+                connection.close()
 
     @contextlib.contextmanager
     def _locked(self, deadline: float) -> Iterator[None]:
@@ -492,6 +497,8 @@ class StuckAuditPrevention:
         self._pending_signal: int | None = None
         self._pending_sigint = False  # Ctrl-C held during a write (see _holding_signals)
         self._stopped = False  # stop() marked the instance stopped; using the guard again un-marks it
+        #: close() was called: a run or claim still under way closes the pools again when the last one ends.
+        self._closed = False
         if create_schema:
             upgrade(self.operator_engine)
         try:
@@ -668,6 +675,7 @@ class StuckAuditPrevention:
             try:
                 if last:  # a stop() came during this claim, which took nothing: the stop is due now
                     self._stopped_after_last_run()
+                self._dispose_if_closed()
             finally:
                 holding.__exit__(*sys.exc_info())
             raise
@@ -716,6 +724,7 @@ class StuckAuditPrevention:
                 handle._release()
                 if last:
                     self._stopped_after_last_run()
+                self._dispose_if_closed()
 
     def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""
@@ -901,12 +910,26 @@ class StuckAuditPrevention:
                               "from it (its threads did not follow the fork): make a new one in the child")
 
     def close(self) -> None:
+        """``stop()``, then close the pools' connections. A run still under way (close() from a shutdown
+        hook on another thread) keeps its own connection until it ends; its final write and the
+        instance's stop then take connections again, and the last run to end closes them too."""
+        self._closed = True
         self.stop()
+        self._dispose()
+
+    def _dispose(self) -> None:
         # A forked child's pooled connections share their sockets with the parent's: closing them
         # would end the parent's sessions, so the child only forgets them.
         ours = not self._forked()
         self.engine.dispose(close=ours)
         self.operator_engine.dispose(close=ours)
+
+    def _dispose_if_closed(self) -> None:
+        """The last run or claim has ended after close(): give back what its end took from the pools."""
+        with self._runs_lock:
+            idle = self._closed and not self._runs and not self._claiming
+        if idle:
+            self._dispose()
 
     def __enter__(self) -> "StuckAuditPrevention":
         return self

@@ -1406,3 +1406,28 @@ def test_a_forked_child_is_refused_the_guards_audit_and_recovery_calls(tmp_path,
     assert row(engine, 1)["status"] == RUNNING, "the child recovered nothing"
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM audits")).scalar() == 1, "the child created nothing"
+
+
+def test_close_during_a_run_gives_the_runs_connections_back_when_the_run_ends(engine, guards):
+    """close() (a shutdown hook on another thread) while a run goes on: the pools it emptied were
+    filled again by the run's end, its final write and the instance's stop, and never emptied again."""
+    from auditctl.rules import gone_instances
+
+    guard = guards()
+    guard.start_heartbeat_monitor()
+    audit_id = guard.create_audit("https://example.com/closed-mid-run")
+    with guard.run(audit_id) as run:
+        closer = threading.Thread(target=guard.close)
+        closer.start()
+        closer.join(30)
+        assert run.update_progress(step="still working") is True
+        held = run._connection.driver  # checked out of the pool close() emptied, which forgot it
+    assert row(engine, audit_id)["status"] == COMPLETED
+    assert guard.instance_id in gone_instances(engine), "marked stopped once its last run ended"
+    if isinstance(held, sqlite3.Connection):
+        with pytest.raises(sqlite3.ProgrammingError):
+            held.execute("SELECT 1")
+    else:
+        assert held.closed, "the run's own connection is still open"
+    for pool in (guard.engine.pool, guard.operator_engine.pool):
+        assert (pool.checkedout(), pool.checkedin()) == (0, 0), f"{pool.status()}: connections left open after close()"
