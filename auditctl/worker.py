@@ -838,7 +838,10 @@ class StuckAuditPrevention:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(None if until is None else max(0.0, until - time.monotonic()))
         if self.notifier is not None:
-            self.notifier.stop(timeout=1.0)  # a delivery still in flight is covered by its claim
+            # A delivery still in flight is covered by its claim: wait a second at most, and never
+            # past stop()'s own timeout (0 waits for nothing, even for a webhook that hangs).
+            left = 1.0 if until is None else min(1.0, max(0.0, until - time.monotonic()))
+            self.notifier.stop(timeout=left)
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGTERM) == self._on_sigterm):
             # Only put back what we replaced, and only if nobody (another guard) replaced us since.

@@ -1431,3 +1431,24 @@ def test_close_during_a_run_gives_the_runs_connections_back_when_the_run_ends(en
         assert held.closed, "the run's own connection is still open"
     for pool in (guard.engine.pool, guard.operator_engine.pool):
         assert (pool.checkedout(), pool.checkedin()) == (0, 0), f"{pool.status()}: connections left open after close()"
+
+
+def test_stop_with_timeout_zero_does_not_wait_for_a_hanging_webhook(engine, guards):
+    """stop(timeout=0) waits for nothing, as its docstring says; it waited a second more for the alert
+    sender while a webhook hung (the delivery in flight is covered by its claim, and retried)."""
+    from dbtools import make_running
+    from webhooks import Answer, Webhook
+
+    hook = Webhook()
+    try:
+        hook.always(Answer(hang=60))
+        guard = guards(webhook=hook.url(), notify_timeout=30)
+        make_running(engine, 1, silent_for=700, worker_id="someone-else")
+        assert guard._monitor_once() is True  # recovers it and kicks the sender
+        hook.wait_for(1)  # the delivery hangs in the sender's thread
+        started = time.monotonic()
+        guard.stop(timeout=0)
+        took = time.monotonic() - started
+        assert took < 0.5, f"stop(timeout=0) took {took:.2f}s with a hanging webhook"
+    finally:
+        hook.close()
