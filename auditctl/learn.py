@@ -37,9 +37,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from .db import fetch_now, is_postgres, read_connection
+from .errors import ConfigError
 from .report import Sql, percentile, window
 from .schema import COMPLETED
-from .thresholds import MAX_DURATION, MIN_STALE_AFTER, STALE_INTERVALS, Policy, format_duration
+from .thresholds import MAX_DURATION, MAX_KIND, MIN_STALE_AFTER, STALE_INTERVALS, Policy, format_duration, kind_name
 from .timestamps import isoformat_z
 from .values import float_value, sane_duration, text_value
 
@@ -274,6 +275,15 @@ def _comment(text: str) -> str:
     return "# " + printable(text)
 
 
+def _nameable(kind: str) -> bool:
+    """Whether a ``[kinds.NAME]`` section can name ``kind`` (``thresholds.kind_name``)."""
+    try:
+        kind_name(kind, "kind")
+    except ConfigError:
+        return False
+    return True
+
+
 def to_toml(suggestions: Suggestions) -> str:
     """The proposals as config file text: top-level keys for audits with no kind, then one
     ``[kinds.NAME]`` table per kind. Kinds without a proposal appear as comments only."""
@@ -289,6 +299,14 @@ def to_toml(suggestions: Suggestions) -> str:
             else f"kind {item.kind}"
         if not item.enough:
             out.append(_comment(f"{label}: no proposal: {item.note}"))
+            return out
+        if item.kind is not None and not _nameable(item.kind):
+            # Another tool wrote a kind no audit made by auditctl can have (blank, longer than the
+            # column): the config file refuses its section, and with it the whole block.
+            shown = repr(item.kind[:40]) + ("..." if len(item.kind) > 40 else "")
+            out.append(_comment(f"kind {shown}: no [kinds.NAME] section can name it (a kind is 1 to {MAX_KIND} characters, "
+                                "not blank); its audits are judged by the fleet's values. Proposed: "
+                                + ", ".join(f"{name} {item.proposals[name].text}" for name in NAMES)))
             return out
         out.append(_comment(f"{label}: {item.completed} completed audits; would have recovered "
                             f"{item.false_recoveries} of them wrongly ({item.false_recovery_rate:.1%})"))

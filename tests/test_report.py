@@ -679,3 +679,18 @@ def test_a_silence_stored_as_text_counts_neither_in_the_report_nor_in_the_detect
     assert stuck_report(engine, DAY).detection.count == 1
     assert stuck_report(engine, DAY).detection.mean_seconds == 720
     assert history_totals(engine).detection.count == 1
+
+
+@pytest.mark.parametrize("odd", ["   ", "k" * 150], ids=["blank", "over-100-characters"])
+def test_suggested_toml_comments_out_a_kind_no_kinds_section_can_name(engine, engine_name, database_url, odd):
+    """Another tool wrote a kind no ``[kinds.NAME]`` section accepts (blank, or on SQLite longer than
+    the column): the block must still be one the config file takes, the other kinds' proposals in it."""
+    if engine_name == "postgresql" and len(odd) > 100:
+        pytest.skip("PostgreSQL's varchar(100) cannot hold a longer kind")
+    completed_runs_of_kind(engine, odd)
+    completed_runs_of_kind(engine, "quick-scan")
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
+    assert result.exit_code == 0, result.output
+    settings = validate_config(tomllib.loads(result.stdout), "suggested")
+    assert set(settings["kinds"]) == {"quick-scan"}
+    assert "no [kinds.NAME] section can name it" in result.stdout
