@@ -207,7 +207,8 @@ def suggest_thresholds(engine: Engine, since: "float | datetime", policy: Policy
                 raw[name] = min(MAX_DURATION, round_up(max(percentile(values, QUANTILE) * MARGIN, MIN_STALE_AFTER)))
         if suggestion.enough and len(raw) == len(NAMES):
             if suggestion.heartbeat_interval is not None:
-                floor = round_up(STALE_INTERVALS * suggestion.heartbeat_interval)
+                # Within a year, as every duration the config file takes (a declared interval may be up to one).
+                floor = min(MAX_DURATION, round_up(STALE_INTERVALS * suggestion.heartbeat_interval))
                 for name in ("stale_after", "stall_after"):
                     if raw[name] < floor:
                         raw[name] = floor

@@ -694,3 +694,15 @@ def test_suggested_toml_comments_out_a_kind_no_kinds_section_can_name(engine, en
     settings = validate_config(tomllib.loads(result.stdout), "suggested")
     assert set(settings["kinds"]) == {"quick-scan"}
     assert "no [kinds.NAME] section can name it" in result.stdout
+
+
+def test_suggested_toml_keeps_a_floor_from_a_heartbeat_interval_over_half_a_year_within_a_year(engine, database_url):
+    """Twice a declared heartbeat interval of 200 days is longer than any duration the config file
+    takes: the proposal stops at the longest one, and the block is still accepted."""
+    completed_runs_of_kind(engine, "slow")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).values(declared_heartbeat_interval=200 * DAY))
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
+    assert result.exit_code == 0, result.output
+    block = validate_config(tomllib.loads(result.stdout), "suggested")["kinds"]["slow"]
+    assert block.stale_after == block.stall_after == block.max_age == 366 * DAY
