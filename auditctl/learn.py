@@ -12,8 +12,9 @@ The method, for each kind (audits with no kind are the fleet's, the top-level se
    from setting the threshold for everyone; the margin leaves room for runs a little worse
    than any seen. Then the floors: ``stale_after`` and ``stall_after`` are at least
    ``STALE_INTERVALS`` (2) times the longest heartbeat interval the kind's workers declared
-   (a worker is heard from, and its progress seen, only when it writes), and ``max_age`` is
-   at least the other two (the config file refuses less).
+   (a worker is heard from, and its progress seen, only when it writes); the fleet's values
+   (audits with no kind) also judge the kinds that get no proposal, so theirs count too. And
+   ``max_age`` is at least the other two (the config file refuses less).
 4. For each proposal, the **false-recovery rate**: the share of those completed audits whose
    gap, stall or run time is above it, so that the rule would have recovered them although
    they were healthy. It assumes a monitor that looks continuously; a monitor that looks every
@@ -179,6 +180,24 @@ def _values(samples: list[_Sample], name: str) -> list[float]:
     return [v for v in (getattr(s, attribute) for s in samples) if v is not None]
 
 
+def _fleet_judged_intervals(by_kind: dict[str | None, list[_Sample]], policy: Policy, min_samples: int) -> dict[str, float]:
+    """The longest heartbeat interval declared in each kind that the fleet's stale_after would judge
+    once the suggestions are pasted: a kind with no proposal of its own (too little history, no
+    measurements, a name no ``[kinds.NAME]`` takes) and no stale_after of its own in force now."""
+    found = {}
+    for kind, samples in by_kind.items():
+        if kind is None:
+            continue
+        own = policy.kind(kind)
+        if own is not None and own.stale_after is not None:
+            continue
+        learned = len(samples) >= min_samples and all(_values(samples, name) for name in NAMES) and _nameable(kind)
+        intervals = [s.interval for s in samples if s.interval is not None]
+        if not learned and intervals:
+            found[kind] = max(intervals)
+    return found
+
+
 def false_recoveries(values: list[float], threshold: float) -> int:
     """How many healthy audits went past ``threshold`` (the rules fire on strictly more than it)."""
     return sum(1 for v in values if v > threshold)
@@ -193,6 +212,7 @@ def suggest_thresholds(engine: Engine, since: "float | datetime", policy: Policy
     """
     policy = Policy.coerce(policy)
     start, now, by_kind = _samples(engine, since)
+    fallback = _fleet_judged_intervals(by_kind, policy, min_samples)
     result = []
     for kind in sorted(by_kind, key=lambda k: (k is not None, k or "")):
         samples = by_kind[kind]
@@ -206,14 +226,20 @@ def suggest_thresholds(engine: Engine, since: "float | datetime", policy: Policy
             if values and suggestion.enough:
                 raw[name] = min(MAX_DURATION, round_up(max(percentile(values, QUANTILE) * MARGIN, MIN_STALE_AFTER)))
         if suggestion.enough and len(raw) == len(NAMES):
-            if suggestion.heartbeat_interval is not None:
+            beat, whose = suggestion.heartbeat_interval, ""
+            if kind is None and fallback and (beat is None or max(fallback.values()) > beat):
+                # The fleet's values also judge the kinds given no values of their own: `recover` and
+                # `watch` refuse a stale_after below two beats of any running audit they judge.
+                whose = max(fallback, key=lambda k: (fallback[k], k))
+                beat, whose = fallback[whose], f" by kind {whose}, which the fleet's values also judge"
+            if beat is not None:
                 # Within a year, as every duration the config file takes (a declared interval may be up to one).
-                floor = min(MAX_DURATION, round_up(STALE_INTERVALS * suggestion.heartbeat_interval))
+                floor = min(MAX_DURATION, round_up(STALE_INTERVALS * beat))
                 for name in ("stale_after", "stall_after"):
                     if raw[name] < floor:
                         raw[name] = floor
                         floors[name] = (f"raised to {STALE_INTERVALS:g} heartbeat intervals "
-                                        f"({format_duration(suggestion.heartbeat_interval)} declared)")
+                                        f"({format_duration(beat)} declared{whose})")
             longest = max(raw["stale_after"], raw["stall_after"])
             if raw["max_age"] < longest:
                 raw["max_age"] = longest

@@ -706,3 +706,27 @@ def test_suggested_toml_keeps_a_floor_from_a_heartbeat_interval_over_half_a_year
     assert result.exit_code == 0, result.output
     block = validate_config(tomllib.loads(result.stdout), "suggested")["kinds"]["slow"]
     assert block.stale_after == block.stall_after == block.max_age == 366 * DAY
+
+
+def test_suggested_fleet_stale_after_is_one_recover_accepts_beside_a_kind_too_young_for_its_own(engine, database_url,
+                                                                                                  tmp_path):
+    """Audits with no kind beat every 5 s; a kind with too little history to get a proposal beats
+    every 2 minutes and falls back on the fleet's values. The pasted block must not set a fleet
+    stale_after that `recover` then refuses for that kind's running audits (below two of its beats)."""
+    completed_runs_of_kind(engine, None)
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(update(audits).values(declared_heartbeat_interval=5.0, longest_gap_seconds=6.0))
+        young = {"target": "t", "kind": "full-scan", "created_at": now, "attempts": 1, "declared_heartbeat_interval": 120.0}
+        connection.execute(insert(audits), [{**young, "status": "completed", "started_at": now - timedelta(hours=1),
+                                             "finished_at": now, "longest_gap_seconds": 100.0,
+                                             "longest_stall_seconds": 300.0}] * 3)
+        connection.execute(insert(audits).values(**young, status="running", started_at=now, heartbeat_at=now,
+                                                 worker_id="worker-1", lease="lease-1"))
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
+    assert result.exit_code == 0, result.output
+    assert parse_duration(validate_config(tomllib.loads(result.stdout), "suggested")["stale_after"]) >= 240.0
+    config = tmp_path / "learned.toml"
+    config.write_text(result.stdout)
+    recovered = invoke("--config", config, "recover", "--dry-run", "--database-url", database_url)
+    assert recovered.exit_code == 0, recovered.output
