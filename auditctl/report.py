@@ -661,8 +661,12 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
     with read_connection(engine) as connection:
         sql = Sql(is_postgres(connection))
         bound = {"start": sql.moment(start)}
-        pending, oldest = connection.execute(
-            select(func.count(), func.min(audits.c.created_at)).where(audits.c.status == PENDING)).one()
+        # A pending audit has waited since the requeue or reset that made it pending (the latest
+        # history row that did), or else since its creation: as a run's wait below is counted.
+        pending, oldest = connection.execute(text(
+            f"SELECT COUNT(*), MIN(queued_at) FROM (SELECT COALESCE((SELECT MAX(e.at) FROM audit_events e "
+            f"WHERE e.audit_id = a.id AND e.to_status = '{PENDING}'), a.created_at) AS queued_at FROM audits a "
+            f"WHERE a.status = '{PENDING}'{sql.fence()}) p")).one()
         arrivals = connection.execute(select(func.count()).select_from(audits).where(audits.c.created_at >= start)).scalar_one()
         completed, mean_run, active = connection.execute(text(
             f"SELECT COUNT(*), AVG(CASE WHEN run >= 0 THEN run END), COUNT(DISTINCT worker_id) FROM (SELECT worker_id, "

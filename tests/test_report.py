@@ -730,3 +730,20 @@ def test_suggested_fleet_stale_after_is_one_recover_accepts_beside_a_kind_too_yo
     config.write_text(result.stdout)
     recovered = invoke("--config", config, "recover", "--dry-run", "--database-url", database_url)
     assert recovered.exit_code == 0, recovered.output
+
+
+def test_a_requeued_audit_pending_now_has_waited_since_its_requeue_not_since_its_creation(engine, start_audit, backdate):
+    """The backlog's "oldest waiting" counts as the wait before start does: from the requeue (or
+    reset) that last made the audit pending, not from its creation days before."""
+    audit_id, _lease = start_audit()
+    backdate(audit_id, created_at=3 * DAY, started_at=3 * DAY - 60, heartbeat_at=3600, last_worker_update=3600,
+             progress_changed_at=3600)
+    recovered = recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)
+    assert [(r.id, r.status) for r in recovered] == [(audit_id, "pending")]
+    with write_transaction(engine) as connection:
+        connection.execute(update(audit_events).where(audit_events.c.audit_id == audit_id).values(
+            at=fetch_now(connection) - timedelta(seconds=300)))
+
+    capacity = stuck_report(engine, DAY).capacity
+    assert capacity.pending == 1
+    assert capacity.oldest_pending_seconds == pytest.approx(300, abs=30)  # not three days
