@@ -11,8 +11,9 @@ The method, for each kind (audits with no kind are the fleet's, the top-level se
    ``MARGIN`` (1.5), rounded up to a round duration. The percentile keeps one freak run
    from setting the threshold for everyone; the margin leaves room for runs a little worse
    than any seen. Then the floors: ``stale_after`` and ``stall_after`` are at least
-   ``STALE_INTERVALS`` (2) times the longest heartbeat interval the kind's workers declared
-   (a worker is heard from, and its progress seen, only when it writes); the fleet's values
+   ``STALE_INTERVALS`` (2) times the longest heartbeat interval the kind's workers declared,
+   in its completed audits and in its running ones, which ``recover`` checks the thresholds
+   against (a worker is heard from, and its progress seen, only when it writes); the fleet's values
    (audits with no kind) also judge the kinds that get no proposal, so theirs count too. And
    ``max_age`` is at least the other two (the config file refuses less).
 4. For each proposal, the **false-recovery rate**: the share of those completed audits whose
@@ -180,19 +181,33 @@ def _values(samples: list[_Sample], name: str) -> list[float]:
     return [v for v in (getattr(s, attribute) for s in samples) if v is not None]
 
 
-def _fleet_judged_intervals(by_kind: dict[str | None, list[_Sample]], policy: Policy, min_samples: int) -> dict[str, float]:
+def _running_intervals(engine: Engine) -> dict[str | None, float]:
+    """Per kind, the longest heartbeat interval declared by running audits that take their
+    stale_after from the config (not their worker's own): what ``Policy.check_bounds`` holds a
+    stale_after to when ``recover`` or ``watch`` starts."""
+    from .rules import declared_intervals
+
+    found: dict[str | None, float] = {}
+    for kind, declares_own, interval in declared_intervals(engine):
+        if not declares_own and interval is not None:
+            found[kind] = max(interval, found.get(kind, 0.0))
+    return found
+
+
+def _fleet_judged_intervals(by_kind: dict[str | None, list[_Sample]], running: dict[str | None, float], policy: Policy,
+                            min_samples: int) -> dict[str, float]:
     """The longest heartbeat interval declared in each kind that the fleet's stale_after would judge
     once the suggestions are pasted: a kind with no proposal of its own (too little history, no
-    measurements, a name no ``[kinds.NAME]`` takes) and no stale_after of its own in force now."""
+    measurements, a name no ``[kinds.NAME]`` takes, or only running audits) and no stale_after of
+    its own in force now."""
     found = {}
-    for kind, samples in by_kind.items():
-        if kind is None:
-            continue
+    for kind in {*by_kind, *running} - {None}:
         own = policy.kind(kind)
         if own is not None and own.stale_after is not None:
             continue
+        samples = by_kind.get(kind, [])
         learned = len(samples) >= min_samples and all(_values(samples, name) for name in NAMES) and _nameable(kind)
-        intervals = [s.interval for s in samples if s.interval is not None]
+        intervals = [s.interval for s in samples if s.interval is not None] + ([running[kind]] if kind in running else [])
         if not learned and intervals:
             found[kind] = max(intervals)
     return found
@@ -212,7 +227,8 @@ def suggest_thresholds(engine: Engine, since: "float | datetime", policy: Policy
     """
     policy = Policy.coerce(policy)
     start, now, by_kind = _samples(engine, since)
-    fallback = _fleet_judged_intervals(by_kind, policy, min_samples)
+    running = _running_intervals(engine)
+    fallback = _fleet_judged_intervals(by_kind, running, policy, min_samples)
     result = []
     for kind in sorted(by_kind, key=lambda k: (k is not None, k or "")):
         samples = by_kind[kind]
@@ -227,6 +243,9 @@ def suggest_thresholds(engine: Engine, since: "float | datetime", policy: Policy
                 raw[name] = min(MAX_DURATION, round_up(max(percentile(values, QUANTILE) * MARGIN, MIN_STALE_AFTER)))
         if suggestion.enough and len(raw) == len(NAMES):
             beat, whose = suggestion.heartbeat_interval, ""
+            if running.get(kind) is not None and (beat is None or running[kind] > beat):
+                # `recover` and `watch` refuse a stale_after below two beats of a running audit they judge.
+                beat, whose = running[kind], " by running audits"
             if kind is None and fallback and (beat is None or max(fallback.values()) > beat):
                 # The fleet's values also judge the kinds given no values of their own: `recover` and
                 # `watch` refuse a stale_after below two beats of any running audit they judge.

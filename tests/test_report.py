@@ -747,3 +747,22 @@ def test_a_requeued_audit_pending_now_has_waited_since_its_requeue_not_since_its
     capacity = stuck_report(engine, DAY).capacity
     assert capacity.pending == 1
     assert capacity.oldest_pending_seconds == pytest.approx(300, abs=30)  # not three days
+
+
+def test_suggested_stale_after_is_one_recover_accepts_for_running_audits_that_beat_slower_than_finished_ones(
+        engine, database_url, tmp_path):
+    """Workers of a kind now beat every 2 minutes, the completed history at 5 s: `recover` judges the
+    running audits, and refuses a stale_after under two of their beats. The proposal must not be one."""
+    completed_runs_of_kind(engine, "quick-scan")
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(update(audits).values(declared_heartbeat_interval=5.0))
+        connection.execute(insert(audits).values(target="t", kind="quick-scan", status="running", created_at=now,
+                                                 started_at=now, heartbeat_at=now, attempts=1, worker_id="worker-1",
+                                                 lease="lease-1", declared_heartbeat_interval=120.0))
+    result = invoke("report", "--database-url", database_url, "--suggest-thresholds", "--format", "toml")
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "learned.toml"
+    config.write_text(result.stdout)
+    recovered = invoke("--config", config, "recover", "--dry-run", "--database-url", database_url)
+    assert recovered.exit_code == 0, recovered.output
