@@ -5,6 +5,7 @@ both parsed with prometheus_client's own parser, and every value recounted from 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -366,3 +367,10 @@ def test_the_oldest_heartbeat_skips_a_time_python_cannot_read_on_postgresql(engi
             {"heartbeat": heartbeat})
     # As SQLite reads a heartbeat it cannot parse: silent since the last worker update.
     assert oldest_heartbeat_age(engine) == pytest.approx(85 * 60, abs=30)
+
+
+def test_a_quiet_watch_on_port_0_still_says_which_port_it_serves(fleet):
+    """With --metrics-port 0 the port is known only from that line: -q drops status lines, not it."""
+    result = invoke("watch", "--database-url", fleet, "--once", "--no-live", "--no-recover", "-q", "--metrics-port", "0")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^serving metrics at http://127\.0\.0\.1:[1-9][0-9]*/metrics$", result.stderr, re.M), result.stderr

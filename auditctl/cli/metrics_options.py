@@ -56,7 +56,8 @@ class MetricsSink:
         if self.port is not None:
             host, port = self.metrics.serve(self.host, self.port)
             shown = f"[{host}]" if ":" in host else host
-            if not state.quiet:
+            # -q drops status lines; a port the OS chose is known only from this one, so it stays.
+            if not state.quiet or self.port == 0:
                 click.echo(f"serving metrics at http://{shown}:{port}/metrics", err=True)
 
     def timed_pass(self, run):
