@@ -596,3 +596,28 @@ def test_a_child_forked_while_another_thread_pauses_the_collector_gets_it_back()
         os.close(read)
         os.close(write)
     assert gc.isenabled()
+
+
+def test_a_listing_pauses_the_collector_in_the_commands_own_process_only(monkeypatch, capsys):
+    """The auditctl process renders a listing without collections (its records die as they are
+    written); a program that renders through the library keeps its collector running."""
+    import gc
+
+    from auditctl import gcpause
+    from auditctl.cli.render import render
+
+    seen = []
+
+    def records():
+        for number in range(3):
+            seen.append(gc.isenabled())
+            yield {"id": number}
+
+    monkeypatch.setattr(gcpause, "_owns_process", True)
+    assert render(records(), [], "json") == 3
+    assert seen == [False, False, False] and gc.isenabled()
+    seen.clear()
+    monkeypatch.setattr(gcpause, "_owns_process", False)
+    assert render(records(), [], "json") == 3
+    assert seen == [True, True, True]
+    assert capsys.readouterr().out.count('{"id": 2}') == 2, "both listings were written whole"

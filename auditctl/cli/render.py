@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import click
 
+from ..gcpause import listing_pause
 from ..textsafe import clipped, csv_cell, json_safe_text, markdown_cell, printable
 from ..timestamps import iso
 
@@ -364,14 +365,15 @@ def render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, t
     A reader that goes away (``| head``) cuts the listing, not the command: the count is of the
     records taken so far (the rest of ``records`` is left to the caller), and the command goes
     on to its summary, its alerts and its exit code."""
-    if err:
-        return _render(records, columns, fmt, title=title, empty=empty, err=True)
-    taken = _Taken(records)
-    try:
-        return _render(taken, columns, fmt, title=title, empty=empty, err=False)
-    except BrokenPipeError:
-        discard_stdout()
-        return taken.count
+    with listing_pause():
+        if err:
+            return _render(records, columns, fmt, title=title, empty=empty, err=True)
+        taken = _Taken(records)
+        try:
+            return _render(taken, columns, fmt, title=title, empty=empty, err=False)
+        except BrokenPipeError:
+            discard_stdout()
+            return taken.count
 
 
 def _render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, title: str | None,
