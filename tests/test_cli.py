@@ -1107,6 +1107,27 @@ def test_missing_config_file_named_explicitly_is_a_usage_error(tmp_path):
     assert too_long.exit_code == 2 and "cannot read config file" in too_long.stderr
 
 
+def test_an_empty_auditctl_config_is_refused_not_read_as_unset(tmp_path):
+    """``AUDITCTL_CONFIG=$UNSET`` (a cron job, a unit file) is refused as ``--config ''`` is: click takes an
+    empty variable for an unset one, and the default file was read in its place without a word."""
+    default = tmp_path / "xdg-config" / "auditctl" / "config.toml"
+    default.parent.mkdir(parents=True)
+    default.write_text("max_attempts = 7\n")
+    for args in (["config"], ["scan"], ["--database-url", "sqlite:///auditctl.db", "list"]):
+        result = invoke(*args, env={"AUDITCTL_CONFIG": ""})
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.count("\n") == 1 and "$AUDITCTL_CONFIG is set but empty" in result.stderr
+    # A --config given on the command line, before or after the command, is the file read.
+    named = tmp_path / "named.toml"
+    named.write_text("max_attempts = 4\n")
+    for args in (["config", "--config", named], ["--config", named, "config"]):
+        given = invoke(*args, "--format", "json", env={"AUDITCTL_CONFIG": ""})
+        assert config_of(given)["max_attempts"] == (4, f"file {named}")
+    # Help and completion still work while the variable is fixed.
+    assert invoke("scan", "--help", env={"AUDITCTL_CONFIG": ""}).exit_code == 0
+    assert invoke("completion", "bash", env={"AUDITCTL_CONFIG": ""}).exit_code == 0
+
+
 def test_config_file_contradicting_the_defaults_is_a_usage_error(tmp_path):
     path = tmp_path / "contradiction.toml"
     path.write_text('stall_after = "2h"\n')

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .. import __version__
@@ -58,4 +60,10 @@ def cli(ctx: click.Context, config_path: str | None, database_url: str | None, v
     ctx.meta["auditctl.database_url"] = database_url
     ctx.meta["auditctl.verbose_global"] = verbose
     ctx.meta["auditctl.quiet_global"] = quiet
+    if config_path is None and os.environ.get("AUDITCTL_CONFIG") == "":
+        # Click takes an empty variable for an unset one: ``AUDITCTL_CONFIG=$UNSET`` in a cron job would
+        # read the default file (or none) without a word. Refused when a command runs, as ``--config ''``
+        # is; a --config after the command still names the file to read.
+        ctx.meta["auditctl.config_error"] = "$AUDITCTL_CONFIG is set but empty: give a config file, or unset it"
+        return
     apply_config(ctx, config_path)
