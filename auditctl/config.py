@@ -49,7 +49,7 @@ SETTINGS = {
         Setting("max_age", "AUDITCTL_MAX_AGE", "running longer than this: max_age_exceeded", "duration"),
         Setting("stall_after", "AUDITCTL_STALL_AFTER", "no progress for this long: progress_stalled", "duration"),
         Setting("interval", "AUDITCTL_INTERVAL", "time between watch's monitor passes", "duration"),
-        Setting("refresh", "AUDITCTL_REFRESH", "time between redraws of watch's screen", "duration"),
+        Setting("refresh", "AUDITCTL_REFRESH", "time between watch's reads of the fleet between passes (screen and log)", "duration"),
         Setting("max_attempts", "AUDITCTL_MAX_ATTEMPTS", "claims before a requeued audit fails for good", "count"),
         Setting("max_resets", "AUDITCTL_MAX_RESETS", "resets of one audit before reset-all leaves it alone", "count0"),
         Setting("lock_wait", "AUDITCTL_LOCK_WAIT", "longest an operation waits for a database lock", "duration"),
