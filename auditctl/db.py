@@ -24,6 +24,7 @@ minutes; the database is the one thing every party already agrees on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -168,6 +169,27 @@ def wait_ms(seconds: float) -> int:
     return min(MAX_WAIT_MS, int(seconds * 1000))
 
 
+@functools.lru_cache(maxsize=1)
+def _libpq_keywords() -> frozenset[str]:
+    """The connection parameters the libpq psycopg uses takes (``PQconndefaults``): what a PostgreSQL
+    URL's query may hold, since every one of them is handed to libpq."""
+    from psycopg import pq
+
+    return frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults())
+
+
+def _unknown_values_masked(database_url, url: URL, unknown: list[str]) -> str:
+    """The URL, masked, with the values of options no one knows masked too: a misspelt ``pasword=``
+    holds a password all the same. When a value cannot be found to mask, the query is left out."""
+    shown = mask_url(database_url)
+    for key in unknown:
+        shown = re.sub(rf"([?&]{re.escape(key)}=)[^&#]*", r"\1***", shown)
+    values = [v for key in unknown for v in (url.query[key] if isinstance(url.query[key], tuple) else (url.query[key],))]
+    if any(value and value in shown for value in values):
+        shown = shown.split("?", 1)[0] + "?..."
+    return shown
+
+
 def _pg_options(url: URL, role: str, lock_wait: float, statement_timeout: float | None) -> tuple[URL, str]:
     """libpq ``options`` for the role, merged with the URL's own (which win over ours, but for a
     ``statement_timeout`` longer than the engine's client-side deadline allows)."""
@@ -270,6 +292,12 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         statement_timeout = None
         if call_timeout is not None:
             statement_timeout = call_timeout - CALL_GRACE if call_timeout > 2 * CALL_GRACE else call_timeout / 2
+        unknown = sorted(set(url.query) - _libpq_keywords())
+        if unknown:
+            # libpq would refuse them on connecting ("invalid connection option"): a runtime error that
+            # ``watch`` would retry as an outage for good, and that ``config`` could not see.
+            raise ConfigError(f"the database URL {_unknown_values_masked(database_url, url, unknown)} has an option "
+                              f"PostgreSQL's client (libpq) does not take: {printable(', '.join(unknown))[:200]}")
         url, options = _pg_options(url, role, lock_wait, statement_timeout)
         # The URL's connect_timeout wins over ours (10 s); a write's budget still shortens either
         # (``watchdog.connect_timeout``). libpq takes whole seconds, and reads 0 as "wait for ever".

@@ -1185,6 +1185,26 @@ def test_an_option_sqlite_does_not_take_is_a_usage_error_whether_or_not_the_file
     assert result.exit_code == 2 and "has an option SQLite does not take: foo" in result.stderr, result.output
 
 
+@pytest.mark.parametrize("command", [["scan"], ["config"], ["recover"], ["watch", "--once"]])
+def test_an_option_postgresql_does_not_take_is_a_usage_error_before_any_connection(command):
+    """A typo in a PostgreSQL URL's options (``sslmod=``) was found only on connecting: exit 1 as
+    "database error", ``config`` took the URL as fine, and ``watch`` retried it as an outage for good."""
+    url = "postgresql://bob:s3cret@127.0.0.1:1/x?sslmod=require&connect_timeout=1"
+    result = invoke(*command, "--database-url", url, secrets=["s3cret"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "Error: the database URL postgresql://bob:***@127.0.0.1:1/x?sslmod=***&connect_timeout=1 has an option "
+        "PostgreSQL's client (libpq) does not take: sslmod"]
+    # A misspelt password parameter holds a password all the same: never shown.
+    typo = invoke(*command, "--database-url", "postgresql://bob@127.0.0.1:1/x?pasword=hunter2", secrets=["hunter2"])
+    assert typo.exit_code == 2 and "does not take: pasword" in typo.stderr
+    # libpq's own parameters (several hosts, a service, keepalives) are still handed through.
+    fine = invoke("config", "--database-url", "postgresql://bob:s3cret@h1,h2:5433/x?sslmode=require"
+                  "&keepalives_idle=30&options=-csearch_path%3Dauditctl&target_session_attrs=read-write",
+                  secrets=["s3cret"])
+    assert fine.exit_code == 0, fine.output
+
+
 @pytest.mark.parametrize("command, option", [(["reset-all", "--dry-run"], "max-resets"), (["recover", "--requeue"], "max-attempts"),
                                              (["watch", "--once"], "max-attempts"), (["serve"], "max-resets")])
 def test_a_count_larger_than_a_database_integer_is_a_usage_error_from_flag_env_and_file(command, option, tmp_path):
