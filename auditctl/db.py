@@ -999,6 +999,10 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
         directory = _missing_directory(path) if path is not None and not os.path.exists(path) else None
         if directory is not None:
             return DatabaseMissing(_no_directory(path, directory, where))
+        if path is not None and os.path.isdir(path):
+            # Nor is a directory at the path an outage: retrying will not help (as SQLITE_NOTADB below).
+            return NotADatabase(f"the path at {where} is a directory, not a database file; "
+                                "point the database URL at auditctl's database")
     if "file is not a database" in detail:
         # SQLite's SQLITE_NOTADB: something else is at the path. Not an outage: retrying will not help.
         return NotADatabase(f"the file at {where} is not a database ({detail}); "

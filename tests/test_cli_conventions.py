@@ -274,6 +274,32 @@ def test_a_file_that_is_not_a_database_is_said_so_not_retried_as_an_outage(tmp_p
     assert isinstance(caught.value, DatabaseUnavailable), "a worker's callers catch DatabaseUnavailable, as README says"
 
 
+def test_a_directory_at_the_database_path_is_said_so_not_retried_as_an_outage(tmp_path):
+    """SQLite says only "unable to open database file" for a directory, which read as an outage:
+    every command said "database unavailable", and watch retried it for as long as it ran."""
+    from auditctl.db import create_engine
+    from auditctl.errors import DatabaseUnavailable, SchemaMissing
+    from auditctl.rules import find_stuck
+    from auditctl.thresholds import Thresholds
+
+    path = tmp_path / "audits.db"
+    path.mkdir()
+    url = f"sqlite:///{path}"
+    said = f"Error: the path at {url} is a directory, not a database file; point the database URL at auditctl's database"
+    for command in (["scan"], ["init"], ["demo"], ["recover"]):
+        result = run(*command, "--database-url", url)
+        assert result.exit_code == 1 and result.stderr.strip() == said, (command, result.output)
+    watched = subprocess.run([str(AUDITCTL), "watch", "--no-live", "--interval", "1s", "--database-url", url],
+                             cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=30)
+    assert watched.returncode == 1 and watched.stderr.strip().splitlines()[-1] == said, watched.stderr
+    engine = create_engine(url, role="reader")
+    with pytest.raises(SchemaMissing) as caught:
+        find_stuck(engine, Thresholds())
+    engine.dispose()
+    assert isinstance(caught.value, DatabaseUnavailable), "a worker's callers catch DatabaseUnavailable, as README says"
+    assert path.is_dir() and not list(path.iterdir()), "nothing was created in it"
+
+
 @pytest.mark.parametrize("revision", ["0001", "0002", "ae1027a6acf"])
 def test_a_database_holding_another_applications_alembic_revision_is_recognised_as_not_ours(tmp_path, revision):
     path = tmp_path / "theirs.db"
