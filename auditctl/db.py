@@ -253,6 +253,9 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
                               "outlives the process; give a file (sqlite:///PATH)")
         read_only = role == "reader"
         if (must_exist if must_exist is not None else read_only) and path is not None and not os.path.exists(path):
+            if (problem := _access_problem(path)) is not None:
+                # It may well be there: "no database ... run `auditctl init`" would be wrong advice.
+                raise DatabaseUnavailable(f"database unavailable at {mask_url(database_url)} ({path}): {problem}")
             if (directory := _missing_directory(path)) is not None:
                 raise DatabaseMissing(_no_directory(path, directory, mask_url(database_url)))
             raise DatabaseMissing(f"no database at {path} (from {mask_url(database_url)}): run `auditctl init` "
@@ -1003,6 +1006,8 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
             # Nor is a directory at the path an outage: retrying will not help (as SQLITE_NOTADB below).
             return NotADatabase(f"the path at {where} is a directory, not a database file; "
                                 "point the database URL at auditctl's database")
+        if path is not None and (problem := _access_problem(path)) is not None:
+            return DatabaseUnavailable(f"database unavailable at {where}: {detail} ({problem})")
     if "file is not a database" in detail:
         # SQLite's SQLITE_NOTADB: something else is at the path. Not an outage: retrying will not help.
         return NotADatabase(f"the file at {where} is not a database ({detail}); "
@@ -1030,6 +1035,36 @@ def _missing_directory(path: str) -> str | None:
         os.stat(directory)
     except FileNotFoundError:
         return directory
+    except OSError:
+        return None
+    return None
+
+
+def _access_problem(path: str) -> str | None:
+    """Why this user cannot open the SQLite file at ``path`` (a directory on the way it may not
+    search, the file it may not read), which SQLite says only as "unable to open database file"."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except PermissionError:
+        directory = os.path.dirname(os.path.abspath(path))
+        parts = directory.split(os.sep)
+        for end in range(2, len(parts) + 1):  # the first one on the way from the root
+            step = os.sep.join(parts[:end]) or os.sep
+            if not os.access(step, os.X_OK):
+                directory = step
+                break
+        return f"this user may not search {directory}: check its permissions, or run as a user who may"
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode):
+        return None  # a directory is said otherwise; opening a FIFO would wait for a writer
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        return f"this user may not read {path}: check its permissions, or run as a user who may"
     except OSError:
         return None
     return None

@@ -240,6 +240,33 @@ def test_a_wal_database_in_a_directory_the_reader_may_not_write_is_explained(dem
     assert f"SQLite creates ro.db-shm beside it, and {locked} is not writable" in done.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to drop the file-permission override")
+def test_a_database_file_this_user_may_not_read_is_said_so(tmp_path):
+    """SQLite says only "unable to open database file" for a file (or a directory on its path) that
+    this user may not read: the line now says which, rather than leave it to read like an outage."""
+    assert run("demo", "--database-url", f"sqlite:///{tmp_path / 'audits.db'}").exit_code == 0
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    shutil.copy(tmp_path / "audits.db", hidden / "audits.db")
+    (tmp_path / "audits.db").chmod(0o000)
+    hidden.chmod(0o000)
+    try:  # root without CAP_DAC_OVERRIDE: file permissions apply, as to an operator without access
+        said = {}
+        for name, path in (("file", tmp_path / "audits.db"), ("directory", hidden / "audits.db")):
+            for command in ("scan", "recover"):
+                done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                                       "--inh-caps=-dac_override,-dac_read_search", str(AUDITCTL), command,
+                                       "--database-url", f"sqlite:///{path}"], env=clean_env(tmp_path),
+                                      capture_output=True, text=True, timeout=60, check=False)
+                assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+                said[name] = done.stderr
+    finally:
+        (tmp_path / "audits.db").chmod(0o644)
+        hidden.chmod(0o755)
+    assert f"this user may not read {tmp_path / 'audits.db'}" in said["file"], said["file"]
+    assert f"this user may not search {hidden}" in said["directory"], said["directory"]
+
+
 def test_a_database_holding_another_applications_audits_table_is_recognised_as_not_ours(tmp_path):
     path = tmp_path / "theirs.db"
     with sqlite3.connect(path) as connection:
