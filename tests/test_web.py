@@ -919,3 +919,23 @@ def test_a_confirmation_taken_as_the_wrong_kind_stays_for_its_own_and_a_session_
     kept = [session.keep_plan(RecoverPlan(ids=(n,), requeue=False)) for n in range(MAX_PLANS + 5)]
     assert len(session.plans) == MAX_PLANS
     assert session.take_plan(kept[0], RecoverPlan) is None and session.take_plan(kept[-1], RecoverPlan) is not None
+
+
+@sqlite_only
+def test_a_recovered_event_with_a_megabyte_of_reasons_is_clipped_in_the_overview_chart(demo_url, demo):
+    """The chart's per-hour labels name the reasons the history holds: another tool may have stored anything."""
+    from sqlalchemy import insert
+
+    from auditctl.schema import audit_events
+
+    with write_transaction(demo) as connection:
+        now = connection.exec_driver_sql("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')").scalar()
+        connection.execute(insert(audit_events).values(audit_id=12, at=now, event="recovered", from_status="running",
+                                                       to_status="failed", reasons="R" * 1_000_000, actor="elsewhere"))
+        connection.execute(insert(audit_events).values(audit_id=12, at=now, event="recovered", from_status="running",
+                                                       to_status="failed", actor="elsewhere",
+                                                       reasons=",".join(f"r{i}" for i in range(50_000))))
+    with running_dashboard(demo_url) as server:
+        page = server.get("/fragments/overview")
+    assert page.status == 200
+    assert "R" * 2001 not in page.text and len(page.text) < 100_000, len(page.text)

@@ -293,8 +293,10 @@ def chart(hours: list[dict] | None) -> str:
         label = f"{hour['start'][11:16] if hour.get('start') else '?'} UTC: {plural(hour['count'], 'audit')}"
         label += f" ({reasons})" if reasons else ""
         kind = "bar" if hour["count"] else "bar none"
+        # The reasons are the history's text, which another tool may have filled with anything: clipped
+        # like a cell, or one hour's label could weigh megabytes in a fragment refreshed every second.
         parts.append(f'<rect class="{kind}" x="{x}" y="{top + height - max(h, 1)}" width="{bar}" height="{max(h, 1)}">'
-                     f'<title>{e(label)}</title></rect>')
+                     f'<title>{cell(label)}</title></rect>')
         if index % 6 == 0 and hour.get("start"):
             parts.append(f'<text x="{x}" y="{top + height + 14}" class="axis">{e(hour["start"][11:16])}</text>')
     parts.append("</svg>")
