@@ -939,3 +939,24 @@ def test_a_recovered_event_with_a_megabyte_of_reasons_is_clipped_in_the_overview
         page = server.get("/fragments/overview")
     assert page.status == 200
     assert "R" * 2001 not in page.text and len(page.text) < 100_000, len(page.text)
+
+
+@sqlite_only
+def test_an_audit_page_opened_before_its_audit_ran_offers_recover_once_the_refresh_finds_it_stuck(demo_url, demo):
+    """The page was opened while the audit was pending (or the database away): the Recover button
+    came only with the page, so an audit that got stuck while it was open could not be recovered
+    from it without a reload."""
+    with running_dashboard(demo_url) as server:
+        cookie, _ = server.sign_in()
+        page = server.get("/audits/16", headers={"Cookie": cookie})
+        with write_transaction(demo) as connection:
+            connection.execute(update(audits).where(audits.c.id == 16).values(
+                status="running", worker_id="worker-9", started_at="2000-01-01 00:00:00.000000",
+                heartbeat_at="2000-01-01 00:00:00.000000"))
+        assert 16 in [v["id"] for v in cli_json(demo_url, "scan")]
+        refreshed = server.get("/fragments/audits/16", headers={"Cookie": cookie})
+        anonymous = server.get("/fragments/audits/16")
+    assert page.status == 200 and "Recover this audit" not in page.text
+    assert 'id="action-panel"' in page.text, "no panel for a recovery started once the audit runs"
+    assert "Recover this audit" in refreshed.text and 'name="id" value="16"' in refreshed.text
+    assert "Recover this audit" not in anonymous.text and "sign in" in anonymous.text

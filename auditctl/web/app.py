@@ -435,11 +435,10 @@ async def audit_page(request: Request):
     viewer = d.viewer(request)
     audit_id = request.path_params["audit_id"]
     try:
-        fragment, record = await run_in_threadpool(_audit_fragment, d, viewer, audit_id)
+        fragment, _ = await run_in_threadpool(_audit_fragment, d, viewer, audit_id)
     except AuditNotFound as error:
         return HTMLResponse(views.not_found_page(viewer, str(error)), status_code=404)
-    running = record is not None and record.get("status") == "running"
-    return HTMLResponse(views.audit_page(viewer, audit_id, fragment, running))
+    return HTMLResponse(views.audit_page(viewer, audit_id, fragment))
 
 
 async def audit_fragment(request: Request):

@@ -457,19 +457,25 @@ def audit_fragment(viewer: Viewer, record: dict | None, banner: str) -> str:
     else:
         history_html = '<p class="empty">No history.</p>'
     stale = ' class="stale"' if banner and 'role="alert"' in banner else ""
-    return (banner + f'<div{stale}><dl class="fields">{"".join(fields)}</dl>'
+    return (banner + _audit_actions(viewer, record) + f'<div{stale}><dl class="fields">{"".join(fields)}</dl>'
             f'<h2>Progress document</h2>{_document(record.get("progress"))}'
             f'<h2>recovery_info</h2>{_document(record.get("recovery_info"))}'
             f'<h2>History</h2>{history_html}</div>')
 
 
-def audit_page(viewer: Viewer, audit_id: int, fragment: str, running: bool) -> str:
-    actions = ""
-    if running:
-        actions = (recover_button(viewer, audit_id, "Recover this audit…") if viewer.can_act
-                   else f'<p class="hint">{viewer.why_not()}</p>')
-        actions += '<div id="action-panel" aria-live="polite"></div>'
-    return page(viewer, f"Audit {audit_id}", f"<h1>Audit {int(audit_id)}</h1>{actions}"
+def _audit_actions(viewer: Viewer, record: dict) -> str:
+    """A running audit's Recover button (or why there is none). In the refreshed fragment, not the
+    page: an audit that starts running, or gets stuck, while its page is open is offered it then."""
+    if record.get("status") != "running":
+        return ""
+    button = (recover_button(viewer, int(record["id"]), "Recover this audit…") if viewer.can_act
+              else f'<p class="hint">{viewer.why_not()}</p>')
+    return f'<div class="audit-actions">{button}</div>'
+
+
+def audit_page(viewer: Viewer, audit_id: int, fragment: str) -> str:
+    # The panel stays outside the refreshed region, so a preview or a result is not wiped by the refresh.
+    return page(viewer, f"Audit {audit_id}", f'<h1>Audit {int(audit_id)}</h1><div id="action-panel" aria-live="polite"></div>'
                 + live(f"/fragments/audits/{int(audit_id)}", fragment, every="2s"))
 
 
