@@ -960,3 +960,23 @@ def test_an_audit_page_opened_before_its_audit_ran_offers_recover_once_the_refre
     assert 'id="action-panel"' in page.text, "no panel for a recovery started once the audit runs"
     assert "Recover this audit" in refreshed.text and 'name="id" value="16"' in refreshed.text
     assert "Recover this audit" not in anonymous.text and "sign in" in anonymous.text
+
+
+@sqlite_only
+def test_a_recovery_confirmed_after_a_listed_audit_finished_says_it_was_left_alone(demo_url, demo):
+    """As the confirmed reset does: "Recovered 2 audits." alone, after a confirmation that listed
+    three, leaves the operator to guess what became of the third."""
+    stuck = [v["id"] for v in cli_json(demo_url, "scan")]
+    assert len(stuck) == 3
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in()
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        preview = server.post("/actions/recover", form={"csrf_token": csrf}, headers=headers)
+        plan = preview.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+        with write_transaction(demo) as connection:  # its worker finished it meanwhile
+            connection.execute(update(audits).where(audits.c.id == stuck[0]).values(
+                status="completed", finished_at="2099-01-01 00:00:00.000000"))
+        done = server.post("/actions/recover", form={"csrf_token": csrf, "plan": plan, "confirm": "1"}, headers=headers)
+    assert "Recover 3 stuck audits?" in preview.text
+    assert done.status == 200 and "Recovered 2 audits" in done.text, done.text
+    assert "1 of the 3 listed was no longer stuck and was left alone" in done.text, done.text

@@ -621,12 +621,13 @@ async def recover_action(request: Request):
         requeue = params.flag("requeue")
         confirmed = params.flag("confirm")
         plan_id = params.text("plan")
+        listed = None
         if plan_id is not None:  # the confirmation of a preview: the audits it showed, kept here
             plan = session.take_plan(plan_id, RecoverPlan)
             if plan is None:
                 return _panel(request, 409, views.refusal(409, "This confirmation has expired or was already used: "
                                                                "press Recover again to see what is stuck. Nothing was changed."))
-            ids, requeue = plan.ids, plan.requeue
+            ids, requeue, listed = plan.ids, plan.requeue, len(plan.ids)
         filters = Filters(ids=ids)
         done = await run_in_threadpool(d.recover, session.user, filters, requeue=requeue,
                                        max_attempts=d.max_attempts, dry_run=not confirmed)
@@ -639,7 +640,7 @@ async def recover_action(request: Request):
         return _panel(request, 200, views.recover_confirmation(d.viewer(request), records, requeue, d.policy.describe(),
                                                                plan_id))
     log.info("dashboard %s recovered %d audits", session.user, len(done))
-    return _panel(request, 200, views.recover_result(records, done.skipped), changed=True)
+    return _panel(request, 200, views.recover_result(records, done.skipped, listed), changed=True)
 
 
 # --- the application ----------------------------------------------------------------------

@@ -606,9 +606,15 @@ def recover_confirmation(viewer: Viewer, records: list[dict], requeue: bool, pol
     )
 
 
-def recover_result(records: list[dict], skipped) -> str:
+def recover_result(records: list[dict], skipped, listed: int | None = None) -> str:
+    """``listed``: how many audits the confirmed preview showed (None: no preview was confirmed)."""
     if records:
-        body = message("ok", e(f"Recovered {plural(len(records), 'audit')}."))
+        text = f"Recovered {plural(len(records), 'audit')}."
+        left_alone = 0 if listed is None else listed - len(records) - len(skipped or ())
+        if left_alone > 0:
+            were = "was" if left_alone == 1 else "were"
+            text += f" {left_alone} of the {listed} listed {were} no longer stuck and {were} left alone."
+        body = message("ok", e(text))
     else:
         body = message("info", "Nothing was recovered: no audit was still stuck.")
     if skipped:
