@@ -980,3 +980,16 @@ def test_a_recovery_confirmed_after_a_listed_audit_finished_says_it_was_left_alo
     assert "Recover 3 stuck audits?" in preview.text
     assert done.status == 200 and "Recovered 2 audits" in done.text, done.text
     assert "1 of the 3 listed was no longer stuck and was left alone" in done.text, done.text
+
+
+@sqlite_only
+def test_a_history_row_with_an_unreadable_time_shows_a_dash_as_show_does(demo_url, demo):
+    with write_transaction(demo) as connection:
+        connection.exec_driver_sql("UPDATE audit_events SET at = 'yesterday-ish' WHERE audit_id = 7")
+    shown = CliRunner().invoke(cli, ["show", "7", "--database-url", demo_url], catch_exceptions=False).output
+    assert "\n-  " in shown.split("history:", 1)[1], shown
+    with running_dashboard(demo_url) as server:
+        page = server.get("/fragments/audits/7")
+    history = page.text.split('id="history"', 1)[1]
+    assert "<tr><td></td>" not in history, "an empty cell: the time looks missing, not unreadable"
+    assert "<tr><td>-</td>" in history

@@ -449,7 +449,7 @@ def audit_fragment(viewer: Viewer, record: dict | None, banner: str) -> str:
     history = record.get("history") or []
     if history:
         rows = "".join(
-            f'<tr><td>{cell(h.get("at"))}</td><td>{cell(h.get("event"))}</td><td>{dash(h.get("from_status"))}</td>'
+            f'<tr><td>{dash(h.get("at"))}</td><td>{cell(h.get("event"))}</td><td>{dash(h.get("from_status"))}</td>'
             f'<td>{dash(h.get("to_status"))}</td><td>{reason_badges(h.get("reasons"))}</td><td>{cell(h.get("actor"))}</td>'
             f'<td>{dash(h.get("host"))}</td></tr>' for h in history)
         history_html = ('<table class="grid" id="history"><thead><tr><th>At</th><th>Event</th><th>From</th><th>To</th>'
