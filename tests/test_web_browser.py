@@ -281,3 +281,34 @@ def test_stopping_the_database_shows_an_alert_banner_that_clears_when_it_returns
         assert same_document(page), "the page was reloaded"
     report(f"dashboard alert after the database stopped ({engine_name})", round(shown, 2), "s")
     report(f"dashboard alert cleared after the database returned ({engine_name})", round(cleared, 2), "s")
+
+
+def _focused(page) -> str:
+    """Where the keyboard focus is: the focused element's id, or its nearest panel's, or its tag."""
+    return page.evaluate("""() => { const a = document.activeElement;
+        if (!a || a === document.body) return 'body';
+        const panel = a.closest('#action-panel');
+        return (panel ? 'panel:' : '') + (a.id || a.tagName.toLowerCase()); }""")
+
+
+@sqlite_only
+def test_the_recover_confirmation_keeps_the_keyboard_focus_from_preview_to_result_and_cancel(page, demo_url, demo):
+    """With the keyboard only: Confirm and Cancel left the focus on the page's body (the pressed
+    button was replaced), so the next Tab started again at the top. The focus now follows the panel."""
+    with running_dashboard(demo_url) as server:
+        sign_in(page, server, name="erin")
+        page.focus("#recover-all")
+        page.keyboard.press("Enter")
+        expect(page.locator("#recover-confirm")).to_be_visible()
+        assert _focused(page).startswith("panel:"), _focused(page)
+        page.focus("#recover-confirm button.link")  # Cancel
+        page.keyboard.press("Enter")
+        expect(page.locator("#recover-confirm")).to_have_count(0)
+        assert _focused(page) == "recover-all", "after Cancel the focus goes back to the button that asked"
+        page.keyboard.press("Enter")
+        expect(page.locator("#recover-confirm")).to_be_visible()
+        page.focus("#confirm-recover")
+        page.keyboard.press("Enter")
+        expect(page.locator("#recover-result")).to_contain_text("Recovered 3 audits.")
+        assert _focused(page).startswith("panel:"), _focused(page)
+    assert page.errors == []
