@@ -993,3 +993,17 @@ def test_a_history_row_with_an_unreadable_time_shows_a_dash_as_show_does(demo_ur
     history = page.text.split('id="history"', 1)[1]
     assert "<tr><td></td>" not in history, "an empty cell: the time looks missing, not unreadable"
     assert "<tr><td>-</td>" in history
+
+
+@sqlite_only
+def test_each_stuck_rows_recover_button_names_its_audit_for_a_screen_reader(demo_url, demo):
+    """Three buttons all called "Recover…": listed by a screen reader (or reached by Tab), which is which?"""
+    import re
+
+    stuck = [v["id"] for v in cli_json(demo_url, "scan")]
+    with running_dashboard(demo_url) as server:
+        cookie, _ = server.sign_in()
+        pages = [server.get(path, headers={"Cookie": cookie}).text for path in ("/fragments/overview", "/fragments/stuck")]
+    for text in pages:
+        labels = re.findall(r'<button type="submit" class="small"[^>]*aria-label="([^"]*)"', text)
+        assert labels == [f"Recover audit {i}…" for i in stuck], labels
