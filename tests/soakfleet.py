@@ -22,6 +22,7 @@ import threading
 import time
 
 from auditctl import LeaseLost, StuckAuditPrevention
+from auditctl.errors import DatabaseUnavailable
 
 FATES = (("healthy", 0.80), ("slow", 0.08), ("hang", 0.06), ("crash", 0.06))
 
@@ -48,9 +49,10 @@ def worker(args, worker_id, log, stop_at):
     guard.start_heartbeat_monitor(handle_sigterm=False)
     while time.time() < stop_at:
         fate = rng.choices([f for f, _ in FATES], [w for _, w in FATES])[0]
-        audit_id = guard.create_audit(f"https://{worker_id}.soak.example.com/{rng.randrange(10**6)}")
-        log.write(event="audit", audit=audit_id, worker=worker_id, fate=fate)
+        audit_id = None
         try:
+            audit_id = guard.create_audit(f"https://{worker_id}.soak.example.com/{rng.randrange(10**6)}")
+            log.write(event="audit", audit=audit_id, worker=worker_id, fate=fate)
             with guard.run(audit_id) as run:
                 steps = rng.randrange(3, 8)
                 for step in range(steps):
@@ -61,7 +63,7 @@ def worker(args, worker_id, log, stop_at):
                         time.sleep(2 * args.stall_after)
                     elif step == 1 and fate == "crash":
                         log.write(event="crash", audit=audit_id, worker=worker_id)
-                        guard._stop.set()  # the heartbeat thread dies with the "process"
+                        die(guard, run)
                         threading.Thread(target=replacement, args=(args, worker_id, log, stop_at), daemon=True).start()
                         threading.Event().wait()  # never returns: nothing more is ever written
                     else:
@@ -70,12 +72,47 @@ def worker(args, worker_id, log, stop_at):
             log.write(event="completed", audit=audit_id, worker=worker_id)
         except LeaseLost:
             log.write(event="lease_lost", audit=audit_id, worker=worker_id)
+        except DatabaseUnavailable as error:
+            # What an application does: try again. On a loaded machine a call can pass its deadline
+            # (the watchdog then closes its connection); a run whose end could not be recorded is
+            # left running, and recovering it is right: the soak does not count it as a healthy one.
+            log.write(event="db_error", audit=audit_id, worker=worker_id, error=str(error)[:300])
+            time.sleep(0.5)
     guard.close()
+
+
+def die(guard, run):
+    """What dying takes with it: the guard's threads stop and its connections close. (Kept open, the
+    dead workers' connections filled the server's max_connections part-way through the soak, and then
+    healthy workers could not beat and were recovered.) The audit's row is left exactly as it was."""
+    guard._stop.set()
+    guard._monitor_stop.set()
+    for thread in (guard._thread, guard._monitor_thread):
+        thread.join(30)
+    run._connection.drop()
+    guard.engine.dispose()
+    guard.operator_engine.dispose()
+
+
+def worker_or_record_death(args, worker_id, log, stop_at):
+    """A worker thread that dies of anything but its simulated crash is recorded: the soak fails on it."""
+    try:
+        while True:
+            try:
+                return worker(args, worker_id, log, stop_at)
+            except DatabaseUnavailable as error:  # starting up (registering, the startup cleanup): start again
+                log.write(event="db_error", audit=None, worker=worker_id, error=str(error)[:300])
+                if time.time() >= stop_at:
+                    return
+                time.sleep(0.5)
+    except BaseException as error:
+        log.write(event="died", worker=worker_id, error=f"{type(error).__name__}: {error}"[:500])
+        raise
 
 
 def replacement(args, worker_id, log, stop_at):
     time.sleep(1.0)
-    worker(args, f"{worker_id}r", log, stop_at)
+    worker_or_record_death(args, f"{worker_id}r", log, stop_at)
 
 
 def main():
@@ -92,7 +129,7 @@ def main():
     args = parser.parse_args()
     log = Log(args.log)
     stop_at = time.time() + args.seconds
-    threads = [threading.Thread(target=worker, args=(args, f"p{args.index}-w{n}", log, stop_at), daemon=True)
+    threads = [threading.Thread(target=worker_or_record_death, args=(args, f"p{args.index}-w{n}", log, stop_at), daemon=True)
                for n in range(args.workers)]
     for thread in threads:
         thread.start()

@@ -32,6 +32,7 @@ from test_faults import AUDITCTL, report
 FLEET = Path(__file__).parent / "soakfleet.py"
 PROCESSES, WORKERS_EACH = 10, 20
 HEARTBEAT, STALE_AFTER, STALL_AFTER, MAX_AGE, INTERVAL = 2.0, 6.0, 8.0, 120.0, 1.0
+MAX_CONNECTIONS = 1200
 
 
 def _start_process(url, index, seconds, log_path, workers_each=WORKERS_EACH):
@@ -39,7 +40,7 @@ def _start_process(url, index, seconds, log_path, workers_each=WORKERS_EACH):
         [sys.executable, str(FLEET), url, "--index", str(index), "--workers", str(workers_each), "--seconds", str(seconds),
          "--heartbeat", str(HEARTBEAT), "--stale-after", str(STALE_AFTER), "--stall-after", str(STALL_AFTER),
          "--max-age", str(MAX_AGE), "--log", str(log_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=python_env(), cwd=FLEET.parent,
+        stdout=subprocess.DEVNULL, stderr=open(str(log_path) + f".{index}.err", "a"), env=python_env(), cwd=FLEET.parent,
     )
 
 
@@ -57,15 +58,23 @@ def test_short_soak_24_workers_with_faults_recovers_every_stuck_audit_and_no_hea
     soak(tmp_path, 25.0, 3, 8, fault_every=(4, 6), label="short soak")
 
 
+def connections_in_use(engine) -> int:
+    from sqlalchemy import text
+
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")).scalar()
+
+
 def soak(tmp_path, seconds: float, process_count: int, workers_each: int, *, fault_every: tuple, label: str = "soak"):
     require_postgres()
-    server = PostgresServer(settings={"max_connections": "1200", "shared_buffers": "256MB"})
+    server = PostgresServer(settings={"max_connections": str(MAX_CONNECTIONS), "shared_buffers": "256MB"})
     server.start()
     rng = random.Random(2026)
     log_path = tmp_path / "fleet.jsonl"
     faults = []  # (kind, process index, pid, start, end)
     processes = {}
     watch = None
+    peak_connections = 0
     try:
         from auditctl.db import create_engine
         from auditctl.migrate import upgrade
@@ -82,6 +91,7 @@ def soak(tmp_path, seconds: float, process_count: int, workers_each: int, *, fau
         time.sleep(min(10, seconds / 4))
         while time.time() < stop_at - 15:
             time.sleep(rng.uniform(*fault_every))
+            peak_connections = max(peak_connections, connections_in_use(engine))
             index = rng.randrange(process_count)
             proc = processes[index]
             if rng.random() < 0.5:
@@ -111,10 +121,14 @@ def soak(tmp_path, seconds: float, process_count: int, workers_each: int, *, fau
             kill_quietly(watch)
         server.cleanup()
 
+    (tmp_path / "faults.json").write_text(json.dumps(faults))
+    (tmp_path / "history.json").write_text(json.dumps([{**e, "at": e["at"].timestamp()} for e in history
+                                                       if e["event"] not in ("heartbeat",)], default=str))
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     audits = {r["audit"]: r for r in records if r["event"] == "audit"}
     crashes = {r["audit"]: r["t"] for r in records if r["event"] == "crash"}
     hangs = {r["audit"]: r["t"] for r in records if r["event"] == "hang"}
+    given_up = {r["audit"] for r in records if r["event"] == "db_error" and r["audit"] is not None}
     recoveries = {}
     for event in history:
         if event["event"] in ("recovered", "requeued"):
@@ -136,8 +150,11 @@ def soak(tmp_path, seconds: float, process_count: int, workers_each: int, *, fau
             latencies.append(at - crashes[audit_id])
         elif audit_id in hangs:
             hang_latencies.append(at - hangs[audit_id] - STALL_AFTER)
+        elif audit_id in given_up:
+            continue  # its worker could not reach the database and left it: recovering it is right
         elif not disturbed(record["pid"], at, max(STALE_AFTER, STALL_AFTER) + 2):
             false_recoveries.append((audit_id, record["fate"], event["reasons"]))
+    deaths = [r for r in records if r["event"] == "died"]
     unrecovered_crashes = [a for a in crashes if a not in recoveries]
     unrecovered_hangs = [a for a in hangs if a not in recoveries]
     fates = Counter(r["fate"] for r in audits.values())
@@ -152,6 +169,13 @@ def soak(tmp_path, seconds: float, process_count: int, workers_each: int, *, fau
                f"s (median {sorted(latencies)[len(latencies) // 2]:.2f} s; bound stale_after {STALE_AFTER} s + interval {INTERVAL} s)")
     if hang_latencies:
         report(f"{label}: worst detection latency after a hang became stalled", round(max(hang_latencies), 2), "s")
+    report(f"{label}: most connections to the server", peak_connections, f"of max_connections {MAX_CONNECTIONS}")
+    report(f"{label}: worker calls that found the database unavailable", sum(r["event"] == "db_error" for r in records),
+           f"({len(given_up)} during a run)")
+    # The property needs a server that can take every worker's beats: out of connections, healthy
+    # workers cannot beat (and new ones cannot start), and are rightly recovered as silent.
+    assert not deaths, f"worker threads died of something other than their simulated crash: {deaths[:5]}"
+    assert peak_connections < MAX_CONNECTIONS * 0.9, "the fleet came near the server's max_connections"
     assert not false_recoveries
     assert not unrecovered_crashes, f"crashed audits never recovered: {unrecovered_crashes[:10]}"
     assert not unrecovered_hangs, f"hung audits never recovered: {unrecovered_hangs[:10]}"
