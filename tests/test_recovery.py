@@ -516,17 +516,26 @@ def test_late_failure_report_after_recovery_gets_lease_lost_too(engine, start_au
     assert row(engine, audit_id) == recovered
 
 
-def test_racing_finisher_and_recoverer_never_mark_a_completed_audit_failed(engine):
+def test_racing_finisher_and_recoverer_never_mark_a_completed_audit_failed(engine, monkeypatch):
     ids = make_running(engine, 80)
     with read_connection(engine) as connection:
         tokens = dict(connection.execute(audits.select().with_only_columns(audits.c.id, audits.c.lease)).all())
     finished_ok, lost, recovered, errors = set(), set(), set(), []
-    barrier = threading.Barrier(2)
     finisher_done = threading.Event()
+    # The finisher starts once the recoverer holds its candidates: started together, on SQLite the
+    # finisher often ended all 80 before the recoverer's first pass had read them, and nothing raced.
+    judge, judged = recovery_module.stuck_ids, threading.Event()
+
+    def stuck_ids(*args, **kwargs):
+        found = judge(*args, **kwargs)
+        judged.set()
+        return found
+
+    monkeypatch.setattr(recovery_module, "stuck_ids", stuck_ids)
 
     def finisher():
         try:
-            barrier.wait(10)
+            assert judged.wait(10)
             for audit_id in reversed(ids):  # meets the recoverer, which goes in id order, half-way
                 lease = leases.Lease(audit_id, tokens[audit_id], "worker-1", "instance-1", None)
                 try:
@@ -541,7 +550,6 @@ def test_racing_finisher_and_recoverer_never_mark_a_completed_audit_failed(engin
 
     def recoverer():
         try:
-            barrier.wait(10)
             while True:
                 got = recover_stuck(engine, T, actor=OPERATOR, batch_size=4)
                 recovered.update(r.id for r in got)
