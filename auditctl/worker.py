@@ -48,7 +48,7 @@ from .db import (
     DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
     FileWatch, fit_pool, monitor_call_timeout, never_create, sqlite_file,
 )
-from .errors import AuditctlError, AuditNotFound, ConfigError, LeaseLost, RunEnded, SchemaMissing
+from .errors import AuditctlError, AuditNotFound, ConfigError, DatabaseRefused, LeaseLost, RunEnded, SchemaMissing
 from .history import Actor
 from .migrate import explained, upgrade
 from .monitor import Monitor
@@ -991,15 +991,21 @@ class StuckAuditPrevention:
         if not self._check_database_file():
             self._mark_outage()
             return False
+        # A failed registry beat does not stop the runs' own beats: the workers row alone may be what
+        # is refused (another tool's trigger, a lock on that row), and skipping the runs made healthy
+        # audits look stale. Only a database that is away (the first run's beat fails too) ends the round.
+        away = None
         try:
             registry.beat(self.engine, self.instance_id, timeout=self.beat_timeout)
+        except DatabaseRefused as error:
+            log.error("💓 HEARTBEAT: the database refused this instance's own beat (%s); its audits still beat",
+                      printable(error))
         except AuditctlError as error:
             log.error("💓 HEARTBEAT: database unavailable (%s); retrying", printable(error))
-            self._mark_outage()
-            return False
+            away = error
         with self._runs_lock:
             runs = list(self._runs.values())
-        healthy = True
+        healthy = away is None
         for handle in runs:
             if handle.lost:
                 continue
@@ -1010,6 +1016,12 @@ class StuckAuditPrevention:
             except Exception as error:  # noqa: BLE001 - the thread must outlive any single failure
                 healthy = False
                 log.error("💓 HEARTBEAT: could not beat for audit %s (%s); retrying", handle.audit_id, printable(error))
+                if away is not None:
+                    break  # the database is away: each other run would wait out its own timeout as well
+            else:
+                away = None  # a run's beat got through: the database is there
+        if away is not None:
+            self._mark_outage()
         log.debug("💓 HEARTBEAT: %d audits beating", len(runs))
         return healthy
 

@@ -1452,3 +1452,31 @@ def test_stop_with_timeout_zero_does_not_wait_for_a_hanging_webhook(engine, guar
         assert took < 0.5, f"stop(timeout=0) took {took:.2f}s with a hanging webhook"
     finally:
         hook.close()
+
+
+def test_runs_keep_beating_while_only_the_registry_write_is_refused(engine, guards):
+    """Another tool's trigger refuses every update of the workers table: the registry beat fails
+    each round, but the runs' own beats still reach their audits, so a healthy run is not left to
+    look stale (and be recovered) for a trouble that is not its own."""
+    guard = guards(heartbeat_interval=0.2, stale_after=2, max_age=30, stall_after=3)
+    guard.start_heartbeat_monitor()
+    audit_id = guard.create_audit("https://example.com/registry-refused")
+    with guard.run(audit_id):
+        with engine.begin() as connection:
+            if engine.dialect.name == "sqlite":
+                connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
+                                        "BEGIN SELECT RAISE(ABORT, 'workers are read-only here'); END"))
+            else:
+                connection.execute(text("CREATE FUNCTION no_registry_beats() RETURNS trigger LANGUAGE plpgsql AS "
+                                        "$$ BEGIN RAISE EXCEPTION 'workers are read-only here'; END $$"))
+                connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
+                                        "FOR EACH ROW EXECUTE FUNCTION no_registry_beats()"))
+        try:
+            refused_from = row(engine, audit_id)["heartbeat_at"]
+            time.sleep(1.2)  # six rounds of the heartbeat thread
+            assert row(engine, audit_id)["heartbeat_at"] > refused_from, "the run's beats went on"
+            assert row(engine, audit_id)["status"] == RUNNING
+        finally:
+            with engine.begin() as connection:
+                connection.execute(text("DROP TRIGGER no_registry_beats" +
+                                        ("" if engine.dialect.name == "sqlite" else " ON workers")))
