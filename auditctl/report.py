@@ -35,7 +35,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, func, or_, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
 from .db import PG_EARLIEST, PG_LATEST, fetch_now, indexed_by, is_postgres, read_connection, seconds_since
@@ -208,19 +208,15 @@ def notification_backlog(engine: Engine) -> Backlog | None:
     Events nobody has taken stay in it until they expire (a day), also where no destination is
     configured at all.
     """
-    from .outbox import live_events
-    from .schema import notification_deliveries as deliveries
+    from .notify.status import in_backlog
     from .schema import notifications
 
-    open_delivery = exists().where(deliveries.c.notification_id == notifications.c.id,
-                                   deliveries.c.status.in_(("pending", "sending")))
-    any_delivery = exists().where(deliveries.c.notification_id == notifications.c.id)
     try:
         with read_connection(engine) as connection:
             now = fetch_now(connection)
             count, first = connection.execute(
                 select(func.count(), func.min(notifications.c.created_at)).select_from(notifications)
-                .where(live_events(now), or_(open_delivery, ~any_delivery))).one()
+                .where(in_backlog(now))).one()
     except SchemaMissing:
         return None
     oldest = as_datetime(first)
@@ -655,29 +651,33 @@ def find_outliers(events: list[StuckEvent], *, minimum: int = 3, share_at_least:
     return sorted(kept, key=lambda o: (-o.share * o.of, -o.count, o.dimension, str(o.value)))
 
 
+#: When audit ``a`` last became pending: the latest history row that made it so (a requeue, a
+#: reset), or else its creation. ``{before}`` narrows the rows (to those before a run's start).
+_QUEUED_AT_TEMPLATE = ("COALESCE((SELECT MAX(e.at) FROM audit_events e WHERE e.audit_id = a.id "
+                       f"AND e.to_status = '{PENDING}'{{before}}), a.created_at)")
+_QUEUED_AT = _QUEUED_AT_TEMPLATE.format(before="")
+
+
 def _capacity(engine: Engine, start: datetime, now: datetime, window: float, stale_after: float) -> Capacity:
     from .registry import instances
 
     with read_connection(engine) as connection:
         sql = Sql(is_postgres(connection))
         bound = {"start": sql.moment(start)}
-        # A pending audit has waited since the requeue or reset that made it pending (the latest
-        # history row that did), or else since its creation: as a run's wait below is counted.
+        # A pending audit has waited since the requeue or reset that made it pending, as a run's
+        # wait below is counted.
         pending, oldest = connection.execute(text(
-            f"SELECT COUNT(*), MIN(queued_at) FROM (SELECT COALESCE((SELECT MAX(e.at) FROM audit_events e "
-            f"WHERE e.audit_id = a.id AND e.to_status = '{PENDING}'), a.created_at) AS queued_at FROM audits a "
+            f"SELECT COUNT(*), MIN(queued_at) FROM (SELECT {_QUEUED_AT} AS queued_at FROM audits a "
             f"WHERE a.status = '{PENDING}'{sql.fence()}) p")).one()
         arrivals = connection.execute(select(func.count()).select_from(audits).where(audits.c.created_at >= start)).scalar_one()
         completed, mean_run, active = connection.execute(text(
             f"SELECT COUNT(*), AVG(CASE WHEN run >= 0 THEN run END), COUNT(DISTINCT worker_id) FROM (SELECT worker_id, "
             f"{sql.elapsed('finished_at', 'started_at')} AS run FROM audits WHERE status = '{COMPLETED}' "
             f"AND finished_at >= :start{sql.fence()}) c"), bound).one()
-        # A run waited from the audit's creation, or from the requeue or reset that last made it
-        # pending again: not through the runs before.
-        queued = (f"COALESCE((SELECT MAX(e.at) FROM audit_events e WHERE e.audit_id = a.id AND e.to_status = '{PENDING}' "
-                  f"AND e.at <= a.started_at), a.created_at)")
+        # A run waited from the requeue or reset before its start: not through the runs before.
         waits = [w for w in connection.execute(text(
-            f"SELECT {sql.elapsed('started_at', 'queued_at')} FROM (SELECT a.started_at, {queued} AS queued_at "
+            f"SELECT {sql.elapsed('started_at', 'queued_at')} FROM (SELECT a.started_at, "
+            f"{_QUEUED_AT_TEMPLATE.format(before=' AND e.at <= a.started_at')} AS queued_at "
             f"FROM audits a WHERE a.started_at >= :start{sql.fence()}) w"), bound).scalars()
             if w is not None and w >= 0]
     pending = safe_int(pending) or 0

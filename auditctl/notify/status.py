@@ -82,11 +82,16 @@ def undelivered(engine: Engine, destinations: list[Destination] | tuple = ()) ->
     return found
 
 
+def in_backlog(now):
+    """The events the backlog counts (a condition on ``notifications``): unexpired, and not yet
+    delivered everywhere they were tried, or not tried at all. The metrics count these too."""
+    open_delivery = exists().where(D.c.notification_id == N.c.id, D.c.status.in_(("pending", "sending")))
+    any_delivery = exists().where(D.c.notification_id == N.c.id)
+    return and_(live_events(now), or_(open_delivery, ~any_delivery))
+
+
 def backlog(engine: Engine) -> int:
-    """Unexpired events not yet delivered everywhere they were tried (or not tried at all)."""
+    """How many events ``in_backlog``."""
     with read_connection(engine) as connection:
         now = fetch_now(connection)
-        open_delivery = exists().where(D.c.notification_id == N.c.id, D.c.status.in_(("pending", "sending")))
-        any_delivery = exists().where(D.c.notification_id == N.c.id)
-        return int(connection.execute(select(func.count()).select_from(N).where(
-            and_(live_events(now), or_(open_delivery, ~any_delivery)))).scalar() or 0)
+        return int(connection.execute(select(func.count()).select_from(N).where(in_backlog(now))).scalar() or 0)
