@@ -37,6 +37,12 @@ MAX_STEP = 500
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def _storable(text: str) -> str | None:
+    """``text`` with what no database here stores (NUL, a lone surrogate) replaced by U+FFFD; None
+    when it holds none."""
+    return _UNSTORABLE.sub("\ufffd", text) if _UNSTORABLE.search(text) else None
+
+
 class DocumentError(ValueError):
     """The worker's progress report cannot be stored (unserialisable or oversized)."""
 
@@ -88,8 +94,8 @@ def clean_report(step, percentage, completed_tasks, total_tasks) -> tuple[dict, 
         if len(text) > MAX_STEP:
             text = text[:MAX_STEP]
             changed.append("step_truncated")
-        if _UNSTORABLE.search(text):
-            text = _UNSTORABLE.sub("\ufffd", text)
+        if (replaced := _storable(text)) is not None:
+            text = replaced
             changed.append("step_characters_replaced")
         fields["step"] = text
     if percentage is not None:
@@ -131,9 +137,9 @@ def storable_extra(extra: dict) -> tuple[dict, bool]:
     def clean(value, depth: int):
         nonlocal changed
         if isinstance(value, str):
-            if _UNSTORABLE.search(value):
+            if (replaced := _storable(value)) is not None:
                 changed = True
-                return _UNSTORABLE.sub("\ufffd", value)
+                return replaced
             return value
         if depth > MAX_DEPTH or not isinstance(value, (dict, list, tuple)):
             return value  # too deep, or not text: the document's own checks judge it

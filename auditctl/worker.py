@@ -671,11 +671,9 @@ class StuckAuditPrevention:
         except BaseException:
             with self._runs_lock:
                 self._claiming -= 1
-                last = not self._runs and not self._claiming and self._mark_stopped_when_idle
+                last = self._stop_waits_for_none()
             try:
-                if last:  # a stop() came during this claim, which took nothing: the stop is due now
-                    self._stopped_after_last_run()
-                self._dispose_if_closed()
+                self._after_leaving(last)  # a stop() that came during this claim, which took nothing, is due now
             finally:
                 holding.__exit__(*sys.exc_info())
             raise
@@ -720,11 +718,19 @@ class StuckAuditPrevention:
             if not self._forked():
                 with self._runs_lock:
                     self._runs.pop(lease.token, None)
-                    last = not self._runs and not self._claiming and self._mark_stopped_when_idle
+                    last = self._stop_waits_for_none()
                 handle._release()
-                if last:
-                    self._stopped_after_last_run()
-                self._dispose_if_closed()
+                self._after_leaving(last)
+
+    def _stop_waits_for_none(self) -> bool:
+        """Under ``_runs_lock``: a stop() came while runs or claims went on, and none is left now."""
+        return not self._runs and not self._claiming and self._mark_stopped_when_idle
+
+    def _after_leaving(self, last: bool) -> None:
+        """A run or a claim has ended: what a stop() or close() that came meanwhile left for the last one."""
+        if last:
+            self._stopped_after_last_run()
+        self._dispose_if_closed()
 
     def _finish(self, handle: AuditRun, error: str | None, *, patience: float | None = None) -> None:
         """The final write, retried until the database takes it (bounded); a SIGTERM waits for it."""

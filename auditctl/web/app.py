@@ -422,12 +422,12 @@ async def audits_fragment(request: Request):
     return HTMLResponse(fragment, status_code=status)
 
 
-def _audit_fragment(d: Dashboard, viewer, audit_id: int) -> tuple[str, dict | None]:
+def _audit_fragment(d: Dashboard, viewer, audit_id: int) -> str:
     try:
         record = d.audit(audit_id)
     except Outage:
-        return views.audit_fragment(viewer, None, d.health.banner()), None
-    return views.audit_fragment(viewer, record, d.health.banner()), record
+        record = None
+    return views.audit_fragment(viewer, record, d.health.banner())
 
 
 async def audit_page(request: Request):
@@ -435,7 +435,7 @@ async def audit_page(request: Request):
     viewer = d.viewer(request)
     audit_id = request.path_params["audit_id"]
     try:
-        fragment, _ = await run_in_threadpool(_audit_fragment, d, viewer, audit_id)
+        fragment = await run_in_threadpool(_audit_fragment, d, viewer, audit_id)
     except AuditNotFound as error:
         return HTMLResponse(views.not_found_page(viewer, str(error)), status_code=404)
     return HTMLResponse(views.audit_page(viewer, audit_id, fragment))
@@ -444,7 +444,7 @@ async def audit_page(request: Request):
 async def audit_fragment(request: Request):
     d = _dashboard(request)
     try:
-        fragment, _ = await run_in_threadpool(_audit_fragment, d, d.viewer(request), request.path_params["audit_id"])
+        fragment = await run_in_threadpool(_audit_fragment, d, d.viewer(request), request.path_params["audit_id"])
     except AuditNotFound as error:
         return HTMLResponse(views.message("error", views.e(str(error))), status_code=404)
     return HTMLResponse(fragment)

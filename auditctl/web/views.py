@@ -200,8 +200,8 @@ def lines(values) -> str:
 def recover_button(viewer: Viewer, audit_id: int, label: str = "Recover…") -> str:
     if not viewer.can_act:
         return ""
-    # A table's rows each have one: named for a screen reader by the audit they recover.
-    named = f' aria-label="Recover audit {int(audit_id)}…"' if label == "Recover…" else ""
+    # Named for a screen reader by the audit it recovers: a table has one per row.
+    named = f' aria-label="Recover audit {int(audit_id)}…"'
     return (f'<form method="post" action="/actions/recover" hx-post="/actions/recover" hx-target="#action-panel" '
             f'class="inline">{viewer.csrf_input()}<input type="hidden" name="id" value="{int(audit_id)}">'
             f'<button type="submit" class="small"{named}>{e(label)}</button></form>')
