@@ -4,6 +4,7 @@ both parsed with prometheus_client's own parser, and every value recounted from 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -24,6 +25,7 @@ from auditctl.db import create_engine, fetch_now, read_connection, write_transac
 from auditctl.documents import load
 from auditctl.report import DETECTION_BUCKETS
 from auditctl.schema import audit_events, audits, notification_deliveries, notifications, workers
+from auditctl.thresholds import RULE_REASONS
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 UNREACHABLE = "postgresql://bob:s3cret@127.0.0.1:1/x"
@@ -374,3 +376,17 @@ def test_a_quiet_watch_on_port_0_still_says_which_port_it_serves(fleet):
     result = invoke("watch", "--database-url", fleet, "--once", "--no-live", "--no-recover", "-q", "--metrics-port", "0")
     assert result.exit_code == 0, result.output
     assert re.search(r"^serving metrics at http://127\.0\.0\.1:[1-9][0-9]*/metrics$", result.stderr, re.M), result.stderr
+
+
+def test_the_stuck_gauge_counts_the_whole_fleet_whatever_watch_is_filtered_to(fleet, tmp_path):
+    path = tmp_path / "watch.prom"
+    scanned = invoke("scan", "--database-url", fleet, "--format", "json")
+    stuck = json.loads(scanned.stdout)
+    assert stuck, "the demo fleet has stuck audits"
+    expected = {reason: sum(reason in record["reasons"] for record in stuck) for reason in RULE_REASONS}
+    result = invoke("watch", "--database-url", fleet, "--once", "--no-live", "--no-recover", "--kind", "no-such-kind",
+                    "--target", "nothing-matches-*", "--metrics-file", path)
+    assert result.exit_code == 0, result.output
+    found = samples(path.read_text())
+    for reason, count in expected.items():
+        assert value(found, "auditctl_stuck_audits", reason=reason) == count, reason
