@@ -668,17 +668,70 @@ def _configure_postgresql(engine: Engine, call_timeout: float | None) -> None:
 @contextlib.contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A short transaction that will write; commits on success. Text it reads is never refused
-    for not being UTF-8 (see ``read_connection``)."""
-    with translate_errors(engine, writing=True):
+    for not being UTF-8 (see ``read_connection``).
+
+    The ``DatabaseUnavailable`` it raises has ``nothing_committed`` true when the PostgreSQL connection
+    was lost inside the transaction before its COMMIT was sent: the server ended the session, or a
+    deadline closed the connection as an answer came in (``auditctl.watchdog``), and the next
+    statement, or the COMMIT itself, found it closed. Nothing of the transaction can have been
+    committed then (see ``retried_transaction``). A COMMIT sent on a connection that looked alive may
+    have taken effect, and a call that got no answer by its deadline is not said to have committed
+    nothing either: its budget is spent."""
+    state = {"begun": False, "commit_sent": False}
+    try:
         if not getattr(engine, "_auditctl_ping_writes", False):
             with engine.begin() as connection:
+                state["begun"] = True
                 _text_mode(connection, strict=False)
                 yield connection
+                state["commit_sent"] = not _closed_here(connection)
             return
         connection, transaction = _live_transaction(engine)
+        state["begun"] = True
         with connection, transaction:
             _text_mode(connection, strict=False)
             yield connection
+            state["commit_sent"] = not _closed_here(connection)
+    except sa_exc.DBAPIError as exc:
+        error = database_error(exc, engine, writing=True)
+        error.nothing_committed = state["begun"] and not state["commit_sent"] and _lost_not_timed_out(engine, exc)
+        raise error from None
+
+
+def _closed_here(connection: Connection) -> bool:
+    """Whether the client has already closed the driver's connection (a PostgreSQL deadline that
+    passed as an answer came in): then no COMMIT can be sent on it."""
+    try:
+        driver = connection.connection.driver_connection
+    except sa_exc.SQLAlchemyError:
+        return False  # invalidated: SQLAlchemy knows, and says so at the commit
+    return bool(getattr(driver, "closed", False)) and connection.dialect.name == "postgresql"
+
+
+def _lost_not_timed_out(engine: Engine, exc: sa_exc.DBAPIError) -> bool:
+    """A PostgreSQL connection found lost, other than by a call of its own past its deadline."""
+    if engine.dialect.name != "postgresql" or not exc.connection_invalidated:
+        return False
+    from .watchdog import connection_class
+
+    return not isinstance(exc.orig, connection_class().TimedOut)
+
+
+def retried_transaction(engine: Engine, work):
+    """``work(connection)`` inside a ``write_transaction``; returns what it returns. When the
+    connection is lost before the transaction's COMMIT was sent (``nothing_committed``), ``work``
+    runs once more, on a fresh connection. A transaction whose COMMIT may have been sent is never
+    repeated. ``work`` must be safe to run again from the start (it writes only through ``connection``)."""
+    try:
+        with write_transaction(engine) as connection:
+            return work(connection)
+    except DatabaseUnavailable as lost:
+        if not getattr(lost, "nothing_committed", False):
+            raise
+        log.info("the connection was lost inside a transaction before its COMMIT was sent (%s); nothing was "
+                 "committed: trying once more on a fresh connection", printable(lost))
+    with write_transaction(engine) as connection:
+        return work(connection)
 
 
 def _live_transaction(engine: Engine) -> tuple[Connection, object]:

@@ -25,7 +25,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history
-from .db import HeldConnection, PreparedWrite, db_now, fetch_now, pg_seconds_since, single_write, write_transaction
+from .db import (HeldConnection, PreparedWrite, db_now, fetch_now, pg_seconds_since, retried_transaction, single_write,
+                 write_transaction)
 from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
@@ -179,7 +180,8 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
     """
     declared = declared or {}
     lease = Lease(audit_id=audit_id, token=uuid.uuid4().hex, worker_id=worker_id, instance_id=instance_id, worker_url=worker_url)
-    with write_transaction(engine) as connection:
+
+    def attempt(connection):
         now = fetch_now(connection)
         document, _ = build_document(step=None, percentage=0.0, completed_tasks=None, total_tasks=None, is_running=True,
                                      now=now, worker_id=worker_id, worker_url=worker_url)
@@ -200,8 +202,14 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
                     attempts=_next_attempt())
         )
         if result.rowcount == 1:
-            return replace(lease, claimed_at=now), document
-        status = connection.execute(select(audits.c.status).where(audits.c.id == audit_id)).scalar()
+            return (replace(lease, claimed_at=now), document), None
+        return None, connection.execute(select(audits.c.status).where(audits.c.id == audit_id)).scalar()
+
+    # A connection lost before the COMMIT went out (a deadline that closed it as an answer came in)
+    # committed nothing: the claim is made once more on a fresh one (``retried_transaction``).
+    claimed, status = retried_transaction(engine, attempt)
+    if claimed is not None:
+        return claimed
     if status is None:
         raise AuditNotFound(f"no audit with id {audit_id}")
     # The status is whatever the row holds (another tool's text, a BLOB): shown, never sent to a terminal as it is.

@@ -551,3 +551,92 @@ def test_update_progress_keeps_its_budget_when_the_whole_server_stops_answering(
             assert run.update_progress(step="three") is True, "the server is back: so are the writes"
     finally:
         guard.close()
+
+
+def _cut_connection(engine, driver, how: str) -> None:
+    """End ``driver``'s session: the server terminates its backend (and it is gone before this
+    returns), or the client closes it as the watchdog does when a deadline passes just as an answer
+    comes in (``watchdog.DeadlineConnection.wait``)."""
+    from sqlalchemy import text
+
+    if how == "closed-by-deadline":
+        driver.pgconn.finish()
+        return
+    pid = driver.info.backend_pid
+    with engine.connect() as admin:
+        admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        admin.commit()
+
+    def gone() -> bool:
+        with engine.connect() as admin:  # a snapshot of its own each time
+            return not admin.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).scalar()
+
+    wait_for(gone, timeout=30, message="the backend to end")
+
+
+@contextlib.contextmanager
+def connection_cut(guard, engine, how: str, *, when: str):
+    """Cut the guard's connection once, just before (``when="before-update"``) or just after
+    (``"after-update"``) the claim's UPDATE; yields the list of claim UPDATEs sent."""
+    from sqlalchemy import event
+
+    sent, cut = [], []
+
+    def claiming(statement, parameters) -> bool:
+        return statement.lstrip().upper().startswith("UPDATE AUDITS") and (parameters or {}).get("status") == "running"
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if claiming(statement, parameters):
+            sent.append(statement)
+            if when == "before-update" and not cut:
+                cut.append(True)
+                _cut_connection(engine, conn.connection.driver_connection, how)
+
+    def after(conn, cursor, statement, parameters, context, executemany):
+        if when == "after-update" and not cut and claiming(statement, parameters):
+            cut.append(True)
+            _cut_connection(engine, conn.connection.driver_connection, how)
+
+    event.listen(guard.engine, "before_cursor_execute", before)
+    event.listen(guard.engine, "after_cursor_execute", after)
+    try:
+        yield sent
+    finally:
+        event.remove(guard.engine, "before_cursor_execute", before)
+        event.remove(guard.engine, "after_cursor_execute", after)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how, when", [("terminated", "before-update"), ("closed-by-deadline", "before-update"),
+                                       ("closed-by-deadline", "after-update")])
+def test_a_claim_whose_connection_is_lost_before_its_commit_was_sent_is_retried_once_on_a_fresh_connection(
+        engine, guards, how, when):
+    """A connection lost inside the claim's transaction, before its COMMIT went out (a backend the
+    server ended, a deadline that closed the connection as an answer came in), committed nothing:
+    the claim runs once more on a fresh connection instead of failing with DatabaseUnavailable."""
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/claim-cut")
+    with connection_cut(guard, engine, how, when=when) as sent:
+        with guard.run(audit_id) as run:
+            assert row(engine, audit_id)["lease"] == run.lease.token
+            assert run.update_progress(step="working") is True
+    assert len(sent) == 2, "claimed once more, and only once"
+    assert row(engine, audit_id)["status"] == "completed"
+    assert row(engine, audit_id)["attempts"] == 1, "the lost attempt committed nothing"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_claim_whose_commit_may_have_reached_the_server_is_not_repeated_when_its_connection_is_cut(engine, guards):
+    """The backend ended after the UPDATE: the COMMIT went out on a connection that looked alive, and
+    whether it took effect cannot be known from here. The claim is not repeated; nothing is lost."""
+    from auditctl.errors import DatabaseUnavailable
+
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/commit-cut")
+    with connection_cut(guard, engine, "terminated", when="after-update") as sent:
+        with pytest.raises(DatabaseUnavailable):
+            with guard.run(audit_id):
+                pytest.fail("the claim cannot have landed")
+    assert len(sent) == 1, "a claim whose COMMIT may have been sent is never sent again"
+    assert row(engine, audit_id)["status"] == "pending"
+
