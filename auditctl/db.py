@@ -316,10 +316,14 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
             kwargs.setdefault("max_overflow", max(5, pool_size // 2))
         # A worker's writes are single statements that retry on a dead connection
         # (``single_write``): a pre-ping would double the round trips of every heartbeat.
+        # The pool's reset is ours (``_configure_postgresql``), unless the caller chose one.
+        own_reset = "pool_reset_on_return" not in kwargs
+        if own_reset:
+            kwargs["pool_reset_on_return"] = None
         engine = sa_create_engine(url, connect_args=connect_args, pool_pre_ping=role != "worker",
                                   json_serializer=documents.dumps_strict, json_deserializer=documents.loads_for_driver,
                                   **kwargs)
-        _configure_postgresql(engine, call_timeout)
+        _configure_postgresql(engine, call_timeout, own_reset=own_reset)
         # Its transactions (a claim, an end, a creation) ping first instead (``write_transaction``).
         engine._auditctl_ping_writes = role == "worker"
     engine._auditctl_display_url = mask_url(database_url)  # the URL as the user typed it, masked
@@ -635,8 +639,10 @@ def _safe_time_loaders():
     return safe("timestamptz"), safe("timestamp")
 
 
-def _configure_postgresql(engine: Engine, call_timeout: float | None) -> None:
+def _configure_postgresql(engine: Engine, call_timeout: float | None, *, own_reset: bool = False) -> None:
     tz_loader, naive_loader = _safe_time_loaders()
+    if own_reset:
+        event.listen(engine, "reset", _reset_on_return)
     # A list of rows to INSERT (history rows, outbox deliveries) goes as multi-row INSERT statements
     # of up to 1,000 rows each, as SQLAlchemy already does for INSERT ... RETURNING, instead of one
     # statement per row.
@@ -660,6 +666,20 @@ def _configure_postgresql(engine: Engine, call_timeout: float | None) -> None:
             connection = deadline_connection.connect(*cargs, **params)
             connection.call_timeout = call_timeout
             return connection
+
+
+def _reset_on_return(dbapi_connection, record, state) -> None:
+    """A PostgreSQL connection given back to the pool: rolled back, as SQLAlchemy's own reset does,
+    unless the client has already closed it (a deadline that passed just as an answer came in,
+    ``auditctl.watchdog``). Such a connection is thrown away at once: the ROLLBACK SQLAlchemy would
+    try on it fails, and the pool logged "Exception during reset or similar" with a traceback for
+    a connection it then threw away anyway."""
+    if dbapi_connection.closed:
+        if record is not None:
+            record.invalidate()  # the record opens a fresh connection when next checked out
+        return
+    if not state.transaction_was_reset:
+        dbapi_connection.rollback()
 
 
 # --- transactions ---------------------------------------------------------------------

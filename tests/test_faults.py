@@ -640,3 +640,67 @@ def test_a_claim_whose_commit_may_have_reached_the_server_is_not_repeated_when_i
     assert len(sent) == 1, "a claim whose COMMIT may have been sent is never sent again"
     assert row(engine, audit_id)["status"] == "pending"
 
+
+def _pool_errors(caplog) -> list[str]:
+    return [f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records
+            if r.name.startswith("sqlalchemy.pool") and r.levelno >= 40]
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how", ["closed-by-deadline", "terminated"])
+def test_a_run_connection_cut_after_its_last_write_goes_back_to_the_pool_without_a_reset_traceback(
+        engine, guards, caplog, how):
+    """The run's held connection ended after its last write answered (its deadline passed as the
+    answer came in; the server ended the session): given back as the run ends, it is thrown away
+    without the pool logging "Exception during reset or similar" and a traceback."""
+    import logging
+
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/held-cut")
+    with caplog.at_level(logging.DEBUG, logger="sqlalchemy.pool"):
+        with guard.run(audit_id) as run:
+            assert run.update_progress(step="last report") is True
+            held = run._connection.driver
+            _cut_connection(engine, held, how)
+        assert row(engine, audit_id)["status"] == "completed"
+        second = guard.create_audit("https://example.com/after")
+        with guard.run(second) as run:  # the pool hands out no connection that was cut
+            assert run.update_progress(step="fresh") is True
+            assert run._connection.driver is not held
+    assert _pool_errors(caplog) == []
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how", ["closed-by-deadline", "terminated"])
+def test_a_transaction_whose_connection_is_cut_after_its_commit_answered_leaves_no_reset_traceback(
+        engine, database_url, caplog, how):
+    """A worker's transaction (a claim, an end, create_audit) whose COMMIT answered just as the
+    connection was cut: the connection goes back to the pool after the commit, and is thrown away
+    without a traceback; the next transaction gets a connection that works."""
+    import logging
+
+    from sqlalchemy import event
+
+    from auditctl import leases
+    from auditctl.db import create_engine
+
+    worker_engine = create_engine(database_url, role="worker")
+    cut = []
+
+    def as_it_comes_back(dbapi_connection, record, state):
+        if not cut:  # once: the commit has answered, nothing has been done to the connection since
+            cut.append(True)
+            _cut_connection(engine, dbapi_connection, how)
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="sqlalchemy.pool"):
+            event.listen(worker_engine, "reset", as_it_comes_back, insert=True)
+            try:
+                audit_id = leases.create_audit(worker_engine, "https://example.com/commit-cut")
+            finally:
+                event.remove(worker_engine, "reset", as_it_comes_back)
+            lease, _ = leases.claim(worker_engine, audit_id, worker_id="w", instance_id="i", worker_url=None)
+        assert cut and row(engine, audit_id)["lease"] == lease.token
+        assert _pool_errors(caplog) == []
+    finally:
+        worker_engine.dispose()
