@@ -528,6 +528,7 @@ class StuckAuditPrevention:
     def cleanup_stuck_audits_on_startup(self) -> list[Recovery]:
         """Recover what earlier instances of this worker left running, then every stuck audit."""
         self._refuse_if_forked()
+        self._refuse_if_closed()
         live = {self.instance_id} | {peer.instance_id for peer in self._check_duplicates()}
         try:
             leftovers = recover_worker_leftovers(self.operator_engine, self.worker_id, live, actor=self.actor,
@@ -537,7 +538,7 @@ class StuckAuditPrevention:
             self._log_leftovers(committed_before(error) or [])
             raise
         self._log_leftovers(leftovers)
-        stuck = self._heartbeat_cleanup(marker="🧹 STARTUP CLEANUP")
+        stuck = self._monitor_pass(marker="🧹 STARTUP CLEANUP")
         log.info("🧹 STARTUP CLEANUP: %d left by earlier instances, %d stuck audits recovered", len(leftovers), len(stuck))
         return list(leftovers) + list(stuck)
 
@@ -556,6 +557,7 @@ class StuckAuditPrevention:
         """
         self._refuse_if_forked()
         with self._lifecycle:
+            self._refuse_if_closed()
             self._start_heartbeat_monitor(handle_sigterm)
 
     def _start_heartbeat_monitor(self, handle_sigterm: bool) -> None:
@@ -604,6 +606,11 @@ class StuckAuditPrevention:
     def _heartbeat_cleanup(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
         """One monitor pass over the whole fleet: recover every stuck audit."""
         self._refuse_if_forked()
+        self._refuse_if_closed()
+        return self._monitor_pass(marker)
+
+    def _monitor_pass(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
+        """``_heartbeat_cleanup``, for the monitor thread: a pass in flight as close() begins is not refused."""
         result = self.monitor.run_pass()
         if self.notifier is not None and result.ok and not self._stopped:
             self.notifier.start().kick()  # never waits for the webhook
@@ -627,6 +634,7 @@ class StuckAuditPrevention:
         A bad request (an id that is not a whole number, an explanation that is not text any database
         stores, or longer than ``ERROR_LIMIT``) raises ConfigError before anything is read or written."""
         self._refuse_if_forked()
+        self._refuse_if_closed()
         if explanation is not None:
             if not isinstance(explanation, str) or len(explanation) > ERROR_LIMIT:
                 raise ConfigError(f"explanation must be text of at most {ERROR_LIMIT} characters")
@@ -643,6 +651,7 @@ class StuckAuditPrevention:
     def create_audit(self, target: str, max_age: float | timedelta | None = None, kind: str | None = None) -> int:
         """A new pending audit; ``max_age`` gives it its own deadline, ``kind`` its kind's thresholds."""
         self._refuse_if_forked()
+        self._refuse_if_closed()
         deadline = parse_duration(max_age, "max_age") if max_age is not None else None
         return leases.create_audit(self.engine, target, max_age=deadline, kind=kind)
 
@@ -651,12 +660,13 @@ class StuckAuditPrevention:
         """Claim a pending audit; completed when the block exits, failed when it raises.
 
         After ``LeaseLost`` nothing more is written: the exception leaves the block and the
-        audit stays as its recoverer left it.
+        audit stays as its recoverer left it. After ``close()`` it raises ConfigError.
         """
         self._refuse_if_forked()
         if not _check_audit_id(audit_id):
             raise AuditNotFound(f"no audit with id {audit_id}")
         with self._lifecycle:  # one at a time with a stop() and with the end of the last run after one
+            self._refuse_if_closed()
             if self._resume_if_stopped() and self._monitor_wanted is not None:
                 # Started before the stop(): without its threads this run would get no heartbeat and
                 # be recovered as stale while it works.
@@ -829,7 +839,7 @@ class StuckAuditPrevention:
         threads; a bad one raises ConfigError before anything is stopped."""
         if timeout is not None and not (type(timeout) in (int, float) and timeout == 0):
             timeout = parse_duration(timeout, "timeout")
-        if self._forked():
+        if self._forked() or self._closed:  # closed: close() has stopped it already
             return
         with self._lifecycle:
             self._stop_threads(timeout)
@@ -918,13 +928,27 @@ class StuckAuditPrevention:
             raise ConfigError(f"this StuckAuditPrevention belongs to process {self._pid}, not to this child forked "
                               "from it (its threads did not follow the fork): make a new one in the child")
 
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise ConfigError(f"this StuckAuditPrevention (worker {printable(self.worker_id)}) is closed: close() "
+                              "ended it for good; make a new one to claim or recover audits again")
+
     def close(self) -> None:
         """``stop()``, then close the pools' connections. A run still under way (close() from a shutdown
         hook on another thread) keeps its own connection until it ends; its final write and the
-        instance's stop then take connections again, and the last run to end closes them too."""
+        instance's stop then take connections again, and the last run to end closes them too.
+
+        The guard is then done: ``run()``, ``create_audit()``, ``start_heartbeat_monitor()`` and the
+        recovery calls raise ConfigError. A second ``close()`` (or ``stop()``) does nothing."""
+        if self._closed:
+            return
         self._closed = True
-        self.stop()
-        self._dispose()
+        try:
+            if not self._forked():
+                with self._lifecycle:
+                    self._stop_threads(None)
+        finally:
+            self._dispose()
 
     def _dispose(self) -> None:
         # A forked child's pooled connections share their sockets with the parent's: closing them
@@ -1058,7 +1082,7 @@ class StuckAuditPrevention:
             log.debug("💓 HEARTBEAT: another guard of this process runs the monitor pass")
             return True
         self.monitor.in_outage, self.monitor.seen_since = _PASS_TURNS.state(self._pass_settings)
-        recovered = self._heartbeat_cleanup()
+        recovered = self._monitor_pass()
         _PASS_TURNS.passed(self._pass_settings, now, self.monitor.in_outage, self.monitor.seen_since)
         log.debug("💓 HEARTBEAT: monitor pass, %d recovered", len(recovered))
         return not self.monitor.in_outage

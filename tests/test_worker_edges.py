@@ -1480,3 +1480,28 @@ def test_runs_keep_beating_while_only_the_registry_write_is_refused(engine, guar
             with engine.begin() as connection:
                 connection.execute(text("DROP TRIGGER no_registry_beats" +
                                         ("" if engine.dialect.name == "sqlite" else " ON workers")))
+
+
+def test_a_closed_guard_refuses_new_work_and_a_second_close_does_nothing(engine, guards):
+    """close() ends the guard: a run(), create_audit(), a monitor start or pass after it raises
+    ConfigError ("closed") before anything is written, instead of opening the pools it emptied
+    again (and marking the stopped instance running again). close() a second time does nothing."""
+    from auditctl.errors import ConfigError
+    from auditctl.rules import gone_instances
+
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/after-close")
+    guard.close()
+    assert guard.instance_id in gone_instances(engine)
+    refused = [lambda: guard.run(audit_id).__enter__(), lambda: guard.create_audit("https://example.com/more"),
+               guard.start_heartbeat_monitor, guard.cleanup_stuck_audits_on_startup, guard._heartbeat_cleanup,
+               lambda: guard._recover_stuck_audit(audit_id)]
+    for call in refused:
+        with pytest.raises(ConfigError, match="closed"):
+            call()
+    guard.close()
+    guard.stop()
+    assert row(engine, audit_id)["status"] == "pending", "nothing was claimed"
+    assert guard.instance_id in gone_instances(engine), "still marked stopped"
+    for pool in (guard.engine.pool, guard.operator_engine.pool):
+        assert (pool.checkedout(), pool.checkedin()) == (0, 0), f"{pool.status()}: connections opened after close()"

@@ -54,7 +54,7 @@ def guard_for(args, worker_id: str, *, stall_after: float, max_age: float) -> St
                                  stale_after=2 * args.interval, stall_after=stall_after, max_age=max_age,
                                  create_schema=False)
     # See the module's docstring: the judges under test are watch and recover, not the fleet itself.
-    guard._heartbeat_cleanup = lambda marker="": []
+    guard._monitor_pass = lambda marker="": []  # the passes of its monitor thread
     return guard
 
 
