@@ -758,19 +758,25 @@ def _live_transaction(engine: Engine) -> tuple[Connection, object]:
     """A transaction begun on a connection known to be alive, for an engine without pre-ping (a
     worker's). After a server restart every idle pooled connection is dead: the first statement
     finds it, and SQLAlchemy then recycles the whole pool, so one more try gets a fresh connection.
-    Only the ping is retried, never the transaction's own statements (a lost COMMIT is ambiguous)."""
+    Only the ping is retried, never the transaction's own statements (a lost COMMIT is ambiguous).
+    A ping whose deadline passed just as its answer came in succeeded on a connection the watchdog
+    then closed (``auditctl.watchdog``): that one is thrown away too, and the next taken."""
     retried = False
     while True:
         connection = engine.connect()
         transaction = connection.begin()
         try:
             connection.exec_driver_sql("SELECT 1")
-            return connection, transaction
         except sa_exc.DBAPIError as exc:
             connection.close()
             if retried or not exc.connection_invalidated:
                 raise
-            retried = True
+        else:
+            if retried or not _closed_here(connection):
+                return connection, transaction  # closed on the retry too: the first statement says so
+            connection.invalidate()  # this connection only: the others in the pool are not suspect
+            connection.close()
+        retried = True
 
 
 #: Connections a worker's pool keeps beyond one per run it holds: the heartbeat thread's and the monitor's.

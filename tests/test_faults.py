@@ -704,3 +704,29 @@ def test_a_transaction_whose_connection_is_cut_after_its_commit_answered_leaves_
         assert _pool_errors(caplog) == []
     finally:
         worker_engine.dispose()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_write_transaction_whose_ping_answered_as_its_deadline_closed_the_connection_takes_a_fresh_one(
+        engine, guards):
+    """A worker's transaction checks its connection with SELECT 1 first (``db._live_transaction``).
+    When the ping's deadline passed just as its answer came in, the watchdog closed the connection:
+    the ping succeeded on a connection no statement can use. create_audit (and a run's end, a lost
+    lease's record) then failed with "the connection is closed"; the check now takes a fresh one."""
+    from sqlalchemy import event
+
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)
+    closed = []
+
+    def after(conn, cursor, statement, parameters, context, executemany):
+        if statement.strip() == "SELECT 1" and not closed:
+            closed.append(True)
+            _cut_connection(engine, conn.connection.driver_connection, "closed-by-deadline")
+
+    event.listen(guard.engine, "after_cursor_execute", after)
+    try:
+        audit_id = guard.create_audit("https://example.com/ping-closed")
+    finally:
+        event.remove(guard.engine, "after_cursor_execute", after)
+    assert closed, "the ping ran"
+    assert row(engine, audit_id)["status"] == "pending"
