@@ -1007,3 +1007,30 @@ def test_each_stuck_rows_recover_button_names_its_audit_for_a_screen_reader(demo
     for text in pages:
         labels = re.findall(r'<button type="submit" class="small"[^>]*aria-label="([^"]*)"', text)
         assert labels == [f"Recover audit {i}…" for i in stuck], labels
+
+
+@sqlite_only
+def test_a_refused_filter_or_a_deleted_audit_stops_its_pages_refresh_when_the_refresh_is_refused(demo_url, demo):
+    """The refreshed region asked for its refusal again every few seconds for as long as the page was
+    open. A refused page now has no refresh, and a refused refresh replaces the region with one
+    that has none (htmx's ``HX-Reswap: outerHTML``), the refusal's status kept."""
+    from sqlalchemy import delete
+
+    from auditctl.schema import audit_events
+
+    hx = {"HX-Request": "true"}
+    with running_dashboard(demo_url) as server:
+        refused = server.get("/audits?status=bogus")
+        fine = server.get("/audits?status=failed")
+        fragment = server.get("/fragments/audits?since=1h&until=2020-01-01", headers=hx)
+        audit_id = max(statuses(demo))
+        with write_transaction(demo) as connection:  # another tool deletes the audit while its page is open
+            connection.execute(delete(audit_events).where(audit_events.c.audit_id == audit_id))
+            connection.execute(delete(audits).where(audits.c.id == audit_id))
+        gone = server.get(f"/fragments/audits/{audit_id}", headers=hx)
+    assert refused.status == 400 and "bogus" in refused.text and 'hx-trigger="every' not in refused.text
+    assert fine.status == 200 and 'hx-trigger="every 3s' in fine.text
+    for answer, status, text in ((fragment, 400, "since is later than until"), (gone, 404, str(audit_id))):
+        assert answer.status == status and text in answer.text
+        assert answer.headers.get("hx-reswap") == "outerHTML"
+        assert answer.text.startswith('<div id="live">') and "hx-trigger" not in answer.text

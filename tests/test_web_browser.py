@@ -312,3 +312,39 @@ def test_the_recover_confirmation_keeps_the_keyboard_focus_from_preview_to_resul
         expect(page.locator("#recover-result")).to_contain_text("Recovered 3 audits.")
         assert _focused(page).startswith("panel:"), _focused(page)
     assert page.errors == []
+
+
+@sqlite_only
+def test_an_audits_page_whose_own_filter_is_refused_shows_it_once_and_stops_asking(page, demo_url, demo):
+    """``/audits?status=bogus`` answered 400, and the page asked for the same refusal every 3 s for as
+    long as it stayed open. So did a page whose since/until the database's clock turned backwards
+    while it was open. Each now shows the refusal and asks no more, until the filter is changed."""
+    from datetime import timedelta
+
+    from dbtools import db_time
+
+    asked: list[str] = []
+    page.on("request", lambda request: "/fragments/audits" in request.url and asked.append(request.url))
+    with running_dashboard(demo_url) as server:
+        page.goto(server.url + "audits?status=bogus")
+        expect(page.get_by_role("alert")).to_contain_text("bogus")
+        page.wait_for_timeout(7_000)  # two refreshes' worth
+        assert asked == [], "a refused filter was asked for again"
+        # A window fine when the page opened, turned backwards a few seconds later by the database's clock.
+        until = (db_time(demo) - timedelta(hours=1) + timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        page.goto(server.url + f"audits?since=1h&until={until}")
+        expect(page.locator("#audits-table, p.empty").first).to_be_visible()
+        expect(page.get_by_role("alert")).to_contain_text("since is later than until", timeout=LIVE)
+        seen = len(asked)
+        page.wait_for_timeout(7_000)
+        assert len(asked) == seen, "the refused refresh was asked for again"
+        expect(page.get_by_role("alert")).to_contain_text("since is later than until")
+        # A filter the form fixes is asked for, and refreshed, again.
+        page.get_by_label("Until").fill("")
+        page.get_by_role("button", name="Filter").click()
+        expect(page.locator("#audits-table")).to_be_visible()
+        page.wait_for_timeout(4_000)
+        assert len(asked) > seen
+    # The refusals themselves, each logged once (by the browser as a failed load, by htmx as an error response).
+    page.errors = [e for e in page.errors if "status of 400" not in e and "Error Code 400" not in e]
+    assert page.errors == []

@@ -413,12 +413,22 @@ async def audits_page(request: Request):
     viewer = d.viewer(request)
     fragment, status = await run_in_threadpool(_audits_fragment, d, request)
     query = {k: request.query_params.getlist(k) for k in request.query_params.keys()}
-    return HTMLResponse(views.audits_page(viewer, query, fragment, views.query_string(query)), status_code=status)
+    return HTMLResponse(views.audits_page(viewer, query, fragment, views.query_string(query), refused=status == 400),
+                        status_code=status)
+
+
+def _refused_region(fragment: str, status: int) -> Response:
+    """A refresh whose own request is refused (a filter the database's clock has since turned backwards,
+    an audit deleted by another tool): the refreshing region is replaced by one that does not refresh,
+    so the page shows the refusal once instead of asking for it again every few seconds."""
+    return HTMLResponse(views.still(fragment), status_code=status, headers={"HX-Reswap": "outerHTML"})
 
 
 async def audits_fragment(request: Request):
     d = _dashboard(request)
     fragment, status = await run_in_threadpool(_audits_fragment, d, request)
+    if status == 400:
+        return _refused_region(fragment, status)
     return HTMLResponse(fragment, status_code=status)
 
 
@@ -446,7 +456,7 @@ async def audit_fragment(request: Request):
     try:
         fragment = await run_in_threadpool(_audit_fragment, d, d.viewer(request), request.path_params["audit_id"])
     except AuditNotFound as error:
-        return HTMLResponse(views.message("error", views.e(str(error))), status_code=404)
+        return _refused_region(views.message("error", views.e(str(error))), 404)
     return HTMLResponse(fragment)
 
 

@@ -145,6 +145,13 @@ def live(url: str, content: str, every: str = "1s") -> str:
             f'hx-swap="morph:innerHTML" hx-sync="this:drop">{content}</div>')
 
 
+def still(content: str) -> str:
+    """The region ``live`` makes, without the refresh: for a page whose own request was refused (a
+    bad filter, an audit that is no longer there). Asking again would be refused again; the page
+    asks anew once the request is changed (the filter form loads a new page)."""
+    return f'<div id="live">{content}</div>'
+
+
 def message(kind: str, text_html: str) -> str:
     """A result or error box; ``kind`` is ok, error or info. ``text_html`` is already safe HTML."""
     role = ' role="alert"' if kind == "error" else ' role="status"'
@@ -413,10 +420,11 @@ def audits_fragment(records: list[dict] | None, banner: str, error: str | None =
     return banner + audits_table(records) + f'<p class="muted">{plural(len(records), "audit")}{more}.</p>'
 
 
-def audits_page(viewer: Viewer, query: dict, fragment: str, query_string: str) -> str:
+def audits_page(viewer: Viewer, query: dict, fragment: str, query_string: str, refused: bool = False) -> str:
+    """``refused``: the query itself was refused (``fragment`` says why): shown once, not asked again every 3 s."""
     url = "/fragments/audits" + (f"?{query_string}" if query_string else "")
     return page(viewer, "Audits", '<h1>Audits</h1><p class="muted">The same filters as <code>auditctl list</code>.</p>'
-                + audits_form(query) + live(url, fragment, every="3s"))
+                + audits_form(query) + (still(fragment) if refused else live(url, fragment, every="3s")))
 
 
 def _document(value) -> str:
