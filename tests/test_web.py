@@ -1034,3 +1034,35 @@ def test_a_refused_filter_or_a_deleted_audit_stops_its_pages_refresh_when_the_re
         assert answer.status == status and text in answer.text
         assert answer.headers.get("hx-reswap") == "outerHTML"
         assert answer.text.startswith('<div id="live">') and "hx-trigger" not in answer.text
+
+
+@sqlite_only
+def test_signing_in_from_a_page_returns_to_that_page_and_never_to_another_site(demo_url, demo):
+    """Sign-in always went back to the overview, whatever page the operator was on. The page's
+    Sign in link now carries it (``next``), and only a path on this dashboard is followed."""
+    import html
+    from urllib.parse import unquote
+
+    running = next(i for i, s in statuses(demo).items() if s == "running")
+
+    def link(text: str) -> str:
+        return html.unescape(text.split('href="/login?', 1)[1].split('"', 1)[0])
+
+    with running_dashboard(demo_url) as server:
+        origin = {"Origin": server.origin}
+        listing = server.get("/audits?status=failed&sort=target")
+        form = server.get("/login?" + link(listing.text))
+        fragment = server.get(f"/fragments/audits/{running}")  # its "sign in" hint, refreshed with the page
+        back = server.post("/login", form={"token": TOKEN, "next": "/audits?status=failed&sort=target"}, headers=origin)
+        wrong = server.post("/login", form={"token": "guess", "next": "/audits?status=failed"}, headers=origin)
+        hostile = {target: server.post("/login", form={"token": TOKEN, "next": target}, headers=origin)
+                   for target in ("//evil.example", "https://evil.example/", "/\\evil.example", "/\\/evil.example",
+                                  "/\t/evil.example", " //evil.example", "javascript:alert(1)", "http:evil.example",
+                                  "/login?next=//evil.example", "evil.example")}
+    assert unquote(link(listing.text)) == "next=/audits?status=failed&sort=target"
+    assert 'name="next" value="/audits?status=failed&amp;sort=target"' in form.text
+    assert unquote(link(fragment.text)) == f"next=/audits/{running}"
+    assert back.status == 303 and back.headers["location"] == "/audits?status=failed&sort=target"
+    assert wrong.status == 401 and 'name="next" value="/audits?status=failed"' in wrong.text
+    assert {target: (a.status, a.headers["location"]) for target, a in hostile.items()} == {
+        target: (303, "/") for target in hostile}

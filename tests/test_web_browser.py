@@ -348,3 +348,18 @@ def test_an_audits_page_whose_own_filter_is_refused_shows_it_once_and_stops_aski
     # The refusals themselves, each logged once (by the browser as a failed load, by htmx as an error response).
     page.errors = [e for e in page.errors if "status of 400" not in e and "Error Code 400" not in e]
     assert page.errors == []
+
+
+@sqlite_only
+def test_signing_in_from_a_filtered_listing_lands_back_on_that_listing(page, demo_url, demo):
+    """Sign-in always landed on the overview: an operator looking at the failed audits had to find
+    them again. The header's Sign in link now brings them back to the page they were on."""
+    with running_dashboard(demo_url) as server:
+        page.goto(server.url + "audits?status=failed&sort=target")
+        page.get_by_role("link", name="Sign in").click()
+        page.fill("input[name=token]", TOKEN)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(server.url + "audits?status=failed&sort=target")
+        expect(page.locator("header .who")).to_contain_text("Signed in as")
+        expect(page.get_by_label("failed")).to_be_checked()
+    assert page.errors == []

@@ -42,6 +42,7 @@ from .security import (
     Sessions,
     WrongTokens,
     is_loopback,
+    return_path,
     same,
 )
 
@@ -184,7 +185,7 @@ class Dashboard:
         session = self.session(request)
         return views.Viewer(path=request.url.path, user=session.user if session else None,
                             csrf=session.csrf if session else None, token_configured=self.token is not None,
-                            where=self.where, version=__version__)
+                            where=self.where, version=__version__, here=_page_address(request))
 
     @staticmethod
     def actor(user: str) -> Actor:
@@ -332,6 +333,18 @@ async def read_form(request: Request):
     if "multipart/" in request.headers.get("content-type", ""):
         return None
     return ImmutableMultiDict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+def _page_address(request: Request) -> str:
+    """The page a request shows or refreshes, path and query: where signing in from it returns to."""
+    path = request.url.path
+    if path.startswith("/fragments/"):
+        path = path[len("/fragments"):]
+        path = "/" if path == "/overview" else path
+    elif path == "/login":
+        return return_path(request.query_params.get("next"))
+    query = request.url.query
+    return return_path(f"{path}?{query}" if query else path)
 
 
 def _dashboard(request: Request) -> Dashboard:
@@ -488,23 +501,25 @@ async def login(request: Request):
     d = _dashboard(request)
     viewer = d.viewer(request)
     if request.method in ("GET", "HEAD"):
-        return HTMLResponse(views.login_page(viewer))
+        return HTMLResponse(views.login_page(viewer, back_to=viewer.here))
     if d.token is None:
         return HTMLResponse(views.login_page(viewer), status_code=403)
     form = await read_form(request) or {}
+    # The page the person asked for before signing in: a path on this dashboard, never another site.
+    back_to = return_path(form.get("next"))
     right = await d.wrong_tokens.judge(str(form.get("token") or ""), d.token, what="sign-in", request=request)
     if right is None:
-        return HTMLResponse(views.login_page(viewer, "Too many wrong tokens at once: try again in a few seconds."),
+        return HTMLResponse(views.login_page(viewer, "Too many wrong tokens at once: try again in a few seconds.", back_to),
                             status_code=429, headers=FLOODED_RETRY_AFTER)
     if not right:
-        return HTMLResponse(views.login_page(viewer, "That is not the dashboard's token."), status_code=401)
+        return HTMLResponse(views.login_page(viewer, "That is not the dashboard's token.", back_to), status_code=401)
     # The name goes into every action's history (``dashboard NAME``) and the log: printable text only.
     from ..textsafe import printable
 
     name = " ".join(printable(str(form.get("name") or "")).split())[:64]
     session = d.sessions.create(name or "token")
     log.info("signed in: %s", name or "token")
-    response = RedirectResponse("/", status_code=303)
+    response = RedirectResponse(back_to, status_code=303)
     response.set_cookie(SESSION_COOKIE, session.id, max_age=SESSION_SECONDS, path="/", httponly=True, samesite="strict",
                         secure=request.url.scheme == "https")
     return response

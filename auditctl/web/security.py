@@ -161,6 +161,29 @@ class Sessions:
             self._sessions.pop(session_id or "", None)
 
 
+#: The longest page address sign-in returns to (a filtered listing's is a few hundred characters).
+MAX_RETURN_PATH = 2000
+
+
+def return_path(value) -> str:
+    r"""Where sign-in sends the browser back to: ``value`` when it is a path on this dashboard
+    (``/audits?status=failed``), else ``/``. Never another site: not ``//host`` or ``/\\host`` (which
+    browsers read as ``//host``), not ``https://host``, nor anything but printable ASCII (browsers
+    drop a tab or a newline from an address, so ``/\t/host`` would become ``//host``; a page's own
+    address arrives percent-encoded)."""
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > MAX_RETURN_PATH:
+        return "/"
+    if value.startswith("//") or "\\" in value or any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        return "/"
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "/"
+    if parts.scheme or parts.netloc or not parts.path.startswith("/") or parts.path.startswith("/login"):
+        return "/"
+    return value
+
+
 def own_origin(scope_or_request) -> str:
     """This server's origin as the browser sees it: the scheme and the Host header."""
     url = scope_or_request.url

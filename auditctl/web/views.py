@@ -94,16 +94,23 @@ class Viewer:
     token_configured: bool
     where: str  # the database, password masked
     version: str
+    #: The page being looked at, path and query (a fragment's is its page's): where sign-in returns.
+    here: str = "/"
 
     @property
     def can_act(self) -> bool:
         return self.token_configured and self.user is not None
 
+    @property
+    def login_href(self) -> str:
+        """``/login``, carrying the page to come back to after signing in."""
+        return "/login" if self.here == "/" else "/login?" + urlencode({"next": self.here})
+
     def why_not(self) -> str:
         if not self.token_configured:
             return ("Actions are disabled: this dashboard was started without a token "
                     "(auditctl serve --token, or AUDITCTL_WEB_TOKEN).")
-        return 'Actions need the token: <a href="/login">sign in</a>.'
+        return f'Actions need the token: <a href="{e(self.login_href)}">sign in</a>.'
 
     def csrf_input(self) -> str:
         return f'<input type="hidden" name="csrf_token" value="{e(self.csrf)}">' if self.csrf else ""
@@ -123,7 +130,7 @@ def page(viewer: Viewer, title: str, body: str) -> str:
                f'<form method="post" action="/logout" class="inline">{viewer.csrf_input()}'
                f'<button type="submit" class="link">Sign out</button></form>')
     elif viewer.token_configured:
-        who = '<a href="/login">Sign in</a>'
+        who = f'<a href="{e(viewer.login_href)}">Sign in</a>'
     else:
         who = '<span class="muted">Read-only</span>'
     headers = {"X-CSRF-Token": viewer.csrf} if viewer.csrf else {}
@@ -504,7 +511,8 @@ def not_found_page(viewer: Viewer, text: str) -> str:
     return page(viewer, "Not found", f"<h1>Not found</h1>{message('error', e(text))}")
 
 
-def login_page(viewer: Viewer, error: str | None = None) -> str:
+def login_page(viewer: Viewer, error: str | None = None, back_to: str = "/") -> str:
+    """``back_to``: the page the form returns to once signed in (``security.return_path``)."""
     if not viewer.token_configured:
         body = ("<h1>Sign in</h1>" + message("info", viewer.why_not()))
     elif viewer.user is not None:
@@ -516,6 +524,7 @@ def login_page(viewer: Viewer, error: str | None = None) -> str:
             + '<form method="post" action="/login" class="login">'
             '<label>Token <input type="password" name="token" autocomplete="current-password" required autofocus></label>'
             '<label>Your name, for the history (optional) <input name="name" maxlength="64" autocomplete="username"></label>'
+            + (f'<input type="hidden" name="next" value="{e(back_to)}">' if back_to != "/" else "") +
             '<button type="submit">Sign in</button></form>'
             '<p class="muted">The token is the one the dashboard was started with (--token or AUDITCTL_WEB_TOKEN).</p>'
         )
