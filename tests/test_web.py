@@ -391,10 +391,11 @@ def test_a_reset_confirmed_on_the_page_and_stopped_partway_shows_what_it_reset_w
     failed = sorted(i for i, s in statuses(demo).items() if s == "failed")
     install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'pending' AND NEW.id > {failed[499]}", errcode="57P01")
     with running_dashboard(demo_url) as server:
-        shown, confirmed, _ = _reset_on_the_page(server)
+        shown, confirmed, again = _reset_on_the_page(server, twice=True)
     assert confirmed.status == 503
     assert "Reset 500 audits to pending." in confirmed.text and "Stopped partway by an error: " in confirmed.text
     assert "changed meanwhile" not in confirmed.text, "the others were never reached"
+    assert "still stands" not in confirmed.text and again.status == 409, "batches committed: the confirmation is used up"
     assert sum(1 for s in statuses(demo).values() if s == "pending") >= 500
 
 
@@ -1066,3 +1067,75 @@ def test_signing_in_from_a_page_returns_to_that_page_and_never_to_another_site(d
     assert wrong.status == 401 and 'name="next" value="/audits?status=failed"' in wrong.text
     assert {target: (a.status, a.headers["location"]) for target, a in hostile.items()} == {
         target: (303, "/") for target in hostile}
+
+
+def _database_away(demo):
+    """(take it away, bring it back): on SQLite the file moves away and back; on PostgreSQL every
+    change of an audit fails as in an administrator's shutdown (SQLSTATE 57P01), before any commits."""
+    import shutil
+
+    from dbtools import drop_trigger, install_abort_trigger
+
+    if demo.dialect.name == "sqlite":
+        path = Path(demo.url.database)
+        away = path.with_name("elsewhere.db")
+        return lambda: shutil.move(path, away), lambda: shutil.move(away, path)
+    return (lambda: install_abort_trigger(demo, "outage", errcode="57P01"), lambda: drop_trigger(demo, "outage"))
+
+
+@pytest.mark.parametrize("action", ["reset", "recover"])
+def test_a_confirmation_the_database_failed_before_any_change_stays_usable_once(demo_url, demo, action):
+    """A confirmed reset or recover the database failed before it changed anything used up its
+    confirmation: the operator had to start over though nothing had changed. The answer now says
+    nothing changed and offers the same confirmation again, which works (once) when the database is back."""
+    before = statuses(demo)
+    away, back = _database_away(demo)
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="dora")
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        preview, confirm = (("/actions/reset-all", "/actions/reset-all/confirm") if action == "reset"
+                            else ("/actions/recover", "/actions/recover"))
+        shown = server.post(preview, form={"csrf_token": csrf}, headers=headers)
+        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+        form = {"csrf_token": csrf, "plan": plan, "confirm": "1"}
+        away()
+        try:
+            failed = server.post(confirm, form=form, headers=headers)
+        finally:
+            back()
+        unchanged = statuses(demo)
+        again = server.post(confirm, form=form, headers=headers)
+        third = server.post(confirm, form=form, headers=headers)
+    assert failed.status == 503, failed.text
+    assert "Nothing was changed, and this confirmation still stands" in failed.text
+    assert f'name="plan" value="{plan}"' in failed.text, "the same confirmation is offered again"
+    assert unchanged == before
+    done = "Reset 2 audits to pending." if action == "reset" else "Recovered 3 audits."
+    assert again.status == 200 and done in again.text, again.text
+    assert third.status == 409, "a confirmation that did its work is used up"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+def test_a_recovery_confirmed_on_the_page_and_stopped_partway_says_what_it_did_and_is_used_up(demo_url, demo):
+    """It answered only the error, as if nothing had changed, though its first batch had committed.
+    It now says what it recovered and that the rest were not reached; its confirmation is used up
+    (pressing Recover again shows what is still stuck), never redone blindly."""
+    from dbtools import install_abort_trigger, make_running
+
+    make_running(demo, 600)
+    stuck = sorted(r["id"] for r in cli_json(demo_url, "scan", "-o", "json"))
+    install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'failed' AND NEW.id > {stuck[499]}", errcode="57P01")
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="eve")
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        shown = server.post("/actions/recover", form={"csrf_token": csrf}, headers=headers)
+        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+        form = {"csrf_token": csrf, "plan": plan, "confirm": "1"}
+        confirmed = server.post("/actions/recover", form=form, headers=headers)
+        again = server.post("/actions/recover", form=form, headers=headers)
+    assert confirmed.status == 503
+    assert "Recovered 500 audits." in confirmed.text and "Stopped partway by an error: " in confirmed.text
+    assert "left alone" not in confirmed.text and "still stands" not in confirmed.text
+    assert confirmed.headers["hx-trigger"] == "auditctl:refresh"
+    assert again.status == 409
+    assert sum(1 for s in statuses(demo).values() if s == "failed") >= 500

@@ -572,16 +572,38 @@ def _panel(request: Request, status: int, html: str, *, changed: bool = False) -
                         status_code=status)
 
 
-def _action_error(request: Request, error: Exception, d: Dashboard) -> Response:
+def _action_problem(error: Exception, d: Dashboard) -> tuple[int, str]:
+    """An action's error as (status, one line for the page)."""
     if isinstance(error, Outage):
-        return _panel(request, 503, views.refusal(503, f"The database is unreachable: {error} Nothing was changed."))
+        return 503, f"The database is unreachable: {error}"
     if isinstance(error, ConfigError):
-        return _panel(request, 400, views.refusal(400, f"Refused: {error}"))
+        return 400, f"Refused: {error}"
     from ..recovery import ConcurrentChange
 
     if isinstance(error, ConcurrentChange):
-        return _panel(request, 409, views.refusal(409, f"{error}: try again."))
-    return _panel(request, 503, views.refusal(503, f"Error: {d.safe_message(error)}"))
+        return 409, f"{error}: try again."
+    return 503, f"Error: {d.safe_message(error)}"
+
+
+def _action_error(request: Request, error: Exception, d: Dashboard) -> Response:
+    status, text = _action_problem(error, d)
+    return _panel(request, status, views.refusal(status, text + (" Nothing was changed." if isinstance(error, Outage) else "")))
+
+
+def _confirmation_failed(request: Request, error: Exception, d: Dashboard, session: Session, plan_id: str, entry,
+                         confirm) -> Response:
+    """A confirmed action that raised. When the error says nothing was committed (the database
+    failed before the first batch, or refused the action as a whole) the confirmation is given back,
+    usable again under its id: the answer says so and offers the button again. Otherwise (an error
+    of unknown extent) it stays used, as before."""
+    from ..recovery import committed_before
+
+    nothing_done = isinstance(error, (Outage, AuditctlError)) and committed_before(error) is None
+    if not nothing_done:
+        return _action_error(request, error, d)
+    session.give_back(plan_id, entry)
+    status, text = _action_problem(error, d)
+    return _panel(request, status, confirm(text))
 
 
 async def reset_preview(request: Request):
@@ -608,14 +630,17 @@ async def reset_confirm(request: Request):
     session, form, refusal = await _acting_session(request, d)
     if refusal is not None:
         return refusal
-    plan = session.take_plan(str(form.get("plan") or ""), ResetPlan)
-    if plan is None:
+    plan_id = str(form.get("plan") or "")
+    entry = session.take_entry(plan_id, ResetPlan)
+    if entry is None:
         return _panel(request, 409, views.refusal(409, "This confirmation has expired or was already used: press "
                                                        "Reset All Audits again to see the counts. Nothing was changed."))
+    plan = entry[0]
     try:
         done, stopped = await run_in_threadpool(until_stopped, lambda: d.reset(session.user, plan))
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
-        return _action_error(request, error, d)
+        return _confirmation_failed(request, error, d, session, plan_id, entry,
+                                    lambda text: views.confirmation_kept(d.viewer(request), "reset", plan_id, text))
     left_alone = plan.left_alone(done, stopped)
     log.info("dashboard %s reset %d audits to pending", session.user, len(done))
     return _panel(request, 200 if stopped is None else 503,
@@ -634,6 +659,7 @@ class RecoverPlan:
 
 async def recover_action(request: Request):
     from ..records import recovery_record
+    from ..recovery import until_stopped
     from ..rules import Filters
 
     d = _dashboard(request)
@@ -641,6 +667,7 @@ async def recover_action(request: Request):
     if refusal is not None:
         return refusal
     params = Params(form, blank_is_unset=True)
+    entry = None
     try:
         ids = params.ids("id")
         requeue = params.flag("requeue")
@@ -648,15 +675,18 @@ async def recover_action(request: Request):
         plan_id = params.text("plan")
         listed = None
         if plan_id is not None:  # the confirmation of a preview: the audits it showed, kept here
-            plan = session.take_plan(plan_id, RecoverPlan)
-            if plan is None:
+            entry = session.take_entry(plan_id, RecoverPlan)
+            if entry is None:
                 return _panel(request, 409, views.refusal(409, "This confirmation has expired or was already used: "
                                                                "press Recover again to see what is stuck. Nothing was changed."))
-            ids, requeue, listed = plan.ids, plan.requeue, len(plan.ids)
+            ids, requeue, listed = entry[0].ids, entry[0].requeue, len(entry[0].ids)
         filters = Filters(ids=ids)
-        done = await run_in_threadpool(d.recover, session.user, filters, requeue=requeue,
-                                       max_attempts=d.max_attempts, dry_run=not confirmed)
+        done, stopped = await run_in_threadpool(until_stopped, lambda: d.recover(
+            session.user, filters, requeue=requeue, max_attempts=d.max_attempts, dry_run=not confirmed))
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
+        if entry is not None:
+            return _confirmation_failed(request, error, d, session, plan_id, entry,
+                                        lambda text: views.confirmation_kept(d.viewer(request), "recover", plan_id, text))
         return _action_error(request, error, d)
     records = [recovery_record(r, not confirmed) for r in done]
     if not confirmed:
@@ -665,7 +695,10 @@ async def recover_action(request: Request):
         return _panel(request, 200, views.recover_confirmation(d.viewer(request), records, requeue, d.policy.describe(),
                                                                plan_id))
     log.info("dashboard %s recovered %d audits", session.user, len(done))
-    return _panel(request, 200, views.recover_result(records, done.skipped, listed), changed=True)
+    return _panel(request, 200 if stopped is None else 503,
+                  views.recover_result(records, done.skipped, None if stopped is not None else listed,
+                                       None if stopped is None else d.safe_message(stopped)),
+                  changed=True)
 
 
 # --- the application ----------------------------------------------------------------------

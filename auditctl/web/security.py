@@ -126,11 +126,25 @@ class Session:
     def take_plan(self, plan_id: str, kind: type):
         """The plan of ``kind`` shown under this id (once), or None when unknown, expired or of
         another kind (which stays, for the confirmation it belongs to)."""
+        entry = self.take_entry(plan_id, kind)
+        return None if entry is None else entry[0]
+
+    def take_entry(self, plan_id: str, kind: type):
+        """``take_plan``, as (the plan, when it was made), for ``give_back``."""
         entry = self.plans.get(plan_id or "")
         if entry is None or not isinstance(entry[0], kind):
             return None
         del self.plans[plan_id]
-        return entry[0] if time.monotonic() - entry[1] <= PLAN_SECONDS else None
+        return entry if time.monotonic() - entry[1] <= PLAN_SECONDS else None
+
+    def give_back(self, plan_id: str, entry) -> None:
+        """A confirmation taken by ``take_entry`` whose action changed nothing (the database failed
+        before any batch committed): usable again under the same id until it would have expired."""
+        if plan_id in self.plans:
+            return
+        while len(self.plans) >= MAX_PLANS:
+            del self.plans[next(iter(self.plans))]
+        self.plans[plan_id] = entry
 
 
 class Sessions:

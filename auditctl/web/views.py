@@ -625,9 +625,16 @@ def recover_confirmation(viewer: Viewer, records: list[dict], requeue: bool, pol
     )
 
 
-def recover_result(records: list[dict], skipped, listed: int | None = None) -> str:
-    """``listed``: how many audits the confirmed preview showed (None: no preview was confirmed)."""
-    if records:
+def recover_result(records: list[dict], skipped, listed: int | None = None, stopped: str | None = None) -> str:
+    """``listed``: how many audits the confirmed preview showed (None: no preview was confirmed).
+    ``stopped``: the error that stopped it after some batches committed (``records``: what they did)."""
+    if stopped is not None:
+        from ..recovery import stopped_partway
+
+        body = message("ok", e(f"Recovered {plural(len(records), 'audit')}."))
+        body += message("error", e(f"Stopped partway by an error: {stopped}; {stopped_partway('recovered', 'listed')}: "
+                                   "press Recover again to see what is still stuck."))
+    elif records:
         text = f"Recovered {plural(len(records), 'audit')}."
         left_alone = 0 if listed is None else listed - len(records) - len(skipped or ())
         if left_alone > 0:
@@ -640,6 +647,26 @@ def recover_result(records: list[dict], skipped, listed: int | None = None) -> s
         body += message("error", e(f"{needing_an_operator(len(skipped), 'recovered')}: "
                                    + "; ".join(f"{s.id} ({s.error})" for s in skipped[:10])))
     return f'<div class="panel" id="recover-result">{body}{_recovery_rows(records[:100]) if records else ""}</div>'
+
+
+#: What a kept confirmation offers again: (its action, the button's id and words, what else the form sends).
+_KEPT = {
+    "reset": ("/actions/reset-all/confirm", "confirm-reset", "Confirm reset", ""),
+    "recover": ("/actions/recover", "confirm-recover", "Confirm recover", '<input type="hidden" name="confirm" value="1">'),
+}
+
+
+def confirmation_kept(viewer: Viewer, kind: str, plan_id: str, problem: str) -> str:
+    """A confirmed reset or recover that the database failed before it changed anything: the error,
+    and the same confirmation offered again (it was given back, so it works once more)."""
+    action, button_id, label, extra = _KEPT[kind]
+    text = f"{problem.rstrip('.')}. Nothing was changed, and this confirmation still stands: press {label} again (once the database is back)."
+    cancel = '<button type="button" hx-get="/fragments/empty" hx-target="#action-panel" class="link">Cancel</button>'
+    return (f'<div class="panel confirm" id="{kind}-confirm" role="region" aria-label="Confirm {"reset" if kind == "reset" else "recovery"}">'
+            f'{message("error", e(text))}'
+            f'<form method="post" action="{action}" hx-post="{action}" hx-target="#action-panel" class="inline">'
+            f'{viewer.csrf_input()}<input type="hidden" name="plan" value="{e(plan_id)}">{extra}'
+            f'<button type="submit" class="danger" id="{button_id}">{label}</button></form> {cancel}</div>')
 
 
 def refusal(status: int, text: str) -> str:
