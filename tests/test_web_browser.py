@@ -363,3 +363,38 @@ def test_signing_in_from_a_filtered_listing_lands_back_on_that_listing(page, dem
         expect(page.locator("header .who")).to_contain_text("Signed in as")
         expect(page.get_by_label("failed")).to_be_checked()
     assert page.errors == []
+
+
+@sqlite_only
+def test_the_first_tab_in_a_confirmation_reaches_confirm_before_the_audits_it_lists(page, demo_url, demo):
+    """A recovery's preview listed up to 100 audits, each a link, before its Confirm button: a keyboard
+    user pressed Tab a hundred times to reach it. Confirm and Cancel now come first, in the recover
+    preview and in the reset one; the focus still lands on the panel, as before."""
+    from dbtools import make_running
+
+    make_running(demo, 150)
+    with running_dashboard(demo_url) as server:
+        sign_in(page, server, name="fay")
+        page.focus("#recover-all")
+        page.keyboard.press("Enter")
+        expect(page.locator("#recover-confirm")).to_be_visible()
+        expect(page.locator("#recover-confirm tbody a")).to_have_count(100)
+        assert _focused(page) == "panel:recover-confirm"
+        page.keyboard.press("Tab")
+        assert _focused(page) == "panel:confirm-recover"
+        page.keyboard.press("Tab")
+        expect(page.locator("#recover-confirm button.link")).to_be_focused()  # Cancel
+        page.keyboard.press("Enter")
+        expect(page.locator("#recover-confirm")).to_have_count(0)
+        assert _focused(page) == "recover-all"
+        page.focus("#reset-all")
+        page.keyboard.press("Enter")
+        expect(page.locator("#reset-confirm")).to_be_visible()
+        expect(page.locator("#reset-confirm tbody a").first).to_be_visible()
+        assert _focused(page) == "panel:reset-confirm"
+        page.keyboard.press("Tab")
+        assert _focused(page) == "panel:confirm-reset"
+        page.keyboard.press("Enter")
+        expect(page.locator("#reset-result")).to_contain_text("Reset 2 audits to pending.")
+        assert _focused(page).startswith("panel:")
+    assert page.errors == []

@@ -571,12 +571,13 @@ def reset_confirmation(viewer: Viewer, plan, listing: list[dict], plan_id: str, 
         f'<div class="panel confirm" id="reset-confirm" role="region" aria-label="Confirm reset">'
         f'<h2>Reset {plural(total, "audit")} to pending?</h2>'
         f'<ul class="counts">{"".join(counts)}{held}</ul>'
-        f'{_reset_rows(shown)}{more}'
+        # The buttons before the list: with the keyboard, Confirm is the first Tab, not the 101st.
         f'<form method="post" action="/actions/reset-all/confirm" hx-post="/actions/reset-all/confirm" '
         f'hx-target="#action-panel" class="inline">{viewer.csrf_input()}'
         f'<input type="hidden" name="plan" value="{e(plan_id)}">'
         f'<button type="submit" class="danger" id="confirm-reset">Confirm reset</button></form> {cancel}'
-        f'<p class="muted">Nothing changes until you confirm. Audits that change meanwhile are left alone.</p></div>'
+        f'<p class="muted">Nothing changes until you confirm. Audits that change meanwhile are left alone.</p>'
+        f'{_reset_rows(shown)}{more}</div>'
     )
 
 
@@ -612,16 +613,18 @@ def recover_confirmation(viewer: Viewer, records: list[dict], requeue: bool, pol
     failed = sum(1 for r in records if r.get("status") == "failed")
     outcome = ", ".join(part for part in (f"{len(records) - failed} pending (requeued)" if len(records) - failed else "",
                                           f"{failed} failed" if failed else "") if part)
+    more = f'<p class="muted">and {len(records) - 100} more.</p>' if len(records) > 100 else ""
     return (
         f'<div class="panel confirm" id="recover-confirm" role="region" aria-label="Confirm recovery">'
         f'<h2>Recover {plural(len(records), "stuck audit")}? ({e(outcome)})</h2>'
-        f'{_recovery_rows(records[:100])}'
+        # The buttons before the list: with the keyboard, Confirm is the first Tab, not the 101st.
         f'<form method="post" action="/actions/recover" hx-post="/actions/recover" hx-target="#action-panel" class="inline">'
         f'{viewer.csrf_input()}<input type="hidden" name="plan" value="{e(plan_id)}">'
         f'<input type="hidden" name="confirm" value="1">'
         f'<button type="submit" class="danger" id="confirm-recover">Confirm recover</button></form> {cancel}'
         f'<p class="muted">Dry run: nothing changed yet. Thresholds: {e(policy_text)}. An audit whose worker finished or '
-        f'beat meanwhile is left alone.</p></div>'
+        f'beat meanwhile is left alone.</p>'
+        f'{_recovery_rows(records[:100])}{more}</div>'
     )
 
 
