@@ -114,7 +114,10 @@ def event_record(event) -> dict:
 
 def instance_state(record: dict) -> str:
     """``alive``, ``gone`` (proven) or ``silent`` (not heard within its stale_after, or its process
-    here but not beating): one word for every face that lists workers."""
+    here but not beating), or ``unreadable`` (its registry row could not be read, so nothing is
+    known of it): one word for every face that lists workers."""
+    if record.get("problems"):
+        return "unreadable"
     if record.get("alive") and not record.get("heartbeat_late"):
         return "alive"
     if record.get("gone"):
@@ -124,6 +127,8 @@ def instance_state(record: dict) -> str:
 
 def instance_note(record: dict) -> str | None:
     """What a face says beside an instance's state, if anything."""
+    if record.get("problems"):
+        return "; ".join(record["problems"])
     if record.get("duplicate"):
         return "duplicate worker_id: another live instance uses it"
     if record.get("heartbeat_late"):
@@ -149,6 +154,8 @@ def instance_record(instance) -> dict:
         "duplicate": instance.duplicate,
         "heartbeat_interval": instance.heartbeat_interval,
         "stale_after": instance.stale_after,
+        # Its registry row could not be read (another tool's values): shown as such, never as silent.
+        "problems": [f"row_unreadable: {instance.unreadable}"] if instance.unreadable else [],
     }
 
 

@@ -247,7 +247,8 @@ def instances(engine: Engine, stale_after: float, *, worker_id: str | None = Non
         except Exception as error:  # noqa: BLE001 - another tool's row must not hide the others
             instance = Instance(instance_id=text_value(m.get("instance_id")) or "?", worker_id=text_value(m.get("worker_id")) or "?",
                                 worker_url=None, host=None, pid=None, started_at=None, last_heartbeat_at=None,
-                                stopped_at=None, heartbeat_age=None, unreadable=f"{type(error).__name__}: {error}"[:200])
+                                stopped_at=None, heartbeat_age=None, unreadable=f"{type(error).__name__}: {error}"[:200],
+                                running_audits=safe_int(m.get("held")) or 0)
         if not instance.alive:
             last = instance.stopped_at or instance.last_heartbeat_at
             instance.gone_for = None if last is None else round((now - last).total_seconds(), 3)

@@ -1139,3 +1139,37 @@ def test_a_recovery_confirmed_on_the_page_and_stopped_partway_says_what_it_did_a
     assert confirmed.headers["hx-trigger"] == "auditctl:refresh"
     assert again.status == 409
     assert sum(1 for s in statuses(demo).values() if s == "failed") >= 500
+
+
+@sqlite_only
+def test_a_worker_registry_row_that_cannot_be_read_is_shown_as_unreadable_when_listing_workers(demo_url, demo,
+                                                                                              monkeypatch):
+    """A registry row ``instances`` could not read was listed as an ordinary silent instance holding no
+    audit, with no note: the operator never learnt something was wrong with it. It is now
+    ``unreadable``, with what was wrong, on the dashboard, in its JSON and in ``auditctl workers``.
+    No value found so far makes a row unreadable (the readers turn each into None), so the reading
+    of one row is made to fail here, as another tool's row one day might."""
+    from auditctl import registry
+
+    victim = cli_json(demo_url, "workers")[0]["instance_id"]
+    reading = registry._instance
+
+    def failing_on_one(m):
+        if m["instance_id"] == victim:
+            raise ValueError("year 0 is out of range")
+        return reading(m)
+
+    monkeypatch.setattr(registry, "_instance", failing_on_one)
+    listed = {w["instance_id"]: w for w in cli_json(demo_url, "workers")}
+    table = CliRunner().invoke(cli, ["workers", "--database-url", demo_url], catch_exceptions=False, env={"COLUMNS": "200"})
+    with running_dashboard(demo_url) as server:
+        page = server.get("/workers")
+        api = {w["instance_id"]: w for w in server.get("/api/workers").json()}
+    assert listed[victim]["problems"] == ["row_unreadable: ValueError: year 0 is out of range"]
+    assert all(w["problems"] == [] for i, w in listed.items() if i != victim)
+    assert api[victim]["problems"] == listed[victim]["problems"]
+    line = next(line for line in table.stdout.splitlines() if victim[:8] in line)
+    assert "unreadable" in line and "silent" not in line, table.stdout
+    assert "row_unreadable: ValueError: year 0 is out of range" in table.stdout
+    row = page.text.split(f'>{victim[:8]}<', 1)[1].split("</tr>", 1)[0]
+    assert 'class="state w-unreadable">unreadable<' in row and "row_unreadable: ValueError" in row

@@ -117,7 +117,7 @@ EVENT_COLUMNS = [
 ]
 
 
-_STATE_STYLES = {"alive": "green", "gone": "red", "silent": "dim"}
+_STATE_STYLES = {"alive": "green", "gone": "red", "silent": "dim", "unreadable": "bold red"}
 
 
 def _note(record: dict) -> str:
@@ -134,5 +134,6 @@ INSTANCE_COLUMNS = [
            style=lambda r: _STATE_STYLES[instance_state(r)]),
     Column("running_audits", "AUDITS", justify="right", fit="whole"),
     Column("duplicate", "NOTE", human=_note, from_record=True, fit="wrap", detail=True, label="note",
-           style=lambda r: "bold red" if r.get("duplicate") else "dim"),
+           csv_keys=("duplicate", "problems"),
+           style=lambda r: "bold red" if r.get("duplicate") or r.get("problems") else "dim"),
 ]
