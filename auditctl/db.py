@@ -728,13 +728,18 @@ def _closed_here(connection: Connection) -> bool:
     return bool(getattr(driver, "closed", False)) and connection.dialect.name == "postgresql"
 
 
-def _lost_not_timed_out(engine: Engine, exc: sa_exc.DBAPIError) -> bool:
-    """A PostgreSQL connection found lost, other than by a call of its own past its deadline."""
-    if engine.dialect.name != "postgresql" or not exc.connection_invalidated:
+def _timed_out(engine: Engine, exc: sa_exc.DBAPIError) -> bool:
+    """A PostgreSQL call that ended at its own deadline (``auditctl.watchdog``)."""
+    if engine.dialect.name != "postgresql":
         return False
     from .watchdog import connection_class
 
-    return not isinstance(exc.orig, connection_class().TimedOut)
+    return isinstance(exc.orig, connection_class().TimedOut)
+
+
+def _lost_not_timed_out(engine: Engine, exc: sa_exc.DBAPIError) -> bool:
+    """A PostgreSQL connection found lost, other than by a call of its own past its deadline."""
+    return engine.dialect.name == "postgresql" and exc.connection_invalidated and not _timed_out(engine, exc)
 
 
 def retried_transaction(engine: Engine, work):
@@ -758,7 +763,9 @@ def _live_transaction(engine: Engine) -> tuple[Connection, object]:
     """A transaction begun on a connection known to be alive, for an engine without pre-ping (a
     worker's). After a server restart every idle pooled connection is dead: the first statement
     finds it, and SQLAlchemy then recycles the whole pool, so one more try gets a fresh connection.
-    Only the ping is retried, never the transaction's own statements (a lost COMMIT is ambiguous).
+    Only the ping is retried, never the transaction's own statements (a lost COMMIT is ambiguous),
+    and never a ping that ran to its own deadline: the server stopped answering, and one more
+    connection would add a second deadline (and an unbounded connect) to a write promised one.
     A ping whose deadline passed just as its answer came in succeeded on a connection the watchdog
     then closed (``auditctl.watchdog``): that one is thrown away too, and the next taken."""
     retried = False
@@ -769,7 +776,9 @@ def _live_transaction(engine: Engine) -> tuple[Connection, object]:
             connection.exec_driver_sql("SELECT 1")
         except sa_exc.DBAPIError as exc:
             connection.close()
-            if retried or not exc.connection_invalidated:
+            # Found dead (a server restart): the next connection is fresh. Past its own deadline: the
+            # server stopped answering, and a fresh connection would wait as long again.
+            if retried or not exc.connection_invalidated or _timed_out(engine, exc):
                 raise
         else:
             if retried or not _closed_here(connection):

@@ -553,6 +553,47 @@ def test_update_progress_keeps_its_budget_when_the_whole_server_stops_answering(
         guard.close()
 
 
+def test_a_worker_write_against_a_server_that_stopped_answering_gives_up_at_one_deadline_not_two(own_postgres):
+    """The ping a worker's write transaction begins with is tried again only on a connection found
+    dead (a server restart), never after its own deadline: a fresh connection to a server that stopped
+    answering would wait as long again, and a SIGTERM's last write is promised to end at one deadline."""
+    from auditctl.db import _live_transaction, create_engine
+
+    server, _ = own_postgres
+    limit = 2.0
+    engine = create_engine(server.url, role="worker", call_timeout=limit)
+    try:
+        connection, transaction = _live_transaction(engine)  # one pooled connection, alive
+        backend = connection.connection.driver_connection.info.backend_pid
+        transaction.rollback()
+        connection.close()
+        postmaster = server._proc.pid
+        outcome = {}
+
+        def write():
+            started = time.monotonic()
+            try:
+                _live_transaction(engine)
+            except Exception as error:  # noqa: BLE001 - the outcome is checked below
+                outcome["error"] = error
+            outcome["took"] = time.monotonic() - started
+
+        for pid in (postmaster, backend):
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            call = threading.Thread(target=write, daemon=True)
+            call.start()
+            call.join(4 * limit)
+        finally:
+            for pid in (backend, postmaster):
+                os.kill(pid, signal.SIGCONT)
+        call.join(30)
+        assert "error" in outcome, "the write went through a server that answered nothing"
+        assert outcome["took"] < 1.5 * limit, f"gave up after {outcome['took']:.1f}s, not at its deadline ({limit:g}s)"
+    finally:
+        engine.dispose()
+
+
 def _cut_connection(engine, driver, how: str) -> None:
     """End ``driver``'s session: the server terminates its backend (and it is gone before this
     returns), or the client closes it as the watchdog does when a deadline passes just as an answer
