@@ -473,6 +473,16 @@ def test_an_invalid_per_audit_threshold_is_flagged_and_the_next_source_judges(en
     assert [p for p in json.loads(shown.stdout)["problems"] if p.endswith("_invalid")] == expected
 
 
+@pytest.mark.parametrize("column", ["max_age_seconds", "declared_stale_after", "declared_stall_after", "declared_max_age"])
+def test_a_zero_per_audit_threshold_is_ignored_so_a_healthy_audit_is_not_stuck(engine, column):
+    """Zero is no duration: taken at its word, it would make an audit that beat a second ago stuck."""
+    healthy = insert(engine, **stale_times(engine, 5), **{column: 0})
+    assert healthy not in [verdict.id for verdict in find_stuck(engine, T)]
+    silent = insert(engine, **stale_times(engine, 900), **{column: 0})
+    (verdict,) = [v for v in find_stuck(engine, T) if v.id == silent]
+    assert f"{column}_invalid" in verdict.problems
+
+
 def test_a_status_another_tool_wrote_is_shown_as_text_in_the_error_of_a_claim(engine, guards):
     """``run`` of an audit that is not pending says what it is: the status is the database's text."""
     from auditctl.errors import AuditNotClaimable

@@ -241,6 +241,9 @@ def test_a_policy_remembers_a_bounded_number_of_audits():
 @given(policies, st.lists(st.tuples(st.sampled_from([None, "scan", "quick"]), st.booleans(),
                                     st.one_of(st.none(), st.floats(-1, 20), st.floats(-1, 4000), st.just(math.nan))), max_size=4),
        st.booleans())
+# Between one and two intervals: refused (a healthy audit can look stale between two beats).
+@example(Policy.of(Thresholds(30.0, 1800.0, 600.0), Overrides(None, None, None), {}), [(None, False, 20.0)], False)
+@example(Policy.of(Thresholds(600.0, 1800.0, 600.0), Overrides(45.0, None, None), {}), [("scan", True, 30.0)], False)
 def test_policy_check_bounds_refuses_exactly_the_unsafe_stale_thresholds(policy, groups, allow_unsafe):
     # The flag replaces the fleet's and every kind's value: only what is in force is checked.
     in_force = ([policy.override.stale_after] if policy.override.stale_after is not None
