@@ -178,6 +178,39 @@ def _libpq_keywords() -> frozenset[str]:
     return frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults())
 
 
+#: libpq's words for a value it refuses while reading its settings, before any connection
+#: ('invalid sslmode value: "bogus"', 'invalid integer value "x" for connection option "port"',
+#: 'sslmode value "require" invalid when SSL support is not compiled in').
+_LIBPQ_BAD_VALUE = re.compile(r'invalid [\w ]*value\b|\w+ value "[^"]*" invalid\b')
+#: Where the check below points libpq: a socket directory no one has, so nothing is ever reached.
+_NOWHERE = "/nonexistent/auditctl-settings-check"
+
+
+def _libpq_refusal(url: URL) -> str | None:
+    """libpq's own complaint about a value of the URL's options (``sslmode=bogus``), None when it
+    takes them all. libpq checks its settings when a connection starts, before it reaches any
+    server; started towards a socket that does not exist, nothing is reached at all, and the values
+    are judged by the one list that counts (the libpq psycopg loads), not a copy of it."""
+    from psycopg import pq
+    from psycopg.conninfo import make_conninfo
+
+    params = {key: (value[-1] if isinstance(value, tuple) else value) for key, value in url.query.items()}
+    # The hosts are replaced by the missing socket; ports stay when there is one for it to go with.
+    params.update(host=_NOWHERE, hostaddr="")
+    if "," in str(params.get("port", "")):
+        params.pop("port")
+    try:
+        connection = pq.PGconn.connect_start(make_conninfo("", **params).encode())
+    except Exception:  # a conninfo psycopg cannot build: the connection itself will say
+        return None
+    try:
+        message = connection.error_message.decode("utf-8", "replace").strip()
+    finally:
+        connection.finish()
+    first = message.splitlines()[0] if message else ""
+    return first if _LIBPQ_BAD_VALUE.match(first) else None
+
+
 def _unknown_values_masked(database_url, url: URL, unknown: list[str]) -> str:
     """The URL, masked, with the values of options no one knows masked too: a misspelt ``pasword=``
     holds a password all the same. When a value cannot be found to mask, the query is left out."""
@@ -301,6 +334,15 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
             # ``watch`` would retry as an outage for good, and that ``config`` could not see.
             raise ConfigError(f"the database URL {_unknown_values_masked(database_url, url, unknown)} has an option "
                               f"PostgreSQL's client (libpq) does not take: {printable(', '.join(unknown))[:200]}")
+        refused = _libpq_refusal(url)
+        if refused is not None:
+            # libpq would refuse it on every connection: not an outage for ``watch`` to wait out.
+            said = printable(scrub(refused, database_url))[:200]
+            if any(re.search(rf"\b{re.escape(key)}\b", refused) for key in url.query):
+                raise ConfigError(f"the database URL {mask_url(database_url)} has a value PostgreSQL's client (libpq) "
+                                  f"does not take: {said}")
+            raise ConfigError(f"PostgreSQL's client (libpq) refuses a setting from its environment (a PG* variable) "
+                              f"for the database URL {mask_url(database_url)}: {said}")
         url, options = _pg_options(url, role, lock_wait, statement_timeout)
         # The URL's connect_timeout wins over ours (10 s); a write's budget still shortens either
         # (``watchdog.connect_timeout``). libpq takes whole seconds, and reads 0 as "wait for ever".

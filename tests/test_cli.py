@@ -1205,6 +1205,44 @@ def test_an_option_postgresql_does_not_take_is_a_usage_error_before_any_connecti
     assert fine.exit_code == 0, fine.output
 
 
+@pytest.mark.parametrize("option, shown", [("sslmode=bogus", 'invalid sslmode value: "bogus"'),
+                                           ("target_session_attrs=nonsense", 'invalid target_session_attrs value: "nonsense"'),
+                                           ("gssencmode=x", 'invalid gssencmode value: "x"')])
+def test_a_value_libpq_refuses_is_a_usage_error_when_the_server_is_up(postgres_server, option, shown):
+    """A bad value of an option libpq knows (``sslmode=bogus``) was found only on connecting: exit 1
+    as if the database were down. libpq's own check says what is wrong, and it is a usage error."""
+    url = make_url(postgres_server.url)
+    typed = f"postgresql://{url.username}:s3cret-pw@{url.host}:{url.port}/{url.database}?{option}"
+    for command in (["scan"], ["config"], ["recover", "--dry-run"]):
+        result = invoke(*command, "--database-url", typed, secrets=["s3cret-pw"])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"Error: the database URL postgresql://{url.username}:***@{url.host}:{url.port}/{url.database}?{option} "
+            f"has a value PostgreSQL's client (libpq) does not take: {shown}"]
+    by_env = invoke("scan", env={"AUDITCTL_DATABASE_URL": typed}, secrets=["s3cret-pw"])
+    assert by_env.exit_code == 2 and by_env.stderr.startswith("Error: --database-url ($AUDITCTL_DATABASE_URL): ")
+
+
+def test_watch_stops_with_a_usage_error_when_libpq_refuses_a_value_in_the_url(postgres_server, tmp_path):
+    """``watch`` retried a URL libpq refuses (``sslmode=bogus``) for ever, as an outage."""
+    import os
+    import subprocess
+    import sys
+
+    url = make_url(postgres_server.url)
+    typed = f"postgresql://{url.username}:s3cret-pw@{url.host}:{url.port}/{url.database}?sslmode=bogus"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITCTL_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    try:
+        result = subprocess.run([str(Path(sys.executable).parent / "auditctl"), "watch", "--interval", "1s",
+                                 "--database-url", typed], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("watch kept retrying a URL libpq refuses")
+    assert result.returncode == 2, result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert 'invalid sslmode value: "bogus"' in result.stderr
+
+
 @pytest.mark.parametrize("command, option", [(["reset-all", "--dry-run"], "max-resets"), (["recover", "--requeue"], "max-attempts"),
                                              (["watch", "--once"], "max-attempts"), (["serve"], "max-resets")])
 def test_a_count_larger_than_a_database_integer_is_a_usage_error_from_flag_env_and_file(command, option, tmp_path):
