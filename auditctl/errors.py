@@ -13,6 +13,25 @@ class ConfigError(AuditctlError, ValueError):
     """A setting is invalid: a bad duration, a threshold that contradicts another."""
 
 
+class NamedSettingError(ConfigError):
+    """A refusal that names the caller's own settings (``worker``, ``since``): each front end shows them
+    as its user gave them. The library's message, ``str(error)``, says the keyword a program passes
+    (the dashboard's query parameters are the same words); the command line says the flag typed
+    (``--worker``), through ``naming``."""
+
+    def __init__(self, template: str, *names: str):
+        #: The message with each name written ``{name}``; ``names`` are the keywords it holds.
+        self.template, self.names = template, names
+        super().__init__(self.naming(lambda name: name))
+
+    def naming(self, spell) -> str:
+        """The message with each setting named by ``spell(keyword)``."""
+        text = self.template
+        for name in self.names:
+            text = text.replace("{" + name + "}", spell(name))
+        return text
+
+
 class DatabaseUnavailable(AuditctlError):
     """The database cannot be reached or answered with an error (URL shown masked)."""
 

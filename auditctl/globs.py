@@ -127,11 +127,11 @@ MAX_FILTER_TEXT = 1000
 
 def check_filter_lists(**lists: tuple[str, ...]) -> None:
     """Refuse (``ConfigError``) a list filter with too many values or too long a value."""
-    from .errors import ConfigError
+    from .errors import NamedSettingError
 
     for name, values in lists.items():
         if len(values) > MAX_FILTER_VALUES:
-            raise ConfigError(f"{name}: {len(values)} values; at most {MAX_FILTER_VALUES} at once")
+            raise NamedSettingError(f"{{{name}}}: {len(values)} values; at most {MAX_FILTER_VALUES} at once", name)
         for value in values:
             if len(value) > MAX_FILTER_TEXT:
-                raise ConfigError(f"{name}: a value of {len(value):,} characters; at most {MAX_FILTER_TEXT:,}")
+                raise NamedSettingError(f"{{{name}}}: a value of {len(value):,} characters; at most {MAX_FILTER_TEXT:,}", name)

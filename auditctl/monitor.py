@@ -49,6 +49,8 @@ class PassResult:
     file_change: str | None = None
     #: The class of the error that stopped the pass (a fatal one is raised again as that).
     error_type: type | None = None
+    #: The error itself, for a caller that shows it in its own terms (``watch``: a filter by its flag).
+    exception: BaseException | None = None
 
 
 class Monitor:
@@ -168,4 +170,4 @@ class Monitor:
         """A pass that stopped on ``exc``, with what its committed batches recovered before it (``done``)."""
         done = committed_before(exc) or []
         return PassResult(ok=False, error=str(exc), recovered=list(done), skipped=list(getattr(done, "skipped", [])),
-                          error_type=type(exc), **how)
+                          error_type=type(exc), exception=exc if how.get("fatal") else None, **how)

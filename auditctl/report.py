@@ -39,7 +39,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
 from .db import PG_EARLIEST, PG_LATEST, fetch_now, indexed_by, is_postgres, read_connection, seconds_since
-from .errors import ConfigError, SchemaMissing
+from .errors import NamedSettingError, SchemaMissing
 from .history import LEASE_LOST, NEEDS_OPERATOR, RECOVERED, REQUEUED, RESET
 from .schema import COMPLETED, IS_RUNNING, PENDING, audits
 from .textsafe import clipped
@@ -727,11 +727,11 @@ def window(now: datetime, since: "float | datetime") -> tuple[datetime, float]:
     start that is not before ``now``."""
     if isinstance(since, datetime):
         if since >= now:
-            raise ConfigError(f"since {isoformat_z(since)} is not in the past (the database's clock says "
-                              f"{isoformat_z(now)})")
+            raise NamedSettingError(f"{{since}} {isoformat_z(since)} is not in the past (the database's clock says "
+                                    f"{isoformat_z(now)})", "since")
         if (now - since).total_seconds() > MAX_DURATION:  # as a duration is bounded: a chart of a year of days at most
-            raise ConfigError(f"since {isoformat_z(since)} is more than {format_duration(MAX_DURATION)} before now (the "
-                              f"database's clock says {isoformat_z(now)}); a report covers at most that")
+            raise NamedSettingError(f"{{since}} {isoformat_z(since)} is more than {format_duration(MAX_DURATION)} before "
+                                    f"now (the database's clock says {isoformat_z(now)}); a report covers at most that", "since")
         return since, (now - since).total_seconds()
     return now - timedelta(seconds=since), since
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .errors import ConfigError
+from .errors import ConfigError, NamedSettingError
 from .textsafe import printable
 
 WORKER_GONE = "worker_gone"
@@ -126,7 +126,7 @@ def check_window(since, until) -> None:
     else:
         return
     if backwards:
-        raise ConfigError("since is later than until: no audit was created in that window")
+        raise NamedSettingError("{since} is later than {until}: no audit was created in that window", "since", "until")
 
 
 class _NotADuration(ConfigError):

@@ -595,7 +595,7 @@ def test_flags_that_would_do_nothing_are_refused_and_the_same_settings_from_the_
 def test_a_creation_window_that_ends_before_it_starts_is_a_usage_error(demo, since, until):
     for command in ("list", "scan", "recover"):
         result = on(demo, command, "--since", since, "--until", until)
-        assert result.exit_code == 2 and "since is later than until" in result.stderr, (command, result.output)
+        assert result.exit_code == 2 and "--since is later than --until" in result.stderr, (command, result.output)
     assert on(demo, "list", "--since", until, "--until", since).exit_code == 0
 
 
@@ -1309,7 +1309,39 @@ def test_a_relative_xdg_config_home_is_ignored(tmp_path, monkeypatch):
 def test_a_filter_list_too_long_for_one_statement_is_a_usage_error(command, tmp_path):
     many = ",".join(f"t{i}" for i in range(101))
     result = invoke(command, "--target", many, "--database-url", f"sqlite:///{tmp_path / 'none.db'}")
-    assert result.exit_code == 2 and "target: 101 values; at most 100 at once" in result.stderr
+    assert result.exit_code == 2 and "--target: 101 values; at most 100 at once" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["scan"], ["list"], ["recover", "--dry-run"], ["watch", "--once"]])
+def test_a_refused_filter_is_named_as_its_flag_when_the_command_line_gave_it(demo, command):
+    """"worker: 101 values" named the filter by the library's keyword: the operator typed --worker."""
+    many = ",".join(f"w{i}" for i in range(101))
+    for flag in ("--worker", "--kind", "--target"):
+        result = on(demo, *command, flag, many)
+        assert result.exit_code == 2 and f"Error: {flag}: 101 values; at most 100 at once" in result.stderr, result.output
+    long = on(demo, *command, "--target", "x" * 1001)
+    assert long.exit_code == 2 and "Error: --target: a value of 1,001 characters; at most 1,000" in long.stderr
+    for since, until in (("1h", "2h"), ("1h", "2020-01-01")):  # the second judged on the database's clock
+        backwards = on(demo, *command, "--since", since, "--until", until)
+        assert backwards.exit_code == 2 and "Error: --since is later than --until: no audit was created in that window" \
+            in backwards.stderr, backwards.output
+
+
+def test_a_report_since_not_in_the_past_is_named_as_its_flag(demo):
+    ahead = on(demo, "report", "--since", "2999-01-01T00:00Z")
+    assert ahead.exit_code == 2 and ahead.stderr.startswith("Error: --since 2999-01-01T00:00:00.000Z is not in the past")
+    ancient = on(demo, "report", "--suggest-thresholds", "--since", "0001-01-01T00:00:00Z")
+    assert ancient.exit_code == 2 and ancient.stderr.startswith("Error: --since 0001-01-01T00:00:00.000Z is more than")
+
+
+def test_the_library_names_a_refused_filter_by_its_keyword_when_a_program_gave_it():
+    from auditctl.errors import ConfigError
+    from auditctl.rules import Filters
+
+    with pytest.raises(ConfigError, match="^worker: 101 values"):
+        Filters(workers=tuple(f"w{i}" for i in range(101)))
+    with pytest.raises(ConfigError, match="^since is later than until"):
+        Filters(since=60.0, until=120.0)
 
 
 # --- runtime errors -------------------------------------------------------------------
@@ -1508,7 +1540,7 @@ def test_a_workers_log_never_shows_its_database_password_or_webhook_on_either_en
 def test_watch_refuses_a_backwards_window_of_a_duration_and_a_time_at_the_start(demo):
     """Judged on the database's clock, once: it used to fail every pass as a database outage."""
     result = on(demo, "watch", "--once", "--since", "1h", "--until", "2020-01-01")
-    assert result.exit_code == 2 and "since is later than until" in result.stderr, result.output
+    assert result.exit_code == 2 and "--since is later than --until" in result.stderr, result.output
 
 
 def test_watch_stops_with_a_usage_error_when_its_window_turns_backwards_as_time_goes_on(demo):
@@ -1518,8 +1550,9 @@ def test_watch_stops_with_a_usage_error_when_its_window_turns_backwards_as_time_
 
     until = (datetime.now(timezone.utc) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     result = on(demo, "watch", "--no-recover", "--interval", "0.5s", "--since", "1s", "--until", until)
-    assert result.exit_code == 2 and "since is later than until" in result.stderr, result.output
+    assert result.exit_code == 2 and "--since is later than --until" in result.stderr, result.output
     assert "database lost" not in result.output
+    assert "since is later than until" not in result.output, "the log line names the flags too"
 
 
 def test_a_silent_instance_is_never_coloured_as_alive():

@@ -99,7 +99,7 @@ class AuditctlGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ConfigError as error:
-            _fail(ctx, error, EXIT_USAGE)
+            _fail(ctx, as_typed(error), EXIT_USAGE)
         except AuditctlError as error:
             _explain_and_fail(ctx, error)
         except UnicodeEncodeError as error:
@@ -287,6 +287,18 @@ def _explain_and_fail(ctx: click.Context, error: AuditctlError) -> None:
         except AuditctlError:
             pass  # no engine to ask: the error as it came
     _fail(ctx, error, EXIT_ERROR)
+
+
+def as_typed(error: ConfigError) -> ConfigError:
+    """The library's refusal with the settings it names (``worker``, ``since``) named as their flags
+    (``--worker``, ``--since``): what the operator typed on this command line."""
+    from ..errors import NamedSettingError
+
+    if not isinstance(error, NamedSettingError):
+        return error
+    typed = ConfigError(error.naming(lambda name: "--" + name.replace("_", "-")))
+    typed.__cause__ = error
+    return typed
 
 
 def _fail(ctx: click.Context, error: Exception, code: int) -> None:

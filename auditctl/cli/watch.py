@@ -154,6 +154,8 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         # went on), not the database. WriteRefused: exit 1, the role may not write, as it said.
         for kind in (ConfigError, WriteRefused):
             if result.error_type is not None and issubclass(result.error_type, kind):
+                if isinstance(result.exception, kind):
+                    raise result.exception  # as it was: a refused filter is then named by its flag (group.as_typed)
                 raise kind(result.error)
         raise SchemaMissing(result.error)  # exit 1, with the precise diagnosis (see group._explain_and_fail)
     if isinstance(view, LogView) and view.output_error is not None:
@@ -168,6 +170,16 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         from .group import EXIT_ERROR
 
         click.get_current_context().exit(EXIT_ERROR)
+
+
+def _fatal_error(result) -> str:
+    """Why a pass stopped, with a refused filter named by its flag (``--since``), as typed."""
+    from ..errors import ConfigError
+    from .group import as_typed
+
+    if isinstance(result.exception, ConfigError):
+        return str(as_typed(result.exception))
+    return str(result.error)
 
 
 class _NoteHandler(logging.Handler):
@@ -259,7 +271,7 @@ class LogView:
         if not result.ok:
             self._changes(result)  # what the pass's committed batches did before it stopped
             if result.fatal:
-                self._line(f"cannot watch: {_safe(result.error)}")
+                self._line(f"cannot watch: {_safe(_fatal_error(result))}")
                 return
             self._lost(result.error)
             return
@@ -387,7 +399,7 @@ class Screen:
             self.status = "database back" if result.resumed_after_outage else "ok"
         else:
             self.status_ok = False
-            self.status = ("CANNOT WATCH: " if result.fatal else "DATABASE LOST (retrying): ") + str(result.error)
+            self.status = ("CANNOT WATCH: " if result.fatal else "DATABASE LOST (retrying): ") + _fatal_error(result)
         self._refresh()
 
     def observe(self, monitor, stop):
