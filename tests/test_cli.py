@@ -912,6 +912,22 @@ def test_config_refuses_what_recover_and_watch_refuse_unless_unsafe_thresholds(t
     assert invoke("--config", path, "config", "--unsafe-thresholds").exit_code == 0
 
 
+@pytest.mark.parametrize("command", [["report"], ["report", "--suggest-thresholds"], ["reset-all", "--dry-run"],
+                                     ["scan"], ["recover", "--dry-run"], ["watch", "--once"], ["config"]])
+def test_every_command_refuses_a_stale_after_below_the_floor_when_report_or_reset_all_is_run(demo, command, tmp_path):
+    """report and reset-all (without --include-stuck) took --stale-after 500ms that every other command refuses."""
+    by_flag = on(demo, *command, "--stale-after", "500ms")
+    assert by_flag.exit_code == 2, by_flag.output
+    assert "Error: --stale-after 500ms is below the floor of 1.0s" in by_flag.stderr
+    by_env = on(demo, *command, env={"AUDITCTL_STALE_AFTER": "0.5s"})
+    assert by_env.exit_code == 2 and "stale_after 500ms is below the floor of 1.0s" in by_env.stderr, by_env.output
+    path = tmp_path / "low.toml"
+    path.write_text('[kinds.x]\nstale_after = "1ms"\n')
+    by_file = invoke("--config", path, *command, "--database-url", demo, secrets=[p for p in [make_url(demo).password] if p])
+    assert by_file.exit_code == 2 and "stale_after of kind 'x' 1ms is below the floor of 1.0s" in by_file.stderr
+    assert on(demo, *command, "--stale-after", "500ms", "--unsafe-thresholds").exit_code == 0
+
+
 def test_config_precedence_decides_what_scan_finds(fleet, tmp_path):
     """The blog audit has been silent 17m: stuck under 10m, not under 20m (stall_after raised to match)."""
     path = tmp_path / "patient.toml"

@@ -7,7 +7,7 @@ import click
 from ..config import SETTINGS
 from .app import cli
 from .notify import destination_options
-from .options import (DURATION, check_floors, check_interval, common_options, echo_status, max_attempts_option,
+from .options import (DURATION, check_interval, common_options, echo_status, max_attempts_option,
                       max_resets_option, output_options, threshold_options)
 
 
@@ -70,9 +70,9 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
     from .render import Column, render
 
     # A URL every other command would refuse is refused before this (common_options), and so are
-    # thresholds and intervals below their floors here (the running audits' declared intervals
-    # need the database, which config does not read: recover and watch still check those).
-    check_floors(policy, allow_unsafe)
+    # thresholds below their floor (threshold_options); intervals below theirs are refused here (the
+    # running audits' declared intervals need the database, which config does not read: recover and
+    # watch still check those).
     check_interval(interval, allow_unsafe)
     check_interval(refresh, allow_unsafe, "refresh")
     ctx = click.get_current_context()

@@ -260,6 +260,9 @@ def threshold_options(command):
             policy = Policy.of(fleet, override, kinds)  # a kind's values checked against those in force beside them
         except ConfigError as error:
             raise click.UsageError(str(error)) from None
+        # The floor (``thresholds.MIN_STALE_AFTER``) holds for every command that takes thresholds, here,
+        # before any of them runs: report and reset-all once took what scan, recover and watch refuse.
+        check_floors(policy, allow_unsafe)
         return command(*args, policy=policy, allow_unsafe=allow_unsafe, **kwargs)
 
     return wrapper
@@ -299,8 +302,8 @@ def check_bounds(state: CliState, policy, allow_unsafe: bool, filters=None) -> N
 
 
 def check_floors(policy, allow_unsafe: bool) -> None:
-    """Refuse a stale threshold below its floor (usage error, exit 2), without the database: what
-    ``config`` can tell, and the first of ``check_bounds``."""
+    """Refuse a stale threshold below its floor (usage error, exit 2), without the database: done for
+    every command by ``threshold_options``, and again as the first step of ``check_bounds``."""
     from ..thresholds import UnsafeThreshold
 
     try:
