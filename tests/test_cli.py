@@ -1294,6 +1294,32 @@ def test_an_empty_database_url_variable_is_refused_and_never_falls_back(tmp_path
     assert given.exit_code == 0, "a URL given on the command line wins over the empty variable"
 
 
+@pytest.mark.parametrize("variable, command", [
+    ("AUDITCTL_STALE_AFTER", ["scan"]), ("AUDITCTL_MAX_AGE", ["recover", "--dry-run"]), ("AUDITCTL_STALL_AFTER", ["config"]),
+    ("AUDITCTL_INTERVAL", ["watch", "--once"]), ("AUDITCTL_REFRESH", ["config"]), ("AUDITCTL_MAX_ATTEMPTS", ["config"]),
+    ("AUDITCTL_MAX_RESETS", ["reset-all", "--dry-run"]), ("AUDITCTL_LOCK_WAIT", ["list"]),
+    ("AUDITCTL_SLACK_WEBHOOK", ["notify"]), ("AUDITCTL_DISCORD_WEBHOOK", ["config"]), ("AUDITCTL_WEBHOOK", ["recover"]),
+    ("AUDITCTL_NOTIFY_TIMEOUT", ["config"]), ("AUDITCTL_STALE_AFTER", ["workers"]), ("AUDITCTL_INTERVAL", ["report"]),
+    ("AUDITCTL_WEB_TOKEN", ["serve"]), ("AUDITCTL_WEB_PORT", ["serve"]), ("AUDITCTL_WEB_HOST", ["serve"])])
+def test_an_empty_setting_variable_is_refused_when_a_command_reads_it(tmp_path, variable, command):
+    """``AUDITCTL_STALE_AFTER=$UNSET`` read as unset: the file's value or the default was used without a
+    word, while an empty AUDITCTL_CONFIG or AUDITCTL_DATABASE_URL is refused."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    assert invoke("init", "--database-url", url).exit_code == 0
+    result = invoke(*command, "--database-url", url, env={variable: ""})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"Error: ${variable} is set but empty: "), \
+        result.stderr
+    blank = invoke(*command, "--database-url", url, env={variable: "  "})  # refused too, by the type or as empty
+    assert blank.exit_code == 2 and f"${variable}" in blank.stderr and blank.stderr.count("\n") == 1, blank.output
+    # The flag, given, wins over the variable: nothing of it is read.
+    flag = {"AUDITCTL_WEB_TOKEN": "--token", "AUDITCTL_WEB_PORT": "--port", "AUDITCTL_WEB_HOST": "--host"}.get(
+        variable, "--" + variable.removeprefix("AUDITCTL_").lower().replace("_", "-"))
+    if command[0] in ("config", "scan", "list", "workers", "report"):
+        value = {"--max-attempts": "3", "--max-resets": "5", "--discord-webhook": "https://discord.example/x"}.get(flag, "20m")
+        assert invoke(*command, "--database-url", url, flag, value, env={variable: ""}).exit_code == 0
+
+
 def test_a_config_file_with_settings_both_in_its_auditctl_table_and_at_the_top_is_refused(tmp_path):
     path = tmp_path / "wrapped.toml"
     path.write_text('stale_after = "20m"\n[auditctl]\nmax_age = "40m"\n')

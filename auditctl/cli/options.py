@@ -187,6 +187,7 @@ def common_options(command):
             # Click takes an empty variable for an unset one: ``AUDITCTL_DATABASE_URL=$UNSET`` in a cron
             # job would then work on ./auditctl.db (or the config file's database) without a word.
             raise click.UsageError(f"${SETTINGS['database_url'].envvar} is set but empty: give a database URL, or unset it")
+        refuse_empty_variables(ctx)
         _check_database_url(ctx, database_url)
         verbose += root.meta.get("auditctl.verbose_global", 0)
         quiet = quiet or root.meta.get("auditctl.quiet_global", False)
@@ -197,6 +198,28 @@ def common_options(command):
         return command(*args, state=state, **kwargs)
 
     return wrapper
+
+
+#: What an empty variable should have held, by the kind of setting (``config.Setting.kind``).
+_WANTED = {"duration": "a duration such as 10m", "count": "a whole number", "count0": "a whole number",
+           "urls": "a webhook URL", "url": "a database URL"}
+
+
+def refuse_empty_variables(ctx: click.Context) -> None:
+    """An ``AUDITCTL_*`` variable of this command's options that is set but empty (or blank) is a usage
+    error naming it: click takes an empty variable for an unset one, so ``AUDITCTL_STALE_AFTER=$UNSET``
+    in a cron job would judge audits by the config file's value or the default without a word. An
+    option given on the command line wins, and its variable is not read at all."""
+    for param in ctx.command.params:
+        envvar = getattr(param, "envvar", None)
+        if not isinstance(envvar, str) or not envvar.startswith("AUDITCTL_") or param.name == "database_url":
+            continue  # the database URL has its own line (common_options), which knows the global flag
+        value = os.environ.get(envvar)
+        if value is None or value.strip() or ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            continue
+        setting = SETTINGS.get(param.name)
+        wanted = _WANTED.get(setting.kind, "a value") if setting is not None and setting.envvar == envvar else "a value"
+        raise click.UsageError(f"${envvar} is set but empty: give {wanted}, or unset it")
 
 
 def _check_database_url(ctx: click.Context, database_url: str) -> None:
