@@ -853,6 +853,66 @@ def config_of(result) -> dict[str, tuple]:
     return {r["setting"]: (r["value"], r["source"]) for r in as_json(result)}
 
 
+def source_column(table: str) -> list[str]:
+    """Each row's SOURCE cell of ``auditctl config``'s table, its folded lines joined again: a line
+    that ends in '/' runs on into the next; any other break stands for a space."""
+    lines = [line for line in table.splitlines() if line.strip()]
+    header = next(i for i, line in enumerate(lines) if line.startswith("SETTING"))
+    at = lines[header].index("SOURCE")
+    cells: list[list[str]] = []
+    for line in lines[header + 1:]:
+        if line.startswith("Config file:"):
+            break
+        assert len(line) <= 80, line
+        if line[:at].strip():
+            cells.append([])
+        cells[-1].append(line[at:].rstrip())
+    joined = []
+    for pieces in cells:
+        text = pieces[0]
+        for piece in pieces[1:]:
+            text += piece if text.endswith("/") else " " + piece
+        joined.append(text)
+    return joined
+
+
+def folded_config(tmp_path) -> tuple[list, str]:
+    folder = tmp_path / "site-settings" / "auditctl-prod-eu-west"
+    folder.mkdir(parents=True)
+    path = folder / "config.toml"
+    path.write_text('stale_after = "12m"\n[kinds.full-scan]\nmax_age = "4h"\nstall_after = "30m"\n')
+    args = ["--config", path.relative_to(tmp_path), "config", "--stall-after", "20m"]  # run in tmp_path
+    return args, [r["source"] for r in as_json(invoke(*args, "--format", "json", env={"AUDITCTL_MAX_AGE": "40m"}))]
+
+
+def test_config_wraps_its_source_column_at_words_and_paths_when_the_terminal_is_80_wide(tmp_path):
+    """At 80 columns the SOURCE column was cut mid-word ("file /tmp/.../site-" / "settings/...")."""
+    args, sources = folded_config(tmp_path)
+    result = invoke(*args, "--format", "table", env={"COLUMNS": "80", "AUDITCTL_MAX_AGE": "40m"})
+    assert result.exit_code == 0, result.output
+    assert source_column(result.stdout) == sources, result.stdout
+    assert "flag (the file's 30m is replaced)" in sources
+    # The other formats are untouched: plain keeps one line per setting when it fits, markdown and json never fold.
+    markdown = invoke(*args, "--format", "markdown", env={"COLUMNS": "80", "AUDITCTL_MAX_AGE": "40m"})
+    assert all(source.replace("_", "\\_") in markdown.stdout or source in markdown.stdout for source in sources)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_config_wraps_its_source_column_at_words_and_paths_in_a_real_80_column_terminal(tmp_path):
+    import os
+    import sys
+
+    from terminal import Terminal
+
+    args, sources = folded_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITCTL_") and k not in ("COLUMNS", "LINES", "TMUX")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "xdg"), AUDITCTL_MAX_AGE="40m")
+    with Terminal(tmp_path, width=80, height=40, env=env) as term:
+        term.run(str(Path(sys.executable).parent / "auditctl"), *map(str, args))
+        shown = term.wait_for(lambda screen: "Config file:" in screen, message="the settings")
+    assert source_column(shown) == sources, shown
+
+
 def test_config_with_nothing_set_shows_every_default():
     result = invoke("config", "--format", "json")
     settings = config_of(result)

@@ -1132,6 +1132,21 @@ def test_the_table_wraps_other_text_by_terminal_cells_keeping_every_word(text, w
         "".join(text.split())
 
 
+@given(st.text(alphabet=st.sampled_from(list("ab /-._ 错😀")), max_size=80), st.integers(1, 80))
+@example("file /tmp/rev/cli-play/k.toml", 18)
+def test_a_folded_cell_keeps_every_character_fits_its_width_and_breaks_only_at_spaces_or_after_a_slash(text, width):
+    from rich.cells import cell_len
+
+    from auditctl.cli.render import fold
+
+    lines = fold(text, width)
+    assert all(cell_len(line) <= max(width, 2) for line in lines), lines
+    assert "".join(lines).replace(" ", "") == "".join(text.split())
+    for line, after in zip(lines, lines[1:]):
+        whole = not line.endswith("/") and cell_len(line) + 1 + cell_len(after.split(" ")[0]) > width
+        assert line.endswith("/") or whole or cell_len(line) >= width - 1, (lines, width)
+
+
 def test_a_label_before_chinese_text_keeps_the_start_of_the_text_on_its_line():
     from auditctl.cli.render import wrap
 

@@ -124,7 +124,7 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
     # A kind's name comes from a file (one `report --suggest-thresholds` may have written): a line
     # break in it is shown escaped, so a row stays one setting.
     columns = [Column("setting", "SETTING", human=printable, fit="whole"), Column("value", "VALUE", fit="whole"),
-               Column("source", "SOURCE", fit="wrap", min_width=10, shrink=1)]
+               Column("source", "SOURCE", fit="fold", min_width=10, shrink=1)]
     render(records, columns, fmt, title="Settings in force")
     echo_status(state, f"Config file: {path or 'none (looked at $AUDITCTL_CONFIG, then $XDG_CONFIG_HOME/auditctl/config.toml)'}")
 

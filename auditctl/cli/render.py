@@ -48,7 +48,9 @@ class Column:
     human: Callable | None = None  # value (or record, with from_record) -> text
     justify: str = "left"
     style: Callable | None = None  # record -> rich style (table only)
-    fit: str = "truncate"  # "whole": never cut; "truncate": end cut with an ellipsis; "wrap": word-wrapped
+    # "whole": never cut; "truncate": end cut with an ellipsis; "wrap": word-wrapped; "fold": wrapped at
+    # spaces and after a '/' only (a path or a name keeps its hyphens: "cli-" / "play" is no break)
+    fit: str = "truncate"
     min_width: int = 8
     detail: bool = False  # on a narrow screen, shown on a line under the row
     label: str | None = None  # the detail line's label (default: the header in lower case)
@@ -236,6 +238,8 @@ def layout_lines(layout: Layout, texts: list[list[str]], records: list[dict], *,
             lines = row[index].split("\n")
             if column.fit == "wrap":
                 lines = [part for line in lines for part in (wrap(line, width) or [""])]
+            elif column.fit == "fold":
+                lines = [part for line in lines for part in (fold(line, width) or [""])]
             elif column.fit == "truncate":
                 lines = [_truncate(line, width, ellipsis) for line in lines]
             style = column.style(record) if column.style is not None else None
@@ -273,6 +277,37 @@ def wrap(text: str, width: int, *, subsequent_indent: str = "") -> list[str]:
         kept = text.rstrip(" ")
         return [kept] if kept else []
     return textwrap.wrap(text, width, subsequent_indent=subsequent_indent)
+
+
+#: What ``fold`` breaks between: a run of spaces (dropped at the break), or text up to and with a '/'.
+_FOLD_PIECES = re.compile(r"\s+|[^\s/]*/+|[^\s/]+")
+
+
+def fold(text: str, width: int) -> list[str]:
+    """Lines of at most ``width`` cells, broken at spaces and after a '/' only: a file's path folds
+    between its directories, a word never at a hyphen (``textwrap`` breaks "cli-play" after "cli-").
+    A piece no line holds is cut where the line ends."""
+    lines: list[str] = []
+    current, space = "", False
+    width = max(1, width)
+    for piece in _FOLD_PIECES.findall(text):
+        if piece.isspace():
+            space = bool(current)
+            continue
+        candidate = current + (" " if space else "") + piece
+        space = False
+        if _cell_len(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while _cell_len(piece) > width:
+            head, piece = _cut_cells(piece, width)
+            lines.append(head)
+        current = piece
+    if current:
+        lines.append(current)
+    return lines
 
 
 def _wrap_cells(text: str, width: int, indent: str) -> list[str]:
