@@ -588,6 +588,41 @@ def test_one_notify_run_sends_the_message_tried_before_then_the_newer_events_a_s
     assert retried.body == failed.body and new.at - retried.at >= 0.95
 
 
+def test_a_tries_count_another_tool_wrote_as_text_is_counted_as_a_problem_when_the_retry_fails(sqlite_engine, sqlite_url,
+                                                                                                  hooks, caplog):
+    """The sender read a delivery's tries with a bare int(): 'many' (SQLite keeps text in an integer
+    column) failed the attempt as "ValueError", left the row claimed until its claim ran out, and set no backoff."""
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"down"))
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(sqlite_engine, 1)
+    assert deliver(sqlite_engine, destinations).results[0].error == "HTTP 500: down"
+    with write_transaction(sqlite_engine) as connection:
+        connection.execute(sql_text("UPDATE notification_deliveries SET attempts = 'many', "
+                                    "next_attempt_at = '2000-01-01 00:00:00.000000'"))
+    with caplog.at_level(logging.INFO, logger="auditctl.notify"):
+        result = deliver(sqlite_engine, destinations).results[0]
+    assert len(hook.requests) == 2, "the message was tried again"
+    assert result.error == "HTTP 500: down", result.error
+    assert result.unreadable_tries == 1
+    assert "1 delivery row held a tries count that is no number (read as 0)" in result.describe()
+    assert delivery_states(sqlite_engine) == ["pending"], "marked failed, with a backoff, not left claimed"
+    assert "failed unexpectedly" not in caplog.text and "Traceback" not in caplog.text
+    assert "tries count that is no number" in caplog.text
+    # A count as large as SQLite holds is read, and the backoff stays the longest one.
+    with write_transaction(sqlite_engine) as connection:
+        connection.execute(sql_text("UPDATE notification_deliveries SET attempts = 9223372036854775807, "
+                                    "next_attempt_at = '2000-01-01 00:00:00.000000'"))
+    huge = deliver(sqlite_engine, destinations).results[0]
+    assert huge.error == "HTTP 500: down" and huge.unreadable_tries == 0 and huge.retry_in <= sender.BACKOFF_MAX * 1.2
+    # The command line says it too, and goes on.
+    with write_transaction(sqlite_engine) as connection:
+        connection.execute(sql_text("UPDATE notification_deliveries SET attempts = 'x''); --', "
+                                    "next_attempt_at = '2000-01-01 00:00:00.000000'"))
+    said = invoke("notify", "--database-url", sqlite_url, "--webhook", hook.url())
+    assert said.exit_code == 1 and "HTTP 500: down" in said.stderr and "tries count that is no number" in said.stderr
+
+
 def test_events_expire_undelivered_and_leave_the_backlog(engine, database_url, hooks):
     hook = hooks()
     hook.always(Answer(status=500))

@@ -39,6 +39,7 @@ from ..errors import AuditctlError
 from ..outbox import expired_events, live_events
 from ..schema import Timestamp, notification_deliveries, notifications
 from ..textsafe import printable
+from ..values import safe_int
 from . import digest as digests
 from .destinations import DEFAULT_TIMEOUT, Destination
 from .transport import post_json
@@ -73,6 +74,8 @@ class DestinationResult:
     expired: int = 0  # events that expired undelivered in this call
     more: bool = False  # more events were due than one message holds
     seconds: float = 0.0
+    #: Delivery rows whose tries count is no number (text another tool wrote): read as 0 tries.
+    unreadable_tries: int = 0
 
     @property
     def failed(self) -> bool:
@@ -86,11 +89,17 @@ class DestinationResult:
         if self.error is not None:
             kept = f"; {self.pending} event{'s' if self.pending != 1 else ''} kept" if self.pending else ""
             retry = f", next try in {_seconds(self.retry_in)}" if self.retry_in is not None and self.pending else ""
-            return f"could not deliver to {label}: {self.error}{kept}{retry}"
+            return f"could not deliver to {label}: {self.error}{kept}{retry}{self._problems()}"
         if self.pending:
             return (f"{self.pending} event{'s' if self.pending != 1 else ''} for {label} wait for a retry"
                     + (f" in {_seconds(self.retry_in)}" if self.retry_in is not None else ""))
         return f"nothing to deliver to {label}"
+
+    def _problems(self) -> str:
+        if not self.unreadable_tries:
+            return ""
+        rows = "1 delivery row" if self.unreadable_tries == 1 else f"{self.unreadable_tries} delivery rows"
+        return f"; {rows} held a tries count that is no number (read as 0)"
 
 
 def _seconds(value: float | None) -> str:
@@ -133,7 +142,9 @@ class DeliveryReport:
 
 
 def backoff(attempts: int) -> float:
-    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+    # The doubling stops long before BACKOFF_MAX is passed: a tries count another tool set to 2**63
+    # must not become a number of 2**63 bits.
+    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(max(0, attempts - 1), 64))
     return delay * (0.8 + 0.4 * random.random())
 
 
@@ -319,7 +330,14 @@ def deliver_to(engine: Engine, destination: Destination, *, timeout: float = DEF
                 result.sent = True
                 log.info("alert sent to %s: %d event(s), idempotency key %s", destination.label, len(ids), key)
             else:
-                attempts = max(int(r.attempts or 0) for r in rows) + 1
+                # Another tool may have written anything into the column (SQLite keeps text there):
+                # read as no tries, and counted, rather than failing this attempt.
+                tries = [safe_int(r.attempts) for r in rows]
+                result.unreadable_tries = sum(1 for r, n in zip(rows, tries) if n is None and r.attempts is not None)
+                if result.unreadable_tries:
+                    log.warning("%d delivery row(s) for %s held a tries count that is no number; read as 0",
+                                result.unreadable_tries, destination.label)
+                attempts = max(n or 0 for n in tries) + 1
                 wait = backoff(attempts)
                 if body is not None and response.retry_after is not None:
                     wait = max(response.retry_after, 0.5)  # the destination said when: exactly then, not sooner
