@@ -770,6 +770,24 @@ def test_the_fleet_healthy_event_is_written_once_after_recoveries_whoever_notice
     assert event_count(engine, "fleet_healthy") == 2
 
 
+def test_two_processes_noticing_the_same_thing_write_one_event_and_neither_fails(engine):
+    """The unique key, not a read before the write, is what keeps a second noticer out: the read
+    cannot see a replica's write that has not committed yet."""
+    from auditctl import outbox
+
+    for expected in (True, False):
+        with write_transaction(engine) as connection:
+            assert outbox.enqueue(connection, "fleet_healthy", {"after_event": 7}, dedupe_key="fleet_healthy:after:7") \
+                is expected
+    assert event_count(engine, "fleet_healthy") == 1
+
+
+def test_a_failed_post_is_retried_after_1_2_4_seconds_up_to_5_minutes_as_readme_says():
+    for attempts, seconds in ((1, 1), (2, 2), (3, 4), (4, 8), (9, 256), (10, 300), (60, 300)):
+        waits = [sender.backoff(attempts) for _ in range(200)]
+        assert 0.8 * seconds <= min(waits) and max(waits) <= 1.2 * seconds, (attempts, min(waits), max(waits))
+
+
 # --- the command line -----------------------------------------------------------------------------------------------
 
 
