@@ -40,8 +40,8 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, timestamps
 from .schema import DISTINCTIVE_AUDIT_COLUMNS, DISTINCTIVE_ENOUGH, RULE_TIME_COLUMNS
-from .errors import (ConfigError, DatabaseMissing, DatabaseRefused, DatabaseUnavailable, NotADatabase, SchemaMissing,
-                     TextNotUtf8, WriteRefused)
+from .errors import (ConfigError, ConnectionSettingRefused, DatabaseMissing, DatabaseRefused, DatabaseUnavailable,
+                     NotADatabase, SchemaMissing, TextNotUtf8, WriteRefused)
 from .textsafe import printable
 from .urls import mask_url, scrub
 from .watchdog import CALL_GRACE, connect_within
@@ -211,6 +211,21 @@ def _libpq_refusal(url: URL) -> str | None:
     return first if _LIBPQ_BAD_VALUE.match(first) else None
 
 
+#: libpq's words for a value it reads only once it has a socket for a TCP connection (its keepalive
+#: and TCP settings), said when the connection fails: 'invalid integer value "abc" for connection
+#: option "keepalives"'.
+_LIBPQ_BAD_OPTION_VALUE = re.compile(r'invalid [\w ]*value "[^"]*" for connection option "[^"]*"')
+
+
+def _value_refused(said: str, url: URL, shown: str, error=ConfigError) -> ConfigError:
+    """The usage error for a value libpq refused (``said``, scrubbed): the URL's, or, when the URL
+    holds no option it names, one from libpq's environment (a PG* variable)."""
+    if any(re.search(rf"\b{re.escape(key)}\b", said) for key in url.query):
+        return error(f"the database URL {shown} has a value PostgreSQL's client (libpq) does not take: {said}")
+    return error(f"PostgreSQL's client (libpq) refuses a setting from its environment (a PG* variable) "
+                 f"for the database URL {shown}: {said}")
+
+
 def _unknown_values_masked(database_url, url: URL, unknown: list[str]) -> str:
     """The URL, masked, with the values of options no one knows masked too: a misspelt ``pasword=``
     holds a password all the same. When a value cannot be found to mask, the query is left out."""
@@ -337,12 +352,7 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
         refused = _libpq_refusal(url)
         if refused is not None:
             # libpq would refuse it on every connection: not an outage for ``watch`` to wait out.
-            said = printable(scrub(refused, database_url))[:200]
-            if any(re.search(rf"\b{re.escape(key)}\b", refused) for key in url.query):
-                raise ConfigError(f"the database URL {mask_url(database_url)} has a value PostgreSQL's client (libpq) "
-                                  f"does not take: {said}")
-            raise ConfigError(f"PostgreSQL's client (libpq) refuses a setting from its environment (a PG* variable) "
-                              f"for the database URL {mask_url(database_url)}: {said}")
+            raise _value_refused(printable(scrub(refused, database_url))[:200], url, mask_url(database_url))
         url, options = _pg_options(url, role, lock_wait, statement_timeout)
         # The URL's connect_timeout wins over ours (10 s); a write's budget still shortens either
         # (``watchdog.connect_timeout``). libpq takes whole seconds, and reads 0 as "wait for ever".
@@ -1154,6 +1164,11 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
         return WriteRefused(f"the database at {where} will not let auditctl write ({detail}"
                             f"{_read_only_directory_hint(url, detail)}): {advice}")
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(exc, "connection_invalidated", False):
+        refused = _LIBPQ_BAD_OPTION_VALUE.search(detail) if url.get_backend_name() != "sqlite" else None
+        if refused is not None:
+            # Found only on connecting (create_engine's check cannot see it), and said on every
+            # connection: not an outage to wait out.
+            return _value_refused(printable(refused.group(0))[:200], url, where, ConnectionSettingRefused)
         return DatabaseUnavailable(f"database unavailable at {where}: {detail}{_read_only_directory_hint(url, detail)}")
     return DatabaseRefused(f"database error at {where}: {detail}")
 

@@ -54,6 +54,13 @@ class TextNotUtf8(DatabaseRefused):
     """
 
 
+class ConnectionSettingRefused(ConfigError, DatabaseUnavailable):
+    """libpq refused a value of the database URL's options (``keepalives=abc``) on connecting: it
+    will on every connection, so it is a usage error (a ``ConfigError``: exit 2, and a monitor stops
+    instead of retrying), and for callers that only ask whether the database could be used, a
+    ``DatabaseUnavailable`` (the dashboard shows it as the database it cannot read)."""
+
+
 class DatabaseMissing(DatabaseUnavailable):
     """A read-only command was pointed at a SQLite file that does not exist (it is never created)."""
 

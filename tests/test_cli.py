@@ -1319,6 +1319,42 @@ def test_watch_stops_with_a_usage_error_when_libpq_refuses_a_value_in_the_url(po
     assert 'invalid sslmode value: "bogus"' in result.stderr
 
 
+@pytest.mark.parametrize("option", ["keepalives=abc", "keepalives_idle=x", "tcp_user_timeout=x", "keepalives_count=1.5"])
+def test_a_value_libpq_judges_only_on_connecting_is_a_usage_error_when_the_server_is_up(postgres_server, option):
+    """libpq reads some values (``keepalives=abc``) only once it has a TCP socket, so the check made
+    before connecting passed them, and the connection's refusal was taken for an outage: exit 1."""
+    url = make_url(postgres_server.url)
+    typed = f"postgresql://{url.username}:s3cret-pw@{url.host}:{url.port}/{url.database}?{option}"
+    key, value = option.split("=")
+    for command in (["scan"], ["recover", "--dry-run"], ["watch", "--once"]):
+        result = invoke(*command, "--database-url", typed, secrets=["s3cret-pw"])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"Error: the database URL postgresql://{url.username}:***@{url.host}:{url.port}/{url.database}?{option} "
+            f"has a value PostgreSQL's client (libpq) does not take: "
+            f'invalid integer value "{value}" for connection option "{key}"')
+
+
+def test_watch_stops_with_a_usage_error_when_libpq_refuses_a_value_only_on_connecting(postgres_server, tmp_path):
+    """``watch`` retried a URL whose ``keepalives_idle=x`` libpq refuses on every connection, for ever."""
+    import os
+    import subprocess
+    import sys
+
+    url = make_url(postgres_server.url)
+    typed = f"postgresql://{url.username}:s3cret-pw@{url.host}:{url.port}/{url.database}?keepalives_idle=x"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITCTL_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    try:
+        result = subprocess.run([str(Path(sys.executable).parent / "auditctl"), "watch", "--interval", "1s",
+                                 "--database-url", typed], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("watch kept retrying a URL libpq refuses")
+    assert result.returncode == 2, result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert 'invalid integer value "x" for connection option "keepalives_idle"' in result.stderr
+
+
 @pytest.mark.parametrize("command, option", [(["reset-all", "--dry-run"], "max-resets"), (["recover", "--requeue"], "max-attempts"),
                                              (["watch", "--once"], "max-attempts"), (["serve"], "max-resets")])
 def test_a_count_larger_than_a_database_integer_is_a_usage_error_from_flag_env_and_file(command, option, tmp_path):

@@ -1173,3 +1173,21 @@ def test_a_worker_registry_row_that_cannot_be_read_is_shown_as_unreadable_when_l
     assert "row_unreadable: ValueError: year 0 is out of range" in table.stdout
     row = page.text.split(f'>{victim[:8]}<', 1)[1].split("</tr>", 1)[0]
     assert 'class="state w-unreadable">unreadable<' in row and "row_unreadable: ValueError" in row
+
+
+def test_dashboard_shows_the_database_unavailable_when_libpq_refuses_a_url_value_on_connecting(tmp_path):
+    """A value libpq reads only on connecting (``keepalives=abc``) is a usage error for the commands;
+    on the dashboard it was answered as the request's fault (400), and health said the database was up."""
+    url = "postgresql://bob:s3cret-pw@127.0.0.1:1/audits?keepalives=abc"
+    with running_dashboard(url, token=TOKEN) as server:
+        base = server.url.rstrip("/")
+        health = http("GET", base + "/api/health")
+        stuck = http("GET", base + "/api/stuck")
+        action = http("POST", base + "/api/recover", headers=BEARER)
+        page = http("GET", base + "/")
+    assert health.status == 503 and health.json()["database"] == "unavailable"
+    assert 'invalid integer value \\"abc\\" for connection option \\"keepalives\\"' in health.text
+    assert stuck.status == 503 and action.status == 503, (stuck.text, action.text)
+    assert page.status == 200 and "Database unreachable" in page.text
+    for text in (health.text, stuck.text, action.text, page.text):
+        assert "s3cret" not in text

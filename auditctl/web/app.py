@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import AuditctlError, AuditNotFound, ConfigError
+from ..errors import AuditctlError, AuditNotFound, ConfigError, DatabaseUnavailable
 from ..history import Actor
 from ..thresholds import Policy
 from ..urls import scrub
@@ -157,17 +157,24 @@ class Dashboard:
         """One library read; database trouble is recorded in ``health`` and raised as ``Outage``."""
         try:
             value = function(*args, **kwargs)
-        except (AuditNotFound, ConfigError):
-            self.health.succeeded()
-            raise
+        except (AuditNotFound, ConfigError) as error:
+            # A setting libpq refused on connecting (ConnectionSettingRefused) is the database not
+            # read, not a bad request.
+            if not isinstance(error, DatabaseUnavailable):
+                self.health.succeeded()
+                raise
+            self._lost(error)
         except (AuditctlError, SQLAlchemyError, OSError) as error:
-            from ..migrate import explained
-
-            message = self.safe_message(explained(error, self.reader))
-            self.health.failed(message)
-            raise Outage(message) from None
+            self._lost(error)
         self.health.succeeded()
         return value
+
+    def _lost(self, error: Exception):
+        from ..migrate import explained
+
+        message = self.safe_message(explained(error, self.reader))
+        self.health.failed(message)
+        raise Outage(message) from None
 
     def close(self) -> None:
         self.reader.dispose()
