@@ -54,7 +54,7 @@ from .progress import PROGRESS_FIELDS, read_progress, read_progress_fields
 from .values import THRESHOLD_COLUMNS, float_value, invalid_thresholds, rounded, safe_int, text_value
 from .thresholds import (
     FUTURE_TOLERANCE, MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
-    check_window, format_duration,
+    check_window, format_duration, parse_duration,
 )
 
 #: Rows per page when streaming (each page is its own short read; nothing is held open between pages).
@@ -308,12 +308,21 @@ class Verdict:
 
 
 def _past(seconds: float | None, limit: float | None) -> str:
-    """A measurement beside the threshold it passed, never rounded to the same figure: "no heartbeat
-    for 3.0s (stale_after 3.0s)" reads as not past it, where the silence was 3.04s."""
+    """A measurement beside the threshold it passed, never rounded to the same figure or below it:
+    "no heartbeat for 3.0s (stale_after 3s)" reads as not past it, where the silence was 3.04s."""
     text = format_duration(seconds)
-    if seconds is not None and limit is not None and text == _setting(limit):
+    if seconds is not None and limit is not None and _read_back(text) <= limit:
         return format_duration(seconds, exact=True)
     return text
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_back(shown: str) -> float:
+    """What a shown duration reads as (``"3.0s"``: 3), -inf for one that is no duration (``"<1ms"``)."""
+    try:
+        return parse_duration(shown)
+    except ConfigError:
+        return float("-inf")
 
 
 @functools.lru_cache(maxsize=1024)

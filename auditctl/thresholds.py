@@ -161,13 +161,15 @@ def format_duration(seconds: float | None, *, exact: bool = False) -> str:
     """``3725`` -> ``"1h2m"``; short and human, for tables and log lines.
 
     ``exact`` is for a setting (a threshold given, a limit): every part is kept (``"1h2m5s"``,
-    ``"10m59s"``, ``"1.25s"``), so what is shown is the value in force, not a rounding of it."""
+    ``"10m59s"``, ``"1.25s"``), so what is shown is the value in force, not a rounding of it.
+    Whole seconds are shown whole either way (``"5s"``, as help and durations typed are written);
+    ``"5.0s"`` is a measurement rounded to it."""
     if seconds is None or not math.isfinite(seconds):
         return "-"  # NaN or infinity (a measurement from a broken row) is no duration to show
     if seconds < 0:
         return "-" + format_duration(-seconds, exact=exact)
-    if exact and not (float(seconds).is_integer() and seconds < 10):
-        return _exact_duration(seconds)
+    if exact:
+        return _exact_duration(seconds) if seconds else "0s"
     if 0 < seconds < 0.9995:  # "0.0s" would hide a sub-second threshold the operator set
         if seconds < 0.001:
             return "<1ms"
@@ -175,7 +177,7 @@ def format_duration(seconds: float | None, *, exact: bool = False) -> str:
         if "e" not in text:  # 999.5 ms and up round to 1e+03: shown as seconds below
             return f"{text}ms"
     if seconds < 10:
-        return f"{seconds:.1f}s"
+        return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds:.1f}s"
     days, hours, minutes, secs = _day_parts(int(round(seconds)))
     if days:
         return f"{days}d{hours}h" if hours else f"{days}d"

@@ -416,7 +416,7 @@ BAD_SETTINGS = [
     ({"heartbeat_interval": 600, "stale_after": 600}, "stale_after (10m) must be at least twice heartbeat_interval (10m)"),
     ({"heartbeat_interval": 400}, "stale_after (10m) must be at least twice heartbeat_interval (6m40s)"),
     ({"heartbeat_interval": 2, "kinds": {"quick": {"stale_after": 3}}},
-     "stale_after of kind 'quick' (3.0s) must be at least twice heartbeat_interval (2.0s)"),
+     "stale_after of kind 'quick' (3s) must be at least twice heartbeat_interval (2s)"),
     ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1"),
     ({"heartbeat_interval": 1e-9, "stale_after": 1}, "heartbeat_interval (0.000000001s) is below the floor of 100ms"),
     ({"kinds": {"deep": {"bogus": 1}}}, "kind deep: unknown setting 'bogus'"),

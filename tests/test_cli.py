@@ -922,9 +922,9 @@ def test_config_with_nothing_set_shows_every_default():
         "max_age": ("30m", "default"),
         "stall_after": ("10m", "default"),
         "interval": ("5m", "default"),
-        "refresh": ("1.0s", "default"),
+        "refresh": ("1s", "default"),
         "lock_wait": ("30s", "default"),
-        "notify_timeout": ("5.0s", "default"),
+        "notify_timeout": ("5s", "default"),
         "max_attempts": (3, "default"),
         "max_resets": (5, "default"),
         "slack_webhook": (None, "default"),
@@ -978,13 +978,13 @@ def test_every_command_refuses_a_stale_after_below_the_floor_when_report_or_rese
     """report and reset-all (without --include-stuck) took --stale-after 500ms that every other command refuses."""
     by_flag = on(demo, *command, "--stale-after", "500ms")
     assert by_flag.exit_code == 2, by_flag.output
-    assert "Error: --stale-after 500ms is below the floor of 1.0s" in by_flag.stderr
+    assert "Error: --stale-after 500ms is below the floor of 1s" in by_flag.stderr
     by_env = on(demo, *command, env={"AUDITCTL_STALE_AFTER": "0.5s"})
-    assert by_env.exit_code == 2 and "stale_after 500ms is below the floor of 1.0s" in by_env.stderr, by_env.output
+    assert by_env.exit_code == 2 and "stale_after 500ms is below the floor of 1s" in by_env.stderr, by_env.output
     path = tmp_path / "low.toml"
     path.write_text('[kinds.x]\nstale_after = "1ms"\n')
     by_file = invoke("--config", path, *command, "--database-url", demo, secrets=[p for p in [make_url(demo).password] if p])
-    assert by_file.exit_code == 2 and "stale_after of kind 'x' 1ms is below the floor of 1.0s" in by_file.stderr
+    assert by_file.exit_code == 2 and "stale_after of kind 'x' 1ms is below the floor of 1s" in by_file.stderr
     assert on(demo, *command, "--stale-after", "500ms", "--unsafe-thresholds").exit_code == 0
 
 
@@ -1035,7 +1035,7 @@ def test_config_shows_the_lock_wait_the_alert_timeout_and_each_webhook_masked(tm
     settings = config_of(invoke("--config", path, "config", "--format", "json", "--lock-wait", "2m", env=env,
                                 secrets=["s3cret", "T0", "services"]))
     assert settings["lock_wait"] == ("2m", "flag")
-    assert settings["notify_timeout"] == ("9.0s", f"file {path}")
+    assert settings["notify_timeout"] == ("9s", f"file {path}")
     assert settings["slack_webhook"] == ("https://hooks.slack.com/***, https://hooks.slack.com/***", "env AUDITCTL_SLACK_WEBHOOK")
     assert settings["discord_webhook"] == ("https://discord.com/***", f"file {path}")
     assert settings["webhook"] == (None, "default")

@@ -1167,3 +1167,25 @@ def test_a_threshold_shown_exactly_reads_back_as_the_same_value(seconds):
     """``config`` and the explanations show a setting exactly: what they show is what is in force."""
     shown = format_duration(seconds, exact=True)
     assert parse_duration(shown) == seconds, shown
+
+
+@given(st.integers(0, int(MAX_DURATION)), st.booleans())
+@example(1, True)  # "below the floor of 1.0s" where help and flags say 1s
+@example(5, True)  # config's notify_timeout "5.0s"
+@example(5, False)  # report's "heartbeat every 5.0s"
+def test_whole_seconds_show_without_a_decimal_when_a_duration_is_whole(seconds, exact):
+    shown = format_duration(seconds, exact=exact)
+    assert ".0s" not in shown, shown
+    assert format_duration(float(seconds), exact=exact) == shown
+
+
+@given(st.floats(min_value=1.0, max_value=MAX_DURATION), st.floats(min_value=1e-6, max_value=1.0))
+@example(3.0, 0.04)  # "no heartbeat for 3.0s (stale_after 3s)": the silence was 3.04s
+@example(620.0, 9.0)  # "running for 10m (max_age 10m20s)": it ran 10m29s
+def test_an_explanation_never_shows_a_measurement_at_or_below_the_threshold_it_passed(limit, over):
+    from auditctl.rules import _past
+
+    measured = limit + over
+    if measured == limit:
+        return
+    assert parse_duration(_past(measured, limit)) > limit
