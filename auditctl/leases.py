@@ -57,12 +57,16 @@ def create_audit(engine: Engine, target: str, *, max_age: float | None = None, k
     storable_text("target", target)
     if kind is not None:
         storable_text("kind", kind)
-    with write_transaction(engine) as connection:
+    def attempt(connection):
         result = connection.execute(
             insert(audits).values(target=target, status=PENDING, created_at=db_now(), attempts=0, max_age_seconds=max_age,
                                   kind=kind)
         )
         return int(result.inserted_primary_key[0])
+
+    # A connection lost before the COMMIT went out committed nothing: the audit is created once more
+    # on a fresh one. One whose COMMIT may have gone out is never repeated: that could make two audits.
+    return retried_transaction(engine, attempt)
 
 
 def _fenced(lease: Lease):
@@ -218,14 +222,17 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
 
 
 def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:
-    """Record the rejected write and build the exception to raise."""
-    with write_transaction(engine) as connection:
+    """Record the rejected write and build the exception to raise. Like a claim, the record is made
+    once more on a fresh connection when the first was lost before its COMMIT went out."""
+    def attempt(connection):
         now = fetch_now(connection)
         status = connection.execute(select(audits.c.status).where(audits.c.id == lease.audit_id)).scalar()
         history.record(connection, [{
             "audit_id": lease.audit_id, "event": history.LEASE_LOST, "from_status": status, "to_status": status,
             "details": {"write": write, "lease": lease.token, "worker_id": lease.worker_id, "instance_id": lease.instance_id},
         }], actor, now)
+
+    retried_transaction(engine, attempt)
     return LeaseLost(lease.audit_id)
 
 

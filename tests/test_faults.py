@@ -615,16 +615,28 @@ def _cut_connection(engine, driver, how: str) -> None:
     wait_for(gone, timeout=30, message="the backend to end")
 
 
+def claiming(statement, parameters) -> bool:
+    return statement.lstrip().upper().startswith("UPDATE AUDITS") and (parameters or {}).get("status") == "running"
+
+
+def creating(statement, parameters) -> bool:
+    return statement.lstrip().upper().startswith("INSERT INTO AUDITS ")
+
+
+def recording_lease_lost(statement, parameters) -> bool:
+    return statement.lstrip().upper().startswith("INSERT INTO AUDIT_EVENTS") and \
+        isinstance(parameters, dict) and parameters.get("event") == "lease_lost"
+
+
 @contextlib.contextmanager
-def connection_cut(guard, engine, how: str, *, when: str):
+def connection_cut(guard, engine, how: str, *, when: str, statement=claiming):
     """Cut the guard's connection once, just before (``when="before-update"``) or just after
-    (``"after-update"``) the claim's UPDATE; yields the list of claim UPDATEs sent."""
+    (``"after-update"``) the first statement ``statement(sql, parameters)`` picks (the claim's
+    UPDATE unless told); yields the list of such statements sent."""
     from sqlalchemy import event
 
     sent, cut = [], []
-
-    def claiming(statement, parameters) -> bool:
-        return statement.lstrip().upper().startswith("UPDATE AUDITS") and (parameters or {}).get("status") == "running"
+    claiming = statement
 
     def before(conn, cursor, statement, parameters, context, executemany):
         if claiming(statement, parameters):
@@ -680,6 +692,69 @@ def test_a_claim_whose_commit_may_have_reached_the_server_is_not_repeated_when_i
                 pytest.fail("the claim cannot have landed")
     assert len(sent) == 1, "a claim whose COMMIT may have been sent is never sent again"
     assert row(engine, audit_id)["status"] == "pending"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how, when", [("terminated", "before-update"), ("closed-by-deadline", "before-update"),
+                                       ("closed-by-deadline", "after-update")])
+def test_a_creation_whose_connection_is_lost_before_its_commit_was_sent_is_retried_once_and_creates_one_audit(
+        engine, guards, how, when):
+    """``create_audit`` on a connection lost before its COMMIT went out raised DatabaseUnavailable, though
+    nothing was committed and a fresh connection would do: it is made once more, and one audit exists."""
+    from sqlalchemy import select
+
+    from auditctl.schema import audits
+
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)
+    target = f"https://example.com/create-cut-{how}-{when}"
+    with connection_cut(guard, engine, how, when=when, statement=creating) as sent:
+        audit_id = guard.create_audit(target)
+    assert len(sent) == 2, "created once more, and only once"
+    with engine.connect() as connection:
+        made = connection.execute(select(audits.c.id).where(audits.c.target == target)).scalars().all()
+    assert made == [audit_id], "one audit, the one returned"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_creation_whose_commit_may_have_reached_the_server_is_not_repeated_when_its_connection_is_cut(engine, guards):
+    """The backend ended after the INSERT: the COMMIT went out on a connection that looked alive. The
+    creation is not repeated (it could make a second audit); the caller is told."""
+    from sqlalchemy import func, select
+
+    from auditctl.errors import DatabaseUnavailable
+    from auditctl.schema import audits
+
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)
+    target = "https://example.com/create-commit-cut"
+    with connection_cut(guard, engine, "terminated", when="after-update", statement=creating) as sent:
+        with pytest.raises(DatabaseUnavailable):
+            guard.create_audit(target)
+    assert len(sent) == 1, "a creation whose COMMIT may have been sent is never sent again"
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).where(audits.c.target == target)).scalar() <= 1
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how, when", [("terminated", "before-update"), ("closed-by-deadline", "after-update")])
+def test_a_lease_lost_event_whose_connection_is_lost_before_its_commit_was_sent_is_recorded_once(engine, guards, how, when):
+    """A late write found its lease gone; recording that (the lease_lost event) on a connection lost
+    before its COMMIT went out raised DatabaseUnavailable in place of LeaseLost, and recorded nothing."""
+    from auditctl import leases
+    from auditctl.errors import LeaseLost
+    from auditctl.history import Actor
+    from auditctl.recovery import recover_audits
+    from auditctl.schema import audits
+
+    guard = guards(heartbeat_interval=60, stale_after=120, max_age=600, stall_after=600)
+    audit_id = leases.create_audit(guard.engine, "https://example.com/lost-cut")
+    lease, _ = leases.claim(guard.engine, audit_id, worker_id="cut-worker", instance_id="cut-instance", worker_url=None)
+    recover_audits(engine, audits.c.id == audit_id, reason="manual", explanation="taken away by the test",
+                   actor=Actor.command("test"))
+    with connection_cut(guard, engine, how, when=when, statement=recording_lease_lost) as sent:
+        with pytest.raises(LeaseLost):
+            leases.heartbeat(guard.engine, lease, Actor.worker("cut-worker", "cut-instance"))
+    assert len(sent) == 2, "recorded once more, and only once"
+    assert [e["event"] for e in events(engine, audit_id)] == ["recovered", "lease_lost"]
 
 
 def _pool_errors(caplog) -> list[str]:
