@@ -318,11 +318,12 @@ def _past(seconds: float | None, limit: float | None) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def _read_back(shown: str) -> float:
-    """What a shown duration reads as (``"3.0s"``: 3), -inf for one that is no duration (``"<1ms"``)."""
+    """What a shown duration reads as (``"3.0s"``: 3); infinity for one no setting could be (over a
+    year, ``"<1ms"``), which no threshold is mistaken for."""
     try:
         return parse_duration(shown)
     except ConfigError:
-        return float("-inf")
+        return float("inf")
 
 
 @functools.lru_cache(maxsize=1024)
