@@ -43,13 +43,14 @@ def invalid_thresholds(names, values) -> list[str]:
 
 
 def safe_int(value) -> int | None:
-    """An integer column as an int, else None (text, fractions, NaN)."""
+    """An integer column as an int, else None (text, fractions, NaN, and a number no 64-bit integer
+    holds: 1e300 stored as a float by another tool is no PID or count, and would print 301 digits)."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
-        return value
+        return value if MIN_INT <= value <= MAX_INT else None
     number = float_value(value)
-    if number is None or not number.is_integer():
+    if number is None or not number.is_integer() or not MIN_INT <= number <= MAX_INT:
         return None
     return int(number)
 

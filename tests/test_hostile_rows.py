@@ -515,3 +515,27 @@ def test_a_live_peer_whose_instance_id_another_tool_filled_with_escapes_is_logge
     assert [peer.instance_id for peer in guard.duplicates] == ["\x1b[2J\x1b]0;x\x07"]
     assert "also used by a live instance" in caplog.text
     assert_no_escape_reaches_the_terminal(caplog.text)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # PostgreSQL's integer columns hold only integers
+def test_a_huge_float_another_tool_stored_as_a_pid_or_attempts_is_shown_as_unreadable_not_301_digits(engine, database_url):
+    """1e300 in ``attempts`` or a ``pid`` is a whole number to Python: ``show`` printed
+    ``attempts: 1000000000000000052504...`` and ``workers`` a PID of 301 digits."""
+    audit_id = insert(engine, **stale_times(engine), attempts=1e300)
+    now = db_time(engine).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO workers (instance_id, worker_id, host, pid, started_at, last_heartbeat_at) "
+                                "VALUES ('huge-pid', 'other-tool', 'h', 1e300, :now, :now)"), {"now": now})
+        connection.execute(text("INSERT INTO audit_events (audit_id, at, event, actor, host, pid) "
+                                "VALUES (:id, :now, 'reset', 'other-tool', 'h', -1e300)"), {"id": audit_id, "now": now})
+    runner = CliRunner()
+    for args in (["show", str(audit_id)], ["show", str(audit_id), "-o", "json"], ["list"], ["list", "-o", "json"],
+                 ["workers"], ["workers", "-o", "json"], ["scan"], ["scan", "-o", "json"]):
+        result = runner.invoke(cli, [*args, "--database-url", database_url])
+        assert result.exit_code == 0, (args, result.output)
+        assert not re.search(r"\d{30}", result.stdout), (args, result.stdout[:2000])
+    shown = json.loads(runner.invoke(cli, ["show", str(audit_id), "-o", "json", "--database-url", database_url]).stdout)
+    assert shown["attempts"] == 0 and "attempts_not_a_number" in shown["problems"]
+    (instance,) = [i for i in json.loads(runner.invoke(cli, ["workers", "-o", "json", "--database-url", database_url]).stdout)
+                   if i["instance_id"] == "huge-pid"]
+    assert instance["pid"] is None
