@@ -18,7 +18,8 @@ Metrics (all prefixed ``auditctl_``):
 ``lease_lost_total``                        counter    late writes refused because the audit was taken away
 ``needs_operator_total``                    counter    recoveries the database refused (see ``needs_operator``)
 ``detection_latency_seconds``               histogram  last heartbeat to recovery, per recovery in the history
-``workers{state}``                          gauge      worker instances ``alive`` and not (``gone``: proven gone or silent)
+``workers{state}``                          gauge      worker instances ``alive`` and not (``gone``: proven gone or silent;
+                                                       an unreadable registry row counts as neither)
 ``oldest_heartbeat_age_seconds``            gauge      silence of the least recently heard running audit (0: none)
 ``notification_backlog``                    gauge      unexpired notification events not yet delivered
 ``notification_backlog_oldest_age_seconds`` gauge      age of the oldest undelivered event (0: none)

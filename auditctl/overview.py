@@ -42,7 +42,7 @@ class Overview:
 
     @property
     def workers_gone(self) -> int:
-        return sum(1 for w in self.workers if not w.beating)
+        return sum(1 for w in self.workers if w.not_beating)
 
     @property
     def oldest_heartbeat_age(self) -> float | None:

@@ -73,6 +73,12 @@ class Instance:
         """Alive and beating: what the fleet's counts of alive workers count."""
         return self.alive and not self.late
 
+    @property
+    def not_beating(self) -> bool:
+        """Read, and not alive and beating (proven gone, or silent): what the fleet's counts of gone
+        workers count. A row that cannot be read proves nothing, and counts as neither."""
+        return not self.beating and self.unreadable is None
+
 
 def _process_start(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), or None when there is no such

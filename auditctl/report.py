@@ -268,7 +268,7 @@ def fleet_figures(engine: Engine, policy: Policy | None = None, *, stale_after: 
     found = instances(engine, stale_after or policy.resolve("stale_after")[0], retention=GONE_RETENTION)
     return FleetFigures(
         at=now, by_status=by_status, stuck_by_reason=by_reason, stuck=stuck,
-        workers_alive=sum(1 for i in found if i.beating), workers_gone=sum(1 for i in found if not i.beating),
+        workers_alive=sum(1 for i in found if i.beating), workers_gone=sum(1 for i in found if i.not_beating),
         oldest_heartbeat_age_seconds=oldest_heartbeat_age(engine), history=history_totals(engine),
         notifications=notification_backlog(engine),
     )

@@ -390,3 +390,35 @@ def test_the_stuck_gauge_counts_the_whole_fleet_whatever_watch_is_filtered_to(fl
     found = samples(path.read_text())
     for reason, count in expected.items():
         assert value(found, "auditctl_stuck_audits", reason=reason) == count, reason
+
+
+def test_a_worker_registry_row_that_cannot_be_read_counts_as_neither_alive_nor_gone(fleet, engine, tmp_path, monkeypatch):
+    """An unreadable registry row (``auditctl workers`` shows it ``unreadable``) proves nothing about its
+    worker, but the overview's ``workers_gone`` and ``auditctl_workers{state="gone"}`` counted it as gone.
+    No stored value makes a row unreadable today (each reader turns it into None), so the reading of one
+    row is made to fail, as another tool's row one day might (as tests/test_web.py does)."""
+    from auditctl import registry
+    from auditctl.overview import fleet_overview
+    from auditctl.records import overview_record
+    from auditctl.thresholds import Policy
+
+    alive = [w for w in json.loads(invoke("workers", "-o", "json", "--database-url", fleet).stdout) if w["alive"]]
+    victim = alive[0]["instance_id"]
+    reading = registry._instance
+
+    def failing_on_one(m):
+        if m["instance_id"] == victim:
+            raise ValueError("year 0 is out of range")
+        return reading(m)
+
+    monkeypatch.setattr(registry, "_instance", failing_on_one)
+    path = tmp_path / "auditctl.prom"
+    assert invoke("watch", "--once", "--no-live", "--no-recover", "--database-url", fleet, "--metrics-file", path).exit_code == 0
+    found = samples(path.read_text())
+    expected = recount(engine)
+    assert value(found, "auditctl_workers", state="alive") == expected["alive"] - 1 == 2
+    assert value(found, "auditctl_workers", state="gone") == expected["gone"] == 2
+    record = overview_record(fleet_overview(engine, Policy()))
+    assert (record["workers_alive"], record["workers_gone"]) == (2, 2)
+    assert [w["problems"] for w in record["workers"] if w["instance_id"] == victim] == [
+        ["row_unreadable: ValueError: year 0 is out of range"]]
