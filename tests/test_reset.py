@@ -348,3 +348,22 @@ def test_since_given_in_seconds_is_fixed_to_one_moment_for_the_whole_reset(engin
 
     assert isinstance(plan.filters.since, datetime)
     assert timedelta(seconds=3590) < now - plan.filters.since < timedelta(seconds=3700)
+
+
+def test_since_as_a_moment_takes_an_audit_that_failed_at_exactly_that_moment(engine):
+    """``--since`` is "failed within": an audit whose finish is the very moment named is in the
+    reset (the plan, its dry run and the reset itself), one a millisecond earlier is not."""
+    on_the_line, just_before = make_running(engine, 2)
+    with read_connection(engine) as connection:
+        moment = fetch_now(connection).replace(microsecond=123000) - timedelta(hours=1)
+    with write_transaction(engine) as connection:
+        for audit_id, finished in ((on_the_line, moment), (just_before, moment - timedelta(milliseconds=1))):
+            connection.execute(update(audits).where(audits.c.id == audit_id).values(
+                status=FAILED, error="scanner crashed", finished_at=finished))
+
+    filters = ResetFilters(since=moment)
+    assert plan_reset_all(engine, filters).ids == [on_the_line]
+    assert [r.id for r in reset_failed(engine, actor=ACTOR, filters=filters, dry_run=True)] == [on_the_line]
+    assert [r.id for r in reset_failed(engine, actor=ACTOR, filters=filters)] == [on_the_line]
+    assert row(engine, on_the_line)["status"] == PENDING
+    assert row(engine, just_before)["status"] == FAILED
