@@ -367,3 +367,31 @@ def test_since_as_a_moment_takes_an_audit_that_failed_at_exactly_that_moment(eng
     assert [r.id for r in reset_failed(engine, actor=ACTOR, filters=filters)] == [on_the_line]
     assert row(engine, on_the_line)["status"] == PENDING
     assert row(engine, just_before)["status"] == FAILED
+
+
+def test_include_stuck_leaves_alone_a_stuck_audit_that_reached_the_reset_limit_after_the_plan(engine):
+    """Between the plan and its confirmation someone else reset the audit to the limit (and it was
+    claimed and stuck again): the batch checks the limit again under its lock, and leaves it running,
+    unreported, rather than recovering it, finding it cannot be reset, and calling for an operator."""
+    late, free = make_running(engine, 2)
+    plan = plan_reset_all(engine, ResetFilters(max_resets=2), include_stuck=True, policy=Thresholds())
+    assert [v.id for v in plan.stuck] == [late, free]
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == late).values(resets=2))
+
+    done = reset_all(engine, plan, actor=ACTOR, policy=Thresholds())
+
+    assert [r.id for r in done] == [free] and done.skipped == []
+    assert row(engine, late)["status"] == "running"
+    assert events(engine, late) == []
+
+
+def test_include_stuck_with_only_reasons_no_rule_gives_takes_no_stuck_audit(engine):
+    """``--reason worker_restarted`` (or ``manual``) names failed audits a worker or an operator recovered:
+    no stuck running audit is stuck for it, so none is recovered and reset along with them."""
+    (stuck,) = make_running(engine, 1)
+    for reasons in (("worker_restarted",), ("manual",), ("worker_restarted", "manual")):
+        plan = plan_reset_all(engine, ResetFilters(reasons=reasons), include_stuck=True, policy=Thresholds())
+        assert plan.stuck == [] and plan.stuck_held_back == 0, reasons
+    assert [v.id for v in plan_reset_all(engine, ResetFilters(reasons=("manual", "stale_heartbeat")), include_stuck=True,
+                                         policy=Thresholds()).stuck] == [stuck]
