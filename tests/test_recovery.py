@@ -1140,3 +1140,27 @@ def test_a_batch_of_recoveries_is_built_without_the_collector_walking_it(engine)
         gc.set_threshold(*threshold)
     assert len(done) == 400
     assert collections and not any(collections), "collections ran, and none while the batch's recoveries were built"
+
+
+def test_a_leftover_cleanup_leaves_an_audit_claimed_at_the_very_moment_the_cleaner_registered(engine, start_audit):
+    """"Claimed at or after that registration" is no leftover: an audit whose start is exactly the cleaning
+    instance's registration stays running; one claimed a millisecond before it is recovered."""
+    from datetime import timedelta
+
+    from auditctl.db import fetch_now
+    from auditctl.schema import workers
+
+    with write_transaction(engine) as connection:
+        registered = fetch_now(connection).replace(microsecond=250000) - timedelta(seconds=60)
+        connection.execute(workers.insert().values(instance_id="cleaning", worker_id="w", host="h", pid=1,
+                                                   started_at=registered))
+    same_moment, _ = start_audit(worker_id="w", instance_id="earlier")
+    before, _ = start_audit(worker_id="w", instance_id="earlier")
+    with write_transaction(engine) as connection:
+        for audit_id, started in ((same_moment, registered), (before, registered - timedelta(milliseconds=1))):
+            connection.execute(update(audits).where(audits.c.id == audit_id).values(started_at=started))
+
+    done = recover_worker_leftovers(engine, "w", {"cleaning"}, actor=Actor.worker("w", "cleaning"), instance_id="cleaning")
+
+    assert [r.id for r in done] == [before]
+    assert row(engine, same_moment)["status"] == RUNNING
