@@ -142,3 +142,25 @@ def test_a_worker_startup_cleanup_stopped_partway_logs_what_it_recovered_then_ra
     logged = [record.getMessage() for record in caplog.records if "was left running by an earlier instance" in record.getMessage()]
     assert len(logged) == BATCH and f"audit {ids[0]} " in logged[0], logged[:2]
     assert statuses(engine, ids) == {"failed": BATCH, "running": 300}
+
+
+def test_a_reset_stopped_after_only_an_audit_needing_an_operator_still_reports_that_audit(engine):
+    """The batches before the outage changed no audit, but one was refused and recorded as needing an
+    operator: that is done, and the caller is handed it with the error (not the error alone, as if
+    nothing had happened)."""
+    from auditctl.errors import AuditctlError
+    from auditctl.history import Actor
+    from auditctl.recovery import committed_before, recover_stuck, reset_failed, until_stopped
+    from auditctl.thresholds import Thresholds
+
+    refused, unreached = make_running(engine, 2)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))
+    install_abort_trigger(engine, "refuse_one", when_pg=f"NEW.status = 'pending' AND NEW.id = {refused}")
+    install_abort_trigger(engine, "outage", when_pg=f"NEW.status = 'pending' AND NEW.id = {unreached}", errcode="57P01")
+
+    done, error = until_stopped(lambda: reset_failed(engine, actor=Actor.command("reset-all"), batch_size=1))
+
+    assert isinstance(error, AuditctlError) and committed_before(error) is done
+    assert list(done) == [] and [s.id for s in done.skipped] == [refused]
+    assert events(engine, refused)[-1]["event"] == "needs_operator"
+    assert statuses(engine, [refused, unreached]) == {"failed": 2}
