@@ -395,3 +395,24 @@ def test_include_stuck_with_only_reasons_no_rule_gives_takes_no_stuck_audit(engi
         assert plan.stuck == [] and plan.stuck_held_back == 0, reasons
     assert [v.id for v in plan_reset_all(engine, ResetFilters(reasons=("manual", "stale_heartbeat")), include_stuck=True,
                                          policy=Thresholds()).stuck] == [stuck]
+
+
+def test_reset_all_does_not_count_an_audit_needing_an_operator_as_changed_meanwhile(engine, database_url):
+    """An audit the database refused is reported as needing an operator, and only so: it was reached,
+    not left alone because it changed since the plan."""
+    from click.testing import CliRunner
+
+    from auditctl.cli import cli
+
+    refused, taken = make_running(engine, 2)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))
+    install_abort_trigger(engine, "refuse_one", when_sqlite=f"OLD.id = {refused}", when_pg=f"OLD.id = {refused}")
+
+    plan = plan_reset_all(engine, ResetFilters())
+    done = reset_all(engine, plan, actor=ACTOR)
+    assert [r.id for r in done] == [taken] and [s.id for s in done.skipped] == [refused]
+    assert plan.left_alone(done, None) == 0
+
+    result = CliRunner().invoke(cli, ["reset-all", "--yes", "--database-url", database_url], catch_exceptions=False)
+    assert "need" in result.stderr and "operator" in result.stderr, result.stderr
+    assert "left alone" not in result.stderr, result.stderr
