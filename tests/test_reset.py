@@ -416,3 +416,25 @@ def test_reset_all_does_not_count_an_audit_needing_an_operator_as_changed_meanwh
     result = CliRunner().invoke(cli, ["reset-all", "--yes", "--database-url", database_url], catch_exceptions=False)
     assert "need" in result.stderr and "operator" in result.stderr, result.stderr
     assert "left alone" not in result.stderr, result.stderr
+
+
+def test_since_in_seconds_with_named_audits_is_fixed_once_for_every_batch(engine):
+    """``reset --id A --id B --since 6s``: the line is drawn when the reset starts, not again at each
+    batch, so an audit inside the window when it started is reset even if a later batch runs after
+    it would have left the window."""
+    import time
+
+    first, second = make_running(engine, 2)
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(update(audits).where(audits.c.id.in_([first, second])).values(
+            status=FAILED, error="scanner crashed", finished_at=now - timedelta(seconds=3)))
+
+    def between_batches(handled, _count):
+        if handled == 1:
+            time.sleep(4)  # the database's clock moves on: 7s after the finish, past the 6s window
+
+    done = reset_failed(engine, actor=ACTOR, filters=ResetFilters(since=6, ids=(first, second)), batch_size=1,
+                        on_batch=between_batches)
+
+    assert [r.id for r in done] == [first, second]
