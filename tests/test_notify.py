@@ -980,3 +980,31 @@ def test_webhooks_come_from_the_config_file_too(sqlite_url, hooks, tmp_path):
     assert result.exit_code == 0 and f"Alerts: sent 2 events in 1 message to slack http://127.0.0.1:{hook.port}/***" \
         in result.stderr
     assert len(hook.requests) == 1 and hook.requests[0].body["blocks"][0]["text"]["text"] == "5 stuck audits recovered"
+
+
+def requeued_gone_worker_event(number: int) -> OutboxEvent:
+    return OutboxEvent(number, None, "recovered", {"actor": "watch", "audits": [
+        {"id": 5, "target": "t", "reasons": ["worker_gone"], "status": "pending", "worker_id": "worker-3",
+         "explanation": ["gone"], "measured": {"worker_gone": "worker process 9 no longer exists"}}]})
+
+
+def test_fleet_healthy_followed_by_a_new_recovery_in_one_message_does_not_say_healthy_again():
+    """Only the latest news counts: healthy, then stuck again, is not "healthy again"; the other way round it is."""
+    healthy = OutboxEvent(1, None, "fleet_healthy", {"actor": "watch"})
+    then_stuck = build([healthy, requeued_gone_worker_event(2)])
+    assert then_stuck.healthy is None and "healthy" not in then_stuck.title
+    assert "healthy" not in json.dumps(slack.message(then_stuck, "k")).lower()
+    assert all("healthy" not in e["title"].lower() for e in discord.message(then_stuck, "k")["embeds"])
+
+    stuck_then_healthy = build([requeued_gone_worker_event(1), OutboxEvent(2, None, "fleet_healthy", {"actor": "watch"})])
+    assert stuck_then_healthy.healthy is not None and stuck_then_healthy.title.endswith("; fleet healthy again")
+
+
+def test_a_requeued_audit_whose_worker_is_gone_is_an_alert_not_a_warning_as_readme_says():
+    """README: ``severity`` is ``alert`` when audits failed *or a worker is gone*, even when every audit was requeued."""
+    digest = build([requeued_gone_worker_event(1)])
+    assert digest.recovered == [] and [g.worker_id for g in digest.gone] == ["worker-3"]
+    assert digest.severity == "alert"
+    assert slack.message(digest, "k")["text"].startswith(slack.EMOJI["alert"])
+    assert build([OutboxEvent(1, None, "recovered", {"audits": [
+        {"id": 6, "target": "t", "reasons": ["stale_heartbeat"], "status": "pending"}]})]).severity == "warning"
