@@ -1008,3 +1008,17 @@ def test_a_requeued_audit_whose_worker_is_gone_is_an_alert_not_a_warning_as_read
     assert slack.message(digest, "k")["text"].startswith(slack.EMOJI["alert"])
     assert build([OutboxEvent(1, None, "recovered", {"audits": [
         {"id": 6, "target": "t", "reasons": ["stale_heartbeat"], "status": "pending"}]})]).severity == "warning"
+
+
+def test_reset_batches_of_one_operation_read_as_one_reset_with_their_origins_added_up():
+    """A reset-all of several batches announces each batch; the message says one reset, counting every batch."""
+    def batch(number, by_origin, count):
+        return OutboxEvent(number, None, "reset", {"actor": "reset-all", "host": "ops-1", "count": count,
+                                                   "ids": list(range(number * 10, number * 10 + count)),
+                                                   "by_origin": by_origin})
+
+    digest = build([batch(1, {"stuck": 1, "error": 1}, 2), batch(2, {"stuck": 2, "error": 0}, 2)])
+    assert digest.title == "4 audits reset by reset-all"
+    assert "*Reset by reset-all* on ops-1: 4 audits back to pending (1 error, 3 stuck)" in json.dumps(slack.message(digest, "k"))
+    (embed,) = discord.message(digest, "k")["embeds"]
+    assert embed["title"] == "4 audits reset" and "reset 4 audits to pending (1 error, 3 stuck)" in embed["description"]
