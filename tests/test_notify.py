@@ -1022,3 +1022,9 @@ def test_reset_batches_of_one_operation_read_as_one_reset_with_their_origins_add
     assert "*Reset by reset-all* on ops-1: 4 audits back to pending (1 error, 3 stuck)" in json.dumps(slack.message(digest, "k"))
     (embed,) = discord.message(digest, "k")["embeds"]
     assert embed["title"] == "4 audits reset" and "reset 4 audits to pending (1 error, 3 stuck)" in embed["description"]
+
+
+def test_a_reset_event_another_tool_wrote_without_a_count_is_counted_by_its_ids():
+    digest = build([OutboxEvent(1, None, "reset", {"actor": "script", "ids": [4, 5, "6"]})])
+    assert digest.title == "3 audits reset by script" and digest.counts()["reset"] == 3
+    assert discord.message(digest, "k")["embeds"][0]["title"] == "3 audits reset"
