@@ -1059,7 +1059,8 @@ def test_signing_in_from_a_page_returns_to_that_page_and_never_to_another_site(d
         hostile = {target: server.post("/login", form={"token": TOKEN, "next": target}, headers=origin)
                    for target in ("//evil.example", "https://evil.example/", "/\\evil.example", "/\\/evil.example",
                                   "/\t/evil.example", " //evil.example", "javascript:alert(1)", "http:evil.example",
-                                  "/login?next=//evil.example", "evil.example")}
+                                  "/login?next=//evil.example", "evil.example",
+                                  "///evil.example", "////evil.example/x")}
     assert unquote(link(listing.text)) == "next=/audits?status=failed&sort=target"
     assert 'name="next" value="/audits?status=failed&amp;sort=target"' in form.text
     assert unquote(link(fragment.text)) == f"next=/audits/{running}"
