@@ -1028,3 +1028,21 @@ def test_a_reset_event_another_tool_wrote_without_a_count_is_counted_by_its_ids(
     digest = build([OutboxEvent(1, None, "reset", {"actor": "script", "ids": [4, 5, "6"]})])
     assert digest.title == "3 audits reset by script" and digest.counts()["reset"] == 3
     assert discord.message(digest, "k")["embeds"][0]["title"] == "3 audits reset"
+
+
+def test_the_idempotency_key_of_a_message_does_not_depend_on_the_order_its_events_were_claimed():
+    from auditctl.notify.digest import idempotency_key
+
+    first, second = OutboxEvent(3, None, "reset", {"count": 1}), OutboxEvent(9, None, "reset", {"count": 2})
+    assert idempotency_key("slack:1", [second, first]) == idempotency_key("slack:1", [first, second])
+    assert idempotency_key("slack:1", [first, second]) != idempotency_key("discord:1", [first, second])
+
+
+def test_a_message_lists_ten_audits_by_name_and_counts_the_eleventh():
+    digest = build([OutboxEvent(1, None, "recovered", {"audits": [
+        {"id": i, "target": f"https://t{i}.example", "reasons": ["stale_heartbeat"], "status": "failed"} for i in range(11)]})])
+    (embed,) = discord.message(digest, "k")["embeds"]
+    assert len(embed["fields"]) == 10 and "and 1 more" in embed["description"]
+    blocks = slack.message(digest, "k")["blocks"]
+    assert sum(1 for b in blocks if b.get("text", {}).get("text", "").startswith("*#")) == 10
+    assert any("_and 1 more (" in b.get("text", {}).get("text", "") for b in blocks)
