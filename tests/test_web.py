@@ -369,6 +369,22 @@ def test_a_session_without_its_csrf_token_is_refused(demo_url, demo):
     assert statuses(demo) == before
 
 
+@sqlite_only
+def test_signing_out_without_the_sessions_csrf_token_is_refused_and_the_session_stays(demo_url):
+    """A cross-site form cannot sign the operator out (a nuisance CSRF): /logout wants the session's token too."""
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in()
+        session = {"Cookie": cookie, "Origin": server.origin}
+        missing = server.post("/logout", form={}, headers=session)
+        forged = server.post("/logout", form={"csrf_token": "forged"}, headers=session)
+        still_in = server.get("/", headers={"Cookie": cookie})
+        signed_out = server.post("/logout", form={"csrf_token": csrf}, headers=session)
+        after = server.get("/", headers={"Cookie": cookie})
+    assert (missing.status, forged.status) == (403, 403) and "CSRF" in missing.text
+    assert 'name="csrf_token"' in still_in.text
+    assert signed_out.status == 303 and signed_out.headers["location"] == "/"
+    assert 'name="csrf_token"' not in after.text
+
 def _reset_on_the_page(server, *, twice: bool = False):
     """Sign in as bob, press Reset All Audits, confirm (twice: the same confirmation again):
     (the preview, the confirmation's answer, the second answer or None)."""
