@@ -1046,3 +1046,36 @@ def test_a_message_lists_ten_audits_by_name_and_counts_the_eleventh():
     blocks = slack.message(digest, "k")["blocks"]
     assert sum(1 for b in blocks if b.get("text", {}).get("text", "").startswith("*#")) == 10
     assert any("_and 1 more (" in b.get("text", {}).get("text", "") for b in blocks)
+
+
+def test_a_digest_names_each_recoverer_once_however_many_of_its_events_it_carries():
+    def recovery(number):
+        return OutboxEvent(number, None, "recovered", {"actor": "watch", "audits": [
+            {"id": number, "target": "t", "reasons": ["stale_heartbeat"], "status": "failed"}]})
+
+    digest = build([recovery(1), recovery(2), OutboxEvent(3, None, "recovered", {"actor": "recover", "audits": []})])
+    assert digest.actors == ["watch", "recover"]
+    assert "*Recovered by:* watch, recover" in json.dumps(slack.message(digest, "k"))
+
+
+def test_an_events_key_differs_between_two_databases_whose_outboxes_reuse_an_id():
+    """"Unique across databases": a restored or second database numbers its events from 1 again."""
+    from datetime import datetime, timezone
+
+    one = OutboxEvent(1, datetime(2026, 1, 1, tzinfo=timezone.utc), "reset", {})
+    other = OutboxEvent(1, datetime(2026, 3, 1, tzinfo=timezone.utc), "reset", {})
+    assert one.key != other.key and one.key == OutboxEvent(1, one.created_at, "reset", {"count": 9}).key
+
+
+def test_a_message_of_only_unreadable_events_is_info_not_ok():
+    digest = build([OutboxEvent(1, None, "garbled", {}), OutboxEvent(2, None, "recovered", {"audits": "x"})])
+    assert digest.unreadable == 2 and digest.severity == "info"
+    assert slack.message(digest, "k")["text"].startswith(slack.EMOJI["info"])
+
+
+def test_slack_shows_an_ampersand_in_database_text_as_text_so_no_entity_reaches_slack_unescaped():
+    """Slack reads ``&lt;`` in a message as ``<``: a target holding the entity text is escaped as ``&amp;lt;``."""
+    digest = build([OutboxEvent(1, None, "recovered", {"audits": [
+        {"id": 1, "target": "a&b &lt;!channel&gt;", "reasons": ["stale_heartbeat"], "status": "failed"}]})])
+    body = json.dumps(slack.message(digest, "k"))
+    assert "a&amp;b &amp;lt;!channel&amp;gt;" in body and "&lt;!channel&gt;" not in body
