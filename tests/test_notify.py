@@ -1046,6 +1046,17 @@ def test_a_message_lists_ten_audits_by_name_and_counts_the_eleventh():
     blocks = slack.message(digest, "k")["blocks"]
     assert sum(1 for b in blocks if b.get("text", {}).get("text", "").startswith("*#")) == 10
     assert any("_and 1 more (" in b.get("text", {}).get("text", "") for b in blocks)
+    # Slack lists failed and requeued audits together: 5 failed and 6 requeued are 11, one counted.
+    mixed = build([OutboxEvent(1, None, "recovered", {"audits": [
+        {"id": i, "target": f"https://t{i}.example", "reasons": ["stale_heartbeat"], "status": "pending" if i % 2 else "failed"}
+        for i in range(11)]})])
+    assert any("_and 1 more (" in b.get("text", {}).get("text", "") for b in slack.message(mixed, "k")["blocks"])
+
+
+def test_a_slack_header_keeps_150_characters_when_a_long_worker_id_is_gone():
+    digest = build([gone_worker_event(1, "w" * 200)])
+    header = slack.message(digest, "k")["blocks"][0]
+    assert header["type"] == "header" and len(header["text"]["text"]) == 150
 
 
 def test_a_digest_names_each_recoverer_once_however_many_of_its_events_it_carries():
