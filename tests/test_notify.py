@@ -1090,3 +1090,12 @@ def test_slack_shows_an_ampersand_in_database_text_as_text_so_no_entity_reaches_
         {"id": 1, "target": "a&b &lt;!channel&gt;", "reasons": ["stale_heartbeat"], "status": "failed"}]})])
     body = json.dumps(slack.message(digest, "k"))
     assert "a&amp;b &amp;lt;!channel&amp;gt;" in body and "&lt;!channel&gt;" not in body
+
+
+def test_resets_by_many_operators_list_ten_in_slack_and_discord_and_keep_the_key_block():
+    digest = build([OutboxEvent(i, None, "reset", {"actor": f"op-{i}", "count": 1, "ids": [i]}) for i in range(1, 61)])
+    blocks = slack.message(digest, "k")["blocks"]
+    assert sum(1 for b in blocks if b.get("text", {}).get("text", "").startswith("*Reset by")) == 10
+    assert blocks[-1]["type"] == "context" and "idempotency key k" in blocks[-1]["elements"][0]["text"]
+    (embed,) = discord.message(digest, "k")["embeds"]
+    assert embed["title"] == "60 audits reset" and len(embed["description"].splitlines()) == 10
