@@ -1099,3 +1099,21 @@ def test_resets_by_many_operators_list_ten_in_slack_and_discord_and_keep_the_key
     assert blocks[-1]["type"] == "context" and "idempotency key k" in blocks[-1]["elements"][0]["text"]
     (embed,) = discord.message(digest, "k")["embeds"]
     assert embed["title"] == "60 audits reset" and len(embed["description"].splitlines()) == 10
+
+
+def test_a_discord_message_too_long_drops_audits_from_the_fullest_embed_first_and_cuts_each_field_to_1024():
+    """Ten failed and three requeued audits with long explanations: fields go from the fullest embed
+    first, so the requeued audits are not the first to disappear; each field value keeps 1,024."""
+    digest = build([OutboxEvent(1, None, "recovered", {"audits": [
+        {"id": i, "target": f"https://t{i}.example", "reasons": ["stale_heartbeat"], "status": "pending" if i >= 10 else "failed",
+         "explanation": ["x" * 3000]} for i in range(13)]})])
+    body = discord.message(digest, "k")
+    failed, requeued = body["embeds"]
+    assert discord_embed_chars(body) <= discord.TOTAL_LIMIT
+    assert failed["fields"] and requeued["fields"] and abs(len(failed["fields"]) - len(requeued["fields"])) <= 1
+    assert all(len(f["value"]) == 1024 for e in body["embeds"] for f in e["fields"])
+
+
+def test_a_discord_message_of_long_descriptions_is_cut_to_its_own_limit_not_just_discords():
+    events = [gone_worker_event(n, f"w{n}-" + "x" * 190, audits=2) for n in range(1, 13)]
+    assert discord_embed_chars(discord.message(build(events), "k")) <= discord.TOTAL_LIMIT
