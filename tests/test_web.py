@@ -385,6 +385,14 @@ def test_signing_out_without_the_sessions_csrf_token_is_refused_and_the_session_
     assert signed_out.status == 303 and signed_out.headers["location"] == "/"
     assert 'name="csrf_token"' not in after.text
 
+@sqlite_only
+def test_static_files_may_be_cached_and_nothing_else_may(demo_url):
+    with running_dashboard(demo_url) as server:
+        script, page, api = server.get("/static/dashboard.js"), server.get("/"), server.get("/api/workers")
+    assert script.status == 200 and "no-store" not in script.headers.get("cache-control", "")
+    assert script.headers.get("x-content-type-options") == "nosniff"
+    assert page.headers.get("cache-control") == "no-store" and api.headers.get("cache-control") == "no-store"
+
 def _reset_on_the_page(server, *, twice: bool = False):
     """Sign in as bob, press Reset All Audits, confirm (twice: the same confirmation again):
     (the preview, the confirmation's answer, the second answer or None)."""
