@@ -766,3 +766,9 @@ def test_suggested_stale_after_is_one_recover_accepts_for_running_audits_that_be
     config.write_text(result.stdout)
     recovered = invoke("--config", config, "recover", "--dry-run", "--database-url", database_url)
     assert recovered.exit_code == 0, recovered.output
+
+
+def test_percentiles_are_nearest_rank_values_that_were_really_observed():
+    eleven = [float(v) for v in range(1, 12)]
+    assert percentile(eleven, 0.95) == 11.0, "rank ceil(10.45) = 11, not the rounded 10"
+    assert percentile(eleven, 0.5) == 6.0 and percentile([3.0, 1.0, 2.0], 0.0) == 1.0 and percentile([], 0.95) is None
