@@ -772,3 +772,34 @@ def test_percentiles_are_nearest_rank_values_that_were_really_observed():
     eleven = [float(v) for v in range(1, 12)]
     assert percentile(eleven, 0.95) == 11.0, "rank ceil(10.45) = 11, not the rounded 10"
     assert percentile(eleven, 0.5) == 6.0 and percentile([3.0, 1.0, 2.0], 0.0) == 1.0 and percentile([], 0.95) is None
+
+
+def _recoveries_with_silences(engine, silences) -> None:
+    from auditctl import history
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        history.record(connection, [{"audit_id": 1000 + i, "event": history.RECOVERED, "from_status": "running",
+                                     "to_status": "failed", "reasons": ["stale_heartbeat"],
+                                     "measurements": {"silence_seconds": silence}, "details": {"from": {}}}
+                                    for i, silence in enumerate(silences)], Actor.command("recover"), now)
+
+
+def test_a_recovery_noticed_with_no_silence_at_all_counts_in_the_report_as_in_the_metrics(engine):
+    """A silence of 0 seconds (noticed at once) is a measurement: the report's detection times and the
+    metrics' histogram count it alike."""
+    from auditctl.report import history_totals
+
+    _recoveries_with_silences(engine, [0, 10.0])
+    report = stuck_report(engine, 3600)
+    totals = history_totals(engine)
+    assert (report.detection.count, report.detection.mean_seconds) == (2, 5.0)
+    assert totals.detection.count == 2 and totals.detection.cumulative[0] == 1
+
+
+def test_a_silence_exactly_on_a_bucket_bound_falls_in_that_bucket_as_prometheus_le_says(engine):
+    from auditctl.report import DETECTION_BUCKETS, history_totals
+
+    _recoveries_with_silences(engine, [5.0, 5.5])
+    cumulative = dict(zip(DETECTION_BUCKETS, history_totals(engine).detection.cumulative))
+    assert (cumulative[1.0], cumulative[5.0], cumulative[15.0]) == (0, 1, 2)
