@@ -803,3 +803,38 @@ def test_a_silence_exactly_on_a_bucket_bound_falls_in_that_bucket_as_prometheus_
     _recoveries_with_silences(engine, [5.0, 5.5])
     cumulative = dict(zip(DETECTION_BUCKETS, history_totals(engine).detection.cumulative))
     assert (cumulative[1.0], cumulative[5.0], cumulative[15.0]) == (0, 1, 2)
+
+
+def _events_by(*pairs):
+    """StuckEvents, one per (worker, step), an hour ago in a row."""
+    from datetime import datetime, timezone
+
+    from auditctl.report import StuckEvent
+
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    return [StuckEvent(audit_id=i, at=at, requeued=False, reasons=["stale_heartbeat"], worker=worker, lease=None,
+                       run_started=None, silence=None, stalled=None, age=None, max_age=None, step=step)
+            for i, (worker, step) in enumerate(pairs)]
+
+
+def test_an_outlier_must_have_half_again_its_fair_share_not_just_the_most():
+    """Two workers, four recoveries against two: 67% is the most, but not 1.5 times the fair 50%."""
+    from auditctl.report import find_outliers
+
+    assert find_outliers(_events_by(*[("w1", None)] * 4, *[("w2", None)] * 2)) == []
+    (outlier,) = find_outliers(_events_by(*[("w1", None)] * 6, *[("w2", None)] * 1, *[("w3", None)] * 1))
+    assert (outlier.dimension, outlier.value, outlier.count) == ("worker", "w1", 6)
+
+
+def test_a_tie_for_a_workers_top_step_names_the_first_step_alphabetically(engine):
+    from auditctl import history
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        history.record(connection, [{"audit_id": 2000 + i, "event": history.RECOVERED, "from_status": "running",
+                                     "to_status": "failed", "reasons": ["stale_heartbeat"], "measurements": {},
+                                     "details": {"from": {"worker_id": "w1", "step": step}}}
+                                    for i, step in enumerate(["Port scan", "Crawling", "Port scan", "Crawling"])],
+                       Actor.command("recover"), now)
+    (worker,) = stuck_report(engine, 3600).by_worker
+    assert (worker.key, worker.extra["top_step"], worker.extra["top_step_share"]) == ("w1", "Crawling", 0.5)
