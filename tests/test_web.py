@@ -1216,3 +1216,12 @@ def test_dashboard_shows_the_database_unavailable_when_libpq_refuses_a_url_value
     assert page.status == 200 and "Database unreachable" in page.text
     for text in (health.text, stuck.text, action.text, page.text):
         assert "s3cret" not in text
+
+
+def test_the_dashboard_keeps_at_most_max_sessions_dropping_the_oldest_sign_in():
+    from auditctl.web.security import MAX_SESSIONS, Sessions
+
+    sessions = Sessions()
+    made = [sessions.create(f"user-{i}") for i in range(MAX_SESSIONS + 1)]
+    assert sessions.get(made[0].id) is None, "the oldest sign-in is dropped"
+    assert all(sessions.get(s.id) is s for s in (made[1], made[-1]))
