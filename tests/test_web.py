@@ -339,13 +339,15 @@ def test_a_cross_site_request_is_refused_even_with_a_valid_session_and_changes_n
         unreadable = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1"},
                                  headers={**session, "Referer": "http://[::1"})
         unreadable_api = server.post("/api/recover", headers={**BEARER, "Referer": "http://[x]/"})
+        schemeless = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1"},
+                                 headers={**session, "Referer": "//evil.example/page"})
         api = server.post("/api/reset-all", headers={**BEARER, "Origin": "http://evil.example"})
         api_session = server.post("/api/reset-all", headers={**session, "Origin": "http://evil.example"})
         login = server.post("/login", form={"token": TOKEN}, headers={"Origin": "http://evil.example"})
         assert statuses(demo) == before
         # The control: the same request from the dashboard's own origin is served.
         own = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers={**session, "Origin": server.origin})
-    for answer in (foreign, referer, null, unreadable, unreadable_api, api, api_session, login):
+    for answer in (foreign, referer, null, unreadable, unreadable_api, schemeless, api, api_session, login):
         assert answer.status == 403, answer.text
         assert "cross-site" in answer.text
     assert unreadable_api.headers["content-type"] == "application/json" and unreadable_api.headers.get("x-content-type-options") == "nosniff"
