@@ -838,3 +838,29 @@ def test_a_tie_for_a_workers_top_step_names_the_first_step_alphabetically(engine
                        Actor.command("recover"), now)
     (worker,) = stuck_report(engine, 3600).by_worker
     assert (worker.key, worker.extra["top_step"], worker.extra["top_step_share"]) == ("w1", "Crawling", 0.5)
+
+
+def test_an_outlier_says_where_it_happens_when_one_step_has_exactly_sixty_percent_of_it():
+    from auditctl.report import find_outliers
+
+    (outlier,) = find_outliers(_events_by(("w1", "A"), ("w1", "A"), ("w1", "A"), ("w1", "B"), ("w1", "B"),
+                                          ("w2", None), ("w3", None)))
+    assert outlier.value == "w1" and outlier.within == {"dimension": "step", "value": "A", "share": 0.6}
+    assert outlier.text.endswith(", 60% of them at step 'A'.")
+
+
+def test_a_report_of_two_days_is_charted_per_hour_and_a_longer_one_per_day(engine):
+    assert stuck_report(engine, 2 * 86400).bucket == "hour"
+    assert stuck_report(engine, 2 * 86400 + 1).bucket == "day"
+
+
+def test_a_recovery_at_the_very_start_of_the_window_is_in_the_report(engine):
+    from auditctl import history
+
+    with write_transaction(engine) as connection:
+        at = fetch_now(connection).replace(microsecond=500000) - timedelta(hours=1)
+        history.record(connection, [{"audit_id": 3000, "event": history.RECOVERED, "from_status": "running",
+                                     "to_status": "failed", "reasons": ["stale_heartbeat"], "measurements": {},
+                                     "details": {"from": {}}}], Actor.command("recover"), at)
+    report = stuck_report(engine, at)
+    assert report.since == at and report.recoveries == 1 and report.unreadable_events == 0
