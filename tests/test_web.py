@@ -1096,6 +1096,16 @@ def test_signing_in_from_a_page_returns_to_that_page_and_never_to_another_site(d
         target: (303, "/") for target in hostile}
 
 
+@sqlite_only
+def test_a_return_address_with_quotes_stays_inside_its_attribute_on_the_sign_in_page(demo_url):
+    """``next`` may be any printable path, quotes included: the page shows it escaped, never as markup."""
+    with running_dashboard(demo_url) as server:
+        wrong = server.post("/login", form={"token": "guess", "next": '/audits?x="onfocus="alert(1)'},
+                            headers={"Origin": server.origin})
+    assert wrong.status == 401
+    assert 'name="next" value="/audits?x=&quot;onfocus=&quot;alert(1)"' in wrong.text
+    assert 'onfocus="alert' not in wrong.text
+
 def _database_away(demo):
     """(take it away, bring it back): on SQLite the file moves away and back; on PostgreSQL every
     change of an audit fails as in an administrator's shutdown (SQLSTATE 57P01), before any commits."""
