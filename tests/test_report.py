@@ -864,3 +864,19 @@ def test_a_recovery_at_the_very_start_of_the_window_is_in_the_report(engine):
                                      "details": {"from": {}}}], Actor.command("recover"), at)
     report = stuck_report(engine, at)
     assert report.since == at and report.recoveries == 1 and report.unreadable_events == 0
+
+
+def test_capacity_counts_the_workers_alive_now_before_those_active_in_the_window(engine):
+    """Two workers completed audits this window but only one is alive now: the fleet is sized against
+    the one that can take work."""
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(workers).values(instance_id=uuid.uuid4().hex, worker_id="w-a",
+                                                  started_at=now - timedelta(hours=1), last_heartbeat_at=now))
+        connection.execute(insert(audits), [
+            {"target": f"https://t{i}.example", "status": "completed", "worker_id": worker,
+             "created_at": now - timedelta(minutes=30), "started_at": now - timedelta(minutes=20),
+             "finished_at": now - timedelta(minutes=10)} for i, worker in enumerate(["w-a", "w-b"])])
+    capacity = stuck_report(engine, 3600).capacity
+    assert (capacity.workers_alive, capacity.workers_active) == (1, 2)
+    assert "1 alive now" in capacity.verdict, capacity.verdict
