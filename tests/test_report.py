@@ -880,3 +880,15 @@ def test_capacity_counts_the_workers_alive_now_before_those_active_in_the_window
     capacity = stuck_report(engine, 3600).capacity
     assert (capacity.workers_alive, capacity.workers_active) == (1, 2)
     assert "1 alive now" in capacity.verdict, capacity.verdict
+
+
+def test_a_run_that_started_the_moment_it_was_queued_counts_as_a_wait_of_zero(engine):
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        queued = now - timedelta(minutes=20)
+        connection.execute(insert(audits), [
+            {"target": "https://at-once.example", "status": "running", "created_at": queued, "started_at": queued},
+            {"target": "https://later.example", "status": "running", "created_at": queued,
+             "started_at": queued + timedelta(seconds=60)}])
+    wait = stuck_report(engine, 3600).capacity.wait
+    assert (wait.count, wait.mean_seconds) == (2, 30.0)
