@@ -892,3 +892,23 @@ def test_a_run_that_started_the_moment_it_was_queued_counts_as_a_wait_of_zero(en
              "started_at": queued + timedelta(seconds=60)}])
     wait = stuck_report(engine, 3600).capacity.wait
     assert (wait.count, wait.mean_seconds) == (2, 30.0)
+
+
+def test_with_runs_longer_than_the_drain_time_each_worker_starts_one_pending_audit_within_it(engine):
+    """A worker frees up every mean run, at least once within DRAIN_WITHIN: with two-hour runs, three
+    pending audits need three workers to start within the hour, not six."""
+    import math
+
+    from auditctl.report import UTILISATION
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [
+            {"target": "https://long.example", "status": "completed", "worker_id": "w", "created_at": now - timedelta(hours=3),
+             "started_at": now - timedelta(hours=2, minutes=30), "finished_at": now - timedelta(minutes=30)},
+            *({"target": f"https://p{i}.example", "status": "pending", "worker_id": None,
+               "created_at": now - timedelta(hours=20), "started_at": None, "finished_at": None} for i in range(3))])
+    capacity = stuck_report(engine, 86400).capacity
+    assert capacity.mean_run_seconds == 7200.0 and capacity.pending == 3
+    keep_up = capacity.arrivals / 86400 * 7200 / UTILISATION
+    assert capacity.workers_needed == math.ceil(keep_up + 3 - 1e-9)
