@@ -912,3 +912,17 @@ def test_with_runs_longer_than_the_drain_time_each_worker_starts_one_pending_aud
     assert capacity.mean_run_seconds == 7200.0 and capacity.pending == 3
     keep_up = capacity.arrivals / 86400 * 7200 / UTILISATION
     assert capacity.workers_needed == math.ceil(keep_up + 3 - 1e-9)
+
+
+def test_the_hourly_chart_of_recoveries_leaves_out_one_recorded_in_the_next_hour(engine):
+    """A history row another host wrote with its clock an hour ahead is past the chart, not a crash."""
+    from auditctl import history
+    from auditctl.overview import recoveries_by_hour
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        for audit_id, at in ((4000, now), (4001, now + timedelta(hours=1))):
+            history.record(connection, [{"audit_id": audit_id, "event": history.RECOVERED, "from_status": "running",
+                                         "to_status": "failed", "reasons": ["stale_heartbeat"]}], Actor.command("recover"), at)
+    hours = recoveries_by_hour(engine, hours=24)
+    assert len(hours) == 24 and sum(h.count for h in hours) == 1 and hours[-1].count == 1
