@@ -539,3 +539,27 @@ def test_a_huge_float_another_tool_stored_as_a_pid_or_attempts_is_shown_as_unrea
     (instance,) = [i for i in json.loads(runner.invoke(cli, ["workers", "-o", "json", "--database-url", database_url]).stdout)
                    if i["instance_id"] == "huge-pid"]
     assert instance["pid"] is None
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_status_another_tool_stored_as_bytes_is_counted_with_the_same_status_as_text(engine):
+    """SQL groups a BLOB 'running' apart from the text one; the counts add them, not keep the last group."""
+    from auditctl.overview import count_by_status
+
+    ids = make_running(engine, 3)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audits SET status = CAST('running' AS BLOB) WHERE id = :id"), {"id": ids[0]})
+    assert count_by_status(engine)["running"] == 3
+
+
+def test_a_history_row_whose_documents_another_tool_stored_as_lists_reads_as_having_none(engine):
+    from auditctl import history
+
+    (audit_id,) = make_running(engine, 1)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))
+    with engine.begin() as connection:
+        doc = "'[1, 2]'" if engine.dialect.name == "sqlite" else "'[1, 2]'::jsonb"
+        connection.execute(text(f"UPDATE audit_events SET measurements = {doc}, details = {doc} WHERE audit_id = :id"),
+                           {"id": audit_id})
+    (event,) = history.events_for(engine, audit_id)
+    assert event.event == "recovered" and event.measurements is None and event.details is None
