@@ -1164,3 +1164,14 @@ def test_a_leftover_cleanup_leaves_an_audit_claimed_at_the_very_moment_the_clean
 
     assert [r.id for r in done] == [before]
     assert row(engine, same_moment)["status"] == RUNNING
+
+
+def test_recent_history_is_newest_first_bounded_and_filtered_by_event(engine):
+    from auditctl import history
+
+    first, second = make_running(engine, 2)
+    recover_stuck(engine, Thresholds(), actor=OPERATOR, ids=[first])
+    reset_failed(engine, actor=OPERATOR, ids=[first])
+    recover_stuck(engine, Thresholds(), actor=OPERATOR, ids=[second])
+    assert [(e.audit_id, e.event) for e in history.recent_events(engine, limit=2)] == [(second, "recovered"), (first, "reset")]
+    assert [e.audit_id for e in history.recent_events(engine, events=("recovered",))] == [second, first]
