@@ -1175,3 +1175,26 @@ def test_recent_history_is_newest_first_bounded_and_filtered_by_event(engine):
     recover_stuck(engine, Thresholds(), actor=OPERATOR, ids=[second])
     assert [(e.audit_id, e.event) for e in history.recent_events(engine, limit=2)] == [(second, "recovered"), (first, "reset")]
     assert [e.audit_id for e in history.recent_events(engine, events=("recovered",))] == [second, first]
+
+
+def test_the_overview_counts_the_healthy_audits_it_does_not_list_and_its_oldest_silence(engine, backdate):
+    from auditctl.overview import fleet_overview
+    from auditctl.thresholds import Policy
+
+    stuck, *healthy = make_running(engine, 4, silent_for=5)
+    backdate(stuck, heartbeat_at=700, last_worker_update=700)
+    overview = fleet_overview(engine, Policy.coerce(Thresholds()), sample=1)
+    assert [v.id for v in overview.stuck] == [stuck] and overview.running == 4
+    assert len(overview.healthy_sample) == 1 and overview.healthy_more == 2
+    assert 690 <= overview.oldest_heartbeat_age <= 800
+
+
+def test_a_history_row_without_reasons_stores_none_on_every_engine(engine):
+    from auditctl import history
+    from auditctl.db import fetch_now
+
+    with write_transaction(engine) as connection:
+        history.record(connection, [{"audit_id": 1, "event": history.NEEDS_OPERATOR, "details": {"operation": "reset"}}],
+                       OPERATOR, fetch_now(connection))
+    (event,) = events(engine, 1)
+    assert event["reasons"] is None and event["from_status"] is None
