@@ -653,3 +653,23 @@ def test_auditctl_with_no_command_shows_its_help_as_it_is_on_stderr_and_exits_2(
     lines = result.stderr.splitlines()
     assert lines[0].startswith("Usage: ") and "Commands:" in lines and len(lines) > 20, "not squashed into one error line"
     assert not result.stderr.startswith("Error:")
+
+
+def test_quiet_keeps_the_line_saying_what_a_reset_changed(engine, database_url):
+    """-q silences progress and summaries, never the one line saying what a change did."""
+    from dbtools import make_running
+
+    make_running(engine, 1)
+    assert run("recover", "--database-url", database_url).exit_code == 0
+    result = run("reset-all", "--yes", "-q", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines()[-1] == "Reset 1 audit to pending.", result.stderr
+
+
+def test_a_config_file_may_set_max_resets_to_0_but_no_other_count(tmp_path):
+    from auditctl.config import validate_config
+    from auditctl.errors import ConfigError
+
+    assert validate_config({"max_resets": 0}, tmp_path / "c.toml") == {"max_resets": 0}
+    with pytest.raises(ConfigError, match="max_attempts must be a whole number from 1"):
+        validate_config({"max_attempts": 0}, tmp_path / "c.toml")
