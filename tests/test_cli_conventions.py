@@ -673,3 +673,11 @@ def test_a_config_file_may_set_max_resets_to_0_but_no_other_count(tmp_path):
     assert validate_config({"max_resets": 0}, tmp_path / "c.toml") == {"max_resets": 0}
     with pytest.raises(ConfigError, match="max_attempts must be a whole number from 1"):
         validate_config({"max_attempts": 0}, tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "markdown"])
+def test_wide_with_a_machine_format_is_a_usage_error_not_a_silent_table(database_url, fmt):
+    result = run("scan", "--wide", "-o", fmt, "--database-url", database_url)
+    assert result.exit_code == 2 and f"--wide goes with the table and plain formats, not --format {fmt}" in result.stderr
+    assert result.stdout == ""
+    assert run("scan", "--wide", "-o", "plain", "--database-url", database_url).exit_code == 0
