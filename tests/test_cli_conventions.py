@@ -681,3 +681,22 @@ def test_wide_with_a_machine_format_is_a_usage_error_not_a_silent_table(database
     assert result.exit_code == 2 and f"--wide goes with the table and plain formats, not --format {fmt}" in result.stderr
     assert result.stdout == ""
     assert run("scan", "--wide", "-o", "plain", "--database-url", database_url).exit_code == 0
+
+
+def test_an_interval_of_exactly_the_floor_is_taken_and_one_below_it_refused(tmp_path):
+    """The floor is the least interval allowed (100ms), not the first refused."""
+    path = tmp_path / "floor.toml"
+    path.write_text('interval = "100ms"\n')
+    assert run("--config", path, "config").exit_code == 0
+    path.write_text('interval = "99ms"\n')
+    refused = run("--config", path, "config")
+    assert refused.exit_code == 2 and "is below the floor of 100ms" in refused.stderr, refused.output
+
+
+def test_a_config_file_count_may_not_be_true_or_false(tmp_path):
+    from auditctl.config import validate_config
+    from auditctl.errors import ConfigError
+
+    for key in ("max_attempts", "max_resets"):
+        with pytest.raises(ConfigError, match=f"{key} must be a whole number"):
+            validate_config({key: True}, tmp_path / "c.toml")
