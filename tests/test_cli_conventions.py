@@ -700,3 +700,11 @@ def test_a_config_file_count_may_not_be_true_or_false(tmp_path):
     for key in ("max_attempts", "max_resets"):
         with pytest.raises(ConfigError, match=f"{key} must be a whole number"):
             validate_config({key: True}, tmp_path / "c.toml")
+
+
+def test_plain_output_takes_columns_of_20_or_more_and_ignores_a_narrower_value(monkeypatch):
+    from auditctl.cli.render import PLAIN_WIDTH, terminal_width
+
+    for columns, width in (("20", 20), ("19", PLAIN_WIDTH), ("120", 120), ("wide", PLAIN_WIDTH)):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert terminal_width("plain") == width, columns
