@@ -708,3 +708,14 @@ def test_plain_output_takes_columns_of_20_or_more_and_ignores_a_narrower_value(m
     for columns, width in (("20", 20), ("19", PLAIN_WIDTH), ("120", 120), ("wide", PLAIN_WIDTH)):
         monkeypatch.setenv("COLUMNS", columns)
         assert terminal_width("plain") == width, columns
+
+
+def test_a_yes_no_value_reads_yes_or_no_in_a_table_and_true_or_false_in_csv(capsys):
+    from auditctl.cli.render import Column, render
+
+    records = [{"id": 1, "requeued": True}, {"id": 2, "requeued": False}]
+    columns = [Column("id", "ID", fit="whole"), Column("requeued", "REQUEUED")]
+    render(records, columns, "plain")
+    assert [line.split() for line in capsys.readouterr().out.splitlines()] == [["ID", "REQUEUED"], ["1", "yes"], ["2", "no"]]
+    render(records, columns, "csv")
+    assert capsys.readouterr().out.splitlines() == ["id,requeued", "1,true", "2,false"]
