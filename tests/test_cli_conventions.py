@@ -719,3 +719,16 @@ def test_a_yes_no_value_reads_yes_or_no_in_a_table_and_true_or_false_in_csv(caps
     assert [line.split() for line in capsys.readouterr().out.splitlines()] == [["ID", "REQUEUED"], ["1", "yes"], ["2", "no"]]
     render(records, columns, "csv")
     assert capsys.readouterr().out.splitlines() == ["id,requeued", "1,true", "2,false"]
+
+
+def test_markdown_aligns_number_columns_right_and_a_whole_list_column_keeps_one_item_per_line(capsys):
+    from auditctl.cli.render import Column, render
+
+    records = [{"id": 7, "reasons": ["stale_heartbeat", "max_age_exceeded"], "workers": ["w1", "w2"]}]
+    columns = [Column("id", "ID", justify="right", fit="whole"), Column("reasons", "REASONS", fit="whole"),
+               Column("workers", "WORKERS")]
+    render(records, columns, "markdown")
+    assert capsys.readouterr().out.splitlines()[1] == "|---:|---|---|"
+    render(records, columns, "wide")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["7", "stale_heartbeat", "w1,", "w2"] and lines[2].split() == ["max_age_exceeded"]
