@@ -732,3 +732,15 @@ def test_markdown_aligns_number_columns_right_and_a_whole_list_column_keeps_one_
     render(records, columns, "wide")
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["7", "stale_heartbeat", "w1,", "w2"] and lines[2].split() == ["max_age_exceeded"]
+
+
+def test_a_fitted_listing_clips_a_huge_detail_cell_and_says_how_much_was_left_out(capsys, monkeypatch):
+    from auditctl.cli.render import Column, render
+    from auditctl.textsafe import MAX_CELL
+
+    monkeypatch.setenv("COLUMNS", "80")
+    huge = "word " * 20_000
+    render([{"id": 1, "error": huge}], [Column("id", "ID", fit="whole"), Column("error", "ERROR", fit="wrap", detail=True)],
+           "plain")
+    out = capsys.readouterr().out
+    assert len(out) < 2 * MAX_CELL and f"({len(huge) - MAX_CELL:,} more characters)" in out
