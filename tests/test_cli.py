@@ -817,6 +817,35 @@ def test_workers_counts_the_audits_a_guard_holds_and_hides_instances_gone_for_lo
     assert kept["instance_id"] == guard.instance_id
 
 
+def test_workers_marks_only_instances_sharing_a_worker_id_with_another_live_one_as_duplicates(database_url, guards):
+    first = guards(worker_id="scanner-dup")
+    second = guards(worker_id="scanner-dup")
+    alone = guards(worker_id="scanner-alone")
+    duplicate = {r["instance_id"]: r["duplicate"] for r in as_json(on(database_url, "workers", "--format", "json"))}
+    assert duplicate == {first.instance_id: True, second.instance_id: True, alone.instance_id: False}
+
+
+def test_workers_keeps_an_instance_gone_for_longer_than_a_day_while_it_still_holds_a_running_audit(database_url, guards,
+                                                                                                   engine):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from auditctl.db import fetch_now, write_transaction
+    from auditctl.schema import workers
+
+    guard = guards(worker_id="scanner-held")
+    audit_id = guard.create_audit("https://example.com/held-long")
+    with guard.run(audit_id):
+        with write_transaction(engine) as connection:
+            two_days_ago = fetch_now(connection) - timedelta(days=2)
+            connection.execute(update(workers).where(workers.c.instance_id == guard.instance_id)
+                               .values(stopped_at=two_days_ago, last_heartbeat_at=two_days_ago))
+        (record,) = as_json(on(database_url, "workers", "--format", "json"))
+        assert record["instance_id"] == guard.instance_id and record["alive"] is False
+        assert record["running_audits"] == 1
+
+
 def test_workers_of_the_demo_fleet_tell_the_living_from_the_gone(fleet):
     alive = {r["worker_id"]: r["alive"] for r in as_json(on(fleet.url, "workers", "--format", "json"))}
     assert alive == {"worker-1": True, "worker-2": True, "worker-3": True, "worker-4": False, "worker-5": False}

@@ -159,6 +159,25 @@ def test_an_instance_that_stopped_cleanly_without_finishing_leaves_its_audits_wo
     assert verdict.reasons == ["worker_gone"] and "stopped cleanly" in verdict.explain()[0]
 
 
+def test_the_gone_instances_leave_out_one_that_stopped_longer_ago_than_the_retention(engine):
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from auditctl.db import fetch_now, write_transaction
+    from auditctl.registry import GONE_RETENTION, gone_instances
+    from auditctl.schema import workers
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        long_ago = now - timedelta(seconds=GONE_RETENTION + 3600)
+        for instance_id, when in (("a" * 32, now), ("b" * 32, long_ago)):
+            connection.execute(insert(workers).values(instance_id=instance_id, worker_id="worker-r", host="elsewhere", pid=1,
+                                                      process_key="other-boot:1", started_at=when, last_heartbeat_at=when,
+                                                      stopped_at=when))
+    assert set(gone_instances(engine)) == {"a" * 32}
+
+
 @pytest.mark.parametrize("process_key", [None, "another-boot:4026531836:999999:12345", "garbage"])
 def test_an_instance_whose_host_cannot_be_checked_is_never_reported_gone_only_silent(engine, start_audit, backdate,
                                                                                      process_key):
