@@ -810,6 +810,46 @@ def test_derive_percentage_is_none_or_between_0_and_100(percentage, completed, t
     assert value is None or 0.0 <= value <= 100.0
 
 
+@pytest.mark.parametrize("completed, total", [(0, 0), (5, 5), (progress.MAX_COUNT, progress.MAX_COUNT)])
+def test_clean_report_changes_nothing_when_completed_equals_total_up_to_max_count(completed, total):
+    fields, changed = progress.clean_report("Crawling", None, completed, total)
+    assert changed == []
+    assert (fields["completed_tasks"], fields["total_tasks"]) == (completed, total)
+    view = progress.read_progress(documents.load(_stored(fields)))
+    assert (view.completed_tasks, view.total_tasks, view.problems) == (completed, total, [])
+
+
+def test_build_document_accepts_a_document_when_it_is_exactly_max_document_bytes():
+    def build(padding):
+        return progress.build_document(step="s", percentage=1.0, completed_tasks=None, total_tasks=None, is_running=True,
+                                       now=datetime(2024, 1, 2, tzinfo=timezone.utc), worker_id="w", worker_url=None,
+                                       extra={"pad": "x" * padding})
+
+    _, small = build(0)
+    exact = progress.MAX_DOCUMENT_BYTES - len(small.encode("utf-8"))
+    _, text = build(exact)
+    assert len(text.encode("utf-8")) == progress.MAX_DOCUMENT_BYTES
+    with pytest.raises(progress.DocumentError):
+        build(exact + 1)
+
+
+def test_read_progress_clamps_a_float_percentage_over_100_when_every_other_field_is_as_auditctl_writes_it():
+    view = progress.read_progress({"progress": {"step": "s", "percentage": 250.0, "completed_tasks": 1, "total_tasks": 2}})
+    assert (view.percentage, view.problems) == (100.0, ["percentage_out_of_range"])
+
+
+@pytest.mark.parametrize("length, shown", [(200, "x" * 200), (201, "x" * 200 + "…")])
+def test_read_progress_shows_text_that_is_not_json_whole_when_it_is_at_most_200_characters(length, shown):
+    view = progress.read_progress(b"x" * length)
+    assert (view.document, view.problems) == (shown, ["progress_not_json"])
+
+
+def test_read_progress_derives_no_percentage_from_the_counts_when_the_stored_percentage_is_invalid():
+    view = progress.read_progress({"progress": {"step": "s", "percentage": "half", "completed_tasks": 1, "total_tasks": 2}})
+    assert (view.percentage, view.completed_tasks, view.total_tasks) == (None, 1, 2)
+    assert view.problems == ["percentage_invalid"]
+
+
 # --- URLs -----------------------------------------------------------------------------------
 
 passwords = st.one_of(
