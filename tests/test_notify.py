@@ -770,6 +770,21 @@ def test_the_fleet_healthy_event_is_written_once_after_recoveries_whoever_notice
     assert event_count(engine, "fleet_healthy") == 2
 
 
+def test_the_fleet_is_not_announced_healthy_when_a_pass_skips_an_audit_it_could_not_recover(engine):
+    from dbtools import install_abort_trigger
+
+    monitor = Monitor(engine, Thresholds(), actor=ACTOR)
+    stuck, refused = make_running(engine, 2, silent_for=700)
+    install_abort_trigger(engine, "refuse_history", table="audit_events", event="INSERT",
+                          when_sqlite=f"NEW.audit_id = {refused}", when_pg=f"NEW.audit_id = {refused}")
+    first = monitor.run_pass()
+    assert [r.id for r in first.recovered] == [stuck] and [s.id for s in first.skipped] == [refused]
+    again = monitor.run_pass()
+    assert again.recovered == [] and [s.id for s in again.skipped] == [refused]
+    assert again.announced_healthy is False, "an audit still stuck was reported as a healthy fleet"
+    assert event_count(engine, "fleet_healthy") == 0
+
+
 def test_two_processes_noticing_the_same_thing_write_one_event_and_neither_fails(engine):
     """The unique key, not a read before the write, is what keeps a second noticer out: the read
     cannot see a replica's write that has not committed yet."""

@@ -836,6 +836,31 @@ def test_a_read_between_passes_after_an_outage_measures_silence_from_when_the_da
     assert after.ok and not after.resumed_after_outage and after.stuck == [], "the return was already said once"
 
 
+def test_a_read_between_passes_keeps_the_outage_when_the_database_is_still_away(engine, start_audit, backdate,
+                                                                               monkeypatch):
+    """watch reads between passes; one that fails because the database is still away must leave the outage
+    standing, or the next pass would measure the audits' silence across it and recover healthy ones."""
+    from auditctl import monitor as monitor_module
+    from auditctl.errors import DatabaseUnavailable
+
+    audit_id, _ = start_audit(target="https://example.com/silent-through-a-longer-outage")
+    backdate(audit_id, heartbeat_at=900, last_worker_update=900, progress_changed_at=900)
+    monitor = Monitor(engine, Thresholds(), actor=OPERATOR, recover=False)
+    monitor.in_outage = True  # the last pass could not reach the database
+
+    def still_away(connection):
+        raise DatabaseUnavailable("the database is still away")
+
+    monkeypatch.setattr(monitor_module, "fetch_now", still_away)
+    with pytest.raises(DatabaseUnavailable):
+        monitor.judge_now()
+    assert monitor.in_outage
+    monkeypatch.undo()
+    back = monitor.run_pass()
+    assert back.ok and back.resumed_after_outage
+    assert back.stuck == [], "silence across the outage was counted"
+
+
 def test_a_forked_child_reads_its_own_pid_namespace_instead_of_its_parents():
     """The boot and pid namespace that tell whether a pid is a process here are read once per
     process; a parent may have put its children in a new pid namespace, so a child reads them again."""
