@@ -981,6 +981,20 @@ def test_a_final_write_after_a_recovery_still_loses_its_lease(engine, backdate):
     assert [e["event"] for e in events(engine, audit_id)] == ["recovered", "lease_lost"]
 
 
+def test_a_final_write_after_a_requeue_and_a_new_run_of_the_same_instance_still_loses_its_lease(engine, backdate):
+    """The same instance, requeued and claimed again: that later run's end is not this run's own."""
+    audit_id = leases.create_audit(engine, "https://example.com/requeued")
+    first, _document = leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-1", worker_url=None)
+    backdate(audit_id, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    assert [r.id for r in recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)] == [audit_id]
+    second, _document = leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-1", worker_url=None)
+    assert leases.finish(engine, second, error=None, actor=Actor.command("worker")) == COMPLETED
+
+    with pytest.raises(LeaseLost):
+        leases.finish(engine, first, error=None, actor=Actor.command("worker"))
+    assert [e["event"] for e in events(engine, audit_id)][-1] == "lease_lost"
+
+
 def test_the_final_writes_retries_are_counted_from_its_first_failure_not_from_before_a_pause(engine, guards, monkeypatch):
     """A worker paused (SIGSTOP) inside its final write: the pause used up the whole retry budget, so
     the write was not tried again and the worker saw DatabaseUnavailable instead of its answer."""
