@@ -57,6 +57,21 @@ def test_recover_stopped_by_an_outage_lists_what_it_recovered_then_fails(engine,
     assert statuses(engine, ids) == {"failed": BATCH, "running": 300}
 
 
+def test_a_monitor_pass_stopped_by_an_outage_reports_what_its_committed_batches_recovered(engine):
+    from auditctl.history import Actor
+    from auditctl.monitor import Monitor
+    from auditctl.thresholds import Thresholds
+
+    ids = make_running(engine, BATCH + 300)
+    outage_after_the_first_batch(engine, ids, "failed")
+
+    result = Monitor(engine, Thresholds(), actor=Actor.command("test")).run_pass()
+
+    assert not result.ok and "database unavailable" in result.error.lower(), result.error
+    assert [recovery.id for recovery in result.recovered] == ids[:BATCH]
+    assert statuses(engine, ids) == {"failed": BATCH, "running": 300}
+
+
 def test_reset_all_stopped_by_an_outage_lists_what_it_reset_then_fails(engine, database_url):
     ids = make_running(engine, BATCH + 300)
     assert run("recover", "--database-url", database_url).exit_code == 0
