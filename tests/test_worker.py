@@ -616,6 +616,19 @@ def test_a_guard_that_takes_the_monitor_turn_knows_the_outages_the_others_saw_an
     assert not second.monitor.in_outage
 
 
+def test_an_outage_a_guard_reports_while_another_guards_pass_runs_is_kept_for_the_next_pass():
+    """The pass ended well, but it had read the database before the outage: the next pass, whichever
+    guard runs it, must still measure silence from when the database is back."""
+    from auditctl.worker import PassTurns
+
+    turns, settings = PassTurns(), ("sqlite:///fleet.db", "one setting")
+    assert turns.take(settings, "first", 10.0) == 0.0
+    started = time.monotonic()
+    turns.outage(settings)  # another guard's heartbeat thread, while first's pass runs
+    turns.passed(settings, started, False, None)
+    assert turns.state(settings) == (True, None)
+
+
 def test_sigterm_stops_a_worker_process_cleanly(engine, worker_process):
     proc, audit_id, instance_id, _ = worker_process("terminated-worker", mode="monitor")
     distinct_values(lambda: worker_rows(engine, "terminated-worker")[0]["last_heartbeat_at"], 3,
