@@ -995,6 +995,18 @@ def test_a_final_write_after_a_requeue_and_a_new_run_of_the_same_instance_still_
     assert [e["event"] for e in events(engine, audit_id)][-1] == "lease_lost"
 
 
+def test_a_requeued_audit_claimed_again_keeps_no_error_from_its_recovery_when_it_completes(engine, backdate):
+    audit_id = leases.create_audit(engine, "https://example.com/requeued-then-done")
+    leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-1", worker_url=None)
+    backdate(audit_id, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
+    recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)
+    assert row(engine, audit_id)["error"].startswith("recovered")
+    again, _document = leases.claim(engine, audit_id, worker_id="worker-2", instance_id="instance-2", worker_url=None)
+    assert row(engine, audit_id)["error"] is None, "the new run is shown with the last run's error"
+    leases.finish(engine, again, error=None, actor=Actor.command("worker"))
+    assert (row(engine, audit_id)["status"], row(engine, audit_id)["error"]) == (COMPLETED, None)
+
+
 def test_the_final_writes_retries_are_counted_from_its_first_failure_not_from_before_a_pause(engine, guards, monkeypatch):
     """A worker paused (SIGSTOP) inside its final write: the pause used up the whole retry budget, so
     the write was not tried again and the worker saw DatabaseUnavailable instead of its answer."""
