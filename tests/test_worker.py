@@ -279,6 +279,21 @@ def test_leaving_the_run_block_after_lease_lost_writes_nothing(engine, guards):
     assert recovered["status"] == FAILED
 
 
+def test_a_report_after_a_lost_runs_block_ended_still_says_lease_lost_not_run_ended(engine, guards):
+    """A run taken away stays "taken away" after its block: the late caller is told why, as before the end."""
+    from auditctl.errors import RunEnded
+
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/taken-away")
+    with pytest.raises(LeaseLost), guard.run(audit_id) as run:
+        recover_now(engine, audit_id)
+        run.update_progress(step="Crawling")
+    for late in (lambda: run.update_progress(step="Late"), run.heartbeat):
+        with pytest.raises(LeaseLost) as raised:
+            late()
+        assert not isinstance(raised.value, RunEnded)
+
+
 def test_worker_that_raises_after_lease_lost_does_not_record_its_failure(engine, guards):
     guard = guards()
     audit_id = guard.create_audit("https://example.com")
