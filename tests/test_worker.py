@@ -207,6 +207,26 @@ def test_a_progress_write_and_the_finish_stamp_the_document_with_the_database_ti
     assert finished["progress"]["last_updated"] == finished["progress"]["heartbeat"] != "2020-01-01T00:00:00.000Z"
 
 
+def test_a_heartbeat_stamps_the_documents_heartbeat_and_last_worker_update_but_not_last_updated(engine):
+    from sqlalchemy import update
+
+    from auditctl import leases
+    from auditctl.db import write_transaction
+
+    audit_id = leases.create_audit(engine, "https://example.com/beating")
+    lease, _ = leases.claim(engine, audit_id, worker_id="beater", instance_id="beater-1", worker_url=None)
+    old = "2020-01-01T00:00:00.000Z"
+    stored = row(engine, audit_id)["progress"]
+    with write_transaction(engine) as connection:  # old stamps, so the heartbeat's own are seen
+        connection.execute(update(audits).where(audits.c.id == audit_id).values(progress={
+            **stored, "last_worker_update": old,
+            "progress": {**stored["progress"], "heartbeat": old, "last_updated": old}}))
+    leases.heartbeat(engine, lease, Actor.worker("beater", "beater-1"))
+    beaten = row(engine, audit_id)["progress"]
+    assert beaten["progress"]["heartbeat"] == beaten["last_worker_update"] != old
+    assert beaten["progress"]["last_updated"] == old, "a heartbeat is no progress"
+
+
 def test_the_document_a_progress_write_returns_is_stamped_in_utc_whatever_the_hosts_time_zone(engine, monkeypatch):
     import time as clock
     from datetime import datetime, timedelta, timezone
