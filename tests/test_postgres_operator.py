@@ -229,7 +229,7 @@ def test_a_connect_timeout_in_the_url_is_what_the_driver_is_given(monkeypatch, r
     assert _connect_timeout_given(create_engine(url, role=role), monkeypatch) == 10, "auditctl's own without one"
 
 
-@pytest.mark.parametrize("url_timeout, budget, expected", [(30, 2, 2), (2, 8, 2), (30, 5.5, 5)])
+@pytest.mark.parametrize("url_timeout, budget, expected", [(30, 2, 2), (2, 8, 2), (30, 5.5, 5), (30, 0.5, 2)])
 def test_a_writes_budget_still_shortens_the_urls_connect_timeout_and_never_lengthens_it(monkeypatch, url_timeout,
                                                                                         budget, expected):
     from auditctl.db import create_engine
