@@ -1533,6 +1533,23 @@ def test_runs_keep_beating_while_only_the_registry_write_is_refused(engine, guar
                                         ("" if engine.dialect.name == "sqlite" else " ON workers")))
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_registry_beat_stuck_on_a_row_lock_is_no_outage_when_the_runs_beats_get_through(engine, guards):
+    """Another session holds the workers row: the registry beat gives up, but the runs' beats reach the
+    database, so it is there. Taken for an outage, the next monitor pass would measure silence afresh
+    and leave an audit whose worker really died uncaught for another stale_after."""
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/registry-row-locked")
+    with guard.run(audit_id):
+        before = row(engine, audit_id)["heartbeat_at"]
+        with engine.connect() as holder:
+            holder.execute(text("SELECT 1 FROM workers WHERE instance_id = :i FOR UPDATE"), {"i": guard.instance_id})
+            guard._beat_once()
+            holder.rollback()
+        assert row(engine, audit_id)["heartbeat_at"] > before, "the run's beat got through"
+        assert not guard.monitor.in_outage
+
+
 def test_a_closed_guard_refuses_new_work_and_a_second_close_does_nothing(engine, guards):
     """close() ends the guard: a run(), create_audit(), a monitor start or pass after it raises
     ConfigError ("closed") before anything is written, instead of opening the pools it emptied
