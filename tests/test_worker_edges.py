@@ -1550,6 +1550,25 @@ def test_a_registry_beat_stuck_on_a_row_lock_is_no_outage_when_the_runs_beats_ge
         assert not guard.monitor.in_outage
 
 
+def test_a_refused_registry_beat_is_no_outage_when_the_guard_runs_no_audit(engine, guards, caplog):
+    """The database answered (another tool's trigger refused the workers row): that is no outage, even with
+    no run's beat to show the database is there, so the next monitor pass does not restart every silence."""
+    guard = guards()
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
+                                    "BEGIN SELECT RAISE(ABORT, 'workers are read-only here'); END"))
+        else:
+            connection.execute(text("CREATE FUNCTION no_registry_beats() RETURNS trigger LANGUAGE plpgsql AS "
+                                    "$$ BEGIN RAISE EXCEPTION 'workers are read-only here'; END $$"))
+            connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
+                                    "FOR EACH ROW EXECUTE FUNCTION no_registry_beats()"))
+    with caplog.at_level("ERROR", logger="auditctl"):
+        assert guard._beat_once() is True
+    assert not guard.monitor.in_outage
+    assert "refused this instance's own beat" in caplog.text
+
+
 def test_a_closed_guard_refuses_new_work_and_a_second_close_does_nothing(engine, guards):
     """close() ends the guard: a run(), create_audit(), a monitor start or pass after it raises
     ConfigError ("closed") before anything is written, instead of opening the pools it emptied
