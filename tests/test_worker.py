@@ -600,6 +600,21 @@ def test_two_guards_in_one_process_with_one_worker_id(engine, guards):
     assert [(r.id, r.reasons) for r in third.cleanup_stuck_audits_on_startup()] == [(audit_id, ["worker_restarted"])]
 
 
+def test_a_duplicate_worker_id_is_reported_once_per_other_instance_not_at_every_look(engine, guards, caplog):
+    """The monitor thread looks for duplicates every interval: the error is said when another live instance
+    first shows up, not again at every look while it stays."""
+    first = guards(worker_id="shared-quietly", **PATIENT)
+    with caplog.at_level("ERROR", logger="auditctl"):
+        second = guards(worker_id="shared-quietly", **PATIENT)
+        second._check_duplicates()
+        second._check_duplicates()
+        third = guards(worker_id="shared-quietly", **PATIENT)
+        second._check_duplicates()
+    said = [r.getMessage() for r in caplog.records if "is also used by a live instance" in r.getMessage()]
+    assert len([m for m in said if first.instance_id[:8] in m]) == 2, said  # once to second, once to third
+    assert len([m for m in said if third.instance_id[:8] in m]) == 1, said  # to second, when third showed up
+
+
 def test_guards_of_one_process_with_the_same_settings_share_one_monitor_pass_per_interval(engine, guards):
     """Twenty worker threads with a guard each made twenty fleet-wide passes per interval."""
     passes: dict[str, int] = {}
