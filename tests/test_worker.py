@@ -327,6 +327,19 @@ def test_worker_that_raises_after_lease_lost_does_not_record_its_failure(engine,
     assert events(engine, audit_id) == history
 
 
+def test_an_outer_run_ends_as_failed_when_a_nested_runs_lease_lost_leaves_its_block(engine, guards):
+    guard = guards()
+    outer_id, inner_id = guard.create_audit("https://example.com/outer"), guard.create_audit("https://example.com/inner")
+    with pytest.raises(LeaseLost) as raised, guard.run(outer_id):
+        with guard.run(inner_id) as inner:
+            recover_now(engine, inner_id)
+            inner.update_progress(step="Crawling")
+    assert raised.value.audit_id == inner_id
+    outer = row(engine, outer_id)
+    assert outer["status"] == FAILED and "LeaseLost" in outer["error"], "the outer audit was left running"
+    assert outer["lease"] is None
+
+
 # --- the heartbeat thread -------------------------------------------------------------------
 
 
