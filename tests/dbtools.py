@@ -306,3 +306,18 @@ def kill_quietly(proc: subprocess.Popen) -> None:
             proc.communicate(timeout=10)
     except (subprocess.TimeoutExpired, ValueError, OSError):
         pass
+
+
+def registry_row_unreadable(monkeypatch, instance_id: str) -> None:
+    """Make reading one worker-registry row fail, as another tool's row one day might: no stored
+    value found so far makes ``registry._instance`` raise (each reader turns it into None)."""
+    from auditctl import registry
+
+    reading = registry._instance
+
+    def failing_on_one(mapping):
+        if mapping["instance_id"] == instance_id:
+            raise ValueError("year 0 is out of range")
+        return reading(mapping)
+
+    monkeypatch.setattr(registry, "_instance", failing_on_one)

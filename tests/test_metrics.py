@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from dbtools import wait_for
+from dbtools import registry_row_unreadable, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, insert, select, text
 
@@ -397,21 +397,13 @@ def test_a_worker_registry_row_that_cannot_be_read_counts_as_neither_alive_nor_g
     worker, but the overview's ``workers_gone`` and ``auditctl_workers{state="gone"}`` counted it as gone.
     No stored value makes a row unreadable today (each reader turns it into None), so the reading of one
     row is made to fail, as another tool's row one day might (as tests/test_web.py does)."""
-    from auditctl import registry
     from auditctl.overview import fleet_overview
     from auditctl.records import overview_record
     from auditctl.thresholds import Policy
 
     alive = [w for w in json.loads(invoke("workers", "-o", "json", "--database-url", fleet).stdout) if w["alive"]]
     victim = alive[0]["instance_id"]
-    reading = registry._instance
-
-    def failing_on_one(m):
-        if m["instance_id"] == victim:
-            raise ValueError("year 0 is out of range")
-        return reading(m)
-
-    monkeypatch.setattr(registry, "_instance", failing_on_one)
+    registry_row_unreadable(monkeypatch, victim)
     path = tmp_path / "auditctl.prom"
     assert invoke("watch", "--once", "--no-live", "--no-recover", "--database-url", fleet, "--metrics-file", path).exit_code == 0
     found = samples(path.read_text())

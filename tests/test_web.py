@@ -20,7 +20,7 @@ from sqlalchemy import update
 from auditctl.cli import cli
 from auditctl.db import write_transaction
 from auditctl.schema import audits
-from dbtools import all_rows, events, wait_for
+from dbtools import all_rows, events, registry_row_unreadable, wait_for
 from webtools import TOKEN, Output, http, running_dashboard, serve_process
 from webtools import demo_fixture, demo_url_fixture, sqlite_demo_template_fixture  # noqa: F401 - fixtures
 
@@ -1186,17 +1186,9 @@ def test_a_worker_registry_row_that_cannot_be_read_is_shown_as_unreadable_when_l
     ``unreadable``, with what was wrong, on the dashboard, in its JSON and in ``auditctl workers``.
     No value found so far makes a row unreadable (the readers turn each into None), so the reading
     of one row is made to fail here, as another tool's row one day might."""
-    from auditctl import registry
 
     victim = cli_json(demo_url, "workers")[0]["instance_id"]
-    reading = registry._instance
-
-    def failing_on_one(m):
-        if m["instance_id"] == victim:
-            raise ValueError("year 0 is out of range")
-        return reading(m)
-
-    monkeypatch.setattr(registry, "_instance", failing_on_one)
+    registry_row_unreadable(monkeypatch, victim)
     listed = {w["instance_id"]: w for w in cli_json(demo_url, "workers")}
     table = CliRunner().invoke(cli, ["workers", "--database-url", demo_url], catch_exceptions=False, env={"COLUMNS": "200"})
     with running_dashboard(demo_url) as server:

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from dbtools import events, read_line, row, spawn, wait_for
+from dbtools import drop_trigger, events, install_abort_trigger, read_line, row, spawn, wait_for
 from sqlalchemy import text
 
 from auditctl import LeaseLost, leases
@@ -1513,24 +1513,14 @@ def test_runs_keep_beating_while_only_the_registry_write_is_refused(engine, guar
     guard.start_heartbeat_monitor()
     audit_id = guard.create_audit("https://example.com/registry-refused")
     with guard.run(audit_id):
-        with engine.begin() as connection:
-            if engine.dialect.name == "sqlite":
-                connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
-                                        "BEGIN SELECT RAISE(ABORT, 'workers are read-only here'); END"))
-            else:
-                connection.execute(text("CREATE FUNCTION no_registry_beats() RETURNS trigger LANGUAGE plpgsql AS "
-                                        "$$ BEGIN RAISE EXCEPTION 'workers are read-only here'; END $$"))
-                connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
-                                        "FOR EACH ROW EXECUTE FUNCTION no_registry_beats()"))
+        install_abort_trigger(engine, "no_registry_beats", table="workers")
         try:
             refused_from = row(engine, audit_id)["heartbeat_at"]
             time.sleep(1.2)  # six rounds of the heartbeat thread
             assert row(engine, audit_id)["heartbeat_at"] > refused_from, "the run's beats went on"
             assert row(engine, audit_id)["status"] == RUNNING
         finally:
-            with engine.begin() as connection:
-                connection.execute(text("DROP TRIGGER no_registry_beats" +
-                                        ("" if engine.dialect.name == "sqlite" else " ON workers")))
+            drop_trigger(engine, "no_registry_beats", table="workers")
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
@@ -1554,15 +1544,7 @@ def test_a_refused_registry_beat_is_no_outage_when_the_guard_runs_no_audit(engin
     """The database answered (another tool's trigger refused the workers row): that is no outage, even with
     no run's beat to show the database is there, so the next monitor pass does not restart every silence."""
     guard = guards()
-    with engine.begin() as connection:
-        if engine.dialect.name == "sqlite":
-            connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
-                                    "BEGIN SELECT RAISE(ABORT, 'workers are read-only here'); END"))
-        else:
-            connection.execute(text("CREATE FUNCTION no_registry_beats() RETURNS trigger LANGUAGE plpgsql AS "
-                                    "$$ BEGIN RAISE EXCEPTION 'workers are read-only here'; END $$"))
-            connection.execute(text("CREATE TRIGGER no_registry_beats BEFORE UPDATE ON workers "
-                                    "FOR EACH ROW EXECUTE FUNCTION no_registry_beats()"))
+    install_abort_trigger(engine, "no_registry_beats", table="workers")
     with caplog.at_level("ERROR", logger="auditctl"):
         assert guard._beat_once() is True
     assert not guard.monitor.in_outage
