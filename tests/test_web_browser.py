@@ -174,6 +174,7 @@ def test_reset_all_audits_confirms_in_the_page_then_failed_audits_are_pending(pa
         page.get_by_role("button", name="Reset All Audits").click()
         confirm = page.get_by_role("region", name="Confirm reset")
         expect(confirm).to_be_visible()
+        _settled(page)
         expect(confirm.get_by_role("heading")).to_have_text("Reset 2 audits to pending?")
         expect(confirm.locator("#count-stuck-origin")).to_contain_text("2 recovered as stuck")
         expect(confirm.locator("#count-error-origin")).to_contain_text("0 failed with their own error")
@@ -283,6 +284,12 @@ def test_stopping_the_database_shows_an_alert_banner_that_clears_when_it_returns
     report(f"dashboard alert cleared after the database returned ({engine_name})", round(cleared, 2), "s")
 
 
+def _settled(page) -> None:
+    """Wait until htmx has processed what it last swapped in (it does so after a settle delay): a
+    button pressed before that submits its form the plain way, a whole page instead of a panel."""
+    page.wait_for_function("() => !document.querySelector('.htmx-added, .htmx-settling, .htmx-swapping, .htmx-request')")
+
+
 def _focused(page) -> str:
     """Where the keyboard focus is: the focused element's id, or its nearest panel's, or its tag."""
     return page.evaluate("""() => { const a = document.activeElement;
@@ -300,6 +307,7 @@ def test_the_recover_confirmation_keeps_the_keyboard_focus_from_preview_to_resul
         page.focus("#recover-all")
         page.keyboard.press("Enter")
         expect(page.locator("#recover-confirm")).to_be_visible()
+        _settled(page)
         assert _focused(page).startswith("panel:"), _focused(page)
         page.focus("#recover-confirm button.link")  # Cancel
         page.keyboard.press("Enter")
@@ -307,6 +315,7 @@ def test_the_recover_confirmation_keeps_the_keyboard_focus_from_preview_to_resul
         assert _focused(page) == "recover-all", "after Cancel the focus goes back to the button that asked"
         page.keyboard.press("Enter")
         expect(page.locator("#recover-confirm")).to_be_visible()
+        _settled(page)
         page.focus("#confirm-recover")
         page.keyboard.press("Enter")
         expect(page.locator("#recover-result")).to_contain_text("Recovered 3 audits.")
@@ -379,6 +388,7 @@ def test_the_first_tab_in_a_confirmation_reaches_confirm_before_the_audits_it_li
         page.keyboard.press("Enter")
         expect(page.locator("#recover-confirm")).to_be_visible()
         expect(page.locator("#recover-confirm tbody a")).to_have_count(100)
+        _settled(page)
         assert _focused(page) == "panel:recover-confirm"
         page.keyboard.press("Tab")
         assert _focused(page) == "panel:confirm-recover"
@@ -391,6 +401,7 @@ def test_the_first_tab_in_a_confirmation_reaches_confirm_before_the_audits_it_li
         page.keyboard.press("Enter")
         expect(page.locator("#reset-confirm")).to_be_visible()
         expect(page.locator("#reset-confirm tbody a").first).to_be_visible()
+        _settled(page)
         assert _focused(page) == "panel:reset-confirm"
         page.keyboard.press("Tab")
         assert _focused(page) == "panel:confirm-reset"
