@@ -527,8 +527,7 @@ class StuckAuditPrevention:
 
     def cleanup_stuck_audits_on_startup(self) -> list[Recovery]:
         """Recover what earlier instances of this worker left running, then every stuck audit."""
-        self._refuse_if_forked()
-        self._refuse_if_closed()
+        self._refuse_if_unusable()
         live = {self.instance_id} | {peer.instance_id for peer in self._check_duplicates()}
         try:
             leftovers = recover_worker_leftovers(self.operator_engine, self.worker_id, live, actor=self.actor,
@@ -605,8 +604,7 @@ class StuckAuditPrevention:
 
     def _heartbeat_cleanup(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
         """One monitor pass over the whole fleet: recover every stuck audit."""
-        self._refuse_if_forked()
-        self._refuse_if_closed()
+        self._refuse_if_unusable()
         return self._monitor_pass(marker)
 
     def _monitor_pass(self, marker: str = "💓 HEARTBEAT") -> list[Recovery]:
@@ -633,8 +631,7 @@ class StuckAuditPrevention:
 
         A bad request (an id that is not a whole number, an explanation that is not text any database
         stores, or longer than ``ERROR_LIMIT``) raises ConfigError before anything is read or written."""
-        self._refuse_if_forked()
-        self._refuse_if_closed()
+        self._refuse_if_unusable()
         if explanation is not None:
             if not isinstance(explanation, str) or len(explanation) > ERROR_LIMIT:
                 raise ConfigError(f"explanation must be text of at most {ERROR_LIMIT} characters")
@@ -650,8 +647,7 @@ class StuckAuditPrevention:
 
     def create_audit(self, target: str, max_age: float | timedelta | None = None, kind: str | None = None) -> int:
         """A new pending audit; ``max_age`` gives it its own deadline, ``kind`` its kind's thresholds."""
-        self._refuse_if_forked()
-        self._refuse_if_closed()
+        self._refuse_if_unusable()
         deadline = parse_duration(max_age, "max_age") if max_age is not None else None
         return leases.create_audit(self.engine, target, max_age=deadline, kind=kind)
 
@@ -927,6 +923,11 @@ class StuckAuditPrevention:
         if os.getpid() != self._pid:
             raise ConfigError(f"this StuckAuditPrevention belongs to process {self._pid}, not to this child forked "
                               "from it (its threads did not follow the fork): make a new one in the child")
+
+    def _refuse_if_unusable(self) -> None:
+        """What every entry point checks first: this process made the guard, and it is not closed."""
+        self._refuse_if_forked()
+        self._refuse_if_closed()
 
     def _refuse_if_closed(self) -> None:
         if self._closed:
