@@ -107,6 +107,17 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def format_rate(value: float) -> str:
+    """A rate for reading: one decimal from 1 up (``1.6``), two significant figures below
+    (``0.018``, never ``0.0`` for a slow fleet), ``0`` for none at all."""
+    if value <= 0:
+        return "0"
+    rounded = float(f"{value:.2g}")
+    if rounded >= 1:
+        return f"{value:.1f}"
+    return f"{rounded:.{1 - math.floor(math.log10(rounded))}f}"
+
+
 # --- the fleet's figures (metrics) ------------------------------------------------------------
 
 
@@ -691,7 +702,7 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
     current = alive or active
     assumptions = [
         "each worker runs one audit at a time",
-        f"audits keep arriving at this window's rate ({arrivals / hours:.1f}/hour)",
+        f"audits keep arriving at this window's rate ({format_rate(arrivals / hours)}/hour)",
         f"a run takes this window's mean ({format_duration(mean_run)})" if mean_run is not None else "a run takes the window's mean",
         f"workers are kept at most {UTILISATION:.0%} busy, so waits stay short",
         f"every pending audit should start within {format_duration(DRAIN_WITHIN)}",
@@ -713,8 +724,8 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
             verdict = f"enough workers: about {needed} needed, {have}"
     return Capacity(
         pending=pending, oldest_pending_seconds=None if oldest_at is None else max(0.0, round((now - oldest_at).total_seconds(), 3)),
-        arrivals=arrivals, arrivals_per_hour=round(arrivals / hours, 3), completed=completed,
-        completed_per_hour=round(completed / hours, 3), mean_run_seconds=_round(mean_run),
+        arrivals=arrivals, arrivals_per_hour=arrivals / hours, completed=completed,
+        completed_per_hour=completed / hours, mean_run_seconds=_round(mean_run),
         wait=Timing(_round(mean(waits)), _round(percentile(waits, 0.95)), len(waits)),
         workers_alive=alive, workers_active=active, workers_needed=needed, workers_to_add=to_add, verdict=verdict,
         assumptions=assumptions,

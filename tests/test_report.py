@@ -926,3 +926,19 @@ def test_the_hourly_chart_of_recoveries_leaves_out_one_recorded_in_the_next_hour
                                          "to_status": "failed", "reasons": ["stale_heartbeat"]}], Actor.command("recover"), at)
     hours = recoveries_by_hour(engine, hours=24)
     assert len(hours) == 24 and sum(h.count for h in hours) == 1 and hours[-1].count == 1
+
+
+def test_a_slow_fleets_rates_read_as_figures_not_zero_when_three_audits_completed_in_a_week(engine, database_url):
+    """Three audits created and completed in a 7-day window: 3/168 per hour. The text keeps two
+    significant figures (0.018/hour, not 0.0/hour); the JSON keeps the rate unrounded, under its key."""
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [
+            {"target": f"https://slow-{i}.example", "status": "completed", "worker_id": "w",
+             "created_at": now - timedelta(days=i + 1, minutes=30), "started_at": now - timedelta(days=i + 1, minutes=20),
+             "finished_at": now - timedelta(days=i + 1, minutes=10)} for i in range(3)])
+    text_out = " ".join(invoke("report", "--database-url", database_url, "--since", "7d", "--format", "plain").stdout.split())
+    assert "Throughput: 0.018 completed/hour (3 in the window); arrivals 0.018/hour." in text_out, text_out
+    assert "at this window's rate (0.018/hour)" in text_out, text_out
+    capacity = json.loads(invoke("report", "--database-url", database_url, "--since", "7d", "--format", "json").stdout)["capacity"]
+    assert capacity["completed_per_hour"] == capacity["arrivals_per_hour"] == 3 / 168

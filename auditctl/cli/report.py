@@ -147,6 +147,8 @@ def _records(shares) -> list[dict]:
 
 
 def _render_report(found, fmt: str) -> None:
+    from ..report import format_rate
+
     if fmt == "json":
         _json(found.as_dict())
         return
@@ -211,8 +213,8 @@ def _render_report(found, fmt: str) -> None:
     c = found.capacity
     _heading("Capacity", fmt)
     _say(f"Backlog: {c.pending} pending" + (f", oldest waiting {_dur(c.oldest_pending_seconds)}" if c.pending else "")
-         + f". Throughput: {c.completed_per_hour:.1f} completed/hour ({c.completed} in the window); "
-         f"arrivals {c.arrivals_per_hour:.1f}/hour.", fmt)
+         + f". Throughput: {format_rate(c.completed_per_hour)} completed/hour ({c.completed} in the window); "
+         f"arrivals {format_rate(c.arrivals_per_hour)}/hour.", fmt)
     _say(f"Wait before start: mean {_dur(c.wait.mean_seconds)}, p95 {_dur(c.wait.p95_seconds)} (n={c.wait.count}); "
          f"mean run {_dur(c.mean_run_seconds)}.", fmt)
     _say(f"Verdict: {c.verdict}.", fmt, bold=True)
