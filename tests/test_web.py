@@ -1222,6 +1222,31 @@ def test_dashboard_shows_the_database_unavailable_when_libpq_refuses_a_url_value
         assert "s3cret" not in text
 
 
+def test_recover_answers_the_database_unreachable_not_refused_when_libpq_refuses_a_url_value_under_unsafe_thresholds(
+        tmp_path):
+    """Under ``serve --unsafe-thresholds`` no threshold check reads first, so the recovery's own
+    connection met libpq's refusal of the URL: the buttons and ``POST /api/recover`` answered 400
+    "Refused", blaming the request, where the reads (and Reset All Audits) say the database cannot be
+    reached (503). A server-side setting is not the operator's input."""
+    url = "postgresql://bob:s3cret-pw@127.0.0.1:1/audits?keepalives=abc"
+    with running_dashboard(url, token=TOKEN, allow_unsafe=True) as server:
+        stuck = server.get("/api/stuck")
+        api = server.post("/api/recover", headers=BEARER)
+        cookie, csrf = server.sign_in()
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        preview = server.post("/actions/recover", form={"csrf_token": csrf}, headers=headers)
+        confirm = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1"}, headers=headers)
+        reset = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers=headers)
+    assert stuck.status == api.status == 503, (stuck.text, api.text)
+    assert api.json() == stuck.json()
+    for answer in (preview, confirm, reset):
+        assert answer.status == 503, answer.text
+        assert "The database is unreachable: " in answer.text and "Refused" not in answer.text
+        assert "for connection option &quot;keepalives&quot;" in answer.text and "Nothing was changed." in answer.text
+    for text in (stuck.text, api.text, preview.text, confirm.text, reset.text):
+        assert "s3cret" not in text
+
+
 def test_the_dashboard_keeps_at_most_max_sessions_dropping_the_oldest_sign_in():
     from auditctl.web.security import MAX_SESSIONS, Sessions
 

@@ -579,10 +579,17 @@ def _panel(request: Request, status: int, html: str, *, changed: bool = False) -
                         status_code=status)
 
 
+def _not_reached(error: Exception) -> bool:
+    """The database was not reached: an outage a read met, or a setting of the URL libpq refused on
+    the action's own connection (ConnectionSettingRefused), which the reads show as unreachable too:
+    the server's setting, not the request's fault."""
+    return isinstance(error, Outage) or (isinstance(error, ConfigError) and isinstance(error, DatabaseUnavailable))
+
+
 def _action_problem(error: Exception, d: Dashboard) -> tuple[int, str]:
     """An action's error as (status, one line for the page)."""
-    if isinstance(error, Outage):
-        return 503, f"The database is unreachable: {error}"
+    if _not_reached(error):
+        return 503, f"The database is unreachable: {error if isinstance(error, Outage) else d.safe_message(error)}"
     if isinstance(error, ConfigError):
         return 400, f"Refused: {error}"
     from ..recovery import ConcurrentChange
@@ -594,7 +601,7 @@ def _action_problem(error: Exception, d: Dashboard) -> tuple[int, str]:
 
 def _action_error(request: Request, error: Exception, d: Dashboard) -> Response:
     status, text = _action_problem(error, d)
-    return _panel(request, status, views.refusal(status, text + (" Nothing was changed." if isinstance(error, Outage) else "")))
+    return _panel(request, status, views.refusal(status, text + (" Nothing was changed." if _not_reached(error) else "")))
 
 
 def _confirmation_failed(request: Request, error: Exception, d: Dashboard, session: Session, plan_id: str, entry,
