@@ -14,6 +14,7 @@ keeps the run's longest silence between writes and longest time without progress
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -27,13 +28,15 @@ from sqlalchemy.sql.expression import FunctionElement
 from . import documents, history
 from .db import (HeldConnection, PreparedWrite, db_now, fetch_now, pg_seconds_since, retried_transaction, single_write,
                  write_transaction)
-from .errors import AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
+from .errors import AuditctlError, AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
 from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audits
 from .textsafe import printable
 from .thresholds import kind_name
 from .values import storable_text, text_value
+
+log = logging.getLogger("auditctl")  # the worker's logger: its lease-lost warnings go with the guard's
 
 
 @dataclass(frozen=True)
@@ -223,16 +226,28 @@ def claim(engine: Engine, audit_id: int, *, worker_id: str, instance_id: str, wo
 
 def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:
     """Record the rejected write and build the exception to raise. Like a claim, the record is made
-    once more on a fresh connection when the first was lost before its COMMIT went out."""
+    once more on a fresh connection when the first was lost before its COMMIT went out.
+
+    The write matched no row: the lease is lost whatever happens to the record. A record the
+    database refuses (the SQLite file locked past the worker's wait, the server gone) is logged
+    as a warning with what it would have held, and the caller still gets ``LeaseLost``: told
+    ``DatabaseUnavailable``, its code would go on working on an audit that is no longer its own."""
+    details = {"write": write, "lease": lease.token, "worker_id": lease.worker_id, "instance_id": lease.instance_id}
+
     def attempt(connection):
         now = fetch_now(connection)
         status = connection.execute(select(audits.c.status).where(audits.c.id == lease.audit_id)).scalar()
         history.record(connection, [{
             "audit_id": lease.audit_id, "event": history.LEASE_LOST, "from_status": status, "to_status": status,
-            "details": {"write": write, "lease": lease.token, "worker_id": lease.worker_id, "instance_id": lease.instance_id},
+            "details": details,
         }], actor, now)
 
-    retried_transaction(engine, attempt)
+    try:
+        retried_transaction(engine, attempt)
+    except AuditctlError as error:
+        log.warning("audit %s: its lease is lost (the %s write matched no row and changed nothing), but the lease_lost "
+                    "event could not be recorded in its history (%s); it would have held %s, by %s", lease.audit_id,
+                    write, printable(error), printable(str(details)), printable(actor.name))
     return LeaseLost(lease.audit_id)
 
 

@@ -194,6 +194,65 @@ def test_a_heartbeat_on_a_locked_sqlite_file_gives_up_after_the_worker_wait_with
         assert row(engine, audit_id)["heartbeat_at"] > before, "the next beat, with the lock free, is written"
 
 
+@contextlib.contextmanager
+def write_lock_taken_at_begin(guard, engine, nth: int):
+    """Once armed (``armed.set()``), another connection takes the SQLite file's write lock just
+    before the guard's ``nth`` write transaction begins (``BEGIN IMMEDIATE``), and holds it until
+    the block ends. Yields (armed, the guard's transactions begun since)."""
+    from sqlalchemy import event
+
+    holder = sqlite3.connect(engine.url.database, isolation_level=None, check_same_thread=False)
+    armed, begun = threading.Event(), []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if armed.is_set() and statement.strip().upper() == "BEGIN IMMEDIATE":
+            begun.append(statement)
+            if len(begun) == nth:
+                holder.execute("BEGIN IMMEDIATE")
+
+    event.listen(guard.engine, "before_cursor_execute", before)
+    try:
+        yield armed, begun
+    finally:
+        event.remove(guard.engine, "before_cursor_execute", before)
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("write", ["heartbeat", "progress", "finish"])
+def test_a_late_write_raises_lease_lost_when_recording_its_lease_lost_event_finds_the_database_locked(
+        engine, guards, caplog, write):
+    """The fenced write matched no row, so the lease is known lost; recording the ``lease_lost`` event
+    then waited for a write lock another process held. The worker got DatabaseUnavailable (its code
+    went on working on an audit that was no longer its own) until a later call found the lock free.
+    It gets LeaseLost at once, and a warning says the event could not be recorded."""
+    from auditctl.recovery import recover_audits
+    from auditctl.schema import audits
+
+    guard = guards(heartbeat_interval=60, stale_after=600, max_age=3600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/lost-while-locked")
+    # The finish's own UPDATE is a transaction of its own: the recording is the second one.
+    nth = 2 if write == "finish" else 1
+    with write_lock_taken_at_begin(guard, engine, nth) as (armed, begun):
+        with pytest.raises(LeaseLost) as lost, guard.run(audit_id) as run:
+            recover_audits(engine, audits.c.id == audit_id, reason="manual", explanation="taken away by the test",
+                           actor=OPERATOR)
+            recovered = row(engine, audit_id)
+            armed.set()
+            if write == "heartbeat":
+                run.heartbeat()
+            elif write == "progress":
+                run.update_progress(step="late")
+    assert len(begun) == nth, "the lock was taken as the recording began"
+    assert lost.value.audit_id == audit_id and run.lost
+    assert row(engine, audit_id) == recovered
+    warning = next(r for r in caplog.records if "lease_lost" in r.getMessage())
+    assert warning.levelname == "WARNING" and f"audit {audit_id}" in warning.getMessage()
+    assert "locked" in warning.getMessage(), warning.getMessage()
+
+
 # --- what the library stores it can read back ---------------------------------------------------
 
 
