@@ -26,7 +26,6 @@ RESET = "reset"
 LEASE_LOST = "lease_lost"
 #: A recovery could not change this audit (the database refused its row): an operator must look.
 NEEDS_OPERATOR = "needs_operator"
-EVENTS = (RECOVERED, REQUEUED, RESET, LEASE_LOST, NEEDS_OPERATOR)
 
 
 @dataclass(frozen=True)
@@ -187,13 +186,4 @@ def events_for(engine: Engine, audit_id: int) -> list[Event]:
     """The whole history of one audit, oldest first."""
     with read_connection(engine) as connection:
         query = select(audit_events).where(audit_events.c.audit_id == audit_id).order_by(audit_events.c.id)
-        return [_event(row) for row in connection.execute(query)]
-
-
-def recent_events(engine: Engine, *, limit: int = 20, events: tuple[str, ...] | None = None) -> list[Event]:
-    """The newest history rows, newest first."""
-    with read_connection(engine) as connection:
-        query = select(audit_events).order_by(audit_events.c.id.desc()).limit(limit)
-        if events:
-            query = query.where(audit_events.c.event.in_(events))
         return [_event(row) for row in connection.execute(query)]

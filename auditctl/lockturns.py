@@ -59,7 +59,6 @@ class LockTurns:
     """The turns one run of batches gives other writers (see the module docstring)."""
 
     def __init__(self):
-        self.pauses = 0
         self._free_since = time.monotonic()  # when the lock was last left free for the others
         self._last: tuple[object, int] | None = None  # (driver connection, data_version) as the last batch began
         self._others_wrote = True  # nothing known yet: as if they had
@@ -92,5 +91,4 @@ class LockTurns:
             time.sleep(pause - used)
         log.debug("left the write lock free for %.0f ms (%.0f ms of it reading ahead) after holding it %.0f ms",
                   max(pause, used) * 1000, used * 1000, held * 1000)
-        self.pauses += 1
         self._free_since = time.monotonic()

@@ -177,16 +177,6 @@ def _ours_later_on_the_path(connection, schema: str | None) -> str | None:
     return None
 
 
-def current_revision(engine: Engine) -> str | None:
-    """The revision the database is at; None when it has no auditctl schema."""
-    with translate_errors(engine), engine.connect() as connection:
-        connection = connection.execution_options(auditctl_read_only=True)
-        schema = _schema(connection)
-        if not inspect(connection).has_table("alembic_version", schema=schema):
-            return None
-        return _recorded_revision(connection, schema)
-
-
 def diagnose(engine: Engine) -> SchemaMissing:
     """Why a query found no schema, in words that say what to do (run after a SchemaMissing)."""
     where = describe(engine)

@@ -43,8 +43,6 @@ class PassResult:
     gone: dict[str, str] = field(default_factory=dict)
     resumed_after_outage: bool = False
     seen_since: datetime | None = None
-    #: This pass found nothing stuck after earlier recoveries and wrote the fleet_healthy event.
-    announced_healthy: bool = False
     #: SQLite: the file at the database's path was ``"replaced"`` or is ``"back"`` since the last look.
     file_change: str | None = None
     #: The class of the error that stopped the pass (a fatal one is raised again as that).
@@ -69,7 +67,6 @@ class Monitor:
         self.filters = filters or Filters()
         self.seen_since: datetime | None = None
         self.in_outage = False
-        self.outages = 0
 
     @property
     def thresholds(self) -> Thresholds:
@@ -89,8 +86,6 @@ class Monitor:
     def saw_outage(self) -> None:
         """A read between passes could not reach the database: from its return, silence counts
         afresh, as after an outage a pass saw (``resume``)."""
-        if not self.in_outage:
-            self.outages += 1
         self.in_outage = True
 
     def resume(self) -> bool:
@@ -132,7 +127,7 @@ class Monitor:
         from .outbox import announce_healthy
 
         try:
-            result.announced_healthy = announce_healthy(self.engine, self.actor)
+            announce_healthy(self.engine, self.actor)
         except (AuditctlError, SQLAlchemyError) as error:
             log.info("could not record that the fleet is healthy again: %s", error)
         return result

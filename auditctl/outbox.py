@@ -20,7 +20,6 @@ from .schema import notifications
 RECOVERED = "recovered"
 RESET = "reset"
 FLEET_HEALTHY = "fleet_healthy"
-EVENTS = (RECOVERED, RESET, FLEET_HEALTHY)
 
 #: How long an undelivered event is kept before it expires (seconds).
 EVENT_TTL = 24 * 3600.0
@@ -59,13 +58,6 @@ def enqueue(connection: Connection, event: str, payload: dict, *, dedupe_key: st
 
     result = connection.execute(sqlite_insert(notifications).values(**values).on_conflict_do_nothing())
     return result.rowcount == 1
-
-
-def latest_id(connection: Connection, event: str | None = None) -> int | None:
-    query = select(notifications.c.id).order_by(notifications.c.id.desc()).limit(1)
-    if event is not None:
-        query = query.where(notifications.c.event == event)
-    return connection.execute(query).scalar()
 
 
 def _last_live_recovery(connection: Connection, now) -> int | None:

@@ -32,11 +32,6 @@ from . import documents, timestamps
 from .statuses import COMPLETED, FAILED, PENDING, RUNNING, STATUSES  # noqa: F401 - re-exported
 
 
-def parse_timestamp(value):
-    """Any stored time as an aware UTC datetime; None when absent or unreadable (see ``timestamps.parse``)."""
-    return timestamps.as_datetime(value)
-
-
 class Timestamp(types.TypeDecorator):
     """timestamptz on PostgreSQL; canonical UTC text on SQLite (see ``timestamps``).
 

@@ -55,8 +55,6 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 6048
 _PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)\s*")
 _NUMBER = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?")
 
-Duration = "int | float | str | timedelta"
-
 
 def parse_duration(value, name: str = "duration") -> float:
     """Return seconds for ``90``, ``1.5``, ``"45s"``, ``"10m"``, ``"1h30m"``, ``"2d"`` or a timedelta.

@@ -543,7 +543,7 @@ def test_missing_schema_says_run_auditctl_init(blank_database_url, engine_name):
             lambda: audit_views.get_audit(engine, 1),
             lambda: recover_stuck(engine, T, actor=OPERATOR),
             lambda: reset_failed(engine, actor=OPERATOR),
-            lambda: history.recent_events(engine),
+            lambda: history.events_for(engine, 1),
             lambda: leases.create_audit(engine, "https://example.com"),
             lambda: StuckAuditPrevention(blank_database_url, worker_id="w", create_schema=False),
         ]

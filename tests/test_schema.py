@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from auditctl import leases
 from auditctl.db import create_engine
-from auditctl.migrate import _MIGRATION_LOCK_KEY, current_revision, head_revision, upgrade
+from auditctl.migrate import _MIGRATION_LOCK_KEY, head_revision, upgrade
 from auditctl.schema import metadata
 
 
@@ -38,7 +38,7 @@ def schema_of(engine) -> dict:
 def test_upgrade_creates_the_schema_once_and_a_second_call_changes_nothing(blank_database_url):
     engine = create_engine(blank_database_url)
     try:
-        assert current_revision(engine) is None
+        assert "alembic_version" not in inspect(engine).get_table_names()
 
         first = upgrade(engine)
         assert (first.before, first.after, first.changed) == (None, head_revision(), True)
@@ -157,11 +157,10 @@ def test_several_processes_upgrading_a_blank_database_at_once_all_succeed(blank_
     assert sorted(results, key=str) == sorted([(None, head)] + [(head, head)] * 3, key=str)  # exactly one created it
     engine = create_engine(blank_database_url)
     try:
-        assert current_revision(engine) == head
         with engine.connect() as connection:
             context = MigrationContext.configure(connection)
             assert compare_metadata(context, metadata) == []
-            assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head]
     finally:
         engine.dispose()
 

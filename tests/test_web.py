@@ -940,12 +940,12 @@ def test_a_confirmation_taken_as_the_wrong_kind_stays_for_its_own_and_a_session_
 
     session = Session(id="s", user="ann", csrf="c")
     recover = session.keep_plan(RecoverPlan(ids=(1, 2), requeue=False))
-    assert session.take_plan(recover, ResetPlan) is None, "a recover plan is no reset plan"
-    assert session.take_plan(recover, RecoverPlan) == RecoverPlan(ids=(1, 2), requeue=False)
-    assert session.take_plan(recover, RecoverPlan) is None, "used once"
+    assert session.take_entry(recover, ResetPlan) is None, "a recover plan is no reset plan"
+    assert session.take_entry(recover, RecoverPlan)[0] == RecoverPlan(ids=(1, 2), requeue=False)
+    assert session.take_entry(recover, RecoverPlan) is None, "used once"
     kept = [session.keep_plan(RecoverPlan(ids=(n,), requeue=False)) for n in range(MAX_PLANS + 5)]
     assert len(session.plans) == MAX_PLANS
-    assert session.take_plan(kept[0], RecoverPlan) is None and session.take_plan(kept[-1], RecoverPlan) is not None
+    assert session.take_entry(kept[0], RecoverPlan) is None and session.take_entry(kept[-1], RecoverPlan) is not None
 
 
 @sqlite_only

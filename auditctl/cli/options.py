@@ -372,8 +372,6 @@ def output_options(command):
     return wrapper
 
 
-format_option = output_options
-
 
 def judge_filter_options(command):
     """``--worker``, ``--reason``, ``--kind``, ``--target``, ``--older-than``, ``--since``, ``--until``:
@@ -403,8 +401,6 @@ def judge_filter_options(command):
 
     return wrapper
 
-
-filter_options = judge_filter_options
 
 
 def echo_status(state: CliState, message: str, *, err: bool = True, force: bool = False) -> None:

@@ -34,7 +34,6 @@ class Notifier:
         self.log_failures = log_failures  # False when the face reports failures itself (watch's log lines)
         self.destinations = list(destinations)
         self.timeout = timeout
-        self.last_report: DeliveryReport | None = None
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,7 +77,6 @@ class Notifier:
         return report
 
     def _note(self, report: DeliveryReport, *, publish: bool = True) -> None:
-        self.last_report = report
         for result in report.results:
             key = result.destination.key
             if result.failed and key not in self._failing:

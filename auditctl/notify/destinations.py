@@ -19,7 +19,6 @@ from ..errors import ConfigError
 from ..textsafe import printable
 from ..urls import mask_webhook
 
-KINDS = ("slack", "discord", "webhook")
 #: The longest one POST may take, connecting included (seconds).
 DEFAULT_TIMEOUT = 5.0
 

@@ -86,13 +86,8 @@ class Digest:
     unreadable: int = 0
 
     @property
-    def first_at(self) -> datetime | None:
-        times = [e.created_at for e in self.events if isinstance(e.created_at, datetime)]  # not one another tool garbled
-        return min(times) if times else None
-
-    @property
     def last_at(self) -> datetime | None:
-        times = [e.created_at for e in self.events if isinstance(e.created_at, datetime)]
+        times = [e.created_at for e in self.events if isinstance(e.created_at, datetime)]  # not one another tool garbled
         return max(times) if times else None
 
     @property

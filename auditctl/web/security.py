@@ -123,14 +123,10 @@ class Session:
         self.plans[plan_id] = (plan, now)
         return plan_id
 
-    def take_plan(self, plan_id: str, kind: type):
-        """The plan of ``kind`` shown under this id (once), or None when unknown, expired or of
-        another kind (which stays, for the confirmation it belongs to)."""
-        entry = self.take_entry(plan_id, kind)
-        return None if entry is None else entry[0]
-
     def take_entry(self, plan_id: str, kind: type):
-        """``take_plan``, as (the plan, when it was made), for ``give_back``."""
+        """The plan of ``kind`` shown under this id (once), as (the plan, when it was made) for
+        ``give_back``; None when unknown, expired or of another kind (which stays, for the
+        confirmation it belongs to)."""
         entry = self.plans.get(plan_id or "")
         if entry is None or not isinstance(entry[0], kind):
             return None
@@ -196,12 +192,6 @@ def return_path(value) -> str:
     if parts.scheme or parts.netloc or not parts.path.startswith("/") or parts.path.startswith("/login"):
         return "/"
     return value
-
-
-def own_origin(scope_or_request) -> str:
-    """This server's origin as the browser sees it: the scheme and the Host header."""
-    url = scope_or_request.url
-    return f"{url.scheme}://{url.netloc}".lower()
 
 
 def request_origin(headers) -> str | None:
