@@ -1,7 +1,9 @@
 """The history table: who changed which audit from what to what, and why.
 
-Every recovery, requeue, reset and rejected late write adds one row here, inside the
-same transaction as the change it describes, so the two can never disagree.
+Every recovery, requeue, reset and rejected late write (``lease_lost``) adds one row here,
+inside the same transaction as the change it describes, so the two can never disagree. A
+change the database refused adds a ``needs_operator`` row of its own: there is no change
+to go with it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """``auditctl notify`` and the alert options every command that changes audits shares.
 
-``destination_options`` gives ``watch``, ``recover``, ``reset-all`` and ``notify`` the same
-``--slack-webhook``, ``--discord-webhook``, ``--webhook`` (each repeatable and
-comma-separated; env ``AUDITCTL_SLACK_WEBHOOK`` etc.; config keys ``slack_webhook`` etc.)
-and ``--notify-timeout``. URLs are secrets: everything printed names a destination by
+``destination_options`` gives ``watch``, ``recover``, ``reset-all``, ``notify`` (and ``config``,
+which shows them) the same ``--slack-webhook``, ``--discord-webhook``, ``--webhook`` (each
+repeatable and comma-separated; env ``AUDITCTL_SLACK_WEBHOOK`` etc.; config keys
+``slack_webhook`` etc.) and ``--notify-timeout``. URLs are secrets: everything printed names a destination by
 its kind and masked URL. The sending itself is the library's (``auditctl.notify``).
 """
 

@@ -1,9 +1,9 @@
-"""Library results as records (the stable JSON shape) and the columns people see.
+"""The columns people see for each listing, over the library's records.
 
-Each ``*_record`` function defines the JSON contract of one listing; README documents
-the same keys. The ``*_COLUMNS`` lists say how the table, plain, markdown and csv views
-show them: the same columns in every format. Times are exact ISO 8601 UTC in the records
-(json, csv) and short relative ages in the human views ("17m ago", "in the future").
+The records (the stable JSON contract, ``*_record``) are ``auditctl.records``'; they are
+imported here for the commands. The ``*_COLUMNS`` lists say how the table, plain, markdown
+and csv views show them: the same columns in every format. Times are exact ISO 8601 UTC in
+the records (json, csv) and short relative ages in the human views ("17m ago", "in the future").
 """
 
 from __future__ import annotations

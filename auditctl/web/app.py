@@ -1,4 +1,5 @@
-"""The dashboard application: its state (engines, sessions, the outage memory) and the HTML routes.
+"""The dashboard application (``create_app``): its state (engines, sessions, the outage memory),
+the HTML pages and the actions (recover, reset).
 
 Every read and every action is one call into the library, run in Starlette's thread pool
 (the library is synchronous). The dashboard keeps no data of its own beyond the last
