@@ -121,7 +121,12 @@ def _stamped_pg(element, compiler, **kw):
 
 
 class _seconds_since_column(FunctionElement):
-    """Seconds from a stored time to now, in an UPDATE (NULL when the time is missing or unreadable)."""
+    """Seconds from a stored time to now, in an UPDATE (NULL when the time is missing or unreadable).
+
+    Not ``db.seconds_since``: on SQLite this reads the column as it is, with no call back into
+    Python (``auditctl_utc``) in a worker's every write. The times it reads are the ones the
+    worker's own writes keep, in the canonical form; one ``julianday`` cannot read is NULL,
+    which ``_greatest`` takes as 0."""
 
     type = types.Float()
     inherit_cache = True
