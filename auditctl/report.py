@@ -48,7 +48,7 @@ from .thresholds import (
     Policy, format_duration,
 )
 from .timestamps import as_datetime, isoformat_z, to_storage
-from .values import float_value, safe_int, text_value
+from .values import float_value, rounded, safe_int, text_value
 
 #: Upper bounds (seconds) of the detection latency histogram.
 DETECTION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
@@ -101,10 +101,6 @@ def _number(value) -> float | None:
     """A measurement as a finite, non-negative number of seconds, else None."""
     number = float_value(value)
     return number if number is not None and 0 <= number <= 10 * MAX_DURATION else None
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def format_rate(value: float) -> str:
@@ -725,8 +721,8 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
     return Capacity(
         pending=pending, oldest_pending_seconds=None if oldest_at is None else max(0.0, round((now - oldest_at).total_seconds(), 3)),
         arrivals=arrivals, arrivals_per_hour=arrivals / hours, completed=completed,
-        completed_per_hour=completed / hours, mean_run_seconds=_round(mean_run),
-        wait=Timing(_round(mean(waits)), _round(percentile(waits, 0.95)), len(waits)),
+        completed_per_hour=completed / hours, mean_run_seconds=rounded(mean_run),
+        wait=Timing(rounded(mean(waits)), rounded(percentile(waits, 0.95)), len(waits)),
         workers_alive=alive, workers_active=active, workers_needed=needed, workers_to_add=to_add, verdict=verdict,
         assumptions=assumptions,
     )
@@ -791,7 +787,7 @@ def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: floa
     by_reason = []
     for share in _breakdown(_explode(events), lambda pair: pair[1], total, limit=len(RECOVERY_REASONS) + 5):
         lost = [v for v in (e.lost(share.key) for e in events if share.key in e.reasons) if v is not None]
-        share.extra = {"time_lost_mean_seconds": _round(mean(lost)), "time_lost_p95_seconds": _round(percentile(lost, 0.95))}
+        share.extra = {"time_lost_mean_seconds": rounded(mean(lost)), "time_lost_p95_seconds": rounded(percentile(lost, 0.95))}
         by_reason.append(share)
     completed_by_worker = _completed_by_worker(engine, start)
     by_worker = _breakdown(events, lambda e: e.worker, total)
@@ -816,8 +812,8 @@ def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: floa
         completed=sum(completed_by_worker.values()),
         frequency=_frequency(events, start, now, bucket), by_reason=by_reason, by_worker=by_worker, by_step=by_step,
         by_target=_breakdown(events, lambda e: e.target, total), by_kind=_breakdown(events, lambda e: e.kind, total),
-        detection=Timing(_round(mean(detection)), _round(percentile(detection, 0.95)), len(detection)),
-        recovery=Timing(_round(mean(recovery)), _round(percentile(recovery, 0.95)), len(recovery)),
+        detection=Timing(rounded(mean(detection)), rounded(percentile(detection, 0.95)), len(detection)),
+        recovery=Timing(rounded(mean(recovery)), rounded(percentile(recovery, 0.95)), len(recovery)),
         never_ran_again=sum(1 for e in events if e.ran_again is None),
         came_back=sum(1 for e in events if e.came_back), lease_lost_writes=lease_lost_writes,
         step_unknown=sum(1 for e in events if e.step is None), unreadable_events=len(found) - len(rows) - late,
