@@ -414,3 +414,20 @@ def test_a_worker_registry_row_that_cannot_be_read_counts_as_neither_alive_nor_g
     assert (record["workers_alive"], record["workers_gone"]) == (2, 2)
     assert [w["problems"] for w in record["workers"] if w["instance_id"] == victim] == [
         ["row_unreadable: ValueError: year 0 is out of range"]]
+
+
+def test_a_detection_latency_past_the_last_bucket_is_counted_in_inf_its_count_and_its_sum(engine):
+    from auditctl.metrics import Metrics
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audit_events), [
+            {"audit_id": number, "at": now, "event": "recovered", "from_status": "running", "to_status": "failed",
+             "reasons": "stale_heartbeat", "actor": "test", "host": "h", "pid": 1, "details": None,
+             "measurements": {"silence_seconds": silence}} for number, silence in ((1, 30.0), (2, DETECTION_BUCKETS[-1] + 3600))])
+    metrics = Metrics(engine)
+    found = samples(metrics.exposition().decode())
+    assert value(found, "auditctl_detection_latency_seconds_bucket", le=repr(DETECTION_BUCKETS[-1])) == 1
+    assert value(found, "auditctl_detection_latency_seconds_bucket", le="+Inf") == 2
+    assert value(found, "auditctl_detection_latency_seconds_count") == 2
+    assert value(found, "auditctl_detection_latency_seconds_sum") == 30.0 + DETECTION_BUCKETS[-1] + 3600
