@@ -942,3 +942,46 @@ def test_a_slow_fleets_rates_read_as_figures_not_zero_when_three_audits_complete
     assert "at this window's rate (0.018/hour)" in text_out, text_out
     capacity = json.loads(invoke("report", "--database-url", database_url, "--since", "7d", "--format", "json").stdout)["capacity"]
     assert capacity["completed_per_hour"] == capacity["arrivals_per_hour"] == 3 / 168
+
+
+def _completed(engine, count: int, *, finished, gap: float, stall: float, run: float = 600.0, interval: float = 5.0,
+               kind: str = "exact") -> None:
+    """``count`` completed audits of ``kind`` that finished at ``finished``, each with the same measurements."""
+    started = finished - timedelta(seconds=run)
+    with write_transaction(engine) as connection:
+        connection.execute(insert(audits), [
+            {"target": "https://example.com", "status": "completed", "kind": kind, "created_at": started,
+             "started_at": started, "finished_at": finished, "attempts": 1, "declared_heartbeat_interval": interval,
+             "longest_gap_seconds": gap, "longest_stall_seconds": stall, "worker_id": "worker-1"} for _ in range(count)])
+
+
+def test_audits_whose_progress_never_stalled_still_teach_a_stall_after(engine):
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    _completed(engine, 20, finished=now - timedelta(hours=1), gap=10.0, stall=0.0)
+    exact = next(item for item in suggest_thresholds(engine, 7 * DAY).kinds if item.kind == "exact")
+    stall = exact.proposals["stall_after"]
+    assert exact.enough and exact.note is None
+    assert stall.samples == 20 and stall.observed_max == 0.0 and stall.seconds is not None
+
+
+def test_a_proposal_exactly_at_the_heartbeat_floor_says_it_was_not_raised(engine):
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    # 26 s x 1.5 = 39 s, rounded up to 40 s: exactly two declared 20 s intervals.
+    _completed(engine, 20, finished=now - timedelta(hours=1), gap=26.0, stall=26.0, interval=20.0)
+    exact = next(item for item in suggest_thresholds(engine, 7 * DAY).kinds if item.kind == "exact")
+    for name in ("stale_after", "stall_after"):
+        assert exact.proposals[name].seconds == 40.0
+        assert exact.proposals[name].floor is None, name
+
+
+def test_suggestions_since_a_moment_learn_from_an_audit_that_finished_at_exactly_that_moment(engine):
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    moment = now - timedelta(hours=1)
+    _completed(engine, 20, finished=moment, gap=10.0, stall=20.0)
+    suggestions = suggest_thresholds(engine, moment)
+    assert suggestions.since == moment
+    exact = next(item for item in suggestions.kinds if item.kind == "exact")
+    assert exact.completed == 20 and exact.enough
