@@ -985,3 +985,41 @@ def test_suggestions_since_a_moment_learn_from_an_audit_that_finished_at_exactly
     assert suggestions.since == moment
     exact = next(item for item in suggestions.kinds if item.kind == "exact")
     assert exact.completed == 20 and exact.enough
+
+
+def test_a_running_audit_whose_worker_declared_its_own_stale_after_sets_no_floor_for_its_kind(engine):
+    """Its worker's own stale_after judges it, not the kind's: `recover` checks the kind's against it not."""
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    _completed(engine, 20, finished=now - timedelta(hours=1), gap=10.0, stall=10.0)
+    with write_transaction(engine) as connection:
+        connection.execute(insert(audits).values(target="t", kind="exact", status="running", created_at=now, started_at=now,
+                                                 heartbeat_at=now, attempts=1, worker_id="worker-1", lease="lease-1",
+                                                 declared_heartbeat_interval=120.0, declared_stale_after=600.0))
+    exact = next(item for item in suggest_thresholds(engine, 7 * DAY).kinds if item.kind == "exact")
+    assert exact.proposals["stale_after"].seconds == 15.0 and exact.proposals["stale_after"].floor is None
+
+
+def test_a_kind_with_its_own_stale_after_in_the_config_sets_no_floor_for_the_fleets_values(engine):
+    """A kind too young for a proposal falls back on the fleet's values, unless the config gives it its own."""
+    from auditctl.thresholds import Overrides, Policy
+
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    _completed(engine, 20, finished=now - timedelta(hours=1), gap=10.0, stall=10.0, kind=None)
+    _completed(engine, 3, finished=now - timedelta(hours=1), gap=100.0, stall=100.0, interval=120.0, kind="slow")
+    policy = Policy.of(kinds={"slow": Overrides(stale_after=600.0)})
+    fleet = next(item for item in suggest_thresholds(engine, 7 * DAY, policy).kinds if item.kind is None)
+    assert fleet.proposals["stale_after"].seconds == 15.0 and fleet.proposals["stale_after"].floor is None
+    unconfigured = next(item for item in suggest_thresholds(engine, 7 * DAY).kinds if item.kind is None)
+    assert unconfigured.proposals["stale_after"].seconds == 240.0  # two of slow's beats: the fleet's values judge it
+
+
+def test_suggested_toml_says_how_many_audits_ran_under_thresholds_their_worker_declared(engine):
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    _completed(engine, 20, finished=now - timedelta(hours=1), gap=10.0, stall=10.0)
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id <= 7).values(declared_max_age=3600.0))
+    block = to_toml(suggest_thresholds(engine, 7 * DAY))
+    assert "# 7 of them ran under thresholds their worker declared, which take precedence over these" in block
