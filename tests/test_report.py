@@ -1023,3 +1023,16 @@ def test_suggested_toml_says_how_many_audits_ran_under_thresholds_their_worker_d
         connection.execute(update(audits).where(audits.c.id <= 7).values(declared_max_age=3600.0))
     block = to_toml(suggest_thresholds(engine, 7 * DAY))
     assert "# 7 of them ran under thresholds their worker declared, which take precedence over these" in block
+
+
+def test_a_kinds_false_recoveries_count_each_audit_once_whichever_of_its_measures_went_past(engine):
+    """110 audits: nearest-rank p99 leaves out the longest of each measure. One audit's silence and another's
+    run time are those freaks: the kind's proposals would have recovered two audits wrongly, one per measure."""
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    _completed(engine, 108, finished=now - timedelta(hours=1), gap=10.0, stall=10.0)
+    _completed(engine, 1, finished=now - timedelta(hours=1), gap=500.0, stall=10.0)
+    _completed(engine, 1, finished=now - timedelta(hours=1), gap=10.0, stall=10.0, run=9000.0)
+    exact = next(item for item in suggest_thresholds(engine, 7 * DAY).kinds if item.kind == "exact")
+    assert [exact.proposals[name].false_recoveries for name in ("stale_after", "stall_after", "max_age")] == [1, 0, 1]
+    assert exact.false_recoveries == 2 and exact.false_recovery_rate == round(2 / 110, 6)
