@@ -431,3 +431,16 @@ def test_a_detection_latency_past_the_last_bucket_is_counted_in_inf_its_count_an
     assert value(found, "auditctl_detection_latency_seconds_bucket", le="+Inf") == 2
     assert value(found, "auditctl_detection_latency_seconds_count") == 2
     assert value(found, "auditctl_detection_latency_seconds_sum") == 30.0 + DETECTION_BUCKETS[-1] + 3600
+
+
+def test_the_notification_backlogs_age_is_that_of_its_oldest_undelivered_event(engine):
+    from auditctl.report import notification_backlog
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(notifications), [
+            {"created_at": now - timedelta(minutes=minutes), "event": "recovered", "payload": {"n": minutes},
+             "expires_at": now + timedelta(hours=1)} for minutes in (1, 30, 10)])
+    backlog = notification_backlog(engine)
+    assert backlog.count == 3
+    assert backlog.oldest_age_seconds >= 30 * 60  # the oldest, not the newest (1 minute) nor the middle one
