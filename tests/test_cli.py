@@ -1714,3 +1714,35 @@ def test_a_silent_instance_is_never_coloured_as_alive():
     assert (state.human(frozen), state.style(frozen)) == ("silent", "dim")
     assert state.style({"alive": True, "heartbeat_late": False, "gone": None}) == "green"
     assert state.style({"alive": False, "heartbeat_late": False, "gone": "stopped cleanly"}) == "red"
+
+
+def test_an_instance_whose_process_is_here_but_has_not_beaten_is_silent_everywhere_and_counted_gone(database_url, engine):
+    """Its process runs on this host (stopped or hung: here a sleeping one), but its last heartbeat is an hour
+    old: not gone (nothing proves it), yet not alive and beating either."""
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from auditctl.db import fetch_now, write_transaction
+    from auditctl.registry import process_key
+    from auditctl.report import fleet_figures
+    from auditctl.schema import workers
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with write_transaction(engine) as connection:
+            hour_ago = fetch_now(connection) - timedelta(hours=1)
+            connection.execute(insert(workers).values(
+                instance_id=uuid.uuid4().hex, worker_id="hung-1", host="here", pid=sleeper.pid,
+                process_key=process_key(sleeper.pid), started_at=hour_ago, last_heartbeat_at=hour_ago))
+        (record,) = as_json(on(database_url, "workers", "--format", "json"))
+        assert (record["alive"], record["heartbeat_late"], record["gone"]) == (True, True, None), record
+        (line,) = [line for line in on(database_url, "workers", "-o", "wide").stdout.splitlines() if "hung-1" in line]
+        assert " silent " in line and "has not beaten within its stale_after" in line, line
+        figures = fleet_figures(engine)
+        assert (figures.workers_alive, figures.workers_gone) == (0, 1)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
