@@ -1036,3 +1036,20 @@ def test_a_kinds_false_recoveries_count_each_audit_once_whichever_of_its_measure
     exact = next(item for item in suggest_thresholds(engine, 7 * DAY).kinds if item.kind == "exact")
     assert [exact.proposals[name].false_recoveries for name in ("stale_after", "stall_after", "max_age")] == [1, 0, 1]
     assert exact.false_recoveries == 2 and exact.false_recovery_rate == round(2 / 110, 6)
+
+
+def test_time_lost_is_measured_from_the_last_sign_each_rule_watches(engine):
+    """A stall from the last progress, an overrun from the deadline (run time minus max_age), a silence
+    from the last heartbeat: the same recovery measurements give each reason its own time lost."""
+    from auditctl import history
+
+    measured = {"silence_seconds": 30.0, "stalled_seconds": 900.0, "age_seconds": 2000.0, "max_age": 1800.0}
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        history.record(connection, [{"audit_id": 2000 + i, "event": history.RECOVERED, "from_status": "running",
+                                     "to_status": "failed", "reasons": [reason], "measurements": measured,
+                                     "details": {"from": {}}}
+                                    for i, reason in enumerate(["progress_stalled", "max_age_exceeded", "stale_heartbeat"])],
+                       Actor.command("recover"), now)
+    lost = {share.key: share.extra["time_lost_mean_seconds"] for share in stuck_report(engine, 3600).by_reason}
+    assert lost == {"progress_stalled": 900.0, "max_age_exceeded": 200.0, "stale_heartbeat": 30.0}
