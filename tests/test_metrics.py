@@ -444,3 +444,17 @@ def test_the_notification_backlogs_age_is_that_of_its_oldest_undelivered_event(e
     backlog = notification_backlog(engine)
     assert backlog.count == 3
     assert backlog.oldest_age_seconds >= 30 * 60  # the oldest, not the newest (1 minute) nor the middle one
+
+
+def test_the_gone_workers_gauge_leaves_out_an_instance_stopped_longer_ago_than_a_day(engine):
+    """As `auditctl workers` lists them: gone within 24 hours, or still holding an audit."""
+    from auditctl.report import fleet_figures
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(workers), [
+            {"instance_id": f"instance-{hours}", "worker_id": f"worker-{hours}", "started_at": now - timedelta(hours=hours + 1),
+             "last_heartbeat_at": now - timedelta(hours=hours), "stopped_at": now - timedelta(hours=hours)}
+            for hours in (2, 48)])
+    figures = fleet_figures(engine)
+    assert (figures.workers_alive, figures.workers_gone) == (0, 1)
