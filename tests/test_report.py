@@ -1053,3 +1053,20 @@ def test_time_lost_is_measured_from_the_last_sign_each_rule_watches(engine):
                        Actor.command("recover"), now)
     lost = {share.key: share.extra["time_lost_mean_seconds"] for share in stuck_report(engine, 3600).by_reason}
     assert lost == {"progress_stalled": 900.0, "max_age_exceeded": 200.0, "stale_heartbeat": 30.0}
+
+
+def test_a_breakdown_lists_the_ten_most_stuck_workers_and_sums_the_rest_as_other(engine):
+    from auditctl import history
+
+    workers_seen = [f"worker-{n:02d}" for n in range(12)]
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        history.record(connection, [{"audit_id": 3000 + i, "event": history.RECOVERED, "from_status": "running",
+                                     "to_status": "failed", "reasons": ["stale_heartbeat"],
+                                     "measurements": {"silence_seconds": 700.0},
+                                     "details": {"from": {"worker_id": worker}}}
+                                    for i, worker in enumerate(workers_seen + ["worker-00"])], Actor.command("recover"), now)
+    by_worker = stuck_report(engine, 3600).by_worker
+    assert [share.key for share in by_worker] == ["worker-00", *workers_seen[1:10], "(other)"]
+    assert (by_worker[0].count, by_worker[-1].count) == (2, 2)
+    assert by_worker[-1].share == round(2 / 13, 4)
