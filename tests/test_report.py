@@ -1070,3 +1070,34 @@ def test_a_breakdown_lists_the_ten_most_stuck_workers_and_sums_the_rest_as_other
     assert [share.key for share in by_worker] == ["worker-00", *workers_seen[1:10], "(other)"]
     assert (by_worker[0].count, by_worker[-1].count) == (2, 2)
     assert by_worker[-1].share == round(2 / 13, 4)
+
+
+def test_a_requeued_audit_that_ran_again_is_timed_from_its_last_heartbeat_and_one_that_did_not_is_counted(engine):
+    """Three audits of worker w recovered ten minutes ago: one requeued and started again five minutes ago
+    (recovered 15 minutes after its last heartbeat), two failed for good. w also completed two audits."""
+    from auditctl import history
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        hour_ago, recovered_at = now - timedelta(hours=1), now - timedelta(minutes=10)
+        ids = [connection.execute(insert(audits).values(target=f"https://{name}.example", status=status, worker_id=worker,
+                                                        created_at=hour_ago, started_at=started, finished_at=finished))
+               .inserted_primary_key[0]
+               for name, status, worker, started, finished in (
+                   ("again", "running", "w", now - timedelta(minutes=5), None),
+                   ("never", "failed", None, hour_ago, recovered_at),
+                   ("never-2", "failed", None, hour_ago, recovered_at),
+                   ("done-1", "completed", "w", hour_ago, now - timedelta(minutes=30)),
+                   ("done-2", "completed", "w", hour_ago, now - timedelta(minutes=20)))]
+        history.record(connection, [
+            {"audit_id": audit_id, "event": event, "from_status": "running", "to_status": to_status,
+             "reasons": ["stale_heartbeat"], "measurements": {"silence_seconds": 600.0},
+             "details": {"from": {"worker_id": "w", "started_at": isoformat_z(hour_ago)}}}
+            for audit_id, event, to_status in ((ids[0], history.REQUEUED, "pending"), (ids[1], history.RECOVERED, "failed"),
+                                               (ids[2], history.RECOVERED, "failed"))],
+            Actor.command("recover"), recovered_at)
+    found = stuck_report(engine, 2 * 3600)
+    assert found.recoveries == 3 and found.never_ran_again == 2
+    assert (found.recovery.count, found.recovery.mean_seconds) == (1, 900.0)  # 10 min before the recovery + 5 after it
+    (worker,) = found.by_worker
+    assert (worker.key, worker.count, worker.extra["completed"], worker.extra["stuck_rate"]) == ("w", 3, 2, 0.6)
