@@ -1101,3 +1101,17 @@ def test_a_requeued_audit_that_ran_again_is_timed_from_its_last_heartbeat_and_on
     assert (found.recovery.count, found.recovery.mean_seconds) == (1, 900.0)  # 10 min before the recovery + 5 after it
     (worker,) = found.by_worker
     assert (worker.key, worker.count, worker.extra["completed"], worker.extra["stuck_rate"]) == ("w", 3, 2, 0.6)
+
+
+def test_capacity_keeps_workers_at_most_80_percent_busy_and_asks_for_one_even_when_nothing_arrives(engine):
+    """Ten 10-minute audits arrived and completed in the last hour: 10 x 600 s an hour is 1.67 busy
+    workers, 2.08 at 80%: three. A window where the only audit arrived before it still needs one."""
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [
+            {"target": f"https://a{i}.example", "status": "completed", "worker_id": "w", "created_at": now - timedelta(minutes=50),
+             "started_at": now - timedelta(minutes=50), "finished_at": now - timedelta(minutes=40)} for i in range(10)])
+    capacity = stuck_report(engine, 3600).capacity
+    assert (capacity.arrivals, capacity.mean_run_seconds, capacity.workers_needed) == (10, 600.0, 3)
+    quiet = stuck_report(engine, now - timedelta(minutes=45)).capacity
+    assert (quiet.arrivals, quiet.completed, quiet.pending, quiet.workers_needed) == (0, 10, 0, 1)
