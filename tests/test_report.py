@@ -1115,3 +1115,35 @@ def test_capacity_keeps_workers_at_most_80_percent_busy_and_asks_for_one_even_wh
     assert (capacity.arrivals, capacity.mean_run_seconds, capacity.workers_needed) == (10, 600.0, 3)
     quiet = stuck_report(engine, now - timedelta(minutes=45)).capacity
     assert (quiet.arrivals, quiet.completed, quiet.pending, quiet.workers_needed) == (0, 10, 0, 1)
+
+
+def test_suggestions_raise_the_fleets_stale_after_for_a_kind_no_kinds_section_can_name(engine):
+    """A kind whose name the config file refuses (blank) gets no [kinds] block: the fleet's values judge it,
+    so its heartbeat interval is a floor of theirs, whatever history it has."""
+    with read_connection(engine) as connection:
+        now = fetch_now(connection)
+    _completed(engine, 20, finished=now - timedelta(hours=1), gap=10.0, stall=10.0, kind=None)
+    _completed(engine, 20, finished=now - timedelta(hours=1), gap=100.0, stall=100.0, interval=120.0, kind="   ")
+    fleet = next(item for item in suggest_thresholds(engine, 7 * DAY).kinds if item.kind is None)
+    assert fleet.proposals["stale_after"].seconds == 240.0, fleet.proposals["stale_after"]
+
+
+def test_a_report_since_a_moment_counts_an_audit_completed_at_exactly_that_moment(engine):
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        moment = now - timedelta(minutes=30)
+        connection.execute(insert(audits).values(target="https://edge.example", status="completed", worker_id="w",
+                                                 created_at=moment - timedelta(minutes=5),
+                                                 started_at=moment - timedelta(minutes=5), finished_at=moment))
+    found = stuck_report(engine, moment)
+    assert found.completed == 1 and found.capacity.completed == 1
+
+
+def test_a_report_window_of_exactly_the_longest_duration_is_taken():
+    from datetime import datetime, timezone
+
+    from auditctl.report import window
+    from auditctl.thresholds import MAX_DURATION
+
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert window(now, now - timedelta(seconds=MAX_DURATION)) == (now - timedelta(seconds=MAX_DURATION), MAX_DURATION)
