@@ -659,9 +659,11 @@ def find_outliers(events: list[StuckEvent], *, minimum: int = 3, share_at_least:
 
 
 #: When audit ``a`` last became pending: the latest history row that made it so (a requeue, a
-#: reset), or else its creation. ``{before}`` narrows the rows (to those before a run's start).
+#: reset), or else its creation. ``{before}`` narrows the rows (to those before a run's start). Not
+#: any row that leaves it pending: a late write of the run before, refused while the audit waits, is
+#: recorded as ``lease_lost`` from pending to pending.
 _QUEUED_AT_TEMPLATE = ("COALESCE((SELECT MAX(e.at) FROM audit_events e WHERE e.audit_id = a.id "
-                       f"AND e.to_status = '{PENDING}'{{before}}), a.created_at)")
+                       f"AND e.event IN ('{REQUEUED}', '{RESET}') AND e.to_status = '{PENDING}'{{before}}), a.created_at)")
 _QUEUED_AT = _QUEUED_AT_TEMPLATE.format(before="")
 
 

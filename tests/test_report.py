@@ -1147,3 +1147,26 @@ def test_a_report_window_of_exactly_the_longest_duration_is_taken():
 
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert window(now, now - timedelta(seconds=MAX_DURATION)) == (now - timedelta(seconds=MAX_DURATION), MAX_DURATION)
+
+
+def test_a_requeued_audit_has_waited_since_its_requeue_when_its_old_worker_wrote_late_since(engine, start_audit, backdate):
+    """The refused late write of the run before is recorded (lease_lost, pending to pending), but it did
+    not make the audit pending: the wait still counts from the requeue."""
+    audit_id, lease = start_audit()
+    backdate(audit_id, created_at=3 * DAY, started_at=3 * DAY - 60, heartbeat_at=3600, last_worker_update=3600,
+             progress_changed_at=3600)
+    recovered = recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)
+    assert [(r.id, r.status) for r in recovered] == [(audit_id, "pending")]
+    with write_transaction(engine) as connection:
+        connection.execute(update(audit_events).where(audit_events.c.audit_id == audit_id).values(
+            at=fetch_now(connection) - timedelta(seconds=300)))
+    with pytest.raises(LeaseLost):
+        leases.heartbeat(engine, lease, Actor("worker worker-1"))
+    with read_connection(engine) as connection:
+        late = connection.execute(select(audit_events.c.from_status, audit_events.c.to_status)
+                                  .where(audit_events.c.event == "lease_lost")).one()
+    assert tuple(late) == ("pending", "pending")
+
+    capacity = stuck_report(engine, DAY).capacity
+    assert capacity.pending == 1
+    assert capacity.oldest_pending_seconds >= 300  # since the requeue, not since the refused write
