@@ -1170,3 +1170,11 @@ def test_a_requeued_audit_has_waited_since_its_requeue_when_its_old_worker_wrote
     capacity = stuck_report(engine, DAY).capacity
     assert capacity.pending == 1
     assert capacity.oldest_pending_seconds >= 300  # since the requeue, not since the refused write
+
+
+def test_a_worker_stuck_at_one_step_is_told_once_not_again_as_that_step_on_that_worker(engine):
+    make_month(engine)
+    outliers = stuck_report(engine, 30 * DAY).outliers
+    said = [(o.dimension, o.value, o.reason) for o in outliers
+            if {o.value, (o.within or {}).get("value")} == {"worker-3", "Port scan"}]
+    assert said and all(dimension == "worker" for dimension, _value, _reason in said), outliers
