@@ -1178,3 +1178,26 @@ def test_a_worker_stuck_at_one_step_is_told_once_not_again_as_that_step_on_that_
     said = [(o.dimension, o.value, o.reason) for o in outliers
             if {o.value, (o.within or {}).get("value")} == {"worker-3", "Port scan"}]
     assert said and all(dimension == "worker" for dimension, _value, _reason in said), outliers
+
+
+def test_the_step_of_a_recovery_whose_record_a_reset_cleared_is_read_from_the_resets_history_row(engine):
+    """History written before recoveries recorded the step: the step is in the recovery record, which a
+    later reset cleared from the row and kept in its own history row."""
+    from auditctl import history
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        recovered_at = now - timedelta(minutes=30)
+        audit_id = connection.execute(insert(audits).values(target="https://reset.example", status="pending",
+                                                            created_at=now - timedelta(hours=2))).inserted_primary_key[0]
+        history.record(connection, [{"audit_id": audit_id, "event": history.RECOVERED, "from_status": "running",
+                                     "to_status": "failed", "reasons": ["stale_heartbeat"],
+                                     "measurements": {"silence_seconds": 700.0},
+                                     "details": {"from": {"worker_id": "w"}}}], Actor.command("recover"), recovered_at)
+        record = {"recovered_at": isoformat_z(recovered_at),
+                  "original_status": {"status": "running", "progress": _progress("Port scan", 40.0, recovered_at, True)}}
+        history.record(connection, [{"audit_id": audit_id, "event": history.RESET, "from_status": "failed",
+                                     "to_status": "pending", "details": {"original_status": {"recovery_info": record}}}],
+                       Actor.command("reset"), now - timedelta(minutes=10))
+    found = stuck_report(engine, 3600)
+    assert [(share.key, share.count) for share in found.by_step] == [("Port scan", 1)] and found.step_unknown == 0
