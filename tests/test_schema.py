@@ -182,3 +182,19 @@ def test_a_worker_on_a_database_at_an_older_revision_is_told_to_run_init_not_tha
     engine.dispose()
     with pytest.raises(SchemaMissing, match="run `auditctl init`"):
         StuckAuditPrevention(blank_database_url, worker_id="worker-1", create_schema=False)
+
+
+def test_creating_the_schema_logs_no_alembic_steps_into_a_workers_info_log(blank_database_url, caplog):
+    """A worker's log at INFO holds its own events: Alembic's step-by-step INFO lines are held back,
+    and its logger's level is left as it was."""
+    import logging
+
+    engine = create_engine(blank_database_url)
+    before = logging.getLogger("alembic").level
+    try:
+        with caplog.at_level(logging.INFO):
+            assert upgrade(engine).changed
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
+        assert logging.getLogger("alembic").level == before
+    finally:
+        engine.dispose()
