@@ -458,3 +458,16 @@ def test_the_gone_workers_gauge_leaves_out_an_instance_stopped_longer_ago_than_a
             for hours in (2, 48)])
     figures = fleet_figures(engine)
     assert (figures.workers_alive, figures.workers_gone) == (0, 1)
+
+
+def test_the_pass_counter_shows_ok_and_error_at_zero_before_any_pass(engine):
+    """An alert on a rise of errors needs the series from the start: both results exist before the first pass."""
+    from auditctl.metrics import Metrics
+
+    metrics = Metrics(engine)
+    found = samples(metrics.exposition().decode())
+    assert value(found, "auditctl_monitor_passes_total", result="ok") == 0
+    assert value(found, "auditctl_monitor_passes_total", result="error") == 0
+    metrics.observe_pass(0.2, ok=False)
+    found = samples(metrics.exposition().decode())
+    assert (value(found, "auditctl_monitor_passes_total", result="ok"), value(found, "auditctl_monitor_passes_total", result="error")) == (0, 1)
