@@ -1746,3 +1746,14 @@ def test_an_instance_whose_process_is_here_but_has_not_beaten_is_silent_everywhe
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_heartbeat_a_little_ahead_of_the_database_clock_is_no_problem_in_list_but_one_far_ahead_is(database_url, start_audit,
+                                                                                                     backdate):
+    """A writer's clock 30 s ahead is within the tolerance the stuck rules allow (60 s); 10 minutes is not."""
+    near, _ = start_audit(target="https://near.example")
+    far, _ = start_audit(target="https://far.example")
+    backdate(near, heartbeat_at=-30)
+    backdate(far, heartbeat_at=-600)
+    problems = {r["id"]: r["problems"] for r in as_json(on(database_url, "list", "--format", "json"))}
+    assert "heartbeat_in_future" not in problems[near] and "heartbeat_in_future" in problems[far], problems
