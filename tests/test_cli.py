@@ -1757,3 +1757,16 @@ def test_a_heartbeat_a_little_ahead_of_the_database_clock_is_no_problem_in_list_
     backdate(far, heartbeat_at=-600)
     problems = {r["id"]: r["problems"] for r in as_json(on(database_url, "list", "--format", "json"))}
     assert "heartbeat_in_future" not in problems[near] and "heartbeat_in_future" in problems[far], problems
+
+
+def test_a_pending_audit_lists_no_step_or_percentage_whatever_its_progress_document_still_holds(database_url, engine):
+    from sqlalchemy import insert
+
+    from auditctl.db import fetch_now, write_transaction
+
+    with write_transaction(engine) as connection:
+        connection.execute(insert(audits).values(
+            target="https://queued.example", status="pending", created_at=fetch_now(connection), attempts=1,
+            progress={"progress": {"step": "Port scan", "percentage": 40.0}}))
+    (record,) = as_json(on(database_url, "list", "--format", "json"))
+    assert (record["status"], record["step"], record["percentage"]) == ("pending", None, None), record
