@@ -1770,3 +1770,23 @@ def test_a_pending_audit_lists_no_step_or_percentage_whatever_its_progress_docum
             progress={"progress": {"step": "Port scan", "percentage": 40.0}}))
     (record,) = as_json(on(database_url, "list", "--format", "json"))
     assert (record["status"], record["step"], record["percentage"]) == ("pending", None, None), record
+
+
+def test_list_since_and_until_as_moments_take_audits_created_at_exactly_those_moments(database_url, engine):
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from auditctl.db import fetch_now, write_transaction
+    from auditctl.timestamps import isoformat_z
+
+    with write_transaction(engine) as connection:
+        start = fetch_now(connection).replace(microsecond=0) - timedelta(hours=2)
+        end = start + timedelta(hours=1)
+        connection.execute(insert(audits), [
+            {"target": f"https://{name}.example", "status": "pending", "attempts": 0, "created_at": at}
+            for name, at in (("before", start - timedelta(seconds=1)), ("at-start", start), ("at-end", end),
+                             ("after", end + timedelta(seconds=1)))])
+    listed = as_json(on(database_url, "list", "--since", isoformat_z(start), "--until", isoformat_z(end), "--format", "json"))
+    assert sorted(r["target"] for r in listed) == ["https://at-end.example", "https://at-start.example"]
+
