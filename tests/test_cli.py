@@ -1790,3 +1790,19 @@ def test_list_since_and_until_as_moments_take_audits_created_at_exactly_those_mo
     listed = as_json(on(database_url, "list", "--since", isoformat_z(start), "--until", isoformat_z(end), "--format", "json"))
     assert sorted(r["target"] for r in listed) == ["https://at-end.example", "https://at-start.example"]
 
+
+
+def test_workers_lists_an_instance_never_heard_from_as_silent_whatever_the_retention(database_url, engine):
+    """A registry row another tool wrote with no heartbeat and no stop time: not alive, gone for an unknown time."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from auditctl.db import fetch_now, write_transaction
+    from auditctl.schema import workers
+
+    with write_transaction(engine) as connection:
+        connection.execute(insert(workers).values(instance_id="never-heard", worker_id="mute-1",
+                                                  started_at=fetch_now(connection) - timedelta(days=3)))
+    (record,) = as_json(on(database_url, "workers", "--format", "json"))
+    assert (record["instance_id"], record["alive"], record["gone"], record["last_heartbeat"]) == ("never-heard", False, None, None)
