@@ -1806,3 +1806,18 @@ def test_workers_lists_an_instance_never_heard_from_as_silent_whatever_the_reten
                                                   started_at=fetch_now(connection) - timedelta(days=3)))
     (record,) = as_json(on(database_url, "workers", "--format", "json"))
     assert (record["instance_id"], record["alive"], record["gone"], record["last_heartbeat"]) == ("never-heard", False, None, None)
+
+
+def test_show_lists_only_the_thresholds_an_audits_worker_declared(database_url, engine, start_audit):
+    from sqlalchemy import update
+
+    from auditctl.db import write_transaction
+
+    quiet, _ = start_audit(target="https://quiet.example")
+    declaring, _ = start_audit(target="https://declaring.example")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == declaring).values(declared_stale_after=120.0))
+    shown = {audit_id: as_json(on(database_url, "show", str(audit_id), "--format", "json"))["declared_thresholds"]
+             for audit_id in (quiet, declaring)}
+    assert shown == {quiet: {}, declaring: {"stale_after": 120.0}}
+    assert "declared_thresholds: -" in on(database_url, "show", str(quiet)).stdout
