@@ -580,3 +580,9 @@ def test_a_claim_starts_a_broken_attempts_counter_again_at_1(engine, stored):
     leases.claim(engine, audit_id, worker_id="worker-1", instance_id="instance-1", worker_url=None)
 
     assert raw_column(engine, audit_id, "attempts") == 1
+
+
+@pytest.mark.parametrize("audit_id", [2**63, -(2**63) - 1, 10**30])
+def test_an_audit_id_no_database_integer_holds_is_no_such_audit_not_a_driver_error(engine, audit_id):
+    with pytest.raises(AuditNotFound, match=f"no audit with id {audit_id}"):
+        audit_views.get_audit(engine, audit_id)
