@@ -1821,3 +1821,16 @@ def test_show_lists_only_the_thresholds_an_audits_worker_declared(database_url, 
              for audit_id in (quiet, declaring)}
     assert shown == {quiet: {}, declaring: {"stale_after": 120.0}}
     assert "declared_thresholds: -" in on(database_url, "show", str(quiet)).stdout
+
+
+def test_list_gives_a_heartbeat_age_only_for_running_audits(database_url, engine, start_audit):
+    from sqlalchemy import update
+
+    from auditctl.db import write_transaction
+
+    running, _ = start_audit(target="https://running.example")
+    done, _ = start_audit(target="https://done.example")
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.id == done).values(status="completed", finished_at=audits.c.heartbeat_at))
+    ages = {r["id"]: r["heartbeat_age_seconds"] for r in as_json(on(database_url, "list", "--format", "json"))}
+    assert ages[running] is not None and ages[done] is None, ages
