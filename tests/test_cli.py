@@ -1834,3 +1834,19 @@ def test_list_gives_a_heartbeat_age_only_for_running_audits(database_url, engine
         connection.execute(update(audits).where(audits.c.id == done).values(status="completed", finished_at=audits.c.heartbeat_at))
     ages = {r["id"]: r["heartbeat_age_seconds"] for r in as_json(on(database_url, "list", "--format", "json"))}
     assert ages[running] is not None and ages[done] is None, ages
+
+
+def test_show_json_says_who_wrote_each_history_row_with_its_host_and_pid(database_url, engine, start_audit, backdate):
+    import os
+    import socket
+
+    from auditctl.history import Actor
+    from auditctl.recovery import recover_stuck
+    from auditctl.thresholds import Thresholds
+
+    audit_id, _ = start_audit()
+    backdate(audit_id, heartbeat_at=3600, last_worker_update=3600, progress_changed_at=3600)
+    assert [r.id for r in recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))] == [audit_id]
+    (event,) = as_json(on(database_url, "show", str(audit_id), "--format", "json"))["history"]
+    assert (event["event"], event["actor"], event["host"], event["pid"]) == (
+        "recovered", "auditctl recover", socket.gethostname(), os.getpid())

@@ -1254,3 +1254,11 @@ def test_the_dashboard_keeps_at_most_max_sessions_dropping_the_oldest_sign_in():
     made = [sessions.create(f"user-{i}") for i in range(MAX_SESSIONS + 1)]
     assert sessions.get(made[0].id) is None, "the oldest sign-in is dropped"
     assert all(sessions.get(s.id) is s for s in (made[1], made[-1]))
+
+
+def test_api_overview_counts_the_healthy_audits_its_sample_leaves_out(demo_url, demo):
+    with running_dashboard(demo_url) as server:
+        overview = server.get("/api/overview").json()
+    healthy = overview["by_status"]["running"] - overview["stuck_count"]
+    assert overview["healthy_more"] == healthy - len(overview["healthy_sample"]) >= 0
+    assert healthy == 4
