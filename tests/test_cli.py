@@ -1850,3 +1850,20 @@ def test_show_json_says_who_wrote_each_history_row_with_its_host_and_pid(databas
     (event,) = as_json(on(database_url, "show", str(audit_id), "--format", "json"))["history"]
     assert (event["event"], event["actor"], event["host"], event["pid"]) == (
         "recovered", "auditctl recover", socket.gethostname(), os.getpid())
+
+
+def test_workers_keeps_an_instance_stopped_within_a_day_whose_last_heartbeat_is_older(database_url, engine):
+    """Gone since it stopped (23 hours ago), not since its last heartbeat (25 hours ago): still listed."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from auditctl.db import fetch_now, write_transaction
+    from auditctl.schema import workers
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(workers).values(instance_id="stopped-late", worker_id="w-1", started_at=now - timedelta(hours=30),
+                                                  last_heartbeat_at=now - timedelta(hours=25),
+                                                  stopped_at=now - timedelta(hours=23)))
+    assert [r["instance_id"] for r in as_json(on(database_url, "workers", "--format", "json"))] == ["stopped-late"]
