@@ -566,6 +566,10 @@ def test_reset_all_dry_run_lists_what_would_be_reset_and_changes_nothing(fleet):
     assert "Would reset 5 audits to pending (dry run: nothing changed)" in plain.stderr
     for target in STUCK_IN_DEMO:
         assert target in plain.stdout
+    origins = {r["id"]: (r["origin"], r["previous_status"]) for r in
+               as_json(on(fleet.url, "reset-all", "--dry-run", "--include-stuck", "--format", "json"))}
+    # The demo's failed audits failed by a stuck recovery too; the stuck ones would be recovered first.
+    assert sorted(origins.values()) == [("stuck", "failed")] * 2 + [("stuck", "running")] * 3, origins
     assert everything(fleet.engine) == before
 
 
