@@ -1229,3 +1229,12 @@ def test_an_explanation_never_shows_a_measurement_at_or_below_the_threshold_it_p
     if measured == limit:
         return
     assert parse_duration(_past(measured, limit)) > limit
+
+
+def test_a_document_that_is_not_json_keeps_exactly_its_first_200_characters_and_marks_a_cut():
+    from auditctl.documents import KEPT_TEXT, NotJSON, load
+
+    whole = load("x" * KEPT_TEXT)
+    cut = load("y" * (KEPT_TEXT + 1))
+    assert isinstance(whole, NotJSON) and str(whole) == "x" * KEPT_TEXT
+    assert isinstance(cut, NotJSON) and str(cut) == "y" * KEPT_TEXT + "…"
