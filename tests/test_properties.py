@@ -1238,3 +1238,19 @@ def test_a_document_that_is_not_json_keeps_exactly_its_first_200_characters_and_
     cut = load("y" * (KEPT_TEXT + 1))
     assert isinstance(whole, NotJSON) and str(whole) == "x" * KEPT_TEXT
     assert isinstance(cut, NotJSON) and str(cut) == "y" * KEPT_TEXT + "…"
+
+
+def test_a_lone_surrogate_escaped_in_a_document_reads_as_a_replacement_character_a_pair_as_its_character():
+    from auditctl.documents import load
+
+    assert load('{"step": "scan \\ud800 now", "\\udfff": ["\\ud83d\\ude00"]}') == {"step": "scan \ufffd now",
+                                                                                   "\ufffd": ["\U0001f600"]}
+
+
+def test_a_shown_document_exactly_at_the_limit_is_shown_whole():
+    from auditctl.documents import dumps, shown
+
+    value = {"step": "x" * 100}
+    text = dumps(value, indent=2, ensure_ascii=False)
+    assert shown(value, limit=len(text)) == text
+    assert shown(value, limit=len(text) - 1).startswith(text[:-1] + "\n… (1 more characters not shown")
