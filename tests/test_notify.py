@@ -1135,3 +1135,18 @@ def test_a_discord_message_too_long_drops_audits_from_the_fullest_embed_first_an
 def test_a_discord_message_of_long_descriptions_is_cut_to_its_own_limit_not_just_discords():
     events = [gone_worker_event(n, f"w{n}-" + "x" * 190, audits=2) for n in range(1, 13)]
     assert discord_embed_chars(discord.message(build(events), "k")) <= discord.TOTAL_LIMIT
+
+
+def test_a_gone_worker_is_listed_once_with_every_audit_it_left_and_reasons_stored_as_one_text_still_count():
+    """Two recoveries of one dead worker's audits, in two events; another tool wrote one audit's reasons as
+    a plain string instead of a list."""
+    digest = build([
+        OutboxEvent(1, None, "recovered", {"audits": [
+            {"id": 1, "target": "a", "reasons": ["worker_gone"], "status": "failed", "worker_id": "worker-3"},
+            {"id": 2, "target": "b", "reasons": "worker_gone", "status": "failed", "worker_id": "worker-3"}]}),
+        OutboxEvent(2, None, "recovered", {"audits": [
+            {"id": 3, "target": "c", "reasons": ["worker_gone", "stale_heartbeat"], "status": "pending",
+             "worker_id": "worker-3"}]})])
+    assert [(g.worker_id, g.audits) for g in digest.gone] == [("worker-3", 3)]
+    assert digest.reasons == {"worker_gone": 3, "stale_heartbeat": 1}
+    assert digest.recovered[1].reasons == ["worker_gone"]
