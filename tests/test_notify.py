@@ -1150,3 +1150,23 @@ def test_a_gone_worker_is_listed_once_with_every_audit_it_left_and_reasons_store
     assert [(g.worker_id, g.audits) for g in digest.gone] == [("worker-3", 3)]
     assert digest.reasons == {"worker_gone": 3, "stale_heartbeat": 1}
     assert digest.recovered[1].reasons == ["worker_gone"]
+
+
+def test_a_digests_title_starts_with_a_capital_and_an_audit_without_a_status_counts_as_failed():
+    assert build([OutboxEvent(1, None, "fleet_healthy", {"actor": "watch"})]).title == "Fleet healthy again"
+    no_status = build([OutboxEvent(1, None, "recovered", {"audits": [{"id": 4, "target": "t", "reasons": ["stale_heartbeat"]}]})])
+    assert (len(no_status.recovered), len(no_status.requeued), no_status.severity) == (1, 0, "alert")
+
+
+def test_evidence_with_only_limits_reads_limits_without_a_leading_separator():
+    from auditctl.notify.digest import evidence
+
+    assert evidence({"stale_after": 600.0, "max_age": 1800.0}) == "limits stale_after 10m, max_age 30m"
+    assert evidence({"silence_seconds": 1020.0, "stale_after": 600.0}) == "silent 17m; limits stale_after 10m"
+
+
+def test_a_digests_reasons_read_most_frequent_first_then_by_name():
+    digest = build([OutboxEvent(1, None, "recovered", {"audits": [
+        {"id": 1, "target": "a", "reasons": ["stale_heartbeat"]}, {"id": 2, "target": "b", "reasons": ["max_age_exceeded"]},
+        {"id": 3, "target": "c", "reasons": ["worker_gone"]}, {"id": 4, "target": "d", "reasons": ["worker_gone"]}]})])
+    assert digest.reason_counts() == "2 worker_gone, 1 max_age_exceeded, 1 stale_heartbeat"
