@@ -471,3 +471,20 @@ def test_the_pass_counter_shows_ok_and_error_at_zero_before_any_pass(engine):
     metrics.observe_pass(0.2, ok=False)
     found = samples(metrics.exposition().decode())
     assert (value(found, "auditctl_monitor_passes_total", result="ok"), value(found, "auditctl_monitor_passes_total", result="error")) == (0, 1)
+
+
+def test_the_oldest_heartbeat_gauge_reads_zero_when_nothing_runs(engine):
+    from auditctl.metrics import Metrics
+
+    found = samples(Metrics(engine).exposition().decode())
+    assert value(found, "auditctl_oldest_heartbeat_age_seconds") == 0
+    assert value(found, "auditctl_notification_backlog_oldest_age_seconds") == 0
+
+
+def test_a_textfile_that_can_no_longer_be_written_is_metrics_unavailable_naming_it(engine, tmp_path):
+    """The directory checked at the start may go away while `watch` runs: one clear error, not an OSError."""
+    from auditctl.metrics import Metrics, MetricsUnavailable
+
+    path = tmp_path / "gone" / "auditctl.prom"
+    with pytest.raises(MetricsUnavailable, match=f"cannot write the metrics file {re.escape(str(path))}: "):
+        Metrics(engine).write_textfile(str(path))
