@@ -1871,3 +1871,20 @@ def test_workers_keeps_an_instance_stopped_within_a_day_whose_last_heartbeat_is_
                                                   last_heartbeat_at=now - timedelta(hours=25),
                                                   stopped_at=now - timedelta(hours=23)))
     assert [r["instance_id"] for r in as_json(on(database_url, "workers", "--format", "json"))] == ["stopped-late"]
+
+
+def test_show_json_lists_an_audits_history_oldest_first_and_a_row_without_reasons_has_none(database_url, engine, start_audit,
+                                                                                          backdate):
+    from auditctl import leases
+    from auditctl.errors import LeaseLost
+    from auditctl.history import Actor
+    from auditctl.recovery import recover_stuck
+    from auditctl.thresholds import Thresholds
+
+    audit_id, lease = start_audit()
+    backdate(audit_id, heartbeat_at=3600, last_worker_update=3600, progress_changed_at=3600)
+    assert [r.id for r in recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)] == [audit_id]
+    with pytest.raises(LeaseLost):
+        leases.heartbeat(engine, lease, Actor("worker worker-1"))
+    history = as_json(on(database_url, "show", str(audit_id), "--format", "json"))["history"]
+    assert [(e["event"], e["reasons"]) for e in history] == [("requeued", ["stale_heartbeat"]), ("lease_lost", [])], history
