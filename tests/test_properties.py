@@ -1254,3 +1254,16 @@ def test_a_shown_document_exactly_at_the_limit_is_shown_whole():
     text = dumps(value, indent=2, ensure_ascii=False)
     assert shown(value, limit=len(text)) == text
     assert shown(value, limit=len(text) - 1).startswith(text[:-1] + "\n… (1 more characters not shown")
+
+
+def test_a_row_too_wide_takes_width_from_the_columns_that_give_it_up_first_then_from_the_widest():
+    from auditctl.cli.render import Column, plan_layout
+
+    rows = [{"a": "a" * 20, "b": "b" * 20}]
+    keep, give = Column("a", "A"), Column("b", "B", shrink=1)
+    layout, _texts = plan_layout(rows, [keep, give], 35)
+    assert layout.widths == [20, 13]  # 35 less the gap: all 7 from the column that gives up width first
+
+    rows = [{"a": "a" * 30, "b": "b" * 15}]
+    layout, _texts = plan_layout(rows, [Column("a", "A"), Column("b", "B")], 40)
+    assert layout.widths == [23, 15]  # from the widest, not the narrowest
