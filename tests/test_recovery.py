@@ -1188,3 +1188,18 @@ def test_a_history_row_without_reasons_stores_none_on_every_engine(engine):
                        OPERATOR, fetch_now(connection))
     (event,) = events(engine, 1)
     assert event["reasons"] is None and event["from_status"] is None
+
+
+def test_a_refused_late_write_of_a_worker_with_the_longest_worker_id_records_its_actor_cut_to_the_column(engine, start_audit,
+                                                                                                        backdate):
+    """``worker <200 characters> (instance)`` is longer than the history's actor column (200): it is cut, not refused."""
+    from auditctl.history import events_for
+
+    worker_id = "w" * 200
+    audit_id, lease = start_audit(worker_id=worker_id)
+    backdate(audit_id, heartbeat_at=3600, last_worker_update=3600, progress_changed_at=3600)
+    assert [r.id for r in recover_stuck(engine, Thresholds(), actor=Actor.command("recover"))] == [audit_id]
+    with pytest.raises(LeaseLost):
+        leases.heartbeat(engine, lease, Actor.worker(worker_id, "0123456789abcdef"))
+    late = [e for e in events_for(engine, audit_id) if e.event == "lease_lost"]
+    assert [e.actor for e in late] == [("worker " + worker_id)[:200]]
