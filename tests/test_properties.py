@@ -1267,3 +1267,13 @@ def test_a_row_too_wide_takes_width_from_the_columns_that_give_it_up_first_then_
     rows = [{"a": "a" * 30, "b": "b" * 15}]
     layout, _texts = plan_layout(rows, [Column("a", "A"), Column("b", "B")], 40)
     assert layout.widths == [23, 15]  # from the widest, not the narrowest
+
+
+def test_a_detail_line_is_left_out_for_a_value_that_is_not_there():
+    from auditctl.cli.render import Column, layout_lines, plan_layout
+
+    rows = [{"target": "t" * 60, "why": None}, {"target": "u" * 60, "why": "stale"}]
+    columns = [Column("target", "TARGET"), Column("why", "WHY", detail=True)]
+    layout, texts = plan_layout(rows, columns, 40)
+    lines = ["".join(text for text, _style in segments).strip() for segments, _header in layout_lines(layout, texts, rows)]
+    assert [line for line in lines if line.startswith("why:")] == ["why: stale"], lines
