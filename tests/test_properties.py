@@ -1277,3 +1277,14 @@ def test_a_detail_line_is_left_out_for_a_value_that_is_not_there():
     layout, texts = plan_layout(rows, columns, 40)
     lines = ["".join(text for text, _style in segments).strip() for segments, _header in layout_lines(layout, texts, rows)]
     assert [line for line in lines if line.startswith("why:")] == ["why: stale"], lines
+
+
+def test_a_detail_line_on_the_narrowest_screen_still_wraps_at_20_characters():
+    from auditctl.cli.render import Column, layout_lines, plan_layout
+
+    rows = [{"id": "1234567890", "target": "t" * 30, "why": "no heartbeat for 17 minutes while running"}]
+    columns = [Column("id", "ID", fit="whole"), Column("target", "TARGET"), Column("why", "WHY", detail=True)]
+    layout, texts = plan_layout(rows, columns, 20)
+    lines = ["".join(text for text, _style in segments) for segments, _header in layout_lines(layout, texts, rows)]
+    detail = [line.strip() for line in lines[2:]]
+    assert detail == ["why: no heartbeat", "for 17 minutes", "while running"], lines
