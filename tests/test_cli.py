@@ -1888,3 +1888,11 @@ def test_show_json_lists_an_audits_history_oldest_first_and_a_row_without_reason
         leases.heartbeat(engine, lease, Actor("worker worker-1"))
     history = as_json(on(database_url, "show", str(audit_id), "--format", "json"))["history"]
     assert [(e["event"], e["reasons"]) for e in history] == [("requeued", ["stale_heartbeat"]), ("lease_lost", [])], history
+
+
+def test_scan_as_markdown_lists_an_audits_reasons_in_one_cell_separated_by_commas(database_url, start_audit, backdate):
+    audit_id, _ = start_audit(target="https://two-reasons.example")
+    backdate(audit_id, created_at=7200, started_at=7200, heartbeat_at=3600, last_worker_update=3600, progress_changed_at=3600)
+    result = on(database_url, "scan", "--format", "markdown")
+    (row,) = [line for line in result.stdout.splitlines() if "two-reasons" in line]
+    assert "| stale\\_heartbeat, max\\_age\\_exceeded |" in row and "\\n" not in row, row
