@@ -1288,3 +1288,11 @@ def test_a_detail_line_on_the_narrowest_screen_still_wraps_at_20_characters():
     lines = ["".join(text for text, _style in segments) for segments, _header in layout_lines(layout, texts, rows)]
     detail = [line.strip() for line in lines[2:]]
     assert detail == ["why: no heartbeat", "for 17 minutes", "while running"], lines
+
+
+def test_a_whole_column_keeps_its_width_however_narrow_the_screen():
+    from auditctl.cli.render import Column, plan_layout
+
+    rows = [{"id": "12345678901234567890", "target": "t" * 40}]
+    layout, _texts = plan_layout(rows, [Column("id", "ID", fit="whole", min_width=2), Column("target", "TARGET")], 30)
+    assert layout.widths == [20, 8]  # the target gives up all it may; the id is never cut
