@@ -789,7 +789,7 @@ def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: floa
     by_reason = []
     for share in _breakdown(_explode(events), lambda pair: pair[1], total, limit=len(RECOVERY_REASONS) + 5):
         lost = [v for v in (e.lost(share.key) for e in events if share.key in e.reasons) if v is not None]
-        share.extra = {"time_lost_mean_seconds": rounded(mean(lost)), "time_lost_p95_seconds": rounded(percentile(lost, 0.95))}
+        share.extra.update({"time_lost_mean_seconds": rounded(mean(lost)), "time_lost_p95_seconds": rounded(percentile(lost, 0.95))})
         by_reason.append(share)
     completed_by_worker = _completed_by_worker(engine, start)
     by_worker = _breakdown(events, lambda e: e.worker, total)
@@ -797,15 +797,15 @@ def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: floa
         members = [e for e in events if e.worker == share.key]
         step, count = _top(members, lambda e: e.step)
         done = completed_by_worker.get(share.key, 0)
-        share.extra = {"stuck_rate": round(share.count / (share.count + done), 4) if members else None,
+        share.extra.update({"stuck_rate": round(share.count / (share.count + done), 4) if members else None,
                        "completed": done if members else None,
                        "came_back": sum(1 for e in members if e.came_back) if members else None,
-                       "top_step": step, "top_step_share": round(count / len(members), 4) if members and step else None}
+                       "top_step": step, "top_step_share": round(count / len(members), 4) if members and step else None})
     by_step = _breakdown(events, lambda e: e.step, total)
     for share in by_step:
         members = [e for e in events if e.step == share.key]
         worker, count = _top(members, lambda e: e.worker)
-        share.extra = {"top_worker": worker, "top_worker_share": round(count / len(members), 4) if members and worker else None}
+        share.extra.update({"top_worker": worker, "top_worker_share": round(count / len(members), 4) if members and worker else None})
     detection = [e.silence for e in events if e.silence is not None]
     recovery = [d for d in (_seconds(e.ran_again, e.at - timedelta(seconds=e.silence)) for e in events
                             if e.ran_again is not None and e.silence is not None) if d is not None]

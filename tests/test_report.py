@@ -1070,6 +1070,8 @@ def test_a_breakdown_lists_the_ten_most_stuck_workers_and_sums_the_rest_as_other
     assert [share.key for share in by_worker] == ["worker-00", *workers_seen[1:10], "(other)"]
     assert (by_worker[0].count, by_worker[-1].count) == (2, 2)
     assert by_worker[-1].share == round(2 / 13, 4)
+    # The "(other)" row says how many workers it sums, as the target and kind breakdowns' do.
+    assert by_worker[-1].extra["values"] == 2
 
 
 def test_a_requeued_audit_that_ran_again_is_timed_from_its_last_heartbeat_and_one_that_did_not_is_counted(engine):
