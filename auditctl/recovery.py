@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Callable
@@ -45,6 +46,7 @@ from .rules import (
     stuck_ids,
 )
 from .schema import ERROR_LIMIT, FAILED, PENDING, RUNNING, Document, audits
+from .signals import interrupts_held
 from .textsafe import printable
 from .thresholds import RECOVERY_REASONS, Policy, Thresholds
 from .timestamps import as_datetime, isoformat_z
@@ -516,11 +518,13 @@ def _run_batches(engine: Engine, ids: list[int], batch_size: int, apply: Callabl
         early = ahead.pop(id(batch), None)
         early = early[1] if early is not None and early[0] is batch else None
         try:
-            with write_transaction(engine) as connection:
-                if turns is not None:
-                    turns.batch_began(connection)
-                done = apply(connection, batch) if read_ahead is None else apply(connection, batch, early)
-            result.extend(done)  # committed: only now does it count
+            with ExitStack() as counting:
+                with write_transaction(engine) as connection:
+                    if turns is not None:
+                        turns.batch_began(connection)
+                    done = apply(connection, batch) if read_ahead is None else apply(connection, batch, early)
+                    counting.enter_context(interrupts_held())  # a Ctrl-C at the COMMIT acts once the batch is counted
+                result.extend(done)  # committed: only now does it count
             if turns is not None and queue:
                 turns.batch_committed(read_next if read_ahead is not None else None)
         except WriteRefused:

@@ -438,3 +438,65 @@ def test_since_in_seconds_with_named_audits_is_fixed_once_for_every_batch(engine
                         on_batch=between_batches)
 
     assert [r.id for r in done] == [first, second]
+
+
+def test_a_ctrl_c_landing_just_after_a_batch_committed_still_counts_that_batch(engine):
+    """SIGINT delivered as the committed batch's connection goes back to the pool (after COMMIT,
+    before the batch was counted): the interruption reports the audits the database changed."""
+    import os
+    import signal
+
+    from sqlalchemy import event
+
+    ids = make_running(engine, 5)
+    committed = []
+
+    def on_commit(connection):
+        committed.append(True)
+
+    def on_checkin(dbapi_connection, record):
+        if committed and len(committed) == 1:
+            committed.append(True)  # once
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    event.listen(engine, "commit", on_commit)
+    event.listen(engine.pool, "checkin", on_checkin)
+    try:
+        with pytest.raises(Interrupted) as interrupted:
+            recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), batch_size=2)
+    finally:
+        event.remove(engine.pool, "checkin", on_checkin)
+        event.remove(engine, "commit", on_commit)
+        signal.signal(signal.SIGINT, previous)
+
+    failed = [row(engine, audit_id)["status"] for audit_id in ids].count(FAILED)
+    assert failed == 2
+    assert (interrupted.value.done, interrupted.value.verb) == (failed, "recovered")
+
+
+def test_a_second_ctrl_c_while_the_first_waits_for_a_batch_to_be_counted_acts_at_once():
+    """``interrupts_held``: the first signal waits for the block's end; a second one (the operator
+    insists, a COMMIT hangs) interrupts inside the block; outside it, the handlers are as before."""
+    import os
+    import signal
+
+    from auditctl.signals import interrupts_held
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the first")
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the first, again")
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the second")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert reached == ["after the first", "after the first, again"]
