@@ -732,10 +732,10 @@ def test_suggested_fleet_stale_after_is_one_recover_accepts_beside_a_kind_too_yo
     assert recovered.exit_code == 0, recovered.output
 
 
-def test_a_requeued_audit_pending_now_has_waited_since_its_requeue_not_since_its_creation(engine, start_audit, backdate):
-    """The backlog's "oldest waiting" counts as the wait before start does: from the requeue (or
-    reset) that last made the audit pending, not from its creation days before."""
-    audit_id, _lease = start_audit()
+def _requeued_five_minutes_ago(engine, start_audit, backdate) -> tuple:
+    """An audit created three days ago, silent for an hour, requeued by a recovery recorded five
+    minutes ago: (its id, the lease of its run before)."""
+    audit_id, lease = start_audit()
     backdate(audit_id, created_at=3 * DAY, started_at=3 * DAY - 60, heartbeat_at=3600, last_worker_update=3600,
              progress_changed_at=3600)
     recovered = recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)
@@ -743,6 +743,13 @@ def test_a_requeued_audit_pending_now_has_waited_since_its_requeue_not_since_its
     with write_transaction(engine) as connection:
         connection.execute(update(audit_events).where(audit_events.c.audit_id == audit_id).values(
             at=fetch_now(connection) - timedelta(seconds=300)))
+    return audit_id, lease
+
+
+def test_a_requeued_audit_pending_now_has_waited_since_its_requeue_not_since_its_creation(engine, start_audit, backdate):
+    """The backlog's "oldest waiting" counts as the wait before start does: from the requeue (or
+    reset) that last made the audit pending, not from its creation days before."""
+    audit_id, _lease = _requeued_five_minutes_ago(engine, start_audit, backdate)
 
     capacity = stuck_report(engine, DAY).capacity
     assert capacity.pending == 1
@@ -1154,14 +1161,7 @@ def test_a_report_window_of_exactly_the_longest_duration_is_taken():
 def test_a_requeued_audit_has_waited_since_its_requeue_when_its_old_worker_wrote_late_since(engine, start_audit, backdate):
     """The refused late write of the run before is recorded (lease_lost, pending to pending), but it did
     not make the audit pending: the wait still counts from the requeue."""
-    audit_id, lease = start_audit()
-    backdate(audit_id, created_at=3 * DAY, started_at=3 * DAY - 60, heartbeat_at=3600, last_worker_update=3600,
-             progress_changed_at=3600)
-    recovered = recover_stuck(engine, Thresholds(), actor=Actor.command("recover"), requeue=True)
-    assert [(r.id, r.status) for r in recovered] == [(audit_id, "pending")]
-    with write_transaction(engine) as connection:
-        connection.execute(update(audit_events).where(audit_events.c.audit_id == audit_id).values(
-            at=fetch_now(connection) - timedelta(seconds=300)))
+    audit_id, lease = _requeued_five_minutes_ago(engine, start_audit, backdate)
     with pytest.raises(LeaseLost):
         leases.heartbeat(engine, lease, Actor("worker worker-1"))
     with read_connection(engine) as connection:
