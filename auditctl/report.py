@@ -742,7 +742,11 @@ def window(now: datetime, since: "float | datetime") -> tuple[datetime, float]:
             raise NamedSettingError(f"{{since}} {isoformat_z(since)} is more than {format_duration(MAX_DURATION)} before "
                                     f"now (the database's clock says {isoformat_z(now)}); a report covers at most that", "since")
         return since, (now - since).total_seconds()
-    return now - timedelta(seconds=since), since
+    if isinstance(since, bool) or not isinstance(since, (int, float)) or not 0 < since <= MAX_DURATION:
+        # NaN fails the comparison too. The commands' durations are parsed (and bounded) before here.
+        raise NamedSettingError(f"{{since}} must be a number of seconds above 0 and at most {format_duration(MAX_DURATION)} "
+                                f"(a report covers at most that), got {since!r}", "since")
+    return now - timedelta(seconds=since), float(since)
 
 
 def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: float = 600.0) -> Report:

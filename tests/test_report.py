@@ -1203,3 +1203,13 @@ def test_the_step_of_a_recovery_whose_record_a_reset_cleared_is_read_from_the_re
                        Actor.command("reset"), now - timedelta(minutes=10))
     found = stuck_report(engine, 3600)
     assert [(share.key, share.count) for share in found.by_step] == [("Port scan", 1)] and found.step_unknown == 0
+
+
+@pytest.mark.parametrize("since", [0, -60, float("nan"), float("inf"), 2 * 366 * DAY])
+def test_a_library_report_over_a_window_no_command_would_take_is_refused_with_its_name(engine, since):
+    """``stuck_report(engine, 0)`` divided by zero; a negative, NaN or endless window read nonsense.
+    The library refuses them as the commands do (their durations are parsed before they get here)."""
+    from auditctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="since"):
+        stuck_report(engine, since)
