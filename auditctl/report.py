@@ -114,6 +114,13 @@ def format_rate(value: float) -> str:
     return f"{rounded:.{1 - math.floor(math.log10(rounded))}f}"
 
 
+def format_share(value: float) -> str:
+    """A share as a percentage for reading: one decimal from 0.1% up (``2.5%``, and ``0.0%`` for none
+    at all), two significant figures below (``0.020%``, as ``format_rate`` does: never ``0.0%``
+    for one in thousands)."""
+    return f"{format_rate(value * 100)}%" if 0 < value < 0.001 else f"{value:.1%}"
+
+
 # --- the fleet's figures (metrics) ------------------------------------------------------------
 
 

@@ -951,6 +951,23 @@ def test_a_slow_fleets_rates_read_as_figures_not_zero_when_three_audits_complete
     assert capacity["completed_per_hour"] == capacity["arrivals_per_hour"] == 3 / 168
 
 
+def test_one_recovery_among_thousands_of_finished_runs_reads_as_a_share_not_zero_percent(engine, database_url):
+    """1 recovery and 4,999 completed audits: "0.020% of 5000 finished runs", not "0.0%"."""
+    from auditctl import history
+
+    with write_transaction(engine) as connection:
+        now = fetch_now(connection)
+        connection.execute(insert(audits), [
+            {"target": f"https://many-{i}.example", "status": "completed", "worker_id": "w",
+             "created_at": now - timedelta(hours=2), "started_at": now - timedelta(hours=2),
+             "finished_at": now - timedelta(hours=1)} for i in range(4999)])
+        history.record(connection, [{"audit_id": 90_000, "event": history.RECOVERED, "from_status": "running",
+                                     "to_status": "failed", "reasons": ["stale_heartbeat"],
+                                     "measurements": {"silence_seconds": 700.0}}], Actor.command("recover"), now)
+    text_out = " ".join(invoke("report", "--database-url", database_url, "--since", "1d", "--format", "plain").stdout.split())
+    assert "(0.020% of 5000 finished runs)" in text_out, text_out
+
+
 def _completed(engine, count: int, *, finished, gap: float, stall: float, run: float = 600.0, interval: float = 5.0,
                kind: str = "exact") -> None:
     """``count`` completed audits of ``kind`` that finished at ``finished``, each with the same measurements."""

@@ -147,7 +147,7 @@ def _records(shares) -> list[dict]:
 
 
 def _render_report(found, fmt: str) -> None:
-    from ..report import format_rate
+    from ..report import format_rate, format_share
 
     if fmt == "json":
         _json(found.as_dict())
@@ -161,7 +161,7 @@ def _render_report(found, fmt: str) -> None:
     window = _dur(found.window_seconds)
     runs = found.recoveries + found.completed
     head = (f"Stuck audits since {data['since'][:16]}Z ({window}): {found.recoveries} recoveries of {found.audits} audits"
-            + (f" ({found.recoveries / runs:.1%} of {runs} finished runs)" if runs else ""))
+            + (f" ({format_share(found.recoveries / runs)} of {runs} finished runs)" if runs else ""))
     _say(head, fmt, bold=True)
     if found.unreadable_events:
         click.echo(f"({found.unreadable_events} history rows skipped: their time cannot be read, "
@@ -331,6 +331,8 @@ def _suggestion_records(found) -> list[dict]:
 
 
 def _render_suggestions(found, fmt: str) -> None:
+    from ..report import format_share
+
     if fmt == "json":
         _json(found.as_dict())
         return
@@ -356,7 +358,7 @@ def _render_suggestions(found, fmt: str) -> None:
         return
 
     def rate(value):
-        return "-" if value is None else f"{value:.1%}"
+        return "-" if value is None else format_share(value)
 
     columns = [
         Column("threshold", "THRESHOLD", fit="whole"),
@@ -378,7 +380,7 @@ def _render_suggestions(found, fmt: str) -> None:
         if item.declaring_own:
             facts.append(f"{item.declaring_own} ran under their worker's own thresholds")
         if item.false_recovery_rate is not None:
-            facts.append(f"proposals would have recovered {item.false_recoveries} wrongly ({item.false_recovery_rate:.1%})")
+            facts.append(f"proposals would have recovered {item.false_recoveries} wrongly ({format_share(item.false_recovery_rate)})")
         _heading(f"{name}: " + "; ".join(facts), fmt)
         if item.enough:
             render([r for r in records if r["kind"] == item.kind], columns, fmt)
