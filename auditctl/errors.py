@@ -96,6 +96,10 @@ class LeaseLost(AuditctlError):
     The write that raised it changed nothing. The worker must stop working on the audit.
     """
 
+    #: When the ``lease_lost`` event could not be recorded as the write was refused: a call that
+    #: records it later (the guard makes it from its heartbeat thread and at ``close()``).
+    unrecorded = None
+
     def __init__(self, audit_id: int, message: str | None = None):
         self.audit_id = audit_id
         super().__init__(

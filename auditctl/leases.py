@@ -236,24 +236,30 @@ def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:
     The write matched no row: the lease is lost whatever happens to the record. A record the
     database refuses (the SQLite file locked past the worker's wait, the server gone) is logged
     as a warning with what it would have held, and the caller still gets ``LeaseLost``: told
-    ``DatabaseUnavailable``, its code would go on working on an audit that is no longer its own."""
+    ``DatabaseUnavailable``, its code would go on working on an audit that is no longer its own.
+    The exception then carries ``unrecorded``, a call that records the event later (marked
+    ``recorded_late``): the guard owes it, and its heartbeat thread and ``close()`` pay it."""
     details = {"write": write, "lease": lease.token, "worker_id": lease.worker_id, "instance_id": lease.instance_id}
 
-    def attempt(connection):
-        now = fetch_now(connection)
-        status = connection.execute(select(audits.c.status).where(audits.c.id == lease.audit_id)).scalar()
-        history.record(connection, [{
-            "audit_id": lease.audit_id, "event": history.LEASE_LOST, "from_status": status, "to_status": status,
-            "details": details,
-        }], actor, now)
+    def recording(late: bool):
+        def attempt(connection):
+            now = fetch_now(connection)
+            status = connection.execute(select(audits.c.status).where(audits.c.id == lease.audit_id)).scalar()
+            history.record(connection, [{
+                "audit_id": lease.audit_id, "event": history.LEASE_LOST, "from_status": status, "to_status": status,
+                "details": {**details, "recorded_late": True} if late else details,
+            }], actor, now)
+        return attempt
 
+    lost = LeaseLost(lease.audit_id)
     try:
-        retried_transaction(engine, attempt)
+        retried_transaction(engine, recording(late=False))
     except AuditctlError as error:
         log.warning("audit %s: its lease is lost (the %s write matched no row and changed nothing), but the lease_lost "
-                    "event could not be recorded in its history (%s); it would have held %s, by %s", lease.audit_id,
+                    "event could not be recorded in its history yet (%s); it would hold %s, by %s", lease.audit_id,
                     write, printable(error), printable(str(details)), printable(actor.name))
-    return LeaseLost(lease.audit_id)
+        lost.unrecorded = lambda: retried_transaction(engine, recording(late=True))
+    return lost
 
 
 #: The three writes a run makes while it works, built once with the lease as parameters: building a

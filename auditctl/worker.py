@@ -228,6 +228,9 @@ class AuditRun:
         already, self.lost = self.lost, True
         if not already:
             log.warning("⛔ LEASE LOST on audit %s: it was recovered or reset; this worker stops writing to it", self.audit_id)
+        if error.unrecorded is not None:
+            self.guard._owe_record(error.unrecorded)
+            error.unrecorded = None
         return error
 
     def update_progress(self, step: str | None = None, percentage: float | None = None,
@@ -496,6 +499,7 @@ class StuckAuditPrevention:
         self._held = 0  # main-thread writes in flight (SIGTERM waits for them)
         self._pending_signal: int | None = None
         self._pending_sigint = False  # Ctrl-C held during a write (see _holding_signals)
+        self._unrecorded: list = []  # lease_lost events the database refused at the time (see _settle_records)
         self._stopped = False  # stop() marked the instance stopped; using the guard again un-marks it
         #: close() was called: a run or claim still under way closes the pools again when the last one ends.
         self._closed = False
@@ -948,6 +952,7 @@ class StuckAuditPrevention:
             if not self._forked():
                 with self._lifecycle:
                     self._stop_threads(None)
+                self._settle_records(last=True)
         finally:
             self._dispose()
 
@@ -1022,6 +1027,7 @@ class StuckAuditPrevention:
         if not self._check_database_file():
             self._mark_outage()
             return False
+        self._settle_records()
         # A failed registry beat does not stop the runs' own beats: the workers row alone may be what
         # is refused (another tool's trigger, a lock on that row), and skipping the runs made healthy
         # audits look stale. Only a database that is away (the first run's beat fails too) ends the round.
@@ -1055,6 +1061,31 @@ class StuckAuditPrevention:
             self._mark_outage()
         log.debug("💓 HEARTBEAT: %d audits beating", len(runs))
         return healthy
+
+    def _owe_record(self, record) -> None:
+        """A ``lease_lost`` event the database refused when the lease was found lost: made later."""
+        with self._runs_lock:
+            self._unrecorded.append(record)
+
+    def _settle_records(self, *, last: bool = False) -> None:
+        """Record the ``lease_lost`` events owed, oldest first; what the database still refuses waits
+        for the next beat, or, at ``close()`` (``last``), is given up with a warning (its details
+        were in the warning when the lease was found lost)."""
+        with self._runs_lock:
+            owed, self._unrecorded = self._unrecorded, []
+        for index, record in enumerate(owed):
+            try:
+                record()
+            except AuditctlError as error:
+                if last:
+                    log.warning("%d lease_lost event(s) could not be recorded before close (%s); the warnings "
+                                "logged when the leases were lost hold what they would have said",
+                                len(owed) - index, printable(error))
+                else:
+                    with self._runs_lock:
+                        self._unrecorded[:0] = owed[index:]
+                return
+            log.info("a lease_lost event the database had refused is now recorded (marked recorded_late)")
 
     def _mark_outage(self) -> None:
         """The heartbeat thread could not reach the database: the next monitor pass, whichever guard of

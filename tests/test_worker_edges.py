@@ -251,6 +251,35 @@ def test_a_late_write_raises_lease_lost_when_recording_its_lease_lost_event_find
     warning = next(r for r in caplog.records if "lease_lost" in r.getMessage())
     assert warning.levelname == "WARNING" and f"audit {audit_id}" in warning.getMessage()
     assert "locked" in warning.getMessage(), warning.getMessage()
+    # Owed, not dropped: once the database takes it (here at close()), the event is recorded.
+    assert "lease_lost" not in [e["event"] for e in events(engine, audit_id)]
+    guard.close()
+    late = [e for e in events(engine, audit_id) if e["event"] == "lease_lost"]
+    assert len(late) == 1 and late[0]["details"]["write"] == write and late[0]["details"]["recorded_late"] is True
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_lease_lost_event_refused_at_the_time_is_recorded_by_the_next_heartbeat_round(engine, guards):
+    from auditctl.recovery import recover_audits
+    from auditctl.schema import audits
+
+    guard = guards(heartbeat_interval=0.2, stale_after=600, max_age=3600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/lost-then-recorded")
+    with write_lock_taken_at_begin(guard, engine, 1) as (armed, begun):
+        with pytest.raises(LeaseLost), guard.run(audit_id) as run:
+            recover_audits(engine, audits.c.id == audit_id, reason="manual", explanation="taken away by the test",
+                           actor=OPERATOR)
+            armed.set()
+            run.heartbeat()
+    assert "lease_lost" not in [e["event"] for e in events(engine, audit_id)]
+    guard.start_heartbeat_monitor()
+    deadline = time.monotonic() + 15
+    while "lease_lost" not in [e["event"] for e in events(engine, audit_id)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    late = [e for e in events(engine, audit_id) if e["event"] == "lease_lost"]
+    assert len(late) == 1 and late[0]["details"]["recorded_late"] is True
+    guard.close()
+    assert len([e for e in events(engine, audit_id) if e["event"] == "lease_lost"]) == 1, "recorded once"
 
 
 # --- what the library stores it can read back ---------------------------------------------------
