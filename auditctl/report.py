@@ -108,10 +108,10 @@ def format_rate(value: float) -> str:
     (``0.018``, never ``0.0`` for a slow fleet), ``0`` for none at all."""
     if value <= 0:
         return "0"
-    rounded = float(f"{value:.2g}")
-    if rounded >= 1:
+    shown = float(f"{value:.2g}")
+    if shown >= 1:
         return f"{value:.1f}"
-    return f"{rounded:.{1 - math.floor(math.log10(rounded))}f}"
+    return f"{shown:.{1 - math.floor(math.log10(shown))}f}"
 
 
 def format_share(value: float) -> str:
@@ -739,8 +739,9 @@ def _capacity(engine: Engine, start: datetime, now: datetime, window: float, sta
 
 def window(now: datetime, since: "float | datetime") -> tuple[datetime, float]:
     """(start, seconds) of a window reaching back ``since``: seconds (on the database's clock, ``now``)
-    or an aware datetime, as ``--since`` takes either (``parse_moment``). Raises ConfigError for a
-    start that is not before ``now``."""
+    or an aware datetime, as ``--since`` takes either (``parse_moment``). Raises ConfigError (naming
+    ``since``) for a start that is not before ``now``, or a window that is not above 0 and at most
+    ``MAX_DURATION`` (NaN and booleans included)."""
     if isinstance(since, datetime):
         if since >= now:
             raise NamedSettingError(f"{{since}} {isoformat_z(since)} is not in the past (the database's clock says "

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import AuditctlError, AuditNotFound, ConfigError, DatabaseUnavailable
+from ..errors import AuditctlError, AuditNotFound, ConfigError
 from ..textsafe import json_safe_text
 from ..timestamps import iso
 from .params import Params
@@ -292,15 +292,13 @@ async def reset_all(request: Request):
 
 
 def _action_error(problem: Exception, d) -> Response:
-    from .app import Outage
+    from .app import Outage, request_at_fault
 
     if isinstance(problem, _BodyNotJSON):
         return error(415, "the request body must be a JSON object (Content-Type: application/json)")
     if isinstance(problem, _BodyTooLarge):
         return error(413, f"the request body is larger than {MAX_BODY // 1024} KiB: its parameters are a few filters")
-    if isinstance(problem, ConfigError) and not isinstance(problem, DatabaseUnavailable):
-        # A setting libpq refused on connecting (ConnectionSettingRefused) is the database not
-        # reached, as the reads answer it (503 below), not a bad request.
+    if request_at_fault(problem):
         return error(400, str(problem))
     if isinstance(problem, Outage):
         return error(503, str(problem))

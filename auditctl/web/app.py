@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import AuditctlError, AuditNotFound, ConfigError, DatabaseUnavailable
+from ..errors import AuditctlError, AuditNotFound, ConfigError, ConnectionSettingRefused
 from ..history import Actor
 from ..thresholds import Policy
 from ..urls import scrub
@@ -159,12 +159,10 @@ class Dashboard:
         try:
             value = function(*args, **kwargs)
         except (AuditNotFound, ConfigError) as error:
-            # A setting libpq refused on connecting (ConnectionSettingRefused) is the database not
-            # read, not a bad request.
-            if not isinstance(error, DatabaseUnavailable):
+            if isinstance(error, AuditNotFound) or request_at_fault(error):
                 self.health.succeeded()
                 raise
-            self._lost(error)
+            self._lost(error)  # a URL setting libpq refused: the database not read
         except (AuditctlError, SQLAlchemyError, OSError) as error:
             self._lost(error)
         self.health.succeeded()
@@ -582,16 +580,21 @@ def _panel(request: Request, status: int, html: str, *, changed: bool = False) -
 
 def _not_reached(error: Exception) -> bool:
     """The database was not reached: an outage a read met, or a setting of the URL libpq refused on
-    the action's own connection (ConnectionSettingRefused), which the reads show as unreachable too:
-    the server's setting, not the request's fault."""
-    return isinstance(error, Outage) or (isinstance(error, ConfigError) and isinstance(error, DatabaseUnavailable))
+    the action's own connection, which the reads show as unreachable too."""
+    return isinstance(error, (Outage, ConnectionSettingRefused))
+
+
+def request_at_fault(error: Exception) -> bool:
+    """A refusal of what the request asked (400), not of the server's own settings: libpq refusing a
+    value of the URL (``ConnectionSettingRefused``, a ConfigError too) is the database not reached (503)."""
+    return isinstance(error, ConfigError) and not isinstance(error, ConnectionSettingRefused)
 
 
 def _action_problem(error: Exception, d: Dashboard) -> tuple[int, str]:
     """An action's error as (status, one line for the page)."""
     if _not_reached(error):
         return 503, f"The database is unreachable: {error if isinstance(error, Outage) else d.safe_message(error)}"
-    if isinstance(error, ConfigError):
+    if request_at_fault(error):
         return 400, f"Refused: {error}"
     from ..recovery import ConcurrentChange
 
