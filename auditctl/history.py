@@ -3,7 +3,8 @@
 Every recovery, requeue, reset and rejected late write (``lease_lost``) adds one row here,
 inside the same transaction as the change it describes, so the two can never disagree. A
 change the database refused adds a ``needs_operator`` row of its own: there is no change
-to go with it.
+to go with it. So does a ``lease_lost`` the database refused at the time, which the worker's
+guard records later (``recorded_late`` in its details).
 """
 
 from __future__ import annotations
