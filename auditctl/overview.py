@@ -18,7 +18,7 @@ from .audits import AuditFilters, AuditSummary, iter_audits
 from .db import fetch_now, read_connection
 from .history import RECOVERED, REQUEUED
 from .registry import GONE_RETENTION, Instance, instances
-from .rules import Filters, Verdict, find_stuck, gone_instances
+from .rules import Filters, Verdict, find_stuck
 from .schema import IS_RUNNING, RUNNING, STATUSES, audit_events, audits
 from .thresholds import RULE_REASONS, Policy
 from .timestamps import as_datetime
@@ -67,8 +67,7 @@ def count_by_status(engine: Engine) -> dict[str, int]:
 def fleet_overview(engine: Engine, policy: Policy, *, seen_since: datetime | None = None, filters: Filters | None = None,
                    sample: int = 50, with_status_counts: bool = False, stale_after: float | None = None) -> Overview:
     """Read the overview. ``sample`` bounds how many healthy running audits are listed (the rest are counted)."""
-    gone = gone_instances(engine)
-    stuck = find_stuck(engine, policy, gone=gone, seen_since=seen_since, filters=filters or Filters())
+    stuck = find_stuck(engine, policy, seen_since=seen_since, filters=filters or Filters())
     by_reason = {reason: 0 for reason in RULE_REASONS}
     for verdict in stuck:
         for reason in verdict.reasons:

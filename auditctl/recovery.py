@@ -584,7 +584,7 @@ def recover_stuck(
         raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
     policy = as_policy(thresholds)
     filters = make_filters(filters, **legacy_filters)
-    gone = GoneInstances.of(gone_instances(engine) if gone is None else gone)  # one parameter for every batch
+    gone = GoneInstances.of(gone_instances(engine, holding_running=True) if gone is None else gone)  # one parameter for every batch
     result = RecoveryResult()
     if dry_run:
         for verdict in find_stuck(engine, policy, gone=gone, seen_since=seen_since, filters=filters):
@@ -907,7 +907,7 @@ def reset_all(engine: Engine, plan: ResetPlan, *, actor: Actor, policy: Policy |
 
     if plan.stuck:
         policy = Policy.coerce(policy)
-        gone = GoneInstances.of(gone_instances(engine))
+        gone = GoneInstances.of(gone_instances(engine, holding_running=True))
 
         def recover_and_reset(connection: Connection, batch: list[int]) -> list[Reset]:
             batch = _under_reset_limit(connection, batch, filters.max_resets)

@@ -265,16 +265,15 @@ def fleet_figures(engine: Engine, policy: Policy | None = None, *, stale_after: 
     """Everything the metrics expose, read now. Raises for database trouble (the caller reports it)."""
     from .overview import count_by_status
     from .registry import GONE_RETENTION, instances
-    from .rules import find_stuck, gone_instances
+    from .rules import find_stuck
 
     policy = Policy.coerce(policy)
     with read_connection(engine) as connection:
         now = fetch_now(connection)
     by_status = count_by_status(engine)
-    gone = gone_instances(engine)
     by_reason = {reason: 0 for reason in RULE_REASONS}
     stuck = 0
-    for verdict in find_stuck(engine, policy, gone=gone):
+    for verdict in find_stuck(engine, policy):
         stuck += 1
         for reason in verdict.reasons:
             by_reason[reason] = by_reason.get(reason, 0) + 1

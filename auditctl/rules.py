@@ -725,10 +725,10 @@ class GoneInstances(dict):
 
     __slots__ = ("_parameters", "_held")
 
-    def __init__(self, gone=()):
+    def __init__(self, gone=(), *, only_holders: bool = False):
         super().__init__(gone)
         self._parameters: dict[bool, str] = {}
-        self._held: GoneInstances | None = None
+        self._held: GoneInstances | None = self if only_holders else None
 
     @classmethod
     def of(cls, gone: dict[str, str]) -> "GoneInstances":
@@ -814,11 +814,12 @@ def stuck_ids(connection: Connection, policy: Policy, *, gone: dict[str, str] | 
     return [row[0] for row in connection.execute(statement, params).all()]
 
 
-def gone_instances(engine: Engine) -> dict[str, str]:
-    """The worker instances the registry proves gone (instance id -> how it was proven)."""
+def gone_instances(engine: Engine, *, holding_running: bool = False) -> dict[str, str]:
+    """The worker instances the registry proves gone (instance id -> how it was proven).
+    ``holding_running``: only those holding a running audit, all a reading of the stuck needs."""
     from .registry import gone_instances as registry_gone
 
-    return GoneInstances(registry_gone(engine))
+    return GoneInstances(registry_gone(engine, holding_running=holding_running), only_holders=holding_running)
 
 
 def find_stuck(engine: Engine, policy: Policy, **options) -> list[Verdict]:
@@ -834,7 +835,7 @@ def iter_stuck(engine: Engine, policy: Policy, *, gone: dict[str, str] | None = 
     ``gone`` None asks the registry which worker instances are provably gone.
     """
     policy = Policy.coerce(policy)
-    gone = GoneInstances.of(gone_instances(engine) if gone is None else gone)
+    gone = GoneInstances.of(gone_instances(engine, holding_running=True) if gone is None else gone)
     if sort != "id" or descending:
         # Another order cannot be paged by id: one read, bounded by --limit.
         with read_connection(engine) as connection:

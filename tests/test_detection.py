@@ -313,6 +313,53 @@ def test_the_stuck_query_looks_up_only_the_gone_instances_that_hold_a_running_au
     assert (verdict.id, verdict.reasons, verdict.gone_proof) == (held, ["worker_gone"], gone["held-instance"])
 
 
+def test_a_scan_reads_from_the_registry_only_the_gone_instances_that_hold_a_running_audit(engine, start_audit):
+    """A scan (``find_stuck`` asking the registry itself) needs the gone instances holding a running
+    audit and no others: it reads just those, in one statement, and still fires worker_gone with
+    the registry's proof. What watch and alerts report is still every gone instance."""
+    from sqlalchemy import event
+
+    from auditctl.history import Actor
+    from auditctl.rules import gone_instances
+
+    held, _ = start_audit(worker_id="restarted", instance_id="held-instance")
+    _, lease = start_audit(worker_id="finished", instance_id="finished-instance")
+    leases.finish(engine, lease, error=None, actor=Actor.command("test"))
+    names = ["held-instance", "finished-instance", *(f"stopped-{n}" for n in range(9))]
+    with write_transaction(engine) as connection:
+        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(),
+                                                   stopped_at=registry.db_now()),
+                           [{"instance_id": name, "worker_id": "restarted"} for name in names])
+    assert sorted(gone_instances(engine)) == sorted(names)
+    holders = gone_instances(engine, holding_running=True)
+    assert dict(holders) == {"held-instance": gone_instances(engine)["held-instance"]}
+    statements = []
+
+    def capture(_conn, _cursor, statement, *_):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        (verdict,) = find_stuck(engine, Thresholds())
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert (verdict.id, verdict.reasons, verdict.gone_proof) == (held, ["worker_gone"], holders["held-instance"])
+    assert not any(s.startswith("SELECT g.value") for s in statements), "no second probe of the gone instances"
+    assert sum(s.startswith("SELECT workers.instance_id") for s in statements) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_the_registry_read_of_gone_instances_holding_audits_probes_the_index_of_their_instances(engine):
+    """One probe per candidate instance, on a file nobody analyzed."""
+    from auditctl.registry import _gone_candidates
+
+    sql = str(_gone_candidates("namespace", True).compile(dialect=engine.dialect))
+    with engine.connect() as connection:
+        plan = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (1, 10, "namespace:", "2000-01-01")).all()
+    details = [detail for *_, detail in plan]
+    assert any("INDEX ix_audits_running_instance (worker_instance=?)" in d for d in details), details
+
+
 def test_a_sqlite_file_without_the_index_of_holders_still_finds_the_gone_workers_audits(engine, start_audit):
     """A file at revision 0002 (not yet `auditctl init`ed after an upgrade) has no index of running
     audits' instances: every gone instance goes to the statement, as before, rather than one
@@ -320,7 +367,7 @@ def test_a_sqlite_file_without_the_index_of_holders_still_finds_the_gone_workers
     if engine.dialect.name != "sqlite":
         pytest.skip("PostgreSQL plans around a missing index itself")
     from auditctl.db import read_connection
-    from auditctl.rules import GoneInstances
+    from auditctl.rules import GoneInstances, gone_instances
 
     held, _ = start_audit(worker_id="restarted", instance_id="held-instance")
     with write_transaction(engine) as connection:
@@ -329,6 +376,14 @@ def test_a_sqlite_file_without_the_index_of_holders_still_finds_the_gone_workers
     with read_connection(engine) as connection:
         assert gone.held(connection) == gone, "nothing narrowed without the index"
     (verdict,) = find_stuck(engine, Thresholds(), gone=gone)
+    assert (verdict.id, verdict.reasons) == (held, ["worker_gone"])
+    with write_transaction(engine) as connection:
+        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(),
+                                                   stopped_at=registry.db_now()),
+                           [{"instance_id": name, "worker_id": "restarted"} for name in ("held-instance", "idle-instance")])
+    assert sorted(gone_instances(engine, holding_running=True)) == ["held-instance", "idle-instance"], \
+        "the registry reads every candidate rather than walk the running audits once per instance"
+    (verdict,) = find_stuck(engine, Thresholds())
     assert (verdict.id, verdict.reasons) == (held, ["worker_gone"])
 
 
