@@ -1257,6 +1257,15 @@ def indexed_by(postgres: bool, index: str) -> str:
     return "" if postgres else f" INDEXED BY {index}"
 
 
+def index_present(connection: Connection, name: str) -> bool:
+    """SQLite: whether the file has index ``name`` (one a later migration added is missing from a file
+    not upgraded yet, and ``INDEXED BY`` a missing index is an error). PostgreSQL: True, as its
+    planner plans around a missing index itself."""
+    if connection.dialect.name != "sqlite":
+        return True
+    return connection.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)).first() is not None
+
+
 # --- the database clock ---------------------------------------------------------------
 
 

@@ -23,11 +23,11 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, exists, func, insert, or_, select, text, type_coerce, update
+from sqlalchemy import bindparam, exists, func, insert, or_, select, type_coerce, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import NullType
 
-from .db import db_now, fetch_now, read_connection, single_write, write_transaction
+from .db import db_now, fetch_now, index_present, read_connection, single_write, write_transaction
 from .errors import TextNotUtf8
 from .migrate import refuse_newer_schema
 from .thresholds import FUTURE_TOLERANCE
@@ -315,13 +315,9 @@ def _gone_rows(engine: Engine, namespace: str | None, holding_running: bool, *, 
     (five text values a row, thousands of stopped instances in a day of restarts)."""
     with read_connection(engine, strict_text=strict_text) as connection:
         cutoff = fetch_now(connection) - timedelta(seconds=GONE_RETENTION)
-        if holding_running and connection.dialect.name == "sqlite" and not connection.execute(_INDEX_OF_HOLDERS).first():
+        if holding_running and not index_present(connection, "ix_audits_running_instance"):
             holding_running = False  # each probe would walk every running audit
         return connection.execute(_gone_candidates(namespace, holding_running), {"cutoff": cutoff}).all()
-
-
-#: SQLite: whether the file has the index of running audits' instances (migration 0003).
-_INDEX_OF_HOLDERS = text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'ix_audits_running_instance'")
 
 
 @functools.lru_cache(maxsize=8)

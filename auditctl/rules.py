@@ -47,7 +47,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import documents, timestamps
 from .globs import target_pattern
-from .db import PG_EARLIEST, PG_LATEST, indexed_by, is_postgres, keyset_pages, moments, pg_seconds_since, read_connection
+from .db import (PG_EARLIEST, PG_LATEST, index_present, indexed_by, is_postgres, keyset_pages, moments, pg_seconds_since,
+                 read_connection)
 from .errors import ConfigError
 from .gcpause import paused_collector
 from .progress import PROGRESS_FIELDS, read_progress, read_progress_fields
@@ -742,7 +743,7 @@ class GoneInstances(dict):
         an instance the registry did not prove gone."""
         if self._held is None:
             postgres = is_postgres(connection)
-            if not self or not (postgres or connection.execute(_INDEX_OF_HOLDERS).first()):
+            if not self or not index_present(connection, "ix_audits_running_instance"):
                 self._held = self  # a SQLite file not upgraded yet (``auditctl init``): narrow nothing
             else:
                 rows = connection.execute(_held_by_running(postgres), {"gone": self.parameter(postgres)})
@@ -759,10 +760,6 @@ class GoneInstances(dict):
                                if postgres else json.dumps(ids))
         return cache[postgres]
 
-
-#: SQLite: whether the file has the index ``_held_by_running`` probes (migration 0003). Without it
-#: each probe would walk every running audit; PostgreSQL plans around a missing index itself.
-_INDEX_OF_HOLDERS = text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'ix_audits_running_instance'")
 
 
 @functools.lru_cache(maxsize=2)
@@ -847,29 +844,42 @@ def iter_stuck(engine: Engine, policy: Policy, *, gone: dict[str, str] | None = 
         page_size=page_size, limit=limit, key=lambda verdict: verdict.id)
 
 
-def declared_intervals(engine: Engine, filters: Filters | None = None) -> list[tuple[str | None, bool, float]]:
+def check_against_running(engine: Engine, policy: Policy, filters: Filters | None = None) -> None:
+    """``Policy.check_bounds`` against the heartbeat intervals the running audits declare (raises
+    ``UnsafeThreshold``). Only the intervals some stale threshold in force could fail are read:
+    one seek in ``ix_audits_running_declared``, where reading them all walked every running audit."""
+    policy = Policy.coerce(policy)
+    policy.check_bounds(declared_intervals(engine, filters, longer_than=policy.safe_heartbeat_interval()))
+
+
+def declared_intervals(engine: Engine, filters: Filters | None = None, *,
+                       longer_than: float | None = None) -> list[tuple[str | None, bool, float]]:
     """Per kind of running audit: (kind, declares its own stale_after, longest declared heartbeat interval).
 
     What ``Policy.check_bounds`` needs to refuse a stale threshold shorter than two beats. With
     ``filters``, only the audits whose workers and kinds they name: those are the ones judged.
+    ``longer_than``: only the intervals longer than that many seconds.
     """
     filters = filters or Filters()
     where = ""
-    params: dict = {"max_duration": MAX_DURATION}
+    params: dict = {"max_duration": MAX_DURATION, "longer_than": 0.0 if longer_than is None else float(longer_than)}
     if filters.workers:
         where += " AND worker_id IN :workers"
         params["workers"] = list(filters.workers)
     if filters.kinds:
         where += " AND kind IN :kinds"
         params["kinds"] = list(filters.kinds)
-    sql = text("SELECT kind, CASE WHEN declared_stale_after > 0 THEN 1 ELSE 0 END, MAX(declared_heartbeat_interval) "
-               "FROM audits WHERE status = 'running' AND declared_heartbeat_interval > 0 "
-               f"AND declared_heartbeat_interval <= :max_duration{where} GROUP BY 1, 2")
-    sql = sql.bindparams(*[bindparam(name, expanding=True) for name in ("workers", "kinds") if name in params])
     with read_connection(engine) as connection:
+        # SQLite without statistics walked every running audit by the status index instead.
+        seek = indexed_by(is_postgres(connection), "ix_audits_running_declared") \
+            if index_present(connection, "ix_audits_running_declared") else ""
+        sql = text("SELECT kind, CASE WHEN declared_stale_after > 0 THEN 1 ELSE 0 END, MAX(declared_heartbeat_interval) "
+                   f"FROM audits{seek} WHERE status = 'running' AND declared_heartbeat_interval > :longer_than "
+                   f"AND declared_heartbeat_interval <= :max_duration{where} GROUP BY 1, 2")
+        sql = sql.bindparams(*[bindparam(name, expanding=True) for name in ("workers", "kinds") if name in params])
         rows = connection.execute(sql, params).all()
     return [(text_value(kind), bool(own), float_value(interval)) for kind, own, interval in rows]
 
 
-__all__ = ["Filters", "GoneInstances", "Verdict", "FUTURE_TOLERANCE", "SORTS", "declared_intervals", "find_stuck", "fixed_moments", "isolate", "iter_stuck",
+__all__ = ["Filters", "GoneInstances", "Verdict", "FUTURE_TOLERANCE", "SORTS", "check_against_running", "declared_intervals", "find_stuck", "fixed_moments", "isolate", "iter_stuck",
            "select_stuck", "stuck_ids", "stuck_query", "safe_int"]

@@ -135,6 +135,10 @@ audits = Table(
     # Which instances hold running audits: the few gone instances that do are found in one probe
     # each, instead of every running audit being looked up among the gone (``rules.GoneInstances.held``).
     Index("ix_audits_running_instance", "worker_instance", sqlite_where=_RUNNING, postgresql_where=_RUNNING),
+    # The heartbeat intervals running audits declare, which every judging command checks its stale
+    # threshold against: only the few long enough to matter are read (``rules.check_against_running``).
+    Index("ix_audits_running_declared", "declared_heartbeat_interval", "kind", "declared_stale_after",
+          sqlite_where=_RUNNING, postgresql_where=_RUNNING),
 )
 
 #: The time columns the stuck rules read (the SQLite triggers watch these for odd text).

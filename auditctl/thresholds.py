@@ -481,6 +481,17 @@ class Policy:
                 text += f"; kind {kind}: " + ", ".join(f"{k} {format_duration(v, exact=True)}" for k, v in kept.items())
         return text
 
+    def safe_heartbeat_interval(self) -> float:
+        """The longest heartbeat interval no stale threshold in force can refuse (``check_bounds``):
+        the flag's, else the shortest of the fleet's and the kinds' (an audit that declares its own
+        stale_after is checked only against the flag), over ``STALE_INTERVALS``."""
+        if self.override.stale_after is not None:
+            shortest = self.override.stale_after
+        else:
+            values = [self.fleet.stale_after, *(v.stale_after for _, v in self.kinds)]
+            shortest = min((v for v in values if v is not None), default=None)
+        return 0.0 if shortest is None else max(0.0, shortest / STALE_INTERVALS)
+
     def check_bounds(self, declared_intervals: list[tuple[str | None, bool, float]], *, allow_unsafe: bool = False) -> None:
         """Refuse a stale threshold below ``MIN_STALE_AFTER`` or below twice the heartbeat interval
         declared by the running audits it would judge. ``declared_intervals`` holds, per group of

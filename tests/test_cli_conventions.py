@@ -617,13 +617,13 @@ def test_a_damaged_schema_at_the_current_revision_is_named_not_sent_to_init(tmp_
     url = f"sqlite:///{path}"
     assert run("demo", "--database-url", url).exit_code == 0
     with sqlite3.connect(path) as connection:
-        connection.execute("ALTER TABLE audits DROP COLUMN kind")
+        connection.execute("ALTER TABLE audits DROP COLUMN target")
         connection.execute("DROP TABLE notifications")
     for command in (["scan"], ["recover"], ["init"]):  # init too: it said "nothing to do"
         result = run(*command, "--database-url", url)
         line = result.stderr.strip().splitlines()[-1]
         assert result.exit_code == 1 and "at auditctl's schema revision" in line, line
-        assert "column audits.kind" in line and "table notifications" in line and "restore" in line, line
+        assert "column audits.target" in line and "table notifications" in line and "restore" in line, line
         assert "run `auditctl init`" not in line, "init says there is nothing to do"
 
 

@@ -265,6 +265,26 @@ def test_policy_check_bounds_refuses_exactly_the_unsafe_stale_thresholds(policy,
         assert allow_unsafe or not unsafe
 
 
+@given(policies, st.lists(st.tuples(st.sampled_from([None, "scan", "quick", "other"]), st.booleans(),
+                                    st.one_of(st.floats(0, 20), st.floats(0, 4000), st.floats(0, 1e6))), max_size=5))
+@example(Policy.of(Thresholds(600.0, 1800.0, 600.0), Overrides(None, None, None), {"scan": Overrides(30.0, None, None)}),
+         [("scan", False, 16.0), ("other", False, 16.0)])
+def test_checking_only_the_intervals_longer_than_the_safe_one_decides_as_checking_them_all(policy, groups):
+    """``check_against_running`` reads only the declared intervals above ``safe_heartbeat_interval``:
+    whatever the flag, fleet and kinds, that must refuse exactly what reading them all refuses."""
+    def refused(checked):
+        try:
+            policy.check_bounds(checked)
+        except UnsafeThreshold as error:
+            return str(error)
+        return None
+
+    safe = policy.safe_heartbeat_interval()
+    longer = [group for group in groups if group[2] > safe]
+    if refused([]) is None:  # the floors alone decide first, whatever is read
+        assert (refused(groups) is None) == (refused(longer) is None)
+
+
 # --- timestamps -----------------------------------------------------------------------------
 
 CANONICAL = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}", re.ASCII)

@@ -1,7 +1,7 @@
 """The three stuck rules, each at its boundary, judged by the database's clock."""
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from auditctl.db import write_transaction
 from auditctl.errors import ConfigError
@@ -241,6 +241,65 @@ def test_declared_intervals_groups_running_audits_by_kind_and_whether_they_decla
 
     assert sorted(declared_intervals(engine), key=repr) == sorted(
         [("crawl", False, 20.0), ("crawl", True, 60.0), (None, False, 2.5)], key=repr)
+
+
+def test_a_long_declared_heartbeat_interval_is_still_refused_when_only_the_long_ones_are_read(engine):
+    """The check before judging reads only the intervals some stale threshold in force could fail:
+    one of 400 s fails the fleet's 10m (600 < 800), one of 250 s passes it, and a kind whose own
+    stale_after is 1m only fails the audits of that kind."""
+    from auditctl import leases
+    from auditctl.rules import Filters, check_against_running, declared_intervals
+    from auditctl.thresholds import Overrides, Policy, Thresholds, UnsafeThreshold
+
+    def running(kind, **declared):
+        audit_id = leases.create_audit(engine, f"https://example.com/{kind}", kind=kind)
+        leases.claim(engine, audit_id, worker_id="w", instance_id="i", worker_url=None, declared=declared)
+
+    running("crawl", heartbeat_interval=250.0)
+    running("quick", heartbeat_interval=20.0)
+    fleet = Policy.of(Thresholds(600.0, 1800.0, 600.0), Overrides(None, None, None), {"quick": Overrides(60.0, None, None)})
+    check_against_running(engine, fleet)
+    assert declared_intervals(engine, longer_than=fleet.safe_heartbeat_interval()) == [("crawl", False, 250.0)]
+    running("quick", heartbeat_interval=45.0)
+    with pytest.raises(UnsafeThreshold, match="kind 'quick'.*45s"):
+        check_against_running(engine, fleet)
+    check_against_running(engine, fleet, Filters(kinds=("crawl",)))
+    running("crawl", heartbeat_interval=400.0)
+    with pytest.raises(UnsafeThreshold, match="stale_after 10m.*6m40s"):
+        check_against_running(engine, fleet, Filters(kinds=("crawl",)))
+    if engine.dialect.name == "sqlite":  # a file not upgraded yet has no index of the intervals
+        with write_transaction(engine) as connection:
+            connection.execute(text("DROP INDEX ix_audits_running_declared"))
+        with pytest.raises(UnsafeThreshold, match="stale_after 10m.*6m40s"):
+            check_against_running(engine, fleet, Filters(kinds=("crawl",)))
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_the_check_of_declared_intervals_seeks_the_index_of_them_on_a_file_nobody_analyzed(engine):
+    """Reading every running audit's interval cost 20 ms at 30,000 running audits, before every scan,
+    recovery and dashboard refresh; the intervals long enough to matter are one seek."""
+    from sqlalchemy import event
+
+    from auditctl.rules import check_against_running
+    from auditctl.thresholds import Policy
+
+    statements = []
+
+    def capture(_conn, _cursor, statement, parameters, *_):
+        if "declared_heartbeat_interval" in statement:
+            statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        check_against_running(engine, Policy())
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    ((statement, parameters),) = statements
+    assert 300.0 in parameters, "only the intervals the fleet's 10m stale_after could fail (over 5m) are read"
+    with engine.connect() as connection:
+        plan = [row[3] for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()]
+    assert any(d.startswith("SEARCH audits USING") and "ix_audits_running_declared (declared_heartbeat_interval>?" in d
+               for d in plan), plan
 
 
 def test_iter_stuck_lists_oldest_id_first_unless_asked_otherwise(engine):

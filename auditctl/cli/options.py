@@ -312,14 +312,14 @@ def _fleet_value(ctx: click.Context, name: str) -> float:
 def check_bounds(state: CliState, policy, allow_unsafe: bool, filters=None) -> None:
     """Refuse thresholds that would fail healthy audits (usage error, exit 2): of the audits
     ``filters`` (workers, kinds) name, when given."""
-    from ..rules import declared_intervals
+    from ..rules import check_against_running
     from ..thresholds import UnsafeThreshold
 
     check_floors(policy, allow_unsafe)
     if allow_unsafe:
         return
     try:
-        policy.check_bounds(declared_intervals(state.reader, filters))
+        check_against_running(state.reader, policy, filters)
     except UnsafeThreshold as error:
         raise click.UsageError(str(error)) from None
 

@@ -287,10 +287,10 @@ class Dashboard:
     def check_thresholds(self, filters=None) -> None:
         """Refuse thresholds that would fail healthy audits, as ``recover`` does (ConfigError): of the
         audits ``filters`` (workers, kinds) name, when given."""
-        from ..rules import declared_intervals
+        from ..rules import check_against_running
 
         if not self.allow_unsafe:
-            self.policy.check_bounds(self.read(declared_intervals, self.reader, filters))
+            self.read(check_against_running, self.reader, self.policy, filters)
 
     def recover(self, user: str, filters, *, requeue: bool, max_attempts: int, dry_run: bool):
         from ..recovery import recover_stuck
