@@ -43,7 +43,7 @@ from .schema import DISTINCTIVE_AUDIT_COLUMNS, DISTINCTIVE_ENOUGH, RULE_TIME_COL
 from .errors import (ConfigError, ConnectionSettingRefused, DatabaseMissing, DatabaseRefused, DatabaseUnavailable,
                      NotADatabase, SchemaMissing, TextNotUtf8, WriteRefused)
 from .textsafe import printable
-from .urls import mask_url, scrub
+from .urls import mask_unread_url, mask_url, scrub
 from .watchdog import CALL_GRACE, connect_within
 
 log = logging.getLogger("auditctl.db")
@@ -76,7 +76,7 @@ def normalize_url(database_url: str | URL) -> URL:
     try:
         url = make_url(database_url.strip() if isinstance(database_url, str) else database_url)
     except (sa_exc.ArgumentError, ValueError, TypeError):
-        raise ConfigError(f"cannot read the database URL {mask_url(database_url)!r}: "
+        raise ConfigError(f"cannot read the database URL {mask_unread_url(database_url)!r}: "
                           "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")

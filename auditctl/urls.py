@@ -103,6 +103,20 @@ def mask_url(value) -> str:
     return "".join(out)
 
 
+def mask_unread_url(value) -> str:
+    """A database URL that could not be parsed, safe to show: ``mask_url``, and when no ``scheme://``
+    leads to its password (a mistyped scheme: ``postgresql//u:pw@h/db``, ``postgresql:/u:pw@h/db``,
+    ``u:pw@h/db``), everything from its first ':' to the '@' before its host is hidden too."""
+    text = _as_text(value)
+    masked = mask_url(text)
+    if _SCHEME.search(text):
+        return masked
+    span = _userinfo_secret(masked, 0)
+    if span is None or span[1] <= span[0]:
+        return masked
+    return masked[:span[0]] + MASK + masked[span[1]:]
+
+
 def secrets_of(value) -> list[str]:
     """The secret strings a URL holds, as typed and decoded, longest first (to scrub messages)."""
     text = _as_text(value)

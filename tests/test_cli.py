@@ -1265,6 +1265,23 @@ def test_unusable_database_url_is_a_usage_error_without_the_password(url):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("url", ["postgresql//bob:s3cret@db.internal/audits", "postgresql:/bob:s3cret@db.internal/audits",
+                                 "bob:s3cret@db.internal/audits", "postgresql:bob:s3cret@db.internal:5432/audits"])
+def test_a_database_url_too_broken_to_parse_is_refused_without_its_password_when_the_scheme_is_mistyped(url):
+    # A typo in the scheme (a missing ':' or '/') leaves no "scheme://" to find the password after.
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import ConfigError
+    for how in (("scan", "--database-url", url), ("config", "--database-url", url)):
+        result = invoke(*how, secrets=["s3cret"])
+        assert result.exit_code == 2 and "cannot read the database URL" in result.stderr
+        assert "***@db.internal" in result.stderr, "the rest of the URL is shown, to find the typo in"
+    from_env = invoke("scan", env={"AUDITCTL_DATABASE_URL": url}, secrets=["s3cret"])
+    assert from_env.exit_code == 2 and "$AUDITCTL_DATABASE_URL" in from_env.stderr
+    with pytest.raises(ConfigError) as caught:
+        StuckAuditPrevention(url, worker_id="w")
+    assert "s3cret" not in str(caught.value)
+
+
 @pytest.mark.parametrize("query, message", [("timeout=abc", "could not convert string to float: 'abc'"),
                                             ("check_same_thread=maybe", "String is not true/false: 'maybe'")])
 def test_a_bad_value_in_a_sqlite_url_is_a_usage_error(tmp_path, query, message):
