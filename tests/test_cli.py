@@ -1450,6 +1450,19 @@ def test_an_empty_setting_variable_is_refused_when_a_command_reads_it(tmp_path, 
         assert invoke(*command, "--database-url", url, flag, value, env={variable: ""}).exit_code == 0
 
 
+@pytest.mark.parametrize("flag, value", [("--token", ""), ("--token", "   "), ("--host", "")])
+def test_serve_refuses_an_empty_token_or_host_flag_when_given_as_an_unset_shell_variable(tmp_path, flag, value):
+    """``serve --token "$TOKEN"`` with TOKEN unset started a read-only dashboard without a word (and an
+    empty --host failed as "cannot listen on :", exit 1), while an empty AUDITCTL_WEB_TOKEN is refused."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    assert invoke("init", "--database-url", url).exit_code == 0
+    result = invoke("serve", "--database-url", url, "--port", "0", flag, value,
+                    env={"AUDITCTL_WEB_TOKEN": "a-token-from-the-environment"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and f"'{flag}'" in result.stderr and "empty" in result.stderr, result.stderr
+    assert "Dashboard at" not in result.output
+
+
 def test_a_config_file_with_settings_both_in_its_auditctl_table_and_at_the_top_is_refused(tmp_path):
     path = tmp_path / "wrapped.toml"
     path.write_text('stale_after = "20m"\n[auditctl]\nmax_age = "40m"\n')

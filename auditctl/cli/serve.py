@@ -13,14 +13,29 @@ class ListenError(AuditctlError):
     """The address or port cannot be listened on (in use, not ours, no permission)."""
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value):
+    """An empty or blank value given on the command line (``--token "$UNSET"`` in a unit file) is a usage
+    error, as an empty ``AUDITCTL_WEB_TOKEN`` is: never a read-only dashboard (or a host nobody named)
+    without a word."""
+    from click.core import ParameterSource
+
+    if isinstance(value, str) and not value.strip() and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+        wanted = "the token, or leave --token out for a read-only dashboard" if param.name == "token" \
+            else "an address such as 127.0.0.1, or leave --host out"
+        raise click.BadParameter(f"is empty: give {wanted}", ctx, param)
+    return value
+
+
 @cli.command()
 @common_options
 @threshold_options
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="AUDITCTL_WEB_HOST", show_envvar=True,
+              callback=_not_empty,
               help="Address to listen on. Anything but loopback exposes the fleet to the network: put a TLS proxy in front.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, envvar="AUDITCTL_WEB_PORT",
               show_envvar=True, help="Port to listen on (0: any free port, printed at start).")
 @click.option("--token", envvar="AUDITCTL_WEB_TOKEN", show_envvar=True, default=None, metavar="TOKEN",
+              callback=_not_empty,
               help="The token that allows actions (reset, recover); without it the dashboard is read-only. "
                    "Prefer the environment variable: a flag is visible to other users in ps.")
 @max_attempts_option("Recover with requeue: after this many claims an audit fails for good.")
