@@ -123,6 +123,21 @@ def test_target_glob_since_until_sort_and_limit_on_list_and_scan(demo):
     assert len(json.loads(iso.stdout)) == 18
 
 
+def test_scan_summary_says_the_limit_cut_the_list_when_limit_is_reached(demo):
+    """The demo has 3 stuck audits: "2 stuck audits (...) in DB" under --limit 2 told the operator a count
+    of the database's stuck audits that was only the count shown."""
+    everything = run("scan", "--database-url", demo)
+    assert everything.stderr.startswith("3 stuck audits (") and "--limit" not in everything.stderr
+    cut = run("scan", "--limit", "2", "--database-url", demo)
+    assert cut.stderr.startswith("2 stuck audits shown (") and cut.stderr.rstrip().endswith("(--limit reached)"), cut.stderr
+    assert cut.stderr.count("\n") == 1
+    as_json = run("scan", "-o", "json", "--limit", "2", "--database-url", demo)
+    assert len(json.loads(as_json.stdout)) == 2 and "(--limit reached)" in as_json.stderr
+    for room in ("3", "5", "9223372036854775807"):  # filled to the brim, or with room to spare: nothing was cut
+        roomy = run("scan", "--limit", room, "--database-url", demo)
+        assert roomy.stderr.startswith("3 stuck audits (") and "--limit" not in roomy.stderr, roomy.stderr
+
+
 def test_help_lists_the_exit_codes():
     shown = run("--help").stdout
     assert "Exit codes:" in shown and "130" in shown and "reset-all refused or declined" in shown

@@ -88,10 +88,15 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
 
     check_bounds(state, policy, allow_unsafe, filters)
     counts: dict[str, int] = {}
+    cut = []  # one more than --limit was read: the list was cut, so the count is not the database's
 
     def records():
-        for verdict in iter_stuck(state.reader, policy, filters=filters, sort=sort, descending=reverse,
-                                  limit=limit or None):
+        # One past the limit, to tell a list the limit cut from one that merely fills it.
+        for shown, verdict in enumerate(iter_stuck(state.reader, policy, filters=filters, sort=sort, descending=reverse,
+                                                   limit=(limit + 1 if limit < MAX_INT else limit) if limit else None)):
+            if limit and shown == limit:
+                cut.append(True)
+                return
             record = isolate(verdict, verdict_record, unreadable_verdict_record)
             for reason in record["reasons"]:
                 counts[reason] = counts.get(reason, 0) + 1
@@ -100,7 +105,10 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
     listing = records()
     found = render(listing, VERDICT_COLUMNS, fmt, title="Stuck audits")
     found += sum(1 for _ in listing)  # what a reader that left early (| head) did not take still counts
-    if found:
+    if found and cut:
+        echo_status(state, f"{_plural(found, 'stuck audit')} shown ({_counts(counts)}) in {state.masked_url} "
+                           "(--limit reached)")
+    elif found:
         echo_status(state, f"{_plural(found, 'stuck audit')} ({_counts(counts)}) in {state.masked_url}")
     else:
         echo_status(state, f"No stuck audits in {state.masked_url}.")
