@@ -283,23 +283,31 @@ def test_a_registry_full_of_stopped_instances_costs_one_parameter_and_finds_only
     assert len(statements) == 2 and statements[0] == statements[1], "the gone instances are one parameter"
 
 
+def _stopped_instances_one_holding_a_running_audit(engine, start_audit, *, idle: int) -> tuple[int, list[str]]:
+    """The registry proves gone: "held-instance", holding a running audit (its id is returned),
+    "finished-instance", whose audit finished, and ``idle`` more that hold nothing."""
+    from auditctl.history import Actor
+
+    held, _ = start_audit(worker_id="restarted", instance_id="held-instance")
+    _, lease = start_audit(worker_id="finished", instance_id="finished-instance")
+    leases.finish(engine, lease, error=None, actor=Actor.command("test"))
+    names = ["held-instance", "finished-instance", *(f"stopped-{n}" for n in range(idle))]
+    with write_transaction(engine) as connection:
+        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(),
+                                                   stopped_at=registry.db_now()),
+                           [{"instance_id": name, "worker_id": "restarted"} for name in names])
+    return held, names
+
+
 def test_the_stuck_query_looks_up_only_the_gone_instances_that_hold_a_running_audit(engine, start_audit):
     """The registry proves 41 instances gone; one holds a running audit, one held an audit that
     finished, the rest hold nothing. Only the one holding a running audit reaches the statement,
     and with none holding one the worker_gone rule is not in the statement at all."""
     from auditctl.db import read_connection
-    from auditctl.history import Actor
     from auditctl.rules import GoneInstances, gone_instances, stuck_query
     from auditctl.thresholds import Policy
 
-    held, _ = start_audit(worker_id="restarted", instance_id="held-instance")
-    finished, lease = start_audit(worker_id="finished", instance_id="finished-instance")
-    leases.finish(engine, lease, error=None, actor=Actor.command("test"))
-    names = ["held-instance", "finished-instance", *(f"stopped-{n}" for n in range(39))]
-    with write_transaction(engine) as connection:
-        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(),
-                                                   stopped_at=registry.db_now()),
-                           [{"instance_id": name, "worker_id": "restarted"} for name in names])
+    held, names = _stopped_instances_one_holding_a_running_audit(engine, start_audit, idle=39)
     gone = gone_instances(engine)
     assert sorted(gone) == sorted(names), "the registry's proof is every stopped instance"
     postgres = engine.dialect.name == "postgresql"
@@ -319,17 +327,9 @@ def test_a_scan_reads_from_the_registry_only_the_gone_instances_that_hold_a_runn
     the registry's proof. What watch and alerts report is still every gone instance."""
     from sqlalchemy import event
 
-    from auditctl.history import Actor
     from auditctl.rules import gone_instances
 
-    held, _ = start_audit(worker_id="restarted", instance_id="held-instance")
-    _, lease = start_audit(worker_id="finished", instance_id="finished-instance")
-    leases.finish(engine, lease, error=None, actor=Actor.command("test"))
-    names = ["held-instance", "finished-instance", *(f"stopped-{n}" for n in range(9))]
-    with write_transaction(engine) as connection:
-        connection.execute(workers.insert().values(host="here", pid=1, started_at=registry.db_now(),
-                                                   stopped_at=registry.db_now()),
-                           [{"instance_id": name, "worker_id": "restarted"} for name in names])
+    held, names = _stopped_instances_one_holding_a_running_audit(engine, start_audit, idle=9)
     assert sorted(gone_instances(engine)) == sorted(names)
     holders = gone_instances(engine, holding_running=True)
     assert dict(holders) == {"held-instance": gone_instances(engine)["held-instance"]}
