@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from dbtools import drop_trigger, events, install_abort_trigger, read_line, row, spawn, wait_for
+from dbtools import drop_trigger, events, finish, install_abort_trigger, read_line, row, spawn, wait_for
 from sqlalchemy import text
 
 from auditctl import LeaseLost, leases
@@ -666,7 +666,10 @@ if "--ignore-sigterm" in sys.argv:
 if "--drain-handler" in sys.argv:  # the application's own handler: it finishes the audit in hand, then exits
     signal.signal(signal.SIGTERM, lambda *_: print("DRAINING", flush=True))
 if "--say-claiming" in sys.argv:  # the test sends its signal once the claim is under way
-    from auditctl import leases
+    from auditctl import db, leases
+    # The test holds the write lock until the signal has reached this process: however long that
+    # takes on a loaded machine, the claim must still be waiting then, not have given up after 2 s.
+    db._SQLITE_WAIT["worker"] = 120.0
     claim = leases.claim
     def saying_claim(*args, **kwargs):
         print("CLAIMING", flush=True)
@@ -713,20 +716,37 @@ def _write_lock(database_url):
     return lock
 
 
-@pytest.mark.parametrize("engine_name", ["sqlite"])
-def test_a_sigterm_during_the_claim_marks_the_claimed_audit_failed(engine, database_url, tmp_path):
+def _pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` sent to the process is still waiting to be taken (Linux's /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & (1 << (signum - 1)) for mask in masks)
+
+
+def _signal_during_the_claim(tmp_path, database_url, signum: int) -> tuple[int, str, int]:
+    """Send ``signum`` to a child whose claim waits for the SQLite write lock; the lock is released
+    only once the signal has been taken, so it arrives inside the claim however loaded the machine.
+    Returns the exit code, the stdout no read_line consumed and the audit's id."""
     child, audit_id = _signal_child(tmp_path, database_url, "--say-claiming")
     lock = _write_lock(database_url)  # the claim waits for the lock...
-    child.stdin.write("go\n")
-    child.stdin.flush()
-    assert read_line(child) == "CLAIMING"
-    child.send_signal(signal.SIGTERM)  # ...and the signal arrives meanwhile
-    time.sleep(0.4)
-    lock.execute("COMMIT")
-    lock.close()
-    out, err = child.communicate(timeout=30)
-    assert child.returncode == 143, err
-    assert "ENTERED" not in out, "the block never started"
+    try:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert read_line(child) == "CLAIMING"
+        child.send_signal(signum)  # ...and the signal arrives meanwhile
+        wait_for(lambda: not _pending(child.pid, signum), timeout=60, message="the child to take the signal")
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    returncode, out, err = finish(child, timeout=60)
+    return returncode, out + err, audit_id
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+def test_a_sigterm_during_the_claim_marks_the_claimed_audit_failed(engine, database_url, tmp_path):
+    returncode, output, audit_id = _signal_during_the_claim(tmp_path, database_url, signal.SIGTERM)
+    assert returncode == 143, output
+    assert "ENTERED" not in output, "the block never started"
     claimed = row(engine, audit_id)
     assert claimed["status"] == "failed" and claimed["error"] == "SystemExit: 143", "left running under a dead lease"
 
@@ -734,18 +754,9 @@ def test_a_sigterm_during_the_claim_marks_the_claimed_audit_failed(engine, datab
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 def test_a_ctrl_c_during_the_claim_marks_the_claimed_audit_failed_instead_of_leaving_it_running(engine, database_url,
                                                                                                 tmp_path):
-    child, audit_id = _signal_child(tmp_path, database_url, "--say-claiming")
-    lock = _write_lock(database_url)  # the claim waits for the lock...
-    child.stdin.write("go\n")
-    child.stdin.flush()
-    assert read_line(child) == "CLAIMING"
-    child.send_signal(signal.SIGINT)  # ...and Ctrl-C arrives meanwhile
-    time.sleep(0.4)
-    lock.execute("COMMIT")
-    lock.close()
-    out, err = child.communicate(timeout=30)
-    assert child.returncode in (-signal.SIGINT, 130), err
-    assert "ENTERED" not in out, "the block never started"
+    returncode, output, audit_id = _signal_during_the_claim(tmp_path, database_url, signal.SIGINT)  # Ctrl-C
+    assert returncode in (-signal.SIGINT, 130), output
+    assert "ENTERED" not in output, "the block never started"
     claimed = row(engine, audit_id)
     assert claimed["status"] == "failed" and claimed["error"] == "KeyboardInterrupt", claimed
 
