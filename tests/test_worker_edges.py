@@ -763,7 +763,9 @@ def test_a_ctrl_c_during_the_claim_marks_the_claimed_audit_failed_instead_of_lea
 
 def _sigterm_then_still_beating(tmp_path, database_url, engine, *args, said: str | None = None):
     """Start an audit in a child (no progress calls: only the heartbeat thread keeps it alive), send
-    SIGTERM, and check the audit is still not stale 3 s later (stale_after is 2 s)."""
+    SIGTERM, and check the heartbeat thread goes on: two more beats land while the work lasts, and
+    the audit is not stale (stale_after is 2 s). Beats are waited for, not slept on, so a loaded
+    machine that delays one does not fail the test."""
     child, audit_id = _signal_child(tmp_path, database_url, *args, "--no-progress-calls", seconds=0.0)
     child.stdin.write("go\n")
     child.stdin.flush()
@@ -771,7 +773,16 @@ def _sigterm_then_still_beating(tmp_path, database_url, engine, *args, said: str
     child.send_signal(signal.SIGTERM)
     if said is not None:
         assert read_line(child) == said
-    time.sleep(3.0)
+    seen = [row(engine, audit_id)["heartbeat_at"]]
+
+    def beat_after_the_signal():
+        now = row(engine, audit_id)
+        assert now["status"] == RUNNING, "the work ended before two beats after SIGTERM: SIGTERM stopped the heartbeats"
+        if now["heartbeat_at"] != seen[-1]:
+            seen.append(now["heartbeat_at"])
+        return len(seen) == 3
+
+    wait_for(beat_after_the_signal, timeout=30, message="two heartbeats after SIGTERM")
     assert not list(find_stuck(engine, Thresholds(stale_after=2, max_age=600, stall_after=600))), \
         "SIGTERM stopped the heartbeats of work that goes on"
     return child, audit_id
