@@ -106,10 +106,12 @@ def mask_url(value) -> str:
 def mask_unread_url(value) -> str:
     """A database URL that could not be parsed, safe to show: ``mask_url``, and when no ``scheme://``
     leads to its password (a mistyped scheme: ``postgresql//u:pw@h/db``, ``postgresql:/u:pw@h/db``,
-    ``u:pw@h/db``), everything from its first ':' to the '@' before its host is hidden too."""
+    ``u:pw@h/db``), everything from its first ':' to the '@' before its host is hidden too. A
+    ``scheme://`` further on (``?application_name=https://...``) comes after the password: only
+    one that begins the URL leads to it."""
     text = _as_text(value)
     masked = mask_url(text)
-    if _SCHEME.search(text):
+    if _SCHEME.match(text.lstrip()):
         return masked
     span = _userinfo_secret(masked, 0)
     if span is None or span[1] <= span[0]:

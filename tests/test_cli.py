@@ -1282,6 +1282,20 @@ def test_a_database_url_too_broken_to_parse_is_refused_without_its_password_when
     assert "s3cret" not in str(caught.value)
 
 
+@pytest.mark.parametrize("url", ["postgresql//bob:s3cret@db.internal/audits?application_name=https://ops.example/runbook",
+                                 "bob:s3cret@db.internal/audits?options=see%20file:///etc/auditctl"])
+def test_a_database_url_too_broken_to_parse_is_refused_without_its_password_when_its_query_holds_another_url(url):
+    # The "scheme://" found is the one in the query, after the password: masking from it hid nothing.
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import ConfigError
+    result = invoke("scan", "--database-url", url, secrets=["s3cret"])
+    assert result.exit_code == 2 and "cannot read the database URL" in result.stderr
+    assert "s3cret" not in result.stderr and "***@db.internal" in result.stderr, result.stderr
+    with pytest.raises(ConfigError) as caught:
+        StuckAuditPrevention(url, worker_id="w")
+    assert "s3cret" not in str(caught.value)
+
+
 @pytest.mark.parametrize("query, message", [("timeout=abc", "could not convert string to float: 'abc'"),
                                             ("check_same_thread=maybe", "String is not true/false: 'maybe'")])
 def test_a_bad_value_in_a_sqlite_url_is_a_usage_error(tmp_path, query, message):
