@@ -694,6 +694,10 @@ def test_list_worker_filter_and_limit(fleet):
     plain = on(fleet.url, "list", "--limit", "2")
     assert plain.exit_code == 0 and len(plain.stdout.splitlines()) == 3
     assert "2 audits (--limit reached)" in plain.stderr
+    everything = len(newest)
+    for room in (everything, everything + 1):  # filled to the brim, or with room to spare: nothing was cut
+        roomy = on(fleet.url, "list", "--limit", str(room), "--format", "plain")
+        assert roomy.stderr.strip() == f"{everything} audits", roomy.stderr
 
 
 @pytest.mark.parametrize("fmt", ["table", "plain", "markdown", "csv"])

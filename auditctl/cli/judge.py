@@ -15,6 +15,7 @@ from .group import EXIT_ERROR, EXIT_REFUSED, EXIT_STUCK
 from .options import (
     MAX_INT,
     MOMENT,
+    LimitCut,
     ListType,
     check_bounds,
     common_options,
@@ -88,15 +89,11 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
 
     check_bounds(state, policy, allow_unsafe, filters)
     counts: dict[str, int] = {}
-    cut = []  # one more than --limit was read: the list was cut, so the count is not the database's
+    limited = LimitCut(limit)  # when the limit cut the list, the count is not the database's
 
     def records():
-        # One past the limit, to tell a list the limit cut from one that merely fills it.
-        for shown, verdict in enumerate(iter_stuck(state.reader, policy, filters=filters, sort=sort, descending=reverse,
-                                                   limit=(limit + 1 if limit < MAX_INT else limit) if limit else None)):
-            if limit and shown == limit:
-                cut.append(True)
-                return
+        for verdict in limited(iter_stuck(state.reader, policy, filters=filters, sort=sort, descending=reverse,
+                                          limit=limited.asked)):
             record = isolate(verdict, verdict_record, unreadable_verdict_record)
             for reason in record["reasons"]:
                 counts[reason] = counts.get(reason, 0) + 1
@@ -105,7 +102,7 @@ def scan(state, policy, allow_unsafe, filters, fmt, sort, reverse, limit, exit_c
     listing = records()
     found = render(listing, VERDICT_COLUMNS, fmt, title="Stuck audits")
     found += sum(1 for _ in listing)  # what a reader that left early (| head) did not take still counts
-    if found and cut:
+    if found and limited.cut:
         echo_status(state, f"{_plural(found, 'stuck audit')} shown ({_counts(counts)}) in {state.masked_url} "
                            "(--limit reached)")
     elif found:

@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from ..config import MAX_COUNT, SETTINGS
 from ..errors import ConfigError
 from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration, parse_moment
-from ..values import MAX_INT  # noqa: F401 - the bound of --limit (cli.judge, cli.views)
+from ..values import MAX_INT  # the bound of --limit (here, cli.judge, cli.views)
 from .render import FORMATS
 
 
@@ -353,6 +353,24 @@ def check_interval(interval: float, allow_unsafe: bool, name: str = "interval") 
 
         raise click.UsageError(f"{given_as(name)}: {format_duration(interval)} is below the floor of "
                                f"{format_duration(MIN_WATCH_INTERVAL)}; pass --unsafe-thresholds to use it anyway")
+
+
+class LimitCut:
+    """A listing under ``--limit`` (0: no limit) that knows whether the limit cut it: the library is
+    asked for one item more (``asked``), and ``cut`` says whether it was there, so a list the
+    stuck or matching audits merely fill is not reported as cut."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.asked = None if not limit else (limit + 1 if limit < MAX_INT else limit)
+        self.cut = False
+
+    def __call__(self, items):
+        for shown, item in enumerate(items):
+            if self.limit and shown == self.limit:
+                self.cut = True
+                return
+            yield item
 
 
 def output_options(command):

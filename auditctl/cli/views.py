@@ -6,7 +6,8 @@ import click
 
 from ..statuses import STATUSES
 from .app import cli
-from .options import DURATION, MAX_INT, MOMENT, ListType, common_options, echo_status, flatten, output_options
+from .options import (DURATION, MAX_INT, MOMENT, LimitCut, ListType, common_options, echo_status, flatten,
+                      output_options)
 
 
 class AuditIdType(click.ParamType):
@@ -48,11 +49,12 @@ def list_command(state, fmt, statuses, workers, kinds, targets, since, until, so
     filters = AuditFilters(statuses=flatten(statuses), workers=flatten(workers), kinds=flatten(kinds),
                            targets=flatten(targets), since=since, until=until)
     descending = (sort in ("id", "created")) != reverse
-    records = (audit_record(a) for a in iter_audits(state.reader, filters, sort=sort, descending=descending,
-                                                    limit=limit or None))
+    limited = LimitCut(limit)
+    records = (audit_record(a) for a in limited(iter_audits(state.reader, filters, sort=sort, descending=descending,
+                                                            limit=limited.asked)))
     shown = render(records, AUDIT_COLUMNS, fmt, title="Audits", empty="No audits match.")
     if shown and resolve_format(fmt) in ("table", "wide", "plain", "markdown"):
-        more = " (--limit reached)" if limit and shown >= limit else ""
+        more = " (--limit reached)" if limited.cut else ""
         echo_status(state, f"{shown} audit{'s' if shown != 1 else ''}{more}")
 
 

@@ -271,7 +271,8 @@ class Dashboard:
     def unsafe_thresholds(self) -> str | None:
         """Why ``scan`` and ``recover`` would refuse the dashboard's thresholds for the audits running
         now (None: they would not). Checked at most every ``THRESHOLD_CHECK_SECONDS``: pages refresh
-        every second, and the check reads every running audit."""
+        every second, and the check is a database read (one index seek; on a file not upgraded to
+        revision 0004, a walk of every running audit)."""
         from ..thresholds import UnsafeThreshold
 
         checked_at, problem = self._threshold_check
