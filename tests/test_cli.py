@@ -223,7 +223,16 @@ def test_help_lists_every_command():
 def test_unknown_command_is_a_usage_error():
     result = invoke("frobnicate")
     assert result.exit_code == 2
-    assert "No such command 'frobnicate'" in result.stderr
+    assert "No such command 'frobnicate'" in result.stderr and "Did you mean" not in result.stderr
+
+
+@pytest.mark.parametrize("typed, meant", [("scna", "scan"), ("recovr", "recover"), ("reset_all", "reset-all"),
+                                          ("worker", "workers")])
+def test_a_mistyped_command_is_refused_with_the_closest_command_suggested(typed, meant):
+    result = invoke(typed, "--database-url", "sqlite:///never-created.db")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"Error: No such command '{typed}'. Did you mean '{meant}'?"), result.stderr
 
 
 # --- init -----------------------------------------------------------------------------

@@ -76,6 +76,20 @@ class AuditctlGroup(click.Group):
                 command.short_help = COMMANDS[name][1]
         return self.commands.get(name)
 
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            typed = args[0] if args else ""
+            if not typed or typed.startswith("-") or self.get_command(ctx, typed) is not None:
+                raise
+            import difflib
+
+            close = difflib.get_close_matches(typed.replace("_", "-"), self.list_commands(ctx), n=1, cutoff=0.6)
+            if not close:
+                raise
+            raise click.UsageError(f"{error.message.rstrip('.')}. Did you mean {close[0]!r}?", ctx) from None
+
     def format_commands(self, ctx, formatter):
         rows = [(name, self._short_help(name)) for name in self.list_commands(ctx)]
         if rows:

@@ -187,7 +187,8 @@ def notify(state, fmt, destinations, notify_timeout, show_status):
     A failed destination is retried with backoff, or after its Retry-After; events
     expire undelivered after a day.
 
-    Exits 0 when everything is delivered, 1 when some events failed or wait for a retry.
+    Exits 0 when everything is delivered, 1 when some events failed or wait for a retry,
+    2 when no destination is configured or a flag or setting is wrong.
     """
     if show_status:
         from ..notify import undelivered

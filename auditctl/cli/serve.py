@@ -30,7 +30,7 @@ def _not_empty(ctx: click.Context, param: click.Parameter, value):
 @common_options
 @threshold_options
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="AUDITCTL_WEB_HOST", show_envvar=True,
-              callback=_not_empty,
+              callback=_not_empty, metavar="ADDRESS",
               help="Address to listen on. Anything but loopback exposes the fleet to the network: put a TLS proxy in front.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, envvar="AUDITCTL_WEB_PORT",
               show_envvar=True, help="Port to listen on (0: any free port, printed at start).")

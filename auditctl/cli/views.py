@@ -35,7 +35,7 @@ class AuditIdType(click.ParamType):
 @click.option("--kind", "kinds", type=ListType(metavar="KIND"), multiple=True, help="Only audits of this kind; repeatable, comma-separated.")
 @click.option("--target", "targets", type=ListType(metavar="GLOB"), multiple=True, help="Only targets matching this glob; repeatable, comma-separated.")
 @click.option("--since", type=MOMENT, default=None, help="Only audits created after this (2h = two hours ago, or ISO time).")
-@click.option("--until", type=MOMENT, default=None, help="Only audits created before this.")
+@click.option("--until", type=MOMENT, default=None, help="Only audits created before this (2h = two hours ago, or ISO time).")
 @click.option("--sort", type=click.Choice(("id", "created", "target", "status", "worker")), default="id", show_default=True,
               help="Order (newest first for id and created).")
 @click.option("--reverse", is_flag=True, help="Reverse the order.")
