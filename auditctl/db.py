@@ -1140,8 +1140,8 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
         # SQLite says no more, which reads like an outage; a missing directory is the usual cause.
         path = sqlite_path(url)
         directory = _missing_directory(path) if path is not None and not os.path.exists(path) else None
-        if directory is not None:
-            return DatabaseMissing(_no_directory(path, directory, where))
+        if directory is not None:  # the message names the file itself: beside it, the URL as typed
+            return DatabaseMissing(_no_directory(path, directory, _shown_url(engine_or_url)))
         if path is not None and os.path.isdir(path):
             # Nor is a directory at the path an outage: retrying will not help (as SQLITE_NOTADB below).
             return NotADatabase(f"the path at {where} is a directory, not a database file; "
@@ -1232,12 +1232,15 @@ def _read_only_directory_hint(url, detail: str) -> str:
             f"{os.path.dirname(path)} is not writable: run as a user who may write there)")
 
 
+def _shown_url(engine_or_url) -> str:
+    """The URL as typed, masked."""
+    return display_url(engine_or_url) if isinstance(engine_or_url, Engine) else mask_url(engine_or_url)
+
+
 def describe(engine_or_url) -> str:
     """Where the database is, for messages: the URL as typed (masked), and for SQLite the absolute file."""
-    if isinstance(engine_or_url, Engine):
-        url, shown = engine_or_url.url, display_url(engine_or_url)
-    else:
-        url, shown = engine_or_url, mask_url(engine_or_url)
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url
+    shown = _shown_url(engine_or_url)
     if url.get_backend_name() == "sqlite":
         path = sqlite_path(url)
         if path is not None and os.path.abspath(path) != shown.split("///", 1)[-1]:

@@ -202,6 +202,17 @@ def test_a_database_in_a_directory_that_does_not_exist_names_the_directory(tmp_p
     assert "unavailable" not in result.stderr and not path.parent.exists()
 
 
+@pytest.mark.parametrize("command", [["init"], ["demo"], ["scan"]])
+def test_a_relative_database_path_in_a_missing_directory_is_named_once_beside_the_url(tmp_path, command):
+    """init and demo said "(from sqlite:///missing/x.db (/abs/missing/x.db))": the absolute path twice."""
+    done = subprocess.run([str(AUDITCTL), *command, "--database-url", "sqlite:///missing/x.db"], cwd=tmp_path,
+                          env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: no database at {tmp_path / 'missing' / 'x.db'} (from sqlite:///missing/x.db), and no directory "
+        f"{tmp_path / 'missing'} to create it in: create the directory first, or pass --database-url"), done.stderr
+
+
 def test_read_only_commands_leave_another_tools_file_as_it_was_and_read_a_read_only_file(demo, tmp_path, engine_name):
     if engine_name != "sqlite":
         pytest.skip("SQLite files only")
