@@ -761,7 +761,6 @@ class GoneInstances(dict):
         return cache[postgres]
 
 
-
 @functools.lru_cache(maxsize=2)
 def _held_by_running(postgres: bool):
     """Which of the gone instances (one parameter, as the stuck query takes it) hold a running audit:
