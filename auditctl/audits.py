@@ -48,7 +48,6 @@ class AuditFilters:
         check_window(self.since, self.until)
 
 
-
 @dataclass
 class AuditSummary:
     id: int

@@ -809,9 +809,10 @@ def stuck_report(engine: Engine, since: "float | datetime", *, stale_after: floa
         step, count = _top(members, lambda e: e.step)
         done = completed_by_worker.get(share.key, 0)
         share.extra.update({"stuck_rate": round(share.count / (share.count + done), 4) if members else None,
-                       "completed": done if members else None,
-                       "came_back": sum(1 for e in members if e.came_back) if members else None,
-                       "top_step": step, "top_step_share": round(count / len(members), 4) if members and step else None})
+                            "completed": done if members else None,
+                            "came_back": sum(1 for e in members if e.came_back) if members else None,
+                            "top_step": step,
+                            "top_step_share": round(count / len(members), 4) if members and step else None})
     by_step = _breakdown(events, lambda e: e.step, total)
     for share in by_step:
         members = [e for e in events if e.step == share.key]

@@ -38,6 +38,10 @@ def interrupts_held() -> Iterator[None]:
     reported. A second signal while one waits acts at once (the operator insists: a COMMIT
     that hangs must not make the command deaf). Only Python handlers are held (``SIG_DFL`` and
     ``SIG_IGN`` are left as they are), and only in the main thread, where handlers run.
+
+    For a process auditctl owns (a command's batches). A worker's guard lives in someone else's
+    program, whose own SIGINT handler it must leave alone, and holds nested writes under its own
+    SIGTERM handler: it keeps its own hold (``StuckAuditPrevention._holding_signals``).
     """
     if threading.current_thread() is not threading.main_thread():
         yield

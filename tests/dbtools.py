@@ -193,7 +193,6 @@ def freeze_between_writes(proc, engine, audit_id):
     raise AssertionError("could not freeze the worker between two writes")
 
 
-
 # --- subprocesses ----------------------------------------------------------------------
 
 

@@ -1852,7 +1852,6 @@ def test_list_since_and_until_as_moments_take_audits_created_at_exactly_those_mo
     assert sorted(r["target"] for r in listed) == ["https://at-end.example", "https://at-start.example"]
 
 
-
 def test_workers_lists_an_instance_never_heard_from_as_silent_whatever_the_retention(database_url, engine):
     """A registry row another tool wrote with no heartbeat and no stop time: not alive, gone for an unknown time."""
     from datetime import timedelta

@@ -42,8 +42,6 @@ def test_readme_library_example_runs(tmp_path):
         assert connection.execute("SELECT status FROM audits").fetchall() == [("completed",)]
 
 
-
-
 def test_the_quick_start_is_two_commands_and_ci_runs_the_second_exactly():
     quick = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = [block.split("```", 1)[0].strip() for block in quick.split("```console\n")[1:]]

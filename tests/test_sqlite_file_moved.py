@@ -238,7 +238,6 @@ def _table_of(path: Path, tag: str) -> None:
     connection.close()
 
 
-
 @pytest.mark.parametrize("checked_before_the_move", [True, False], ids=["log-seen", "log-never-seen"])
 @pytest.mark.parametrize("connect_while_gone", [True, False], ids=["failed-connect-meanwhile", "no-connect"])
 def test_another_programs_late_writes_to_the_moved_file_are_never_replayed_into_a_backup(tmp_path, connect_while_gone,

@@ -450,7 +450,6 @@ def test_after_an_outage_silence_is_measured_from_when_the_monitor_could_see_aga
     assert 0 < (row(engine, audit_id)["finished_at"] - back.seen_since).total_seconds() < stale_after + 5
 
 
-
 # --- the hot path: one statement per beat, a pool that follows the runs -------------------------
 
 

@@ -390,7 +390,6 @@ def output_options(command):
     return wrapper
 
 
-
 def judge_filter_options(command):
     """``--worker``, ``--reason``, ``--kind``, ``--target``, ``--older-than``, ``--since``, ``--until``:
     which stuck audits a command looks at. Repeated and comma-separated values are unions."""
@@ -420,13 +419,11 @@ def judge_filter_options(command):
     return wrapper
 
 
-
 def echo_status(state: CliState, message: str, *, err: bool = True, force: bool = False) -> None:
     """A human status line (to stderr by default, so stdout stays data); silent under -q."""
     if state.quiet and not force:
         return
     click.echo(message, err=err)
-
 
 
 def refuse_without_requeue(requeue: bool, *, recovering: bool = True) -> None:

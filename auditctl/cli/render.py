@@ -155,8 +155,6 @@ def human_text(column: Column, record: dict) -> str:
     return printable(text) or "-"
 
 
-
-
 def _cell_len(text: str) -> int:
     if text.isascii():
         return len(text)
