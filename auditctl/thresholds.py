@@ -484,12 +484,13 @@ class Policy:
     def safe_heartbeat_interval(self) -> float:
         """The longest heartbeat interval no stale threshold in force can refuse (``check_bounds``):
         the flag's, else the shortest of the fleet's and the kinds' (an audit that declares its own
-        stale_after is checked only against the flag), over ``STALE_INTERVALS``."""
+        stale_after is checked only against the flag), over ``STALE_INTERVALS``. Only a finite value
+        can refuse an interval (NaN compares false), so only those count; with none, 0."""
         if self.override.stale_after is not None:
-            shortest = self.override.stale_after
+            values = [self.override.stale_after]
         else:
             values = [self.fleet.stale_after, *(v.stale_after for _, v in self.kinds)]
-            shortest = min((v for v in values if v is not None), default=None)
+        shortest = min((v for v in values if v is not None and math.isfinite(v)), default=None)
         return 0.0 if shortest is None else max(0.0, shortest / STALE_INTERVALS)
 
     def check_bounds(self, declared_intervals: list[tuple[str | None, bool, float]], *, allow_unsafe: bool = False) -> None:

@@ -269,6 +269,9 @@ def test_policy_check_bounds_refuses_exactly_the_unsafe_stale_thresholds(policy,
                                     st.one_of(st.floats(0, 20), st.floats(0, 4000), st.floats(0, 1e6))), max_size=5))
 @example(Policy.of(Thresholds(600.0, 1800.0, 600.0), Overrides(None, None, None), {"scan": Overrides(30.0, None, None)}),
          [("scan", False, 16.0), ("other", False, 16.0)])
+# A library caller's NaN fleet threshold refuses nothing; the kind's 30 s must still be checked.
+@example(Policy.of(Thresholds(math.nan, 1800.0, 600.0), Overrides(None, None, None), {"scan": Overrides(30.0, None, None)}),
+         [("scan", False, 20.0)])
 def test_checking_only_the_intervals_longer_than_the_safe_one_decides_as_checking_them_all(policy, groups):
     """``check_against_running`` reads only the declared intervals above ``safe_heartbeat_interval``:
     whatever the flag, fleet and kinds, that must refuse exactly what reading them all refuses."""
