@@ -31,7 +31,7 @@ from .db import (HeldConnection, PreparedWrite, db_now, fetch_now, pg_seconds_si
 from .errors import AuditctlError, AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
-from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audits
+from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audit_events, audits
 from .textsafe import printable
 from .thresholds import kind_name
 from .values import storable_text, text_value
@@ -238,11 +238,15 @@ def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:
     as a warning with what it would have held, and the caller still gets ``LeaseLost``: told
     ``DatabaseUnavailable``, its code would go on working on an audit that is no longer its own.
     The exception then carries ``unrecorded``, a call that records the event later (marked
-    ``recorded_late``): the guard owes it, and its heartbeat thread and ``close()`` pay it."""
+    ``recorded_late``): the guard owes it, and its heartbeat thread and ``close()`` pay it. That
+    call records nothing when the event is already there: an attempt whose COMMIT went through
+    but whose answer was lost is tried again, and the history keeps one row."""
     details = {"write": write, "lease": lease.token, "worker_id": lease.worker_id, "instance_id": lease.instance_id}
 
     def recording(late: bool):
         def attempt(connection):
+            if late and _already_recorded(connection, lease.audit_id, details):
+                return  # an earlier attempt went through, but its answer was lost on the way back
             now = fetch_now(connection)
             status = connection.execute(select(audits.c.status).where(audits.c.id == lease.audit_id)).scalar()
             history.record(connection, [{
@@ -260,6 +264,14 @@ def _lost(engine: Engine, lease: Lease, write: str, actor: Actor) -> LeaseLost:
                     write, printable(error), printable(str(details)), printable(actor.name))
         lost.unrecorded = lambda: retried_transaction(engine, recording(late=True))
     return lost
+
+
+def _already_recorded(connection, audit_id: int, details: dict) -> bool:
+    """A ``lease_lost`` event of this lease and write is in the audit's history already."""
+    recorded = connection.execute(select(audit_events.c.details).where(
+        audit_events.c.audit_id == audit_id, audit_events.c.event == history.LEASE_LOST)).scalars()
+    return any(isinstance(found, dict) and found.get("lease") == details["lease"] and found.get("write") == details["write"]
+               for found in recorded)
 
 
 #: The three writes a run makes while it works, built once with the lease as parameters: building a

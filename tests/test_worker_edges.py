@@ -282,6 +282,30 @@ def test_a_lease_lost_event_refused_at_the_time_is_recorded_by_the_next_heartbea
     assert len([e for e in events(engine, audit_id) if e["event"] == "lease_lost"]) == 1, "recorded once"
 
 
+
+def test_an_owed_lease_lost_event_is_recorded_once_when_an_earlier_attempt_went_through_unanswered(engine, guards):
+    """The owed record was made, but its answer never came back (the connection died after the
+    COMMIT went out), so the guard still owes it and tries again: the history must hold it once."""
+    from auditctl.recovery import recover_audits
+    from auditctl.schema import audits
+
+    guard = guards(heartbeat_interval=60, stale_after=600, max_age=3600, stall_after=600)
+    audit_id = guard.create_audit("https://example.com/lost-answer")
+    with pytest.raises(LeaseLost), guard.run(audit_id) as run:
+        recover_audits(engine, audits.c.id == audit_id, reason="manual", explanation="taken away by the test",
+                       actor=OPERATOR)
+        install_abort_trigger(engine, "refuse_history", table="audit_events", event="INSERT")
+        try:
+            run.heartbeat()
+        finally:
+            drop_trigger(engine, "refuse_history", table="audit_events")
+    [owed] = guard._unrecorded
+    owed()  # went through; as far as the guard knows, it failed
+    guard.close()  # pays what it owes
+    lost = [e for e in events(engine, audit_id) if e["event"] == "lease_lost"]
+    assert len(lost) == 1 and lost[0]["details"]["recorded_late"] is True, lost
+
+
 # --- what the library stores it can read back ---------------------------------------------------
 
 
