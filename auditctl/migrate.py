@@ -20,7 +20,7 @@ from sqlalchemy import column, inspect, select, table, text
 from sqlalchemy.engine import Engine
 
 from .db import describe, is_postgres, translate_errors, write_transaction
-from .errors import AuditctlError, DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew
+from .errors import AuditctlError, DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew, WriteRefused
 from .schema import DISTINCTIVE_AUDIT_COLUMNS, DISTINCTIVE_ENOUGH
 from .textsafe import printable
 
@@ -291,6 +291,9 @@ def upgrade(engine: Engine) -> UpgradeResult:
             before = MigrationContext.configure(connection, opts={"version_table_schema": schema}).get_current_revision()
             command.upgrade(_alembic_config(connection, schema), "head")
             after = _recorded_revision(connection, schema)  # in the schema upgraded, which may be later on the path
+    except WriteRefused as error:
+        # A role that may only read, or a standby: the migration is one transaction, rolled back whole.
+        raise WriteRefused(f"{error}; nothing was changed") from error
     except SchemaMissing as error:
         if isinstance(error, (NotOurDatabase, SchemaTooNew)) or not hasattr(error, "detail"):
             raise

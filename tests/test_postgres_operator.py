@@ -265,3 +265,101 @@ def test_a_session_date_style_of_another_country_changes_nothing_auditctl_reads_
     records = json.loads(run("scan", "-o", "json", "--database-url", url).stdout)
     assert records and all(r["last_heartbeat"].endswith("Z") and r["last_heartbeat"][10] == "T" for r in records)
     assert run("recover", "--database-url", url).exit_code == 0
+
+
+def _role_url(url: str, role: str, password: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(username=role, password=password).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def read_only_role(request, postgres_server):
+    """A role an operator would give a dashboard or a report: CONNECT, USAGE, SELECT and nothing else,
+    or (``default_transaction_read_only``) every privilege in transactions that are read-only, as on a
+    hot standby. Yields ``make(url, how)``, the role's URL for the database at ``url``."""
+    import secrets
+
+    import psycopg
+    from psycopg import sql
+
+    made = []
+
+    def make(url: str, how: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        role, password = f"ro_{secrets.token_hex(6)}", "r@d/o%n:ly"
+        with postgres_server._admin() as admin:
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        made.append((role, database))
+        with psycopg.connect(host=postgres_server.socket_dir, port=postgres_server.port, user="postgres",
+                             dbname=database, autocommit=True) as db:
+            if how == "select only":
+                db.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), sql.Identifier(role)))
+                db.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+                db.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+            else:
+                db.execute(sql.SQL("GRANT auditctl TO {}").format(sql.Identifier(role)))
+                db.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(role)))
+        return _role_url(url, role, password)
+
+    yield make
+    for role, database in made:  # its grants first (DROP OWNED), then the role, which is the cluster's
+        with psycopg.connect(host=postgres_server.socket_dir, port=postgres_server.port, user="postgres",
+                             dbname=database, autocommit=True) as db:
+            db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with postgres_server._admin() as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _everything(url: str) -> dict:
+    engine = plain_engine(normalize_url(url))
+    try:
+        with engine.connect() as connection:
+            return {table: connection.execute(text(f"SELECT * FROM {table} ORDER BY 1")).all()
+                    for table in ("audits", "audit_events", "workers", "notifications", "notification_deliveries")}
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how", ["select only", "read-only transactions"])
+def test_a_change_refused_by_a_read_only_role_says_permission_was_denied_and_nothing_was_changed_when_run(
+        database_url, read_only_role, how):
+    """recover, reset-all and init as a role that may only read (a dashboard's, or any role on a hot
+    standby): one line saying why the database refused and that nothing was changed, exit 1. The
+    readers work as that role."""
+    assert run("demo", "--database-url", database_url).exit_code == 0
+    reader = read_only_role(database_url, how)
+    before = _everything(database_url)
+    for command in (["recover"], ["recover", "--requeue"], ["reset-all", "--yes"], ["reset-all", "--yes", "--include-stuck"]):
+        result = run(*command, "--database-url", reader)
+        line = last_line(result)
+        assert result.exit_code == 1 and "Traceback" not in result.output, (command, result.output)
+        assert "will not let auditctl write" in line and line.endswith("nothing was changed"), (command, line)
+        assert "r@d/o%n:ly" not in result.output and "o%n" not in result.output
+    for command in (["scan"], ["list"], ["show", "1"], ["workers"], ["report"], ["recover", "--dry-run"],
+                    ["reset-all", "--dry-run"], ["notify", "--status"], ["init"]):
+        result = run(*command, "--database-url", reader)
+        assert result.exit_code == 0, (command, result.output)
+    assert _everything(database_url) == before
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how", ["select only", "read-only transactions"])
+def test_init_refused_by_a_read_only_role_says_nothing_was_changed_when_the_schema_is_older(
+        blank_database_url, theirs, read_only_role, how):
+    from alembic import command
+
+    from auditctl.migrate import _alembic_config
+
+    with theirs.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0003")
+    reader = read_only_role(blank_database_url, how)
+    result = run("init", "--database-url", reader)
+    line = last_line(result)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "will not let auditctl write" in line and line.endswith("nothing was changed"), line
+    with theirs.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"

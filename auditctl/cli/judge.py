@@ -133,14 +133,14 @@ def recover(state, policy, allow_unsafe, filters, fmt, dry_run, requeue, max_att
     """
     refuse_without_requeue(requeue)
     from ..history import Actor
-    from ..recovery import recover_stuck, until_stopped
+    from ..recovery import recover_stuck
     from .records import RECOVERY_COLUMNS, recovery_record
     from .render import render
 
     check_bounds(state, policy, allow_unsafe, filters)
     update, finish = progress_reporter("Recovering")
     try:
-        done, stopped = until_stopped(lambda: recover_stuck(
+        done, stopped = _until_stopped(lambda: recover_stuck(
             state.reader if dry_run else state.engine,  # a dry run never opens the file for writing
             policy, actor=Actor.command("recover"), requeue=requeue, max_attempts=max_attempts,
             dry_run=dry_run, filters=filters, on_batch=update))
@@ -197,7 +197,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     """
     from ..history import Actor
     from ..records import planned_stuck_reset_record
-    from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed, until_stopped
+    from ..recovery import ResetFilters, plan_reset_all, reset_all, reset_failed
     from .records import RESET_COLUMNS, reset_record
     from .render import render
 
@@ -238,7 +238,7 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
             click.get_current_context().exit(EXIT_REFUSED)
     update, finish = progress_reporter("Resetting")
     try:
-        done, stopped = until_stopped(lambda: reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update))
+        done, stopped = _until_stopped(lambda: reset_all(state.engine, plan, actor=actor, policy=policy, on_batch=update))
     finally:
         finish()
     if fmt is not None or len(done) <= 20:  # a long listing only when asked for by its format
@@ -257,6 +257,18 @@ def reset_all(state, policy, allow_unsafe, fmt, assume_yes, dry_run, since, reas
     _say_stopped(state, stopped)
     if done.skipped:
         click.get_current_context().exit(EXIT_ERROR)
+
+
+def _until_stopped(change):
+    """``recovery.until_stopped``; a database that refused every write before any batch committed
+    (a read-only role, a standby) is told with "nothing was changed", as it is so."""
+    from ..errors import WriteRefused
+    from ..recovery import until_stopped
+
+    try:
+        return until_stopped(change)
+    except WriteRefused as error:  # raised by until_stopped only when no batch had committed
+        raise WriteRefused(f"{error}; nothing was changed") from error
 
 
 def _say_stopped(state, stopped: AuditctlError | None) -> None:
