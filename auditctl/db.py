@@ -376,6 +376,8 @@ def create_engine(database_url: str | URL = DEFAULT_DATABASE_URL, *, role: str =
                                   json_serializer=documents.dumps_strict, json_deserializer=documents.loads_for_driver,
                                   **kwargs)
         _configure_postgresql(engine, call_timeout, own_reset=own_reset)
+        # Whether auditctl (or the URL) set the session's statement_timeout, not the role or database.
+        engine._auditctl_own_statement_timeout = "statement_timeout" in options
         # Its transactions (a claim, an end, a creation) ping first instead (``write_transaction``).
         engine._auditctl_ping_writes = role == "worker"
     engine._auditctl_display_url = mask_url(database_url)  # the URL as the user typed it, masked
@@ -1105,6 +1107,8 @@ def keyset_pages(engine: Engine, read_page, *, page_size: int, limit: int | None
 
 #: PostgreSQL's insufficient_privilege and read_only_sql_transaction: the role, not a row.
 _WRITES_REFUSED = {"42501", "25006"}
+#: PostgreSQL's query_canceled: a statement_timeout, or pg_cancel_backend.
+_CANCELLED = "57014"
 _NOT_UTF8 = re.compile(r"Could not decode to UTF-8 column '([^']*)'")
 # PostgreSQL names a missing column quoted (column "target" does not exist), qualified and unquoted
 # (column audits.target does not exist), or with its table (column "target" of relation "audits" ...).
@@ -1163,6 +1167,16 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
                   "standby)") if url.get_backend_name() != "sqlite" else "open it read-write, as a user who may write it"
         return WriteRefused(f"the database at {where} will not let auditctl write ({detail}"
                             f"{_read_only_directory_hint(url, detail)}): {advice}")
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) == _CANCELLED and not getattr(exc, "connection_invalidated", False):
+        # The server answered: it cancelled the statement (its statement_timeout, or an administrator's
+        # pg_cancel_backend), not an outage however it reads. Still a DatabaseUnavailable: it ends a
+        # change in batches (those committed stay) and a monitor tries again at its next pass.
+        advice = ""
+        if "statement timeout" in detail and not getattr(engine_or_url, "_auditctl_own_statement_timeout", False):
+            advice = ("; a statement_timeout set for the role or database (ALTER ROLE ... SET statement_timeout) is too "
+                      "short for auditctl: give it a longer one in the URL (?options=-c%20statement_timeout%3D5min)")
+        return DatabaseUnavailable(f"the database at {where} cancelled a statement ({detail}); its transaction was "
+                                   f"rolled back{advice}")
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(exc, "connection_invalidated", False):
         refused = _LIBPQ_BAD_OPTION_VALUE.search(detail) if url.get_backend_name() != "sqlite" else None
         if refused is not None:

@@ -363,3 +363,36 @@ def test_init_refused_by_a_read_only_role_says_nothing_was_changed_when_the_sche
     assert "will not let auditctl write" in line and line.endswith("nothing was changed"), line
     with theirs.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_recover_says_the_database_cancelled_a_statement_when_its_statement_timeout_is_too_short(engine, database_url):
+    """A statement_timeout the database (or role) sets, shorter than a batch takes: recover stops
+    partway with every batch whole, and its line says the server cancelled the statement and how to
+    give auditctl a longer one; not "database unavailable", which sends an operator to the network."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dbtools import make_running
+
+    from auditctl.recovery import DEFAULT_BATCH as BATCH_SIZE
+
+    ids = make_running(engine, BATCH_SIZE + 200)
+    with engine.begin() as connection:  # the second batch outlasts the timeout: it sleeps past it
+        connection.exec_driver_sql("CREATE FUNCTION linger() RETURNS trigger LANGUAGE plpgsql AS "
+                                   "$$ BEGIN PERFORM pg_sleep(30); RETURN NEW; END $$")
+        connection.exec_driver_sql(f"CREATE TRIGGER linger BEFORE UPDATE ON audits FOR EACH ROW "
+                                   f"WHEN (NEW.id = {ids[BATCH_SIZE + 1]}) EXECUTE FUNCTION linger()")
+        connection.exec_driver_sql(f"ALTER DATABASE {engine.url.database} SET statement_timeout = '1s'")
+
+    result = run("recover", "--database-url", database_url)
+
+    line = last_line(result)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "Stopped partway" in result.stderr
+    assert "cancelled a statement (canceling statement due to statement timeout)" in line, line
+    assert "statement_timeout%3D" in line and "unavailable" not in line, line
+    with engine.connect() as connection:
+        counts = dict(connection.execute(text("SELECT status, count(*) FROM audits GROUP BY status")).all())
+    assert counts == {"failed": BATCH_SIZE, "running": 200}, "each batch whole: the first committed, the second not"
