@@ -81,6 +81,13 @@ def normalize_url(database_url: str | URL) -> URL:
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     backend = url.get_backend_name()
+    if backend == "postgresql" and ("@" in (url.host or "") or re.search(r"@[^/?#]*/", url.database or "")):
+        # u:Kx7@Qz9/x@host/db: the parser ends the password at its first '@' and takes what follows for
+        # the host (and the database), so a driver's "failed to resolve host 'Qz9'" would show a piece
+        # of the password. Such a URL never connects as typed: refused before any connection.
+        raise ConfigError(f"the database URL {mask_url(database_url)} has an '@' in its password that is not "
+                          "percent-encoded, so a piece of the password would be read as the host: write the "
+                          "password's '@' as %40 (and '/' as %2F, '%' as %25, ':' as %3A)")
     if backend not in ("sqlite", "postgresql"):
         raise ConfigError(f"unsupported database {backend!r} in {mask_url(database_url)}: use sqlite:///PATH or postgresql://...")
     driver = url.get_driver_name()

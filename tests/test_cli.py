@@ -1590,7 +1590,30 @@ def test_unreachable_database_with_verbose_shows_a_traceback_but_still_no_passwo
 def test_a_password_with_an_unencoded_at_sign_is_hidden_also_where_the_driver_reads_it_as_the_host():
     url = "postgresql://u:hunter2@Tr0ub4dor@127.0.0.1:1/db"
     result = invoke("scan", "--database-url", url, secrets=["hunter2", "Tr0ub4dor"])
-    assert result.exit_code == 1 and "Error: database unavailable at postgresql://u:***@127.0.0.1:1/db" in result.stderr
+    assert result.exit_code == 2 and "Error: the database URL postgresql://u:***@127.0.0.1:1/db" in result.stderr
+
+
+PIECES = ["Kx7", "Qz9", "Wv%3", "Wv", "Lm"]  # what the URL parser would take for password, host and database
+
+
+@pytest.mark.parametrize("command", [["scan"], ["recover"], ["init"], ["watch", "--once"], ["serve"], ["notify", "--status"]])
+@pytest.mark.parametrize("given", ["flag", "config file"])
+def test_a_password_with_an_unencoded_at_and_slash_is_refused_showing_no_piece_of_it_when_given_by_flag_or_file(
+        tmp_path, command, given):
+    """An '@' then a '/' in a password not percent-encoded: the URL parser took the piece after the '@' for
+    the host, and the driver said "failed to resolve host 'Qz9'", a piece of the password. Such a URL can
+    never connect as typed: it is refused before any connection, exit 2, saying what to encode."""
+    url = "postgresql://u:Kx7@Qz9/Wv%3:Lm@127.0.0.1:1/db"
+    if given == "flag":
+        result = invoke(*command, "--database-url", url, secrets=PIECES)
+    else:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[auditctl]\ndatabase_url = "{url}"\n')
+        result = invoke(*command, env={"AUDITCTL_CONFIG": str(config)}, secrets=PIECES)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2, result.output
+    assert "the database URL postgresql://u:***@127.0.0.1:1/db has an '@' in its password" in line and "%40" in line, line
+    assert given == "flag" or "in the config file" in line, line
 
 
 def test_the_pieces_of_a_password_with_at_signs_are_hidden_without_hiding_ordinary_words():
