@@ -1153,6 +1153,32 @@ def test_a_confirmation_the_database_failed_before_any_change_stays_usable_once(
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"])
+@pytest.mark.parametrize("action", ["reset", "recover"])
+def test_a_confirmation_refused_by_the_roles_privileges_says_to_press_again_once_it_may_write_when_kept(
+        demo_url, demo, action):
+    """A dashboard whose role may not write (SQLSTATE 42501, as for a role with SELECT only or a
+    standby): the confirmation is kept, and pressing again is not tied to "the database is back",
+    which it never went away from."""
+    from dbtools import drop_trigger, install_abort_trigger
+
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(name="dora")
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        preview, confirm = (("/actions/reset-all", "/actions/reset-all/confirm") if action == "reset"
+                            else ("/actions/recover", "/actions/recover"))
+        shown = server.post(preview, form={"csrf_token": csrf}, headers=headers)
+        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+        install_abort_trigger(demo, "no_privilege", errcode="42501")
+        try:
+            failed = server.post(confirm, form={"csrf_token": csrf, "plan": plan, "confirm": "1"}, headers=headers)
+        finally:
+            drop_trigger(demo, "no_privilege")
+    assert "will not let auditctl write" in failed.text, failed.text
+    assert "Nothing was changed, and this confirmation still stands" in failed.text
+    assert "once the database lets auditctl write" in failed.text and "once the database is back" not in failed.text
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
 def test_a_recovery_confirmed_on_the_page_and_stopped_partway_says_what_it_did_and_is_used_up(demo_url, demo):
     """It answered only the error, as if nothing had changed, though its first batch had committed.
     It now says what it recovered and that the rest were not reached; its confirmation is used up

@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import AuditctlError, AuditNotFound, ConfigError, ConnectionSettingRefused
+from ..errors import AuditctlError, AuditNotFound, ConfigError, ConnectionSettingRefused, WriteRefused
 from ..history import Actor
 from ..thresholds import Policy
 from ..urls import scrub
@@ -622,7 +622,9 @@ def _confirmation_failed(request: Request, error: Exception, d: Dashboard, sessi
         return _action_error(request, error, d)
     session.give_back(plan_id, entry)
     status, text = _action_problem(error, d)
-    return _panel(request, status, confirm(text))
+    # A role that may not write (or a standby) never went away: pressing again waits for its privileges.
+    when = "once the database lets auditctl write" if isinstance(error, WriteRefused) else "once the database is back"
+    return _panel(request, status, confirm(text, when))
 
 
 async def reset_preview(request: Request):
@@ -659,7 +661,7 @@ async def reset_confirm(request: Request):
         done, stopped = await run_in_threadpool(until_stopped, lambda: d.reset(session.user, plan))
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
         return _confirmation_failed(request, error, d, session, plan_id, entry,
-                                    lambda text: views.confirmation_kept(d.viewer(request), "reset", plan_id, text))
+                                    lambda text, when: views.confirmation_kept(d.viewer(request), "reset", plan_id, text, when))
     left_alone = plan.left_alone(done, stopped)
     log.info("dashboard %s reset %d audits to pending", session.user, len(done))
     return _panel(request, 200 if stopped is None else 503,
@@ -705,7 +707,7 @@ async def recover_action(request: Request):
     except (Outage, AuditctlError, SQLAlchemyError, OSError) as error:
         if entry is not None:
             return _confirmation_failed(request, error, d, session, plan_id, entry,
-                                        lambda text: views.confirmation_kept(d.viewer(request), "recover", plan_id, text))
+                                        lambda text, when: views.confirmation_kept(d.viewer(request), "recover", plan_id, text, when))
         return _action_error(request, error, d)
     records = [recovery_record(r, not confirmed) for r in done]
     if not confirmed:
