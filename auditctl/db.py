@@ -1116,6 +1116,8 @@ def keyset_pages(engine: Engine, read_page, *, page_size: int, limit: int | None
 _WRITES_REFUSED = {"42501", "25006"}
 #: PostgreSQL's query_canceled: a statement_timeout, or pg_cancel_backend.
 _CANCELLED = "57014"
+#: PostgreSQL's lock_not_available: a lock wait past auditctl's lock_timeout.
+_LOCK_NOT_AVAILABLE = "55P03"
 _NOT_UTF8 = re.compile(r"Could not decode to UTF-8 column '([^']*)'")
 # PostgreSQL names a missing column quoted (column "target" does not exist), qualified and unquoted
 # (column audits.target does not exist), or with its table (column "target" of relation "audits" ...).
@@ -1174,12 +1176,17 @@ def database_error(exc: sa_exc.DBAPIError, engine_or_url, *, writing: bool = Fal
                   "standby)") if url.get_backend_name() != "sqlite" else "open it read-write, as a user who may write it"
         return WriteRefused(f"the database at {where} will not let auditctl write ({detail}"
                             f"{_read_only_directory_hint(url, detail)}): {advice}")
-    if getattr(getattr(exc, "orig", None), "sqlstate", None) == _CANCELLED and not getattr(exc, "connection_invalidated", False):
-        # The server answered: it cancelled the statement (its statement_timeout, or an administrator's
-        # pg_cancel_backend), not an outage however it reads. Still a DatabaseUnavailable: it ends a
-        # change in batches (those committed stay) and a monitor tries again at its next pass.
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if sqlstate in (_CANCELLED, _LOCK_NOT_AVAILABLE) and not getattr(exc, "connection_invalidated", False):
+        # The server answered: it cancelled the statement (its statement_timeout, auditctl's lock wait,
+        # or an administrator's pg_cancel_backend), not an outage however it reads. Still a
+        # DatabaseUnavailable: it ends a change in batches (those committed stay) and a monitor tries
+        # again at its next pass.
         advice = ""
-        if "statement timeout" in detail and not getattr(engine_or_url, "_auditctl_own_statement_timeout", False):
+        if sqlstate == _LOCK_NOT_AVAILABLE:
+            advice = ("; another transaction held a lock it needed for longer than auditctl's lock wait (a command's "
+                      "--lock-wait): try again once that transaction has finished")
+        elif "statement timeout" in detail and not getattr(engine_or_url, "_auditctl_own_statement_timeout", False):
             advice = ("; a statement_timeout set for the role or database (ALTER ROLE ... SET statement_timeout) is too "
                       "short for auditctl: give it a longer one in the URL (?options=-c%20statement_timeout%3D5min)")
         return DatabaseUnavailable(f"the database at {where} cancelled a statement ({detail}); its transaction was "

@@ -396,3 +396,30 @@ def test_recover_says_the_database_cancelled_a_statement_when_its_statement_time
     with engine.connect() as connection:
         counts = dict(connection.execute(text("SELECT status, count(*) FROM audits GROUP BY status")).all())
     assert counts == {"failed": BATCH_SIZE, "running": 200}, "each batch whole: the first committed, the second not"
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_recover_says_another_transaction_held_a_lock_when_its_lock_wait_runs_out(engine, database_url):
+    """A table lock held past --lock-wait (an index build, an administrator's LOCK TABLE): the line
+    said "database unavailable", as for a server that went away. It says the statement was cancelled
+    at the lock wait, and that nothing of that transaction stayed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dbtools import make_running
+
+    ids = make_running(engine, 3)
+    holder = plain_engine(normalize_url(database_url)).connect()
+    try:
+        holder.execute(text("LOCK TABLE audits IN SHARE MODE"))  # as CREATE INDEX holds it
+        result = run("recover", "--lock-wait", "1s", "--database-url", database_url)
+    finally:
+        holder.rollback()
+        holder.close()
+    line = last_line(result)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "cancelled a statement (canceling statement due to lock timeout)" in line, line
+    assert "another transaction held a lock" in line and "unavailable" not in line, line
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM audits WHERE status = 'running'")).scalar() == len(ids)
