@@ -423,3 +423,37 @@ def test_recover_says_another_transaction_held_a_lock_when_its_lock_wait_runs_ou
     assert "another transaction held a lock" in line and "unavailable" not in line, line
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM audits WHERE status = 'running'")).scalar() == len(ids)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_worker_keeps_beating_when_the_database_sets_a_statement_timeout_shorter_than_its_writes_take(
+        engine, database_url, guards):
+    """``ALTER DATABASE ... SET statement_timeout = '1ms'`` (or the role's, as an operator might set
+    for every application): a worker's sessions set their own statement and lock timeouts, so its
+    claim, heartbeats and final write are not cancelled by it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dbtools import row, wait_for
+
+    from auditctl.db import create_engine
+
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"ALTER DATABASE {engine.url.database} SET statement_timeout = '1ms'")
+        connection.exec_driver_sql(f"ALTER DATABASE {engine.url.database} SET lock_timeout = '1ms'")
+    reading = create_engine(f"{database_url}?options=-c%20statement_timeout%3D0")  # the test's own reads: none
+    guard = guards(heartbeat_interval=0.2, stale_after=2)
+    guard.start_heartbeat_monitor()
+    with guard.engine.connect() as connection:
+        assert connection.execute(text("SHOW statement_timeout")).scalar() != "1ms"
+        assert connection.execute(text("SHOW lock_timeout")).scalar() != "1ms"
+    try:
+        audit_id = guard.create_audit("https://example.com/short-timeouts")
+        with guard.run(audit_id) as audit_run:
+            first = row(reading, audit_id)["heartbeat_at"]
+            wait_for(lambda: row(reading, audit_id)["heartbeat_at"] > first, message="a heartbeat after the first")
+            assert audit_run.update_progress(step="still here", percentage=50) is True
+        assert row(reading, audit_id)["status"] == "completed"
+    finally:
+        reading.dispose()
