@@ -503,21 +503,30 @@ class StuckAuditPrevention:
         self._stopped = False  # stop() marked the instance stopped; using the guard again un-marks it
         #: close() was called: a run or claim still under way closes the pools again when the last one ends.
         self._closed = False
-        if create_schema:
-            upgrade(self.operator_engine)
         try:
-            registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id, worker_url=worker_url,
-                              guard=self, heartbeat_interval=self.heartbeat_interval,
-                              stale_after=self.thresholds.stale_after)
-        except SchemaMissing as missing:  # said as the CLI says it: another application's tables, or an old schema
-            raise explained(missing, self.operator_engine) from None
-        self._check_duplicates()
-        # SQLite: the file this guard opened. Deleted, moved or replaced under a running worker, it
-        # would take the worker's writes where nobody reads them (``_check_database_file``), and a
-        # new connection must never create an empty file in its place.
-        self._file_watch = FileWatch(self.engine, self.operator_engine)
-        never_create(self.engine)
-        never_create(self.operator_engine)
+            if create_schema:
+                upgrade(self.operator_engine)
+            try:
+                registry.register(self.engine, instance_id=self.instance_id, worker_id=self.worker_id, worker_url=worker_url,
+                                  guard=self, heartbeat_interval=self.heartbeat_interval,
+                                  stale_after=self.thresholds.stale_after)
+            except SchemaMissing as missing:  # said as the CLI says it: another application's tables, or an old schema
+                raise explained(missing, self.operator_engine) from None
+            self._check_duplicates()
+            # SQLite: the file this guard opened. Deleted, moved or replaced under a running worker, it
+            # would take the worker's writes where nobody reads them (``_check_database_file``), and a
+            # new connection must never create an empty file in its place.
+            self._file_watch = FileWatch(self.engine, self.operator_engine)
+            never_create(self.engine)
+            never_create(self.operator_engine)
+        except BaseException:
+            # No guard is handed back to close: the connections the start opened (the schema check, the
+            # registration) were left open until the garbage collector found the engines, two more on
+            # each try of a worker that retries its start while the database is not ready.
+            registry.forget_here(self.instance_id)
+            self.engine.dispose()
+            self.operator_engine.dispose()
+            raise
         log.info("✅ Stuck audit prevention system initialized: worker %s (instance %s) on %s; heartbeat every %s, "
                  "stale after %s, max age %s, stall after %s", printable(self.worker_id), self.instance_id[:8], self.database,
                  format_duration(self.heartbeat_interval), format_duration(self.thresholds.stale_after),

@@ -1707,3 +1707,43 @@ def test_a_closed_guard_refuses_new_work_and_a_second_close_does_nothing(engine,
     assert guard.instance_id in gone_instances(engine), "still marked stopped"
     for pool in (guard.engine.pool, guard.operator_engine.pool):
         assert (pool.checkedout(), pool.checkedin()) == (0, 0), f"{pool.status()}: connections opened after close()"
+
+
+def _open_connections(url: str) -> int:
+    """Connections this process holds to the database: sessions on the PostgreSQL server, or file
+    descriptors open on the SQLite file (counted by the kernel, whatever object holds them)."""
+    from sqlalchemy.engine import make_url
+
+    from auditctl.db import create_engine
+
+    where = make_url(url)
+    if where.get_backend_name() == "sqlite":
+        path = os.path.realpath(where.database)
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == path for fd in os.listdir("/proc/self/fd"))
+    counter = create_engine(url)
+    try:
+        with counter.connect() as connection:
+            return connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND pid <> pg_backend_pid()")).scalar()
+    finally:
+        counter.dispose()
+
+
+def test_a_guard_whose_start_fails_leaves_no_connection_open_when_the_schema_is_missing(blank_database_url):
+    """The start connected (the schema check), then raised: no guard came back to close, and its
+    connections stayed open until the garbage collector happened to find the engines; a worker that
+    retries its start until `auditctl init` has run held two more on each try."""
+    import gc
+
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import SchemaMissing
+
+    gc.collect()
+    gc.disable()  # what the collector would close some time later is not what the start closed
+    try:
+        for _attempt in range(3):
+            with pytest.raises(SchemaMissing):
+                StuckAuditPrevention(blank_database_url, worker_id="worker-1", create_schema=False)
+        assert _open_connections(blank_database_url) == 0, "a failed start left its connections open"
+    finally:
+        gc.enable()
