@@ -925,8 +925,19 @@ class StuckAuditPrevention:
     def _stop_at_exit(self) -> None:
         if self._forked():
             return  # a forked child's exit says nothing of the parent's work
+        left = self.active_audits  # run blocks of daemon threads: the others ended before at-exit calls
+        if left:
+            log.warning("the process is exiting with audit(s) %s still running here (a run block it did not wait "
+                        "for): they get no final write, and are recovered as worker_gone once worker %s is marked "
+                        "stopped", ", ".join(map(str, left)), printable(self.worker_id))
         with self._lifecycle:
             self._stop_threads(10.0, exiting=True)
+        self._settle_records(last=True)
+
+    def _settle_at_exit(self) -> None:
+        """A process that exits without ``close()`` still records the ``lease_lost`` events it owes."""
+        if not self._forked():
+            self._settle_records(last=True)
 
     def _forked(self) -> bool:
         """Whether this is a child forked from the process that made the guard."""
@@ -1075,6 +1086,11 @@ class StuckAuditPrevention:
         """A ``lease_lost`` event the database refused when the lease was found lost: made later."""
         with self._runs_lock:
             self._unrecorded.append(record)
+            # Paid by the heartbeat thread or close(); a process that exits first pays it as it goes
+            # (it was dropped without a word). Registered once, however many are owed; under the lock,
+            # as _settle_records unregisters it, so a debt is never left without it.
+            atexit.unregister(self._settle_at_exit)
+            atexit.register(self._settle_at_exit)
 
     def _settle_records(self, *, last: bool = False) -> None:
         """Record the ``lease_lost`` events owed, oldest first; what the database still refuses waits
@@ -1082,17 +1098,21 @@ class StuckAuditPrevention:
         were in the warning when the lease was found lost)."""
         with self._runs_lock:
             owed, self._unrecorded = self._unrecorded, []
+            if owed:
+                atexit.unregister(self._settle_at_exit)  # put back below for what the database still refuses
         for index, record in enumerate(owed):
             try:
                 record()
             except AuditctlError as error:
                 if last:
-                    log.warning("%d lease_lost event(s) could not be recorded before close (%s); the warnings "
+                    log.warning("%d lease_lost event(s) could not be recorded before close() or the process's exit (%s); the warnings "
                                 "logged when the leases were lost hold what they would have said",
                                 len(owed) - index, printable(error))
                 else:
                     with self._runs_lock:
                         self._unrecorded[:0] = owed[index:]
+                        atexit.unregister(self._settle_at_exit)
+                        atexit.register(self._settle_at_exit)
                 return
             log.info("a lease_lost event the database had refused is now recorded (marked recorded_late)")
 

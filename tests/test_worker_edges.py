@@ -1747,3 +1747,88 @@ def test_a_guard_whose_start_fails_leaves_no_connection_open_when_the_schema_is_
         assert _open_connections(blank_database_url) == 0, "a failed start left its connections open"
     finally:
         gc.enable()
+
+
+_OWES_A_RECORD_AT_EXIT = '''
+import sqlite3, sys
+from sqlalchemy import event
+from auditctl import LeaseLost, StuckAuditPrevention
+from auditctl.history import Actor
+from auditctl.recovery import recover_audits
+from auditctl.schema import audits
+
+guard = StuckAuditPrevention(sys.argv[1], worker_id="exits", heartbeat_interval=60, stale_after=600, max_age=3600,
+                             stall_after=600)
+guard.start_heartbeat_monitor()
+audit_id = guard.create_audit("https://example.com/owed-at-exit")
+holder = sqlite3.connect(guard.engine.url.database, isolation_level=None)
+armed = []
+
+def lock_the_recording(conn, cursor, statement, parameters, context, executemany):
+    if armed and statement.strip().upper() == "BEGIN IMMEDIATE" and not holder.in_transaction:
+        holder.execute("BEGIN IMMEDIATE")  # another process's write lock, as the record of the lost lease begins
+
+event.listen(guard.engine, "before_cursor_execute", lock_the_recording)
+try:
+    with guard.run(audit_id) as run:
+        recover_audits(guard.operator_engine, audits.c.id == audit_id, reason="manual", explanation="taken away",
+                       actor=Actor.command("test"))
+        armed.append(True)
+        run.heartbeat()
+except LeaseLost:
+    print("lost", flush=True)
+event.remove(guard.engine, "before_cursor_execute", lock_the_recording)
+holder.execute("ROLLBACK")
+holder.close()
+# The application exits without close(): the event it owes is recorded as it goes.
+'''
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_a_lease_lost_event_owed_is_recorded_when_the_process_exits_without_close(tmp_path, database_url, engine):
+    """The database refused the record of a lost lease at the time (locked), so the guard owed it to
+    its next heartbeat round or close(). A process that exited first dropped it without a word."""
+    script = tmp_path / "owes_a_record.py"
+    script.write_text(_OWES_A_RECORD_AT_EXIT)
+    proc = spawn(script, database_url)
+    assert read_line(proc, timeout=60) == "lost"
+    code, _out, stderr = finish(proc, timeout=60)
+    assert code == 0, stderr
+    late = [e for e in events(engine, 1) if e["event"] == "lease_lost"]
+    assert len(late) == 1 and late[0]["details"]["recorded_late"] is True
+
+
+_EXITS_WITH_A_RUN = '''
+import logging, sys, threading
+from auditctl import StuckAuditPrevention
+
+logging.basicConfig(level=logging.WARNING)
+guard = StuckAuditPrevention(sys.argv[1], worker_id="exits", heartbeat_interval=60, stale_after=600, max_age=3600,
+                             stall_after=600)
+guard.start_heartbeat_monitor()
+audit_id = guard.create_audit("https://example.com/left-running")
+started = threading.Event()
+
+def work():
+    with guard.run(audit_id):
+        started.set()
+        threading.Event().wait()  # a daemon thread's work, which the exit does not wait for
+
+threading.Thread(target=work, daemon=True).start()
+started.wait(30)
+print("running", flush=True)
+'''
+
+
+def test_exiting_with_a_run_under_way_in_a_daemon_thread_warns_when_the_audit_is_left_running(
+        tmp_path, database_url, engine):
+    """The exit marked the instance stopped (so the audit is recovered as worker_gone) and said only
+    "HEARTBEAT monitor stopped": nothing told the operator that an audit was left unfinished."""
+    script = tmp_path / "exits_with_a_run.py"
+    script.write_text(_EXITS_WITH_A_RUN)
+    proc = spawn(script, database_url)
+    assert read_line(proc, timeout=60) == "running"
+    code, _out, stderr = finish(proc, timeout=60)
+    assert code == 0, stderr
+    assert "exiting with audit(s) 1 still running here" in stderr, stderr
+    assert row(engine, 1)["status"] == RUNNING
