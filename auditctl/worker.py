@@ -235,7 +235,8 @@ class AuditRun:
 
     def update_progress(self, step: str | None = None, percentage: float | None = None,
                         completed_tasks: int | None = None, total_tasks: int | None = None, **extra) -> bool:
-        """Report progress; fields left out keep their last value.
+        """Report progress; fields left out keep their last value (the last reported, also when
+        that report's write failed).
 
         Values are clamped into what the document promises (percentage 0..100, whole task
         counts, completed never above total); a value that cannot be stored (NaN, text) is
@@ -264,6 +265,11 @@ class AuditRun:
                 # call waited, and two threads reporting at once must each merge with the other's report.
                 self._check_running()
                 fields = self._report(step, percentage, completed_tasks, total_tasks)
+                # Kept as the last report before the write: one the database did not take (an outage, an
+                # extra field it cannot hold) is still what the next report merges with. Kept only once
+                # stored, a step reported in a failed write was lost to every later report that left the
+                # step out. The fields are clean values (text, numbers): they never make a write fail.
+                self._fields = fields
                 self.document = leases.write_progress(
                     self.guard.engine, self.lease, fields,
                     signature(fields["step"], fields["percentage"], fields["completed_tasks"], fields["total_tasks"]),
@@ -271,7 +277,6 @@ class AuditRun:
                     # Half of what is left: an emergency write on a fresh connection still fits after it.
                     timeout=min(WRITE_TIMEOUT, (deadline - time.monotonic()) / 2),
                 )
-                self._fields = fields
                 return True
         except RunEnded:
             raise

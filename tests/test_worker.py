@@ -431,6 +431,26 @@ def test_database_error_on_the_progress_write_falls_back_to_the_minimal_write(en
     assert row(engine, audit_id)["status"] == COMPLETED
 
 
+@pytest.mark.parametrize("failure", ["unserialisable extra", "database refuses"])
+def test_a_step_reported_in_a_failed_write_is_kept_when_the_next_report_leaves_the_step_out(engine, guards, failure):
+    """The report the database did not take was forgotten: the next report, giving counts only,
+    stored the step from before it, so the audit showed "Phase 1" through the whole of phase 2."""
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/phases")
+    with guard.run(audit_id) as run:
+        assert run.update_progress(step="Phase 1", completed_tasks=1, total_tasks=10) is True
+        if failure == "database refuses":
+            fail_progress_writes(engine)
+            assert run.update_progress(step="Phase 2", completed_tasks=2) is False
+            drop_trigger(engine, "refuse_progress")
+        else:
+            assert run.update_progress(step="Phase 2", completed_tasks=2, handle=object()) is False
+        assert run.update_progress(completed_tasks=3) is True
+        stored = row(engine, audit_id)["progress"]["progress"]
+    assert (stored["step"], stored["completed_tasks"], stored["total_tasks"], stored["percentage"]) == \
+        ("Phase 2", 3, 10, 30.0)
+
+
 def test_database_refusing_every_write_does_not_kill_the_audit(engine, guards, caplog):
     guard = guards()
     audit_id = guard.create_audit("https://example.com")
