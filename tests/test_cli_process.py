@@ -390,6 +390,29 @@ def test_a_stdout_that_is_not_utf8_gets_json_escapes_instead_of_a_traceback(tmp_
     assert table.returncode == 0 and "caf\\u00e9.example/\\ud83d\\ude00" in table.stdout, table.stderr
 
 
+def test_show_markdown_report_and_watch_lines_write_escapes_when_stdout_is_ascii(tmp_path):
+    # click.echo takes an ASCII stdout for a misconfigured one and writes UTF-8 past it: every
+    # command must write what ASCII cannot hold as the same escapes the listings write.
+    url = f"sqlite:///{tmp_path / 'auditctl.db'}"
+    assert auditctl("demo", "--database-url", url, cwd=tmp_path, env=clean_env(tmp_path)).returncode == 0
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        stuck = connection.execute(text("SELECT id FROM audits WHERE target = 'https://blog.example.net' AND status = 'running'")).scalar_one()
+        connection.execute(text("UPDATE audits SET target = :t WHERE id = :id"),
+                           {"t": "https://caf\u00e9.example/\U0001f600", "id": stuck})
+    engine.dispose()
+    env = clean_env(tmp_path, PYTHONIOENCODING="ascii", COLUMNS="200")
+    for args in (["watch", "--once", "--no-live"], ["show", stuck], ["show", stuck, "-o", "markdown"],
+                 ["show", stuck, "-o", "json"], ["list", "-o", "markdown"], ["report"], ["report", "-o", "json"]):
+        shown = subprocess.run([str(AUDITCTL), *map(str, args), "--database-url", url], cwd=tmp_path, env=env,
+                               capture_output=True, timeout=60)
+        assert shown.returncode == 0, (args, shown.stderr)
+        assert shown.stdout.isascii(), (args, shown.stdout)
+        assert b"caf\\u00e9.example/\\ud83d\\ude00" in shown.stdout, (args, shown.stdout)
+        if "json" in args:
+            json.loads(shown.stdout)  # still one valid document
+
+
 def test_on_a_stdout_that_is_not_utf8_columns_stay_aligned_and_cuts_are_ascii(tmp_path):
     url = f"sqlite:///{tmp_path / 'auditctl.db'}"
     assert auditctl("demo", "--database-url", url, cwd=tmp_path, env=clean_env(tmp_path)).returncode == 0

@@ -9,6 +9,7 @@ from .app import cli
 from .notify import destination_options
 from .options import (DURATION, check_interval, common_options, echo_status, max_attempts_option,
                       max_resets_option, output_options, threshold_options)
+from .render import echo
 
 
 @cli.command()
@@ -19,8 +20,8 @@ def init(state):
 
     result = upgrade(state.engine_for("creator"))
     if result.changed:
-        click.echo(f"Schema {'created' if result.before is None else 'upgraded'} at revision {result.after} "
-                   f"in {state.masked_url}.")
+        echo(f"Schema {'created' if result.before is None else 'upgraded'} at revision {result.after} "
+             f"in {state.masked_url}.")
     else:
         echo_status(state, f"Schema already at revision {result.after} in {state.masked_url}; nothing to do.", err=False)
 
@@ -40,7 +41,7 @@ def demo(state, force):
     upgrade(engine)
     fleet = seed_demo(engine, force=force)
     stuck = sum(fleet.stuck.values())
-    click.echo(
+    echo(
         f"Demo fleet written to {state.masked_url}: {fleet.completed} completed, {fleet.failed} failed, "
         f"{fleet.running_healthy} running and healthy, {stuck} stuck ({', '.join(fleet.stuck)}), {fleet.pending} pending.\n"
         "Next: auditctl scan"
@@ -139,7 +140,7 @@ def completion(shell):
     zsh:   auditctl completion zsh > "${fpath[1]}/_auditctl"
     fish:  auditctl completion fish > ~/.config/fish/completions/auditctl.fish
     """
-    click.echo(completion_script(shell), nl=False)
+    echo(completion_script(shell), nl=False)
 
 
 def completion_script(shell: str) -> str:

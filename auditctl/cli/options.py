@@ -12,7 +12,7 @@ from ..config import MAX_COUNT, SETTINGS
 from ..errors import ConfigError
 from ..thresholds import MIN_WATCH_INTERVAL, RULE_REASONS, parse_duration, parse_moment
 from ..values import MAX_INT  # the bound of --limit (here, cli.judge, cli.views)
-from .render import FORMATS
+from .render import FORMATS, echo
 
 
 class DurationType(click.ParamType):
@@ -423,7 +423,7 @@ def echo_status(state: CliState, message: str, *, err: bool = True, force: bool 
     """A human status line (to stderr by default, so stdout stays data); silent under -q."""
     if state.quiet and not force:
         return
-    click.echo(message, err=err)
+    echo(message, err=err)
 
 
 def refuse_without_requeue(requeue: bool, *, recovering: bool = True) -> None:

@@ -59,6 +59,15 @@ class Column:
     csv_keys: tuple[str, ...] | None = None  # the record keys this column stands for in csv (default: key)
 
 
+def echo(message="", *, nl: bool = True, err: bool = False) -> None:
+    """``click.echo`` into this process's own stdout (stderr as click does). Left to pick the stream,
+    click takes an ASCII stdout (``PYTHONIOENCODING=ascii``, a C locale without UTF-8 mode) for a
+    misconfigured one and writes UTF-8 past it, around the escapes ``group._prepare_streams`` set up
+    for what that stdout cannot hold: ``show``, markdown and ``report`` would then write bytes the
+    listings do not."""
+    click.echo(message, nl=nl, err=err, file=None if err else sys.stdout)
+
+
 def resolve_format(fmt: str | None) -> str:
     if fmt:
         return fmt
@@ -420,7 +429,7 @@ def _render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, 
     rows = list(records)
     if not rows:
         if empty:
-            click.echo(empty, err=True)
+            echo(empty, err=True)
         return 0
     if fmt == "markdown":
         _render_markdown(rows, columns)
@@ -442,7 +451,7 @@ def _render(records: Iterable[dict], columns: list[Column], fmt: str | None, *, 
             term.print(line, soft_wrap=True, no_wrap=True, crop=False)
     else:
         if title and fmt in ("table", "wide"):
-            click.echo(title, err=err)
+            echo(title, err=err)
         # Written as a stream and flushed once: click.echo flushes every line, one system call each.
         write = out.write
         for segments, _header in layout_lines(layout, texts, rows, ellipsis=ellipsis):
@@ -479,11 +488,11 @@ def _render_csv(records: Iterable[dict], columns: list[Column], out) -> int:
 
 
 def _render_markdown(rows: list[dict], columns: list[Column]) -> None:
-    click.echo("| " + " | ".join(markdown_cell(c.header) for c in columns) + " |")
-    click.echo("|" + "|".join("---:" if c.justify == "right" else "---" for c in columns) + "|")
+    echo("| " + " | ".join(markdown_cell(c.header) for c in columns) + " |")
+    echo("|" + "|".join("---:" if c.justify == "right" else "---" for c in columns) + "|")
     for record in rows:
         cells = [markdown_cell(human_text(c, record).replace("\n", ", ")) for c in columns]
-        click.echo("| " + " | ".join(cells) + " |")
+        echo("| " + " | ".join(cells) + " |")
 
 
 def _render_json(records: Iterable[dict], out) -> int:
@@ -503,7 +512,7 @@ def render_object(record: dict) -> None:
     """One JSON object (``show``)."""
     from ..documents import dumps
 
-    click.echo(json_safe_text(dumps(record, indent=2, ensure_ascii=False)))
+    echo(json_safe_text(dumps(record, indent=2, ensure_ascii=False)))
 
 
 STATUS_STYLES = {"running": "cyan", "completed": "green", "failed": "red", "pending": "yellow"}

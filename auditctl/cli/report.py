@@ -13,6 +13,7 @@ import click
 
 from .app import cli
 from .options import DURATION, MOMENT, common_options, threshold_options
+from .render import echo
 
 REPORT_FORMATS = ("table", "plain", "json", "csv", "toml")
 #: Default windows: a week for the report, a month of history to learn thresholds from.
@@ -91,11 +92,11 @@ def _json(data) -> None:
     from ..textsafe import json_safe_text
     from .render import json_default
 
-    click.echo(json_safe_text(json.dumps(data, default=json_default, ensure_ascii=False, indent=2)))
+    echo(json_safe_text(json.dumps(data, default=json_default, ensure_ascii=False, indent=2)))
 
 
 def _heading(text: str, fmt: str) -> None:
-    click.echo("")
+    echo("")
     _say(text, fmt, bold=True)
 
 
@@ -110,7 +111,7 @@ def _say(text: str, fmt: str, *, bold: bool = False, indent: str = "") -> None:
     width = min(CHART_WIDTH, terminal_width(fmt) or CHART_WIDTH)
     styled = bold and fmt == "table" and not ascii_only()
     for line in textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [""]:
-        click.echo(click.style(line, bold=True) if styled else line)
+        echo(click.style(line, bold=True) if styled else line)
 
 
 def chart_lines(frequency: list[dict], bucket: str, width: int = CHART_WIDTH, *, ascii_bars: bool = False) -> list[str]:
@@ -164,12 +165,12 @@ def _render_report(found, fmt: str) -> None:
             + (f" ({format_share(found.recoveries / runs)} of {runs} finished runs)" if runs else ""))
     _say(head, fmt, bold=True)
     if found.unreadable_events:
-        click.echo(f"({found.unreadable_events} history rows skipped: their time cannot be read, "
-                   "or reads as outside the window)")
+        echo(f"({found.unreadable_events} history rows skipped: their time cannot be read, "
+             "or reads as outside the window)")
     width = min(CHART_WIDTH, terminal_width(fmt) or CHART_WIDTH)
     _heading(f"Per {found.bucket}", fmt)
     for line in chart_lines(data["frequency"], found.bucket, width, ascii_bars=ascii_only() or fmt == "plain"):
-        click.echo(line)
+        echo(line)
     if found.recoveries:
         _heading("By reason", fmt)
         render(_records(found.by_reason), _share_columns("REASON", [
@@ -187,7 +188,7 @@ def _render_report(found, fmt: str) -> None:
                    human=lambda r: "-" if not r.get("top_worker") else f"{r['top_worker']} ({_pct(r['top_worker_share'])})")]),
                fmt)
         if found.step_unknown:
-            click.echo(f"(step unknown for {found.step_unknown}: recovered again before the step was kept)")
+            echo(f"(step unknown for {found.step_unknown}: recovered again before the step was kept)")
         _heading("By target", fmt)
         render(_records(found.by_target), _share_columns("TARGET", []), fmt)
         _heading("By kind", fmt)
@@ -206,10 +207,10 @@ def _render_report(found, fmt: str) -> None:
             for outlier in found.outliers[:8]:
                 _say(f"- {_safe(outlier.text)}", fmt, indent="  ")
         else:
-            click.echo("- Nothing: no worker, step, target or kind accounts for an outsized share.")
+            echo("- Nothing: no worker, step, target or kind accounts for an outsized share.")
     else:
-        click.echo("")
-        click.echo("No audit was recovered as stuck in this window.")
+        echo("")
+        echo("No audit was recovered as stuck in this window.")
     c = found.capacity
     _heading("Capacity", fmt)
     _say(f"Backlog: {c.pending} pending" + (f", oldest waiting {_dur(c.oldest_pending_seconds)}" if c.pending else "")
@@ -345,7 +346,7 @@ def _render_suggestions(found, fmt: str) -> None:
         block = to_toml(found)
         # What is printed must be what the config file accepts: checked here, every time.
         validate_config(tomllib.loads(block), "(suggested block)")
-        click.echo(block, nl=False)
+        echo(block, nl=False)
         return
     from .render import Column, render
 
@@ -354,7 +355,7 @@ def _render_suggestions(found, fmt: str) -> None:
         render(records, [Column(k, k) for k in SUGGESTION_KEYS], "csv")
         return
     if not records:
-        click.echo("No audit completed in this window: nothing to learn from.")
+        echo("No audit completed in this window: nothing to learn from.")
         return
 
     def rate(value):
@@ -389,7 +390,7 @@ def _render_suggestions(found, fmt: str) -> None:
     from ..learn import method_summary
     from ..thresholds import format_duration
 
-    click.echo("")
+    echo("")
     _say("NOW: in force (flag, kind or fleet). WRONG: completed (healthy) audits the threshold would have recovered. "
          f"CAUGHT IN: threshold plus one {format_duration(found.interval)} monitor interval, from the last heartbeat "
          "(stale_after), last progress (stall_after) or start (max_age).", fmt)

@@ -8,6 +8,7 @@ from ..statuses import STATUSES
 from .app import cli
 from .options import (DURATION, MAX_INT, MOMENT, LimitCut, ListType, common_options, echo_status, flatten,
                       output_options)
+from .render import echo
 
 
 class AuditIdType(click.ParamType):
@@ -133,15 +134,15 @@ def _show_human(record: dict, fmt: str) -> None:
             line.append(text)
             out.print(line, soft_wrap=True)
         else:
-            click.echo(f"{key}: {text}")
+            echo(f"{key}: {text}")
     for name in ("progress", "recovery_info"):
         document = record[name]
         text = "-" if document is None else printable(_document_text(document, whole), keep_newlines=True)
-        click.echo(f"{name}: {text}")
+        echo(f"{name}: {text}")
     if not record["history"]:
-        click.echo("history: none")
+        echo("history: none")
         return
-    click.echo("history:")
+    echo("history:")
     render(record["history"], EVENT_COLUMNS, fmt)
 
 
@@ -152,22 +153,22 @@ def _show_markdown(record: dict) -> None:
     from .records import EVENT_COLUMNS
     from .render import render
 
-    click.echo(f"## Audit {record['id']}\n")
-    click.echo("| field | value |\n|---|---|")
+    echo(f"## Audit {record['id']}\n")
+    echo("| field | value |\n|---|---|")
     for key in _FIELDS:
-        click.echo(f"| {key} | {markdown_cell(_field_text(record[key], whole=True))} |")
+        echo(f"| {key} | {markdown_cell(_field_text(record[key], whole=True))} |")
     for name in ("progress", "recovery_info"):
-        click.echo(f"\n### {name}\n")
+        echo(f"\n### {name}\n")
         if record[name] is None:
-            click.echo("none")
+            echo("none")
         else:
             # A fence longer than any run of backticks in the text, so the text cannot close it.
             text = printable(_document_text(record[name], whole=True), keep_newlines=True)
             fence = "`" * max(3, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
-            click.echo(f"{fence}json\n{text}\n{fence}")
-    click.echo("\n### History\n")
+            echo(f"{fence}json\n{text}\n{fence}")
+    echo("\n### History\n")
     if not record["history"]:
-        click.echo("none")
+        echo("none")
     else:
         render(record["history"], EVENT_COLUMNS, "markdown")
 

@@ -38,6 +38,7 @@ from .notify import WatchAlerts, destination_options
 from .options import (DURATION, check_bounds, check_interval, common_options, judge_filter_options, max_attempts_option,
                       refuse_without_requeue,
                       threshold_options)
+from .render import echo
 
 #: Seconds between turns of the stuck-audit pages on the screen.
 PAGE_TURN = 5.0
@@ -161,7 +162,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     if isinstance(view, LogView) and view.output_error is not None:
         raise view.output_error  # one line, exit 1 (group.main): the passes ran, the output did not
     if not state.quiet:
-        click.echo("watch stopped.", err=True)
+        echo("watch stopped.", err=True)
     if once and result is not None and not result.ok:
         # A single pass that could not run is a runtime error (exit 1), not a success for cron to trust.
         raise DatabaseUnavailable(result.error)
@@ -231,7 +232,7 @@ class LogView:
         if self.output_error is not None or self.reader_left:
             return
         try:
-            click.echo(f"{_stamp()} {text}")
+            echo(f"{_stamp()} {text}")
             sys.stdout.flush()
         except BrokenPipeError:
             # The reader went away (| head): like any listing, the output ends, quietly; so does watch,
@@ -247,7 +248,7 @@ class LogView:
             # and watch exits 1 when it stops.
             self.output_error = error
             with contextlib.suppress(OSError):
-                click.echo(f"warning: cannot write the output ({error.strerror or error}); watching on", err=True)
+                echo(f"warning: cannot write the output ({error.strerror or error}); watching on", err=True)
 
     def _lost(self, error: str):
         if not self.outage_reported:
@@ -456,7 +457,7 @@ class Screen:
             self.live.stop()
             if self.recovered_total:
                 # The alternate screen is gone with everything on it: what was recovered stays said.
-                click.echo(self.summary(), err=True)
+                echo(self.summary(), err=True)
         elif self.one_shot:
             width, height = self.console.size
             self.console.print(self.render(height=10_000), soft_wrap=True)
