@@ -96,6 +96,21 @@ def test_watch_once_recovers_stuck_audits_and_prints_log_lines_when_not_a_termin
     assert actors.count("auditctl watch") == 3
 
 
+def test_watch_log_lines_cut_a_target_as_a_table_cell_does_when_it_is_megabytes(demo, engine):
+    from auditctl.textsafe import MAX_CELL
+
+    huge = "https://" + "t" * 300_000
+    with write_transaction(engine) as connection:
+        connection.execute(update(audits).where(audits.c.target == "https://blog.example.net", audits.c.status == "running")
+                           .values(target=huge))
+    for args in (["--no-recover"], []):
+        result = invoke("watch", "--once", *args, "--database-url", demo)
+        assert result.exit_code == 0, result.output
+        line = next(line for line in result.stdout.splitlines() if "https://ttt" in line)
+        assert len(line) < MAX_CELL + 300, f"{len(line):,} characters in one log line"
+        assert f"({len(huge) - MAX_CELL:,} more characters)" in line
+
+
 def test_watch_no_recover_once_reports_stuck_audits_and_recovers_nothing(demo, engine):
     before = everything(engine)
     result = invoke("watch", "--once", "--no-recover", "--database-url", demo)

@@ -202,9 +202,11 @@ def _stamp() -> str:
 
 
 def _safe(text) -> str:
-    from ..textsafe import printable
+    """Text from the database in a log line: shown, not executed, and cut as a table cell is (a
+    target of megabytes would otherwise be one line of megabytes in the journal)."""
+    from ..textsafe import clipped, printable
 
-    return printable(text)
+    return clipped(printable(text))
 
 
 class LogView:
