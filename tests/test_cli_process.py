@@ -220,6 +220,22 @@ def test_output_whose_reader_is_gone_ends_quietly_with_exit_0(tmp_path, command)
     assert (piped.returncode, piped.stderr) == (0, ""), piped.stderr
 
 
+@pytest.mark.parametrize("fmt", [["--format", "table"], ["--wide"]])
+def test_show_drawn_by_rich_ends_quietly_with_exit_0_when_its_reader_is_gone(tmp_path, fmt):
+    """show -o table and --wide print through rich, whose own answer to a gone reader is exit 1, without a word."""
+    from auditctl.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'piped.db'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    (audit_id,) = make_running(engine, 1)
+    engine.dispose()
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | (exec <&-; sleep 0.2); exit "${{PIPESTATUS[0]}}"',
+                            "run", "--database-url", url, "show", str(audit_id), *fmt],
+                           cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert (piped.returncode, piped.stderr) == (0, ""), piped.stderr
+
+
 def test_a_stderr_nobody_reads_never_turns_a_result_into_success(tmp_path):
     """Only a gone reader of stdout is exit 0: on a dead stderr, scan --exit-code's summary line is
     what fails, before the command could give its own code; that stays a failure."""

@@ -327,6 +327,14 @@ def test_watch_piped_into_a_reader_that_leaves_stops_quietly(demo, tmp_path):
     assert piped.stdout.startswith(tuple("0123456789")) and "watching" in piped.stdout
 
 
+def test_watch_live_forced_into_a_pipe_stops_quietly_when_its_reader_leaves(demo, tmp_path):
+    # As the log lines do: rich's own answer to a gone reader was exit 1, without a word.
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | head -c 1 >/dev/null; exit "${{PIPESTATUS[0]}}"', "run",
+                            "watch", "--live", "--no-recover", "--refresh", "100ms", "--database-url", demo],
+                           cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stderr == "watch stopped.\n", piped.stderr
+
+
 def test_watch_follows_a_sqlite_file_that_was_deleted_then_replaced_and_recovers_in_the_new_one(tmp_path):
     path = tmp_path / "watched.db"
     url = f"sqlite:///{path}"

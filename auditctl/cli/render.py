@@ -20,6 +20,8 @@ target is shown, never sent to the terminal.
 from __future__ import annotations
 
 import csv
+import errno
+import functools
 import json
 import os
 import sys
@@ -113,11 +115,27 @@ def json_default(value):
 
 def console(stderr: bool = False, force_terminal: bool | None = None):
     """``force_terminal``: draw as on a terminal whatever the output is (``watch --live`` into a pipe)."""
+    plain = ascii_only()
+    return _console_class()(stderr=stderr, no_color=plain or None, highlight=False, emoji=False,
+                            force_terminal=force_terminal, color_system=None if plain else "auto", legacy_windows=False)
+
+
+@functools.cache
+def _console_class():
     from rich.console import Console
 
-    plain = ascii_only()
-    return Console(stderr=stderr, no_color=plain or None, highlight=False, emoji=False, force_terminal=force_terminal,
-                   color_system=None if plain else "auto", legacy_windows=False)
+    class PipeAwareConsole(Console):
+        """A rich console that leaves a gone reader to the command, as every other write does.
+
+        rich's own answer to a broken pipe is ``SystemExit(1)`` without a word, after pointing stdout
+        at /dev/null (even when the pipe was stderr's): ``show --wide | head -1`` failed where the
+        README promises exit 0, and a listing or ``watch`` could not finish its work first."""
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more to write: the rest of this console's output is dropped
+            raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+
+    return PipeAwareConsole
 
 
 def terminal_width(fmt: str) -> int | None:

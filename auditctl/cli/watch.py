@@ -95,8 +95,7 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
     alerts = WatchAlerts(state, destinations, notify_timeout, once=once,
                          echo=view._line if isinstance(view, LogView) else view.note) if destinations else None
     stop = threading.Event()
-    if isinstance(view, LogView):
-        view.stop_event = stop
+    view.stop_event = stop
 
     from ..signals import set_from_handler
 
@@ -360,6 +359,9 @@ class Screen:
         #: Told whether each read between passes could read the database, before the screen says so.
         self.on_read: Callable[[bool], None] | None = None
         self.live = None
+        #: Set when stdout's reader went away (``--live`` into a pipe): nothing more is drawn.
+        self.reader_left = False
+        self.stop_event: threading.Event | None = None
         self.status = "starting"
         self.status_ok = True
         self.last_pass: str = "not yet"
@@ -472,8 +474,19 @@ class Screen:
                 + (f"{more} earlier, then " if more > 0 else "") + listed)
 
     def _refresh(self):
-        if self.live is not None:
+        if self.live is None or self.reader_left:
+            return
+        try:
             self.live.update(self.render(), refresh=True)
+        except BrokenPipeError:
+            # The screen forced into a pipe (--live) whose reader went away: as in log lines, the
+            # output ends quietly, and so does watch, once the pass in hand is done.
+            from .render import discard_stdout
+
+            discard_stdout()
+            self.reader_left = True
+            if self.stop_event is not None:
+                self.stop_event.set()
 
     def render(self, height: int | None = None):
         from rich.console import Group
