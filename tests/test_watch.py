@@ -327,6 +327,24 @@ def test_watch_piped_into_a_reader_that_leaves_stops_quietly(demo, tmp_path):
     assert piped.stdout.startswith(tuple("0123456789")) and "watching" in piped.stdout
 
 
+def test_watch_piped_stops_quietly_when_its_reader_leaves_and_nothing_more_is_logged(demo, tmp_path):
+    # The reader takes what is in the pipe, then leaves; with the stuck audits already logged and the
+    # next pass an hour away, watch used to run on (and the shell's pipeline with it) until it wrote
+    # again. It sees the reader gone at its next read of the fleet.
+    piped = subprocess.Popen(["bash", "-c", f'"{AUDITCTL}" "$@" | {{ sleep 2; head -c 1 >/dev/null; }}; '
+                              'exit "${PIPESTATUS[0]}"', "run", "watch", "--no-recover", "--interval", "1h",
+                              "--database-url", demo],
+                             cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        _, stderr = piped.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(piped.pid, signal.SIGKILL)  # watch too, not only bash
+        piped.communicate()
+        pytest.fail("watch ran on after its reader left")
+    assert piped.returncode == 0 and stderr == "watch stopped.\n", stderr
+
+
 def test_watch_live_forced_into_a_pipe_stops_quietly_when_its_reader_leaves(demo, tmp_path):
     # As the log lines do: rich's own answer to a gone reader was exit 1, without a word.
     piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | head -c 1 >/dev/null; exit "${{PIPESTATUS[0]}}"', "run",

@@ -128,7 +128,7 @@ class AuditctlGroup(click.Group):
             # see this themselves and finish their work (``render``); any other output just stops here.
             # A stderr nobody reads cut a status or an error line, and with it the command's own exit
             # code: that stays a failure (1), as click makes it.
-            if _reader_gone(sys.stderr) or not _reader_gone(sys.stdout):
+            if reader_gone(sys.stderr) or not reader_gone(sys.stdout):
                 raise
             from .render import discard_stdout
 
@@ -203,7 +203,7 @@ def _last_line(text: str, code: int) -> None:
     sys.exit(code)
 
 
-def _reader_gone(stream) -> bool:
+def reader_gone(stream) -> bool:
     """Whether the pipe ``stream`` writes to has no reader left (poll reports an error on its end)."""
     import select
 

@@ -335,6 +335,17 @@ class LogView:
         self.known_stuck = current
 
     def wait(self, stop, seconds):
+        from .group import reader_gone
+
+        if not self.reader_left and reader_gone(sys.stdout):
+            # The reader went away with nothing more logged since (``| head`` that took its lines):
+            # stop now, as a failed write would, rather than at the next line, which may be hours away.
+            from .render import discard_stdout
+
+            discard_stdout()
+            self.reader_left = True
+            stop.set()
+            return
         stop.wait(seconds)
 
     def stop(self):
