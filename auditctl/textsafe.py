@@ -15,11 +15,16 @@ import re
 # controls, and ``_HIDING``: the characters that reorder or hide text (bidi overrides, marks and
 # isolates, the Arabic letter mark U+061C, zero-width and other invisible format characters: the
 # soft hyphen, U+180E, the deprecated format controls, interlinear annotation, hieroglyph, shorthand
-# and musical format controls, the tag characters that spell hidden ASCII), the line and paragraph separators
-# U+2028 and U+2029 (an editor or a TOML reader breaks a line at them), the byte-order mark, and
-# lone surrogates (a JSON document may hold "\ud800", which no UTF-8 output can encode).
-_HIDING = ("\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff"
-           "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e007f")
+# and musical format controls, the tag characters that spell hidden ASCII), the other characters
+# Unicode says to draw as nothing (default-ignorable: the combining grapheme joiner U+034F, the
+# Hangul fillers, the Khmer inherent vowels, the Mongolian and other variation selectors, and the
+# code points kept for more of them), by which "worker-1" and "worker-1\u3164" look the same, the
+# line and paragraph separators U+2028 and U+2029 (an editor or a TOML reader breaks a line at
+# them), the byte-order mark, and lone surrogates (a JSON document may hold "\ud800", which no UTF-8
+# output can encode).
+_HIDING = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+           "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\ud800-\udfff"
+           "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff")
 _CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_HIDING}]")
 _CONTROL_AND_LINES = re.compile(f"[\x00-\x1f\x7f-\x9f{_HIDING}]")
 

@@ -330,6 +330,28 @@ def test_escape_sequences_are_shown_not_executed_in_every_human_format(engine, d
     assert "\x7f" not in as_json.stdout and "del\\u007fete" in as_json.stdout
 
 
+#: Invisible characters (Unicode's default-ignorables) that are not format controls: a grapheme joiner,
+#: the Hangul fillers, variation selectors, Khmer inherent vowels, a Mongolian free variation selector.
+INVISIBLE = "\u034f\u115f\u1160\u3164\uffa0\ufe00\ufe0f\U000e0100\u17b4\u180b"
+
+
+def test_invisible_fillers_and_selectors_are_shown_escaped_when_a_target_or_worker_id_holds_them(engine, database_url):
+    # "worker-1" and "worker-1" + a Hangul filler or a variation selector look the same on a terminal.
+    target, worker = "https://pay\u034fments.example/" + INVISIBLE, "worker-1\u3164\ufe0f"
+    audit_id = insert(engine, **stale_times(engine), target=target, worker_id=worker)
+    runner = CliRunner()
+    for args in (["scan", "--wide"], ["scan", "-o", "markdown"], ["scan", "-o", "csv"], ["list", "--wide"],
+                 ["show", str(audit_id)], ["recover", "--dry-run", "--wide"]):
+        result = runner.invoke(cli, [*args, "--database-url", database_url], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert not re.search(f"[{INVISIBLE}]", result.output), f"{args}: {ascii(result.output)}"
+        assert "pay\\u034fments.example/\\u034f\\u115f" in result.output.replace("\\\\", "\\"), f"{args}: {result.output}"
+        assert "worker-1\\u3164\\ufe0f" in result.output.replace("\\\\", "\\"), f"{args}: {result.output}"
+    as_json = runner.invoke(cli, ["scan", "-o", "json", "--database-url", database_url], catch_exceptions=False)
+    assert [(r["target"], r["worker_id"]) for r in json.loads(as_json.stdout)] == [(target, worker)], "exact"
+    assert not re.search(f"[{INVISIBLE}]", as_json.stdout), "escaped inside JSON strings"
+
+
 def test_a_newline_another_tool_stored_cannot_forge_a_line_of_a_listing(engine, database_url):
     forged = "https://a.example\n 13  https://spoof.example  stale_heartbeat  worker-9"
     insert(engine, **stale_times(engine, 3600), target=forged, worker_id="w1\nw2", error="boom\nerror: fake")

@@ -1113,11 +1113,17 @@ hostile_text = st.one_of(
     st.text(max_size=40),
     st.lists(st.sampled_from(["\x1b]0;title\x07", "\x1b[2J", "\x1b]8;;http://x\x1b\\", "\x9b", "\u202e", "\u061c", "\u2066",
                               "\u200b", "\ufeff", "\u2028", "\u2029", "\u00ad", "\u180e", "\ufff9", "\U000e0041",
-                              "\U0001d173", "=", "+", "-", "@", "\t", "\r", "\n", "a", " "]), max_size=8).map("".join),
+                              "\U0001d173", "\u034f", "\u3164", "\ufe0f", "\U000e0100", "=", "+", "-", "@", "\t", "\r", "\n",
+                              "a", " "]), max_size=8).map("".join),
     st.lists(st.sampled_from(["\x1b]0;title\x07", "\x1b[2J", "\x9b1m", "\u202e", "\u061c", "=cmd()", "@SUM(A1)", "-1+1",
                               "\t", "\r\n", "ok"]), max_size=6).map("".join),
 )
 
+
+#: Characters drawn as nothing that are not format controls (Unicode's other default-ignorables): a grapheme
+#: joiner, Hangul fillers, Khmer inherent vowels, variation selectors, and the code points kept for more of them.
+IGNORABLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\ufff0-\ufff8"
+                       "\U000e0000-\U000e0fff]")
 
 #: Format characters that are drawn (prepended concatenation marks: an Arabic number sign and the like).
 DRAWN_FORMAT = set("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd")
@@ -1126,7 +1132,7 @@ DRAWN_FORMAT = set("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891
 def _visible(text: str, keep_newlines: bool) -> bool:
     allowed = {"\n", "\t"} if keep_newlines else set()
     return not any((unicodedata.category(c) == "Cc" and c not in allowed) or c in BIDI_CONTROLS or c in LINE_SEPARATORS
-                   or (unicodedata.category(c) == "Cf" and c not in DRAWN_FORMAT) for c in text)
+                   or (unicodedata.category(c) == "Cf" and c not in DRAWN_FORMAT) or IGNORABLE.match(c) for c in text)
 
 
 @given(hostile_text, st.booleans())
@@ -1134,6 +1140,7 @@ def _visible(text: str, keep_newlines: bool) -> bool:
 @example("kind \u2028ls", False)  # a line separator in a TOML comment (report --format toml) was passed through
 @example("https://a.example\U000e0020\U000e0049\U000e0047", False)  # tag characters spelling hidden text
 @example("pay\u00adments\u180e\ufff9", True)  # a soft hyphen, a Mongolian vowel separator, an annotation anchor
+@example("worker-1\u3164\ufe0f", False)  # a Hangul filler and a variation selector: "worker-1" to the eye
 def test_printable_leaves_no_control_or_bidi_characters(text, keep_newlines):
     shown = textsafe.printable(text, keep_newlines=keep_newlines)
     assert _visible(shown, keep_newlines), ascii(shown)
