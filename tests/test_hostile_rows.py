@@ -352,6 +352,18 @@ def test_invisible_fillers_and_selectors_are_shown_escaped_when_a_target_or_work
     assert not re.search(f"[{INVISIBLE}]", as_json.stdout), "escaped inside JSON strings"
 
 
+def test_text_with_combining_accents_is_not_cut_when_its_column_holds_it(engine, database_url):
+    # "wo\u0308rker-5" (decomposed, as macOS writes file names) is 9 characters in 8 cells: it was cut to
+    # "wörker-…" in a column 8 cells wide, even with --wide, hiding which worker it was.
+    worker = "wo\u0308rker-5"
+    insert(engine, **stale_times(engine), worker_id=worker, target="https://cafe\u0301.example")
+    runner = CliRunner()
+    for args in (["scan", "--wide"], ["scan", "-o", "plain"], ["list", "--wide"]):
+        result = runner.invoke(cli, [*args, "--database-url", database_url], catch_exceptions=False, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert worker in result.stdout and "https://cafe\u0301.example" in result.stdout, f"{args}: {result.stdout}"
+
+
 def test_a_newline_another_tool_stored_cannot_forge_a_line_of_a_listing(engine, database_url):
     forged = "https://a.example\n 13  https://spoof.example  stale_heartbeat  worker-9"
     insert(engine, **stale_times(engine, 3600), target=forged, worker_id="w1\nw2", error="boom\nerror: fake")

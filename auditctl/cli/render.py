@@ -194,7 +194,8 @@ _PARTIAL_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{0,3})?$")
 
 
 def _truncate(text: str, width: int, ellipsis: str) -> str:
-    if len(text) <= width and _cell_len(text) <= width:
+    # Cells, not characters: a combining accent ("e\u0301") is a character that takes no cell.
+    if _cell_len(text) <= width:
         return text
     from rich.cells import set_cell_size
 
