@@ -1975,3 +1975,15 @@ def test_scan_as_markdown_lists_an_audits_reasons_in_one_cell_separated_by_comma
     result = on(database_url, "scan", "--format", "markdown")
     (row,) = [line for line in result.stdout.splitlines() if "two-reasons" in line]
     assert "| stale\\_heartbeat, max\\_age\\_exceeded |" in row and "\\n" not in row, row
+
+
+def test_status_lines_show_the_database_path_escaped_when_it_holds_an_escape_sequence_or_a_bidi_control(tmp_path):
+    # The URL is the operator's (a flag, AUDITCTL_DATABASE_URL, a config file someone else wrote): `config` showed it
+    # escaped, while the status lines of every other command sent its escape sequences and bidi controls as they were.
+    path = tmp_path / "fleet-\x1b[31mred-ce-ri-\u202egnp.db"
+    url = f"sqlite:///{path}"
+    for command in (["demo"], ["init"], ["scan"], ["watch", "--once"]):
+        result = invoke(*command, "--database-url", url, color=True)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "\u202e" not in result.output, f"{command}: {result.output!r}"
+        assert "fleet-\\x1b[31mred-ce-ri-\\u202egnp.db" in result.output, f"{command}: {result.output!r}"

@@ -134,9 +134,12 @@ class CliState:
 
     @property
     def masked_url(self) -> str:
+        """The URL for status lines: its password masked, and its control and bidi characters shown
+        escaped (a path is free to hold them; the terminal must not act on them)."""
+        from ..textsafe import printable
         from ..urls import mask_url
 
-        return mask_url(self.database_url)
+        return printable(mask_url(self.database_url))
 
     def close(self) -> None:
         for engine in self._engines.values():
