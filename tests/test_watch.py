@@ -345,9 +345,10 @@ def test_watch_piped_stops_quietly_when_its_reader_leaves_and_nothing_more_is_lo
     assert piped.returncode == 0 and stderr == "watch stopped.\n", stderr
 
 
-def test_watch_live_forced_into_a_pipe_stops_quietly_when_its_reader_leaves(demo, tmp_path):
+@pytest.mark.parametrize("reader", ["head -c 1 >/dev/null", "(exec <&-; sleep 0.2)"])  # a frame drawn; none
+def test_watch_live_forced_into_a_pipe_stops_quietly_when_its_reader_leaves(demo, tmp_path, reader):
     # As the log lines do: rich's own answer to a gone reader was exit 1, without a word.
-    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | head -c 1 >/dev/null; exit "${{PIPESTATUS[0]}}"', "run",
+    piped = subprocess.run(["bash", "-c", f'"{AUDITCTL}" "$@" | {reader}; exit "${{PIPESTATUS[0]}}"', "run",
                             "watch", "--live", "--no-recover", "--refresh", "100ms", "--database-url", demo],
                            cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert piped.returncode == 0 and piped.stderr == "watch stopped.\n", piped.stderr

@@ -200,6 +200,15 @@ def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _is_pipe(stream) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _safe(text) -> str:
     """Text from the database in a log line: shown, not executed, and cut as a table cell is (a
     target of megabytes would otherwise be one line of megabytes in the journal)."""
@@ -224,6 +233,7 @@ class LogView:
         self.known_stuck: dict[int, tuple[str, ...]] = {}
         self.known_gone: set[str] = set()
         self.first = True
+        self.piped = _is_pipe(sys.stdout)
 
     def start(self):
         if not self.state.quiet:  # -q: only what changed or went wrong
@@ -337,9 +347,11 @@ class LogView:
     def wait(self, stop, seconds):
         from .group import reader_gone
 
-        if not self.reader_left and reader_gone(sys.stdout):
+        if self.piped and not self.reader_left and reader_gone(sys.stdout):
             # The reader went away with nothing more logged since (``| head`` that took its lines):
             # stop now, as a failed write would, rather than at the next line, which may be hours away.
+            # Pipes only: a terminal that hung up (watch kept alive with nohup's SIGHUP ignored) or a
+            # log socket is not a reader that took what it wanted, and the recovering goes on.
             from .render import discard_stdout
 
             discard_stdout()
@@ -396,7 +408,12 @@ class Screen:
         if self.one_shot:
             return
         self.live = Live(console=self.console, auto_refresh=False, screen=True, transient=False, redirect_stderr=False)
-        self.live.start()
+        try:
+            self.live.start()
+        except BrokenPipeError:
+            self.live = None  # it stopped partway: nothing to give back (stop() would fail on it)
+            self._reader_went_away()
+            return
         # The library's warnings (a metrics scrape that cannot read the database, say) go to the
         # header while the screen is up: written to stderr they would scroll it away.
         self._notes = _NoteHandler(self.note)
@@ -490,14 +507,17 @@ class Screen:
         try:
             self.live.update(self.render(), refresh=True)
         except BrokenPipeError:
-            # The screen forced into a pipe (--live) whose reader went away: as in log lines, the
-            # output ends quietly, and so does watch, once the pass in hand is done.
-            from .render import discard_stdout
+            self._reader_went_away()
 
-            discard_stdout()
-            self.reader_left = True
-            if self.stop_event is not None:
-                self.stop_event.set()
+    def _reader_went_away(self):
+        """The screen forced into a pipe (--live) whose reader left: as in log lines, the output
+        ends quietly, and so does watch, once the pass in hand is done."""
+        from .render import discard_stdout
+
+        discard_stdout()
+        self.reader_left = True
+        if self.stop_event is not None:
+            self.stop_event.set()
 
     def render(self, height: int | None = None):
         from rich.console import Group
