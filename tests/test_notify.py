@@ -31,7 +31,7 @@ from auditctl.db import create_engine, fetch_now, read_connection, write_transac
 from auditctl.history import Actor
 from auditctl.monitor import Monitor
 from auditctl.notify import deliver, destinations_from, discord, sender, slack, undelivered
-from auditctl.notify.digest import OutboxEvent, build
+from auditctl.notify.digest import MORE_AUDITS, OutboxEvent, build
 from auditctl.recovery import ResetFilters, recover_stuck, reset_failed
 from auditctl.rules import Filters
 from auditctl.schema import notification_deliveries, notifications
@@ -1170,3 +1170,26 @@ def test_a_digests_reasons_read_most_frequent_first_then_by_name():
         {"id": 1, "target": "a", "reasons": ["stale_heartbeat"]}, {"id": 2, "target": "b", "reasons": ["max_age_exceeded"]},
         {"id": 3, "target": "c", "reasons": ["worker_gone"]}, {"id": 4, "target": "d", "reasons": ["worker_gone"]}]})])
     assert digest.reason_counts() == "2 worker_gone, 1 max_age_exceeded, 1 stale_heartbeat"
+
+
+def test_a_discord_message_still_says_how_many_audits_it_left_out_when_long_texts_drop_listed_audits():
+    """5,000 recovered audits whose targets, worker ids and recoverer hold 100 KB each: the message keeps
+    Discord's 6,000 characters and still says how many audits are not listed, fields dropped to fit included."""
+    big = 100_000
+    audits = [{"id": i, "target": "https://t.example/" + "x" * big, "reasons": ["stale_heartbeat"],
+               "status": "failed" if i % 2 else "pending", "worker_id": "w" * big, "explanation": ["why"]}
+              for i in range(5000)]
+    body = discord.message(build([OutboxEvent(1, None, "recovered", {"actor": "a" * big, "audits": audits})]), "k")
+    assert discord_embed_chars(body) <= 6000
+    for embed in body["embeds"]:
+        assert f"and {2500 - len(embed['fields'])} more (" in embed["description"], embed["description"][-200:]
+
+
+def test_a_discord_message_counts_the_audits_it_drops_to_fit_in_its_and_more_line():
+    """Ten failed audits with long explanations: those dropped to keep 6,000 characters are counted."""
+    digest = build([OutboxEvent(1, None, "recovered", {"audits": [
+        {"id": i, "target": f"https://t{i}.example", "reasons": ["stale_heartbeat"], "status": "failed",
+         "explanation": ["x" * 3000]} for i in range(10)]})])
+    (embed,) = discord.message(digest, "k")["embeds"]
+    assert len(embed["fields"]) < 10
+    assert embed["description"].endswith(f"and {10 - len(embed['fields'])} more ({MORE_AUDITS})")

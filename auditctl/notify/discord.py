@@ -6,7 +6,8 @@ nobody; markdown in database text (the ``content`` line too) is escaped, mention
 limits are kept: at most 10 embeds, 25 fields each (``MAX_LISTED`` audits are listed),
 256 characters per title and field name, 1,024 per field value, 6,000 in all. Discord
 refuses a message over any limit (HTTP 400), and a refused message holds back every later
-alert to that destination, so the limits are kept whatever the database holds.
+alert to that destination, so the limits are kept whatever the database holds; audits dropped to
+fit are counted in the "and N more" line, which is never cut.
 """
 
 from __future__ import annotations
@@ -46,14 +47,26 @@ def _audit_field(line) -> dict:
 
 
 def _audits_embed(title: str, colour: int, lines: list, digest: Digest) -> dict:
-    listed = lines[:MAX_LISTED]
-    description = f"Reasons: {escape(digest.reason_counts())}"
+    head = f"Reasons: {escape(digest.reason_counts())}"
     if digest.actors:
-        description += f"\nRecovered by {escape(', '.join(digest.actors))}"
-    if len(lines) > len(listed):
-        description += f"\nand {len(lines) - len(listed)} more ({MORE_AUDITS})"
-    return {"title": _cut(title, 256), "color": colour, "description": _cut(description, 4000),
-            "fields": [_audit_field(line) for line in listed]}
+        head += f"\nRecovered by {escape(', '.join(digest.actors))}"
+    embed = {"title": _cut(title, 256), "color": colour, "fields": [_audit_field(line) for line in lines[:MAX_LISTED]],
+             _HEAD: head, _AUDITS: len(lines)}
+    _describe(embed, 4000)
+    return embed
+
+
+#: Private keys of an audits embed (removed before sending): its description without the "and N more"
+#: line, and how many audits it stands for, so the line can be rewritten when ``_fit`` drops fields.
+_HEAD, _AUDITS = "_head", "_audits"
+
+
+def _describe(embed: dict, limit: int) -> None:
+    """An audits embed's description in at most ``limit`` characters: the reasons and recoverers, cut
+    first, then how many audits are not listed as fields (those ``_fit`` dropped included)."""
+    more = embed[_AUDITS] - len(embed["fields"])
+    tail = f"\nand {more} more ({MORE_AUDITS})" if more > 0 else ""
+    embed["description"] = _cut(embed[_HEAD], max(1, limit - len(tail))) + tail
 
 
 def _gone_title(worker_id) -> str:
@@ -117,10 +130,18 @@ def _fit(embeds: list[dict]) -> None:
     while sum(_size(e) for e in embeds) > TOTAL_LIMIT and any(e.get("fields") for e in embeds):
         fullest = max((e for e in embeds if e.get("fields")), key=lambda e: len(e["fields"]))
         fullest["fields"].pop()
+        _describe(fullest, 4000)
     for embed in reversed(embeds):
         excess = sum(_size(e) for e in embeds) - TOTAL_LIMIT
         if excess <= 0:
-            return
+            break
         description = embed.get("description", "")
         if len(description) > DESCRIPTION_FLOOR:
-            embed["description"] = _cut(description, max(DESCRIPTION_FLOOR, len(description) - excess))
+            limit = max(DESCRIPTION_FLOOR, len(description) - excess)
+            if _HEAD in embed:
+                _describe(embed, limit)  # the "and N more" line is kept whole
+            else:
+                embed["description"] = _cut(description, limit)
+    for embed in embeds:
+        embed.pop(_HEAD, None)
+        embed.pop(_AUDITS, None)
