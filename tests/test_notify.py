@@ -1193,3 +1193,21 @@ def test_a_discord_message_counts_the_audits_it_drops_to_fit_in_its_and_more_lin
     (embed,) = discord.message(digest, "k")["embeds"]
     assert len(embed["fields"]) < 10
     assert embed["description"].endswith(f"and {10 - len(embed['fields'])} more ({MORE_AUDITS})")
+
+
+def test_a_slack_message_keeps_40000_characters_when_5000_audits_and_resets_hold_100_kb_texts():
+    """Long targets, worker ids, recoverers and resetting operators: every section is cut to Slack's
+    3,000, and the sections together to Slack's 40,000, so Slack never refuses the message for its size."""
+    big = 100_000
+    audits = [{"id": i, "target": "https://t.example/" + "x" * big, "reasons": ["worker_gone"], "status": "failed",
+               "worker_id": f"w{i}-" + "w" * big, "explanation": ["why"]} for i in range(5000)]
+    events = [OutboxEvent(1, None, "recovered", {"actor": "a" * big, "audits": audits})]
+    events += [OutboxEvent(n, None, "reset", {"actor": f"op{n}-" + "o" * big, "host": "h" * big, "count": 1, "ids": [n]})
+               for n in range(2, 14)]
+    body = slack.message(build(events), "k")
+    texts = [b["text"]["text"] for b in body["blocks"] if "text" in b]
+    texts += [e["text"] for b in body["blocks"] for e in b.get("elements", [])]
+    assert len(body["blocks"]) <= 50 and all(len(t) <= 3000 for t in texts)
+    assert sum(map(len, texts)) + len(body["text"]) <= 40_000
+    assert any(t.startswith("_and 4990 more (") for t in texts)
+    assert body["blocks"][-1]["type"] == "context" and "idempotency key k" in body["blocks"][-1]["elements"][0]["text"]

@@ -3,8 +3,9 @@
 Text from the database (targets, worker ids, explanations) is escaped for Slack's mrkdwn
 (``&``, ``<``, ``>``), so a target can never mention ``@channel`` or forge a link, and
 control characters are shown, not sent. Slack's limits are kept: a header of at most 150
-characters, sections of at most 3,000, and at most 50 blocks (at most ``MAX_LISTED``
-audits are listed; the rest are counted).
+characters, sections of at most 3,000, 40,000 characters in all (the longest sections are cut
+to one length) and at most 50 blocks (at most ``MAX_LISTED`` audits are listed; the rest are
+counted).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from .digest import MAX_LISTED, MORE_AUDITS, Digest
 
 EMOJI = {"alert": ":rotating_light:", "warning": ":warning:", "info": ":arrows_counterclockwise:", "ok": ":white_check_mark:"}
 SECTION_LIMIT = 2900
+#: Slack's 40,000 characters for a whole message (text and blocks), with room to spare.
+TOTAL_LIMIT = 39_000
 
 
 def escape(value) -> str:
@@ -69,4 +72,30 @@ def message(digest: Digest, idempotency_key: str) -> dict:
     blocks.append({"type": "context", "elements": [
         {"type": "mrkdwn", "text": f"auditctl · {span} · idempotency key {idempotency_key}"}]})
     # The top-level text is the notification (and the fallback): Slack reads <!channel> and <url|label> there too.
-    return {"text": escape(title)[:3000], "blocks": blocks[:50]}
+    text = escape(title)[:3000]
+    blocks = blocks[:50]
+    _fit(blocks, TOTAL_LIMIT - len(text))
+    return {"text": text, "blocks": blocks}
+
+
+def _fit(blocks: list[dict], room: int) -> None:
+    """Cut the longest sections, to one length for all, until the blocks' text fits in ``room``
+    characters: every section keeps its start (at least ``room`` / 50), none is dropped, so the
+    "and N more" line and the idempotency key stay."""
+    sections = [b for b in blocks if b["type"] == "section"]
+    others = sum(len(b.get("text", {}).get("text", "")) + sum(len(e.get("text", "")) for e in b.get("elements", []))
+                 for b in blocks if b["type"] != "section")
+    lengths = sorted(len(b["text"]["text"]) for b in sections)
+    left = room - others
+    if sum(lengths) <= left:
+        return
+    cap = 0
+    for index, length in enumerate(lengths):  # the longest cap with the total in room
+        share = left // (len(lengths) - index)
+        if length > share:
+            cap = share
+            break
+        left -= length
+    for block in sections:
+        if len(block["text"]["text"]) > cap:
+            block["text"]["text"] = block["text"]["text"][:max(1, cap) - 1] + "…"
