@@ -1211,3 +1211,37 @@ def test_a_slack_message_keeps_40000_characters_when_5000_audits_and_resets_hold
     assert sum(map(len, texts)) + len(body["text"]) <= 40_000
     assert any(t.startswith("_and 4990 more (") for t in texts)
     assert body["blocks"][-1]["type"] == "context" and "idempotency key k" in body["blocks"][-1]["elements"][0]["text"]
+
+
+def test_notify_says_how_many_events_expired_undelivered_when_they_pass_their_expiry(sqlite_url, sqlite_engine, hooks):
+    """Two events a failing webhook never took pass their expiry: notify drops them and says so (with -q
+    too), beside the message it sends for a newer event; a run that only drops events says so as well."""
+    hook = hooks()
+    hook.always(Answer(status=500))
+    stuck_and_recovered(sqlite_engine, 1)
+    stuck_and_recovered(sqlite_engine, 1)
+    assert invoke("notify", "--webhook", hook.url(), "--database-url", sqlite_url).exit_code == 1
+
+    def expire():
+        with write_transaction(sqlite_engine) as connection:
+            connection.execute(update(notifications).values(expires_at=fetch_now(connection) - timedelta(seconds=1)))
+
+    expire()
+    newer = stuck_and_recovered(sqlite_engine, 1)
+    hook.always(Answer())
+    result = invoke("notify", "-q", "--webhook", hook.url(), "--database-url", sqlite_url)
+    dropped = f"2 events for webhook http://127.0.0.1:{hook.port}/*** expired undelivered (kept 1d) and were dropped"
+    assert result.exit_code == 0 and result.stderr == f"Alerts: {dropped}.\n"
+    assert len(hook.requests) == 2 and audit_ids_in(hook.requests[-1].body) == newer, "the newer event is sent"
+
+    def expire_all():
+        with write_transaction(sqlite_engine) as connection:
+            connection.execute(update(notification_deliveries).values(status="pending"))
+        expire()
+
+    expire_all()
+    result = invoke("notify", "--webhook", hook.url(), "--database-url", sqlite_url)
+    assert "3 events for webhook" in result.stderr and "Nothing to deliver" not in result.stderr, result.stderr
+    expire_all()
+    result = invoke("watch", "--once", "--webhook", hook.url(), "--database-url", sqlite_url)
+    assert "alerts: 3 events for webhook" in result.output and "were dropped" in result.output, result.output

@@ -74,13 +74,17 @@ def destination_options(command=None, *, deliver: bool = False):
 def deliver_and_say(state, destinations, timeout: float, *, hint: str = " (`auditctl notify` retries)") -> tuple:
     """Deliver what is due, a message a second while more is due; one ``Alerts:`` line per message
     sent or failed, and one per destination whose events still wait (a backoff, a ``Retry-After``,
-    another sender's claim). Returns (messages sent, failed, destinations waiting). Never raises."""
+    another sender's claim), and one per destination whose events expired undelivered. Returns (messages
+    sent, failed, destinations waiting, events expired). Never raises."""
     from ..notify import deliver, deliveries
 
-    sent = failed = 0
+    sent = failed = expired = 0
     report = None
     for report in deliveries(lambda: deliver(state.engine, destinations, timeout=timeout)):
         for result in report.results:
+            if result.expired:  # alerts dropped: said even with -q
+                expired += result.expired
+                echo_status(state, f"Alerts: {result.describe_expired()}.", force=True)
             if result.sent:
                 sent += 1
                 echo_status(state, f"Alerts: {result.describe()}.")
@@ -90,7 +94,7 @@ def deliver_and_say(state, destinations, timeout: float, *, hint: str = " (`audi
     waiting = report.waiting if report is not None else []  # each run reports every destination
     for result in waiting:
         echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
-    return sent, failed, waiting
+    return sent, failed, waiting, expired
 
 
 class WatchAlerts:
@@ -138,6 +142,8 @@ class WatchAlerts:
         for report in reports:
             for result in report.results:
                 key = result.destination.key
+                if result.expired:
+                    self.echo(f"alerts: {result.describe_expired()}")
                 if result.sent:
                     self.failing.discard(key)
                     if not self.state.quiet:
@@ -209,8 +215,8 @@ def notify(state, fmt, destinations, notify_timeout, show_status):
     from ..notify import backlog
 
     backlog(state.engine)  # a database that cannot be read fails here, with the usual one-line error
-    sent, failed, waiting = deliver_and_say(state, destinations, notify_timeout, hint="")
-    if not sent and not failed and not waiting:
+    sent, failed, waiting, expired = deliver_and_say(state, destinations, notify_timeout, hint="")
+    if not sent and not failed and not waiting and not expired:
         echo_status(state, "Nothing to deliver.")
     if failed or waiting:
         click.get_current_context().exit(EXIT_ERROR)

@@ -71,7 +71,7 @@ class DestinationResult:
     status: int | None = None  # the HTTP status, when there was an answer
     pending: int = 0  # events still undelivered to this destination afterwards
     retry_in: float | None = None  # seconds until the next try of what is pending
-    expired: int = 0  # events that expired undelivered in this call
+    expired: int = 0  # events that expired undelivered in this call (dropped: see ``describe_expired``)
     more: bool = False  # more events were due than one message holds
     seconds: float = 0.0
     #: Delivery rows whose tries count is no number (text another tool wrote): read as 0 tries.
@@ -94,6 +94,15 @@ class DestinationResult:
             return (f"{self.pending} event{'s' if self.pending != 1 else ''} for {label} wait for a retry"
                     + (f" in {_seconds(self.retry_in)}" if self.retry_in is not None else ""))
         return f"nothing to deliver to {label}"
+
+    def describe_expired(self) -> str | None:
+        """One line for people on the events this call dropped because they expired undelivered (None: none)."""
+        if not self.expired:
+            return None
+        from ..outbox import EVENT_TTL
+
+        return (f"{self.expired} event{'s' if self.expired != 1 else ''} for {self.destination.label} expired "
+                f"undelivered (kept {_seconds(EVENT_TTL)}) and {'were' if self.expired != 1 else 'was'} dropped")
 
     def _problems(self) -> str:
         if not self.unreadable_tries:
@@ -307,7 +316,8 @@ def deliver_to(engine: Engine, destination: Destination, *, timeout: float = DEF
             claimed_until = now + timedelta(seconds=timeout + CLAIM_MARGIN)
             rows, result.expired, more = _claim(connection, destination, now, claimed_until, limit)
         if result.expired:
-            log.info("%d alert event(s) for %s expired undelivered", result.expired, destination.label)
+            log.warning("%d alert event(s) for %s expired undelivered and were dropped", result.expired,
+                        destination.label)
         if rows:
             events = [digests.OutboxEvent(id=r.notification_id, created_at=r.created_at, event=r.event,
                                           payload=r.payload if isinstance(r.payload, dict) else {}) for r in rows]
