@@ -1245,3 +1245,18 @@ def test_notify_says_how_many_events_expired_undelivered_when_they_pass_their_ex
     expire_all()
     result = invoke("watch", "--once", "--webhook", hook.url(), "--database-url", sqlite_url)
     assert "alerts: 3 events for webhook" in result.output and "were dropped" in result.output, result.output
+
+
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_webhook_that_redirects_is_not_followed_and_the_error_says_it_redirected_when_it_answers_3xx(sqlite_url,
+                                                                                                      sqlite_engine,
+                                                                                                      hooks, status):
+    """A redirect to another host (or its own): the payload is never posted there, the event is kept,
+    and the line says the webhook redirected (to which host) instead of a bare "HTTP 301"."""
+    hook, elsewhere = hooks(), hooks()
+    hook.always(Answer(status=status, body=b"", headers={"Location": elsewhere.url("moved")}))
+    stuck_and_recovered(sqlite_engine, 1)
+    result = invoke("notify", "--slack-webhook", hook.url(), "--database-url", sqlite_url)
+    assert result.exit_code == 1 and not elsewhere.requests and delivery_states(sqlite_engine) == ["pending"]
+    assert (f"HTTP {status}: the webhook redirects to http://127.0.0.1:{elsewhere.port}/***; redirects are not "
+            "followed: give the URL it redirects to") in result.stderr, result.stderr

@@ -4,7 +4,8 @@ No third-party HTTP client: a POST is all alerts need. The timeout bounds the wh
 not only each socket operation: the request runs in a daemon thread that is abandoned
 when the time is up, so a webhook that trickles its answer byte by byte cannot hold a
 sender longer either. Redirects are not followed (a webhook that redirects is misconfigured,
-and following one would turn the POST into a GET). Error texts never hold the URL.
+and following one would turn the POST into a GET, or post the alert to another host): the
+error says where it points, scheme and host only. Error texts never hold the URL.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import urllib.request
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from .. import __version__
 from ..textsafe import printable
-from ..urls import MASK, secrets_of
+from ..urls import MASK, mask_webhook, secrets_of
 
 #: The longest Retry-After honoured (seconds): a longer one is most likely a mistake.
 MAX_RETRY_AFTER = 3600.0
@@ -107,6 +108,15 @@ def _post(url: str, data: bytes, headers: dict, timeout: float) -> Response:
             body = ""
         retry = retry_after_seconds(error.headers.get("Retry-After")) if error.headers is not None else None
         text = f"HTTP {error.code}" + (f": {body.splitlines()[0][:200]}" if body else "")
+        location = error.headers.get("Location") if error.headers is not None else None
+        if 300 <= error.code < 400 and location:
+            # Where it points, scheme and host only (the new URL may hold the secret too).
+            try:
+                target = mask_webhook(urljoin(url, location.strip()))
+            except ValueError:  # a Location no URL parser reads ("http://[::1")
+                target = "a URL that cannot be read"
+            text = (f"HTTP {error.code}: the webhook redirects to {target}; "
+                    "redirects are not followed: give the URL it redirects to")
         return Response(status=error.code, error=text, retry_after=retry if error.code in (429, 503) else None)
     except urllib.error.URLError as error:
         reason = error.reason
