@@ -1260,3 +1260,33 @@ def test_a_webhook_that_redirects_is_not_followed_and_the_error_says_it_redirect
     assert result.exit_code == 1 and not elsewhere.requests and delivery_states(sqlite_engine) == ["pending"]
     assert (f"HTTP {status}: the webhook redirects to http://127.0.0.1:{elsewhere.port}/***; redirects are not "
             "followed: give the URL it redirects to") in result.stderr, result.stderr
+
+
+def test_a_post_that_times_out_closes_its_connection_when_the_webhook_trickles_its_answer_byte_by_byte():
+    """A webhook that answers one byte at a time, for ever: the POST gives up at its timeout and hangs up,
+    rather than leaving a thread reading the trickle (one more at every retry of a long-running watch)."""
+    import socket
+
+    from auditctl.notify.transport import post_json
+
+    server = socket.create_server(("127.0.0.1", 0))
+    hung_up = threading.Event()
+
+    def trickle():
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            try:
+                for byte in iter(lambda: b"H", None):
+                    connection.send(byte)
+                    time.sleep(0.1)
+            except OSError:
+                hung_up.set()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        response = post_json(f"http://127.0.0.1:{server.getsockname()[1]}/services/{SECRET}", {"text": "x"}, timeout=1)
+        assert response.status is None and response.error == "no answer within 1s"
+        assert hung_up.wait(30), "the POST's thread still reads the trickle"
+    finally:
+        server.close()

@@ -2,17 +2,20 @@
 
 No third-party HTTP client: a POST is all alerts need. The timeout bounds the whole call,
 not only each socket operation: the request runs in a daemon thread that is abandoned
-when the time is up, so a webhook that trickles its answer byte by byte cannot hold a
-sender longer either. Redirects are not followed (a webhook that redirects is misconfigured,
-and following one would turn the POST into a GET, or post the alert to another host): the
-error says where it points, scheme and host only. Error texts never hold the URL.
+when the time is up (its connection shut down, so the thread ends too), so a webhook that
+trickles its answer byte by byte cannot hold a sender longer either. Redirects are not
+followed (a webhook that redirects is misconfigured, and following one would turn the POST
+into a GET, or post the alert to another host): the error says where it points, scheme and
+host only. Error texts never hold the URL.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -46,7 +49,35 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+def _opener(sockets: list) -> urllib.request.OpenerDirector:
+    """An opener that follows no redirect and adds every socket it opens to ``sockets``, so the
+    caller can hang up when its time is up (a thread blocked reading the answer wakes, and ends)."""
+
+    def create_connection(*args, **kwargs):
+        sock = socket.create_connection(*args, **kwargs)
+        sockets.append(sock)
+        return sock
+
+    def tracked(base):
+        class Connection(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._create_connection = create_connection  # what connect() opens the socket with
+
+        return Connection
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, request):
+            return self.do_open(tracked(http.client.HTTPConnection), request)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, request):
+            options = {"context": self._context}
+            if hasattr(self, "_check_hostname"):  # Python before 3.12
+                options["check_hostname"] = self._check_hostname
+            return self.do_open(tracked(http.client.HTTPSConnection), request, **options)
+
+    return urllib.request.build_opener(_NoRedirect, HTTP, HTTPS)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -95,10 +126,10 @@ def hide_url(text: str, url: str) -> str:
     return text
 
 
-def _post(url: str, data: bytes, headers: dict, timeout: float) -> Response:
+def _post(url: str, data: bytes, headers: dict, timeout: float, sockets: list) -> Response:
     request = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
-        with _OPENER.open(request, timeout=timeout) as answer:
+        with _opener(sockets).open(request, timeout=timeout) as answer:
             answer.read(4096)
             return Response(status=answer.status)
     except urllib.error.HTTPError as error:
@@ -135,16 +166,25 @@ def post_json(url: str, body: dict, *, timeout: float, idempotency_key: str | No
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
     outcome: list[Response] = []
+    sockets: list[socket.socket] = []
 
     def run():
         try:
-            outcome.append(_post(url, data, headers, timeout))
+            outcome.append(_post(url, data, headers, timeout, sockets))
         except Exception as error:  # noqa: BLE001 - a sender never raises
             outcome.append(Response(status=None, error=f"no answer: {type(error).__name__}: {error}"))
 
     thread = threading.Thread(target=run, name="auditctl-notify-post", daemon=True)
     thread.start()
     thread.join(timeout + 0.2)
+    if thread.is_alive():
+        # Hang up: a webhook that trickles its answer would otherwise hold the thread (and the
+        # connection) for as long as it likes, one more at every retry of a long-running sender.
+        for sock in list(sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
     response = outcome[0] if outcome else Response(status=None, error=f"no answer within {timeout:g}s")
     if response.error is not None:
         response.error = printable(hide_url(response.error, url))[:300]
