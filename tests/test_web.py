@@ -877,6 +877,26 @@ def test_a_backwards_window_of_a_duration_and_a_time_is_a_400_on_the_audits_page
     assert page.status == 400 and "since is later than until" in page.text
 
 
+def test_the_audits_page_refuses_a_limit_of_all_or_past_its_most_rows_when_asked_for_them(demo_url, demo):
+    """The page re-reads its listing every 3 s: limit=0 (all) or 10^9 rendered every audit of the
+    database again and again (100,000 audits: 67 MB of HTML, 20 s a refresh). The API and
+    ``auditctl list`` still take 0 for all: they answer once."""
+    PAGE_MAX_ROWS = 1000  # auditctl.web.params.PAGE_MAX_ROWS
+
+    with running_dashboard(demo_url) as server:
+        refused = {limit: server.get(f"/audits?limit={limit}") for limit in ("0", "1000000000", str(PAGE_MAX_ROWS + 1))}
+        fragment = server.get("/fragments/audits?limit=0")
+        most = server.get(f"/audits?limit={PAGE_MAX_ROWS}")
+        api_all = server.get("/api/audits?limit=0")
+    for limit, page in refused.items():
+        assert page.status == 400 and f"at most {PAGE_MAX_ROWS}" in page.text and 'role="alert"' in page.text, limit
+        assert "/api/audits" in page.text, "the refusal says where to get them all"
+        assert '<tr id="audit-' not in page.text, limit
+    assert fragment.status == 400 and f"at most {PAGE_MAX_ROWS}" in fragment.text
+    assert most.status == 200 and most.text.count('<tr id="audit-') == len(statuses(demo))
+    assert api_all.status == 200 and len(api_all.json()) == len(statuses(demo))
+
+
 def test_a_sign_in_name_with_a_nul_or_an_escape_acts_and_is_recorded_as_printable_text(demo_url, demo):
     """The name is the actor of every action in the history: a NUL made every action fail on
     PostgreSQL (and marked the audit as needing an operator), and an escape reached the log raw."""

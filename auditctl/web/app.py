@@ -413,10 +413,11 @@ async def stuck_fragment(request: Request):
 
 
 def _audits_fragment(d: Dashboard, request: Request) -> tuple[str, int]:
-    from .params import audit_listing
+    from .params import PAGE_MAX_ROWS, audit_listing
 
     try:
-        filters, sort, descending, limit = audit_listing(Params(request.query_params, blank_is_unset=True))
+        filters, sort, descending, limit = audit_listing(Params(request.query_params, blank_is_unset=True),
+                                                         most=PAGE_MAX_ROWS)
     except ConfigError as error:
         return views.audits_fragment(None, "", error=str(error)), 400
     try:

@@ -148,8 +148,15 @@ def _json_name(value) -> str:
     return "null" if value is None else "[]"
 
 
-def audit_listing(params: Params):
-    """``GET /audits`` and ``/api/audits``: what ``auditctl list`` takes. Returns (filters, sort, descending, limit)."""
+#: The most audits the ``/audits`` page lists: it reads its listing again every few seconds, so
+#: "all" (``limit=0``) of a large database would be rendered over and over. The API (and
+#: ``auditctl list``) answer once, and still take 0 for all.
+PAGE_MAX_ROWS = 1000
+
+
+def audit_listing(params: Params, *, most: int | None = None):
+    """``GET /audits`` and ``/api/audits``: what ``auditctl list`` takes. Returns (filters, sort, descending, limit).
+    ``most``: the page's cap (``PAGE_MAX_ROWS``): a limit of 0 (all) or above it is refused."""
     from ..audits import SORTS, AuditFilters
 
     filters = AuditFilters(statuses=params.items("status", STATUSES), workers=params.items("worker"),
@@ -159,7 +166,11 @@ def audit_listing(params: Params):
     if sort not in SORTS:
         raise ConfigError(f"sort: {sort!r} is not one of {', '.join(SORTS)}")
     descending = (sort in ("id", "created")) != params.flag("reverse")
-    return filters, sort, descending, params.integer("limit", 50)
+    limit = params.integer("limit", 50)
+    if most is not None and not 1 <= limit <= most:
+        raise ConfigError(f"limit: this page lists at most {most} audits (it refreshes every few seconds); "
+                          f"for more, or for all (limit=0), use /api/audits or auditctl list")
+    return filters, sort, descending, limit
 
 
 def stuck_listing(params: Params):
