@@ -613,6 +613,22 @@ def test_the_stuck_list_keeps_its_own_last_figures_dimmed_while_the_database_is_
     assert "3 stuck audits." in during.text and "blog.example.net" in during.text
 
 
+@sqlite_only
+def test_a_recover_pressed_while_the_database_is_away_says_so_in_whole_sentences(demo_url, demo, tmp_path):
+    """The error ran into the next sentence: "...: unable to open database file Nothing was changed."."""
+    path = Path(demo_url.removeprefix("sqlite:///"))
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in()
+        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+        path.rename(tmp_path / "away.db")
+        try:
+            answer = server.post("/actions/recover", form={"csrf_token": csrf}, headers=headers)
+        finally:
+            path.with_name("away.db").rename(path)
+    assert answer.status == 503 and "The database is unreachable: " in answer.text
+    assert "unable to open database file. Nothing was changed." in answer.text, answer.text
+
+
 def _hidden_fields(html: str) -> dict:
     import re
 

@@ -607,7 +607,9 @@ def _action_problem(error: Exception, d: Dashboard) -> tuple[int, str]:
 
 def _action_error(request: Request, error: Exception, d: Dashboard) -> Response:
     status, text = _action_problem(error, d)
-    return _panel(request, status, views.refusal(status, text + (" Nothing was changed." if _not_reached(error) else "")))
+    if _not_reached(error):  # a sentence of its own: the error's last words end without a full stop
+        text = f"{text.rstrip('.')}. Nothing was changed."
+    return _panel(request, status, views.refusal(status, text))
 
 
 def _confirmation_failed(request: Request, error: Exception, d: Dashboard, session: Session, plan_id: str, entry,
