@@ -629,6 +629,32 @@ def test_a_recover_pressed_while_the_database_is_away_says_so_in_whole_sentences
     assert "unable to open database file. Nothing was changed." in answer.text, answer.text
 
 
+@sqlite_only
+def test_the_pages_list_the_first_500_stuck_audits_and_count_the_rest_when_thousands_are_stuck(demo_url, demo):
+    """The overview and the stuck list refresh every second and listed every stuck audit: 12,000 stuck
+    (a fleet-wide incident) made 5 MB of HTML each second, per open page."""
+    from sqlalchemy import text
+
+    with write_transaction(demo) as connection:
+        connection.execute(text(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 700) "
+            "INSERT INTO audits (target, status, created_at, started_at, heartbeat_at, attempts, worker_id, lease) "
+            "SELECT 'https://example.com/' || i, 'running', strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
+            "strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
+            "1, 'worker-x', 'lease-' || i FROM n"))
+    stuck = len(cli_json(demo_url, "scan"))
+    assert stuck > 700
+    with running_dashboard(demo_url) as server:
+        listing = server.get("/fragments/stuck")
+        overview = server.get("/fragments/overview")
+    for answer in (listing, overview):
+        assert answer.status == 200
+        assert answer.text.count('<tr id="stuck-') == 500
+        assert f"and {stuck - 500} more stuck audits, not listed here" in answer.text
+    assert f"{stuck} stuck audits." in listing.text
+    assert f'<span class="n" id="count-stuck">{stuck}</span>' in overview.text
+
+
 def _hidden_fields(html: str) -> dict:
     import re
 

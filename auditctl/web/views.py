@@ -221,12 +221,18 @@ def recover_button(viewer: Viewer, audit_id: int, label: str = "Recover…") -> 
             f'<button type="submit" class="small"{named}>{e(label)}</button></form>')
 
 
+#: The most stuck audits a page lists. The overview and the stuck list refresh every second: in a
+#: fleet-wide incident, thousands of rows each second would hold the server and the browser. The
+#: counts stay whole, and Recover all stuck takes every one.
+STUCK_ROWS_SHOWN = 500
+
+
 def stuck_table(viewer: Viewer, verdicts: list[dict]) -> str:
     if not verdicts:
         return '<p class="empty" id="no-stuck">No stuck audits.</p>'
     act = viewer.can_act
     rows = []
-    for v in verdicts:
+    for v in verdicts[:STUCK_ROWS_SHOWN]:
         why = lines(v.get("explanation"))
         if v.get("problems"):
             why += f'<div class="problems">problems: {e(", ".join(v["problems"]))}</div>'
@@ -245,7 +251,11 @@ def stuck_table(viewer: Viewer, verdicts: list[dict]) -> str:
         )
     head = ("<tr><th>ID</th><th>Target</th><th>Reasons</th><th>Worker</th><th>Step</th><th>Silent</th>"
             "<th>Age</th><th>Why</th>" + ("<th></th>" if act else "") + "</tr>")
-    return f'<table class="grid" id="stuck-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+    hidden = len(verdicts) - len(rows)
+    more = (f'<p class="muted" id="stuck-more">and {plural(hidden, "more stuck audit")}, not listed here (the page '
+            f'lists the first {STUCK_ROWS_SHOWN}): Recover all stuck takes them all; <code>GET /api/stuck</code> '
+            f'or <code>auditctl scan</code> lists them.</p>') if hidden > 0 else ""
+    return f'<table class="grid" id="stuck-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>{more}'
 
 
 def audits_table(records: list[dict], *, table_id: str = "audits-table", with_status: bool = True) -> str:
