@@ -395,6 +395,18 @@ def test_static_files_may_be_cached_and_nothing_else_may(demo_url):
     assert script.headers.get("x-content-type-options") == "nosniff"
     assert page.headers.get("cache-control") == "no-store" and api.headers.get("cache-control") == "no-store"
 
+def test_no_other_site_may_load_an_answer_or_keep_a_handle_on_a_dashboard_window_when_it_opens_one(demo_url):
+    """Reads need no credential, so a page on any site the operator visits could load
+    ``/api/overview`` (or a page) as an image or a script: the browser hides the bytes, yet puts them
+    in that site's process. Every answer now refuses other origins (CORP), and a dashboard window
+    opened from another site keeps no ``window.opener`` link to it (COOP)."""
+    with running_dashboard(demo_url) as server:
+        answers = {path: server.get(path) for path in ("/", "/api/overview", "/static/dashboard.js", "/nope", "/login")}
+    for path, answer in answers.items():
+        assert answer.headers.get("cross-origin-resource-policy") == "same-origin", path
+        assert answer.headers.get("cross-origin-opener-policy") == "same-origin", path
+
+
 def _reset_on_the_page(server, *, twice: bool = False):
     """Sign in as bob, press Reset All Audits, confirm (twice: the same confirmation again):
     (the preview, the confirmation's answer, the second answer or None)."""

@@ -58,6 +58,10 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"same-origin"),
+    # Reads need no credential: no other site may load an answer as an image or a script (its
+    # bytes would sit in that site's process), nor keep a handle on a dashboard window it opened.
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
 ]
 
 
