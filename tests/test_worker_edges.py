@@ -282,7 +282,6 @@ def test_a_lease_lost_event_refused_at_the_time_is_recorded_by_the_next_heartbea
     assert len([e for e in events(engine, audit_id) if e["event"] == "lease_lost"]) == 1, "recorded once"
 
 
-
 def test_an_owed_lease_lost_event_is_recorded_once_when_an_earlier_attempt_went_through_unanswered(engine, guards):
     """The owed record was made, but its answer never came back (the connection died after the
     COMMIT went out), so the guard still owes it and tries again: the history must hold it once."""
