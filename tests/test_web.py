@@ -1180,6 +1180,18 @@ def test_a_return_address_with_quotes_stays_inside_its_attribute_on_the_sign_in_
     assert 'name="next" value="/audits?x=&quot;onfocus=&quot;alert(1)"' in wrong.text
     assert 'onfocus="alert' not in wrong.text
 
+def _confirmation_offered(server, action: str, *, name: str):
+    """Sign in as ``name`` and press Reset All Audits or Recover: (headers, the path that confirms,
+    the confirming form, the preview's answer)."""
+    cookie, csrf = server.sign_in(name=name)
+    headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
+    preview, confirm = (("/actions/reset-all", "/actions/reset-all/confirm") if action == "reset"
+                        else ("/actions/recover", "/actions/recover"))
+    shown = server.post(preview, form={"csrf_token": csrf}, headers=headers)
+    plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+    return headers, confirm, {"csrf_token": csrf, "plan": plan, "confirm": "1"}, shown
+
+
 def _database_away(demo):
     """(take it away, bring it back): on SQLite the file moves away and back; on PostgreSQL every
     change of an audit fails as in an administrator's shutdown (SQLSTATE 57P01), before any commits."""
@@ -1202,13 +1214,8 @@ def test_a_confirmation_the_database_failed_before_any_change_stays_usable_once(
     before = statuses(demo)
     away, back = _database_away(demo)
     with running_dashboard(demo_url) as server:
-        cookie, csrf = server.sign_in(name="dora")
-        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
-        preview, confirm = (("/actions/reset-all", "/actions/reset-all/confirm") if action == "reset"
-                            else ("/actions/recover", "/actions/recover"))
-        shown = server.post(preview, form={"csrf_token": csrf}, headers=headers)
-        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
-        form = {"csrf_token": csrf, "plan": plan, "confirm": "1"}
+        headers, confirm, form, _shown = _confirmation_offered(server, action, name="dora")
+        plan = form["plan"]
         away()
         try:
             failed = server.post(confirm, form=form, headers=headers)
@@ -1236,15 +1243,10 @@ def test_a_confirmation_refused_by_the_roles_privileges_says_to_press_again_once
     from dbtools import drop_trigger, install_abort_trigger
 
     with running_dashboard(demo_url) as server:
-        cookie, csrf = server.sign_in(name="dora")
-        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
-        preview, confirm = (("/actions/reset-all", "/actions/reset-all/confirm") if action == "reset"
-                            else ("/actions/recover", "/actions/recover"))
-        shown = server.post(preview, form={"csrf_token": csrf}, headers=headers)
-        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
+        headers, confirm, form, _shown = _confirmation_offered(server, action, name="dora")
         install_abort_trigger(demo, "no_privilege", errcode="42501")
         try:
-            failed = server.post(confirm, form={"csrf_token": csrf, "plan": plan, "confirm": "1"}, headers=headers)
+            failed = server.post(confirm, form=form, headers=headers)
         finally:
             drop_trigger(demo, "no_privilege")
     assert "will not let auditctl write" in failed.text, failed.text
@@ -1263,11 +1265,7 @@ def test_a_recovery_confirmed_on_the_page_and_stopped_partway_says_what_it_did_a
     stuck = sorted(r["id"] for r in cli_json(demo_url, "scan", "-o", "json"))
     install_abort_trigger(demo, "outage", when_pg=f"NEW.status = 'failed' AND NEW.id > {stuck[499]}", errcode="57P01")
     with running_dashboard(demo_url) as server:
-        cookie, csrf = server.sign_in(name="eve")
-        headers = {"Cookie": cookie, "Origin": server.origin, "HX-Request": "true"}
-        shown = server.post("/actions/recover", form={"csrf_token": csrf}, headers=headers)
-        plan = shown.text.split('name="plan" value="', 1)[1].split('"', 1)[0]
-        form = {"csrf_token": csrf, "plan": plan, "confirm": "1"}
+        headers, _confirm, form, _shown = _confirmation_offered(server, "recover", name="eve")
         confirmed = server.post("/actions/recover", form=form, headers=headers)
         again = server.post("/actions/recover", form=form, headers=headers)
     assert confirmed.status == 503
