@@ -645,15 +645,7 @@ def test_a_recover_pressed_while_the_database_is_away_says_so_in_whole_sentences
 def test_the_pages_list_the_first_500_stuck_audits_and_count_the_rest_when_thousands_are_stuck(demo_url, demo):
     """The overview and the stuck list refresh every second and listed every stuck audit: 12,000 stuck
     (a fleet-wide incident) made 5 MB of HTML each second, per open page."""
-    from sqlalchemy import text
-
-    with write_transaction(demo) as connection:
-        connection.execute(text(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 700) "
-            "INSERT INTO audits (target, status, created_at, started_at, heartbeat_at, attempts, worker_id, lease) "
-            "SELECT 'https://example.com/' || i, 'running', strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
-            "strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
-            "1, 'worker-x', 'lease-' || i FROM n"))
+    _add_stuck_running(demo, 700)
     stuck = len(cli_json(demo_url, "scan"))
     assert stuck > 700
     with running_dashboard(demo_url) as server:
@@ -667,6 +659,19 @@ def test_the_pages_list_the_first_500_stuck_audits_and_count_the_rest_when_thous
     assert f'<span class="n" id="count-stuck">{stuck}</span>' in overview.text
 
 
+def _add_stuck_running(demo, count: int) -> None:
+    """SQLite: ``count`` audits running for two hours without a heartbeat since, by worker-x."""
+    from sqlalchemy import text
+
+    with write_transaction(demo) as connection:
+        connection.execute(text(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count) "
+            "INSERT INTO audits (target, status, created_at, started_at, heartbeat_at, attempts, worker_id, lease) "
+            "SELECT 'https://example.com/' || i, 'running', strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
+            "strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
+            "1, 'worker-x', 'lease-' || i FROM n"), {"count": count})
+
+
 def _hidden_fields(html: str) -> dict:
     import re
 
@@ -677,15 +682,7 @@ def _hidden_fields(html: str) -> dict:
 def test_recover_all_confirmed_as_the_page_served_it_recovers_thousands_of_stuck_audits_once(demo_url, demo):
     """The confirmation used to carry one hidden id per audit: past 64 KiB (about 6,500 audits) the
     form was read as empty and refused as a forged request, so it could never be confirmed."""
-    from sqlalchemy import text
-
-    with write_transaction(demo) as connection:
-        connection.execute(text(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 7000) "
-            "INSERT INTO audits (target, status, created_at, started_at, heartbeat_at, attempts, worker_id, lease) "
-            "SELECT 'https://example.com/' || i, 'running', strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
-            "strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), strftime('%Y-%m-%d %H:%M:%f000', 'now', '-2 hours'), "
-            "1, 'worker-x', 'lease-' || i FROM n"))
+    _add_stuck_running(demo, 7_000)
     stuck = len(cli_json(demo_url, "scan"))
     assert stuck > 7000
     with running_dashboard(demo_url) as server:
