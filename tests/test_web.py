@@ -326,6 +326,15 @@ def test_sign_in_sets_an_httponly_samesite_strict_session_cookie(demo_url, demo)
 
 
 @sqlite_only
+def test_a_token_pasted_with_spaces_or_a_newline_signs_in_as_the_api_takes_it(demo_url, demo):
+    """The API and ``serve --token`` strip the token; the sign-in form did not, so a token pasted with
+    its line's end was "not the dashboard's token"."""
+    with running_dashboard(demo_url) as server:
+        cookie, csrf = server.sign_in(token=f"  {TOKEN}\n", name="pat")
+        page = server.get("/", headers={"Cookie": cookie})
+    assert csrf and "Signed in as <strong>pat</strong>" in page.text
+
+@sqlite_only
 def test_a_cross_site_request_is_refused_even_with_a_valid_session_and_changes_nothing(demo_url, demo):
     before = statuses(demo)
     with running_dashboard(demo_url) as server:
@@ -1298,6 +1307,18 @@ def test_a_worker_registry_row_that_cannot_be_read_is_shown_as_unreadable_when_l
     row = page.text.split(f'>{victim[:8]}<', 1)[1].split("</tr>", 1)[0]
     assert 'class="state w-unreadable">unreadable<' in row and "row_unreadable: ValueError" in row
 
+
+@sqlite_only
+def test_the_outage_banner_starts_the_databases_error_as_a_sentence_when_the_file_is_emptied(demo_url, demo):
+    """It read "Database unreachable. the database at ... has no auditctl schema": the error's own
+    first word in lower case, after a full stop."""
+    with running_dashboard(demo_url) as server:
+        Path(demo.url.database).write_bytes(b"")
+        page = wait_for(lambda: (answer := server.get("/")) and 'id="db-banner"' in answer.text and answer,
+                        timeout=20, message="the outage banner")
+    banner = page.text.split('id="db-banner">', 1)[1].split("</div>", 1)[0]
+    error = banner.split("</strong> ", 1)[1]
+    assert error[:1].isupper(), banner
 
 def test_dashboard_shows_the_database_unavailable_when_libpq_refuses_a_url_value_on_connecting(tmp_path):
     """A value libpq reads only on connecting (``keepalives=abc``) is a usage error for the commands;

@@ -515,7 +515,8 @@ async def login(request: Request):
     form = await read_form(request) or {}
     # The page the person asked for before signing in: a path on this dashboard, never another site.
     back_to = return_path(form.get("next"))
-    right = await d.wrong_tokens.judge(str(form.get("token") or ""), d.token, what="sign-in", request=request)
+    # Stripped as the API's bearer token and serve's --token are: a token pasted with a newline still signs in.
+    right = await d.wrong_tokens.judge(str(form.get("token") or "").strip(), d.token, what="sign-in", request=request)
     if right is None:
         return HTMLResponse(views.login_page(viewer, "Too many wrong tokens at once: try again in a few seconds.", back_to),
                             status_code=429, headers=FLOODED_RETRY_AFTER)

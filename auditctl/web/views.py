@@ -165,12 +165,17 @@ def message(kind: str, text_html: str) -> str:
     return f'<div class="msg {kind}"{role}>{text_html}</div>'
 
 
+def _sentence(text: str) -> str:
+    """``text`` as a sentence after another: its first letter a capital."""
+    return text[:1].upper() + text[1:]
+
+
 def health_banner(error: str | None, lost_for: float | None, back_for: float | None) -> str:
     """The database banner: an alert while it is unreachable, a short note once it is back."""
     if error is not None:
         since = f" for {dur(lost_for)}" if lost_for is not None and lost_for >= 1 else ""
         return (f'<div class="banner" role="alert" id="db-banner"><strong>Database unreachable{since}.</strong> '
-                f'{e(error.rstrip("."))}. The dashboard keeps trying and updates by itself when it is back.</div>')
+                f'{e(_sentence(error.rstrip(".")))}. The dashboard keeps trying and updates by itself when it is back.</div>')
     if back_for is not None and back_for < 10:
         return '<div class="banner back" role="status" id="db-back">Database back: the figures below are live again.</div>'
     return ""
