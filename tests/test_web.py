@@ -177,6 +177,25 @@ def test_api_actions_answer_500_naming_the_audits_the_database_refused_and_list_
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"])
+def test_api_actions_the_roles_privileges_refuse_say_nothing_was_changed(demo_url, demo):
+    """A dashboard whose role may not write (SQLSTATE 42501: SELECT only, or a standby): the API said
+    the database's refusal and left the caller to guess whether some batch had gone through."""
+    from dbtools import drop_trigger, install_abort_trigger
+
+    before = statuses(demo)
+    install_abort_trigger(demo, "no_privilege", errcode="42501")
+    try:
+        with running_dashboard(demo_url) as server:
+            recovered = server.post("/api/recover", json_body={}, headers=BEARER)
+            reset = server.post("/api/reset-all", json_body={}, headers=BEARER)
+    finally:
+        drop_trigger(demo, "no_privilege")
+    for answer in (recovered, reset):
+        assert answer.status == 503, answer.text
+        assert answer.json()["error"].endswith("; nothing was changed"), answer.text
+    assert statuses(demo) == before
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
 def test_api_actions_stopped_partway_answer_503_listing_what_their_committed_batches_did(demo_url, demo):
     """An outage after the first batch of 500 (a trigger raising SQLSTATE 57P01, an administrator's
     shutdown): the answer names the error, lists the audits that were changed and names the one that
@@ -1354,7 +1373,7 @@ def test_recover_answers_the_database_unreachable_not_refused_when_libpq_refuses
         confirm = server.post("/actions/recover", form={"csrf_token": csrf, "confirm": "1"}, headers=headers)
         reset = server.post("/actions/reset-all", form={"csrf_token": csrf}, headers=headers)
     assert stuck.status == api.status == 503, (stuck.text, api.text)
-    assert api.json() == stuck.json()
+    assert api.json() == {"error": stuck.json()["error"] + "; nothing was changed"}, "the read's error, and what the action did"
     for answer in (preview, confirm, reset):
         assert answer.status == 503, answer.text
         assert "The database is unreachable: " in answer.text and "Refused" not in answer.text

@@ -300,14 +300,17 @@ def _action_error(problem: Exception, d) -> Response:
         return error(413, f"the request body is larger than {MAX_BODY // 1024} KiB: its parameters are a few filters")
     if request_at_fault(problem):
         return error(400, str(problem))
-    if isinstance(problem, Outage):
-        return error(503, str(problem))
-    from ..recovery import ConcurrentChange
+    from ..recovery import ConcurrentChange, committed_before
 
     if isinstance(problem, ConcurrentChange):
         return error(409, f"{problem}: try again")
+    # As the dashboard's panels say it: a change that failed before any batch committed (or that the
+    # database refused as a whole) changed nothing, and a caller deciding whether to retry needs that.
+    unchanged = "; nothing was changed" if isinstance(problem, (Outage, AuditctlError)) and committed_before(problem) is None else ""
+    if isinstance(problem, Outage):
+        return error(503, f"{str(problem).rstrip('.')}{unchanged}")
     if isinstance(problem, (AuditctlError, SQLAlchemyError, OSError)):
-        return error(503, d.safe_message(problem))
+        return error(503, f"{d.safe_message(problem).rstrip('.')}{unchanged}")
     raise problem
 
 
