@@ -13,8 +13,10 @@ trusted plus a list of the problems it found, and never raises.
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -48,25 +50,33 @@ class DocumentError(ValueError):
 
 
 def _count(value) -> int | None:
-    """A task count if it is a whole number in 0..MAX_COUNT, else None."""
+    """A task count if it is a whole number in 0..MAX_COUNT, else None (a worker's ``Decimal("3")``,
+    ``Fraction(6, 2)`` is a whole number too; a stored document holds ints and floats)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
+    if not isinstance(value, int) and isinstance(value, _NUMBERS):
+        number = _fraction(value)
+        value = int(value) if number is not None and number.is_integer() and value == int(value) else None
     if not isinstance(value, int) or value < 0 or value > MAX_COUNT:
         return None
-    return value
+    return int(value)
 
 
 def _fraction(value) -> float | None:
-    """A finite number as a float, else None (text, NaN, infinities, ints too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite number as a float, else None (text, NaN, infinities, ints too large for a float).
+    Any real number a worker may hold (``Decimal``, ``Fraction``, any ``numbers.Real``) counts."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) + _NUMBERS):
         return None
     try:
         number = float(value)
-    except OverflowError:
+    except (OverflowError, ValueError, TypeError):  # a huge int; Decimal("sNaN")
         return None
     return number if math.isfinite(number) else None
+
+
+#: The numbers besides int and float: every ``numbers.Real`` (Fraction, and those libraries register), and Decimal, which
+#: the standard library registers as a Number only.
+_NUMBERS = (numbers.Real, decimal.Decimal)
 
 
 def derive_percentage(percentage, completed_tasks, total_tasks) -> float | None:

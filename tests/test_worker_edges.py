@@ -308,6 +308,28 @@ def test_an_owed_lease_lost_event_is_recorded_once_when_an_earlier_attempt_went_
 # --- what the library stores it can read back ---------------------------------------------------
 
 
+def test_progress_given_as_decimals_and_fractions_is_stored_not_dropped_as_invalid(engine, guards, caplog):
+    """A percentage computed with ``decimal`` (money-style code, a database's NUMERIC) or counts
+    that are whole ``Fraction``/``Decimal`` values were dropped as invalid, with a warning."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    guard = guards()
+    audit_id = guard.create_audit("https://example.com/decimal")
+    with guard.run(audit_id) as run:
+        assert run.update_progress(step="Crawling", percentage=Decimal("42.5"), completed_tasks=Decimal("3"),
+                                   total_tasks=Fraction(12, 2)) is True
+        document = row(engine, audit_id)["progress"]["progress"]
+    assert (document["percentage"], document["completed_tasks"], document["total_tasks"]) == (42.5, 3, 6)
+    assert type(document["completed_tasks"]) is int and type(document["percentage"]) is float
+    assert not [r for r in caplog.records if "adjusted" in r.getMessage()]
+    with guard.run(guard.create_audit("https://example.com/decimal-odd")) as run:
+        assert run.update_progress(percentage=Decimal("NaN"), completed_tasks=Decimal("2.5"), total_tasks=Decimal("sNaN"))
+        document = row(engine, run.audit_id)["progress"]["progress"]
+    assert (document["percentage"], document["completed_tasks"], document["total_tasks"]) == (0.0, None, None), \
+        "NaN, a fraction of a task and a signalling NaN are refused, as their float and text forms are"
+
+
 def test_the_worker_stores_clamped_values_not_what_it_was_handed(engine, guards):
     guard = guards()
     audit_id = guard.create_audit("https://example.com/clamped")
