@@ -73,6 +73,10 @@ _SQLITE_WAIT = {"worker": WORKER_LOCK_WAIT, "operator": OPERATOR_LOCK_WAIT, "rea
 
 def normalize_url(database_url: str | URL) -> URL:
     """Parse a URL; ``postgresql://`` and ``postgres://`` mean psycopg 3, the driver we ship."""
+    if not isinstance(database_url, (str, URL)):
+        # An Engine or a connection handed where the URL goes: its repr is no URL, and says nothing useful.
+        raise ConfigError(f"the database URL must be text or a SQLAlchemy URL, not {type(database_url).__name__}"
+                          + (" (pass engine.url)" if hasattr(database_url, "url") else ""))
     try:
         url = make_url(database_url.strip() if isinstance(database_url, str) else database_url)
     except (sa_exc.ArgumentError, ValueError, TypeError):

@@ -338,6 +338,20 @@ def test_unsupported_or_unreadable_url_is_a_config_error(url):
         assert "cannot read the database URL" in str(caught.value) and "sqlite:///" in str(caught.value)
 
 
+def test_an_engine_handed_where_the_url_goes_is_refused_saying_to_pass_its_url(tmp_path):
+    """The guard said "cannot read the database URL 'Engine(sqlite:///...)'", as if the text were mistyped."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'given.db'}")
+    try:
+        with pytest.raises(ConfigError) as caught:
+            StuckAuditPrevention(engine, worker_id="w")
+        assert str(caught.value) == "the database URL must be text or a SQLAlchemy URL, not Engine (pass engine.url)"
+        with pytest.raises(ConfigError, match="not int$"):
+            create_engine(5432)
+        guard = StuckAuditPrevention(engine.url, worker_id="w")  # as the message says
+        guard.close()
+    finally:
+        engine.dispose()
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true",
                                  "sqlite:////tmp/named.db?vfs=memdb", "sqlite:///file:named%3Fmode%3Dmemory?uri=true"])
 def test_an_in_memory_sqlite_database_is_refused_as_nothing_would_outlive_the_process(url, tmp_path):
