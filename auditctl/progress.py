@@ -65,7 +65,7 @@ def _count(value) -> int | None:
 def _fraction(value) -> float | None:
     """A finite number as a float, else None (text, NaN, infinities, ints too large for a float).
     Any real number a worker may hold (``Decimal``, ``Fraction``, any ``numbers.Real``) counts."""
-    if isinstance(value, bool) or not isinstance(value, (int, float) + _NUMBERS):
+    if isinstance(value, bool) or not isinstance(value, _REAL):
         return None
     try:
         number = float(value)
@@ -74,9 +74,10 @@ def _fraction(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-#: The numbers besides int and float: every ``numbers.Real`` (Fraction, and those libraries register), and Decimal, which
-#: the standard library registers as a Number only.
+#: The numbers besides int and float: every ``numbers.Real`` (Fraction, and those other libraries
+#: register), and Decimal, which the standard library registers as a Number only.
 _NUMBERS = (numbers.Real, decimal.Decimal)
+_REAL = (int, float, *_NUMBERS)
 
 
 def derive_percentage(percentage, completed_tasks, total_tasks) -> float | None:
