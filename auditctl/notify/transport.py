@@ -180,12 +180,15 @@ def post_json(url: str, body: dict, *, timeout: float, idempotency_key: str | No
     if thread.is_alive():
         # Hang up: a webhook that trickles its answer would otherwise hold the thread (and the
         # connection) for as long as it likes, one more at every retry of a long-running sender.
+        # The answer is the timeout's: what the thread makes of the cut connection comes too late.
         for sock in list(sockets):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-    response = outcome[0] if outcome else Response(status=None, error=f"no answer within {timeout:g}s")
+        response = Response(status=None, error=f"no answer within {timeout:g}s")
+    else:
+        response = outcome[0] if outcome else Response(status=None, error=f"no answer within {timeout:g}s")
     if response.error is not None:
         response.error = printable(hide_url(response.error, url))[:300]
     return response
