@@ -335,6 +335,7 @@ def test_escape_sequences_are_shown_not_executed_in_every_human_format(engine, d
 INVISIBLE = "\u034f\u115f\u1160\u3164\uffa0\ufe00\ufe0f\U000e0100\u17b4\u180b"
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)  # rendering, not the engine
 def test_invisible_fillers_and_selectors_are_shown_escaped_when_a_target_or_worker_id_holds_them(engine, database_url):
     # "worker-1" and "worker-1" + a Hangul filler or a variation selector look the same on a terminal.
     target, worker = "https://pay\u034fments.example/" + INVISIBLE, "worker-1\u3164\ufe0f"
@@ -352,6 +353,7 @@ def test_invisible_fillers_and_selectors_are_shown_escaped_when_a_target_or_work
     assert not re.search(f"[{INVISIBLE}]", as_json.stdout), "escaped inside JSON strings"
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)  # rendering, not the engine
 def test_text_with_combining_accents_is_not_cut_when_its_column_holds_it(engine, database_url):
     # "wo\u0308rker-5" (decomposed, as macOS writes file names) is 9 characters in 8 cells: it was cut to
     # "wörker-…" in a column 8 cells wide, even with --wide, hiding which worker it was.

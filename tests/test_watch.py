@@ -96,6 +96,7 @@ def test_watch_once_recovers_stuck_audits_and_prints_log_lines_when_not_a_termin
     assert actors.count("auditctl watch") == 3
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # a log line's text, not the engine
 def test_watch_log_lines_cut_a_target_as_a_table_cell_does_when_it_is_megabytes(demo, engine):
     from auditctl.textsafe import MAX_CELL
 
@@ -327,6 +328,7 @@ def test_watch_piped_into_a_reader_that_leaves_stops_quietly(demo, tmp_path):
     assert piped.stdout.startswith(tuple("0123456789")) and "watching" in piped.stdout
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # the pipe, not the engine
 def test_watch_piped_stops_quietly_when_its_reader_leaves_and_nothing_more_is_logged(demo, tmp_path):
     # The reader takes what is in the pipe, then leaves; with the stuck audits already logged and the
     # next pass an hour away, watch used to run on (and the shell's pipeline with it) until it wrote
@@ -345,6 +347,7 @@ def test_watch_piped_stops_quietly_when_its_reader_leaves_and_nothing_more_is_lo
     assert piped.returncode == 0 and stderr == "watch stopped.\n", stderr
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # the pipe, not the engine
 @pytest.mark.parametrize("reader", ["head -c 1 >/dev/null", "(exec <&-; sleep 0.2)"])  # a frame drawn; none
 def test_watch_live_forced_into_a_pipe_stops_quietly_when_its_reader_leaves(demo, tmp_path, reader):
     # As the log lines do: rich's own answer to a gone reader was exit 1, without a word.
