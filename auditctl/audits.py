@@ -16,14 +16,15 @@ from typing import Iterator
 from sqlalchemy import false, or_, select
 from sqlalchemy.engine import Engine
 
-from .db import fetch_now, is_postgres, keyset_pages, moments, read_connection, stored_time
 from .errors import AuditNotFound, ConfigError
 from .history import Event, events_for
 from .progress import read_progress
 from .rules import FUTURE_TOLERANCE, isolate
 from .schema import IS_RUNNING, RUNNING, STATUSES, audits
+from .sqlfunctions import fetch_now, is_postgres, moments, stored_time
 from .thresholds import check_window
 from .timestamps import Unreadable, as_datetime, parse, to_storage
+from .transactions import keyset_pages, read_connection
 from .values import MAX_INT, MIN_INT, THRESHOLD_COLUMNS, float_value, invalid_thresholds, safe_int, text_value
 
 PAGE_SIZE = 2000

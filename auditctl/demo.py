@@ -16,13 +16,14 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from . import leases
-from .db import fetch_now, read_connection, write_transaction
 from .errors import AuditctlError
 from .history import Actor
 from .progress import derive_percentage, isoformat_z, signature
 from .recovery import recover_stuck
 from .schema import audits, workers
+from .sqlfunctions import fetch_now
 from .thresholds import Thresholds
+from .transactions import read_connection, write_transaction
 
 TARGETS = [
     "https://shop.example.com", "https://api.example.com", "https://intranet.example.org", "https://blog.example.net",

@@ -17,10 +17,10 @@ from datetime import datetime
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection, Engine
 
-from .db import read_connection
-from .schema import audit_events
 from .documents import dumps_strict
+from .schema import audit_events
 from .timestamps import as_datetime, to_storage
+from .transactions import read_connection
 from .values import safe_int, text_value
 
 RECOVERED = "recovered"

@@ -38,12 +38,13 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from .db import fetch_now, is_postgres, read_connection
 from .errors import ConfigError
 from .report import Sql, percentile, window
 from .schema import COMPLETED
+from .sqlfunctions import fetch_now, is_postgres
 from .thresholds import MAX_DURATION, MAX_KIND, MIN_STALE_AFTER, STALE_INTERVALS, Policy, format_duration, kind_name
 from .timestamps import isoformat_z
+from .transactions import read_connection
 from .values import float_value, sane_duration, text_value
 
 #: Proposals are this multiple of the 99th percentile of what healthy audits showed.

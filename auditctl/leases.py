@@ -26,14 +26,14 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history
-from .db import (HeldConnection, PreparedWrite, db_now, fetch_now, pg_seconds_since, retried_transaction, single_write,
-                 write_transaction)
 from .errors import AuditctlError, AuditNotClaimable, AuditNotFound, ConfigError, LeaseLost
 from .history import Actor
 from .progress import build_document
 from .schema import COMPLETED, FAILED, PENDING, RUNNING, Document, audit_events, audits
+from .sqlfunctions import db_now, fetch_now, pg_seconds_since
 from .textsafe import printable
 from .thresholds import kind_name
+from .transactions import HeldConnection, PreparedWrite, retried_transaction, single_write, write_transaction
 from .values import storable_text, text_value
 
 log = logging.getLogger("auditctl")  # the worker's logger: its lease-lost warnings go with the guard's
@@ -123,7 +123,7 @@ def _stamped_pg(element, compiler, **kw):
 class _seconds_since_column(FunctionElement):
     """Seconds from a stored time to now, in an UPDATE (NULL when the time is missing or unreadable).
 
-    Not ``db.seconds_since``: on SQLite this reads the column as it is, with no call back into
+    Not ``sqlfunctions.seconds_since``: on SQLite this reads the column as it is, with no call back into
     Python (``auditctl_utc``) in a worker's every write. The times it reads are the ones the
     worker's own writes keep, in the canonical form; one ``julianday`` cannot read is NULL,
     which ``_greatest`` takes as 0."""
@@ -302,8 +302,8 @@ def write_progress(engine: Engine, lease: Lease, fields: dict, signature: str, e
     """Store a full progress report. Raises DocumentError (nothing written) or LeaseLost.
 
     Returns the document as built (its stamps are the database's, set in the UPDATE). ``held``:
-    the run's own connection (``db.HeldConnection``), for this and the other single writes;
-    ``timeout``: how long the write may wait for the server's answer (``db.single_write``)."""
+    the run's own connection (``transactions.HeldConnection``), for this and the other single writes;
+    ``timeout``: how long the write may wait for the server's answer (``transactions.single_write``)."""
     from datetime import datetime, timezone
 
     document, _ = build_document(**fields, is_running=True, now=datetime.now(timezone.utc), worker_id=lease.worker_id,
@@ -366,5 +366,3 @@ def _ended_by_this_run(connection, lease: Lease, status: str) -> bool:
             audits.c.worker_instance == lease.instance_id, audits.c.started_at == lease.claimed_at,
             audits.c.recovery_reasons.is_(None))
     ).scalar_one() == 1
-
-

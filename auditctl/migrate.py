@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from sqlalchemy import column, inspect, select, table, text
 from sqlalchemy.engine import Engine
 
-from .db import describe, is_postgres, translate_errors, write_transaction
+from .dberrors import describe, translate_errors
 from .errors import AuditctlError, DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew, WriteRefused
 from .schema import DISTINCTIVE_AUDIT_COLUMNS, DISTINCTIVE_ENOUGH
+from .sqlfunctions import is_postgres
 from .textsafe import printable
+from .transactions import write_transaction
 
 #: Arbitrary but fixed: the advisory lock key auditctl's migrations take on PostgreSQL.
 _MIGRATION_LOCK_KEY = 0x6175646974
@@ -70,7 +72,7 @@ def refuse_newer_schema(engine: Engine) -> None:
     one, whose rules for its tables this one cannot know; ``SchemaTooNew`` (``init`` says the same).
     A database with no revision table, or one this role may not read, is left to the change itself,
     whose own error says what is wrong; so is any reading that fails (an outage)."""
-    from .db import read_connection
+    from .transactions import read_connection
 
     shipped = _shipped_revisions()
     if not shipped:  # an install without its migration files: nothing to compare with

@@ -21,12 +21,14 @@ from datetime import datetime
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import FileWatch, fetch_now, read_connection
 from .errors import AuditctlError, ConfigError, DatabaseMissing, SchemaMissing, WriteRefused
 from .history import Actor
 from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, committed_before, recover_stuck
 from .rules import Filters, Verdict, find_stuck, gone_instances
+from .sqlfunctions import fetch_now
+from .sqlitefile import FileWatch
 from .thresholds import Policy, Thresholds
+from .transactions import read_connection
 
 log = logging.getLogger("auditctl.monitor")
 
@@ -55,7 +57,7 @@ class Monitor:
     def __init__(self, engine: Engine, thresholds: Policy | Thresholds, *, actor: Actor, recover: bool = True,
                  requeue: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS, filters: Filters | None = None,
                  file_watch: FileWatch | None = None):
-        """``file_watch``: the SQLite file to follow (``db.FileWatch``): a monitor that runs for long
+        """``file_watch``: the SQLite file to follow (``sqlitefile.FileWatch``): a monitor that runs for long
         must judge the database at the path, not a file that was deleted or replaced under it."""
         self.engine = engine
         self.file_watch = file_watch

@@ -14,8 +14,9 @@ from datetime import timedelta
 from sqlalchemy import and_, insert, not_, or_, select
 from sqlalchemy.engine import Connection, Engine
 
-from .db import fetch_now, is_postgres, read_connection, write_transaction
 from .schema import notifications
+from .sqlfunctions import fetch_now, is_postgres
+from .transactions import read_connection, write_transaction
 
 RECOVERED = "recovered"
 RESET = "reset"

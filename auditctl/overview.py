@@ -15,13 +15,14 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from .audits import AuditFilters, AuditSummary, iter_audits
-from .db import fetch_now, read_connection
 from .history import RECOVERED, REQUEUED
 from .registry import GONE_RETENTION, Instance, instances
 from .rules import Filters, Verdict, find_stuck
 from .schema import IS_RUNNING, RUNNING, STATUSES, audit_events, audits
+from .sqlfunctions import fetch_now
 from .thresholds import RULE_REASONS, Policy
 from .timestamps import as_datetime
+from .transactions import read_connection
 from .values import safe_int, text_value
 
 

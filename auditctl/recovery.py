@@ -35,7 +35,6 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from . import documents, history, outbox
 from . import timestamps
-from .db import driver_form, fetch_now, id_in, is_postgres, moments, read_connection, stored_time, write_transaction
 from .errors import AuditctlError, ConfigError, DatabaseRefused, Interrupted, WriteRefused
 from .gcpause import paused_collector
 from .history import Actor
@@ -47,9 +46,11 @@ from .rules import (
 )
 from .schema import ERROR_LIMIT, FAILED, PENDING, RUNNING, Document, audits
 from .signals import interrupts_held
+from .sqlfunctions import fetch_now, id_in, is_postgres, moments, stored_time
 from .textsafe import printable
 from .thresholds import RECOVERY_REASONS, Policy, Thresholds
 from .timestamps import as_datetime, isoformat_z
+from .transactions import driver_form, read_connection, write_transaction
 from .values import safe_int, text_value
 
 log = logging.getLogger("auditctl.recovery")
@@ -332,7 +333,7 @@ def _recovered_values(new_status: str, finished_at) -> dict:
 def _sqlite_recovery(new_status: str):
     """SQLite: the UPDATE recovering one audit to ``new_status``, built once. Every parameter is
     sent as stored (JSON and times as text), so it runs through the driver's ``executemany``
-    (``db.driver_form``): SQLAlchemy's processing of each row's parameters cost a third of the
+    (``transactions.driver_form``): SQLAlchemy's processing of each row's parameters cost a third of the
     UPDATE's time.
 
     The lease is compared as bytes: one another tool stored as text that is not UTF-8 reads back

@@ -27,13 +27,14 @@ from sqlalchemy import bindparam, exists, func, insert, or_, select, type_coerce
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import NullType
 
-from .db import db_now, fetch_now, index_present, read_connection, single_write, write_transaction
 from .errors import TextNotUtf8
 from .migrate import refuse_newer_schema
-from .thresholds import FUTURE_TOLERANCE
-from .values import sane_duration, safe_int, text_value
 from .schema import IS_RUNNING, audits, workers
+from .sqlfunctions import db_now, fetch_now, index_present
+from .thresholds import FUTURE_TOLERANCE
 from .timestamps import as_datetime
+from .transactions import read_connection, single_write, write_transaction
+from .values import sane_duration, safe_int, text_value
 
 #: Instance ids of the guards alive in this very process (a same-pid row may be one of them).
 _LIVE_HERE: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
@@ -182,7 +183,7 @@ _BEAT = update(workers).where(workers.c.instance_id == bindparam("instance_id"))
 
 
 def beat(engine: Engine, instance_id: str, *, timeout: float | None = None) -> None:
-    """This instance is alive: one statement (``db.single_write``), ``timeout`` as there."""
+    """This instance is alive: one statement (``transactions.single_write``), ``timeout`` as there."""
     single_write(engine, _BEAT, {"instance_id": instance_id}, timeout=timeout)
 
 
@@ -203,7 +204,7 @@ _STOPPED = update(workers).where(workers.c.instance_id == bindparam("instance_id
 
 
 def mark_stopped(engine: Engine, instance_id: str, *, timeout: float | None = None) -> None:
-    """This instance stopped cleanly: one statement, ``timeout`` as in ``db.single_write``."""
+    """This instance stopped cleanly: one statement, ``timeout`` as in ``transactions.single_write``."""
     forget_here(instance_id)
     single_write(engine, _STOPPED, {"instance_id": instance_id}, timeout=timeout)
 

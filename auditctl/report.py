@@ -38,16 +38,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
-from .db import PG_EARLIEST, PG_LATEST, fetch_now, indexed_by, is_postgres, read_connection, seconds_since
 from .errors import NamedSettingError, SchemaMissing
 from .history import LEASE_LOST, NEEDS_OPERATOR, RECOVERED, REQUEUED, RESET
 from .schema import COMPLETED, IS_RUNNING, PENDING, audits
+from .sqlfunctions import PG_EARLIEST, PG_LATEST, fetch_now, indexed_by, is_postgres, seconds_since
 from .textsafe import clipped
 from .thresholds import (
     FUTURE_TOLERANCE, MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RECOVERY_REASONS, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE,
     Policy, format_duration,
 )
 from .timestamps import as_datetime, isoformat_z, to_storage
+from .transactions import read_connection
 from .values import float_value, rounded, safe_int, text_value
 
 #: Upper bounds (seconds) of the detection latency histogram.

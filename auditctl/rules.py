@@ -46,17 +46,17 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection, Engine
 
 from . import documents, timestamps
-from .globs import target_pattern
-from .db import (PG_EARLIEST, PG_LATEST, index_present, indexed_by, is_postgres, keyset_pages, moments, pg_seconds_since,
-                 read_connection)
 from .errors import ConfigError
 from .gcpause import paused_collector
+from .globs import target_pattern
 from .progress import PROGRESS_FIELDS, read_progress, read_progress_fields
-from .values import THRESHOLD_COLUMNS, float_value, invalid_thresholds, rounded, safe_int, text_value
+from .sqlfunctions import PG_EARLIEST, PG_LATEST, index_present, indexed_by, is_postgres, moments, pg_seconds_since
 from .thresholds import (
     FUTURE_TOLERANCE, MAX_AGE_EXCEEDED, MAX_DURATION, PROGRESS_STALLED, RULE_REASONS, STALE_HEARTBEAT, WORKER_GONE, Policy,
     check_window, format_duration, parse_duration,
 )
+from .transactions import keyset_pages, read_connection
+from .values import THRESHOLD_COLUMNS, float_value, invalid_thresholds, rounded, safe_int, text_value
 
 #: Rows per page when streaming (each page is its own short read; nothing is held open between pages).
 PAGE_SIZE = 2000

@@ -44,10 +44,8 @@ from collections.abc import Mapping
 from typing import Iterator
 
 from . import leases, registry
-from .db import (
-    DEFAULT_DATABASE_URL, POOL_SPARE, WORKER_LOCK_WAIT, HeldConnection, create_engine, display_url,
-    FileWatch, fit_pool, monitor_call_timeout, never_create, sqlite_file,
-)
+from .db import DEFAULT_DATABASE_URL, WORKER_LOCK_WAIT, create_engine, monitor_call_timeout, never_create, sqlite_file
+from .dburl import display_url
 from .errors import AuditctlError, AuditNotFound, ConfigError, DatabaseRefused, LeaseLost, RunEnded, SchemaMissing
 from .history import Actor
 from .migrate import explained, upgrade
@@ -56,14 +54,16 @@ from .progress import OWN_FIELDS, clean_report, derive_percentage, signature, st
 from .recovery import DEFAULT_MAX_ATTEMPTS, Recovery, committed_before, recover_audits, recover_worker_leftovers
 from .schema import ERROR_LIMIT, audits
 from .signals import set_from_handler
+from .sqlitefile import FileWatch
 from .textsafe import printable
-from .urls import mask_url
-from .watchdog import CALL_GRACE
 from .thresholds import (
     DEFAULT_HEARTBEAT_INTERVAL, MANUAL, Overrides, Policy, Thresholds, format_duration, kind_name, parse_duration,
     validate_heartbeat_interval,
 )
+from .transactions import HeldConnection, POOL_SPARE, fit_pool
+from .urls import mask_url
 from .values import MAX_INT, MIN_INT, storable_text
+from .watchdog import CALL_GRACE
 
 log = logging.getLogger("auditctl")
 

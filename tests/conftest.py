@@ -146,7 +146,8 @@ def backdate(engine):
     """Move an audit's times into the past, measured on the database's clock: backdate(id, heartbeat_at=700)."""
     from sqlalchemy import update
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import audits
 
     def move(audit_id, **seconds_ago):

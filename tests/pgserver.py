@@ -217,7 +217,9 @@ class PostgresServer:
     def _env(self) -> dict:
         return {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "LC_ALL": "C"}
 
-    def _admin(self, timeout: float = 5):
+    def _admin(self, timeout: float = 30):
+        # Generous: with every core busy (the suite on two workers beside other work) a new backend
+        # has taken over 5 s to start, and a test failed in its setup for it.
         import psycopg
         return psycopg.connect(host=self.socket_dir, port=self.port, user="postgres", dbname="postgres",
                                autocommit=True, connect_timeout=max(1, int(timeout)))

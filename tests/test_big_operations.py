@@ -13,7 +13,8 @@ import pytest
 from dbtools import python_env, read_line, spawn
 from sqlalchemy import func, insert, select, text  # noqa: F401
 
-from auditctl.db import fetch_now, write_transaction
+from auditctl.sqlfunctions import fetch_now
+from auditctl.transactions import write_transaction
 from auditctl.schema import FAILED, audit_events, audits
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
@@ -58,7 +59,7 @@ def counts(engine) -> tuple[Counter, int]:
 
 def test_a_batch_statement_has_the_same_few_parameters_however_many_audits_it_names(engine):
     """PostgreSQL refuses a statement with more than 65,535 parameters; a batch names its audits in one."""
-    from auditctl.db import id_in
+    from auditctl.sqlfunctions import id_in
 
     for count in (1, 500, 100_000):
         compiled = select(audits.c.id).where(id_in(audits.c.id, range(count))).compile(engine)

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from auditctl import __version__, leases
 from auditctl.cli import cli
-from auditctl.db import read_connection
+from auditctl.transactions import read_connection
 from auditctl.schema import audit_events, audits
 
 STUCK_IN_DEMO = {
@@ -160,7 +160,8 @@ def backdate_in(engine, audit_id, **seconds_ago):
 
     from sqlalchemy import update
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
 
     with write_transaction(engine) as connection:
         now = fetch_now(connection)
@@ -796,7 +797,8 @@ def test_a_worker_on_another_host_beating_from_the_future_is_not_called_alive(da
 
     from sqlalchemy import insert
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     with write_transaction(engine) as connection:
@@ -813,7 +815,8 @@ def test_workers_counts_the_audits_a_guard_holds_and_hides_instances_gone_for_lo
 
     from sqlalchemy import update
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     guard = guards(worker_id="scanner-8")
@@ -848,7 +851,8 @@ def test_workers_keeps_an_instance_gone_for_longer_than_a_day_while_it_still_hol
 
     from sqlalchemy import update
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     guard = guards(worker_id="scanner-held")
@@ -871,7 +875,7 @@ def test_workers_of_the_demo_fleet_tell_the_living_from_the_gone(fleet):
 def test_workers_csv_tells_a_gone_instance_from_a_silent_one_as_the_table_does(database_url, engine):
     from sqlalchemy import update
 
-    from auditctl.db import write_transaction
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     assert on(database_url, "demo").exit_code == 0
@@ -1809,7 +1813,8 @@ def test_an_instance_whose_process_is_here_but_has_not_beaten_is_silent_everywhe
 
     from sqlalchemy import insert
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.registry import process_key
     from auditctl.report import fleet_figures
     from auditctl.schema import workers
@@ -1846,7 +1851,8 @@ def test_a_heartbeat_a_little_ahead_of_the_database_clock_is_no_problem_in_list_
 def test_a_pending_audit_lists_no_step_or_percentage_whatever_its_progress_document_still_holds(database_url, engine):
     from sqlalchemy import insert
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
 
     with write_transaction(engine) as connection:
         connection.execute(insert(audits).values(
@@ -1861,7 +1867,8 @@ def test_list_since_and_until_as_moments_take_audits_created_at_exactly_those_mo
 
     from sqlalchemy import insert
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.timestamps import isoformat_z
 
     with write_transaction(engine) as connection:
@@ -1881,7 +1888,8 @@ def test_workers_lists_an_instance_never_heard_from_as_silent_whatever_the_reten
 
     from sqlalchemy import insert
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     with write_transaction(engine) as connection:
@@ -1894,7 +1902,7 @@ def test_workers_lists_an_instance_never_heard_from_as_silent_whatever_the_reten
 def test_show_lists_only_the_thresholds_an_audits_worker_declared(database_url, engine, start_audit):
     from sqlalchemy import update
 
-    from auditctl.db import write_transaction
+    from auditctl.transactions import write_transaction
 
     quiet, _ = start_audit(target="https://quiet.example")
     declaring, _ = start_audit(target="https://declaring.example")
@@ -1909,7 +1917,7 @@ def test_show_lists_only_the_thresholds_an_audits_worker_declared(database_url, 
 def test_list_gives_a_heartbeat_age_only_for_running_audits(database_url, engine, start_audit):
     from sqlalchemy import update
 
-    from auditctl.db import write_transaction
+    from auditctl.transactions import write_transaction
 
     running, _ = start_audit(target="https://running.example")
     done, _ = start_audit(target="https://done.example")
@@ -1941,7 +1949,8 @@ def test_workers_keeps_an_instance_stopped_within_a_day_whose_last_heartbeat_is_
 
     from sqlalchemy import insert
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     with write_transaction(engine) as connection:

@@ -21,7 +21,8 @@ from test_cli_process import clean_env, on_terminal
 
 from auditctl import leases
 from auditctl.cli import cli
-from auditctl.db import fetch_now, write_transaction
+from auditctl.sqlfunctions import fetch_now
+from auditctl.transactions import write_transaction
 from auditctl.schema import audits
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
@@ -381,7 +382,7 @@ def test_another_applications_audits_and_workers_tables_under_a_known_revision_a
     from sqlalchemy import create_engine as plain_engine
     from sqlalchemy import inspect
 
-    from auditctl.db import normalize_url
+    from auditctl.dburl import normalize_url
 
     theirs = plain_engine(normalize_url(blank_database_url))
     with theirs.begin() as connection:
@@ -596,7 +597,7 @@ def test_auditctls_own_database_an_operator_damaged_is_still_its_own(blank_datab
     """Not "another application's": init names what is missing from auditctl's own schema."""
     from sqlalchemy import create_engine as plain_engine
 
-    from auditctl.db import normalize_url
+    from auditctl.dburl import normalize_url
 
     assert run("init", "--database-url", blank_database_url).exit_code == 0
     ours = plain_engine(normalize_url(blank_database_url))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 
 from auditctl.cli import cli
-from auditctl.db import read_connection, write_transaction
+from auditctl.transactions import read_connection, write_transaction
 from auditctl.schema import audits
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"

@@ -18,7 +18,7 @@ from sqlalchemy import text, update
 
 from auditctl import leases, registry
 from auditctl.cli import cli
-from auditctl.db import write_transaction
+from auditctl.transactions import write_transaction
 from auditctl.rules import find_stuck
 from auditctl.schema import audits, workers
 from auditctl.thresholds import Overrides, Policy, Thresholds
@@ -164,7 +164,8 @@ def test_the_gone_instances_leave_out_one_that_stopped_longer_ago_than_the_reten
 
     from sqlalchemy import insert
 
-    from auditctl.db import fetch_now, write_transaction
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import write_transaction
     from auditctl.registry import GONE_RETENTION, gone_instances
     from auditctl.schema import workers
 
@@ -303,7 +304,7 @@ def test_the_stuck_query_looks_up_only_the_gone_instances_that_hold_a_running_au
     """The registry proves 41 instances gone; one holds a running audit, one held an audit that
     finished, the rest hold nothing. Only the one holding a running audit reaches the statement,
     and with none holding one the worker_gone rule is not in the statement at all."""
-    from auditctl.db import read_connection
+    from auditctl.transactions import read_connection
     from auditctl.rules import GoneInstances, gone_instances, stuck_query
     from auditctl.thresholds import Policy
 
@@ -366,7 +367,7 @@ def test_a_sqlite_file_without_the_index_of_holders_still_finds_the_gone_workers
     walk of the running audits per gone instance."""
     if engine.dialect.name != "sqlite":
         pytest.skip("PostgreSQL plans around a missing index itself")
-    from auditctl.db import read_connection
+    from auditctl.transactions import read_connection
     from auditctl.rules import GoneInstances, gone_instances
 
     held, _ = start_audit(worker_id="restarted", instance_id="held-instance")

@@ -451,7 +451,8 @@ def test_a_statement_timeout_in_the_url_stays_under_the_engines_deadline(databas
 
     from sqlalchemy import text
 
-    from auditctl.db import create_engine, read_connection
+    from auditctl.db import create_engine
+    from auditctl.transactions import read_connection
 
     url = database_url + ("&" if "?" in database_url else "?") + "options=" + quote(f"-c statement_timeout={theirs}")
     engine = create_engine(url, role="operator", call_timeout=deadline)
@@ -466,7 +467,8 @@ def test_a_statement_timeout_in_the_url_stays_under_the_engines_deadline(databas
 def test_any_call_on_a_frozen_server_connection_ends_at_the_engines_deadline_and_the_next_call_works(database_url):
     from sqlalchemy import text
 
-    from auditctl.db import create_engine, read_connection
+    from auditctl.db import create_engine
+    from auditctl.transactions import read_connection
     from auditctl.errors import DatabaseUnavailable
 
     engine = create_engine(database_url, role="operator", call_timeout=1.5)
@@ -557,7 +559,8 @@ def test_a_worker_write_against_a_server_that_stopped_answering_gives_up_at_one_
     """The ping a worker's write transaction begins with is tried again only on a connection found
     dead (a server restart), never after its own deadline: a fresh connection to a server that stopped
     answering would wait as long again, and a SIGTERM's last write is promised to end at one deadline."""
-    from auditctl.db import _live_transaction, create_engine
+    from auditctl.db import create_engine
+    from auditctl.transactions import _live_transaction
 
     server, _ = own_postgres
     limit = 2.0
@@ -825,7 +828,7 @@ def test_a_transaction_whose_connection_is_cut_after_its_commit_answered_leaves_
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
 def test_a_write_transaction_whose_ping_answered_as_its_deadline_closed_the_connection_takes_a_fresh_one(
         engine, guards):
-    """A worker's transaction checks its connection with SELECT 1 first (``db._live_transaction``).
+    """A worker's transaction checks its connection with SELECT 1 first (``transactions._live_transaction``).
     When the ping's deadline passed just as its answer came in, the watchdog closed the connection:
     the ping succeeded on a connection no statement can use. create_audit (and a run's end, a lost
     lease's record) then failed with "the connection is closed"; the check now takes a fresh one."""

@@ -538,7 +538,8 @@ def test_a_live_peer_whose_instance_id_another_tool_filled_with_escapes_is_logge
 
     from sqlalchemy import insert as sql_insert
 
-    from auditctl.db import db_now, write_transaction
+    from auditctl.sqlfunctions import db_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     with write_transaction(engine) as connection:

@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, insert, select, text
 
 from auditctl.cli import cli
-from auditctl.db import create_engine, fetch_now, read_connection, write_transaction
+from auditctl.db import create_engine
+from auditctl.sqlfunctions import fetch_now
+from auditctl.transactions import read_connection, write_transaction
 from auditctl.documents import load
 from auditctl.report import DETECTION_BUCKETS
 from auditctl.schema import audit_events, audits, notification_deliveries, notifications, workers

@@ -27,7 +27,9 @@ from sqlalchemy import text as sql_text
 from webhooks import SECRET, Answer, Webhook
 
 from auditctl.cli import cli
-from auditctl.db import create_engine, fetch_now, read_connection, write_transaction
+from auditctl.db import create_engine
+from auditctl.sqlfunctions import fetch_now
+from auditctl.transactions import read_connection, write_transaction
 from auditctl.history import Actor
 from auditctl.monitor import Monitor
 from auditctl.notify import deliver, destinations_from, discord, sender, slack, undelivered

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine as plain_engine
 from sqlalchemy import inspect, text
 
 from auditctl.cli import cli
-from auditctl.db import normalize_url
+from auditctl.dburl import normalize_url
 
 ANOTHER_APPLICATIONS_TABLE = "CREATE TABLE public.audits (id INTEGER PRIMARY KEY, name TEXT)"
 
@@ -161,7 +161,7 @@ def test_list_and_show_on_another_applications_audits_table_say_it_is_not_auditc
 def test_a_missing_column_is_a_missing_schema_in_every_wording_the_databases_use():
     from sqlalchemy import exc as sa_exc
 
-    from auditctl.db import database_error
+    from auditctl.dberrors import database_error
     from auditctl.errors import SchemaMissing
 
     url = normalize_url("postgresql://nc:hunter2@db.example/y")
@@ -181,7 +181,7 @@ def test_a_refusal_of_the_roles_privileges_stops_a_change_but_a_read_is_told_as_
     role without SELECT) is a plain refusal: no advice about writing or standbys."""
     from sqlalchemy import exc as sa_exc
 
-    from auditctl.db import database_error
+    from auditctl.dberrors import database_error
     from auditctl.errors import DatabaseRefused, WriteRefused
 
     class Denied(Exception):

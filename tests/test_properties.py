@@ -447,7 +447,7 @@ def sqlite_reading():
 def _sql_reading() -> str:
     """How the stuck query reads a stored time on SQLite: the odd_times check of migration 0002 (kept
     by triggers), then the column itself or, for odd rows, auditctl_utc of it (rules.py ``time``);
-    and the instant julianday() takes it for (db.py ``seconds_since``)."""
+    and the instant julianday() takes it for (``sqlfunctions.seconds_since``)."""
     odd = importlib.import_module("auditctl.migrations.versions.0002_detection_and_alerts").odd_time("v", "t")
     reading = f"CASE WHEN {odd} THEN auditctl_utc(t.v) ELSE t.v END"
     return f"SELECT {reading}, {odd}, (julianday({reading}) - 2440587.5) * 86400.0 FROM (SELECT ? AS v) AS t"
@@ -781,7 +781,8 @@ def test_scan_reads_the_progress_fields_as_the_whole_document_reads(engine, docu
     from dbtools import make_running
     from sqlalchemy import text as sql
 
-    from auditctl.db import is_postgres, write_transaction
+    from auditctl.sqlfunctions import is_postgres
+    from auditctl.transactions import write_transaction
     from auditctl.rules import find_stuck
 
     postgres = is_postgres(engine)
@@ -814,7 +815,8 @@ def test_scan_shows_the_fields_of_a_document_holding_elsewhere_a_number_python_c
     from dbtools import make_running
     from sqlalchemy import text as sql
 
-    from auditctl.db import is_postgres, write_transaction
+    from auditctl.sqlfunctions import is_postgres
+    from auditctl.transactions import write_transaction
     from auditctl.rules import find_stuck
 
     (audit_id,) = make_running(engine, 1)

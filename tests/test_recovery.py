@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from auditctl import LeaseLost, leases
 from auditctl import recovery as recovery_module
-from auditctl.db import read_connection, write_transaction
+from auditctl.transactions import read_connection, write_transaction
 from auditctl.errors import AuditctlError
 from auditctl.history import Actor
 from auditctl.progress import isoformat_z
@@ -131,7 +131,7 @@ def test_history_rows_are_stored_alike_whether_written_one_or_many_at_a_time(eng
     from sqlalchemy import text
 
     from auditctl import history
-    from auditctl.db import fetch_now
+    from auditctl.sqlfunctions import fetch_now
 
     rows = [{"audit_id": 1, "event": "recovered", "reasons": ["stale_heartbeat"], "measurements": {"age_seconds": 1.5},
              "details": {"why": "test"}},
@@ -158,7 +158,7 @@ def test_a_history_row_holding_what_json_cannot_is_stored_as_strict_json(engine)
     from sqlalchemy import text
 
     from auditctl import history
-    from auditctl.db import fetch_now
+    from auditctl.sqlfunctions import fetch_now
 
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")
@@ -668,7 +668,7 @@ def test_an_audit_the_database_keeps_refusing_is_marked_for_an_operator_once_per
     from dbtools import drop_trigger
 
     from auditctl import history
-    from auditctl.db import fetch_now
+    from auditctl.sqlfunctions import fetch_now
 
     def lease_lost(audit_id):
         with write_transaction(engine) as connection:
@@ -1028,7 +1028,7 @@ def test_a_peer_that_registered_after_the_cleanup_read_its_live_set_keeps_its_fr
     same worker_id that started in between (a reused pod name) and claimed at once is no earlier one."""
     from datetime import timedelta
 
-    from auditctl.db import fetch_now
+    from auditctl.sqlfunctions import fetch_now
     from auditctl.schema import workers
 
     with write_transaction(engine) as connection:
@@ -1148,7 +1148,7 @@ def test_a_leftover_cleanup_leaves_an_audit_claimed_at_the_very_moment_the_clean
     instance's registration stays running; one claimed a millisecond before it is recovered."""
     from datetime import timedelta
 
-    from auditctl.db import fetch_now
+    from auditctl.sqlfunctions import fetch_now
     from auditctl.schema import workers
 
     with write_transaction(engine) as connection:
@@ -1181,7 +1181,7 @@ def test_the_overview_counts_the_healthy_audits_it_does_not_list_and_its_oldest_
 
 def test_a_history_row_without_reasons_stores_none_on_every_engine(engine):
     from auditctl import history
-    from auditctl.db import fetch_now
+    from auditctl.sqlfunctions import fetch_now
 
     with write_transaction(engine) as connection:
         history.record(connection, [{"audit_id": 1, "event": history.NEEDS_OPERATOR, "details": {"operation": "reset"}}],

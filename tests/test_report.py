@@ -30,7 +30,8 @@ from sqlalchemy import insert, select, text, update
 from auditctl import leases
 from auditctl.cli import cli
 from auditctl.config import validate_config
-from auditctl.db import fetch_now, read_connection, write_transaction
+from auditctl.sqlfunctions import fetch_now
+from auditctl.transactions import read_connection, write_transaction
 from auditctl.errors import LeaseLost
 from auditctl.history import Actor
 from auditctl.learn import suggest_thresholds, to_toml

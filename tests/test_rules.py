@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import text, update
 
-from auditctl.db import write_transaction
+from auditctl.transactions import write_transaction
 from auditctl.errors import ConfigError
 from auditctl.rules import find_stuck
 from auditctl.schema import audits
@@ -130,7 +130,8 @@ def test_future_heartbeat_is_not_trusted_and_is_flagged(engine, start_audit, bac
 
 
 def test_seen_since_keeps_an_outage_from_counting_as_silence(engine, start_audit, backdate):
-    from auditctl.db import fetch_now, read_connection
+    from auditctl.sqlfunctions import fetch_now
+    from auditctl.transactions import read_connection
 
     audit_id, _ = start_audit()
     backdate(audit_id, started_at=700, heartbeat_at=700, last_worker_update=700, progress_changed_at=700)
@@ -491,7 +492,7 @@ def test_an_audit_never_heard_from_sorts_as_the_oldest_on_both_engines(engine, s
 
     from dbtools import make_running
 
-    from auditctl.db import fetch_now
+    from auditctl.sqlfunctions import fetch_now
     from auditctl.rules import iter_stuck
 
     older, newer = make_running(engine, 1, silent_for=3 * 3600)[0], make_running(engine, 1, silent_for=3600)[0]
@@ -554,7 +555,7 @@ def test_a_page_of_verdicts_is_built_without_the_collector_walking_it(engine):
 
     from dbtools import make_running
 
-    from auditctl.db import read_connection
+    from auditctl.transactions import read_connection
     from auditctl.rules import select_stuck
 
     make_running(engine, 600)

@@ -216,7 +216,8 @@ def _followed_file(tmp_path):
     pool, and ``backup.db`` (200 rows B...) to put at the path later."""
     from sqlalchemy import text
 
-    from auditctl.db import FileWatch, create_engine, never_create
+    from auditctl.db import create_engine, never_create
+    from auditctl.sqlitefile import FileWatch
 
     path, backup = tmp_path / "a.db", tmp_path / "backup.db"
     _table_of(path, "A")

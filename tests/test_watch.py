@@ -22,7 +22,9 @@ from sqlalchemy import select, update
 from terminal import Terminal, available
 
 from auditctl.cli import cli
-from auditctl.db import create_engine, fetch_now, read_connection, write_transaction
+from auditctl.db import create_engine
+from auditctl.sqlfunctions import fetch_now
+from auditctl.transactions import read_connection, write_transaction
 from auditctl.schema import audit_events, audits
 from auditctl.urls import mask_url
 
@@ -279,7 +281,8 @@ def test_a_file_gone_that_only_the_reads_between_passes_saw_still_restarts_the_s
 
     from auditctl import leases
     from auditctl.cli.watch import LogView
-    from auditctl.db import FileWatch, create_engine
+    from auditctl.db import create_engine
+    from auditctl.sqlitefile import FileWatch
     from auditctl.history import Actor
     from auditctl.migrate import upgrade
     from auditctl.monitor import Monitor

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from sqlalchemy import update
 
 from auditctl.cli import cli
-from auditctl.db import write_transaction
+from auditctl.transactions import write_transaction
 from auditctl.schema import audits
 from dbtools import all_rows, events, registry_row_unreadable, wait_for
 from webtools import TOKEN, Output, http, running_dashboard, serve_process

@@ -182,7 +182,7 @@ def test_a_progress_write_and_the_finish_stamp_the_document_with_the_database_ti
     from auditctl import leases
     from sqlalchemy import update
 
-    from auditctl.db import write_transaction
+    from auditctl.transactions import write_transaction
     from auditctl.timestamps import parse
 
     audit_id = leases.create_audit(engine, "https://example.com/stamped")
@@ -211,7 +211,7 @@ def test_a_heartbeat_stamps_the_documents_heartbeat_and_last_worker_update_but_n
     from sqlalchemy import update
 
     from auditctl import leases
-    from auditctl.db import write_transaction
+    from auditctl.transactions import write_transaction
 
     audit_id = leases.create_audit(engine, "https://example.com/beating")
     lease, _ = leases.claim(engine, audit_id, worker_id="beater", instance_id="beater-1", worker_url=None)
@@ -818,7 +818,8 @@ def test_live_instance_in_another_container_with_the_same_hostname_keeps_its_aud
 
     from sqlalchemy import insert
 
-    from auditctl.db import db_now, write_transaction
+    from auditctl.sqlfunctions import db_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     audit_id, _ = start_audit(worker_id="worker-1", instance_id="other-container")
@@ -839,7 +840,8 @@ def test_dead_process_in_this_namespace_is_recognised_even_if_its_pid_was_reused
     from sqlalchemy import insert
 
     from auditctl import registry
-    from auditctl.db import db_now, write_transaction
+    from auditctl.sqlfunctions import db_now
+    from auditctl.transactions import write_transaction
     from auditctl.schema import workers
 
     audit_id, _ = start_audit(worker_id="worker-1", instance_id="crashed")

@@ -18,7 +18,7 @@ from dbtools import drop_trigger, events, finish, install_abort_trigger, read_li
 from sqlalchemy import text
 
 from auditctl import LeaseLost, leases
-from auditctl.db import write_transaction
+from auditctl.transactions import write_transaction
 from auditctl.history import Actor
 from auditctl.monitor import Monitor
 from auditctl.recovery import _apply_recovery, recover_stuck
@@ -567,7 +567,7 @@ def test_a_heartbeat_after_the_server_dropped_every_connection_retries_once_and_
 
 
 def test_the_worker_pool_grows_with_the_runs_it_holds(engine, guards):
-    from auditctl.db import POOL_SPARE
+    from auditctl.transactions import POOL_SPARE
 
     guard = guards()
     runs, ready, release = 12, threading.Barrier(13), threading.Event()
@@ -1189,7 +1189,8 @@ def test_a_write_past_its_own_deadline_keeps_the_pools_other_connections(engine,
     (a slow statement) does not, and replacing the pool for it left healthy connections open."""
     if engine.dialect.name != "postgresql":
         pytest.skip("a call deadline: PostgreSQL's")
-    from auditctl.db import create_engine, single_write
+    from auditctl.db import create_engine
+    from auditctl.transactions import single_write
     from auditctl.errors import DatabaseUnavailable
 
     worker_engine = create_engine(database_url, role="worker")
@@ -1216,7 +1217,8 @@ def test_a_write_after_a_restart_cut_every_pooled_connection_reaches_the_server(
     progress report was dropped after every PostgreSQL restart)."""
     if engine.dialect.name != "postgresql":
         pytest.skip("connections a server cuts: PostgreSQL's")
-    from auditctl.db import create_engine, single_write
+    from auditctl.db import create_engine
+    from auditctl.transactions import single_write
 
     worker_engine = create_engine(database_url, role="worker")
     try:

@@ -64,7 +64,8 @@ FILE_CHANGES = {"back": "is there again", "replaced": "was replaced by another f
 def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_recover, requeue, max_attempts, live, metrics,
           destinations, notify_timeout):
     """Run the heartbeat monitor in the foreground: the incident screen on a terminal, log lines when piped."""
-    from ..db import FileWatch, monitor_call_timeout
+    from ..db import monitor_call_timeout
+    from ..sqlitefile import FileWatch
     from ..errors import DatabaseUnavailable
     from ..history import Actor
     from ..monitor import Monitor

@@ -34,11 +34,12 @@ from sqlalchemy import String, and_, case, exists, func, literal, or_, select, u
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..db import fetch_now, is_postgres, read_connection, write_transaction
 from ..errors import AuditctlError
 from ..outbox import expired_events, live_events
 from ..schema import Timestamp, notification_deliveries, notifications
+from ..sqlfunctions import fetch_now, is_postgres
 from ..textsafe import printable
+from ..transactions import read_connection, write_transaction
 from ..values import safe_int
 from . import digest as digests
 from .destinations import DEFAULT_TIMEOUT, Destination

@@ -15,11 +15,12 @@ from datetime import datetime
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.engine import Engine
 
-from ..db import fetch_now, read_connection
 from ..outbox import live_events
 from ..schema import notification_deliveries as D
 from ..schema import notifications as N
+from ..sqlfunctions import fetch_now
 from ..timestamps import as_datetime
+from ..transactions import read_connection
 from ..values import safe_int, text_value
 from .destinations import Destination
 from .digest import event_summary

@@ -166,7 +166,8 @@ def _ping(engine):
     was replaced by garbage or emptied still opens)."""
     from sqlalchemy import select
 
-    from ..db import fetch_now, read_connection
+    from ..sqlfunctions import fetch_now
+    from ..transactions import read_connection
     from ..schema import audits
 
     with read_connection(engine) as connection:

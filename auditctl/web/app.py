@@ -68,7 +68,8 @@ def open_engine(database_url: str, role: str):
     lets it be replaced by an empty one)."""
     from sqlalchemy.pool import NullPool
 
-    from ..db import create_engine, monitor_call_timeout, normalize_url
+    from ..db import create_engine, monitor_call_timeout
+    from ..dburl import normalize_url
 
     if normalize_url(database_url).get_backend_name() != "sqlite":
         # A server that stops answering must not hold a page (and the pool behind it) for good: the
@@ -112,7 +113,7 @@ class Dashboard:
 
     def __init__(self, database_url: str, *, policy: Policy | None = None, token: str | None = None,
                  allow_unsafe: bool = False, max_attempts: int | None = None, max_resets: int | None = None):
-        from ..db import display_url
+        from ..dburl import display_url
         from ..recovery import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RESETS
 
         self.database_url = database_url

@@ -128,7 +128,8 @@ def main() -> int:
 
     def statement_writer(index: int) -> None:
         from auditctl import leases
-        from auditctl.db import driver_form, create_engine
+        from auditctl.db import create_engine
+        from auditctl.transactions import driver_form
 
         engine = create_engine(url, role="worker")
         sql, arguments = driver_form(engine, leases._HEARTBEAT)  # compiles only; connects to nothing

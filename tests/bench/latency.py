@@ -61,7 +61,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from sqlalchemy import select  # noqa: E402
 
-from auditctl.db import create_engine, fetch_now, read_connection  # noqa: E402
+from auditctl.db import create_engine  # noqa: E402
+from auditctl.sqlfunctions import fetch_now  # noqa: E402
+from auditctl.transactions import read_connection  # noqa: E402
 from auditctl.migrate import upgrade  # noqa: E402
 from auditctl.schema import audit_events, audits  # noqa: E402
 
