@@ -1118,7 +1118,34 @@ def test_resets_by_many_operators_list_ten_in_slack_and_discord_and_keep_the_key
     assert sum(1 for b in blocks if b.get("text", {}).get("text", "").startswith("*Reset by")) == 10
     assert blocks[-1]["type"] == "context" and "idempotency key k" in blocks[-1]["elements"][0]["text"]
     (embed,) = discord.message(digest, "k")["embeds"]
-    assert embed["title"] == "60 audits reset" and len(embed["description"].splitlines()) == 10
+    assert embed["title"] == "60 audits reset" and len(embed["description"].splitlines()) == 11
+
+
+def test_resets_and_gone_workers_past_ten_are_counted_in_an_and_more_line_in_slack_and_discord():
+    """Ten of each are listed by name; the others were dropped without a word, so a reader could take
+    the ten for all of them."""
+    resets = [OutboxEvent(i, None, "reset", {"actor": f"op-{i}", "count": 2, "ids": [2 * i, 2 * i + 1]})
+              for i in range(1, 61)]
+    gone = [gone_worker_event(100 + n, f"w{n}", audits=3) for n in range(13)]
+    digest = build(resets + gone)
+    texts = [b.get("text", {}).get("text", "") for b in slack.message(digest, "k")["blocks"]]
+    assert "_and 50 more resets (100 audits back to pending)_" in texts
+    assert "_and 3 more workers gone (9 audits recovered)_" in texts
+    embeds = {e["title"]: e for e in discord.message(digest, "k")["embeds"]}
+    assert embeds["120 audits reset"]["description"].splitlines()[-1] == "and 50 more resets (100 audits back to pending)"
+    assert embeds["Workers gone"]["description"].splitlines()[-1] == "and 3 more workers gone (9 audits recovered)"
+
+
+def test_a_discord_message_cut_to_fit_keeps_the_and_more_line_of_resets_and_gone_workers():
+    long = "x" * 190
+    digest = build([OutboxEvent(i, None, "reset", {"actor": f"op-{i}-{long}", "count": 1, "ids": [i]}) for i in range(1, 31)]
+                   + [gone_worker_event(100 + n, f"w{n}-{long}", audits=2) for n in range(30)])
+    body = discord.message(digest, "k")
+    assert discord_embed_chars(body) <= discord.TOTAL_LIMIT
+    embeds = {e["title"]: e for e in body["embeds"]}
+    assert embeds["30 audits reset"]["description"].endswith("\nand 20 more resets (20 audits back to pending)")
+    assert embeds["Workers gone"]["description"].endswith("\nand 20 more workers gone (40 audits recovered)")
+    assert all(not key.startswith("_") for e in body["embeds"] for key in e)
 
 
 def test_a_discord_message_too_long_drops_audits_from_the_fullest_embed_first_and_cuts_each_field_to_1024():

@@ -94,6 +94,21 @@ class Digest:
     def reset_total(self) -> int:
         return sum(r.count for r in self.resets)
 
+    def resets_not_listed(self) -> str | None:
+        """The line that counts the resets past the ``MAX_LISTED`` a message lists, or None."""
+        rest = self.resets[MAX_LISTED:]
+        if not rest:
+            return None
+        return f"and {len(rest)} more reset{'s' if len(rest) != 1 else ''} " \
+               f"({_plural(sum(r.count for r in rest), 'audit')} back to pending)"
+
+    def gone_not_listed(self) -> str | None:
+        """The line that counts the workers gone past the ``MAX_LISTED`` a message lists, or None."""
+        rest = self.gone[MAX_LISTED:]
+        if not rest:
+            return None
+        return f"and {_plural(len(rest), 'more worker')} gone ({_plural(sum(g.audits for g in rest), 'audit')} recovered)"
+
     def reason_counts(self) -> str:
         return ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
 

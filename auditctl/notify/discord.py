@@ -59,6 +59,8 @@ def _audits_embed(title: str, colour: int, lines: list, digest: Digest) -> dict:
 #: Private keys of an audits embed (removed before sending): its description without the "and N more"
 #: line, and how many audits it stands for, so the line can be rewritten when ``_fit`` drops fields.
 _HEAD, _AUDITS = "_head", "_audits"
+#: Private key of a gone-workers or resets embed (removed before sending): its "and N more" line.
+_LAST = "_last"
 
 
 def _describe(embed: dict, limit: int) -> None:
@@ -81,6 +83,18 @@ def _size(embed: dict) -> int:
             + sum(len(f["name"]) + len(f["value"]) for f in embed.get("fields", [])))
 
 
+def _with_last_line(text: str, last: str | None, limit: int) -> str:
+    """``text`` cut to fit ``limit`` with the ``last`` line (an "and N more" count) kept whole."""
+    if last is None:
+        return _cut(text, limit)
+    return f"{_cut(text, max(1, limit - len(last) - 1))}\n{last}"
+
+
+def _described(text: str, last: str | None) -> dict:
+    """A description of at most 4,000 characters ending with ``last`` (kept whole when ``_fit`` cuts)."""
+    return {"description": _with_last_line(text, last, 4000), **({_LAST: last} if last else {})}
+
+
 def message(digest: Digest, idempotency_key: str) -> dict:
     embeds = []
     if digest.recovered:
@@ -92,9 +106,9 @@ def message(digest: Digest, idempotency_key: str) -> dict:
     if digest.gone:
         embeds.append({"title": "Workers gone" if len(digest.gone) > 1 else _gone_title(digest.gone[0].worker_id),
                        "color": DARK_RED,
-                       "description": _cut("\n".join(f"**{escape(g.worker_id)}**: {escape(g.proof)} "
-                                                     f"({g.audits} audit{'s' if g.audits != 1 else ''} recovered)"
-                                                     for g in digest.gone[:MAX_LISTED]), 4000)})
+                       **_described("\n".join(f"**{escape(g.worker_id)}**: {escape(g.proof)} "
+                                               f"({g.audits} audit{'s' if g.audits != 1 else ''} recovered)"
+                                               for g in digest.gone[:MAX_LISTED]), digest.gone_not_listed())})
     if digest.resets:
         lines = []
         for reset in digest.resets[:MAX_LISTED]:
@@ -103,7 +117,7 @@ def message(digest: Digest, idempotency_key: str) -> dict:
             lines.append(f"**{escape(reset.actor)}**{host} reset {reset.count} audit{'s' if reset.count != 1 else ''} "
                          f"to pending" + (f" ({escape(origins)})" if origins else ""))
         embeds.append({"title": f"{digest.reset_total} audit{'s' if digest.reset_total != 1 else ''} reset", "color": BLUE,
-                       "description": _cut("\n".join(lines), 4000)})
+                       **_described("\n".join(lines), digest.resets_not_listed())})
     if digest.healthy is not None:
         embeds.append({"title": "Fleet healthy again", "color": GREEN, "description": "Nothing is stuck."})
     if not embeds:
@@ -140,8 +154,12 @@ def _fit(embeds: list[dict]) -> None:
             limit = max(DESCRIPTION_FLOOR, len(description) - excess)
             if _HEAD in embed:
                 _describe(embed, limit)  # the "and N more" line is kept whole
+            elif _LAST in embed:
+                last = embed[_LAST]
+                embed["description"] = _with_last_line(description[:-len(last) - 1], last, limit)
             else:
                 embed["description"] = _cut(description, limit)
     for embed in embeds:
         embed.pop(_HEAD, None)
         embed.pop(_AUDITS, None)
+        embed.pop(_LAST, None)

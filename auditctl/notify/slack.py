@@ -58,11 +58,15 @@ def message(digest: Digest, idempotency_key: str) -> dict:
         lines = [f"*Worker {escape(g.worker_id)} gone:* {escape(g.proof)} ({g.audits} audit{'s' if g.audits != 1 else ''} recovered)"
                  for g in digest.gone[:MAX_LISTED]]
         blocks.append(_section("\n".join(lines)))
+        if (more_gone := digest.gone_not_listed()) is not None:
+            blocks.append(_section(f"_{more_gone}_"))  # its own section: never cut (``_fit``)
     for reset in digest.resets[:MAX_LISTED]:
         origins = ", ".join(f"{count} {origin}" for origin, count in sorted(reset.by_origin.items()) if count)
         host = f" on {escape(reset.host)}" if reset.host else ""
         blocks.append(_section(f"*Reset by {escape(reset.actor)}*{host}: {reset.count} audit{'s' if reset.count != 1 else ''} "
                                f"back to pending" + (f" ({escape(origins)})" if origins else "")))
+    if (more_resets := digest.resets_not_listed()) is not None:
+        blocks.append(_section(f"_{more_resets}_"))
     if digest.healthy is not None:
         blocks.append(_section(":white_check_mark: *Fleet healthy again:* nothing is stuck."))
     if digest.unreadable:
