@@ -139,6 +139,19 @@ def test_scan_summary_says_the_limit_cut_the_list_when_limit_is_reached(demo):
         assert roomy.stderr.startswith("3 stuck audits (") and "--limit" not in roomy.stderr, roomy.stderr
 
 
+@pytest.mark.parametrize("fmt", ["table", "wide", "plain", "markdown", "json", "csv"])
+def test_list_says_the_limit_cut_the_list_when_limit_is_reached_in_every_format(demo, fmt):
+    """``list`` stops at 50 by default: ``list -o json | jq length`` read 50 as every audit, with no word on
+    stderr that more matched, while ``scan -o json`` says so. Every format now says it, as scan does."""
+    cut = run("list", "-o", fmt, "--limit", "2", "--database-url", demo)
+    assert cut.exit_code == 0, cut.output
+    assert cut.stderr.strip() == "2 audits (--limit reached)", cut.stderr
+    roomy = run("list", "-o", fmt, "--limit", "0", "--database-url", demo)
+    assert roomy.stderr.strip() == "18 audits", roomy.stderr
+    quiet = run("list", "-q", "-o", fmt, "--limit", "2", "--database-url", demo)
+    assert quiet.stderr == "", "-q keeps stderr quiet, as for scan"
+
+
 def test_help_lists_the_exit_codes():
     shown = run("--help").stdout
     assert "Exit codes:" in shown and "130" in shown and "reset-all refused or declined" in shown

@@ -45,7 +45,7 @@ def list_command(state, fmt, statuses, workers, kinds, targets, since, until, so
     """List audits, newest first."""
     from ..audits import AuditFilters, iter_audits
     from .records import AUDIT_COLUMNS, audit_record
-    from .render import render, resolve_format
+    from .render import render
 
     filters = AuditFilters(statuses=flatten(statuses), workers=flatten(workers), kinds=flatten(kinds),
                            targets=flatten(targets), since=since, until=until)
@@ -54,7 +54,8 @@ def list_command(state, fmt, statuses, workers, kinds, targets, since, until, so
     records = (audit_record(a) for a in limited(iter_audits(state.reader, filters, sort=sort, descending=descending,
                                                             limit=limited.asked)))
     shown = render(records, AUDIT_COLUMNS, fmt, title="Audits", empty="No audits match.")
-    if shown and resolve_format(fmt) in ("table", "wide", "plain", "markdown"):
+    shown += sum(1 for _ in records)  # what a reader that left early (| head) did not take still counts
+    if shown:  # every format: json and csv are cut at --limit (50 by default) too, and stderr is not their data
         more = " (--limit reached)" if limited.cut else ""
         echo_status(state, f"{shown} audit{'s' if shown != 1 else ''}{more}")
 
