@@ -98,3 +98,11 @@ def test_fish_shows_each_commands_help_whole_not_cut_at_a_comma(tmp_path):
     assert done.returncode == 0, done.stderr
     offered = dict(line.split("\t", 1) for line in done.stdout.splitlines())
     assert offered["recover"] == "Recover stuck audits: mark them failed, or requeue them."
+
+
+@pytest.mark.parametrize("command", sorted(name for name in cli.list_commands(None) if name != "completion"))
+def test_config_after_the_command_completes_file_names_when_before_it_does(command):
+    """README: ``--config PATH`` is taken before or after the command name. Before it, Tab offered the
+    files; after it, nothing, as if the option took no path."""
+    assert complete("bash_complete", "auditctl --config ", "2") == ["file,"]
+    assert complete("bash_complete", f"auditctl {command} --config ", "3") == ["file,"]

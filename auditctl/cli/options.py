@@ -167,8 +167,8 @@ def common_options(command):
 
     @_setting_option("database_url", "--database-url", default="sqlite:///auditctl.db", show_default=True, metavar="URL",
                      help="Database URL: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB.")
-    @click.option("--config", "config_path", metavar="PATH", default=None, is_eager=True, expose_value=False,
-                  callback=_load_config_here, help="Config file (TOML), as with `auditctl --config`.")
+    @click.option("--config", "config_path", metavar="PATH", type=click.Path(dir_okay=False), default=None, is_eager=True,
+                  expose_value=False, callback=_load_config_here, help="Config file (TOML), as with `auditctl --config`.")
     @click.option("-v", "--verbose", count=True, help="More detail; with -v errors show a traceback.")
     @click.option("-q", "--quiet", is_flag=True, help="No status lines on stderr unless something changed or went wrong (stdout keeps its data).")
     @_setting_option("lock_wait", "--lock-wait", type=DURATION, default="30s", show_default=True,
