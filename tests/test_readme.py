@@ -2,6 +2,7 @@
 database, exits as documented, and prints what README shows (at 80 columns, with times,
 durations and ids normalised: see ``readme_examples``). The library example runs too."""
 
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,39 @@ def test_the_quick_start_is_two_commands_and_ci_runs_the_second_exactly():
     assert "pytest" in test
     ci = (README.parent / ".ci" / "run").read_text().splitlines()
     assert test in ci, ".ci/run must run README's test command exactly"
+
+
+def _demo_metrics(tmp_path) -> str:
+    from click.testing import CliRunner
+
+    from auditctl.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'auditctl.db'}"
+    for args in (["demo"], ["recover", "--metrics-file", tmp_path / "auditctl.prom"]):
+        done = CliRunner().invoke(cli, [*map(str, args), "--database-url", url], catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+    return (tmp_path / "auditctl.prom").read_text()
+
+
+def test_readme_metrics_example_shows_every_series_the_demo_fleet_writes_when_recovered(tmp_path):
+    """README shows the textfile of the demo fleet after ``recover --metrics-file``, HELP lines and buckets
+    left out: every series and TYPE line it writes, with its values where they cannot vary, and the
+    metrics table names every family. A metric added or renamed in code fails here until README follows."""
+    text = README.read_text()
+    intro, example = text.split("What the demo fleet looks like after `auditctl recover --metrics-file auditctl.prom`", 1)
+    example = example.split("```text\n", 1)[1].split("```", 1)[0]
+    shown = [line for line in example.splitlines() if line]
+    written = [line for line in _demo_metrics(tmp_path).splitlines()
+               if line and not line.startswith("# HELP") and "_bucket{" not in line and not line.endswith("_created")]
+
+    def key(line: str) -> str:
+        return line if line.startswith("#") else line.rsplit(" ", 1)[0]
+
+    assert [key(line) for line in shown] == [key(line) for line in written]
+    varies = ("_seconds ", "_seconds_sum ", "_duration_seconds ")
+    for documented, real in zip(shown, written):
+        if not documented.startswith("#") and not any(part in documented for part in varies):
+            assert documented == real, "a figure of the demo fleet that does not depend on timing"
+    families = {line.split()[2] for line in written if line.startswith("# TYPE")}
+    table = text.split("| metric | type | what |", 1)[1].split("\n\n", 1)[0]
+    assert {re.sub(r"\{.*", "", cell) for cell in re.findall(r"^\| `([^`]+)`", table, re.M)} == families
