@@ -262,7 +262,8 @@ def threshold_options(command):
     @_setting_option("max_age", "--max-age", type=DURATION, default="30m", show_default=True)
     @_setting_option("stall_after", "--stall-after", type=DURATION, default="10m", show_default=True)
     @click.option("--unsafe-thresholds", "allow_unsafe", is_flag=True,
-                  help="Accept a stale threshold below 1s or below twice the audits' heartbeat interval.")
+                  help="Accept a stale threshold below 1s or below twice the audits' heartbeat interval, "
+                       "and a watch --interval or --refresh below 100ms.")
     @functools.wraps(command)
     def wrapper(*args, stale_after, max_age, stall_after, allow_unsafe, **kwargs):
         from ..thresholds import Overrides, Policy, Thresholds
