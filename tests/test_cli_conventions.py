@@ -47,6 +47,18 @@ def ids_of(result) -> set[int]:
 # --- options and filters -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", [[], *([name] for name in cli.list_commands(None))])
+def test_help_fits_an_80_column_terminal_when_run_in_one(command):
+    """``report --help`` and the exit codes of ``auditctl --help`` were laid out by hand at 82 to 87
+    columns, so an 80-column terminal broke each line in two. Only what cannot be broken may be
+    longer: a list of choices, or a shell command to copy."""
+    shown = run(*command, "--help", env={"COLUMNS": "80"})
+    assert shown.exit_code == 0, shown.output
+    too_wide = [line for line in shown.stdout.splitlines()
+                if len(line) > 80 and not re.search(r"\[[\w|-]+\]", line) and "auditctl completion" not in line]
+    assert too_wide == [], "\n".join(too_wide)
+
+
 def test_global_options_work_before_or_after_the_command(demo, tmp_path):
     after = run("scan", "-o", "json", "--database-url", demo)
     before = run("--database-url", demo, "scan", "-o", "json")

@@ -24,7 +24,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK, EXIT_REFUSED, EXIT_INTERRUPTED = 0,
 EXIT_CODES_HELP = """\b
 Exit codes:
   0    success, including "nothing to do"
-  1    runtime error: database unreachable or missing, schema missing, no such audit
+  1    runtime error: database unreachable or missing, no schema, no such audit
   2    usage error: bad flag, bad duration, unsafe threshold, bad config file
   3    scan --exit-code found stuck audits
   4    reset-all refused or declined (also Ctrl-C or Ctrl-D at its prompt)

@@ -38,14 +38,12 @@ CHART_WIDTH = 80
 def report(state, policy, allow_unsafe, since, suggest, interval, fmt):
     """Report what makes audits stick: when, why, where, how fast it was caught, and whether more workers are needed.
 
-    \b
     Over the --since window: stuck audits per hour or per day as a chart; by reason,
     worker, step, target and kind; time to detection (last heartbeat to recovery) and to
     recovery (last heartbeat to running again); how often a recovered audit's worker came
     back and was refused; the outliers in words; and, from the backlog, throughput and
     wait time, whether the fleet needs more workers (with the assumptions).
 
-    \b
     With --suggest-thresholds: per kind, from the audits that completed, proposals for
     stale_after, stall_after and max_age (99th percentile of what healthy audits showed,
     x1.5, rounded up; at least two heartbeat intervals), each with the false-recovery
