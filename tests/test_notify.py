@@ -875,6 +875,20 @@ def test_recover_says_when_its_alert_waits_for_a_destinations_retry_after(sqlite
     assert "(`auditctl notify` retries)" in second.stderr
 
 
+def test_watch_once_says_auditctl_notify_retries_when_its_alert_fails_not_that_it_is_retrying(sqlite_url,
+                                                                                                 sqlite_engine, hooks):
+    """``watch --once`` exits after its pass: its failed alert said "; retrying", but nothing in it retries.
+    It says what recover says: the event is kept, and `auditctl notify` retries."""
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"no_service"))
+    make_running(sqlite_engine, 1, silent_for=700)
+    result = invoke("watch", "--once", "--no-live", "--webhook", hook.url(), "--database-url", sqlite_url)
+    assert result.exit_code == 0, result.output
+    failed = [line for line in result.output.splitlines() if "alerts: could not deliver" in line]
+    assert len(failed) == 1, result.output
+    assert failed[0].endswith("(`auditctl notify` retries)") and "retrying" not in failed[0], failed[0]
+
+
 def test_notify_without_a_destination_or_with_a_bad_url_is_a_usage_error(sqlite_url):
     database_url = sqlite_url
     missing = invoke("notify", "--database-url", database_url)

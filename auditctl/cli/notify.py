@@ -150,7 +150,8 @@ class WatchAlerts:
                         self.echo(f"alerts: {result.describe()}")
                 elif result.failed and key not in self.failing:
                     self.failing.add(key)
-                    self.echo(f"alerts: {result.describe()}; retrying")
+                    # --once stops after its pass: nothing here retries, the next sender does (as recover says).
+                    self.echo(f"alerts: {result.describe()}" + (" (`auditctl notify` retries)" if self.once else "; retrying"))
 
 
 def _when(value) -> str:
