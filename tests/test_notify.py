@@ -526,6 +526,41 @@ def test_a_failed_message_is_tried_again_alone_with_its_key_while_newer_events_w
     assert delivery_states(engine) == ["sent", "sent"]
 
 
+def test_a_receiver_that_refuses_a_large_body_with_413_gets_the_events_in_smaller_messages_each_once(engine, hooks):
+    """nginx answers 413 to a body over its client_max_body_size (1 MB by default). A message of many
+    events was sent whole again and again, refused every time, until its events expired a day later."""
+    hook = hooks()
+    destinations = destinations_from(webhook=hook.url())
+    recovered = [stuck_and_recovered(engine, 3) for _ in range(8)]  # 8 events of 3 audits each
+    one_event = len(json.dumps(sender._message(destinations[0], [
+        OutboxEvent(1, None, "recovered", {"audits": [{"id": 1, "target": "x" * 40, "reasons": ["stale_heartbeat"]}] * 3})],
+        "auditctl-" + "0" * 32)))
+    hook.max_body = 3 * one_event
+    for _ in range(20):
+        if not deliver(engine, destinations).results[0].pending:
+            break
+    taken = [r for r in hook.requests if r.answered == 200]
+    assert any(r.answered == 413 for r in hook.requests) and all(r.size <= hook.max_body for r in taken)
+    sent = [audit for r in taken for audit in audit_ids_in(r.body)]
+    assert sorted(sent) == sorted(i for ids in recovered for i in ids), "every audit reported once"
+    assert delivery_states(engine) == ["sent"] * 8
+    assert len(hook.requests) <= 2 * 8, "each half a message of its own, never merged again into one too large"
+
+
+def test_one_event_a_receiver_refuses_as_too_large_on_its_own_is_kept_and_said(engine, hooks, fast_backoff):
+    hook = hooks()
+    hook.max_body = 100
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    stuck_and_recovered(engine, 1)
+    first = deliver(engine, destinations).results[0]
+    assert first.status == 413 and "too large" in first.error and first.pending == 2
+    wait_for(lambda: deliver(engine, destinations).results[0].error.startswith("HTTP 413"), timeout=5, interval=0.1,
+             message="the event on its own")
+    assert [len(r.body["events"]) for r in hook.requests][:2] == [2, 1]
+    assert delivery_states(engine) == ["pending", "pending"]
+
+
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
 def test_a_sender_never_sends_part_of_a_message_another_sender_holds_locked(engine):
     """Two earlier messages are due; a sender whose LIMIT stops inside the second locks part of it

@@ -2,7 +2,8 @@
 
 Each records every request it gets (arrival time, path, headers, decoded JSON body) and
 answers as scripted: 200 by default, or a queue of answers (500, 429 with Retry-After, a
-hang until released or for so many seconds). Threaded, so a hanging request does not
+hang until released or for so many seconds), and 413 to a body over ``max_body`` bytes, as nginx
+does past its ``client_max_body_size``. Threaded, so a hanging request does not
 hold the next one.
 """
 
@@ -33,6 +34,7 @@ class Request:
     headers: dict
     body: dict | None
     answered: int | None = None
+    size: int = 0  # bytes of the body
 
 
 class Webhook:
@@ -40,6 +42,8 @@ class Webhook:
         self.requests: list[Request] = []
         self._answers: list[Answer] = []
         self.default = Answer()
+        #: A body over this many bytes is answered 413 (None: any size is taken).
+        self.max_body: int | None = None
         self._released = threading.Event()
         self._changed = threading.Condition()
         hook = self
@@ -52,10 +56,13 @@ class Webhook:
                     body = json.loads(raw)
                 except ValueError:
                     body = None
-                request = Request(time.monotonic(), self.path, dict(self.headers), body)
+                request = Request(time.monotonic(), self.path, dict(self.headers), body, size=length)
                 with hook._changed:
                     hook.requests.append(request)
-                    answer = hook._answers.pop(0) if hook._answers else hook.default
+                    if hook.max_body is not None and length > hook.max_body:
+                        answer = Answer(status=413, body=b"<html><head><title>413 Request Entity Too Large</title>")
+                    else:
+                        answer = hook._answers.pop(0) if hook._answers else hook.default
                     hook._changed.notify_all()
                 if answer.hang:
                     hook._released.wait(answer.hang)
