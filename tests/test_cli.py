@@ -963,6 +963,18 @@ def test_config_wraps_its_source_column_at_words_and_paths_in_a_real_80_column_t
     assert source_column(shown) == sources, shown
 
 
+@pytest.mark.parametrize("columns", ["60", "80"])
+def test_config_keeps_an_environment_variables_name_whole_beside_a_long_database_url(columns):
+    """The SOURCE column shrank to 10 cells beside a long URL (or at 60 columns) and cut the variable's
+    name mid-word ("env AUDITCTL_D" / "ATABASE_UR" / "L"): `auditctl config | grep` found no source."""
+    url = "postgresql://auditor:pw@a-very-long-host-name.internal.example.com:5432/auditdb"
+    result = invoke("config", "--format", "plain", env={"COLUMNS": columns, "AUDITCTL_DATABASE_URL": url})
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("database_url")]
+    assert line.split()[-1] in ("AUDITCTL_DATABASE_URL", "env"), result.stdout
+    assert "AUDITCTL_DATABASE_URL" in result.stdout.split(), result.stdout
+
+
 def test_config_with_nothing_set_shows_every_default():
     result = invoke("config", "--format", "json")
     settings = config_of(result)

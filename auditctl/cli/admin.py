@@ -11,6 +11,10 @@ from .options import (DURATION, check_interval, common_options, echo_status, max
                       max_resets_option, output_options, threshold_options)
 from .render import echo
 
+#: The SOURCE column is never narrower than "env " and the longest variable name, which it cannot
+#: break: at 60 columns, or beside a long database URL, "AUDITCTL_DATABASE_URL" was cut in three.
+_ENV_NAME_WIDTH = len("env ") + max(len(setting.envvar) for setting in SETTINGS.values())
+
 
 @cli.command()
 @common_options
@@ -125,7 +129,7 @@ def config_command(state, policy, allow_unsafe, fmt, interval, refresh, max_atte
     # A kind's name comes from a file (one `report --suggest-thresholds` may have written): a line
     # break in it is shown escaped, so a row stays one setting.
     columns = [Column("setting", "SETTING", human=printable, fit="whole"), Column("value", "VALUE", fit="whole"),
-               Column("source", "SOURCE", fit="fold", min_width=10, shrink=1)]
+               Column("source", "SOURCE", fit="fold", min_width=_ENV_NAME_WIDTH, shrink=1)]
     render(records, columns, fmt, title="Settings in force")
     echo_status(state, f"Config file: {path or 'none (looked at $AUDITCTL_CONFIG, then $XDG_CONFIG_HOME/auditctl/config.toml)'}")
 
