@@ -77,6 +77,11 @@ class SchemaTooNew(SchemaMissing):
     """The database was migrated by a newer auditctl than this one."""
 
 
+class RevisionUnclear(SchemaMissing):
+    """The database's record of its schema revision is not one revision (``alembic_version`` holds
+    several rows): no migration can be chosen, and no change is safe."""
+
+
 class NotADatabase(NotOurDatabase, DatabaseRefused):
     """SQLite's SQLITE_NOTADB: the file at the path is no database. Not an outage to retry (a
     ``SchemaMissing``), and for a worker's callers still a ``DatabaseUnavailable``."""

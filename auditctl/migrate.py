@@ -20,7 +20,8 @@ from sqlalchemy import column, inspect, select, table, text
 from sqlalchemy.engine import Engine
 
 from .dberrors import describe, translate_errors
-from .errors import AuditctlError, DatabaseRefused, NotOurDatabase, SchemaMissing, SchemaTooNew, WriteRefused
+from .errors import (AuditctlError, DatabaseRefused, NotOurDatabase, RevisionUnclear, SchemaMissing, SchemaTooNew,
+                     WriteRefused)
 from .schema import DISTINCTIVE_AUDIT_COLUMNS, DISTINCTIVE_ENOUGH
 from .sqlfunctions import is_postgres
 from .textsafe import printable
@@ -82,9 +83,12 @@ def refuse_newer_schema(engine: Engine) -> None:
             schema = _schema(connection)
             if not inspect(connection).has_table("alembic_version", schema=schema):
                 return
-            revision = _recorded_revision(connection, schema)
+            revisions = _recorded_revisions(connection, schema)
     except AuditctlError:
         return
+    if len(revisions) > 1:
+        raise _unclear(engine, revisions)
+    revision = revisions[0] if revisions else None
     if revision is not None and revision not in shipped:
         raise SchemaTooNew(f"the database at {describe(engine)} is at schema revision {printable(str(revision))[:40]}, "
                            f"which this auditctl does not know (it knows up to {max(shipped)}): a newer "
@@ -126,22 +130,48 @@ def _schema(connection) -> str | None:
     return connection.execute(text("SELECT current_schema()")).scalar()
 
 
-def _recorded_revision(connection, schema: str | None) -> str | None:
+#: How many of the rows of an ``alembic_version`` holding several are named in the error.
+_SHOWN_REVISIONS = 5
+
+
+def _recorded_revisions(connection, schema: str | None) -> list:
+    """The rows of ``alembic_version`` (auditctl's migrations keep exactly one), at most a few more than shown."""
     version = table("alembic_version", column("version_num"), schema=schema)
-    return connection.execute(select(version.c.version_num)).scalar()
+    return list(connection.execute(select(version.c.version_num).order_by(version.c.version_num)
+                                   .limit(_SHOWN_REVISIONS + 1)).scalars())
+
+
+def _unclear(engine_or_connection, revisions: list) -> RevisionUnclear:
+    engine = getattr(engine_or_connection, "engine", engine_or_connection)
+    shown = ", ".join(printable(str(r))[:40] for r in revisions[:_SHOWN_REVISIONS])
+    count = f"{len(revisions)}" if len(revisions) <= _SHOWN_REVISIONS else f"more than {_SHOWN_REVISIONS}"
+    return RevisionUnclear(f"the database at {describe(engine)} cannot be migrated or changed: its alembic_version holds "
+                           f"{count} rows ({shown}) where auditctl's migrations keep one, so which revision its tables "
+                           "are at is unknown (a hand edit or another tool wrote there); restore the database from a "
+                           "backup, or delete the rows that are not its tables' revision; nothing was changed")
+
+
+def _recorded_revision(connection, schema: str | None) -> str | None:
+    """The one revision ``alembic_version`` records (None: no row); ``RevisionUnclear`` when it holds several."""
+    revisions = _recorded_revisions(connection, schema)
+    if len(revisions) > 1:
+        raise _unclear(connection, revisions)
+    return revisions[0] if revisions else None
 
 
 def _state(connection, schema: str | None) -> tuple[str | None, set[str], bool]:
     """(recorded revision or None, which of auditctl's table names exist, whether its ``audits`` table
-    is auditctl's as far as the columns every revision has can tell), all in ``schema`` (``_schema``)."""
+    is auditctl's as far as the columns every revision has can tell), all in ``schema`` (``_schema``).
+    ``RevisionUnclear`` when auditctl's tables are there under several recorded revisions; another
+    application's ``alembic_version`` may hold several (its branches), and is named by its first."""
     inspector = inspect(connection)
     names = set(inspector.get_table_names(schema=schema))
-    revision = None
-    if "alembic_version" in names:
-        revision = _recorded_revision(connection, schema)
+    revisions = _recorded_revisions(connection, schema) if "alembic_version" in names else []
     ours = "audits" in names and \
         len(_OUR_AUDIT_COLUMNS & {c["name"] for c in inspector.get_columns("audits", schema=schema)}) >= DISTINCTIVE_ENOUGH
-    return revision, names & set(_OUR_TABLES), ours
+    if len(revisions) > 1 and ours:
+        raise _unclear(connection, revisions)
+    return (revisions[0] if revisions else None), names & set(_OUR_TABLES), ours
 
 
 def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str], where: str, ours: bool = True) -> None:
@@ -255,7 +285,7 @@ def explained(error: BaseException, engine: Engine) -> BaseException:
     """A missing schema said precisely (``diagnose``): no schema, an old one, or another application's
     tables, where "run `auditctl init`" would be wrong advice. Any other error as it is. For every
     face that reports a SchemaMissing: the CLI, the dashboard, the worker library."""
-    if not isinstance(error, SchemaMissing) or isinstance(error, (NotOurDatabase, SchemaTooNew)):
+    if not isinstance(error, SchemaMissing) or isinstance(error, (NotOurDatabase, SchemaTooNew, RevisionUnclear)):
         return error
     try:
         return diagnose(engine)
@@ -297,7 +327,7 @@ def upgrade(engine: Engine) -> UpgradeResult:
         # A role that may only read, or a standby: the migration is one transaction, rolled back whole.
         raise WriteRefused(f"{error}; nothing was changed") from error
     except SchemaMissing as error:
-        if isinstance(error, (NotOurDatabase, SchemaTooNew)) or not hasattr(error, "detail"):
+        if isinstance(error, (NotOurDatabase, SchemaTooNew, RevisionUnclear)) or not hasattr(error, "detail"):
             raise
         # A table or column the migration expected is not there: "run `auditctl init`" is what failed.
         raise DatabaseRefused(f"cannot create or upgrade the schema of the database at {where}: {error.detail}; "

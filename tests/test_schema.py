@@ -198,3 +198,47 @@ def test_creating_the_schema_logs_no_alembic_steps_into_a_workers_info_log(blank
         assert logging.getLogger("alembic").level == before
     finally:
         engine.dispose()
+
+
+def run(*args):
+    from click.testing import CliRunner
+
+    from auditctl.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _recorded(url) -> list:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT version_num FROM alembic_version ORDER BY version_num")).scalars().all()
+    finally:
+        engine.dispose()
+
+
+def test_init_and_a_workers_start_refuse_in_one_line_when_alembic_version_holds_two_rows(database_url, tmp_path):
+    """Alembic's own error ("more than one head present; please use get_current_heads()") came out of
+    `init` as a traceback and out of a worker's start as a raw alembic CommandError; recover, reading the
+    first row only, went on changing a schema whose revision may be one it does not know."""
+    import pytest
+
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import AuditctlError
+    from dbtools import make_running
+
+    engine = create_engine(database_url)
+    make_running(engine, 1, silent_for=3600)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO alembic_version VALUES ('0099')"))
+    engine.dispose()
+    for command in (["init"], ["recover"]):
+        result = run(*command, "--database-url", database_url)
+        assert result.exit_code == 1 and "Traceback" not in result.output, (command, result.output)
+        line = result.stderr.strip().splitlines()[-1]
+        assert "alembic_version holds 2 rows (0004, 0099)" in line and "nothing was changed" in line, (command, line)
+    with pytest.raises(AuditctlError, match="alembic_version holds 2 rows"):
+        StuckAuditPrevention(database_url, worker_id="worker-1")
+    assert _recorded(database_url) == ["0004", "0099"]
+    assert json.loads(run("scan", "-o", "json", "--database-url", database_url).stdout)[0]["status"] == "running", \
+        "the readers still read it, and nothing was recovered"
