@@ -79,7 +79,7 @@ class SchemaTooNew(SchemaMissing):
 
 class RevisionUnclear(SchemaMissing):
     """The database's record of its schema revision is not one revision (``alembic_version`` holds
-    several rows): no migration can be chosen, and no change is safe."""
+    several rows, or none beside auditctl's tables): no migration can be chosen, and no change is safe."""
 
 
 class NotADatabase(NotOurDatabase, DatabaseRefused):

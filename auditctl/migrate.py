@@ -174,7 +174,8 @@ def _state(connection, schema: str | None) -> tuple[str | None, set[str], bool]:
     return (revisions[0] if revisions else None), names & set(_OUR_TABLES), ours
 
 
-def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str], where: str, ours: bool = True) -> None:
+def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str], where: str, ours: bool = True,
+                    schema: str | None = None) -> None:
     advice = ("give auditctl its own database, or its own schema (CREATE SCHEMA auditctl, then "
               "?options=-csearch_path%3Dauditctl in the URL)") if is_postgres(engine_or_connection) \
         else "point --database-url at a file of auditctl's own"
@@ -183,6 +184,8 @@ def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str
         # them would change another application's database.
         raise NotOurDatabase(f"the database at {where} records an Alembic revision ({printable(str(revision))[:40]}) "
                              f"and has tables named like auditctl's that auditctl did not create; {advice}")
+    if revision is None and present and ours:
+        raise _unrecorded(engine_or_connection, schema, present, where)
     if revision is None and present:
         tables = ", ".join(sorted(present))
         raise NotOurDatabase(f"the database at {where} has tables named like auditctl's ({tables}) that auditctl did not "
@@ -194,6 +197,33 @@ def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str
     if revision is not None and revision not in known_revisions():
         raise SchemaTooNew(f"the database at {where} is at schema revision {revision}, which this auditctl "
                            f"does not know (it knows up to {head_revision()}): a newer auditctl migrated it; upgrade auditctl")
+
+
+#: The triggers revision 0002 makes on SQLite, which ``schema.metadata`` (and a schema made from it) lacks.
+_SQLITE_TRIGGERS = ("audits_odd_times_insert", "audits_odd_times_update")
+
+
+def _unrecorded(connection, schema: str | None, present: set[str], where: str) -> RevisionUnclear:
+    """auditctl's own tables with no revision recorded (``alembic_version`` missing or empty: made by hand
+    from ``schema.py``, or the record deleted): which migrations they need cannot be told. When they
+    hold every part of the newest revision, how to record it; else, a backup."""
+    tables = ", ".join(sorted(present))
+    said = (f"the database at {where} holds auditctl's tables ({tables}) but no record of their schema revision "
+            "(no row in alembic_version, or no such table: they were made by hand, or the record was deleted), so "
+            "init cannot tell which migrations they need")
+    complete = not _missing_parts(connection, schema)
+    if complete and not is_postgres(connection):
+        triggers = set(connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'")).scalars())
+        complete = set(_SQLITE_TRIGGERS) <= triggers
+    if not complete:
+        return RevisionUnclear(f"{said}; restore the database from a backup; nothing was changed")
+    name = f"{_quoted(connection, schema)}.alembic_version" if schema is not None else "alembic_version"
+    steps = [] if inspect(connection).has_table("alembic_version", schema=schema) else \
+        [f"CREATE TABLE {name} (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"]
+    steps.append(f"INSERT INTO {name} (version_num) VALUES ('{head_revision()}')")
+    return RevisionUnclear(f"{said}; they hold every table and column of revision {head_revision()}: if they were "
+                           f"made from this auditctl's schema, record it with: {'; '.join(steps)}, then run init "
+                           "again; else restore the database from a backup; nothing was changed")
 
 
 def _ours_later_on_the_path(connection, schema: str | None) -> str | None:
@@ -215,8 +245,9 @@ def diagnose(engine: Engine) -> SchemaMissing:
     try:
         with translate_errors(engine), engine.connect() as connection:
             connection = connection.execution_options(auditctl_read_only=True)
-            revision, present, ours = _state(connection, _schema(connection))
-        _refuse_foreign(engine, revision, present, where, ours)
+            schema = _schema(connection)
+            revision, present, ours = _state(connection, schema)
+            _refuse_foreign(connection, revision, present, where, ours, schema)
     except SchemaMissing as error:
         return error
     except Exception:  # noqa: BLE001 - the diagnosis is a courtesy; the original error stands
@@ -319,7 +350,7 @@ def upgrade(engine: Engine) -> UpgradeResult:
                 schema = found
                 connection.execute(text(f"SET LOCAL search_path TO {_quoted(connection, schema)}"))
                 revision, present, ours = _state(connection, schema)
-            _refuse_foreign(connection, revision, present, where, ours)
+            _refuse_foreign(connection, revision, present, where, ours, schema)
             before = MigrationContext.configure(connection, opts={"version_table_schema": schema}).get_current_revision()
             command.upgrade(_alembic_config(connection, schema), "head")
             after = _recorded_revision(connection, schema)  # in the schema upgraded, which may be later on the path

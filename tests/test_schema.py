@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 import time
 
+import pytest
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from dbtools import finish, kill_quietly, read_line, spawn, wait_for
@@ -242,3 +244,69 @@ def test_init_and_a_workers_start_refuse_in_one_line_when_alembic_version_holds_
     assert _recorded(database_url) == ["0004", "0099"]
     assert json.loads(run("scan", "-o", "json", "--database-url", database_url).stdout)[0]["status"] == "running", \
         "the readers still read it, and nothing was recovered"
+
+
+@pytest.mark.parametrize("how", ["emptied", "dropped", "made by hand"])
+def test_init_on_auditctls_own_tables_without_a_recorded_revision_says_how_to_record_it_when_created_by_hand(
+        blank_database_url, how):
+    """auditctl's own tables with no row in alembic_version (or no such table: made from schema.py by
+    hand, the record deleted) were refused as "tables named like auditctl's that auditctl did not create;
+    point --database-url at a file of auditctl's own": advice that sends an operator away from the
+    fleet's own data. The line says the revision is not recorded and how to record it; following it works."""
+    from sqlalchemy import inspect as inspect_
+
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import SchemaMissing
+    from auditctl.schema import metadata
+
+    engine = create_engine(blank_database_url)
+    if how == "made by hand":
+        metadata.create_all(engine)
+    else:
+        upgrade(engine)
+    audit_id = leases.create_audit(engine, "https://kept.example")
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM alembic_version" if how == "emptied" else "DROP TABLE IF EXISTS alembic_version"))
+    result = run("init", "--database-url", blank_database_url)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "did not create" not in line and "of auditctl's own" not in line, line
+    assert "no record of their schema revision" in line and "nothing was changed" in line, line
+    with pytest.raises(SchemaMissing, match="no record of their schema revision"):
+        StuckAuditPrevention(blank_database_url, worker_id="worker-1")
+    assert ("alembic_version" in inspect_(engine).get_table_names()) == (how == "emptied"), "nothing was created"
+    if how == "made by hand" and engine.dialect.name == "sqlite":
+        # Without the triggers revision 0002 makes on SQLite: recording 0004 would leave them out.
+        assert "restore the database from a backup" in line and "INSERT" not in line, line
+        engine.dispose()
+        return
+
+    advice = line.split("record it with: ", 1)[1].split(", then run", 1)[0]
+    with engine.begin() as connection:
+        for statement in advice.split("; "):
+            connection.execute(text(statement))
+    again = run("init", "--database-url", blank_database_url)
+    assert again.exit_code == 0 and f"Schema already at revision {head_revision()}" in again.output, again.output
+    assert leases.create_audit(engine, "https://new.example") > audit_id
+    assert [r["target"] for r in json.loads(run("list", "-o", "json", "--database-url", blank_database_url).stdout)] == \
+        ["https://new.example", "https://kept.example"]
+    engine.dispose()
+
+
+def test_init_on_auditctls_tables_of_an_older_revision_without_a_recorded_revision_says_to_restore_them(
+        blank_database_url):
+    """Tables of revision 0001 with the record gone: which migrations they need cannot be told, and
+    recording the head's revision would skip them; the line says to restore from a backup."""
+    from alembic import command
+
+    from auditctl.migrate import _alembic_config
+
+    engine = create_engine(blank_database_url)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0001")
+        connection.execute(text("DROP TABLE alembic_version"))
+    engine.dispose()
+    result = run("init", "--database-url", blank_database_url)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "no record of their schema revision" in line, line
+    assert "restore the database from a backup" in line and "INSERT" not in line, line
