@@ -90,9 +90,21 @@ def refuse_newer_schema(engine: Engine) -> None:
         raise _unclear(engine, revisions)
     revision = revisions[0] if revisions else None
     if revision is not None and revision not in shipped:
-        raise SchemaTooNew(f"the database at {describe(engine)} is at schema revision {printable(str(revision))[:40]}, "
-                           f"which this auditctl does not know (it knows up to {max(shipped)}): a newer "
-                           "auditctl migrated it; upgrade auditctl. Nothing was changed")
+        raise _unknown(describe(engine), revision, max(shipped))
+
+
+def _unknown(where: str, revision, head: str) -> SchemaMissing:
+    """A recorded revision this auditctl does not know: a newer auditctl's (four digits, as auditctl's
+    are, past ``head``), or text no auditctl writes (a hand edit: "garbage", "0004 " with a space)."""
+    if isinstance(revision, str) and len(revision) == len(head) and revision.isascii() and revision.isdigit() \
+            and revision > head:
+        return SchemaTooNew(f"the database at {where} is at schema revision {revision}, which this auditctl does not "
+                            f"know (it knows up to {head}): a newer auditctl migrated it; upgrade auditctl; nothing was "
+                            "changed")
+    return RevisionUnclear(f"the database at {where} records schema revision '{printable(str(revision))[:40]}', which is "
+                           f"no auditctl revision (auditctl's are {len(head)} digits; this one knows up to {head}): "
+                           "alembic_version was edited by hand or by another tool; set it to the revision its tables "
+                           "are at, or restore the database from a backup; nothing was changed")
 
 
 def head_revision() -> str:
@@ -195,8 +207,7 @@ def _refuse_foreign(engine_or_connection, revision: str | None, present: set[str
         raise NotOurDatabase(f"the database at {where} records another application's Alembic revision "
                              f"({printable(str(revision))[:40]}) and has no auditctl tables; {advice}")
     if revision is not None and revision not in known_revisions():
-        raise SchemaTooNew(f"the database at {where} is at schema revision {revision}, which this auditctl "
-                           f"does not know (it knows up to {head_revision()}): a newer auditctl migrated it; upgrade auditctl")
+        raise _unknown(where, revision, head_revision())
 
 
 #: The triggers revision 0002 makes on SQLite, which ``schema.metadata`` (and a schema made from it) lacks.

@@ -310,3 +310,39 @@ def test_init_on_auditctls_tables_of_an_older_revision_without_a_recorded_revisi
     line = result.stderr.strip().splitlines()[-1]
     assert result.exit_code == 1 and "no record of their schema revision" in line, line
     assert "restore the database from a backup" in line and "INSERT" not in line, line
+
+
+@pytest.mark.parametrize("recorded", ["garbage", "0004 ", "", "0002\n"])
+def test_init_and_recover_say_the_record_was_edited_not_to_upgrade_auditctl_when_the_revision_is_not_a_revision(
+        database_url, recorded):
+    """A revision no auditctl writes ("garbage", "0004 " with a space, an empty string) was taken for
+    a newer auditctl's: "at schema revision 0004 , which this auditctl does not know (it knows up to
+    0004): ... upgrade auditctl", advice that cannot help."""
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import AuditctlError
+    from dbtools import make_running
+
+    engine = create_engine(database_url)
+    make_running(engine, 1, silent_for=3600)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": recorded})
+    engine.dispose()
+    shown = recorded.replace("\n", "\\n")
+    for command in (["init"], ["recover"]):
+        result = run(*command, "--database-url", database_url)
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.exit_code == 1 and "Traceback" not in result.output, (command, result.output)
+        assert f"records schema revision '{shown}', which is no auditctl revision" in line, (command, line)
+        assert "upgrade auditctl" not in line and "nothing was changed" in line, (command, line)
+    with pytest.raises(AuditctlError, match="which is no auditctl revision"):
+        StuckAuditPrevention(database_url, worker_id="worker-1")
+    assert _recorded(database_url) == [recorded]
+
+
+def test_a_four_digit_revision_past_the_newest_is_still_a_newer_auditctls(database_url):
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0005'"))
+    engine.dispose()
+    result = run("init", "--database-url", database_url)
+    assert result.exit_code == 1 and "a newer auditctl migrated it; upgrade auditctl" in result.stderr, result.output
