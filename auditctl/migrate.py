@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import column, inspect, select, table, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from .dberrors import describe, translate_errors
 from .errors import (AuditctlError, DatabaseRefused, NotOurDatabase, RevisionUnclear, SchemaMissing, SchemaTooNew,
@@ -276,7 +277,6 @@ def _damage(engine: Engine, revision: str, schema: str | None = None) -> SchemaM
     None. One query that reads no row answers for a whole schema; only a damaged one is inspected,
     to say what is missing (inspecting every table doubled a worker's start on SQLite)."""
     from sqlalchemy import func, union_all
-    from sqlalchemy.exc import DBAPIError
 
     from .schema import metadata
 
@@ -335,6 +335,25 @@ def explained(error: BaseException, engine: Engine) -> BaseException:
         return error
 
 
+#: PostgreSQL's duplicate_table, duplicate_column and duplicate_object: what a migration meets on
+#: tables already past the revision recorded.
+_ALREADY_THERE_STATES = frozenset({"42P07", "42701", "42710"})
+
+
+def _already_there(error: DBAPIError) -> bool:
+    """Whether a migration step failed on a table, column, index or trigger that already exists."""
+    state = getattr(error.orig, "sqlstate", None)
+    if state is not None:
+        return state in _ALREADY_THERE_STATES
+    message = str(error.orig)
+    return "already exists" in message or "duplicate column name" in message
+
+
+def _first_line(error: DBAPIError) -> str:
+    lines = str(error.orig).strip().splitlines()
+    return printable(lines[0] if lines else type(error.orig).__name__)[:200]
+
+
 def upgrade(engine: Engine) -> UpgradeResult:
     """Create or upgrade the schema to the newest revision. Safe to call any number of times."""
     from alembic import command
@@ -363,7 +382,17 @@ def upgrade(engine: Engine) -> UpgradeResult:
                 revision, present, ours = _state(connection, schema)
             _refuse_foreign(connection, revision, present, where, ours, schema)
             before = MigrationContext.configure(connection, opts={"version_table_schema": schema}).get_current_revision()
-            command.upgrade(_alembic_config(connection, schema), "head")
+            try:
+                command.upgrade(_alembic_config(connection, schema), "head")
+            except DBAPIError as error:
+                if not _already_there(error):
+                    raise
+                raise DatabaseRefused(
+                    f"cannot upgrade the schema of the database at {where} from revision {printable(str(before))[:40]}: "
+                    f"{_first_line(error)}: the tables already hold what the migration adds (alembic_version set back "
+                    "by hand or restored apart from the tables, or an index made by hand?); set alembic_version to "
+                    "the revision the tables are at, drop what was made by hand, or restore the database from a "
+                    "backup; nothing was changed") from None
             after = _recorded_revision(connection, schema)  # in the schema upgraded, which may be later on the path
     except WriteRefused as error:
         # A role that may only read, or a standby: the migration is one transaction, rolled back whole.

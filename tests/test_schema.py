@@ -346,3 +346,29 @@ def test_a_four_digit_revision_past_the_newest_is_still_a_newer_auditctls(databa
     engine.dispose()
     result = run("init", "--database-url", database_url)
     assert result.exit_code == 1 and "a newer auditctl migrated it; upgrade auditctl" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("recorded", ["0001", "0003"])
+def test_init_on_tables_already_past_the_recorded_revision_says_so_not_that_the_database_is_unavailable(
+        database_url, recorded):
+    """alembic_version set back by hand (or restored apart from the tables): the migration met a column
+    or index that already exists, and init said "database unavailable at ...: index ... already exists"
+    (on SQLite an outage, which a worker's start would take as one to retry), without saying whether
+    anything had changed."""
+    from auditctl import StuckAuditPrevention
+    from auditctl.errors import DatabaseRefused
+
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": recorded})
+    before = schema_of(engine)
+    result = run("init", "--database-url", database_url)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "unavailable" not in line and f"from revision {recorded}" in line, line
+    assert "the tables already hold what the migration adds" in line and line.endswith("nothing was changed"), line
+    with pytest.raises(DatabaseRefused, match="the tables already hold what the migration adds") as caught:
+        StuckAuditPrevention(database_url, worker_id="worker-1")
+    assert type(caught.value) is DatabaseRefused
+    assert schema_of(engine) == before
+    engine.dispose()
