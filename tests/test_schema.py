@@ -372,3 +372,20 @@ def test_init_on_tables_already_past_the_recorded_revision_says_so_not_that_the_
     assert type(caught.value) is DatabaseRefused
     assert schema_of(engine) == before
     engine.dispose()
+
+
+def test_another_applications_alembic_version_with_two_rows_is_still_named_as_theirs(tmp_path):
+    """Several rows are an Alembic application's branches: without auditctl's tables beside them they
+    are another application's record, named by its first row, as with one."""
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        connection.execute("INSERT INTO alembic_version VALUES ('abc'), ('def')")
+        connection.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    for command in (["init"], ["scan"]):
+        result = run(*command, "--database-url", f"sqlite:///{path}")
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.exit_code == 1 and "records another application's Alembic revision (abc)" in line, line
+    with sqlite3.connect(path) as connection:
+        assert sorted(r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")) == \
+            ["alembic_version", "customers"]
