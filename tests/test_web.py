@@ -1397,3 +1397,46 @@ def test_api_overview_counts_the_healthy_audits_its_sample_leaves_out(demo_url, 
     healthy = overview["by_status"]["running"] - overview["stuck_count"]
     assert overview["healthy_more"] == healthy - len(overview["healthy_sample"]) >= 0
     assert healthy == 4
+
+
+@pytest.mark.parametrize("record", ["UPDATE alembic_version SET version_num = '0099'",
+                                    "INSERT INTO alembic_version VALUES ('0099')"])
+def test_api_recover_on_a_schema_it_may_not_change_says_nothing_was_changed_once(demo_url, demo, record):
+    """The library's refusal of a newer (or unclear) schema already ends "nothing was changed"; the API
+    added its own: "...upgrade auditctl; nothing was changed; nothing was changed"."""
+    from sqlalchemy import text
+
+    with demo.begin() as connection:
+        connection.execute(text(record))
+    before = statuses(demo)
+    with running_dashboard(demo_url) as server:
+        answer = server.post("/api/recover", json_body={}, headers=BEARER)
+    error = answer.json()["error"]
+    assert answer.status == 503 and error.lower().count("nothing was changed") == 1, error
+    assert error.endswith("nothing was changed"), error
+    assert statuses(demo) == before
+
+
+@pytest.mark.parametrize("record, when", [("UPDATE alembic_version SET version_num = '0099'", "once auditctl is upgraded"),
+                                          ("INSERT INTO alembic_version VALUES ('0099')",
+                                           "once the schema's revision record is set right")])
+def test_a_confirmation_kept_on_a_schema_it_may_not_change_says_nothing_was_changed_once_and_what_to_wait_for(
+        demo_url, demo, record, when):
+    """A newer auditctl migrated the database between the preview and the confirmation: the panel said
+    "...upgrade auditctl; nothing was changed. Nothing was changed, and this confirmation still stands:
+    press Recover again (once the database is back)", which never went away."""
+    import html
+
+    from sqlalchemy import text
+
+    with running_dashboard(demo_url) as server:
+        headers, confirm, form, _shown = _confirmation_offered(server, "recover", name="dora")
+        with demo.begin() as connection:
+            connection.execute(text(record))
+        before = statuses(demo)
+        failed = server.post(confirm, form=form, headers=headers)
+    assert failed.status == 503, failed.text
+    assert failed.text.lower().count("nothing was changed") == 1, failed.text
+    assert "Nothing was changed, and this confirmation still stands" in failed.text
+    assert when in html.unescape(failed.text) and "once the database is back" not in failed.text, failed.text
+    assert statuses(demo) == before

@@ -309,10 +309,16 @@ def _action_error(problem: Exception, d) -> Response:
     # database refused as a whole) changed nothing, and a caller deciding whether to retry needs that.
     unchanged = "; nothing was changed" if isinstance(problem, (Outage, AuditctlError)) and committed_before(problem) is None else ""
     if isinstance(problem, Outage):
-        return error(503, f"{str(problem).rstrip('.')}{unchanged}")
+        return error(503, _said_once(str(problem).rstrip('.'), unchanged))
     if isinstance(problem, (AuditctlError, SQLAlchemyError, OSError)):
-        return error(503, f"{d.safe_message(problem).rstrip('.')}{unchanged}")
+        return error(503, _said_once(d.safe_message(problem).rstrip('.'), unchanged))
     raise problem
+
+
+def _said_once(message: str, unchanged: str) -> str:
+    """The error and that nothing was changed, unless the error says so itself (a schema the library
+    refuses to change: "...upgrade auditctl; nothing was changed")."""
+    return message if message.lower().endswith("nothing was changed") else f"{message}{unchanged}"
 
 
 def routes() -> list[Route]:

@@ -25,7 +25,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import AuditctlError, AuditNotFound, ConfigError, ConnectionSettingRefused, WriteRefused
+from ..errors import (AuditctlError, AuditNotFound, ConfigError, ConnectionSettingRefused, RevisionUnclear, SchemaTooNew,
+                      WriteRefused)
 from ..history import Actor
 from ..thresholds import Policy
 from ..urls import scrub
@@ -628,7 +629,15 @@ def _confirmation_failed(request: Request, error: Exception, d: Dashboard, sessi
     session.give_back(plan_id, entry)
     status, text = _action_problem(error, d)
     # A role that may not write (or a standby) never went away: pressing again waits for its privileges.
-    when = "once the database lets auditctl write" if isinstance(error, WriteRefused) else "once the database is back"
+    # A schema this auditctl may not change never went away either: pressing again waits for what its error says.
+    if isinstance(error, WriteRefused):
+        when = "once the database lets auditctl write"
+    elif isinstance(error, SchemaTooNew):
+        when = "once auditctl is upgraded"
+    elif isinstance(error, RevisionUnclear):
+        when = "once the schema's revision record is set right"
+    else:
+        when = "once the database is back"
     return _panel(request, status, confirm(text, when))
 
 

@@ -674,11 +674,17 @@ _KEPT = {
 }
 
 
+_UNCHANGED = "; nothing was changed"
+
+
 def confirmation_kept(viewer: Viewer, kind: str, plan_id: str, problem: str, when: str = "once the database is back") -> str:
     """A confirmed reset or recover that the database failed before it changed anything: the error,
     and the same confirmation offered again (it was given back, so it works once more) ``when``."""
     action, button_id, label, extra = _KEPT[kind]
-    text = f"{problem.rstrip('.')}. Nothing was changed, and this confirmation still stands: press {label} again ({when})."
+    problem = problem.rstrip(".")
+    if problem.lower().endswith(_UNCHANGED):  # the library's refusal says it too: said once, below
+        problem = problem[:-len(_UNCHANGED)]
+    text = f"{problem}. Nothing was changed, and this confirmation still stands: press {label} again ({when})."
     cancel = '<button type="button" hx-get="/fragments/empty" hx-target="#action-panel" class="link">Cancel</button>'
     return (f'<div class="panel confirm" id="{kind}-confirm" role="region" aria-label="Confirm {"reset" if kind == "reset" else "recovery"}">'
             f'{message("error", e(text))}'
