@@ -92,7 +92,8 @@ def seed_demo(engine: Engine, *, force: bool = False) -> DemoFleet:
     with read_connection(engine) as connection:
         existing = connection.execute(select(func.count()).select_from(audits)).scalar_one()
     if existing and not force:
-        raise DatabaseNotEmpty(f"the database already holds {existing} audits; `auditctl demo --force` adds the sample fleet anyway")
+        raise DatabaseNotEmpty(f"the database already holds {existing} audit{'' if existing == 1 else 's'}; "
+                               "`auditctl demo --force` adds the sample fleet anyway")
     actor = Actor("auditctl demo")
     minutes = 60
     # History first: audits that finished, and ones a monitor already failed.

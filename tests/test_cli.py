@@ -284,6 +284,14 @@ def test_demo_twice_refuses_without_force_and_adds_nothing(demo, demo_engine):
     assert everything(demo_engine) == before
 
 
+def test_demo_on_a_database_with_one_audit_says_one_audit_not_one_audits(database_url, engine):
+    from dbtools import make_running
+
+    make_running(engine, 1)
+    again = on(database_url, "demo")
+    assert again.exit_code == 1 and "already holds 1 audit;" in again.stderr, again.stderr
+
+
 def test_demo_force_adds_a_second_fleet_and_leaves_the_audits_already_there_alone(demo, demo_engine):
     first_stuck = set(stuck_ids(demo).values())
     forced = on(demo, "demo", "--force")
