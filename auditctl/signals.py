@@ -26,12 +26,13 @@ def set_from_handler(event: threading.Event) -> None:
     _thread.start_new_thread(event.set, ())
 
 
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: only where watch handles it
 
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have.
+    """Ctrl-C and SIGTERM (and SIGHUP where a command handles it: ``watch``) wait until the block
+    ends, then act as they would have.
 
     For the moment between a batch's COMMIT and counting it: a ``KeyboardInterrupt`` raised in
     between left the batch changed in the database but missing from what the interruption

@@ -747,3 +747,47 @@ def test_watch_interrupted_by_two_signals_back_to_back_always_ends(tmp_path):
             process.kill()
             raise AssertionError(f"watch hung after two signals (attempt {attempt})") from None
         assert code in (0, 130), code
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)  # a batch waits on a row lock only there
+def test_watch_stops_cleanly_and_logs_its_recoveries_when_sighup_lands_during_a_recovery_batch(engine, database_url, tmp_path):
+    """SIGHUP (a closed terminal, a container runtime, ``systemctl kill -s HUP``) used to end watch at once:
+    batches already committed stayed recovered but no log line ever said so, and no ``watch stopped.``."""
+    ids = make_running(engine, 1200, silent_for=900)
+    process = None
+    with engine.connect() as blocker:
+        blocker.exec_driver_sql("BEGIN")
+        blocker.exec_driver_sql("LOCK TABLE audits IN SHARE MODE")  # reads go on, the pass's UPDATE waits here
+        try:
+            process = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "1h", "--database-url", database_url],
+                                       cwd=tmp_path, env=clean_env(tmp_path), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 30
+            while not _waits_on_a_lock(engine):
+                assert process.poll() is None and time.monotonic() < deadline, "the pass never reached its batch"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+        finally:
+            blocker.exec_driver_sql("ROLLBACK")
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, (process.returncode, err)
+    assert err.endswith("watch stopped.\n"), err
+    logged = {int(m) for m in re.findall(r"recovered audit (\d+) ", out)}
+    assert logged == set(ids)
+    with read_connection(engine) as connection:
+        recovered = set(connection.execute(select(audit_events.c.audit_id)).scalars())
+    assert recovered == set(ids)
+
+
+def _waits_on_a_lock(engine) -> bool:
+    """Whether another session of this test's database waits on a lock (pg_stat_activity)."""
+    with engine.connect() as connection:
+        return bool(connection.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
+            "AND datname = current_database()").scalar())

@@ -11,8 +11,8 @@ themselves); healthy running audits fill what space is left, with "and N more". 
 it writes one log line per change: an audit found stuck, recovered, a worker gone, the
 database lost or back.
 
-Ctrl-C and SIGTERM stop it after the pass in progress, within a second between passes; a second
-one stops it at once (exit 130), abandoning a read or a batch in flight.
+Ctrl-C, SIGTERM and SIGHUP stop it after the pass in progress, within a second between passes; a
+second one stops it at once (exit 130), abandoning a read or a batch in flight.
 A database outage is reported and retried (the monitor's outage rule keeps it from being
 counted as silence); a database without auditctl's schema is not an outage: watch says
 so and exits 1.
@@ -110,7 +110,10 @@ def watch(state, policy, allow_unsafe, filters, interval, refresh, once, no_reco
         asked.append(True)
         set_from_handler(stop)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (a terminal closed, a container runtime or supervisor passing it on) stops watch as SIGTERM
+    # does, rather than killing it between a batch's commit and its log lines; left ignored under nohup.
+    hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL else []
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, *hangup)}
     result = None
     try:
         view.start()
