@@ -48,6 +48,10 @@ from .thresholds import RECOVERY_REASONS, Policy
 log = logging.getLogger("auditctl.metrics")
 
 PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Longest a scrape waits for the database before it answers ``auditctl_database_up 0``: under
+#: Prometheus's default ``scrape_timeout`` (10 s). A PostgreSQL server that stopped answering holds a
+#: read for its whole deadline (a connection attempt 10 s, a query about a minute).
+SCRAPE_DEADLINE = 8.0
 
 
 class MetricsUnavailable(AuditctlError):
@@ -124,18 +128,22 @@ def _folded(counts: dict, known) -> dict:
 
 
 class FleetCollector:
-    """Reads the fleet's figures at scrape time. A database that cannot be read gives
-    ``auditctl_database_up 0`` and nothing else from the database, never a failed scrape.
+    """Reads the fleet's figures at scrape time. A database that cannot be read, or gives no answer
+    within ``deadline`` seconds, gives ``auditctl_database_up 0`` and nothing else from the database,
+    never a failed scrape.
 
     ``engine`` is an engine, or a function that returns one, called at each scrape: making the
     engine can fail too (a SQLite file that is not there), and that must be a scrape saying
     ``database_up 0``, not a command that ends before it writes its textfile."""
 
-    def __init__(self, engine, policy: Policy | None = None):
+    def __init__(self, engine, policy: Policy | None = None, deadline: float = SCRAPE_DEADLINE):
         self.engine = engine
         self.policy = Policy.coerce(policy)
-        # Overlapping scrapes (two Prometheus servers) wait for each other instead of doubling the load.
+        self.deadline = deadline
+        # Overlapping scrapes (two Prometheus servers) share the read in flight instead of doubling the load.
         self.lock = threading.Lock()
+        #: The read in flight: (done, outcome); a scrape that gave up on it leaves it to finish on its own.
+        self._reading: tuple[threading.Event, dict] | None = None
         #: The failure last logged: the same one again is not logged at every scrape of an outage.
         self.reported: str | None = None
         #: Set when the command already said why the database cannot be read (its one error line).
@@ -147,24 +155,49 @@ class FleetCollector:
     def collect(self):
         from .report import fleet_figures
 
-        with self.lock:
-            started = time.perf_counter()
-            try:
-                engine = self.engine() if callable(self.engine) else self.engine
-                figures = fleet_figures(engine, self.policy)
-                out, up = families(figures), 1
-            except (AuditctlError, SQLAlchemyError) as error:
+        started = time.perf_counter()
+        done, outcome = self._read(fleet_figures)
+        if not done.wait(self.deadline):
+            # The read goes on in its thread (to its own deadline) and the next scrape waits on it in
+            # turn: the answer is due now, before Prometheus gives up on the whole scrape.
+            outcome = {"error": f"no answer within {self.deadline:g}s"}
+        error = outcome.get("error")
+        if isinstance(error, BaseException) and not isinstance(error, (AuditctlError, SQLAlchemyError)):
+            raise error
+        with self.lock:  # overlapping scrapes: one warning per failure, as before
+            if error is None:
+                out, up = families(outcome["figures"]), 1
+                self.reported = None
+            else:
                 if str(error) != self.reported and not self.muted:
                     log.warning("metrics: cannot read the database: %s", error)
                 self.reported = str(error)
                 out, up = [], 0
-            else:
-                self.reported = None
-            elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
         yield from out
         yield GaugeMetricFamily("auditctl_database_up", "1 when this scrape could read the database.", value=up)
         yield GaugeMetricFamily("auditctl_scrape_duration_seconds", "Time this scrape spent reading the database.",
                                 value=round(elapsed, 6))
+
+    def _read(self, fleet_figures) -> tuple[threading.Event, dict]:
+        """The read in flight, or a new one in its own thread: ``outcome`` gets ``figures`` or ``error``."""
+        with self.lock:
+            if self._reading is not None and not self._reading[0].is_set():
+                return self._reading
+            done, outcome = threading.Event(), {}
+
+            def read():
+                try:
+                    engine = self.engine() if callable(self.engine) else self.engine
+                    outcome["figures"] = fleet_figures(engine, self.policy)
+                except BaseException as error:  # noqa: BLE001 - the scrape decides what to make of it
+                    outcome["error"] = error
+                finally:
+                    done.set()
+
+            self._reading = (done, outcome)
+            threading.Thread(target=read, name="auditctl-metrics-read", daemon=True).start()
+            return self._reading
 
 
 class Metrics:

@@ -490,3 +490,55 @@ def test_a_textfile_that_can_no_longer_be_written_is_metrics_unavailable_naming_
     path = tmp_path / "gone" / "auditctl.prom"
     with pytest.raises(MetricsUnavailable, match=f"cannot write the metrics file {re.escape(str(path))}: "):
         Metrics(engine).write_textfile(str(path))
+
+
+def test_a_scrape_answers_database_up_0_within_prometheus_timeout_when_the_postgresql_server_stops_answering(own_postgres,
+                                                                                                            tmp_path):
+    """A frozen server (its processes stopped: a hung host, a network that drops packets) held a scrape
+    until the read's deadline, over a minute: Prometheus gave up first (10 s by default), so the target
+    was down and ``auditctl_database_up 0``, the series its alert watches, was never seen."""
+    import signal
+
+    server, engine = own_postgres
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITCTL_")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    proc = subprocess.Popen([str(AUDITCTL), "watch", "--database-url", server.url, "--no-recover", "--no-live",
+                             "--interval", "1h", "--refresh", "1h", "--metrics-port", "0"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    frozen: list[int] = []
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serving metrics at http://127.0.0.1:"), line
+        url = line.split(" at ", 1)[1].strip()
+
+        def scrape():  # as Prometheus does, with its default scrape_timeout
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return samples(response.read().decode())
+
+        assert value(scrape(), "auditctl_database_up") == 1
+        postmaster = server._proc.pid
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+        down = scrape()
+        assert value(down, "auditctl_database_up") == 0
+        assert not any(name == "auditctl_audits" for name, _ in down)
+        again = scrape()  # the first scrape's read is still waiting: this one does not queue behind it
+        assert value(again, "auditctl_database_up") == 0
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        if frozen:
+            def up_again():
+                try:
+                    return value(scrape(), "auditctl_database_up") == 1
+                except OSError:  # a scrape cut short while the server wakes up
+                    return False
+
+            wait_for(up_again, timeout=120, interval=0.5, message="the scrape to read again")
+        proc.terminate()
+        try:
+            proc.wait(90)
+        finally:
+            proc.stderr.close()
