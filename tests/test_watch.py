@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from dbtools import make_running
+from dbtools import make_running, wait_for
 from sqlalchemy import select, update
 from terminal import Terminal, available
 
@@ -791,3 +791,43 @@ def _waits_on_a_lock(engine) -> bool:
         return bool(connection.exec_driver_sql(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
             "AND datname = current_database()").scalar())
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # the log stream, not the engine
+def test_watch_logging_to_a_socket_keeps_recovering_when_the_log_collector_goes_away(demo, engine, tmp_path):
+    """stdout a stream socket (journald, a log collector): a peer that goes away is not a reader that
+    took what it wanted (``| head``). watch used to stop at its next line, exit 0, so a unit with
+    ``Restart=on-failure`` was not restarted and nothing recovered stuck audits any more."""
+    import socket
+
+    collector, stream = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    process = subprocess.Popen([str(AUDITCTL), "watch", "--interval", "0.5s", "--refresh", "0.2s", "--database-url", demo],
+                               cwd=tmp_path, env=clean_env(tmp_path), stdout=stream, stderr=subprocess.PIPE, text=True)
+    stream.close()
+    try:
+        with collector.makefile("r") as lines_in:
+            recovered = 0
+            while recovered < len(STUCK_IN_DEMO):  # the demo's three, logged
+                line = lines_in.readline()
+                assert line, "watch stopped writing"
+                recovered += "recovered audit" in line
+        collector.close()  # the collector restarts: its end of the stream is gone
+        for _ in range(2):  # the first one's line fails to be written; the second shows watch went on
+            audit = make_running(engine, 1, silent_for=900)[0]
+            wait_for(lambda a=audit: status_of(engine, a) == "failed", timeout=30, interval=0.2,
+                     message=f"audit {audit} to be recovered")
+            assert process.poll() is None, "watch stopped when its log went away"
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    assert code == 1, stderr
+    assert "warning: cannot write the output" in stderr and "Traceback" not in stderr
+
+
+def status_of(engine, audit_id: int) -> str:
+    with read_connection(engine) as connection:
+        return connection.execute(select(audits.c.status).where(audits.c.id == audit_id)).scalar_one()

@@ -249,7 +249,15 @@ class LogView:
         try:
             echo(f"{_stamp()} {text}")
             sys.stdout.flush()
-        except BrokenPipeError:
+        except BrokenPipeError as error:
+            if not self.piped:
+                # A socket (journald, a log collector that restarted) is not a reader that took what it
+                # wanted: stopping there, exit 0, would leave stuck audits to nobody. As any output lost.
+                from .render import discard_stdout
+
+                discard_stdout()  # the line left in the buffer would fail again at exit
+                self._unwritable(error)
+                return
             # The reader went away (| head): like any listing, the output ends, quietly; so does watch,
             # once the pass in hand is done.
             from .render import discard_stdout
@@ -259,11 +267,14 @@ class LogView:
             if self.stop_event is not None:
                 self.stop_event.set()
         except OSError as error:
-            # A full disk, a closed stdout: the passes go on (recovering is the work); said once now,
-            # and watch exits 1 when it stops.
-            self.output_error = error
-            with contextlib.suppress(OSError):
-                echo(f"warning: cannot write the output ({error.strerror or error}); watching on", err=True)
+            self._unwritable(error)
+
+    def _unwritable(self, error: OSError):
+        """A full disk, a closed stdout: the passes go on (recovering is the work); said once now,
+        and watch exits 1 when it stops."""
+        self.output_error = error
+        with contextlib.suppress(OSError):
+            echo(f"warning: cannot write the output ({error.strerror or error}); watching on", err=True)
 
     def _lost(self, error: str):
         if not self.outage_reported:
