@@ -1368,3 +1368,31 @@ def test_a_post_that_times_out_closes_its_connection_when_the_webhook_trickles_i
         assert hung_up.wait(30), "the POST's thread still reads the trickle"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("garbled", ["far future", "not a time"])
+def test_a_delivery_whose_next_try_another_tool_garbled_is_due_and_does_not_hold_back_the_rest_of_its_message(
+        engine, hooks, garbled):
+    """A next try no sender writes (PostgreSQL's infinity, year 9999, text or bytes SQLite keeps in the column)
+    was never due: the other events of the failed message, which go again only together, waited with it until
+    all of them expired a day later, and ``notify`` said every run that they would be retried in 0s."""
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"down"))
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    stuck_and_recovered(engine, 1)
+    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    postgres = engine.dialect.name == "postgresql"
+    value = {"far future": "'9999-12-31 23:59:59+00'" if postgres else "'9999-12-31 23:59:59.000000'",
+             "not a time": "'infinity'" if postgres else "X'00ff'"}[garbled]
+    with write_transaction(engine) as connection:
+        first = connection.execute(select(func.min(notifications.c.id))).scalar_one()
+        connection.execute(sql_text(f"UPDATE notification_deliveries SET next_attempt_at = {value} "
+                                    "WHERE notification_id = :id"), {"id": first})
+        connection.execute(update(notification_deliveries).where(notification_deliveries.c.notification_id != first)
+                           .values(next_attempt_at=fetch_now(connection) - timedelta(seconds=1)))
+    hook.always(Answer())
+    report = deliver(engine, destinations)
+    assert report.results[0].error is None and report.sent == 2, report
+    assert len(hook.requests) == 2 and len(hook.requests[1].body["events"]) == 2, "the message, whole, once more"
+    assert delivery_states(engine) == ["sent", "sent"]

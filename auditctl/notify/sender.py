@@ -43,7 +43,7 @@ from ..transactions import read_connection, write_transaction
 from ..values import safe_int
 from . import digest as digests
 from .destinations import DEFAULT_TIMEOUT, Destination
-from .transport import post_json
+from .transport import MAX_RETRY_AFTER, post_json
 
 log = logging.getLogger("auditctl.notify")
 
@@ -58,6 +58,10 @@ CLAIM_MARGIN = 30.0
 #: Backoff after a failed POST: BACKOFF_BASE, doubled per attempt, at most BACKOFF_MAX (seconds), with jitter.
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 300.0
+#: The furthest ahead a sender sets a next try (a Retry-After, or the backoff), with as much again
+#: for a clock set back. A next try beyond it no sender wrote: another tool did (PostgreSQL's
+#: infinity, year 9999; on SQLite also where text that is no time and bytes sort), so it is due now.
+LONGEST_WAIT = 2 * max(MAX_RETRY_AFTER, BACKOFF_MAX)
 #: How long the database part of a delivery may add to the POST's timeout before ``deliver`` stops waiting.
 DATABASE_MARGIN = 5.0
 
@@ -165,8 +169,10 @@ def backoff(attempts: int) -> float:
 
 
 def _due_rows(key: str, now):
+    next_try = D.c.next_attempt_at
     return and_(D.c.destination == key,
-                or_(and_(D.c.status == PENDING, or_(D.c.next_attempt_at.is_(None), D.c.next_attempt_at <= now)),
+                or_(and_(D.c.status == PENDING, or_(next_try.is_(None), next_try <= now,
+                                                    next_try > now + timedelta(seconds=LONGEST_WAIT))),
                     and_(D.c.status == SENDING, or_(D.c.claimed_until.is_(None), D.c.claimed_until <= now))))
 
 
@@ -203,9 +209,11 @@ def _claim(connection: Connection, destination: Destination, now, until, limit: 
     key = destination.key
     expired = connection.execute(update(D).where(_expired_rows(key, now))
                                  .values(status=EXPIRED, claimed_until=None)).rowcount
-    # A destination held back (a failure's backoff, a 429's Retry-After) holds its new events too.
+    # A destination held back (a failure's backoff, a 429's Retry-After) holds its new events too;
+    # by a next try a sender wrote, not by one further ahead than any (see ``LONGEST_WAIT``).
     held = connection.execute(select(func.max(D.c.next_attempt_at))
-                              .where(D.c.destination == key, D.c.status == PENDING)).scalar()
+                              .where(D.c.destination == key, D.c.status == PENDING,
+                                     D.c.next_attempt_at <= now + timedelta(seconds=LONGEST_WAIT))).scalar()
     start = held if isinstance(held, datetime) and held > now else now
     columns = ["notification_id", "destination", "status", "attempts", "next_attempt_at", "label"]
     new_rows = select(N.c.id, literal(key, String()), literal(PENDING, String()), literal(0),
