@@ -1396,3 +1396,32 @@ def test_a_delivery_whose_next_try_another_tool_garbled_is_due_and_does_not_hold
     assert report.results[0].error is None and report.sent == 2, report
     assert len(hook.requests) == 2 and len(hook.requests[1].body["events"]) == 2, "the message, whole, once more"
     assert delivery_states(engine) == ["sent", "sent"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "renumbered"])
+def test_a_failed_message_one_of_whose_events_another_tool_deleted_is_still_sent_with_the_others(engine, hooks, how):
+    """The notifications table has no foreign key: an event deleted (or renumbered) by another tool leaves its
+    delivery row. Counted as part of the message it was tried in, that row kept the others from ever going
+    again (a message goes again only whole), until all of them expired a day later."""
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"down"))
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    stuck_and_recovered(engine, 1)
+    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    with write_transaction(engine) as connection:
+        first = connection.execute(select(func.min(notifications.c.id))).scalar_one()
+        if how == "deleted":
+            connection.execute(sql_text("DELETE FROM notifications WHERE id = :id"), {"id": first})
+        else:
+            connection.execute(sql_text("UPDATE notification_deliveries SET notification_id = -5 "
+                                        "WHERE notification_id = :id"), {"id": first})
+        connection.execute(update(notification_deliveries)
+                           .values(next_attempt_at=fetch_now(connection) - timedelta(seconds=1)))
+    hook.always(Answer())
+    report = deliver(engine, destinations)
+    assert report.results[0].error is None and report.sent == 1, report
+    assert len(hook.requests) == 2 and [e["id"] for e in hook.requests[1].body["events"]] == [first + 1]
+    if how == "renumbered":  # the event itself, with no delivery row of its own now, is new: it goes next
+        assert deliver(engine, destinations).sent == 1 and [e["id"] for e in hook.requests[2].body["events"]] == [first]
+    assert undelivered(engine, destinations) == []

@@ -237,10 +237,11 @@ def _claim(connection: Connection, destination: Destination, now, until, limit: 
     if rows[0].claimed_until is not None:
         again = [r for r in rows if r.claimed_until == rows[0].claimed_until]
         # Whole or not at all: a part another sender holds locked (SKIP LOCKED passed over it) would
-        # make the rest a new message, under a new key. It is that sender's to send.
-        members = connection.execute(select(func.count()).select_from(D).where(
+        # make the rest a new message, under a new key. It is that sender's to send. A row whose
+        # event is gone (another tool deleted or renumbered it: there is no foreign key) is no part.
+        members = connection.execute(select(func.count()).select_from(D.join(N, N.c.id == D.c.notification_id)).where(
             D.c.destination == key, D.c.claimed_until == rows[0].claimed_until,
-            D.c.status.in_((PENDING, SENDING)))).scalar()
+            D.c.status.in_((PENDING, SENDING)), live_events(now))).scalar()
         if members != len(again):
             return [], expired, False
         more, rows = more or len(again) < len(rows), again
