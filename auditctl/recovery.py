@@ -775,6 +775,20 @@ def _stored_resets(connection: Connection):
     return case((func.typeof(audits.c.resets).in_(["integer", "real"]), audits.c.resets), else_=0)
 
 
+#: The largest reset counter PostgreSQL's column holds: a reset counts up to it and stays there.
+MAX_RESETS_COUNTED = 2**31 - 1
+
+
+def _next_resets(connection: Connection):
+    """The reset counter plus one, counted on from what ``_stored_resets`` reads (a counter another tool
+    made unreadable starts again at 1), and held at ``MAX_RESETS_COUNTED``: ``+ 1`` on PostgreSQL's
+    largest integer failed the whole batch."""
+    from sqlalchemy import case
+
+    stored = _stored_resets(connection)
+    return case((stored >= MAX_RESETS_COUNTED, MAX_RESETS_COUNTED), else_=stored + 1)
+
+
 def _reset_condition(connection: Connection, filters: ResetFilters, *, limit_resets: bool = True):
     conditions = [_is_failed(filters.ids is not None)]
     if filters.since is not None:
@@ -1000,7 +1014,7 @@ def _apply_reset(connection: Connection, filters: ResetFilters, actor: Actor) ->
         .where(id_in(audits.c.id, chosen), _is_failed(True))
         .values(status=PENDING, error=None, finished_at=None, started_at=None, lease=None, worker_id=None,
                 worker_instance=None, heartbeat_at=None, progress_changed_at=None, progress=None,
-                progress_signature=None, resets=audits.c.resets + 1)
+                progress_signature=None, resets=_next_resets(connection))
     ).rowcount
     if changed != len(chosen):
         raise ConcurrentChange(f"reset expected to change {len(chosen)} audits but changed {changed}; rolled back")

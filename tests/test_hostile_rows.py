@@ -600,3 +600,16 @@ def test_a_history_row_whose_documents_another_tool_stored_as_lists_reads_as_hav
                            {"id": audit_id})
     (event,) = history.events_for(engine, audit_id)
     assert event.event == "recovered" and event.measurements is None and event.details is None
+
+
+def test_a_reset_counter_another_tool_set_to_the_columns_largest_value_does_not_stop_the_reset(engine, database_url):
+    """PostgreSQL's ``resets`` is a 32-bit integer: ``resets + 1`` on 2,147,483,647 failed the whole
+    batch ("integer out of range; it needs an operator") under ``--max-resets 0`` (no limit)."""
+    odd, plain = insert(engine, **stale_times(engine), status="failed"), insert(engine, **stale_times(engine), status="failed")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audits SET resets = 2147483647 WHERE id = :id"), {"id": odd})
+    done = CliRunner().invoke(cli, ["reset-all", "--yes", "--max-resets", "0", "--database-url", database_url])
+    assert done.exit_code == 0 and "Reset 2 audits to pending." in done.stderr, done.output
+    rows = {r["id"]: r for r in all_rows(engine)}
+    assert rows[odd]["status"] == rows[plain]["status"] == "pending"
+    assert rows[odd]["resets"] == 2147483647 and rows[plain]["resets"] == 1
