@@ -1425,3 +1425,21 @@ def test_a_failed_message_one_of_whose_events_another_tool_deleted_is_still_sent
     if how == "renumbered":  # the event itself, with no delivery row of its own now, is new: it goes next
         assert deliver(engine, destinations).sent == 1 and [e["id"] for e in hook.requests[2].body["events"]] == [first]
     assert undelivered(engine, destinations) == []
+
+
+def test_a_tries_count_another_tool_set_to_the_columns_largest_value_does_not_stop_the_destinations_alerts(
+        engine, hooks):
+    """PostgreSQL's ``attempts`` is a 32-bit integer: the claim's ``attempts + 1`` on 2,147,483,647 failed every
+    delivery to that destination ("integer out of range"), new events included, until the row expired."""
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"down"))
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    with write_transaction(engine) as connection:
+        connection.execute(update(notification_deliveries).values(
+            attempts=2147483647, next_attempt_at=fetch_now(connection) - timedelta(seconds=1)))
+    hook.always(Answer())
+    report = deliver(engine, destinations)
+    assert report.results[0].error is None and report.sent == 1, report
+    assert delivery_states(engine) == ["sent"]

@@ -205,6 +205,15 @@ def _insert_ignoring_duplicates(connection: Connection, table):
     return insert(table)
 
 
+#: The largest tries count a claim counts on from; anything else (NULL, text, a negative count, one
+#: near PostgreSQL's largest integer, where ``+ 1`` would fail every claim) starts again at 1.
+MAX_COUNTED_TRIES = 1_000_000_000
+
+
+def _next_tries():
+    return case((D.c.attempts.between(0, MAX_COUNTED_TRIES), D.c.attempts + 1), else_=1)
+
+
 def _claim(connection: Connection, destination: Destination, now, until, limit: int):
     key = destination.key
     expired = connection.execute(update(D).where(_expired_rows(key, now))
@@ -246,7 +255,7 @@ def _claim(connection: Connection, destination: Destination, now, until, limit: 
             return [], expired, False
         more, rows = more or len(again) < len(rows), again
     claim = (update(D).where(D.c.notification_id.in_([r.notification_id for r in rows]), _due_rows(key, now))
-             .values(status=SENDING, claimed_until=until, attempts=func.coalesce(D.c.attempts, 0) + 1))
+             .values(status=SENDING, claimed_until=until, attempts=_next_tries()))
     if not is_postgres(connection):
         # The write lock is ours since BEGIN IMMEDIATE: nothing changed since the read. (No
         # RETURNING here: SQLite before 3.35 has none.)
