@@ -1443,3 +1443,30 @@ def test_a_tries_count_another_tool_set_to_the_columns_largest_value_does_not_st
     report = deliver(engine, destinations)
     assert report.results[0].error is None and report.sent == 1, report
     assert delivery_states(engine) == ["sent"]
+
+
+@pytest.mark.parametrize("garbled", ["before any time", "after any time"])
+def test_a_failed_message_whose_claim_mark_another_tool_garbled_is_sent_again(engine, hooks, garbled):
+    """A failed message's rows keep the claim they were sent under, to go again together. A claim no time
+    can be read from (PostgreSQL's infinities; text or bytes on SQLite) could not be matched against:
+    PostgreSQL failed every delivery to the destination ("cannot adapt type 'Unreadable'")."""
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"down"))
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 1)
+    stuck_and_recovered(engine, 1)
+    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    postgres = engine.dialect.name == "postgresql"
+    value = {"before any time": "'-infinity'" if postgres else "-1",
+             "after any time": "'infinity'" if postgres else "X'00ff'"}[garbled]
+    with write_transaction(engine) as connection:
+        connection.execute(sql_text(f"UPDATE notification_deliveries SET claimed_until = {value}"))
+        connection.execute(update(notification_deliveries)
+                           .values(next_attempt_at=fetch_now(connection) - timedelta(seconds=1)))
+    hook.always(Answer())
+    report = deliver(engine, destinations)
+    assert report.results[0].error is None and report.sent >= 1, report
+    while report.results[0].more:
+        report = deliver(engine, destinations)
+        assert report.results[0].error is None, report
+    assert delivery_states(engine) == ["sent", "sent"]
