@@ -1445,11 +1445,13 @@ def test_a_tries_count_another_tool_set_to_the_columns_largest_value_does_not_st
     assert delivery_states(engine) == ["sent"]
 
 
-@pytest.mark.parametrize("garbled", ["before any time", "after any time"])
+@pytest.mark.parametrize("garbled", ["before any time", "after any time", "a time in another form"])
 def test_a_failed_message_whose_claim_mark_another_tool_garbled_is_sent_again(engine, hooks, garbled):
     """A failed message's rows keep the claim they were sent under, to go again together. A claim no time
     can be read from (PostgreSQL's infinities; text or bytes on SQLite) could not be matched against:
-    PostgreSQL failed every delivery to the destination ("cannot adapt type 'Unreadable'")."""
+    PostgreSQL failed every delivery to the destination ("cannot adapt type 'Unreadable'"). On SQLite, a
+    time in another form than auditctl writes matched nothing as the time it reads as, and held back
+    every later message to the destination."""
     hook = hooks()
     hook.always(Answer(status=500, body=b"down"))
     destinations = destinations_from(webhook=hook.url())
@@ -1458,7 +1460,8 @@ def test_a_failed_message_whose_claim_mark_another_tool_garbled_is_sent_again(en
     assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
     postgres = engine.dialect.name == "postgresql"
     value = {"before any time": "'-infinity'" if postgres else "-1",
-             "after any time": "'infinity'" if postgres else "X'00ff'"}[garbled]
+             "after any time": "'infinity'" if postgres else "X'00ff'",
+             "a time in another form": "'2000-01-01 00:00+00'" if postgres else "'2000-01-01 00:00'"}[garbled]
     with write_transaction(engine) as connection:
         connection.execute(sql_text(f"UPDATE notification_deliveries SET claimed_until = {value}"))
         connection.execute(update(notification_deliveries)
@@ -1470,3 +1473,24 @@ def test_a_failed_message_whose_claim_mark_another_tool_garbled_is_sent_again(en
         report = deliver(engine, destinations)
         assert report.results[0].error is None, report
     assert delivery_states(engine) == ["sent", "sent"]
+
+
+def test_more_events_than_a_message_holds_sharing_one_garbled_claim_are_sent_a_message_at_a_time(engine, hooks,
+                                                                                              monkeypatch):
+    """No claim takes more rows than a message holds: more sharing one claim value is another tool's
+    doing, not a message to send whole, and they go as any new events do."""
+    monkeypatch.setattr(sender, "MAX_EVENTS", 2)
+    hook = hooks()
+    destinations = destinations_from(webhook=hook.url())
+    stuck_and_recovered(engine, 3, batch_size=1)
+    hook.always(Answer(status=500, body=b"down"))
+    deliver(engine, destinations, limit=2)
+    value = "'infinity'" if engine.dialect.name == "postgresql" else "'garbage'"
+    with write_transaction(engine) as connection:
+        connection.execute(sql_text(f"UPDATE notification_deliveries SET claimed_until = {value}, status = 'pending'"))
+        connection.execute(sql_text("UPDATE notification_deliveries SET next_attempt_at = NULL"))
+    hook.always(Answer())
+    first = deliver(engine, destinations, limit=2)
+    assert first.sent == 2 and first.results[0].more, first
+    assert deliver(engine, destinations, limit=2).sent == 1
+    assert delivery_states(engine) == ["sent", "sent", "sent"]

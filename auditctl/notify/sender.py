@@ -243,20 +243,22 @@ def _claim(connection: Connection, destination: Destination, now, until, limit: 
     if not rows:
         return [], expired, False
     more = len(rows) >= limit
-    mark = rows[0].claimed_until
-    if mark is not None:
-        again = [r for r in rows if r.claimed_until == mark]
+    if rows[0].claimed_until is not None:
         # Whole or not at all: a part another sender holds locked (SKIP LOCKED passed over it) would
-        # make the rest a new message, under a new key. It is that sender's to send. A row whose
-        # event is gone (another tool deleted or renumbered it: there is no foreign key) is no part.
-        # A claim another tool garbled (an infinity, text, bytes) names no time to match by: the
-        # rows holding that same value go again together, and get a claim of ours.
-        if isinstance(mark, datetime):
-            members = connection.execute(select(func.count()).select_from(D.join(N, N.c.id == D.c.notification_id)).where(
-                D.c.destination == key, D.c.claimed_until == mark,
-                D.c.status.in_((PENDING, SENDING)), live_events(now))).scalar()
-            if members != len(again):
-                return [], expired, False
+        # make the rest a new message, under a new key. It is that sender's to send. The message is
+        # matched by the claim as stored, in SQL: one another tool garbled (an infinity, text, bytes,
+        # a time in another form) reads back as no value that matches it. A row whose event is gone
+        # (deleted or renumbered: there is no foreign key) is no part of it.
+        stored = (select(D.c.claimed_until)
+                  .where(D.c.destination == key, D.c.notification_id == rows[0].notification_id).scalar_subquery())
+        members = set(connection.execute(
+            select(D.c.notification_id).select_from(D.join(N, N.c.id == D.c.notification_id))
+            .where(D.c.destination == key, D.c.claimed_until == stored, D.c.status.in_((PENDING, SENDING)),
+                   live_events(now))).scalars())
+        again = [r for r in rows if r.notification_id in members]
+        # No claim takes more rows than a message holds: a larger set sharing one value is another tool's.
+        if len(again) != len(members) and len(members) <= max(limit, MAX_EVENTS):
+            return [], expired, False
         more, rows = more or len(again) < len(rows), again
     claim = (update(D).where(D.c.notification_id.in_([r.notification_id for r in rows]), _due_rows(key, now))
              .values(status=SENDING, claimed_until=until, attempts=_next_tries()))
