@@ -625,6 +625,21 @@ def test_one_notify_run_sends_the_message_tried_before_then_the_newer_events_a_s
     assert retried.body == failed.body and new.at - retried.at >= 0.95
 
 
+def test_notify_says_how_many_events_still_wait_for_a_destination_it_sent_to_when_the_run_stops(sqlite_engine,
+                                                                                                  sqlite_url, hooks):
+    """A run stops when a delivery fails: the destination that took a message and still has events due
+    was reported again as "sent 200 events in 1 message", not as what still waits."""
+    good, bad = hooks(), hooks()
+    bad.always(Answer(status=500, body=b"down"))
+    make_running(sqlite_engine, 201, silent_for=700)
+    recover_stuck(sqlite_engine, Thresholds(), actor=ACTOR, batch_size=1)  # 201 events: more than one message
+    said = invoke("notify", "--database-url", sqlite_url, "--webhook", good.url("good"), "--webhook", bad.url("bad"))
+    assert said.exit_code == 1, said.stderr
+    assert len(good.requests) == 1 and sum("sent 200 events in 1 message" in line for line in said.stderr.splitlines()) == 1, said.stderr
+    assert any(line.startswith("Alerts: 1 event still waits for a message to webhook ")
+               for line in said.stderr.splitlines()), said.stderr
+
+
 def test_a_tries_count_another_tool_wrote_as_text_is_counted_as_a_problem_when_the_retry_fails(sqlite_engine, sqlite_url,
                                                                                                   hooks, caplog):
     """The sender read a delivery's tries with a bare int(): 'many' (SQLite keeps text in an integer

@@ -93,7 +93,7 @@ def deliver_and_say(state, destinations, timeout: float, *, hint: str = " (`audi
                 echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
     waiting = report.waiting if report is not None else []  # each run reports every destination
     for result in waiting:
-        echo_status(state, f"Alerts: {result.describe()}{hint}.", force=True)
+        echo_status(state, f"Alerts: {result.describe_waiting()}{hint}.", force=True)
     return sent, failed, waiting, expired
 
 
@@ -126,7 +126,7 @@ class WatchAlerts:
             self._say([report])
         if self.echo is not None:  # the last word of a single pass: what still waits, and until when
             for result in report.waiting:
-                self.echo(f"alerts: {result.describe()} (`auditctl notify` retries)")
+                self.echo(f"alerts: {result.describe_waiting()} (`auditctl notify` retries)")
 
     def show(self) -> None:
         """Log lines for what the background sender did since the last call (main thread only)."""

@@ -103,6 +103,15 @@ class DestinationResult:
                     + (f" in {_seconds(self.retry_in)}" if self.retry_in is not None else ""))
         return f"nothing to deliver to {label}"
 
+    def describe_waiting(self) -> str:
+        """One line for people on what still waits after a run (``DeliveryReport.waiting``): a destination
+        that took a message this call still has events due (the run stopped at its last message, or at
+        another destination's failure)."""
+        if not self.sent:
+            return self.describe()
+        events = f"{self.pending} event{' still waits' if self.pending == 1 else 's still wait'}"
+        return f"{events} for a message to {self.destination.label}"
+
     def describe_expired(self) -> str | None:
         """One line for people on the events this call dropped because they expired undelivered (None: none)."""
         if not self.expired:
