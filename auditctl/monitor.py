@@ -7,6 +7,12 @@ really died is still caught, one ``stale_after`` after the database came back (a
 when the registry proves the worker gone), and no healthy audit is recovered just
 because the database was down.
 
+A server that stops answering without closing the connection (frozen by SIGSTOP, a host paused
+by its hypervisor, a stalled network) is an outage too, though no call fails: the pass waits, and
+the workers' writes cannot get through meanwhile. So a pass that waited on one call longer than
+``blind_after`` commits no recovery (the batch is rolled back and the pass ends as after an outage),
+and the next pass measures silence from then on.
+
 A database that answers but holds no auditctl schema (or another application's tables)
 is not an outage: the pass reports it as ``fatal``, and ``watch`` exits instead of
 retrying forever.
@@ -21,7 +27,7 @@ from datetime import datetime
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import AuditctlError, ConfigError, DatabaseMissing, SchemaMissing, WriteRefused
+from .errors import AuditctlError, ConfigError, DatabaseMissing, DatabaseUnavailable, SchemaMissing, WriteRefused
 from .history import Actor
 from .recovery import DEFAULT_MAX_ATTEMPTS, ConcurrentChange, Recovery, Skipped, as_policy, committed_before, recover_stuck
 from .rules import Filters, Verdict, find_stuck, gone_instances
@@ -29,8 +35,26 @@ from .sqlfunctions import fetch_now
 from .sqlitefile import FileWatch
 from .thresholds import Policy, Thresholds
 from .transactions import read_connection
+from .watchdog import thread_waits
 
 log = logging.getLogger("auditctl.monitor")
+
+#: Bounds of how long one call of a pass may wait on PostgreSQL before the pass counts as blind
+#: (``blind_after``): a quarter of the shortest ``stale_after`` or ``stall_after`` it applies, within these.
+BLIND_AFTER_BOUNDS = (1.0, 5.0)
+
+
+def blind_after(policy: Policy) -> float:
+    """How long one call of a pass may wait on the database before the pass counts as blind: a wait
+    that long can have kept a healthy worker's beats out for a good part of its ``stale_after``."""
+    shortest = [value for thresholds in (policy.override, policy.fleet, *(values for _, values in policy.kinds))
+                for value in (thresholds.stale_after, thresholds.stall_after) if value]
+    low, high = BLIND_AFTER_BOUNDS
+    return min(max(min(shortest, default=4 * high) / 4, low), high)
+
+
+class BlindPass(DatabaseUnavailable):
+    """A call of the pass waited so long on the database that the workers' silence meanwhile proves nothing."""
 
 
 @dataclass
@@ -69,6 +93,10 @@ class Monitor:
         self.filters = filters or Filters()
         self.seen_since: datetime | None = None
         self.in_outage = False
+
+    @property
+    def blind_after(self) -> float:
+        return blind_after(self.policy)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -136,6 +164,25 @@ class Monitor:
 
     def run_pass(self) -> PassResult:
         """Judge and (unless told not to) recover. Never raises for database trouble: reports it."""
+        waits = thread_waits()  # since the last pass: the reads between passes (watch's screen) count too
+        try:
+            result = self._run_pass(waits)
+        finally:
+            blind, _ = waits.longest > self.blind_after, waits.clear()
+        if result.ok and blind:
+            # The pass recovered nothing on what it saw then (it would have stopped), but the workers
+            # were kept silent too: the next pass measures silence from the database's return.
+            self.saw_outage()
+        return result
+
+    def _check_sight(self, waits) -> None:
+        """Before a batch commits: had a call of this thread waited past ``blind_after`` since the last
+        pass, the workers could not write meanwhile either, and their silence proves nothing."""
+        if waits.longest > self.blind_after:
+            raise BlindPass(f"the database did not answer for {waits.longest:.1f}s (a frozen server or a stalled "
+                            "network): nothing judged then was recovered, and silence counts from its return")
+
+    def _run_pass(self, waits) -> PassResult:
         try:
             file_change = self.look_at_file()
             resumed = self.resume()
@@ -143,7 +190,7 @@ class Monitor:
             if self.recover:
                 result = recover_stuck(self.engine, self.policy, actor=self.actor, requeue=self.requeue,
                                        max_attempts=self.max_attempts, gone=gone, seen_since=self.seen_since,
-                                       filters=self.filters)
+                                       filters=self.filters, before_commit=lambda: self._check_sight(waits))
                 return self._all_clear(PassResult(ok=True, recovered=list(result), skipped=result.skipped, gone=gone,
                                                   resumed_after_outage=resumed, seen_since=self.seen_since,
                                                   file_change=file_change))

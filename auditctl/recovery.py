@@ -574,12 +574,16 @@ def recover_stuck(
     seen_since: datetime | None = None,
     filters: Filters | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
     **legacy_filters,
 ) -> RecoveryResult:
     """Recover every audit the stuck query finds, in batches of short transactions.
 
     Under ``dry_run`` nothing is written and the result says what would change. ``gone``
-    None asks the registry which worker instances are provably gone.
+    None asks the registry which worker instances are provably gone. ``before_commit``, when
+    given, is called in each batch's transaction once its changes are made: an error it raises
+    rolls the batch back and stops the run (a monitor that finds it could not see the database
+    meanwhile, ``monitor``).
     """
     if not isinstance(max_attempts, int) or max_attempts < 1:
         raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -607,8 +611,11 @@ def recover_stuck(
     def apply(connection: Connection, batch: list[int], ahead: dict[int, tuple] | None) -> list[Recovery]:
         verdicts = select_stuck(connection, policy, gone=gone, seen_since=seen_since, lock=True,
                                 filters=replace(filters, ids=tuple(batch)))
-        return _apply_recovery(connection, verdicts, requeue=requeue, max_attempts=max_attempts, actor=actor,
+        done = _apply_recovery(connection, verdicts, requeue=requeue, max_attempts=max_attempts, actor=actor,
                                ahead=ahead)
+        if before_commit is not None and done:
+            before_commit()
+        return done
 
     _in_batches(engine, candidates, batch_size, apply, result, on_batch=on_batch, describe="recover", actor=actor,
                 read_ahead=read_ahead)

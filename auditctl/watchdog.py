@@ -122,6 +122,39 @@ def _shut_down(fd: int) -> None:
         pass  # already closed by the other side: the wait is waking up anyway
 
 
+class WaitLog:
+    """The longest single wait on PostgreSQL (a round trip, or opening a connection) one thread has made
+    since the log was last cleared, in seconds. A monitor reads it before it recovers anything: a long
+    wait means the server was not answering, and its workers could not write meanwhile either."""
+
+    __slots__ = ("longest",)
+
+    def __init__(self):
+        self.longest = 0.0
+
+    def saw(self, seconds: float) -> None:
+        if seconds > self.longest:
+            self.longest = seconds
+
+    def clear(self) -> None:
+        self.longest = 0.0
+
+
+_waits = threading.local()
+
+
+def thread_waits() -> WaitLog:
+    """This thread's ``WaitLog`` (connections with deadlines only: PostgreSQL engines auditctl made)."""
+    log_ = getattr(_waits, "log", None)
+    if log_ is None:
+        log_ = _waits.log = WaitLog()
+    return log_
+
+
+def _noted(started: float) -> None:
+    thread_waits().saw(time.monotonic() - started)
+
+
 #: The shortest connect timeout libpq and psycopg accept (seconds).
 MIN_CONNECT_TIMEOUT = 2
 _connecting = threading.local()
@@ -174,7 +207,22 @@ def connection_class():
         TimedOut = CallTimedOut
         call_timeout: float | None = None
 
+        @classmethod
+        def connect(cls, *args, **kwargs):
+            started = time.monotonic()
+            try:
+                return super().connect(*args, **kwargs)
+            finally:
+                _noted(started)
+
         def wait(self, gen, *args, **kwargs):
+            started = time.monotonic()
+            try:
+                return self._wait_within_deadline(gen, *args, **kwargs)
+            finally:
+                _noted(started)
+
+        def _wait_within_deadline(self, gen, *args, **kwargs):
             limit = self.call_timeout
             if limit is None:
                 return super().wait(gen, *args, **kwargs)

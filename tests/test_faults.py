@@ -849,3 +849,53 @@ def test_a_write_transaction_whose_ping_answered_as_its_deadline_closed_the_conn
         event.remove(guard.engine, "after_cursor_execute", after)
     assert closed, "the ping ran"
     assert row(engine, audit_id)["status"] == "pending"
+
+
+def _server_pids(server) -> list[int]:
+    """The postmaster and every process it started (backends, checkpointer, walwriter...)."""
+    postmaster, pids = server._proc.pid, [server._proc.pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == postmaster:
+                        pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.postgres_only
+def test_a_healthy_audit_is_not_recovered_when_the_whole_server_froze_under_a_watch_pass(own_postgres):
+    """The whole server frozen (SIGSTOP) for 3 x stale_after while ``watch`` runs its passes: the pass waits
+    on the frozen server; the worker's beats cannot get through either. When the server thaws, the
+    waiting pass must not judge the worker by the silence the freeze imposed on it, as after an outage."""
+    from auditctl import StuckAuditPrevention
+
+    server, engine = own_postgres
+    guard = StuckAuditPrevention(server.url, worker_id="beating", heartbeat_interval=0.5, stale_after=3, max_age=600,
+                                 stall_after=600)
+    watch = auditctl("watch", "--interval", "0.2s", "--stale-after", "3s", "--stall-after", "600s", "--max-age", "600s",
+                     "--no-live", url=server.url)
+    try:
+        audit_id = guard.create_audit("https://example.com/server-frozen-under-watch")
+        with guard.run(audit_id) as run:
+            run.update_progress(step="one")
+            time.sleep(1.0)  # watch has run passes: its connection is pooled, its next pass will wait on it
+            pids = _server_pids(server)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(9.0)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            time.sleep(3.0)  # the waiting pass ends, and more passes follow while the worker beats again
+            assert row(engine, audit_id)["status"] == "running", [(e["reasons"], e["actor"]) for e in events(engine, audit_id)]
+            run.update_progress(step="two")
+        assert row(engine, audit_id)["status"] == "completed"
+    finally:
+        guard.close()
+        watch.send_signal(signal.SIGTERM)
+        code, out, err = finish(watch)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert_history_consistent(engine)
