@@ -555,7 +555,12 @@ class StuckAuditPrevention:
             self._log_leftovers(committed_before(error) or [])
             raise
         self._log_leftovers(leftovers)
+        # One of this process's passes (``PassTurns``): an outage its other guards saw and have not got
+        # past yet holds for it too, or it would judge their workers by the silence the outage imposed.
+        started = time.monotonic()
+        self.monitor.in_outage, self.monitor.seen_since = _PASS_TURNS.state(self._pass_settings)
         stuck = self._monitor_pass(marker="🧹 STARTUP CLEANUP")
+        _PASS_TURNS.passed(self._pass_settings, started, self.monitor.in_outage, self.monitor.seen_since)
         log.info("🧹 STARTUP CLEANUP: %d left by earlier instances, %d stuck audits recovered", len(leftovers), len(stuck))
         return list(leftovers) + list(stuck)
 

@@ -981,3 +981,21 @@ def test_startup_cleanup_leaves_an_audit_claimed_after_this_instance_registered(
         assert cleaning.cleanup_stuck_audits_on_startup() == []
         assert row(engine, audit_id)["status"] == RUNNING, "a claim made after the cleaner started is no leftover"
     assert row(engine, audit_id)["status"] == COMPLETED
+
+
+def test_startup_cleanup_recovers_no_silent_audit_when_another_guard_of_the_process_saw_an_outage(
+        engine, guards, start_audit, backdate):
+    """A replacement worker started in a process whose other guards could not reach the database: its
+    startup cleanup's pass is one of the process's passes, and measures silence from the database's
+    return, as theirs do. (Seen in a chaos run: a replacement started half a second after the server
+    thawed recovered a healthy audit whose worker had not beaten again yet.)"""
+    silent, _ = start_audit(worker_id="someone-else")
+    backdate(silent, started_at=20, heartbeat_at=20, last_worker_update=20, progress_changed_at=20)
+    first = guards(worker_id="first")  # stale_after 2 s: the silent audit is stale by 18 s
+    first._mark_outage()  # first's heartbeat thread could not reach the database
+    replacement = guards(worker_id="replacement")  # the same settings: they share the passes
+    assert replacement.cleanup_stuck_audits_on_startup() == []
+    assert row(engine, silent)["status"] == RUNNING, "silence during the outage is not the worker's silence"
+    assert replacement.monitor.seen_since is not None
+    assert first._monitor_once() is True
+    assert first.monitor.seen_since == replacement.monitor.seen_since, "the outage got past once, for both"
