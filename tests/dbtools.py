@@ -23,9 +23,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, text
 from sqlalchemy import select as sa_select
 
+from auditctl.schema import RUNNING, audit_events, audits, workers
 from auditctl.sqlfunctions import fetch_now
 from auditctl.transactions import read_connection, write_transaction
-from auditctl.schema import RUNNING, audit_events, audits, workers
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

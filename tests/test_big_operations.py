@@ -13,9 +13,9 @@ import pytest
 from dbtools import python_env, read_line, spawn
 from sqlalchemy import func, insert, select, text  # noqa: F401
 
+from auditctl.schema import FAILED, audit_events, audits
 from auditctl.sqlfunctions import fetch_now
 from auditctl.transactions import write_transaction
-from auditctl.schema import FAILED, audit_events, audits
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 HEARTBEATER = """

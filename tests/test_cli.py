@@ -24,8 +24,8 @@ from sqlalchemy.engine import make_url
 
 from auditctl import __version__, leases
 from auditctl.cli import cli
-from auditctl.transactions import read_connection
 from auditctl.schema import audit_events, audits
+from auditctl.transactions import read_connection
 
 STUCK_IN_DEMO = {
     "https://blog.example.net": ["stale_heartbeat"],

@@ -21,9 +21,9 @@ from test_cli_process import clean_env, on_terminal
 
 from auditctl import leases
 from auditctl.cli import cli
+from auditctl.schema import audits
 from auditctl.sqlfunctions import fetch_now
 from auditctl.transactions import write_transaction
-from auditctl.schema import audits
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 
 from auditctl.cli import cli
-from auditctl.transactions import read_connection, write_transaction
 from auditctl.schema import audits
+from auditctl.transactions import read_connection, write_transaction
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 

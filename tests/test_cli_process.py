@@ -28,8 +28,8 @@ from sqlalchemy import select as sql_select
 from auditctl import __version__
 from auditctl.cli import cli
 from auditctl.db import create_engine
-from auditctl.transactions import read_connection
 from auditctl.schema import audit_events, audits
+from auditctl.transactions import read_connection
 from dbtools import make_running
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"

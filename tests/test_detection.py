@@ -18,10 +18,10 @@ from sqlalchemy import text, update
 
 from auditctl import leases, registry
 from auditctl.cli import cli
-from auditctl.transactions import write_transaction
 from auditctl.rules import find_stuck
 from auditctl.schema import audits, workers
 from auditctl.thresholds import Overrides, Policy, Thresholds
+from auditctl.transactions import write_transaction
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 WORKER = Path(__file__).parent / "workerproc.py"

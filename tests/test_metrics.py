@@ -22,12 +22,12 @@ from sqlalchemy import func, insert, select, text
 
 from auditctl.cli import cli
 from auditctl.db import create_engine
-from auditctl.sqlfunctions import fetch_now
-from auditctl.transactions import read_connection, write_transaction
 from auditctl.documents import load
 from auditctl.report import DETECTION_BUCKETS
 from auditctl.schema import audit_events, audits, notification_deliveries, notifications, workers
+from auditctl.sqlfunctions import fetch_now
 from auditctl.thresholds import RULE_REASONS
+from auditctl.transactions import read_connection, write_transaction
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 UNREACHABLE = "postgresql://bob:s3cret@127.0.0.1:1/x"

@@ -28,8 +28,6 @@ from webhooks import SECRET, Answer, Webhook
 
 from auditctl.cli import cli
 from auditctl.db import create_engine
-from auditctl.sqlfunctions import fetch_now
-from auditctl.transactions import read_connection, write_transaction
 from auditctl.history import Actor
 from auditctl.monitor import Monitor
 from auditctl.notify import deliver, destinations_from, discord, sender, slack, undelivered
@@ -37,7 +35,9 @@ from auditctl.notify.digest import MORE_AUDITS, OutboxEvent, build
 from auditctl.recovery import ResetFilters, recover_stuck, reset_failed
 from auditctl.rules import Filters
 from auditctl.schema import notification_deliveries, notifications
+from auditctl.sqlfunctions import fetch_now
 from auditctl.thresholds import Thresholds
+from auditctl.transactions import read_connection, write_transaction
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"
 STUCK_IN_DEMO = {

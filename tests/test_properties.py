@@ -56,11 +56,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _CI else 
 from auditctl import documents, progress, textsafe, timestamps, urls  # noqa: E402
 from auditctl.config import SETTINGS, load_config_file, validate_config  # noqa: E402
 from auditctl.errors import ConfigError  # noqa: E402
-from auditctl.values import sane_duration  # noqa: E402
 from auditctl.thresholds import (  # noqa: E402
     FLAG, FLEET, KIND, MAX_DURATION, MIN_HEARTBEAT_INTERVAL, MIN_STALE_AFTER, STALE_INTERVALS, AUDIT, WORKER, Overrides, Policy, Thresholds,
     UnsafeThreshold, format_duration, parse_duration, validate_heartbeat_interval,
 )
+from auditctl.values import sane_duration  # noqa: E402
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 

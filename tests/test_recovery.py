@@ -12,7 +12,6 @@ from sqlalchemy import update
 
 from auditctl import LeaseLost, leases
 from auditctl import recovery as recovery_module
-from auditctl.transactions import read_connection, write_transaction
 from auditctl.errors import AuditctlError
 from auditctl.history import Actor
 from auditctl.progress import isoformat_z
@@ -21,6 +20,7 @@ from auditctl.rules import find_stuck, select_stuck
 from auditctl.schema import COMPLETED, FAILED, PENDING, RUNNING, audits
 from auditctl.thresholds import Thresholds
 from auditctl.timestamps import as_datetime
+from auditctl.transactions import read_connection, write_transaction
 
 T = Thresholds(stale_after=600, max_age=1800, stall_after=600)
 OPERATOR = Actor.command("recover")

@@ -30,17 +30,17 @@ from sqlalchemy import insert, select, text, update
 from auditctl import leases
 from auditctl.cli import cli
 from auditctl.config import validate_config
-from auditctl.sqlfunctions import fetch_now
-from auditctl.transactions import read_connection, write_transaction
 from auditctl.errors import LeaseLost
 from auditctl.history import Actor
 from auditctl.learn import suggest_thresholds, to_toml
 from auditctl.recovery import recover_stuck
 from auditctl.report import percentile, stuck_report
 from auditctl.schema import audit_events, audits, workers
+from auditctl.sqlfunctions import fetch_now
 from auditctl.textsafe import MAX_CELL
 from auditctl.thresholds import Thresholds, parse_duration
 from auditctl.timestamps import isoformat_z
+from auditctl.transactions import read_connection, write_transaction
 
 DAY = 86400.0
 WORKERS = ["worker-1", "worker-2", "worker-3", "worker-4", "worker-5"]

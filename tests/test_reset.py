@@ -13,13 +13,13 @@ from dbtools import all_rows, events, install_abort_trigger, make_running, row
 from sqlalchemy import select, update
 
 from auditctl import recovery as recovery_module
-from auditctl.sqlfunctions import fetch_now
-from auditctl.transactions import read_connection, write_transaction
 from auditctl.errors import Interrupted
 from auditctl.history import Actor
 from auditctl.recovery import Reset, ResetFilters, plan_reset_all, recover_stuck, reset_all, reset_failed
 from auditctl.schema import FAILED, PENDING, audits, notifications
+from auditctl.sqlfunctions import fetch_now
 from auditctl.thresholds import Thresholds
+from auditctl.transactions import read_connection, write_transaction
 
 ACTOR = Actor.command("reset-all")
 

@@ -3,11 +3,11 @@
 import pytest
 from sqlalchemy import text, update
 
-from auditctl.transactions import write_transaction
 from auditctl.errors import ConfigError
 from auditctl.rules import find_stuck
 from auditctl.schema import audits
 from auditctl.thresholds import Thresholds
+from auditctl.transactions import write_transaction
 
 T = Thresholds(stale_after=600, max_age=1800, stall_after=300)
 

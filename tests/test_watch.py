@@ -23,9 +23,9 @@ from terminal import Terminal, available
 
 from auditctl.cli import cli
 from auditctl.db import create_engine
+from auditctl.schema import audit_events, audits
 from auditctl.sqlfunctions import fetch_now
 from auditctl.transactions import read_connection, write_transaction
-from auditctl.schema import audit_events, audits
 from auditctl.urls import mask_url
 
 AUDITCTL = Path(sys.executable).parent / "auditctl"

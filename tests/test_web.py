@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from sqlalchemy import update
 
 from auditctl.cli import cli
-from auditctl.transactions import write_transaction
 from auditctl.schema import audits
+from auditctl.transactions import write_transaction
 from dbtools import all_rows, events, registry_row_unreadable, wait_for
 from webtools import TOKEN, Output, http, running_dashboard, serve_process
 from webtools import demo_fixture, demo_url_fixture, sqlite_demo_template_fixture  # noqa: F401 - fixtures

@@ -18,13 +18,13 @@ from dbtools import drop_trigger, events, finish, install_abort_trigger, read_li
 from sqlalchemy import text
 
 from auditctl import LeaseLost, leases
-from auditctl.transactions import write_transaction
 from auditctl.history import Actor
 from auditctl.monitor import Monitor
 from auditctl.recovery import _apply_recovery, recover_stuck
 from auditctl.rules import find_stuck, select_stuck
 from auditctl.schema import COMPLETED, RUNNING
 from auditctl.thresholds import Thresholds
+from auditctl.transactions import write_transaction
 from auditctl.worker import PROGRESS_CALL_BUDGET
 
 OPERATOR = Actor.command("test")

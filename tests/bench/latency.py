@@ -62,10 +62,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from sqlalchemy import select  # noqa: E402
 
 from auditctl.db import create_engine  # noqa: E402
-from auditctl.sqlfunctions import fetch_now  # noqa: E402
-from auditctl.transactions import read_connection  # noqa: E402
 from auditctl.migrate import upgrade  # noqa: E402
 from auditctl.schema import audit_events, audits  # noqa: E402
+from auditctl.sqlfunctions import fetch_now  # noqa: E402
+from auditctl.transactions import read_connection  # noqa: E402
 
 from dbtools import freeze_between_writes  # noqa: E402
 from pgserver import PostgresServer, unavailable_reason  # noqa: E402
