@@ -128,6 +128,17 @@ def event_count(engine, event: str | None = None) -> int:
         return connection.execute(query).scalar_one()
 
 
+def failed_message(engine, hooks, events: int = 2):
+    """``events`` events sent in one message to a webhook that answers 500: they go again only together."""
+    hook = hooks()
+    hook.always(Answer(status=500, body=b"down"))
+    destinations = destinations_from(webhook=hook.url())
+    for _ in range(events):
+        stuck_and_recovered(engine, 1)
+    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    return hook, destinations
+
+
 def audit_ids_in(body: dict) -> list[int]:
     """The audits a generic webhook message reports."""
     return [a["id"] for e in body["events"] if e["event"] == "recovered" for a in e["payload"]["audits"]]
@@ -644,11 +655,7 @@ def test_a_tries_count_another_tool_wrote_as_text_is_counted_as_a_problem_when_t
                                                                                                   hooks, caplog):
     """The sender read a delivery's tries with a bare int(): 'many' (SQLite keeps text in an integer
     column) failed the attempt as "ValueError", left the row claimed until its claim ran out, and set no backoff."""
-    hook = hooks()
-    hook.always(Answer(status=500, body=b"down"))
-    destinations = destinations_from(webhook=hook.url())
-    stuck_and_recovered(sqlite_engine, 1)
-    assert deliver(sqlite_engine, destinations).results[0].error == "HTTP 500: down"
+    hook, destinations = failed_message(sqlite_engine, hooks, events=1)
     with write_transaction(sqlite_engine) as connection:
         connection.execute(sql_text("UPDATE notification_deliveries SET attempts = 'many', "
                                     "next_attempt_at = '2000-01-01 00:00:00.000000'"))
@@ -1391,12 +1398,7 @@ def test_a_delivery_whose_next_try_another_tool_garbled_is_due_and_does_not_hold
     """A next try no sender writes (PostgreSQL's infinity, year 9999, text or bytes SQLite keeps in the column)
     was never due: the other events of the failed message, which go again only together, waited with it until
     all of them expired a day later, and ``notify`` said every run that they would be retried in 0s."""
-    hook = hooks()
-    hook.always(Answer(status=500, body=b"down"))
-    destinations = destinations_from(webhook=hook.url())
-    stuck_and_recovered(engine, 1)
-    stuck_and_recovered(engine, 1)
-    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    hook, destinations = failed_message(engine, hooks)
     postgres = engine.dialect.name == "postgresql"
     value = {"far future": "'9999-12-31 23:59:59+00'" if postgres else "'9999-12-31 23:59:59.000000'",
              "not a time": "'infinity'" if postgres else "X'00ff'"}[garbled]
@@ -1418,12 +1420,7 @@ def test_a_failed_message_one_of_whose_events_another_tool_deleted_is_still_sent
     """The notifications table has no foreign key: an event deleted (or renumbered) by another tool leaves its
     delivery row. Counted as part of the message it was tried in, that row kept the others from ever going
     again (a message goes again only whole), until all of them expired a day later."""
-    hook = hooks()
-    hook.always(Answer(status=500, body=b"down"))
-    destinations = destinations_from(webhook=hook.url())
-    stuck_and_recovered(engine, 1)
-    stuck_and_recovered(engine, 1)
-    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    hook, destinations = failed_message(engine, hooks)
     with write_transaction(engine) as connection:
         first = connection.execute(select(func.min(notifications.c.id))).scalar_one()
         if how == "deleted":
@@ -1446,11 +1443,7 @@ def test_a_tries_count_another_tool_set_to_the_columns_largest_value_does_not_st
         engine, hooks):
     """PostgreSQL's ``attempts`` is a 32-bit integer: the claim's ``attempts + 1`` on 2,147,483,647 failed every
     delivery to that destination ("integer out of range"), new events included, until the row expired."""
-    hook = hooks()
-    hook.always(Answer(status=500, body=b"down"))
-    destinations = destinations_from(webhook=hook.url())
-    stuck_and_recovered(engine, 1)
-    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    hook, destinations = failed_message(engine, hooks, events=1)
     with write_transaction(engine) as connection:
         connection.execute(update(notification_deliveries).values(
             attempts=2147483647, next_attempt_at=fetch_now(connection) - timedelta(seconds=1)))
@@ -1467,12 +1460,7 @@ def test_a_failed_message_whose_claim_mark_another_tool_garbled_is_sent_again(en
     PostgreSQL failed every delivery to the destination ("cannot adapt type 'Unreadable'"). On SQLite, a
     time in another form than auditctl writes matched nothing as the time it reads as, and held back
     every later message to the destination."""
-    hook = hooks()
-    hook.always(Answer(status=500, body=b"down"))
-    destinations = destinations_from(webhook=hook.url())
-    stuck_and_recovered(engine, 1)
-    stuck_and_recovered(engine, 1)
-    assert deliver(engine, destinations).results[0].error == "HTTP 500: down"
+    hook, destinations = failed_message(engine, hooks)
     postgres = engine.dialect.name == "postgresql"
     value = {"before any time": "'-infinity'" if postgres else "-1",
              "after any time": "'infinity'" if postgres else "X'00ff'",
