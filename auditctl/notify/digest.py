@@ -97,17 +97,12 @@ class Digest:
     def resets_not_listed(self) -> str | None:
         """The line that counts the resets past the ``MAX_LISTED`` a message lists, or None."""
         rest = self.resets[MAX_LISTED:]
-        if not rest:
-            return None
-        return f"and {len(rest)} more reset{'s' if len(rest) != 1 else ''} " \
-               f"({_plural(sum(r.count for r in rest), 'audit')} back to pending)"
+        return _not_listed(rest, "more reset", "", sum(r.count for r in rest), "back to pending")
 
     def gone_not_listed(self) -> str | None:
         """The line that counts the workers gone past the ``MAX_LISTED`` a message lists, or None."""
         rest = self.gone[MAX_LISTED:]
-        if not rest:
-            return None
-        return f"and {_plural(len(rest), 'more worker')} gone ({_plural(sum(g.audits for g in rest), 'audit')} recovered)"
+        return _not_listed(rest, "more worker", " gone", sum(g.audits for g in rest), "recovered")
 
     def reason_counts(self) -> str:
         return ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -149,6 +144,11 @@ class Digest:
     def counts(self) -> dict:
         return {"recovered": len(self.recovered), "requeued": len(self.requeued), "workers_gone": len(self.gone),
                 "reset": self.reset_total, "fleet_healthy": self.healthy is not None, "events": len(self.events)}
+
+
+def _not_listed(rest: list, what: str, after: str, audits: int, done: str) -> str | None:
+    """``and 3 more workers gone (9 audits recovered)``: the items a message does not list, counted."""
+    return f"and {_plural(len(rest), what)}{after} ({_plural(audits, 'audit')} {done})" if rest else None
 
 
 def _plural(count: int, word: str) -> str:

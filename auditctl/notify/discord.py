@@ -67,8 +67,7 @@ def _describe(embed: dict, limit: int) -> None:
     """An audits embed's description in at most ``limit`` characters: the reasons and recoverers, cut
     first, then how many audits are not listed as fields (those ``_fit`` dropped included)."""
     more = embed[_AUDITS] - len(embed["fields"])
-    tail = f"\nand {more} more ({MORE_AUDITS})" if more > 0 else ""
-    embed["description"] = _cut(embed[_HEAD], max(1, limit - len(tail))) + tail
+    embed["description"] = _with_last_line(embed[_HEAD], f"and {more} more ({MORE_AUDITS})" if more > 0 else None, limit)
 
 
 def _gone_title(worker_id) -> str:

@@ -51,7 +51,7 @@ PENDING, SENDING, SENT, EXPIRED = "pending", "sending", "sent", "expired"
 #: Events in one message at most; more wait for the next message (a summary, never a flood).
 MAX_EVENTS = 200
 #: The HTTP status of a body larger than the receiver takes ("Content Too Large"): the message is
-#: sent again in halves (``_split_off``), down to one event.
+#: sent again in halves (``_mark_failed``), down to one event.
 TOO_LARGE = 413
 #: A claim outlives the POST's timeout by this much (seconds), so a slow but live sender is never raced.
 CLAIM_MARGIN = 30.0
@@ -291,31 +291,33 @@ def _mark_sent(engine: Engine, destination: Destination, ids: list[int]) -> None
                            .values(status=SENT, sent_at=now, claimed_until=None, last_error=None))
 
 
+def _under_claim(destination: Destination, ids: list[int], claimed_until):
+    """The rows of ``ids`` still under this sender's claim: one another sender took over is its business."""
+    return and_(D.c.destination == destination.key, D.c.notification_id.in_(ids), D.c.status == SENDING,
+                D.c.claimed_until == claimed_until)
+
+
 def _mark_failed(engine: Engine, destination: Destination, ids: list[int], claimed_until, wait: float,
-                 error: str) -> None:
+                 error: str, *, split_off: list[int] = ()) -> None:
+    """The message failed: its rows wait ``wait`` seconds, and so does every other row of the destination.
+
+    ``split_off``: rows of a message the receiver refused as too large, made a message of their own.
+    Their claim moves a microsecond on, so they are sent together, after the rows that keep the claim
+    (``_claim``), and never merged with newer events into a message as large again. The receiver took
+    no part of the refused message: each part has a new idempotency key."""
     with write_transaction(engine) as connection:
         now = fetch_now(connection)
         retry_at = now + timedelta(seconds=wait)
-        # Only the rows still under this sender's claim: one another sender took over is its business.
+        if split_off:
+            connection.execute(update(D).where(_under_claim(destination, split_off, claimed_until))
+                               .values(status=PENDING, claimed_until=claimed_until + timedelta(microseconds=1),
+                                       next_attempt_at=None))
         # The claim stays on the rows as the mark of the message they were (``_claim``).
-        connection.execute(update(D).where(D.c.destination == destination.key, D.c.notification_id.in_(ids),
-                                           D.c.status == SENDING, D.c.claimed_until == claimed_until)
+        connection.execute(update(D).where(_under_claim(destination, ids, claimed_until))
                            .values(status=PENDING, next_attempt_at=retry_at, last_error=error))
         connection.execute(update(D).where(D.c.destination == destination.key, D.c.status == PENDING,
                                            or_(D.c.next_attempt_at.is_(None), D.c.next_attempt_at < retry_at))
                            .values(next_attempt_at=retry_at))
-
-
-def _split_off(engine: Engine, destination: Destination, ids: list[int], claimed_until) -> None:
-    """Rows of a message the receiver refused as too large, made a message of their own: their claim
-    moves a microsecond on, so they are sent together, after the rows that keep the claim (``_claim``),
-    and never merged with newer events into a message as large again. The receiver took no part of
-    the refused message: each part has a new idempotency key."""
-    with write_transaction(engine) as connection:
-        connection.execute(update(D).where(D.c.destination == destination.key, D.c.notification_id.in_(ids),
-                                           D.c.status == SENDING, D.c.claimed_until == claimed_until)
-                           .values(status=PENDING, claimed_until=claimed_until + timedelta(microseconds=1),
-                                   next_attempt_at=None))
 
 
 def _left(engine: Engine, destination: Destination) -> tuple[int, float | None]:
@@ -400,18 +402,18 @@ def deliver_to(engine: Engine, destination: Destination, *, timeout: float = DEF
                 wait = backoff(attempts)
                 if body is not None and response.retry_after is not None:
                     wait = max(response.retry_after, 0.5)  # the destination said when: exactly then, not sooner
+                split_off: list[int] = []
                 if body is not None and response.status == TOO_LARGE and len(ids) > 1:
                     # The receiver takes smaller bodies (nginx's client_max_body_size): the first half goes
                     # again at once, under this claim, and the rest as a message of its own after it.
                     kept = ids[:len(ids) // 2]
                     response_error += (f"; too large for the receiver: sent again as {len(kept)} and "
                                        f"{len(ids) - len(kept)} events")
-                    _split_off(engine, destination, ids[len(kept):], claimed_until)
-                    ids, wait = kept, 0.0
+                    ids, split_off, wait = kept, ids[len(kept):], 0.0
                 elif body is not None and response.status == TOO_LARGE:
                     response_error += "; one event is too large for the receiver: raise the size of body it takes"
                 result.error = response_error
-                _mark_failed(engine, destination, ids, claimed_until, wait, response_error)
+                _mark_failed(engine, destination, ids, claimed_until, wait, response_error, split_off=split_off)
                 log.info("alert to %s failed (%s); %d event(s) kept, next try in %.1fs", destination.label,
                          response_error, len(ids), wait)
         result.pending, result.retry_in = _left(engine, destination)
