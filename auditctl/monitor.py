@@ -93,6 +93,12 @@ class Monitor:
         self.filters = filters or Filters()
         self.seen_since: datetime | None = None
         self.in_outage = False
+        #: Only PostgreSQL calls are timed (``watchdog``), and a SQLite database cannot freeze under a pass.
+        self.watches_waits = engine.dialect.name == "postgresql"
+        if self.watches_waits:
+            # This thread's waits before this monitor existed (another engine's, a long ``init``) say
+            # nothing of what its first pass sees.
+            thread_waits().clear()
 
     @property
     def blind_after(self) -> float:
@@ -164,11 +170,14 @@ class Monitor:
 
     def run_pass(self) -> PassResult:
         """Judge and (unless told not to) recover. Never raises for database trouble: reports it."""
-        waits = thread_waits()  # since the last pass: the reads between passes (watch's screen) count too
+        # Since the last pass: the reads between passes (watch's screen) count too.
+        waits = thread_waits() if self.watches_waits else None
         try:
             result = self._run_pass(waits)
         finally:
-            blind, _ = waits.longest > self.blind_after, waits.clear()
+            blind = waits is not None and waits.longest > self.blind_after
+            if waits is not None:
+                waits.clear()
         if result.ok and blind:
             # The pass recovered nothing on what it saw then (it would have stopped), but the workers
             # were kept silent too: the next pass measures silence from the database's return.
@@ -178,7 +187,7 @@ class Monitor:
     def _check_sight(self, waits) -> None:
         """Before a batch commits: had a call of this thread waited past ``blind_after`` since the last
         pass, the workers could not write meanwhile either, and their silence proves nothing."""
-        if waits.longest > self.blind_after:
+        if waits is not None and waits.longest > self.blind_after:
             raise BlindPass(f"the database did not answer for {waits.longest:.1f}s (a frozen server or a stalled "
                             "network): nothing judged then was recovered, and silence counts from its return")
 

@@ -471,3 +471,20 @@ def test_recover_and_reset_all_print_the_thresholds_in_force_in_human_form(datab
     assert reset.exit_code == 0
     result = runner.invoke(cli, ["recover", "--database-url", database_url], env={"AUDITCTL_MAX_AGE": "1h"})
     assert "max_age 1h;" in result.stderr or "max_age 1h," in result.stderr
+
+
+def test_a_monitor_recovers_when_its_thread_waited_long_on_another_database_before_it_existed(engine):
+    """Only a wait on this monitor's own PostgreSQL, since it exists, can blind its pass. A thread that had
+    waited long on another engine (a PostgreSQL test, a slow ``init``) made a new monitor's first pass, on
+    SQLite too, roll its recovery back as if the server had frozen under it."""
+    from dbtools import make_running
+
+    from auditctl.history import Actor
+    from auditctl.monitor import Monitor
+    from auditctl.watchdog import thread_waits
+
+    stuck = make_running(engine, 1, silent_for=700)
+    thread_waits().saw(30.0)
+    result = Monitor(engine, Thresholds(), actor=Actor.command("test")).run_pass()
+    assert result.ok, result.error
+    assert [r.id for r in result.recovered] == stuck
